@@ -1,0 +1,54 @@
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bindings/modules.h"
+#include "runtime/devices.h"
+
+namespace py = pybind11;
+
+namespace mdtrt::bindings {
+
+void bind_info(py::module_& m) {
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = MDTRT_VERSION;
+    d["compiler"] = MDTRT_COMPILER;
+    d["cuda_version"] = CUDART_VERSION;
+#ifdef MDTRT_HAVE_TENSORRT
+    d["tensorrt_backend"] = true;
+#else
+    d["tensorrt_backend"] = false;
+#endif
+    d["tensorrt_reason"] = MDTRT_TENSORRT_REASON;
+    return d;
+  });
+
+  m.def("query_cuda", [] {
+    CudaInfo info;
+    {
+      py::gil_scoped_release release;
+      info = query_cuda();
+    }
+    py::dict d;
+    d["driver_version"] = info.driver_version;
+    d["runtime_version"] = info.runtime_version;
+    d["error"] = info.error;
+    py::list gpus;
+    for (const auto& g : info.gpus) {
+      py::dict gd;
+      gd["index"] = g.index;
+      gd["name"] = g.name;
+      gd["compute_capability"] = py::make_tuple(g.cc_major, g.cc_minor);
+      gd["total_memory"] = g.total_memory;
+      gd["pci_bus_id"] = g.pci_bus_id;
+      gpus.append(gd);
+    }
+    d["gpus"] = gpus;
+    d["peer_access"] = info.peer_access;
+    return d;
+  });
+  m.def("visible_gpu_count", &visible_gpu_count);
+}
+
+}  // namespace mdtrt::bindings

@@ -1,0 +1,43 @@
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bindings/modules.h"
+#include "nccl/nccl_library.h"
+
+namespace py = pybind11;
+
+namespace mdtrt::bindings {
+
+void bind_nccl(py::module_& m) {
+  py::class_<nccl::LoadAttempt>(m, "NcclLoadAttempt")
+      .def_readonly("rule", &nccl::LoadAttempt::rule)
+      .def_readonly("candidate", &nccl::LoadAttempt::candidate)
+      .def_readonly("loaded", &nccl::LoadAttempt::loaded)
+      .def_readonly("message", &nccl::LoadAttempt::message)
+      .def("__repr__", [](const nccl::LoadAttempt& a) {
+        return "NcclLoadAttempt(rule=" + a.rule + ", candidate=" + a.candidate + ", " + a.message + ")";
+      });
+
+  m.def(
+      "load_nccl",
+      [](const std::vector<std::string>& extra_dirs) {
+        const nccl::LibraryInfo* info = nullptr;
+        {
+          py::gil_scoped_release release;
+          info = &nccl::load_library(extra_dirs);
+        }
+        py::dict d;
+        d["path"] = info->path;
+        d["version_code"] = info->version;
+        d["version"] = nccl::version_string(info->version);
+        d["found_by"] = info->found_by;
+        d["attempts"] = info->attempts;
+        return d;
+      },
+      py::arg("extra_dirs") = std::vector<std::string>{},
+      "Find and open NCCL (once per process); returns where it was found and every attempt.");
+  m.def("nccl_required_symbols", &nccl::required_symbols);
+  m.def("nccl_is_loaded", &nccl::is_loaded);
+}
+
+}  // namespace mdtrt::bindings

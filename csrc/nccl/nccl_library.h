@@ -1,0 +1,52 @@
+// Finding and opening NCCL at run time.
+//
+// Order, first success wins:
+//   1. MDTRT_NCCL_LIBRARY (a path); if set and it does not load, that is an error, not a fall-through
+//   2. libnccl.so.2 through the dynamic loader
+//   3. libnccl.so through the dynamic loader
+//   4. each extra directory handed in by the caller (the Python layer passes the nvidia-nccl-cu13
+//      wheel's lib folder)
+// The library is opened RTLD_GLOBAL so that TensorRT's own dlopen("libnccl.so.2") binds to this
+// same NCCL instance: the communicators we create are handed to TensorRT.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "nccl/nccl_api.h"
+
+namespace mdtrt::nccl {
+
+constexpr int kMinVersion = 21900;  // 2.19.0
+constexpr int kMaxVersionExclusive = 30000;
+
+struct LoadAttempt {
+  std::string rule;       // "MDTRT_NCCL_LIBRARY", "libnccl.so.2", "libnccl.so", "extra directory"
+  std::string candidate;  // what was passed to dlopen
+  bool loaded = false;
+  std::string message;    // dlerror() text, a missing symbol, a refused version, or "ok"
+};
+
+struct LibraryInfo {
+  std::string path;     // the file that was loaded
+  int version = 0;      // ncclGetVersion code, e.g. 22805
+  std::string found_by; // the rule that found it
+  std::vector<LoadAttempt> attempts;
+};
+
+std::string version_string(int code);
+
+// Names of every NCCL symbol mdtrt resolves (tests build fake libraries exporting exactly these).
+const std::vector<std::string>& required_symbols();
+
+// Loads NCCL once per process (thread-safe). Later calls return the cached library and ignore
+// `extra_dirs`. A failed load is not cached, so a fixed environment can be retried; it throws an
+// Error of kind kLibraryNotFound whose message lists every attempt and what to do.
+const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs = {});
+
+// The resolved entry points; loads with no extra directories if nothing was loaded yet.
+const Api& api();
+
+bool is_loaded();
+
+}  // namespace mdtrt::nccl

@@ -1,0 +1,57 @@
+#include "runtime/devices.h"
+
+#include <cuda_runtime_api.h>
+
+namespace mdtrt {
+
+CudaInfo query_cuda() {
+  CudaInfo info;
+  cudaDriverGetVersion(&info.driver_version);
+  cudaRuntimeGetVersion(&info.runtime_version);
+  int count = 0;
+  cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    info.error = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+    cudaGetLastError();
+    return info;
+  }
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) {
+      cudaGetLastError();
+      continue;
+    }
+    GpuInfo gpu;
+    gpu.index = i;
+    gpu.name = prop.name;
+    gpu.cc_major = prop.major;
+    gpu.cc_minor = prop.minor;
+    gpu.total_memory = prop.totalGlobalMem;
+    char bus[32] = {0};
+    if (cudaDeviceGetPCIBusId(bus, sizeof(bus), i) == cudaSuccess) gpu.pci_bus_id = bus;
+    info.gpus.push_back(gpu);
+  }
+  info.peer_access.assign(count, std::vector<bool>(count, false));
+  for (int i = 0; i < count; ++i) {
+    for (int j = 0; j < count; ++j) {
+      int can = (i == j) ? 1 : 0;
+      if (i != j && cudaDeviceCanAccessPeer(&can, i, j) != cudaSuccess) {
+        cudaGetLastError();
+        can = 0;
+      }
+      info.peer_access[i][j] = can != 0;
+    }
+  }
+  return info;
+}
+
+int visible_gpu_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
+}  // namespace mdtrt

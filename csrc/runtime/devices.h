@@ -1,0 +1,32 @@
+// What the CUDA driver says about this machine's GPUs, for `mdtrt doctor` and argument checks.
+#pragma once
+
+#include <cstddef>
+#include <string>
+#include <vector>
+
+namespace mdtrt {
+
+struct GpuInfo {
+  int index = 0;
+  std::string name;
+  int cc_major = 0;
+  int cc_minor = 0;
+  size_t total_memory = 0;
+  std::string pci_bus_id;
+};
+
+struct CudaInfo {
+  int driver_version = 0;   // 0 when no driver is installed
+  int runtime_version = 0;  // the runtime mdtrt was linked with (static)
+  std::string error;        // why no GPU could be listed, empty when fine
+  std::vector<GpuInfo> gpus;
+  std::vector<std::vector<bool>> peer_access;  // peer_access[i][j]: GPU i can access GPU j's memory
+};
+
+CudaInfo query_cuda();
+
+// Number of visible GPUs; 0 (not an error) when there is no driver or no device.
+int visible_gpu_count();
+
+}  // namespace mdtrt

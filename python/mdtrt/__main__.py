@@ -1,0 +1,26 @@
+"""Command line: ``python -m mdtrt <command>`` (also installed as ``mdtrt``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mdtrt", description="Multi-device TensorRT inference on the GPUs of one host.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    doctor = sub.add_parser("doctor", help="report NCCL, CUDA, GPUs, peer access and TensorRT; exit 1 if multi-device inference cannot run here")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "doctor":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        from .doctor import main as doctor_main
+
+        return doctor_main(as_json=args.json)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

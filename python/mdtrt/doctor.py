@@ -1,0 +1,156 @@
+"""``python -m mdtrt doctor``: can this machine run multi-device inference, and if not, why."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from . import _core
+from .errors import MdtrtError
+
+DIST_COLLECTIVE_MIN_CC = (8, 0)
+MULTI_DEVICE_ATTENTION_MIN_CC = (10, 0)
+
+
+def _version(code: int) -> str:
+    return f"{code // 1000}.{(code % 1000) // 10}" if code else "none"
+
+
+def _nccl_report() -> dict:
+    from .nccl import nccl_library
+
+    try:
+        lib = nccl_library()
+    except MdtrtError as error:
+        return {"found": False, "error": str(error)}
+    return {
+        "found": True,
+        "path": lib.path,
+        "version": lib.version,
+        "found_by": lib.found_by,
+        "attempts": [a.__dict__ for a in lib.attempts],
+    }
+
+
+def _tensorrt_report(build: dict) -> dict:
+    report = {"compiled_in": build["tensorrt_backend"], "reason": build["tensorrt_reason"]}
+    if build["tensorrt_backend"]:
+        from . import tensorrt as trt_backend
+
+        report.update(trt_backend.library_report())
+    else:
+        report["library_found"] = False
+    return report
+
+
+def _feature(gpus: list[dict], minimum: tuple[int, int], what: str) -> dict:
+    too_old = [g for g in gpus if tuple(g["compute_capability"]) < minimum]
+    ok = bool(gpus) and not too_old
+    if not gpus:
+        detail = "no GPU"
+    elif too_old:
+        detail = ", ".join(f"GPU {g['index']} ({g['name']}) is sm_{g['compute_capability'][0]}{g['compute_capability'][1]}" for g in too_old)
+    else:
+        detail = "every GPU qualifies"
+    return {"ok": ok, "needs": f"{what}: compute capability >= {minimum[0]}.{minimum[1]} on every GPU", "detail": detail}
+
+
+def collect() -> dict:
+    """The whole report as a JSON-ready dict."""
+    build = dict(_core.build_info())
+    cuda = dict(_core.query_cuda())
+    gpus = [dict(g, compute_capability=list(g["compute_capability"])) for g in cuda["gpus"]]
+    cuda["gpus"] = gpus
+    report = {
+        "mdtrt": build,
+        "nccl": _nccl_report(),
+        "cuda": cuda,
+        "tensorrt": _tensorrt_report(build),
+        "features": {
+            "dist_collective": _feature(gpus, DIST_COLLECTIVE_MIN_CC, "DistCollective layers"),
+            "multi_device_attention": _feature(gpus, MULTI_DEVICE_ATTENTION_MIN_CC, "multi-device attention layers"),
+        },
+    }
+    reasons = []
+    if not report["nccl"]["found"]:
+        reasons.append("NCCL was not found (pip install nvidia-nccl-cu13, or set MDTRT_NCCL_LIBRARY)")
+    if not gpus:
+        reasons.append(f"no CUDA GPU is visible ({cuda['error'] or 'cudaGetDeviceCount returned 0'})")
+    elif len(gpus) < 2:
+        reasons.append(f"only {len(gpus)} GPU is visible; multi-device inference needs at least 2")
+    n = len(gpus)
+    missing_peers = [(i, j) for i in range(n) for j in range(n) if i != j and not cuda["peer_access"][i][j]]
+    if missing_peers:
+        pairs = ", ".join(f"{i}->{j}" for i, j in missing_peers)
+        reasons.append(f"no peer access between GPUs {pairs} (NCCL still works, through host memory, but slower)")
+    if gpus and not report["features"]["dist_collective"]["ok"]:
+        reasons.append("DistCollective needs compute capability >= 8.0: " + report["features"]["dist_collective"]["detail"])
+    trt = report["tensorrt"]
+    if not trt["compiled_in"]:
+        reasons.append(f"the TensorRT backend is not compiled in: {trt['reason']}")
+    elif not trt.get("library_found"):
+        reasons.append(f"the TensorRT library was not found: {trt.get('error', '')}")
+    report["can_run_multi_device"] = not [r for r in reasons if not r.startswith("no peer access")]
+    report["reasons"] = reasons
+    return report
+
+
+def format_text(report: dict) -> str:
+    lines = []
+    b = report["mdtrt"]
+    lines.append(f"mdtrt {b['version']} (built with {b['compiler']}, CUDA {_version(b['cuda_version'])})")
+    nccl = report["nccl"]
+    lines.append("")
+    if nccl["found"]:
+        lines.append(f"NCCL       {nccl['version']} at {nccl['path']} (found by {nccl['found_by']})")
+    else:
+        lines.append("NCCL       not found")
+        lines.extend("           " + line for line in nccl["error"].splitlines())
+    cuda = report["cuda"]
+    lines.append(f"CUDA       driver {_version(cuda['driver_version'])}, runtime {_version(cuda['runtime_version'])}")
+    if cuda["error"]:
+        lines.append(f"           {cuda['error']}")
+    lines.append(f"GPUs       {len(cuda['gpus'])}")
+    for g in cuda["gpus"]:
+        cc = g["compute_capability"]
+        lines.append(f"  [{g['index']}] {g['name']}  sm_{cc[0]}{cc[1]}  {g['total_memory'] / 2**30:.1f} GiB  {g['pci_bus_id']}")
+    if len(cuda["gpus"]) > 1:
+        lines.append("Peer access (row can read column):")
+        n = len(cuda["gpus"])
+        lines.append("       " + " ".join(f"{j:>3}" for j in range(n)))
+        for i in range(n):
+            cells = " ".join("  -" if i == j else ("yes" if cuda["peer_access"][i][j] else " no") for j in range(n))
+            lines.append(f"  {i:>3}  {cells}")
+    trt = report["tensorrt"]
+    lines.append("")
+    if trt["compiled_in"]:
+        lines.append(f"TensorRT   backend compiled in ({trt['reason']})")
+        if trt.get("library_found"):
+            lines.append(f"           library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')})")
+            if trt.get("lean"):
+                lines.append("           lean runtime: engines can be run, not built")
+        else:
+            lines.append(f"           library not found: {trt.get('error', '')}")
+    else:
+        lines.append(f"TensorRT   backend not compiled in: {trt['reason']}")
+    lines.append("")
+    for name, feature in report["features"].items():
+        mark = "ok " if feature["ok"] else "no "
+        lines.append(f"[{mark}] {feature['needs']} ({feature['detail']})")
+    lines.append("")
+    if report["can_run_multi_device"]:
+        lines.append("This machine can run multi-device inference.")
+    else:
+        lines.append("This machine cannot run multi-device inference:")
+    lines.extend(f"  - {r}" for r in report["reasons"])
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, as_json: bool = False) -> int:
+    report = collect()
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_text(report))
+    sys.stdout.flush()
+    return 0 if report["can_run_multi_device"] else 1
