@@ -9,4 +9,5 @@ PYBIND11_MODULE(_core, m) {
   mdtrt::bindings::register_error_translator(m);
   mdtrt::bindings::bind_info(m);
   mdtrt::bindings::bind_nccl(m);
+  mdtrt::bindings::bind_runtime(m);
 }

@@ -1,0 +1,214 @@
+// Bindings of the rank runtime: DeviceGroup, programs, ProgramRunner, and test-only helpers.
+// Arguments are converted while holding the GIL; every blocking call releases it.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "bindings/modules.h"
+#include "common/error.h"
+#include "nccl/unique_id_file.h"
+#include "runtime/collective_program.h"
+#include "runtime/device_group.h"
+#include "runtime/program_runner.h"
+#include "runtime/test_programs.h"
+
+namespace py = pybind11;
+
+namespace mdtrt::bindings {
+namespace {
+
+nccl::UniqueId unique_id_from_bytes(const py::bytes& b) {
+  std::string s = b;
+  if (s.size() != sizeof(nccl::UniqueId))
+    throw_invalid_argument("a NCCL unique id is " + std::to_string(sizeof(nccl::UniqueId)) + " bytes, got " +
+                           std::to_string(s.size()));
+  nccl::UniqueId id{};
+  std::memcpy(id.internal, s.data(), sizeof(id.internal));
+  return id;
+}
+
+InputArg input_from_tuple(const py::tuple& t) {
+  if (t.size() != 4) throw_invalid_argument("an input is (pointer, device, dtype, shape)");
+  InputArg a;
+  a.data = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
+  a.device = t[1].cast<int>();
+  a.dtype = dtype_from_name(t[2].cast<std::string>());
+  a.shape = t[3].cast<Shape>();
+  for (int64_t d : a.shape)
+    if (d < 0) throw_invalid_argument("input shapes must be non-negative, got " + shape_string(a.shape));
+  return a;
+}
+
+py::array host_bytes_to_numpy(std::vector<uint8_t>&& bytes) {
+  auto* owned = new std::vector<uint8_t>(std::move(bytes));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<uint8_t>*>(p); });
+  return py::array_t<uint8_t>({static_cast<py::ssize_t>(owned->size())}, {1}, owned->data(), free_when_done);
+}
+
+py::list specs_to_list(const std::vector<TensorSpec>& specs) {
+  py::list out;
+  for (const auto& s : specs) out.append(py::make_tuple(s.name, dtype_name(s.dtype), py::tuple(py::cast(s.shape))));
+  return out;
+}
+
+// Holds a RankRuntime without GPUs, for the CPU tests of the runtime.
+void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {
+  std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+  for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+  RankRuntime runtime(devices, ranks, num_ranks);
+  std::vector<std::shared_ptr<RankProgram>> programs;
+  if (program == "barrier") {
+    auto barrier = std::make_shared<BarrierBindProgram>(num_ranks);
+    programs.assign(num_ranks, barrier);
+  } else if (program == "fail") {
+    programs.assign(num_ranks, std::make_shared<FailingBindProgram>(fail_rank, "injected failure"));
+  } else {
+    throw_invalid_argument("unknown test program " + program);
+  }
+  bind_programs(runtime, programs, timeout, sequential);
+}
+
+}  // namespace
+
+void bind_runtime(py::module_& m) {
+  m.def("nccl_unique_id", [] {
+    nccl::UniqueId id = nccl_unique_id();
+    return py::bytes(id.internal, sizeof(id.internal));
+  });
+
+  m.def(
+      "exchange_unique_id_via_file",
+      [](const std::string& path, int rank, double timeout) {
+        nccl::UniqueId id{};
+        {
+          py::gil_scoped_release release;
+          id = exchange_unique_id_via_file(path, rank, Deadline::after_seconds(timeout));
+        }
+        return py::bytes(id.internal, sizeof(id.internal));
+      },
+      py::arg("path"), py::arg("rank"), py::arg("timeout"),
+      "Rank 0 writes a new NCCL unique id to `path` (refusing a stale file); other ranks wait for it.");
+
+  py::class_<DeviceGroup, std::shared_ptr<DeviceGroup>>(m, "DeviceGroup")
+      .def_static(
+          "create_local",
+          [](const std::vector<int>& devices, double timeout) {
+            py::gil_scoped_release release;
+            return std::shared_ptr<DeviceGroup>(DeviceGroup::create_local(devices, timeout));
+          },
+          py::arg("devices"), py::arg("timeout"))
+      .def_static(
+          "create_member",
+          [](const std::vector<int>& devices, const std::vector<int>& ranks, int world_size, const py::bytes& id,
+             double timeout) {
+            nccl::UniqueId uid = unique_id_from_bytes(id);
+            py::gil_scoped_release release;
+            return std::shared_ptr<DeviceGroup>(DeviceGroup::create_member(devices, ranks, world_size, uid, timeout));
+          },
+          py::arg("devices"), py::arg("ranks"), py::arg("world_size"), py::arg("unique_id"), py::arg("timeout"))
+      .def_property_readonly("num_local_ranks", &DeviceGroup::num_local_ranks)
+      .def_property_readonly("world_size", &DeviceGroup::world_size)
+      .def_property_readonly("timeout", &DeviceGroup::timeout)
+      .def_property_readonly("devices", [](DeviceGroup& g) { return g.runtime().devices(); })
+      .def_property_readonly("ranks", [](DeviceGroup& g) { return g.runtime().ranks(); })
+      .def_property_readonly("all_peer_access", &DeviceGroup::all_peer_access)
+      .def("peer_access", &DeviceGroup::peer_access)
+      .def_property_readonly("broken", [](DeviceGroup& g) { return g.runtime().broken(); })
+      .def_property_readonly("broken_reason", [](DeviceGroup& g) { return g.runtime().broken_reason(); })
+      .def("comm_ptr", [](DeviceGroup& g, int local) { return reinterpret_cast<uintptr_t>(g.world(local).handle()); })
+      .def("stream_ptr",
+           [](DeviceGroup& g, int local) { return reinterpret_cast<uintptr_t>(g.runtime().context(local).stream); })
+      .def("abort", [](DeviceGroup& g) {
+        py::gil_scoped_release release;
+        g.abort();
+      });
+
+  py::class_<RankProgram, std::shared_ptr<RankProgram>>(m, "RankProgram").def("describe", &RankProgram::describe);
+
+  py::class_<CollectiveProgram, RankProgram, std::shared_ptr<CollectiveProgram>>(m, "CollectiveProgram")
+      .def(py::init([](const std::string& op, const std::string& reduce, int root, const std::vector<int>& groups,
+                       const std::string& dtype, int world_size, int num_local_ranks) {
+             CollectiveSpec spec;
+             spec.op = collective_op_from_name(op);
+             spec.reduce = reduce_op_from_name(reduce);
+             spec.root = root;
+             spec.groups = groups;
+             return std::make_shared<CollectiveProgram>(spec, dtype_from_name(dtype), world_size, num_local_ranks);
+           }),
+           py::arg("op"), py::arg("reduce"), py::arg("root"), py::arg("groups"), py::arg("dtype"),
+           py::arg("world_size"), py::arg("num_local_ranks"));
+
+  m.def("collective_output_shape", [](const std::string& op, const Shape& shape, int group_size) {
+    CollectiveSpec spec;
+    spec.op = collective_op_from_name(op);
+    return collective_output_shape(spec, shape, group_size);
+  });
+
+  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer")
+      .def_property_readonly("ptr", [](const DeviceBuffer& b) { return reinterpret_cast<uintptr_t>(b.get()); })
+      .def_property_readonly("nbytes", &DeviceBuffer::size)
+      .def_property_readonly("device", &DeviceBuffer::device);
+
+  py::class_<ProgramRunner, std::shared_ptr<ProgramRunner>>(m, "ProgramRunner")
+      .def(py::init([](std::shared_ptr<DeviceGroup> group, std::vector<std::shared_ptr<RankProgram>> programs,
+                       bool sequential_bind) {
+             py::gil_scoped_release release;
+             return std::make_shared<ProgramRunner>(std::move(group), std::move(programs), sequential_bind);
+           }),
+           py::arg("group"), py::arg("programs"), py::arg("sequential_bind") = false)
+      .def("input_specs", [](ProgramRunner& r, int local) { return specs_to_list(r.input_specs(local)); })
+      .def_property_readonly("last_replication", [](ProgramRunner& r) { return replication_name(r.last_replication()); })
+      .def(
+          "infer",
+          [](ProgramRunner& r, const std::vector<std::vector<py::tuple>>& inputs, const std::string& replication,
+             bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, uintptr_t caller_stream,
+             int caller_device, double timeout) {
+            std::vector<std::vector<InputArg>> args;
+            for (const auto& rank_inputs : inputs) {
+              args.emplace_back();
+              for (const auto& t : rank_inputs) args.back().push_back(input_from_tuple(t));
+            }
+            InferOptions options;
+            options.replication = replication_from_name(replication);
+            options.poison_outputs = poison_outputs;
+            options.fetch_ranks = fetch_ranks;
+            options.device_outputs = device_outputs;
+            options.caller_stream = reinterpret_cast<cudaStream_t>(caller_stream);
+            options.caller_device = caller_device;
+            options.timeout_seconds = timeout;
+            std::vector<RankResult> results;
+            {
+              py::gil_scoped_release release;
+              results = r.infer(args, options);
+            }
+            py::list out;
+            for (auto& res : results) {
+              py::dict d;
+              d["outputs"] = specs_to_list(res.outputs);
+              py::list host, device;
+              for (auto& h : res.host) host.append(host_bytes_to_numpy(std::move(h)));
+              for (auto& b : res.device) device.append(py::cast(b));
+              d["host"] = host;
+              d["device"] = device;
+              out.append(d);
+            }
+            return out;
+          },
+          py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
+          py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
+          py::arg("caller_stream") = 0, py::arg("caller_device") = -1, py::arg("timeout") = 0.0);
+
+  py::module_ testing = m.def_submodule("testing", "Test-only entry points of the rank runtime (no GPU needed).");
+  testing.def(
+      "run_bind_test",
+      [](int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {
+        py::gil_scoped_release release;
+        run_bind_test(num_ranks, program, sequential, timeout, fail_rank);
+      },
+      py::arg("num_ranks"), py::arg("program"), py::arg("sequential") = false, py::arg("timeout") = 10.0,
+      py::arg("fail_rank") = -1);
+}
+
+}  // namespace mdtrt::bindings

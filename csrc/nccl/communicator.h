@@ -1,0 +1,68 @@
+// RAII ownership of NCCL communicators, created without ever blocking past a deadline.
+//
+// Communicators are initialised non-blocking (ncclCommInitRankConfig with blocking = 0) and
+// polled with ncclCommGetAsyncError, so that a rank that never arrives becomes a timeout error
+// instead of a hang; abort() (ncclCommAbort) tears one down from any thread.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common/deadline.h"
+#include "nccl/nccl_api.h"
+
+namespace mdtrt {
+
+// Throws mdtrt::Error(kNccl) with NCCL's error string and last-error text when r is a failure.
+void nccl_check(nccl::Result r, const char* call, nccl::Comm comm = nullptr);
+
+nccl::UniqueId nccl_unique_id();
+
+class Communicator {
+ public:
+  // One communicator per local device, ranks `ranks[i]` of `world_size`, all from one unique id,
+  // created together (the equivalent of ncclCommInitAll, also for part of a multi-process world).
+  static std::vector<std::unique_ptr<Communicator>> create(const nccl::UniqueId& id, int world_size,
+                                                           const std::vector<int>& ranks,
+                                                           const std::vector<int>& devices,
+                                                           const Deadline& deadline);
+
+  ~Communicator();
+  Communicator(const Communicator&) = delete;
+  Communicator& operator=(const Communicator&) = delete;
+
+  nccl::Comm handle() const { return comm_; }
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int device() const { return device_; }
+
+  // Waits until no operation is pending on the communicator (non-blocking mode returns
+  // ncclInProgress from many calls). On the deadline, aborts the communicator and throws kTimeout.
+  void wait_ready(const Deadline& deadline, const char* call);
+
+  // Checks a call's result, waiting out ncclInProgress.
+  void check(nccl::Result r, const char* call, const Deadline& deadline);
+
+  // Collective over every rank of this communicator: ranks with the same color form a new
+  // communicator, ordered by key. Returns nullptr for color kSplitNoColor.
+  std::unique_ptr<Communicator> split(int color, int key, const Deadline& deadline);
+
+  // Tears the communicator down now, from any thread; pending and later operations fail.
+  void abort();
+  bool aborted() const { return aborted_.load(); }
+
+ private:
+  Communicator(nccl::Comm comm, int rank, int size, int device);
+
+  nccl::Comm comm_ = nullptr;
+  int rank_ = 0;
+  int size_ = 0;
+  int device_ = -1;
+  std::atomic<bool> aborted_{false};
+  std::mutex abort_mutex_;
+};
+
+}  // namespace mdtrt

@@ -1,0 +1,174 @@
+// RAII owners of CUDA streams, events and memory. Each remembers its device, because rank
+// threads and the caller's thread touch handles of several GPUs.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <utility>
+
+#include "common/cuda_check.h"
+#include "common/deadline.h"
+
+namespace mdtrt {
+
+// Makes `device` current for the scope and restores the previous device after.
+class ScopedDevice {
+ public:
+  explicit ScopedDevice(int device) {
+    cudaGetDevice(&previous_);
+    if (device >= 0 && device != previous_) MDTRT_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~ScopedDevice() { cudaSetDevice(previous_); }
+  ScopedDevice(const ScopedDevice&) = delete;
+  ScopedDevice& operator=(const ScopedDevice&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+class CudaStream {
+ public:
+  CudaStream() = default;
+  explicit CudaStream(int device) : device_(device) {
+    ScopedDevice on(device);
+    MDTRT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  }
+  ~CudaStream() { reset(); }
+  CudaStream(CudaStream&& o) noexcept : device_(o.device_), stream_(std::exchange(o.stream_, nullptr)) {}
+  CudaStream& operator=(CudaStream&& o) noexcept {
+    if (this != &o) {
+      reset();
+      device_ = o.device_;
+      stream_ = std::exchange(o.stream_, nullptr);
+    }
+    return *this;
+  }
+  cudaStream_t get() const { return stream_; }
+  int device() const { return device_; }
+
+ private:
+  void reset() {
+    if (stream_ != nullptr) {
+      ScopedDevice on(device_);
+      cudaStreamDestroy(stream_);
+      stream_ = nullptr;
+    }
+  }
+  int device_ = -1;
+  cudaStream_t stream_ = nullptr;
+};
+
+class CudaEvent {
+ public:
+  CudaEvent() = default;
+  CudaEvent(int device, bool timing) : device_(device) {
+    ScopedDevice on(device);
+    MDTRT_CUDA_CHECK(cudaEventCreateWithFlags(&event_, timing ? cudaEventDefault : cudaEventDisableTiming));
+  }
+  ~CudaEvent() { reset(); }
+  CudaEvent(CudaEvent&& o) noexcept : device_(o.device_), event_(std::exchange(o.event_, nullptr)) {}
+  CudaEvent& operator=(CudaEvent&& o) noexcept {
+    if (this != &o) {
+      reset();
+      device_ = o.device_;
+      event_ = std::exchange(o.event_, nullptr);
+    }
+    return *this;
+  }
+  cudaEvent_t get() const { return event_; }
+
+ private:
+  void reset() {
+    if (event_ != nullptr) {
+      ScopedDevice on(device_);
+      cudaEventDestroy(event_);
+      event_ = nullptr;
+    }
+  }
+  int device_ = -1;
+  cudaEvent_t event_ = nullptr;
+};
+
+// Device memory owned by one GPU. Grows on demand; contents are not kept across growth.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(int device, size_t bytes) : device_(device) { reserve(bytes); }
+  ~DeviceBuffer() { reset(); }
+  DeviceBuffer(DeviceBuffer&& o) noexcept
+      : device_(o.device_), ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      reset();
+      device_ = o.device_;
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  void set_device(int device) {
+    if (device != device_) {
+      reset();
+      device_ = device;
+    }
+  }
+  void reserve(size_t bytes) {
+    if (bytes <= bytes_) return;
+    reset();
+    ScopedDevice on(device_);
+    // At least one byte, so that an empty tensor still has a valid, distinct address.
+    MDTRT_CUDA_CHECK(cudaMalloc(&ptr_, bytes == 0 ? 1 : bytes));
+    bytes_ = bytes;
+  }
+  void* get() const { return ptr_; }
+  size_t size() const { return bytes_; }
+  int device() const { return device_; }
+
+ private:
+  void reset() {
+    if (ptr_ != nullptr) {
+      ScopedDevice on(device_);
+      cudaFree(ptr_);
+      ptr_ = nullptr;
+      bytes_ = 0;
+    }
+  }
+  int device_ = -1;
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Page-locked host memory, for staging host<->device copies at full link speed.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer() { reset(); }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void reserve(size_t bytes) {
+    if (bytes <= bytes_) return;
+    reset();
+    MDTRT_CUDA_CHECK(cudaMallocHost(&ptr_, bytes == 0 ? 1 : bytes));
+    bytes_ = bytes;
+  }
+  void* get() const { return ptr_; }
+  size_t size() const { return bytes_; }
+
+ private:
+  void reset() {
+    if (ptr_ != nullptr) {
+      cudaFreeHost(ptr_);
+      ptr_ = nullptr;
+      bytes_ = 0;
+    }
+  }
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Waits for `stream` without blocking past `deadline`. Returns false when the deadline passed
+// first (the work may still be running), throws on a CUDA error.
+bool wait_stream(cudaStream_t stream, const Deadline& deadline);
+
+}  // namespace mdtrt

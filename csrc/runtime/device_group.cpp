@@ -1,0 +1,117 @@
+#include "runtime/device_group.h"
+
+#include <set>
+
+#include "common/error.h"
+#include "nccl/nccl_library.h"
+#include "runtime/devices.h"
+
+namespace mdtrt {
+
+void validate_devices(const std::vector<int>& devices) {
+  if (devices.empty()) throw_invalid_argument("a device group needs at least one GPU; got an empty list");
+  const int count = visible_gpu_count();
+  if (count == 0) {
+    throw_invalid_argument("no CUDA GPU is visible on this machine (run `python -m mdtrt doctor` to see why)");
+  }
+  std::set<int> seen;
+  for (int d : devices) {
+    if (d < 0 || d >= count) {
+      throw_invalid_argument("GPU " + std::to_string(d) + " does not exist: this machine has " +
+                             std::to_string(count) + " visible GPU(s), ids 0.." + std::to_string(count - 1) +
+                             " (CUDA_VISIBLE_DEVICES renumbers them)");
+    }
+    if (!seen.insert(d).second) {
+      throw_invalid_argument("GPU " + std::to_string(d) +
+                             " is listed twice; each rank needs its own GPU (NCCL cannot run two ranks of one "
+                             "communicator on one GPU)");
+    }
+  }
+}
+
+DeviceGroup::DeviceGroup(const std::vector<int>& devices, const std::vector<int>& ranks, int world_size,
+                         double timeout_seconds)
+    : timeout_seconds_(timeout_seconds) {
+  if (!(timeout_seconds > 0)) throw_invalid_argument("timeout must be a positive number of seconds");
+  validate_devices(devices);
+  nccl::load_library();  // fails early, with the list of attempts, when NCCL is missing
+  runtime_ = std::make_unique<RankRuntime>(devices, ranks, world_size);
+  const size_t n = devices.size();
+  peer_.assign(n, std::vector<bool>(n, false));
+  for (size_t a = 0; a < n; ++a) {
+    for (size_t b = 0; b < n; ++b) {
+      int can = a == b ? 1 : 0;
+      if (a != b) MDTRT_CUDA_CHECK(cudaDeviceCanAccessPeer(&can, devices[a], devices[b]));
+      peer_[a][b] = can != 0;
+    }
+  }
+  // Peer access lets rank threads copy replicated inputs over NVLink; enabled once per pair.
+  runtime_->run_on_all(
+      [this, &devices](RankContext& ctx) {
+        for (size_t b = 0; b < devices.size(); ++b) {
+          if (static_cast<int>(b) == ctx.local_index || !peer_[ctx.local_index][b]) continue;
+          cudaError_t st = cudaDeviceEnablePeerAccess(devices[b], 0);
+          if (st == cudaErrorPeerAccessAlreadyEnabled) {
+            cudaGetLastError();
+          } else if (st != cudaSuccess) {
+            throw_cuda_error(st, "cudaDeviceEnablePeerAccess");
+          }
+        }
+      },
+      timeout_seconds_, "enable peer access");
+  abort_hook_ = runtime_->add_abort_hook([this] {
+    for (auto& c : world_)
+      if (c) c->abort();
+  });
+}
+
+bool DeviceGroup::all_peer_access() const {
+  for (const auto& row : peer_)
+    for (bool p : row)
+      if (!p) return false;
+  return true;
+}
+
+void DeviceGroup::connect(const nccl::UniqueId& id) {
+  world_ = Communicator::create(id, runtime_->world_size(), runtime_->ranks(), runtime_->devices(),
+                                Deadline::after_seconds(timeout_seconds_));
+  for (int i = 0; i < runtime_->num_local_ranks(); ++i) runtime_->context(i).world = world_[i].get();
+}
+
+std::unique_ptr<DeviceGroup> DeviceGroup::create_local(const std::vector<int>& devices, double timeout_seconds) {
+  std::vector<int> ranks(devices.size());
+  for (size_t i = 0; i < ranks.size(); ++i) ranks[i] = static_cast<int>(i);
+  std::unique_ptr<DeviceGroup> group(
+      new DeviceGroup(devices, ranks, static_cast<int>(devices.size()), timeout_seconds));
+  group->connect(nccl_unique_id());
+  return group;
+}
+
+std::unique_ptr<DeviceGroup> DeviceGroup::create_member(const std::vector<int>& devices, const std::vector<int>& ranks,
+                                                        int world_size, const nccl::UniqueId& id,
+                                                        double timeout_seconds) {
+  if (world_size < 1) throw_invalid_argument("world size must be >= 1, got " + std::to_string(world_size));
+  std::set<int> seen;
+  for (int r : ranks) {
+    if (r < 0 || r >= world_size)
+      throw_invalid_argument("rank " + std::to_string(r) + " is outside the world of " + std::to_string(world_size) +
+                             " ranks (0.." + std::to_string(world_size - 1) + ")");
+    if (!seen.insert(r).second) throw_invalid_argument("rank " + std::to_string(r) + " is listed twice");
+  }
+  std::unique_ptr<DeviceGroup> group(new DeviceGroup(devices, ranks, world_size, timeout_seconds));
+  group->connect(id);
+  return group;
+}
+
+void DeviceGroup::abort() {
+  for (auto& c : world_)
+    if (c) c->abort();
+}
+
+DeviceGroup::~DeviceGroup() {
+  if (runtime_ && abort_hook_ >= 0) runtime_->remove_abort_hook(abort_hook_);
+  // Communicators go before the rank threads; if the runtime broke, they were aborted already.
+  world_.clear();
+}
+
+}  // namespace mdtrt

@@ -1,0 +1,49 @@
+// The GPUs of one process taking part in multi-device inference: one rank thread per GPU
+// (RankRuntime) and one world communicator per rank. In a single process the group holds every
+// rank; under a launcher (one process per GPU) it holds this process's rank of a larger world.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "nccl/communicator.h"
+#include "runtime/rank_runtime.h"
+
+namespace mdtrt {
+
+class DeviceGroup {
+ public:
+  // All ranks in this process: rank i runs on devices[i].
+  static std::unique_ptr<DeviceGroup> create_local(const std::vector<int>& devices, double timeout_seconds);
+  // This process's ranks `ranks` (on `devices`) of a world of `world_size`, joined through `id`.
+  static std::unique_ptr<DeviceGroup> create_member(const std::vector<int>& devices, const std::vector<int>& ranks,
+                                                    int world_size, const nccl::UniqueId& id,
+                                                    double timeout_seconds);
+  ~DeviceGroup();
+
+  RankRuntime& runtime() { return *runtime_; }
+  Communicator& world(int local_index) { return *world_.at(local_index); }
+  int num_local_ranks() const { return runtime_->num_local_ranks(); }
+  int world_size() const { return runtime_->world_size(); }
+  double timeout() const { return timeout_seconds_; }
+  bool peer_access(int local_a, int local_b) const { return peer_[local_a][local_b]; }
+  bool all_peer_access() const;
+
+  // Aborts every communicator now (from any thread); the group is unusable afterwards.
+  void abort();
+
+ private:
+  DeviceGroup(const std::vector<int>& devices, const std::vector<int>& ranks, int world_size, double timeout_seconds);
+  void connect(const nccl::UniqueId& id);
+
+  double timeout_seconds_;
+  std::unique_ptr<RankRuntime> runtime_;
+  std::vector<std::unique_ptr<Communicator>> world_;
+  std::vector<std::vector<bool>> peer_;
+  int abort_hook_ = -1;
+};
+
+// Checks GPU ids against this machine: distinct, in range; throws InvalidArgument saying what to fix.
+void validate_devices(const std::vector<int>& devices);
+
+}  // namespace mdtrt

@@ -1,0 +1,295 @@
+#include "runtime/program_runner.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+
+#include "common/error.h"
+#include "nccl/nccl_library.h"
+
+namespace mdtrt {
+namespace {
+
+constexpr const char* kReplicationNames[] = {"auto", "host", "peer", "broadcast"};
+
+// Progress of the first rank's host-to-device copy of one replicated input, for the other ranks'
+// threads: a rank may only wait on a chunk's CUDA event after the event was recorded, or the wait
+// is a no-op and the peer copy reads stale memory (the bug class that made others give up peer
+// copies of IO buffers).
+struct StagingProgress {
+  std::mutex mutex;
+  std::condition_variable changed;
+  int chunks_recorded = 0;
+  bool source_failed = false;
+
+  void publish(int chunks) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      chunks_recorded = chunks;
+    }
+    changed.notify_all();
+  }
+  void fail() {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      source_failed = true;
+    }
+    changed.notify_all();
+  }
+  // Waits until chunk `c` was recorded; false on the deadline.
+  void wait_for_chunk(int c, const Deadline& deadline, int rank) {
+    std::unique_lock<std::mutex> lock(mutex);
+    bool ok = changed.wait_until(lock, deadline.at(), [&] { return source_failed || chunks_recorded > c; });
+    if (source_failed)
+      throw Error(ErrorKind::kGeneric, "the first rank failed while staging a replicated input", rank, "infer");
+    if (!ok)
+      throw Error(ErrorKind::kTimeout, "waited past the deadline for the first rank to stage a replicated input",
+                  rank, "infer");
+  }
+};
+
+}  // namespace
+
+Replication replication_from_name(const std::string& name) {
+  for (int i = 0; i < 4; ++i)
+    if (name == kReplicationNames[i]) return static_cast<Replication>(i);
+  throw_invalid_argument("unknown replication '" + name + "' (known: auto, host, peer, broadcast)");
+}
+
+const char* replication_name(Replication r) { return kReplicationNames[static_cast<int>(r)]; }
+
+Replication choose_replication(Replication requested, size_t bytes, bool all_peer_access, int num_local_ranks) {
+  if (requested != Replication::kAuto) return requested;
+  if (num_local_ranks > 1 && all_peer_access && bytes >= kPeerReplicationMinBytes) return Replication::kPeer;
+  return Replication::kHost;
+}
+
+void bind_programs(RankRuntime& runtime, const std::vector<std::shared_ptr<RankProgram>>& programs,
+                   double timeout_seconds, bool sequential) {
+  if (static_cast<int>(programs.size()) != runtime.num_local_ranks())
+    throw_invalid_argument("one program per local rank is needed: got " + std::to_string(programs.size()) +
+                           " for " + std::to_string(runtime.num_local_ranks()) + " ranks");
+  int hook = runtime.add_abort_hook([programs] {
+    for (auto& p : programs) p->abort();
+  });
+  try {
+    runtime.run_on_all([&programs](RankContext& ctx) { programs[ctx.local_index]->bind(ctx); }, timeout_seconds,
+                       "bind", sequential);
+  } catch (...) {
+    runtime.remove_abort_hook(hook);
+    throw;
+  }
+  runtime.remove_abort_hook(hook);
+}
+
+ProgramRunner::ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std::shared_ptr<RankProgram>> programs,
+                             bool sequential_bind)
+    : group_(std::move(group)), programs_(std::move(programs)), buffers_(group_->num_local_ranks()) {
+  bind_programs(group_->runtime(), programs_, group_->timeout(), sequential_bind);
+  auto programs_copy = programs_;
+  abort_hook_ = group_->runtime().add_abort_hook([programs_copy] {
+    for (auto& p : programs_copy) p->abort();
+  });
+}
+
+ProgramRunner::~ProgramRunner() {
+  if (abort_hook_ >= 0) group_->runtime().remove_abort_hook(abort_hook_);
+}
+
+std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) {
+  return programs_.at(local_index)->input_specs(group_->runtime().context(local_index));
+}
+
+std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<InputArg>>& inputs,
+                                             const InferOptions& options) {
+  RankRuntime& runtime = group_->runtime();
+  const int n = runtime.num_local_ranks();
+  if (static_cast<int>(inputs.size()) != n)
+    throw_invalid_argument("inputs for " + std::to_string(inputs.size()) + " ranks given, this group has " +
+                           std::to_string(n) + " local ranks");
+  const size_t num_inputs = inputs[0].size();
+  for (int i = 0; i < n; ++i) {
+    auto specs = input_specs(i);
+    if (inputs[i].size() != specs.size()) {
+      std::string names;
+      for (auto& s : specs) names += (names.empty() ? "" : ", ") + s.name;
+      throw_invalid_argument("rank " + std::to_string(runtime.ranks()[i]) + " got " + std::to_string(inputs[i].size()) +
+                             " inputs; the program takes " + std::to_string(specs.size()) + " (" + names + ")");
+    }
+    for (size_t k = 0; k < specs.size(); ++k) {
+      if (inputs[i][k].dtype != specs[k].dtype)
+        throw_invalid_argument("input '" + specs[k].name + "' has dtype " + dtype_name(inputs[i][k].dtype) +
+                               " but the program expects " + dtype_name(specs[k].dtype));
+    }
+  }
+  for (int f : options.fetch_ranks)
+    if (f < 0 || f >= n) throw_invalid_argument("fetch rank " + std::to_string(f) + " is not a local rank");
+
+  // Which inputs are one host tensor for every rank, and how each travels.
+  std::vector<Replication> modes(num_inputs, Replication::kHost);
+  for (size_t k = 0; k < num_inputs; ++k) {
+    bool replicated = n > 1 && inputs[0][k].device < 0;
+    for (int i = 1; i < n && replicated; ++i)
+      replicated = inputs[i][k].data == inputs[0][k].data && inputs[i][k].device < 0 &&
+                   inputs[i][k].shape == inputs[0][k].shape;
+    if (!replicated) continue;
+    modes[k] = choose_replication(options.replication, inputs[0][k].nbytes(), group_->all_peer_access(), n);
+    if (modes[k] == Replication::kPeer && !group_->all_peer_access())
+      throw_invalid_argument("replication='peer' needs peer access between every pair of GPUs in the group, "
+                             "which this machine does not give (see `python -m mdtrt doctor`); use 'host' or 'auto'");
+    if (modes[k] == Replication::kBroadcast && n != group_->world_size())
+      throw_invalid_argument("replication='broadcast' needs every rank in this process; use 'host'");
+    last_replication_ = modes[k];
+  }
+
+  // Device inputs must not be read before the caller's stream has produced them.
+  CudaEvent caller_ready;
+  if (options.caller_stream != nullptr) {
+    caller_ready = CudaEvent(options.caller_device, false);
+    ScopedDevice on(options.caller_device);
+    MDTRT_CUDA_CHECK(cudaEventRecord(caller_ready.get(), options.caller_stream));
+  }
+
+  std::vector<StagingProgress> progress(num_inputs);
+  std::vector<RankResult> results(n);
+  std::vector<bool> fetch(n, false);
+  for (int f : options.fetch_ranks) fetch[f] = true;
+
+  // Buffers shared across rank threads are sized here, before any thread can read them.
+  int max_chunks = 0;
+  for (size_t k = 0; k < num_inputs; ++k) {
+    if (modes[k] == Replication::kPeer || modes[k] == Replication::kBroadcast)
+      max_chunks = std::max<int>(max_chunks, std::max<int>(1, static_cast<int>((inputs[0][k].nbytes() +
+                                                                                kPeerReplicationChunkBytes - 1) /
+                                                                               kPeerReplicationChunkBytes)));
+  }
+  for (int i = 0; i < n; ++i)
+    if (buffers_[i].inputs.size() < num_inputs) buffers_[i].inputs.resize(num_inputs);
+  while (static_cast<int>(buffers_[0].chunk_events.size()) < max_chunks)
+    buffers_[0].chunk_events.emplace_back(runtime.devices()[0], false);
+
+  auto task = [&](RankContext& ctx) {
+    const int i = ctx.local_index;
+    RankBuffers& bufs = buffers_[i];
+    RankProgram& program = *programs_[i];
+    cudaStream_t stream = ctx.stream;
+    if (bufs.done.get() == nullptr) bufs.done = CudaEvent(ctx.device, false);
+    if (caller_ready.get() != nullptr) MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, caller_ready.get(), 0));
+
+    std::vector<TensorView> views(num_inputs);
+    bool staging_source = false;
+    try {
+      for (size_t k = 0; k < num_inputs; ++k) {
+        const InputArg& a = inputs[i][k];
+        const size_t bytes = a.nbytes();
+        views[k].dtype = a.dtype;
+        views[k].shape = a.shape;
+        if (a.device == ctx.device) {
+          views[k].data = const_cast<void*>(a.data);  // zero copy: already on this GPU
+          continue;
+        }
+        DeviceBuffer& buf = bufs.inputs[k];
+        buf.set_device(ctx.device);
+        buf.reserve(bytes);
+        views[k].data = buf.get();
+        if (a.device >= 0) {
+          MDTRT_CUDA_CHECK(cudaMemcpyPeerAsync(buf.get(), ctx.device, a.data, a.device, bytes, stream));
+          continue;
+        }
+        const Replication mode = modes[k];
+        if (mode == Replication::kHost || (mode == Replication::kBroadcast && i != 0)) {
+          if (mode == Replication::kHost)
+            MDTRT_CUDA_CHECK(cudaMemcpyAsync(buf.get(), a.data, bytes, cudaMemcpyHostToDevice, stream));
+          continue;
+        }
+        const int chunks = static_cast<int>(std::max<size_t>(1, (bytes + kPeerReplicationChunkBytes - 1) /
+                                                                    kPeerReplicationChunkBytes));
+        if (i == 0) {
+          staging_source = true;
+          for (int c = 0; c < chunks; ++c) {
+            const size_t off = static_cast<size_t>(c) * kPeerReplicationChunkBytes;
+            const size_t len = std::min(kPeerReplicationChunkBytes, bytes - off);
+            MDTRT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(buf.get()) + off,
+                                             static_cast<const char*>(a.data) + off, len, cudaMemcpyHostToDevice,
+                                             stream));
+            MDTRT_CUDA_CHECK(cudaEventRecord(bufs.chunk_events[c].get(), stream));
+            progress[k].publish(c + 1);
+          }
+        } else {  // peer copy chunk by chunk from the first rank, as soon as each chunk is staged
+          RankBuffers& source = buffers_[0];
+          for (int c = 0; c < chunks; ++c) {
+            progress[k].wait_for_chunk(c, ctx.deadline, ctx.rank);
+            const size_t off = static_cast<size_t>(c) * kPeerReplicationChunkBytes;
+            const size_t len = std::min(kPeerReplicationChunkBytes, bytes - off);
+            MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, source.chunk_events[c].get(), 0));
+            MDTRT_CUDA_CHECK(cudaMemcpyPeerAsync(static_cast<char*>(buf.get()) + off, ctx.device,
+                                                 static_cast<const char*>(source.inputs[k].get()) + off,
+                                                 source.inputs[k].device(), len, stream));
+          }
+        }
+      }
+    } catch (...) {
+      if (staging_source || i == 0)
+        for (auto& p : progress) p.fail();
+      throw;
+    }
+    for (size_t k = 0; k < num_inputs; ++k) {
+      if (modes[k] != Replication::kBroadcast) continue;
+      const size_t count = inputs[i][k].nbytes();
+      ctx.world->check(nccl::api().Broadcast(views[k].data, views[k].data, count, nccl::kUint8, runtime.ranks()[0],
+                                             ctx.world->handle(), stream),
+                       "ncclBroadcast", ctx.deadline);
+    }
+
+    RankResult& result = results[i];
+    result.outputs = program.resolve_outputs(ctx, views);
+    const size_t num_outputs = result.outputs.size();
+    std::vector<TensorView> out_views(num_outputs);
+    if (bufs.outputs.size() < num_outputs) bufs.outputs.resize(num_outputs);
+    if (options.device_outputs) result.device.resize(num_outputs);
+    for (size_t o = 0; o < num_outputs; ++o) {
+      TensorView& v = out_views[o];
+      v.dtype = result.outputs[o].dtype;
+      v.shape = result.outputs[o].shape;
+      for (int64_t d : v.shape)
+        if (d < 0)
+          throw Error(ErrorKind::kGeneric, "output '" + result.outputs[o].name + "' has an unresolved shape " +
+                                               shape_string(v.shape), ctx.rank, "infer");
+      if (options.device_outputs) {
+        result.device[o] = std::make_shared<DeviceBuffer>(ctx.device, v.nbytes());
+        v.data = result.device[o]->get();
+      } else {
+        bufs.outputs[o].set_device(ctx.device);
+        bufs.outputs[o].reserve(v.nbytes());
+        v.data = bufs.outputs[o].get();
+      }
+      if (options.poison_outputs) MDTRT_CUDA_CHECK(cudaMemsetAsync(v.data, 0xFF, v.nbytes(), stream));
+    }
+
+    program.enqueue(ctx, views, out_views);
+
+    if (fetch[i]) {
+      result.host.resize(num_outputs);
+      for (size_t o = 0; o < num_outputs; ++o) {
+        result.host[o].resize(out_views[o].nbytes());
+        MDTRT_CUDA_CHECK(cudaMemcpyAsync(result.host[o].data(), out_views[o].data, out_views[o].nbytes(),
+                                         cudaMemcpyDeviceToHost, stream));
+      }
+    }
+    MDTRT_CUDA_CHECK(cudaEventRecord(bufs.done.get(), stream));
+    if (!wait_stream(stream, ctx.deadline))
+      throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
+  };
+
+  const double timeout = options.timeout_seconds > 0 ? options.timeout_seconds : group_->timeout();
+  runtime.run_on_all(task, timeout, "infer");
+  if (options.caller_stream != nullptr) {
+    // Already complete on the host's side; this keeps the caller's stream ordered after us as well.
+    ScopedDevice on(options.caller_device);
+    for (int i = 0; i < n; ++i) MDTRT_CUDA_CHECK(cudaStreamWaitEvent(options.caller_stream, buffers_[i].done.get(), 0));
+  }
+  return results;
+}
+
+}  // namespace mdtrt

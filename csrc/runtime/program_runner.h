@@ -1,0 +1,93 @@
+// Runs a RankProgram (a TensorRT engine, a native collective, a test program) on every rank of a
+// DeviceGroup: binds it on all ranks at once, then per call replicates inputs, fans the enqueue
+// out to every rank's thread, waits with a deadline and hands outputs back.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/device_group.h"
+#include "runtime/rank_program.h"
+
+namespace mdtrt {
+
+// How an input that every rank needs gets from one place to every GPU.
+enum class Replication {
+  kAuto,       // pick by size and link (see choose_replication)
+  kHost,       // every rank copies from host memory itself
+  kPeer,       // one host copy to the first rank, then peer copies over NVLink/PCIe, pipelined in chunks
+  kBroadcast,  // one host copy to the first rank, then ncclBroadcast
+};
+Replication replication_from_name(const std::string& name);
+const char* replication_name(Replication r);
+
+// Host inputs at least this large use peer copies when every pair of GPUs has peer access
+// (measured by benchmarks/bench_replication.py; see BENCHMARKS.md).
+constexpr size_t kPeerReplicationMinBytes = 1 << 20;
+constexpr size_t kPeerReplicationChunkBytes = 4 << 20;
+
+struct InputArg {
+  const void* data = nullptr;
+  int device = -1;  // CUDA device holding `data`; -1 for host memory
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  size_t nbytes() const { return static_cast<size_t>(element_count(shape)) * dtype_size(dtype); }
+};
+
+struct InferOptions {
+  Replication replication = Replication::kAuto;
+  bool poison_outputs = false;     // fill outputs with 0xFF bytes first (NaN for floats, -1 for ints)
+  std::vector<int> fetch_ranks;    // local ranks whose outputs are copied to host memory
+  bool device_outputs = false;     // hand every rank's output device buffers to the caller
+  // Device inputs are read after the work already queued on this stream (of caller_device), and
+  // this stream waits for the outputs: results are stream-ordered for the caller.
+  cudaStream_t caller_stream = nullptr;
+  int caller_device = -1;
+  double timeout_seconds = 0;      // 0: the group's timeout
+};
+
+struct RankResult {
+  std::vector<TensorSpec> outputs;
+  std::vector<std::vector<uint8_t>> host;              // per output, when fetched
+  std::vector<std::shared_ptr<DeviceBuffer>> device;   // per output, when device_outputs
+};
+
+// Binds programs[i] on local rank i, all ranks at once (or one after another when `sequential`,
+// which deadlocks a collective bind: that switch exists to prove the deadline catches it).
+void bind_programs(RankRuntime& runtime, const std::vector<std::shared_ptr<RankProgram>>& programs,
+                   double timeout_seconds, bool sequential);
+
+class ProgramRunner {
+ public:
+  ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std::shared_ptr<RankProgram>> programs,
+                bool sequential_bind = false);
+  ~ProgramRunner();
+
+  // inputs[i] are local rank i's inputs, in the program's input order. The same host pointer on
+  // every rank means "replicate"; a device pointer on another GPU is copied peer-to-peer.
+  std::vector<RankResult> infer(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
+
+  Replication last_replication() const { return last_replication_; }
+  std::vector<TensorSpec> input_specs(int local_index);
+  RankProgram& program(int local_index) { return *programs_.at(local_index); }
+  DeviceGroup& group() { return *group_; }
+
+ private:
+  struct RankBuffers {
+    std::vector<DeviceBuffer> inputs;
+    std::vector<DeviceBuffer> outputs;
+    std::vector<CudaEvent> chunk_events;  // on this rank's device, signalling staged input chunks
+    CudaEvent done;
+  };
+
+  std::shared_ptr<DeviceGroup> group_;
+  std::vector<std::shared_ptr<RankProgram>> programs_;
+  std::vector<RankBuffers> buffers_;
+  int abort_hook_ = -1;
+  Replication last_replication_ = Replication::kHost;
+};
+
+Replication choose_replication(Replication requested, size_t bytes, bool all_peer_access, int num_local_ranks);
+
+}  // namespace mdtrt

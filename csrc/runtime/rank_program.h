@@ -1,0 +1,64 @@
+// What runs on the ranks: the interface between the rank runtime and anything that executes on
+// every GPU at once (a TensorRT engine in csrc/trt, the native collectives, test programs).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+#include <vector>
+
+#include "common/deadline.h"
+#include "runtime/dtype.h"
+
+namespace mdtrt {
+
+class Communicator;
+
+// One rank as a program sees it, on that rank's own thread.
+struct RankContext {
+  int local_index = 0;   // position among this process's ranks
+  int rank = 0;          // rank in the world communicator
+  int world_size = 1;
+  int device = -1;       // CUDA device, -1 in CPU-only test runtimes
+  cudaStream_t stream = nullptr;
+  Communicator* world = nullptr;  // the world communicator (nullptr in CPU-only test runtimes)
+  Deadline deadline = Deadline::never();
+};
+
+struct TensorSpec {
+  std::string name;
+  DType dtype = DType::kFloat32;
+  Shape shape;  // -1 for a dimension only known once inputs are given
+};
+
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::kFloat32;
+  Shape shape;
+  size_t nbytes() const { return static_cast<size_t>(element_count(shape)) * dtype_size(dtype); }
+};
+
+class RankProgram {
+ public:
+  virtual ~RankProgram() = default;
+  virtual std::string describe() const = 0;
+
+  // Set-up that is collective across ranks (TensorRT's setCommunicator, communicator splits).
+  // The runtime calls it on every rank's thread at the same time.
+  virtual void bind(RankContext& ctx) = 0;
+
+  virtual std::vector<TensorSpec> input_specs(const RankContext& ctx) const = 0;
+
+  // Output names, dtypes and shapes for these input shapes (may configure the rank's state,
+  // e.g. TensorRT input shapes). Called on the rank's thread before enqueue.
+  virtual std::vector<TensorSpec> resolve_outputs(RankContext& ctx, const std::vector<TensorView>& inputs) = 0;
+
+  // Enqueue the work on ctx.stream; must not wait for it.
+  virtual void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                       const std::vector<TensorView>& outputs) = 0;
+
+  // Called from another thread when a deadline passed, to unblock a stuck bind or enqueue.
+  virtual void abort() {}
+};
+
+}  // namespace mdtrt

@@ -1,0 +1,225 @@
+#include "runtime/rank_runtime.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "common/error.h"
+
+namespace mdtrt {
+namespace {
+constexpr double kGraceAfterAbortSeconds = 10.0;
+
+std::string join_ranks(const std::vector<int>& ranks) {
+  std::string s;
+  for (int r : ranks) s += (s.empty() ? "" : ", ") + std::to_string(r);
+  return s;
+}
+}  // namespace
+
+RankWorker::RankWorker(int local_index, int device) : local_index_(local_index), device_(device) {
+  auto started = started_.get_future();
+  thread_ = std::thread([this] { loop(); });
+  started.get();  // rethrows a failure to bind the device or create the stream
+}
+
+RankWorker::~RankWorker() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void RankWorker::abandon() {
+  // The stuck thread still references this object, which the owner therefore never destroys.
+  if (thread_.joinable()) thread_.detach();
+}
+
+std::future<void> RankWorker::post(std::function<void()> task) {
+  std::packaged_task<void()> packaged(std::move(task));
+  auto future = packaged.get_future();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tasks_.push_back(std::move(packaged));
+  }
+  wake_.notify_one();
+  return future;
+}
+
+void RankWorker::loop() {
+  try {
+    if (device_ >= 0) {
+      MDTRT_CUDA_CHECK(cudaSetDevice(device_));
+      stream_ = CudaStream(device_);
+    }
+    started_.set_value();
+  } catch (...) {
+    started_.set_exception(std::current_exception());
+    return;
+  }
+  for (;;) {
+    std::packaged_task<void()> task;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
+      if (tasks_.empty()) return;  // stopping with nothing left to do
+      task = std::move(tasks_.front());
+      tasks_.pop_front();
+    }
+    task();
+  }
+}
+
+RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int world_size)
+    : devices_(std::move(devices)), ranks_(std::move(ranks)), world_size_(world_size) {
+  if (devices_.empty()) throw_invalid_argument("a rank runtime needs at least one rank");
+  if (ranks_.size() != devices_.size()) throw_invalid_argument("one world rank per local device is needed");
+  for (size_t i = 0; i < devices_.size(); ++i) {
+    workers_.emplace_back(new RankWorker(static_cast<int>(i), devices_[i]));
+    RankContext ctx;
+    ctx.local_index = static_cast<int>(i);
+    ctx.rank = ranks_[i];
+    ctx.world_size = world_size_;
+    ctx.device = devices_[i];
+    ctx.stream = workers_.back()->stream();
+    contexts_.push_back(ctx);
+  }
+}
+
+RankRuntime::~RankRuntime() {
+  if (broken()) {
+    // Some worker may still be stuck in a task that ignored the abort: never join it.
+    for (auto& w : workers_) {
+      w->abandon();
+      w.release();  // intentionally leaked with its stuck thread
+    }
+  }
+}
+
+int RankRuntime::add_abort_hook(std::function<void()> hook) {
+  std::lock_guard<std::mutex> lock(hooks_mutex_);
+  abort_hooks_.emplace_back(next_hook_id_, std::move(hook));
+  return next_hook_id_++;
+}
+
+void RankRuntime::remove_abort_hook(int id) {
+  std::lock_guard<std::mutex> lock(hooks_mutex_);
+  abort_hooks_.erase(std::remove_if(abort_hooks_.begin(), abort_hooks_.end(),
+                                    [id](const auto& h) { return h.first == id; }),
+                     abort_hooks_.end());
+}
+
+void RankRuntime::abort_all() {
+  std::vector<std::function<void()>> hooks;
+  {
+    std::lock_guard<std::mutex> lock(hooks_mutex_);
+    for (auto& h : abort_hooks_) hooks.push_back(h.second);
+  }
+  for (auto& h : hooks) {
+    try {
+      h();
+    } catch (...) {
+      // An abort hook failing must not stop the others.
+    }
+  }
+}
+
+void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double timeout_seconds,
+                             const std::string& what, bool sequential) {
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  if (broken()) {
+    throw Error(ErrorKind::kGeneric,
+                "this device group can no longer be used: " + broken_reason_ + ". Create a new one.", -1, what);
+  }
+  const Deadline deadline = Deadline::after_seconds(timeout_seconds);
+  const size_t n = workers_.size();
+  std::vector<std::shared_future<void>> futures(n);
+  std::vector<bool> posted(n, false);
+  auto post = [&](size_t i) {
+    RankContext* ctx = &contexts_[i];
+    ctx->deadline = deadline;
+    futures[i] = workers_[i]->post([ctx, &fn] { fn(*ctx); }).share();
+    posted[i] = true;
+  };
+  auto failure = [](const std::shared_future<void>& f) -> std::exception_ptr {
+    try {
+      f.get();
+    } catch (...) {
+      return std::current_exception();
+    }
+    return nullptr;
+  };
+  // A rank may hit the deadline inside its own wait (a collective that never completes) and
+  // report a timeout error itself: that counts as the group's timeout too.
+  auto is_timeout = [](std::exception_ptr p) {
+    if (!p) return false;
+    try {
+      std::rethrow_exception(p);
+    } catch (const Error& e) {
+      return e.kind() == ErrorKind::kTimeout;
+    } catch (...) {
+    }
+    return false;
+  };
+
+  bool timed_out = false;
+  if (!sequential)
+    for (size_t i = 0; i < n; ++i) post(i);
+  for (size_t i = 0; i < n; ++i) {
+    if (sequential) post(i);
+    if (futures[i].wait_until(deadline.at()) != std::future_status::ready) {
+      timed_out = true;
+      break;
+    }
+    if (sequential && failure(futures[i])) break;  // later ranks would only fail on what it left
+  }
+  std::vector<int> unfinished, never_started;
+  for (size_t i = 0; i < n; ++i) {
+    if (!posted[i]) {
+      if (timed_out) never_started.push_back(ranks_[i]);
+    } else if (futures[i].wait_for(std::chrono::seconds(0)) != std::future_status::ready ||
+               is_timeout(failure(futures[i]))) {
+      unfinished.push_back(ranks_[i]);
+    }
+  }
+  timed_out = timed_out || !unfinished.empty();
+
+  if (timed_out) {
+    abort_all();
+    // Give the aborted ranks a moment to unwind so their threads can be reused or joined.
+    const Deadline grace = Deadline::after_seconds(kGraceAfterAbortSeconds);
+    bool stuck = false;
+    for (size_t i = 0; i < n; ++i) {
+      if (posted[i] && futures[i].wait_until(grace.at()) != std::future_status::ready) stuck = true;
+    }
+    char seconds[32];
+    std::snprintf(seconds, sizeof(seconds), "%g s", timeout_seconds);
+    broken_reason_ = "'" + what + "' passed its deadline of " + seconds + " on rank(s) " + join_ranks(unfinished) +
+                     " and the communicators were aborted";
+    std::string message = "rank(s) " + join_ranks(unfinished) + " did not finish '" + what + "' within " + seconds +
+                          (never_started.empty() ? "" : "; rank(s) " + join_ranks(never_started) + " never started it") +
+                          (sequential ? " (ranks were run one after another: a collective step needs all ranks "
+                                        "at once)"
+                                      : "") +
+                          "; communicators were aborted and this device group can no longer be used" +
+                          (stuck ? " (some rank threads are still stuck and were abandoned)" : "") +
+                          ". A rank that never arrives, a hung collective, or a timeout too short for this work "
+                          "are the usual causes.";
+    throw Error(ErrorKind::kTimeout, message, -1, what);
+  }
+
+  // All finished: re-raise the first failure in rank order, attributed to its rank.
+  for (size_t i = 0; i < n; ++i) {
+    if (!posted[i]) continue;
+    try {
+      futures[i].get();
+    } catch (const Error& e) {
+      throw e.with_rank(ranks_[i]);
+    } catch (const std::exception& e) {
+      throw Error(ErrorKind::kGeneric, e.what(), ranks_[i], what);
+    }
+  }
+}
+
+}  // namespace mdtrt

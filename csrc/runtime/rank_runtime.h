@@ -1,0 +1,93 @@
+// One worker thread per local rank, each bound to its GPU once, with its own non-blocking stream.
+// run_on_all() runs a function on every rank concurrently and waits with a deadline: the first
+// failure is re-raised with its rank; on the deadline the registered abort hooks run (they abort
+// communicators, unblock programs) and the error names the ranks that did not finish.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/deadline.h"
+#include "runtime/cuda_handles.h"
+#include "runtime/rank_program.h"
+
+namespace mdtrt {
+
+class RankWorker {
+ public:
+  // device < 0: a CPU-only worker (used by tests of the runtime on machines without GPUs).
+  RankWorker(int local_index, int device);
+  ~RankWorker();
+  RankWorker(const RankWorker&) = delete;
+  RankWorker& operator=(const RankWorker&) = delete;
+
+  std::future<void> post(std::function<void()> task);
+  cudaStream_t stream() const { return stream_.get(); }
+  int device() const { return device_; }
+  // Leaves the thread running forever (it is stuck in a task that ignored abort); used so that a
+  // destructor never blocks on a thread that cannot finish.
+  void abandon();
+
+ private:
+  void loop();
+
+  int local_index_;
+  int device_;
+  CudaStream stream_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::packaged_task<void()>> tasks_;
+  bool stopping_ = false;
+  std::thread thread_;
+  std::promise<void> started_;
+};
+
+class RankRuntime {
+ public:
+  // devices[i] is local rank i's GPU (-1 for CPU-only); ranks[i] its rank in the world.
+  RankRuntime(std::vector<int> devices, std::vector<int> ranks, int world_size);
+  ~RankRuntime();
+
+  int num_local_ranks() const { return static_cast<int>(workers_.size()); }
+  RankContext& context(int local_index) { return contexts_.at(local_index); }
+  const std::vector<int>& devices() const { return devices_; }
+  const std::vector<int>& ranks() const { return ranks_; }
+  int world_size() const { return world_size_; }
+
+  // Runs fn(context) on every local rank's thread; all at once, or one after another when
+  // `sequential` (only for proving that collective set-up deadlocks without concurrency).
+  // `what` names the step in errors ("bind", "infer").
+  void run_on_all(const std::function<void(RankContext&)>& fn, double timeout_seconds, const std::string& what,
+                  bool sequential = false);
+
+  // Hooks run (once each, from the waiting thread) when a deadline passes.
+  int add_abort_hook(std::function<void()> hook);
+  void remove_abort_hook(int id);
+
+  // After a deadline the runtime is unusable: its communicators are aborted.
+  bool broken() const { return !broken_reason_.empty(); }
+  const std::string& broken_reason() const { return broken_reason_; }
+
+ private:
+  void abort_all();
+
+  std::vector<int> devices_;
+  std::vector<int> ranks_;
+  int world_size_;
+  std::vector<std::unique_ptr<RankWorker>> workers_;
+  std::vector<RankContext> contexts_;
+  std::mutex hooks_mutex_;
+  std::vector<std::pair<int, std::function<void()>>> abort_hooks_;
+  int next_hook_id_ = 0;
+  std::string broken_reason_;
+  std::mutex run_mutex_;  // one run_on_all at a time: ranks must see steps in the same order
+};
+
+}  // namespace mdtrt

@@ -1,0 +1,48 @@
+// Programs that exercise the rank runtime without GPUs or NCCL, for tests on any machine:
+// a bind that is a CPU barrier across ranks (collective like setCommunicator: deadlocks when ranks
+// are bound one after another) and a bind that fails on one rank.
+#pragma once
+
+#include <condition_variable>
+#include <mutex>
+#include <string>
+
+#include "runtime/rank_program.h"
+
+namespace mdtrt {
+
+class NoIoProgram : public RankProgram {
+ public:
+  std::vector<TensorSpec> input_specs(const RankContext&) const override { return {}; }
+  std::vector<TensorSpec> resolve_outputs(RankContext&, const std::vector<TensorView>&) override { return {}; }
+  void enqueue(RankContext&, const std::vector<TensorView>&, const std::vector<TensorView>&) override {}
+};
+
+class BarrierBindProgram : public NoIoProgram {
+ public:
+  explicit BarrierBindProgram(int num_ranks) : num_ranks_(num_ranks) {}
+  std::string describe() const override { return "barrier bind test program"; }
+  void bind(RankContext& ctx) override;
+  void abort() override;
+  int arrived() const;
+
+ private:
+  int num_ranks_;
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  int arrived_ = 0;
+  bool aborted_ = false;
+};
+
+class FailingBindProgram : public NoIoProgram {
+ public:
+  FailingBindProgram(int fail_rank, std::string message) : fail_rank_(fail_rank), message_(std::move(message)) {}
+  std::string describe() const override { return "failing bind test program"; }
+  void bind(RankContext& ctx) override;
+
+ private:
+  int fail_rank_;
+  std::string message_;
+};
+
+}  // namespace mdtrt

@@ -1,0 +1,243 @@
+"""NumPy reference of the eight DistCollective operations.
+
+This module is the ground truth that the native NCCL collectives, the TensorRT DistCollective
+layer and :func:`mdtrt.simulate` are checked against, so it favours being obviously right over
+being fast.
+
+Semantics (the same as NCCL and TensorRT's ``IDistCollectiveLayer``):
+
+* ``inputs[r]`` is the tensor held by world rank ``r``; every rank holds the same shape and dtype.
+* The collective runs along the first dimension: a tensor is seen as ``D`` row-major contiguous
+  slices ``x[0], ..., x[D-1]``, and "chunk ``i`` of ``G``" is ``x[i*D/G:(i+1)*D/G]``.
+* ``groups`` is the ordered list of world ranks taking part; the position of a world rank in it
+  is its group-local rank. Ranks outside the group get ``None``.
+* ``root`` is a world rank; it is mapped to its group-local position.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import numpy as np
+
+try:  # bfloat16 is only reachable through ml_dtypes; it is optional.
+    import ml_dtypes as _ml_dtypes
+
+    _BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    _BFLOAT16 = None
+
+__all__ = ["OPERATIONS", "REDUCE_OPERATIONS", "collective"]
+
+#: Collective operation names, as TensorRT's ONNX parser and polygraphy spell them.
+OPERATIONS = (
+    "all_reduce",
+    "all_gather",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "all_to_all",
+    "gather",
+    "scatter",
+)
+#: Reduction names accepted by the reducing operations.
+REDUCE_OPERATIONS = ("sum", "prod", "max", "min", "avg")
+
+_REDUCING_OPERATIONS = frozenset({"all_reduce", "reduce", "reduce_scatter"})
+_ROOTED_OPERATIONS = frozenset({"broadcast", "reduce", "gather", "scatter"})
+# Operations that slice or concatenate along dim 0 need at least one dimension.
+_DIM0_OPERATIONS = frozenset({"all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"})
+# Operations whose dim 0 must split evenly over the group.
+_SPLITTING_OPERATIONS = frozenset({"reduce_scatter", "all_to_all", "scatter"})
+
+_SUPPORTED_DTYPES = tuple(
+    np.dtype(t) for t in (np.float32, np.float16, np.int32, np.int8, np.uint8)
+) + ((_BFLOAT16,) if _BFLOAT16 is not None else ())
+
+
+def _supported_dtype_names() -> str:
+    return ", ".join(str(d) for d in _SUPPORTED_DTYPES)
+
+
+def _check_name(kind: str, value: object, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value.lower() not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; expected one of: {', '.join(allowed)}")
+    return value.lower()
+
+
+def _check_inputs(op: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(inputs, np.ndarray) or not isinstance(inputs, Sequence):
+        raise ValueError(
+            "inputs must be a list with one array per world rank (inputs[r] is rank r's tensor), "
+            f"got {type(inputs).__name__}"
+        )
+    if len(inputs) == 0:
+        raise ValueError("inputs is empty: give one array per world rank")
+    arrays = []
+    for rank, tensor in enumerate(inputs):
+        if not isinstance(tensor, np.ndarray):
+            raise ValueError(f"inputs[{rank}] is a {type(tensor).__name__}, expected a numpy array")
+        arrays.append(tensor)
+    first = arrays[0]
+    if first.dtype not in _SUPPORTED_DTYPES:
+        bf16_note = "" if _BFLOAT16 is not None else " (install ml_dtypes for bfloat16)"
+        raise ValueError(
+            f"unsupported dtype {first.dtype}; supported: {_supported_dtype_names()}{bf16_note}"
+        )
+    for rank, tensor in enumerate(arrays[1:], start=1):
+        if tensor.shape != first.shape or tensor.dtype != first.dtype:
+            raise ValueError(
+                f"every rank must hold the same shape and dtype: rank 0 has {first.shape} "
+                f"{first.dtype}, rank {rank} has {tensor.shape} {tensor.dtype}"
+            )
+    if op in _DIM0_OPERATIONS and first.ndim == 0:
+        raise ValueError(f"{op} runs along dimension 0, so the tensors need at least one dimension")
+    return arrays
+
+
+def _check_groups(groups: Sequence[int] | None, world_size: int) -> list[int]:
+    if groups is None or len(groups) == 0:
+        return list(range(world_size))
+    members = []
+    for member in groups:
+        if isinstance(member, (bool, np.bool_)) or not isinstance(member, numbers.Integral):
+            raise ValueError(f"groups must hold integer world ranks, got {member!r} in {list(groups)}")
+        if not 0 <= int(member) < world_size:
+            raise ValueError(
+                f"groups {list(groups)} names rank {int(member)}, outside the world of "
+                f"{world_size} ranks (0..{world_size - 1})"
+            )
+        members.append(int(member))
+    if len(set(members)) != len(members):
+        raise ValueError(f"groups {members} names a rank more than once; ranks must be distinct")
+    return members
+
+
+def _reduce(tensors: list[np.ndarray], reduce: str) -> np.ndarray:
+    """Elementwise reduction over the ranks' tensors, exact where the dtype allows."""
+    dtype = tensors[0].dtype
+    if dtype.kind in "iu":
+        # int64 arithmetic wraps modulo 2**64, so the low bits kept by the final cast are those
+        # of the dtype's own wrapping arithmetic (float64 would lose them past 2**53).
+        stacked = np.stack(tensors).astype(np.int64)
+        if reduce == "sum":
+            result = stacked.sum(axis=0)
+        elif reduce == "prod":
+            result = stacked.prod(axis=0)
+        elif reduce == "max":
+            result = stacked.max(axis=0)
+        elif reduce == "min":
+            result = stacked.min(axis=0)
+        else:  # avg: the exact mean of integers, truncated toward zero as C integer division does
+            total = stacked.sum(axis=0)
+            count = len(tensors)
+            result = np.sign(total) * (np.abs(total) // count)
+        return result.astype(dtype)
+    stacked = np.stack([t.astype(np.float64) for t in tensors])
+    if reduce == "sum":
+        result = stacked.sum(axis=0)
+    elif reduce == "prod":
+        result = stacked.prod(axis=0)
+    elif reduce == "max":
+        result = stacked.max(axis=0)
+    elif reduce == "min":
+        result = stacked.min(axis=0)
+    else:
+        result = stacked.mean(axis=0)
+    with np.errstate(over="ignore"):  # overflow to inf is what the device would produce too
+        return result.astype(dtype)
+
+
+def _chunks(tensor: np.ndarray, count: int, op: str) -> list[np.ndarray]:
+    rows = tensor.shape[0]
+    if rows % count != 0:
+        raise ValueError(
+            f"{op} splits dimension 0 into {count} equal chunks (one per group member), but "
+            f"dimension 0 has size {rows}, which is not divisible by {count}"
+        )
+    size = rows // count
+    return [tensor[i * size : (i + 1) * size] for i in range(count)]
+
+
+def collective(
+    op: str,
+    inputs: list[np.ndarray],
+    *,
+    reduce: str = "sum",
+    root: int = 0,
+    groups: Sequence[int] | None = None,
+) -> list[np.ndarray | None]:
+    """Compute a DistCollective operation over simulated ranks.
+
+    Args:
+        op: one of :data:`OPERATIONS`.
+        inputs: ``inputs[r]`` is world rank ``r``'s tensor; all the same shape and dtype.
+        reduce: ``sum``, ``prod``, ``max``, ``min`` or ``avg`` for the reducing operations
+            (``all_reduce``, ``reduce``, ``reduce_scatter``); ignored by the others, which also
+            accept ``none``.
+        root: world rank of the root for ``broadcast``, ``reduce``, ``gather``, ``scatter``;
+            must be in ``groups``. Ignored by the other operations.
+        groups: ordered distinct world ranks taking part; ``None`` or ``[]`` means all ranks.
+
+    Returns:
+        One entry per world rank: the output tensor, or ``None`` for ranks outside the group and
+        for non-root members of ``reduce`` and ``gather`` (whose output is undefined).
+    """
+    op = _check_name("collective operation", op, OPERATIONS)
+    if op in _REDUCING_OPERATIONS:
+        reduce = _check_name(f"reduction for {op}", reduce, REDUCE_OPERATIONS)
+    else:
+        _check_name(f"reduction for {op}", reduce, REDUCE_OPERATIONS + ("none",))
+    arrays = _check_inputs(op, inputs)
+    world_size = len(arrays)
+    members = _check_groups(groups, world_size)
+    group_size = len(members)
+
+    root_local = None
+    if op in _ROOTED_OPERATIONS:
+        if isinstance(root, (bool, np.bool_)) or not isinstance(root, numbers.Integral):
+            raise ValueError(f"root must be an integer world rank, got {root!r}")
+        if int(root) not in members:
+            raise ValueError(
+                f"root {int(root)} of {op} is not in the group {members}; the root must be one of "
+                "the group's world ranks"
+            )
+        root_local = members.index(int(root))
+
+    group_inputs = [arrays[rank] for rank in members]
+    if op in _SPLITTING_OPERATIONS:
+        source = group_inputs[root_local] if op == "scatter" else group_inputs[0]
+        _chunks(source, group_size, op)  # validates divisibility before any work
+
+    # local_outputs[i] is group-local rank i's output.
+    local_outputs: list[np.ndarray | None]
+    if op == "all_reduce":
+        reduced = _reduce(group_inputs, reduce)
+        local_outputs = [reduced.copy() for _ in members]
+    elif op == "reduce":
+        local_outputs = [None] * group_size
+        local_outputs[root_local] = _reduce(group_inputs, reduce)
+    elif op == "reduce_scatter":
+        reduced = _reduce(group_inputs, reduce)
+        local_outputs = [chunk.copy() for chunk in _chunks(reduced, group_size, op)]
+    elif op == "broadcast":
+        local_outputs = [group_inputs[root_local].copy() for _ in members]
+    elif op == "all_gather":
+        gathered = np.concatenate(group_inputs, axis=0)
+        local_outputs = [gathered.copy() for _ in members]
+    elif op == "gather":
+        local_outputs = [None] * group_size
+        local_outputs[root_local] = np.concatenate(group_inputs, axis=0)
+    elif op == "scatter":
+        local_outputs = [chunk.copy() for chunk in _chunks(group_inputs[root_local], group_size, op)]
+    else:  # all_to_all: member j receives chunk j of every member, in group order
+        sent = [_chunks(tensor, group_size, op) for tensor in group_inputs]
+        local_outputs = [
+            np.concatenate([sent[i][j] for i in range(group_size)], axis=0) for j in range(group_size)
+        ]
+
+    outputs: list[np.ndarray | None] = [None] * world_size
+    for local_rank, world_rank in enumerate(members):
+        outputs[world_rank] = local_outputs[local_rank]
+    return outputs
