@@ -1,6 +1,9 @@
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
+
+#include "runtime/cuda_handles.h"
 
 #include "bindings/modules.h"
 #include "runtime/devices.h"
@@ -49,6 +52,26 @@ void bind_info(py::module_& m) {
     return d;
   });
   m.def("visible_gpu_count", &visible_gpu_count);
+
+  m.def("pointer_device", [](uintptr_t ptr) {
+    // -1 for host memory (pageable or pinned), else the CUDA device that owns the allocation.
+    cudaPointerAttributes attr{};
+    if (cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(ptr)) != cudaSuccess) {
+      cudaGetLastError();
+      return -1;
+    }
+    return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
+  });
+  m.def("copy_device_to_host", [](uintptr_t ptr, int device, size_t nbytes) {
+    py::array_t<uint8_t> out(static_cast<py::ssize_t>(nbytes));
+    void* dst = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      ScopedDevice on(device);
+      MDTRT_CUDA_CHECK(cudaMemcpy(dst, reinterpret_cast<void*>(ptr), nbytes, cudaMemcpyDeviceToHost));
+    }
+    return out;
+  });
 }
 
 }  // namespace mdtrt::bindings

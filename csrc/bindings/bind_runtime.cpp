@@ -118,6 +118,11 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("broken", [](DeviceGroup& g) { return g.runtime().broken(); })
       .def_property_readonly("broken_reason", [](DeviceGroup& g) { return g.runtime().broken_reason(); })
       .def("comm_ptr", [](DeviceGroup& g, int local) { return reinterpret_cast<uintptr_t>(g.world(local).handle()); })
+      .def("comm_capsule",
+           [](DeviceGroup& g, int local) {
+             // The form TensorRT's Python IExecutionContext.set_communicator takes.
+             return py::capsule(static_cast<void*>(g.world(local).handle()), "ncclComm_t");
+           })
       .def("stream_ptr",
            [](DeviceGroup& g, int local) { return reinterpret_cast<uintptr_t>(g.runtime().context(local).stream); })
       .def("abort", [](DeviceGroup& g) {

@@ -88,11 +88,12 @@ RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int w
 }
 
 RankRuntime::~RankRuntime() {
-  if (broken()) {
-    // Some worker may still be stuck in a task that ignored the abort: never join it.
-    for (auto& w : workers_) {
-      w->abandon();
-      w.release();  // intentionally leaked with its stuck thread
+  // A worker stuck in a task that ignored the abort is never joined (that would hang): it is
+  // intentionally leaked with its thread. Every other worker is stopped and joined.
+  for (size_t i = 0; i < stuck_.size() && i < workers_.size(); ++i) {
+    if (stuck_[i]) {
+      workers_[i]->abandon();
+      workers_[i].release();
     }
   }
 }
@@ -176,22 +177,22 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
   }
   std::vector<int> unfinished, never_started;
   for (size_t i = 0; i < n; ++i) {
-    if (!posted[i]) {
-      if (timed_out) never_started.push_back(ranks_[i]);
-    } else if (futures[i].wait_for(std::chrono::seconds(0)) != std::future_status::ready ||
-               is_timeout(failure(futures[i]))) {
+    if (posted[i] && (futures[i].wait_for(std::chrono::seconds(0)) != std::future_status::ready ||
+                      is_timeout(failure(futures[i]))))
       unfinished.push_back(ranks_[i]);
-    }
   }
   timed_out = timed_out || !unfinished.empty();
+  for (size_t i = 0; i < n && timed_out; ++i)
+    if (!posted[i]) never_started.push_back(ranks_[i]);
 
   if (timed_out) {
     abort_all();
     // Give the aborted ranks a moment to unwind so their threads can be reused or joined.
     const Deadline grace = Deadline::after_seconds(kGraceAfterAbortSeconds);
     bool stuck = false;
+    stuck_.assign(n, false);
     for (size_t i = 0; i < n; ++i) {
-      if (posted[i] && futures[i].wait_until(grace.at()) != std::future_status::ready) stuck = true;
+      if (posted[i] && futures[i].wait_until(grace.at()) != std::future_status::ready) stuck = stuck_[i] = true;
     }
     char seconds[32];
     std::snprintf(seconds, sizeof(seconds), "%g s", timeout_seconds);

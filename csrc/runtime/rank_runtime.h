@@ -87,6 +87,7 @@ class RankRuntime {
   std::vector<std::pair<int, std::function<void()>>> abort_hooks_;
   int next_hook_id_ = 0;
   std::string broken_reason_;
+  std::vector<bool> stuck_;  // workers whose task ignored an abort: never joined
   std::mutex run_mutex_;  // one run_on_all at a time: ranks must see steps in the same order
 };
 

@@ -17,6 +17,28 @@ from .errors import (
     TensorRTError,
 )
 from .nccl import NcclLibrary, nccl_library
+from .arrays import DeviceArray
+from .device_group import Communicator, DeviceGroup
+from .runner import EngineRunner
+
+# The ONNX tools import onnx/onnxruntime, which rank processes rarely need: load them on first use.
+_LAZY = {
+    "reference": (".reference", None),
+    "shard": (".sharding", "shard"),
+    "simulate": (".simulate", "simulate"),
+    "run_on_cpu": (".simulate", "run_on_cpu"),
+    "compare_outputs": (".simulate", "compare_outputs"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name, __name__)
+        return module if attr is None else getattr(module, attr)
+    raise AttributeError(f"module 'mdtrt' has no attribute {name!r}")
 
 __version__ = _core.build_info()["version"]
 
@@ -29,6 +51,15 @@ def build_info() -> dict:
 
 __all__ = [
     "__version__",
+    "DeviceGroup",
+    "Communicator",
+    "EngineRunner",
+    "reference",
+    "shard",
+    "simulate",
+    "run_on_cpu",
+    "compare_outputs",
+    "DeviceArray",
     "build_info",
     "nccl_library",
     "NcclLibrary",

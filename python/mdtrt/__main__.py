@@ -11,6 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="report NCCL, CUDA, GPUs, peer access and TensorRT; exit 1 if multi-device inference cannot run here")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    sub.add_parser("attention", add_help=False,
+                   help="context-parallel attention sample: shard, verify on simulated ranks (CPU), run on GPUs "
+                        "(`mdtrt attention --help` for its options)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "doctor":
         if rest:
@@ -18,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         from .doctor import main as doctor_main
 
         return doctor_main(as_json=args.json)
+    if args.command == "attention":
+        from .attention import main as attention_main
+
+        return attention_main(rest)
     parser.error(f"unknown command {args.command}")
     return 2
 

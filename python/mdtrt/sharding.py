@@ -10,6 +10,7 @@ typo in a hint is an error here instead of a silently unsharded attention layer.
 from __future__ import annotations
 
 import copy
+import heapq
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ from typing import Any, Mapping
 
 import onnx
 
-__all__ = ["shard", "load_hints"]
+__all__ = ["shard", "load_hints", "toposort_nodes"]
 
 def load_hints(hints: Mapping[str, Any] | str | os.PathLike) -> dict:
     """Return the hints as a dict: ``hints`` is a dict in polygraphy's ShardHints JSON schema,
@@ -76,8 +77,72 @@ def _check_hints_against_model(hints: dict, model: onnx.ModelProto) -> None:
             )
 
 
+def toposort_nodes(graph: onnx.GraphProto) -> None:
+    """Sort ``graph.node`` in place into a topological order (stable: ready nodes keep their
+    relative order). ``polygraphy multi-device shard`` appends the nodes it inserts at the end
+    of the list, which onnxruntime and TensorRT's parser refuse."""
+    nodes = list(graph.node)
+    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
+    waiting_on = [
+        {producer[name] for name in node.input if name in producer and producer[name] != index}
+        for index, node in enumerate(nodes)
+    ]
+    consumers: dict[int, list[int]] = {index: [] for index in range(len(nodes))}
+    for index, needs in enumerate(waiting_on):
+        for need in needs:
+            consumers[need].append(index)
+    ready = [index for index, needs in enumerate(waiting_on) if not needs]
+    order = []
+    heapq.heapify(ready)
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(index)
+        for consumer in consumers[index]:
+            waiting_on[consumer].discard(index)
+            if not waiting_on[consumer]:
+                heapq.heappush(ready, consumer)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if i not in set(order)]
+        raise ValueError(f"the graph has a cycle through nodes {stuck[:5]}")
+    if order != list(range(len(nodes))):
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+        for index, name in enumerate(node.output):
+            if name == old:
+                node.output[index] = new
+    for value in list(graph.value_info) + list(graph.output):
+        if value.name == old:
+            value.name = new
+
+
+def _restore_output_names(sharded: onnx.ModelProto, original_outputs: list[onnx.ValueInfoProto]) -> None:
+    """Polygraphy names a gathered output after its DistCollective (``shard_41``) and leaves the
+    original name on the rank-local tensor. Give the model outputs their original names back,
+    so that single- and multi-device models have the same interface, and call the rank-local
+    tensor ``<name>.rank_local``."""
+    graph = sharded.graph
+    for index, original_value in enumerate(original_outputs):
+        original = original_value.name
+        current = graph.output[index].name
+        if current == original:
+            continue
+        _rename_tensor(graph, original, f"{original}.rank_local")
+        _rename_tensor(graph, current, original)
+        # The gathered output has the original's full shape; polygraphy leaves it unset.
+        if not graph.output[index].type.tensor_type.HasField("shape"):
+            graph.output[index].type.CopyFrom(original_value.type)
+
+
 def _import_shard_tool():
     try:
+        import onnx_graphsurgeon as gs
         from polygraphy.logger import G_LOGGER
         from polygraphy.tools.multi_device.subtool.shard import Shard
     except ImportError as error:
@@ -85,7 +150,7 @@ def _import_shard_tool():
             "sharding needs polygraphy >= 0.53 (with `multi-device shard`) and onnx-graphsurgeon: "
             f"pip install polygraphy onnx-graphsurgeon ({error})"
         ) from error
-    return Shard, G_LOGGER
+    return Shard, G_LOGGER, gs.logger.G_LOGGER
 
 
 def shard(
@@ -126,7 +191,7 @@ def shard(
 
     source = _load_model(model)
     _check_hints_against_model(hint_dict, source)
-    Shard, logger = _import_shard_tool()
+    Shard, logger, graphsurgeon_logger = _import_shard_tool()
 
     with tempfile.TemporaryDirectory(prefix="mdtrt-shard-") as workdir:
         source_path = os.path.join(workdir, "single_device.onnx")
@@ -139,15 +204,21 @@ def shard(
         tool = Shard()
         parser = tool.setup_parser()
         args = parser.parse_args([source_path, "-s", hints_path, "-o", sharded_path])
-        severity = logger.INFO if verbose else logger.ERROR
+        # Both loggers print every pattern-matching step at INFO; keep them quiet unless asked.
+        saved_severity = graphsurgeon_logger.severity
+        graphsurgeon_logger.severity = graphsurgeon_logger.INFO if verbose else graphsurgeon_logger.ERROR
         try:
-            with logger.verbosity(severity):
+            with logger.verbosity(logger.INFO if verbose else logger.ERROR):
                 tool.parse(args)
                 status = tool.run(args)
         except Exception as error:  # polygraphy reports bad hints with its own exception type
             raise ValueError(f"polygraphy multi-device shard failed: {error}") from error
         finally:
+            graphsurgeon_logger.severity = saved_severity
             args.hint_file.close()
         if status not in (0, None) or not os.path.isfile(sharded_path):
             raise RuntimeError(f"polygraphy multi-device shard failed (status {status})")
-        return onnx.load(sharded_path)
+        sharded = onnx.load(sharded_path)
+    toposort_nodes(sharded.graph)
+    _restore_output_names(sharded, list(source.graph.output))
+    return sharded

@@ -1,0 +1,155 @@
+"""Moving arrays between Python and the rank threads.
+
+Host arrays are numpy arrays. Device arrays are anything with ``__cuda_array_interface__``
+(CuPy, Numba, ...) or a PyTorch CUDA tensor; they are used in place (zero-copy), and ordered after
+the work their producer's stream already queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .errors import InvalidArgumentError
+
+_TYPESTR = {
+    "f4": "float32", "f2": "float16", "i4": "int32", "i1": "int8", "u1": "uint8",
+    "i8": "int64", "f8": "float64", "b1": "bool",
+}
+
+
+def _bfloat16_dtype():
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise InvalidArgumentError(
+            "bfloat16 host arrays need the ml_dtypes package (pip install ml_dtypes)") from error
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    return _bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
+
+
+def dtype_name(dtype: Any) -> str:
+    """mdtrt's name of a numpy/ml_dtypes/torch dtype: float32, float16, bfloat16, int32, ..."""
+    name = str(dtype).rsplit(".", 1)[-1]
+    if name in ("float32", "float16", "bfloat16", "int32", "int8", "uint8", "int64", "float64", "bool"):
+        return name
+    raise InvalidArgumentError(f"dtype {dtype} is not supported (use float32, float16, bfloat16, int32, int8, uint8, int64)")
+
+
+@dataclasses.dataclass
+class ArrayRef:
+    """A view of one input: where it lives and what it is. Holds the object alive."""
+
+    ptr: int
+    device: int  # -1 for host memory
+    dtype: str
+    shape: tuple[int, ...]
+    owner: Any
+    kind: str  # "numpy", "torch", "cai"
+    stream: int = 0  # producer's stream on `device`, 0 when no ordering is needed
+
+    def as_native(self) -> tuple:
+        return (self.ptr, self.device, self.dtype, self.shape)
+
+
+def _is_torch_tensor(x) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "is_cuda")
+
+
+def describe(x: Any, what: str = "input") -> ArrayRef:
+    """An ArrayRef for a numpy array, a torch tensor or a __cuda_array_interface__ object."""
+    if isinstance(x, np.ndarray):
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        return ArrayRef(x.ctypes.data, -1, dtype_name(x.dtype), tuple(x.shape), x, "numpy")
+    if _is_torch_tensor(x):
+        import torch
+
+        if not x.is_contiguous():
+            raise InvalidArgumentError(f"{what} is a non-contiguous torch tensor: call .contiguous() first")
+        if not x.is_cuda:
+            arr = x.numpy()
+            return ArrayRef(arr.ctypes.data, -1, dtype_name(x.dtype), tuple(x.shape), (x, arr), "numpy")
+        device = x.device.index
+        stream = torch.cuda.current_stream(device).cuda_stream
+        return ArrayRef(x.data_ptr(), device, dtype_name(x.dtype), tuple(x.shape), x, "torch", stream)
+    cai = getattr(x, "__cuda_array_interface__", None)
+    if cai is not None:
+        typestr = cai["typestr"]
+        if typestr[1:] not in _TYPESTR:
+            raise InvalidArgumentError(f"{what} has element type {typestr}, which mdtrt does not support")
+        shape = tuple(int(d) for d in cai["shape"])
+        strides = cai.get("strides")
+        if strides is not None:
+            itemsize = int(typestr[2:])
+            expected, acc = [], itemsize
+            for d in reversed(shape):
+                expected.append(acc)
+                acc *= d
+            if tuple(strides) != tuple(reversed(expected)):
+                raise InvalidArgumentError(f"{what} is not C-contiguous: make a contiguous copy first")
+        ptr = int(cai["data"][0])
+        device = _core.pointer_device(ptr) if ptr else 0
+        stream = cai.get("stream") or 0
+        return ArrayRef(ptr, device, _TYPESTR[typestr[1:]], shape, x, "cai", int(stream))
+    if hasattr(x, "__array__") or isinstance(x, (list, tuple, float, int)):
+        return describe(np.asarray(x), what)
+    raise InvalidArgumentError(
+        f"{what} of type {type(x).__name__} is not an array: pass a numpy array, a torch tensor or an object "
+        "with __cuda_array_interface__ (CuPy, Numba)")
+
+
+class DeviceArray:
+    """An output that lives on a GPU, owned by mdtrt. Exposes ``__cuda_array_interface__`` so that
+    ``torch.as_tensor(a, device=...)`` or ``cupy.asarray(a)`` use it without a copy."""
+
+    def __init__(self, buffer, dtype: str, shape: tuple[int, ...]):
+        self._buffer = buffer
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.device = buffer.device
+
+    @property
+    def ptr(self) -> int:
+        return self._buffer.ptr
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        # bfloat16 has no typestr: it is described as 2-byte integers (torch callers get a view back).
+        typestr = {v: k for k, v in _TYPESTR.items()}.get(self.dtype, "i2")
+        typestr = ("|" if typestr[1] == "1" else "<") + typestr
+        return {"shape": self.shape, "typestr": typestr, "data": (self.ptr, False), "version": 3,
+                "strides": None, "stream": None}
+
+    def numpy(self) -> np.ndarray:
+        raw = _core.copy_device_to_host(self.ptr, self.device, self.nbytes)
+        return raw.view(numpy_dtype(self.dtype)).reshape(self.shape)
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+
+def wrap_device_output(buffer, dtype: str, shape, like: ArrayRef | None):
+    """A DeviceArray, or a torch tensor when the caller passed torch tensors (zero-copy)."""
+    array = DeviceArray(buffer, dtype, shape)
+    if like is not None and like.kind == "torch":
+        import torch
+
+        if dtype == "bfloat16":
+            return torch.as_tensor(array, device=f"cuda:{array.device}").view(torch.bfloat16)
+        return torch.as_tensor(array, device=f"cuda:{array.device}")
+    return array
+
+
+def host_output(raw: np.ndarray, dtype: str, shape) -> np.ndarray:
+    return raw.view(numpy_dtype(dtype)).reshape(tuple(shape))

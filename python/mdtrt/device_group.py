@@ -1,0 +1,240 @@
+"""DeviceGroup: the GPUs taking part, one rank thread and one NCCL communicator per GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from typing import Any, Sequence
+
+from . import _core
+from .arrays import ArrayRef, describe, host_output, wrap_device_output
+from .errors import InvalidArgumentError
+from .launch import detect_launch, exchange_unique_id
+from .nccl import nccl_library
+
+COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter")
+REDUCE_OPS = ("sum", "prod", "max", "min", "avg")
+_ROOTED = ("broadcast", "reduce", "gather", "scatter")
+# Each cached collective may own a NCCL communicator split off for its group: keep a few.
+_MAX_CACHED_COLLECTIVES = 16
+_REDUCING = ("all_reduce", "reduce", "reduce_scatter")
+
+
+@dataclasses.dataclass(frozen=True)
+class Communicator:
+    """One rank's world communicator. ``ptr`` is the ncclComm_t as an integer; ``capsule()`` is the
+    PyCapsule named "ncclComm_t" that TensorRT's Python ``IExecutionContext.set_communicator`` takes."""
+
+    rank: int
+    device: int
+    ptr: int
+    _group: Any = dataclasses.field(repr=False, compare=False)
+    _local: int = dataclasses.field(repr=False, compare=False)
+
+    def capsule(self):
+        return self._group._live()._native.comm_capsule(self._local)
+
+
+class DeviceGroup:
+    """The GPUs of this process that run one multi-device program together.
+
+    ``DeviceGroup(gpus=[0, 1])`` puts every rank in this process (rank i on ``gpus[i]``).
+    ``DeviceGroup.from_env()`` joins a world started by a launcher (one process per GPU).
+    Every blocking step waits at most ``timeout`` seconds, then names the ranks that did not finish.
+    """
+
+    def __init__(self, gpus: Sequence[int] | None = None, *, timeout: float = 60.0):
+        nccl_library()  # so the C++ side also finds NCCL in the nvidia-nccl wheel
+        if gpus is None:
+            gpus = list(range(_core.visible_gpu_count()))
+        self._native = _core.DeviceGroup.create_local(_gpu_list(gpus), float(timeout))
+        self._runners: OrderedDict = OrderedDict()
+
+    @classmethod
+    def from_env(cls, *, timeout: float = 60.0, gpu: int | None = None, id_file: str | None = None) -> "DeviceGroup":
+        """This process's rank of a world started by mpirun, srun, torchrun or NVIDIA's
+        TRT_MY_RANK/TRT_WORLD_SIZE convention. The GPU is ``gpu``, else the local rank, else the
+        rank modulo the number of visible GPUs."""
+        info = detect_launch()
+        if info is None:
+            raise InvalidArgumentError(
+                "no launcher found in the environment (TRT_MY_RANK/TRT_WORLD_SIZE, OMPI_COMM_WORLD_RANK, "
+                "SLURM_PROCID or RANK/WORLD_SIZE): start one process per GPU with a launcher, or use "
+                "DeviceGroup(gpus=[...]) for all GPUs in one process")
+        nccl_library()
+        if gpu is None:
+            count = _core.visible_gpu_count()
+            if count == 0:
+                raise InvalidArgumentError("no CUDA GPU is visible (run `python -m mdtrt doctor`)")
+            gpu = info.local_rank if info.local_rank is not None else info.rank % count
+        uid = exchange_unique_id(info, timeout=timeout, id_file=id_file)
+        self = cls.__new__(cls)
+        self._native = _core.DeviceGroup.create_member([int(gpu)], [info.rank], info.world_size, uid, float(timeout))
+        self._runners = OrderedDict()
+        return self
+
+    # -- what the group is ------------------------------------------------------------------
+    def _live(self):
+        if self._native is None:
+            raise InvalidArgumentError("this DeviceGroup was closed")
+        return self
+
+    @property
+    def gpus(self) -> list[int]:
+        return list(self._live()._native.devices)
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(self._live()._native.ranks)
+
+    @property
+    def world_size(self) -> int:
+        return self._live()._native.world_size
+
+    @property
+    def timeout(self) -> float:
+        return self._live()._native.timeout
+
+    def __len__(self) -> int:
+        return self._live()._native.num_local_ranks
+
+    @property
+    def peer_access(self) -> list[list[bool]]:
+        n = len(self)
+        return [[self._native.peer_access(a, b) for b in range(n)] for a in range(n)]
+
+    @property
+    def communicators(self) -> list[Communicator]:
+        native = self._live()._native
+        return [Communicator(r, d, native.comm_ptr(i), self, i) for i, (r, d) in enumerate(zip(native.ranks, native.devices))]
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Destroys the communicators and stops the rank threads."""
+        self._runners.clear()
+        self._native = None
+
+    def abort(self) -> None:
+        """Aborts every communicator now; the group cannot be used afterwards."""
+        if self._native is not None:
+            self._native.abort()
+
+    def __enter__(self) -> "DeviceGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._native is None:
+            return "DeviceGroup(closed)"
+        return f"DeviceGroup(gpus={self.gpus}, ranks={self.ranks}, world_size={self.world_size})"
+
+    # -- collectives --------------------------------------------------------------------------
+    def collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0, groups: Sequence[int] | None = None,
+                   poison_outputs: bool = False, sequential_bind: bool = False) -> list:
+        """Runs one DistCollective operation, with TensorRT's semantics, on every local rank.
+
+        ``inputs`` holds one array per local rank (a single array is fine with one local rank):
+        numpy arrays come back as numpy arrays, device arrays (torch, CuPy, ...) as device arrays,
+        without copies. The operation runs along the first dimension. ``groups`` is an ordered list
+        of world ranks taking part (position = group-local rank); ``root`` is a world rank of the
+        group. Ranks outside the group, and non-root ranks of ``reduce`` and ``gather`` (whose
+        output is undefined), get None.
+        """
+        native = self._live()._native
+        if op not in COLLECTIVES:
+            raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")
+        if op in _REDUCING and reduce not in REDUCE_OPS:
+            raise InvalidArgumentError(f"unknown reduce op {reduce!r}; choose one of {', '.join(REDUCE_OPS)}")
+        n = native.num_local_ranks
+        if not isinstance(inputs, (list, tuple)):
+            inputs = [inputs]
+        if len(inputs) != n:
+            raise InvalidArgumentError(f"{op} needs one input per local rank: got {len(inputs)} for {n} ranks {self.ranks}")
+        refs = [describe(x, f"input of rank {r}") for x, r in zip(inputs, native.ranks)]
+        for ref, r in zip(refs, native.ranks):
+            if ref.dtype != refs[0].dtype or ref.shape != refs[0].shape:
+                raise InvalidArgumentError(
+                    f"every rank's input must have one shape and dtype: rank {native.ranks[0]} has {refs[0].shape} "
+                    f"{refs[0].dtype}, rank {r} has {ref.shape} {ref.dtype}")
+        groups = [int(g) for g in groups] if groups else []
+        reduce_name = reduce if op in _REDUCING else "none"
+        root = int(root) if op in _ROOTED else 0
+        key = (op, reduce_name, root, tuple(groups), refs[0].dtype, sequential_bind)
+        runner = self._runners.get(key)
+        if runner is None:
+            program = _core.CollectiveProgram(op, reduce_name, root, groups, refs[0].dtype, native.world_size, n)
+            runner = _core.ProgramRunner(native, [program] * n, sequential_bind)
+            self._runners[key] = runner
+            if len(self._runners) > _MAX_CACHED_COLLECTIVES:
+                self._runners.popitem(last=False)
+        self._runners.move_to_end(key)
+        outputs = run_program(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs)
+        members = groups or list(range(native.world_size))
+        result = []
+        for rank, out in zip(native.ranks, outputs):
+            undefined = rank not in members or (op in ("reduce", "gather") and rank != root)
+            result.append(None if undefined else out["output"])
+        return result
+
+    def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+        return self.collective("all_reduce", inputs, reduce=reduce, groups=groups, **kw)
+
+    def all_gather(self, inputs, *, groups=None, **kw) -> list:
+        return self.collective("all_gather", inputs, groups=groups, **kw)
+
+    def broadcast(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        return self.collective("broadcast", inputs, root=root, groups=groups, **kw)
+
+    def reduce(self, inputs, *, reduce: str = "sum", root: int = 0, groups=None, **kw) -> list:
+        return self.collective("reduce", inputs, reduce=reduce, root=root, groups=groups, **kw)
+
+    def reduce_scatter(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+        return self.collective("reduce_scatter", inputs, reduce=reduce, groups=groups, **kw)
+
+    def all_to_all(self, inputs, *, groups=None, **kw) -> list:
+        return self.collective("all_to_all", inputs, groups=groups, **kw)
+
+    def gather(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        return self.collective("gather", inputs, root=root, groups=groups, **kw)
+
+    def scatter(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        return self.collective("scatter", inputs, root=root, groups=groups, **kw)
+
+
+def _gpu_list(gpus) -> list[int]:
+    out = []
+    for g in gpus:
+        if isinstance(g, bool) or not isinstance(g, int) and not hasattr(g, "__index__"):
+            raise InvalidArgumentError(f"GPU ids are integers, got {g!r}")
+        out.append(int(g))
+    return out
+
+
+def run_program(runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
+                replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None) -> list[dict]:
+    """One call of a ProgramRunner: host inputs give host outputs, device inputs device outputs.
+    Returns, per local rank, a dict of output name to array (empty for ranks not fetched)."""
+    flat = [ref for refs in per_rank_refs for ref in refs]
+    on_device = any(ref.device >= 0 for ref in flat)
+    if on_device and any(ref.device < 0 for ref in flat):
+        raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
+    stream_ref = next((ref for ref in flat if ref.stream), None)
+    n = len(per_rank_refs)
+    fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
+    results = runner.infer(
+        [[ref.as_native() for ref in refs] for refs in per_rank_refs],
+        replication=replication, poison_outputs=poison_outputs, fetch_ranks=fetch, device_outputs=on_device,
+        caller_stream=stream_ref.stream if stream_ref else 0, caller_device=stream_ref.device if stream_ref else -1,
+        timeout=float(timeout or 0.0))
+    outputs = []
+    for i, res in enumerate(results):
+        named = {}
+        for k, (name, dtype, shape) in enumerate(res["outputs"]):
+            if on_device:
+                named[name] = wrap_device_output(res["device"][k], dtype, shape, per_rank_refs[i][0] if per_rank_refs[i] else None)
+            elif res["host"]:
+                named[name] = host_output(res["host"][k], dtype, shape)
+        outputs.append(named)
+    return outputs

@@ -1,0 +1,125 @@
+"""EngineRunner: one engine (or one engine per rank), every GPU of a DeviceGroup, one call."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+from . import _core
+from .arrays import describe
+from .device_group import DeviceGroup, run_program
+from .errors import InvalidArgumentError
+
+REPLICATION_MODES = ("auto", "host", "peer", "broadcast")
+
+
+def _engine_bytes(engine: Any) -> bytes:
+    """Serialized engine from bytes, any buffer (TensorRT's IHostMemory included) or a plan file path."""
+    if isinstance(engine, (str, os.PathLike)):
+        path = os.fspath(engine)
+        if not os.path.isfile(path):
+            raise InvalidArgumentError(f"engine file {path} does not exist")
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        return bytes(memoryview(engine))
+    except TypeError:
+        raise InvalidArgumentError(
+            f"engine of type {type(engine).__name__} is neither bytes, a buffer, nor a plan file path") from None
+
+
+class EngineRunner:
+    """Runs a multi-device TensorRT engine on every GPU of ``group``.
+
+    Each rank deserializes the engine on its own thread and attaches the group's world
+    communicator with ``setCommunicator`` on all ranks at once (one after another deadlocks). A rank
+    whose ``setCommunicator`` fails raises an error naming it: such an engine's collectives would
+    silently do nothing.
+
+    ``engine``: serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank;
+    ``engines``: one per local rank instead (weight-sharded engines);
+    ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks).
+    """
+
+    def __init__(self, group: DeviceGroup, engine: Any = None, *, engines: Sequence[Any] | None = None,
+                 program: Any = None, multi_device: bool = True, replication: str = "auto",
+                 sequential_bind: bool = False):
+        self.group = group
+        native_group = group._live()._native
+        n = len(group)
+        if sum(x is not None for x in (engine, engines, program)) != 1:
+            raise InvalidArgumentError("give exactly one of engine=, engines= (one per rank) or program=")
+        if replication not in REPLICATION_MODES:
+            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {replication!r}")
+        self.replication = replication
+        if program is None:
+            from . import tensorrt
+
+            if engines is not None:
+                if len(engines) != n:
+                    raise InvalidArgumentError(f"engines= needs one engine per local rank: got {len(engines)} for {n}")
+                blobs = [_engine_bytes(e) for e in engines]
+            else:
+                blob = _engine_bytes(engine)
+                blobs = [blob] * n
+            program = tensorrt.engine_program(blobs, multi_device=multi_device)
+        self._native = _core.ProgramRunner(native_group, [program] * n, sequential_bind)
+        self._inputs = [spec for spec in self._native.input_specs(0)]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [name for name, _, _ in self._inputs]
+
+    @property
+    def last_replication(self) -> str:
+        """How the last call's replicated inputs travelled: host, peer or broadcast."""
+        return self._native.last_replication
+
+    def _refs(self, inputs: Mapping[str, Any]) -> list:
+        names = self.input_names
+        missing = [n for n in names if n not in inputs]
+        extra = [n for n in inputs if n not in names]
+        if missing or extra:
+            raise InvalidArgumentError(
+                f"inputs do not match the engine: missing {missing}, unexpected {extra}; the engine takes {names}")
+        return [describe(inputs[name], f"input '{name}'") for name in names]
+
+    def infer(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
+              poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None):
+        """Runs the engine once on every rank.
+
+        ``inputs``: a dict of input name to array, given to every rank (a host array is replicated
+        to every GPU; a device array is used in place on its own GPU and copied peer-to-peer to the
+        others), or a list with one such dict per local rank.
+        Returns the first local rank's outputs as a dict, or a list of dicts (one per local rank) with
+        ``all_ranks=True``. Numpy in, numpy out; device arrays in, device arrays out.
+        """
+        n = len(self.group)
+        if isinstance(inputs, Mapping):
+            refs = self._refs(inputs)
+            per_rank = [refs] * n
+        else:
+            if len(inputs) != n:
+                raise InvalidArgumentError(f"a list of inputs needs one dict per local rank: got {len(inputs)} for {n}")
+            per_rank = [self._refs(d) for d in inputs]
+        mode = replication or self.replication
+        if mode not in REPLICATION_MODES:
+            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {mode!r}")
+        outputs = run_program(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
+                              replication=mode, timeout=timeout)
+        return outputs if all_ranks else outputs[0]
+
+    def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
+        """Milliseconds of each of ``iterations`` complete calls (inputs in, outputs back), after
+        ``warmup`` untimed calls. A call returns only when every rank has finished."""
+        if iterations < 1:
+            raise InvalidArgumentError("iterations must be >= 1")
+        for _ in range(warmup):
+            self.infer(inputs, **kw)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            self.infer(inputs, **kw)
+            times.append((time.perf_counter() - start) * 1e3)
+        return times

@@ -1,0 +1,399 @@
+"""Run a sharded ONNX model on simulated ranks on the CPU, with no GPU and no TensorRT.
+
+The graph is cut at its ``DistCollective`` nodes into segments. Each segment is an ordinary
+ONNX graph, run once per rank by onnxruntime (or onnx's reference evaluator); between segments
+the collectives are computed across the ranks by :func:`mdtrt.reference.collective`, the same
+semantics the native NCCL ops are checked against.
+
+A node's *stage* is the number of collectives on the longest path from the graph inputs to it;
+segment ``s`` holds the ordinary nodes of stage ``s``, and the collectives whose input is of
+stage ``s`` run right after it. Ordinary nodes that do not depend on a collective therefore all
+land in one segment, however the node list interleaves them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .reference import collective
+from .sharding import toposort_nodes
+
+__all__ = ["simulate", "run_on_cpu", "compare_outputs", "ComparisonReport", "OutputComparison"]
+
+DIST_COLLECTIVE = "DistCollective"
+_BACKENDS = ("onnxruntime", "reference")
+
+
+def _attribute(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            value = helper.get_attribute_value(attribute)
+            return value.decode() if isinstance(value, bytes) else value
+    return default
+
+
+@dataclass
+class _Collective:
+    node: onnx.NodeProto
+    operation: str
+    reduce: str
+    root: int
+    groups: list[int]
+    nb_rank: int
+
+    @classmethod
+    def from_node(cls, node: onnx.NodeProto) -> "_Collective":
+        name = node.name or node.output[0]
+        operation = _attribute(node, "collective_operation")
+        if operation is None:
+            raise ValueError(f"DistCollective node {name!r} has no collective_operation attribute")
+        if len(node.input) != 1 or len(node.output) != 1:
+            raise ValueError(f"DistCollective node {name!r} must have one input and one output")
+        return cls(
+            node=node,
+            operation=str(operation).lower(),
+            reduce=str(_attribute(node, "reduce_op", "none")).lower(),
+            root=int(_attribute(node, "root", -1)),
+            groups=[int(g) for g in _attribute(node, "groups", []) or []],
+            nb_rank=int(_attribute(node, "nb_rank", 0)),
+        )
+
+    def run(self, rank_inputs: list[np.ndarray]) -> list[np.ndarray]:
+        name = self.node.name or self.node.output[0]
+        try:
+            outputs = collective(
+                self.operation, rank_inputs, reduce=self.reduce, root=self.root, groups=self.groups or None
+            )
+        except ValueError as error:
+            raise ValueError(f"DistCollective node {name!r} ({self.operation}): {error}") from None
+        # Ranks that get no defined output (non-root ranks of reduce/gather, ranks outside the
+        # group) see NaN in floats and zeros in integers, so that using it shows up downstream.
+        defined = next(o for o in outputs if o is not None)
+        filler = np.nan if defined.dtype.kind == "f" or str(defined.dtype) == "bfloat16" else 0
+        return [o if o is not None else np.full_like(defined, filler) for o in outputs]
+
+
+@dataclass
+class _Segment:
+    stage: int
+    nodes: list[onnx.NodeProto]
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    runner: object = None
+
+
+def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"ONNX model {model} does not exist")
+        return onnx.load(str(model))
+    raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
+
+
+class _Plan:
+    """The segments and collectives of a model, in execution order."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        graph = self.model.graph
+        toposort_nodes(graph)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.input_names = [v.name for v in graph.input if v.name not in self.initializers]
+        self.input_types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+        self.output_names = [v.name for v in graph.output]
+
+        stage_of: dict[str, int] = {name: 0 for name in self.input_names}
+        stage_of.update({name: 0 for name in self.initializers})
+        segments: dict[int, list[onnx.NodeProto]] = {}
+        self.collectives: dict[int, list[_Collective]] = {}
+        for node in graph.node:
+            stage = max((stage_of.get(name, 0) for name in node.input if name), default=0)
+            if node.op_type == DIST_COLLECTIVE:
+                self.collectives.setdefault(stage, []).append(_Collective.from_node(node))
+                stage_of[node.output[0]] = stage + 1
+            else:
+                segments.setdefault(stage, []).append(node)
+                for name in node.output:
+                    stage_of[name] = stage
+        self.stages = max([*segments, *(s + 1 for s in self.collectives)], default=0) + 1
+
+        # When each tensor is last read, in steps: segment s runs at step 2s, the collectives
+        # after it at step 2s + 1. A segment hands on what is read after its own step.
+        last_read: dict[str, int] = {name: 2 * self.stages for name in self.output_names}
+        for stage, nodes in segments.items():
+            for node in nodes:
+                for name in node.input:
+                    last_read[name] = max(last_read.get(name, -1), 2 * stage)
+        for stage, collectives in self.collectives.items():
+            for item in collectives:
+                last_read[item.node.input[0]] = max(last_read.get(item.node.input[0], -1), 2 * stage + 1)
+        self.last_read = last_read
+
+        self.segments: list[_Segment | None] = []
+        for stage in range(self.stages):
+            nodes = segments.get(stage)
+            if not nodes:
+                self.segments.append(None)
+                continue
+            produced = {name for node in nodes for name in node.output if name}
+            inputs, initializers, seen = [], [], set()
+            for node in nodes:
+                for name in node.input:
+                    if not name or name in produced or name in seen:
+                        continue
+                    seen.add(name)
+                    if name in self.initializers:
+                        initializers.append(self.initializers[name])
+                    else:
+                        inputs.append(name)
+            outputs = []
+            for node in nodes:
+                for name in node.output:
+                    if name and last_read.get(name, -1) > 2 * stage:
+                        outputs.append(name)
+            self.segments.append(_Segment(stage, nodes, inputs, outputs, initializers))
+
+    def check_ranks(self, ranks: int) -> None:
+        for collectives in self.collectives.values():
+            for item in collectives:
+                if item.nb_rank and item.nb_rank != ranks:
+                    raise ValueError(
+                        f"the model was sharded for {item.nb_rank} ranks (DistCollective "
+                        f"{item.node.name!r} has nb_rank={item.nb_rank}) but {ranks} were asked for; "
+                        "shard it again for this number of ranks"
+                    )
+
+    def segment_model(self, segment: _Segment, feeds: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+        """An ONNX model of one segment, its inputs typed from the values it will be fed."""
+        inputs = [
+            helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(feeds[name].dtype), list(feeds[name].shape)
+            )
+            for name in segment.inputs
+        ]
+        graph = helper.make_graph(
+            segment.nodes,
+            f"segment_{segment.stage}",
+            inputs,
+            [helper.make_empty_tensor_value_info(name) for name in segment.outputs],
+            initializer=segment.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        # onnxruntime reads IR versions up to its own; 8 covers opset <= 17, 10 up to opset 22.
+        opset = max((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), default=17)
+        model.ir_version = min(self.model.ir_version or 8, 8 if opset <= 17 else 10)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        for output in model.graph.output:
+            inferred_type = types.get(output.name)
+            if inferred_type is None or not inferred_type.tensor_type.elem_type:
+                raise ValueError(
+                    f"cannot infer the type of tensor {output.name!r} in segment {segment.stage}; "
+                    "run onnx shape inference on the model or give it value_info"
+                )
+            output.type.tensor_type.elem_type = inferred_type.tensor_type.elem_type
+        return model
+
+
+def _make_runner(model: onnx.ModelProto, backend: str, threads: int | None):
+    if backend == "reference":
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(model)
+        return lambda feeds: evaluator.run(None, feeds)
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: the segments are legitimate, warnings are noise
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return lambda feeds: session.run(None, feeds)
+
+
+def _check_inputs(plan: _Plan, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must be a dict of input name to numpy array, got {type(inputs).__name__}")
+    missing = [name for name in plan.input_names if name not in inputs]
+    unknown = [name for name in inputs if name not in plan.input_names]
+    if missing or unknown:
+        raise ValueError(
+            f"inputs must name exactly the model inputs {plan.input_names}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    checked = {}
+    for name in plan.input_names:
+        value = np.asarray(inputs[name])
+        expected = plan.input_types.get(name)
+        if expected:
+            want = helper.tensor_dtype_to_np_dtype(expected)
+            if value.dtype != want:
+                raise ValueError(f"input {name!r} must be {want}, got {value.dtype}")
+        checked[name] = value
+    return checked
+
+
+def simulate(
+    model: onnx.ModelProto | str | os.PathLike,
+    inputs: Mapping[str, np.ndarray],
+    ranks: int,
+    *,
+    backend: str = "onnxruntime",
+    progress: bool = True,
+    threads: int | None = None,
+) -> list[dict[str, np.ndarray]]:
+    """Run a sharded model on ``ranks`` simulated ranks on the CPU.
+
+    Args:
+        model: the sharded model (``onnx.ModelProto`` or path), as ``mdtrt.shard`` or
+            ``polygraphy multi-device shard`` write it. A model without DistCollective nodes
+            runs too (every rank computes the same thing).
+        inputs: input name to the *full* numpy array; every rank receives the same full inputs,
+            as the sharded graph expects (its first collective scatters them).
+        ranks: number of simulated ranks; must match the ``nb_rank`` the model was sharded for.
+        backend: ``"onnxruntime"`` (fast) or ``"reference"`` (onnx's reference evaluator).
+        progress: show a tqdm progress bar on stderr.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+
+    Returns:
+        One dict per rank, output name to numpy array.
+    """
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    plan = _Plan(_load(model))
+    plan.check_ranks(ranks)
+    feeds = _check_inputs(plan, inputs)
+    values = [dict(feeds) for _ in range(ranks)]
+
+    steps = sum(ranks for s in plan.segments if s) + sum(len(c) for c in plan.collectives.values())
+    from tqdm.auto import tqdm
+
+    with tqdm(total=steps, desc="simulate", unit="step", file=sys.stderr, disable=not progress, leave=False) as bar:
+        for stage, segment in enumerate(plan.segments):
+            if segment is not None:
+                for rank in range(ranks):
+                    segment_feeds = {name: values[rank][name] for name in segment.inputs}
+                    if segment.runner is None:
+                        bar.set_postfix_str(f"building segment {stage}")
+                        segment.runner = _make_runner(plan.segment_model(segment, segment_feeds), backend, threads)
+                    bar.set_postfix_str(f"segment {stage}, rank {rank}")
+                    try:
+                        results = segment.runner(segment_feeds)
+                    except Exception as error:
+                        raise RuntimeError(
+                            f"segment {stage} ({len(segment.nodes)} nodes from {segment.nodes[0].name!r}) "
+                            f"failed on simulated rank {rank}: {error}"
+                        ) from error
+                    values[rank].update(zip(segment.outputs, results))
+                    bar.update(1)
+            for item in plan.collectives.get(stage, []):
+                bar.set_postfix_str(f"{item.operation} {item.node.input[0]}")
+                outputs = item.run([values[rank][item.node.input[0]] for rank in range(ranks)])
+                for rank in range(ranks):
+                    values[rank][item.node.output[0]] = outputs[rank]
+                bar.update(1)
+            # Drop what no later stage reads, to keep memory at one stage's worth.
+            for rank_values in values:
+                for name in [n for n in rank_values if plan.last_read.get(n, -1) <= 2 * stage + 1]:
+                    del rank_values[name]
+    return [{name: rank_values[name] for name in plan.output_names} for rank_values in values]
+
+
+def run_on_cpu(
+    model: onnx.ModelProto | str | os.PathLike,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    backend: str = "onnxruntime",
+    progress: bool = True,
+    threads: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Run a single-device model on the CPU (the reference for :func:`simulate`)."""
+    return simulate(model, inputs, 1, backend=backend, progress=progress, threads=threads)[0]
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    passed: bool
+    max_abs_error: float
+    max_rel_error: float
+    detail: str = ""
+
+
+@dataclass
+class ComparisonReport:
+    """How far one set of outputs is from a reference. An output passes when
+    ``max|actual - expected| <= atol + rtol * max|expected|`` (and nothing is NaN)."""
+
+    outputs: list[OutputComparison]
+    atol: float
+    rtol: float
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def format(self, label: str = "multi-device vs single-device") -> str:
+        lines = [f"{label} (pass: max abs error <= {self.atol:g} + {self.rtol:g} * max |reference|):"]
+        for o in self.outputs:
+            verdict = "PASS" if o.passed else "FAIL"
+            if o.detail:
+                lines.append(f"  {o.name}: {verdict}: {o.detail}")
+            else:
+                lines.append(
+                    f"  {o.name}: {verdict}: max abs error {o.max_abs_error:.3g}, "
+                    f"max rel error {o.max_rel_error:.3g}"
+                )
+        return "\n".join(lines)
+
+
+def compare_outputs(
+    expected: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    *,
+    atol: float,
+    rtol: float,
+) -> ComparisonReport:
+    """Compare ``actual`` to ``expected`` output by output. The relative error is the max
+    absolute error over the largest reference magnitude, which stays meaningful where
+    individual reference values are near zero."""
+    results = []
+    for name, want in expected.items():
+        if name not in actual:
+            results.append(OutputComparison(name, False, np.inf, np.inf, "missing from the outputs"))
+            continue
+        want = np.asarray(want)
+        got = np.asarray(actual[name])
+        if got.shape != want.shape:
+            results.append(
+                OutputComparison(name, False, np.inf, np.inf, f"shape {got.shape}, expected {want.shape}")
+            )
+            continue
+        want64, got64 = want.astype(np.float64), got.astype(np.float64)
+        if want.size == 0:
+            results.append(OutputComparison(name, True, 0.0, 0.0))
+            continue
+        difference = np.abs(got64 - want64)
+        scale = float(np.max(np.abs(want64)))
+        max_abs = float(np.max(difference))
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
+        finite = bool(np.all(np.isfinite(got64) == np.isfinite(want64)))
+        passed = finite and max_abs <= atol + rtol * scale
+        detail = "" if finite else "non-finite values where the reference has finite ones"
+        results.append(OutputComparison(name, passed, max_abs, max_rel, detail))
+    return ComparisonReport(results, atol, rtol)

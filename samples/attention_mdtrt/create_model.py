@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Write the single-device attention model and its sharded multi-device version.
+
+    python create_model.py --output-dir . --ranks 2            # the sample's sizes
+    python create_model.py --hidden 256 --heads 4 --head-dim 64 --dtype float32
+
+The sharded model is what ``polygraphy multi-device shard attention_sd.onnx -s hint.json
+-o attention_md.onnx`` writes, with the outputs' original names restored and nodes sorted.
+"""
+
+import argparse
+import os
+import sys
+
+import onnx
+
+import mdtrt.attention as attention
+from mdtrt.sharding import shard
+
+
+def main(argv=None) -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default=".")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--hint", default=os.path.join(here, "hint.json"))
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    config = attention.AttentionConfig(args.hidden, args.heads, args.head_dim, args.dtype, args.seed)
+    single = attention.create_attention_model(config)
+    multi = shard(single, args.hint, args.ranks)
+    os.makedirs(args.output_dir, exist_ok=True)
+    for name, model in (("attention_sd.onnx", single), ("attention_md.onnx", multi)):
+        path = os.path.join(args.output_dir, name)
+        onnx.save(model, path)
+        collectives = sum(node.op_type == "DistCollective" for node in model.graph.node)
+        print(f"wrote {path}: {len(model.graph.node)} nodes, {collectives} DistCollective")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

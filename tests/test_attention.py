@@ -1,0 +1,186 @@
+"""The attention sample: model creation, sharding with polygraphy and the simulated check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_graphsurgeon")
+pytest.importorskip("polygraphy")
+from onnx import numpy_helper  # noqa: E402
+
+from mdtrt import attention  # noqa: E402
+from mdtrt.sharding import shard  # noqa: E402
+from mdtrt.simulate import compare_outputs, run_on_cpu, simulate  # noqa: E402
+
+SMALL = attention.AttentionConfig(hidden=48, heads=4, head_dim=8, dtype="float32", seed=3)
+F32_ATOL, F32_RTOL = attention.TOLERANCES["float32"]
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "samples" / "attention_mdtrt"
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return attention.create_attention_model(SMALL)
+
+
+@pytest.fixture(scope="module")
+def small_inputs(small_model):
+    return attention.random_inputs(small_model, {"sequence_length": 8, "batch_size": 2}, seed=5)
+
+
+def numpy_attention(model, x):
+    """The attention block written directly in numpy (float64) from the model's weights."""
+    w = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in model.graph.initializer}
+    s, b, _ = x.shape
+    heads, head_dim = SMALL.heads, SMALL.head_dim
+
+    def to_heads(t):
+        return t.reshape(s, b, heads, head_dim)
+
+    def rms(t, gain):
+        return t / np.sqrt(np.mean(t * t, axis=-1, keepdims=True) + 1e-6) * gain
+
+    x = x.astype(np.float64)
+    q = rms(to_heads(x @ w["w_q"]), w["q_norm_weight"]).transpose(1, 2, 0, 3)  # (b, h, s, d)
+    k = rms(to_heads(x @ w["w_k"]), w["k_norm_weight"]).transpose(1, 2, 0, 3)
+    v = to_heads(x @ w["w_v"]).transpose(1, 2, 0, 3)
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    context = (p @ v).transpose(2, 0, 1, 3).reshape(s, b, heads * head_dim)
+    return context @ w["w_out"]
+
+
+def test_model_matches_numpy_attention(small_model, small_inputs):
+    assert [i.name for i in small_model.graph.input] == ["input"]
+    out = run_on_cpu(small_model, small_inputs, progress=False)["output"]
+    assert out.shape == (8, 2, 48) and out.dtype == np.float32
+    np.testing.assert_allclose(out, numpy_attention(small_model, small_inputs["input"]), rtol=1e-4, atol=1e-5)
+
+
+def test_model_is_seeded_and_float16_runs():
+    a = attention.create_attention_model(hidden=32, heads=2, head_dim=16, dtype="float16", seed=1)
+    b = attention.create_attention_model(hidden=32, heads=2, head_dim=16, dtype="float16", seed=1)
+    c = attention.create_attention_model(hidden=32, heads=2, head_dim=16, dtype="float16", seed=2)
+    weights = lambda m: numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "w_q"))  # noqa: E731
+    np.testing.assert_array_equal(weights(a), weights(b))
+    assert not np.array_equal(weights(a), weights(c)) and weights(a).dtype == np.float16
+    x = attention.random_inputs(a, {"sequence_length": 4, "batch_size": 1})
+    assert x["input"].dtype == np.float16
+    assert np.isfinite(run_on_cpu(a, x, progress=False)["output"]).all()
+
+
+def test_bad_sizes_are_refused():
+    with pytest.raises(ValueError, match="heads must be a positive integer"):
+        attention.AttentionConfig(heads=0)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        attention.AttentionConfig(dtype="bfloat16")
+
+
+def test_shard_inserts_the_expected_collectives(small_model):
+    sharded = shard(small_model, attention.default_hints(2), ranks=4)
+    collectives = [n for n in sharded.graph.node if n.op_type == "DistCollective"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in collectives]
+    assert [a["collective_operation"] for a in attrs] == [b"reduce_scatter", b"all_gather", b"all_gather", b"all_gather"]
+    assert attrs[0]["reduce_op"] == b"max" and collectives[0].input[0] == "input"
+    assert all(a["nb_rank"] == 4 and a["root"] == -1 and list(a["groups"]) == [] for a in attrs)
+    assert all(n.domain == "" for n in collectives)
+    # Outputs keep their names; the gathered tensor feeds them.
+    assert [o.name for o in sharded.graph.output] == ["output"]
+    assert collectives[-1].output[0] == "output" and collectives[-1].input[0] == "output.rank_local"
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_sharded_model_matches_single_device(small_model, small_inputs, ranks):
+    expected = run_on_cpu(small_model, small_inputs, progress=False)
+    sharded = shard(small_model, attention.default_hints(ranks), ranks)
+    per_rank = simulate(sharded, small_inputs, ranks, progress=False)
+    assert len(per_rank) == ranks
+    for outputs in per_rank:
+        report = compare_outputs(expected, outputs, atol=F32_ATOL, rtol=F32_RTOL)
+        assert report.passed, report.format()
+
+
+def test_float16_sharded_matches_within_tolerance():
+    model = attention.create_attention_model(hidden=64, heads=4, head_dim=16, dtype="float16")
+    x = attention.random_inputs(model, {"sequence_length": 16, "batch_size": 1})
+    expected = run_on_cpu(model, x, progress=False)
+    outputs = simulate(shard(model, attention.default_hints(2), 2), x, 2, progress=False)[1]
+    report = compare_outputs(expected, outputs, atol=1e-2, rtol=1e-2)
+    assert report.passed, report.format()
+
+
+def test_wrong_hints_fail_the_check(small_model, small_inputs):
+    expected = run_on_cpu(small_model, small_inputs, progress=False)
+    # K and V not gathered: every rank attends to its own quarter of the sequence only.
+    hints = attention.default_hints(2)
+    hints["attention_layers"][0]["gather_kv"] = False
+    outputs = simulate(shard(small_model, hints, 2), small_inputs, 2, progress=False)[0]
+    report = compare_outputs(expected, outputs, atol=F32_ATOL, rtol=F32_RTOL)
+    assert not report.passed and report.outputs[0].max_rel_error > 1e-2
+    # The batch axis given as the sequence axis of the input.
+    hints = attention.default_hints(2)
+    hints["inputs"][0]["seq_len_idx"] = 1
+    outputs = simulate(shard(small_model, hints, 2), small_inputs, 2, progress=False)[0]
+    report = compare_outputs(expected, outputs, atol=F32_ATOL, rtol=F32_RTOL)
+    assert not report.passed and "shape" in report.format()
+
+
+def test_hints_naming_nothing_are_refused(small_model):
+    hints = attention.default_hints(2)
+    hints["attention_layers"][0]["q"] = "q_scaled_typo"
+    with pytest.raises(ValueError, match="q_scaled_typo"):
+        shard(small_model, hints, 2)
+    hints = attention.default_hints(2)
+    hints["inputs"][0]["name"] = "x"
+    with pytest.raises(ValueError, match="'x' is not a model input"):
+        shard(small_model, hints, 2)
+
+
+def test_sample_hint_file_is_the_default():
+    assert json.loads((SAMPLE_DIR / "hint.json").read_text()) == attention.DEFAULT_HINTS
+
+
+def test_cli_cpu_verification(capsys):
+    status = attention.main(
+        ["--hidden", "32", "--heads", "2", "--head-dim", "16", "--dtype", "float32",
+         "--sequence-length", "8", "--ranks", "4", "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "PASSED" in out and "max abs error" in out
+    import mdtrt
+
+    if not mdtrt.build_info()["tensorrt_backend"]:
+        assert "TensorRT is needed for the GPU run" in out
+
+
+def test_cli_reports_a_wrong_hint(tmp_path, capsys):
+    hints = attention.default_hints(2)
+    hints["attention_layers"][0]["gather_kv"] = False
+    path = tmp_path / "wrong.json"
+    path.write_text(json.dumps(hints))
+    status = attention.main(
+        ["--mode", "cpu", "--hidden", "32", "--heads", "2", "--head-dim", "16", "--dtype", "float32",
+         "--sequence-length", "8", "--hint", str(path), "--no-progress"]
+    )
+    assert status == 1 and "FAILED" in capsys.readouterr().out
+
+
+def test_cli_rejects_indivisible_sequence(capsys):
+    assert attention.main(["--mode", "cpu", "--ranks", "3", "--sequence-length", "8", "--no-progress"]) == 2
+    assert "divisible" in capsys.readouterr().out
+
+
+@pytest.mark.multi_gpu
+def test_gpu_run():  # pragma: no cover - needs GPUs and TensorRT
+    import mdtrt
+
+    if not mdtrt.build_info()["tensorrt_backend"]:
+        pytest.skip("this mdtrt has no TensorRT backend")
+    assert attention.main(["--mode", "gpu", "--sequence-length", "1024", "--iterations", "5", "--no-progress"]) == 0

@@ -1,0 +1,38 @@
+"""Collective bind on real GPUs: a program whose bind splits the world communicator (a collective,
+like TensorRT's setCommunicator) binds when ranks bind concurrently, and binding them one after
+another is caught by the deadline instead of hanging."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import mdtrt
+from mdtrt import _core
+
+pytestmark = pytest.mark.multi_gpu
+
+
+def test_concurrent_bind_with_collective_inside_bind_works():
+    n = _core.visible_gpu_count()
+    with mdtrt.DeviceGroup(list(range(n)), timeout=60) as group:
+        inputs = [np.full(4 * n, r + 1, np.float32) for r in range(n)]
+        out = group.all_reduce(inputs, groups=list(reversed(range(n))))  # bind splits a group communicator
+        for o in out:
+            np.testing.assert_array_equal(o, np.full(4 * n, n * (n + 1) / 2, np.float32))
+
+
+def test_sequential_bind_is_caught_by_the_deadline():
+    n = _core.visible_gpu_count()
+    group = mdtrt.DeviceGroup(list(range(n)), timeout=3)
+    start = time.monotonic()
+    with pytest.raises(mdtrt.RankTimeoutError) as info:
+        group.all_reduce([np.ones(n, np.float32)] * n, groups=list(reversed(range(n))), sequential_bind=True)
+    elapsed = time.monotonic() - start
+    assert elapsed < 20, f"deadline of 3 s fired after {elapsed:.1f} s"
+    assert "bind" in str(info.value) and "one after another" in str(info.value)
+    with pytest.raises(mdtrt.MdtrtError, match="can no longer be used"):
+        group.all_reduce([np.ones(n, np.float32)] * n)
+    group.close()

@@ -1,0 +1,46 @@
+"""Bad input to DeviceGroup gets a clear error on any machine."""
+
+from __future__ import annotations
+
+import pytest
+
+import mdtrt
+from mdtrt import _core
+
+
+def test_no_gpu_is_explained():
+    if _core.visible_gpu_count() > 0:
+        pytest.skip("this machine has GPUs")
+    with pytest.raises(mdtrt.InvalidArgumentError, match="no CUDA GPU"):
+        mdtrt.DeviceGroup([0, 1])
+
+
+@pytest.mark.gpu
+def test_missing_gpu_id_is_named():
+    count = _core.visible_gpu_count()
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"GPU {count} does not exist"):
+        mdtrt.DeviceGroup([0, count])
+
+
+@pytest.mark.gpu
+def test_duplicate_gpu_is_named():
+    with pytest.raises(mdtrt.InvalidArgumentError, match="GPU 0 is listed twice"):
+        mdtrt.DeviceGroup([0, 0])
+
+
+@pytest.mark.gpu
+def test_empty_and_non_integer_gpu_lists():
+    with pytest.raises(mdtrt.InvalidArgumentError, match="at least one GPU"):
+        mdtrt.DeviceGroup([])
+    with pytest.raises(mdtrt.InvalidArgumentError, match="integers"):
+        mdtrt.DeviceGroup(["0"])
+
+
+def test_collective_output_shapes():
+    assert _core.collective_output_shape("all_gather", [3, 4], 2) == [6, 4]
+    assert _core.collective_output_shape("reduce_scatter", [4, 3], 2) == [2, 3]
+    assert _core.collective_output_shape("all_to_all", [4, 3], 4) == [4, 3]
+    with pytest.raises(mdtrt.InvalidArgumentError, match="multiple of 2"):
+        _core.collective_output_shape("scatter", [3, 4], 2)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="unknown collective"):
+        _core.collective_output_shape("allreduce", [3], 2)

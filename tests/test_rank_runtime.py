@@ -1,0 +1,71 @@
+"""The rank runtime on any machine: CPU-only rank threads running test programs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import mdtrt
+from mdtrt import _core
+
+
+def thread_count() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    raise AssertionError("no Threads: line in /proc/self/status")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
+def test_concurrent_bind_through_barrier(ranks):
+    # Every rank waits in bind() until all ranks arrived: only a concurrent bind can finish.
+    start = time.monotonic()
+    _core.testing.run_bind_test(ranks, "barrier", sequential=False, timeout=10.0)
+    assert time.monotonic() - start < 5.0
+
+
+def test_sequential_bind_deadlock_becomes_timeout_error():
+    start = time.monotonic()
+    with pytest.raises(mdtrt.RankTimeoutError) as info:
+        _core.testing.run_bind_test(4, "barrier", sequential=True, timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert elapsed < 5.0, f"the deadline of 0.5 s took {elapsed:.1f} s to fire"
+    message = str(info.value)
+    assert "rank(s) 0 did not finish 'bind'" in message
+    assert "rank(s) 1, 2, 3 never started it" in message
+    assert "one after another" in message
+    assert info.value.call == "bind"
+    assert isinstance(info.value, TimeoutError)
+
+
+@pytest.mark.parametrize("fail_rank", [0, 2, 3])
+def test_exception_carries_its_rank(fail_rank):
+    with pytest.raises(mdtrt.MdtrtError) as info:
+        _core.testing.run_bind_test(4, "fail", timeout=5.0, fail_rank=fail_rank)
+    assert info.value.rank == fail_rank
+    assert info.value.call == "bind"
+    assert str(info.value).startswith(f"rank {fail_rank}: bind: injected failure")
+
+
+def test_create_destroy_cycles_leave_no_threads():
+    _core.testing.run_bind_test(4, "barrier", timeout=5.0)  # warm up whatever the process creates once
+    before = thread_count()
+    for _ in range(200):
+        _core.testing.run_bind_test(4, "barrier", timeout=5.0)
+    assert thread_count() == before
+
+
+def test_timed_out_runtime_threads_are_released():
+    before = thread_count()
+    for _ in range(3):
+        with pytest.raises(mdtrt.RankTimeoutError):
+            _core.testing.run_bind_test(2, "barrier", sequential=True, timeout=0.2)
+    # The aborted barrier releases the waiting rank, so its thread is joined, not abandoned.
+    assert thread_count() == before
+
+
+def test_unknown_test_program_is_rejected():
+    with pytest.raises(mdtrt.InvalidArgumentError):
+        _core.testing.run_bind_test(2, "nope")

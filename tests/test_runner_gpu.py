@@ -1,0 +1,93 @@
+"""EngineRunner's path (replication, fan-out, output return) on real GPUs, with a native
+program standing in for a TensorRT engine: all_gather of a replicated input returns the input once
+per rank, so any rank that received wrong or stale data shows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mdtrt
+from mdtrt import _core
+
+pytestmark = pytest.mark.multi_gpu
+
+
+@pytest.fixture(scope="module")
+def group():
+    with mdtrt.DeviceGroup(list(range(_core.visible_gpu_count())), timeout=60) as g:
+        yield g
+
+
+def gather_runner(group, dtype="float32"):
+    n = len(group)
+    program = _core.CollectiveProgram("all_gather", "none", 0, [], dtype, group.world_size, n)
+    return mdtrt.EngineRunner(group, program=program)
+
+
+# Sizes around the 4 MiB replication chunk, with an odd tail, and a tiny one.
+SIZES = [12, 1 << 20, (9 << 20) + 12]
+
+
+@pytest.mark.parametrize("nbytes", SIZES)
+@pytest.mark.parametrize("mode", ["host", "peer", "broadcast", "auto"])
+def test_replicated_host_input_reaches_every_rank(group, mode, nbytes):
+    runner = gather_runner(group)
+    rng = np.random.default_rng(nbytes)
+    for trial in range(3):  # new data each time: a stale buffer from the previous call must not pass
+        x = rng.standard_normal(nbytes // 4).astype(np.float32)
+        outs = runner.infer({"input": x}, all_ranks=True, poison_outputs=True, replication=mode)
+        expected = np.tile(x, len(group))
+        for rank, out in enumerate(outs):
+            np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}, {mode}, trial {trial}")
+    if mode != "auto":
+        assert runner.last_replication == mode
+    else:
+        assert runner.last_replication == ("peer" if nbytes >= (1 << 20) and group.peer_access[0][1] else "host")
+
+
+def test_default_returns_first_rank_only(group):
+    runner = gather_runner(group)
+    x = np.arange(10, dtype=np.float32)
+    out = runner.infer({"input": x})
+    assert isinstance(out, dict) and set(out) == {"output"}
+    np.testing.assert_array_equal(out["output"], np.tile(x, len(group)))
+
+
+def test_per_rank_inputs(group):
+    runner = gather_runner(group, "int32")
+    xs = [{"input": np.full(5, r + 1, np.int32)} for r in range(len(group))]
+    outs = runner.infer(xs, all_ranks=True)
+    expected = np.concatenate([x["input"] for x in xs])
+    for out in outs:
+        np.testing.assert_array_equal(out["output"], expected)
+
+
+def test_device_input_on_one_gpu_is_copied_to_the_others(group):
+    torch = pytest.importorskip("torch")
+    runner = gather_runner(group)
+    x = torch.randn(3 << 20, device=f"cuda:{group.gpus[0]}")
+    x.add_(1.0)
+    outs = runner.infer({"input": x}, all_ranks=True, poison_outputs=True)
+    expected = np.tile(x.cpu().numpy(), len(group))
+    for dev, out in zip(group.gpus, outs):
+        assert out["output"].device.index == dev
+        np.testing.assert_array_equal(out["output"].cpu().numpy(), expected)
+
+
+def test_wrong_inputs_are_named(group):
+    runner = gather_runner(group)
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"missing \['input'\]"):
+        runner.infer({"x": np.ones(3, np.float32)})
+    with pytest.raises(mdtrt.InvalidArgumentError, match="dtype float16"):
+        runner.infer({"input": np.ones(3, np.float16)})
+    with pytest.raises(mdtrt.InvalidArgumentError, match="replication"):
+        runner.infer({"input": np.ones(3, np.float32)}, replication="magic")
+    with pytest.raises(mdtrt.InvalidArgumentError, match="exactly one"):
+        mdtrt.EngineRunner(group)
+
+
+def test_time_infer_reports_every_call(group):
+    runner = gather_runner(group)
+    times = runner.time_infer({"input": np.ones(1024, np.float32)}, iterations=5, warmup=1)
+    assert len(times) == 5 and all(t > 0 for t in times)

@@ -1,0 +1,142 @@
+"""mdtrt.simulate: DistCollective nodes in a graph run with the numpy reference's semantics,
+segments run per rank, and errors name what is wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from mdtrt.reference import collective  # noqa: E402
+from mdtrt.simulate import compare_outputs, run_on_cpu, simulate  # noqa: E402
+
+SCALE = np.float32(3.0)
+
+
+def dist_collective(inp, out, operation, *, reduce_op="none", root=-1, nb_rank=2, groups=()):
+    # Attributes as polygraphy 0.53 writes them: strings for the names, ints, ints list.
+    node = helper.make_node(
+        "DistCollective", [inp], [out], name=f"dc_{out}",
+        collective_operation=operation, reduce_op=reduce_op, root=root, nb_rank=nb_rank, group_size=0,
+    )
+    node.attribute.append(helper.make_attribute("groups", list(groups), attr_type=onnx.AttributeProto.INTS))
+    return node
+
+
+def scatter_then(operation, ranks, rows, **attrs):
+    """input (ranks*rows, 3) -> scatter from rank 0 -> *3 (a segment between collectives)
+    -> the collective under test -> output. Each rank feeds the collective different data."""
+    nodes = [
+        dist_collective("input", "chunk", "scatter", root=0, nb_rank=ranks),
+        helper.make_node("Mul", ["chunk", "scale"], ["scaled"]),
+        dist_collective("scaled", "output", operation, nb_rank=ranks, **attrs),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [ranks * rows, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array(SCALE), "scale")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+CASES = [
+    ("all_reduce", {"reduce_op": "sum"}),
+    ("all_reduce", {"reduce_op": "max"}),
+    ("all_reduce", {"reduce_op": "avg"}),
+    ("reduce", {"reduce_op": "min", "root": 1}),
+    ("reduce_scatter", {"reduce_op": "prod"}),
+    ("broadcast", {"root": 2}),
+    ("all_gather", {}),
+    ("gather", {"root": 0}),
+    ("scatter", {"root": 1}),
+    ("all_to_all", {}),
+    ("all_gather", {"groups": [2, 0]}),
+    ("broadcast", {"root": 0, "groups": [1, 0]}),
+]
+
+
+@pytest.mark.parametrize("operation,attrs", CASES, ids=[f"{op}-{i}" for i, (op, _) in enumerate(CASES)])
+def test_collectives_in_graph_match_reference(operation, attrs):
+    ranks, rows = 3, 6
+    x = np.random.default_rng(7).standard_normal((ranks * rows, 3)).astype(np.float32)
+    outputs = simulate(scatter_then(operation, ranks, rows, **attrs), {"input": x}, ranks, progress=False)
+    # Independent of simulate: the scatter hands rank r rows r*6..r*6+5, the Mul scales them.
+    chunks = [x[r * rows : (r + 1) * rows] * SCALE for r in range(ranks)]
+    expected = collective(
+        operation, chunks, reduce=attrs.get("reduce_op", "none"), root=attrs.get("root", -1),
+        groups=attrs.get("groups") or None,
+    )
+    for rank in range(ranks):
+        got = outputs[rank]["output"]
+        if expected[rank] is None:  # undefined output: simulate fills it with NaN
+            assert np.isnan(got).all(), f"rank {rank}"
+        else:
+            np.testing.assert_array_equal(got, expected[rank], err_msg=f"rank {rank}")
+
+
+def test_all_gather_by_hand():
+    x = np.random.default_rng(8).standard_normal((4, 3)).astype(np.float32)
+    outputs = simulate(scatter_then("all_gather", 2, 2), {"input": x}, 2, progress=False)
+    for rank in range(2):
+        np.testing.assert_array_equal(outputs[rank]["output"], x * SCALE)
+
+
+def test_reference_backend_agrees():
+    x = np.random.default_rng(9).standard_normal((9, 3)).astype(np.float32)
+    model = scatter_then("all_to_all", 3, 3)
+    fast = simulate(model, {"input": x}, 3, progress=False)
+    slow = simulate(model, {"input": x}, 3, progress=False, backend="reference")
+    for rank in range(3):
+        np.testing.assert_allclose(fast[rank]["output"], slow[rank]["output"], rtol=1e-6)
+
+
+def test_unsorted_nodes_and_single_device_model():
+    # Nodes listed out of order (as polygraphy leaves them) still run; no collectives: 1 segment.
+    nodes = [helper.make_node("Relu", ["a"], ["output"]), helper.make_node("Neg", ["input"], ["a"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.array([[1.0, -2.0], [-3.0, 4.0]], np.float32)
+    np.testing.assert_array_equal(run_on_cpu(model, {"input": x}, progress=False)["output"], [[0, 2], [3, 0]])
+
+
+class TestErrors:
+    def test_rank_count_must_match_model(self):
+        model = scatter_then("all_gather", 2, 2)
+        with pytest.raises(ValueError, match="sharded for 2 ranks .* 3 were asked"):
+            simulate(model, {"input": np.zeros((4, 3), np.float32)}, 3, progress=False)
+
+    def test_inputs_checked(self):
+        model = scatter_then("all_gather", 2, 2)
+        with pytest.raises(ValueError, match="missing \\['input'\\]"):
+            simulate(model, {"x": np.zeros((4, 3), np.float32)}, 2, progress=False)
+        with pytest.raises(ValueError, match="must be float32, got float16"):
+            simulate(model, {"input": np.zeros((4, 3), np.float16)}, 2, progress=False)
+
+    def test_collective_errors_name_the_node(self):
+        model = scatter_then("reduce_scatter", 2, 3, reduce_op="sum")  # 3 rows over 2 ranks
+        with pytest.raises(ValueError, match="dc_output.*not divisible by 2"):
+            simulate(model, {"input": np.ones((6, 3), np.float32)}, 2, progress=False)
+
+    def test_bad_backend_and_ranks(self):
+        model = scatter_then("all_gather", 2, 2)
+        with pytest.raises(ValueError, match="backend"):
+            simulate(model, {"input": np.zeros((4, 3), np.float32)}, 2, backend="tensorrt")
+        with pytest.raises(ValueError, match="positive integer"):
+            simulate(model, {"input": np.zeros((4, 3), np.float32)}, 0)
+
+
+def test_compare_outputs_report():
+    reference = {"y": np.array([1.0, -2.0, 4.0], np.float32)}
+    report = compare_outputs(reference, {"y": np.array([1.0, -2.0, 4.03], np.float32)}, atol=0, rtol=1e-2)
+    assert report.passed and abs(report.outputs[0].max_rel_error - 0.03 / 4) < 1e-6
+    report = compare_outputs(reference, {"y": np.array([1.0, -2.0, 4.1], np.float32)}, atol=0, rtol=1e-2)
+    assert not report.passed and "FAIL" in report.format()
+    assert not compare_outputs(reference, {"y": np.zeros(4, np.float32)}, atol=1, rtol=1).passed
+    assert not compare_outputs(reference, {"y": np.array([1, np.nan, 4], np.float32)}, atol=1, rtol=1).passed
+    assert not compare_outputs(reference, {}, atol=1, rtol=1).passed
