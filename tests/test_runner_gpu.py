@@ -91,3 +91,37 @@ def test_time_infer_reports_every_call(group):
     runner = gather_runner(group)
     times = runner.time_infer({"input": np.ones(1024, np.float32)}, iterations=5, warmup=1)
     assert len(times) == 5 and all(t > 0 for t in times)
+
+
+def test_preallocated_outputs_are_written_in_place(group):
+    torch = pytest.importorskip("torch")
+    n = len(group)
+    xs = [torch.randn(64, 8, device=f"cuda:{d}") for d in group.gpus]
+    outs = [torch.full((64 * n, 8), float("nan"), device=f"cuda:{d}") for d in group.gpus]
+    result = group.all_gather(xs, out=outs)
+    expected = torch.cat([x.cpu() for x in xs])
+    for got, given in zip(result, outs):
+        assert got is given
+        assert torch.equal(given.cpu(), expected)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="bytes"):
+        group.all_gather(xs, out=[torch.empty(3, device=f"cuda:{d}") for d in group.gpus])
+
+
+def test_copy_program_with_runner_outputs(group):
+    torch = pytest.importorskip("torch")
+    runner = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("float16"))
+    x = torch.randn(1000, device=f"cuda:{group.gpus[0]}", dtype=torch.float16)
+    outs = [torch.zeros(1000, device=f"cuda:{d}", dtype=torch.float16) for d in group.gpus]
+    runner.infer({"input": x}, outputs={"output": outs})
+    for o in outs:
+        assert torch.equal(o.cpu(), x.cpu())
+    with pytest.raises(mdtrt.InvalidArgumentError, match="does not have"):
+        runner.infer({"input": x}, outputs={"nope": outs})
+
+
+def test_machine_figures_are_plausible(group):
+    peer = _core.testing.peer_copy_bandwidth(group.gpus[0], group.gpus[1], 64 << 20, 5)
+    h2d = _core.testing.h2d_bandwidth(group.gpus[0], 64 << 20, 5, True)
+    bare = _core.testing.bare_copy_loop(group.gpus[0], 1024, 20)
+    assert 1 < peer < 2000 and 1 < h2d < 500
+    assert len(bare) == 20 and all(0 < t < 1e6 for t in bare)

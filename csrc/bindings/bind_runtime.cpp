@@ -169,7 +169,7 @@ void bind_runtime(py::module_& m) {
           "infer",
           [](ProgramRunner& r, const std::vector<std::vector<py::tuple>>& inputs, const std::string& replication,
              bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, uintptr_t caller_stream,
-             int caller_device, double timeout) {
+             int caller_device, double timeout, const std::vector<std::vector<py::tuple>>& outputs) {
             std::vector<std::vector<InputArg>> args;
             for (const auto& rank_inputs : inputs) {
               args.emplace_back();
@@ -183,6 +183,15 @@ void bind_runtime(py::module_& m) {
             options.caller_stream = reinterpret_cast<cudaStream_t>(caller_stream);
             options.caller_device = caller_device;
             options.timeout_seconds = timeout;
+            for (const auto& rank_outputs : outputs) {
+              options.outputs.emplace_back();
+              for (const auto& t : rank_outputs) {
+                if (t.size() != 4) throw_invalid_argument("an output buffer is (name, pointer, nbytes, device)");
+                options.outputs.back().push_back(OutputArg{t[0].cast<std::string>(),
+                                                           reinterpret_cast<void*>(t[1].cast<uintptr_t>()),
+                                                           t[2].cast<size_t>(), t[3].cast<int>()});
+              }
+            }
             std::vector<RankResult> results;
             {
               py::gil_scoped_release release;
@@ -203,9 +212,38 @@ void bind_runtime(py::module_& m) {
           },
           py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
           py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
-          py::arg("caller_stream") = 0, py::arg("caller_device") = -1, py::arg("timeout") = 0.0);
+          py::arg("caller_stream") = 0, py::arg("caller_device") = -1, py::arg("timeout") = 0.0,
+          py::arg("outputs") = std::vector<std::vector<py::tuple>>{});
 
   py::module_ testing = m.def_submodule("testing", "Test-only entry points of the rank runtime (no GPU needed).");
+  py::class_<CopyProgram, RankProgram, std::shared_ptr<CopyProgram>>(testing, "CopyProgram")
+      .def(py::init([](const std::string& dtype) { return std::make_shared<CopyProgram>(dtype_from_name(dtype)); }),
+           py::arg("dtype"));
+  py::class_<SinkProgram, RankProgram, std::shared_ptr<SinkProgram>>(testing, "SinkProgram")
+      .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
+           py::arg("dtype"));
+  testing.def(
+      "bare_copy_loop",
+      [](int device, size_t nbytes, int iterations) {
+        py::gil_scoped_release release;
+        return bare_copy_loop_us(device, nbytes, iterations);
+      },
+      py::arg("device"), py::arg("nbytes"), py::arg("iterations"),
+      "Microseconds per cudaMemcpyAsync + cudaStreamSynchronize from one thread: the bare baseline.");
+  testing.def(
+      "peer_copy_bandwidth",
+      [](int src, int dst, size_t nbytes, int iterations) {
+        py::gil_scoped_release release;
+        return peer_copy_bandwidth_gbps(src, dst, nbytes, iterations);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("nbytes"), py::arg("iterations"));
+  testing.def(
+      "h2d_bandwidth",
+      [](int device, size_t nbytes, int iterations, bool pinned) {
+        py::gil_scoped_release release;
+        return host_to_device_bandwidth_gbps(device, nbytes, iterations, pinned);
+      },
+      py::arg("device"), py::arg("nbytes"), py::arg("iterations"), py::arg("pinned"));
   testing.def(
       "run_bind_test",
       [](int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {

@@ -245,6 +245,13 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
     RankResult& result = results[i];
     result.outputs = program.resolve_outputs(ctx, views);
     const size_t num_outputs = result.outputs.size();
+    if (i < static_cast<int>(options.outputs.size())) {
+      for (const OutputArg& g : options.outputs[i]) {
+        bool known = false;
+        for (const auto& spec : result.outputs) known = known || spec.name == g.name;
+        if (!known) throw_invalid_argument("a buffer was given for output '" + g.name + "', which the program does not have");
+      }
+    }
     std::vector<TensorView> out_views(num_outputs);
     if (bufs.outputs.size() < num_outputs) bufs.outputs.resize(num_outputs);
     if (options.device_outputs) result.device.resize(num_outputs);
@@ -256,7 +263,19 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
         if (d < 0)
           throw Error(ErrorKind::kGeneric, "output '" + result.outputs[o].name + "' has an unresolved shape " +
                                                shape_string(v.shape), ctx.rank, "infer");
-      if (options.device_outputs) {
+      const OutputArg* given = nullptr;
+      if (i < static_cast<int>(options.outputs.size()))
+        for (const OutputArg& g : options.outputs[i])
+          if (g.name == result.outputs[o].name) given = &g;
+      if (given != nullptr) {
+        if (given->device != ctx.device || given->nbytes != v.nbytes())
+          throw_invalid_argument("the buffer given for output '" + result.outputs[o].name + "' holds " +
+                                 std::to_string(given->nbytes) + " bytes on GPU " + std::to_string(given->device) +
+                                 "; this rank needs " + std::to_string(v.nbytes()) + " bytes " +
+                                 shape_string(v.shape) + " " + dtype_name(v.dtype) + " on GPU " +
+                                 std::to_string(ctx.device));
+        v.data = given->data;
+      } else if (options.device_outputs) {
         result.device[o] = std::make_shared<DeviceBuffer>(ctx.device, v.nbytes());
         v.data = result.device[o]->get();
       } else {

@@ -35,6 +35,14 @@ struct InputArg {
   size_t nbytes() const { return static_cast<size_t>(element_count(shape)) * dtype_size(dtype); }
 };
 
+// A caller-provided output buffer on the rank's GPU (outputs without an allocation per call).
+struct OutputArg {
+  std::string name;
+  void* data = nullptr;
+  size_t nbytes = 0;
+  int device = -1;
+};
+
 struct InferOptions {
   Replication replication = Replication::kAuto;
   bool poison_outputs = false;     // fill outputs with 0xFF bytes first (NaN for floats, -1 for ints)
@@ -45,6 +53,8 @@ struct InferOptions {
   cudaStream_t caller_stream = nullptr;
   int caller_device = -1;
   double timeout_seconds = 0;      // 0: the group's timeout
+  // outputs[i]: where local rank i writes the outputs named there; others are allocated by the runner.
+  std::vector<std::vector<OutputArg>> outputs;
 };
 
 struct RankResult {

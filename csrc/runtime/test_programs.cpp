@@ -1,6 +1,10 @@
 #include "runtime/test_programs.h"
 
+#include <chrono>
+#include <vector>
+
 #include "common/error.h"
+#include "runtime/cuda_handles.h"
 
 namespace mdtrt {
 
@@ -28,6 +32,83 @@ int BarrierBindProgram::arrived() const {
 
 void FailingBindProgram::bind(RankContext& ctx) {
   if (ctx.rank == fail_rank_) throw Error(ErrorKind::kGeneric, message_, -1, "bind");
+}
+
+std::vector<TensorSpec> CopyProgram::resolve_outputs(RankContext&, const std::vector<TensorView>& inputs) {
+  if (inputs.size() != 1) throw_invalid_argument("the copy program takes one input");
+  return {{"output", dtype_, inputs[0].shape}};
+}
+
+void CopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                          const std::vector<TensorView>& outputs) {
+  MDTRT_CUDA_CHECK(
+      cudaMemcpyAsync(outputs[0].data, inputs[0].data, inputs[0].nbytes(), cudaMemcpyDeviceToDevice, ctx.stream));
+}
+
+std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {
+  return {{"output", DType::kUInt8, {1}}};
+}
+
+std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations) {
+  ScopedDevice on(device);
+  CudaStream stream(device);
+  DeviceBuffer a(device, nbytes), b(device, nbytes);
+  std::vector<double> out;
+  for (int i = 0; i < iterations; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    MDTRT_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), nbytes, cudaMemcpyDeviceToDevice, stream.get()));
+    MDTRT_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+    out.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return out;
+}
+
+namespace {
+// GB/s of `iterations` copies issued by `copy` on `stream`, timed with CUDA events.
+template <typename Copy>
+double timed_bandwidth(int device, size_t nbytes, int iterations, cudaStream_t stream, Copy copy) {
+  ScopedDevice on(device);
+  CudaEvent start(device, true), stop(device, true);
+  copy();  // warm-up
+  MDTRT_CUDA_CHECK(cudaEventRecord(start.get(), stream));
+  for (int i = 0; i < iterations; ++i) copy();
+  MDTRT_CUDA_CHECK(cudaEventRecord(stop.get(), stream));
+  MDTRT_CUDA_CHECK(cudaEventSynchronize(stop.get()));
+  float ms = 0;
+  MDTRT_CUDA_CHECK(cudaEventElapsedTime(&ms, start.get(), stop.get()));
+  return static_cast<double>(nbytes) * iterations / (ms * 1e-3) / 1e9;
+}
+}  // namespace
+
+double peer_copy_bandwidth_gbps(int src, int dst, size_t nbytes, int iterations) {
+  DeviceBuffer from(src, nbytes), to(dst, nbytes);
+  CudaStream stream(dst);
+  {
+    ScopedDevice on(dst);
+    cudaError_t st = cudaDeviceEnablePeerAccess(src, 0);
+    if (st == cudaErrorPeerAccessAlreadyEnabled) cudaGetLastError(); else MDTRT_CUDA_CHECK(st);
+  }
+  return timed_bandwidth(dst, nbytes, iterations, stream.get(), [&] {
+    MDTRT_CUDA_CHECK(cudaMemcpyPeerAsync(to.get(), dst, from.get(), src, nbytes, stream.get()));
+  });
+}
+
+double host_to_device_bandwidth_gbps(int device, size_t nbytes, int iterations, bool pinned) {
+  DeviceBuffer to(device, nbytes);
+  CudaStream stream(device);
+  PinnedBuffer pinned_host;
+  std::vector<char> pageable;
+  void* host = nullptr;
+  if (pinned) {
+    pinned_host.reserve(nbytes);
+    host = pinned_host.get();
+  } else {
+    pageable.assign(nbytes, 1);
+    host = pageable.data();
+  }
+  return timed_bandwidth(device, nbytes, iterations, stream.get(), [&] {
+    MDTRT_CUDA_CHECK(cudaMemcpyAsync(to.get(), host, nbytes, cudaMemcpyHostToDevice, stream.get()));
+  });
 }
 
 }  // namespace mdtrt

@@ -45,4 +45,34 @@ class FailingBindProgram : public NoIoProgram {
   std::string message_;
 };
 
+// One input, one output of the same shape: a device-to-device copy. The trivial program used to
+// measure the runner's own overhead per call.
+class CopyProgram : public RankProgram {
+ public:
+  explicit CopyProgram(DType dtype) : dtype_(dtype) {}
+  std::string describe() const override { return "copy test program"; }
+  void bind(RankContext&) override {}
+  std::vector<TensorSpec> input_specs(const RankContext&) const override { return {{"input", dtype_, {-1}}}; }
+  std::vector<TensorSpec> resolve_outputs(RankContext&, const std::vector<TensorView>& inputs) override;
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+
+ private:
+  DType dtype_;
+};
+
+// One input, a one-element output, no work: what remains is getting the input onto every GPU.
+class SinkProgram : public CopyProgram {
+ public:
+  using CopyProgram::CopyProgram;
+  std::string describe() const override { return "sink test program"; }
+  std::vector<TensorSpec> resolve_outputs(RankContext& ctx, const std::vector<TensorView>& inputs) override;
+  void enqueue(RankContext&, const std::vector<TensorView>&, const std::vector<TensorView>&) override {}
+};
+
+// Raw figures of this machine, for benchmarks to compare against.
+std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations);
+double peer_copy_bandwidth_gbps(int src, int dst, size_t nbytes, int iterations);
+double host_to_device_bandwidth_gbps(int device, size_t nbytes, int iterations, bool pinned);
+
 }  // namespace mdtrt

@@ -15,6 +15,9 @@ import numpy as np
 from . import _core
 from .errors import InvalidArgumentError
 
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1, "int64": 8,
+            "float64": 8, "bool": 1}
+
 _TYPESTR = {
     "f4": "float32", "f2": "float16", "i4": "int32", "i1": "int8", "u1": "uint8",
     "i8": "int64", "f8": "float64", "b1": "bool",
@@ -56,6 +59,16 @@ class ArrayRef:
 
     def as_native(self) -> tuple:
         return (self.ptr, self.device, self.dtype, self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * ITEMSIZE[self.dtype]
+
+    def as_output(self, name: str) -> tuple:
+        return (name, self.ptr, self.nbytes, self.device)
 
 
 def _is_torch_tensor(x) -> bool:

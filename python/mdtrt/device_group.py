@@ -132,7 +132,7 @@ class DeviceGroup:
 
     # -- collectives --------------------------------------------------------------------------
     def collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0, groups: Sequence[int] | None = None,
-                   poison_outputs: bool = False, sequential_bind: bool = False) -> list:
+                   out=None, poison_outputs: bool = False, sequential_bind: bool = False) -> list:
         """Runs one DistCollective operation, with TensorRT's semantics, on every local rank.
 
         ``inputs`` holds one array per local rank (a single array is fine with one local rank):
@@ -140,7 +140,8 @@ class DeviceGroup:
         without copies. The operation runs along the first dimension. ``groups`` is an ordered list
         of world ranks taking part (position = group-local rank); ``root`` is a world rank of the
         group. Ranks outside the group, and non-root ranks of ``reduce`` and ``gather`` (whose
-        output is undefined), get None.
+        output is undefined), get None. ``out``: one preallocated device array per local rank to
+        write into (device inputs only), so that no output is allocated per call.
         """
         native = self._live()._native
         if op not in COLLECTIVES:
@@ -170,7 +171,15 @@ class DeviceGroup:
             if len(self._runners) > _MAX_CACHED_COLLECTIVES:
                 self._runners.popitem(last=False)
         self._runners.move_to_end(key)
-        outputs = run_program(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs)
+        out_refs = None
+        if out is not None:
+            if not isinstance(out, (list, tuple)):
+                out = [out]
+            if len(out) != n:
+                raise InvalidArgumentError(f"out= needs one array per local rank: got {len(out)} for {n}")
+            out_refs = [{"output": describe(o, f"out of rank {r}")} for o, r in zip(out, native.ranks)]
+        outputs = run_program(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
+                              out=out_refs)
         members = groups or list(range(native.world_size))
         result = []
         for rank, out in zip(native.ranks, outputs):
@@ -213,13 +222,19 @@ def _gpu_list(gpus) -> list[int]:
 
 
 def run_program(runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
-                replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None) -> list[dict]:
+                replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
+                out: list[dict[str, ArrayRef]] | None = None) -> list[dict]:
     """One call of a ProgramRunner: host inputs give host outputs, device inputs device outputs.
+    ``out``: per local rank, preallocated device outputs by name (returned as given).
     Returns, per local rank, a dict of output name to array (empty for ranks not fetched)."""
     flat = [ref for refs in per_rank_refs for ref in refs]
     on_device = any(ref.device >= 0 for ref in flat)
     if on_device and any(ref.device < 0 for ref in flat):
         raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
+    if out is not None and not on_device:
+        raise InvalidArgumentError("preallocated outputs are for device inputs; with numpy inputs outputs come back as numpy")
+    if out is not None and any(ref.device < 0 for given in out for ref in given.values()):
+        raise InvalidArgumentError("preallocated outputs must be device arrays")
     stream_ref = next((ref for ref in flat if ref.stream), None)
     n = len(per_rank_refs)
     fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
@@ -227,12 +242,15 @@ def run_program(runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool,
         [[ref.as_native() for ref in refs] for refs in per_rank_refs],
         replication=replication, poison_outputs=poison_outputs, fetch_ranks=fetch, device_outputs=on_device,
         caller_stream=stream_ref.stream if stream_ref else 0, caller_device=stream_ref.device if stream_ref else -1,
-        timeout=float(timeout or 0.0))
+        timeout=float(timeout or 0.0),
+        outputs=[[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
     outputs = []
     for i, res in enumerate(results):
         named = {}
         for k, (name, dtype, shape) in enumerate(res["outputs"]):
-            if on_device:
+            if out and name in out[i]:
+                named[name] = out[i][name].owner
+            elif on_device:
                 named[name] = wrap_device_output(res["device"][k], dtype, shape, per_rank_refs[i][0] if per_rank_refs[i] else None)
             elif res["host"]:
                 named[name] = host_output(res["host"][k], dtype, shape)

@@ -86,7 +86,8 @@ class EngineRunner:
         return [describe(inputs[name], f"input '{name}'") for name in names]
 
     def infer(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
-              poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None):
+              poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
+              outputs: Mapping[str, Sequence[Any]] | None = None):
         """Runs the engine once on every rank.
 
         ``inputs``: a dict of input name to array, given to every rank (a host array is replicated
@@ -94,6 +95,7 @@ class EngineRunner:
         others), or a list with one such dict per local rank.
         Returns the first local rank's outputs as a dict, or a list of dicts (one per local rank) with
         ``all_ranks=True``. Numpy in, numpy out; device arrays in, device arrays out.
+        ``outputs``: output name to one preallocated device array per local rank, written in place.
         """
         n = len(self.group)
         if isinstance(inputs, Mapping):
@@ -106,9 +108,17 @@ class EngineRunner:
         mode = replication or self.replication
         if mode not in REPLICATION_MODES:
             raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {mode!r}")
-        outputs = run_program(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
-                              replication=mode, timeout=timeout)
-        return outputs if all_ranks else outputs[0]
+        out = None
+        if outputs is not None:
+            out = [{} for _ in range(n)]
+            for name, arrays in outputs.items():
+                if len(arrays) != n:
+                    raise InvalidArgumentError(f"outputs['{name}'] needs one array per local rank: got {len(arrays)} for {n}")
+                for i, a in enumerate(arrays):
+                    out[i][name] = describe(a, f"output '{name}'")
+        results = run_program(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
+                              replication=mode, timeout=timeout, out=out)
+        return results if all_ranks else results[0]
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
         """Milliseconds of each of ``iterations`` complete calls (inputs in, outputs back), after
