@@ -354,7 +354,7 @@ def _gpu_run(args, config: AttentionConfig, hints) -> int:
     if not leads:
         return 0
     with mdtrt.DeviceGroup(gpus=[first_gpu], timeout=60.0) as single_group:
-        single_runner = mdtrt.EngineRunner(single_group, single_engine)
+        single_runner = mdtrt.EngineRunner(single_group, single_engine, multi_device=False)
         single_outputs = single_runner.infer(inputs)
         single_times = single_runner.time_infer(inputs, args.iterations)
     atol, rtol = args.atol, args.rtol
