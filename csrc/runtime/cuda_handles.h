@@ -27,67 +27,55 @@ class ScopedDevice {
   int previous_ = 0;
 };
 
-class CudaStream {
+// A CUDA handle of one device, destroyed with that device current. Move-only.
+template <typename Handle, cudaError_t (*Destroy)(Handle)>
+class DeviceHandle {
  public:
-  CudaStream() = default;
-  explicit CudaStream(int device) : device_(device) {
-    ScopedDevice on(device);
-    MDTRT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  }
-  ~CudaStream() { reset(); }
-  CudaStream(CudaStream&& o) noexcept : device_(o.device_), stream_(std::exchange(o.stream_, nullptr)) {}
-  CudaStream& operator=(CudaStream&& o) noexcept {
+  DeviceHandle() = default;
+  ~DeviceHandle() { reset(); }
+  DeviceHandle(DeviceHandle&& o) noexcept : device_(o.device_), handle_(std::exchange(o.handle_, nullptr)) {}
+  DeviceHandle& operator=(DeviceHandle&& o) noexcept {
     if (this != &o) {
       reset();
       device_ = o.device_;
-      stream_ = std::exchange(o.stream_, nullptr);
+      handle_ = std::exchange(o.handle_, nullptr);
     }
     return *this;
   }
-  cudaStream_t get() const { return stream_; }
+  Handle get() const { return handle_; }
   int device() const { return device_; }
 
+ protected:
+  explicit DeviceHandle(int device) : device_(device) {}
+  Handle handle_ = nullptr;
+
  private:
   void reset() {
-    if (stream_ != nullptr) {
+    if (handle_ != nullptr) {
       ScopedDevice on(device_);
-      cudaStreamDestroy(stream_);
-      stream_ = nullptr;
+      Destroy(handle_);
+      handle_ = nullptr;
     }
   }
   int device_ = -1;
-  cudaStream_t stream_ = nullptr;
 };
 
-class CudaEvent {
+class CudaStream : public DeviceHandle<cudaStream_t, cudaStreamDestroy> {
+ public:
+  CudaStream() = default;
+  explicit CudaStream(int device) : DeviceHandle(device) {
+    ScopedDevice on(device);
+    MDTRT_CUDA_CHECK(cudaStreamCreateWithFlags(&handle_, cudaStreamNonBlocking));
+  }
+};
+
+class CudaEvent : public DeviceHandle<cudaEvent_t, cudaEventDestroy> {
  public:
   CudaEvent() = default;
-  CudaEvent(int device, bool timing) : device_(device) {
+  CudaEvent(int device, bool timing) : DeviceHandle(device) {
     ScopedDevice on(device);
-    MDTRT_CUDA_CHECK(cudaEventCreateWithFlags(&event_, timing ? cudaEventDefault : cudaEventDisableTiming));
+    MDTRT_CUDA_CHECK(cudaEventCreateWithFlags(&handle_, timing ? cudaEventDefault : cudaEventDisableTiming));
   }
-  ~CudaEvent() { reset(); }
-  CudaEvent(CudaEvent&& o) noexcept : device_(o.device_), event_(std::exchange(o.event_, nullptr)) {}
-  CudaEvent& operator=(CudaEvent&& o) noexcept {
-    if (this != &o) {
-      reset();
-      device_ = o.device_;
-      event_ = std::exchange(o.event_, nullptr);
-    }
-    return *this;
-  }
-  cudaEvent_t get() const { return event_; }
-
- private:
-  void reset() {
-    if (event_ != nullptr) {
-      ScopedDevice on(device_);
-      cudaEventDestroy(event_);
-      event_ = nullptr;
-    }
-  }
-  int device_ = -1;
-  cudaEvent_t event_ = nullptr;
 };
 
 // Device memory owned by one GPU. Grows on demand; contents are not kept across growth.
