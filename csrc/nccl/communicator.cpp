@@ -132,6 +132,9 @@ void Communicator::abort() {
 
 void Communicator::wait_ready(const Deadline& deadline, const char* call) {
   const auto& api = nccl::api();
+  // Enqueued collectives leave ncclInProgress within microseconds: spin first, so that a small
+  // collective does not pay a sleep, and only back off to sleeping for slow steps (init, split).
+  const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(200);
   int sleep_us = 20;
   for (;;) {
     if (aborted_.load())
@@ -148,7 +151,11 @@ void Communicator::wait_ready(const Deadline& deadline, const char* call) {
       throw Error(ErrorKind::kTimeout, "NCCL operation still in progress at the deadline; communicator aborted",
                   rank_, call);
     }
-    poll_pause(sleep_us);
+    if (Deadline::Clock::now() < spin_until) {
+      std::this_thread::yield();
+    } else {
+      poll_pause(sleep_us);
+    }
   }
 }
 

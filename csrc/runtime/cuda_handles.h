@@ -33,7 +33,7 @@ class DeviceHandle {
  public:
   DeviceHandle() = default;
   ~DeviceHandle() { reset(); }
-  DeviceHandle(DeviceHandle&& o) noexcept : device_(o.device_), handle_(std::exchange(o.handle_, nullptr)) {}
+  DeviceHandle(DeviceHandle&& o) noexcept : handle_(std::exchange(o.handle_, nullptr)), device_(o.device_) {}
   DeviceHandle& operator=(DeviceHandle&& o) noexcept {
     if (this != &o) {
       reset();
