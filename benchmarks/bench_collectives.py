@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""Collective bandwidth and latency: the eight ops through mdtrt.DeviceGroup against raw NCCL.
+
+Series, all float16, sizes as nccl-tests counts them (the larger of a rank's send and receive
+buffers), bandwidths as nccl-tests defines them (algbw = S/t, busbw = algbw x the op's factor):
+
+* ``ours``: ``DeviceGroup.collective(op, inputs, out=outputs)`` with torch CUDA tensors, one call
+  timed on the host (each call returns when every rank has finished): median per call.
+* ``raw_percall``: torch.distributed (NCCL backend), one process per GPU, ``op; synchronize``
+  timed on the host: the same host-synchronous pattern. Per iteration the slower rank counts.
+* ``raw_batched``: the same processes, N ops back to back then one synchronize, averaged
+  (nccl-tests' style: no host round trip per op).
+* ``sample``: ``sample_dist_collective --backend nccl --op all`` (mdtrt's C++ path, CUDA-event time
+  of back-to-back ops), at a few sizes.
+* ``nccl_tests``: ``<op>_perf`` from ``--nccl-tests-dir``, when given.
+
+The link limit drawn in the plots is this run's measured peer copy bandwidth GPU0 -> GPU1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
+NCCL_TESTS_BINARIES = {"all_reduce": "all_reduce_perf", "all_gather": "all_gather_perf", "broadcast": "broadcast_perf",
+                       "reduce": "reduce_perf", "reduce_scatter": "reduce_scatter_perf", "all_to_all": "alltoall_perf",
+                       "gather": "gather_perf", "scatter": "scatter_perf"}
+
+
+def timing_policy(quick: bool) -> dict:
+    """How long each (op, size) is measured: about target_s, between min and max iterations."""
+    if quick:
+        return {"warmup": 2, "target_s": 0.04, "min_iters": 3, "max_iters": 100}
+    return {"warmup": 3, "target_s": 0.12, "min_iters": 5, "max_iters": 300}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bl.add_common_arguments(p, out_default="results/collectives.json")
+    p.add_argument("--ops", default=",".join(bl.COLLECTIVES), help="ops to run, comma-separated (default: all eight)")
+    p.add_argument("--sizes", default=None,
+                   help="sizes, e.g. 1K,64M,1G (default: quick 1K,64K,1M,64M,256M; full powers of 2 from 1K to 1G)")
+    p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional)")
+    p.add_argument("--no-raw", action="store_true", help="skip the torch.distributed reference")
+    p.add_argument("--no-sample", action="store_true", help="skip sample_dist_collective")
+    p.add_argument("--timeout", type=float, default=300, help="seconds for the whole benchmark (default 300)")
+    # A rank of the raw reference (started by this script itself).
+    p.add_argument("--raw-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p
+
+
+def default_sizes(quick: bool) -> list[int]:
+    return list(bl.QUICK_SIZES) if quick else bl.full_sizes(2)
+
+
+def sample_sizes(sizes: list[int], quick: bool) -> list[int]:
+    """The sample checks every output on the host: run it at a few sizes only."""
+    wanted = (bl.SMALL_BYTES, bl.LARGE_BYTES) if quick else (bl.SMALL_BYTES, 1 * bl.MiB, bl.LARGE_BYTES)
+    return [s for s in wanted if s in sizes] or sizes[:1]
+
+
+# -- ours ---------------------------------------------------------------------------------------
+
+def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict, deadline: bl.Deadline,
+                 save) -> dict:
+    import torch
+
+    import mdtrt
+    from mdtrt import _core
+
+    n = len(gpus)
+    series: dict = {op: [] for op in ops}
+    group = mdtrt.DeviceGroup(gpus=gpus, timeout=60)
+    try:
+        for op in ops:
+            for size in sizes:
+                if deadline.passed():
+                    return {"series": series, "stopped": f"time budget spent before {op} {bl.format_size(size)}"}
+                in_elems, _ = bl.buffer_elements(op, size, n)
+                out_shape = list(_core.collective_output_shape(op, [in_elems], n))
+                inputs = [torch.ones(in_elems, dtype=torch.float16, device=f"cuda:{g}") for g in gpus]
+                outputs = [torch.empty(out_shape, dtype=torch.float16, device=f"cuda:{g}") for g in gpus]
+                for g in gpus:
+                    torch.cuda.synchronize(g)
+
+                def call():
+                    group.collective(op, inputs, reduce="sum", root=0, out=outputs)
+
+                warm = bl.time_calls(call, policy["warmup"] + 1)[1:]  # the first builds the op's runner
+                iters = bl.iterations_for(min(warm), policy["target_s"], policy["min_iters"], policy["max_iters"])
+                times = bl.time_calls(call, iters)
+                stats = bl.summarize(times)
+                series[op].append(bl.point(op, size, stats["median_us"] * 1e-6, n, **stats))
+                del inputs, outputs
+            save(series)
+    finally:
+        group.close()
+        torch.cuda.empty_cache()
+    return {"series": series}
+
+
+def measure_link_limit(gpus: list[int], quick: bool) -> dict:
+    from mdtrt._core import testing
+
+    nbytes = 256 * bl.MiB
+    iters = 5 if quick else 20
+    out = {"nbytes": nbytes, "iterations": iters,
+           "peer_copy_gbps": testing.peer_copy_bandwidth(gpus[0], gpus[1], nbytes, iters),
+           "peer_copy_reverse_gbps": testing.peer_copy_bandwidth(gpus[1], gpus[0], nbytes, iters),
+           "source": f"cudaMemcpyPeerAsync GPU{gpus[0]} -> GPU{gpus[1]}, {bl.format_size(nbytes)}, this run"}
+    return out
+
+
+# -- raw NCCL through torch.distributed ---------------------------------------------------------
+
+def raw_worker(spec_path: str, rank: int) -> None:
+    """One rank of the reference: runs every (op, size) of the spec, writes its times after each op."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    gpus, ops, sizes, policy = spec["gpus"], spec["ops"], spec["sizes"], spec["policy"]
+    n = len(gpus)
+    device = torch.device(f"cuda:{gpus[rank]}")
+    torch.cuda.set_device(device)
+    t0 = time.perf_counter()
+    dist.init_process_group("nccl", init_method=f"file://{spec['init_file']}", rank=rank, world_size=n,
+                            timeout=datetime.timedelta(seconds=spec["nccl_timeout_s"]), device_id=device)
+    probe = torch.ones(1, device=device)
+    dist.all_reduce(probe)
+    torch.cuda.synchronize(device)
+    result = {"rank": rank, "gpu": gpus[rank], "init_s": time.perf_counter() - t0, "torch": torch.__version__,
+              "ops": {}}
+    try:
+        v = torch.cuda.nccl.version()
+        result["nccl_version"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    except Exception:  # noqa: BLE001
+        result["nccl_version"] = None
+    out_path = spec["out_prefix"] + f"{rank}.json"
+
+    def sync():
+        torch.cuda.synchronize(device)
+
+    for op in ops:
+        per_op = []
+        for size in sizes:
+            in_elems, out_elems = bl.buffer_elements(op, size, n)
+            x = torch.ones(in_elems, dtype=torch.float16, device=device)
+            y = torch.empty(out_elems, dtype=torch.float16, device=device)
+            if op == "all_reduce":
+                fn = lambda: dist.all_reduce(x)  # noqa: E731
+            elif op == "all_gather":
+                fn = lambda: dist.all_gather_into_tensor(y, x)  # noqa: E731
+            elif op == "broadcast":
+                fn = lambda: dist.broadcast(x, src=0)  # noqa: E731
+            elif op == "reduce":
+                fn = lambda: dist.reduce(x, dst=0)  # noqa: E731
+            elif op == "reduce_scatter":
+                fn = lambda: dist.reduce_scatter_tensor(y, x)  # noqa: E731
+            elif op == "all_to_all":
+                fn = lambda: dist.all_to_all_single(y, x)  # noqa: E731
+            elif op == "gather":
+                chunks = list(y.chunk(n)) if rank == 0 else None
+                fn = lambda: dist.gather(x, gather_list=chunks, dst=0)  # noqa: E731
+            elif op == "scatter":
+                chunks = list(x.chunk(n)) if rank == 0 else None
+                fn = lambda: dist.scatter(y, scatter_list=chunks, src=0)  # noqa: E731
+            else:
+                raise ValueError(op)
+
+            def call():
+                fn()
+                sync()
+
+            warm = bl.time_calls(call, policy["warmup"] + 1)[1:]
+            # Every rank must run the same count: agree on the slowest rank's estimate.
+            est = torch.tensor([min(warm)], dtype=torch.float64, device=device)
+            dist.all_reduce(est, op=dist.ReduceOp.MAX)
+            iters = bl.iterations_for(float(est.item()), policy["target_s"], policy["min_iters"], policy["max_iters"])
+            percall = bl.time_calls(call, iters)
+            dist.barrier(device_ids=[device.index])
+            sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            batched = (time.perf_counter() - start) / iters
+            per_op.append({"size": size, "percall_s": percall, "batched_s": batched})
+            del x, y
+        result["ops"][op] = per_op
+        bl.write_json(out_path, result)
+    dist.destroy_process_group()
+
+
+def combine_raw(rank_results: list[dict], n: int) -> dict:
+    """Per iteration the slower rank counts (the op is done when both are); then the median."""
+    series: dict = {"raw_percall": {}, "raw_batched": {}}
+    ops = set.intersection(*(set(r["ops"]) for r in rank_results)) if rank_results else set()
+    for op in ops:
+        per_rank = [{p["size"]: p for p in r["ops"][op]} for r in rank_results]
+        sizes = sorted(set.intersection(*(set(m) for m in per_rank)))
+        percall, batched = [], []
+        for size in sizes:
+            runs = [m[size]["percall_s"] for m in per_rank]
+            slowest = [max(ts) for ts in zip(*runs)]
+            stats = bl.summarize(slowest)
+            percall.append(bl.point(op, size, stats["median_us"] * 1e-6, n, **stats))
+            b = max(m[size]["batched_s"] for m in per_rank)
+            batched.append(bl.point(op, size, b, n, iterations=len(slowest)))
+        series["raw_percall"][op] = percall
+        series["raw_batched"][op] = batched
+    return series
+
+
+def measure_raw(gpus: list[int], ops: list[str], sizes: list[int], policy: dict, timeout: float) -> dict:
+    try:
+        import torch  # noqa: F401
+        import torch.distributed as dist
+
+        if not dist.is_nccl_available():
+            return {"available": False, "reason": "torch.distributed has no NCCL backend"}
+    except ImportError:
+        return {"available": False, "reason": "PyTorch is not installed (a direct-NCCL C++ reference is not built)"}
+    n = len(gpus)
+    with tempfile.TemporaryDirectory(prefix="mdtrt_raw_") as tmp:
+        spec = {"gpus": gpus, "ops": ops, "sizes": sizes, "policy": policy, "init_file": os.path.join(tmp, "init"),
+                "out_prefix": os.path.join(tmp, "rank"), "nccl_timeout_s": max(30, int(timeout))}
+        spec_path = os.path.join(tmp, "spec.json")
+        bl.write_json(spec_path, spec)
+        cmds = [bl.python_command("bench_collectives.py", "--raw-worker", spec_path, "--rank", str(r)) for r in range(n)]
+        runs = bl.run_parallel(cmds, timeout, [bl.subprocess_env()] * n)
+        results = []
+        for r in range(n):
+            path = spec["out_prefix"] + f"{r}.json"
+            if os.path.exists(path):
+                results.append(bl.read_json(path))
+    failed = [r for r in runs if r["rc"] != 0]
+    info = {"available": bool(results) and len(results) == n, "method": "torch.distributed, NCCL backend, one process per GPU"}
+    if failed:
+        info["errors"] = [{"rc": r["rc"], "timed_out": r["timed_out"], "stderr": bl.tail(r["stderr"])} for r in failed]
+    if not info["available"]:
+        info["reason"] = "the torch.distributed workers wrote no results" + (
+            f": {bl.tail(failed[0]['stderr'], 5)}" if failed else "")
+        return info
+    info.update({"torch_version": results[0].get("torch"), "torch_nccl_version": results[0].get("nccl_version"),
+                 "init_s": max(r["init_s"] for r in results)})
+    info.update(combine_raw(results, n))
+    return info
+
+
+# -- sample_dist_collective ---------------------------------------------------------------------
+
+def find_sample() -> str | None:
+    return shutil.which("sample_dist_collective") or os.environ.get("MDTRT_SAMPLE_DIST_COLLECTIVE")
+
+
+def parse_sample_table(text: str) -> list[dict]:
+    """Rows of the sample's summary table: op, result, checked, output shape, median(us), algbw, busbw.
+    The shape may contain spaces: the op and result come first, the three numbers last."""
+    rows = []
+    for line in text.splitlines():
+        tokens = line.split()
+        if len(tokens) < 6 or tokens[0] not in bl.COLLECTIVES or tokens[1] not in ("PASSED", "FAILED", "SKIPPED"):
+            continue
+        try:
+            median_us, algbw, busbw = (float(t) for t in tokens[-3:])
+        except ValueError:
+            continue  # "-": not timed
+        rows.append({"op": tokens[0], "result": tokens[1], "time_us": median_us, "algbw_gbps": algbw,
+                     "busbw_gbps": busbw})
+    return rows
+
+
+def measure_sample(gpus: list[int], sizes: list[int], quick: bool, timeout_each: float, deadline: bl.Deadline) -> dict:
+    exe = find_sample()
+    if not exe:
+        return {"available": False, "reason": "sample_dist_collective is not on PATH (nor MDTRT_SAMPLE_DIST_COLLECTIVE)"}
+    n = len(gpus)
+    series: dict = {}
+    runs = []
+    for size in sizes:
+        if deadline.left() < 10:
+            runs.append({"size": size, "skipped": "time budget spent"})
+            continue
+        cols = size // bl.ITEMSIZE  # rows x cols per rank = S for most ops; all_gather/gather get n x that
+        cmd = [exe, "--backend", "nccl", "--op", "all", "--gpus", ",".join(map(str, gpus)), "--rows", "1", "--cols",
+               str(cols), "--dtype", "float16", "--iters", "10" if quick else "20", "--warmup", "3", "--timeout", "60"]
+        r = bl.run_command(cmd, timeout=min(timeout_each, deadline.left()))
+        rows = parse_sample_table(r["stdout"])
+        runs.append({"size": size, "cmd": " ".join(cmd), "rc": r["rc"], "timed_out": r["timed_out"],
+                     "seconds": r["seconds"], "rows": len(rows), "stderr": bl.tail(r["stderr"], 5)})
+        for row in rows:
+            op_size = size * n if row["op"] in ("all_gather", "gather") else size
+            series.setdefault(row["op"], []).append(
+                {"size": op_size, "time_us": row["time_us"], "algbw_gbps": row["algbw_gbps"],
+                 "busbw_gbps": row["busbw_gbps"], "result": row["result"]})
+    for op in series:
+        series[op].sort(key=lambda p: p["size"])
+    return {"available": bool(series), "path": exe, "runs": runs, "series": series,
+            "method": "sample_dist_collective --backend nccl --op all: CUDA-event median of back-to-back ops",
+            **({} if series else {"reason": "the sample printed no timed rows (see runs)"})}
+
+
+# -- nccl-tests ---------------------------------------------------------------------------------
+
+def parse_nccl_tests(text: str) -> list[dict]:
+    """Out-of-place columns of nccl-tests' table: size count type redop root time algbw busbw #wrong ..."""
+    rows = []
+    for line in text.splitlines():
+        tokens = line.split()
+        if len(tokens) < 8 or not tokens[0].isdigit() or not tokens[1].isdigit():
+            continue
+        try:
+            size = int(tokens[0])
+            time_us, algbw, busbw = float(tokens[5]), float(tokens[6]), float(tokens[7])
+        except ValueError:
+            continue
+        rows.append({"size": size, "time_us": time_us, "algbw_gbps": algbw, "busbw_gbps": busbw})
+    return rows
+
+
+def measure_nccl_tests(directory: str | None, gpus: list[int], ops: list[str], sizes: list[int], quick: bool,
+                       deadline: bl.Deadline) -> dict:
+    if not directory:
+        return {"available": False, "reason": "not run (no --nccl-tests-dir)"}
+    env = bl.subprocess_env(CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    series, runs = {}, []
+    for op in ops:
+        exe = os.path.join(directory, NCCL_TESTS_BINARIES[op])
+        if not os.access(exe, os.X_OK):
+            runs.append({"op": op, "missing": exe})
+            continue
+        if deadline.left() < 10:
+            runs.append({"op": op, "skipped": "time budget spent"})
+            continue
+        step = 4 if quick else 2
+        cmd = [exe, "-b", str(min(sizes)), "-e", str(max(sizes)), "-f", str(step), "-g", str(len(gpus)), "-d", "half",
+               "-n", "10" if quick else "20", "-w", "3", "-c", "0"]
+        r = bl.run_command(cmd, timeout=min(90, deadline.left()), env=env)
+        rows = parse_nccl_tests(r["stdout"])
+        runs.append({"op": op, "cmd": " ".join(cmd), "rc": r["rc"], "timed_out": r["timed_out"], "rows": len(rows),
+                     "stderr": bl.tail(r["stderr"], 5)})
+        if rows:
+            series[op] = rows
+    return {"available": bool(series), "dir": directory, "runs": runs, "series": series,
+            "method": "nccl-tests <op>_perf -g N -d half -c 0: out-of-place, average of back-to-back ops",
+            **({} if series else {"reason": "no nccl-tests binary produced a table (see runs)"})}
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+def run(args) -> dict:
+    gpus = bl.parse_gpus(args.gpus)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = [o for o in ops if o not in bl.COLLECTIVES]
+    if unknown:
+        raise SystemExit(f"unknown ops {unknown}; choose from {', '.join(bl.COLLECTIVES)}")
+    sizes = bl.parse_sizes(args.sizes) if args.sizes else default_sizes(args.quick)
+    policy = timing_policy(args.quick)
+    deadline = bl.Deadline(args.timeout)
+    n = len(gpus)
+    result: dict = {"benchmark": "collectives", "gpus": gpus, "world_size": n, "dtype": bl.DTYPE, "sizes": sizes,
+                    "ops": ops, "quick": args.quick, "policy": policy, "started": bl.utc_now()}
+
+    def save(partial_ours=None):
+        if partial_ours is not None:
+            result["ours"] = {"method": "mdtrt.DeviceGroup.collective(out=...), torch CUDA tensors, host-timed per call",
+                              "series": partial_ours}
+        bl.write_json(args.out, result)
+
+    if n < 2:
+        raise SystemExit("collectives need at least 2 GPUs (--gpus 0,1)")
+    result["link_limit"] = measure_link_limit(gpus, args.quick)
+    save()
+    # Budget: ours and raw each get a share; the sample and nccl-tests what remains.
+    ours = measure_ours(gpus, ops, sizes, policy, bl.Deadline(min(deadline.left(), args.timeout * 0.35)), save)
+    save(ours["series"])
+    if "stopped" in ours:
+        result["ours"]["stopped"] = ours["stopped"]
+    if args.no_raw:
+        result["raw"] = {"available": False, "reason": "not run (--no-raw)"}
+    else:
+        # Ours is usually done well inside its share; leave the sample about 15 s.
+        reserve = 5 if args.no_sample else 15
+        result["raw"] = measure_raw(gpus, ops, sizes, policy, timeout=max(20, deadline.left() - reserve))
+    save()
+    if args.no_sample:
+        result["sample"] = {"available": False, "reason": "not run (--no-sample)"}
+    else:
+        result["sample"] = measure_sample(gpus, sample_sizes(sizes, args.quick), args.quick, 60, deadline)
+    save()
+    result["nccl_tests"] = measure_nccl_tests(args.nccl_tests_dir, gpus, ops, sizes, args.quick, deadline)
+    result["finished"] = bl.utc_now()
+    save()
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.raw_worker:
+        raw_worker(args.raw_worker, args.rank)
+        return 0
+    result = run(args)
+    link = result["link_limit"]["peer_copy_gbps"]
+    print(f"collectives: peer copy {link:.1f} GB/s; raw reference: "
+          f"{'yes' if result['raw'].get('available') else result['raw'].get('reason')}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

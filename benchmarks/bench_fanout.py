@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Fan-out overhead: EngineRunner.infer of a trivial program (a 1 KiB device-to-device copy) on
+N = 1 and N = 2 GPUs, against a bare single-thread loop of cudaMemcpyAsync + cudaStreamSynchronize
+on one GPU (C++, no Python). The difference of the medians is what the runner adds per call:
+Python argument handling, handing the call to one thread per GPU, and waiting for all of them.
+
+Inputs and outputs are preallocated torch CUDA tensors, one per rank, so no call allocates.
+Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bl.add_common_arguments(p, out_default="results/fanout.json")
+    p.add_argument("--nbytes", type=bl.parse_size, default=bl.KiB, help="bytes copied per call (default 1K)")
+    p.add_argument("--iterations", type=int, default=None, help="calls per round (default: 1000, quick 300)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 3, quick 2)")
+    return p
+
+
+def make_test_program(name: str, dtype: str):
+    """mdtrt._core.testing.CopyProgram or SinkProgram for `dtype`."""
+    from mdtrt._core import testing
+
+    return getattr(testing, name)(dtype)
+
+
+def run(args) -> dict:
+    import torch
+
+    import mdtrt
+    from mdtrt._core import testing
+
+    gpus = bl.parse_gpus(args.gpus)
+    iterations = args.iterations or (300 if args.quick else 1000)
+    rounds = args.rounds or (2 if args.quick else 3)
+    elems = args.nbytes // bl.ITEMSIZE
+    counts = [1] + ([len(gpus)] if len(gpus) > 1 else [])
+    setups = {}
+    for n in counts:
+        group = mdtrt.DeviceGroup(gpus=gpus[:n], timeout=60)
+        runner = mdtrt.EngineRunner(group, program=make_test_program("CopyProgram", bl.DTYPE))
+        inputs = [{"input": torch.ones(elems, dtype=torch.float16, device=f"cuda:{g}")} for g in gpus[:n]]
+        outputs = {"output": [torch.empty(elems, dtype=torch.float16, device=f"cuda:{g}") for g in gpus[:n]]}
+
+        def call(runner=runner, inputs=inputs, outputs=outputs):
+            runner.infer(inputs, outputs=outputs)
+
+        bl.time_calls(call, 50)  # warm-up: first call binds, caches settle
+        setups[n] = (group, runner, call)
+
+    x = torch.ones(elems, dtype=torch.float16, device=f"cuda:{gpus[0]}")
+    y = torch.empty_like(x)
+
+    def torch_loop_call():
+        y.copy_(x)
+        torch.cuda.synchronize(gpus[0])
+
+    bl.time_calls(torch_loop_call, 50)
+    testing.bare_copy_loop(gpus[0], args.nbytes, 50)
+
+    samples: dict = {"bare": [], "torch_loop": [], **{str(n): [] for n in counts}}
+    for _ in range(rounds):
+        samples["bare"] += [us * 1e-6 for us in testing.bare_copy_loop(gpus[0], args.nbytes, iterations)]
+        samples["torch_loop"] += bl.time_calls(torch_loop_call, iterations)
+        for n in counts:
+            samples[str(n)] += bl.time_calls(setups[n][2], iterations)
+    for group, _, _ in setups.values():
+        group.close()
+
+    bare = bl.summarize(samples["bare"])
+    result = {"benchmark": "fanout", "gpus": gpus, "nbytes": args.nbytes, "iterations": iterations, "rounds": rounds,
+              "quick": args.quick, "started": bl.utc_now(),
+              "bare": {"method": "C++ loop: cudaMemcpyAsync D2D + cudaStreamSynchronize, one thread, "
+                                 f"GPU {gpus[0]}", **bare},
+              "torch_loop": {"method": "Python loop: tensor.copy_ + torch.cuda.synchronize, one GPU",
+                             **bl.summarize(samples["torch_loop"])},
+              "runner": {}}
+    for n in counts:
+        stats = bl.summarize(samples[str(n)])
+        result["runner"][str(n)] = {"gpus": gpus[:n], **stats, "added_us": stats["median_us"] - bare["median_us"]}
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    result = run(args)
+    bl.write_json(args.out, result)
+    added = ", ".join(f"N={n}: +{r['added_us']:.1f} us" for n, r in result["runner"].items())
+    print(f"fanout: bare {result['bare']['median_us']:.1f} us/call; {added}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

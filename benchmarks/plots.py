@@ -1,0 +1,153 @@
+"""PNG plots of results.json: bus bandwidth against size per collective (ours, raw, the other
+references, and the measured link limit), small-size latency, replication bandwidth, fan-out.
+Needs matplotlib (pip install 'mdtrt[bench]'); draws off-screen."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
+SERIES_STYLE = {"ours": ("ours (DeviceGroup, per call)", "C0", "o-"),
+                "raw_percall": ("raw NCCL (torch, per call)", "C1", "s--"),
+                "raw_batched": ("raw NCCL (torch, back to back)", "C2", "^:"),
+                "sample": ("sample_dist_collective --backend nccl", "C3", "D"),
+                "nccl_tests": ("nccl-tests", "C4", "x-.")}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _size_axis(ax) -> None:
+    ax.set_xscale("log", base=2)
+    ticks = [t for t in (bl.KiB, 16 * bl.KiB, 256 * bl.KiB, 4 * bl.MiB, 64 * bl.MiB, bl.GiB)]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([bl.format_size(t).replace(" ", "") for t in ticks], fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_collectives(coll: dict, out_dir: str) -> dict:
+    from report import collective_series
+
+    plt = _pyplot()
+    ops = coll.get("ops") or []
+    if not ops:
+        return {}
+    files = {}
+    link = (coll.get("link_limit") or {}).get("peer_copy_gbps")
+    cols = 4
+    rows = (len(ops) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, op in zip(axes.flat, ops):
+        s = collective_series(coll, op)
+        for key, (label, color, style) in SERIES_STYLE.items():
+            pts = sorted(s[key].items())
+            if pts:
+                ax.plot([k for k, _ in pts], [p["busbw_gbps"] for _, p in pts], style, color=color, label=label,
+                        markersize=3)
+        if link:
+            ax.axhline(link, color="k", linewidth=1, alpha=0.7, label=f"peer copy (measured) {link:.0f} GB/s")
+        _size_axis(ax)
+        ax.set_title(op, fontsize=10)
+        ax.set_ylabel("bus bandwidth (GB/s)", fontsize=8)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(f"Bus bandwidth vs size, {coll.get('world_size')} GPUs, {coll.get('dtype')}")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(os.path.join(out_dir, "collectives_busbw.png"), dpi=110)
+    plt.close(fig)
+    files["collectives_busbw"] = "collectives_busbw.png"
+
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, op in zip(axes.flat, ops):
+        s = collective_series(coll, op)
+        for key in ("ours", "raw_percall", "raw_batched"):
+            label, color, style = SERIES_STYLE[key]
+            pts = [(k, p) for k, p in sorted(s[key].items()) if k <= 4 * bl.MiB]
+            if pts:
+                ax.plot([k for k, _ in pts], [p["time_us"] for _, p in pts], style, color=color, label=label, markersize=3)
+        _size_axis(ax)
+        ax.set_title(op, fontsize=10)
+        ax.set_ylabel("time per op (us)", fontsize=8)
+    for ax in list(axes.flat)[len(ops):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle("Latency at small sizes (median)")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(os.path.join(out_dir, "collectives_latency.png"), dpi=110)
+    plt.close(fig)
+    files["collectives_latency"] = "collectives_latency.png"
+    return files
+
+
+def plot_replication(repl: dict, out_dir: str) -> dict:
+    points = [p for p in (repl or {}).get("points") or [] if "pinned" in p]
+    if not points:
+        return {}
+    plt = _pyplot()
+    sizes = [p["size"] for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, kind in zip(axes, ("pinned", "pageable")):
+        for mode, style in (("host", "o-"), ("peer", "s-"), ("broadcast", "^-"), ("auto", "k.--")):
+            ax.plot(sizes, [p[kind][mode]["gbps"] for p in points], style, label=mode, markersize=4)
+        ax.plot(sizes, [p["device_input"]["gbps"] for p in points], "v-", color="C5", label="device input (peer)")
+        ax.plot(sizes, [p["peer_copy_gbps"] for p in points], "-", color="k", alpha=0.6, label="peer copy (measured)")
+        ax.plot(sizes, [p["h2d_pinned_gbps"] for p in points], "-", color="C7", label="pinned H2D (measured)")
+        ax.plot(sizes, [p["h2d_pageable_gbps"] for p in points], ":", color="C7", label="pageable H2D (measured)")
+        _size_axis(ax)
+        ax.set_yscale("log")
+        ax.set_title(f"{kind} host input")
+        ax.set_ylabel("input bytes / call time (GB/s)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Input replication to every GPU")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "replication.png"), dpi=110)
+    plt.close(fig)
+    return {"replication": "replication.png"}
+
+
+def plot_fanout(fan: dict, out_dir: str) -> dict:
+    if not fan or not fan.get("runner"):
+        return {}
+    plt = _pyplot()
+    labels = ["bare C++ loop"] + (["torch loop"] if fan.get("torch_loop") else []) + \
+        [f"infer N={n}" for n in sorted(fan["runner"], key=int)]
+    values = [fan["bare"]["median_us"]] + ([fan["torch_loop"]["median_us"]] if fan.get("torch_loop") else []) + \
+        [fan["runner"][n]["median_us"] for n in sorted(fan["runner"], key=int)]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bars = ax.bar(labels, values, color=["C7"] + (["C8"] if fan.get("torch_loop") else []) + ["C0"] * len(fan["runner"]))
+    for bar, v in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(fan["bare"]["median_us"] + 20, color="r", linestyle="--", linewidth=1, label="bare + 20 us (target)")
+    ax.set_ylabel("median time per call (us)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Fan-out overhead, {bl.format_size(fan.get('nbytes', 0))} copy per GPU")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "fanout.png"), dpi=110)
+    plt.close(fig)
+    return {"fanout": "fanout.png"}
+
+
+def render_all(results: dict, out_dir: str) -> dict:
+    """Draws every plot the results allow; returns {name: file relative to out_dir}."""
+    files = {}
+    for key, fn in (("collectives", plot_collectives), ("replication", plot_replication), ("fanout", plot_fanout)):
+        part = results.get(key)
+        if isinstance(part, dict) and not part.get("error"):
+            try:
+                files.update(fn(part, out_dir))
+            except Exception as error:  # noqa: BLE001 - one broken plot must not lose the others
+                files[f"{key}_error"] = None
+                print(f"plot {key} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    return {k: v for k, v in files.items() if v}

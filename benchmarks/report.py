@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""Turns results.json (written by run_all.py) into BENCHMARKS.md: the machine, the date, a table
+per benchmark (a readable subset of sizes; the plots show them all), the plots, and the verdict on
+each target with its margin, and the reason where one is missed.
+
+    python benchmarks/report.py results/results.json --markdown BENCHMARKS.md [--render-plots]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
+# The issue's targets.
+BUSBW_RATIO_MIN = 0.97       # ours / raw bus bandwidth at >= 64 MiB
+ADDED_LATENCY_MAX_US = 10.0  # ours - raw at 1 KiB
+FANOUT_ADDED_MAX_US = 20.0   # EngineRunner.infer on 2 GPUs - bare loop
+PEER_RATIO_MIN = 0.90        # replication / peer copy bandwidth, large inputs
+AUTO_SLOWDOWN_MAX = 1.05     # auto / best of host, peer, broadcast
+NVLINK_H200_NOMINAL = "NVLink 4, 18 links per H200: 900 GB/s total per GPU (both directions), 450 GB/s each way (NVIDIA's figure)"
+NA = "n/a"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", help="results.json written by run_all.py")
+    p.add_argument("--markdown", default="BENCHMARKS.md", help="markdown file to write (default BENCHMARKS.md)")
+    p.add_argument("--render-plots", action="store_true",
+                   help="(re)draw the PNG plots next to results.json first (needs matplotlib)")
+    return p
+
+
+# -- reading results ----------------------------------------------------------------------------
+
+def by_size(points) -> dict:
+    return {int(p["size"]): p for p in points or []}
+
+
+def collective_series(coll: dict, op: str) -> dict:
+    """Every series of one op, each as {size: point}."""
+    raw = coll.get("raw") or {}
+    return {"ours": by_size(((coll.get("ours") or {}).get("series") or {}).get(op)),
+            "raw_percall": by_size((raw.get("raw_percall") or {}).get(op)),
+            "raw_batched": by_size((raw.get("raw_batched") or {}).get(op)),
+            "sample": by_size(((coll.get("sample") or {}).get("series") or {}).get(op)),
+            "nccl_tests": by_size(((coll.get("nccl_tests") or {}).get("series") or {}).get(op))}
+
+
+def table_sizes(sizes) -> list[int]:
+    sizes = sorted(set(sizes))
+    subset = [s for s in sizes if s in bl.TABLE_SIZES]
+    return subset or sizes[:: max(1, len(sizes) // 7)]
+
+
+def fmt(x, digits: int = 1, suffix: str = "") -> str:
+    if x is None:
+        return NA
+    return f"{x:,.{digits}f}{suffix}"
+
+
+def pct(x) -> str:
+    return NA if x is None else f"{100 * x:.1f}%"
+
+
+def yes_no(met) -> str:
+    return {True: "yes", False: "**no**", None: NA}[met]
+
+
+def _cell(value) -> str:
+    # Error texts carry newlines and pipes, which would break the table.
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+def evaluate_targets(results: dict) -> list[dict]:
+    """One entry per target: what, the measured value, met (True/False/None = not measured),
+    the margin and, for a miss, why."""
+    verdicts = []
+    coll = results.get("collectives") or {}
+    fanout = results.get("fanout") or {}
+    repl = results.get("replication") or {}
+
+    # 1a. bus bandwidth at >= 64 MiB, 1b. added latency at 1 KiB, per op.
+    for op in coll.get("ops") or []:
+        s = collective_series(coll, op)
+        large = [(size, s["ours"][size], s["raw_percall"][size]) for size in sorted(s["ours"])
+                 if size >= bl.LARGE_BYTES and size in s["raw_percall"]]
+        if large:
+            ratios = [(o["busbw_gbps"] / r["busbw_gbps"], size, o, r) for size, o, r in large]
+            worst, size, o, r = min(ratios, key=lambda t: t[0])
+            met = worst >= BUSBW_RATIO_MIN
+            why = "" if met else (
+                f"at {bl.format_size(size)} a call takes {o['time_us'] - r['time_us']:.1f} us longer than the raw op "
+                f"({o['time_us']:.1f} vs {r['time_us']:.1f} us); {100 * (BUSBW_RATIO_MIN - worst):.1f} points short")
+            verdicts.append({"benchmark": "collectives", "target": f"{op}: bus bandwidth >= 97% of raw NCCL at >= 64 MiB",
+                             "value": f"worst {pct(worst)} at {bl.format_size(size)}", "met": met,
+                             "margin": f"{100 * (worst - BUSBW_RATIO_MIN):+.1f} points", "why": why})
+        else:
+            verdicts.append({"benchmark": "collectives", "target": f"{op}: bus bandwidth >= 97% of raw NCCL at >= 64 MiB",
+                             "value": "not measured", "met": None, "margin": NA,
+                             "why": (coll.get("raw") or {}).get("reason", "no size >= 64 MiB with both series")})
+        small = min(s["ours"]) if s["ours"] else None
+        if small is not None and small in s["raw_percall"]:
+            added = s["ours"][small]["time_us"] - s["raw_percall"][small]["time_us"]
+            met = added <= ADDED_LATENCY_MAX_US
+            why = "" if met else _latency_why(results, added)
+            verdicts.append({"benchmark": "collectives", "target": f"{op}: <= 10 us added latency at {bl.format_size(small)}",
+                             "value": f"{added:+.1f} us", "met": met,
+                             "margin": f"{ADDED_LATENCY_MAX_US - added:+.1f} us", "why": why})
+        else:
+            verdicts.append({"benchmark": "collectives", "target": f"{op}: <= 10 us added latency at 1 KiB",
+                             "value": "not measured", "met": None, "margin": NA,
+                             "why": (coll.get("raw") or {}).get("reason", "no common size")})
+
+    if not coll.get("ops"):
+        verdicts.append({"benchmark": "collectives", "target": "bus bandwidth >= 97% of raw at >= 64 MiB; <= 10 us "
+                         "added latency at 1 KiB", "value": "not measured", "met": None, "margin": NA,
+                         "why": coll.get("error", "not run")})
+
+    # 2. fan-out on 2 GPUs.
+    runner2 = max(((int(k), v) for k, v in (fanout.get("runner") or {}).items()), default=(0, None))
+    if runner2[1] is not None and runner2[0] >= 2:
+        added = runner2[1]["added_us"]
+        met = added <= FANOUT_ADDED_MAX_US
+        verdicts.append({"benchmark": "fanout", "target": f"EngineRunner.infer on N={runner2[0]}: <= 20 us added per call",
+                         "value": f"{added:+.1f} us", "met": met, "margin": f"{FANOUT_ADDED_MAX_US - added:+.1f} us",
+                         "why": "" if met else _fanout_why(fanout)})
+    else:
+        verdicts.append({"benchmark": "fanout", "target": "EngineRunner.infer on N=2: <= 20 us added per call",
+                         "value": "not measured", "met": None, "margin": NA, "why": fanout.get("error", "")})
+
+    # 3a. replication bandwidth vs peer copy (large inputs), 3b. auto never > 5% slower than the best.
+    points = [p for p in repl.get("points") or [] if "device_input" in p]
+    large = [p for p in points if p["size"] >= bl.LARGE_BYTES]
+    if large:
+        worst = min(large, key=lambda p: p["device_input"]["gbps"] / p["peer_copy_gbps"])
+        ratio = worst["device_input"]["gbps"] / worst["peer_copy_gbps"]
+        verdicts.append({"benchmark": "replication",
+                         "target": "device input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)",
+                         "value": f"worst {pct(ratio)} at {bl.format_size(worst['size'])}", "met": ratio >= PEER_RATIO_MIN,
+                         "margin": f"{100 * (ratio - PEER_RATIO_MIN):+.1f} points",
+                         "why": "" if ratio >= PEER_RATIO_MIN else
+                         f"{worst['device_input']['gbps']:.1f} GB/s against {worst['peer_copy_gbps']:.1f} GB/s peer copy; "
+                         f"a call takes {worst['device_input']['median_us']:.0f} us"})
+        for kind in ("pinned", "pageable"):
+            best = min(large, key=lambda p: max(p[kind][m]["gbps"] for m in ("host", "peer", "broadcast")) / p["peer_copy_gbps"])
+            mode = max(("host", "peer", "broadcast"), key=lambda m: best[kind][m]["gbps"])
+            gbps = best[kind][mode]["gbps"]
+            ratio = gbps / best["peer_copy_gbps"]
+            h2d = best["h2d_pinned_gbps"]
+            why = ""
+            if ratio < PEER_RATIO_MIN:
+                why = (f"a host input crosses PCIe once: pinned host-to-device is {h2d:.1f} GB/s "
+                       f"({pct(h2d / best['peer_copy_gbps'])} of peer copy), so no mode can reach 90% of peer copy; "
+                       f"against pinned H2D the best mode ({mode}) reaches {pct(gbps / h2d)}")
+            verdicts.append({"benchmark": "replication",
+                             "target": f"{kind} host input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)",
+                             "value": f"worst {pct(ratio)} at {bl.format_size(best['size'])} ({mode})",
+                             "met": ratio >= PEER_RATIO_MIN, "margin": f"{100 * (ratio - PEER_RATIO_MIN):+.1f} points",
+                             "why": why})
+    else:
+        verdicts.append({"benchmark": "replication", "target": ">= 90% of peer copy bandwidth for large inputs",
+                         "value": "not measured", "met": None, "margin": NA, "why": repl.get("error", "")})
+    if points:
+        worst = None
+        for p in points:
+            for kind in ("pageable", "pinned"):
+                best_mode = min(("host", "peer", "broadcast"), key=lambda m: p[kind][m]["median_us"])
+                slowdown = p[kind]["auto"]["median_us"] / p[kind][best_mode]["median_us"]
+                if worst is None or slowdown > worst[0]:
+                    worst = (slowdown, p["size"], kind, best_mode, p[kind]["auto_choice"])
+        slowdown, size, kind, best_mode, chosen = worst
+        met = slowdown <= AUTO_SLOWDOWN_MAX
+        verdicts.append({"benchmark": "replication", "target": "auto never > 5% slower than the best of host/peer/broadcast",
+                         "value": f"worst {100 * (slowdown - 1):+.1f}% ({kind}, {bl.format_size(size)})", "met": met,
+                         "margin": f"{100 * (AUTO_SLOWDOWN_MAX - slowdown):+.1f} points",
+                         "why": "" if met else f"auto chose {chosen} where {best_mode} was fastest "
+                                              f"({kind} input, {bl.format_size(size)})"})
+    return verdicts
+
+
+def _latency_why(results: dict, added: float) -> str:
+    fan = ((results.get("fanout") or {}).get("runner") or {})
+    n2 = fan.get("2") or fan.get(max(fan, key=int)) if fan else None
+    extra = f"; the fan-out benchmark measures {n2['added_us']:.1f} us of runner overhead per call on its own" if n2 else ""
+    return (f"{added - ADDED_LATENCY_MAX_US:.1f} us over: each call runs Python argument checks, hands the op to one "
+            f"thread per GPU and waits for all of them{extra}")
+
+
+def _fanout_why(fanout: dict) -> str:
+    r = fanout.get("runner") or {}
+    one, two = r.get("1"), r.get("2")
+    if one and two:
+        return (f"{two['added_us'] - FANOUT_ADDED_MAX_US:.1f} us over; N=1 already adds {one['added_us']:.1f} us "
+                f"(Python and the hand-off to a rank thread), the second GPU {two['median_us'] - one['median_us']:.1f} us more")
+    return ""
+
+
+# -- markdown -----------------------------------------------------------------------------------
+
+def machine_section(m: dict) -> str:
+    names = ", ".join(m.get("gpu_names") or []) or NA
+    rows = [["GPUs", f"{names} x {m.get('gpu_count', NA)} (used: {m.get('gpus_used', NA)})"],
+            ["Driver", m.get("driver") or NA],
+            ["CUDA", f"runtime {m.get('cuda_runtime') or NA}, driver API {m.get('cuda_driver') or m.get('cuda_driver_api') or NA}"],
+            ["NCCL (mdtrt)", f"{m.get('nccl_version') or NA}" + (f" ({m['nccl_path']})" if m.get("nccl_path") else "")],
+            ["PyTorch", f"{m.get('torch_version') or 'not installed'}" +
+             (f" (CUDA {m.get('torch_cuda')}, NCCL {m.get('torch_nccl_version')})" if m.get("torch_version") else "")],
+            ["mdtrt", m.get("mdtrt_version") or NA],
+            ["Host", m.get("hostname") or NA],
+            ["Date", m.get("date") or NA]]
+    text = "## Machine\n\n" + md_table(["", ""], rows)
+    topo = m.get("topology")
+    text += "\n\nInterconnect (`nvidia-smi topo -m`):\n\n```\n" + (topo.rstrip() if topo else "not available") + "\n```\n"
+    text += f"\nNominal link, for context only (the plots use the measured peer copy bandwidth): {NVLINK_H200_NOMINAL}.\n"
+    return text
+
+
+def summary_section(verdicts: list[dict]) -> str:
+    met = sum(v["met"] is True for v in verdicts)
+    missed = sum(v["met"] is False for v in verdicts)
+    unmeasured = sum(v["met"] is None for v in verdicts)
+    rows = [[v["benchmark"], v["target"], v["value"], yes_no(v["met"]), v["margin"], v["why"] or ""] for v in verdicts]
+    return (f"## Targets\n\n{met} met, {missed} missed, {unmeasured} not measured.\n\n"
+            + md_table(["benchmark", "target", "measured", "met", "margin", "why (where missed or not measured)"], rows) + "\n")
+
+
+def reference_line(name: str, info: dict) -> str:
+    if not info:
+        return f"- {name}: not run"
+    if info.get("available"):
+        extra = ", ".join(f"{k} {info[k]}" for k in ("torch_version", "torch_nccl_version", "path", "dir") if info.get(k))
+        return f"- {name}: {info.get('method', 'measured')}" + (f" ({extra})" if extra else "")
+    return f"- {name}: not available: {info.get('reason', 'unknown')}"
+
+
+def image(plots: dict, key: str, base: str) -> str:
+    path = (plots or {}).get(key)
+    return f"![{key}]({os.path.join(base, path)})\n" if path else ""
+
+
+def collectives_section(coll: dict, plots: dict, base: str) -> str:
+    if not coll or coll.get("error"):
+        return "## 1. Collective bandwidth\n\nNot measured" + (f": {coll.get('error')}" if coll else "") + ".\n"
+    n = coll.get("world_size", 2)
+    link = coll.get("link_limit") or {}
+    out = [f"## 1. Collective bandwidth\n\n{n} GPUs, {coll.get('dtype', 'float16')}, sizes as nccl-tests counts them "
+           "(all_gather/gather: the whole output; reduce_scatter/scatter: the whole input). algbw = S/t; busbw = algbw x "
+           f"2(n-1)/n for all_reduce, 1 for broadcast and reduce, (n-1)/n for the others. Ours and raw per call: median "
+           "of host-timed calls that return when the op finished on every rank; raw back-to-back: nccl-tests' style "
+           "(N ops, one synchronize). Ratio and target: ours against raw per call (the same pattern); the ratio to "
+           "back-to-back is shown too.\n",
+           f"Link limit (measured, this run): peer copy {fmt(link.get('peer_copy_gbps'))} GB/s "
+           f"GPU{coll['gpus'][0]}->GPU{coll['gpus'][1]}, {fmt(link.get('peer_copy_reverse_gbps'))} GB/s back.\n",
+           "References:\n",
+           "- ours: " + ((coll.get("ours") or {}).get("method") or "not run"),
+           reference_line("raw NCCL", coll.get("raw") or {}),
+           reference_line("sample_dist_collective", coll.get("sample") or {}),
+           reference_line("nccl-tests", coll.get("nccl_tests") or {}), ""]
+    if (coll.get("ours") or {}).get("stopped"):
+        out.append(f"Ours stopped early: {coll['ours']['stopped']}.\n")
+    out.append(image(plots, "collectives_busbw", base))
+    out.append(image(plots, "collectives_latency", base))
+    for op in coll.get("ops") or []:
+        s = collective_series(coll, op)
+        rows = []
+        for size in table_sizes(s["ours"]):
+            o, r, b = s["ours"].get(size), s["raw_percall"].get(size), s["raw_batched"].get(size)
+            ratio = o["busbw_gbps"] / r["busbw_gbps"] if o and r else None
+            ratio_b = o["busbw_gbps"] / b["busbw_gbps"] if o and b else None
+            added = o["time_us"] - r["time_us"] if o and r else None
+            if size >= bl.LARGE_BYTES:
+                target = yes_no(None if ratio is None else ratio >= BUSBW_RATIO_MIN) + " (>= 97%)"
+            elif size == bl.SMALL_BYTES:
+                target = yes_no(None if added is None else added <= ADDED_LATENCY_MAX_US) + " (<= 10 us)"
+            else:
+                target = "-"
+            rows.append([bl.format_size(size), fmt(o and o["time_us"]), fmt(r and r["time_us"]), fmt(added, 1),
+                         fmt(o and o["busbw_gbps"]), fmt(r and r["busbw_gbps"]), fmt(b and b["busbw_gbps"]), pct(ratio),
+                         pct(ratio_b), target])
+        out.append(f"### {op}\n")
+        out.append(md_table(["size", "ours (us)", "raw (us)", "added (us)", "ours busbw", "raw busbw",
+                             "raw b2b busbw", "ours/raw", "ours/raw b2b", "target met"], rows) + "\n")
+    other = []
+    for op in coll.get("ops") or []:
+        s = collective_series(coll, op)
+        for size in sorted(set(s["sample"]) | set(s["nccl_tests"])):
+            sp, nt, b = s["sample"].get(size), s["nccl_tests"].get(size), s["raw_batched"].get(size)
+            if size not in bl.TABLE_SIZES and not sp:
+                continue
+            other.append([op, bl.format_size(size), fmt(sp and sp["busbw_gbps"]), fmt(nt and nt["busbw_gbps"]),
+                          fmt(b and b["busbw_gbps"]),
+                          pct(sp["busbw_gbps"] / nt["busbw_gbps"] if sp and nt else None),
+                          pct(sp["busbw_gbps"] / b["busbw_gbps"] if sp and b else None)])
+    if other:
+        out.append("### sample_dist_collective and nccl-tests (bus bandwidth, GB/s)\n")
+        out.append("Both time ops back to back on the device, so they are compared with each other and with raw "
+                   "back-to-back.\n")
+        out.append(md_table(["op", "size", "sample --backend nccl", "nccl-tests", "raw b2b", "sample/nccl-tests",
+                             "sample/raw b2b"], other) + "\n")
+    return "\n".join(out)
+
+
+def fanout_section(fan: dict, plots: dict, base: str) -> str:
+    if not fan or fan.get("error") or not fan.get("runner"):
+        return "## 2. Fan-out overhead\n\nNot measured" + (f": {fan.get('error')}" if fan else "") + ".\n"
+    bare = fan["bare"]
+    rows = [["bare loop (C++, 1 GPU)", fmt(bare["median_us"]), fmt(bare.get("p10_us")), fmt(bare.get("p90_us")), "-", "reference"]]
+    if fan.get("torch_loop"):
+        t = fan["torch_loop"]
+        rows.append(["torch copy_ + synchronize (Python, 1 GPU)", fmt(t["median_us"]), fmt(t.get("p10_us")),
+                     fmt(t.get("p90_us")), fmt(t["median_us"] - bare["median_us"], 1), "-"])
+    for n, r in sorted(fan["runner"].items(), key=lambda kv: int(kv[0])):
+        target = yes_no(r["added_us"] <= FANOUT_ADDED_MAX_US) + " (<= 20 us)" if int(n) >= 2 else "-"
+        rows.append([f"EngineRunner.infer, N={n}", fmt(r["median_us"]), fmt(r.get("p10_us")), fmt(r.get("p90_us")),
+                     fmt(r["added_us"], 1), target])
+    return ("## 2. Fan-out overhead\n\n"
+            f"A trivial program (a {bl.format_size(fan.get('nbytes', 0))} device-to-device copy per GPU, preallocated "
+            f"inputs and outputs); {fan.get('rounds')} alternating rounds of {fan.get('iterations')} calls. Added = "
+            "median per call minus the bare loop's median.\n\n"
+            + md_table(["what", "median (us)", "p10 (us)", "p90 (us)", "added (us)", "target met"], rows) + "\n\n"
+            + image(plots, "fanout", base))
+
+
+def replication_section(repl: dict, plots: dict, base: str) -> str:
+    points = (repl or {}).get("points") or []
+    if not points:
+        return "## 3. Input replication\n\nNot measured" + (f": {repl.get('error')}" if repl else "") + ".\n"
+    rows = []
+    for p in points:
+        if p["size"] not in bl.TABLE_SIZES and len(points) > 7:
+            continue
+        for kind in ("pinned", "pageable"):
+            k = p[kind]
+            best = min(("host", "peer", "broadcast"), key=lambda m: k[m]["median_us"])
+            slowdown = k["auto"]["median_us"] / k[best]["median_us"]
+            rows.append([bl.format_size(p["size"]), kind, fmt(k["host"]["gbps"]), fmt(k["peer"]["gbps"]),
+                         fmt(k["broadcast"]["gbps"]), f"{fmt(k['auto']['gbps'])} ({k['auto_choice']})",
+                         f"{100 * (slowdown - 1):+.1f}% vs {best}",
+                         yes_no(slowdown <= AUTO_SLOWDOWN_MAX),
+                         pct(max(k[m]["gbps"] for m in ("host", "peer", "broadcast")) / p["peer_copy_gbps"]),
+                         pct(max(k[m]["gbps"] for m in ("host", "peer", "broadcast")) / p["h2d_pinned_gbps"])])
+    dev_rows = [[bl.format_size(p["size"]), fmt(p["device_input"]["gbps"]), fmt(p["peer_copy_gbps"]),
+                 pct(p["device_input"]["gbps"] / p["peer_copy_gbps"]),
+                 yes_no(p["device_input"]["gbps"] / p["peer_copy_gbps"] >= PEER_RATIO_MIN) + " (>= 90%)"
+                 if p["size"] >= bl.LARGE_BYTES else "-"]
+                for p in points if p["size"] in bl.TABLE_SIZES or len(points) <= 7]
+    ref_rows = [[bl.format_size(p["size"]), fmt(p["peer_copy_gbps"]), fmt(p["h2d_pinned_gbps"]), fmt(p["h2d_pageable_gbps"])]
+                for p in points if p["size"] in bl.TABLE_SIZES or len(points) <= 7]
+    return ("## 3. Input replication\n\n"
+            "One input delivered to every GPU, through `EngineRunner.infer` of a program that does nothing. Bandwidth = "
+            "input bytes / median call time (each GPU receives them all). auto: the runner's own choice (in brackets), "
+            "checked against the fastest of the three modes at the same size.\n\n"
+            "References measured in the same run (GB/s):\n\n"
+            + md_table(["size", "peer copy GPU0->GPU1", "pinned H2D", "pageable H2D"], ref_rows) + "\n\n"
+            "Host inputs (GB/s):\n\n"
+            + md_table(["size", "host memory", "host", "peer", "broadcast", "auto (choice)", "auto vs best",
+                        "auto within 5%", "best / peer copy", "best / pinned H2D"], rows) + "\n\n"
+            "A device input on the first GPU, copied peer-to-peer to the others by the runner:\n\n"
+            + md_table(["size", "GB/s", "peer copy GB/s", "ratio", "target met"], dev_rows) + "\n\n"
+            + image(plots, "replication", base))
+
+
+def bringup_section(b: dict) -> str:
+    if not b or b.get("error") or "in_process" not in b:
+        return "## 4. Bring-up\n\nNot measured" + (f": {b.get('error')}" if b else "") + ".\n"
+    ip, fx, td = b["in_process"], b.get("file_exchange") or {}, b.get("torch_distributed") or {}
+    warm = ip["warm_median_s"]
+    rows = [[f"DeviceGroup(gpus=...) in one process, warm (median of {len(ip['warm_s'])})", fmt(warm * 1e3), "-", "reference"],
+            ["DeviceGroup(gpus=...) in one process, cold (first: CUDA contexts, NCCL load)", fmt(ip["cold_s"] * 1e3), "-",
+             f"{ip['cold_s'] / warm:.1f}x"]]
+    for name, info in (("file exchange: DeviceGroup.from_env(), one process per GPU", fx),
+                       ("torch.distributed init + first all_reduce, one process per GPU", td)):
+        if info.get("group_median_s") is not None:
+            rows.append([name, fmt(info["group_median_s"] * 1e3), fmt(info["wall_median_s"] * 1e3),
+                         f"{info['group_median_s'] / warm:.1f}x"])
+        else:
+            reason = info.get("reason") or ("failed: " + "; ".join(" ".join(e.get("stderr") or []) for e in info.get("errors", [])))
+            rows.append([name, NA, NA, reason or NA])
+    return ("## 4. Bring-up\n\n"
+            f"Time to a ready group of {b.get('world_size')} GPUs. \"Group\" is the creation call itself (slowest rank); "
+            "\"wall\" runs from starting the processes to every rank ready (interpreter, imports, CUDA, NCCL). No "
+            "target: the ratio is to the warm in-process creation.\n\n"
+            + md_table(["path", "group (ms)", "wall (ms)", "ratio to in-process warm"], rows) + "\n")
+
+
+def render_markdown(results: dict, markdown_path: str, results_path: str | None = None) -> str:
+    """The whole BENCHMARKS.md. Plot paths in results are relative to results.json's folder."""
+    json_dir = os.path.dirname(os.path.abspath(results_path)) if results_path else os.getcwd()
+    base = os.path.relpath(json_dir, os.path.dirname(os.path.abspath(markdown_path)) or ".")
+    plots = results.get("plots") or {}
+    machine = results.get("machine") or {}
+    verdicts = evaluate_targets(results)
+    parts = ["# mdtrt benchmarks\n",
+             f"Measured {machine.get('date') or results.get('started') or NA} with `{results.get('command', 'python benchmarks/run_all.py')}`"
+             f"{' (quick mode: fewer sizes and iterations)' if results.get('quick') else ''}. Every number below was "
+             "measured in that one run; references that could not be measured say so.\n",
+             machine_section(machine), summary_section(verdicts),
+             collectives_section(results.get("collectives") or {}, plots, base),
+             fanout_section(results.get("fanout") or {}, plots, base),
+             replication_section(results.get("replication") or {}, plots, base),
+             bringup_section(results.get("bringup") or {})]
+    durations = results.get("durations_s") or {}
+    if durations:
+        parts.append("## Run\n\n" + md_table(["benchmark", "seconds", "status"],
+                                            [[k, fmt(v, 1), (results.get(k) or {}).get("error", "ok") if isinstance(results.get(k), dict) else "ok"]
+                                             for k, v in durations.items()]) + "\n")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    results = bl.read_json(args.results)
+    if args.render_plots:
+        import plots
+
+        results["plots"] = plots.render_all(results, os.path.dirname(os.path.abspath(args.results)))
+        bl.write_json(args.results, results)
+    text = render_markdown(results, args.markdown, args.results)
+    with open(args.markdown, "w") as f:
+        f.write(text)
+    verdicts = evaluate_targets(results)
+    print(f"wrote {args.markdown}: {sum(v['met'] is True for v in verdicts)} targets met, "
+          f"{sum(v['met'] is False for v in verdicts)} missed, {sum(v['met'] is None for v in verdicts)} not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Runs the four mdtrt benchmarks in one go and writes results.json plus PNG plots:
+
+  1. bench_collectives.py  the eight collectives, ours against raw NCCL (bus bandwidth, latency)
+  2. bench_fanout.py       EngineRunner.infer overhead on 1 and 2 GPUs against a bare loop
+  3. bench_replication.py  host input to every GPU: host / peer / broadcast / auto
+  4. bench_bringup.py      DeviceGroup creation: in one process against the file-exchange path
+
+Each benchmark runs in its own process with a deadline (a hang or crash costs only that
+benchmark); the whole run stays under --budget seconds (default: 330, quick 100).
+
+    python benchmarks/run_all.py --out results/ [--quick] [--gpus 0,1] [--nccl-tests-dir DIR]
+    python benchmarks/report.py results/results.json --markdown BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
+BENCHMARKS = ("collectives", "fanout", "replication", "bringup")
+# Seconds per benchmark process (full, quick): caps, not expected durations; the run's budget
+# caps them again.
+PROCESS_LIMITS = {"collectives": (190, 58), "fanout": (30, 15), "replication": (75, 28), "bringup": (45, 22)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results", help="folder for results.json, the plots and each benchmark's JSON")
+    p.add_argument("--quick", action="store_true", help="sizes 1K,64K,1M,64M,256M and fewer iterations (~1.5 min)")
+    p.add_argument("--gpus", default="0,1", help="GPU ids, comma-separated (default 0,1)")
+    p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional reference)")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"benchmarks to run (default: {','.join(BENCHMARKS)})")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 330, quick 100)")
+    p.add_argument("--markdown", default=None, help="also write this BENCHMARKS.md (same as report.py)")
+    return p
+
+
+def bench_command(name: str, args, part_path: str, limit: float) -> list[str]:
+    cmd = bl.python_command(f"bench_{name}.py", "--out", part_path, "--gpus", args.gpus)
+    if args.quick:
+        cmd.append("--quick")
+    if name == "collectives":
+        cmd += ["--timeout", str(int(limit - 12))]  # leaves time to write its JSON
+        if args.nccl_tests_dir:
+            cmd += ["--nccl-tests-dir", args.nccl_tests_dir]
+    elif name == "replication":
+        cmd += ["--timeout", str(int(limit - 8))]
+    elif name == "bringup" and not args.quick:
+        cmd.append("--torch-reference")
+    return cmd
+
+
+def run(args) -> dict:
+    out_dir = os.path.abspath(args.out)
+    parts_dir = os.path.join(out_dir, "parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    budget = bl.Deadline(args.budget or (100 if args.quick else 330))
+    gpus = bl.parse_gpus(args.gpus)
+    selected = [b for b in args.only.split(",") if b]
+    unknown = [b for b in selected if b not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")
+    results: dict = {"command": " ".join(["python", "benchmarks/run_all.py", *sys.argv[1:]]), "quick": args.quick,
+                     "started": bl.utc_now(), "gpus": gpus, "durations_s": {}, "runs": {}}
+    results["machine"] = bl.machine_info(gpus)
+    bl.write_json(os.path.join(out_dir, "results.json"), results)
+    for name in selected:
+        limit = min(PROCESS_LIMITS[name][1 if args.quick else 0], budget.left() - 8)
+        if limit < 10:
+            results[name] = {"error": "not run: the run's time budget was spent"}
+            continue
+        part = os.path.join(parts_dir, f"{name}.json")
+        if os.path.exists(part):
+            os.remove(part)
+        print(f"[run_all] {name} (at most {limit:.0f} s) ...", flush=True)
+        start = time.monotonic()
+        r = bl.run_command(bench_command(name, args, part, limit), timeout=limit)
+        results["durations_s"][name] = time.monotonic() - start
+        results["runs"][name] = {"rc": r["rc"], "timed_out": r["timed_out"], "stdout": bl.tail(r["stdout"], 8),
+                                 "stderr": bl.tail(r["stderr"], 25)}
+        if os.path.exists(part):
+            results[name] = bl.read_json(part)  # partial results survive a timeout
+            if r["rc"] != 0:
+                results[name]["incomplete"] = (f"timed out after {limit:.0f} s" if r["timed_out"]
+                                               else f"exit status {r['rc']}: {bl.tail(r['stderr'], 3)}")
+        else:
+            results[name] = {"error": (f"timed out after {limit:.0f} s" if r["timed_out"] else
+                                       f"exit status {r['rc']}: {bl.tail(r['stderr'], 3)}")}
+        print(f"[run_all] {name}: {'ok' if r['rc'] == 0 else results[name].get('error') or results[name].get('incomplete')}"
+              f" ({results['durations_s'][name]:.1f} s)", flush=True)
+        bl.write_json(os.path.join(out_dir, "results.json"), results)
+    try:
+        import plots
+
+        results["plots"] = plots.render_all(results, out_dir)
+    except ImportError as error:
+        results["plots"] = {}
+        results["plots_error"] = f"no plots: {error} (pip install matplotlib, then report.py --render-plots)"
+    results["finished"] = bl.utc_now()
+    bl.write_json(os.path.join(out_dir, "results.json"), results)
+    return results
+
+
+def print_summary(results: dict) -> None:
+    import report
+
+    print("\nTargets:")
+    for v in report.evaluate_targets(results):
+        print(f"  [{ {True: 'met', False: 'MISSED', None: 'n/a'}[v['met']]:>6}] {v['target']}: {v['value']}"
+              + (f" -- {v['why']}" if v["why"] and v["met"] is not True else ""))
+    print(f"Durations: " + ", ".join(f"{k} {v:.0f} s" for k, v in results.get("durations_s", {}).items()))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.monotonic()
+    results = run(args)
+    out_dir = os.path.abspath(args.out)
+    print_summary(results)
+    if args.markdown:
+        import report
+
+        with open(args.markdown, "w") as f:
+            f.write(report.render_markdown(results, args.markdown, os.path.join(out_dir, "results.json")))
+        print(f"wrote {args.markdown}")
+    print(f"wrote {os.path.join(out_dir, 'results.json')} and {len(results.get('plots') or {})} plots "
+          f"in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

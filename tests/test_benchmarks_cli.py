@@ -1,0 +1,204 @@
+"""The benchmark scripts (benchmarks/) on a machine without GPUs: each imports and answers --help,
+and report.py turns a synthetic results.json into BENCHMARKS.md tables with target verdicts.
+The benchmarks themselves need GPUs: they are scripts, not tests."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = ["run_all.py", "bench_collectives.py", "bench_fanout.py", "bench_replication.py", "bench_bringup.py",
+           "report.py"]
+OPS = ["all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter"]
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+@pytest.fixture(scope="module")
+def bench_modules():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield {name: importlib.import_module(name) for name in ("benchlib", "report", "plots")}
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_help(script):
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    r = subprocess.run([sys.executable, str(BENCH_DIR / script), "--help"], capture_output=True, text=True, timeout=60,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert "usage" in r.stdout.lower()
+
+
+@pytest.mark.parametrize("module", [s[:-3] for s in SCRIPTS] + ["benchlib", "plots"])
+def test_module_imports_without_gpu_libraries(module):
+    # Importing a script must not import torch or touch CUDA: CI has neither.
+    code = (f"import sys; sys.path.insert(0, {str(BENCH_DIR)!r}); import {module}; "
+            "assert 'torch' not in sys.modules, 'imported torch at module level'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_nccl_tests_conventions(bench_modules):
+    bl = bench_modules["benchlib"]
+    assert bl.bus_factor("all_reduce", 2) == 1.0
+    assert bl.bus_factor("all_reduce", 8) == pytest.approx(1.75)
+    assert bl.bus_factor("broadcast", 8) == bl.bus_factor("reduce", 8) == 1.0
+    for op in ("all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"):
+        assert bl.bus_factor(op, 4) == pytest.approx(0.75)
+    # S is the larger buffer: the whole output of all_gather/gather, the whole input of reduce_scatter/scatter.
+    assert bl.buffer_elements("all_gather", 1 * MiB, 2) == (256 * KiB, 512 * KiB)
+    assert bl.buffer_elements("reduce_scatter", 1 * MiB, 2) == (512 * KiB, 256 * KiB)
+    assert bl.buffer_elements("all_reduce", 1 * KiB, 2) == (512, 512)
+    p = bl.point("all_reduce", 1 * GiB, 0.01, 2)
+    assert p["algbw_gbps"] == pytest.approx(GiB / 0.01 / 1e9) and p["busbw_gbps"] == pytest.approx(p["algbw_gbps"])
+    assert bl.parse_sizes("1K,64M,1G") == [KiB, 64 * MiB, GiB]
+    assert bl.format_size(256 * MiB) == "256 MiB" and bl.full_sizes(4)[-1] == GiB and len(bl.full_sizes(2)) == 21
+
+
+def test_output_parsers():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import bench_collectives as bc
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    sample = """[I] Rank 0 - ALL_REDUCE PASSED
+Summary: backend nccl, float16, input [1, 512] per rank, world 2 ranks, random inputs (seed 1); ranks in this process: 0, 1
+op              result  checked  output           median(us)   algbw(GB/s)   busbw(GB/s)
+all_reduce      PASSED  2/2      [1, 512]              12.50         0.082         0.082
+gather          PASSED  1/1      [1, 1024]             10.00         0.205         0.102
+scatter         SKIPPED 0/0      -                         -             -             -
+"""
+    rows = bc.parse_sample_table(sample)
+    assert [r["op"] for r in rows] == ["all_reduce", "gather"]
+    assert rows[0]["time_us"] == 12.5 and rows[1]["busbw_gbps"] == pytest.approx(0.102)
+    nccl_tests = """#       size         count      type   redop    root     time   algbw   busbw #wrong     time   algbw   busbw #wrong
+#        (B)    (elements)                               (us)  (GB/s)  (GB/s)            (us)  (GB/s)  (GB/s)
+        1024           512      half     sum      -1    10.51    0.10    0.10    N/A    10.20    0.10    0.10    N/A
+  1073741824     536870912      half     sum      -1   3100.0  346.37  346.37    N/A   3090.0  347.49  347.49    N/A
+# Avg bus bandwidth    : 173.2
+"""
+    rows = bc.parse_nccl_tests(nccl_tests)
+    assert [r["size"] for r in rows] == [1024, GiB] and rows[1]["busbw_gbps"] == pytest.approx(346.37)
+
+
+def synthetic_results(bl) -> dict:
+    """A plausible results.json of 2 GPUs: ours meets every target except all_to_all's latency and
+    the pageable host input's peer-copy ratio (PCIe-bound)."""
+    n = 2
+    peer = 370.0
+    sizes = bl.full_sizes(4)
+
+    def raw_time(op, size):
+        return 15e-6 + size * bl.bus_factor(op, n) / (peer * 1e9)
+
+    ours, percall, batched = {}, {}, {}
+    for op in OPS:
+        extra = 25e-6 if op == "all_to_all" else 4e-6
+        ours[op] = [bl.point(op, s, raw_time(op, s) + extra, n, median_us=(raw_time(op, s) + extra) * 1e6) for s in sizes]
+        percall[op] = [bl.point(op, s, raw_time(op, s), n) for s in sizes]
+        batched[op] = [bl.point(op, s, raw_time(op, s) - 5e-6, n) for s in sizes]
+    collectives = {"benchmark": "collectives", "gpus": [0, 1], "world_size": n, "dtype": "float16", "sizes": sizes,
+                   "ops": OPS, "link_limit": {"peer_copy_gbps": peer, "peer_copy_reverse_gbps": 368.0},
+                   "ours": {"method": "DeviceGroup.collective", "series": ours},
+                   "raw": {"available": True, "method": "torch.distributed", "torch_version": "2.11.0",
+                           "raw_percall": percall, "raw_batched": batched},
+                   "sample": {"available": True, "method": "sample_dist_collective",
+                              "series": {"all_reduce": [{"size": 64 * MiB, "time_us": 200.0, "algbw_gbps": 335.0,
+                                                         "busbw_gbps": 335.0}]}},
+                   "nccl_tests": {"available": False, "reason": "not run (no --nccl-tests-dir)"}}
+    fanout = {"benchmark": "fanout", "nbytes": KiB, "iterations": 1000, "rounds": 3,
+              "bare": {"median_us": 9.0, "p10_us": 8.8, "p90_us": 9.5},
+              "torch_loop": {"median_us": 14.0, "p10_us": 13.0, "p90_us": 15.0},
+              "runner": {"1": {"median_us": 18.0, "added_us": 9.0}, "2": {"median_us": 24.0, "added_us": 15.0}}}
+    points = []
+    for s in bl.full_sizes(4):
+        t_h2d = s / 50e9
+        def mode(t):
+            return {"median_us": t * 1e6, "gbps": s / t / 1e9}
+        pageable = {"auto_choice": "peer" if s >= MiB else "host", "host": mode(2.2 * t_h2d + 20e-6),
+                    "peer": mode(1.05 * t_h2d + 25e-6), "broadcast": mode(1.1 * t_h2d + 40e-6)}
+        pageable["auto"] = dict(pageable["peer" if s >= MiB else "host"])
+        pinned = {k: (dict(v) if isinstance(v, dict) else v) for k, v in pageable.items()}
+        points.append({"size": s, "peer_copy_gbps": peer, "h2d_pinned_gbps": 53.0, "h2d_pageable_gbps": 20.0,
+                       "pageable": pageable, "pinned": pinned,
+                       "device_input": {"median_us": (s / (0.95 * peer * 1e9) + 10e-6) * 1e6,
+                                        "gbps": s / (s / (0.95 * peer * 1e9) + 10e-6) / 1e9}})
+    replication = {"benchmark": "replication", "gpus": [0, 1], "sizes": sizes, "points": points}
+    bringup = {"benchmark": "bringup", "world_size": 2,
+               "in_process": {"cold_s": 2.5, "warm_s": [0.4, 0.5, 0.45], "warm_median_s": 0.45},
+               "file_exchange": {"group_median_s": 1.1, "wall_median_s": 3.2, "runs": []},
+               "torch_distributed": {"available": False, "reason": "not run (no --torch-reference)"}}
+    machine = {"date": "2026-05-09 12:00:00 UTC", "gpu_names": ["NVIDIA H200"], "gpu_count": 2, "gpus_used": [0, 1],
+               "driver": "580.00", "cuda_runtime": "13.0", "cuda_driver": "13.0", "nccl_version": "2.28.9",
+               "torch_version": "2.11.0", "torch_cuda": "13.0", "torch_nccl_version": "2.28.9",
+               "topology": "\tGPU0\tGPU1\nGPU0\t X \tNV18\nGPU1\tNV18\t X \n"}
+    return {"command": "python benchmarks/run_all.py --out results/", "quick": False, "machine": machine,
+            "collectives": collectives, "fanout": fanout, "replication": replication, "bringup": bringup,
+            "plots": {"collectives_busbw": "collectives_busbw.png", "replication": "replication.png"},
+            "durations_s": {"collectives": 120.0, "fanout": 10.0, "replication": 40.0, "bringup": 30.0}}
+
+
+def test_report_renders_synthetic_results(bench_modules, tmp_path):
+    bl, report = bench_modules["benchlib"], bench_modules["report"]
+    results = synthetic_results(bl)
+    (tmp_path / "results").mkdir()
+    json_path = tmp_path / "results" / "results.json"
+    json_path.write_text(json.dumps(results))
+    md_path = tmp_path / "BENCHMARKS.md"
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "report.py"), str(json_path), "--markdown", str(md_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    md = md_path.read_text()
+    for heading in ("## Machine", "## Targets", "## 1. Collective bandwidth", "## 2. Fan-out overhead",
+                    "## 3. Input replication", "## 4. Bring-up"):
+        assert heading in md
+    for op in OPS:
+        assert f"### {op}\n" in md
+    assert "NVIDIA H200 x 2" in md and "NV18" in md and "2.28.9" in md and "2026-05-09" in md
+    # Table rows: a readable subset of sizes, with ratios and verdicts.
+    assert "| 1 GiB |" in md and "| 4 KiB |" not in md.split("## 2.")[0].split("## 1.")[1]
+    assert "ours/raw" in md and "target met" in md
+    # Plots referenced relative to the markdown file.
+    assert "](results/collectives_busbw.png)" in md
+    verdicts = {v["target"]: v for v in report.evaluate_targets(results)}
+    assert verdicts["all_reduce: bus bandwidth >= 97% of raw NCCL at >= 64 MiB"]["met"] is True
+    assert verdicts["all_to_all: <= 10 us added latency at 1 KiB"]["met"] is False
+    assert "15.0 us over" in verdicts["all_to_all: <= 10 us added latency at 1 KiB"]["why"]
+    assert verdicts["all_reduce: <= 10 us added latency at 1 KiB"]["met"] is True
+    assert verdicts["EngineRunner.infer on N=2: <= 20 us added per call"]["met"] is True
+    pageable = verdicts["pageable host input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)"]
+    assert pageable["met"] is False and "PCIe" in pageable["why"]
+    assert verdicts["device input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)"]["met"] is True
+    assert verdicts["auto never > 5% slower than the best of host/peer/broadcast"]["met"] is True
+    assert "**no**" in md and "| yes |" in md
+    assert "not available: not run (no --nccl-tests-dir)" in md
+
+
+def test_report_marks_missing_references(bench_modules, tmp_path):
+    bl, report = bench_modules["benchlib"], bench_modules["report"]
+    results = synthetic_results(bl)
+    results["collectives"]["raw"] = {"available": False, "reason": "PyTorch is not installed"}
+    results["fanout"] = {"error": "timed out after 30 s"}
+    md = report.render_markdown(results, str(tmp_path / "BENCHMARKS.md"), str(tmp_path / "results.json"))
+    verdicts = report.evaluate_targets(results)
+    unmeasured = [v for v in verdicts if v["met"] is None]
+    assert len(unmeasured) == 2 * len(OPS) + 1
+    assert "PyTorch is not installed" in md and "timed out after 30 s" in md
+    assert "n/a" in md
+
+
+def test_plots_render_synthetic_results(bench_modules, tmp_path):
+    pytest.importorskip("matplotlib")
+    files = bench_modules["plots"].render_all(synthetic_results(bench_modules["benchlib"]), str(tmp_path))
+    assert set(files) == {"collectives_busbw", "collectives_latency", "replication", "fanout"}
+    for name in files.values():
+        assert (tmp_path / name).stat().st_size > 10_000
