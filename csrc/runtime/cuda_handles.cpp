@@ -5,10 +5,10 @@
 namespace mdtrt {
 
 bool wait_stream(cudaStream_t stream, const Deadline& deadline) {
-  // Spin briefly (latency-bound engines finish in microseconds), then back off to sleeping so a
-  // long engine does not burn a core per rank.
-  auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(200);
-  int sleep_us = 20;
+  // Spin first (most engines and collectives finish within milliseconds, and a sleep would add its
+  // own length to every call), then sleep in short steps so a long engine does not burn a core.
+  auto spin_until = Deadline::Clock::now() + std::chrono::milliseconds(5);
+  int sleep_us = 10;
   for (;;) {
     cudaError_t status = cudaStreamQuery(stream);
     if (status == cudaSuccess) return true;
@@ -18,7 +18,7 @@ bool wait_stream(cudaStream_t stream, const Deadline& deadline) {
       std::this_thread::yield();
     } else {
       std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
-      if (sleep_us < 1000) sleep_us *= 2;
+      if (sleep_us < 100) sleep_us *= 2;
     }
   }
 }

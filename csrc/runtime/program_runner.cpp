@@ -103,6 +103,7 @@ std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) {
 
 std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<InputArg>>& inputs,
                                              const InferOptions& options) {
+  std::lock_guard<std::mutex> call_lock(infer_mutex_);
   RankRuntime& runtime = group_->runtime();
   const int n = runtime.num_local_ranks();
   if (static_cast<int>(inputs.size()) != n)
@@ -144,11 +145,17 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
   }
 
   // Device inputs must not be read before the caller's stream has produced them.
-  CudaEvent caller_ready;
+  cudaEvent_t caller_ready = nullptr;
   if (options.caller_stream != nullptr) {
-    caller_ready = CudaEvent(options.caller_device, false);
+    auto it = std::find_if(caller_events_.begin(), caller_events_.end(),
+                           [&](const auto& e) { return e.first == options.caller_device; });
+    if (it == caller_events_.end()) {
+      caller_events_.emplace_back(options.caller_device, CudaEvent(options.caller_device, false));
+      it = caller_events_.end() - 1;
+    }
+    caller_ready = it->second.get();
     ScopedDevice on(options.caller_device);
-    MDTRT_CUDA_CHECK(cudaEventRecord(caller_ready.get(), options.caller_stream));
+    MDTRT_CUDA_CHECK(cudaEventRecord(caller_ready, options.caller_stream));
   }
 
   std::vector<StagingProgress> progress(num_inputs);
@@ -175,7 +182,7 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
     RankProgram& program = *programs_[i];
     cudaStream_t stream = ctx.stream;
     if (bufs.done.get() == nullptr) bufs.done = CudaEvent(ctx.device, false);
-    if (caller_ready.get() != nullptr) MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, caller_ready.get(), 0));
+    if (caller_ready != nullptr) MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, caller_ready, 0));
 
     std::vector<TensorView> views(num_inputs);
     bool staging_source = false;

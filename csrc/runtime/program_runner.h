@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -94,6 +95,8 @@ class ProgramRunner {
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
   std::vector<RankBuffers> buffers_;
+  std::vector<std::pair<int, CudaEvent>> caller_events_;
+  std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers  // per caller device, reused across calls
   int abort_hook_ = -1;
   Replication last_replication_ = Replication::kHost;
 };

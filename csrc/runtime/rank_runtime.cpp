@@ -8,6 +8,11 @@
 namespace mdtrt {
 namespace {
 constexpr double kGraceAfterAbortSeconds = 10.0;
+// Spinning saves a thread wake-up per rank per call, but only pays when every rank thread and the
+// caller have a core of their own; on small machines it would steal the cores doing the work.
+const bool kSpin = std::thread::hardware_concurrency() >= 8;
+const int kWorkerSpinMicros = kSpin ? 200 : 0;   // how long an idle rank thread looks for new work
+const int kCallerSpinMicros = kSpin ? 2000 : 0;  // how long the caller looks for completion
 
 std::string join_ranks(const std::vector<int>& ranks) {
   std::string s;
@@ -36,15 +41,13 @@ void RankWorker::abandon() {
   if (thread_.joinable()) thread_.detach();
 }
 
-std::future<void> RankWorker::post(std::function<void()> task) {
-  std::packaged_task<void()> packaged(std::move(task));
-  auto future = packaged.get_future();
+void RankWorker::post(std::function<void()> task) {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    tasks_.push_back(std::move(packaged));
+    tasks_.push_back(std::move(task));
+    pending_.fetch_add(1, std::memory_order_release);
   }
   wake_.notify_one();
-  return future;
 }
 
 void RankWorker::loop() {
@@ -59,17 +62,58 @@ void RankWorker::loop() {
     return;
   }
   for (;;) {
-    std::packaged_task<void()> task;
+    // Back-to-back calls post the next task within microseconds: spin a little before sleeping,
+    // so that a call does not pay a thread wake-up per rank.
+    const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(kWorkerSpinMicros);
+    while (pending_.load(std::memory_order_acquire) == 0 && Deadline::Clock::now() < spin_until)
+      std::this_thread::yield();
+    std::function<void()> task;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [this] { return stopping_ || !tasks_.empty(); });
       if (tasks_.empty()) return;  // stopping with nothing left to do
       task = std::move(tasks_.front());
       tasks_.pop_front();
+      pending_.fetch_sub(1, std::memory_order_relaxed);
     }
     task();
   }
 }
+
+namespace {
+// Completion of one run_on_all call, shared with the tasks (a task that outlives a deadline must
+// not touch the caller's stack).
+struct Completion {
+  explicit Completion(size_t n) : finished(new std::atomic<bool>[n]), errors(n) {
+    for (size_t i = 0; i < n; ++i) finished[i] = false;
+  }
+  void finish(size_t i, std::exception_ptr error) {
+    errors[i] = std::move(error);
+    finished[i].store(true, std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+    changed.notify_all();
+  }
+  // Spins briefly (a fast call finishes within microseconds), then sleeps until `count` tasks are
+  // done or the deadline passes.
+  bool wait_for(int count, Deadline::Clock::time_point deadline) {
+    const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(kCallerSpinMicros);
+    while (done.load(std::memory_order_acquire) < count && Deadline::Clock::now() < spin_until)
+      std::this_thread::yield();
+    std::unique_lock<std::mutex> lock(mutex);
+    return changed.wait_until(lock, deadline, [&] { return done.load(std::memory_order_acquire) >= count; });
+  }
+  bool is_finished(size_t i) const { return finished[i].load(std::memory_order_acquire); }
+
+  std::atomic<int> done{0};
+  std::unique_ptr<std::atomic<bool>[]> finished;
+  std::vector<std::exception_ptr> errors;
+  std::mutex mutex;
+  std::condition_variable changed;
+};
+}  // namespace
 
 RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int world_size)
     : devices_(std::move(devices)), ranks_(std::move(ranks)), world_size_(world_size) {
@@ -135,25 +179,26 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
   }
   const Deadline deadline = Deadline::after_seconds(timeout_seconds);
   const size_t n = workers_.size();
-  std::vector<std::shared_future<void>> futures(n);
+  auto completion = std::make_shared<Completion>(n);
+  auto task_fn = std::make_shared<std::function<void(RankContext&)>>(fn);
   std::vector<bool> posted(n, false);
   auto post = [&](size_t i) {
     RankContext* ctx = &contexts_[i];
     ctx->deadline = deadline;
-    futures[i] = workers_[i]->post([ctx, &fn] { fn(*ctx); }).share();
+    workers_[i]->post([completion, task_fn, ctx, i] {
+      std::exception_ptr error;
+      try {
+        (*task_fn)(*ctx);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      completion->finish(i, error);
+    });
     posted[i] = true;
-  };
-  auto failure = [](const std::shared_future<void>& f) -> std::exception_ptr {
-    try {
-      f.get();
-    } catch (...) {
-      return std::current_exception();
-    }
-    return nullptr;
   };
   // A rank may hit the deadline inside its own wait (a collective that never completes) and
   // report a timeout error itself: that counts as the group's timeout too.
-  auto is_timeout = [](std::exception_ptr p) {
+  auto is_timeout = [](const std::exception_ptr& p) {
     if (!p) return false;
     try {
       std::rethrow_exception(p);
@@ -165,20 +210,22 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
   };
 
   bool timed_out = false;
-  if (!sequential)
-    for (size_t i = 0; i < n; ++i) post(i);
-  for (size_t i = 0; i < n; ++i) {
-    if (sequential) post(i);
-    if (futures[i].wait_until(deadline.at()) != std::future_status::ready) {
-      timed_out = true;
-      break;
+  if (sequential) {
+    for (size_t i = 0; i < n; ++i) {
+      post(i);
+      if (!completion->wait_for(static_cast<int>(i) + 1, deadline.at())) {
+        timed_out = true;
+        break;
+      }
+      if (completion->errors[i]) break;  // later ranks would only fail on what it left
     }
-    if (sequential && failure(futures[i])) break;  // later ranks would only fail on what it left
+  } else {
+    for (size_t i = 0; i < n; ++i) post(i);
+    timed_out = !completion->wait_for(static_cast<int>(n), deadline.at());
   }
   std::vector<int> unfinished, never_started;
   for (size_t i = 0; i < n; ++i) {
-    if (posted[i] && (futures[i].wait_for(std::chrono::seconds(0)) != std::future_status::ready ||
-                      is_timeout(failure(futures[i]))))
+    if (posted[i] && (!completion->is_finished(i) || is_timeout(completion->errors[i])))
       unfinished.push_back(ranks_[i]);
   }
   timed_out = timed_out || !unfinished.empty();
@@ -191,8 +238,11 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
     const Deadline grace = Deadline::after_seconds(kGraceAfterAbortSeconds);
     bool stuck = false;
     stuck_.assign(n, false);
+    int expected = 0;
+    for (size_t i = 0; i < n; ++i) expected += posted[i] ? 1 : 0;
+    completion->wait_for(expected, grace.at());
     for (size_t i = 0; i < n; ++i) {
-      if (posted[i] && futures[i].wait_until(grace.at()) != std::future_status::ready) stuck = stuck_[i] = true;
+      if (posted[i] && !completion->is_finished(i)) stuck = stuck_[i] = true;
     }
     char seconds[32];
     std::snprintf(seconds, sizeof(seconds), "%g s", timeout_seconds);
@@ -212,9 +262,9 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
 
   // All finished: re-raise the first failure in rank order, attributed to its rank.
   for (size_t i = 0; i < n; ++i) {
-    if (!posted[i]) continue;
+    if (!posted[i] || !completion->errors[i]) continue;
     try {
-      futures[i].get();
+      std::rethrow_exception(completion->errors[i]);
     } catch (const Error& e) {
       throw e.with_rank(ranks_[i]);
     } catch (const std::exception& e) {

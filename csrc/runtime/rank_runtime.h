@@ -4,6 +4,7 @@
 // communicators, unblock programs) and the error names the ranks that did not finish.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -28,7 +29,8 @@ class RankWorker {
   RankWorker(const RankWorker&) = delete;
   RankWorker& operator=(const RankWorker&) = delete;
 
-  std::future<void> post(std::function<void()> task);
+  // Queues a task; the worker runs tasks in order. Tasks report their own completion.
+  void post(std::function<void()> task);
   cudaStream_t stream() const { return stream_.get(); }
   int device() const { return device_; }
   // Leaves the thread running forever (it is stuck in a task that ignored abort); used so that a
@@ -43,7 +45,8 @@ class RankWorker {
   CudaStream stream_;
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::deque<std::packaged_task<void()>> tasks_;
+  std::deque<std::function<void()>> tasks_;
+  std::atomic<int> pending_{0};  // lets the worker spin on new work without taking the lock
   bool stopping_ = false;
   std::thread thread_;
   std::promise<void> started_;

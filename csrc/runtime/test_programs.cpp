@@ -46,7 +46,7 @@ void CopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& input
 }
 
 std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {
-  return {{"output", DType::kUInt8, {1}}};
+  return {{"output", dtype_, {1}}};
 }
 
 std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations) {

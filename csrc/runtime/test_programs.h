@@ -57,7 +57,7 @@ class CopyProgram : public RankProgram {
   void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
                const std::vector<TensorView>& outputs) override;
 
- private:
+ protected:
   DType dtype_;
 };
 
