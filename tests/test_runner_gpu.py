@@ -40,10 +40,7 @@ def test_replicated_host_input_reaches_every_rank(group, mode, nbytes):
         expected = np.tile(x, len(group))
         for rank, out in enumerate(outs):
             np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}, {mode}, trial {trial}")
-    if mode != "auto":
-        assert runner.last_replication == mode
-    else:
-        assert runner.last_replication == ("peer" if nbytes >= (1 << 20) and group.peer_access[0][1] else "host")
+    assert runner.last_replication == ("host" if mode == "auto" else mode)
 
 
 def test_default_returns_first_rank_only(group):

@@ -167,10 +167,10 @@ void Communicator::check(nccl::Result r, const char* call, const Deadline& deadl
   nccl_check(r, call, comm_);
 }
 
-std::unique_ptr<Communicator> Communicator::split(int color, int key, const Deadline& deadline) {
+std::unique_ptr<Communicator> Communicator::split(int color, int key, const Deadline& deadline, bool blocking) {
   nccl::Comm child = nullptr;
   nccl::Config config;
-  config.blocking = 0;
+  config.blocking = blocking ? 1 : 0;
   ScopedDevice on(device_);
   check(nccl::api().CommSplit(comm_, color, key, &child, &config), "ncclCommSplit", deadline);
   wait_ready(deadline, "ncclCommSplit");

@@ -47,8 +47,11 @@ class Communicator {
   void check(nccl::Result r, const char* call, const Deadline& deadline);
 
   // Collective over every rank of this communicator: ranks with the same color form a new
-  // communicator, ordered by key. Returns nullptr for color kSplitNoColor.
-  std::unique_ptr<Communicator> split(int color, int key, const Deadline& deadline);
+  // communicator, ordered by key. Returns nullptr for color kSplitNoColor. A `blocking` child
+  // enqueues its collectives directly (non-blocking ones go through NCCL's asynchronous path and
+  // must be polled, tens of microseconds per call); on a non-blocking parent the split itself
+  // still respects the deadline.
+  std::unique_ptr<Communicator> split(int color, int key, const Deadline& deadline, bool blocking);
 
   // Tears the communicator down now, from any thread; pending and later operations fail.
   void abort();

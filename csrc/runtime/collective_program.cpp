@@ -212,9 +212,11 @@ void CollectiveProgram::bind(RankContext& ctx) {
     st.comm = ctx.world;
     return;
   }
-  // A split is collective over the whole world: non-members take part with no color.
-  st.group = ctx.world->split(st.group_rank >= 0 ? 0 : nccl::kSplitNoColor, std::max(st.group_rank, 0),
-                              ctx.deadline);
+  // A split is collective over the whole world: non-members take part with no color. It goes
+  // through the non-blocking world so that a missing rank ends at the deadline.
+  Communicator* parent = ctx.world_nonblocking != nullptr ? ctx.world_nonblocking : ctx.world;
+  st.group = parent->split(st.group_rank >= 0 ? 0 : nccl::kSplitNoColor, std::max(st.group_rank, 0), ctx.deadline,
+                           /*blocking=*/true);
   st.comm = st.group.get();
 }
 

@@ -59,10 +59,7 @@ DeviceGroup::DeviceGroup(const std::vector<int>& devices, const std::vector<int>
         }
       },
       timeout_seconds_, "enable peer access");
-  abort_hook_ = runtime_->add_abort_hook([this] {
-    for (auto& c : world_)
-      if (c) c->abort();
-  });
+  abort_hook_ = runtime_->add_abort_hook([this] { abort(); });
 }
 
 bool DeviceGroup::all_peer_access() const {
@@ -73,9 +70,20 @@ bool DeviceGroup::all_peer_access() const {
 }
 
 void DeviceGroup::connect(const nccl::UniqueId& id) {
-  world_ = Communicator::create(id, runtime_->world_size(), runtime_->ranks(), runtime_->devices(),
-                                Deadline::after_seconds(timeout_seconds_));
-  for (int i = 0; i < runtime_->num_local_ranks(); ++i) runtime_->context(i).world = world_[i].get();
+  const Deadline deadline = Deadline::after_seconds(timeout_seconds_);
+  world_nonblocking_ = Communicator::create(id, runtime_->world_size(), runtime_->ranks(), runtime_->devices(), deadline);
+  // Every rank is known to be there now: split the blocking twin, all ranks at once (a split is
+  // collective), keeping rank order.
+  world_.resize(world_nonblocking_.size());
+  runtime_->run_on_all(
+      [this, deadline](RankContext& ctx) {
+        world_[ctx.local_index] = world_nonblocking_[ctx.local_index]->split(0, ctx.rank, deadline, true);
+      },
+      timeout_seconds_, "create blocking world communicator");
+  for (int i = 0; i < runtime_->num_local_ranks(); ++i) {
+    runtime_->context(i).world = world_[i].get();
+    runtime_->context(i).world_nonblocking = world_nonblocking_[i].get();
+  }
 }
 
 std::unique_ptr<DeviceGroup> DeviceGroup::create_local(const std::vector<int>& devices, double timeout_seconds) {
@@ -104,14 +112,16 @@ std::unique_ptr<DeviceGroup> DeviceGroup::create_member(const std::vector<int>& 
 }
 
 void DeviceGroup::abort() {
-  for (auto& c : world_)
-    if (c) c->abort();
+  for (auto* comms : {&world_, &world_nonblocking_})
+    for (auto& c : *comms)
+      if (c) c->abort();
 }
 
 DeviceGroup::~DeviceGroup() {
   if (runtime_ && abort_hook_ >= 0) runtime_->remove_abort_hook(abort_hook_);
   // Communicators go before the rank threads; if the runtime broke, they were aborted already.
   world_.clear();
+  world_nonblocking_.clear();
 }
 
 }  // namespace mdtrt

@@ -23,6 +23,7 @@ class DeviceGroup {
 
   RankRuntime& runtime() { return *runtime_; }
   Communicator& world(int local_index) { return *world_.at(local_index); }
+  Communicator& world_nonblocking(int local_index) { return *world_nonblocking_.at(local_index); }
   int num_local_ranks() const { return runtime_->num_local_ranks(); }
   int world_size() const { return runtime_->world_size(); }
   double timeout() const { return timeout_seconds_; }
@@ -38,7 +39,8 @@ class DeviceGroup {
 
   double timeout_seconds_;
   std::unique_ptr<RankRuntime> runtime_;
-  std::vector<std::unique_ptr<Communicator>> world_;
+  std::vector<std::unique_ptr<Communicator>> world_nonblocking_;  // created first: its set-up has a deadline
+  std::vector<std::unique_ptr<Communicator>> world_;              // blocking twin for the data path
   std::vector<std::vector<bool>> peer_;
   int abort_hook_ = -1;
 };

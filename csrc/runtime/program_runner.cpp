@@ -59,10 +59,12 @@ Replication replication_from_name(const std::string& name) {
 
 const char* replication_name(Replication r) { return kReplicationNames[static_cast<int>(r)]; }
 
-Replication choose_replication(Replication requested, size_t bytes, bool all_peer_access, int num_local_ranks) {
-  if (requested != Replication::kAuto) return requested;
-  if (num_local_ranks > 1 && all_peer_access && bytes >= kPeerReplicationMinBytes) return Replication::kPeer;
-  return Replication::kHost;
+Replication choose_replication(Replication requested) {
+  // On 2x H200 (NVLink, a PCIe link per GPU) every GPU copying from host memory itself was the
+  // fastest of the three at every size from 1 KiB to 1 GiB, pinned or pageable, or within 2% of
+  // the peer path (BENCHMARKS.md, section 3): the host links work in parallel and the peer path
+  // adds a hop. Peer copies stay available for machines whose GPUs share host links.
+  return requested == Replication::kAuto ? Replication::kHost : requested;
 }
 
 void bind_programs(RankRuntime& runtime, const std::vector<std::shared_ptr<RankProgram>>& programs,
@@ -87,6 +89,9 @@ ProgramRunner::ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std
                              bool sequential_bind)
     : group_(std::move(group)), programs_(std::move(programs)), buffers_(group_->num_local_ranks()) {
   bind_programs(group_->runtime(), programs_, group_->timeout(), sequential_bind);
+  // Inputs are fixed once bound (an engine's IO does not change): read them once, not per call.
+  for (int i = 0; i < group_->num_local_ranks(); ++i)
+    input_specs_.push_back(programs_[i]->input_specs(group_->runtime().context(i)));
   auto programs_copy = programs_;
   abort_hook_ = group_->runtime().add_abort_hook([programs_copy] {
     for (auto& p : programs_copy) p->abort();
@@ -97,9 +102,7 @@ ProgramRunner::~ProgramRunner() {
   if (abort_hook_ >= 0) group_->runtime().remove_abort_hook(abort_hook_);
 }
 
-std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) {
-  return programs_.at(local_index)->input_specs(group_->runtime().context(local_index));
-}
+std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) { return input_specs_.at(local_index); }
 
 std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<InputArg>>& inputs,
                                              const InferOptions& options) {
@@ -111,7 +114,7 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
                            std::to_string(n) + " local ranks");
   const size_t num_inputs = inputs[0].size();
   for (int i = 0; i < n; ++i) {
-    auto specs = input_specs(i);
+    const auto& specs = input_specs_[i];
     if (inputs[i].size() != specs.size()) {
       std::string names;
       for (auto& s : specs) names += (names.empty() ? "" : ", ") + s.name;
@@ -135,7 +138,7 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
       replicated = inputs[i][k].data == inputs[0][k].data && inputs[i][k].device < 0 &&
                    inputs[i][k].shape == inputs[0][k].shape;
     if (!replicated) continue;
-    modes[k] = choose_replication(options.replication, inputs[0][k].nbytes(), group_->all_peer_access(), n);
+    modes[k] = choose_replication(options.replication);
     if (modes[k] == Replication::kPeer && !group_->all_peer_access())
       throw_invalid_argument("replication='peer' needs peer access between every pair of GPUs in the group, "
                              "which this machine does not give (see `python -m mdtrt doctor`); use 'host' or 'auto'");

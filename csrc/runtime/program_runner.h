@@ -15,7 +15,7 @@ namespace mdtrt {
 
 // How an input that every rank needs gets from one place to every GPU.
 enum class Replication {
-  kAuto,       // pick by size and link (see choose_replication)
+  kAuto,       // the fastest measured on the machines we have (see choose_replication)
   kHost,       // every rank copies from host memory itself
   kPeer,       // one host copy to the first rank, then peer copies over NVLink/PCIe, pipelined in chunks
   kBroadcast,  // one host copy to the first rank, then ncclBroadcast
@@ -23,9 +23,7 @@ enum class Replication {
 Replication replication_from_name(const std::string& name);
 const char* replication_name(Replication r);
 
-// Host inputs at least this large use peer copies when every pair of GPUs has peer access
-// (measured by benchmarks/bench_replication.py; see BENCHMARKS.md).
-constexpr size_t kPeerReplicationMinBytes = 1 << 20;
+// Chunk of the pipelined host -> first GPU -> peers copy.
 constexpr size_t kPeerReplicationChunkBytes = 4 << 20;
 
 struct InputArg {
@@ -94,6 +92,7 @@ class ProgramRunner {
 
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
+  std::vector<std::vector<TensorSpec>> input_specs_;  // per local rank, read after bind
   std::vector<RankBuffers> buffers_;
   std::vector<std::pair<int, CudaEvent>> caller_events_;
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers  // per caller device, reused across calls
@@ -101,6 +100,6 @@ class ProgramRunner {
   Replication last_replication_ = Replication::kHost;
 };
 
-Replication choose_replication(Replication requested, size_t bytes, bool all_peer_access, int num_local_ranks);
+Replication choose_replication(Replication requested);
 
 }  // namespace mdtrt

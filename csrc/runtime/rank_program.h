@@ -21,7 +21,12 @@ struct RankContext {
   int world_size = 1;
   int device = -1;       // CUDA device, -1 in CPU-only test runtimes
   cudaStream_t stream = nullptr;
-  Communicator* world = nullptr;  // the world communicator (nullptr in CPU-only test runtimes)
+  // The world communicator, blocking: for enqueued collectives and for TensorRT's setCommunicator
+  // (nullptr in CPU-only test runtimes).
+  Communicator* world = nullptr;
+  // The same world, non-blocking: for collective set-up steps (splits) that must give up at the
+  // deadline instead of hanging when a rank is missing.
+  Communicator* world_nonblocking = nullptr;
   Deadline deadline = Deadline::never();
 };
 

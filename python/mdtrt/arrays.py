@@ -71,6 +71,15 @@ class ArrayRef:
         return (name, self.ptr, self.nbytes, self.device)
 
 
+_TORCH_DTYPES: dict = {}  # torch dtype -> name, filled on first use (str() of a dtype is slow)
+
+
+def _torch_current_stream(torch, device: int) -> int:
+    # The raw getter costs a fraction of torch.cuda.current_stream(); fall back where it is missing.
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
 def _is_torch_tensor(x) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "is_cuda")
 
@@ -84,14 +93,19 @@ def describe(x: Any, what: str = "input") -> ArrayRef:
     if _is_torch_tensor(x):
         import torch
 
+        if not _TORCH_DTYPES:
+            for dt in (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int8, torch.uint8,
+                       torch.int64, torch.float64, torch.bool):
+                _TORCH_DTYPES[dt] = dtype_name(dt)
+
         if not x.is_contiguous():
             raise InvalidArgumentError(f"{what} is a non-contiguous torch tensor: call .contiguous() first")
         if not x.is_cuda:
             arr = x.numpy()
             return ArrayRef(arr.ctypes.data, -1, dtype_name(x.dtype), tuple(x.shape), (x, arr), "numpy")
         device = x.device.index
-        stream = torch.cuda.current_stream(device).cuda_stream
-        return ArrayRef(x.data_ptr(), device, dtype_name(x.dtype), tuple(x.shape), x, "torch", stream)
+        return ArrayRef(x.data_ptr(), device, _TORCH_DTYPES.get(x.dtype) or dtype_name(x.dtype), tuple(x.shape), x,
+                        "torch", _torch_current_stream(torch, device))
     cai = getattr(x, "__cuda_array_interface__", None)
     if cai is not None:
         typestr = cai["typestr"]

@@ -1,0 +1,241 @@
+#include "trt/engine_program.h"
+
+#include <algorithm>
+#include <sstream>
+
+#include "common/error.h"
+#include "nccl/communicator.h"
+#include "runtime/cuda_handles.h"
+#include "trt/logger.h"
+#include "trt/trt_library.h"
+
+namespace mdtrt::trt {
+namespace {
+
+bool has_unknown_dim(const Shape& shape) {
+  return std::any_of(shape.begin(), shape.end(), [](int64_t d) { return d < 0; });
+}
+
+}  // namespace
+
+Owned<nvinfer1::IRuntime> make_runtime(int rank) {
+  ErrorScope scope;
+  void* created = create_runtime(static_cast<nvinfer1::ILogger*>(&logger()), NV_TENSORRT_VERSION);
+  if (created == nullptr) {
+    throw Error(ErrorKind::kTensorRT,
+                with_trt_error("TensorRT (" + load_library().path + ") returned no runtime") +
+                    ". Check that a CUDA GPU and driver are usable (python -m mdtrt doctor).",
+                rank, "createInferRuntime");
+  }
+  return Owned<nvinfer1::IRuntime>(static_cast<nvinfer1::IRuntime*>(created));
+}
+
+Owned<nvinfer1::ICudaEngine> deserialize_engine(nvinfer1::IRuntime& runtime, const void* data, size_t size,
+                                                int rank) {
+  if (data == nullptr || size == 0) throw Error(ErrorKind::kInvalidArgument, "the engine is empty (0 bytes)", rank);
+  ErrorScope scope;
+  Owned<nvinfer1::ICudaEngine> engine(runtime.deserializeCudaEngine(data, size));
+  if (!engine) {
+    throw Error(ErrorKind::kTensorRT,
+                with_trt_error("could not deserialize the " + std::to_string(size) + "-byte engine") +
+                    ". Is this a TensorRT " + std::to_string(header_major()) +
+                    " plan built for this GPU? Plans only load with the TensorRT version and GPU architecture they "
+                    "were built for (and the lean runtime only loads plans built version-compatible).",
+                rank, "deserializeCudaEngine");
+  }
+  return engine;
+}
+
+std::vector<EngineTensor> engine_tensors(const nvinfer1::ICudaEngine& engine) {
+  std::vector<EngineTensor> out;
+  const int32_t count = engine.getNbIOTensors();
+  for (int32_t i = 0; i < count; ++i) {
+    const char* name = engine.getIOTensorName(i);
+    EngineTensor t;
+    t.name = name;
+    t.is_input = engine.getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT;
+    t.dtype = from_trt(engine.getTensorDataType(name), t.name);
+    t.shape = from_dims(engine.getTensorShape(name));
+    if (t.is_input && engine.isShapeInferenceIO(name)) {
+      throw Error(ErrorKind::kTensorRT,
+                  "input '" + t.name +
+                      "' is a shape tensor (its values, read on the host, set shapes), which mdtrt does not feed; "
+                      "export the model with that input as a constant or a data input",
+                  -1, "engine IO");
+    }
+    if (t.is_input && engine.getNbOptimizationProfiles() > 0) {
+      t.profile_min = from_dims(engine.getProfileShape(name, 0, nvinfer1::OptProfileSelector::kMIN));
+      t.profile_max = from_dims(engine.getProfileShape(name, 0, nvinfer1::OptProfileSelector::kMAX));
+    }
+    out.push_back(std::move(t));
+  }
+  return out;
+}
+
+std::vector<EngineTensor> inspect_engine(const void* data, size_t size, int device) {
+  ScopedDevice on(device);
+  auto runtime = make_runtime();
+  auto engine = deserialize_engine(*runtime, data, size);
+  return engine_tensors(*engine);
+}
+
+struct EngineProgram::RankState {
+  int device = -1;
+  Owned<nvinfer1::IRuntime> runtime;
+  Owned<nvinfer1::ICudaEngine> engine;
+  Owned<nvinfer1::IExecutionContext> context;
+  std::vector<EngineTensor> inputs;
+  std::vector<EngineTensor> outputs;
+
+  ~RankState() {
+    // The context holds device memory of this rank's GPU: release it there, context first, the
+    // runtime last (TensorRT requires objects to go before the runtime that made them).
+    if (device >= 0) cudaSetDevice(device);
+    context.reset();
+    engine.reset();
+    runtime.reset();
+  }
+};
+
+EngineProgram::EngineProgram(std::vector<EngineBytes> engines, bool multi_device)
+    : engines_(std::move(engines)), multi_device_(multi_device) {
+  if (engines_.empty()) throw_invalid_argument("EngineProgram needs one engine per local rank, got none");
+  for (size_t i = 0; i < engines_.size(); ++i) {
+    if (!engines_[i] || engines_[i]->empty())
+      throw_invalid_argument("the engine for local rank " + std::to_string(i) + " is empty");
+  }
+  states_.resize(engines_.size());
+}
+
+EngineProgram::~EngineProgram() = default;
+
+std::string EngineProgram::describe() const {
+  bool shared = std::all_of(engines_.begin(), engines_.end(), [&](const EngineBytes& e) { return e == engines_[0]; });
+  std::ostringstream out;
+  out << "TensorRT engine (" << (shared ? "one plan shared by " : "one plan per rank, ") << engines_.size()
+      << " ranks, " << (multi_device_ ? "multi-device" : "single-device, no communicator")
+      << ")";
+  return out.str();
+}
+
+EngineProgram::RankState& EngineProgram::state(const RankContext& ctx) const {
+  if (ctx.local_index < 0 || static_cast<size_t>(ctx.local_index) >= states_.size() || !states_[ctx.local_index]) {
+    throw Error(ErrorKind::kInvalidArgument, "the engine is not bound on local rank " + std::to_string(ctx.local_index),
+                ctx.rank, "EngineProgram");
+  }
+  return *states_[ctx.local_index];
+}
+
+void EngineProgram::bind(RankContext& ctx) {
+  if (ctx.local_index < 0 || static_cast<size_t>(ctx.local_index) >= engines_.size()) {
+    throw Error(ErrorKind::kInvalidArgument,
+                "EngineProgram has " + std::to_string(engines_.size()) + " engines but is bound on local rank " +
+                    std::to_string(ctx.local_index) + ": give one engine per local rank",
+                ctx.rank, "bind");
+  }
+  if (multi_device_ && ctx.world == nullptr) {
+    throw Error(ErrorKind::kInvalidArgument,
+                "a multi-device engine needs the group's communicator, and this runtime has none", ctx.rank, "bind");
+  }
+  auto st = std::make_unique<RankState>();
+  st->device = ctx.device;
+  st->runtime = make_runtime(ctx.rank);
+  const auto& bytes = *engines_[ctx.local_index];
+  st->engine = deserialize_engine(*st->runtime, bytes.data(), bytes.size(), ctx.rank);
+  for (auto& t : engine_tensors(*st->engine)) (t.is_input ? st->inputs : st->outputs).push_back(std::move(t));
+
+  ErrorScope scope;
+  st->context.reset(st->engine->createExecutionContext());
+  if (!st->context) {
+    throw Error(ErrorKind::kTensorRT,
+                with_trt_error("could not create an execution context") +
+                    ". The GPU may be out of memory for the engine's activations.",
+                ctx.rank, "createExecutionContext");
+  }
+  if (multi_device_) {
+    Logger::clear_last_error();
+    if (!st->context->setCommunicator(static_cast<void*>(ctx.world->handle()))) {
+      throw Error(ErrorKind::kTensorRT,
+                  with_trt_error("TensorRT refused the world communicator") +
+                      ". TensorRT refuses it for an engine without multi-device layers (DistCollective, multi-device "
+                      "attention), whose collectives would then do nothing: build the engine for " +
+                      std::to_string(ctx.world_size) +
+                      " ranks (setNbRanks), or run a single-device engine with multi_device=False.",
+                  ctx.rank, "setCommunicator");
+    }
+  }
+  states_[ctx.local_index] = std::move(st);
+}
+
+std::vector<TensorSpec> EngineProgram::input_specs(const RankContext& ctx) const {
+  std::vector<TensorSpec> out;
+  for (const auto& t : state(ctx).inputs) out.push_back(TensorSpec{t.name, t.dtype, t.shape});
+  return out;
+}
+
+std::vector<TensorSpec> EngineProgram::resolve_outputs(RankContext& ctx, const std::vector<TensorView>& inputs) {
+  RankState& st = state(ctx);
+  if (inputs.size() != st.inputs.size()) {
+    throw Error(ErrorKind::kInvalidArgument,
+                "the engine takes " + std::to_string(st.inputs.size()) + " inputs, got " +
+                    std::to_string(inputs.size()),
+                ctx.rank, "setInputShape");
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const EngineTensor& spec = st.inputs[i];
+    if (inputs[i].dtype != spec.dtype) {
+      throw Error(ErrorKind::kInvalidArgument,
+                  "input '" + spec.name + "' is " + dtype_name(spec.dtype) + ", got " + dtype_name(inputs[i].dtype),
+                  ctx.rank, "setInputShape");
+    }
+    ErrorScope scope;
+    if (!st.context->setInputShape(spec.name.c_str(), to_dims(inputs[i].shape))) {
+      std::string allowed = "shape " + shape_string(spec.shape);
+      if (!spec.profile_min.empty() || !spec.profile_max.empty())
+        allowed += ", from " + shape_string(spec.profile_min) + " to " + shape_string(spec.profile_max) +
+                   " (optimization profile 0)";
+      throw Error(ErrorKind::kInvalidArgument,
+                  with_trt_error("input '" + spec.name + "' cannot take shape " + shape_string(inputs[i].shape)) +
+                      ". The engine accepts " + allowed + ".",
+                  ctx.rank, "setInputShape");
+    }
+  }
+  std::vector<TensorSpec> out;
+  for (const auto& t : st.outputs) {
+    Shape shape = from_dims(st.context->getTensorShape(t.name.c_str()));
+    if (has_unknown_dim(shape)) {
+      throw Error(ErrorKind::kTensorRT,
+                  "output '" + t.name + "' has shape " + shape_string(shape) +
+                      " after setting the input shapes: a data-dependent output shape, which mdtrt does not "
+                      "support (it allocates outputs before running)",
+                  ctx.rank, "getTensorShape");
+    }
+    out.push_back(TensorSpec{t.name, t.dtype, std::move(shape)});
+  }
+  return out;
+}
+
+void EngineProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                            const std::vector<TensorView>& outputs) {
+  RankState& st = state(ctx);
+  if (inputs.size() != st.inputs.size() || outputs.size() != st.outputs.size()) {
+    throw Error(ErrorKind::kInvalidArgument,
+                "the engine has " + std::to_string(st.inputs.size()) + " inputs and " +
+                    std::to_string(st.outputs.size()) + " outputs, got " + std::to_string(inputs.size()) + " and " +
+                    std::to_string(outputs.size()),
+                ctx.rank, "enqueueV3");
+  }
+  ErrorScope scope;
+  auto set_address = [&](const EngineTensor& t, void* data) {
+    if (!st.context->setTensorAddress(t.name.c_str(), data))
+      throw Error(ErrorKind::kTensorRT, with_trt_error("could not set the address of '" + t.name + "'"), ctx.rank,
+                  "setTensorAddress");
+  };
+  for (size_t i = 0; i < inputs.size(); ++i) set_address(st.inputs[i], inputs[i].data);
+  for (size_t i = 0; i < outputs.size(); ++i) set_address(st.outputs[i], outputs[i].data);
+  if (!st.context->enqueueV3(ctx.stream)) {
+    throw Error(ErrorKind::kTensorRT, with_trt_error("TensorRT could not enqueue the engine"), ctx.rank, "enqueueV3");
+  }
+}
+
+}  // namespace mdtrt::trt

@@ -1,0 +1,333 @@
+#include "trt/trt_library.h"
+
+#include <dlfcn.h>
+
+#include <cstdlib>
+#include <mutex>
+#include <sstream>
+#include <utility>
+
+#ifdef MDTRT_HAVE_TENSORRT
+#include <NvInferVersion.h>  // macros only: keeps this file usable without the rest of TensorRT
+#endif
+
+#include "common/error.h"
+#include "nccl/nccl_library.h"
+
+namespace mdtrt::trt {
+namespace {
+
+constexpr const char* kVersionSymbol = "getInferLibVersion";
+constexpr const char* kRuntimeSymbol = "createInferRuntime_INTERNAL";
+constexpr const char* kBuilderSymbol = "createInferBuilder_INTERNAL";
+constexpr const char* kParserSymbol = "createNvOnnxParser_INTERNAL";
+constexpr const char* kParserVersionSymbol = "getNvOnnxParserVersion";
+
+#ifdef MDTRT_HAVE_TENSORRT
+constexpr int kHeaderMajor = NV_TENSORRT_MAJOR;
+constexpr int kHeaderVersion = NV_TENSORRT_MAJOR * 10000 + NV_TENSORRT_MINOR * 100 + NV_TENSORRT_PATCH;
+#else
+constexpr int kHeaderMajor = 11;
+constexpr int kHeaderVersion = 0;
+#endif
+
+const std::string kFull = "libnvinfer.so." + std::to_string(kHeaderMajor);
+const std::string kLean = "libnvinfer_lean.so." + std::to_string(kHeaderMajor);
+const std::string kParser = "libnvonnxparser.so." + std::to_string(kHeaderMajor);
+
+using CreateFn = void* (*)(void*, int32_t);
+using CreateParserFn = void* (*)(void*, void*, int);
+using VersionFn = int32_t (*)();
+
+struct Library {
+  std::mutex mutex;
+  bool ok = false;
+  LibraryInfo info;
+  void* handle = nullptr;
+  CreateFn create_runtime = nullptr;
+  CreateFn create_builder = nullptr;  // nullptr for the lean runtime
+  bool nccl_tried = false;
+  std::string nccl_warning;
+};
+
+struct Parser {
+  std::mutex mutex;
+  bool ok = false;
+  ParserInfo info;
+  void* handle = nullptr;
+  CreateParserFn create = nullptr;
+};
+
+Library& library() {
+  static Library state;
+  return state;
+}
+
+Parser& parser() {
+  static Parser state;
+  return state;
+}
+
+std::string loaded_path(void* symbol, const std::string& fallback) {
+  Dl_info dl{};
+  if (symbol != nullptr && dladdr(symbol, &dl) != 0 && dl.dli_fname != nullptr) return dl.dli_fname;
+  return fallback;
+}
+
+void* open_candidate(const std::string& candidate, LoadAttempt& attempt) {
+  attempt.candidate = candidate;
+  dlerror();
+  // RTLD_LOCAL: nothing else should bind to TensorRT's symbols; its own dependents (the ONNX
+  // parser) find it by soname among the loaded objects.
+  void* handle = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr) {
+    const char* err = dlerror();
+    attempt.message = err ? err : "dlopen failed";
+  }
+  return handle;
+}
+
+void* find_symbol(void* handle, const char* name) {
+  dlerror();
+  return dlsym(handle, name);
+}
+
+// Opens one TensorRT candidate and checks it; on failure fills attempt.message and returns false.
+bool try_library(const std::string& candidate, LoadAttempt& attempt, Library& st, LibraryInfo& info) {
+  void* handle = open_candidate(candidate, attempt);
+  if (handle == nullptr) return false;
+  auto refuse = [&](std::string why) {
+    attempt.message = std::move(why);
+    dlclose(handle);
+    return false;
+  };
+  auto version_fn = reinterpret_cast<VersionFn>(find_symbol(handle, kVersionSymbol));
+  if (version_fn == nullptr) return refuse(std::string("missing symbol ") + kVersionSymbol + " (not TensorRT?)");
+  auto runtime_fn = reinterpret_cast<CreateFn>(find_symbol(handle, kRuntimeSymbol));
+  if (runtime_fn == nullptr) return refuse(std::string("missing symbol ") + kRuntimeSymbol + " (not TensorRT?)");
+  int code = version_fn();
+  if (code / 10000 != kHeaderMajor) {
+    return refuse("TensorRT " + version_string(code) + " is not supported: mdtrt was built for TensorRT " +
+                  std::to_string(kHeaderMajor) + " and needs a TensorRT " + std::to_string(kHeaderMajor) +
+                  ".x library (the engine and plugin interfaces change between major versions)");
+  }
+  auto builder_fn = reinterpret_cast<CreateFn>(find_symbol(handle, kBuilderSymbol));
+  attempt.loaded = true;
+  attempt.message = builder_fn != nullptr ? "ok" : "ok (lean runtime: no builder)";
+  st.handle = handle;
+  st.create_runtime = runtime_fn;
+  st.create_builder = builder_fn;
+  info.path = loaded_path(reinterpret_cast<void*>(version_fn), candidate);
+  info.version = code;
+  info.lean = builder_fn == nullptr;
+  return true;
+}
+
+bool try_parser(const std::string& candidate, LoadAttempt& attempt, Parser& st, ParserInfo& info) {
+  void* handle = open_candidate(candidate, attempt);
+  if (handle == nullptr) return false;
+  auto create_fn = reinterpret_cast<CreateParserFn>(find_symbol(handle, kParserSymbol));
+  if (create_fn == nullptr) {
+    attempt.message = std::string("missing symbol ") + kParserSymbol + " (not TensorRT's ONNX parser?)";
+    dlclose(handle);
+    return false;
+  }
+  auto version_fn = reinterpret_cast<VersionFn>(find_symbol(handle, kParserVersionSymbol));
+  attempt.loaded = true;
+  attempt.message = "ok";
+  st.handle = handle;
+  st.create = create_fn;
+  info.version = version_fn != nullptr ? version_fn() : 0;
+  info.path = loaded_path(reinterpret_cast<void*>(create_fn), candidate);
+  return true;
+}
+
+std::string describe_attempts(const std::vector<LoadAttempt>& attempts) {
+  std::ostringstream out;
+  for (const auto& a : attempts) out << "\n  - " << a.rule << ": " << a.candidate << ": " << a.message;
+  return out.str();
+}
+
+std::string env_value(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr ? std::string(value) : std::string();
+}
+
+// NCCL goes in before TensorRT's first runtime or builder so that TensorRT's dlopen of
+// libnccl.so.2 finds mdtrt's instance (opened RTLD_GLOBAL) instead of another copy.
+void ensure_nccl(Library& st) {
+  if (st.nccl_tried) return;
+  st.nccl_tried = true;
+  try {
+    nccl::load_library();
+  } catch (const Error& e) {
+    st.nccl_warning = std::string("NCCL could not be loaded before TensorRT; engines with multi-device layers "
+                                  "will fail to run: ") +
+                      e.detail();
+  }
+}
+
+}  // namespace
+
+int header_major() { return kHeaderMajor; }
+int header_version() { return kHeaderVersion; }
+
+std::string version_string(int code) {
+  int major = code / 10000, minor = (code % 10000) / 100, patch = code % 100;
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
+}
+
+const std::vector<std::string>& required_symbols() {
+  static const std::vector<std::string> names = {kVersionSymbol, kRuntimeSymbol};
+  return names;
+}
+
+const char* builder_symbol() { return kBuilderSymbol; }
+
+const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs,
+                                const std::vector<std::string>& lean_extra_dirs) {
+  Library& st = library();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  if (st.ok) return st.info;
+
+  LibraryInfo info;
+  auto attempt_with = [&](const std::string& rule, const std::string& candidate) {
+    info.attempts.push_back(LoadAttempt{rule, candidate, false, {}});
+    return try_library(candidate, info.attempts.back(), st, info);
+  };
+  auto succeed = [&](const std::string& rule) -> const LibraryInfo& {
+    info.found_by = rule;
+    st.info = std::move(info);
+    st.ok = true;
+    return st.info;
+  };
+
+  const std::string env = env_value("MDTRT_TENSORRT_LIBRARY");
+  if (!env.empty()) {
+    if (attempt_with("MDTRT_TENSORRT_LIBRARY", env)) return succeed("MDTRT_TENSORRT_LIBRARY");
+    throw Error(ErrorKind::kLibraryNotFound,
+                "MDTRT_TENSORRT_LIBRARY is set to '" + env + "' but it could not be used: " +
+                    info.attempts.back().message + ". Point MDTRT_TENSORRT_LIBRARY at a TensorRT " +
+                    std::to_string(kHeaderMajor) + " " + kFull + " (or " + kLean +
+                    "), or unset it to search the usual places.",
+                -1, "load TensorRT");
+  }
+  if (attempt_with(kFull, kFull)) return succeed(kFull);
+  for (const auto& dir : extra_dirs) {
+    if (attempt_with("extra directory", dir + "/" + kFull)) return succeed("extra directory");
+  }
+  if (attempt_with(kLean, kLean)) return succeed(kLean);
+  for (const auto& dir : lean_extra_dirs) {
+    if (attempt_with("lean extra directory", dir + "/" + kLean)) return succeed("lean extra directory");
+  }
+  throw Error(ErrorKind::kLibraryNotFound,
+              "could not find a usable TensorRT " + std::to_string(kHeaderMajor) +
+                  " library. Tried:" + describe_attempts(info.attempts) +
+                  "\nInstall TensorRT with `pip install 'mdtrt[tensorrt]'` (build and run engines) or `pip install "
+                  "'mdtrt[lean]'` (run prebuilt engines only), add its lib folder to LD_LIBRARY_PATH, or set "
+                  "MDTRT_TENSORRT_LIBRARY=/path/to/" +
+                  kFull + ".",
+              -1, "load TensorRT");
+}
+
+bool is_loaded() {
+  Library& st = library();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  return st.ok;
+}
+
+void require_builder() {
+  const LibraryInfo& info = load_library();
+  if (info.lean) {
+    throw Error(ErrorKind::kLibraryNotFound,
+                "the lean runtime was found (" + info.path +
+                    "): it can run engines but not build them; install the full TensorRT (pip install "
+                    "'mdtrt[tensorrt]') to build, or set MDTRT_TENSORRT_LIBRARY to a full " +
+                    kFull + ".",
+                -1, "create TensorRT builder");
+  }
+}
+
+void* create_runtime(void* logger, int32_t version) {
+  load_library();
+  Library& st = library();
+  CreateFn create = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(st.mutex);
+    ensure_nccl(st);
+    create = st.create_runtime;
+  }
+  return create(logger, version);
+}
+
+void* create_builder(void* logger, int32_t version) {
+  require_builder();
+  Library& st = library();
+  CreateFn create = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(st.mutex);
+    ensure_nccl(st);
+    create = st.create_builder;
+  }
+  return create(logger, version);
+}
+
+std::string nccl_warning() {
+  Library& st = library();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  return st.nccl_warning;
+}
+
+const ParserInfo& load_onnx_parser(const std::vector<std::string>& extra_dirs) {
+  // The parser links libnvinfer.so: the full library must be in first, or the parser's own
+  // dependency lookup may pick a different (or no) TensorRT.
+  require_builder();
+  Parser& st = parser();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  if (st.ok) return st.info;
+
+  ParserInfo info;
+  auto attempt_with = [&](const std::string& rule, const std::string& candidate) {
+    info.attempts.push_back(LoadAttempt{rule, candidate, false, {}});
+    return try_parser(candidate, info.attempts.back(), st, info);
+  };
+  auto succeed = [&](const std::string& rule) -> const ParserInfo& {
+    info.found_by = rule;
+    st.info = std::move(info);
+    st.ok = true;
+    return st.info;
+  };
+
+  const std::string env = env_value("MDTRT_ONNXPARSER_LIBRARY");
+  if (!env.empty()) {
+    if (attempt_with("MDTRT_ONNXPARSER_LIBRARY", env)) return succeed("MDTRT_ONNXPARSER_LIBRARY");
+    throw Error(ErrorKind::kLibraryNotFound,
+                "MDTRT_ONNXPARSER_LIBRARY is set to '" + env + "' but it could not be used: " +
+                    info.attempts.back().message + ". Point it at TensorRT's " + kParser +
+                    ", or unset it to search the usual places.",
+                -1, "load the TensorRT ONNX parser");
+  }
+  if (attempt_with(kParser, kParser)) return succeed(kParser);
+  for (const auto& dir : extra_dirs) {
+    if (attempt_with("extra directory", dir + "/" + kParser)) return succeed("extra directory");
+  }
+  throw Error(ErrorKind::kLibraryNotFound,
+              "could not find TensorRT's ONNX parser (" + kParser + "). Tried:" + describe_attempts(info.attempts) +
+                  "\nIt ships with the full TensorRT: `pip install 'mdtrt[tensorrt]'`, add its lib folder to "
+                  "LD_LIBRARY_PATH, or set MDTRT_ONNXPARSER_LIBRARY=/path/to/" +
+                  kParser + ".",
+              -1, "load the TensorRT ONNX parser");
+}
+
+void* create_onnx_parser(void* network, void* logger, int32_t version) {
+  load_onnx_parser();
+  Parser& st = parser();
+  CreateParserFn create = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(st.mutex);
+    create = st.create;
+  }
+  return create(network, logger, version);
+}
+
+}  // namespace mdtrt::trt
