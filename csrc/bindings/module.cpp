@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
   mdtrt::bindings::bind_info(m);
   mdtrt::bindings::bind_nccl(m);
   mdtrt::bindings::bind_runtime(m);
+  mdtrt::bindings::bind_trt(m);
 }

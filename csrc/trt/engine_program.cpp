@@ -90,10 +90,13 @@ struct EngineProgram::RankState {
   ~RankState() {
     // The context holds device memory of this rank's GPU: release it there, context first, the
     // runtime last (TensorRT requires objects to go before the runtime that made them).
+    int previous = -1;
+    cudaGetDevice(&previous);
     if (device >= 0) cudaSetDevice(device);
     context.reset();
     engine.reset();
     runtime.reset();
+    if (previous >= 0) cudaSetDevice(previous);
   }
 };
 

@@ -2,13 +2,17 @@
 
 namespace mdtrt::trt {
 namespace {
+// Every error since the thread's last clear_last_error(), joined: TensorRT often logs the cause
+// first and a generic consequence after it.
 thread_local std::string t_last_error;
+constexpr size_t kMaxErrorText = 4096;
 }  // namespace
 
 void Logger::log(Severity severity, const char* msg) noexcept {
   try {
     std::string text = msg != nullptr ? msg : "";
-    if (severity <= Severity::kERROR) t_last_error = text;
+    if (severity <= Severity::kERROR && t_last_error.size() < kMaxErrorText)
+      t_last_error += (t_last_error.empty() ? "" : "; ") + text;
     std::lock_guard<std::mutex> lock(mutex_);
     if (severity > min_severity_) return;
     if (queue_.size() >= kCapacity) {

@@ -38,8 +38,8 @@ class Logger : public nvinfer1::ILogger {
   void set_min_severity(Severity severity);
   Severity min_severity() const;
 
-  // The last kERROR/kINTERNAL_ERROR text TensorRT logged on the calling thread since
-  // clear_last_error(), or "".
+  // The kERROR/kINTERNAL_ERROR texts TensorRT logged on the calling thread since
+  // clear_last_error(), joined with "; ", or "".
   static std::string last_error();
   static void clear_last_error();
 

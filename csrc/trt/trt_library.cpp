@@ -167,6 +167,13 @@ void ensure_nccl(Library& st) {
   }
 }
 
+// Some TensorRT builds return the failed inner creation's null pointer adjusted to a base-class
+// offset (libnvinfer_lean 11.4 without a usable GPU returns 0x228): anything in the first page is
+// not an object, and reads as "no object".
+void* object_or_null(void* created) {
+  return reinterpret_cast<uintptr_t>(created) < 4096 ? nullptr : created;
+}
+
 }  // namespace
 
 int header_major() { return kHeaderMajor; }
@@ -257,7 +264,7 @@ void* create_runtime(void* logger, int32_t version) {
     ensure_nccl(st);
     create = st.create_runtime;
   }
-  return create(logger, version);
+  return object_or_null(create(logger, version));
 }
 
 void* create_builder(void* logger, int32_t version) {
@@ -269,7 +276,7 @@ void* create_builder(void* logger, int32_t version) {
     ensure_nccl(st);
     create = st.create_builder;
   }
-  return create(logger, version);
+  return object_or_null(create(logger, version));
 }
 
 std::string nccl_warning() {
@@ -327,7 +334,7 @@ void* create_onnx_parser(void* network, void* logger, int32_t version) {
     std::lock_guard<std::mutex> lock(st.mutex);
     create = st.create;
   }
-  return create(network, logger, version);
+  return object_or_null(create(network, logger, version));
 }
 
 }  // namespace mdtrt::trt

@@ -25,10 +25,11 @@ std::vector<std::shared_ptr<mdtrt::RankProgram>> make_trt_programs(const mdtrt::
                                                                   int world_size, int num_local_ranks) {
   // As NVIDIA's sample: the layer's rank count is the communicator's (the world), the group, if
   // any, is part of the spec; the network transposes [rows, cols] so the collective runs along cols.
-  const std::vector<uint8_t> engine = mdtrt::trt::build_dist_collective_engine(
-      spec, dtype, mdtrt::Shape{rows, cols}, world_size, /*transpose_2d=*/true, mdtrt::trt::BuildOptions{});
-  std::vector<std::vector<uint8_t>> engines(num_local_ranks, engine);
-  auto program = std::make_shared<mdtrt::trt::EngineProgram>(std::move(engines));
+  // One serialized engine, shared by every local rank (each deserializes its own copy).
+  auto engine = std::make_shared<const std::vector<uint8_t>>(mdtrt::trt::build_dist_collective_engine(
+      spec, dtype, mdtrt::Shape{rows, cols}, world_size, /*transpose_2d=*/true, mdtrt::trt::BuildOptions{}));
+  auto program = std::make_shared<mdtrt::trt::EngineProgram>(
+      std::vector<mdtrt::trt::EngineBytes>(num_local_ranks, engine), /*multi_device=*/true);
   return std::vector<std::shared_ptr<mdtrt::RankProgram>>(num_local_ranks, program);
 }
 

@@ -1,0 +1,375 @@
+"""The TensorRT backend: which TensorRT mdtrt uses, building engines, loading them on ranks.
+
+TensorRT is never imported nor linked: the C++ core (csrc/trt) opens ``libnvinfer.so.11`` at run
+time, in this order, first success wins:
+
+1. ``MDTRT_TENSORRT_LIBRARY`` (a path; if set and unusable, that is an error)
+2. ``libnvinfer.so.11`` through the dynamic loader (``LD_LIBRARY_PATH``, the system)
+3. the ``tensorrt_libs`` wheel's folder (``pip install 'mdtrt[tensorrt]'``)
+4. the lean runtime ``libnvinfer_lean.so.11`` through the loader, then in the
+   ``tensorrt_lean_libs`` wheel's folder (``pip install 'mdtrt[lean]'``): it runs engines, it
+   cannot build them
+
+The ONNX parser (``libnvonnxparser.so.11``) is found the same way, with ``MDTRT_ONNXPARSER_LIBRARY``.
+TensorRT's own log goes to the ``mdtrt.tensorrt`` logger after each call.
+
+TensorRT 11 networks are strongly typed: an engine's precision is the model's own types (export
+the ONNX model in float16 for a float16 engine); there are no fp16/bf16 builder switches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import logging
+import os
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from . import _core
+from .errors import InvalidArgumentError, LibraryNotFoundError, MdtrtError
+
+log = logging.getLogger("mdtrt.tensorrt")
+
+# nvinfer1::ILogger::Severity -> logging level
+_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO, 4: logging.DEBUG}
+
+ProgressCallback = Callable[[str, str, str, int, int], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTLoadAttempt:
+    rule: str
+    candidate: str
+    loaded: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTLibrary:
+    """The loaded TensorRT: ``path``, ``version`` ("11.4.0"), ``found_by`` (the rule that found
+    it), ``lean`` (the lean runtime: runs engines, cannot build them) and ``attempts`` (every
+    candidate tried, in order, with the loader's message)."""
+
+    path: str
+    version: str
+    found_by: str
+    lean: bool
+    attempts: tuple[TensorRTLoadAttempt, ...]
+    version_code: int = 0
+    header_version: str = ""  # the TensorRT headers mdtrt was compiled against
+
+
+def backend_compiled_in() -> bool:
+    """Whether this mdtrt was built with TensorRT headers (see ``mdtrt.build_info()``)."""
+    return bool(_core.build_info()["tensorrt_backend"])
+
+
+def _require_backend() -> None:
+    info = _core.build_info()
+    if not info["tensorrt_backend"]:
+        raise LibraryNotFoundError(
+            f"mdtrt was built without the TensorRT backend: {info['tensorrt_reason']}; rebuild with TensorRT 11 "
+            "headers (TensorRT_ROOT or TensorRT_INCLUDE_DIR)",
+            call="TensorRT backend",
+        )
+
+
+def _package_dirs(package: str) -> list[str]:
+    """Folders of an installed package, found without importing it (importing ``tensorrt_libs``
+    would preload its libraries behind the loader's back)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    return [os.fspath(p) for p in (spec.submodule_search_locations or []) if os.path.isdir(p)]
+
+
+def wheel_library_dirs() -> tuple[list[str], list[str]]:
+    """(full, lean): library folders of the installed ``tensorrt_libs`` and ``tensorrt_lean_libs`` wheels."""
+    return _package_dirs("tensorrt_libs"), _package_dirs("tensorrt_lean_libs")
+
+
+def _severity_for(level: int) -> int:
+    if level <= logging.DEBUG:
+        return 4
+    if level <= logging.INFO:
+        return 3
+    if level <= logging.WARNING:
+        return 2
+    if level <= logging.ERROR:
+        return 1
+    return 0
+
+
+def _drain_log() -> None:
+    for severity, text in _core.tensorrt_drain_log():
+        log.log(_LEVELS.get(severity, logging.INFO), "%s", text)
+
+
+@contextlib.contextmanager
+def _tensorrt_call() -> Iterator[None]:
+    """Queues TensorRT's messages at the logger's level during the call and hands them to logging after."""
+    _require_backend()
+    _core.tensorrt_set_log_severity(_severity_for(log.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        _drain_log()
+
+
+_nccl_checked = False
+
+
+def _load_nccl_first() -> None:
+    """NCCL goes in before TensorRT (RTLD_GLOBAL), so that TensorRT's own dlopen of libnccl.so.2
+    binds to the NCCL whose communicators mdtrt hands it. Single-device engines need no NCCL."""
+    global _nccl_checked
+    if _nccl_checked:
+        return
+    _nccl_checked = True
+    from .nccl import nccl_library
+
+    try:
+        nccl_library()
+    except MdtrtError as error:
+        log.warning("NCCL was not found, so engines with multi-device layers will not run: %s", error)
+
+
+def tensorrt_library() -> TensorRTLibrary:
+    """Find and open TensorRT (once per process) and say which library it is.
+
+    Raises :class:`mdtrt.LibraryNotFoundError` listing every attempt and what to install when none
+    works, or saying how to rebuild when the backend is not compiled in.
+    """
+    _require_backend()
+    _load_nccl_first()
+    full, lean = wheel_library_dirs()
+    with _tensorrt_call():
+        info = _core.load_tensorrt(full, lean)
+    return _library_from(info)
+
+
+def _library_from(info: Mapping[str, Any]) -> TensorRTLibrary:
+    attempts = tuple(TensorRTLoadAttempt(a.rule, a.candidate, a.loaded, a.message) for a in info["attempts"])
+    return TensorRTLibrary(info["path"], info["version"], info["found_by"], info["lean"], attempts,
+                           info["version_code"], info["header_version"])
+
+
+def library_report() -> dict:
+    """For ``python -m mdtrt doctor``: never raises. Keys: library_found, path, version, found_by,
+    lean, error (and attempts when found)."""
+    report: dict[str, Any] = {"library_found": False, "path": None, "version": None, "found_by": None,
+                              "lean": None, "error": ""}
+    try:
+        lib = tensorrt_library()
+    except Exception as error:  # noqa: BLE001 - the doctor reports, it does not fail
+        report["error"] = str(error)
+        return report
+    report.update(library_found=True, path=lib.path, version=lib.version, found_by=lib.found_by, lean=lib.lean,
+                  attempts=[dataclasses.asdict(a) for a in lib.attempts])
+    return report
+
+
+def _builder_library() -> TensorRTLibrary:
+    lib = tensorrt_library()
+    if lib.lean:
+        raise LibraryNotFoundError(
+            f"the lean runtime was found ({lib.path}): it can run engines but not build them; install the full "
+            "TensorRT (pip install 'mdtrt[tensorrt]') to build, or set MDTRT_TENSORRT_LIBRARY to a full "
+            "libnvinfer.so.11",
+            call="create TensorRT builder",
+        )
+    return lib
+
+
+class _TqdmProgress:
+    """TensorRT build phases as tqdm bars, nested phases below their parent. Called with the GIL
+    held from the building thread; a KeyboardInterrupt raised here cancels the build."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self._bars: dict[str, Any] = {}
+        self._depth: dict[str, int] = {}
+
+    def __call__(self, event: str, phase: str, parent: str, step: int, nb_steps: int) -> bool:
+        if event == "start":
+            depth = self._depth.get(parent, -1) + 1 if parent else 0
+            self._depth[phase] = depth
+            if nb_steps > 0:
+                self._bars[phase] = self._tqdm(total=nb_steps, desc=f"TensorRT: {phase}", position=depth,
+                                               leave=depth == 0, unit="step", dynamic_ncols=True)
+        elif event == "step":
+            bar = self._bars.get(phase)
+            if bar is not None:
+                bar.n = step + 1
+                bar.refresh()
+        else:
+            self._depth.pop(phase, None)
+            bar = self._bars.pop(phase, None)
+            if bar is not None:
+                bar.close()
+        return True
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()
+
+
+@contextlib.contextmanager
+def _progress(progress: bool | ProgressCallback | None) -> Iterator[Any]:
+    if progress is True:
+        try:
+            bars = _TqdmProgress()
+        except ImportError:
+            yield True  # the C++ line log
+            return
+        try:
+            yield bars
+        finally:
+            bars.close()
+    elif progress in (False, None):
+        yield None
+    elif callable(progress):
+        yield progress
+    else:
+        raise InvalidArgumentError("progress must be True, False or a callable(event, phase, parent, step, nb_steps)")
+
+
+def _nonnegative(name: str, value: int | None) -> int:
+    if value is None:
+        return 0
+    if int(value) < 0:
+        raise InvalidArgumentError(f"{name} must be a number of bytes >= 0, got {value}")
+    return int(value)
+
+
+def build_dist_collective_engine(op: str, *, reduce: str = "sum", root: int = 0, groups: Sequence[int] | None = None,
+                                 nb_ranks: int, dtype: str = "float32", shape: Sequence[int], transpose: bool = False,
+                                 progress: bool | ProgressCallback = True, timing_cache: str | os.PathLike | None = None,
+                                 workspace: int | None = None) -> bytes:
+    """Build an engine whose network is one DistCollective layer: input "input" (``dtype``,
+    ``shape``) -> ``op`` over ``nb_ranks`` ranks -> output "output".
+
+    ``op``: all_reduce, all_gather, broadcast, reduce, reduce_scatter, all_to_all, gather, scatter;
+    ``reduce`` (for the reducing ops): sum, prod, max, min, avg; ``root``: a world rank (ops with a
+    root); ``groups``: the ordered world ranks taking part (None: all). ``transpose=True`` wraps the
+    layer in transposes of a 2-D input, as NVIDIA's sampleDistCollective does, so the collective
+    splits and joins along the second dimension. ``progress``: True for a progress bar, False, or
+    ``callable(event, phase, parent, step, nb_steps)`` (return False to cancel).
+    ``timing_cache``: a file read before and written after the build.
+    """
+    _builder_library()
+    with _progress(progress) as callback, _tensorrt_call():
+        return _core.tensorrt_build_dist_collective(
+            op, reduce, int(root), [int(g) for g in (groups or [])], int(nb_ranks), dtype, [int(d) for d in shape],
+            bool(transpose), callback, _nonnegative("workspace", workspace),
+            os.fspath(timing_cache) if timing_cache else "")
+
+
+def _onnx_model(model: Any) -> tuple[bytes, str]:
+    """(serialized model, path for external weights or "")."""
+    if isinstance(model, (str, os.PathLike)):
+        path = os.path.abspath(os.fspath(model))
+        if not os.path.isfile(path):
+            raise InvalidArgumentError(f"ONNX model file {path} does not exist")
+        with open(path, "rb") as f:
+            return f.read(), path
+    if hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx here
+        try:
+            return model.SerializeToString(), ""
+        except ValueError as error:  # protobuf's 2 GiB limit
+            raise InvalidArgumentError(
+                f"the ONNX model cannot be serialized ({error}); save it with external data and pass the path") from None
+    try:
+        return bytes(memoryview(model)), ""
+    except TypeError:
+        raise InvalidArgumentError(
+            f"model of type {type(model).__name__} is neither a path, bytes nor an onnx.ModelProto") from None
+
+
+def _profile(name: str, value: Any) -> tuple[list[int], list[int], list[int]]:
+    def dims(shape: Any) -> list[int]:
+        return [int(d) for d in shape]
+
+    try:
+        items = list(value)
+        if items and all(isinstance(d, (int,)) or hasattr(d, "__index__") for d in items):
+            fixed = dims(items)  # one shape: min = opt = max
+            return fixed, fixed, fixed
+        if len(items) != 3:
+            raise ValueError
+        return dims(items[0]), dims(items[1]), dims(items[2])
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(
+            f"profile of {name!r} must be (min_shape, opt_shape, max_shape) or one shape, got {value!r}") from None
+
+
+def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = None,
+                           progress: bool | ProgressCallback = True, timing_cache: str | os.PathLike | None = None,
+                           workspace: int | None = None, fp16: bool | None = None, bf16: bool | None = None) -> bytes:
+    """Build a serialized engine from an ONNX model (a path, bytes or an ``onnx.ModelProto``) with
+    TensorRT's ONNX parser; parser errors are listed, with node names, in the exception.
+
+    ``profiles``: ``{input: (min, opt, max)}`` (or one shape) for every input with dynamic
+    dimensions. ``workspace``: limit of TensorRT's workspace pool in bytes. ``fp16``/``bf16`` are
+    accepted for older callers and change nothing: TensorRT 11 networks are strongly typed, so the
+    engine computes in the model's own types.
+    """
+    if fp16 or bf16:
+        log.info("fp16/bf16 have no effect: TensorRT 11 networks are strongly typed, the model's types decide")
+    data, path = _onnx_model(model)
+    shapes = {str(name): _profile(name, value) for name, value in (profiles or {}).items()}
+    full, _ = wheel_library_dirs()
+    _builder_library()
+    with _progress(progress) as callback, _tensorrt_call():
+        return _core.tensorrt_build_from_onnx(data, path, shapes, callback, _nonnegative("workspace", workspace),
+                                              os.fspath(timing_cache) if timing_cache else "", full)
+
+
+def engine_program(engines: Sequence[Any], multi_device: bool = True):
+    """The native program running ``engines[i]`` on local rank i (the same bytes object for a shared
+    engine: it is kept once). ``multi_device=False`` runs a single-device engine without a
+    communicator; a multi-device engine whose ``setCommunicator`` TensorRT refuses raises when bound."""
+    tensorrt_library()
+    blobs = []
+    for e in engines:
+        if not isinstance(e, (bytes, bytearray, memoryview)):
+            try:
+                e = memoryview(e)
+            except TypeError:
+                raise InvalidArgumentError(f"an engine of type {type(e).__name__} is not a buffer") from None
+        blobs.append(e)
+    with _tensorrt_call():
+        return _core.EngineProgram(blobs, multi_device=multi_device)
+
+
+def check_engine(engine: Any, device: int = 0) -> list[dict]:
+    """Deserialize a plan (bytes, a buffer or a file path) on GPU ``device``, without a DeviceGroup,
+    and list its IO tensors (name, is_input, dtype, shape, profile_min, profile_max). Raises
+    :class:`mdtrt.TensorRTError` with TensorRT's message when the plan does not load here."""
+    if isinstance(engine, (str, os.PathLike)):
+        with open(os.fspath(engine), "rb") as f:
+            engine = f.read()
+    tensorrt_library()
+    with _tensorrt_call():
+        return [dict(t) for t in _core.tensorrt_inspect_engine(engine, int(device))]
+
+
+__all__ = [
+    "TensorRTLibrary",
+    "TensorRTLoadAttempt",
+    "backend_compiled_in",
+    "tensorrt_library",
+    "library_report",
+    "wheel_library_dirs",
+    "build_dist_collective_engine",
+    "build_engine_from_onnx",
+    "engine_program",
+    "check_engine",
+]

@@ -1,0 +1,368 @@
+"""The TensorRT backend without TensorRT: clean reports of its absence, clear errors from every
+entry point, and the library discovery order with fake libraries built here.
+
+Discovery runs through ``_core.testing.load_tensorrt``, which exists with and without the backend
+(the loader needs no TensorRT header). Each scenario runs in a fresh subprocess because TensorRT is
+loaded once per process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import mdtrt
+from mdtrt import _core
+from mdtrt import tensorrt as mdtrt_tensorrt
+
+CC = shutil.which("cc") or shutil.which("gcc")
+needs_cc = pytest.mark.skipif(CC is None, reason="needs a C compiler to build fake TensorRT libraries")
+BACKEND = bool(_core.build_info()["tensorrt_backend"])
+MAJOR = _core.testing.tensorrt_header_major()
+
+
+def code(major: int, minor: int = 0, patch: int = 0) -> int:
+    return major * 10000 + minor * 100 + patch
+
+
+def build_fake_trt(directory, soname: str, version: int, builder: bool = True, omit: str | None = None) -> str:
+    """A shared object with TensorRT's entry points: getInferLibVersion returns `version`, the
+    creation functions return NULL; without `builder` it models the lean runtime."""
+    os.makedirs(directory, exist_ok=True)
+    lines = [
+        "int getInferLibVersion(void) { return %d; }" % version,
+        "void* createInferRuntime_INTERNAL(void* logger, int version) { return 0; }",
+    ]
+    if builder:
+        lines.append("void* createInferBuilder_INTERNAL(void* logger, int version) { return 0; }")
+    lines = [line for line in lines if omit is None or omit not in line]
+    source = os.path.join(directory, soname + ".c")
+    with open(source, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    path = os.path.join(directory, soname)
+    subprocess.run([CC, "-shared", "-fPIC", "-o", path, source], check=True)
+    return path
+
+
+PROBE = textwrap.dedent(
+    """
+    import json, sys
+    from mdtrt import _core
+    args = json.loads(sys.argv[1])
+    try:
+        info = _core.testing.load_tensorrt(args["extra"], args["lean"], require_builder=args["builder"])
+        again = _core.testing.load_tensorrt([], [])
+        print(json.dumps({"ok": True, "path": info["path"], "version": info["version"], "found_by": info["found_by"],
+                          "lean": info["lean"], "cached": again["path"] == info["path"],
+                          "attempts": [[a.rule, a.candidate, a.loaded, a.message] for a in info["attempts"]]}))
+    except Exception as e:
+        print(json.dumps({"ok": False, "type": type(e).__name__, "message": str(e)}))
+    """
+)
+
+
+def probe(ld_library_path=(), extra_dirs=(), lean_dirs=(), env_library=None, require_builder=False) -> dict:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(str(p) for p in ld_library_path)
+    env.pop("MDTRT_TENSORRT_LIBRARY", None)
+    if env_library is not None:
+        env["MDTRT_TENSORRT_LIBRARY"] = str(env_library)
+    args = {"extra": [str(d) for d in extra_dirs], "lean": [str(d) for d in lean_dirs], "builder": require_builder}
+    out = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args)], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def system_has_tensorrt() -> bool:
+    result = probe()
+    return result["ok"]
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory):
+    if CC is None:
+        pytest.skip("needs a C compiler")
+    root = tmp_path_factory.mktemp("fake_trt")
+    full, lean = f"libnvinfer.so.{MAJOR}", f"libnvinfer_lean.so.{MAJOR}"
+    return {
+        "full": build_fake_trt(root / "full", full, code(MAJOR, 4, 1)),
+        "env": build_fake_trt(root / "env", "libnvinfer-custom.so", code(MAJOR, 4, 2)),
+        "wheel": build_fake_trt(root / "wheel", full, code(MAJOR, 4, 3)),
+        "lean": build_fake_trt(root / "lean", lean, code(MAJOR, 4, 4), builder=False),
+        "lean_wheel": build_fake_trt(root / "lean_wheel", lean, code(MAJOR, 4, 5), builder=False),
+        "no_builder": build_fake_trt(root / "no_builder", full, code(MAJOR, 4, 6), builder=False),
+        "old": build_fake_trt(root / "old", full, code(MAJOR - 1, 3, 0)),
+        "next": build_fake_trt(root / "next", full, code(MAJOR + 1, 0, 0)),
+        "no_runtime": build_fake_trt(root / "no_runtime", full, code(MAJOR, 4, 7), omit="createInferRuntime"),
+    }
+
+
+def folder(path):
+    return os.path.dirname(path)
+
+
+def no_system_tensorrt():
+    if system_has_tensorrt():
+        pytest.skip("this machine has a system TensorRT, which the loader rightly prefers")
+
+
+# --- the backend's absence is reported cleanly -------------------------------------------------
+
+
+def test_build_info_says_whether_and_why():
+    info = mdtrt.build_info()
+    assert isinstance(info["tensorrt_backend"], bool)
+    assert info["tensorrt_reason"]
+    if not info["tensorrt_backend"]:
+        assert "TensorRT" in info["tensorrt_reason"]
+
+
+def test_doctor_reports_tensorrt():
+    from mdtrt import doctor
+
+    report = doctor.collect()["tensorrt"]
+    assert report["compiled_in"] == BACKEND
+    if not BACKEND:
+        assert report["library_found"] is False
+        assert any("TensorRT backend is not compiled in" in r for r in doctor.collect()["reasons"])
+    else:
+        for key in ("library_found", "path", "version", "found_by", "lean", "error"):
+            assert key in report
+    assert "TensorRT" in doctor.format_text(doctor.collect())
+
+
+def test_library_report_never_raises():
+    report = mdtrt_tensorrt.library_report()
+    assert set(report) >= {"library_found", "path", "version", "found_by", "lean", "error"}
+    if not report["library_found"]:
+        assert report["error"]
+        expected = "built without the TensorRT backend" if not BACKEND else "could not find a usable TensorRT"
+        assert expected in report["error"]
+
+
+def _entry_points():
+    return {
+        "tensorrt_library": lambda: mdtrt_tensorrt.tensorrt_library(),
+        "build_dist_collective_engine": lambda: mdtrt_tensorrt.build_dist_collective_engine(
+            "all_reduce", nb_ranks=2, shape=[4, 3], progress=False),
+        "build_engine_from_onnx": lambda: mdtrt_tensorrt.build_engine_from_onnx(b"not onnx", progress=False),
+        "engine_program": lambda: mdtrt_tensorrt.engine_program([b"plan", b"plan"]),
+        "check_engine": lambda: mdtrt_tensorrt.check_engine(b"plan"),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_entry_points()))
+def test_entry_points_say_what_is_missing(name):
+    if BACKEND and (system_has_tensorrt() or any(mdtrt_tensorrt.wheel_library_dirs())):
+        pytest.skip("TensorRT is installed here: the entry points get further than 'missing'")
+    with pytest.raises(mdtrt.LibraryNotFoundError) as info:
+        _entry_points()[name]()
+    message = str(info.value)
+    if BACKEND:
+        assert "could not find a usable TensorRT" in message and "pip install 'mdtrt[tensorrt]'" in message
+        assert "MDTRT_TENSORRT_LIBRARY" in message
+    else:
+        assert "mdtrt was built without the TensorRT backend" in message
+        assert "TensorRT_ROOT or TensorRT_INCLUDE_DIR" in message
+
+
+@pytest.mark.parametrize("name", ["load_tensorrt", "load_onnx_parser", "tensorrt_build_dist_collective",
+                                  "tensorrt_build_from_onnx", "tensorrt_inspect_engine", "EngineProgram"])
+def test_native_entry_points_exist_in_every_build(name):
+    assert callable(getattr(_core, name))
+    if BACKEND:
+        return
+    with pytest.raises(mdtrt.LibraryNotFoundError, match="built without the TensorRT backend"):
+        getattr(_core, name)([b"x"])
+
+
+def test_bad_arguments_are_named_before_tensorrt_is_needed():
+    with pytest.raises(mdtrt.InvalidArgumentError, match="neither a path, bytes nor an onnx.ModelProto"):
+        mdtrt_tensorrt.build_engine_from_onnx(object(), progress=False)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="does not exist"):
+        mdtrt_tensorrt.build_engine_from_onnx("/nonexistent/model.onnx", progress=False)
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"\(min_shape, opt_shape, max_shape\)"):
+        mdtrt_tensorrt.build_engine_from_onnx(b"x", profiles={"input": ([1], [2])}, progress=False)
+
+
+def test_profile_forms():
+    assert mdtrt_tensorrt._profile("x", (1, 2)) == ([1, 2], [1, 2], [1, 2])
+    assert mdtrt_tensorrt._profile("x", ((1, 2), (2, 2), (4, 2))) == ([1, 2], [2, 2], [4, 2])
+
+
+# --- discovery order, with fake libraries --------------------------------------------------------
+
+
+@needs_cc
+def test_env_override_wins(fakes):
+    r = probe([folder(fakes["full"])], extra_dirs=[folder(fakes["wheel"])], env_library=fakes["env"])
+    assert r["ok"], r
+    assert (r["found_by"], r["version"], r["path"], r["lean"]) == ("MDTRT_TENSORRT_LIBRARY", f"{MAJOR}.4.2",
+                                                                     fakes["env"], False)
+    assert [a[0] for a in r["attempts"]] == ["MDTRT_TENSORRT_LIBRARY"]
+
+
+@needs_cc
+def test_libnvinfer_preferred_over_wheel_and_lean(fakes):
+    r = probe([folder(fakes["full"]), folder(fakes["lean"])], extra_dirs=[folder(fakes["wheel"])],
+              lean_dirs=[folder(fakes["lean_wheel"])])
+    assert r["ok"], r
+    assert (r["found_by"], r["version"], r["path"], r["lean"]) == (f"libnvinfer.so.{MAJOR}", f"{MAJOR}.4.1",
+                                                                     fakes["full"], False)
+    assert r["cached"]
+
+
+@needs_cc
+def test_falls_back_to_wheel_folder(fakes):
+    no_system_tensorrt()
+    r = probe([folder(fakes["lean"])], extra_dirs=[folder(fakes["wheel"])], lean_dirs=[folder(fakes["lean_wheel"])])
+    assert r["ok"], r
+    assert (r["found_by"], r["version"], r["path"]) == ("extra directory", f"{MAJOR}.4.3", fakes["wheel"])
+    assert [a[0] for a in r["attempts"]] == [f"libnvinfer.so.{MAJOR}", "extra directory"]
+    assert not r["attempts"][0][2] and f"libnvinfer.so.{MAJOR}" in r["attempts"][0][3]
+
+
+@needs_cc
+def test_lean_runtime_through_loader_is_reported_as_lean(fakes):
+    no_system_tensorrt()
+    r = probe([folder(fakes["lean"])], lean_dirs=[folder(fakes["lean_wheel"])])
+    assert r["ok"], r
+    assert (r["found_by"], r["version"], r["lean"]) == (f"libnvinfer_lean.so.{MAJOR}", f"{MAJOR}.4.4", True)
+    assert "lean runtime" in r["attempts"][-1][3]
+
+
+@needs_cc
+def test_lean_wheel_folder_is_last(fakes, tmp_path):
+    no_system_tensorrt()
+    r = probe([], extra_dirs=[tmp_path], lean_dirs=[folder(fakes["lean_wheel"])])
+    assert r["ok"], r
+    assert (r["found_by"], r["path"], r["lean"]) == ("lean extra directory", fakes["lean_wheel"], True)
+    assert [a[0] for a in r["attempts"]] == [f"libnvinfer.so.{MAJOR}", "extra directory", f"libnvinfer_lean.so.{MAJOR}",
+                                             "lean extra directory"]
+
+
+@needs_cc
+def test_lean_runtime_cannot_build(fakes):
+    r = probe([], env_library=fakes["no_builder"], require_builder=True)
+    assert not r["ok"]
+    assert r["type"] == "LibraryNotFoundError"
+    assert "the lean runtime was found" in r["message"] and "can run engines but not build them" in r["message"]
+    assert "mdtrt[tensorrt]" in r["message"]
+    assert probe([], env_library=fakes["no_builder"])["lean"] is True
+
+
+@needs_cc
+def test_env_path_to_missing_file_is_an_error(fakes, tmp_path):
+    missing = tmp_path / "nope" / f"libnvinfer.so.{MAJOR}"
+    r = probe([folder(fakes["full"])], env_library=missing)
+    assert not r["ok"]
+    assert r["type"] == "LibraryNotFoundError"
+    assert "MDTRT_TENSORRT_LIBRARY" in r["message"] and str(missing) in r["message"]
+
+
+@needs_cc
+@pytest.mark.parametrize("name,major", [("old", MAJOR - 1), ("next", MAJOR + 1)])
+def test_other_major_is_refused(fakes, name, major):
+    r = probe([], env_library=fakes[name])
+    assert not r["ok"]
+    assert f"TensorRT {major}." in r["message"] and "is not supported" in r["message"]
+    assert f"needs a TensorRT {MAJOR}.x library" in r["message"]
+
+
+@needs_cc
+def test_other_major_falls_through_and_is_reported(fakes):
+    no_system_tensorrt()
+    r = probe([folder(fakes["next"])], extra_dirs=[folder(fakes["wheel"])])
+    assert r["ok"] and r["version"] == f"{MAJOR}.4.3", r
+    assert "is not supported" in r["attempts"][0][3]
+
+
+@needs_cc
+def test_missing_entry_point_is_named(fakes):
+    r = probe([], env_library=fakes["no_runtime"])
+    assert not r["ok"]
+    assert "missing symbol createInferRuntime_INTERNAL" in r["message"]
+
+
+@needs_cc
+def test_nothing_found_lists_attempts_and_what_to_do(tmp_path):
+    no_system_tensorrt()
+    r = probe([], extra_dirs=[tmp_path / "full"], lean_dirs=[tmp_path / "lean"])
+    assert not r["ok"]
+    assert r["type"] == "LibraryNotFoundError"
+    for text in (f"libnvinfer.so.{MAJOR}", f"libnvinfer_lean.so.{MAJOR}", str(tmp_path / "full"),
+                 str(tmp_path / "lean"), "pip install 'mdtrt[tensorrt]'", "mdtrt[lean]", "MDTRT_TENSORRT_LIBRARY"):
+        assert text in r["message"]
+
+
+WHEEL_PROBE = textwrap.dedent(
+    """
+    import json
+    from mdtrt import _core, tensorrt
+    full, lean = tensorrt.wheel_library_dirs()
+    info = _core.testing.load_tensorrt(full, lean)
+    print(json.dumps({"full": full, "lean": lean, "found_by": info["found_by"], "path": info["path"],
+                      "lean_lib": info["lean"]}))
+    """
+)
+
+
+@needs_cc
+@pytest.mark.parametrize("which", ["tensorrt_libs", "tensorrt_lean_libs"])
+def test_wheel_folders_are_found_without_importing_tensorrt(fakes, tmp_path, which):
+    """Fake tensorrt_libs / tensorrt_lean_libs packages on sys.path: their folders are searched."""
+    no_system_tensorrt()
+    package = tmp_path / which
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('the loader must not import the wheel')\n")
+    source = fakes["wheel"] if which == "tensorrt_libs" else fakes["lean_wheel"]
+    shutil.copy(source, package / os.path.basename(source))
+    env = dict(os.environ, LD_LIBRARY_PATH="")
+    env.pop("MDTRT_TENSORRT_LIBRARY", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path)] + [p for p in sys.path if p])
+    out = subprocess.run([sys.executable, "-c", WHEEL_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = ("extra directory", False) if which == "tensorrt_libs" else ("lean extra directory", True)
+    assert (r["found_by"], r["lean_lib"]) == expected
+    assert r["path"] == str(package / os.path.basename(source))
+
+
+# --- GPU machine with the lean runtime wheel (no full TensorRT) ----------------------------------
+
+LEAN_WHEEL = importlib.util.find_spec("tensorrt_lean_libs") is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.skipif(not BACKEND, reason="mdtrt was built without the TensorRT backend")
+@pytest.mark.skipif(not LEAN_WHEEL, reason="needs the tensorrt-lean-cu13-libs wheel (pip install 'mdtrt[lean]')")
+def test_lean_runtime_loads_and_rejects_invalid_plans_clearly():
+    lib = mdtrt_tensorrt.tensorrt_library()
+    if lib.found_by not in (f"libnvinfer_lean.so.{MAJOR}", "lean extra directory"):
+        pytest.skip(f"a full TensorRT was found first ({lib.path})")
+    assert lib.lean and lib.version.startswith(f"{MAJOR}.") and os.path.isfile(lib.path)
+
+    # Deserializing creates the runtime on the GPU: it must work, then refuse the bytes clearly.
+    with pytest.raises(mdtrt.TensorRTError) as info:
+        mdtrt_tensorrt.check_engine(b"\x00" * 64 + b"definitely not a plan")
+    assert "returned no runtime" not in str(info.value)
+    assert f"Is this a TensorRT {MAJOR} plan built for this GPU?" in str(info.value)
+    assert info.value.call == "deserializeCudaEngine"
+
+    with pytest.raises(mdtrt.LibraryNotFoundError, match="the lean runtime was found"):
+        mdtrt_tensorrt.build_dist_collective_engine("all_reduce", nb_ranks=2, shape=[4, 4], progress=False)
+
+    with mdtrt.DeviceGroup(gpus=[0], timeout=60.0) as group:
+        with pytest.raises(mdtrt.TensorRTError) as info:
+            mdtrt.EngineRunner(group, b"\x00" * 64 + b"definitely not a plan")
+        assert info.value.rank == 0 and info.value.call == "deserializeCudaEngine"
+        assert "Is this a TensorRT" in str(info.value)
