@@ -177,10 +177,25 @@ def test_cli_rejects_indivisible_sequence(capsys):
     assert "divisible" in capsys.readouterr().out
 
 
+def test_cli_says_why_the_gpu_run_cannot_happen_and_still_verifies(monkeypatch, capsys):
+    # As on a GPU machine whose only TensorRT is the lean runtime (it cannot build engines).
+    monkeypatch.setattr(attention, "_gpu_run_blocker", lambda ranks: "the GPU run builds engines, which needs the full TensorRT")
+    code = attention.main(["--ranks", "2", "--hidden", "64", "--heads", "4", "--head-dim", "16",
+                           "--sequence-length", "16", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "needs the full TensorRT" in out and "PASSED" in out
+
+
 @pytest.mark.multi_gpu
 def test_gpu_run():  # pragma: no cover - needs GPUs and TensorRT
     import mdtrt
 
     if not mdtrt.build_info()["tensorrt_backend"]:
         pytest.skip("this mdtrt has no TensorRT backend")
+    from mdtrt import tensorrt
+
+    report = tensorrt.library_report()
+    if not report["library_found"] or report["lean"]:
+        pytest.skip(f"the GPU run needs the full TensorRT (builder): {report['error'] or 'only the lean runtime'}")
     assert attention.main(["--mode", "gpu", "--sequence-length", "1024", "--iterations", "5", "--no-progress"]) == 0

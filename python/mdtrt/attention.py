@@ -264,6 +264,14 @@ def _gpu_run_blocker(ranks: int) -> str | None:
 
     if importlib.util.find_spec("mdtrt.tensorrt") is None:
         return "this mdtrt has no mdtrt.tensorrt module (engine builder) yet"
+    from . import tensorrt as mdtrt_tensorrt
+
+    report = mdtrt_tensorrt.library_report()
+    if not report["library_found"]:
+        return f"TensorRT is needed for the GPU run and was not found: {report['error']}"
+    if report["lean"]:
+        return (f"the GPU run builds engines, which needs the full TensorRT; only the lean runtime was found "
+                f"({report['path']}): pip install 'mdtrt[tensorrt]' where NVIDIA's index is reachable")
     return None
 
 

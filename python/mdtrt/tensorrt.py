@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import importlib.util
 import logging
 import os
@@ -158,11 +159,42 @@ def _library_from(info: Mapping[str, Any]) -> TensorRTLibrary:
                            info["version_code"], info["header_version"])
 
 
-def library_report() -> dict:
-    """For ``python -m mdtrt doctor``: never raises. Keys: library_found, path, version, found_by,
-    lean, error (and attempts when found)."""
-    report: dict[str, Any] = {"library_found": False, "path": None, "version": None, "found_by": None,
-                              "lean": None, "error": ""}
+_PROBE = "import json, mdtrt.tensorrt as t; print(json.dumps(t._library_report_here()))"
+
+
+def library_report(timeout: float = 120.0) -> dict:
+    """For ``python -m mdtrt doctor`` and pre-flight checks: never raises. Keys: library_found, path,
+    version, found_by, lean, error (and attempts when found).
+
+    The library is opened in a child process: a vendor library that crashes while loading (seen
+    once with a TensorRT lean runtime on a GPU machine) then becomes a reported reason instead of
+    taking the caller down.
+    """
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return _empty_report(f"loading TensorRT did not finish within {timeout:g} s")
+    if out.returncode != 0:
+        how = f"signal {-out.returncode}" if out.returncode < 0 else f"exit status {out.returncode}"
+        tail = out.stderr.strip().splitlines()[-3:]
+        return _empty_report(f"loading TensorRT crashed the probe process ({how})" + (": " + " | ".join(tail) if tail else "")
+                             + "; set MDTRT_TENSORRT_LIBRARY to another libnvinfer.so.11 or report this")
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return _empty_report(f"the TensorRT probe printed no report: {out.stdout[-200:]!r}")
+
+
+def _empty_report(error: str) -> dict:
+    return {"library_found": False, "path": None, "version": None, "found_by": None, "lean": None, "error": error}
+
+
+def _library_report_here() -> dict:
+    """library_report() in this process (what the probe child runs)."""
+    report: dict[str, Any] = _empty_report("")
     try:
         lib = tensorrt_library()
     except Exception as error:  # noqa: BLE001 - the doctor reports, it does not fail
