@@ -202,3 +202,24 @@ def test_communicators_expose_handles(group):
     assert len({c.ptr for c in comms}) == len(comms)
     capsule = comms[0].capsule()
     assert type(capsule).__name__ == "PyCapsule" and "ncclComm_t" in repr(capsule)
+
+
+def test_dlpack_only_device_arrays(group):
+    torch = pytest.importorskip("torch")
+
+    class DLPackOnly:  # like a JAX array: no __cuda_array_interface__
+        def __init__(self, t):
+            self.t = t
+
+        def __dlpack__(self, stream=None):
+            return self.t.__dlpack__(stream=stream)
+
+        def __dlpack_device__(self):
+            return self.t.__dlpack_device__()
+
+    xs = [torch.randn(len(group) * 4, 3, device=f"cuda:{d}") for d in group.gpus]
+    outs = group.all_gather([DLPackOnly(x) for x in xs], poison_outputs=True)
+    expected = reference("all_gather", [x.cpu().numpy() for x in xs])
+    for out, exp in zip(outs, expected):
+        assert isinstance(out, mdtrt.DeviceArray)
+        np.testing.assert_array_equal(out.numpy(), exp)

@@ -1,12 +1,13 @@
 """Moving arrays between Python and the rank threads.
 
-Host arrays are numpy arrays. Device arrays are anything with ``__cuda_array_interface__``
-(CuPy, Numba, ...) or a PyTorch CUDA tensor; they are used in place (zero-copy), and ordered after
-the work their producer's stream already queued.
+Host arrays are numpy arrays. Device arrays are PyTorch CUDA tensors, anything with
+``__cuda_array_interface__`` (CuPy, Numba, ...) or with ``__dlpack__`` (JAX, ...); they are used in
+place (zero-copy), and ordered after the work their producer's stream already queued.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from typing import Any
 
@@ -125,11 +126,65 @@ def describe(x: Any, what: str = "input") -> ArrayRef:
         device = _core.pointer_device(ptr) if ptr else 0
         stream = cai.get("stream") or 0
         return ArrayRef(ptr, device, _TYPESTR[typestr[1:]], shape, x, "cai", int(stream))
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return _describe_dlpack(x, what)
     if hasattr(x, "__array__") or isinstance(x, (list, tuple, float, int)):
         return describe(np.asarray(x), what)
     raise InvalidArgumentError(
-        f"{what} of type {type(x).__name__} is not an array: pass a numpy array, a torch tensor or an object "
-        "with __cuda_array_interface__ (CuPy, Numba)")
+        f"{what} of type {type(x).__name__} is not an array: pass a numpy array, a torch tensor, an object "
+        "with __cuda_array_interface__ (CuPy, Numba) or with __dlpack__ (JAX)")
+
+
+# DLPack's C ABI (dlpack.h, v0.8 and later, unversioned capsule "dltensor").
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
+                ("byte_offset", ctypes.c_uint64)]
+
+
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST = 1, 2, 3
+_DL_TYPES = {(0, 8): "int8", (0, 32): "int32", (0, 64): "int64", (1, 8): "uint8", (2, 16): "float16",
+             (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16", (6, 8): "bool"}
+_LEGACY_DEFAULT_STREAM = 1  # DLPack's stream for "no stream given" on CUDA
+
+
+def _describe_dlpack(x: Any, what: str) -> ArrayRef:
+    """An ArrayRef for a DLPack producer. The capsule is kept with the ref: its destructor releases
+    the producer's tensor once mdtrt is done with it."""
+    device_type, device_id = x.__dlpack_device__()
+    if device_type not in (_DL_CPU, _DL_CUDA, _DL_CUDA_HOST):
+        raise InvalidArgumentError(f"{what} lives on DLPack device type {device_type}; mdtrt takes CPU or CUDA arrays")
+    # On CUDA, asking for the legacy default stream makes the producer order its pending work
+    # before it; mdtrt then orders its rank streams after that stream.
+    capsule = x.__dlpack__(stream=_LEGACY_DEFAULT_STREAM) if device_type == _DL_CUDA else x.__dlpack__()
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    tensor = _DLTensor.from_address(get_pointer(capsule, b"dltensor"))
+    dtype = _DL_TYPES.get((tensor.dtype.code, tensor.dtype.bits))
+    if dtype is None or tensor.dtype.lanes != 1:
+        raise InvalidArgumentError(f"{what} has DLPack type code {tensor.dtype.code}, {tensor.dtype.bits} bits, which "
+                                   "mdtrt does not support")
+    shape = tuple(tensor.shape[i] for i in range(tensor.ndim))
+    if tensor.strides:
+        expected, acc = [], 1
+        for d in reversed(shape):
+            expected.append(acc)
+            acc *= d
+        actual = tuple(tensor.strides[i] for i in range(tensor.ndim))
+        if any(s != e for s, e, d in zip(actual, reversed(expected), shape) if d > 1):
+            raise InvalidArgumentError(f"{what} is not C-contiguous: make a contiguous copy first")
+    ptr = (tensor.data or 0) + tensor.byte_offset
+    on_gpu = device_type == _DL_CUDA
+    return ArrayRef(ptr, device_id if on_gpu else -1, dtype, shape, (x, capsule), "dlpack",
+                    _LEGACY_DEFAULT_STREAM if on_gpu else 0)
 
 
 class DeviceArray:

@@ -1,0 +1,55 @@
+"""How arrays are seen on their way to the ranks (no GPU needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mdtrt
+from mdtrt.arrays import describe
+
+
+class DLPackOnly:
+    """An array that only speaks DLPack, like a JAX array (here backed by numpy on the CPU)."""
+
+    def __init__(self, array):
+        self._array = array
+
+    def __dlpack__(self, stream=None):
+        return self._array.__dlpack__()
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int32", "int8", "uint8", "int64"])
+def test_dlpack_host_array_is_used_in_place(dtype):
+    base = (np.random.default_rng(0).standard_normal((3, 5)) * 10).astype(dtype)
+    ref = describe(DLPackOnly(base))
+    assert (ref.ptr, ref.device, ref.dtype, ref.shape) == (base.ctypes.data, -1, dtype, (3, 5))
+    assert ref.nbytes == base.nbytes
+
+
+def test_dlpack_view_with_offset_points_at_its_first_element():
+    base = np.arange(40, dtype=np.float32).reshape(8, 5)
+    view = base[2:5]  # contiguous rows, data starts 2 rows in
+    ref = describe(DLPackOnly(view))
+    assert ref.ptr == base.ctypes.data + 2 * 5 * 4 and ref.shape == (3, 5)
+
+
+def test_dlpack_non_contiguous_is_refused():
+    with pytest.raises(mdtrt.InvalidArgumentError, match="contiguous"):
+        describe(DLPackOnly(np.arange(20, dtype=np.float32).reshape(4, 5)[:, ::2]))
+
+
+def test_numpy_and_unsupported_inputs():
+    x = np.arange(6, dtype=np.int32).reshape(2, 3)
+    ref = describe(x)
+    assert (ref.ptr, ref.device, ref.dtype, ref.shape, ref.kind) == (x.ctypes.data, -1, "int32", (2, 3), "numpy")
+    fortran = np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3))
+    contiguous = describe(fortran)
+    assert contiguous.ptr != fortran.ctypes.data and np.array_equal(contiguous.owner, fortran)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="not supported"):
+        describe(np.ones(3, np.complex64))
+    with pytest.raises(mdtrt.InvalidArgumentError, match="not an array"):
+        describe(object())
