@@ -9,13 +9,14 @@ namespace py = pybind11;
 namespace mdtrt::bindings {
 
 void bind_nccl(py::module_& m) {
-  py::class_<nccl::LoadAttempt>(m, "NcclLoadAttempt")
-      .def_readonly("rule", &nccl::LoadAttempt::rule)
-      .def_readonly("candidate", &nccl::LoadAttempt::candidate)
-      .def_readonly("loaded", &nccl::LoadAttempt::loaded)
-      .def_readonly("message", &nccl::LoadAttempt::message)
-      .def("__repr__", [](const nccl::LoadAttempt& a) {
-        return "NcclLoadAttempt(rule=" + a.rule + ", candidate=" + a.candidate + ", " + a.message + ")";
+  // One record type for every run-time library search (NCCL, TensorRT, the ONNX parser).
+  py::class_<LoadAttempt>(m, "LoadAttempt")
+      .def_readonly("rule", &LoadAttempt::rule)
+      .def_readonly("candidate", &LoadAttempt::candidate)
+      .def_readonly("loaded", &LoadAttempt::loaded)
+      .def_readonly("message", &LoadAttempt::message)
+      .def("__repr__", [](const LoadAttempt& a) {
+        return "LoadAttempt(rule=" + a.rule + ", candidate=" + a.candidate + ", " + a.message + ")";
       });
 
   m.def(

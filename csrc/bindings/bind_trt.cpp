@@ -238,14 +238,6 @@ void bind_backend(py::module_& m) {
 }  // namespace
 
 void bind_trt(py::module_& m) {
-  py::class_<trt::LoadAttempt>(m, "TensorRTLoadAttempt")
-      .def_readonly("rule", &trt::LoadAttempt::rule)
-      .def_readonly("candidate", &trt::LoadAttempt::candidate)
-      .def_readonly("loaded", &trt::LoadAttempt::loaded)
-      .def_readonly("message", &trt::LoadAttempt::message)
-      .def("__repr__", [](const trt::LoadAttempt& a) {
-        return "TensorRTLoadAttempt(rule=" + a.rule + ", candidate=" + a.candidate + ", " + a.message + ")";
-      });
   bind_backend(m);
 
   py::module_ testing = m.def_submodule("testing", "Test-only entry points (no GPU needed).");

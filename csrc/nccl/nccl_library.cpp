@@ -58,12 +58,6 @@ Loaded& state() {
   return loaded;
 }
 
-std::string loaded_path(void* symbol, const std::string& fallback) {
-  Dl_info dl{};
-  if (symbol != nullptr && dladdr(symbol, &dl) != 0 && dl.dli_fname != nullptr) return dl.dli_fname;
-  return fallback;
-}
-
 // Opens one candidate and checks it; on failure fills attempt.message and returns false.
 bool try_candidate(const std::string& candidate, LoadAttempt& attempt, Api& api, void*& handle,
                    std::string& path, int& version) {
@@ -105,12 +99,6 @@ bool try_candidate(const std::string& candidate, LoadAttempt& attempt, Api& api,
   path = loaded_path(reinterpret_cast<void*>(candidate_api.GetVersion), candidate);
   version = code;
   return true;
-}
-
-std::string describe_attempts(const std::vector<LoadAttempt>& attempts) {
-  std::ostringstream out;
-  for (const auto& a : attempts) out << "\n  - " << a.rule << ": " << a.candidate << ": " << a.message;
-  return out.str();
 }
 
 }  // namespace

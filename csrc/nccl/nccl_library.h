@@ -13,19 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "common/library_search.h"
+
 #include "nccl/nccl_api.h"
 
 namespace mdtrt::nccl {
 
 constexpr int kMinVersion = 21900;  // 2.19.0
 constexpr int kMaxVersionExclusive = 30000;
-
-struct LoadAttempt {
-  std::string rule;       // "MDTRT_NCCL_LIBRARY", "libnccl.so.2", "libnccl.so", "extra directory"
-  std::string candidate;  // what was passed to dlopen
-  bool loaded = false;
-  std::string message;    // dlerror() text, a missing symbol, a refused version, or "ok"
-};
 
 struct LibraryInfo {
   std::string path;     // the file that was loaded

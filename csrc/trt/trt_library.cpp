@@ -68,12 +68,6 @@ Parser& parser() {
   return state;
 }
 
-std::string loaded_path(void* symbol, const std::string& fallback) {
-  Dl_info dl{};
-  if (symbol != nullptr && dladdr(symbol, &dl) != 0 && dl.dli_fname != nullptr) return dl.dli_fname;
-  return fallback;
-}
-
 void* open_candidate(const std::string& candidate, LoadAttempt& attempt) {
   attempt.candidate = candidate;
   dlerror();
@@ -140,12 +134,6 @@ bool try_parser(const std::string& candidate, LoadAttempt& attempt, Parser& st, 
   info.version = version_fn != nullptr ? version_fn() : 0;
   info.path = loaded_path(reinterpret_cast<void*>(create_fn), candidate);
   return true;
-}
-
-std::string describe_attempts(const std::vector<LoadAttempt>& attempts) {
-  std::ostringstream out;
-  for (const auto& a : attempts) out << "\n  - " << a.rule << ": " << a.candidate << ": " << a.message;
-  return out.str();
 }
 
 std::string env_value(const char* name) {

@@ -21,14 +21,9 @@
 #include <string>
 #include <vector>
 
-namespace mdtrt::trt {
+#include "common/library_search.h"
 
-struct LoadAttempt {
-  std::string rule;       // "MDTRT_TENSORRT_LIBRARY", "libnvinfer.so.11", "extra directory", ...
-  std::string candidate;  // what was passed to dlopen
-  bool loaded = false;
-  std::string message;    // dlerror() text, a missing symbol, a refused version, or "ok"
-};
+namespace mdtrt::trt {
 
 struct LibraryInfo {
   std::string path;      // the file that was loaded

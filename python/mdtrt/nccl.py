@@ -7,14 +7,7 @@ import importlib.util
 import os
 
 from . import _core
-
-
-@dataclasses.dataclass(frozen=True)
-class NcclLoadAttempt:
-    rule: str
-    candidate: str
-    loaded: bool
-    message: str
+from .libraries import LoadAttempt, attempts_from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +19,7 @@ class NcclLibrary:
     version: str
     version_code: int
     found_by: str
-    attempts: tuple[NcclLoadAttempt, ...]
+    attempts: tuple[LoadAttempt, ...]
 
 
 def wheel_library_dirs() -> list[str]:
@@ -49,5 +42,5 @@ def nccl_library() -> NcclLibrary:
     Raises :class:`mdtrt.errors.LibraryNotFoundError` listing every attempt when none works.
     """
     info = _core.load_nccl(wheel_library_dirs())
-    attempts = tuple(NcclLoadAttempt(a.rule, a.candidate, a.loaded, a.message) for a in info["attempts"])
+    attempts = attempts_from(info["attempts"])
     return NcclLibrary(info["path"], info["version"], info["version_code"], info["found_by"], attempts)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import _core
 from .errors import InvalidArgumentError, LibraryNotFoundError, MdtrtError
+from .libraries import LoadAttempt, attempts_from
 
 log = logging.getLogger("mdtrt.tensorrt")
 
@@ -36,14 +37,6 @@ log = logging.getLogger("mdtrt.tensorrt")
 _LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO, 4: logging.DEBUG}
 
 ProgressCallback = Callable[[str, str, str, int, int], Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRTLoadAttempt:
-    rule: str
-    candidate: str
-    loaded: bool
-    message: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +49,7 @@ class TensorRTLibrary:
     version: str
     found_by: str
     lean: bool
-    attempts: tuple[TensorRTLoadAttempt, ...]
+    attempts: tuple[LoadAttempt, ...]
     version_code: int = 0
     header_version: str = ""  # the TensorRT headers mdtrt was compiled against
 
@@ -154,7 +147,7 @@ def tensorrt_library() -> TensorRTLibrary:
 
 
 def _library_from(info: Mapping[str, Any]) -> TensorRTLibrary:
-    attempts = tuple(TensorRTLoadAttempt(a.rule, a.candidate, a.loaded, a.message) for a in info["attempts"])
+    attempts = attempts_from(info["attempts"])
     return TensorRTLibrary(info["path"], info["version"], info["found_by"], info["lean"], attempts,
                            info["version_code"], info["header_version"])
 
@@ -395,7 +388,7 @@ def check_engine(engine: Any, device: int = 0) -> list[dict]:
 
 __all__ = [
     "TensorRTLibrary",
-    "TensorRTLoadAttempt",
+    "LoadAttempt",
     "backend_compiled_in",
     "tensorrt_library",
     "library_report",
