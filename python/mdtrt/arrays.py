@@ -34,8 +34,14 @@ def _bfloat16_dtype():
     return np.dtype(ml_dtypes.bfloat16)
 
 
+_DTYPE_OBJECTS: dict = {}
+
+
 def numpy_dtype(name: str) -> np.dtype:
-    return _bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
+    dtype = _DTYPE_OBJECTS.get(name)
+    if dtype is None:
+        dtype = _DTYPE_OBJECTS[name] = _bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
+    return dtype
 
 
 def dtype_name(dtype: Any) -> str:
@@ -46,7 +52,7 @@ def dtype_name(dtype: Any) -> str:
     raise InvalidArgumentError(f"dtype {dtype} is not supported (use float32, float16, bfloat16, int32, int8, uint8, int64)")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ArrayRef:
     """A view of one input: where it lives and what it is. Holds the object alive."""
 
@@ -72,6 +78,7 @@ class ArrayRef:
         return (name, self.ptr, self.nbytes, self.device)
 
 
+_NUMPY_DTYPES: dict = {}  # numpy dtype -> name, filled as dtypes are seen
 _TORCH_DTYPES: dict = {}  # torch dtype -> name, filled on first use (str() of a dtype is slow)
 
 
@@ -90,7 +97,11 @@ def describe(x: Any, what: str = "input") -> ArrayRef:
     if isinstance(x, np.ndarray):
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        return ArrayRef(x.ctypes.data, -1, dtype_name(x.dtype), tuple(x.shape), x, "numpy")
+        name = _NUMPY_DTYPES.get(x.dtype)
+        if name is None:
+            name = _NUMPY_DTYPES[x.dtype] = dtype_name(x.dtype)
+        # __array_interface__ is an order of magnitude cheaper than x.ctypes.data, per call.
+        return ArrayRef(x.__array_interface__["data"][0], -1, name, x.shape, x, "numpy")
     if _is_torch_tensor(x):
         import torch
 

@@ -227,23 +227,36 @@ def run_program(runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool,
     """One call of a ProgramRunner: host inputs give host outputs, device inputs device outputs.
     ``out``: per local rank, preallocated device outputs by name (returned as given).
     Returns, per local rank, a dict of output name to array (empty for ranks not fetched)."""
-    flat = [ref for refs in per_rank_refs for ref in refs]
-    on_device = any(ref.device >= 0 for ref in flat)
-    if on_device and any(ref.device < 0 for ref in flat):
+    # One pass over the inputs; a replicated input list is the same object on every rank.
+    on_device = on_host = False
+    stream_ref = None
+    native_by_list: dict[int, list] = {}
+    native_inputs = []
+    for refs in per_rank_refs:
+        native = native_by_list.get(id(refs))
+        if native is None:
+            native = native_by_list[id(refs)] = [ref.as_native() for ref in refs]
+            for ref in refs:
+                if ref.device >= 0:
+                    on_device = True
+                else:
+                    on_host = True
+                if stream_ref is None and ref.stream:
+                    stream_ref = ref
+        native_inputs.append(native)
+    if on_device and on_host:
         raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
     if out is not None and not on_device:
         raise InvalidArgumentError("preallocated outputs are for device inputs; with numpy inputs outputs come back as numpy")
     if out is not None and any(ref.device < 0 for given in out for ref in given.values()):
         raise InvalidArgumentError("preallocated outputs must be device arrays")
-    stream_ref = next((ref for ref in flat if ref.stream), None)
     n = len(per_rank_refs)
     fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
+    # Positional arguments: pybind11 matches keywords noticeably slower, and this is the hot path.
     results = runner.infer(
-        [[ref.as_native() for ref in refs] for refs in per_rank_refs],
-        replication=replication, poison_outputs=poison_outputs, fetch_ranks=fetch, device_outputs=on_device,
-        caller_stream=stream_ref.stream if stream_ref else 0, caller_device=stream_ref.device if stream_ref else -1,
-        timeout=float(timeout or 0.0),
-        outputs=[[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
+        native_inputs, replication, poison_outputs, fetch, on_device,
+        stream_ref.stream if stream_ref else 0, stream_ref.device if stream_ref else -1, float(timeout or 0.0),
+        [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
     outputs = []
     for i, res in enumerate(results):
         named = {}
