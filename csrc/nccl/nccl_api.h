@@ -73,7 +73,6 @@ struct Api {
   Result (*CommAbort)(Comm comm);
   Result (*CommGetAsyncError)(Comm comm, Result* async_error);
   Result (*CommCount)(const Comm comm, int* count);
-  Result (*CommCuDevice)(const Comm comm, int* device);
   Result (*CommUserRank)(const Comm comm, int* rank);
   const char* (*GetErrorString)(Result result);
   const char* (*GetLastError)(Comm comm);

@@ -29,7 +29,6 @@ std::vector<SymbolSlot> symbol_slots(Api& a) {
       {"ncclCommAbort", slot(a.CommAbort)},
       {"ncclCommGetAsyncError", slot(a.CommGetAsyncError)},
       {"ncclCommCount", slot(a.CommCount)},
-      {"ncclCommCuDevice", slot(a.CommCuDevice)},
       {"ncclCommUserRank", slot(a.CommUserRank)},
       {"ncclGetErrorString", slot(a.GetErrorString)},
       {"ncclGetLastError", slot(a.GetLastError)},
