@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,24 +14,18 @@ import textwrap
 import pytest
 
 import mdtrt
+from fakelib import CC, compile_shared_object
 from mdtrt import _core
 
-CC = shutil.which("cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(CC is None, reason="needs a C compiler to build fake NCCL libraries")
 
 
 def build_fake_nccl(directory, soname: str, version: int, omit: str | None = None) -> str:
     """A shared object exporting NCCL's entry points; ncclGetVersion returns `version`."""
-    os.makedirs(directory, exist_ok=True)
     lines = ["int ncclGetVersion(int* v) { *v = %d; return 0; }" % version]
     lines += [f"int {name}(void) {{ return 0; }}" for name in _core.nccl_required_symbols()
               if name not in ("ncclGetVersion", omit)]
-    source = os.path.join(directory, "fake_nccl.c")
-    with open(source, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    path = os.path.join(directory, soname)
-    subprocess.run([CC, "-shared", "-fPIC", "-o", path, source], check=True)
-    return path
+    return compile_shared_object(directory, soname, lines)
 
 
 PROBE = textwrap.dedent(

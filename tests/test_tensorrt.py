@@ -19,10 +19,10 @@ import textwrap
 import pytest
 
 import mdtrt
+from fakelib import CC, compile_shared_object
 from mdtrt import _core
 from mdtrt import tensorrt as mdtrt_tensorrt
 
-CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="needs a C compiler to build fake TensorRT libraries")
 BACKEND = bool(_core.build_info()["tensorrt_backend"])
 MAJOR = _core.testing.tensorrt_header_major()
@@ -35,7 +35,6 @@ def code(major: int, minor: int = 0, patch: int = 0) -> int:
 def build_fake_trt(directory, soname: str, version: int, builder: bool = True, omit: str | None = None) -> str:
     """A shared object with TensorRT's entry points: getInferLibVersion returns `version`, the
     creation functions return NULL; without `builder` it models the lean runtime."""
-    os.makedirs(directory, exist_ok=True)
     lines = [
         "int getInferLibVersion(void) { return %d; }" % version,
         "void* createInferRuntime_INTERNAL(void* logger, int version) { return 0; }",
@@ -43,12 +42,7 @@ def build_fake_trt(directory, soname: str, version: int, builder: bool = True, o
     if builder:
         lines.append("void* createInferBuilder_INTERNAL(void* logger, int version) { return 0; }")
     lines = [line for line in lines if omit is None or omit not in line]
-    source = os.path.join(directory, soname + ".c")
-    with open(source, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    path = os.path.join(directory, soname)
-    subprocess.run([CC, "-shared", "-fPIC", "-o", path, source], check=True)
-    return path
+    return compile_shared_object(directory, soname, lines)
 
 
 PROBE = textwrap.dedent(

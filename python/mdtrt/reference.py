@@ -114,6 +114,9 @@ def _check_groups(groups: Sequence[int] | None, world_size: int) -> list[int]:
     return members
 
 
+_REDUCERS = {"sum": np.sum, "prod": np.prod, "max": np.max, "min": np.min}
+
+
 def _reduce(tensors: list[np.ndarray], reduce: str) -> np.ndarray:
     """Elementwise reduction over the ranks' tensors, exact where the dtype allows."""
     dtype = tensors[0].dtype
@@ -121,30 +124,14 @@ def _reduce(tensors: list[np.ndarray], reduce: str) -> np.ndarray:
         # int64 arithmetic wraps modulo 2**64, so the low bits kept by the final cast are those
         # of the dtype's own wrapping arithmetic (float64 would lose them past 2**53).
         stacked = np.stack(tensors).astype(np.int64)
-        if reduce == "sum":
-            result = stacked.sum(axis=0)
-        elif reduce == "prod":
-            result = stacked.prod(axis=0)
-        elif reduce == "max":
-            result = stacked.max(axis=0)
-        elif reduce == "min":
-            result = stacked.min(axis=0)
-        else:  # avg: the exact mean of integers, truncated toward zero as C integer division does
+        if reduce == "avg":  # the exact mean of integers, truncated toward zero as C integer division does
             total = stacked.sum(axis=0)
-            count = len(tensors)
-            result = np.sign(total) * (np.abs(total) // count)
+            result = np.sign(total) * (np.abs(total) // len(tensors))
+        else:
+            result = _REDUCERS[reduce](stacked, axis=0)
         return result.astype(dtype)
     stacked = np.stack([t.astype(np.float64) for t in tensors])
-    if reduce == "sum":
-        result = stacked.sum(axis=0)
-    elif reduce == "prod":
-        result = stacked.prod(axis=0)
-    elif reduce == "max":
-        result = stacked.max(axis=0)
-    elif reduce == "min":
-        result = stacked.min(axis=0)
-    else:
-        result = stacked.mean(axis=0)
+    result = stacked.mean(axis=0) if reduce == "avg" else _REDUCERS[reduce](stacked, axis=0)
     with np.errstate(over="ignore"):  # overflow to inf is what the device would produce too
         return result.astype(dtype)
 
