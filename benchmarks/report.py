@@ -325,6 +325,9 @@ def fanout_section(fan: dict, plots: dict, base: str) -> str:
         target = yes_no(r["added_us"] <= FANOUT_ADDED_MAX_US) + " (<= 20 us)" if int(n) >= 2 else "-"
         rows.append([f"EngineRunner.infer, N={n}", fmt(r["median_us"]), fmt(r.get("p10_us")), fmt(r.get("p90_us")),
                      fmt(r["added_us"], 1), target])
+    for n, r in sorted((fan.get("prepared") or {}).items(), key=lambda kv: int(kv[0])):
+        rows.append([f"EngineRunner.prepare(...)(), N={n}", fmt(r["median_us"]), fmt(r.get("p10_us")),
+                     fmt(r.get("p90_us")), fmt(r["added_us"], 1), "-"])
     return ("## 2. Fan-out overhead\n\n"
             f"A trivial program (a {bl.format_size(fan.get('nbytes', 0))} device-to-device copy per GPU, preallocated "
             f"inputs and outputs); {fan.get('rounds')} alternating rounds of {fan.get('iterations')} calls. Added = "

@@ -178,8 +178,8 @@ class DeviceGroup:
             if len(out) != n:
                 raise InvalidArgumentError(f"out= needs one array per local rank: got {len(out)} for {n}")
             out_refs = [{"output": describe(o, f"out of rank {r}")} for o, r in zip(out, native.ranks)]
-        outputs = run_program(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
-                              out=out_refs)
+        outputs = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
+                               out=out_refs)()
         members = groups or list(range(native.world_size))
         result = []
         for rank, out in zip(native.ranks, outputs):
@@ -221,51 +221,61 @@ def _gpu_list(gpus) -> list[int]:
     return out
 
 
-def run_program(runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
-                replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
-                out: list[dict[str, ArrayRef]] | None = None) -> list[dict]:
-    """One call of a ProgramRunner: host inputs give host outputs, device inputs device outputs.
-    ``out``: per local rank, preallocated device outputs by name (returned as given).
-    Returns, per local rank, a dict of output name to array (empty for ranks not fetched)."""
-    # One pass over the inputs; a replicated input list is the same object on every rank.
-    on_device = on_host = False
-    stream_ref = None
-    native_by_list: dict[int, list] = {}
-    native_inputs = []
-    for refs in per_rank_refs:
-        native = native_by_list.get(id(refs))
-        if native is None:
-            native = native_by_list[id(refs)] = [ref.as_native() for ref in refs]
-            for ref in refs:
-                if ref.device >= 0:
-                    on_device = True
-                else:
-                    on_host = True
-                if stream_ref is None and ref.stream:
-                    stream_ref = ref
-        native_inputs.append(native)
-    if on_device and on_host:
-        raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
-    if out is not None and not on_device:
-        raise InvalidArgumentError("preallocated outputs are for device inputs; with numpy inputs outputs come back as numpy")
-    if out is not None and any(ref.device < 0 for given in out for ref in given.values()):
-        raise InvalidArgumentError("preallocated outputs must be device arrays")
-    n = len(per_rank_refs)
-    fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
-    # Positional arguments: pybind11 matches keywords noticeably slower, and this is the hot path.
-    results = runner.infer(
-        native_inputs, replication, poison_outputs, fetch, on_device,
-        stream_ref.stream if stream_ref else 0, stream_ref.device if stream_ref else -1, float(timeout or 0.0),
-        [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
-    outputs = []
-    for i, res in enumerate(results):
-        named = {}
-        for k, (name, dtype, shape) in enumerate(res["outputs"]):
-            if out and name in out[i]:
-                named[name] = out[i][name].owner
-            elif on_device:
-                named[name] = wrap_device_output(res["device"][k], dtype, shape, per_rank_refs[i][0] if per_rank_refs[i] else None)
-            elif res["host"]:
-                named[name] = host_output(res["host"][k], dtype, shape)
-        outputs.append(named)
-    return outputs
+class PreparedCall:
+    """A ProgramRunner call whose arguments were checked and converted once: calling it runs the
+    program again on the same buffers (their current contents), with no per-call argument work.
+    The caller's stream is the one current when the call was prepared."""
+
+    def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
+                 replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
+                 out: list[dict[str, ArrayRef]] | None = None):
+        # One pass over the inputs; a replicated input list is the same object on every rank.
+        on_device = on_host = False
+        stream_ref = None
+        native_by_list: dict[int, list] = {}
+        native_inputs = []
+        for refs in per_rank_refs:
+            native = native_by_list.get(id(refs))
+            if native is None:
+                native = native_by_list[id(refs)] = [ref.as_native() for ref in refs]
+                for ref in refs:
+                    if ref.device >= 0:
+                        on_device = True
+                    else:
+                        on_host = True
+                    if stream_ref is None and ref.stream:
+                        stream_ref = ref
+            native_inputs.append(native)
+        if on_device and on_host:
+            raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
+        if out is not None and not on_device:
+            raise InvalidArgumentError("preallocated outputs are for device inputs; with numpy inputs outputs come back as numpy")
+        if out is not None and any(ref.device < 0 for given in out for ref in given.values()):
+            raise InvalidArgumentError("preallocated outputs must be device arrays")
+        n = len(per_rank_refs)
+        fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
+        self._infer = runner.infer
+        # Positional arguments: pybind11 matches keywords noticeably slower, and this is the hot path.
+        self._args = (native_inputs, replication, poison_outputs, fetch, on_device,
+                      stream_ref.stream if stream_ref else 0, stream_ref.device if stream_ref else -1,
+                      float(timeout or 0.0),
+                      [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
+        self._refs = per_rank_refs  # keeps the arrays alive as long as the call can run
+        self._out = out
+        self._on_device = on_device
+
+    def __call__(self) -> list[dict]:
+        results = self._infer(*self._args)
+        out, on_device, refs = self._out, self._on_device, self._refs
+        outputs = []
+        for i, res in enumerate(results):
+            named = {}
+            for k, (name, dtype, shape) in enumerate(res["outputs"]):
+                if out and name in out[i]:
+                    named[name] = out[i][name].owner
+                elif on_device:
+                    named[name] = wrap_device_output(res["device"][k], dtype, shape, refs[i][0] if refs[i] else None)
+                elif res["host"]:
+                    named[name] = host_output(res["host"][k], dtype, shape)
+            outputs.append(named)
+        return outputs

@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from . import _core
 from .arrays import describe
-from .device_group import DeviceGroup, run_program
+from .device_group import DeviceGroup, PreparedCall
 from .errors import InvalidArgumentError
 
 REPLICATION_MODES = ("auto", "host", "peer", "broadcast")
@@ -97,6 +97,15 @@ class EngineRunner:
         ``all_ranks=True``. Numpy in, numpy out; device arrays in, device arrays out.
         ``outputs``: output name to one preallocated device array per local rank, written in place.
         """
+        return self.prepare(inputs, all_ranks=all_ranks, poison_outputs=poison_outputs, replication=replication,
+                            timeout=timeout, outputs=outputs)()
+
+    def prepare(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
+                poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
+                outputs: Mapping[str, Sequence[Any]] | None = None):
+        """The same call as ``infer`` with its arguments checked and converted once: the returned
+        callable runs the engine again on the same buffers (refill them in place between calls),
+        for latency-bound loops. It returns what ``infer`` would."""
         n = len(self.group)
         if isinstance(inputs, Mapping):
             refs = self._refs(inputs)
@@ -116,9 +125,11 @@ class EngineRunner:
                     raise InvalidArgumentError(f"outputs['{name}'] needs one array per local rank: got {len(arrays)} for {n}")
                 for i, a in enumerate(arrays):
                     out[i][name] = describe(a, f"output '{name}'")
-        results = run_program(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
-                              replication=mode, timeout=timeout, out=out)
-        return results if all_ranks else results[0]
+        call = PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
+                            replication=mode, timeout=timeout, out=out)
+        if all_ranks:
+            return call
+        return lambda: call()[0]
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
         """Milliseconds of each of ``iterations`` complete calls (inputs in, outputs back), after

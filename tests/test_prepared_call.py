@@ -1,0 +1,76 @@
+"""The per-call Python path (argument checks, conversion, output mapping) against a stub of the
+native runner, so it is tested on any machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mdtrt
+from mdtrt.arrays import describe
+from mdtrt.device_group import PreparedCall
+from mdtrt.runner import EngineRunner
+
+
+class StubNative:
+    """Records each infer() call and answers like the extension: host bytes per fetched rank."""
+
+    def __init__(self, ranks=2):
+        self.calls = []
+        self.ranks = ranks
+
+    def infer(self, inputs, replication, poison, fetch, device_outputs, stream, stream_device, timeout, outputs):
+        self.calls.append((inputs, replication, poison, fetch, device_outputs, stream, stream_device, timeout, outputs))
+        results = []
+        for rank in range(self.ranks):
+            host = [np.frombuffer(np.full(4, rank + 1, np.float32).tobytes(), np.uint8).copy()] if rank in fetch else []
+            results.append({"outputs": [("output", "float32", (2, 2))], "host": host, "device": []})
+        return results
+
+
+def test_replicated_input_is_converted_once_and_reused():
+    native = StubNative()
+    x = np.arange(6, dtype=np.float16).reshape(2, 3)
+    refs = [describe(x)]
+    call = PreparedCall(native, [refs, refs], fetch_all=True)
+    first, second = call(), call()
+    inputs = native.calls[0][0]
+    assert inputs[0] is inputs[1]  # the same converted list for both ranks
+    assert inputs[0] == [(x.__array_interface__["data"][0], -1, "float16", (2, 3))]
+    assert native.calls[0] is not native.calls[1] and native.calls[0][0] is native.calls[1][0]
+    assert native.calls[0][3] == [0, 1] and native.calls[0][4] is False
+    for outputs in (first, second):
+        np.testing.assert_array_equal(outputs[0]["output"], np.full((2, 2), 1, np.float32))
+        np.testing.assert_array_equal(outputs[1]["output"], np.full((2, 2), 2, np.float32))
+
+
+def test_only_first_rank_fetched_by_default():
+    native = StubNative()
+    refs = [describe(np.ones(3, np.float32))]
+    outputs = PreparedCall(native, [refs, refs], fetch_all=False)()
+    assert native.calls[0][3] == [0]
+    assert set(outputs[0]) == {"output"} and outputs[1] == {}
+
+
+def test_host_outputs_need_device_inputs():
+    refs = [describe(np.ones(3, np.float32))]
+    with pytest.raises(mdtrt.InvalidArgumentError, match="preallocated outputs"):
+        PreparedCall(StubNative(), [refs, refs], fetch_all=True, out=[{"output": refs[0]}] * 2)
+
+
+def test_engine_runner_prepare_checks_names_once():
+    runner = EngineRunner.__new__(EngineRunner)
+    runner.group = [0, 1]  # only its length is used here
+    runner._native = StubNative()
+    runner._inputs = [("input", "float32", (-1,))]
+    runner.replication = "auto"
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"missing \['input'\]"):
+        runner.prepare({"x": np.ones(2, np.float32)})
+    x = np.ones(4, np.float32)
+    call = runner.prepare({"input": x})
+    out = call()
+    x[:] = 7  # refilled in place: the next call reads the same buffer
+    call()
+    assert len(runner._native.calls) == 2 and runner._native.calls[0][0] is runner._native.calls[1][0]
+    assert runner._native.calls[0][1] == "auto"
+    np.testing.assert_array_equal(out["output"], np.full((2, 2), 1, np.float32))
