@@ -17,6 +17,19 @@ SERIES_STYLE = {"ours": ("ours (DeviceGroup, per call)", "C0", "o-"),
                 "nccl_tests": ("nccl-tests", "C4", "x-.")}
 
 
+
+def _save_op_grid(plt, fig, axes, used: int, title: str, out_dir: str, name: str) -> str:
+    """Hides the unused panels of a one-panel-per-op grid, adds the shared legend and title, saves."""
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    return name
+
 def _pyplot():
     import matplotlib
 
@@ -58,15 +71,9 @@ def plot_collectives(coll: dict, out_dir: str) -> dict:
         _size_axis(ax)
         ax.set_title(op, fontsize=10)
         ax.set_ylabel("bus bandwidth (GB/s)", fontsize=8)
-    for ax in list(axes.flat)[len(ops):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle(f"Bus bandwidth vs size, {coll.get('world_size')} GPUs, {coll.get('dtype')}")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-    fig.savefig(os.path.join(out_dir, "collectives_busbw.png"), dpi=110)
-    plt.close(fig)
-    files["collectives_busbw"] = "collectives_busbw.png"
+    files["collectives_busbw"] = _save_op_grid(
+        plt, fig, axes, len(ops), f"Bus bandwidth vs size, {coll.get('world_size')} GPUs, {coll.get('dtype')}",
+        out_dir, "collectives_busbw.png")
 
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, op in zip(axes.flat, ops):
@@ -79,15 +86,8 @@ def plot_collectives(coll: dict, out_dir: str) -> dict:
         _size_axis(ax)
         ax.set_title(op, fontsize=10)
         ax.set_ylabel("time per op (us)", fontsize=8)
-    for ax in list(axes.flat)[len(ops):]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
-    fig.suptitle("Latency at small sizes (median)")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-    fig.savefig(os.path.join(out_dir, "collectives_latency.png"), dpi=110)
-    plt.close(fig)
-    files["collectives_latency"] = "collectives_latency.png"
+    files["collectives_latency"] = _save_op_grid(plt, fig, axes, len(ops), "Latency at small sizes (median)",
+                                                 out_dir, "collectives_latency.png")
     return files
 
 

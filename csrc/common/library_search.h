@@ -17,6 +17,9 @@ struct LoadAttempt {
 // One line per attempt, for error messages.
 std::string describe_attempts(const std::vector<LoadAttempt>& attempts);
 
+// dlopen(candidate, flags), recording the candidate and, on failure, dlerror()'s text in `attempt`.
+void* open_candidate(const std::string& candidate, int flags, LoadAttempt& attempt);
+
 // The file a loaded symbol lives in (what the dynamic loader actually picked), or `fallback`.
 std::string loaded_path(void* symbol, const std::string& fallback);
 

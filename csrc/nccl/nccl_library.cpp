@@ -60,14 +60,8 @@ Loaded& state() {
 // Opens one candidate and checks it; on failure fills attempt.message and returns false.
 bool try_candidate(const std::string& candidate, LoadAttempt& attempt, Api& api, void*& handle,
                    std::string& path, int& version) {
-  attempt.candidate = candidate;
-  dlerror();
-  void* h = dlopen(candidate.c_str(), RTLD_NOW | RTLD_GLOBAL);
-  if (h == nullptr) {
-    const char* err = dlerror();
-    attempt.message = err ? err : "dlopen failed";
-    return false;
-  }
+  void* h = open_candidate(candidate, RTLD_NOW | RTLD_GLOBAL, attempt);
+  if (h == nullptr) return false;
   Api candidate_api{};
   for (const auto& s : symbol_slots(candidate_api)) {
     dlerror();

@@ -68,18 +68,9 @@ Parser& parser() {
   return state;
 }
 
-void* open_candidate(const std::string& candidate, LoadAttempt& attempt) {
-  attempt.candidate = candidate;
-  dlerror();
-  // RTLD_LOCAL: nothing else should bind to TensorRT's symbols; its own dependents (the ONNX
-  // parser) find it by soname among the loaded objects.
-  void* handle = dlopen(candidate.c_str(), RTLD_NOW | RTLD_LOCAL);
-  if (handle == nullptr) {
-    const char* err = dlerror();
-    attempt.message = err ? err : "dlopen failed";
-  }
-  return handle;
-}
+// RTLD_LOCAL: nothing else should bind to TensorRT's symbols; its own dependents (the ONNX
+// parser) find it by soname among the loaded objects.
+constexpr int kOpenFlags = RTLD_NOW | RTLD_LOCAL;
 
 void* find_symbol(void* handle, const char* name) {
   dlerror();
@@ -88,7 +79,7 @@ void* find_symbol(void* handle, const char* name) {
 
 // Opens one TensorRT candidate and checks it; on failure fills attempt.message and returns false.
 bool try_library(const std::string& candidate, LoadAttempt& attempt, Library& st, LibraryInfo& info) {
-  void* handle = open_candidate(candidate, attempt);
+  void* handle = open_candidate(candidate, kOpenFlags, attempt);
   if (handle == nullptr) return false;
   auto refuse = [&](std::string why) {
     attempt.message = std::move(why);
@@ -118,7 +109,7 @@ bool try_library(const std::string& candidate, LoadAttempt& attempt, Library& st
 }
 
 bool try_parser(const std::string& candidate, LoadAttempt& attempt, Parser& st, ParserInfo& info) {
-  void* handle = open_candidate(candidate, attempt);
+  void* handle = open_candidate(candidate, kOpenFlags, attempt);
   if (handle == nullptr) return false;
   auto create_fn = reinterpret_cast<CreateParserFn>(find_symbol(handle, kParserSymbol));
   if (create_fn == nullptr) {
