@@ -4,8 +4,11 @@
 Series, all float16, sizes as nccl-tests counts them (the larger of a rank's send and receive
 buffers), bandwidths as nccl-tests defines them (algbw = S/t, busbw = algbw x the op's factor):
 
-* ``ours``: ``DeviceGroup.collective(op, inputs, out=outputs)`` with torch CUDA tensors, one call
-  timed on the host (each call returns when every rank has finished): median per call.
+* ``ours``: ``DeviceGroup.prepare_collective(op, inputs, out=outputs)`` called in a loop (the
+  arguments checked and converted once, as a latency-bound loop would), torch CUDA tensors, one
+  call timed on the host (each call returns when every rank has finished): median per call.
+* ``ours_call``: the one-shot ``DeviceGroup.collective(op, inputs, out=outputs)``, which converts
+  its arguments on every call; timed the same way, interleaved with ``ours``.
 * ``raw_percall``: torch.distributed (NCCL backend), one process per GPU, ``op; synchronize``
   timed on the host: the same host-synchronous pattern. Per iteration the slower rank counts.
 * ``raw_batched``: the same processes, N ops back to back then one synchronize, averaged
@@ -79,12 +82,14 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
 
     n = len(gpus)
     series: dict = {op: [] for op in ops}
+    call_series: dict = {op: [] for op in ops}
     group = mdtrt.DeviceGroup(gpus=gpus, timeout=60)
     try:
         for op in ops:
             for size in sizes:
                 if deadline.passed():
-                    return {"series": series, "stopped": f"time budget spent before {op} {bl.format_size(size)}"}
+                    return {"series": series, "call_series": call_series,
+                            "stopped": f"time budget spent before {op} {bl.format_size(size)}"}
                 in_elems, _ = bl.buffer_elements(op, size, n)
                 out_shape = list(_core.collective_output_shape(op, [in_elems], n))
                 inputs = [torch.ones(in_elems, dtype=torch.float16, device=f"cuda:{g}") for g in gpus]
@@ -95,17 +100,25 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
                 def call():
                     group.collective(op, inputs, reduce="sum", root=0, out=outputs)
 
+                prepared = group.prepare_collective(op, inputs, reduce="sum", root=0, out=outputs)
                 warm = bl.time_calls(call, policy["warmup"] + 1)[1:]  # the first builds the op's runner
+                bl.time_calls(prepared, policy["warmup"])
                 iters = bl.iterations_for(min(warm), policy["target_s"], policy["min_iters"], policy["max_iters"])
-                times = bl.time_calls(call, iters)
+                # Halves interleaved, so that drift hits both alike.
+                times, call_times = [], []
+                for _ in range(2):
+                    times += bl.time_calls(prepared, max(1, iters // 2))
+                    call_times += bl.time_calls(call, max(1, iters // 2))
                 stats = bl.summarize(times)
                 series[op].append(bl.point(op, size, stats["median_us"] * 1e-6, n, **stats))
-                del inputs, outputs
-            save(series)
+                stats = bl.summarize(call_times)
+                call_series[op].append(bl.point(op, size, stats["median_us"] * 1e-6, n, **stats))
+                del inputs, outputs, prepared
+            save(series, call_series)
     finally:
         group.close()
         torch.cuda.empty_cache()
-    return {"series": series}
+    return {"series": series, "call_series": call_series}
 
 
 def measure_link_limit(gpus: list[int], quick: bool) -> dict:
@@ -374,10 +387,14 @@ def run(args) -> dict:
     result: dict = {"benchmark": "collectives", "gpus": gpus, "world_size": n, "dtype": bl.DTYPE, "sizes": sizes,
                     "ops": ops, "quick": args.quick, "policy": policy, "started": bl.utc_now()}
 
-    def save(partial_ours=None):
+    def save(partial_ours=None, partial_calls=None):
         if partial_ours is not None:
-            result["ours"] = {"method": "mdtrt.DeviceGroup.collective(out=...), torch CUDA tensors, host-timed per call",
+            result["ours"] = {"method": "mdtrt.DeviceGroup.prepare_collective(out=...) called in a loop, torch CUDA "
+                                        "tensors, host-timed per call",
                               "series": partial_ours}
+            result["ours_call"] = {"method": "mdtrt.DeviceGroup.collective(out=...) (arguments converted on every "
+                                             "call), host-timed per call",
+                                   "series": partial_calls or {}}
         bl.write_json(args.out, result)
 
     if n < 2:
@@ -386,7 +403,7 @@ def run(args) -> dict:
     save()
     # Budget: ours and raw each get a share; the sample and nccl-tests what remains.
     ours = measure_ours(gpus, ops, sizes, policy, bl.Deadline(min(deadline.left(), args.timeout * 0.35)), save)
-    save(ours["series"])
+    save(ours["series"], ours["call_series"])
     if "stopped" in ours:
         result["ours"]["stopped"] = ours["stopped"]
     if args.no_raw:

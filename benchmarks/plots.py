@@ -10,7 +10,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl  # noqa: E402
 
-SERIES_STYLE = {"ours": ("ours (DeviceGroup, per call)", "C0", "o-"),
+SERIES_STYLE = {"ours": ("ours (prepare_collective, per call)", "C0", "o-"),
+                "ours_call": ("ours (collective(), per call)", "C5", "v-"),
                 "raw_percall": ("raw NCCL (torch, per call)", "C1", "s--"),
                 "raw_batched": ("raw NCCL (torch, back to back)", "C2", "^:"),
                 "sample": ("sample_dist_collective --backend nccl", "C3", "D"),
@@ -78,7 +79,7 @@ def plot_collectives(coll: dict, out_dir: str) -> dict:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, op in zip(axes.flat, ops):
         s = collective_series(coll, op)
-        for key in ("ours", "raw_percall", "raw_batched"):
+        for key in ("ours", "ours_call", "raw_percall", "raw_batched"):
             label, color, style = SERIES_STYLE[key]
             pts = [(k, p) for k, p in sorted(s[key].items()) if k <= 4 * bl.MiB]
             if pts:

@@ -100,15 +100,17 @@ def synthetic_results(bl) -> dict:
     def raw_time(op, size):
         return 15e-6 + size * bl.bus_factor(op, n) / (peer * 1e9)
 
-    ours, percall, batched = {}, {}, {}
+    ours, calls, percall, batched = {}, {}, {}, {}
     for op in OPS:
         extra = 25e-6 if op == "all_to_all" else 4e-6
         ours[op] = [bl.point(op, s, raw_time(op, s) + extra, n, median_us=(raw_time(op, s) + extra) * 1e6) for s in sizes]
+        calls[op] = [bl.point(op, s, raw_time(op, s) + extra + 12e-6, n) for s in sizes]
         percall[op] = [bl.point(op, s, raw_time(op, s), n) for s in sizes]
         batched[op] = [bl.point(op, s, raw_time(op, s) - 5e-6, n) for s in sizes]
     collectives = {"benchmark": "collectives", "gpus": [0, 1], "world_size": n, "dtype": "float16", "sizes": sizes,
                    "ops": OPS, "link_limit": {"peer_copy_gbps": peer, "peer_copy_reverse_gbps": 368.0},
-                   "ours": {"method": "DeviceGroup.collective", "series": ours},
+                   "ours": {"method": "DeviceGroup.prepare_collective", "series": ours},
+                   "ours_call": {"method": "DeviceGroup.collective", "series": calls},
                    "raw": {"available": True, "method": "torch.distributed", "torch_version": "2.11.0",
                            "raw_percall": percall, "raw_batched": batched},
                    "sample": {"available": True, "method": "sample_dist_collective",
@@ -118,7 +120,8 @@ def synthetic_results(bl) -> dict:
     fanout = {"benchmark": "fanout", "nbytes": KiB, "iterations": 1000, "rounds": 3,
               "bare": {"median_us": 9.0, "p10_us": 8.8, "p90_us": 9.5},
               "torch_loop": {"median_us": 14.0, "p10_us": 13.0, "p90_us": 15.0},
-              "runner": {"1": {"median_us": 18.0, "added_us": 9.0}, "2": {"median_us": 24.0, "added_us": 15.0}}}
+              "runner": {"1": {"median_us": 18.0, "added_us": 9.0}, "2": {"median_us": 34.0, "added_us": 25.0}},
+              "prepared": {"1": {"median_us": 16.0, "added_us": 7.0}, "2": {"median_us": 24.0, "added_us": 15.0}}}
     points = []
     for s in bl.full_sizes(4):
         t_h2d = s / 50e9
@@ -171,10 +174,14 @@ def test_report_renders_synthetic_results(bench_modules, tmp_path):
     assert "](results/collectives_busbw.png)" in md
     verdicts = {v["target"]: v for v in report.evaluate_targets(results)}
     assert verdicts["all_reduce: bus bandwidth >= 97% of raw NCCL at >= 64 MiB"]["met"] is True
-    assert verdicts["all_to_all: <= 10 us added latency at 1 KiB"]["met"] is False
-    assert "15.0 us over" in verdicts["all_to_all: <= 10 us added latency at 1 KiB"]["why"]
-    assert verdicts["all_reduce: <= 10 us added latency at 1 KiB"]["met"] is True
-    assert verdicts["EngineRunner.infer on N=2: <= 20 us added per call"]["met"] is True
+    assert verdicts["all_to_all via prepare_collective(): <= 10 us added latency at 1 KiB"]["met"] is False
+    assert "15.0 us over" in verdicts["all_to_all via prepare_collective(): <= 10 us added latency at 1 KiB"]["why"]
+    assert verdicts["all_reduce via prepare_collective(): <= 10 us added latency at 1 KiB"]["met"] is True
+    one_shot = verdicts["all_reduce via collective(): <= 10 us added latency at 1 KiB"]
+    assert one_shot["met"] is False and "6.0 us over" in one_shot["why"] and "converts its arguments" in one_shot["why"]
+    assert verdicts["EngineRunner.infer on N=2: <= 20 us added per call"]["met"] is False
+    assert "5.0 us over" in verdicts["EngineRunner.infer on N=2: <= 20 us added per call"]["why"]
+    assert verdicts["EngineRunner.prepare() on N=2: <= 20 us added per call"]["met"] is True
     pageable = verdicts["pageable host input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)"]
     assert pageable["met"] is False and "PCIe" in pageable["why"]
     assert verdicts["device input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)"]["met"] is True
@@ -191,7 +198,7 @@ def test_report_marks_missing_references(bench_modules, tmp_path):
     md = report.render_markdown(results, str(tmp_path / "BENCHMARKS.md"), str(tmp_path / "results.json"))
     verdicts = report.evaluate_targets(results)
     unmeasured = [v for v in verdicts if v["met"] is None]
-    assert len(unmeasured) == 2 * len(OPS) + 1
+    assert len(unmeasured) == 3 * len(OPS) + 1  # bandwidth and both latencies per op; the fan-out
     assert "PyTorch is not installed" in md and "timed out after 30 s" in md
     assert "n/a" in md
 

@@ -5,6 +5,7 @@ Random data, outputs poisoned before every run, non-reducing ops bit-exact.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -223,3 +224,58 @@ def test_dlpack_only_device_arrays(group):
     for out, exp in zip(outs, expected):
         assert isinstance(out, mdtrt.DeviceArray)
         np.testing.assert_array_equal(out.numpy(), exp)
+
+
+@pytest.mark.parametrize("stream", ["default", "side"])
+def test_device_inputs_wait_for_their_producer_streams(group, stream):
+    """Each rank's input is still being written by a slow kernel on its GPU when mdtrt is called:
+    the rank must read it after the work queued on the stream current for that GPU (torch's
+    default stream is the legacy default stream, which non-blocking rank streams ignore unless told)."""
+    torch = pytest.importorskip("torch")
+    n = len(group)
+    xs = [torch.zeros(n * 256, device=f"cuda:{d}") for d in group.gpus]
+    outs = [torch.full((n * 256,), float("nan"), device=f"cuda:{d}") for d in group.gpus]
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    values = np.random.default_rng(11).standard_normal(n).astype(np.float32)
+    streams = [torch.cuda.Stream(device=d) if stream == "side" else torch.cuda.default_stream(d) for d in group.gpus]
+    with contextlib.ExitStack() as current:
+        for s in streams:
+            current.enter_context(torch.cuda.stream(s))
+        for x, s, v in zip(xs, streams, values):
+            with torch.cuda.device(s.device):
+                torch.cuda._sleep(100_000_000)  # tens of ms: the fill below is still pending at the call
+                x.fill_(float(v))
+        group.all_reduce(xs, out=outs)
+        results = [o.cpu().numpy() for o in outs]  # on the same streams, after the call
+    for r in results:
+        np.testing.assert_allclose(r, np.full(n * 256, values.sum(), np.float32), rtol=1e-5)
+
+
+def test_prepared_collective_reads_the_buffers_anew_each_call(group):
+    torch = pytest.importorskip("torch")
+    n = len(group)
+    rng = np.random.default_rng(3)
+    xs = [torch.empty(n * 8, 5, device=f"cuda:{d}") for d in group.gpus]
+    outs = [torch.empty(n * 8, 5, device=f"cuda:{d}") for d in group.gpus]
+    call = group.prepare_collective("all_reduce", xs, reduce="max", out=outs)
+    for _ in range(3):
+        host = [rng.standard_normal((n * 8, 5)).astype(np.float32) for _ in range(n)]
+        for x, h in zip(xs, host):
+            x.copy_(torch.from_numpy(h))  # refilled in place, on the current stream
+        for o in outs:
+            o.fill_(float("nan"))
+        results = call()
+        assert all(r is o for r, o in zip(results, outs))
+        expected = reference("all_reduce", host, reduce="max")
+        for o, e in zip(outs, expected):
+            np.testing.assert_array_equal(o.cpu().numpy(), e)
+
+
+def test_prepared_collective_gives_none_off_the_root(group):
+    torch = pytest.importorskip("torch")
+    n = len(group)
+    xs = [torch.randn(4, device=f"cuda:{d}") for d in group.gpus]
+    results = group.prepare_collective("reduce", xs, root=n - 1)()
+    assert [r is None for r in results] == [r != n - 1 for r in group.ranks]
+    np.testing.assert_allclose(results[-1].cpu().numpy(), sum(x.cpu().numpy() for x in xs), rtol=1e-5)

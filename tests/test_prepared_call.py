@@ -19,8 +19,8 @@ class StubNative:
         self.calls = []
         self.ranks = ranks
 
-    def infer(self, inputs, replication, poison, fetch, device_outputs, stream, stream_device, timeout, outputs):
-        self.calls.append((inputs, replication, poison, fetch, device_outputs, stream, stream_device, timeout, outputs))
+    def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
+        self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
         results = []
         for rank in range(self.ranks):
             host = [np.frombuffer(np.full(4, rank + 1, np.float32).tobytes(), np.uint8).copy()] if rank in fetch else []
@@ -36,7 +36,7 @@ def test_replicated_input_is_converted_once_and_reused():
     first, second = call(), call()
     inputs = native.calls[0][0]
     assert inputs[0] is inputs[1]  # the same converted list for both ranks
-    assert inputs[0] == [(x.__array_interface__["data"][0], -1, "float16", (2, 3))]
+    assert inputs[0] == [(x.__array_interface__["data"][0], -1, "float16", (2, 3), 0)]  # host: no stream
     assert native.calls[0] is not native.calls[1] and native.calls[0][0] is native.calls[1][0]
     assert native.calls[0][3] == [0, 1] and native.calls[0][4] is False
     for outputs in (first, second):

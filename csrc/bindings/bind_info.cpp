@@ -62,6 +62,13 @@ void bind_info(py::module_& m) {
     }
     return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
   });
+  // The calling thread's current device (DLPack producers export for the current device's streams).
+  m.def("current_device", [] {
+    int device = 0;
+    MDTRT_CUDA_CHECK(cudaGetDevice(&device));
+    return device;
+  });
+  m.def("set_current_device", [](int device) { MDTRT_CUDA_CHECK(cudaSetDevice(device)); });
   m.def("copy_device_to_host", [](uintptr_t ptr, int device, size_t nbytes) {
     py::array_t<uint8_t> out(static_cast<py::ssize_t>(nbytes));
     void* dst = out.mutable_data();

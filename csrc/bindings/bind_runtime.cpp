@@ -30,7 +30,7 @@ nccl::UniqueId unique_id_from_bytes(const py::bytes& b) {
 }
 
 InputArg input_from_tuple(const py::tuple& t) {
-  if (t.size() != 4) throw_invalid_argument("an input is (pointer, device, dtype, shape)");
+  if (t.size() != 4 && t.size() != 5) throw_invalid_argument("an input is (pointer, device, dtype, shape[, stream])");
   InputArg a;
   a.data = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
   a.device = t[1].cast<int>();
@@ -38,6 +38,7 @@ InputArg input_from_tuple(const py::tuple& t) {
   a.shape = t[3].cast<Shape>();
   for (int64_t d : a.shape)
     if (d < 0) throw_invalid_argument("input shapes must be non-negative, got " + shape_string(a.shape));
+  if (t.size() == 5) a.stream = t[4].cast<uintptr_t>();
   return a;
 }
 
@@ -168,8 +169,7 @@ void bind_runtime(py::module_& m) {
       .def(
           "infer",
           [](ProgramRunner& r, const std::vector<std::vector<py::tuple>>& inputs, const std::string& replication,
-             bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, uintptr_t caller_stream,
-             int caller_device, double timeout, const std::vector<std::vector<py::tuple>>& outputs) {
+             bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, double timeout, const std::vector<std::vector<py::tuple>>& outputs) {
             std::vector<std::vector<InputArg>> args;
             for (const auto& rank_inputs : inputs) {
               args.emplace_back();
@@ -180,16 +180,16 @@ void bind_runtime(py::module_& m) {
             options.poison_outputs = poison_outputs;
             options.fetch_ranks = fetch_ranks;
             options.device_outputs = device_outputs;
-            options.caller_stream = reinterpret_cast<cudaStream_t>(caller_stream);
-            options.caller_device = caller_device;
             options.timeout_seconds = timeout;
             for (const auto& rank_outputs : outputs) {
               options.outputs.emplace_back();
               for (const auto& t : rank_outputs) {
-                if (t.size() != 4) throw_invalid_argument("an output buffer is (name, pointer, nbytes, device)");
+                if (t.size() != 4 && t.size() != 5)
+                  throw_invalid_argument("an output buffer is (name, pointer, nbytes, device[, stream])");
                 options.outputs.back().push_back(OutputArg{t[0].cast<std::string>(),
                                                            reinterpret_cast<void*>(t[1].cast<uintptr_t>()),
-                                                           t[2].cast<size_t>(), t[3].cast<int>()});
+                                                           t[2].cast<size_t>(), t[3].cast<int>(),
+                                                           t.size() == 5 ? t[4].cast<uintptr_t>() : 0});
               }
             }
             std::vector<RankResult> results;
@@ -212,7 +212,7 @@ void bind_runtime(py::module_& m) {
           },
           py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
           py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
-          py::arg("caller_stream") = 0, py::arg("caller_device") = -1, py::arg("timeout") = 0.0,
+          py::arg("timeout") = 0.0,
           py::arg("outputs") = std::vector<std::vector<py::tuple>>{});
 
   py::module_ testing = m.def_submodule("testing", "Test-only entry points of the rank runtime (no GPU needed).");

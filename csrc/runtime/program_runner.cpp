@@ -147,18 +147,39 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
     last_replication_ = modes[k];
   }
 
-  // Device inputs must not be read before the caller's stream has produced them.
-  cudaEvent_t caller_ready = nullptr;
-  if (options.caller_stream != nullptr) {
-    auto it = std::find_if(caller_events_.begin(), caller_events_.end(),
-                           [&](const auto& e) { return e.first == options.caller_device; });
-    if (it == caller_events_.end()) {
-      caller_events_.emplace_back(options.caller_device, CudaEvent(options.caller_device, false));
-      it = caller_events_.end() - 1;
+  // The caller's arrays are stream-ordered: each rank reads (and writes) them only after the work
+  // already queued on their streams; a producer's pending kernel is otherwise raced by the rank
+  // streams, which are non-blocking. A stream found idle needs no event (the common case in a loop
+  // of calls, each of which returns only once the ranks are done, so nothing needs ordering after).
+  if (caller_streams_.size() > 64) caller_streams_.clear();  // streams come and go; keep the list short
+  std::vector<std::vector<int>> rank_waits(n);                // per rank: indices into caller_streams_
+  std::vector<int> checked;
+  auto order_after = [&](int rank, int device, uintptr_t stream) {
+    if (stream == 0 || device < 0) return;
+    int index = -1;
+    for (size_t c = 0; c < caller_streams_.size() && index < 0; ++c)
+      if (caller_streams_[c].device == device && caller_streams_[c].stream == stream) index = static_cast<int>(c);
+    if (index < 0) {
+      caller_streams_.push_back(CallerStream{device, stream, CudaEvent(device, false), false});
+      index = static_cast<int>(caller_streams_.size()) - 1;
     }
-    caller_ready = it->second.get();
-    ScopedDevice on(options.caller_device);
-    MDTRT_CUDA_CHECK(cudaEventRecord(caller_ready, options.caller_stream));
+    CallerStream& c = caller_streams_[index];
+    if (std::find(checked.begin(), checked.end(), index) == checked.end()) {
+      checked.push_back(index);
+      ScopedDevice on(c.device);
+      auto handle = reinterpret_cast<cudaStream_t>(c.stream);
+      const cudaError_t status = cudaStreamQuery(handle);
+      if (status != cudaSuccess && status != cudaErrorNotReady) throw_cuda_error(status, "cudaStreamQuery");
+      c.pending = status == cudaErrorNotReady;
+      if (c.pending) MDTRT_CUDA_CHECK(cudaEventRecord(c.ready.get(), handle));
+    }
+    if (c.pending && std::find(rank_waits[rank].begin(), rank_waits[rank].end(), index) == rank_waits[rank].end())
+      rank_waits[rank].push_back(index);
+  };
+  for (int i = 0; i < n; ++i) {
+    for (const InputArg& a : inputs[i]) order_after(i, a.device, a.stream);
+    if (i < static_cast<int>(options.outputs.size()))
+      for (const OutputArg& g : options.outputs[i]) order_after(i, g.device, g.stream);
   }
 
   std::vector<StagingProgress> progress(num_inputs);
@@ -184,8 +205,8 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
     RankBuffers& bufs = buffers_[i];
     RankProgram& program = *programs_[i];
     cudaStream_t stream = ctx.stream;
-    if (bufs.done.get() == nullptr) bufs.done = CudaEvent(ctx.device, false);
-    if (caller_ready != nullptr) MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, caller_ready, 0));
+    for (int index : rank_waits[i])
+      MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, caller_streams_[index].ready.get(), 0));
 
     std::vector<TensorView> views(num_inputs);
     bool staging_source = false;
@@ -306,18 +327,12 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
                                          cudaMemcpyDeviceToHost, stream));
       }
     }
-    MDTRT_CUDA_CHECK(cudaEventRecord(bufs.done.get(), stream));
     if (!wait_stream(stream, ctx.deadline))
       throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
   };
 
   const double timeout = options.timeout_seconds > 0 ? options.timeout_seconds : group_->timeout();
   runtime.run_on_all(task, timeout, "infer");
-  if (options.caller_stream != nullptr) {
-    // Already complete on the host's side; this keeps the caller's stream ordered after us as well.
-    ScopedDevice on(options.caller_device);
-    for (int i = 0; i < n; ++i) MDTRT_CUDA_CHECK(cudaStreamWaitEvent(options.caller_stream, buffers_[i].done.get(), 0));
-  }
   return results;
 }
 

@@ -31,6 +31,10 @@ struct InputArg {
   int device = -1;  // CUDA device holding `data`; -1 for host memory
   DType dtype = DType::kFloat32;
   Shape shape;
+  // The producer's stream on `device` (0: none to order with): the rank reads `data` only after
+  // the work already queued there. (Nothing is needed after the call: it returns once every rank
+  // has finished.)
+  uintptr_t stream = 0;
   size_t nbytes() const { return static_cast<size_t>(element_count(shape)) * dtype_size(dtype); }
 };
 
@@ -40,6 +44,7 @@ struct OutputArg {
   void* data = nullptr;
   size_t nbytes = 0;
   int device = -1;
+  uintptr_t stream = 0;  // the caller's stream on `device`: earlier work there is done before the rank writes
 };
 
 struct InferOptions {
@@ -47,10 +52,6 @@ struct InferOptions {
   bool poison_outputs = false;     // fill outputs with 0xFF bytes first (NaN for floats, -1 for ints)
   std::vector<int> fetch_ranks;    // local ranks whose outputs are copied to host memory
   bool device_outputs = false;     // hand every rank's output device buffers to the caller
-  // Device inputs are read after the work already queued on this stream (of caller_device), and
-  // this stream waits for the outputs: results are stream-ordered for the caller.
-  cudaStream_t caller_stream = nullptr;
-  int caller_device = -1;
   double timeout_seconds = 0;      // 0: the group's timeout
   // outputs[i]: where local rank i writes the outputs named there; others are allocated by the runner.
   std::vector<std::vector<OutputArg>> outputs;
@@ -87,15 +88,21 @@ class ProgramRunner {
     std::vector<DeviceBuffer> inputs;
     std::vector<DeviceBuffer> outputs;
     std::vector<CudaEvent> chunk_events;  // on this rank's device, signalling staged input chunks
-    CudaEvent done;
   };
 
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
   std::vector<std::vector<TensorSpec>> input_specs_;  // per local rank, read after bind
   std::vector<RankBuffers> buffers_;
-  std::vector<std::pair<int, CudaEvent>> caller_events_;
-  std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers  // per caller device, reused across calls
+  // One event per caller stream seen (device, stream), reused across calls.
+  struct CallerStream {
+    int device;
+    uintptr_t stream;
+    CudaEvent ready;
+    bool pending;  // this call: the stream had unfinished work, recorded in `ready`
+  };
+  std::vector<CallerStream> caller_streams_;
+  std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers
   int abort_hook_ = -1;
   Replication last_replication_ = Replication::kHost;
 };

@@ -16,6 +16,8 @@ import numpy as np
 from . import _core
 from .errors import InvalidArgumentError
 
+_LEGACY_DEFAULT_STREAM = 1  # a device's legacy default stream, as CUDA array interfaces and DLPack name it
+
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1, "int64": 8,
             "float64": 8, "bool": 1}
 
@@ -62,10 +64,10 @@ class ArrayRef:
     shape: tuple[int, ...]
     owner: Any
     kind: str  # "numpy", "torch", "cai"
-    stream: int = 0  # producer's stream on `device`, 0 when no ordering is needed
+    stream: int = 0  # producer's stream on `device` (1: its legacy default stream), 0 when no ordering is needed
 
     def as_native(self) -> tuple:
-        return (self.ptr, self.device, self.dtype, self.shape)
+        return (self.ptr, self.device, self.dtype, self.shape, self.stream)
 
     @property
     def nbytes(self) -> int:
@@ -75,7 +77,7 @@ class ArrayRef:
         return count * ITEMSIZE[self.dtype]
 
     def as_output(self, name: str) -> tuple:
-        return (name, self.ptr, self.nbytes, self.device)
+        return (name, self.ptr, self.nbytes, self.device, self.stream)
 
 
 _NUMPY_DTYPES: dict = {}  # numpy dtype -> name, filled as dtypes are seen
@@ -85,15 +87,29 @@ _TORCH_DTYPES: dict = {}  # torch dtype -> name, filled on first use (str() of a
 def _torch_current_stream(torch, device: int) -> int:
     # The raw getter costs a fraction of torch.cuda.current_stream(); fall back where it is missing.
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+    stream = raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+    # torch's default stream is the device's legacy default stream (handle 0), which mdtrt's
+    # non-blocking rank streams do not wait for by themselves: name it explicitly.
+    return stream or _LEGACY_DEFAULT_STREAM
+
+
+_TORCH_TENSOR_TYPES: set = set()  # torch.Tensor and subclasses seen so far
 
 
 def _is_torch_tensor(x) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "is_cuda")
+    cls = type(x)
+    if cls in _TORCH_TENSOR_TYPES:
+        return True
+    if cls.__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "is_cuda"):
+        _TORCH_TENSOR_TYPES.add(cls)
+        return True
+    return False
 
 
-def describe(x: Any, what: str = "input") -> ArrayRef:
-    """An ArrayRef for a numpy array, a torch tensor or a __cuda_array_interface__ object."""
+def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
+    """An ArrayRef for a numpy array, a torch tensor or a __cuda_array_interface__ object.
+    ``what`` (followed by ``which`` when given) names the array in errors; the name is only
+    formatted when there is an error, since this runs on every call."""
     if isinstance(x, np.ndarray):
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
@@ -111,13 +127,16 @@ def describe(x: Any, what: str = "input") -> ArrayRef:
                 _TORCH_DTYPES[dt] = dtype_name(dt)
 
         if not x.is_contiguous():
-            raise InvalidArgumentError(f"{what} is a non-contiguous torch tensor: call .contiguous() first")
+            name = what if which is None else f"{what} {which}"
+            raise InvalidArgumentError(f"{name} is a non-contiguous torch tensor: call .contiguous() first")
         if not x.is_cuda:
             arr = x.numpy()
             return ArrayRef(arr.ctypes.data, -1, dtype_name(x.dtype), tuple(x.shape), (x, arr), "numpy")
-        device = x.device.index
+        device = x.get_device()
         return ArrayRef(x.data_ptr(), device, _TORCH_DTYPES.get(x.dtype) or dtype_name(x.dtype), tuple(x.shape), x,
                         "torch", _torch_current_stream(torch, device))
+    if which is not None:
+        what = f"{what} {which}"
     cai = getattr(x, "__cuda_array_interface__", None)
     if cai is not None:
         typestr = cai["typestr"]
@@ -164,7 +183,6 @@ class _DLTensor(ctypes.Structure):
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST = 1, 2, 3
 _DL_TYPES = {(0, 8): "int8", (0, 32): "int32", (0, 64): "int64", (1, 8): "uint8", (2, 16): "float16",
              (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16", (6, 8): "bool"}
-_LEGACY_DEFAULT_STREAM = 1  # DLPack's stream for "no stream given" on CUDA
 
 
 def _describe_dlpack(x: Any, what: str) -> ArrayRef:
@@ -174,8 +192,17 @@ def _describe_dlpack(x: Any, what: str) -> ArrayRef:
     if device_type not in (_DL_CPU, _DL_CUDA, _DL_CUDA_HOST):
         raise InvalidArgumentError(f"{what} lives on DLPack device type {device_type}; mdtrt takes CPU or CUDA arrays")
     # On CUDA, asking for the legacy default stream makes the producer order its pending work
-    # before it; mdtrt then orders its rank streams after that stream.
-    capsule = x.__dlpack__(stream=_LEGACY_DEFAULT_STREAM) if device_type == _DL_CUDA else x.__dlpack__()
+    # before it; mdtrt then orders its rank streams after that stream. That stream belongs to the
+    # array's device, which must be current while the producer exports (torch insists on it).
+    if device_type == _DL_CUDA:
+        previous = _core.current_device()
+        _core.set_current_device(device_id)
+        try:
+            capsule = x.__dlpack__(stream=_LEGACY_DEFAULT_STREAM)
+        finally:
+            _core.set_current_device(previous)
+    else:
+        capsule = x.__dlpack__()
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     tensor = _DLTensor.from_address(get_pointer(capsule, b"dltensor"))

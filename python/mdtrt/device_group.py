@@ -143,29 +143,40 @@ class DeviceGroup:
         output is undefined), get None. ``out``: one preallocated device array per local rank to
         write into (device inputs only), so that no output is allocated per call.
         """
+        return self.prepare_collective(op, inputs, reduce=reduce, root=root, groups=groups, out=out,
+                                       poison_outputs=poison_outputs, sequential_bind=sequential_bind)()
+
+    def prepare_collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0,
+                           groups: Sequence[int] | None = None, out=None, poison_outputs: bool = False,
+                           sequential_bind: bool = False):
+        """``collective`` with its arguments checked and converted once: the returned callable runs
+        the operation again on the same buffers (refill them in place between calls) and returns
+        what ``collective`` would, for latency-bound loops."""
         native = self._live()._native
         if op not in COLLECTIVES:
             raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")
         if op in _REDUCING and reduce not in REDUCE_OPS:
             raise InvalidArgumentError(f"unknown reduce op {reduce!r}; choose one of {', '.join(REDUCE_OPS)}")
         n = native.num_local_ranks
+        ranks = native.ranks
         if not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
         if len(inputs) != n:
-            raise InvalidArgumentError(f"{op} needs one input per local rank: got {len(inputs)} for {n} ranks {self.ranks}")
-        refs = [describe(x, f"input of rank {r}") for x, r in zip(inputs, native.ranks)]
-        for ref, r in zip(refs, native.ranks):
-            if ref.dtype != refs[0].dtype or ref.shape != refs[0].shape:
+            raise InvalidArgumentError(f"{op} needs one input per local rank: got {len(inputs)} for {n} ranks {ranks}")
+        refs = [describe(x, "input of rank", r) for x, r in zip(inputs, ranks)]
+        first = refs[0]
+        for ref, r in zip(refs, ranks):
+            if ref.dtype != first.dtype or ref.shape != first.shape:
                 raise InvalidArgumentError(
-                    f"every rank's input must have one shape and dtype: rank {native.ranks[0]} has {refs[0].shape} "
-                    f"{refs[0].dtype}, rank {r} has {ref.shape} {ref.dtype}")
+                    f"every rank's input must have one shape and dtype: rank {ranks[0]} has {first.shape} "
+                    f"{first.dtype}, rank {r} has {ref.shape} {ref.dtype}")
         groups = [int(g) for g in groups] if groups else []
         reduce_name = reduce if op in _REDUCING else "none"
         root = int(root) if op in _ROOTED else 0
-        key = (op, reduce_name, root, tuple(groups), refs[0].dtype, sequential_bind)
+        key = (op, reduce_name, root, tuple(groups), first.dtype, sequential_bind)
         runner = self._runners.get(key)
         if runner is None:
-            program = _core.CollectiveProgram(op, reduce_name, root, groups, refs[0].dtype, native.world_size, n)
+            program = _core.CollectiveProgram(op, reduce_name, root, groups, first.dtype, native.world_size, n)
             runner = _core.ProgramRunner(native, [program] * n, sequential_bind)
             self._runners[key] = runner
             if len(self._runners) > _MAX_CACHED_COLLECTIVES:
@@ -177,15 +188,15 @@ class DeviceGroup:
                 out = [out]
             if len(out) != n:
                 raise InvalidArgumentError(f"out= needs one array per local rank: got {len(out)} for {n}")
-            out_refs = [{"output": describe(o, f"out of rank {r}")} for o, r in zip(out, native.ranks)]
-        outputs = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
-                               out=out_refs)()
-        members = groups or list(range(native.world_size))
-        result = []
-        for rank, out in zip(native.ranks, outputs):
-            undefined = rank not in members or (op in ("reduce", "gather") and rank != root)
-            result.append(None if undefined else out["output"])
-        return result
+            out_refs = [{"output": describe(o, "out of rank", r)} for o, r in zip(out, ranks)]
+        call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
+                            out=out_refs)
+        members = groups or range(native.world_size)
+        # Outside the group, and off the root of reduce/gather, a rank's output is undefined.
+        defined = [r in members and not (op in ("reduce", "gather") and r != root) for r in ranks]
+        if all(defined):
+            return lambda: [o["output"] for o in call()]
+        return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
 
     def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
         return self.collective("all_reduce", inputs, reduce=reduce, groups=groups, **kw)
@@ -224,14 +235,13 @@ def _gpu_list(gpus) -> list[int]:
 class PreparedCall:
     """A ProgramRunner call whose arguments were checked and converted once: calling it runs the
     program again on the same buffers (their current contents), with no per-call argument work.
-    The caller's stream is the one current when the call was prepared."""
+    Device arrays are ordered with the streams that were current when the call was prepared."""
 
     def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
                  out: list[dict[str, ArrayRef]] | None = None):
         # One pass over the inputs; a replicated input list is the same object on every rank.
         on_device = on_host = False
-        stream_ref = None
         native_by_list: dict[int, list] = {}
         native_inputs = []
         for refs in per_rank_refs:
@@ -243,8 +253,6 @@ class PreparedCall:
                         on_device = True
                     else:
                         on_host = True
-                    if stream_ref is None and ref.stream:
-                        stream_ref = ref
             native_inputs.append(native)
         if on_device and on_host:
             raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
@@ -256,9 +264,7 @@ class PreparedCall:
         fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
         self._infer = runner.infer
         # Positional arguments: pybind11 matches keywords noticeably slower, and this is the hot path.
-        self._args = (native_inputs, replication, poison_outputs, fetch, on_device,
-                      stream_ref.stream if stream_ref else 0, stream_ref.device if stream_ref else -1,
-                      float(timeout or 0.0),
+        self._args = (native_inputs, replication, poison_outputs, fetch, on_device, float(timeout or 0.0),
                       [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
         self._refs = per_rank_refs  # keeps the arrays alive as long as the call can run
         self._out = out
