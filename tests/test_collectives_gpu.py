@@ -279,3 +279,21 @@ def test_prepared_collective_gives_none_off_the_root(group):
     results = group.prepare_collective("reduce", xs, root=n - 1)()
     assert [r is None for r in results] == [r != n - 1 for r in group.ranks]
     np.testing.assert_allclose(results[-1].cpu().numpy(), sum(x.cpu().numpy() for x in xs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("op", ["broadcast", "gather", "scatter", "all_to_all"])
+def test_large_own_chunks_copied_beside_nccl(group, op):
+    """Chunks of >= 1 MiB that a rank keeps for itself (the root's, all_to_all's own) are copied on
+    a second stream beside the NCCL kernel: every root, poisoned outputs, random data."""
+    n = len(group)
+    rng = np.random.default_rng(17)
+    inputs = [rng.standard_normal((n * 1024, 512)).astype(np.float32) for _ in range(n)]  # 2 MiB per rank chunk
+    roots = group.ranks if op != "all_to_all" else [0]
+    for root in roots:
+        outs = group.collective(op, inputs, root=root, poison_outputs=True)
+        expected = reference(op, inputs, root=root)
+        for rank, out, exp in zip(group.ranks, outs, expected):
+            if op == "gather" and rank != root:
+                assert out is None
+                continue
+            np.testing.assert_array_equal(out, exp, err_msg=f"{op} root={root} rank={rank}")

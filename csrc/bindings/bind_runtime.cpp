@@ -166,6 +166,13 @@ void bind_runtime(py::module_& m) {
            py::arg("group"), py::arg("programs"), py::arg("sequential_bind") = false)
       .def("input_specs", [](ProgramRunner& r, int local) { return specs_to_list(r.input_specs(local)); })
       .def_property_readonly("last_replication", [](ProgramRunner& r) { return replication_name(r.last_replication()); })
+      .def_property(
+          "cuda_graphs", &ProgramRunner::cuda_graphs,
+          [](ProgramRunner& r, bool on) {
+            py::gil_scoped_release release;  // waits for a call in flight
+            r.set_cuda_graphs(on);
+          })
+      .def_property_readonly("graph_captures", &ProgramRunner::graph_captures)
       .def(
           "infer",
           [](ProgramRunner& r, const std::vector<std::vector<py::tuple>>& inputs, const std::string& replication,

@@ -69,6 +69,13 @@ class CudaStream : public DeviceHandle<cudaStream_t, cudaStreamDestroy> {
   }
 };
 
+// An instantiated CUDA graph of one device.
+class CudaGraphExec : public DeviceHandle<cudaGraphExec_t, cudaGraphExecDestroy> {
+ public:
+  CudaGraphExec() = default;
+  CudaGraphExec(int device, cudaGraphExec_t exec) : DeviceHandle(device) { handle_ = exec; }
+};
+
 class CudaEvent : public DeviceHandle<cudaEvent_t, cudaEventDestroy> {
  public:
   CudaEvent() = default;

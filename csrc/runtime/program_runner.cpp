@@ -104,6 +104,68 @@ ProgramRunner::~ProgramRunner() {
 
 std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) { return input_specs_.at(local_index); }
 
+void ProgramRunner::set_cuda_graphs(bool on) {
+  std::lock_guard<std::mutex> call_lock(infer_mutex_);
+  cuda_graphs_ = on;
+  for (auto& b : buffers_) b.graph = RankGraph{};
+}
+
+std::vector<int> ProgramRunner::graph_captures() const {
+  std::vector<int> out;
+  for (const auto& b : buffers_) out.push_back(b.graph.captures);
+  return out;
+}
+
+void ProgramRunner::enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
+                                    const std::vector<TensorView>& outputs) {
+  RankProgram& program = *programs_[ctx.local_index];
+  if (!cuda_graphs_) {
+    program.enqueue(ctx, inputs, outputs);
+    return;
+  }
+  RankGraph& g = bufs.graph;
+  std::vector<const void*> pointers;
+  std::vector<Shape> shapes;
+  for (const auto& v : inputs) {
+    pointers.push_back(v.data);
+    shapes.push_back(v.shape);
+  }
+  for (const auto& v : outputs) {
+    pointers.push_back(v.data);
+    shapes.push_back(v.shape);
+  }
+  const bool same = g.seen_once && pointers == g.pointers && shapes == g.shapes;
+  if (same && g.exec.get() != nullptr) {
+    MDTRT_CUDA_CHECK(cudaGraphLaunch(g.exec.get(), ctx.stream));
+    return;
+  }
+  if (!same) {
+    // New buffers or shapes: run as usual (a TensorRT context settles shape-dependent state on its
+    // first enqueue, which must not happen inside a capture) and capture next time.
+    g = RankGraph{pointers, shapes, true, CudaGraphExec(), g.captures};
+    program.enqueue(ctx, inputs, outputs);
+    return;
+  }
+  // Thread-local capture: the other ranks' threads capture or launch on their own streams meanwhile.
+  MDTRT_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
+  cudaGraph_t graph = nullptr;
+  try {
+    program.enqueue(ctx, inputs, outputs);
+  } catch (...) {
+    cudaStreamEndCapture(ctx.stream, &graph);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    throw;
+  }
+  MDTRT_CUDA_CHECK(cudaStreamEndCapture(ctx.stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  MDTRT_CUDA_CHECK(instantiated);
+  g.exec = CudaGraphExec(ctx.device, exec);
+  g.captures += 1;
+  MDTRT_CUDA_CHECK(cudaGraphLaunch(g.exec.get(), ctx.stream));
+}
+
 std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<InputArg>>& inputs,
                                              const InferOptions& options) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
@@ -317,7 +379,7 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
       if (options.poison_outputs) MDTRT_CUDA_CHECK(cudaMemsetAsync(v.data, 0xFF, v.nbytes(), stream));
     }
 
-    program.enqueue(ctx, views, out_views);
+    enqueue_program(ctx, bufs, views, out_views);
 
     if (fetch[i]) {
       result.host.resize(num_outputs);

@@ -72,6 +72,14 @@ class ProgramRunner {
  public:
   ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std::shared_ptr<RankProgram>> programs,
                 bool sequential_bind = false);
+
+  // With CUDA graphs on, each rank captures its program's enqueue into a graph the second time it
+  // sees the same buffers and shapes, and replays it while they stay the same: one launch instead
+  // of one per kernel, for small latency-bound engines. Off by default.
+  void set_cuda_graphs(bool on);
+  bool cuda_graphs() const { return cuda_graphs_; }
+  // Per local rank: graphs captured so far (tests and benchmarks check that replays happen).
+  std::vector<int> graph_captures() const;
   ~ProgramRunner();
 
   // inputs[i] are local rank i's inputs, in the program's input order. The same host pointer on
@@ -84,11 +92,22 @@ class ProgramRunner {
   DeviceGroup& group() { return *group_; }
 
  private:
+  // The last enqueue's buffers and shapes, and its graph once captured.
+  struct RankGraph {
+    std::vector<const void*> pointers;
+    std::vector<Shape> shapes;
+    bool seen_once = false;
+    CudaGraphExec exec;
+    int captures = 0;
+  };
   struct RankBuffers {
     std::vector<DeviceBuffer> inputs;
     std::vector<DeviceBuffer> outputs;
     std::vector<CudaEvent> chunk_events;  // on this rank's device, signalling staged input chunks
+    RankGraph graph;
   };
+  void enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
+                       const std::vector<TensorView>& outputs);
 
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
@@ -104,6 +123,7 @@ class ProgramRunner {
   std::vector<CallerStream> caller_streams_;
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers
   int abort_hook_ = -1;
+  bool cuda_graphs_ = false;
   Replication last_replication_ = Replication::kHost;
 };
 

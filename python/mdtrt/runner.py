@@ -40,11 +40,15 @@ class EngineRunner:
     ``engine``: serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank;
     ``engines``: one per local rank instead (weight-sharded engines);
     ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks).
+    ``cuda_graph=True``: each rank captures the engine's enqueue into a CUDA graph the second time
+    it runs on the same buffers and shapes, and replays it from then on (one launch instead of one
+    per kernel, for small latency-bound engines); new buffers or shapes are run uncaptured once,
+    then captured again. Pair it with ``prepare()`` or ``outputs=`` so the buffers stay the same.
     """
 
     def __init__(self, group: DeviceGroup, engine: Any = None, *, engines: Sequence[Any] | None = None,
                  program: Any = None, multi_device: bool = True, replication: str = "auto",
-                 sequential_bind: bool = False):
+                 sequential_bind: bool = False, cuda_graph: bool = False):
         self.group = group
         native_group = group._live()._native
         n = len(group)
@@ -65,11 +69,17 @@ class EngineRunner:
                 blobs = [blob] * n
             program = tensorrt.engine_program(blobs, multi_device=multi_device)
         self._native = _core.ProgramRunner(native_group, [program] * n, sequential_bind)
+        self._native.cuda_graphs = bool(cuda_graph)
         self._inputs = [spec for spec in self._native.input_specs(0)]
 
     @property
     def input_names(self) -> list[str]:
         return [name for name, _, _ in self._inputs]
+
+    @property
+    def graph_captures(self) -> list[int]:
+        """Per local rank, how many CUDA graphs were captured so far (``cuda_graph=True``)."""
+        return list(self._native.graph_captures)
 
     @property
     def last_replication(self) -> str:
