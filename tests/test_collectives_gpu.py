@@ -282,9 +282,9 @@ def test_prepared_collective_gives_none_off_the_root(group):
 
 
 @pytest.mark.parametrize("op", ["broadcast", "gather", "scatter", "all_to_all"])
-def test_large_own_chunks_copied_beside_nccl(group, op):
-    """Chunks of >= 1 MiB that a rank keeps for itself (the root's, all_to_all's own) are copied on
-    a second stream beside the NCCL kernel: every root, poisoned outputs, random data."""
+def test_large_own_chunks(group, op):
+    """Chunks of megabytes that a rank keeps for itself (the root's, all_to_all's own), which NCCL
+    copies inside its kernel: every root, poisoned outputs, random data."""
     n = len(group)
     rng = np.random.default_rng(17)
     inputs = [rng.standard_normal((n * 1024, 512)).astype(np.float32) for _ in range(n)]  # 2 MiB per rank chunk

@@ -130,40 +130,12 @@ Shape collective_output_shape(const CollectiveSpec& spec, const Shape& input, in
   return out;
 }
 
-namespace {
-// Starts a copy on the lane, ordered after the work already on `stream`; the destructor makes
-// `stream` wait for it, so that the caller's wait covers it on every path, errors included.
-class LaneCopy {
- public:
-  LaneCopy(LocalCopyLane* lane, cudaStream_t stream, void* dst, const void* src, size_t bytes)
-      : lane_(lane != nullptr && bytes >= kLocalCopyLaneMinBytes ? lane : nullptr), stream_(stream) {
-    if (lane_ == nullptr) return;
-    MDTRT_CUDA_CHECK(cudaEventRecord(lane_->fork.get(), stream_));
-    MDTRT_CUDA_CHECK(cudaStreamWaitEvent(lane_->stream.get(), lane_->fork.get(), 0));
-    MDTRT_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, lane_->stream.get()));
-    MDTRT_CUDA_CHECK(cudaEventRecord(lane_->join.get(), lane_->stream.get()));
-  }
-  ~LaneCopy() {
-    if (lane_ != nullptr) cudaStreamWaitEvent(stream_, lane_->join.get(), 0);
-  }
-  LaneCopy(const LaneCopy&) = delete;
-  LaneCopy& operator=(const LaneCopy&) = delete;
-  bool active() const { return lane_ != nullptr; }
-
- private:
-  LocalCopyLane* lane_;
-  cudaStream_t stream_;
-};
-}  // namespace
-
 void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root, const void* in, void* out,
-                        DType dtype, const Shape& shape, cudaStream_t stream, const Deadline& deadline,
-                        LocalCopyLane* lane) {
+                        DType dtype, const Shape& shape, cudaStream_t stream, const Deadline& deadline) {
   const auto& api = nccl::api();
   const nccl::DataType type = nccl_type(dtype);
   const size_t count = static_cast<size_t>(element_count(shape));
   const int g = comm.size();
-  const int me = comm.rank();
   const size_t esize = dtype_size(dtype);
   const auto* src = static_cast<const char*>(in);
   auto* dst = static_cast<char*>(out);
@@ -175,14 +147,9 @@ void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root
     case CollectiveOp::kAllGather:
       comm.check(api.AllGather(in, out, count, type, c, stream), "ncclAllGather", deadline);
       return;
-    case CollectiveOp::kBroadcast: {
-      // The root's out-of-place copy moves to the lane; NCCL then broadcasts in place from the
-      // input, which an in-place root only reads.
-      LaneCopy own(me == root && in != out ? lane : nullptr, stream, out, in, count * esize);
-      void* recv = own.active() ? const_cast<void*>(in) : out;
-      comm.check(api.Broadcast(in, recv, count, type, root, c, stream), "ncclBroadcast", deadline);
+    case CollectiveOp::kBroadcast:
+      comm.check(api.Broadcast(in, out, count, type, root, c, stream), "ncclBroadcast", deadline);
       return;
-    }
     case CollectiveOp::kReduce:
       comm.check(api.Reduce(in, out, count, type, nccl_reduce(spec.reduce), root, c, stream), "ncclReduce",
                  deadline);
@@ -193,36 +160,26 @@ void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root
       return;
     default: break;
   }
-  // all_to_all, gather and scatter as grouped point-to-point (works on every NCCL >= 2.19). A
-  // rank's own chunk goes through the lane when it has one, else through NCCL like the others.
+  // all_to_all, gather and scatter as grouped point-to-point (works on every NCCL >= 2.19).
   const size_t chunk = spec.op == CollectiveOp::kGather ? count : count / g;
-  const size_t chunk_bytes = chunk * esize;
-  const bool own_chunk = spec.op == CollectiveOp::kAllToAll || me == root;
-  LaneCopy own(own_chunk ? lane : nullptr, stream, spec.op == CollectiveOp::kScatter ? dst : dst + me * chunk_bytes,
-               spec.op == CollectiveOp::kGather ? src : src + me * chunk_bytes, chunk_bytes);
-  const bool skip_self = own.active();
+  const int me = comm.rank();
   comm.check(api.GroupStart(), "ncclGroupStart", deadline);
   try {
     if (spec.op == CollectiveOp::kAllToAll) {
       for (int peer = 0; peer < g; ++peer) {
-        if (peer == me && skip_self) continue;
-        comm.check(api.Send(src + peer * chunk_bytes, chunk, type, peer, c, stream), "ncclSend", deadline);
-        comm.check(api.Recv(dst + peer * chunk_bytes, chunk, type, peer, c, stream), "ncclRecv", deadline);
+        comm.check(api.Send(src + peer * chunk * esize, chunk, type, peer, c, stream), "ncclSend", deadline);
+        comm.check(api.Recv(dst + peer * chunk * esize, chunk, type, peer, c, stream), "ncclRecv", deadline);
       }
     } else if (spec.op == CollectiveOp::kGather) {
-      if (!(me == root && skip_self)) comm.check(api.Send(src, chunk, type, root, c, stream), "ncclSend", deadline);
+      comm.check(api.Send(src, chunk, type, root, c, stream), "ncclSend", deadline);
       if (me == root)
-        for (int peer = 0; peer < g; ++peer) {
-          if (peer == me && skip_self) continue;
-          comm.check(api.Recv(dst + peer * chunk_bytes, chunk, type, peer, c, stream), "ncclRecv", deadline);
-        }
+        for (int peer = 0; peer < g; ++peer)
+          comm.check(api.Recv(dst + peer * chunk * esize, chunk, type, peer, c, stream), "ncclRecv", deadline);
     } else {  // scatter
       if (me == root)
-        for (int peer = 0; peer < g; ++peer) {
-          if (peer == me && skip_self) continue;
-          comm.check(api.Send(src + peer * chunk_bytes, chunk, type, peer, c, stream), "ncclSend", deadline);
-        }
-      if (!(me == root && skip_self)) comm.check(api.Recv(dst, chunk, type, root, c, stream), "ncclRecv", deadline);
+        for (int peer = 0; peer < g; ++peer)
+          comm.check(api.Send(src + peer * chunk * esize, chunk, type, peer, c, stream), "ncclSend", deadline);
+      comm.check(api.Recv(dst, chunk, type, root, c, stream), "ncclRecv", deadline);
     }
   } catch (...) {
     api.GroupEnd();
@@ -251,12 +208,6 @@ void CollectiveProgram::bind(RankContext& ctx) {
   st.group_rank = it == members_.end() ? -1 : static_cast<int>(it - members_.begin());
   bool whole_world = static_cast<int>(members_.size()) == ctx.world_size;
   for (size_t i = 0; whole_world && i < members_.size(); ++i) whole_world = members_[i] == static_cast<int>(i);
-  const bool copies_own_chunk = spec_.op == CollectiveOp::kAllToAll ||
-                                 (st.group_rank >= 0 && st.group_rank == root_in_group_ &&
-                                  (spec_.op == CollectiveOp::kBroadcast || spec_.op == CollectiveOp::kGather ||
-                                   spec_.op == CollectiveOp::kScatter));
-  if (copies_own_chunk && st.group_rank >= 0 && ctx.device >= 0 && !st.lane)
-    st.lane = std::make_unique<LocalCopyLane>(ctx.device);
   if (whole_world) {
     st.comm = ctx.world;
     return;
@@ -287,7 +238,7 @@ void CollectiveProgram::enqueue(RankContext& ctx, const std::vector<TensorView>&
   RankState& st = state(ctx);
   if (st.group_rank < 0) return;  // not in the group: nothing to do, output stays as it was
   enqueue_collective(*st.comm, spec_, root_in_group_, inputs[0].data, outputs[0].data, dtype_, inputs[0].shape,
-                     ctx.stream, ctx.deadline, st.lane.get());
+                     ctx.stream, ctx.deadline);
 }
 
 void CollectiveProgram::abort() {

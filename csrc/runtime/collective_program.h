@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "nccl/communicator.h"
-#include "runtime/cuda_handles.h"
 #include "runtime/rank_program.h"
 
 namespace mdtrt {
@@ -40,15 +39,6 @@ struct CollectiveSpec {
 // dimension does not split evenly.
 Shape collective_output_shape(const CollectiveSpec& spec, const Shape& input, int group_size);
 
-// A second stream of a rank's GPU: a rank's copy of its own chunk (root of broadcast, gather and
-// scatter; every rank of all_to_all) runs there on a copy engine, beside the NCCL kernel that moves
-// the other chunks over NVLink, instead of inside that kernel where it costs up to ~25 us at 64 MiB.
-struct LocalCopyLane {
-  explicit LocalCopyLane(int device) : stream(device), fork(device, false), join(device, false) {}
-  CudaStream stream;
-  CudaEvent fork, join;
-};
-
 class CollectiveProgram : public RankProgram {
  public:
   CollectiveProgram(CollectiveSpec spec, DType dtype, int world_size, int num_local_ranks);
@@ -65,7 +55,6 @@ class CollectiveProgram : public RankProgram {
     Communicator* comm = nullptr;            // the world or the group's communicator
     std::unique_ptr<Communicator> group;     // owned when a subgroup was split off
     int group_rank = -1;                     // -1: not a member
-    std::unique_ptr<LocalCopyLane> lane;     // for ranks that copy a chunk of their own
   };
   RankState& state(const RankContext& ctx);
 
@@ -78,10 +67,8 @@ class CollectiveProgram : public RankProgram {
 
 // Enqueues one collective on `comm` (the group's communicator, group-local `root`). Used by the
 // program above and by the benchmarks/sample directly.
-// With a `lane`, a rank's own chunk of at least kLocalCopyLaneMinBytes is copied there.
-constexpr size_t kLocalCopyLaneMinBytes = 1 << 20;
 void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root_in_group, const void* input,
                         void* output, DType dtype, const Shape& input_shape, cudaStream_t stream,
-                        const Deadline& deadline, LocalCopyLane* lane = nullptr);
+                        const Deadline& deadline);
 
 }  // namespace mdtrt
