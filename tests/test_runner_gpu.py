@@ -160,3 +160,23 @@ def test_cuda_graphs_capture_once_and_replay_on_the_same_buffers(group):
     for _ in range(3):
         check(call2, xs2, outs2)
     assert runner.graph_captures == [2] * n
+
+
+def test_program_that_cannot_be_captured_says_so(group):
+    """A program that synchronizes inside its enqueue runs without CUDA graphs, and with
+    cuda_graph=True fails on the capture with an error naming the rank and what to do."""
+    torch = pytest.importorskip("torch")
+    xs = [torch.randn(512, device=f"cuda:{d}") for d in group.gpus]
+    outs = [torch.full((512,), float("nan"), device=f"cuda:{d}") for d in group.gpus]
+    inputs = [{"input": x} for x in xs]
+    plain = mdtrt.EngineRunner(group, program=_core.testing.SynchronizingCopyProgram("float32"))
+    plain.infer(inputs, outputs={"output": outs})
+    for x, o in zip(xs, outs):
+        assert torch.equal(o.cpu(), x.cpu())
+    graphed = mdtrt.EngineRunner(group, program=_core.testing.SynchronizingCopyProgram("float32"), cuda_graph=True)
+    call = graphed.prepare(inputs, outputs={"output": outs}, all_ranks=True)
+    call()  # first sight of these buffers: runs uncaptured
+    with pytest.raises(mdtrt.MdtrtError, match="cuda_graph=True") as info:
+        call()  # second: the capture fails
+    assert info.value.rank in group.ranks and info.value.call == "cuda graph capture"
+    assert "synchronizing copy test program" in str(info.value)

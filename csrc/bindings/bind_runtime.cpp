@@ -226,6 +226,12 @@ void bind_runtime(py::module_& m) {
   py::class_<CopyProgram, RankProgram, std::shared_ptr<CopyProgram>>(testing, "CopyProgram")
       .def(py::init([](const std::string& dtype) { return std::make_shared<CopyProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));
+  py::class_<SynchronizingCopyProgram, RankProgram, std::shared_ptr<SynchronizingCopyProgram>>(
+      testing, "SynchronizingCopyProgram")
+      .def(py::init([](const std::string& dtype) {
+             return std::make_shared<SynchronizingCopyProgram>(dtype_from_name(dtype));
+           }),
+           py::arg("dtype"));
   py::class_<SinkProgram, RankProgram, std::shared_ptr<SinkProgram>>(testing, "SinkProgram")
       .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));

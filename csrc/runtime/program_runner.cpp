@@ -147,20 +147,33 @@ void ProgramRunner::enqueue_program(RankContext& ctx, RankBuffers& bufs, const s
     return;
   }
   // Thread-local capture: the other ranks' threads capture or launch on their own streams meanwhile.
+  // A program that cannot be captured (it synchronizes, or its library refuses capture) fails the
+  // call with an error that says so, instead of a bare CUDA status.
+  auto capture_failed = [&](const std::string& what) {
+    return Error(ErrorKind::kCuda,
+                 "capturing '" + program.describe() + "' into a CUDA graph failed (" + what +
+                     "); this program cannot run with cuda_graph=True: create the runner without it",
+                 ctx.rank, "cuda graph capture");
+  };
   MDTRT_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
   cudaGraph_t graph = nullptr;
   try {
     program.enqueue(ctx, inputs, outputs);
-  } catch (...) {
+  } catch (const std::exception& e) {
     cudaStreamEndCapture(ctx.stream, &graph);
     if (graph != nullptr) cudaGraphDestroy(graph);
-    throw;
+    cudaGetLastError();  // the capture's sticky status is not the program's to keep
+    throw capture_failed(e.what());
   }
-  MDTRT_CUDA_CHECK(cudaStreamEndCapture(ctx.stream, &graph));
+  cudaError_t status = cudaStreamEndCapture(ctx.stream, &graph);
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    throw capture_failed(std::string("cudaStreamEndCapture: ") + cudaGetErrorString(status));
+  }
   cudaGraphExec_t exec = nullptr;
-  const cudaError_t instantiated = cudaGraphInstantiate(&exec, graph, 0);
+  status = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
-  MDTRT_CUDA_CHECK(instantiated);
+  if (status != cudaSuccess) throw capture_failed(std::string("cudaGraphInstantiate: ") + cudaGetErrorString(status));
   g.exec = CudaGraphExec(ctx.device, exec);
   g.captures += 1;
   MDTRT_CUDA_CHECK(cudaGraphLaunch(g.exec.get(), ctx.stream));

@@ -3,6 +3,7 @@
 // out to every rank's thread, waits with a deadline and hands outputs back.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>

@@ -45,6 +45,12 @@ void CopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& input
       cudaMemcpyAsync(outputs[0].data, inputs[0].data, inputs[0].nbytes(), cudaMemcpyDeviceToDevice, ctx.stream));
 }
 
+void SynchronizingCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                                       const std::vector<TensorView>& outputs) {
+  CopyProgram::enqueue(ctx, inputs, outputs);
+  MDTRT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+}
+
 std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {
   return {{"output", dtype_, {1}}};
 }

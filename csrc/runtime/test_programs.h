@@ -70,6 +70,16 @@ class SinkProgram : public CopyProgram {
   void enqueue(RankContext&, const std::vector<TensorView>&, const std::vector<TensorView>&) override {}
 };
 
+// A copy that waits for itself on the host: legal on its own, forbidden inside a CUDA graph capture
+// (what a program that synchronizes looks like to cuda_graph=True).
+class SynchronizingCopyProgram : public CopyProgram {
+ public:
+  using CopyProgram::CopyProgram;
+  std::string describe() const override { return "synchronizing copy test program"; }
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+};
+
 // Raw figures of this machine, for benchmarks to compare against.
 std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations);
 double peer_copy_bandwidth_gbps(int src, int dst, size_t nbytes, int iterations);
