@@ -2,7 +2,10 @@
 
 #include <dlfcn.h>
 
+#include <cstdlib>
 #include <sstream>
+
+#include "common/error.h"
 
 namespace mdtrt {
 
@@ -21,6 +24,26 @@ void* open_candidate(const std::string& candidate, int flags, LoadAttempt& attem
     attempt.message = err ? err : "dlopen failed";
   }
   return handle;
+}
+
+std::string search_library(const char* env_var, const std::string& env_hint, const std::string& call,
+                           const std::vector<SearchStep>& steps, std::vector<LoadAttempt>& attempts,
+                           const std::function<bool(const std::string&, LoadAttempt&)>& try_candidate) {
+  auto attempt = [&](const std::string& rule, const std::string& candidate) {
+    attempts.push_back(LoadAttempt{rule, candidate, false, {}});
+    return try_candidate(candidate, attempts.back());
+  };
+  const char* env = std::getenv(env_var);
+  if (env != nullptr && env[0] != '\0') {
+    if (attempt(env_var, env)) return env_var;
+    throw Error(ErrorKind::kLibraryNotFound,
+                std::string(env_var) + " is set to '" + env + "' but it could not be used: " +
+                    attempts.back().message + ". " + env_hint,
+                -1, call);
+  }
+  for (const auto& step : steps)
+    if (attempt(step.rule, step.candidate)) return step.rule;
+  return {};
 }
 
 std::string loaded_path(void* symbol, const std::string& fallback) {

@@ -2,6 +2,7 @@
 // a failed search can list every place it looked and why each one was refused.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,21 @@ std::string describe_attempts(const std::vector<LoadAttempt>& attempts);
 
 // dlopen(candidate, flags), recording the candidate and, on failure, dlerror()'s text in `attempt`.
 void* open_candidate(const std::string& candidate, int flags, LoadAttempt& attempt);
+
+// One place to look: the rule that names it (reported as "found by") and what to dlopen.
+struct SearchStep {
+  std::string rule;
+  std::string candidate;
+};
+
+// The search every loader runs: the path in `env_var` when it is set (a failure there is final:
+// the error says it could not be used, then `env_hint`), else each step in order. `try_candidate`
+// opens and checks one candidate, recording why it refused it. Every attempt is appended to
+// `attempts`. Returns the rule that found a usable library, or "" when none did (the caller
+// says what to install). `call` names the step in errors ("load NCCL").
+std::string search_library(const char* env_var, const std::string& env_hint, const std::string& call,
+                           const std::vector<SearchStep>& steps, std::vector<LoadAttempt>& attempts,
+                           const std::function<bool(const std::string& candidate, LoadAttempt& attempt)>& try_candidate);
 
 // The file a loaded symbol lives in (what the dynamic loader actually picked), or `fallback`.
 std::string loaded_path(void* symbol, const std::string& fallback);

@@ -2,7 +2,6 @@
 
 #include <dlfcn.h>
 
-#include <cstdlib>
 #include <mutex>
 #include <sstream>
 #include <utility>
@@ -117,31 +116,18 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs) {
   if (st.ok) return st.info;
 
   LibraryInfo info;
-  auto attempt_with = [&](const std::string& rule, const std::string& candidate) {
-    info.attempts.push_back(LoadAttempt{rule, candidate, false, {}});
-    return try_candidate(candidate, info.attempts.back(), st.api, st.handle, info.path, info.version);
-  };
-  auto succeed = [&](const std::string& rule) -> const LibraryInfo& {
-    info.found_by = rule;
+  std::vector<SearchStep> steps = {{"libnccl.so.2", "libnccl.so.2"}, {"libnccl.so", "libnccl.so"}};
+  for (const auto& dir : extra_dirs) steps.push_back({"extra directory", dir + "/libnccl.so.2"});
+  info.found_by = search_library(
+      "MDTRT_NCCL_LIBRARY",
+      "Point MDTRT_NCCL_LIBRARY at a NCCL >= 2.19 libnccl.so.2, or unset it to search the usual places.",
+      "load NCCL", steps, info.attempts, [&](const std::string& candidate, LoadAttempt& attempt) {
+        return try_candidate(candidate, attempt, st.api, st.handle, info.path, info.version);
+      });
+  if (!info.found_by.empty()) {
     st.info = std::move(info);
     st.ok = true;
     return st.info;
-  };
-
-  const char* env = std::getenv("MDTRT_NCCL_LIBRARY");
-  if (env != nullptr && env[0] != '\0') {
-    if (attempt_with("MDTRT_NCCL_LIBRARY", env)) return succeed("MDTRT_NCCL_LIBRARY");
-    throw Error(ErrorKind::kLibraryNotFound,
-                "MDTRT_NCCL_LIBRARY is set to '" + std::string(env) + "' but it could not be used: " +
-                    info.attempts.back().message +
-                    ". Point MDTRT_NCCL_LIBRARY at a NCCL >= 2.19 libnccl.so.2, or unset it to search the "
-                    "usual places.",
-                -1, "load NCCL");
-  }
-  if (attempt_with("libnccl.so.2", "libnccl.so.2")) return succeed("libnccl.so.2");
-  if (attempt_with("libnccl.so", "libnccl.so")) return succeed("libnccl.so");
-  for (const auto& dir : extra_dirs) {
-    if (attempt_with("extra directory", dir + "/libnccl.so.2")) return succeed("extra directory");
   }
   throw Error(ErrorKind::kLibraryNotFound,
               "could not find a usable NCCL library. Tried:" + describe_attempts(info.attempts) +

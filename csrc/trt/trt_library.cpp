@@ -2,7 +2,6 @@
 
 #include <dlfcn.h>
 
-#include <cstdlib>
 #include <mutex>
 #include <sstream>
 #include <utility>
@@ -127,11 +126,6 @@ bool try_parser(const std::string& candidate, LoadAttempt& attempt, Parser& st, 
   return true;
 }
 
-std::string env_value(const char* name) {
-  const char* value = std::getenv(name);
-  return value != nullptr ? std::string(value) : std::string();
-}
-
 // NCCL goes in before TensorRT's first runtime or builder so that TensorRT's dlopen of
 // libnccl.so.2 finds mdtrt's instance (opened RTLD_GLOBAL) instead of another copy.
 void ensure_nccl(Library& st) {
@@ -177,34 +171,20 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs,
   if (st.ok) return st.info;
 
   LibraryInfo info;
-  auto attempt_with = [&](const std::string& rule, const std::string& candidate) {
-    info.attempts.push_back(LoadAttempt{rule, candidate, false, {}});
-    return try_library(candidate, info.attempts.back(), st, info);
-  };
-  auto succeed = [&](const std::string& rule) -> const LibraryInfo& {
-    info.found_by = rule;
+  std::vector<SearchStep> steps = {{kFull, kFull}};
+  for (const auto& dir : extra_dirs) steps.push_back({"extra directory", dir + "/" + kFull});
+  steps.push_back({kLean, kLean});
+  for (const auto& dir : lean_extra_dirs) steps.push_back({"lean extra directory", dir + "/" + kLean});
+  info.found_by = search_library(
+      "MDTRT_TENSORRT_LIBRARY",
+      "Point MDTRT_TENSORRT_LIBRARY at a TensorRT " + std::to_string(kHeaderMajor) + " " + kFull + " (or " + kLean +
+          "), or unset it to search the usual places.",
+      "load TensorRT", steps, info.attempts,
+      [&](const std::string& candidate, LoadAttempt& attempt) { return try_library(candidate, attempt, st, info); });
+  if (!info.found_by.empty()) {
     st.info = std::move(info);
     st.ok = true;
     return st.info;
-  };
-
-  const std::string env = env_value("MDTRT_TENSORRT_LIBRARY");
-  if (!env.empty()) {
-    if (attempt_with("MDTRT_TENSORRT_LIBRARY", env)) return succeed("MDTRT_TENSORRT_LIBRARY");
-    throw Error(ErrorKind::kLibraryNotFound,
-                "MDTRT_TENSORRT_LIBRARY is set to '" + env + "' but it could not be used: " +
-                    info.attempts.back().message + ". Point MDTRT_TENSORRT_LIBRARY at a TensorRT " +
-                    std::to_string(kHeaderMajor) + " " + kFull + " (or " + kLean +
-                    "), or unset it to search the usual places.",
-                -1, "load TensorRT");
-  }
-  if (attempt_with(kFull, kFull)) return succeed(kFull);
-  for (const auto& dir : extra_dirs) {
-    if (attempt_with("extra directory", dir + "/" + kFull)) return succeed("extra directory");
-  }
-  if (attempt_with(kLean, kLean)) return succeed(kLean);
-  for (const auto& dir : lean_extra_dirs) {
-    if (attempt_with("lean extra directory", dir + "/" + kLean)) return succeed("lean extra directory");
   }
   throw Error(ErrorKind::kLibraryNotFound,
               "could not find a usable TensorRT " + std::to_string(kHeaderMajor) +
@@ -273,29 +253,17 @@ const ParserInfo& load_onnx_parser(const std::vector<std::string>& extra_dirs) {
   if (st.ok) return st.info;
 
   ParserInfo info;
-  auto attempt_with = [&](const std::string& rule, const std::string& candidate) {
-    info.attempts.push_back(LoadAttempt{rule, candidate, false, {}});
-    return try_parser(candidate, info.attempts.back(), st, info);
-  };
-  auto succeed = [&](const std::string& rule) -> const ParserInfo& {
-    info.found_by = rule;
+  std::vector<SearchStep> steps = {{kParser, kParser}};
+  for (const auto& dir : extra_dirs) steps.push_back({"extra directory", dir + "/" + kParser});
+  info.found_by = search_library(
+      "MDTRT_ONNXPARSER_LIBRARY",
+      std::string("Point it at TensorRT's ") + kParser + ", or unset it to search the usual places.",
+      "load the TensorRT ONNX parser", steps, info.attempts,
+      [&](const std::string& candidate, LoadAttempt& attempt) { return try_parser(candidate, attempt, st, info); });
+  if (!info.found_by.empty()) {
     st.info = std::move(info);
     st.ok = true;
     return st.info;
-  };
-
-  const std::string env = env_value("MDTRT_ONNXPARSER_LIBRARY");
-  if (!env.empty()) {
-    if (attempt_with("MDTRT_ONNXPARSER_LIBRARY", env)) return succeed("MDTRT_ONNXPARSER_LIBRARY");
-    throw Error(ErrorKind::kLibraryNotFound,
-                "MDTRT_ONNXPARSER_LIBRARY is set to '" + env + "' but it could not be used: " +
-                    info.attempts.back().message + ". Point it at TensorRT's " + kParser +
-                    ", or unset it to search the usual places.",
-                -1, "load the TensorRT ONNX parser");
-  }
-  if (attempt_with(kParser, kParser)) return succeed(kParser);
-  for (const auto& dir : extra_dirs) {
-    if (attempt_with("extra directory", dir + "/" + kParser)) return succeed("extra directory");
   }
   throw Error(ErrorKind::kLibraryNotFound,
               "could not find TensorRT's ONNX parser (" + kParser + "). Tried:" + describe_attempts(info.attempts) +
