@@ -305,10 +305,10 @@ def verify_on_cpu(
 ):
     """Shard the attention model for ``ranks``, run it on simulated ranks on the CPU and compare
     every rank's output with the single-device model's. Returns the
-    :class:`~mdtrt.simulate.ComparisonReport` of the worst rank."""
+    :class:`~mdtrt._simulate.ComparisonReport` of the worst rank."""
     import time
 
-    from .simulate import compare_outputs, run_on_cpu, simulate
+    from ._simulate import compare_outputs, run_on_cpu, simulate
 
     hints = default_hints(ranks) if hints is None else hints
     atol, rtol = tolerance or TOLERANCES[config.dtype]
@@ -331,7 +331,7 @@ def _gpu_run(args, config: AttentionConfig, hints) -> int:
     import mdtrt
     from mdtrt import tensorrt as mdtrt_tensorrt
 
-    from .simulate import compare_outputs
+    from ._simulate import compare_outputs
 
     ranks = args.ranks
     sequence = args.sequence_length or GPU_DEFAULT_SEQUENCE_LENGTH
