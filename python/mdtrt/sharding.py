@@ -10,7 +10,6 @@ typo in a hint is an error here instead of a silently unsharded attention layer.
 from __future__ import annotations
 
 import copy
-import heapq
 import json
 import os
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import onnx
+
+from .onnx_graph import load_model, save_model, too_large_to_serialize, toposort_nodes
 
 __all__ = ["shard", "load_hints", "toposort_nodes"]
 
@@ -45,16 +46,6 @@ def load_hints(hints: Mapping[str, Any] | str | os.PathLike) -> dict:
     raise TypeError(f"hints must be a dict, a JSON file path or JSON text, got {type(hints).__name__}")
 
 
-def _load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        if not Path(model).is_file():
-            raise FileNotFoundError(f"ONNX model {model} does not exist")
-        return onnx.load(str(model))
-    raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
-
-
 def _check_hints_against_model(hints: dict, model: onnx.ModelProto) -> None:
     """Polygraphy skips hint entries that name nothing in the graph; we refuse them."""
     graph = model.graph
@@ -75,38 +66,6 @@ def _check_hints_against_model(hints: dict, model: onnx.ModelProto) -> None:
                 f"attention layer hint q={layer.get('q')!r} names no tensor of the model; it must be "
                 "the Q tensor feeding the attention's first MatMul"
             )
-
-
-def toposort_nodes(graph: onnx.GraphProto) -> None:
-    """Sort ``graph.node`` in place into a topological order (stable: ready nodes keep their
-    relative order). ``polygraphy multi-device shard`` appends the nodes it inserts at the end
-    of the list, which onnxruntime and TensorRT's parser refuse."""
-    nodes = list(graph.node)
-    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
-    waiting_on = [
-        {producer[name] for name in node.input if name in producer and producer[name] != index}
-        for index, node in enumerate(nodes)
-    ]
-    consumers: dict[int, list[int]] = {index: [] for index in range(len(nodes))}
-    for index, needs in enumerate(waiting_on):
-        for need in needs:
-            consumers[need].append(index)
-    ready = [index for index, needs in enumerate(waiting_on) if not needs]
-    order = []
-    heapq.heapify(ready)
-    while ready:
-        index = heapq.heappop(ready)
-        order.append(index)
-        for consumer in consumers[index]:
-            waiting_on[consumer].discard(index)
-            if not waiting_on[consumer]:
-                heapq.heappush(ready, consumer)
-    if len(order) != len(nodes):
-        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if i not in set(order)]
-        raise ValueError(f"the graph has a cycle through nodes {stuck[:5]}")
-    if order != list(range(len(nodes))):
-        del graph.node[:]
-        graph.node.extend(nodes[i] for i in order)
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -189,7 +148,7 @@ def shard(
     if not isinstance(collectives.get("nb_rank"), int) or collectives["nb_rank"] < 1:
         raise ValueError("give ranks, or set dist_collectives.nb_rank in the hints")
 
-    source = _load_model(model)
+    source = load_model(model)
     _check_hints_against_model(hint_dict, source)
     Shard, logger, graphsurgeon_logger = _import_shard_tool()
 
@@ -197,13 +156,15 @@ def shard(
         source_path = os.path.join(workdir, "single_device.onnx")
         hints_path = os.path.join(workdir, "hints.json")
         sharded_path = os.path.join(workdir, "multi_device.onnx")
-        onnx.save(source, source_path)
+        save_model(source, source_path)
         with open(hints_path, "w") as file:
             json.dump(hint_dict, file)
 
         tool = Shard()
         parser = tool.setup_parser()
-        args = parser.parse_args([source_path, "-s", hints_path, "-o", sharded_path])
+        # Past protobuf's 2 GiB the sharded model's weights go to a data file beside it.
+        large = ["--external-data-path", "multi_device.onnx.data"] if too_large_to_serialize(source) else []
+        args = parser.parse_args([source_path, "-s", hints_path, "-o", sharded_path, *large])
         # Both loggers print every pattern-matching step at INFO; keep them quiet unless asked.
         saved_severity = graphsurgeon_logger.severity
         graphsurgeon_logger.severity = graphsurgeon_logger.INFO if verbose else graphsurgeon_logger.ERROR
