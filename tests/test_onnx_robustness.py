@@ -225,3 +225,30 @@ def test_not_an_onnx_file_is_named(tmp_path):
     path.write_bytes(b"\xff\x00 not protobuf" * 10)
     with pytest.raises(mdtrt.InvalidArgumentError, match="not a readable ONNX model"):
         mdtrt.run_on_cpu(str(path), {}, progress=False)
+
+
+def test_loop_body_reading_an_outer_tensor_runs():
+    # Loop (If's kin): the body adds `step`, a tensor of the outer graph made by a node listed later.
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["acc_in", "step"], ["acc_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [3])])
+    nodes = [
+        helper.make_node("Loop", ["trips", "keep_going", "x"], ["y"], body=body, name="loop"),
+        helper.make_node("Mul", ["x", "x"], ["step"], name="square"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+                              initializer=[numpy_helper.from_array(np.array(4, np.int64), "trips"),
+                                           numpy_helper.from_array(np.array(True), "keep_going")])
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=8)
+    assert onnx_graph.node_inputs(model.graph.node[0]) == ["trips", "keep_going", "x", "step"]
+    x = np.array([1.0, -2.0, 0.5], np.float32)
+    for backend in ("onnxruntime", "reference"):
+        got = mdtrt.run_on_cpu(model, {"x": x}, progress=False, backend=backend)["y"]
+        np.testing.assert_allclose(got, x + 4 * x * x, rtol=1e-6, err_msg=backend)
