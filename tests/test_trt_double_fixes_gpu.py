@@ -176,6 +176,28 @@ def test_refused_communicator_names_both_causes_and_the_world_size(trt_double):
         np.testing.assert_array_equal(plain.infer({"input": x})["output"], x.T)
 
 
+# --- item 6: plans with host code ------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_plans_embedding_the_lean_runtime_need_allow_host_code(trt_double):
+    """A version-compatible plan embeds the lean runtime (host code) unless built with
+    exclude_lean_runtime: TensorRT loads it only after IRuntime::setEngineHostCodeAllowed(true).
+    Needs the double to model that rule (see the report of issue 15)."""
+    def build(**flags):
+        return mdtrt_tensorrt.build_dist_collective_engine("all_reduce", nb_ranks=1, shape=[8, 4], progress=False,
+                                                           device=0, **flags)
+
+    x = np.random.default_rng(6).standard_normal((8, 4)).astype(np.float32)
+    embedded, excluded = build(version_compatible=True), build(version_compatible=True, exclude_lean_runtime=True)
+    with mdtrt.DeviceGroup([0], timeout=60) as group:
+        with pytest.raises(mdtrt.TensorRTError, match="allow_host_code=True") as info:
+            mdtrt.EngineRunner(group, embedded)
+        assert info.value.call == "deserializeCudaEngine"
+        for runner in (mdtrt.EngineRunner(group, embedded, allow_host_code=True), mdtrt.EngineRunner(group, excluded)):
+            np.testing.assert_array_equal(runner.infer({"input": x})["output"], x)
+
+
 # --- item 7: the build's GPU ---------------------------------------------------------------------------
 
 
