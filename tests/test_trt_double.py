@@ -232,3 +232,90 @@ def test_read_and_write_plan_round_trip(trt_double):
     assert double.read_plan(double.write_plan(plan)) == plan
     with pytest.raises(ValueError, match="not a plan of the TensorRT test double"):
         double.read_plan(b"garbage")
+
+
+# --- the execution context's refusals, driven without a GPU (tensorrt_double/check_context.cpp) ---
+
+
+def context_check(trt_double, tmp_path, plan: bytes, *commands: str) -> list[tuple[str, str]]:
+    """Runs the double's context driver on `plan`: (result, what the double logged) per command."""
+    import subprocess
+
+    path = tmp_path / "plan"
+    path.write_bytes(plan)
+    driver = os.path.join(os.path.dirname(trt_double), "double_context_check")
+    out = subprocess.run([driver, trt_double, str(path), *commands], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results, ran = [], []
+    for line in out.stdout.splitlines():
+        command, rest = line.split(" -> ", 1)
+        result, _, log = rest.partition(" | ")
+        results.append((result, log))
+        ran.append(command)
+    assert ran == list(commands)
+    return results
+
+
+def single_device_plan() -> bytes:
+    """x [rows, 6] (rows 1..8) -> transpose -> y [6, rows]; written directly, since mdtrt builds
+    single-device networks from ONNX and the double has no ONNX parser."""
+    return double.write_plan({
+        "tensors": [{"name": "x", "dtype": "FLOAT", "dims": [-1, 6]}, {"name": "y", "dtype": "FLOAT", "dims": [6, -1]}],
+        "inputs": [{"name": "x", "min": [1, 6], "opt": [4, 6], "max": [8, 6]}],
+        "layers": [{"type": "shuffle", "name": "t", "input": "x", "output": "y", "first_transpose": [1, 0]}],
+        "outputs": [{"name": "y"}],
+        "ranks": 0,
+    })
+
+
+def test_single_device_network_shapes_and_refusals(trt_double, tmp_path):
+    io, comm, enqueue, too_big, wrong_rank, ok, shape = context_check(
+        trt_double, tmp_path, single_device_plan(), "io", "comm-null", "enqueue", "shape:x:9,6", "shape:x:3", "shape:x:3,6",
+        "get:y")
+    assert io[0] == "x=in[-1,6] y=out[6,-1]"
+    assert comm[0] == "false" and "no multi-device layers" in comm[1]
+    assert enqueue[0] == "false"
+    assert too_big[0] == "false" and "outside the range of input 'x'" in too_big[1] and "from (1, 6) to (8, 6)" in too_big[1]
+    assert wrong_rank[0] == "false"
+    assert ok == ("true", "")
+    assert shape[0] == "[6,3]"
+
+
+@pytest.mark.parametrize("commands,message", [
+    ((), "the shape of input 'x' (-1, 6) is not set (setInputShape)"),
+    (("shape:x:2,6",), "the address of tensor 'x' is not set"),
+    (("shape:x:2,6", "address:x:0"), "the address of tensor 'y' is not set"),
+    (("shape:x:2,6", "address:x:0", "address:y:4"), "'y' is not 256-byte aligned"),
+    (("shape:x:2,6", "address:x:16", "address:y:0"), "'x' is not 256-byte aligned"),
+])
+def test_enqueue_names_what_is_missing(trt_double, tmp_path, commands, message):
+    *_, (result, log) = context_check(trt_double, tmp_path, single_device_plan(), *commands, "enqueue")
+    assert result == "false" and message in log
+
+
+def test_multi_device_plan_needs_a_communicator_before_enqueue(trt_double, tmp_path):
+    plan = build("all_gather", nb_ranks=2, shape=[2, 3])
+    io, _, _, enqueue, comm = context_check(trt_double, tmp_path, plan, "io", "address:input:0", "address:output:0",
+                                            "enqueue", "comm-null")
+    assert io[0] == "input=in[2,3] output=out[4,3]"
+    assert enqueue[0] == "false" and "no communicator" in enqueue[1] and "setCommunicator" in enqueue[1]
+    assert comm[0] == "false" and "null" in comm[1]
+
+
+def test_output_shapes_follow_the_input_shape_within_the_profile(trt_double, tmp_path):
+    plan = double.write_plan({
+        "tensors": [{"name": "input", "dtype": "HALF", "dims": [-1, 4]}, {"name": "output", "dtype": "HALF", "dims": [-1, 4]}],
+        "inputs": [{"name": "input", "min": [2, 4], "opt": [4, 4], "max": [8, 4]}],
+        "layers": [{"type": "dist_collective", "name": "rs", "input": "input", "output": "output", "nb_ranks": 2,
+                    "op": "reduce_scatter", "reduce": "sum", "root": -1, "groups": []}],
+        "outputs": [{"name": "output"}],
+        "ranks": 2,
+    })
+    unset, set6, six, set3, three, small, wide = context_check(
+        trt_double, tmp_path, plan, "get:output", "shape:input:6,4", "get:output", "shape:input:3,4", "get:output",
+        "shape:input:1,4", "shape:input:8,5")
+    assert unset[0] == "[-1,4]"
+    assert set6[0] == "true" and six[0] == "[3,4]"
+    assert set3[0] == "true"  # inside the profile: the uneven split is named when the shape is asked for
+    assert three[0] == "invalid" and "does not split into 2 equal parts" in three[1]
+    assert small[0] == "false" and wide[0] == "false"
