@@ -15,7 +15,7 @@ import pytest
 
 import mdtrt
 import trt_double as double
-from mdtrt import reference
+from mdtrt import _core, reference
 from mdtrt import tensorrt as mdtrt_tensorrt
 
 ROOTED = ("broadcast", "reduce", "gather", "scatter")
@@ -103,9 +103,12 @@ def test_groups_keep_their_order_and_root(trt_double, op, groups):
     layer = plan["layers"][0]
     assert layer["groups"] == groups
     assert layer["root"] == (root if op in ROOTED else -1)
-    # mdtrt sets nbRanks to the world size for every group (issue #15 item 4): the plan shows it.
-    assert layer["nb_ranks"] == 4 and plan["ranks"] == 4
+    # nbRanks sets all_gather's and reduce_scatter's output shape (TensorRT's documented use of it):
+    # mdtrt gives those two the group's size, every other op the world's (issue #15 item 4).
+    nb_ranks = len(groups) if op in ("all_gather", "reduce_scatter") else 4
+    assert layer["nb_ranks"] == nb_ranks and plan["ranks"] == max(nb_ranks, max(groups) + 1)
     assert plan["outputs"][0]["dims"] == expected_output_shape(op, [8, 2], len(groups), layer["nb_ranks"])
+    assert plan["outputs"][0]["dims"] == list(_core.collective_output_shape(op, [8, 2], len(groups)))
 
 
 @pytest.mark.parametrize("op", reference.OPERATIONS)

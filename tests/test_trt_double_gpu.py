@@ -285,7 +285,6 @@ def test_ranks_outside_the_group_keep_their_output(two_gpus, op, root):
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.xfail(strict=True, reason="issue #15 item 4: setNbRanks(world) for a smaller group (all_gather/reduce_scatter shapes)")
 @pytest.mark.parametrize("op", ["all_gather", "reduce_scatter"])
 def test_grouped_shape_ops_on_a_smaller_group(trt_double, op):
     with mdtrt.DeviceGroup([0, 1], timeout=60) as group:  # its own group: a failed enqueue stays there
