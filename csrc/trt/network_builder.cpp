@@ -161,6 +161,7 @@ void write_file_atomically(const std::string& path, const void* data, size_t siz
 }
 
 Owned<nvinfer1::ITimingCache> attach_timing_cache(nvinfer1::IBuilderConfig& config, const std::string& path) {
+  ErrorScope scope;
   std::string blob;
   Owned<nvinfer1::ITimingCache> cache;
   if (read_file(path, blob) && !blob.empty()) {
