@@ -157,6 +157,31 @@ def test_capture_failing_on_one_rank_falls_back_on_every_rank_with_one_warning()
         assert not group._native.broken
 
 
+@pytest.mark.multi_gpu
+def test_a_rank_failing_before_its_enqueue_does_not_leave_the_others_waiting():
+    """With cuda_graph=True every rank meets the others before launching: rank 1 failing on its own
+    output buffer (before its enqueue) stops rank 0 before its all_reduce, so the call fails at once
+    with rank 1's error instead of rank 0 waiting on the collective until the deadline."""
+    torch = pytest.importorskip("torch")
+    import time
+
+    with mdtrt.DeviceGroup([0, 1], timeout=30) as group:
+        program = _core.CollectiveProgram("all_reduce", "sum", 0, [], "float32", group.world_size, len(group))
+        runner = mdtrt.EngineRunner(group, program=program, cuda_graph=True)
+        xs = [torch.randn(256, device=f"cuda:{d}") for d in group.gpus]
+        bad = [torch.empty(256, device=f"cuda:{group.gpus[0]}"), torch.empty(128, device=f"cuda:{group.gpus[1]}")]
+        start = time.monotonic()
+        with pytest.raises(mdtrt.InvalidArgumentError, match="the buffer given for output 'output'") as info:
+            runner.infer([{"input": x} for x in xs], outputs={"output": bad}, all_ranks=True)
+        assert time.monotonic() - start < 10 and info.value.rank == group.ranks[1]
+        assert not group._native.broken
+        good = [torch.full((256,), float("nan"), device=f"cuda:{d}") for d in group.gpus]
+        runner.infer([{"input": x} for x in xs], outputs={"output": good}, all_ranks=True)
+        want = (xs[0].cpu() + xs[1].cpu()).numpy()
+        for o in good:
+            np.testing.assert_allclose(o.cpu().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
 # --- item 10: setCommunicator's refusal --------------------------------------------------------------
 
 
