@@ -161,10 +161,9 @@ def test_preallocated_device_inputs_and_outputs(one_gpu):
     runner = mdtrt.EngineRunner(one_gpu, build("all_reduce", 1, [8, 64]))
     x = torch.randint(-4, 5, (8, 64), device="cuda:0").float()
     out = torch.full((8, 64), float("nan"), device="cuda:0")
-    result = runner.infer({"input": x}, outputs={"output": [out]})
+    runner.infer({"input": x}, outputs={"output": [out]})
     torch.cuda.synchronize(0)
     assert torch.equal(out, x)
-    assert result["output"].data_ptr() == out.data_ptr()
 
 
 @pytest.mark.gpu
