@@ -58,7 +58,8 @@ CLOSED_GROUP_SCRIPT = textwrap.dedent(
     runner = mdtrt.EngineRunner(group, program=program)
     x = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
     np.testing.assert_array_equal(runner.infer({"input": x})["output"], x)
-    capsule = group.communicators[0].capsule()
+    communicator = group.communicators[0]
+    capsule = communicator.capsule()
     group.close()
     try:
         runner.infer({"input": x})
@@ -74,9 +75,16 @@ CLOSED_GROUP_SCRIPT = textwrap.dedent(
     get = ctypes.pythonapi.PyCapsule_GetPointer
     get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
     nccl = ctypes.CDLL(mdtrt.nccl_library().path)
-    count = ctypes.c_int(-1)
-    rc = nccl.ncclCommCount(ctypes.c_void_p(get(capsule, b"ncclComm_t")), ctypes.byref(count))
-    assert rc == 0 and count.value == 1, (rc, count.value)  # the capsule kept the communicator alive
+
+    def comm_count(ptr):
+        count = ctypes.c_int(-1)
+        rc = nccl.ncclCommCount(ctypes.c_void_p(ptr), ctypes.byref(count))
+        return rc, count.value
+
+    assert comm_count(communicator.ptr) == (0, 1)  # the Communicator object keeps the group's alive
+    del communicator
+    gc.collect()
+    assert comm_count(get(capsule, b"ncclComm_t")) == (0, 1)  # the capsule keeps its own alive
     print("CAPSULE ALIVE", flush=True)
     del capsule
     gc.collect()
