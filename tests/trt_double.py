@@ -67,20 +67,33 @@ def header_dir() -> str | None:
     return None
 
 
-def _cmake() -> str:
-    found = shutil.which("cmake")
-    if found:
-        return found
-    try:
-        import cmake  # the PyPI package
+def cmake_command() -> list[str]:
+    """cmake (PATH, else the cmake Python package) and, when ninja is there (PATH or the ninja
+    Python package), the Ninja generator: the tests then need no make. Raises DoubleBuildError
+    when there is no cmake."""
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        try:
+            import cmake as cmake_package  # the PyPI package
 
-        return os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
-    except ImportError:
-        raise DoubleBuildError("cmake was not found (PATH or the cmake Python package): it builds the TensorRT test double") from None
+            cmake = os.path.join(cmake_package.CMAKE_BIN_DIR, "cmake")
+        except ImportError:
+            raise DoubleBuildError("cmake was not found (PATH or the cmake Python package)") from None
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        try:
+            import ninja as ninja_package
+
+            ninja = os.path.join(ninja_package.BIN_DIR, "ninja")
+        except ImportError:
+            pass
+    if ninja and os.path.isfile(ninja):
+        return [cmake, "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    return [cmake]
 
 
-def _fingerprint(include: str) -> str:
-    digest = hashlib.sha256(include.encode())
+def _fingerprint(include: str, configure: list[str]) -> str:
+    digest = hashlib.sha256("\0".join([include, *configure]).encode())
     for path in sorted(SOURCE.iterdir()) + [REPO / "csrc" / "nccl" / "nccl_api.h"]:
         if path.is_file():
             digest.update(path.name.encode() + path.read_bytes())
@@ -95,19 +108,19 @@ def build_double(build_root: str | os.PathLike | None = None) -> str:
     include = header_dir()
     if include is None:
         raise DoubleBuildError("no TensorRT 11 headers found (build_info, TensorRT_INCLUDE_DIR, ../shared/tensorrt/include)")
+    configure = cmake_command()
     root = Path(build_root or os.environ.get("MDTRT_TEST_BUILD_DIR") or tempfile.gettempdir())
-    build = root / f"mdtrt-tensorrt-double-{_fingerprint(include)}"
+    build = root / f"mdtrt-tensorrt-double-{_fingerprint(include, configure)}"
     library = build / LIBRARY_NAME
     build.mkdir(parents=True, exist_ok=True)
     with open(build / ".lock", "w") as lock:  # concurrent sessions build it once
         fcntl.flock(lock, fcntl.LOCK_EX)
         if library.is_file():
             return str(library)
-        cmake = _cmake()
         steps = [
-            [cmake, "-S", str(SOURCE), "-B", str(build), f"-DTensorRT_INCLUDE_DIR={include}",
+            [*configure, "-S", str(SOURCE), "-B", str(build), f"-DTensorRT_INCLUDE_DIR={include}",
              f"-DPython3_EXECUTABLE={sys.executable}"],
-            [cmake, "--build", str(build), "--parallel", "2"],
+            [configure[0], "--build", str(build), "--parallel", "2"],
         ]
         for step in steps:
             out = subprocess.run(step, capture_output=True, text=True, timeout=900)
