@@ -1,5 +1,8 @@
 """Markers: `gpu` tests need one CUDA GPU, `multi_gpu` tests need two; both skip with the reason
-when the machine has fewer (CI has none)."""
+when the machine has fewer (CI has none).
+
+Fixture `trt_double`: the TensorRT test double (tests/tensorrt_double), built once per session
+and loaded as mdtrt's TensorRT through MDTRT_TENSORRT_LIBRARY (see tests/trt_double.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +21,33 @@ def _gpu_count() -> int:
         return _core.visible_gpu_count()
     except Exception:  # noqa: BLE001 - no extension or no driver: no GPUs
         return 0
+
+
+@pytest.fixture(scope="session")
+def trt_double() -> str:
+    """Path of the TensorRT test double, loaded as this process's TensorRT (and set in
+    MDTRT_TENSORRT_LIBRARY for the subprocesses tests start). Skips when mdtrt was built without
+    the TensorRT backend; fails when the headers are there and the double does not build, or when
+    another TensorRT was loaded into the process first."""
+    from mdtrt import _core
+
+    info = _core.build_info()
+    if not info["tensorrt_backend"]:
+        pytest.skip(f"mdtrt was built without the TensorRT backend ({info['tensorrt_reason']}): the TensorRT test "
+                    "double has nothing to stand in for")
+    import trt_double as double
+
+    if double.header_dir() is None:
+        pytest.skip("no TensorRT 11 headers here to build the TensorRT test double against")
+    path = double.build_double()
+    os.environ["MDTRT_TENSORRT_LIBRARY"] = path
+    from mdtrt import tensorrt
+
+    lib = tensorrt.tensorrt_library()
+    if os.path.realpath(lib.path) != os.path.realpath(path):
+        pytest.fail(f"this process already loaded TensorRT from {lib.path} (found by {lib.found_by}), not the test double "
+                    f"{path}: TensorRT is loaded once per process, so run the double's tests in their own session")
+    return path
 
 
 def pytest_collection_modifyitems(config, items):

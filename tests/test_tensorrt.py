@@ -335,28 +335,175 @@ def test_wheel_folders_are_found_without_importing_tensorrt(fakes, tmp_path, whi
 LEAN_WHEEL = importlib.util.find_spec("tensorrt_lean_libs") is not None
 
 
+LEAN_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import mdtrt
+    from mdtrt import tensorrt
+    garbage = b"\\x00" * 64 + b"definitely not a plan"
+    double_plan = sys.argv[1].encode()
+    lib = tensorrt.tensorrt_library()
+    r = {"found_by": lib.found_by, "lean": lib.lean, "version": lib.version, "path": lib.path}
+
+    def refused(fn):
+        try:
+            fn()
+        except mdtrt.MdtrtError as e:
+            return {"type": type(e).__name__, "message": str(e), "call": e.call, "rank": e.rank}
+        return None
+
+    r["garbage"] = refused(lambda: tensorrt.check_engine(garbage))
+    r["double_plan"] = refused(lambda: tensorrt.check_engine(double_plan))
+    r["build"] = refused(lambda: tensorrt.build_dist_collective_engine("all_reduce", nb_ranks=2, shape=[4, 4], progress=False))
+    with mdtrt.DeviceGroup(gpus=[0], timeout=60.0) as group:
+        r["runner"] = refused(lambda: mdtrt.EngineRunner(group, garbage))
+    print(json.dumps(r))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def lean_report():
+    """What the real lean runtime (tensorrt_lean_libs wheel) does, probed in a child process: TensorRT
+    is loaded once per process, and this one may hold the TensorRT test double."""
+    if not BACKEND:
+        pytest.skip("mdtrt was built without the TensorRT backend")
+    if not LEAN_WHEEL:
+        pytest.skip("needs the tensorrt-lean-cu13-libs wheel (pip install 'mdtrt[lean]')")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    env.pop("MDTRT_TENSORRT_LIBRARY", None)
+    double_plan = "MDTRT-TENSORRT-DOUBLE-PLAN 1\nranks value=0 exact=1\n"  # a plan of the test double, not NVIDIA's
+    out = subprocess.run([sys.executable, "-c", LEAN_PROBE, double_plan], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    if report["found_by"] not in (f"libnvinfer_lean.so.{MAJOR}", "lean extra directory"):
+        pytest.skip(f"a full TensorRT was found first ({report['path']})")
+    return report
+
+
 @pytest.mark.gpu
 @pytest.mark.tensorrt
+def test_lean_runtime_is_found_with_its_version(lean_report):
+    assert lean_report["lean"] is True and os.path.isfile(lean_report["path"])
+    major, minor, _ = (int(v) for v in lean_report["version"].split("."))
+    assert major == MAJOR and minor >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("plan", ["garbage", "double_plan"])
+def test_lean_runtime_refuses_invalid_plans_with_its_own_message(lean_report, plan):
+    """Deserializing creates the runtime on the GPU: it must work, then refuse the bytes with
+    TensorRT's own logged reason in the exception (not only mdtrt's hint)."""
+    refused = lean_report[plan]
+    assert refused is not None and refused["type"] == "TensorRTError", refused
+    message = refused["message"]
+    assert "returned no runtime" not in message
+    assert refused["call"] == "deserializeCudaEngine"
+    assert f"Is this a TensorRT {MAJOR} plan built for this GPU?" in message
+    assert "TensorRT logged no error" not in message, message
+    assert "TensorRT test double" not in message
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_lean_runtime_cannot_build_and_runner_names_the_rank(lean_report):
+    assert lean_report["build"]["type"] == "LibraryNotFoundError"
+    assert "the lean runtime was found" in lean_report["build"]["message"]
+    runner = lean_report["runner"]
+    assert runner["type"] == "TensorRTError" and runner["rank"] == 0 and runner["call"] == "deserializeCudaEngine"
+    assert "Is this a TensorRT" in runner["message"]
+
+
+# --- versions older than the headers, the ONNX parser's version, the lean runtime up front ---------
+
+HEADER_VERSION = _core.testing.tensorrt_header_version()
+
+
+@needs_cc
+@pytest.mark.skipif(HEADER_VERSION % 10000 == 0, reason="the headers are an x.0.0 release: nothing of their major is older")
+def test_library_older_than_the_headers_is_refused(tmp_path):
+    """A TensorRT 11 library older than the headers may lack functions the headers declare: refused,
+    naming both versions, and the search goes on."""
+    major = HEADER_VERSION // 10000
+    older = build_fake_trt(tmp_path / "older", f"libnvinfer.so.{major}", HEADER_VERSION - 1)
+    r = probe([], env_library=older)
+    assert not r["ok"]
+    old, new = (f"{v // 10000}.{v % 10000 // 100}.{v % 100}" for v in (HEADER_VERSION - 1, HEADER_VERSION))
+    assert f"TensorRT {old} is older than the TensorRT {new} headers" in r["message"]
+    same = build_fake_trt(tmp_path / "same", f"libnvinfer.so.{major}", HEADER_VERSION)
+    assert probe([], env_library=same)["ok"]
+
+
+PARSER_PROBE = textwrap.dedent(
+    """
+    import json
+    from mdtrt import _core
+    try:
+        info = _core.load_onnx_parser([])
+        print(json.dumps({"ok": True, "version": info["version_code"], "note": info["note"]}))
+    except Exception as e:
+        print(json.dumps({"ok": False, "type": type(e).__name__, "message": str(e)}))
+    """
+)
+
+
+def build_fake_parser(directory, version: int) -> str:
+    return compile_shared_object(directory, f"libnvonnxparser.so.{MAJOR}", [
+        "void* createNvOnnxParser_INTERNAL(void* network, void* logger, int version) { return 0; }",
+        "int getNvOnnxParserVersion(void) { return %d; }" % version,
+    ])
+
+
+@needs_cc
+@pytest.mark.skipif(not BACKEND, reason="the ONNX parser is loaded by the TensorRT backend")
+def test_onnx_parser_version_is_compared_with_the_headers(fakes, tmp_path):
+    header = _core.testing.onnx_parser_header_version()
+
+    def load(version):
+        env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=fakes["full"],
+                   MDTRT_ONNXPARSER_LIBRARY=build_fake_parser(tmp_path / str(version), version))
+        out = subprocess.run([sys.executable, "-c", PARSER_PROBE], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    same = load(header)
+    assert same["ok"] and same["version"] == header and same["note"] == ""
+    if header % 10000:
+        older = load(header - 1)
+        assert not older["ok"] and older["type"] == "LibraryNotFoundError"
+        assert "older than the parser headers" in older["message"]
+    other_major = load(header + 10000)  # undocumented relation: reported, not refused
+    assert other_major["ok"] and "reports version" in other_major["note"]
+
+
+LEAN_NOTE_PROBE = textwrap.dedent(
+    """
+    import json, logging
+    records = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.levelname, record.getMessage()))
+    logging.getLogger("mdtrt.tensorrt").addHandler(Keep())
+    from mdtrt import tensorrt
+    tensorrt.tensorrt_library()
+    tensorrt.tensorrt_library()
+    print(json.dumps(records))
+    """
+)
+
+
+@needs_cc
 @pytest.mark.skipif(not BACKEND, reason="mdtrt was built without the TensorRT backend")
-@pytest.mark.skipif(not LEAN_WHEEL, reason="needs the tensorrt-lean-cu13-libs wheel (pip install 'mdtrt[lean]')")
-def test_lean_runtime_loads_and_rejects_invalid_plans_clearly():
-    lib = mdtrt_tensorrt.tensorrt_library()
-    if lib.found_by not in (f"libnvinfer_lean.so.{MAJOR}", "lean extra directory"):
-        pytest.skip(f"a full TensorRT was found first ({lib.path})")
-    assert lib.lean and lib.version.startswith(f"{MAJOR}.") and os.path.isfile(lib.path)
-
-    # Deserializing creates the runtime on the GPU: it must work, then refuse the bytes clearly.
-    with pytest.raises(mdtrt.TensorRTError) as info:
-        mdtrt_tensorrt.check_engine(b"\x00" * 64 + b"definitely not a plan")
-    assert "returned no runtime" not in str(info.value)
-    assert f"Is this a TensorRT {MAJOR} plan built for this GPU?" in str(info.value)
-    assert info.value.call == "deserializeCudaEngine"
-
-    with pytest.raises(mdtrt.LibraryNotFoundError, match="the lean runtime was found"):
-        mdtrt_tensorrt.build_dist_collective_engine("all_reduce", nb_ranks=2, shape=[4, 4], progress=False)
-
-    with mdtrt.DeviceGroup(gpus=[0], timeout=60.0) as group:
-        with pytest.raises(mdtrt.TensorRTError) as info:
-            mdtrt.EngineRunner(group, b"\x00" * 64 + b"definitely not a plan")
-        assert info.value.rank == 0 and info.value.call == "deserializeCudaEngine"
-        assert "Is this a TensorRT" in str(info.value)
+def test_lean_runtime_says_up_front_which_plans_it_loads(fakes):
+    env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=fakes["lean"])
+    out = subprocess.run([sys.executable, "-c", LEAN_NOTE_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    records = json.loads(out.stdout.strip().splitlines()[-1])
+    notes = [m for level, m in records if "lean runtime" in m]
+    assert len(notes) == 1 and records[0][0] == "WARNING", records  # once, up front
+    assert fakes["lean"] in notes[0] and "version_compatible=True" in notes[0] and "allow_host_code=True" in notes[0]
+    env["MDTRT_TENSORRT_LIBRARY"] = fakes["full"]
+    out = subprocess.run([sys.executable, "-c", LEAN_NOTE_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "lean runtime" not in out.stdout, out.stdout + out.stderr

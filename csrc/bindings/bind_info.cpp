@@ -20,8 +20,10 @@ void bind_info(py::module_& m) {
     d["cuda_version"] = CUDART_VERSION;
 #ifdef MDTRT_HAVE_TENSORRT
     d["tensorrt_backend"] = true;
+    d["tensorrt_include_dir"] = MDTRT_TENSORRT_INCLUDE_DIR;
 #else
     d["tensorrt_backend"] = false;
+    d["tensorrt_include_dir"] = "";
 #endif
     d["tensorrt_reason"] = MDTRT_TENSORRT_REASON;
     return d;

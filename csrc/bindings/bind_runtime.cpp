@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <optional>
 
 #include "bindings/modules.h"
 #include "common/error.h"
@@ -97,6 +98,31 @@ void bind_runtime(py::module_& m) {
       [](const std::string& path, const py::bytes& id) { remove_unique_id_file(path, unique_id_from_bytes(id)); },
       py::arg("path"), py::arg("unique_id"), "Removes the id file when it still holds `unique_id`.");
 
+  m.def(
+      "publish_shared_bytes",
+      [](const std::string& path, const py::bytes& run, const py::bytes& data) {
+        std::string s = data;
+        nccl::UniqueId id = unique_id_from_bytes(run);
+        py::gil_scoped_release release;
+        publish_shared_bytes(path, id, std::vector<uint8_t>(s.begin(), s.end()));
+      },
+      py::arg("path"), py::arg("run"), py::arg("data"),
+      "Rank 0: write `data` to `path`, tagged with the run's NCCL id (through a temporary file and rename).");
+  m.def(
+      "try_read_shared_bytes",
+      [](const std::string& path, const py::bytes& run) -> py::object {
+        nccl::UniqueId id = unique_id_from_bytes(run);
+        std::optional<std::vector<uint8_t>> data;
+        {
+          py::gil_scoped_release release;
+          data = try_read_shared_bytes(path, id);
+        }
+        if (!data) return py::none();
+        return py::bytes(reinterpret_cast<const char*>(data->data()), data->size());
+      },
+      py::arg("path"), py::arg("run"),
+      "The bytes rank 0 published at `path` for this run, or None while they are not there.");
+
   py::class_<DeviceGroup, std::shared_ptr<DeviceGroup>>(m, "DeviceGroup")
       .def_static(
           "create_local",
@@ -126,14 +152,26 @@ void bind_runtime(py::module_& m) {
       .def("comm_ptr", [](DeviceGroup& g, int local) { return reinterpret_cast<uintptr_t>(g.world(local).handle()); })
       .def("comm_capsule",
            [](DeviceGroup& g, int local) {
-             // The form TensorRT's Python IExecutionContext.set_communicator takes.
-             return py::capsule(static_cast<void*>(g.world(local).handle()), "ncclComm_t");
+             // The form TensorRT's Python IExecutionContext.set_communicator takes. The capsule holds
+             // the communicator (its context): TensorRT requires it to outlive the contexts it is
+             // given to, so it lives as long as the capsule does, also after the group is closed.
+             std::shared_ptr<Communicator> comm = g.world_shared(local);
+             py::capsule capsule(static_cast<void*>(comm->handle()), "ncclComm_t", [](PyObject* o) {
+               delete static_cast<std::shared_ptr<Communicator>*>(PyCapsule_GetContext(o));
+             });
+             PyCapsule_SetContext(capsule.ptr(), new std::shared_ptr<Communicator>(std::move(comm)));
+             return capsule;
            })
       .def("stream_ptr",
            [](DeviceGroup& g, int local) { return reinterpret_cast<uintptr_t>(g.runtime().context(local).stream); })
-      .def("abort", [](DeviceGroup& g) {
-        py::gil_scoped_release release;
-        g.abort();
+      .def("abort",
+           [](DeviceGroup& g) {
+             py::gil_scoped_release release;
+             g.abort();
+           })
+      .def("close", [](DeviceGroup& g) {
+        py::gil_scoped_release release;  // waits for a step in flight
+        g.close();
       });
 
   py::class_<RankProgram, std::shared_ptr<RankProgram>>(m, "RankProgram").def("describe", &RankProgram::describe);
@@ -178,6 +216,7 @@ void bind_runtime(py::module_& m) {
             r.set_cuda_graphs(on);
           })
       .def_property_readonly("graph_captures", &ProgramRunner::graph_captures)
+      .def_property_readonly("graph_fallback", &ProgramRunner::graph_fallback)
       .def(
           "infer",
           [](ProgramRunner& r, const std::vector<std::vector<py::tuple>>& inputs, const std::string& replication,
@@ -237,6 +276,10 @@ void bind_runtime(py::module_& m) {
              return std::make_shared<SynchronizingCopyProgram>(dtype_from_name(dtype));
            }),
            py::arg("dtype"));
+  py::class_<RankSynchronizingAllReduceProgram, RankProgram, std::shared_ptr<RankSynchronizingAllReduceProgram>>(
+      testing, "RankSynchronizingAllReduceProgram")
+      .def(py::init([](int sync_rank) { return std::make_shared<RankSynchronizingAllReduceProgram>(sync_rank); }),
+           py::arg("sync_rank"));
   py::class_<SinkProgram, RankProgram, std::shared_ptr<SinkProgram>>(testing, "SinkProgram")
       .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));

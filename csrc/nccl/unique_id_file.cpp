@@ -5,8 +5,10 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <map>
+#include <iterator>
 #include <sstream>
 #include <thread>
 
@@ -17,6 +19,7 @@
 namespace mdtrt {
 namespace {
 constexpr size_t kHexLength = sizeof(nccl::UniqueId) * 2;
+constexpr const char* kSharedBytesMagic = "mdtrt shared bytes v1";
 
 // Who published an id file: "run=<token> host=<host> pid=<pid> start=<ticks>".
 struct Publisher {
@@ -195,6 +198,42 @@ nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, co
 void remove_unique_id_file(const std::string& path, const nccl::UniqueId& id) {
   const IdFile f = read_id_file(path);
   if (f.hex == unique_id_to_hex(id)) std::remove(path.c_str());
+}
+
+// Layout: magic line, id as hex line, byte count line, the bytes.
+void publish_shared_bytes(const std::string& path, const nccl::UniqueId& run, const std::vector<uint8_t>& data) {
+  std::string tmp = path + ".tmp." + std::to_string(::getpid()) + ".XXXXXX";
+  const int fd = ::mkstemp(tmp.data());
+  if (fd < 0) throw Error(ErrorKind::kGeneric, "cannot create a temporary file next to " + path, 0, "share bytes");
+  ::close(fd);
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << kSharedBytesMagic << "\n" << unique_id_to_hex(run) << "\n" << data.size() << "\n";
+    out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    if (!out) {
+      std::remove(tmp.c_str());
+      throw Error(ErrorKind::kGeneric, "cannot write " + tmp, 0, "share bytes");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(ErrorKind::kGeneric, "cannot rename " + tmp + " to " + path, 0, "share bytes");
+  }
+}
+
+std::optional<std::vector<uint8_t>> try_read_shared_bytes(const std::string& path, const nccl::UniqueId& run) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::string magic, tag, count;
+  if (!std::getline(in, magic) || magic != kSharedBytesMagic || !std::getline(in, tag) ||
+      tag != unique_id_to_hex(run) || !std::getline(in, count))
+    return std::nullopt;  // not (yet) this run's file
+  char* end = nullptr;
+  const unsigned long long size = std::strtoull(count.c_str(), &end, 10);
+  if (end == count.c_str() || *end != '\0') return std::nullopt;
+  std::vector<uint8_t> data(std::istreambuf_iterator<char>(in), {});
+  if (data.size() != size) return std::nullopt;
+  return data;
 }
 
 }  // namespace mdtrt

@@ -13,7 +13,10 @@
 // replaces it, the other ranks wait for that.
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "common/deadline.h"
 #include "nccl/nccl_api.h"
@@ -31,5 +34,13 @@ nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, co
 
 // Rank 0: removes the file when it still holds `id` (another run's file is left alone).
 void remove_unique_id_file(const std::string& path, const nccl::UniqueId& id);
+
+// Bytes rank 0 shares with the other ranks through a file beside the id file (an engine plan built
+// once), tagged with the run's NCCL id: a file left by an earlier run (another id) is never read.
+// publish writes through a unique temporary file and a rename; try_read returns nothing until the
+// file holds this run's complete data. Callers poll try_read with their own deadline (Python polls
+// between sleeps, so that Ctrl-C still works).
+void publish_shared_bytes(const std::string& path, const nccl::UniqueId& run, const std::vector<uint8_t>& data);
+std::optional<std::vector<uint8_t>> try_read_shared_bytes(const std::string& path, const nccl::UniqueId& run);
 
 }  // namespace mdtrt

@@ -107,8 +107,11 @@ std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) { return inp
 void ProgramRunner::set_cuda_graphs(bool on) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   cuda_graphs_ = on;
+  if (on) graph_fallback_.clear();
   for (auto& b : buffers_) b.graph = RankGraph{};
 }
+
+std::string ProgramRunner::graph_fallback() const { return graph_fallback_; }
 
 std::vector<int> ProgramRunner::graph_captures() const {
   std::vector<int> out;
@@ -116,10 +119,56 @@ std::vector<int> ProgramRunner::graph_captures() const {
   return out;
 }
 
+// With CUDA graphs, every local rank learns every other's capture outcome before any rank launches:
+// nothing runs during a capture, so when one rank's capture fails (after the others captured
+// collectives that would wait for it), all of them run that call as a plain enqueue instead, and
+// no rank is left waiting on one that threw. A rank that fails before getting here releases the
+// others too (they then skip their enqueue).
+struct ProgramRunner::GraphRendezvous {
+  explicit GraphRendezvous(int n) : arrived(n, 0) {}
+
+  // Returns the first capture failure of any local rank ("" when none).
+  std::string arrive(const RankContext& ctx, const std::string& capture_failure) {
+    std::unique_lock<std::mutex> lock(mutex);
+    arrived[ctx.local_index] = 1;
+    ++count;
+    if (!capture_failure.empty() && failure.empty()) failure = capture_failure;
+    changed.notify_all();
+    const bool done = changed.wait_until(lock, ctx.deadline.at(), [&] {
+      return failed_rank >= 0 || count == static_cast<int>(arrived.size());
+    });
+    if (failed_rank >= 0)
+      throw SkippedForOtherRank(ErrorKind::kGeneric,
+                                "not enqueued: rank " + std::to_string(failed_rank) +
+                                    " failed before its enqueue, and running on would wait on it",
+                                ctx.rank, "infer");
+    if (!done)
+      throw Error(ErrorKind::kTimeout, "waited past the deadline for the other ranks to reach their enqueue", ctx.rank,
+                  "infer");
+    return failure;
+  }
+  // A rank that failed before arriving.
+  void fail(const RankContext& ctx) {
+    {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (arrived[ctx.local_index] || failed_rank >= 0) return;
+      failed_rank = ctx.rank;
+    }
+    changed.notify_all();
+  }
+
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::vector<char> arrived;
+  int count = 0;
+  int failed_rank = -1;
+  std::string failure;  // the first capture failure
+};
+
 void ProgramRunner::enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
-                                    const std::vector<TensorView>& outputs) {
+                                    const std::vector<TensorView>& outputs, GraphRendezvous* rendezvous) {
   RankProgram& program = *programs_[ctx.local_index];
-  if (!cuda_graphs_) {
+  if (rendezvous == nullptr) {
     program.enqueue(ctx, inputs, outputs);
     return;
   }
@@ -135,48 +184,60 @@ void ProgramRunner::enqueue_program(RankContext& ctx, RankBuffers& bufs, const s
     shapes.push_back(v.shape);
   }
   const bool same = g.seen_once && pointers == g.pointers && shapes == g.shapes;
-  if (same && g.exec.get() != nullptr) {
-    MDTRT_CUDA_CHECK(cudaGraphLaunch(g.exec.get(), ctx.stream));
-    return;
-  }
+  CudaGraphExec captured;
+  std::string failure;
   if (!same) {
     // New buffers or shapes: run as usual (a TensorRT context settles shape-dependent state on its
     // first enqueue, which must not happen inside a capture) and capture next time.
     g = RankGraph{pointers, shapes, true, CudaGraphExec(), g.captures};
+  } else if (g.exec.get() == nullptr) {
+    // Thread-local capture: the other ranks' threads capture on their own streams meanwhile.
+    auto describe_failure = [&](const std::string& what) {
+      return "rank " + std::to_string(ctx.rank) + ": capturing '" + program.describe() + "' failed (" + what + ")";
+    };
+    cudaGraph_t graph = nullptr;
+    cudaError_t status = cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal);
+    if (status != cudaSuccess) {
+      cudaGetLastError();
+      failure = describe_failure(std::string("cudaStreamBeginCapture: ") + cudaGetErrorString(status));
+    } else {
+      try {
+        program.enqueue(ctx, inputs, outputs);
+      } catch (const std::exception& e) {
+        failure = describe_failure(e.what());
+      }
+      status = cudaStreamEndCapture(ctx.stream, &graph);
+      if (failure.empty() && status != cudaSuccess)
+        failure = describe_failure(std::string("cudaStreamEndCapture: ") + cudaGetErrorString(status));
+      cudaGetLastError();  // the capture's sticky status is not the program's to keep
+    }
+    if (failure.empty()) {
+      cudaGraphExec_t exec = nullptr;
+      status = cudaGraphInstantiate(&exec, graph, 0);
+      if (status != cudaSuccess) {
+        cudaGetLastError();
+        failure = describe_failure(std::string("cudaGraphInstantiate: ") + cudaGetErrorString(status));
+      } else {
+        captured = CudaGraphExec(ctx.device, exec);
+      }
+    }
+    if (graph != nullptr) cudaGraphDestroy(graph);
+  }
+  // Nothing of this call ran yet on any rank: agree on what runs.
+  if (!rendezvous->arrive(ctx, failure).empty()) {
+    g = RankGraph{};  // graphs are off for this runner from now on (infer switches them off)
     program.enqueue(ctx, inputs, outputs);
     return;
   }
-  // Thread-local capture: the other ranks' threads capture or launch on their own streams meanwhile.
-  // A program that cannot be captured (it synchronizes, or its library refuses capture) fails the
-  // call with an error that says so, instead of a bare CUDA status.
-  auto capture_failed = [&](const std::string& what) {
-    return Error(ErrorKind::kCuda,
-                 "capturing '" + program.describe() + "' into a CUDA graph failed (" + what +
-                     "); this program cannot run with cuda_graph=True: create the runner without it",
-                 ctx.rank, "cuda graph capture");
-  };
-  MDTRT_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
-  cudaGraph_t graph = nullptr;
-  try {
+  if (captured.get() != nullptr) {
+    g.exec = std::move(captured);
+    g.captures += 1;
+  }
+  if (same && g.exec.get() != nullptr) {
+    MDTRT_CUDA_CHECK(cudaGraphLaunch(g.exec.get(), ctx.stream));
+  } else {
     program.enqueue(ctx, inputs, outputs);
-  } catch (const std::exception& e) {
-    cudaStreamEndCapture(ctx.stream, &graph);
-    if (graph != nullptr) cudaGraphDestroy(graph);
-    cudaGetLastError();  // the capture's sticky status is not the program's to keep
-    throw capture_failed(e.what());
   }
-  cudaError_t status = cudaStreamEndCapture(ctx.stream, &graph);
-  if (status != cudaSuccess) {
-    cudaGetLastError();
-    throw capture_failed(std::string("cudaStreamEndCapture: ") + cudaGetErrorString(status));
-  }
-  cudaGraphExec_t exec = nullptr;
-  status = cudaGraphInstantiate(&exec, graph, 0);
-  cudaGraphDestroy(graph);
-  if (status != cudaSuccess) throw capture_failed(std::string("cudaGraphInstantiate: ") + cudaGetErrorString(status));
-  g.exec = CudaGraphExec(ctx.device, exec);
-  g.captures += 1;
-  MDTRT_CUDA_CHECK(cudaGraphLaunch(g.exec.get(), ctx.stream));
 }
 
 std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<InputArg>>& inputs,
@@ -274,6 +335,9 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
     if (buffers_[i].inputs.size() < num_inputs) buffers_[i].inputs.resize(num_inputs);
   while (static_cast<int>(buffers_[0].chunk_events.size()) < max_chunks)
     buffers_[0].chunk_events.emplace_back(runtime.devices()[0], false);
+
+  std::unique_ptr<GraphRendezvous> rendezvous;
+  if (cuda_graphs_) rendezvous = std::make_unique<GraphRendezvous>(n);
 
   auto task = [&](RankContext& ctx) {
     const int i = ctx.local_index;
@@ -392,7 +456,7 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
       if (options.poison_outputs) MDTRT_CUDA_CHECK(cudaMemsetAsync(v.data, 0xFF, v.nbytes(), stream));
     }
 
-    enqueue_program(ctx, bufs, views, out_views);
+    enqueue_program(ctx, bufs, views, out_views, rendezvous.get());
 
     if (fetch[i]) {
       result.host.resize(num_outputs);
@@ -407,7 +471,23 @@ std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<Input
   };
 
   const double timeout = options.timeout_seconds > 0 ? options.timeout_seconds : group_->timeout();
-  runtime.run_on_all(task, timeout, "infer");
+  runtime.run_on_all(
+      [&](RankContext& ctx) {
+        try {
+          task(ctx);
+        } catch (...) {
+          if (rendezvous) rendezvous->fail(ctx);  // no-op once this rank reached its enqueue
+          throw;
+        }
+      },
+      timeout, "infer");
+  if (rendezvous && !rendezvous->failure.empty()) {
+    // Every rank ran this call without graphs; later calls do too (a program that failed to capture
+    // once would fail again on every new buffer).
+    cuda_graphs_ = false;
+    graph_fallback_ = rendezvous->failure +
+                      "; every rank ran without CUDA graphs instead, and this runner does from now on";
+  }
   return results;
 }
 

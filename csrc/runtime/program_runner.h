@@ -81,6 +81,9 @@ class ProgramRunner {
   bool cuda_graphs() const { return cuda_graphs_; }
   // Per local rank: graphs captured so far (tests and benchmarks check that replays happen).
   std::vector<int> graph_captures() const;
+  // Why CUDA graphs were switched off for this runner ("" while they were not): a capture failed on
+  // a rank, and every local rank then ran that call, and runs every later one, without graphs.
+  std::string graph_fallback() const;
   ~ProgramRunner();
 
   // inputs[i] are local rank i's inputs, in the program's input order. The same host pointer on
@@ -107,8 +110,9 @@ class ProgramRunner {
     std::vector<CudaEvent> chunk_events;  // on this rank's device, signalling staged input chunks
     RankGraph graph;
   };
+  struct GraphRendezvous;
   void enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
-                       const std::vector<TensorView>& outputs);
+                       const std::vector<TensorView>& outputs, GraphRendezvous* rendezvous);
 
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
@@ -125,6 +129,7 @@ class ProgramRunner {
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers
   int abort_hook_ = -1;
   bool cuda_graphs_ = false;
+  std::string graph_fallback_;
   Replication last_replication_ = Replication::kHost;
 };
 

@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -22,8 +23,9 @@ struct RankContext {
   int device = -1;       // CUDA device, -1 in CPU-only test runtimes
   cudaStream_t stream = nullptr;
   // The world communicator, blocking: for enqueued collectives and for TensorRT's setCommunicator
-  // (nullptr in CPU-only test runtimes).
-  Communicator* world = nullptr;
+  // (nullptr in CPU-only test runtimes). Shared: a program whose state must not outlive it (a
+  // TensorRT context) keeps a reference.
+  std::shared_ptr<Communicator> world;
   // The same world, non-blocking: for collective set-up steps (splits) that must give up at the
   // deadline instead of hanging when a rank is missing.
   Communicator* world_nonblocking = nullptr;

@@ -155,6 +155,11 @@ RankRuntime::~RankRuntime() {
   }
 }
 
+void RankRuntime::mark_unusable(const std::string& reason) {
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  if (broken_reason_.empty()) broken_reason_ = reason;
+}
+
 int RankRuntime::add_abort_hook(std::function<void()> hook) {
   std::lock_guard<std::mutex> lock(hooks_mutex_);
   abort_hooks_.emplace_back(next_hook_id_, std::move(hook));
@@ -284,15 +289,20 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
     throw Error(ErrorKind::kTimeout, message, -1, what);
   }
 
-  // All finished: re-raise the first failure in rank order, attributed to its rank.
-  for (size_t i = 0; i < n; ++i) {
-    if (!posted[i] || !completion->errors[i]) continue;
-    try {
-      std::rethrow_exception(completion->errors[i]);
-    } catch (const Error& e) {
-      throw e.with_rank(ranks_[i]);
-    } catch (const std::exception& e) {
-      throw Error(ErrorKind::kGeneric, e.what(), ranks_[i], what);
+  // All finished: re-raise the first failure in rank order, attributed to its rank; a rank that only
+  // stopped because another failed is reported last.
+  for (bool skipped_too : {false, true}) {
+    for (size_t i = 0; i < n; ++i) {
+      if (!posted[i] || !completion->errors[i]) continue;
+      try {
+        std::rethrow_exception(completion->errors[i]);
+      } catch (const SkippedForOtherRank& e) {
+        if (skipped_too) throw e.with_rank(ranks_[i]);
+      } catch (const Error& e) {
+        throw e.with_rank(ranks_[i]);
+      } catch (const std::exception& e) {
+        throw Error(ErrorKind::kGeneric, e.what(), ranks_[i], what);
+      }
     }
   }
 }

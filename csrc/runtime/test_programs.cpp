@@ -4,6 +4,8 @@
 #include <vector>
 
 #include "common/error.h"
+#include "nccl/communicator.h"
+#include "nccl/nccl_library.h"
 #include "runtime/cuda_handles.h"
 
 namespace mdtrt {
@@ -49,6 +51,19 @@ void SynchronizingCopyProgram::enqueue(RankContext& ctx, const std::vector<Tenso
                                        const std::vector<TensorView>& outputs) {
   CopyProgram::enqueue(ctx, inputs, outputs);
   MDTRT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+}
+
+void RankSynchronizingAllReduceProgram::bind(RankContext& ctx) {
+  if (ctx.world == nullptr) throw Error(ErrorKind::kGeneric, "this test program needs a communicator", ctx.rank, "bind");
+}
+
+void RankSynchronizingAllReduceProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                                                const std::vector<TensorView>& outputs) {
+  if (ctx.rank == sync_rank_) MDTRT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+  const auto count = static_cast<size_t>(element_count(inputs.at(0).shape));
+  ctx.world->check(nccl::api().AllReduce(inputs[0].data, outputs.at(0).data, count, nccl::kFloat32, nccl::kSum,
+                                         ctx.world->handle(), ctx.stream),
+                   "ncclAllReduce", ctx.deadline);
 }
 
 std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {

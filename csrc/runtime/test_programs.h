@@ -80,6 +80,21 @@ class SynchronizingCopyProgram : public CopyProgram {
                const std::vector<TensorView>& outputs) override;
 };
 
+// A float32 sum all_reduce over the world communicator that, on world rank `sync_rank` only, also
+// waits for its stream on the host: capturable on every rank but that one (a CUDA graph capture
+// that fails on one rank while the others capture collectives waiting for it).
+class RankSynchronizingAllReduceProgram : public CopyProgram {
+ public:
+  explicit RankSynchronizingAllReduceProgram(int sync_rank) : CopyProgram(DType::kFloat32), sync_rank_(sync_rank) {}
+  std::string describe() const override { return "rank-synchronizing all_reduce test program"; }
+  void bind(RankContext& ctx) override;
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+
+ private:
+  int sync_rank_;
+};
+
 // Raw figures of this machine, for benchmarks to compare against.
 std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations);
 double peer_copy_bandwidth_gbps(int src, int dst, size_t nbytes, int iterations);

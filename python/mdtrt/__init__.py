@@ -20,6 +20,7 @@ from .nccl import NcclLibrary, nccl_library
 from .arrays import DeviceArray
 from .device_group import Communicator, DeviceGroup
 from .runner import EngineRunner
+from .plan_sharing import build_once
 
 # The ONNX tools import onnx/onnxruntime, which rank processes rarely need: load them on first use.
 # A module that holds a public function must not carry the function's name (importing
@@ -58,6 +59,7 @@ __all__ = [
     "DeviceGroup",
     "Communicator",
     "EngineRunner",
+    "build_once",
     "reference",
     "shard",
     "simulate",

@@ -23,16 +23,22 @@ _REDUCING = ("all_reduce", "reduce", "reduce_scatter")
 @dataclasses.dataclass(frozen=True)
 class Communicator:
     """One rank's world communicator. ``ptr`` is the ncclComm_t as an integer; ``capsule()`` is the
-    PyCapsule named "ncclComm_t" that TensorRT's Python ``IExecutionContext.set_communicator`` takes."""
+    PyCapsule named "ncclComm_t" that TensorRT's Python ``IExecutionContext.set_communicator`` takes.
+
+    TensorRT requires the communicator to outlive every execution context it is attached to. This
+    object keeps the group's native part (threads, communicators) alive, so ``ptr`` stays valid as
+    long as it exists, also after ``group.close()``; each capsule holds the communicator itself,
+    until the capsule is gone. Keep the capsule (or this object) at least as long as the contexts
+    you attach it to."""
 
     rank: int
     device: int
     ptr: int
-    _group: Any = dataclasses.field(repr=False, compare=False)
+    _native: Any = dataclasses.field(repr=False, compare=False)
     _local: int = dataclasses.field(repr=False, compare=False)
 
     def capsule(self):
-        return self._group._live()._native.comm_capsule(self._local)
+        return self._native.comm_capsule(self._local)
 
 
 class DeviceGroup:
@@ -97,6 +103,7 @@ class DeviceGroup:
         self = cls.__new__(cls)
         self._native = native
         self._runners = OrderedDict()
+        self._unique_id = uid  # tags what rank 0 shares with this run's ranks (mdtrt.build_once)
         return self
 
     # -- what the group is ------------------------------------------------------------------
@@ -132,16 +139,29 @@ class DeviceGroup:
     @property
     def communicators(self) -> list[Communicator]:
         native = self._live()._native
-        return [Communicator(r, d, native.comm_ptr(i), self, i) for i, (r, d) in enumerate(zip(native.ranks, native.devices))]
+        return [Communicator(r, d, native.comm_ptr(i), native, i) for i, (r, d) in enumerate(zip(native.ranks, native.devices))]
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
-        """Destroys the communicators and stops the rank threads."""
+        """Ends the group: this object, and every runner, prepared call and engine program made on
+        it, refuses further use (:class:`mdtrt.MdtrtError`: "the DeviceGroup was closed").
+
+        The rank threads, communicators and GPU memory are released once nothing holds them: at
+        once when nothing else does, otherwise when the last of these goes: an ``EngineRunner`` or
+        engine program made on this group (a TensorRT context keeps its communicator until the
+        context is gone: TensorRT requires the communicator to outlive it), a ``Communicator`` from
+        ``communicators`` or a capsule from it. Drop those to free everything now. Waits for a call
+        in flight to finish (or reach its deadline)."""
+        native, self._native = self._native, None
         self._runners.clear()
-        self._native = None
+        if native is not None:
+            native.close()
 
     def abort(self) -> None:
-        """Aborts every communicator now; the group cannot be used afterwards."""
+        """Aborts every communicator now; the group cannot be used afterwards. TensorRT contexts
+        attached to them are never destroyed after that (what TensorRT does with a context whose
+        communicator was aborted is not documented): their GPU memory stays allocated until the
+        process ends."""
         if self._native is not None:
             self._native.abort()
 

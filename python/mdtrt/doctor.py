@@ -157,7 +157,8 @@ def format_text(report: dict) -> str:
         if trt.get("library_found"):
             lines.append(f"           library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')})")
             if trt.get("lean"):
-                lines.append("           lean runtime: engines can be run, not built")
+                lines.append("           lean runtime: engines can be run, not built; it loads only plans built "
+                             "version_compatible=True (embedded lean runtime: allow_host_code=True)")
         else:
             lines.append(f"           library not found: {trt.get('error', '')}")
     else:

@@ -241,24 +241,37 @@ def release_id_file(info: LaunchInfo, uid: bytes, id_file: str | None = None,
 
 def _exchange_through_torch(info: LaunchInfo, timeout: float, env: Mapping[str, str]) -> bytes:
     try:
-        import torch.distributed as dist
+        import torch.distributed  # noqa: F401
     except ImportError:
         raise InvalidArgumentError(
             "launched by torchrun (RANK/WORLD_SIZE are set) but torch is not installed, and mdtrt shares the NCCL "
             "id through torch.distributed there: pip install torch, or set TRT_NCCL_ID_FILE to a path every rank "
             "can read") from None
-    key = f"mdtrt/nccl_unique_id/{info.run_id or ''}/{next(_exchanges)}"
+    return broadcast_through_torch(info, _core.nccl_unique_id, timeout=timeout, what="the NCCL id",
+                                   call="read NCCL id", key=f"mdtrt/nccl_unique_id/{info.run_id or ''}/{next(_exchanges)}", env=env)
+
+
+def broadcast_through_torch(info: LaunchInfo, produce, *, timeout: float, what: str, call: str, key: str,
+                            env: Mapping[str, str] | None = None) -> bytes:
+    """Bytes made by ``produce()`` on rank 0, handed to every rank under torchrun, without creating,
+    changing or leaving behind any process group of the application: through torchrun's agent store
+    when it offers one, else a separate gloo group (the application has a default group), else a
+    temporary default gloo group destroyed afterwards. ``key`` must be the same on every rank and new
+    for each exchange; ``timeout`` (s) covers ``produce()`` on rank 0."""
+    import torch.distributed as dist
+
+    env = os.environ if env is None else env
     address, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true" and address and port:
         # torchrun's agent hosts a store every worker may use: no process group needed at all.
         store = dist.TCPStore(address, int(port), None, False, timeout=_timedelta(timeout))
-        return _through_store(store, key, info, timeout)
+        return _through_store(store, key, info, produce, timeout, what, call)
     if dist.is_initialized():
         # The application's own group (perhaps NCCL, on devices it chose): broadcast in a separate
         # CPU group instead, and leave the application's groups as they are.
         group = dist.new_group(backend="gloo", timeout=_timedelta(timeout))
         try:
-            box = [_core.nccl_unique_id() if info.rank == 0 else None]
+            box = [bytes(produce()) if info.rank == 0 else None]
             dist.broadcast_object_list(box, src=0, group=group)
             return box[0]
         finally:
@@ -267,23 +280,23 @@ def _exchange_through_torch(info: LaunchInfo, timeout: float, env: Mapping[str, 
     # the application can still call init_process_group itself.
     dist.init_process_group("gloo", timeout=_timedelta(timeout))
     try:
-        box = [_core.nccl_unique_id() if info.rank == 0 else None]
+        box = [bytes(produce()) if info.rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return box[0]
     finally:
         dist.destroy_process_group()
 
 
-def _through_store(store, key: str, info: LaunchInfo, timeout: float) -> bytes:
+def _through_store(store, key: str, info: LaunchInfo, produce, timeout: float, what: str, call: str) -> bytes:
     if info.rank == 0:
-        uid = _core.nccl_unique_id()
-        store.set(key, uid)
-        return uid
+        data = bytes(produce())
+        store.set(key, data)
+        return data
     deadline = time.monotonic() + timeout
     while not store.check([key]):  # a Python loop: Ctrl-C is answered between polls
         if time.monotonic() > deadline:
-            raise RankTimeoutError(f"rank 0 did not publish the NCCL id in torchrun's store within {timeout:g} s",
-                                   rank=info.rank, call="read NCCL id")
+            raise RankTimeoutError(f"rank 0 did not publish {what} in torchrun's store within {timeout:g} s",
+                                   rank=info.rank, call=call)
         time.sleep(0.02)
     return bytes(store.get(key))
 

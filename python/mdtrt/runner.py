@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
 from . import _core
@@ -39,16 +40,30 @@ class EngineRunner:
 
     ``engine``: serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank;
     ``engines``: one per local rank instead (weight-sharded engines);
-    ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks).
+    ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks); an
+    engine program (``mdtrt.tensorrt.engine_program``) runs in one runner only, a second raises
+    :class:`mdtrt.InvalidArgumentError`.
     ``cuda_graph=True``: each rank captures the engine's enqueue into a CUDA graph the second time
     it runs on the same buffers and shapes, and replays it from then on (one launch instead of one
     per kernel, for small latency-bound engines); new buffers or shapes are run uncaptured once,
     then captured again. Pair it with ``prepare()`` or ``outputs=`` so the buffers stay the same.
+    Input shapes are set on TensorRT only when they change. When a capture fails on any rank, no
+    rank has launched anything yet: every rank runs that call without graphs, the runner stays
+    without them from then on, and one ``RuntimeWarning`` says why.
+    ``allow_host_code=True``: let TensorRT load plans carrying host code (version-compatible plans
+    that embed the lean runtime; ``IRuntime::setEngineHostCodeAllowed``). Off by default, as in
+    TensorRT: it runs code from the plan file.
+
+    The runner keeps what it runs on alive; once ``group.close()`` was called, every call raises
+    :class:`mdtrt.MdtrtError` ("the DeviceGroup was closed").
     """
+
+    _cuda_graph = False
+    _graph_warned = False
 
     def __init__(self, group: DeviceGroup, engine: Any = None, *, engines: Sequence[Any] | None = None,
                  program: Any = None, multi_device: bool = True, replication: str = "auto",
-                 sequential_bind: bool = False, cuda_graph: bool = False):
+                 sequential_bind: bool = False, cuda_graph: bool = False, allow_host_code: bool = False):
         self.group = group
         native_group = group._live()._native
         n = len(group)
@@ -67,9 +82,10 @@ class EngineRunner:
             else:
                 blob = _engine_bytes(engine)
                 blobs = [blob] * n
-            program = tensorrt.engine_program(blobs, multi_device=multi_device)
+            program = tensorrt.engine_program(blobs, multi_device=multi_device, allow_host_code=allow_host_code)
+        self.program = program
         self._native = _core.ProgramRunner(native_group, [program] * n, sequential_bind)
-        self._native.cuda_graphs = bool(cuda_graph)
+        self._native.cuda_graphs = self._cuda_graph = bool(cuda_graph)
         self._inputs = [spec for spec in self._native.input_specs(0)]
 
     @property
@@ -80,6 +96,17 @@ class EngineRunner:
     def graph_captures(self) -> list[int]:
         """Per local rank, how many CUDA graphs were captured so far (``cuda_graph=True``)."""
         return list(self._native.graph_captures)
+
+    @property
+    def graph_fallback(self) -> str:
+        """Why CUDA graphs were switched off ("" while they were not): see ``cuda_graph``."""
+        return self._native.graph_fallback
+
+    def _warn_graph_fallback(self) -> None:
+        if not self._graph_warned and self._native.graph_fallback:
+            self._graph_warned = True
+            warnings.warn(f"EngineRunner(cuda_graph=True): {self._native.graph_fallback}", RuntimeWarning,
+                          stacklevel=3)
 
     @property
     def last_replication(self) -> str:
@@ -137,6 +164,14 @@ class EngineRunner:
                     out[i][name] = describe(a, f"output '{name}'")
         call = PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
                             replication=mode, timeout=timeout, out=out)
+        if self._cuda_graph:
+            graphed = call
+
+            def call():
+                try:
+                    return graphed()
+                finally:
+                    self._warn_graph_fallback()
         if all_ranks:
             return call
         return lambda: call()[0]

@@ -1,0 +1,324 @@
+"""mdtrt's TensorRT builder path against the TensorRT test double, on CPU (CI runs these).
+
+The double (tests/tensorrt_double) implements TensorRT 11's C++ API from its headers; its plans
+are its own text format, read back here with ``trt_double.read_plan`` so every layer mdtrt asked
+for (op, reduce, root, groups, nbRanks, transposes, shapes) can be checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+import mdtrt
+import trt_double as double
+from mdtrt import _core, reference
+from mdtrt import tensorrt as mdtrt_tensorrt
+
+ROOTED = ("broadcast", "reduce", "gather", "scatter")
+REDUCING = ("all_reduce", "reduce", "reduce_scatter")
+
+
+def build(op, nb_ranks=2, shape=(4, 6), **kw):
+    kw.setdefault("progress", False)
+    return mdtrt_tensorrt.build_dist_collective_engine(op, nb_ranks=nb_ranks, shape=list(shape), **kw)
+
+
+def expected_output_shape(op, shape, group_size, nb_ranks):
+    """Output shape of the collective as the double's rule gives it: nbRanks for all_gather and
+    reduce_scatter (TensorRT's documented use of it), the group for gather and scatter."""
+    rows = shape[0]
+    if op == "all_gather":
+        rows *= nb_ranks
+    elif op == "reduce_scatter":
+        rows //= nb_ranks
+    elif op == "gather":
+        rows *= group_size
+    elif op == "scatter":
+        rows //= group_size
+    return [rows, *shape[1:]]
+
+
+def test_discovery_reports_the_double_as_full_tensorrt_11_1(trt_double):
+    lib = mdtrt_tensorrt.tensorrt_library()
+    assert os.path.realpath(lib.path) == os.path.realpath(trt_double)
+    assert lib.found_by == "MDTRT_TENSORRT_LIBRARY"
+    assert lib.version == "11.1.0" and lib.version_code == 110100
+    assert lib.lean is False
+    assert lib.header_version.startswith("11.")
+
+
+def test_build_info_names_the_headers_the_double_is_built_against(trt_double):
+    include = mdtrt.build_info()["tensorrt_include_dir"]
+    assert os.path.isfile(os.path.join(include, "NvInferImpl.h"))
+    assert double.header_dir() == os.path.abspath(include)
+
+
+@pytest.mark.parametrize("op", reference.OPERATIONS)
+@pytest.mark.parametrize("nb_ranks", [1, 2, 4])
+def test_every_op_builds_a_plan_with_its_layer(trt_double, op, nb_ranks):
+    shape = [4 * nb_ranks, 3]
+    reduce = "max" if op in REDUCING else "sum"
+    root = nb_ranks - 1 if op in ROOTED else 0
+    plan = double.read_plan(build(op, nb_ranks=nb_ranks, shape=shape, reduce=reduce, root=root))
+    assert [i["name"] for i in plan["inputs"]] == ["input"] and plan["inputs"][0]["dims"] == shape
+    assert plan["inputs"][0]["dtype"] == "FLOAT"
+    (layer,) = plan["layers"]
+    assert layer["type"] == "dist_collective" and layer["op"] == op
+    assert layer["reduce"] == (reduce if op in REDUCING else "none")
+    assert layer["root"] == (root if op in ROOTED else -1)
+    assert layer["groups"] == [] and layer["nb_ranks"] == nb_ranks
+    assert plan["ranks"] == nb_ranks and plan["ranks_exact"]
+    (out,) = plan["outputs"]
+    assert out["name"] == "output" and layer["output"] == "output"
+    assert out["dims"] == expected_output_shape(op, shape, nb_ranks, nb_ranks)
+
+
+@pytest.mark.parametrize("op", REDUCING)
+@pytest.mark.parametrize("reduce_op", reference.REDUCE_OPERATIONS)
+def test_every_reduce_op_is_recorded(trt_double, op, reduce_op):
+    plan = double.read_plan(build(op, reduce=reduce_op, root=1))
+    assert plan["layers"][0]["reduce"] == reduce_op
+
+
+@pytest.mark.parametrize("op", ROOTED)
+@pytest.mark.parametrize("root", [0, 1, 2])
+def test_every_root_is_recorded_as_a_world_rank(trt_double, op, root):
+    plan = double.read_plan(build(op, nb_ranks=3, shape=[6, 2], root=root))
+    assert plan["layers"][0]["root"] == root
+
+
+GROUPS = [[0, 1], [1, 0], [2, 0], [3, 2, 1, 0], [1, 3]]
+
+
+@pytest.mark.parametrize("op", reference.OPERATIONS)
+@pytest.mark.parametrize("groups", GROUPS, ids=lambda g: "-".join(map(str, g)))
+def test_groups_keep_their_order_and_root(trt_double, op, groups):
+    """Reversed and partial groups go into the plan as given: the order is the group-local rank."""
+    root = groups[-1] if op in ROOTED else 0
+    plan = double.read_plan(build(op, nb_ranks=4, shape=[8, 2], groups=groups, root=root))
+    layer = plan["layers"][0]
+    assert layer["groups"] == groups
+    assert layer["root"] == (root if op in ROOTED else -1)
+    # nbRanks sets all_gather's and reduce_scatter's output shape (TensorRT's documented use of it):
+    # mdtrt gives those two the group's size, every other op the world's (issue #15 item 4).
+    nb_ranks = len(groups) if op in ("all_gather", "reduce_scatter") else 4
+    assert layer["nb_ranks"] == nb_ranks and plan["ranks"] == max(nb_ranks, max(groups) + 1)
+    assert plan["outputs"][0]["dims"] == expected_output_shape(op, [8, 2], len(groups), layer["nb_ranks"])
+    assert plan["outputs"][0]["dims"] == list(_core.collective_output_shape(op, [8, 2], len(groups)))
+
+
+@pytest.mark.parametrize("op", reference.OPERATIONS)
+def test_transpose_wraps_the_layer_in_2d_transposes(trt_double, op):
+    plan = double.read_plan(build(op, nb_ranks=2, shape=[3, 8], transpose=True, root=1, dtype="float16"))
+    first, layer, last = plan["layers"]
+    assert first["type"] == last["type"] == "shuffle"
+    assert first["first_transpose"] == [1, 0] and last["first_transpose"] == [1, 0]
+    assert first["reshape"] is None and first["second_transpose"] == []
+    assert first["output"] == layer["input"] and layer["output"] == last["input"]
+    assert plan["tensors"][[t["name"] for t in plan["tensors"]].index(layer["input"])]["dims"] == [8, 3]
+    collective = expected_output_shape(op, [8, 3], 2, 2)
+    assert plan["outputs"][0]["dims"] == [collective[1], collective[0]]
+    assert all(t["dtype"] == "HALF" for t in plan["tensors"])
+
+
+@pytest.mark.parametrize("dtype,trt_name", [("float32", "FLOAT"), ("float16", "HALF"), ("bfloat16", "BF16"),
+                                            ("int32", "INT32"), ("int8", "INT8"), ("uint8", "UINT8")])
+def test_dtypes(trt_double, dtype, trt_name):
+    plan = double.read_plan(build("all_gather", dtype=dtype))
+    assert {t["dtype"] for t in plan["tensors"]} == {trt_name}
+
+
+def test_progress_is_reported_in_phases_with_steps(trt_double):
+    events = []
+
+    def progress(event, phase, parent, step, nb_steps):
+        events.append((event, phase, parent, step, nb_steps))
+        return True
+
+    build("all_reduce", progress=progress)
+    starts = [e for e in events if e[0] == "start"]
+    finishes = [e for e in events if e[0] == "finish"]
+    assert starts and sorted(e[1] for e in starts) == sorted(e[1] for e in finishes)
+    top = [e for e in starts if not e[2]]
+    assert len(top) == 1 and top[0][4] > 0
+    nested = [e for e in starts if e[2]]
+    assert nested and all(e[2] == top[0][1] for e in nested)
+    steps = [e[3] for e in events if e[0] == "step" and e[1] == top[0][1]]
+    assert steps == list(range(top[0][4]))
+    assert events[-1][0] == "finish" and events[-1][1] == top[0][1]
+
+
+def test_cancelling_the_build_fails_it(trt_double):
+    calls = []
+
+    def cancel(event, phase, parent, step, nb_steps):
+        calls.append(event)
+        return event != "step"
+
+    with pytest.raises(mdtrt.TensorRTError, match="cancelled"):
+        build("all_reduce", progress=cancel)
+    assert calls.count("step") == 1
+
+
+def test_line_progress_prints_phases(trt_double, capfd):
+    from mdtrt import _core
+
+    _core.tensorrt_build_dist_collective("all_reduce", "sum", 0, [], 2, "float32", [4, 4], False, True, 0, "")
+    err = capfd.readouterr().err
+    assert "[mdtrt] building: phase" in err and "step 1/" in err
+
+
+def test_timing_cache_is_created_then_reused(trt_double, tmp_path):
+    cache = tmp_path / "double.cache"
+    plan = double.read_plan(build("all_reduce", timing_cache=cache))
+    assert plan["builder"]["timing_cache"] is True
+    first = cache.read_bytes()
+    assert first.startswith(b"MDTRT-TENSORRT-DOUBLE-TIMING-CACHE 1")
+    build("all_gather", timing_cache=cache, transpose=True)
+    assert cache.read_bytes() != first  # read, grown by the second build, written back
+    assert double.read_plan(build("all_reduce"))["builder"]["timing_cache"] is False
+
+
+def test_a_foreign_timing_cache_is_replaced_with_a_warning(trt_double, tmp_path, caplog):
+    cache = tmp_path / "foreign.cache"
+    cache.write_bytes(b"not a cache")
+    build("all_reduce", timing_cache=cache)
+    assert cache.read_bytes().startswith(b"MDTRT-TENSORRT-DOUBLE-TIMING-CACHE 1")
+    assert any("not a timing cache of the TensorRT test double" in r.getMessage() for r in caplog.records)
+
+
+def test_workspace_limit_is_recorded(trt_double):
+    assert double.read_plan(build("all_reduce", workspace=1 << 20))["builder"]["workspace"] == 1 << 20
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"op": "all_reduce", "nb_ranks": 0}, "nb_ranks"),
+    ({"op": "scatter", "root": 5}, "root 5"),
+    ({"op": "reduce", "groups": [0, 1], "root": 2, "nb_ranks": 4}, "not a member of the group"),
+    ({"op": "all_gather", "groups": [0, 0]}, "twice"),
+    ({"op": "all_gather", "groups": [0, 7]}, "outside the world"),
+    ({"op": "reduce_scatter", "shape": [3, 2]}, "multiple of 2"),
+    ({"op": "all_to_all", "shape": [5, 2]}, "multiple of 2"),
+    ({"op": "all_reduce", "shape": [0, 2]}, "static and positive"),
+    ({"op": "all_reduce", "shape": [4, 2, 2], "transpose": True}, "2-D input"),
+    ({"op": "all_reduce", "reduce": "median"}, "median"),
+    ({"op": "all_reduce", "dtype": "float64"}, "float64"),
+    ({"op": "rotate"}, "rotate"),
+])
+def test_bad_arguments_are_refused_before_building(trt_double, kw, match):
+    calls = []
+    kw = dict(kw)
+    op = kw.pop("op")
+    with pytest.raises(mdtrt.MdtrtError, match=match) as info:
+        build(op, progress=lambda *a: calls.append(a) or True, **kw)
+    assert not isinstance(info.value, mdtrt.TensorRTError), "refused by TensorRT, not by mdtrt's own checks"
+    assert calls == [], "the builder ran"
+
+
+def test_garbage_bytes_are_refused_with_the_doubles_message(trt_double):
+    """Deserializing needs no GPU in the double, so this runs on CPU machines too."""
+    with pytest.raises(mdtrt.TensorRTError) as info:
+        mdtrt_tensorrt.check_engine(b"\x00" * 64 + b"definitely not a plan")
+    message = str(info.value)
+    assert info.value.call == "deserializeCudaEngine", message
+    assert "not a plan of the TensorRT test double" in message
+    assert "Is this a TensorRT 11 plan" in message
+
+
+def test_read_and_write_plan_round_trip(trt_double):
+    data = build("gather", nb_ranks=4, shape=[2, 3], groups=[3, 1], root=1, transpose=True)
+    plan = double.read_plan(data)
+    assert double.read_plan(double.write_plan(plan)) == plan
+    with pytest.raises(ValueError, match="not a plan of the TensorRT test double"):
+        double.read_plan(b"garbage")
+
+
+# --- the execution context's refusals, driven without a GPU (tensorrt_double/check_context.cpp) ---
+
+
+def context_check(trt_double, tmp_path, plan: bytes, *commands: str) -> list[tuple[str, str]]:
+    """Runs the double's context driver on `plan`: (result, what the double logged) per command."""
+    import subprocess
+
+    path = tmp_path / "plan"
+    path.write_bytes(plan)
+    driver = os.path.join(os.path.dirname(trt_double), "double_context_check")
+    out = subprocess.run([driver, trt_double, str(path), *commands], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    results, ran = [], []
+    for line in out.stdout.splitlines():
+        command, rest = line.split(" -> ", 1)
+        result, _, log = rest.partition(" | ")
+        results.append((result, log))
+        ran.append(command)
+    assert ran == list(commands)
+    return results
+
+
+def single_device_plan() -> bytes:
+    """x [rows, 6] (rows 1..8) -> transpose -> y [6, rows]; written directly, since mdtrt builds
+    single-device networks from ONNX and the double has no ONNX parser."""
+    return double.write_plan({
+        "tensors": [{"name": "x", "dtype": "FLOAT", "dims": [-1, 6]}, {"name": "y", "dtype": "FLOAT", "dims": [6, -1]}],
+        "inputs": [{"name": "x", "min": [1, 6], "opt": [4, 6], "max": [8, 6]}],
+        "layers": [{"type": "shuffle", "name": "t", "input": "x", "output": "y", "first_transpose": [1, 0]}],
+        "outputs": [{"name": "y"}],
+        "ranks": 0,
+    })
+
+
+def test_single_device_network_shapes_and_refusals(trt_double, tmp_path):
+    io, comm, enqueue, too_big, wrong_rank, ok, shape = context_check(
+        trt_double, tmp_path, single_device_plan(), "io", "comm-null", "enqueue", "shape:x:9,6", "shape:x:3", "shape:x:3,6",
+        "get:y")
+    assert io[0] == "x=in[-1,6] y=out[6,-1]"
+    assert comm[0] == "false" and "no multi-device layers" in comm[1]
+    assert enqueue[0] == "false"
+    assert too_big[0] == "false" and "outside the range of input 'x'" in too_big[1] and "from (1, 6) to (8, 6)" in too_big[1]
+    assert wrong_rank[0] == "false"
+    assert ok == ("true", "")
+    assert shape[0] == "[6,3]"
+
+
+@pytest.mark.parametrize("commands,message", [
+    ((), "the shape of input 'x' (-1, 6) is not set (setInputShape)"),
+    (("shape:x:2,6",), "the address of tensor 'x' is not set"),
+    (("shape:x:2,6", "address:x:0"), "the address of tensor 'y' is not set"),
+    (("shape:x:2,6", "address:x:0", "address:y:4"), "'y' is not 256-byte aligned"),
+    (("shape:x:2,6", "address:x:16", "address:y:0"), "'x' is not 256-byte aligned"),
+])
+def test_enqueue_names_what_is_missing(trt_double, tmp_path, commands, message):
+    *_, (result, log) = context_check(trt_double, tmp_path, single_device_plan(), *commands, "enqueue")
+    assert result == "false" and message in log
+
+
+def test_multi_device_plan_needs_a_communicator_before_enqueue(trt_double, tmp_path):
+    plan = build("all_gather", nb_ranks=2, shape=[2, 3])
+    io, _, _, enqueue, comm = context_check(trt_double, tmp_path, plan, "io", "address:input:0", "address:output:0",
+                                            "enqueue", "comm-null")
+    assert io[0] == "input=in[2,3] output=out[4,3]"
+    assert enqueue[0] == "false" and "no communicator" in enqueue[1] and "setCommunicator" in enqueue[1]
+    assert comm[0] == "false" and "null" in comm[1]
+
+
+def test_output_shapes_follow_the_input_shape_within_the_profile(trt_double, tmp_path):
+    plan = double.write_plan({
+        "tensors": [{"name": "input", "dtype": "HALF", "dims": [-1, 4]}, {"name": "output", "dtype": "HALF", "dims": [-1, 4]}],
+        "inputs": [{"name": "input", "min": [2, 4], "opt": [4, 4], "max": [8, 4]}],
+        "layers": [{"type": "dist_collective", "name": "rs", "input": "input", "output": "output", "nb_ranks": 2,
+                    "op": "reduce_scatter", "reduce": "sum", "root": -1, "groups": []}],
+        "outputs": [{"name": "output"}],
+        "ranks": 2,
+    })
+    unset, set6, six, set3, three, small, wide = context_check(
+        trt_double, tmp_path, plan, "get:output", "shape:input:6,4", "get:output", "shape:input:3,4", "get:output",
+        "shape:input:1,4", "shape:input:8,5")
+    assert unset[0] == "[-1,4]"
+    assert set6[0] == "true" and six[0] == "[3,4]"
+    assert set3[0] == "true"  # inside the profile: the uneven split is named when the shape is asked for
+    assert three[0] == "invalid" and "does not split into 2 equal parts" in three[1]
+    assert small[0] == "false" and wide[0] == "false"
