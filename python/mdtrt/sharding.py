@@ -293,8 +293,23 @@ def _resolve_strategy(hints: dict, strategy: str | None) -> str:
     return strategy or declared or "allgather_kv"
 
 
+def _with_polygraphy_classes(hints: dict) -> dict:
+    """polygraphy decodes each JSON object by its "polygraphy_class" field and fails obscurely on
+    an object without one; the schema position says which class it is, so fill in what is missing."""
+    hints = copy.deepcopy(hints)
+    hints.setdefault("polygraphy_class", "ShardHints")
+    hints["dist_collectives"].setdefault("polygraphy_class", "DistCollective")
+    for layer in hints["attention_layers"]:
+        layer.setdefault("polygraphy_class", "AttentionLayerHint")
+        layer.setdefault("gather_q", False)
+    for entry in [*hints["inputs"], *hints["outputs"]]:
+        entry.setdefault("polygraphy_class", "ShardTensor")
+    return hints
+
+
 def _run_polygraphy(source: onnx.ModelProto, hints: dict, verbose: bool) -> onnx.ModelProto:
     Shard, logger, graphsurgeon_logger = _import_shard_tool()
+    hints = _with_polygraphy_classes(hints)
     with tempfile.TemporaryDirectory(prefix="mdtrt-shard-") as workdir:
         source_path = os.path.join(workdir, "single_device.onnx")
         hints_path = os.path.join(workdir, "hints.json")
