@@ -42,7 +42,7 @@ import onnx
 
 from .errors import InvalidArgumentError
 
-__all__ = ["STRATEGIES", "AttentionLayer", "find_attention_layers", "rewrite", "check_collectives"]
+__all__ = ["STRATEGIES", "AttentionLayer", "find_attention_layers", "rewrite", "check_collectives", "traffic_per_rank"]
 
 #: The context-parallel strategies :func:`mdtrt.shard` knows.
 STRATEGIES = ("allgather_kv", "ulysses", "ring")
@@ -361,3 +361,26 @@ def check_collectives(model: onnx.ModelProto, layers: list[AttentionLayer], stra
                 "the model would compute each rank's attention over part of the sequence only. Check that the "
                 "hints' q names the tensor feeding the attention's first MatMul and the sequence axes are right"
             )
+
+
+def traffic_per_rank(strategy: str, *, sequence: int, batch: int, heads: int, head_dim: int, itemsize: int,
+                     ranks: int) -> dict:
+    """What one rank moves and holds for one attention layer (the inputs' scatter and the
+    outputs' gather, the same for every strategy, are not counted).
+
+    Returns
+    -------
+    dict
+        ``received_bytes``: bytes a rank receives from the others; ``kv_bytes``: bytes of K and V
+        a rank holds at once (for ``ring`` its own chunk plus one remote chunk: TensorRT may
+        schedule the broadcasts earlier and hold more, the graph never asks for more).
+    """
+    if strategy not in STRATEGIES:
+        raise InvalidArgumentError(f"strategy is {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    full = sequence * batch * heads * head_dim * itemsize  # one of Q, K, V over the whole sequence
+    share = (ranks - 1) / ranks
+    if strategy == "allgather_kv":
+        return {"received_bytes": int(2 * share * full), "kv_bytes": 2 * full}
+    if strategy == "ulysses":
+        return {"received_bytes": int(4 * share * full / ranks), "kv_bytes": 2 * full // ranks}
+    return {"received_bytes": int(2 * share * full), "kv_bytes": min(2, ranks) * 2 * full // ranks}
