@@ -127,3 +127,50 @@ def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads):
         assert kv < full_kv  # own chunk plus two blocks: never the whole K and V
     elif strategy == "allgather_kv":
         assert kv == full_kv + full_kv // ranks
+
+
+def _synthetic_results(speedup_ulysses: float, ring_kv: int, ring_passed: bool = True) -> dict:
+    def strategy(ms, kv, passed=True):
+        return {"median_ms": ms, "times_ms": [ms], "speedup": 100.0 / ms, "comm_ms": 1.2, "comm_share": 1.2 / ms,
+                "peak_bytes": [3 << 30, 3 << 30], "kv_bytes": kv, "max_abs_error": 1e-3, "max_reference": 4.0,
+                "passed": passed}
+
+    points = [{"sequence": s, "single": {"median_ms": 100.0, "times_ms": [100.0], "peak_bytes": 5 << 30,
+                                         "kv_bytes": 2 << 30},
+               "strategies": {"allgather_kv": strategy(100 / 1.8, 3 << 30),
+                              "ulysses": strategy(100 / speedup_ulysses, 1 << 30),
+                              "ring": strategy(60.0, ring_kv, ring_passed)}}
+              for s in (8192, 56320)]
+    return {"context_parallel": {"config": {"gpus": [0, 1], "heads": 32, "head_dim": 128, "batch": 1,
+                                            "iterations": 20, "ring_blocks": 4,
+                                            "strategies": ["allgather_kv", "ulysses", "ring"]},
+                                 "method": "synthetic", "points": points, "skipped": []}}
+
+
+def test_report_targets_and_section(tmp_path):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        report = importlib.import_module("report")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    good = {v["target"]: v for v in report.context_parallel_targets(_synthetic_results(1.95, 1 << 30)["context_parallel"])}
+    assert [v["met"] for v in good.values()] == [True, True, True]
+    assert "ulysses 1.95x" in next(v["value"] for t, v in good.items() if "56320" in t)
+    bad = report.context_parallel_targets(_synthetic_results(1.85, 4 << 30, ring_passed=False)["context_parallel"])
+    assert [v["met"] for v in bad] == [False, False, False]
+    assert "collectives alone" in bad[0]["why"] and "ring at 8192" in bad[2]["why"]
+    text = report.render_markdown(_synthetic_results(1.95, 1 << 30), str(tmp_path / "B.md"))
+    assert "## 5. Context-parallel attention" in text and "| 56320 | ulysses |" in text
+    assert report.context_parallel_targets(None) == []
+
+
+def test_run_all_selects_context_parallel_only_when_asked(monkeypatch, tmp_path):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        run_all = importlib.import_module("run_all")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    assert "context_parallel" not in run_all.DEFAULT_BENCHMARKS
+    args = run_all.build_parser().parse_args(["--context-parallel", "--out", str(tmp_path)])
+    cmd = run_all.bench_command("context_parallel", args, str(tmp_path / "cp.json"), 300)
+    assert cmd[1].endswith("bench_context_parallel.py") and "--timeout" in cmd
