@@ -257,6 +257,16 @@ class TestBadHints:
         with pytest.raises(InvalidArgumentError, match="reduce_op.*only \"max\" or \"min\""):
             mdtrt.shard(self.model, hints, 2)
 
+    def test_minimal_hints(self):
+        # No dist_collectives and no polygraphy_class fields: mdtrt fills in polygraphy's defaults.
+        hints = {"attention_layers": [{"q": "q_scaled", "gather_kv": True}], "k_seq_len_idx": 3, "v_seq_len_idx": 2,
+                 "kv_rank": 4, "inputs": [{"name": "input", "seq_len_idx": 0}],
+                 "outputs": [{"name": "output", "seq_len_idx": 0}]}
+        expected = mdtrt.run_on_cpu(self.model, self.inputs, progress=False)
+        for strategy in STRATEGIES:
+            outputs = simulate(mdtrt.shard(self.model, hints, 3, strategy=strategy), self.inputs, 3, progress=False)
+            assert mdtrt.compare_outputs(expected, outputs[2], atol=1e-4, rtol=1e-4).passed, strategy
+
     def test_ranks_must_match_the_hints(self):
         with pytest.raises(InvalidArgumentError, match="ranks is 4 but the hints are for 2 ranks"):
             mdtrt.shard(self.model, self.hints(2), 4)

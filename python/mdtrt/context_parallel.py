@@ -223,9 +223,16 @@ def _ulysses(builder: _Builder, tensors: dict, layer: AttentionLayer, hints: dic
 
 def _ring(builder: _Builder, tensors: dict, layer: AttentionLayer, ranks: int) -> None:
     first = next(n for n in tensors[layer.q].outputs if n.op == "MatMul" and n.inputs[0] is tensors[layer.q])
-    softmax = first.outputs[0].outputs[0]
+    softmax = next(n for n in first.outputs[0].outputs if n.op == "Softmax")
     output = tensors[layer.output]
     second = output.inputs[0]
+    for what, tensor in (("scores", first.outputs[0]), ("probabilities", softmax.outputs[0])):
+        readers = [n.name or n.op for n in tensor.outputs]
+        if len(readers) != 1:
+            raise InvalidArgumentError(
+                f"ring replaces attention layer q={layer.q!r} by chunk-wise steps, so its {what} "
+                f"({tensor.name!r}) never exist whole, but they are also read by {readers}; use ulysses or allgather_kv"
+            )
     q, k, v = first.inputs[0], first.inputs[1], second.inputs[1]
     dtype = layer.dtype
     wide = np.float32 if dtype.itemsize < 4 else dtype.type

@@ -142,9 +142,10 @@ def _check_hints(hints: dict, strategy: str) -> None:
     for layer in layers:
         if not isinstance(layer, dict) or not isinstance(layer.get("q"), str):
             raise _hint_error("attention_layers", f"has entry {layer!r} without a q tensor name")
-        if strategy == "allgather_kv" and not layer.get("gather_kv", False):
+        if strategy == "allgather_kv" and layer.get("gather_kv") is not True:
             raise InvalidArgumentError(
-                f"attention layer q={layer['q']!r} has gather_kv false: with the allgather_kv strategy each "
+                f"attention layer q={layer['q']!r} has gather_kv {json.dumps(layer.get('gather_kv'))}: with the "
+                "allgather_kv strategy each "
                 "rank would attend to its own part of the sequence only; set \"gather_kv\": true"
             )
         if strategy != "allgather_kv" and layer.get("gather_q", False):
@@ -152,10 +153,12 @@ def _check_hints(hints: dict, strategy: str) -> None:
                 f"attention layer q={layer['q']!r} has gather_q true, which {strategy} does not use (Q stays "
                 "sharded); set \"gather_q\": false"
             )
-    collectives = hints.get("dist_collectives")
+    collectives = hints.setdefault("dist_collectives", {})
     if not isinstance(collectives, dict):
         raise _hint_error("dist_collectives", f"is {collectives!r}")
-    reduce_op = collectives.get("reduce_op", "max")
+    for key, default in (("group_size", 0), ("root", -1), ("groups", []), ("reduce_op", "max")):
+        collectives.setdefault(key, default)
+    reduce_op = collectives["reduce_op"]
     if reduce_op not in _SCATTER_REDUCE_OPS:
         raise InvalidArgumentError(
             f"hints field 'dist_collectives.reduce_op' is {reduce_op!r}: it is the reduction of the inputs' "
@@ -298,6 +301,7 @@ def _with_polygraphy_classes(hints: dict) -> dict:
     an object without one; the schema position says which class it is, so fill in what is missing."""
     hints = copy.deepcopy(hints)
     hints.setdefault("polygraphy_class", "ShardHints")
+    hints.setdefault("parallelism", "CP")
     hints["dist_collectives"].setdefault("polygraphy_class", "DistCollective")
     for layer in hints["attention_layers"]:
         layer.setdefault("polygraphy_class", "AttentionLayerHint")
