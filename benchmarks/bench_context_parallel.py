@@ -15,9 +15,10 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   heads-chunk-major, as the projection that writes it can do for free), attention over the whole
   sequence for ``H/N`` heads, one copy of the output into the send layout, all_to_all back.
 - ring: as mdtrt's ONNX ring: K/V blocks broadcast from each root in turn (``--ring-blocks``
-  blocks per rank's chunk, double-buffered), each folded into a float32 online softmax with the
-  log-sum-exp flash attention returns; a block's broadcast overlaps the previous block's attention
-  (which runs on a second stream). The rank's own chunk is attended while the first block travels.
+  blocks per rank's chunk, roots interleaved, double-buffered), each folded into a float32 online
+  softmax with the log-sum-exp flash attention returns; the broadcasts overlap the attention of
+  earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
+  first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V.
 
     python benchmarks/bench_context_parallel.py --out results/context_parallel.json
     python benchmarks/bench_context_parallel.py --smoke          # tiny sizes: does it run?
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 20, quick 8, smoke 3)")
-    p.add_argument("--ring-blocks", type=int, default=4,
-                   help="blocks per rank's K/V chunk in the ring (more: less K/V memory, more steps; default 4)")
+    p.add_argument("--ring-blocks", type=int, default=2,
+                   help="blocks per rank's K/V chunk in the ring (more: less K/V memory, more merge steps; default 2)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default 240)")
     return p
 
@@ -238,6 +239,12 @@ class Ulysses(Strategy):
 
 
 class Ring(Strategy):
+    """Blocks of every rank's K/V chunk broadcast in turn, roots interleaved block by block
+    ((root 0, block 0), (root 1, block 0), ..., (root 0, block 1), ...), so that every rank gets
+    work early. Each rank receives into two alternating buffers (the attention of the block before
+    reads the other one), the root into a third one (its own block needs no attention), so a
+    broadcast only waits for the attention that read its buffer two blocks earlier."""
+
     def __init__(self, torch, group, st, blocks: int):
         super().__init__(torch, group, st)
         self.blocks = blocks
@@ -247,56 +254,65 @@ class Ring(Strategy):
             q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
             self.q.append(st.heads_view(q))
             self.kv_own.append(torch.stack([k, v], dim=1))  # (S/N, 2, B, H, D)
+            # Slots 0 and 1 alternate for received blocks; slot 2 takes the root's own block.
             self.recv.append([torch.empty((rows, 2, st.b, st.h, st.d), dtype=torch.float16, device=device(gpu))
-                              for _ in range(2)])
+                              for _ in range(3)])
             self.streams.append(torch.cuda.Stream(device=device(gpu)))
-        # One prepared broadcast per (root, block, buffer slot): every rank passes its own block b
-        # (only the root's is read); every rank receives into its slot buffer.
-        self.order = [(root, b) for root in range(st.n) for b in range(blocks)]
-        self.calls = {}
-        for index, (root, b) in enumerate(self.order):
-            slot = index % 2
-            inputs = [own[b * rows:(b + 1) * rows] for own in self.kv_own]
-            self.calls[index] = group.prepare_collective("broadcast", inputs, root=root,  # a world rank
-                                                         out=[bufs[slot] for bufs in self.recv])
+        self.order = [(root, b) for b in range(blocks) for root in range(st.n)]
+        received = [0] * st.n
+        self.slots, self.calls = [], []
+        for root, b in self.order:
+            slots = []
+            for r in range(st.n):
+                if r == root:
+                    slots.append(2)
+                else:
+                    slots.append(received[r] % 2)
+                    received[r] += 1
+            self.slots.append(slots)
+            inputs = [own[b * rows:(b + 1) * rows] for own in self.kv_own]  # only the root's is read
+            self.calls.append(group.prepare_collective("broadcast", inputs, root=root,  # a world rank
+                                                       out=[bufs[slot] for bufs, slot in zip(self.recv, slots)]))
         self.kv_tensors = self.kv_own + [b for bufs in self.recv for b in bufs]
         self.acc = [None] * st.n
         self.lse = [None] * st.n
 
     def comm(self):
-        for index in range(len(self.order)):
-            self.calls[index]()
+        for call in self.calls:
+            call()
 
     def _fold(self, r, k, v):
+        """Merge attention over one K/V block into rank r's float32 output by log-sum-exp."""
         torch = self.torch
         out, lse = attention_with_lse(torch, self.q[r], k, v)
         if self.acc[r] is None:
             self.acc[r], self.lse[r] = out.float(), lse
             return
         new = torch.logaddexp(self.lse[r], lse)
-        self.acc[r].mul_(torch.exp(self.lse[r] - new).unsqueeze(-1)).add_(
-            out.float() * torch.exp(lse - new).unsqueeze(-1))
+        self.acc[r].mul_(torch.exp(self.lse[r] - new).unsqueeze(-1))
+        self.acc[r].addcmul_(out, torch.exp(lse - new).unsqueeze(-1))  # no float32 copy of out
         self.lse[r] = new
 
     def run(self):
         torch, st = self.torch, self.st
-        done = [[None, None] for _ in st.gpus]
+        done = [[None, None, None] for _ in st.gpus]
         self.acc, self.lse = [None] * st.n, [None] * st.n
         for r, gpu in enumerate(st.gpus):
             stream = self.streams[r]
             stream.wait_stream(torch.cuda.current_stream(gpu))
             with torch.cuda.device(gpu), torch.cuda.stream(stream):
                 kv = self.kv_own[r]
-                self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))  # own chunk, while block 0 travels
+                self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))  # own chunk, while blocks travel
         for index, (root, _) in enumerate(self.order):
-            slot = index % 2
             for r, gpu in enumerate(st.gpus):
-                if done[r][slot] is not None:  # the attention that read this buffer two steps ago
-                    torch.cuda.current_stream(gpu).wait_event(done[r][slot])
+                event = done[r][self.slots[index][r]]
+                if event is not None:  # the attention that read this buffer two blocks ago
+                    torch.cuda.current_stream(gpu).wait_event(event)
             self.calls[index]()  # returns when the block arrived on every GPU
             for r, gpu in enumerate(st.gpus):
                 if r == root:
-                    continue  # its own block, already attended
+                    continue  # its own block, attended with the whole own chunk
+                slot = self.slots[index][r]
                 with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                     kv = self.recv[r][slot]
                     self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))

@@ -123,10 +123,12 @@ def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads):
     assert not bench.compare(torch, reference, wrong, st)["passed"]
     full_kv = 2 * 16 * 2 * heads * 8 * 4
     kv = run.kv_bytes()
+    allgather_kv = full_kv + full_kv // ranks  # its own chunk and the gathered whole
     if strategy == "ring":
-        assert kv < full_kv  # own chunk plus two blocks: never the whole K and V
+        blocks = args.ring_blocks
+        assert kv == full_kv // ranks + 3 * full_kv // (ranks * blocks) < allgather_kv
     elif strategy == "allgather_kv":
-        assert kv == full_kv + full_kv // ranks
+        assert kv == allgather_kv
 
 
 def _synthetic_results(speedup_ulysses: float, ring_kv: int, ring_passed: bool = True) -> dict:
