@@ -176,3 +176,23 @@ def test_run_all_selects_context_parallel_only_when_asked(monkeypatch, tmp_path)
     args = run_all.build_parser().parse_args(["--context-parallel", "--out", str(tmp_path)])
     cmd = run_all.bench_command("context_parallel", args, str(tmp_path / "cp.json"), 300)
     assert cmd[1].endswith("bench_context_parallel.py") and "--timeout" in cmd
+
+
+@pytest.mark.multi_gpu
+def test_smoke_run_on_gpus(tmp_path):  # pragma: no cover - needs 2 GPUs and torch
+    pytest.importorskip("torch")
+    out = tmp_path / "cp.json"
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "bench_context_parallel.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    result = json.loads(out.read_text())
+    assert [p["sequence"] for p in result["points"]] == [256, 512]
+    for point in result["points"]:
+        for name in ("allgather_kv", "ulysses", "ring"):
+            s = point["strategies"][name]
+            assert s.get("passed"), (point["sequence"], name, s)
+            assert s["median_ms"] > 0 and 0 < s["comm_share"] and len(s["peak_bytes"]) == 2
+        assert point["strategies"]["ring"]["kv_bytes"] < point["strategies"]["allgather_kv"]["kv_bytes"]
