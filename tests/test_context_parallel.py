@@ -257,6 +257,14 @@ class TestBadHints:
         with pytest.raises(InvalidArgumentError, match="reduce_op.*only \"max\" or \"min\""):
             mdtrt.shard(self.model, hints, 2)
 
+    def test_polygraphy_failure_is_reported_once(self, capfd):
+        hints = self.hints(2)
+        hints["inputs"][0]["polygraphy_class"] = "NotAClass"
+        with pytest.raises(InvalidArgumentError, match="polygraphy multi-device shard failed: .*NotAClass") as caught:
+            mdtrt.shard(self.model, hints, 2)
+        out, err = capfd.readouterr()
+        assert "NotAClass" not in out + err and str(caught.value).count("NotAClass") == 1
+
     def test_minimal_hints(self):
         # No dist_collectives and no polygraphy_class fields: mdtrt fills in polygraphy's defaults.
         hints = {"attention_layers": [{"q": "q_scaled", "gather_kv": True}], "k_seq_len_idx": 3, "v_seq_len_idx": 2,
