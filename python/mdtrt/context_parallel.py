@@ -27,6 +27,12 @@ rank's queries get to see the keys and values of the whole sequence:
     step is one root sending to all, which on more than two ranks uses the links less evenly than
     a ring pass would (an all_to_all rotation would send ``N-1`` times more bytes, mostly zeros).
 
+    The online softmax is written with elementary ONNX ops (MatMul, ReduceMax, Exp, ReduceSum),
+    which TensorRT does not fuse into its flash-attention kernel as it does the plain
+    MatMul -> Softmax -> MatMul chain: each step materialises its ``(S/N) x (S/N)`` float32
+    scores per head. Ring therefore bounds K/V memory, not the scores' memory; at long sequences
+    on few ranks ulysses or allgather_kv (fused attention) are the faster and smaller choice.
+
 The graph rewriting uses onnx-graphsurgeon; the ``DistCollective`` nodes carry the attributes
 polygraphy writes (``collective_operation``, ``reduce_op``, ``root``, ``nb_rank``,
 ``group_size``, ``groups``, default ONNX domain), which is what TensorRT's ONNX parser and
