@@ -195,6 +195,7 @@ def test_cli_strategies(strategy, capsys):
     out = capsys.readouterr().out
     assert f"strategy {strategy}" in out and "PASSED" in out
     assert f"{strategy}: per rank and attention layer, receives" in out
+    assert ("MiB of float32 scores" in out) == (strategy == "ring")
 
 
 def _one_line_error(capsys, expected: str):

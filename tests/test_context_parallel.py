@@ -324,3 +324,20 @@ def test_layer_left_without_its_collectives_is_refused(monkeypatch, strategy):
         missing = "an all_to_all of Q" if strategy == "ulysses" else "a broadcast of K"
     with pytest.raises(InvalidArgumentError, match=f"{strategy} left attention layer q='q_scaled' without {missing}"):
         mdtrt.shard(model, hints(2), 2, strategy=strategy)
+
+
+def test_traffic_per_rank_formulas():
+    from mdtrt.context_parallel import traffic_per_rank
+
+    sizes = dict(sequence=56320, batch=1, heads=32, head_dim=128, itemsize=2)
+    full = 56320 * 32 * 128 * 2  # one of Q, K, V over the whole sequence, float16
+    for ranks in (2, 4, 8):
+        gather = traffic_per_rank("allgather_kv", ranks=ranks, **sizes)
+        ulysses = traffic_per_rank("ulysses", ranks=ranks, **sizes)
+        ring = traffic_per_rank("ring", ranks=ranks, **sizes)
+        assert gather["received_bytes"] == ring["received_bytes"] == 2 * full * (ranks - 1) // ranks
+        assert ulysses["received_bytes"] * ranks == 2 * gather["received_bytes"]  # 2/N of allgather_kv's
+        assert gather["kv_bytes"] == 2 * full and ulysses["kv_bytes"] == 2 * full // ranks
+        assert ring["kv_bytes"] == 4 * full // ranks and ring["scores_bytes"] == 32 * (56320 // ranks) ** 2 * 4
+    with pytest.raises(InvalidArgumentError, match="expected one of"):
+        traffic_per_rank("tree", ranks=2, **sizes)

@@ -234,6 +234,9 @@ def _print_traffic(config: attention.AttentionConfig, strategy: str, ranks: int,
     _say(f"{strategy}: per rank and attention layer, receives {traffic['received_bytes'] / _MiB:.2f} MiB, holds "
          f"{traffic['kv_bytes'] / _MiB:.2f} MiB of K and V (single device: "
          f"{traffic_per_rank('allgather_kv', **dict(sizes, ranks=1))['kv_bytes'] / _MiB:.2f} MiB)")
+    if traffic["scores_bytes"]:
+        _say(f"{strategy}: each step also holds {traffic['scores_bytes'] / _MiB:.2f} MiB of float32 scores (TensorRT does "
+             "not fuse the online softmax into flash attention); ulysses or allgather_kv avoid them")
 
 
 def _run(args) -> int:

@@ -386,14 +386,18 @@ def traffic_per_rank(strategy: str, *, sequence: int, batch: int, heads: int, he
     dict
         ``received_bytes``: bytes a rank receives from the others; ``kv_bytes``: bytes of K and V
         a rank holds at once (for ``ring`` its own chunk plus one remote chunk: TensorRT may
-        schedule the broadcasts earlier and hold more, the graph never asks for more).
+        schedule the broadcasts earlier and hold more, the graph never asks for more);
+        ``scores_bytes``: float32 attention scores one step materialises (``ring`` only: the other
+        strategies keep the MatMul -> Softmax -> MatMul chain TensorRT fuses).
     """
     if strategy not in STRATEGIES:
         raise InvalidArgumentError(f"strategy is {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     full = sequence * batch * heads * head_dim * itemsize  # one of Q, K, V over the whole sequence
     share = (ranks - 1) / ranks
     if strategy == "allgather_kv":
-        return {"received_bytes": int(2 * share * full), "kv_bytes": 2 * full}
+        return {"received_bytes": int(2 * share * full), "kv_bytes": 2 * full, "scores_bytes": 0}
     if strategy == "ulysses":
-        return {"received_bytes": int(4 * share * full / ranks), "kv_bytes": 2 * full // ranks}
-    return {"received_bytes": int(2 * share * full), "kv_bytes": min(2, ranks) * 2 * full // ranks}
+        return {"received_bytes": int(4 * share * full / ranks), "kv_bytes": 2 * full // ranks, "scores_bytes": 0}
+    rows = sequence // ranks
+    return {"received_bytes": int(2 * share * full), "kv_bytes": min(2, ranks) * 2 * full // ranks,
+            "scores_bytes": batch * heads * rows * rows * 4}
