@@ -20,7 +20,7 @@ from onnx import numpy_helper  # noqa: E402
 import mdtrt  # noqa: E402
 from mdtrt import attention, attention_cli  # noqa: E402
 from mdtrt.sharding import shard  # noqa: E402
-from mdtrt.simulate import compare_outputs, run_on_cpu, simulate  # noqa: E402
+from mdtrt import compare_outputs, run_on_cpu, simulate  # noqa: E402
 
 SMALL = attention.AttentionConfig(hidden=48, heads=4, head_dim=8, dtype="float32", seed=3)
 F32_ATOL, F32_RTOL = attention.TOLERANCES["float32"]

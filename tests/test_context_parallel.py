@@ -15,16 +15,8 @@ gs = pytest.importorskip("onnx_graphsurgeon")
 pytest.importorskip("polygraphy")
 
 import mdtrt  # noqa: E402
-from mdtrt import attention, sharding  # noqa: E402
+from mdtrt import attention, sharding, simulate  # noqa: E402
 from mdtrt.errors import InvalidArgumentError  # noqa: E402
-
-
-
-def simulate(*args, **kwargs):
-    # Until #17 item 12 lands, the package attribute can be the submodule after its first import.
-    function = mdtrt.simulate
-    return (function if callable(function) else function.simulate)(*args, **kwargs)
-
 
 STRATEGIES = ("allgather_kv", "ulysses", "ring")
 HEADS = 6  # divisible by 2 and 3, not by 4: ulysses runs on 2 and 3 ranks and refuses 4
@@ -297,7 +289,7 @@ class TestBadHints:
         broken.write_text("{ not json")
         with pytest.raises(InvalidArgumentError, match="not valid JSON"):
             mdtrt.shard(self.model, str(broken), 2)
-        with pytest.raises(InvalidArgumentError, match="model: ONNX file .* does not exist"):
+        with pytest.raises(InvalidArgumentError, match="model: no ONNX model at .* does not exist"):
             mdtrt.shard(str(tmp_path / "missing.onnx"), self.hints(2), 2)
         with pytest.raises(InvalidArgumentError, match="ranks must be a positive integer"):
             mdtrt.shard(self.model, self.hints(2), 0)

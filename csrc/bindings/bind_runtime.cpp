@@ -81,16 +81,21 @@ void bind_runtime(py::module_& m) {
 
   m.def(
       "exchange_unique_id_via_file",
-      [](const std::string& path, int rank, double timeout) {
+      [](const std::string& path, int rank, double timeout, const std::string& run_token) {
         nccl::UniqueId id{};
         {
           py::gil_scoped_release release;
-          id = exchange_unique_id_via_file(path, rank, Deadline::after_seconds(timeout));
+          id = exchange_unique_id_via_file(path, rank, Deadline::after_seconds(timeout), run_token);
         }
         return py::bytes(id.internal, sizeof(id.internal));
       },
-      py::arg("path"), py::arg("rank"), py::arg("timeout"),
-      "Rank 0 writes a new NCCL unique id to `path` (refusing a stale file); other ranks wait for it.");
+      py::arg("path"), py::arg("rank"), py::arg("timeout"), py::arg("run_token") = "",
+      "Rank 0 writes a new NCCL unique id to `path` (replacing an earlier run's file); other ranks wait for "
+      "this run's id (`run_token`: the launcher's run id, or empty).");
+  m.def(
+      "remove_unique_id_file",
+      [](const std::string& path, const py::bytes& id) { remove_unique_id_file(path, unique_id_from_bytes(id)); },
+      py::arg("path"), py::arg("unique_id"), "Removes the id file when it still holds `unique_id`.");
 
   py::class_<DeviceGroup, std::shared_ptr<DeviceGroup>>(m, "DeviceGroup")
       .def_static(

@@ -245,13 +245,6 @@ def build_models(config: AttentionConfig, hints, ranks: int, *, strategy: str | 
     return single, multi
 
 
-def _simulate_function():
-    # Until #17 item 12 lands, the package attribute can be the submodule after its first import.
-    from . import simulate as found
-
-    return found if callable(found) else found.simulate
-
-
 def verify_on_cpu(
     config: AttentionConfig,
     *,
@@ -271,14 +264,14 @@ def verify_on_cpu(
     Returns
     -------
     tuple
-        The :class:`~mdtrt.simulate.ComparisonReport` of the worst rank, and that rank.
+        The :class:`~mdtrt._simulate.ComparisonReport` of the worst rank, and that rank.
 
     Raises
     ------
     InvalidArgumentError
         Bad hints or sizes (from :func:`mdtrt.shard` and :func:`mdtrt.simulate`).
     """
-    from .simulate import compare_outputs, run_on_cpu
+    from . import compare_outputs, run_on_cpu, simulate  # the public functions
 
     hints = default_hints(ranks) if hints is None else hints
     atol, rtol = tolerance or TOLERANCES[config.dtype]
@@ -290,7 +283,7 @@ def verify_on_cpu(
     expected = run_on_cpu(single, inputs, progress=progress)
     say(f"single-device run on the CPU: {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    per_rank = _simulate_function()(multi, inputs, ranks, progress=progress)
+    per_rank = simulate(multi, inputs, ranks, progress=progress)
     say(f"{ranks} simulated ranks on the CPU: {time.perf_counter() - start:.1f} s")
     reports = [compare_outputs(expected, outputs, atol=atol, rtol=rtol) for outputs in per_rank]
     worst = max(range(ranks), key=lambda r: (not reports[r].passed, max(o.max_abs_error for o in reports[r].outputs)))

@@ -120,7 +120,7 @@ def _time_on_device(runner, inputs: dict, gpus: list[int], iterations: int, torc
 def _gpu_run(args, config: attention.AttentionConfig, hints, ranks: int, strategy: str | None) -> int:
     from .device_group import DeviceGroup
     from .runner import EngineRunner
-    from .simulate import compare_outputs
+    from . import compare_outputs  # the public function
 
     sequence = args.sequence_length or GPU_DEFAULT_SEQUENCE_LENGTH
     if sequence % ranks:

@@ -97,9 +97,13 @@ def find_attention_layers(model: onnx.ModelProto, q_names: list[str], kv_rank: i
         axis that feeds a second ``MatMul`` (the pattern polygraphy matches too).
     """
     consumers = _consumers(model)
-    inferred = onnx.shape_inference.infer_shapes(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except ValueError:  # past protobuf's 2 GiB: the types of Q come from the graph input instead
+        inferred = model
     types = {v.name: v.type.tensor_type for v in [*inferred.graph.value_info, *inferred.graph.input,
                                                    *inferred.graph.output]}
+    first_input = next((v.type.tensor_type.elem_type for v in model.graph.input), 0)
     layers = []
     for q in q_names:
         uses = consumers.get(q, [])
@@ -124,8 +128,8 @@ def find_attention_layers(model: onnx.ModelProto, q_names: list[str], kv_rank: i
                 f"softmax over the key axis, the last one (-1 or {kv_rank - 1})"
             )
         q_type = types.get(q)
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(q_type.elem_type)) if q_type and q_type.elem_type \
-            else np.dtype(np.float32)
+        elem_type = q_type.elem_type if q_type is not None and q_type.elem_type else first_input
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type or onnx.TensorProto.FLOAT))
         heads = None
         if q_type is not None and q_type.HasField("shape") and len(q_type.shape.dim) == kv_rank and kv_rank >= 3:
             dim = q_type.shape.dim[kv_rank - 3]

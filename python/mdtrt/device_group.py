@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from . import _core
 from .arrays import ArrayRef, describe, host_output, wrap_device_output
 from .errors import InvalidArgumentError
-from .launch import detect_launch, exchange_unique_id
+from .launch import choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
 
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter")
@@ -52,24 +52,50 @@ class DeviceGroup:
 
     @classmethod
     def from_env(cls, *, timeout: float = 60.0, gpu: int | None = None, id_file: str | None = None) -> "DeviceGroup":
-        """This process's rank of a world started by mpirun, srun, torchrun or NVIDIA's
-        TRT_MY_RANK/TRT_WORLD_SIZE convention. The GPU is ``gpu``, else the local rank, else the
-        rank modulo the number of visible GPUs."""
+        """This process's rank of a world started by a launcher, one process per GPU.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds every blocking step (the id exchange, NCCL set-up, later calls) may wait.
+        gpu : int, optional
+            This process's CUDA device. Default: device 0 when the process sees one GPU (per-rank
+            ``CUDA_VISIBLE_DEVICES``, SLURM's ``--gpus-per-task=1``), else the local rank, else the
+            rank modulo the number of visible GPUs.
+        id_file : str, optional
+            A file every rank can read, to share the NCCL id through (default ``TRT_NCCL_ID_FILE``;
+            without either, mpi4py under MPI launchers and torch.distributed's store under torchrun).
+
+        The launcher is the innermost one whose variables are set: NVIDIA's
+        TRT_MY_RANK/TRT_WORLD_SIZE, torchrun, Open MPI, MPICH/Intel MPI, MVAPICH, SLURM (see
+        :mod:`mdtrt.launch`). An application's torch.distributed process groups are left alone.
+
+        Raises
+        ------
+        InvalidArgumentError
+            No launcher, contradicting launchers, a GPU layout that cannot work (raised on every rank
+            before any waits), or no way to share the NCCL id.
+        RankTimeoutError
+            A rank did not arrive within ``timeout``.
+        KeyboardInterrupt
+            Ctrl-C while waiting; the communicators are aborted.
+        """
         info = detect_launch()
         if info is None:
             raise InvalidArgumentError(
-                "no launcher found in the environment (TRT_MY_RANK/TRT_WORLD_SIZE, OMPI_COMM_WORLD_RANK, "
-                "SLURM_PROCID or RANK/WORLD_SIZE): start one process per GPU with a launcher, or use "
-                "DeviceGroup(gpus=[...]) for all GPUs in one process")
+                "no launcher found in the environment (TRT_MY_RANK/TRT_WORLD_SIZE, RANK/WORLD_SIZE of torchrun, "
+                "OMPI_COMM_WORLD_RANK, PMI_RANK, MV2_COMM_WORLD_RANK or SLURM_PROCID): start one process per GPU "
+                "with a launcher, or use DeviceGroup(gpus=[...]) for all GPUs in one process")
         nccl_library()
-        if gpu is None:
-            count = _core.visible_gpu_count()
-            if count == 0:
-                raise InvalidArgumentError("no CUDA GPU is visible (run `python -m mdtrt doctor`)")
-            gpu = info.local_rank if info.local_rank is not None else info.rank % count
+        device = choose_device(info, _core.visible_gpu_count(), gpu)
         uid = exchange_unique_id(info, timeout=timeout, id_file=id_file)
+        try:
+            native = _core.DeviceGroup.create_member([device], [info.rank], info.world_size, uid, float(timeout))
+        finally:
+            # Joined or failed: either way no later run may find this run's id.
+            release_id_file(info, uid, id_file)
         self = cls.__new__(cls)
-        self._native = _core.DeviceGroup.create_member([int(gpu)], [info.rank], info.world_size, uid, float(timeout))
+        self._native = native
         self._runners = OrderedDict()
         return self
 

@@ -17,7 +17,6 @@ attention layer the hints name got the collectives its strategy needs.
 from __future__ import annotations
 
 import copy
-import heapq
 import json
 import os
 import tempfile
@@ -28,6 +27,7 @@ import onnx
 
 from .context_parallel import STRATEGIES, check_collectives, find_attention_layers, rewrite
 from .errors import InvalidArgumentError
+from .onnx_graph import load_model, save_model, too_large_to_serialize, toposort_nodes
 
 __all__ = ["shard", "load_hints", "toposort_nodes", "STRATEGIES", "HINT_FIELDS"]
 
@@ -91,16 +91,6 @@ def load_hints(hints: Mapping[str, Any] | str | os.PathLike) -> dict:
     raise InvalidArgumentError(
         f"hints must be a dict, a JSON file path or JSON text, got {type(hints).__name__}"
     )
-
-
-def _load_model(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        if not Path(model).is_file():
-            raise InvalidArgumentError(f"model: ONNX file {model} does not exist")
-        return onnx.load(str(model))
-    raise InvalidArgumentError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
 
 
 def _is_int(value) -> bool:
@@ -187,38 +177,6 @@ def _check_hints_against_model(hints: dict, model: onnx.ModelProto) -> None:
                 f"attention layer hint q={layer.get('q')!r} names no tensor of the model; it must be "
                 "the Q tensor feeding the attention's first MatMul"
             )
-
-
-def toposort_nodes(graph: onnx.GraphProto) -> None:
-    """Sort ``graph.node`` in place into a topological order (stable: ready nodes keep their
-    relative order). ``polygraphy multi-device shard`` appends the nodes it inserts at the end
-    of the list, which onnxruntime and TensorRT's parser refuse."""
-    nodes = list(graph.node)
-    producer = {name: index for index, node in enumerate(nodes) for name in node.output if name}
-    waiting_on = [
-        {producer[name] for name in node.input if name in producer and producer[name] != index}
-        for index, node in enumerate(nodes)
-    ]
-    consumers: dict[int, list[int]] = {index: [] for index in range(len(nodes))}
-    for index, needs in enumerate(waiting_on):
-        for need in needs:
-            consumers[need].append(index)
-    ready = [index for index, needs in enumerate(waiting_on) if not needs]
-    order = []
-    heapq.heapify(ready)
-    while ready:
-        index = heapq.heappop(ready)
-        order.append(index)
-        for consumer in consumers[index]:
-            waiting_on[consumer].discard(index)
-            if not waiting_on[consumer]:
-                heapq.heappush(ready, consumer)
-    if len(order) != len(nodes):
-        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if i not in set(order)]
-        raise InvalidArgumentError(f"the graph has a cycle through nodes {stuck[:5]}")
-    if order != list(range(len(nodes))):
-        del graph.node[:]
-        graph.node.extend(nodes[i] for i in order)
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -318,13 +276,15 @@ def _run_polygraphy(source: onnx.ModelProto, hints: dict, verbose: bool) -> onnx
         source_path = os.path.join(workdir, "single_device.onnx")
         hints_path = os.path.join(workdir, "hints.json")
         sharded_path = os.path.join(workdir, "multi_device.onnx")
-        onnx.save(source, source_path)
+        save_model(source, source_path)
         with open(hints_path, "w") as file:
             json.dump(hints, file)
 
         tool = Shard()
         parser = tool.setup_parser()
-        args = parser.parse_args([source_path, "-s", hints_path, "-o", sharded_path])
+        # Past protobuf's 2 GiB the sharded model's weights go to a data file beside it.
+        large = ["--external-data-path", "multi_device.onnx.data"] if too_large_to_serialize(source) else []
+        args = parser.parse_args([source_path, "-s", hints_path, "-o", sharded_path, *large])
         # Both loggers print every pattern-matching step at INFO, and polygraphy prints a critical
         # message before raising it: silent unless asked, the exception below carries the message once.
         saved_severity = graphsurgeon_logger.severity
@@ -390,7 +350,7 @@ def shard(
     strategy = _resolve_strategy(hint_dict, strategy)
     _check_hints(hint_dict, strategy)
     ranks = _resolve_ranks(hint_dict, ranks)
-    source = _load_model(model)
+    source = load_model(model)
     _check_hints_against_model(hint_dict, source)
     layers = find_attention_layers(source, [layer["q"] for layer in hint_dict["attention_layers"]],
                                    hint_dict["kv_rank"])

@@ -3,9 +3,11 @@
 // every rank, checks each rank's output against a host reference, and optionally times it.
 #include <glob.h>
 #include <limits.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
@@ -22,6 +24,7 @@
 
 #include "backend.h"
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "host_reference.h"
 #include "nccl/communicator.h"
 #include "nccl/nccl_library.h"
@@ -320,7 +323,15 @@ int run(Options& o) {
                                                        mdtrt::Deadline::after_seconds(o.timeout_seconds));
     if (o.my_rank == 0) info("Rank 0 - Generated NCCL ID and wrote to file: " + o.nccl_id_file);
     else info("Rank " + std::to_string(o.my_rank) + " - Read NCCL ID from file: " + o.nccl_id_file);
-    group = mdtrt::DeviceGroup::create_member(devices, ranks, o.world_size, id, o.timeout_seconds);
+    try {
+      group = mdtrt::DeviceGroup::create_member(devices, ranks, o.world_size, id, o.timeout_seconds);
+    } catch (...) {
+      // A failed rank 0 leaves no id behind for the next run to trip over.
+      if (o.my_rank == 0) mdtrt::remove_unique_id_file(o.nccl_id_file, id);
+      throw;
+    }
+    // Every rank joined the communicator, so every rank has read the id: the file has done its job.
+    if (o.my_rank == 0) mdtrt::remove_unique_id_file(o.nccl_id_file, id);
   }
   const int n_local = group->num_local_ranks();
   {
@@ -462,6 +473,20 @@ std::map<std::string, std::string> launcher_env() {
   return env;
 }
 
+// Ctrl-C / kill: the handler only records the signal; every wait of the core polls it (through
+// mdtrt::set_interrupt_check), aborts what it waited for and throws kInterrupted.
+std::atomic<int> g_signal{0};
+
+extern "C" void on_stop_signal(int signal_number) { g_signal.store(signal_number); }
+
+void handle_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  for (int s : {SIGINT, SIGTERM}) sigaction(s, &action, nullptr);
+  mdtrt::set_interrupt_check([] { return g_signal.load() != 0; });
+}
+
 }  // namespace
 }  // namespace sample_dc
 
@@ -469,6 +494,7 @@ int main(int argc, char** argv) {
   using namespace sample_dc;
   // NVLink multicast can take shared GPUs out of service; keep it off unless the user decided.
   ::setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+  handle_stop_signals();
 
   const std::string program = argc > 0 ? argv[0] : "sample_dist_collective";
   Options options;
@@ -495,6 +521,11 @@ int main(int argc, char** argv) {
     error("run " + program + " --help for every option and both launch styles");
     return kExitUsage;
   } catch (const mdtrt::Error& e) {
+    if (e.kind() == mdtrt::ErrorKind::kInterrupted || g_signal.load() != 0) {
+      const int s = g_signal.load() != 0 ? g_signal.load() : SIGINT;
+      error(who + "stopped by " + (s == SIGTERM ? "SIGTERM" : "SIGINT") + ": " + e.what());
+      return 128 + s;  // the shell's convention for a process ended by a signal
+    }
     error(who + e.what());
     return kExitSetup;
   } catch (const std::exception& e) {
