@@ -278,4 +278,7 @@ def test_gpu_run(strategy, capsys):  # pragma: no cover - needs GPUs and TensorR
                                "--iterations", "5", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "CUDA events around each call on device-resident" in out and "speedup" in out
+    import importlib.util
+
+    timed_on_device = importlib.util.find_spec("torch") is not None  # CUDA events come from torch
+    assert ("CUDA events around each call on device-resident" in out) == timed_on_device and "speedup" in out
