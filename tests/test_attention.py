@@ -262,6 +262,25 @@ def test_sample_script_uses_the_package_cli():
     assert "from mdtrt.attention_cli import main" in text
 
 
+def test_engines_are_built_on_the_ranks_gpu_when_the_builder_can(monkeypatch, small_model):
+    from mdtrt import tensorrt
+
+    calls = []
+
+    def with_device(model, *, profiles=None, device=None):
+        calls.append(("device", device))
+        return b"plan"
+
+    def without_device(model, *, profiles=None):
+        calls.append(("no device", None))
+        return b"plan"
+
+    for builder in (with_device, without_device):
+        monkeypatch.setattr(tensorrt, "build_engine_from_onnx", builder)
+        assert attention_cli._build_engine(small_model, {"input": ((1, 1, 48),) * 3}, 1) == b"plan"
+    assert calls == [("device", 1), ("no device", None)]
+
+
 @pytest.mark.multi_gpu
 @pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
 def test_gpu_run(strategy, capsys):  # pragma: no cover - needs GPUs and TensorRT
