@@ -23,10 +23,11 @@ HEADS = 6  # divisible by 2 and 3, not by 4: ulysses runs on 2 and 3 ranks and r
 SEQUENCE = 12  # divisible by 2, 3 and 4
 
 
-def nvidia_like_model(dtype: str, hidden=24, heads=HEADS, head_dim=4, seed=0) -> onnx.ModelProto:
+def nvidia_like_model(dtype: str, hidden=24, heads=HEADS, head_dim=4, seed=0, layers=1) -> onnx.ModelProto:
     """The structure of NVIDIA's attention_mdtrt: batch-first input (batch, sequence, hidden),
     RMSNorm on Q and K over each head, K stored transposed (batch, heads, head_dim, sequence)
-    straight from (batch, sequence, heads, head_dim), the softmax scale folded into K."""
+    straight from (batch, sequence, heads, head_dim), the softmax scale folded into K. With
+    ``layers`` > 1, blocks follow one another with a residual (Q tensors query, query1, ...)."""
     rng = np.random.default_rng(seed)
     np_dtype = np.dtype(dtype)
     graph = gs.Graph(opset=17, name="nvidia_like_attention")
@@ -44,7 +45,7 @@ def nvidia_like_model(dtype: str, hidden=24, heads=HEADS, head_dim=4, seed=0) ->
     graph.inputs = [x]
     split = const([0, 0, heads, head_dim], np.int64)
 
-    def project(scale=1.0):
+    def project(x, scale=1.0):
         w = (rng.standard_normal((hidden, heads * head_dim)) * scale / math.sqrt(hidden)).astype(np_dtype)
         return op("Reshape", [op("MatMul", [x, const(w)]), split])  # (B, S, H, D)
 
@@ -60,15 +61,21 @@ def nvidia_like_model(dtype: str, hidden=24, heads=HEADS, head_dim=4, seed=0) ->
         gain = (1 + 0.1 * rng.standard_normal(head_dim)).astype(np_dtype)
         return op("Mul", [normed, const(gain)])
 
-    q = op("Transpose", [rms(project())], {"perm": [0, 2, 1, 3]}, name="query")  # (B, H, S, D)
-    k = op("Transpose", [rms(project())], {"perm": [0, 2, 3, 1]})  # (B, H, D, S)
-    k = op("Mul", [k, const(1 / math.sqrt(head_dim))], name="key_t")
-    v = op("Transpose", [project()], {"perm": [0, 2, 1, 3]}, name="value")
-    probs = op("Softmax", [op("MatMul", [q, k])], {"axis": -1})
-    context = op("Transpose", [op("MatMul", [probs, v])], {"perm": [0, 2, 1, 3]})
-    context = op("Reshape", [context, const([0, 0, heads * head_dim], np.int64)])
-    w_out = (rng.standard_normal((heads * head_dim, hidden)) / math.sqrt(heads * head_dim)).astype(np_dtype)
-    out = op("MatMul", [context, const(w_out)], name="attention_output")
+    def block(x, layer):
+        suffix = str(layer) if layer else ""
+        q = op("Transpose", [rms(project(x))], {"perm": [0, 2, 1, 3]}, name="query" + suffix)  # (B, H, S, D)
+        k = op("Transpose", [rms(project(x))], {"perm": [0, 2, 3, 1]})  # (B, H, D, S)
+        k = op("Mul", [k, const(1 / math.sqrt(head_dim))], name="key_t" + suffix)
+        v = op("Transpose", [project(x)], {"perm": [0, 2, 1, 3]}, name="value" + suffix)
+        probs = op("Softmax", [op("MatMul", [q, k])], {"axis": -1})
+        context = op("Transpose", [op("MatMul", [probs, v])], {"perm": [0, 2, 1, 3]})
+        context = op("Reshape", [context, const([0, 0, heads * head_dim], np.int64)])
+        w_out = (rng.standard_normal((heads * head_dim, hidden)) / math.sqrt(heads * head_dim)).astype(np_dtype)
+        return op("MatMul", [context, const(w_out)])
+
+    for layer in range(layers):
+        x = block(x, layer) if layer == 0 else op("Add", [x, block(x, layer)])
+    out = op("Identity", [x], name="attention_output")
     out.dtype, out.shape = np_dtype, ["batch", "sequence", hidden]
     graph.outputs = [out]
     model = gs.export_onnx(graph.cleanup().toposort())
@@ -124,6 +131,25 @@ def test_sharded_matches_single_device(kind, dtype, strategy, ranks):
     for rank, outputs in enumerate(per_rank):
         report = mdtrt.compare_outputs(expected, outputs, atol=atol, rtol=rtol)
         assert report.passed, f"rank {rank}: " + report.format()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_attention_layers(strategy):
+    model = nvidia_like_model("float32", layers=2)
+    inputs = attention.random_inputs(model, {"sequence": SEQUENCE, "batch": 1}, seed=4)
+    expected = mdtrt.run_on_cpu(model, inputs, progress=False)
+    hints = nvidia_like_hints(3)
+    hints["attention_layers"].append(dict(hints["attention_layers"][0], q="query1"))
+    sharded = mdtrt.shard(model, hints, 3, strategy=strategy)
+    per_layer = {"allgather_kv": 2, "ulysses": 4, "ring": 6}[strategy]
+    assert sum(n.op_type == "DistCollective" for n in sharded.graph.node) == 2 + 2 * per_layer
+    for outputs in simulate(sharded, inputs, 3, progress=False):
+        report = mdtrt.compare_outputs(expected, outputs, atol=1e-4, rtol=1e-4)
+        assert report.passed, report.format()
+    # Hinting only the first layer leaves the second local: the check catches the difference.
+    hints["attention_layers"].pop()
+    outputs = simulate(mdtrt.shard(model, hints, 3, strategy=strategy), inputs, 3, progress=False)[0]
+    assert not mdtrt.compare_outputs(expected, outputs, atol=1e-4, rtol=1e-4).passed
 
 
 def test_reference_is_not_trivial():
