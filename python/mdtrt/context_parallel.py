@@ -283,8 +283,33 @@ def _ring(builder: _Builder, tensors: dict, layer: AttentionLayer, ranks: int) -
 
 def rewrite(model: onnx.ModelProto, layers: list[AttentionLayer], hints: dict, ranks: int,
             strategy: str) -> onnx.ModelProto:
-    """Rewrite ``layers`` of a sequence-sharded ``model`` (inputs scattered, outputs gathered, the
-    attention still local) for ``strategy`` (``"ulysses"`` or ``"ring"``); returns a new model."""
+    """Rewrite the attention ``layers`` of a sequence-sharded model for ``strategy``.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        The model as polygraphy shards it without K/V gathers: inputs scattered along the
+        sequence, outputs gathered, each attention over the rank's own rows only.
+    layers : list of AttentionLayer
+        The layers to rewrite (:func:`find_attention_layers` of the single-device model; the
+        tensor names are the same).
+    hints : dict
+        The ShardHints (``kv_rank``, ``k_seq_len_idx``, ``v_seq_len_idx``, ``dist_collectives``).
+    ranks : int
+        Number of ranks (``nb_rank`` of every inserted DistCollective).
+    strategy : {"ulysses", "ring"}
+
+    Returns
+    -------
+    onnx.ModelProto
+        A new model; nodes may need :func:`mdtrt.onnx_graph.toposort_nodes`.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ulysses with a head count ``ranks`` does not divide; ring on a layer whose scores or
+        probabilities are read by other nodes too.
+    """
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
