@@ -199,7 +199,7 @@ def test_ring_never_concatenates_kv_and_accumulates_in_float32():
     assert "Softmax" not in ops and "Concat" not in ops  # nothing rebuilds the full K or V
     casts = [n for n in sharded.graph.node if n.op_type == "Cast"]
     to_float = [n for n in casts if _attrs(n)["to"][1] == onnx.TensorProto.FLOAT]
-    assert len(to_float) >= 2 * 4  # scores and V of each of the 4 chunks
+    assert len(to_float) >= 2 * 4  # each of the 4 chunks' scores and P @ V, summed in float32
 
 
 def test_ring_is_stable_where_float16_exp_would_overflow():

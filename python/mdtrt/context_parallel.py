@@ -262,7 +262,13 @@ def _ring(builder: _Builder, tensors: dict, layer: AttentionLayer, ranks: int) -
             new_max = builder.op("Max", [running_max, chunk_max], dtype=wide)
         weights = builder.op("Exp", [builder.op("Sub", [scores, new_max], dtype=wide)], dtype=wide)
         chunk_sum = builder.reduce("ReduceSum", weights, wide)
-        chunk_out = builder.op("MatMul", [weights, to_wide(v_chunk)], dtype=wide)
+        if wide is dtype.type:
+            chunk_out = builder.op("MatMul", [weights, v_chunk], dtype=wide)
+        else:
+            # exp(s - max) lies in [0, 1]: the P @ V product runs in the model's dtype, as flash
+            # attention's does (tensor cores, no widened copy of V), and is accumulated in float32.
+            narrow = builder.op("Cast", [weights], {"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)}, dtype=dtype)
+            chunk_out = to_wide(builder.op("MatMul", [narrow, v_chunk], dtype=dtype))
         if running_max is None:
             running_sum, accumulated = chunk_sum, chunk_out
         else:
