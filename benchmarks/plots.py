@@ -140,10 +140,38 @@ def plot_fanout(fan: dict, out_dir: str) -> dict:
     return {"fanout": "fanout.png"}
 
 
+def plot_context_parallel(cp: dict, out_dir: str) -> dict:
+    """Speedup over one GPU against sequence length, one line per strategy."""
+    points = cp.get("points") or []
+    if not points:
+        return {}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for index, name in enumerate(cp.get("config", {}).get("strategies") or []):
+        xs = [p["sequence"] for p in points if "speedup" in p["strategies"].get(name, {})]
+        ys = [p["strategies"][name]["speedup"] for p in points if "speedup" in p["strategies"].get(name, {})]
+        if xs:
+            ax.plot(xs, ys, "o-", color=f"C{index}", label=name)
+    ranks = len(cp.get("config", {}).get("gpus") or [2])
+    ax.axhline(ranks, color="k", linestyle=":", linewidth=1, label=f"ideal ({ranks}x)")
+    ax.axhline(1.9 * ranks / 2, color="r", linestyle="--", linewidth=1, label="target at 56320 (1.9x on 2 GPUs)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(f"speedup over one GPU ({ranks} GPUs)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Context-parallel attention, {cp.get('config', {}).get('heads')} heads x "
+                 f"{cp.get('config', {}).get('head_dim')}, float16")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "context_parallel_speedup.png"), dpi=110)
+    plt.close(fig)
+    return {"context_parallel_speedup": "context_parallel_speedup.png"}
+
+
 def render_all(results: dict, out_dir: str) -> dict:
     """Draws every plot the results allow; returns {name: file relative to out_dir}."""
     files = {}
-    for key, fn in (("collectives", plot_collectives), ("replication", plot_replication), ("fanout", plot_fanout)):
+    for key, fn in (("collectives", plot_collectives), ("replication", plot_replication), ("fanout", plot_fanout),
+                    ("context_parallel", plot_context_parallel)):
         part = results.get(key)
         if isinstance(part, dict) and not part.get("error"):
             try:

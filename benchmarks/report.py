@@ -21,6 +21,8 @@ ADDED_LATENCY_MAX_US = 10.0  # ours - raw at 1 KiB
 FANOUT_ADDED_MAX_US = 20.0   # EngineRunner.infer on 2 GPUs - bare loop
 PEER_RATIO_MIN = 0.90        # replication / peer copy bandwidth, large inputs
 AUTO_SLOWDOWN_MAX = 1.05     # auto / best of host, peer, broadcast
+CP_SPEEDUP_MIN = 1.9         # best context-parallel strategy on 2 GPUs at CP_SEQUENCE
+CP_SEQUENCE = 56320
 NVLINK_H200_NOMINAL = "NVLink 4, 18 links per H200: 900 GB/s total per GPU (both directions), 450 GB/s each way (NVIDIA's figure)"
 NA = "n/a"
 
@@ -191,7 +193,78 @@ def evaluate_targets(results: dict) -> list[dict]:
                          "margin": f"{100 * (AUTO_SLOWDOWN_MAX - slowdown):+.1f} points",
                          "why": "" if met else f"auto chose {chosen} where {best_mode} was fastest "
                                               f"({kind} input, {bl.format_size(size)})"})
+    verdicts += context_parallel_targets(results.get("context_parallel"))
     return verdicts
+
+
+def context_parallel_targets(cp: dict | None) -> list[dict]:
+    """Best strategy >= 1.9x at sequence 56320 on 2 GPUs; ring's K/V memory per GPU below
+    allgather_kv's; every strategy's output matches one GPU's. Nothing when not run."""
+    if not cp:
+        return []
+    points = {p["sequence"]: p for p in cp.get("points") or []}
+    verdicts = []
+    point = points.get(CP_SEQUENCE)
+    target = f"best strategy on 2 GPUs at sequence {CP_SEQUENCE}: >= {CP_SPEEDUP_MIN}x over one GPU"
+    measured = {n: s for n, s in (point or {}).get("strategies", {}).items() if "speedup" in s}
+    if measured:
+        best = max(measured, key=lambda n: measured[n]["speedup"])
+        b = measured[best]
+        met = b["speedup"] >= CP_SPEEDUP_MIN
+        why = "" if met else (f"{best}: {b['median_ms']:.2f} ms against {point['single']['median_ms']:.2f} ms on one GPU; "
+                              f"collectives alone {b['comm_ms']:.2f} ms ({pct(b['comm_share'])} of the time)")
+        verdicts.append({"benchmark": "context_parallel", "target": target, "value": f"{best} {b['speedup']:.2f}x",
+                         "met": met, "margin": f"{b['speedup'] - CP_SPEEDUP_MIN:+.2f}x", "why": why})
+    else:
+        verdicts.append({"benchmark": "context_parallel", "target": target, "value": "not measured", "met": None,
+                         "margin": NA, "why": cp.get("error") or "sequence not measured"})
+    pairs = [(p["sequence"], p["strategies"].get("ring", {}), p["strategies"].get("allgather_kv", {}))
+             for p in points.values()]
+    pairs = [(s, r, a) for s, r, a in pairs if "kv_bytes" in r and "kv_bytes" in a]
+    target = "ring: K/V bytes held per GPU below allgather_kv's (every sequence)"
+    if pairs:
+        worst = max(pairs, key=lambda t: t[1]["kv_bytes"] / t[2]["kv_bytes"])
+        ratio = worst[1]["kv_bytes"] / worst[2]["kv_bytes"]
+        verdicts.append({"benchmark": "context_parallel", "target": target,
+                         "value": f"worst {pct(ratio)} of allgather_kv at {worst[0]}", "met": ratio < 1,
+                         "margin": f"{100 * (1 - ratio):+.1f} points", "why": ""})
+    wrong = [f"{n} at {p['sequence']}" for p in points.values() for n, s in p["strategies"].items()
+             if not s.get("passed")]
+    if points:
+        verdicts.append({"benchmark": "context_parallel", "target": "every strategy matches the one-GPU output",
+                         "value": "all match" if not wrong else f"{len(wrong)} failed", "met": not wrong,
+                         "margin": NA, "why": ", ".join(wrong)})
+    return verdicts
+
+
+def context_parallel_section(cp: dict, plots: dict, base: str) -> str:
+    title = "## 5. Context-parallel attention\n\n"
+    if not cp or cp.get("error") or not cp.get("points"):
+        return title + "Not measured" + (f": {cp.get('error')}" if cp and cp.get("error") else "") + ".\n"
+    config = cp.get("config", {})
+    rows = []
+    for p in cp["points"]:
+        single = p["single"]
+        rows.append([str(p["sequence"]), "1 GPU", fmt(single["median_ms"], 2), "1.00x", "-", "-",
+                     fmt(single["peak_bytes"] / bl.MiB, 0), fmt(single["kv_bytes"] / bl.MiB, 0), "-"])
+        for name, s in p["strategies"].items():
+            if "error" in s:
+                rows.append([str(p["sequence"]), name, NA, NA, NA, NA, NA, NA, s["error"]])
+                continue
+            rows.append([str(p["sequence"]), name, fmt(s["median_ms"], 2), f"{s['speedup']:.2f}x",
+                         fmt(s["comm_ms"], 2), pct(s["comm_share"]),
+                         " / ".join(fmt(b / bl.MiB, 0) for b in s["peak_bytes"]), fmt(s["kv_bytes"] / bl.MiB, 0),
+                         f"{'ok' if s['passed'] else '**wrong**'} ({s['max_abs_error']:.2g})"])
+    skipped = "".join(f"\n- sequence {x['sequence']} skipped: {x['reason']}" for x in cp.get("skipped") or [])
+    return (title + f"{len(config.get('gpus') or [])} GPUs against one, {config.get('heads')} heads x "
+            f"{config.get('head_dim')}, batch {config.get('batch')}, float16, median of {config.get('iterations')} "
+            f"iterations; ring in {config.get('ring_blocks')} blocks per rank's chunk. {cp.get('method', '')}. "
+            "Collectives: the strategy's collectives run alone (their share is of the whole pass; ring overlaps "
+            "them with attention). Peak: torch's peak allocation per GPU above what was allocated before "
+            "(one GPU: plus its Q, K, V). K/V: bytes of K and V buffers a rank holds." + skipped + "\n\n"
+            + md_table(["sequence", "strategy", "median (ms)", "speedup", "collectives alone (ms)", "share",
+                        "peak MiB per GPU", "K/V MiB per GPU", "vs one GPU (max abs error)"], rows) + "\n\n"
+            + image(plots, "context_parallel_speedup", base))
 
 
 def _latency_why(results: dict, added: float, key: str = "ours") -> str:
@@ -422,6 +495,8 @@ def render_markdown(results: dict, markdown_path: str, results_path: str | None 
              fanout_section(results.get("fanout") or {}, plots, base),
              replication_section(results.get("replication") or {}, plots, base),
              bringup_section(results.get("bringup") or {})]
+    if results.get("context_parallel"):
+        parts.append(context_parallel_section(results["context_parallel"], plots, base))
     durations = results.get("durations_s") or {}
     if durations:
         parts.append("## Run\n\n" + md_table(["benchmark", "seconds", "status"],

@@ -15,6 +15,7 @@ import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["run_all.py", "bench_collectives.py", "bench_fanout.py", "bench_replication.py", "bench_bringup.py",
+           "bench_context_parallel.py",
            "report.py"]
 OPS = ["all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter"]
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30

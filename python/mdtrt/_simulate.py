@@ -245,6 +245,10 @@ def _make_runner(model: onnx.ModelProto, backend: str, threads: int | None, what
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the segments are legitimate, warnings are noise
+    # onnxruntime 1.32's layout optimizations (ORT_ENABLE_ALL, its default) crash session creation
+    # (segmentation fault) on float16 segments that start with a Transpose feeding MatMuls, as the
+    # sequence-sharded batch-first attention has; they bring nothing to a CPU check.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if threads:
         options.intra_op_num_threads = threads
     workdir = None
