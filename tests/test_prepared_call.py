@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mdtrt
-from mdtrt.arrays import describe
+from mdtrt.arrays import ArrayRef, describe
 from mdtrt.device_group import PreparedCall
 from mdtrt.runner import EngineRunner
 
@@ -36,7 +36,9 @@ def test_replicated_input_is_converted_once_and_reused():
     first, second = call(), call()
     inputs = native.calls[0][0]
     assert inputs[0] is inputs[1]  # the same converted list for both ranks
-    assert inputs[0] == [(x.__array_interface__["data"][0], -1, "float16", (2, 3), 0)]  # host: no stream
+    (arg,) = inputs[0]  # typed: a _core.InputArg
+    assert (arg.ptr, arg.device, arg.dtype, arg.shape, arg.stream, arg.nbytes) == (
+        x.__array_interface__["data"][0], -1, "float16", (2, 3), 0, 12)  # host: no stream
     assert native.calls[0] is not native.calls[1] and native.calls[0][0] is native.calls[1][0]
     assert native.calls[0][3] == [0, 1] and native.calls[0][4] is False
     for outputs in (first, second):
@@ -74,3 +76,32 @@ def test_engine_runner_prepare_checks_names_once():
     assert len(runner._native.calls) == 2 and runner._native.calls[0][0] is runner._native.calls[1][0]
     assert runner._native.calls[0][1] == "auto"
     np.testing.assert_array_equal(out["output"], np.full((2, 2), 1, np.float32))
+
+
+def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
+    """new_out (torch's caching allocator for torch inputs): every call gets fresh output buffers,
+    handed to the native runner as typed OutputArgs, and returns exactly those objects."""
+    made = []
+
+    def new_out():
+        refs = []
+        for rank in range(2):
+            owner = object()
+            made.append(owner)
+            refs.append({"output": ArrayRef(0x10000 * (len(made) + 1), rank, "float32", (2, 2), owner, "torch", 7)})
+        return refs
+
+    class DeviceStub(StubNative):
+        def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
+            self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
+            return [{"outputs": [("output", "float32", (2, 2))], "host": [], "device": []} for _ in range(self.ranks)]
+
+    native = DeviceStub()
+    x = [ArrayRef(0x1000 * (r + 1), r, "float32", (2, 2), object(), "torch", 7) for r in range(2)]
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, new_out=new_out)
+    first, second = call(), call()
+    assert [o["output"] for o in first] == made[:2] and [o["output"] for o in second] == made[2:]
+    for recorded, base in ((native.calls[0][6], 2), (native.calls[1][6], 4)):
+        assert [[(a.name, a.ptr, a.nbytes, a.device, a.stream) for a in rank] for rank in recorded] == [
+            [("output", 0x10000 * base, 16, 0, 7)], [("output", 0x10000 * (base + 1), 16, 1, 7)]]
+    assert native.calls[0][4] is True  # device inputs: device outputs, nothing fetched

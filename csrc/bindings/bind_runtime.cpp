@@ -29,19 +29,6 @@ nccl::UniqueId unique_id_from_bytes(const py::bytes& b) {
   return id;
 }
 
-InputArg input_from_tuple(const py::tuple& t) {
-  if (t.size() != 4 && t.size() != 5) throw_invalid_argument("an input is (pointer, device, dtype, shape[, stream])");
-  InputArg a;
-  a.data = reinterpret_cast<const void*>(t[0].cast<uintptr_t>());
-  a.device = t[1].cast<int>();
-  a.dtype = dtype_from_name(t[2].cast<std::string>());
-  a.shape = t[3].cast<Shape>();
-  for (int64_t d : a.shape)
-    if (d < 0) throw_invalid_argument("input shapes must be non-negative, got " + shape_string(a.shape));
-  if (t.size() == 5) a.stream = t[4].cast<uintptr_t>();
-  return a;
-}
-
 py::array host_bytes_to_numpy(std::vector<uint8_t>&& bytes) {
   auto* owned = new std::vector<uint8_t>(std::move(bytes));
   py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<uint8_t>*>(p); });
@@ -146,16 +133,59 @@ void bind_runtime(py::module_& m) {
            py::arg("op"), py::arg("reduce"), py::arg("root"), py::arg("groups"), py::arg("dtype"),
            py::arg("world_size"), py::arg("num_local_ranks"));
 
+  py::enum_<DType> dtypes(m, "DType", "Element types, one table (csrc/runtime/dtype.cpp) for Python, NCCL and TensorRT.");
+  for (DType t : all_dtypes()) dtypes.value(dtype_name(t), t);
+  m.def(
+      "dtype_sizes",
+      [] {
+        py::dict out;
+        for (DType t : all_dtypes()) out[py::str(dtype_name(t))] = dtype_size(t);
+        return out;
+      },
+      "Bytes per element of every dtype mdtrt moves, by name.");
+
   m.def("collective_output_shape", [](const std::string& op, const Shape& shape, int group_size) {
     CollectiveSpec spec;
     spec.op = collective_op_from_name(op);
     return collective_output_shape(spec, shape, group_size);
   });
 
-  py::class_<DeviceBuffer, std::shared_ptr<DeviceBuffer>>(m, "DeviceBuffer")
-      .def_property_readonly("ptr", [](const DeviceBuffer& b) { return reinterpret_cast<uintptr_t>(b.get()); })
-      .def_property_readonly("nbytes", &DeviceBuffer::size)
-      .def_property_readonly("device", &DeviceBuffer::device);
+  // An output handed to the caller: pooled device memory, returned to the pool (stream-ordered)
+  // when the last Python reference goes.
+  py::class_<PooledBuffer, std::shared_ptr<PooledBuffer>>(m, "PooledBuffer")
+      .def_property_readonly("ptr", [](const PooledBuffer& b) { return reinterpret_cast<uintptr_t>(b.get()); })
+      .def_property_readonly("nbytes", &PooledBuffer::size)
+      .def_property_readonly("device", &PooledBuffer::device);
+
+  // The typed arguments of ProgramRunner.infer. They only carry values: every check is made once,
+  // in C++ (plan_call and the ranks' checks), whichever way the arguments came in.
+  py::class_<InputArg>(m, "InputArg")
+      .def(py::init([](uintptr_t ptr, int device, const std::string& dtype, Shape shape, uintptr_t stream) {
+             InputArg a;
+             a.data = reinterpret_cast<const void*>(ptr);
+             a.device = device;
+             a.dtype = dtype_from_name(dtype);
+             a.shape = std::move(shape);
+             a.stream = stream;
+             return a;
+           }),
+           py::arg("ptr"), py::arg("device"), py::arg("dtype"), py::arg("shape"), py::arg("stream") = 0)
+      .def_property_readonly("ptr", [](const InputArg& a) { return reinterpret_cast<uintptr_t>(a.data); })
+      .def_readonly("device", &InputArg::device)
+      .def_property_readonly("dtype", [](const InputArg& a) { return dtype_name(a.dtype); })
+      .def_property_readonly("shape", [](const InputArg& a) { return py::tuple(py::cast(a.shape)); })
+      .def_readonly("stream", &InputArg::stream)
+      .def_property_readonly("nbytes", &InputArg::nbytes);
+  py::class_<OutputArg>(m, "OutputArg")
+      .def(py::init([](std::string name, uintptr_t ptr, size_t nbytes, int device, uintptr_t stream) {
+             return OutputArg{std::move(name), reinterpret_cast<void*>(ptr), nbytes, device, stream};
+           }),
+           py::arg("name"), py::arg("ptr"), py::arg("nbytes"), py::arg("device"), py::arg("stream") = 0)
+      .def_readonly("name", &OutputArg::name)
+      .def_property_readonly("ptr", [](const OutputArg& a) { return reinterpret_cast<uintptr_t>(a.data); })
+      .def_readonly("nbytes", &OutputArg::nbytes)
+      .def_readonly("device", &OutputArg::device)
+      .def_readonly("stream", &OutputArg::stream);
 
   py::class_<ProgramRunner, std::shared_ptr<ProgramRunner>>(m, "ProgramRunner")
       .def(py::init([](std::shared_ptr<DeviceGroup> group, std::vector<std::shared_ptr<RankProgram>> programs,
@@ -175,30 +205,16 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("graph_captures", &ProgramRunner::graph_captures)
       .def(
           "infer",
-          [](ProgramRunner& r, const std::vector<std::vector<py::tuple>>& inputs, const std::string& replication,
-             bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, double timeout, const std::vector<std::vector<py::tuple>>& outputs) {
-            std::vector<std::vector<InputArg>> args;
-            for (const auto& rank_inputs : inputs) {
-              args.emplace_back();
-              for (const auto& t : rank_inputs) args.back().push_back(input_from_tuple(t));
-            }
+          [](ProgramRunner& r, const std::vector<std::vector<InputArg>>& args, const std::string& replication,
+             bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, double timeout,
+             std::vector<std::vector<OutputArg>> outputs) {
             InferOptions options;
             options.replication = replication_from_name(replication);
             options.poison_outputs = poison_outputs;
             options.fetch_ranks = fetch_ranks;
             options.device_outputs = device_outputs;
             options.timeout_seconds = timeout;
-            for (const auto& rank_outputs : outputs) {
-              options.outputs.emplace_back();
-              for (const auto& t : rank_outputs) {
-                if (t.size() != 4 && t.size() != 5)
-                  throw_invalid_argument("an output buffer is (name, pointer, nbytes, device[, stream])");
-                options.outputs.back().push_back(OutputArg{t[0].cast<std::string>(),
-                                                           reinterpret_cast<void*>(t[1].cast<uintptr_t>()),
-                                                           t[2].cast<size_t>(), t[3].cast<int>(),
-                                                           t.size() == 5 ? t[4].cast<uintptr_t>() : 0});
-              }
-            }
+            options.outputs = std::move(outputs);
             std::vector<RankResult> results;
             {
               py::gil_scoped_release release;
@@ -220,7 +236,7 @@ void bind_runtime(py::module_& m) {
           py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
           py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
           py::arg("timeout") = 0.0,
-          py::arg("outputs") = std::vector<std::vector<py::tuple>>{});
+          py::arg("outputs") = std::vector<std::vector<OutputArg>>{});
 
   py::module_ testing = m.def_submodule("testing", "Test-only entry points of the rank runtime (no GPU needed).");
   py::class_<CopyProgram, RankProgram, std::shared_ptr<CopyProgram>>(testing, "CopyProgram")
@@ -232,6 +248,21 @@ void bind_runtime(py::module_& m) {
              return std::make_shared<SynchronizingCopyProgram>(dtype_from_name(dtype));
            }),
            py::arg("dtype"));
+  py::class_<AlignedCopyProgram, RankProgram, std::shared_ptr<AlignedCopyProgram>>(testing, "AlignedCopyProgram")
+      .def(py::init([](const std::string& dtype) {
+             return std::make_shared<AlignedCopyProgram>(dtype_from_name(dtype));
+           }),
+           py::arg("dtype"));
+  testing.def(
+      "run_checked_launch_test",
+      [](int num_ranks, int fail_rank, double slow_check_seconds, double timeout) {
+        py::gil_scoped_release release;
+        return run_checked_launch_test(num_ranks, fail_rank, slow_check_seconds, timeout);
+      },
+      py::arg("num_ranks"), py::arg("fail_rank") = -1, py::arg("slow_check_seconds") = 0.0,
+      py::arg("timeout") = 10.0,
+      "(per rank: did its launch run, the call's error or '') after the check step on CPU-only ranks; "
+      "fail_rank's check fails, or takes slow_check_seconds.");
   py::class_<SinkProgram, RankProgram, std::shared_ptr<SinkProgram>>(testing, "SinkProgram")
       .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));

@@ -6,8 +6,8 @@ import dataclasses
 from collections import OrderedDict
 from typing import Any, Sequence
 
-from . import _core
-from .arrays import ArrayRef, describe, host_output, wrap_device_output
+from . import _core, arguments
+from .arrays import ArrayRef, describe, host_output, torch_output_factory, wrap_device_output
 from .errors import InvalidArgumentError
 from .launch import detect_launch, exchange_unique_id
 from .nccl import nccl_library
@@ -44,10 +44,13 @@ class DeviceGroup:
     """
 
     def __init__(self, gpus: Sequence[int] | None = None, *, timeout: float = 60.0):
+        timeout = arguments.seconds(timeout, "timeout")
+        if gpus is not None:
+            gpus = arguments.integers(gpus, "gpus", hint="GPU ids, e.g. gpus=[0, 1] (or gpus=range(2))")
         nccl_library()  # so the C++ side also finds NCCL in the nvidia-nccl wheel
         if gpus is None:
             gpus = list(range(_core.visible_gpu_count()))
-        self._native = _core.DeviceGroup.create_local(_gpu_list(gpus), float(timeout))
+        self._native = _core.DeviceGroup.create_local(gpus, timeout)
         self._runners: OrderedDict = OrderedDict()
 
     @classmethod
@@ -153,16 +156,16 @@ class DeviceGroup:
         the operation again on the same buffers (refill them in place between calls) and returns
         what ``collective`` would, for latency-bound loops."""
         native = self._live()._native
-        if op not in COLLECTIVES:
+        if not isinstance(op, str) or op not in COLLECTIVES:
             raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")
-        if op in _REDUCING and reduce not in REDUCE_OPS:
+        if op in _REDUCING and (not isinstance(reduce, str) or reduce not in REDUCE_OPS):
             raise InvalidArgumentError(f"unknown reduce op {reduce!r}; choose one of {', '.join(REDUCE_OPS)}")
+        root = arguments.integer(root, "root")
+        poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
+        sequential_bind = arguments.flag(sequential_bind, "sequential_bind")
         n = native.num_local_ranks
         ranks = native.ranks
-        if not isinstance(inputs, (list, tuple)):
-            inputs = [inputs]
-        if len(inputs) != n:
-            raise InvalidArgumentError(f"{op} needs one input per local rank: got {len(inputs)} for {n} ranks {ranks}")
+        inputs = arguments.per_rank(inputs, op, n, "input")
         refs = [describe(x, "input of rank", r) for x, r in zip(inputs, ranks)]
         first = refs[0]
         for ref, r in zip(refs, ranks):
@@ -170,9 +173,13 @@ class DeviceGroup:
                 raise InvalidArgumentError(
                     f"every rank's input must have one shape and dtype: rank {ranks[0]} has {first.shape} "
                     f"{first.dtype}, rank {r} has {ref.shape} {ref.dtype}")
-        groups = [int(g) for g in groups] if groups else []
+        groups = arguments.integers(groups, "groups", hint="world ranks, e.g. groups=[0, 1]") if groups is not None else []
         reduce_name = reduce if op in _REDUCING else "none"
         root = int(root) if op in _ROOTED else 0
+        out_refs = None
+        if out is not None:
+            out = arguments.per_rank(out, "out=", n, "array")
+            out_refs = [{"output": describe(o, "out of rank", r)} for o, r in zip(out, ranks)]
         key = (op, reduce_name, root, tuple(groups), first.dtype, sequential_bind)
         runner = self._runners.get(key)
         if runner is None:
@@ -182,15 +189,15 @@ class DeviceGroup:
             if len(self._runners) > _MAX_CACHED_COLLECTIVES:
                 self._runners.popitem(last=False)
         self._runners.move_to_end(key)
-        out_refs = None
-        if out is not None:
-            if not isinstance(out, (list, tuple)):
-                out = [out]
-            if len(out) != n:
-                raise InvalidArgumentError(f"out= needs one array per local rank: got {len(out)} for {n}")
-            out_refs = [{"output": describe(o, "out of rank", r)} for o, r in zip(out, ranks)]
+        new_out = None
+        if out_refs is None and first.kind == "torch":
+            # torch in, torch out: outputs from torch's caching allocator, a fresh set per call.
+            group_size = len(groups) if groups else native.world_size
+            shape = _core.collective_output_shape(op, list(first.shape), group_size)
+            allocate = torch_output_factory(first, shape, list(native.devices))
+            new_out = lambda: [{"output": ref} for ref in allocate()]  # noqa: E731
         call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
-                            out=out_refs)
+                            out=out_refs, new_out=new_out)
         members = groups or range(native.world_size)
         # Outside the group, and off the root of reduce/gather, a rank's output is undefined.
         defined = [r in members and not (op in ("reduce", "gather") and r != root) for r in ranks]
@@ -223,15 +230,6 @@ class DeviceGroup:
         return self.collective("scatter", inputs, root=root, groups=groups, **kw)
 
 
-def _gpu_list(gpus) -> list[int]:
-    out = []
-    for g in gpus:
-        if isinstance(g, bool) or not isinstance(g, int) and not hasattr(g, "__index__"):
-            raise InvalidArgumentError(f"GPU ids are integers, got {g!r}")
-        out.append(int(g))
-    return out
-
-
 class PreparedCall:
     """A ProgramRunner call whose arguments were checked and converted once: calling it runs the
     program again on the same buffers (their current contents), with no per-call argument work.
@@ -239,7 +237,7 @@ class PreparedCall:
 
     def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
-                 out: list[dict[str, ArrayRef]] | None = None):
+                 out: list[dict[str, ArrayRef]] | None = None, new_out=None):
         # One pass over the inputs; a replicated input list is the same object on every rank.
         on_device = on_host = False
         native_by_list: dict[int, list] = {}
@@ -268,20 +266,30 @@ class PreparedCall:
                       [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
         self._refs = per_rank_refs  # keeps the arrays alive as long as the call can run
         self._out = out
+        # new_out(): fresh output buffers for every call ([{name: ArrayRef}] per rank), for outputs
+        # the caller keeps (torch's caching allocator instead of the runner's pool).
+        self._new_out = new_out if out is None and on_device else None
         self._on_device = on_device
 
     def __call__(self) -> list[dict]:
-        results = self._infer(*self._args)
-        out, on_device, refs = self._out, self._on_device, self._refs
+        out = self._out
+        if self._new_out is None:
+            results = self._infer(*self._args)
+        else:
+            out = self._new_out()
+            results = self._infer(*self._args[:-1], [[ref.as_output(name) for name, ref in given.items()]
+                                                     for given in out])
+        on_device, refs = self._on_device, self._refs
         outputs = []
         for i, res in enumerate(results):
             named = {}
+            like = refs[i][0] if refs[i] else None
             for k, (name, dtype, shape) in enumerate(res["outputs"]):
                 if out and name in out[i]:
                     named[name] = out[i][name].owner
                 elif on_device:
-                    named[name] = wrap_device_output(res["device"][k], dtype, shape, refs[i][0] if refs[i] else None)
+                    named[name] = wrap_device_output(res["device"][k], dtype, shape, like)
                 elif res["host"]:
-                    named[name] = host_output(res["host"][k], dtype, shape)
+                    named[name] = host_output(res["host"][k], dtype, shape, like)
             outputs.append(named)
         return outputs

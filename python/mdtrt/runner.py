@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
-from . import _core
+from . import _core, arguments
 from .arrays import describe
 from .device_group import DeviceGroup, PreparedCall
 from .errors import InvalidArgumentError
@@ -49,6 +49,10 @@ class EngineRunner:
     def __init__(self, group: DeviceGroup, engine: Any = None, *, engines: Sequence[Any] | None = None,
                  program: Any = None, multi_device: bool = True, replication: str = "auto",
                  sequential_bind: bool = False, cuda_graph: bool = False):
+        if not isinstance(group, DeviceGroup):
+            hint = (": the first argument is the DeviceGroup, the engine comes second, "
+                    "EngineRunner(group, engine)") if isinstance(group, (str, bytes, os.PathLike)) else ""
+            raise InvalidArgumentError(f"group must be a mdtrt.DeviceGroup, got {type(group).__name__}{hint}")
         self.group = group
         native_group = group._live()._native
         n = len(group)
@@ -56,11 +60,18 @@ class EngineRunner:
             raise InvalidArgumentError("give exactly one of engine=, engines= (one per rank) or program=")
         if replication not in REPLICATION_MODES:
             raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {replication!r}")
+        if program is not None and not isinstance(program, _core.RankProgram):
+            raise arguments.fail("program", "a native program (mdtrt._core.RankProgram)", program)
+        multi_device = arguments.flag(multi_device, "multi_device")
+        sequential_bind = arguments.flag(sequential_bind, "sequential_bind")
+        cuda_graph = arguments.flag(cuda_graph, "cuda_graph")
         self.replication = replication
         if program is None:
             from . import tensorrt
 
             if engines is not None:
+                if isinstance(engines, (str, bytes, os.PathLike)) or not isinstance(engines, Sequence):
+                    raise arguments.fail("engines", f"a list of {n} engines (one per local rank)", engines)
                 if len(engines) != n:
                     raise InvalidArgumentError(f"engines= needs one engine per local rank: got {len(engines)} for {n}")
                 blobs = [_engine_bytes(e) for e in engines]
@@ -117,10 +128,17 @@ class EngineRunner:
         callable runs the engine again on the same buffers (refill them in place between calls),
         for latency-bound loops. It returns what ``infer`` would."""
         n = len(self.group)
+        all_ranks = arguments.flag(all_ranks, "all_ranks")
+        poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
+        if timeout is not None:
+            timeout = arguments.seconds(timeout, "timeout")
         if isinstance(inputs, Mapping):
             refs = self._refs(inputs)
             per_rank = [refs] * n
         else:
+            if not isinstance(inputs, (list, tuple)) or not all(isinstance(d, Mapping) for d in inputs):
+                raise arguments.fail("inputs", "a dict of input name to array, or a list of such dicts (one per "
+                                     "local rank)", inputs)
             if len(inputs) != n:
                 raise InvalidArgumentError(f"a list of inputs needs one dict per local rank: got {len(inputs)} for {n}")
             per_rank = [self._refs(d) for d in inputs]
@@ -129,10 +147,12 @@ class EngineRunner:
             raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {mode!r}")
         out = None
         if outputs is not None:
+            if not isinstance(outputs, Mapping):
+                raise arguments.fail("outputs", "a dict of output name to a list of device arrays (one per local "
+                                     "rank)", outputs)
             out = [{} for _ in range(n)]
             for name, arrays in outputs.items():
-                if len(arrays) != n:
-                    raise InvalidArgumentError(f"outputs['{name}'] needs one array per local rank: got {len(arrays)} for {n}")
+                arrays = arguments.per_rank(arrays, f"outputs['{name}']", n, "array")
                 for i, a in enumerate(arrays):
                     out[i][name] = describe(a, f"output '{name}'")
         call = PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
@@ -144,8 +164,8 @@ class EngineRunner:
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
         """Milliseconds of each of ``iterations`` complete calls (inputs in, outputs back), after
         ``warmup`` untimed calls. A call returns only when every rank has finished."""
-        if iterations < 1:
-            raise InvalidArgumentError("iterations must be >= 1")
+        iterations = arguments.integer(iterations, "iterations", minimum=1)
+        warmup = arguments.integer(warmup, "warmup", minimum=0)
         for _ in range(warmup):
             self.infer(inputs, **kw)
         times = []
