@@ -49,9 +49,9 @@ def numpy_dtype(name: str) -> np.dtype:
 def dtype_name(dtype: Any) -> str:
     """mdtrt's name of a numpy/ml_dtypes/torch dtype: float32, float16, bfloat16, int32, ..."""
     name = str(dtype).rsplit(".", 1)[-1]
-    if name in ("float32", "float16", "bfloat16", "int32", "int8", "uint8", "int64", "float64", "bool"):
+    if name in ITEMSIZE:
         return name
-    raise InvalidArgumentError(f"dtype {dtype} is not supported (use float32, float16, bfloat16, int32, int8, uint8, int64)")
+    raise InvalidArgumentError(f"dtype {dtype} is not supported (use {', '.join(ITEMSIZE)})")
 
 
 @dataclasses.dataclass(slots=True)

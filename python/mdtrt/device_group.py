@@ -138,13 +138,45 @@ class DeviceGroup:
                    out=None, poison_outputs: bool = False, sequential_bind: bool = False) -> list:
         """Runs one DistCollective operation, with TensorRT's semantics, on every local rank.
 
-        ``inputs`` holds one array per local rank (a single array is fine with one local rank):
-        numpy arrays come back as numpy arrays, device arrays (torch, CuPy, ...) as device arrays,
-        without copies. The operation runs along the first dimension. ``groups`` is an ordered list
-        of world ranks taking part (position = group-local rank); ``root`` is a world rank of the
-        group. Ranks outside the group, and non-root ranks of ``reduce`` and ``gather`` (whose
-        output is undefined), get None. ``out``: one preallocated device array per local rank to
-        write into (device inputs only), so that no output is allocated per call.
+        Parameters
+        ----------
+        op : str
+            One of all_reduce, all_gather, broadcast, reduce, reduce_scatter, all_to_all, gather,
+            scatter. The operation runs along the first dimension.
+        inputs : list of arrays
+            One array per local rank (a single array with one local rank), all of one shape and
+            dtype (float32, float16, bfloat16, int32, int8, uint8, int64, float64): numpy arrays
+            (``ml_dtypes.bfloat16`` for bfloat16), torch tensors (CPU or CUDA), or device arrays
+            with ``__cuda_array_interface__`` / ``__dlpack__`` (used in place, stream-ordered).
+        reduce : str
+            sum, prod, max, min or avg, for all_reduce, reduce and reduce_scatter.
+        root : int
+            World rank of the group that broadcasts, scatters, or receives reduce/gather.
+        groups : list of int, optional
+            Ordered world ranks taking part (position = group-local rank); default all.
+        out : list of device arrays, optional
+            One preallocated output per local rank, on that rank's GPU, of the output's size
+            (device inputs only): written in place, nothing allocated.
+        poison_outputs : bool
+            Fill outputs with 0xFF bytes first (tests).
+        sequential_bind : bool
+            Bind ranks one after another (only to show that a collective bind then deadlocks).
+
+        Returns
+        -------
+        list
+            Per local rank: numpy arrays for numpy inputs, torch tensors for torch inputs (CUDA
+            outputs from torch's caching allocator), ``mdtrt.DeviceArray`` (pooled device memory,
+            valid as long as it is held) for other device arrays, ``out``'s arrays when given.
+            Ranks outside the group, and non-root ranks of reduce and gather, get None.
+
+        Raises
+        ------
+        InvalidArgumentError
+            A wrong argument type or value, shapes that do not split across the group, or an
+            ``out`` buffer of the wrong size or GPU (found before any rank enqueues anything).
+        RankTimeoutError
+            A rank did not finish within the group's timeout (the group is unusable after).
         """
         return self.prepare_collective(op, inputs, reduce=reduce, root=root, groups=groups, out=out,
                                        poison_outputs=poison_outputs, sequential_bind=sequential_bind)()
@@ -154,7 +186,8 @@ class DeviceGroup:
                            sequential_bind: bool = False):
         """``collective`` with its arguments checked and converted once: the returned callable runs
         the operation again on the same buffers (refill them in place between calls) and returns
-        what ``collective`` would, for latency-bound loops."""
+        what ``collective`` would, for latency-bound loops. Without ``out``, every call returns
+        new outputs (earlier ones stay valid while held). Parameters and errors as ``collective``."""
         native = self._live()._native
         if not isinstance(op, str) or op not in COLLECTIVES:
             raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")

@@ -111,12 +111,37 @@ class EngineRunner:
               outputs: Mapping[str, Sequence[Any]] | None = None):
         """Runs the engine once on every rank.
 
-        ``inputs``: a dict of input name to array, given to every rank (a host array is replicated
-        to every GPU; a device array is used in place on its own GPU and copied peer-to-peer to the
-        others), or a list with one such dict per local rank.
-        Returns the first local rank's outputs as a dict, or a list of dicts (one per local rank) with
-        ``all_ranks=True``. Numpy in, numpy out; device arrays in, device arrays out.
-        ``outputs``: output name to one preallocated device array per local rank, written in place.
+        Parameters
+        ----------
+        inputs : dict or list of dict
+            Input name to array, given to every rank (a host array is replicated to every GPU; a
+            device array is used in place on its own GPU and copied peer-to-peer to the others),
+            or one such dict per local rank. Arrays as in ``DeviceGroup.collective``; addresses
+            that are not 256-byte aligned (sliced views) are copied through an aligned buffer.
+        all_ranks : bool
+            Return every local rank's outputs, not only the first rank's.
+        poison_outputs : bool
+            Fill outputs with 0xFF bytes before the engine runs (tests).
+        replication : str, optional
+            auto, host, peer or broadcast: how a host input reaches every GPU (default: the runner's).
+        timeout : float, optional
+            Seconds for this call (default: the group's timeout).
+        outputs : dict, optional
+            Output name to one preallocated device array per local rank, written in place.
+
+        Returns
+        -------
+        dict or list of dict
+            Output name to array: numpy for numpy inputs, torch tensors for torch inputs, else
+            ``mdtrt.DeviceArray`` (pooled device memory, valid as long as it is held).
+
+        Raises
+        ------
+        InvalidArgumentError
+            Wrong argument types, unknown or missing input names, dtypes the engine does not take,
+            an ``outputs`` buffer of the wrong size or GPU: found before any rank enqueues.
+        TensorRTError, RankTimeoutError
+            The engine failed on a rank; a rank did not finish within the timeout.
         """
         return self.prepare(inputs, all_ranks=all_ranks, poison_outputs=poison_outputs, replication=replication,
                             timeout=timeout, outputs=outputs)()
