@@ -111,6 +111,8 @@ class StubRunnerNative:
     def infer(self, *args):
         raise AssertionError("a wrong argument reached the native runner")
 
+    prepare = infer
+
 
 def stub_runner() -> EngineRunner:
     runner = EngineRunner.__new__(EngineRunner)

@@ -17,7 +17,16 @@ class StubNative:
 
     def __init__(self, ranks=2):
         self.calls = []
+        self.prepared = []
         self.ranks = ranks
+
+    def prepare(self, *args):
+        """Like the extension's: the arguments once, then a call that may get other outputs."""
+        def call(outputs=None):
+            return self.infer(*args[:-1], args[-1] if outputs is None else outputs)
+
+        self.prepared.append(args)
+        return call
 
     def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
         self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
@@ -74,6 +83,7 @@ def test_engine_runner_prepare_checks_names_once():
     x[:] = 7  # refilled in place: the next call reads the same buffer
     call()
     assert len(runner._native.calls) == 2 and runner._native.calls[0][0] is runner._native.calls[1][0]
+    assert len(runner._native.prepared) == 1  # converted and planned once
     assert runner._native.calls[0][1] == "auto"
     np.testing.assert_array_equal(out["output"], np.full((2, 2), 1, np.float32))
 

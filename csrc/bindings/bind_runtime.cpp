@@ -35,9 +35,37 @@ py::array host_bytes_to_numpy(std::vector<uint8_t>&& bytes) {
   return py::array_t<uint8_t>({static_cast<py::ssize_t>(owned->size())}, {1}, owned->data(), free_when_done);
 }
 
+InferOptions infer_options(const std::string& replication, bool poison_outputs, const std::vector<int>& fetch_ranks,
+                           bool device_outputs, double timeout, std::vector<std::vector<OutputArg>> outputs) {
+  InferOptions options;
+  options.replication = replication_from_name(replication);
+  options.poison_outputs = poison_outputs;
+  options.fetch_ranks = fetch_ranks;
+  options.device_outputs = device_outputs;
+  options.timeout_seconds = timeout;
+  options.outputs = std::move(outputs);
+  return options;
+}
+
 py::list specs_to_list(const std::vector<TensorSpec>& specs) {
   py::list out;
   for (const auto& s : specs) out.append(py::make_tuple(s.name, dtype_name(s.dtype), py::tuple(py::cast(s.shape))));
+  return out;
+}
+
+// Per rank: {"outputs": [(name, dtype, shape)], "host": [numpy uint8], "device": [PooledBuffer]}.
+py::list results_to_python(std::vector<RankResult>&& results) {
+  py::list out;
+  for (auto& res : results) {
+    py::dict d;
+    d["outputs"] = specs_to_list(res.outputs);
+    py::list host, device;
+    for (auto& h : res.host) host.append(host_bytes_to_numpy(std::move(h)));
+    for (auto& b : res.device) device.append(py::cast(b));
+    d["host"] = host;
+    d["device"] = device;
+    out.append(d);
+  }
   return out;
 }
 
@@ -208,35 +236,54 @@ void bind_runtime(py::module_& m) {
           [](ProgramRunner& r, const std::vector<std::vector<InputArg>>& args, const std::string& replication,
              bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, double timeout,
              std::vector<std::vector<OutputArg>> outputs) {
-            InferOptions options;
-            options.replication = replication_from_name(replication);
-            options.poison_outputs = poison_outputs;
-            options.fetch_ranks = fetch_ranks;
-            options.device_outputs = device_outputs;
-            options.timeout_seconds = timeout;
-            options.outputs = std::move(outputs);
+            InferOptions options = infer_options(replication, poison_outputs, fetch_ranks, device_outputs, timeout,
+                                                 std::move(outputs));
             std::vector<RankResult> results;
             {
               py::gil_scoped_release release;
               results = r.infer(args, options);
             }
-            py::list out;
-            for (auto& res : results) {
-              py::dict d;
-              d["outputs"] = specs_to_list(res.outputs);
-              py::list host, device;
-              for (auto& h : res.host) host.append(host_bytes_to_numpy(std::move(h)));
-              for (auto& b : res.device) device.append(py::cast(b));
-              d["host"] = host;
-              d["device"] = device;
-              out.append(d);
-            }
-            return out;
+            return results_to_python(std::move(results));
           },
           py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
           py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
           py::arg("timeout") = 0.0,
-          py::arg("outputs") = std::vector<std::vector<OutputArg>>{});
+          py::arg("outputs") = std::vector<std::vector<OutputArg>>{})
+      .def(
+          "prepare",
+          [](std::shared_ptr<ProgramRunner> r, std::vector<std::vector<InputArg>> args, const std::string& replication,
+             bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, double timeout,
+             std::vector<std::vector<OutputArg>> outputs) {
+            return std::make_shared<PreparedInfer>(
+                r, std::move(args),
+                infer_options(replication, poison_outputs, fetch_ranks, device_outputs, timeout, std::move(outputs)));
+          },
+          py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
+          py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
+          py::arg("timeout") = 0.0, py::arg("outputs") = std::vector<std::vector<OutputArg>>{},
+          "infer's arguments checked and planned once: the returned call runs it again.");
+
+  py::class_<PreparedInfer, std::shared_ptr<PreparedInfer>>(m, "PreparedInfer")
+      .def("__call__",
+           [](PreparedInfer& p) {
+             std::vector<RankResult> results;
+             {
+               py::gil_scoped_release release;
+               results = p.run();
+             }
+             return results_to_python(std::move(results));
+           })
+      .def(
+          "__call__",
+          [](PreparedInfer& p, std::vector<std::vector<OutputArg>> outputs) {
+            std::vector<RankResult> results;
+            {
+              py::gil_scoped_release release;
+              results = p.run(std::move(outputs));
+            }
+            return results_to_python(std::move(results));
+          },
+          py::arg("outputs"), "The same call, writing into these output buffers.");
 
   py::module_ testing = m.def_submodule("testing", "Test-only entry points of the rank runtime (no GPU needed).");
   py::class_<CopyProgram, RankProgram, std::shared_ptr<CopyProgram>>(testing, "CopyProgram")

@@ -163,12 +163,35 @@ std::vector<std::vector<int>> ProgramRunner::order_after_callers(const std::vect
   return rank_waits;
 }
 
+CallPlan ProgramRunner::plan(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options) {
+  RankRuntime& runtime = group_->runtime();
+  return plan_call(inputs, options, input_specs_, runtime.ranks(), group_->all_peer_access(),
+                   runtime.num_local_ranks() == group_->world_size());
+}
+
 std::vector<RankResult> ProgramRunner::infer(const std::vector<std::vector<InputArg>>& inputs,
                                              const InferOptions& options) {
+  return run(plan(inputs, options), inputs, options);
+}
+
+PreparedInfer::PreparedInfer(std::shared_ptr<ProgramRunner> runner, std::vector<std::vector<InputArg>> inputs,
+                             InferOptions options)
+    : runner_(std::move(runner)), inputs_(std::move(inputs)), options_(std::move(options)),
+      plan_(runner_->plan(inputs_, options_)) {}
+
+std::vector<RankResult> PreparedInfer::run(std::vector<std::vector<OutputArg>> outputs) {
+  if (outputs.size() > static_cast<size_t>(plan_.num_ranks))
+    throw_invalid_argument("output buffers for " + std::to_string(outputs.size()) + " ranks given, this group has " +
+                           std::to_string(plan_.num_ranks) + " local ranks");
+  InferOptions options = options_;
+  options.outputs = std::move(outputs);
+  return runner_->run(plan_, inputs_, options);
+}
+
+std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
+                                           const InferOptions& options) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   RankRuntime& runtime = group_->runtime();
-  const CallPlan plan = plan_call(inputs, options, input_specs_, runtime.ranks(), group_->all_peer_access(),
-                                  runtime.num_local_ranks() == group_->world_size());
   const int n = plan.num_ranks;
   if (plan.replicated_inputs > 0) last_replication_ = plan.replication;
   const std::vector<std::vector<int>> rank_waits = order_after_callers(inputs, options);

@@ -46,6 +46,11 @@ class ProgramRunner {
   // inputs[i] are local rank i's inputs, in the program's input order. The same host pointer on
   // every rank means "replicate"; a device pointer on another GPU is copied peer-to-peer.
   std::vector<RankResult> infer(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
+  // The checks and decisions of a call, made once for arguments that are used again (prepare()).
+  CallPlan plan(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
+  // A call planned by plan() for these same inputs and options (options.outputs may differ).
+  std::vector<RankResult> run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
+                              const InferOptions& options);
 
   Replication last_replication() const { return last_replication_; }
   std::vector<TensorSpec> input_specs(int local_index);
@@ -90,6 +95,22 @@ class ProgramRunner {
   int abort_hook_ = -1;
   bool cuda_graphs_ = false;
   Replication last_replication_ = Replication::kHost;
+};
+
+// A call whose arguments were checked and planned once: run() repeats it on the same buffers.
+class PreparedInfer {
+ public:
+  PreparedInfer(std::shared_ptr<ProgramRunner> runner, std::vector<std::vector<InputArg>> inputs,
+                InferOptions options);
+  std::vector<RankResult> run() { return runner_->run(plan_, inputs_, options_); }
+  // With other output buffers for this call (fresh outputs per call); same shape of list.
+  std::vector<RankResult> run(std::vector<std::vector<OutputArg>> outputs);
+
+ private:
+  std::shared_ptr<ProgramRunner> runner_;
+  std::vector<std::vector<InputArg>> inputs_;
+  InferOptions options_;
+  CallPlan plan_;
 };
 
 }  // namespace mdtrt

@@ -264,9 +264,10 @@ class DeviceGroup:
 
 
 class PreparedCall:
-    """A ProgramRunner call whose arguments were checked and converted once: calling it runs the
-    program again on the same buffers (their current contents), with no per-call argument work.
-    Device arrays are ordered with the streams that were current when the call was prepared."""
+    """A ProgramRunner call whose arguments were checked, converted and planned once (the native
+    ``PreparedInfer``): calling it runs the program again on the same buffers (their current
+    contents), with no per-call argument work. Device arrays are ordered with the streams that were
+    current when the call was prepared."""
 
     def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
@@ -293,10 +294,10 @@ class PreparedCall:
             raise InvalidArgumentError("preallocated outputs must be device arrays")
         n = len(per_rank_refs)
         fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
-        self._infer = runner.infer
-        # Positional arguments: pybind11 matches keywords noticeably slower, and this is the hot path.
-        self._args = (native_inputs, replication, poison_outputs, fetch, on_device, float(timeout or 0.0),
-                      [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
+        # Checked and planned once, natively; calling it repeats the call (positional arguments:
+        # pybind11 matches keywords noticeably slower).
+        self._call = runner.prepare(native_inputs, replication, poison_outputs, fetch, on_device, float(timeout or 0.0),
+                                    [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
         self._refs = per_rank_refs  # keeps the arrays alive as long as the call can run
         self._out = out
         # new_out(): fresh output buffers for every call ([{name: ArrayRef}] per rank), for outputs
@@ -307,11 +308,10 @@ class PreparedCall:
     def __call__(self) -> list[dict]:
         out = self._out
         if self._new_out is None:
-            results = self._infer(*self._args)
+            results = self._call()
         else:
             out = self._new_out()
-            results = self._infer(*self._args[:-1], [[ref.as_output(name) for name, ref in given.items()]
-                                                     for given in out])
+            results = self._call([[ref.as_output(name) for name, ref in given.items()] for given in out])
         on_device, refs = self._on_device, self._refs
         outputs = []
         for i, res in enumerate(results):
