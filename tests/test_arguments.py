@@ -25,7 +25,7 @@ def test_device_group_gpus(gpus, match):
         mdtrt.DeviceGroup(gpus=gpus)
 
 
-@pytest.mark.parametrize("timeout", ["60", 0, -1, None, True, float("nan")])
+@pytest.mark.parametrize("timeout", ["60", 0, -1, None, True, float("nan"), float("inf")])
 def test_device_group_timeout(timeout):
     with pytest.raises(mdtrt.InvalidArgumentError, match="timeout must be a positive number of seconds"):
         mdtrt.DeviceGroup(gpus=[0], timeout=timeout)
@@ -152,6 +152,14 @@ def test_infer_and_prepare_arguments(kwargs, match):
 def test_time_infer_arguments(kwargs, match):
     with pytest.raises(mdtrt.InvalidArgumentError, match=match):
         stub_runner().time_infer({"input": np.ones(2, np.float32)}, **kwargs)
+
+
+def test_accepted_forms():
+    assert arguments.integers(range(2), "gpus") == [0, 1]
+    assert arguments.integers((np.int64(1), 0), "gpus") == [1, 0]
+    assert arguments.flag(np.True_, "x") is True and arguments.flag(False, "x") is False
+    assert arguments.seconds(np.float32(2.5)) == 2.5 and arguments.integer(np.int32(3), "root") == 3
+    assert arguments.per_rank("a", "inputs", 1) == ["a"]
 
 
 def test_errors_are_value_errors_too():

@@ -4,8 +4,11 @@ got, instead of a TypeError or AttributeError from deep inside."""
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Sequence
+
+import numpy as np
 
 from .errors import InvalidArgumentError
 
@@ -46,15 +49,15 @@ def integers(value: Any, name: str, *, hint: str = "") -> list[int]:
 
 
 def seconds(value: Any, name: str = "timeout") -> float:
-    """A positive number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+    """A positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
         raise fail(name, "a positive number of seconds", value)
     return float(value)
 
 
 def flag(value: Any, name: str) -> bool:
     """True or False (numpy booleans too); anything else is a mistake worth naming."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise fail(name, "True or False", value)
 
