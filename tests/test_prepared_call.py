@@ -3,6 +3,8 @@ native runner, so it is tested on any machine."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,8 @@ from mdtrt.runner import EngineRunner
 
 
 class StubNative:
-    """Records each infer() call and answers like the extension: host bytes per fetched rank."""
+    """Records each infer() call and answers like the extension (a RankResult per rank): host bytes
+    per fetched rank."""
 
     def __init__(self, ranks=2):
         self.calls = []
@@ -33,7 +36,7 @@ class StubNative:
         results = []
         for rank in range(self.ranks):
             host = [np.frombuffer(np.full(4, rank + 1, np.float32).tobytes(), np.uint8).copy()] if rank in fetch else []
-            results.append({"outputs": [("output", "float32", (2, 2))], "host": host, "device": []})
+            results.append(SimpleNamespace(outputs=[("output", "float32", (2, 2))], host=host, device=[]))
         return results
 
 
@@ -104,7 +107,7 @@ def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
     class DeviceStub(StubNative):
         def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
             self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
-            return [{"outputs": [("output", "float32", (2, 2))], "host": [], "device": []} for _ in range(self.ranks)]
+            return [SimpleNamespace(outputs=[("output", "float32", (2, 2))], host=[], device=[]) for _ in range(self.ranks)]
 
     native = DeviceStub()
     x = [ArrayRef(0x1000 * (r + 1), r, "float32", (2, 2), object(), "torch", 7) for r in range(2)]
@@ -115,3 +118,17 @@ def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
         assert [[(a.name, a.ptr, a.nbytes, a.device, a.stream) for a in rank] for rank in recorded] == [
             [("output", 0x10000 * base, 16, 0, 7)], [("output", 0x10000 * (base + 1), 16, 1, 7)]]
     assert native.calls[0][4] is True  # device inputs: device outputs, nothing fetched
+
+
+def test_native_rank_result_host_bytes_are_zero_copy_views_that_keep_it_alive():
+    from mdtrt import _core
+
+    result = _core.testing.rank_result([b"\x01\x02\x03", b"", b"\xff" * 8])
+    assert result.outputs == [("output0", "uint8", (3,)), ("output1", "uint8", (0,)), ("output2", "uint8", (8,))]
+    host = result.host
+    assert result.device == []
+    del result  # the arrays keep the native result alive
+    np.testing.assert_array_equal(host[0], [1, 2, 3])
+    assert host[1].size == 0 and host[2].dtype == np.uint8 and (host[2] == 255).all()
+    assert host[0].flags.writeable  # torch.from_numpy takes it without a warning
+    assert np.frombuffer(host[2].tobytes(), np.float16).shape == (4,)

@@ -29,12 +29,6 @@ nccl::UniqueId unique_id_from_bytes(const py::bytes& b) {
   return id;
 }
 
-py::array host_bytes_to_numpy(std::vector<uint8_t>&& bytes) {
-  auto* owned = new std::vector<uint8_t>(std::move(bytes));
-  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<uint8_t>*>(p); });
-  return py::array_t<uint8_t>({static_cast<py::ssize_t>(owned->size())}, {1}, owned->data(), free_when_done);
-}
-
 InferOptions infer_options(const std::string& replication, bool poison_outputs, const std::vector<int>& fetch_ranks,
                            bool device_outputs, double timeout, std::vector<std::vector<OutputArg>> outputs) {
   InferOptions options;
@@ -50,22 +44,6 @@ InferOptions infer_options(const std::string& replication, bool poison_outputs, 
 py::list specs_to_list(const std::vector<TensorSpec>& specs) {
   py::list out;
   for (const auto& s : specs) out.append(py::make_tuple(s.name, dtype_name(s.dtype), py::tuple(py::cast(s.shape))));
-  return out;
-}
-
-// Per rank: {"outputs": [(name, dtype, shape)], "host": [numpy uint8], "device": [PooledBuffer]}.
-py::list results_to_python(std::vector<RankResult>&& results) {
-  py::list out;
-  for (auto& res : results) {
-    py::dict d;
-    d["outputs"] = specs_to_list(res.outputs);
-    py::list host, device;
-    for (auto& h : res.host) host.append(host_bytes_to_numpy(std::move(h)));
-    for (auto& b : res.device) device.append(py::cast(b));
-    d["host"] = host;
-    d["device"] = device;
-    out.append(d);
-  }
   return out;
 }
 
@@ -215,6 +193,26 @@ void bind_runtime(py::module_& m) {
       .def_readonly("device", &OutputArg::device)
       .def_readonly("stream", &OutputArg::stream);
 
+  // One rank's result of a call: what the program put out, the bytes fetched to host memory
+  // (numpy views that keep this result alive), the device buffers handed to the caller.
+  py::class_<RankResult>(m, "RankResult")
+      .def_property_readonly("outputs", [](const RankResult& r) { return specs_to_list(r.outputs); })
+      .def_property_readonly("host",
+                             [](py::object self) {
+                               auto& r = self.cast<RankResult&>();
+                               py::list out;
+                               for (auto& h : r.host) {
+                                 if (h.empty()) {
+                                   out.append(py::array_t<uint8_t>(0));
+                                   continue;
+                                 }
+                                 out.append(py::array_t<uint8_t>({static_cast<py::ssize_t>(h.size())}, {1}, h.data(),
+                                                                 self));
+                               }
+                               return out;
+                             })
+      .def_property_readonly("device", [](const RankResult& r) { return r.device; });
+
   py::class_<ProgramRunner, std::shared_ptr<ProgramRunner>>(m, "ProgramRunner")
       .def(py::init([](std::shared_ptr<DeviceGroup> group, std::vector<std::shared_ptr<RankProgram>> programs,
                        bool sequential_bind) {
@@ -243,7 +241,7 @@ void bind_runtime(py::module_& m) {
               py::gil_scoped_release release;
               results = r.infer(args, options);
             }
-            return results_to_python(std::move(results));
+            return results;
           },
           py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
           py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
@@ -271,7 +269,7 @@ void bind_runtime(py::module_& m) {
                py::gil_scoped_release release;
                results = p.run();
              }
-             return results_to_python(std::move(results));
+             return results;
            })
       .def(
           "__call__",
@@ -281,7 +279,7 @@ void bind_runtime(py::module_& m) {
               py::gil_scoped_release release;
               results = p.run(std::move(outputs));
             }
-            return results_to_python(std::move(results));
+            return results;
           },
           py::arg("outputs"), "The same call, writing into these output buffers.");
 
@@ -300,6 +298,17 @@ void bind_runtime(py::module_& m) {
              return std::make_shared<AlignedCopyProgram>(dtype_from_name(dtype));
            }),
            py::arg("dtype"));
+  testing.def(
+      "rank_result",
+      [](const std::vector<std::string>& host) {
+        RankResult r;
+        for (size_t i = 0; i < host.size(); ++i) {
+          r.outputs.push_back(TensorSpec{"output" + std::to_string(i), DType::kUInt8, {static_cast<int64_t>(host[i].size())}});
+          r.host.emplace_back(host[i].begin(), host[i].end());
+        }
+        return r;
+      },
+      py::arg("host"), "A RankResult holding these host bytes (tests the conversion on any machine).");
   testing.def(
       "run_checked_launch_test",
       [](int num_ranks, int fail_rank, double slow_check_seconds, double timeout) {

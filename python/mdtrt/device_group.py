@@ -317,12 +317,13 @@ class PreparedCall:
         for i, res in enumerate(results):
             named = {}
             like = refs[i][0] if refs[i] else None
-            for k, (name, dtype, shape) in enumerate(res["outputs"]):
+            host = None if on_device else res.host
+            for k, (name, dtype, shape) in enumerate(res.outputs):
                 if out and name in out[i]:
                     named[name] = out[i][name].owner
                 elif on_device:
-                    named[name] = wrap_device_output(res["device"][k], dtype, shape, like)
-                elif res["host"]:
-                    named[name] = host_output(res["host"][k], dtype, shape, like)
+                    named[name] = wrap_device_output(res.device[k], dtype, shape, like)
+                elif host:
+                    named[name] = host_output(host[k], dtype, shape, like)
             outputs.append(named)
         return outputs
