@@ -119,6 +119,8 @@ def stub_runner() -> EngineRunner:
     runner.group = [0, 1]  # only its length is used
     runner._native = StubRunnerNative()
     runner._inputs = [("input", "float32", (-1,))]
+    runner._devices = [0, 1]
+    runner._output_specs = {}
     runner.replication = "auto"
     return runner
 

@@ -167,6 +167,30 @@ def test_torch_in_torch_out_from_the_caching_allocator(group):
         assert torch.equal(o.cpu(), torch.cat([x.cpu() for x in xs]))
 
 
+def test_engine_outputs_for_torch_inputs_come_from_torch_after_the_first_call(group):
+    """EngineRunner with torch inputs and no outputs=: the first call for some input shapes hands
+    back pooled outputs (as torch tensors), later ones allocate from torch's caching allocator
+    with the shapes learnt; new input shapes are learnt anew."""
+    torch = pytest.importorskip("torch")
+    runner = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("float32"))
+    dev = group.gpus[0]
+    for length in (4096, 1000):
+        xs = [torch.randn(length, device=f"cuda:{d}") for d in group.gpus]
+        first = runner.infer([{"input": x} for x in xs], all_ranks=True)
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        second = runner.infer([{"input": x} for x in xs], all_ranks=True)
+        assert torch.cuda.memory_allocated(dev) - before >= length * 4  # held by torch's allocator
+        call = runner.prepare([{"input": x} for x in xs], all_ranks=True)
+        third, fourth = call(), call()
+        assert third[0]["output"].data_ptr() != fourth[0]["output"].data_ptr()
+        for outs in (first, second, third, fourth):
+            for o, x, d in zip(outs, xs, group.gpus):
+                t = o["output"]
+                assert isinstance(t, torch.Tensor) and t.device == torch.device(f"cuda:{d}") and t.shape == x.shape
+                assert torch.equal(t.cpu(), x.cpu())
+
+
 # -- alignment ------------------------------------------------------------------------------------
 
 def test_misaligned_views_are_staged_for_programs_that_need_alignment(group):

@@ -77,6 +77,8 @@ def test_engine_runner_prepare_checks_names_once():
     runner.group = [0, 1]  # only its length is used here
     runner._native = StubNative()
     runner._inputs = [("input", "float32", (-1,))]
+    runner._devices = [0, 1]
+    runner._output_specs = {}
     runner.replication = "auto"
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"missing \['input'\]"):
         runner.prepare({"x": np.ones(2, np.float32)})
@@ -132,3 +134,46 @@ def test_native_rank_result_host_bytes_are_zero_copy_views_that_keep_it_alive():
     assert host[1].size == 0 and host[2].dtype == np.uint8 and (host[2] == 255).all()
     assert host[0].flags.writeable  # torch.from_numpy takes it without a warning
     assert np.frombuffer(host[2].tobytes(), np.float16).shape == (4,)
+
+
+class FakeTensor:
+    """Stands in for a torch CUDA tensor in an ArrayRef (kind "torch")."""
+
+
+def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
+    """Torch inputs without outputs=: the first call takes the runner's pooled outputs and records
+    each rank's output specs; later calls (and later prepare()s with the same input shapes) pass
+    output buffers from torch's allocator instead."""
+    allocations = []
+
+    class SpecStub(StubNative):
+        def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
+            self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
+            return [SimpleNamespace(outputs=[("y", "float16", (3, 2))], host=[], device=[f"pooled{r}"])
+                    for r in range(self.ranks)]
+
+    import mdtrt.device_group as dg
+
+    def fake_factory(specs, devices):
+        def allocate():
+            refs = [{name: ArrayRef(0x1000 + len(allocations), d, dtype, shape, FakeTensor(), "torch", 7)
+                     for name, dtype, shape in rank} for rank, d in zip(specs, devices)]
+            allocations.append(refs)
+            return refs
+        return allocate
+
+    native = SpecStub()
+    cache: dict = {}
+    x = [ArrayRef(0x100 * (r + 1), r, "float16", (3, 2), FakeTensor(), "torch", 7) for r in range(2)]
+    monkeypatch.setattr(dg, "torch_output_factory", fake_factory)
+    monkeypatch.setattr(dg, "wrap_device_output", lambda buffer, dtype, shape, like: buffer)
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], spec_cache=cache)
+    first = call()
+    assert [o["y"] for o in first] == ["pooled0", "pooled1"] and native.calls[0][6] == []
+    assert cache == {((("float16", (3, 2)),), (("float16", (3, 2)),)): [[("y", "float16", (3, 2))]] * 2}
+    second = call()
+    assert len(allocations) == 1 and [o["y"] for o in second] == [r["y"].owner for r in allocations[0]]
+    assert [[a.name for a in rank] for rank in native.calls[1][6]] == [["y"], ["y"]]
+    again = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], spec_cache=cache)
+    again()
+    assert len(allocations) == 2  # learnt once: the new call allocates from its first run

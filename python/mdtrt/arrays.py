@@ -290,23 +290,29 @@ def _torch_dtype(torch, name: str):
     return getattr(torch, name)  # mdtrt's dtype names are torch's attribute names
 
 
-def torch_output_factory(like: ArrayRef, shape, devices: list[int]):
-    """A function that allocates one torch tensor of ``shape`` (``like``'s dtype) per device in
-    ``devices`` from torch's caching allocator, each as an ArrayRef ordered after the stream
-    current on its device (the allocator hands out blocks stream-ordered on that stream)."""
+def torch_output_factory(specs: list, devices: list[int]):
+    """A function that allocates every rank's outputs as torch tensors from torch's caching
+    allocator: ``specs[i]`` lists rank i's outputs as (name, dtype, shape), on GPU ``devices[i]``.
+    It returns [{name: ArrayRef}] per rank, each ref ordered after the stream current on its GPU
+    (the allocator hands its blocks out in that stream's order)."""
     import torch
 
-    dtype = like.owner.dtype
-    name = like.dtype
-    shape = tuple(int(d) for d in shape)
-    targets = [(d, torch.device("cuda", d)) for d in devices]
+    plan = []
+    for rank_specs, device in zip(specs, devices):
+        plan.append((device, torch.device("cuda", device),
+                     [(name, dtype, tuple(int(d) for d in shape), _torch_dtype(torch, dtype))
+                      for name, dtype, shape in rank_specs]))
     empty = torch.empty
 
-    def allocate() -> list[ArrayRef]:
-        refs = []
-        for index, device in targets:
-            t = empty(shape, dtype=dtype, device=device)
-            refs.append(ArrayRef(t.data_ptr(), index, name, shape, t, "torch", _torch_current_stream(torch, index)))
-        return refs
+    def allocate() -> list[dict]:
+        out = []
+        for index, device, outputs in plan:
+            stream = _torch_current_stream(torch, index)
+            refs = {}
+            for name, dtype, shape, torch_dtype in outputs:
+                t = empty(shape, dtype=torch_dtype, device=device)
+                refs[name] = ArrayRef(t.data_ptr(), index, dtype, shape, t, "torch", stream)
+            out.append(refs)
+        return out
 
     return allocate

@@ -226,9 +226,8 @@ class DeviceGroup:
         if out_refs is None and first.kind == "torch":
             # torch in, torch out: outputs from torch's caching allocator, a fresh set per call.
             group_size = len(groups) if groups else native.world_size
-            shape = _core.collective_output_shape(op, list(first.shape), group_size)
-            allocate = torch_output_factory(first, shape, list(native.devices))
-            new_out = lambda: [{"output": ref} for ref in allocate()]  # noqa: E731
+            shape = tuple(_core.collective_output_shape(op, list(first.shape), group_size))
+            new_out = torch_output_factory([[("output", first.dtype, shape)]] * n, list(native.devices))
         call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
                             out=out_refs, new_out=new_out)
         members = groups or range(native.world_size)
@@ -271,7 +270,8 @@ class PreparedCall:
 
     def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
-                 out: list[dict[str, ArrayRef]] | None = None, new_out=None):
+                 out: list[dict[str, ArrayRef]] | None = None, new_out=None,
+                 torch_devices: list[int] | None = None, spec_cache: dict | None = None):
         # One pass over the inputs; a replicated input list is the same object on every rank.
         on_device = on_host = False
         native_by_list: dict[int, list] = {}
@@ -304,6 +304,18 @@ class PreparedCall:
         # the caller keeps (torch's caching allocator instead of the runner's pool).
         self._new_out = new_out if out is None and on_device else None
         self._on_device = on_device
+        # Torch inputs whose output shapes are not known in advance (engines): the first call takes
+        # pooled outputs and records the shapes in spec_cache (keyed by the inputs' dtypes and
+        # shapes, which determine them); from then on, outputs come from torch's allocator.
+        self._torch_devices = None
+        if (self._new_out is None and out is None and on_device and torch_devices is not None
+                and all(ref.kind == "torch" for refs in per_rank_refs for ref in refs)):
+            self._torch_devices = list(torch_devices)
+            self._spec_cache = spec_cache if spec_cache is not None else {}
+            self._spec_key = tuple(tuple((ref.dtype, ref.shape) for ref in refs) for refs in per_rank_refs)
+            specs = self._spec_cache.get(self._spec_key)
+            if specs is not None:
+                self._new_out = torch_output_factory(specs, self._torch_devices)
 
     def __call__(self) -> list[dict]:
         out = self._out
@@ -313,6 +325,10 @@ class PreparedCall:
             out = self._new_out()
             results = self._call([[ref.as_output(name) for name, ref in given.items()] for given in out])
         on_device, refs = self._on_device, self._refs
+        if self._torch_devices is not None and self._new_out is None:
+            specs = [list(res.outputs) for res in results]
+            self._spec_cache[self._spec_key] = specs
+            self._new_out = torch_output_factory(specs, self._torch_devices)
         outputs = []
         for i, res in enumerate(results):
             named = {}

@@ -82,6 +82,10 @@ class EngineRunner:
         self._native = _core.ProgramRunner(native_group, [program] * n, sequential_bind)
         self._native.cuda_graphs = bool(cuda_graph)
         self._inputs = [spec for spec in self._native.input_specs(0)]
+        # Output (name, dtype, shape) per rank by the inputs' dtypes and shapes, learnt from calls:
+        # torch callers' outputs then come from torch's caching allocator (see PreparedCall).
+        self._output_specs: dict = {}
+        self._devices = group.gpus
 
     @property
     def input_names(self) -> list[str]:
@@ -181,7 +185,8 @@ class EngineRunner:
                 for i, a in enumerate(arrays):
                     out[i][name] = describe(a, f"output '{name}'")
         call = PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
-                            replication=mode, timeout=timeout, out=out)
+                            replication=mode, timeout=timeout, out=out, torch_devices=self._devices,
+                            spec_cache=self._output_specs)
         if all_ranks:
             return call
         return lambda: call()[0]
