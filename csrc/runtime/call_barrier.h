@@ -25,11 +25,14 @@ class CallBarrier {
   // After arrive(): returns once every rank arrived, true when every one was ready. Throws a
   // timeout error when the deadline passes first (a rank stuck in its checks).
   bool wait(const Deadline& deadline, int rank, const std::string& what);
+  // Releases the waiting ranks with an error (the call is being aborted: deadline, Ctrl-C).
+  void abort();
 
  private:
   const int count_;
   std::atomic<int> arrived_{0};
   std::atomic<bool> all_ready_{true};
+  bool aborted_ = false;  // guarded by mutex_
   std::mutex mutex_;
   std::condition_variable changed_;
 };
