@@ -19,6 +19,7 @@ from mdtrt.runner import EngineRunner
     ([0, "1"], r"gpus must be a list of integers, got \[0, '1'\] \(list\): element 1 is '1' \(str\)"),
     ([True], r"element 0 is True \(bool\)"),
     ([0.0], r"element 0 is 0.0 \(float\)"),
+    ([0, [1]], r"element 1 is \[1\] \(list\)"),
 ])
 def test_device_group_gpus(gpus, match):
     with pytest.raises(mdtrt.InvalidArgumentError, match=match):
@@ -159,6 +160,9 @@ def test_time_infer_arguments(kwargs, match):
 def test_accepted_forms():
     assert arguments.integers(range(2), "gpus") == [0, 1]
     assert arguments.integers((np.int64(1), 0), "gpus") == [1, 0]
+    assert arguments.integers(np.arange(2), "gpus") == [0, 1]
+    with pytest.raises(mdtrt.InvalidArgumentError, match="gpus must be a list of integers"):
+        arguments.integers(np.zeros((2, 2), int), "gpus")
     assert arguments.flag(np.True_, "x") is True and arguments.flag(False, "x") is False
     assert arguments.seconds(np.float32(2.5)) == 2.5 and arguments.integer(np.int32(3), "root") == 3
     assert arguments.per_rank("a", "inputs", 1) == ["a"]

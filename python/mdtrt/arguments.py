@@ -35,9 +35,10 @@ def integer(value: Any, name: str, *, minimum: int | None = None) -> int:
 
 
 def integers(value: Any, name: str, *, hint: str = "") -> list[int]:
-    """A list or tuple of ints (a range too); a single int or a string is refused. ``hint`` is
+    """A list or tuple of ints (a range or a 1-D numpy array too); a single int or a string is refused. ``hint`` is
     added to the message (how to write it right)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, range)):
+    if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, range, np.ndarray))
+            or isinstance(value, np.ndarray) and value.ndim != 1):
         raise InvalidArgumentError(f"{name} must be a list of integers, got {_got(value)}" + (f"; {hint}" if hint else ""))
     out = []
     for i, v in enumerate(value):
