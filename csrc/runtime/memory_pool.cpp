@@ -24,6 +24,10 @@ cudaMemPool_t device_memory_pool(int device) {
   MDTRT_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
   uint64_t threshold = kPoolReleaseThresholdBytes;
   MDTRT_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  // Memory freed on the legacy stream is reused by a rank's stream once the free has run, never
+  // by making the rank's stream wait for the caller's unrelated work queued before the free.
+  int no = 0;
+  MDTRT_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &no));
   // Unlike cudaMalloc memory, pool memory does not follow cudaDeviceEnablePeerAccess: grant the
   // peers access here, so that peer copies from and to outputs work as they do for other memory.
   int count = 0;
