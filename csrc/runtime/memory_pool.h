@@ -34,6 +34,9 @@ class PooledBuffer {
   void* get() const { return ptr_; }
   size_t size() const { return bytes_; }
   int device() const { return device_; }
+  // Gives the memory up without freeing it: for a buffer whose allocating stream may never get
+  // there (a call that failed with its stream stuck), where a free could race the allocation.
+  void leak() { ptr_ = nullptr; }
 
  private:
   int device_;

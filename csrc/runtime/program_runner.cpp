@@ -233,7 +233,15 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     result.device = std::move(outputs[i].device);
   };
   const double timeout = options.timeout_seconds > 0 ? options.timeout_seconds : group_->timeout();
-  run_checked_then_launched(runtime, check, launch, timeout, "infer");
+  try {
+    run_checked_then_launched(runtime, check, launch, timeout, "infer");
+  } catch (...) {
+    // Outputs allocated for a call that failed are never handed over: freed once each rank's
+    // stream reached their allocation, given up where a stream is stuck (after a deadline).
+    const Deadline soon = Deadline::after_seconds(runtime.broken() ? 0.0 : 1.0);
+    for (int i = 0; i < n; ++i) drop_unused_outputs(outputs[i], runtime.context(i).stream, soon);
+    throw;
+  }
   return results;
 }
 

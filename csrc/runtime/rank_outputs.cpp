@@ -4,10 +4,10 @@
 
 namespace mdtrt {
 
-RankOutputs place_outputs(RankContext& ctx, RankProgram& program, const std::vector<TensorView>& inputs,
-                          const std::vector<OutputArg>& given, bool device_outputs,
-                          std::vector<DeviceBuffer>& own) {
-  RankOutputs out;
+namespace {
+
+void place_outputs_into(RankOutputs& out, RankContext& ctx, RankProgram& program, const std::vector<TensorView>& inputs,
+                        const std::vector<OutputArg>& given, bool device_outputs, std::vector<DeviceBuffer>& own) {
   out.specs = program.resolve_outputs(ctx, inputs);
   const size_t num_outputs = out.specs.size();
   for (const OutputArg& g : given) {
@@ -64,6 +64,36 @@ RankOutputs place_outputs(RankContext& ctx, RankProgram& program, const std::vec
     own[o].reserve(v.nbytes());
     v.data = own[o].get();
     out.copy_out.push_back({o, destination});
+  }
+}
+
+}  // namespace
+
+void drop_unused_outputs(RankOutputs& outputs, cudaStream_t stream, const Deadline& deadline) {
+  bool any = false;
+  for (const auto& b : outputs.device) any = any || b != nullptr;
+  if (!any) return;
+  bool reached = false;
+  try {
+    reached = wait_stream(stream, deadline);
+  } catch (const Error&) {
+    reached = false;  // the stream is broken: give the memory up rather than race it
+  }
+  if (!reached)
+    for (auto& b : outputs.device)
+      if (b) b->leak();
+  outputs.device.clear();
+}
+
+RankOutputs place_outputs(RankContext& ctx, RankProgram& program, const std::vector<TensorView>& inputs,
+                          const std::vector<OutputArg>& given, bool device_outputs,
+                          std::vector<DeviceBuffer>& own) {
+  RankOutputs out;
+  try {
+    place_outputs_into(out, ctx, program, inputs, given, device_outputs, own);
+  } catch (...) {
+    drop_unused_outputs(out, ctx.stream, ctx.deadline);
+    throw;
   }
   return out;
 }

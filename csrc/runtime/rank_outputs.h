@@ -31,6 +31,11 @@ RankOutputs place_outputs(RankContext& ctx, RankProgram& program, const std::vec
                           const std::vector<OutputArg>& given, bool device_outputs,
                           std::vector<DeviceBuffer>& own);
 
+// For a call that failed before it handed its outputs over: the pooled buffers allocated (in
+// order on `stream`) are freed once `stream` reached their allocation, or given up when it does
+// not within `deadline` (a free on another stream must not overtake the allocation).
+void drop_unused_outputs(RankOutputs& outputs, cudaStream_t stream, const Deadline& deadline);
+
 // Launch steps around the program: poison before (0xFF bytes), copy to the caller's buffers and
 // to host memory after (host[o], sized here), all on ctx.stream.
 void poison_outputs(const RankContext& ctx, const RankOutputs& outputs);
