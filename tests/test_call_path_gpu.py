@@ -34,6 +34,14 @@ def check_group_still_works(group):
         np.testing.assert_allclose(out, exp, rtol=1e-5, atol=1e-5)
 
 
+class CaiOnly:
+    """A device array that is not torch (like CuPy's): its outputs come from mdtrt's pools."""
+
+    def __init__(self, t):
+        self.t = t
+        self.__cuda_array_interface__ = t.__cuda_array_interface__
+
+
 # -- validate before enqueue ----------------------------------------------------------------------
 
 def test_wrong_size_output_on_one_rank_fails_at_once(group):
@@ -99,11 +107,6 @@ def test_held_outputs_stay_valid_across_later_calls(group):
     torch = pytest.importorskip("torch")
     n = len(group)
 
-    class CaiOnly:  # not torch: outputs come from mdtrt's pools
-        def __init__(self, t):
-            self.t = t
-            self.__cuda_array_interface__ = t.__cuda_array_interface__
-
     rng = np.random.default_rng(8)
     held, expected = [], []
     for step in range(12):
@@ -127,18 +130,42 @@ def test_dropped_outputs_return_to_the_pool(group):
     nbytes = 64 << 20
     x = {"input": np.ones(nbytes, np.uint8)}
     runner.infer(x, all_ranks=True)  # numpy out: the runner's own buffers
-    xs = [{"input": torch.ones(nbytes, dtype=torch.uint8, device=f"cuda:{d}")} for d in group.gpus]
+    xs = [{"input": CaiOnly(torch.ones(nbytes, dtype=torch.uint8, device=f"cuda:{d}"))} for d in group.gpus]
     runner.infer(xs, all_ranks=True)
     torch.cuda.synchronize(group.gpus[0])
     free_before = torch.cuda.mem_get_info(group.gpus[0])[0]
     for _ in range(80):  # 5 GiB per GPU if nothing came back
         outs = runner.infer(xs, all_ranks=True)
-        assert len(outs) == n and outs[0]["output"].device.index == group.gpus[0]
+        assert len(outs) == n and isinstance(outs[0]["output"], mdtrt.DeviceArray)
+        assert outs[0]["output"].device == group.gpus[0]
         del outs
     torch.cuda.synchronize(group.gpus[0])
     free_after = torch.cuda.mem_get_info(group.gpus[0])[0]
     # The pool may keep up to its release threshold (1 GiB) of freed memory for the next calls.
     assert free_before - free_after < (1 << 30) + 4 * nbytes, (free_before, free_after)
+
+
+def test_a_dropped_output_still_read_on_the_default_stream_is_not_reused(group):
+    """A pooled output dropped while work queued on torch's default stream still reads it: its
+    memory returns to the pool in that stream's order, so the next call cannot overwrite it."""
+    torch = pytest.importorskip("torch")
+    runner = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("float32"))
+    dev = group.gpus[0]
+    x = torch.arange(1 << 20, dtype=torch.float32, device=f"cuda:{dev}")
+    y = torch.full((1 << 20,), -1.0, device=f"cuda:{dev}")
+    torch.cuda.synchronize(dev)
+    unordered = CaiOnly(y)  # ready now, and says so: no stream to order with
+    unordered.__cuda_array_interface__ = {k: v for k, v in y.__cuda_array_interface__.items() if k != "stream"}
+    first = runner.infer({"input": CaiOnly(x)})["output"]  # rank 0's pooled output
+    with torch.cuda.device(dev):
+        view = torch.as_tensor(first, device=f"cuda:{dev}")
+        torch.cuda._sleep(200_000_000)  # the default stream stays busy for a while
+        copy = view.clone()  # reads the output after the sleep
+    del view, first  # the last references: the memory goes back to the pool, in stream order
+    for _ in range(3):  # while the clone still waits: these must not get (and overwrite) that memory
+        runner.infer({"input": unordered})
+    torch.cuda.synchronize(dev)
+    assert torch.equal(copy.cpu(), x.cpu())
 
 
 def test_torch_in_torch_out_from_the_caching_allocator(group):
