@@ -214,14 +214,19 @@ class DeviceGroup:
             out = arguments.per_rank(out, "out=", n, "array")
             out_refs = [{"output": describe(o, "out of rank", r)} for o, r in zip(out, ranks)]
         key = (op, reduce_name, root, tuple(groups), first.dtype, sequential_bind)
-        runner = self._runners.get(key)
-        if runner is None:
+        cached = self._runners.get(key)
+        if cached is None:
             program = _core.CollectiveProgram(op, reduce_name, root, groups, first.dtype, native.world_size, n)
             runner = _core.ProgramRunner(native, [program] * n, sequential_bind)
-            self._runners[key] = runner
+            members = groups or range(native.world_size)
+            # Outside the group, and off the root of reduce/gather, a rank's output is undefined.
+            defined = [r in members and not (op in ("reduce", "gather") and r != root) for r in ranks]
+            cached = self._runners[key] = (runner, None if all(defined) else defined)
             if len(self._runners) > _MAX_CACHED_COLLECTIVES:
                 self._runners.popitem(last=False)
-        self._runners.move_to_end(key)
+        else:
+            self._runners.move_to_end(key)
+        runner, defined = cached
         new_out = None
         if out_refs is None and first.kind == "torch":
             # torch in, torch out: outputs from torch's caching allocator, a fresh set per call.
@@ -230,10 +235,7 @@ class DeviceGroup:
             new_out = torch_output_factory([[("output", first.dtype, shape)]] * n, list(native.devices))
         call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
                             out=out_refs, new_out=new_out)
-        members = groups or range(native.world_size)
-        # Outside the group, and off the root of reduce/gather, a rank's output is undefined.
-        defined = [r in members and not (op in ("reduce", "gather") and r != root) for r in ranks]
-        if all(defined):
+        if defined is None:
             return lambda: [o["output"] for o in call()]
         return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
 
