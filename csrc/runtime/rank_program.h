@@ -66,6 +66,10 @@ class RankProgram {
 
   // Called from another thread when a deadline passed, to unblock a stuck bind or enqueue.
   virtual void abort() {}
+
+  // Bytes every input and output address given to enqueue() must be a multiple of (TensorRT's
+  // setTensorAddress wants 256). The runner stages misaligned arrays through aligned buffers.
+  virtual size_t required_alignment() const { return 1; }
 };
 
 }  // namespace mdtrt

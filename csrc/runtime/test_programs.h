@@ -6,6 +6,8 @@
 #include <condition_variable>
 #include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "runtime/rank_program.h"
 
@@ -94,6 +96,23 @@ class RankSynchronizingAllReduceProgram : public CopyProgram {
  private:
   int sync_rank_;
 };
+
+// A copy that, like TensorRT's setTensorAddress, takes only 256-byte aligned addresses and refuses
+// any other: the runner must stage misaligned arrays (sliced views) through aligned buffers.
+class AlignedCopyProgram : public CopyProgram {
+ public:
+  using CopyProgram::CopyProgram;
+  std::string describe() const override { return "aligned copy test program"; }
+  size_t required_alignment() const override { return 256; }
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+};
+
+// Runs the check-then-launch step of a call (runtime/call_barrier.h) on `num_ranks` CPU-only rank
+// threads: the check fails on `fail_rank` (-1: none), or sleeps `slow_check_seconds` there first.
+// Returns, per rank, whether its launch ran, and the call's error message ("" when it succeeded).
+std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
+                                                                  double slow_check_seconds, double timeout);
 
 // Raw figures of this machine, for benchmarks to compare against.
 std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations);

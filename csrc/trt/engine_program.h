@@ -60,6 +60,8 @@ class EngineProgram : public RankProgram {
   std::vector<TensorSpec> resolve_outputs(RankContext& ctx, const std::vector<TensorView>& inputs) override;
   void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
                const std::vector<TensorView>& outputs) override;
+  // IExecutionContext::setTensorAddress takes 256-byte aligned addresses only.
+  size_t required_alignment() const override { return 256; }
 
   bool multi_device() const { return multi_device_; }
   bool allow_host_code() const { return allow_host_code_; }
