@@ -216,6 +216,7 @@ def test_engine_outputs_for_torch_inputs_come_from_torch_after_the_first_call(gr
                 t = o["output"]
                 assert isinstance(t, torch.Tensor) and t.device == torch.device(f"cuda:{d}") and t.shape == x.shape
                 assert torch.equal(t.cpu(), x.cpu())
+        del first, second, third, fourth, call  # freed here, not inside the next length's measurement
 
 
 # -- alignment ------------------------------------------------------------------------------------

@@ -167,7 +167,6 @@ def test_preallocated_device_inputs_and_outputs(one_gpu):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="issue #15 item 3: misaligned (sliced) device arrays reach setTensorAddress")
 @pytest.mark.parametrize("which", ["input", "output"])
 def test_misaligned_views_work(trt_double, which):
     torch = pytest.importorskip("torch")

@@ -112,7 +112,7 @@ class DeviceGroup:
     # -- what the group is ------------------------------------------------------------------
     def _live(self):
         if self._native is None:
-            raise InvalidArgumentError("this DeviceGroup was closed")
+            raise InvalidArgumentError("the DeviceGroup was closed: create a new one")
         return self
 
     @property
