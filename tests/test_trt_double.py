@@ -319,3 +319,22 @@ def test_output_shapes_follow_the_input_shape_within_the_profile(trt_double, tmp
     assert set3[0] == "true"  # inside the profile: the uneven split is named when the shape is asked for
     assert three[0] == "invalid" and "does not split into 2 equal parts" in three[1]
     assert small[0] == "false" and wide[0] == "false"
+
+
+@pytest.mark.parametrize("flags,loads", [
+    ([], True),
+    (["kVERSION_COMPATIBLE"], False),  # embeds the lean runtime: host code, refused by default
+    (["kVERSION_COMPATIBLE", "kEXCLUDE_LEAN_RUNTIME"], True),
+])
+def test_version_compatible_plans_with_host_code_need_permission(trt_double, flags, loads):
+    bits = {"kVERSION_COMPATIBLE": 12, "kEXCLUDE_LEAN_RUNTIME": 13}
+    plan = double.read_plan(build("all_reduce"))
+    plan["builder"].update(flags=sum(1 << bits[f] for f in flags), flag_names=flags)
+    data = double.write_plan(plan)
+    assert double.read_plan(data)["builder"]["flag_names"] == flags
+    if loads:
+        assert [t["name"] for t in mdtrt_tensorrt.check_engine(data)] == ["input", "output"]
+        return
+    with pytest.raises(mdtrt.TensorRTError, match="setEngineHostCodeAllowed") as info:
+        mdtrt_tensorrt.check_engine(data)
+    assert info.value.call == "deserializeCudaEngine"
