@@ -338,3 +338,13 @@ def test_version_compatible_plans_with_host_code_need_permission(trt_double, fla
     with pytest.raises(mdtrt.TensorRTError, match="setEngineHostCodeAllowed") as info:
         mdtrt_tensorrt.check_engine(data)
     assert info.value.call == "deserializeCudaEngine"
+
+
+def test_a_plan_the_double_cannot_run_is_refused_when_deserialized(trt_double):
+    plan = double.read_plan(single_device_plan())
+    plan["tensors"][0]["dims"] = [-1, 6, 2]
+    plan["inputs"][0].update(min=[1, 6, 2], opt=[4, 6, 2], max=[8, 6, 2])
+    plan["layers"][0]["first_transpose"] = [2, 0, 1]
+    with pytest.raises(mdtrt.TensorRTError, match=r"runs only 2-D transposes") as info:
+        mdtrt_tensorrt.check_engine(double.write_plan(plan))
+    assert info.value.call == "deserializeCudaEngine"

@@ -672,6 +672,15 @@ class Runtime : public nvinfer1::IRuntime, public DefaultVRuntime {
       error(logger_, "IRuntime::deserializeCudaEngine: " + why);
       return nullptr;
     }
+    // Hand-written plans (trt_double.write_plan) are checked as the builder checks networks.
+    std::vector<Shape> shapes;
+    bool ok = infer_shapes(plan, {}, shapes, why);
+    for (size_t i = 0; ok && i < plan.layers.size(); ++i)
+      if (plan.layers[i].kind == LayerKind::kShuffle) ok = shuffle_supported(plan.layers[i], shapes[plan.layers[i].input].size(), why);
+    if (!ok) {
+      error(logger_, "IRuntime::deserializeCudaEngine: the plan cannot run: " + why);
+      return nullptr;
+    }
     // TensorRT's headers: a version-compatible plan includes the lean runtime unless built with
     // kEXCLUDE_LEAN_RUNTIME, and engines with host executable code load only after
     // setEngineHostCodeAllowed(true) (default false).
