@@ -356,3 +356,17 @@ def test_a_plan_the_double_cannot_run_is_refused_when_deserialized(trt_double):
     with pytest.raises(mdtrt.TensorRTError, match=r"runs only 2-D transposes") as info:
         mdtrt_tensorrt.check_engine(double.write_plan(plan))
     assert info.value.call == "deserializeCudaEngine"
+
+
+def test_unimplemented_methods_log_through_the_ilogger_and_fail(trt_double, tmp_path):
+    """The stubs generated from NvInferImpl.h: an error through the ILogger, a neutral result."""
+    ((result, log),) = context_check(trt_double, tmp_path, single_device_plan(), "inspector")
+    assert result == "null"
+    assert "VCudaEngine::createEngineInspector is not implemented by the TensorRT test double" in log
+
+
+def test_doctor_reports_the_double_as_full_tensorrt(trt_double):
+    report = mdtrt_tensorrt.library_report()  # in a child process, which inherits MDTRT_TENSORRT_LIBRARY
+    assert report["library_found"], report["error"]
+    assert os.path.realpath(report["path"]) == os.path.realpath(trt_double)
+    assert (report["version"], report["lean"], report["found_by"]) == ("11.1.0", False, "MDTRT_TENSORRT_LIBRARY")
