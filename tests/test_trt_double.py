@@ -370,3 +370,128 @@ def test_doctor_reports_the_double_as_full_tensorrt(trt_double):
     assert report["library_found"], report["error"]
     assert os.path.realpath(report["path"]) == os.path.realpath(trt_double)
     assert (report["version"], report["lean"], report["found_by"]) == ("11.1.0", False, "MDTRT_TENSORRT_LIBRARY")
+
+
+# --- enqueueV3's data movement on CPU: the double on host memory with a fake NCCL of threads ------
+# (tensorrt_double/host: fake_cudart.cpp, fake_nccl.cpp, host_run.cpp). The GPU tests run the same
+# plans with CUDA and real NCCL; these catch layer-order, transpose, root and group mistakes on CI.
+
+
+def host_run(trt_double, tmp_path, plan: bytes, xs: list[np.ndarray]):
+    """Runs `plan` on len(xs) rank threads; per rank (ok, log, output array or None)."""
+    import subprocess
+
+    build_dir = os.path.dirname(trt_double)
+    (tmp_path / "plan").write_bytes(plan)
+    (tmp_path / "inputs").write_bytes(b"".join(np.ascontiguousarray(x).tobytes() for x in xs))
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(build_dir, "host"))
+    out = subprocess.run([os.path.join(build_dir, "double_host_run"), os.path.join(build_dir, "libnvinfer_double_host.so"),
+                          str(tmp_path / "plan"), str(len(xs)), str(tmp_path / "inputs"), str(tmp_path / "outputs")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = (tmp_path / "outputs").read_bytes()
+    results, offset = [], 0
+    for line in out.stdout.splitlines():
+        head, _, log = line.partition(" | ")
+        _, rank, _, shape, status = head.split(" ")
+        dims = [int(d) for d in shape.split(",")] if shape != "-" else []
+        count = int(np.prod(dims)) * xs[0].itemsize
+        array = np.frombuffer(data[offset:offset + count], xs[0].dtype).reshape(dims) if status == "ok" else None
+        offset += count if status == "ok" else 0
+        results.append((status == "ok", log, array))
+    assert len(results) == len(xs)
+    return results
+
+
+def host_cases():
+    for n in (2, 3):
+        for op in reference.OPERATIONS:
+            for groups in (None, list(reversed(range(n)))):
+                for root in ((0, n - 1) if op in ROOTED else (0,)):
+                    yield pytest.param(n, op, groups, root, id=f"{n}ranks-{op}-{'rev' if groups else 'all'}-root{root}")
+
+
+@pytest.mark.parametrize("n,op,groups,root", list(host_cases()))
+@pytest.mark.parametrize("transpose", [False, True], ids=["plain", "transposed"])
+def test_host_run_matches_the_reference(trt_double, tmp_path, n, op, groups, root, transpose):
+    reduce = "sum" if op != "reduce" else "max"
+    shape = [2, 3 * n] if transpose else [3 * n, 2]
+    plan = build(op, nb_ranks=n, shape=shape, reduce=reduce, root=root, groups=groups, transpose=transpose)
+    rng = np.random.default_rng(n * 100 + len(op) + root)
+    xs = [rng.integers(-4, 5, size=shape).astype(np.float32) for _ in range(n)]
+    if transpose:
+        want = reference.collective(op, [np.ascontiguousarray(x.T) for x in xs], reduce=reduce, root=root, groups=groups)
+        want = [None if w is None else np.ascontiguousarray(w.T) for w in want]
+    else:
+        want = reference.collective(op, xs, reduce=reduce, root=root, groups=groups)
+    results = host_run(trt_double, tmp_path, plan, xs)
+    for rank, ((ok, log, got), exp) in enumerate(zip(results, want)):
+        assert ok, f"rank {rank}: {log}"
+        if exp is not None:
+            np.testing.assert_array_equal(got, exp, err_msg=f"rank {rank}")
+
+
+@pytest.mark.parametrize("op", REDUCING)
+@pytest.mark.parametrize("reduce_op", reference.REDUCE_OPERATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_host_run_every_reduce_op(trt_double, tmp_path, op, reduce_op, dtype):
+    plan = build(op, nb_ranks=3, shape=[6, 2], reduce=reduce_op, root=2, dtype=dtype)
+    xs = [np.random.default_rng(r).integers(-4, 5, size=(6, 2)).astype(dtype) for r in range(3)]
+    want = reference.collective(op, xs, reduce=reduce_op, root=2)
+    for rank, ((ok, log, got), exp) in enumerate(zip(host_run(trt_double, tmp_path, plan, xs), want)):
+        assert ok, log
+        if exp is not None:
+            np.testing.assert_array_equal(got, exp, err_msg=f"rank {rank}")
+
+
+@pytest.mark.parametrize("op,root", [("broadcast", 2), ("all_reduce", 0), ("scatter", 0), ("all_to_all", 0), ("gather", 2)])
+def test_host_run_ranks_outside_the_group_keep_their_output(trt_double, tmp_path, op, root):
+    groups = [2, 0]
+    plan = build(op, nb_ranks=3, shape=[4, 2], root=root, groups=groups)
+    xs = [np.random.default_rng(r).integers(-4, 5, size=(4, 2)).astype(np.float32) for r in range(3)]
+    results = host_run(trt_double, tmp_path, plan, xs)
+    want = reference.collective(op, xs, root=root, groups=groups)
+    ok, log, untouched = results[1]
+    assert ok, log
+    assert untouched.tobytes() == b"\xa5" * untouched.nbytes  # rank 1 is not in the group
+    for rank in (0, 2):
+        assert results[rank][0], results[rank][1]
+        if want[rank] is not None:
+            np.testing.assert_array_equal(results[rank][2], want[rank], err_msg=f"rank {rank}")
+
+
+def test_host_run_refuses_a_group_smaller_than_nb_ranks_naming_both(trt_double, tmp_path):
+    """The double's rule: all_gather's nbRanks is the number of ranks taking part."""
+    plan = double.write_plan({
+        "tensors": [{"name": "input", "dtype": "FLOAT", "dims": [2, 2]}, {"name": "output", "dtype": "FLOAT", "dims": [6, 2]}],
+        "inputs": [{"name": "input", "min": [2, 2], "opt": [2, 2], "max": [2, 2]}],
+        "layers": [{"type": "dist_collective", "name": "ag", "input": "input", "output": "output", "nb_ranks": 3,
+                    "op": "all_gather", "reduce": "none", "root": -1, "groups": [0, 1]}],
+        "outputs": [{"name": "output"}],
+        "ranks": 3,
+        "ranks_exact": False,
+    })
+    results = host_run(trt_double, tmp_path, plan, [np.ones((2, 2), np.float32)] * 3)
+    for rank in (0, 1):
+        ok, log, _ = results[rank]
+        assert not ok and "runs over a group of 2 ranks but was built with setNbRanks(3)" in log
+    assert results[2][0]  # not in the group: nothing to do
+
+
+def test_host_run_communicator_of_the_wrong_size_is_refused(trt_double, tmp_path):
+    plan = build("all_reduce", nb_ranks=3, shape=[2, 2])
+    results = host_run(trt_double, tmp_path, plan, [np.ones((2, 2), np.float32)] * 2)
+    for ok, log, _ in results:
+        assert not ok and "built for 3 ranks" in log and "communicator has 2" in log
+
+
+@pytest.mark.xfail(strict=True, reason="issue #15 item 4: mdtrt sets nbRanks to the world size for a smaller group")
+@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter"])
+def test_host_run_grouped_shape_ops_through_mdtrt(trt_double, tmp_path, op):
+    plan = build(op, nb_ranks=3, shape=[4, 2], groups=[2, 0])
+    xs = [np.random.default_rng(r).integers(-4, 5, size=(4, 2)).astype(np.float32) for r in range(3)]
+    want = reference.collective(op, xs, groups=[2, 0])
+    for rank, ((ok, log, got), exp) in enumerate(zip(host_run(trt_double, tmp_path, plan, xs), want)):
+        assert ok, f"rank {rank}: {log}"
+        if exp is not None:
+            np.testing.assert_array_equal(got, exp)
