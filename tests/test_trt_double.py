@@ -495,3 +495,45 @@ def test_host_run_grouped_shape_ops_through_mdtrt(trt_double, tmp_path, op):
         assert ok, f"rank {rank}: {log}"
         if exp is not None:
             np.testing.assert_array_equal(got, exp)
+
+
+@pytest.mark.parametrize("ranks,expected", [(2, "blocked"), (1, "returned")])
+def test_set_communicator_is_collective(trt_double, tmp_path, ranks, expected):
+    """Rank 0 alone in setCommunicator waits for the other ranks of the communicator (which is why
+    mdtrt binds every rank at once): blocked with 2 ranks, done with 1."""
+    import subprocess
+
+    build_dir = os.path.dirname(trt_double)
+    (tmp_path / "plan").write_bytes(build("all_reduce", nb_ranks=ranks, shape=[2, 2]))
+    out = subprocess.run([os.path.join(build_dir, "double_host_run"), os.path.join(build_dir, "libnvinfer_double_host.so"),
+                          str(tmp_path / "plan"), str(ranks), "--bind-alone"],
+                         env=dict(os.environ, LD_LIBRARY_PATH=os.path.join(build_dir, "host")), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split(" | ")[0] == expected, out.stdout
+
+
+def test_host_run_two_collectives_in_one_network(trt_double, tmp_path):
+    """all_reduce over ranks [2, 0], then all_gather over every rank: two splits, an intermediate
+    tensor between them, rank 1 outside the first group."""
+    plan = double.write_plan({
+        "tensors": [{"name": "input", "dtype": "INT32", "dims": [2, 3]}, {"name": "mid", "dtype": "INT32", "dims": [2, 3]},
+                    {"name": "output", "dtype": "INT32", "dims": [6, 3]}],
+        "inputs": [{"name": "input", "min": [2, 3], "opt": [2, 3], "max": [2, 3]}],
+        "layers": [
+            {"type": "dist_collective", "name": "ar", "input": "input", "output": "mid", "nb_ranks": 2, "op": "all_reduce",
+             "reduce": "sum", "root": -1, "groups": [2, 0]},
+            {"type": "dist_collective", "name": "ag", "input": "mid", "output": "output", "nb_ranks": 3, "op": "all_gather",
+             "reduce": "none", "root": -1, "groups": []},
+        ],
+        "outputs": [{"name": "output"}],
+        "ranks": 3,
+    })
+    xs = [np.random.default_rng(r).integers(-9, 10, size=(2, 3)).astype(np.int32) for r in range(3)]
+    results = host_run(trt_double, tmp_path, plan, xs)
+    summed = xs[0] + xs[2]
+    for rank, (ok, log, got) in enumerate(results):
+        assert ok, log
+        np.testing.assert_array_equal(got[0:2], summed)
+        np.testing.assert_array_equal(got[4:6], summed)
+        # rank 1 took no part in the all_reduce: its intermediate is whatever the context's memory held

@@ -2,12 +2,16 @@
 // (the double on fake_cudart.cpp) and the fake libnccl.so.2 (fake_nccl.cpp). For CPU tests of
 // enqueueV3's data movement against mdtrt.reference.
 //   double_host_run LIB PLAN NRANKS INPUTS OUTPUTS
+//   double_host_run LIB PLAN NRANKS --bind-alone   (only rank 0 calls setCommunicator: prints
+//                                                    "returned" or, after 2 s, "blocked")
 // INPUTS: the ranks' input bytes, concatenated (the plan's one input, static shape). Every rank
 // binds (setCommunicator) and enqueues; OUTPUTS gets, per rank, the output (poisoned with 0xA5
 // before the run). stdout: one line per rank, "rank R shape D0,D1,... ok|failed | log".
 #include <NvInferRuntime.h>
 #include <dlfcn.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -55,6 +59,26 @@ std::string read(const char* path) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 5 && std::string(argv[4]) == "--bind-alone") {
+    // setCommunicator is collective: rank 0 alone must not return while the other ranks are away.
+    void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+    void* nccl = dlopen("libnccl.so.2", RTLD_NOW | RTLD_GLOBAL);
+    if (lib == nullptr || nccl == nullptr) return 2;
+    auto create = reinterpret_cast<void* (*)(void*, int32_t)>(dlsym(lib, "createInferRuntime_INTERNAL"));
+    auto world = reinterpret_cast<void* (*)(int, int)>(dlsym(nccl, "fakeNcclWorld"));
+    const std::string plan = read(argv[2]);
+    static Collect logger;
+    auto* runtime = static_cast<nvinfer1::IRuntime*>(create(&logger, NV_TENSORRT_VERSION));
+    nvinfer1::ICudaEngine* engine = runtime->deserializeCudaEngine(plan.data(), plan.size());
+    nvinfer1::IExecutionContext* context = engine->createExecutionContext();
+    static std::atomic<int> state{0};  // 0 running, 1 returned true, 2 returned false
+    void* comm = world(std::atoi(argv[3]), 0);
+    std::thread([context, comm] { state = context->setCommunicator(comm) ? 1 : 2; }).detach();
+    auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (state == 0 && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::cout << (state == 0 ? "blocked" : state == 1 ? "returned" : "refused") << " | " << logger.text << std::endl;
+    std::_Exit(0);  // the blocked thread stays in the split
+  }
   if (argc != 6) {
     std::cerr << "usage: double_host_run LIB PLAN NRANKS INPUTS OUTPUTS\n";
     return 2;
