@@ -9,6 +9,13 @@ buffers), bandwidths as nccl-tests defines them (algbw = S/t, busbw = algbw x th
   call timed on the host (each call returns when every rank has finished): median per call.
 * ``ours_call``: the one-shot ``DeviceGroup.collective(op, inputs, out=outputs)``, which converts
   its arguments on every call; timed the same way, interleaved with ``ours``.
+* ``ours_default``: the call a user writes first, the op method without ``out=``
+  (``group.all_reduce(inputs)``): outputs come from torch's caching allocator on every call.
+  Interleaved with the two above, at every size.
+* ``entry_points``: at ``--entry-sizes`` (default 1 KiB and 64 MiB, where the targets are read),
+  every entry point as users call it, each interleaved with the others: the op method, ``collective()``
+  and ``prepare_collective()``, each with and without ``out=`` (torch CUDA tensors in), and the op
+  method and ``prepare_collective()`` with numpy arrays in (host copies in and out included).
 * ``raw_percall``: torch.distributed (NCCL backend), one process per GPU, ``op; synchronize``
   timed on the host: the same host-synchronous pattern. Per iteration the slower rank counts.
 * ``raw_batched``: the same processes, N ops back to back then one synchronize, averaged
@@ -54,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional)")
     p.add_argument("--no-raw", action="store_true", help="skip the torch.distributed reference")
     p.add_argument("--no-sample", action="store_true", help="skip sample_dist_collective")
+    p.add_argument("--entry-sizes", default="1K,64M",
+                   help="sizes at which every entry point is measured (default 1K,64M; empty: none)")
     p.add_argument("--timeout", type=float, default=300, help="seconds for the whole benchmark (default 300)")
     # A rank of the raw reference (started by this script itself).
     p.add_argument("--raw-worker", default=None, help=argparse.SUPPRESS)
@@ -73,8 +82,45 @@ def sample_sizes(sizes: list[int], quick: bool) -> list[int]:
 
 # -- ours ---------------------------------------------------------------------------------------
 
+# Entry points measured at --entry-sizes: (key, label). "method" is group.<op>(...), torch CUDA
+# tensors in unless the key says numpy.
+ENTRY_POINTS = (("method", "group.<op>(x)"), ("method_out", "group.<op>(x, out=o)"),
+                ("collective", "collective(op, x)"), ("collective_out", "collective(op, x, out=o)"),
+                ("prepared", "prepare_collective(op, x)()"), ("prepared_out", "prepare_collective(op, x, out=o)()"),
+                ("method_numpy", "group.<op>(numpy)"), ("prepared_numpy", "prepare_collective(op, numpy)()"))
+
+
+def entry_point_calls(group, op: str, inputs, outputs, host_inputs) -> dict:
+    """Every entry point of one (op, size), as a user writes it."""
+    method = getattr(group, op)
+    return {"method": lambda: method(inputs),
+            "method_out": lambda: method(inputs, out=outputs),
+            "collective": lambda: group.collective(op, inputs),
+            "collective_out": lambda: group.collective(op, inputs, out=outputs),
+            "prepared": group.prepare_collective(op, inputs),
+            "prepared_out": group.prepare_collective(op, inputs, out=outputs),
+            "method_numpy": lambda: method(host_inputs),
+            "prepared_numpy": group.prepare_collective(op, host_inputs)}
+
+
+def measure_interleaved(calls: dict, policy: dict, rounds: int = 2) -> dict:
+    """Median per call of each of `calls`, measured in `rounds` interleaved slices (drift hits all
+    alike); {key: stats}."""
+    share = policy["target_s"] * 2 / len(calls)  # the time two series took before a third was added
+    iters = {}
+    for key, fn in calls.items():
+        warm = min(bl.time_calls(fn, policy["warmup"] + 1)[1:])  # the first builds the op's runner
+        iters[key] = bl.iterations_for(warm, share, policy["min_iters"], policy["max_iters"])
+    times: dict = {key: [] for key in calls}
+    for _ in range(rounds):
+        for key, fn in calls.items():
+            times[key] += bl.time_calls(fn, max(1, iters[key] // rounds))
+    return {key: bl.summarize(t) for key, t in times.items()}
+
+
 def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict, deadline: bl.Deadline,
-                 save) -> dict:
+                 save, entry_sizes: list[int] = ()) -> dict:
+    import numpy as np
     import torch
 
     import mdtrt
@@ -83,42 +129,46 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
     n = len(gpus)
     series: dict = {op: [] for op in ops}
     call_series: dict = {op: [] for op in ops}
+    default_series: dict = {op: [] for op in ops}
+    entries: dict = {op: [] for op in ops}
     group = mdtrt.DeviceGroup(gpus=gpus, timeout=60)
+
+    def partial(stopped=None):
+        out = {"series": series, "call_series": call_series, "default_series": default_series, "entry_points": entries}
+        if stopped:
+            out["stopped"] = stopped
+        return out
+
     try:
         for op in ops:
             for size in sizes:
                 if deadline.passed():
-                    return {"series": series, "call_series": call_series,
-                            "stopped": f"time budget spent before {op} {bl.format_size(size)}"}
+                    return partial(f"time budget spent before {op} {bl.format_size(size)}")
                 in_elems, _ = bl.buffer_elements(op, size, n)
                 out_shape = list(_core.collective_output_shape(op, [in_elems], n))
                 inputs = [torch.ones(in_elems, dtype=torch.float16, device=f"cuda:{g}") for g in gpus]
                 outputs = [torch.empty(out_shape, dtype=torch.float16, device=f"cuda:{g}") for g in gpus]
                 for g in gpus:
                     torch.cuda.synchronize(g)
-
-                def call():
-                    group.collective(op, inputs, reduce="sum", root=0, out=outputs)
-
-                prepared = group.prepare_collective(op, inputs, reduce="sum", root=0, out=outputs)
-                warm = bl.time_calls(call, policy["warmup"] + 1)[1:]  # the first builds the op's runner
-                bl.time_calls(prepared, policy["warmup"])
-                iters = bl.iterations_for(min(warm), policy["target_s"], policy["min_iters"], policy["max_iters"])
-                # Halves interleaved, so that drift hits both alike.
-                times, call_times = [], []
-                for _ in range(2):
-                    times += bl.time_calls(prepared, max(1, iters // 2))
-                    call_times += bl.time_calls(call, max(1, iters // 2))
-                stats = bl.summarize(times)
-                series[op].append(bl.point(op, size, stats["median_us"] * 1e-6, n, **stats))
-                stats = bl.summarize(call_times)
-                call_series[op].append(bl.point(op, size, stats["median_us"] * 1e-6, n, **stats))
-                del inputs, outputs, prepared
-            save(series, call_series)
+                method = getattr(group, op)
+                calls = {"ours": group.prepare_collective(op, inputs, reduce="sum", root=0, out=outputs),
+                         "ours_call": lambda: group.collective(op, inputs, reduce="sum", root=0, out=outputs),
+                         "ours_default": lambda: method(inputs)}
+                stats = measure_interleaved(calls, policy)
+                for key, target in (("ours", series), ("ours_call", call_series), ("ours_default", default_series)):
+                    target[op].append(bl.point(op, size, stats[key]["median_us"] * 1e-6, n, **stats[key]))
+                if size in entry_sizes and not deadline.passed():
+                    host = [np.ones(in_elems, dtype=np.float16) for _ in gpus]
+                    stats = measure_interleaved(entry_point_calls(group, op, inputs, outputs, host), policy)
+                    entries[op].append({"size": size, **{key: bl.point(op, size, st["median_us"] * 1e-6, n, **st)
+                                                          for key, st in stats.items()}})
+                    del host
+                del inputs, outputs, calls
+            save(partial())
     finally:
         group.close()
         torch.cuda.empty_cache()
-    return {"series": series, "call_series": call_series}
+    return partial()
 
 
 def measure_link_limit(gpus: list[int], quick: bool) -> dict:
@@ -387,14 +437,21 @@ def run(args) -> dict:
     result: dict = {"benchmark": "collectives", "gpus": gpus, "world_size": n, "dtype": bl.DTYPE, "sizes": sizes,
                     "ops": ops, "quick": args.quick, "policy": policy, "started": bl.utc_now()}
 
-    def save(partial_ours=None, partial_calls=None):
-        if partial_ours is not None:
+    def save(ours_partial=None):
+        if ours_partial is not None:
             result["ours"] = {"method": "mdtrt.DeviceGroup.prepare_collective(out=...) called in a loop, torch CUDA "
                                         "tensors, host-timed per call",
-                              "series": partial_ours}
+                              "series": ours_partial["series"]}
             result["ours_call"] = {"method": "mdtrt.DeviceGroup.collective(out=...) (arguments converted on every "
                                              "call), host-timed per call",
-                                   "series": partial_calls or {}}
+                                   "series": ours_partial["call_series"]}
+            result["ours_default"] = {"method": "group.<op>(inputs) without out= (the default call: outputs from "
+                                                "torch's caching allocator), host-timed per call",
+                                      "series": ours_partial["default_series"]}
+            result["entry_points"] = {"method": "every entry point as users call it, interleaved, host-timed per call",
+                                      "labels": dict(ENTRY_POINTS), "points": ours_partial["entry_points"]}
+            if ours_partial.get("stopped"):
+                result["ours"]["stopped"] = ours_partial["stopped"]
         bl.write_json(args.out, result)
 
     if n < 2:
@@ -402,10 +459,10 @@ def run(args) -> dict:
     result["link_limit"] = measure_link_limit(gpus, args.quick)
     save()
     # Budget: ours and raw each get a share; the sample and nccl-tests what remains.
-    ours = measure_ours(gpus, ops, sizes, policy, bl.Deadline(min(deadline.left(), args.timeout * 0.35)), save)
-    save(ours["series"], ours["call_series"])
-    if "stopped" in ours:
-        result["ours"]["stopped"] = ours["stopped"]
+    entry_sizes = bl.parse_sizes(args.entry_sizes) if args.entry_sizes else []
+    ours = measure_ours(gpus, ops, sizes, policy, bl.Deadline(min(deadline.left(), args.timeout * 0.45)), save,
+                        [s for s in entry_sizes if s in sizes])
+    save(ours)
     if args.no_raw:
         result["raw"] = {"available": False, "reason": "not run (--no-raw)"}
     else:

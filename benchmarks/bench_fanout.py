@@ -4,8 +4,11 @@ N = 1 and N = 2 GPUs, against a bare single-thread loop of cudaMemcpyAsync + cud
 on one GPU (C++, no Python). The difference of the medians is what the runner adds per call:
 Python argument handling, handing the call to one thread per GPU, and waiting for all of them.
 
-Inputs and outputs are preallocated torch CUDA tensors, one per rank, so no call allocates.
-Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
+Series per N: ``infer(inputs, outputs=...)`` and ``prepare(inputs, outputs=...)()`` (preallocated
+torch CUDA tensors, one per rank: no call allocates), the default calls without ``outputs=``
+(``infer(inputs)``, ``prepare(inputs)()``: outputs from mdtrt's per-GPU pools, handed back as
+torch tensors), and ``infer`` with a numpy input (replicated to every GPU, rank 0's output copied
+back). Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Result keys and what each measures.
+SERIES = {"runner": "EngineRunner.infer(inputs, outputs=...)",
+          "prepared": "EngineRunner.prepare(inputs, outputs=...)()",
+          "runner_default": "EngineRunner.infer(inputs) (outputs from the pools, as torch tensors)",
+          "prepared_default": "EngineRunner.prepare(inputs)() (outputs from the pools, as torch tensors)",
+          "runner_numpy": "EngineRunner.infer({'input': numpy}) (replicated in, rank 0's output back to numpy)"}
+
+
 def make_test_program(name: str, dtype: str):
     """mdtrt._core.testing.CopyProgram or SinkProgram for `dtype`."""
     from mdtrt._core import testing
@@ -35,6 +46,7 @@ def make_test_program(name: str, dtype: str):
 
 
 def run(args) -> dict:
+    import numpy as np
     import torch
 
     import mdtrt
@@ -52,13 +64,16 @@ def run(args) -> dict:
         inputs = [{"input": torch.ones(elems, dtype=torch.float16, device=f"cuda:{g}")} for g in gpus[:n]]
         outputs = {"output": [torch.empty(elems, dtype=torch.float16, device=f"cuda:{g}") for g in gpus[:n]]}
 
-        def call(runner=runner, inputs=inputs, outputs=outputs):
-            runner.infer(inputs, outputs=outputs)
-
-        prepared = runner.prepare(inputs, outputs=outputs)  # the same call, arguments converted once
-        bl.time_calls(call, 50)  # warm-up: first call binds, caches settle
-        bl.time_calls(prepared, 50)
-        setups[n] = (group, runner, call, prepared)
+        host = np.ones(elems, dtype=np.float16)
+        calls = {"runner": lambda runner=runner, inputs=inputs, outputs=outputs: runner.infer(inputs, outputs=outputs),
+                 # the same call, arguments converted once
+                 "prepared": runner.prepare(inputs, outputs=outputs),
+                 "runner_default": lambda runner=runner, inputs=inputs: runner.infer(inputs),
+                 "prepared_default": runner.prepare(inputs),
+                 "runner_numpy": lambda runner=runner, host=host: runner.infer({"input": host})}
+        for fn in calls.values():
+            bl.time_calls(fn, 50)  # warm-up: first call binds, caches and pools settle
+        setups[n] = (group, calls)
 
     x = torch.ones(elems, dtype=torch.float16, device=f"cuda:{gpus[0]}")
     y = torch.empty_like(x)
@@ -70,15 +85,14 @@ def run(args) -> dict:
     bl.time_calls(torch_loop_call, 50)
     testing.bare_copy_loop(gpus[0], args.nbytes, 50)
 
-    samples: dict = {"bare": [], "torch_loop": [], **{str(n): [] for n in counts},
-                     **{f"prepared{n}": [] for n in counts}}
+    samples: dict = {"bare": [], "torch_loop": [], **{(key, n): [] for n in counts for key in SERIES}}
     for _ in range(rounds):
         samples["bare"] += [us * 1e-6 for us in testing.bare_copy_loop(gpus[0], args.nbytes, iterations)]
         samples["torch_loop"] += bl.time_calls(torch_loop_call, iterations)
         for n in counts:
-            samples[str(n)] += bl.time_calls(setups[n][2], iterations)
-            samples[f"prepared{n}"] += bl.time_calls(setups[n][3], iterations)
-    for group, *_ in setups.values():
+            for key in SERIES:
+                samples[(key, n)] += bl.time_calls(setups[n][1][key], iterations)
+    for group, _ in setups.values():
         group.close()
 
     bare = bl.summarize(samples["bare"])
@@ -88,13 +102,12 @@ def run(args) -> dict:
                                  f"GPU {gpus[0]}", **bare},
               "torch_loop": {"method": "Python loop: tensor.copy_ + torch.cuda.synchronize, one GPU",
                              **bl.summarize(samples["torch_loop"])},
-              "runner": {}}
-    result["prepared"] = {}
-    for n in counts:
-        stats = bl.summarize(samples[str(n)])
-        result["runner"][str(n)] = {"gpus": gpus[:n], **stats, "added_us": stats["median_us"] - bare["median_us"]}
-        stats = bl.summarize(samples[f"prepared{n}"])
-        result["prepared"][str(n)] = {"gpus": gpus[:n], **stats, "added_us": stats["median_us"] - bare["median_us"]}
+              "methods": dict(SERIES)}
+    for key in SERIES:
+        result[key] = {}
+        for n in counts:
+            stats = bl.summarize(samples[(key, n)])
+            result[key][str(n)] = {"gpus": gpus[:n], **stats, "added_us": stats["median_us"] - bare["median_us"]}
     return result
 
 

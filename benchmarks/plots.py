@@ -12,6 +12,7 @@ import benchlib as bl  # noqa: E402
 
 SERIES_STYLE = {"ours": ("ours (prepare_collective, per call)", "C0", "o-"),
                 "ours_call": ("ours (collective(), per call)", "C5", "v-"),
+                "ours_default": ("ours (default: group.<op>(x), no out=)", "C6", "P-"),
                 "raw_percall": ("raw NCCL (torch, per call)", "C1", "s--"),
                 "raw_batched": ("raw NCCL (torch, back to back)", "C2", "^:"),
                 "sample": ("sample_dist_collective --backend nccl", "C3", "D"),
@@ -79,7 +80,7 @@ def plot_collectives(coll: dict, out_dir: str) -> dict:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, op in zip(axes.flat, ops):
         s = collective_series(coll, op)
-        for key in ("ours", "ours_call", "raw_percall", "raw_batched"):
+        for key in ("ours", "ours_call", "ours_default", "raw_percall", "raw_batched"):
             label, color, style = SERIES_STYLE[key]
             pts = [(k, p) for k, p in sorted(s[key].items()) if k <= 4 * bl.MiB]
             if pts:
@@ -122,15 +123,23 @@ def plot_fanout(fan: dict, out_dir: str) -> dict:
     if not fan or not fan.get("runner"):
         return {}
     plt = _pyplot()
-    labels = ["bare C++ loop"] + (["torch loop"] if fan.get("torch_loop") else []) + \
-        [f"infer N={n}" for n in sorted(fan["runner"], key=int)]
-    values = [fan["bare"]["median_us"]] + ([fan["torch_loop"]["median_us"]] if fan.get("torch_loop") else []) + \
-        [fan["runner"][n]["median_us"] for n in sorted(fan["runner"], key=int)]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    bars = ax.bar(labels, values, color=["C7"] + (["C8"] if fan.get("torch_loop") else []) + ["C0"] * len(fan["runner"]))
+    labels = ["bare C++ loop"] + (["torch loop"] if fan.get("torch_loop") else [])
+    values = [fan["bare"]["median_us"]] + ([fan["torch_loop"]["median_us"]] if fan.get("torch_loop") else [])
+    colors = ["C7"] + (["C8"] if fan.get("torch_loop") else [])
+    # The default calls (no outputs=) beside the ones with preallocated outputs.
+    for key, label, color in (("runner", "infer(outputs=)", "C0"), ("runner_default", "infer()", "C6"),
+                              ("prepared", "prepare(outputs=)()", "C1"), ("prepared_default", "prepare()()", "C3")):
+        for n in sorted(fan.get(key) or {}, key=int):
+            labels.append(f"{label}\nN={n}")
+            values.append(fan[key][n]["median_us"])
+            colors.append(color)
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 3.8))
+    bars = ax.bar(labels, values, color=colors)
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.axhline(fan["bare"]["median_us"] + 20, color="r", linestyle="--", linewidth=1, label="bare + 20 us (target)")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.axhline(fan["bare"]["median_us"] + 15, color="r", linestyle="--", linewidth=1, label="bare + 15 us (infer target)")
+    ax.axhline(fan["bare"]["median_us"] + 10, color="m", linestyle=":", linewidth=1, label="bare + 10 us (prepare target)")
     ax.set_ylabel("median time per call (us)")
     ax.legend(fontsize=8)
     ax.set_title(f"Fan-out overhead, {bl.format_size(fan.get('nbytes', 0))} copy per GPU")
@@ -140,10 +149,38 @@ def plot_fanout(fan: dict, out_dir: str) -> dict:
     return {"fanout": "fanout.png"}
 
 
+def plot_context_parallel(cp: dict, out_dir: str) -> dict:
+    """Speedup over one GPU against sequence length, one line per strategy."""
+    points = cp.get("points") or []
+    if not points:
+        return {}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for index, name in enumerate(cp.get("config", {}).get("strategies") or []):
+        xs = [p["sequence"] for p in points if "speedup" in p["strategies"].get(name, {})]
+        ys = [p["strategies"][name]["speedup"] for p in points if "speedup" in p["strategies"].get(name, {})]
+        if xs:
+            ax.plot(xs, ys, "o-", color=f"C{index}", label=name)
+    ranks = len(cp.get("config", {}).get("gpus") or [2])
+    ax.axhline(ranks, color="k", linestyle=":", linewidth=1, label=f"ideal ({ranks}x)")
+    ax.axhline(1.9 * ranks / 2, color="r", linestyle="--", linewidth=1, label="target at 56320 (1.9x on 2 GPUs)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(f"speedup over one GPU ({ranks} GPUs)")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Context-parallel attention, {cp.get('config', {}).get('heads')} heads x "
+                 f"{cp.get('config', {}).get('head_dim')}, float16")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "context_parallel_speedup.png"), dpi=110)
+    plt.close(fig)
+    return {"context_parallel_speedup": "context_parallel_speedup.png"}
+
+
 def render_all(results: dict, out_dir: str) -> dict:
     """Draws every plot the results allow; returns {name: file relative to out_dir}."""
     files = {}
-    for key, fn in (("collectives", plot_collectives), ("replication", plot_replication), ("fanout", plot_fanout)):
+    for key, fn in (("collectives", plot_collectives), ("replication", plot_replication), ("fanout", plot_fanout),
+                    ("context_parallel", plot_context_parallel)):
         part = results.get(key)
         if isinstance(part, dict) and not part.get("error"):
             try:

@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
-"""Runs the four mdtrt benchmarks in one go and writes results.json plus PNG plots:
+"""Runs the mdtrt benchmarks in one go and writes results.json plus PNG plots:
 
-  1. bench_collectives.py  the eight collectives, ours against raw NCCL (bus bandwidth, latency)
-  2. bench_fanout.py       EngineRunner.infer overhead on 1 and 2 GPUs against a bare loop
+  1. bench_collectives.py  the eight collectives, ours against raw NCCL (bus bandwidth, latency):
+                           prepare_collective(out=), collective(out=) and the default group.<op>(x)
+                           at every size; every entry point (with and without out=, numpy and
+                           device arrays in) at --entry-sizes
+  2. bench_fanout.py       EngineRunner.infer/prepare overhead, with and without outputs=, on 1 and
+                           2 GPUs against a bare loop
   3. bench_replication.py  host input to every GPU: host / peer / broadcast / auto
   4. bench_bringup.py      DeviceGroup creation: in one process against the file-exchange path
+  5. bench_context_parallel.py (with --context-parallel, or --only context_parallel) attention's
+     allgather_kv / ulysses / ring patterns, 1 GPU against N, sequence 8192 to 131072
 
 Each benchmark runs in its own process with a deadline (a hang or crash costs only that
-benchmark); the whole run stays under --budget seconds (default: 330, quick 100).
+benchmark); the whole run stays under --budget seconds (default: 355, quick 110).
 
     python benchmarks/run_all.py --out results/ [--quick] [--gpus 0,1] [--nccl-tests-dir DIR]
     python benchmarks/report.py results/results.json --markdown BENCHMARKS.md
@@ -23,10 +29,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as bl  # noqa: E402
 
-BENCHMARKS = ("collectives", "fanout", "replication", "bringup")
+BENCHMARKS = ("collectives", "fanout", "replication", "bringup", "context_parallel")
+# Run unless --only names others; context_parallel (minutes of attention) only when asked for.
+DEFAULT_BENCHMARKS = ("collectives", "fanout", "replication", "bringup")
 # Seconds per benchmark process (full, quick): caps, not expected durations; the run's budget
 # caps them again.
-PROCESS_LIMITS = {"collectives": (190, 58), "fanout": (30, 15), "replication": (75, 28), "bringup": (45, 22)}
+PROCESS_LIMITS = {"collectives": (215, 65), "fanout": (30, 15), "replication": (75, 28), "bringup": (45, 22),
+                  "context_parallel": (300, 120)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="sizes 1K,64K,1M,64M,256M and fewer iterations (~1.5 min)")
     p.add_argument("--gpus", default="0,1", help="GPU ids, comma-separated (default 0,1)")
     p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional reference)")
-    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"benchmarks to run (default: {','.join(BENCHMARKS)})")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 330, quick 100)")
+    p.add_argument("--only", default=None,
+                   help=f"benchmarks to run, from {','.join(BENCHMARKS)} (default: {','.join(DEFAULT_BENCHMARKS)})")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="also run bench_context_parallel.py (adds up to 300 s, quick 120 s, to the budget)")
+    p.add_argument("--entry-sizes", default="1K,64M",
+                   help="sizes at which the collectives benchmark measures every entry point (default 1K,64M)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 355, quick 110)")
     p.add_argument("--markdown", default=None, help="also write this BENCHMARKS.md (same as report.py)")
     return p
 
@@ -46,13 +60,15 @@ def bench_command(name: str, args, part_path: str, limit: float) -> list[str]:
     if args.quick:
         cmd.append("--quick")
     if name == "collectives":
-        cmd += ["--timeout", str(int(limit - 12))]  # leaves time to write its JSON
+        cmd += ["--timeout", str(int(limit - 12)), "--entry-sizes", args.entry_sizes]  # leaves time to write its JSON
         if args.nccl_tests_dir:
             cmd += ["--nccl-tests-dir", args.nccl_tests_dir]
     elif name == "replication":
         cmd += ["--timeout", str(int(limit - 8))]
     elif name == "bringup" and not args.quick:
         cmd.append("--torch-reference")
+    elif name == "context_parallel":
+        cmd += ["--timeout", str(int(limit - 20))]  # leaves time to write its JSON
     return cmd
 
 
@@ -60,9 +76,12 @@ def run(args) -> dict:
     out_dir = os.path.abspath(args.out)
     parts_dir = os.path.join(out_dir, "parts")
     os.makedirs(parts_dir, exist_ok=True)
-    budget = bl.Deadline(args.budget or (100 if args.quick else 330))
+    selected = [b for b in (args.only.split(",") if args.only else DEFAULT_BENCHMARKS) if b]
+    if args.context_parallel and "context_parallel" not in selected:
+        selected.append("context_parallel")
+    extra = PROCESS_LIMITS["context_parallel"][1 if args.quick else 0] if "context_parallel" in selected else 0
+    budget = bl.Deadline(args.budget or (110 if args.quick else 355) + extra)
     gpus = bl.parse_gpus(args.gpus)
-    selected = [b for b in args.only.split(",") if b]
     unknown = [b for b in selected if b not in BENCHMARKS]
     if unknown:
         raise SystemExit(f"unknown benchmarks {unknown}; choose from {', '.join(BENCHMARKS)}")

@@ -53,3 +53,35 @@ def test_numpy_and_unsupported_inputs():
         describe(np.ones(3, np.complex64))
     with pytest.raises(mdtrt.InvalidArgumentError, match="not an array"):
         describe(object())
+
+
+def test_ml_dtypes_bfloat16_host_array_round_trip():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from mdtrt.arrays import host_output
+
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(ml_dtypes.bfloat16)
+    ref = describe(x)
+    assert (ref.dtype, ref.shape, ref.nbytes, ref.kind) == ("bfloat16", (3, 4), 24, "numpy")
+    arg = ref.as_native()
+    assert (arg.dtype, arg.nbytes, arg.ptr) == ("bfloat16", 24, x.ctypes.data)
+    raw = np.frombuffer(x.tobytes(), np.uint8).copy()  # what the native runner hands back
+    out = host_output(raw, "bfloat16", (3, 4), ref)
+    assert out.dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(out.view(np.uint16), x.view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int32"])
+def test_torch_cpu_tensors_travel_as_their_bytes_and_come_back_as_torch(dtype):
+    """torch refuses .numpy() for bfloat16 ("Got unsupported ScalarType BFloat16"): its bytes travel
+    as int16, and torch in gives torch out, bfloat16 included."""
+    torch = pytest.importorskip("torch")
+    from mdtrt.arrays import host_output
+
+    t = (torch.randn(4, 5) * 10).to(getattr(torch, dtype))
+    ref = describe(t)
+    assert (ref.ptr, ref.device, ref.dtype, ref.shape, ref.kind) == (t.data_ptr(), -1, dtype, (4, 5), "torch_cpu")
+    assert ref.nbytes == t.numel() * t.element_size()
+    raw = t.contiguous().view(torch.uint8).reshape(-1).numpy().copy()
+    out = host_output(raw, dtype, (4, 5), ref)
+    assert isinstance(out, torch.Tensor) and out.dtype == t.dtype and tuple(out.shape) == (4, 5)
+    assert torch.equal(out, t)

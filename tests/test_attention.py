@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +17,10 @@ pytest.importorskip("onnx_graphsurgeon")
 pytest.importorskip("polygraphy")
 from onnx import numpy_helper  # noqa: E402
 
-from mdtrt import attention  # noqa: E402
+import mdtrt  # noqa: E402
+from mdtrt import attention, attention_cli  # noqa: E402
 from mdtrt.sharding import shard  # noqa: E402
-from mdtrt.simulate import compare_outputs, run_on_cpu, simulate  # noqa: E402
+from mdtrt import compare_outputs, run_on_cpu, simulate  # noqa: E402
 
 SMALL = attention.AttentionConfig(hidden=48, heads=4, head_dim=8, dtype="float32", seed=3)
 F32_ATOL, F32_RTOL = attention.TOLERANCES["float32"]
@@ -76,14 +80,14 @@ def test_model_is_seeded_and_float16_runs():
 
 
 def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="heads must be a positive integer"):
+    with pytest.raises(mdtrt.InvalidArgumentError, match="heads must be a positive integer"):
         attention.AttentionConfig(heads=0)
     with pytest.raises(ValueError, match="dtype must be one of"):
         attention.AttentionConfig(dtype="bfloat16")
 
 
 def test_shard_inserts_the_expected_collectives(small_model):
-    sharded = shard(small_model, attention.default_hints(2), ranks=4)
+    sharded = shard(small_model, attention.default_hints(4), ranks=4)
     collectives = [n for n in sharded.graph.node if n.op_type == "DistCollective"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in collectives]
     assert [a["collective_operation"] for a in attrs] == [b"reduce_scatter", b"all_gather", b"all_gather", b"all_gather"]
@@ -117,12 +121,6 @@ def test_float16_sharded_matches_within_tolerance():
 
 def test_wrong_hints_fail_the_check(small_model, small_inputs):
     expected = run_on_cpu(small_model, small_inputs, progress=False)
-    # K and V not gathered: every rank attends to its own quarter of the sequence only.
-    hints = attention.default_hints(2)
-    hints["attention_layers"][0]["gather_kv"] = False
-    outputs = simulate(shard(small_model, hints, 2), small_inputs, 2, progress=False)[0]
-    report = compare_outputs(expected, outputs, atol=F32_ATOL, rtol=F32_RTOL)
-    assert not report.passed and report.outputs[0].max_rel_error > 1e-2
     # The batch axis given as the sequence axis of the input.
     hints = attention.default_hints(2)
     hints["inputs"][0]["seq_len_idx"] = 1
@@ -147,7 +145,7 @@ def test_sample_hint_file_is_the_default():
 
 
 def test_cli_cpu_verification(capsys):
-    status = attention.main(
+    status = attention_cli.main(
         ["--hidden", "32", "--heads", "2", "--head-dim", "16", "--dtype", "float32",
          "--sequence-length", "8", "--ranks", "4", "--no-progress"]
     )
@@ -162,33 +160,130 @@ def test_cli_cpu_verification(capsys):
 
 def test_cli_reports_a_wrong_hint(tmp_path, capsys):
     hints = attention.default_hints(2)
-    hints["attention_layers"][0]["gather_kv"] = False
+    hints["inputs"][0]["seq_len_idx"] = 1  # the batch axis: the sharded model computes something else
     path = tmp_path / "wrong.json"
     path.write_text(json.dumps(hints))
-    status = attention.main(
+    status = attention_cli.main(
         ["--mode", "cpu", "--hidden", "32", "--heads", "2", "--head-dim", "16", "--dtype", "float32",
-         "--sequence-length", "8", "--hint", str(path), "--no-progress"]
+         "--sequence-length", "8", "--batch-size", "2", "--hint", str(path), "--no-progress"]
     )
     assert status == 1 and "FAILED" in capsys.readouterr().out
 
 
 def test_cli_rejects_indivisible_sequence(capsys):
-    assert attention.main(["--mode", "cpu", "--ranks", "3", "--sequence-length", "8", "--no-progress"]) == 2
+    assert attention_cli.main(["--mode", "cpu", "--ranks", "3", "--sequence-length", "8", "--no-progress"]) == 2
     assert "divisible" in capsys.readouterr().out
 
 
 def test_cli_says_why_the_gpu_run_cannot_happen_and_still_verifies(monkeypatch, capsys):
     # As on a GPU machine whose only TensorRT is the lean runtime (it cannot build engines).
-    monkeypatch.setattr(attention, "_gpu_run_blocker", lambda ranks: "the GPU run builds engines, which needs the full TensorRT")
-    code = attention.main(["--ranks", "2", "--hidden", "64", "--heads", "4", "--head-dim", "16",
+    monkeypatch.setattr(attention_cli, "_gpu_run_blocker", lambda ranks: "the GPU run builds engines, which needs the full TensorRT")
+    code = attention_cli.main(["--ranks", "2", "--hidden", "64", "--heads", "4", "--head-dim", "16",
                            "--sequence-length", "16", "--no-progress"])
     out = capsys.readouterr().out
     assert code == 0
     assert "needs the full TensorRT" in out and "PASSED" in out
 
 
+SMALL_CLI = ["--mode", "cpu", "--hidden", "32", "--heads", "4", "--head-dim", "8", "--dtype", "float32",
+             "--sequence-length", "8", "--no-progress"]
+
+
+@pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
+def test_cli_strategies(strategy, capsys):
+    assert attention_cli.main([*SMALL_CLI, "--ranks", "4", "--strategy", strategy]) == 0
+    out = capsys.readouterr().out
+    assert f"strategy {strategy}" in out and "PASSED" in out
+    assert f"{strategy}: per rank and attention layer, receives" in out
+    assert ("MiB of float32 scores" in out) == (strategy == "ring")
+
+
+def _one_line_error(capsys, expected: str):
+    out, err = capsys.readouterr()
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], out
+    assert "Traceback" not in out + err and "polygraphy_class" not in out + err  # no polygraphy schema dump
+
+
+def test_cli_bad_hint_files_are_one_line(tmp_path, capsys):
+    assert attention_cli.main([*SMALL_CLI, "--hint", str(tmp_path / "missing.json")]) == 2
+    _one_line_error(capsys, "missing.json does not exist")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"parallelism": "CP",')
+    assert attention_cli.main([*SMALL_CLI, "--hint", str(broken)]) == 2
+    _one_line_error(capsys, "is not valid JSON")
+    hints = attention.default_hints(2)
+    del hints["k_seq_len_idx"]
+    no_key = tmp_path / "no_key.json"
+    no_key.write_text(json.dumps(hints))
+    assert attention_cli.main([*SMALL_CLI, "--hint", str(no_key)]) == 2
+    _one_line_error(capsys, "'k_seq_len_idx' is missing; it must be the sequence axis of K")
+
+
+def test_cli_bad_reduce_op_is_refused_before_any_build(tmp_path, capsys, monkeypatch):
+    built = []
+    monkeypatch.setattr(attention_cli, "_gpu_run_blocker", lambda ranks: None)  # as on a GPU machine
+    monkeypatch.setattr(attention_cli, "_build_engine", lambda *args: built.append(args))
+    hints = attention.default_hints(2)
+    hints["dist_collectives"]["reduce_op"] = "sum"
+    path = tmp_path / "sum.json"
+    path.write_text(json.dumps(hints))
+    assert attention_cli.main([*SMALL_CLI[2:], "--hint", str(path)]) == 2
+    _one_line_error(capsys, "reduce_op")
+    assert built == []
+
+
+def test_cli_ranks_must_match_hints_and_launcher(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(attention.default_hints(2)))
+    assert attention_cli.main([*SMALL_CLI, "--ranks", "4", "--hint", str(path)]) == 2
+    _one_line_error(capsys, "--ranks is 4 but the hints are for 2 ranks")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert attention_cli.main([*SMALL_CLI, "--ranks", "4"]) == 2
+    _one_line_error(capsys, "--ranks is 4 but torchrun started a world of 2")
+
+
+def test_cli_ulysses_heads_not_divisible(capsys):
+    assert attention_cli.main([*SMALL_CLI, "--ranks", "3", "--sequence-length", "9", "--strategy", "ulysses"]) == 2
+    _one_line_error(capsys, "4 heads")
+
+
+def test_module_command_missing_hint_is_one_line(tmp_path):
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    result = subprocess.run([sys.executable, "-m", "mdtrt", "attention", "--hint", str(tmp_path / "missing.json")],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "missing.json does not exist" in result.stdout
+
+
+def test_sample_script_uses_the_package_cli():
+    text = (SAMPLE_DIR / "attention_mdtrt.py").read_text()
+    assert "from mdtrt.attention_cli import main" in text
+
+
+def test_engines_are_built_on_the_ranks_gpu_when_the_builder_can(monkeypatch, small_model):
+    from mdtrt import tensorrt
+
+    calls = []
+
+    def with_device(model, *, profiles=None, device=None):
+        calls.append(("device", device))
+        return b"plan"
+
+    def without_device(model, *, profiles=None):
+        calls.append(("no device", None))
+        return b"plan"
+
+    for builder in (with_device, without_device):
+        monkeypatch.setattr(tensorrt, "build_engine_from_onnx", builder)
+        assert attention_cli._build_engine(small_model, {"input": ((1, 1, 48),) * 3}, 1) == b"plan"
+    assert calls == [("device", 1), ("no device", None)]
+
+
 @pytest.mark.multi_gpu
-def test_gpu_run():  # pragma: no cover - needs GPUs and TensorRT
+@pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
+def test_gpu_run(strategy, capsys):  # pragma: no cover - needs GPUs and TensorRT
     import mdtrt
 
     if not mdtrt.build_info()["tensorrt_backend"]:
@@ -198,4 +293,11 @@ def test_gpu_run():  # pragma: no cover - needs GPUs and TensorRT
     report = tensorrt.library_report()
     if not report["library_found"] or report["lean"]:
         pytest.skip(f"the GPU run needs the full TensorRT (builder): {report['error'] or 'only the lean runtime'}")
-    assert attention.main(["--mode", "gpu", "--sequence-length", "1024", "--iterations", "5", "--no-progress"]) == 0
+    code = attention_cli.main(["--mode", "gpu", "--strategy", strategy, "--sequence-length", "1024",
+                               "--iterations", "5", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    import importlib.util
+
+    timed_on_device = importlib.util.find_spec("torch") is not None  # CUDA events come from torch
+    assert ("CUDA events around each call on device-resident" in out) == timed_on_device and "speedup" in out

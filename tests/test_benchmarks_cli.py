@@ -15,9 +15,12 @@ import pytest
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = ["run_all.py", "bench_collectives.py", "bench_fanout.py", "bench_replication.py", "bench_bringup.py",
+           "bench_context_parallel.py",
            "report.py"]
 OPS = ["all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter"]
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+ENTRY_KEYS = ["method", "method_out", "collective", "collective_out", "prepared", "prepared_out", "method_numpy",
+              "prepared_numpy"]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,18 @@ scatter         SKIPPED 0/0      -                         -             -      
     assert [r["size"] for r in rows] == [1024, GiB] and rows[1]["busbw_gbps"] == pytest.approx(346.37)
 
 
+def default_time(op: str, size: int, out_call: float) -> float:
+    """The default call (no out=) of the synthetic results, from the out= call's time: gather
+    misses both of its targets (+30 us small, +5% large); all_reduce's default call misses only
+    the latency one (+17 us over raw, +1 us over the out= call); the others are 11 us faster than
+    the out= call."""
+    if op == "gather":
+        return out_call + 30e-6 if size < 64 * MiB else out_call * 1.05
+    if op == "all_reduce":
+        return out_call + 1e-6 if size < 64 * MiB else out_call - 11e-6
+    return out_call - 11e-6
+
+
 def synthetic_results(bl) -> dict:
     """A plausible results.json of 2 GPUs: ours meets every target except all_to_all's latency and
     the pageable host input's peer-copy ratio (PCIe-bound)."""
@@ -100,17 +115,23 @@ def synthetic_results(bl) -> dict:
     def raw_time(op, size):
         return 15e-6 + size * bl.bus_factor(op, n) / (peer * 1e9)
 
-    ours, calls, percall, batched = {}, {}, {}, {}
+    ours, calls, defaults, percall, batched, entries = {}, {}, {}, {}, {}, {}
     for op in OPS:
         extra = 25e-6 if op == "all_to_all" else 4e-6
         ours[op] = [bl.point(op, s, raw_time(op, s) + extra, n, median_us=(raw_time(op, s) + extra) * 1e6) for s in sizes]
         calls[op] = [bl.point(op, s, raw_time(op, s) + extra + 12e-6, n) for s in sizes]
+        defaults[op] = [bl.point(op, s, default_time(op, s, raw_time(op, s) + extra + 12e-6), n) for s in sizes]
+        entries[op] = [{"size": s, **{key: bl.point(op, s, raw_time(op, s) + (k + 1) * 1e-6, n)
+                                      for k, key in enumerate(ENTRY_KEYS)}} for s in (KiB, 64 * MiB)]
         percall[op] = [bl.point(op, s, raw_time(op, s), n) for s in sizes]
         batched[op] = [bl.point(op, s, raw_time(op, s) - 5e-6, n) for s in sizes]
     collectives = {"benchmark": "collectives", "gpus": [0, 1], "world_size": n, "dtype": "float16", "sizes": sizes,
                    "ops": OPS, "link_limit": {"peer_copy_gbps": peer, "peer_copy_reverse_gbps": 368.0},
                    "ours": {"method": "DeviceGroup.prepare_collective", "series": ours},
                    "ours_call": {"method": "DeviceGroup.collective", "series": calls},
+                   "ours_default": {"method": "group.<op>(x)", "series": defaults},
+                   "entry_points": {"method": "every entry point", "points": entries,
+                                    "labels": {key: f"label of {key} <op>" for key in ENTRY_KEYS}},
                    "raw": {"available": True, "method": "torch.distributed", "torch_version": "2.11.0",
                            "raw_percall": percall, "raw_batched": batched},
                    "sample": {"available": True, "method": "sample_dist_collective",
@@ -121,7 +142,10 @@ def synthetic_results(bl) -> dict:
               "bare": {"median_us": 9.0, "p10_us": 8.8, "p90_us": 9.5},
               "torch_loop": {"median_us": 14.0, "p10_us": 13.0, "p90_us": 15.0},
               "runner": {"1": {"median_us": 18.0, "added_us": 9.0}, "2": {"median_us": 34.0, "added_us": 25.0}},
-              "prepared": {"1": {"median_us": 16.0, "added_us": 7.0}, "2": {"median_us": 24.0, "added_us": 15.0}}}
+              "prepared": {"1": {"median_us": 15.0, "added_us": 6.0}, "2": {"median_us": 17.0, "added_us": 8.0}},
+              "runner_default": {"1": {"median_us": 19.0, "added_us": 10.0}, "2": {"median_us": 23.0, "added_us": 14.0}},
+              "prepared_default": {"1": {"median_us": 17.0, "added_us": 8.0}, "2": {"median_us": 21.0, "added_us": 12.0}},
+              "runner_numpy": {"1": {"median_us": 40.0, "added_us": 31.0}, "2": {"median_us": 50.0, "added_us": 41.0}}}
     points = []
     for s in bl.full_sizes(4):
         t_h2d = s / 50e9
@@ -179,15 +203,33 @@ def test_report_renders_synthetic_results(bench_modules, tmp_path):
     assert verdicts["all_reduce via prepare_collective(): <= 10 us added latency at 1 KiB"]["met"] is True
     one_shot = verdicts["all_reduce via collective(): <= 10 us added latency at 1 KiB"]
     assert one_shot["met"] is False and "6.0 us over" in one_shot["why"] and "converts its arguments" in one_shot["why"]
-    assert verdicts["EngineRunner.infer on N=2: <= 20 us added per call"]["met"] is False
-    assert "5.0 us over" in verdicts["EngineRunner.infer on N=2: <= 20 us added per call"]["why"]
-    assert verdicts["EngineRunner.prepare() on N=2: <= 20 us added per call"]["met"] is True
+    infer = verdicts["EngineRunner.infer(outputs=) on N=2: <= 15 us added per call"]
+    assert infer["met"] is False and "10.0 us over" in infer["why"]
+    assert verdicts["EngineRunner.prepare(outputs=)() on N=2: <= 10 us added per call"]["met"] is True
+    assert verdicts["EngineRunner.infer() on N=2: <= 15 us added per call"]["met"] is True
+    prepare_default = verdicts["EngineRunner.prepare()() on N=2: <= 10 us added per call"]
+    assert prepare_default["met"] is False and "2.0 us over" in prepare_default["why"]
+    # The default call: through the op method, against raw and against the out= call.
+    method = verdicts["all_reduce via group.all_reduce(x): <= 10 us added latency at 1 KiB"]
+    assert method["met"] is False and "7.0 us over" in method["why"] and "allocates its outputs" in method["why"]
+    assert verdicts["all_reduce via the default call: bus bandwidth >= 97% of raw NCCL at >= 64 MiB"]["met"] is True
+    assert verdicts["group.all_reduce(x) within +10 us of the out= call at 1 KiB"]["met"] is True
+    assert verdicts["group.all_reduce(x) within 3% of the out= call at >= 64 MiB"]["met"] is True
+    gather_small = verdicts["group.gather(x) within +10 us of the out= call at 1 KiB"]
+    assert gather_small["met"] is False and "20.0 us over" in gather_small["why"]
+    gather_large = verdicts["group.gather(x) within 3% of the out= call at >= 64 MiB"]
+    assert gather_large["met"] is False and gather_large["value"].startswith("worst +5.0%")
+    assert verdicts["gather via the default call: bus bandwidth >= 97% of raw NCCL at >= 64 MiB"]["met"] is False
     pageable = verdicts["pageable host input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)"]
     assert pageable["met"] is False and "PCIe" in pageable["why"]
     assert verdicts["device input to every GPU: >= 90% of peer copy bandwidth (>= 64 MiB)"]["met"] is True
     assert verdicts["auto never > 5% slower than the best of host/peer/broadcast"]["met"] is True
     assert "**no**" in md and "| yes |" in md
     assert "not available: not run (no --nccl-tests-dir)" in md
+    # Every entry point at the two sizes, the default call beside the prepared one.
+    assert "### Every entry point" in md and "`label of prepared_numpy all_to_all`" in md
+    assert "| 1 KiB (us) | 64 MiB (us) |" in md.replace(" | added", " |\n| added").replace("\n| added", " | added")
+    assert "all_reduce(x) (us)" in md and "EngineRunner.prepare(inputs)(), N=2" in md
 
 
 def test_report_marks_missing_references(bench_modules, tmp_path):
@@ -198,9 +240,60 @@ def test_report_marks_missing_references(bench_modules, tmp_path):
     md = report.render_markdown(results, str(tmp_path / "BENCHMARKS.md"), str(tmp_path / "results.json"))
     verdicts = report.evaluate_targets(results)
     unmeasured = [v for v in verdicts if v["met"] is None]
-    assert len(unmeasured) == 3 * len(OPS) + 1  # bandwidth and both latencies per op; the fan-out
+    # Per op: both bandwidths and the three latencies; one for the fan-out that did not run.
+    assert len(unmeasured) == 5 * len(OPS) + 1
     assert "PyTorch is not installed" in md and "timed out after 30 s" in md
     assert "n/a" in md
+
+
+def test_run_all_passes_the_new_options_on(bench_modules):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import run_all
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    args = run_all.build_parser().parse_args(["--entry-sizes", "4K,16M", "--nccl-tests-dir", "/x/build"])
+    cmd = run_all.bench_command("collectives", args, "/tmp/part.json", 100)
+    assert cmd[cmd.index("--entry-sizes") + 1] == "4K,16M" and cmd[cmd.index("--nccl-tests-dir") + 1] == "/x/build"
+    assert run_all.build_parser().parse_args([]).entry_sizes == "1K,64M"
+    assert sum(run_all.PROCESS_LIMITS[b][0] for b in run_all.DEFAULT_BENCHMARKS) <= 400  # the default run stays near 6 minutes
+
+
+def test_every_entry_point_is_measured_interleaved():
+    """bench_collectives' entry points, against a fake group: every key the report labels has a
+    call, each call reaches the group the way a user writes it, and the interleaved timing gives
+    every series its own statistics."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import bench_collectives as bc
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    seen = []
+
+    class FakeGroup:
+        def all_gather(self, inputs, out=None):
+            seen.append(("method", inputs, out))
+
+        def collective(self, op, inputs, out=None):
+            seen.append(("collective", op, inputs, out))
+
+        def prepare_collective(self, op, inputs, out=None):
+            return lambda: seen.append(("prepared", op, inputs, out))
+
+    dev, out, host = ["d0", "d1"], ["o0", "o1"], ["h0", "h1"]
+    calls = bc.entry_point_calls(FakeGroup(), "all_gather", dev, out, host)
+    assert list(calls) == [key for key, _ in bc.ENTRY_POINTS] == ENTRY_KEYS
+    for fn in calls.values():
+        fn()
+    assert seen == [("method", dev, None), ("method", dev, out), ("collective", "all_gather", dev, None),
+                    ("collective", "all_gather", dev, out), ("prepared", "all_gather", dev, None),
+                    ("prepared", "all_gather", dev, out), ("method", host, None),
+                    ("prepared", "all_gather", host, None)]
+    policy = {"warmup": 1, "target_s": 0.01, "min_iters": 4, "max_iters": 10}
+    counts = {"a": 0, "b": 0}
+    stats = bc.measure_interleaved({k: (lambda k=k: counts.__setitem__(k, counts[k] + 1)) for k in counts}, policy)
+    assert set(stats) == {"a", "b"} and all(st["iterations"] >= 4 for st in stats.values())
+    assert counts["a"] == stats["a"]["iterations"] + 2  # plus the warm-up calls
 
 
 def test_plots_render_synthetic_results(bench_modules, tmp_path):

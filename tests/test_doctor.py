@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import mdtrt
 from mdtrt import _core
 
@@ -52,3 +54,40 @@ def test_build_info_fields():
     assert info["version"] == mdtrt.__version__
     assert info["cuda_version"] >= 12000
     assert isinstance(info["tensorrt_backend"], bool) and info["tensorrt_reason"]
+
+
+def _keys(report: dict) -> dict:
+    """Top-level keys and the keys of every section."""
+    return {name: sorted(value) if isinstance(value, dict) else None for name, value in report.items()} | {
+        "": sorted(report)}
+
+
+def test_json_keys_are_the_same_whether_nccl_is_found_or_not(tmp_path):
+    found = json.loads(run_doctor("--json").stdout)
+    broken = subprocess.run([sys.executable, "-m", "mdtrt", "doctor", "--json"], capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, MDTRT_NCCL_LIBRARY=str(tmp_path / "libnccl.so.2")))
+    missing = json.loads(broken.stdout)
+    assert found["nccl"]["found"] and not missing["nccl"]["found"]
+    assert _keys(found) == _keys(missing)
+    assert sorted(found["features"]["dist_collective"]) == sorted(missing["features"]["dist_collective"])
+
+
+def test_broken_env_library_gets_advice_that_fits(tmp_path):
+    bad = tmp_path / "libnccl.so.2"
+    out = subprocess.run([sys.executable, "-m", "mdtrt", "doctor"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, MDTRT_NCCL_LIBRARY=str(bad)))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    reasons = out.stdout.split("cannot run multi-device inference:")[1]
+    assert f"MDTRT_NCCL_LIBRARY={bad} could not be used" in reasons and "unset it" in reasons
+    assert "pip install nvidia-nccl-cu13" not in reasons  # it is installed; the variable is what is wrong
+
+
+def test_found_in_a_package_folder_names_the_package():
+    report = json.loads(run_doctor("--json").stdout)
+    nccl = report["nccl"]
+    if nccl["found_by"] != "extra directory":
+        pytest.skip(f"NCCL found by {nccl['found_by']} here, not in a package's folder")
+    assert nccl["package"] in ("nvidia-nccl-cu13", "nvidia-nccl-cu12")
+    text = run_doctor().stdout
+    assert f"found in the {nccl['package']} package's folder {os.path.dirname(nccl['path'])}" in text
+    assert any(c["path"] == nccl["path"] and c["version"] == nccl["version"] for c in nccl["loaded_copies"])

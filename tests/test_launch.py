@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 
 import pytest
 
 import mdtrt
 from mdtrt import _core
-from mdtrt.launch import LaunchInfo, detect_launch, exchange_unique_id
+from mdtrt.launch import LaunchInfo, choose_device, detect_launch, exchange_unique_id, release_id_file
 
 
 @pytest.mark.parametrize(
@@ -23,11 +29,96 @@ from mdtrt.launch import LaunchInfo, detect_launch, exchange_unique_id
         # NVIDIA's variables win when a launcher's are also set (the sample's srun/mpirun lines).
         ({"TRT_MY_RANK": "0", "TRT_WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"},
          LaunchInfo(0, 2, None, "TRT_MY_RANK/TRT_WORLD_SIZE")),
+        # MPICH and Intel MPI (Hydra), MVAPICH, with local ranks where they give them.
+        ({"PMI_RANK": "1", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
+         LaunchInfo(1, 4, 1, "MPICH/Intel MPI", 2)),
+        ({"PMI_RANK": "3", "PMI_SIZE": "4"}, LaunchInfo(3, 4, None, "MPICH/Intel MPI")),
+        ({"MV2_COMM_WORLD_RANK": "2", "MV2_COMM_WORLD_SIZE": "3", "MV2_COMM_WORLD_LOCAL_RANK": "0"},
+         LaunchInfo(2, 3, 0, "MVAPICH")),
+        # torchrun inside an srun task: SLURM says rank 0 of 1 task, torchrun started the worker.
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0",
+          "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "abc",
+          "TORCHELASTIC_RESTART_COUNT": "1"},
+         LaunchInfo(3, 4, 3, "torchrun", 4, "abc.1")),
+        # mpirun inside an sbatch script: the batch step's SLURM variables are stale in every rank.
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
+          "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+         LaunchInfo(1, 2, 1, "Open MPI", 2)),
+        # Two MPI launchers' variables that agree (MVAPICH also exports PMI's): no contradiction.
+        ({"PMI_RANK": "1", "PMI_SIZE": "2", "MV2_COMM_WORLD_RANK": "1", "MV2_COMM_WORLD_SIZE": "2"},
+         LaunchInfo(1, 2, None, "MPICH/Intel MPI")),
+        # A partial launcher beside a complete one: the complete one is used.
+        ({"SLURM_PROCID": "0", "PMI_RANK": "0", "PMI_SIZE": "2"}, LaunchInfo(0, 2, None, "MPICH/Intel MPI")),
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9", "SLURM_STEP_ID": "3"},
+         LaunchInfo(1, 2, None, "SLURM", None, "9.3")),
         ({}, None),
     ],
 )
 def test_detect_launch(env, expected):
     assert detect_launch(env) == expected
+
+
+def test_contradicting_launchers_are_named():
+    env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "PMI_RANK": "1", "PMI_SIZE": "4"}
+    with pytest.raises(mdtrt.InvalidArgumentError, match="Open MPI.*OMPI_COMM_WORLD_RANK=0.*MPICH/Intel MPI.*PMI_RANK=1"):
+        detect_launch(env)
+
+
+@pytest.mark.parametrize("env,missing", [
+    ({"RANK": "1"}, "WORLD_SIZE"), ({"WORLD_SIZE": "2"}, "RANK"), ({"PMI_RANK": "0"}, "PMI_SIZE"),
+    ({"SLURM_PROCID": "0"}, "SLURM_NTASKS"), ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_RANK"),
+])
+def test_half_a_launcher_names_the_missing_variable(env, missing):
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"but {missing} is not"):
+        detect_launch(env)
+
+
+def test_from_env_with_only_rank_names_world_size(monkeypatch):
+    for var in [v for v in os.environ if v.startswith(("TRT_", "OMPI_", "PMI_", "MV2_", "SLURM_"))]:
+        monkeypatch.delenv(var)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(mdtrt.InvalidArgumentError, match="RANK is set but WORLD_SIZE is not"):
+        mdtrt.DeviceGroup.from_env()
+
+
+@pytest.mark.parametrize("info,visible,gpu,expected", [
+    # One GPU per process (per-rank CUDA_VISIBLE_DEVICES, --gpus-per-task=1): always device 0.
+    (LaunchInfo(1, 2, 1, "SLURM"), 1, None, 0),
+    (LaunchInfo(3, 4, None, "TRT_MY_RANK/TRT_WORLD_SIZE"), 1, None, 0),
+    (LaunchInfo(3, 4, 1, "Open MPI", 2), 2, None, 1),
+    (LaunchInfo(5, 8, None, "MPICH/Intel MPI"), 4, None, 1),
+    (LaunchInfo(1, 2, 1, "torchrun", 2), 2, 0, 0),
+])
+def test_device_choice(info, visible, gpu, expected):
+    assert choose_device(info, visible, gpu) == expected
+
+
+@pytest.mark.parametrize("info,visible,gpu,match", [
+    # Four ranks on this host and two GPUs each: rank 0 and 1 alone could start, so every rank refuses.
+    (LaunchInfo(0, 4, 0, "Open MPI", 4), 2, None, "starts 4 ranks on this host but this process sees 2"),
+    (LaunchInfo(2, 4, 2, "SLURM"), 2, None, "local rank 2 of this host but this process sees 2"),
+    (LaunchInfo(0, 2, 0, "torchrun"), 2, 2, "gpu=2 is not a visible device"),
+    (LaunchInfo(0, 2, 0, "torchrun"), 0, None, "no CUDA GPU is visible"),
+])
+def test_device_layouts_that_cannot_work_are_refused(info, visible, gpu, match):
+    with pytest.raises(mdtrt.InvalidArgumentError, match=match):
+        choose_device(info, visible, gpu)
+
+
+def test_torchrun_without_torch_says_what_to_install(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="torch is not installed.*pip install torch.*TRT_NCCL_ID_FILE"):
+        exchange_unique_id(LaunchInfo(0, 2, 0, "torchrun"), timeout=1, env={"RANK": "0", "WORLD_SIZE": "2"})
 
 
 @pytest.mark.parametrize("env", [{"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "x", "WORLD_SIZE": "2"}])
@@ -53,16 +144,107 @@ def test_id_file_exchange_between_ranks(tmp_path):
     assert len(got[0]) == 128 and got[0] == got[1] == got[2]
     with open(path) as f:
         text = f.read()
-    assert len(text) == 256 and bytes.fromhex(text) == got[0]
+    first, record = text.splitlines()  # the id, then who wrote it for which run
+    assert len(first) == 256 and bytes.fromhex(first) == got[0]
+    assert f"pid={os.getpid()} " in record
     assert not [p for p in os.listdir(tmp_path) if ".tmp." in p]  # written through a renamed temp file
 
 
-def test_stale_id_file_is_refused(tmp_path):
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def _start_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def _stale_file(path, pid: int, run: str = "") -> bytes:
+    """An id file as an earlier run's rank 0 left it; returns its id."""
+    stale = bytes(range(128))
+    path.write_text(f"{stale.hex()}\nrun={run} host={socket.gethostname()} pid={pid} start=1\n")
+    return stale
+
+
+READER = textwrap.dedent(
+    """
+    import sys, time, mdtrt
+    from mdtrt import _core
+    mdtrt.nccl_library()
+    start = time.monotonic()
+    uid = _core.exchange_unique_id_via_file(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4])
+    print(uid.hex(), f"{time.monotonic() - start:.2f}", flush=True)
+    """
+)
+
+
+def _reader(path, rank=1, timeout=20.0, run=""):
+    return subprocess.Popen([sys.executable, "-c", READER, str(path), str(rank), str(timeout), run],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+
+
+@pytest.mark.parametrize("kind", ["exited-rank0", "no-record", "other-run-id"])
+def test_stale_id_file_is_never_used(tmp_path, kind):
+    # Rank 1 starts first and finds an earlier run's file; rank 0 starts a second later. Rank 1
+    # must get rank 0's new id, never the stale one.
+    path = tmp_path / "nccl_id"
+    if kind == "no-record":  # NVIDIA's sample and older mdtrt wrote the id alone
+        stale = bytes(range(128))
+        path.write_text(stale.hex())
+    else:
+        stale = _stale_file(path, _dead_pid() if kind == "exited-rank0" else os.getpid(),
+                            run="job1" if kind == "other-run-id" else "")
+    reader = _reader(path, run="job2" if kind == "other-run-id" else "")
+    time.sleep(1.0)
+    assert reader.poll() is None, reader.communicate()  # still waiting: it did not take the stale id
+    mdtrt.nccl_library()
+    fresh = _core.exchange_unique_id_via_file(str(path), 0, 5.0, "job2" if kind == "other-run-id" else "")
+    out, err = reader.communicate(timeout=30)
+    assert reader.returncode == 0, err
+    got = bytes.fromhex(out.split()[0])
+    assert got == fresh != stale
+
+
+def test_waiting_rank_names_the_stale_file(tmp_path):
+    path = tmp_path / "nccl_id"
+    _stale_file(path, _dead_pid())
+    with pytest.raises(mdtrt.RankTimeoutError, match="from an earlier run: .*which has exited"):
+        _core.exchange_unique_id_via_file(str(path), 1, 0.5)
+
+
+def test_rank0_replaces_a_stale_file_and_refuses_a_live_one(tmp_path):
     mdtrt.nccl_library()
     path = tmp_path / "nccl_id"
-    path.write_text("ab" * 128)
-    with pytest.raises(mdtrt.InvalidArgumentError, match="rm -f"):
-        _core.exchange_unique_id_via_file(str(path), 0, 1.0)
+    stale = _stale_file(path, _dead_pid())
+    fresh = _core.exchange_unique_id_via_file(str(path), 0, 1.0)
+    assert fresh != stale and path.read_text().split()[0] == fresh.hex()
+    assert f"pid={os.getpid()} " in path.read_text()
+    # A file another live process published: two runs share the path; neither may take it over.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        path.write_text(f"{stale.hex()}\nrun= host={socket.gethostname()} pid={sleeper.pid} "
+                        f"start={_start_ticks(sleeper.pid)}\n")
+        with pytest.raises(mdtrt.InvalidArgumentError, match=f"process {sleeper.pid}, which is still running"):
+            _core.exchange_unique_id_via_file(str(path), 0, 1.0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_rank0_removes_only_its_own_file(tmp_path):
+    mdtrt.nccl_library()
+    path = tmp_path / "nccl_id"
+    info = LaunchInfo(0, 2, None, "TRT_MY_RANK/TRT_WORLD_SIZE")
+    uid = exchange_unique_id(info, timeout=1, id_file=str(path))
+    release_id_file(LaunchInfo(1, 2, None, "TRT_MY_RANK/TRT_WORLD_SIZE"), uid, str(path))  # not rank 0: kept
+    assert path.exists()
+    release_id_file(info, uid, str(path))
+    assert not path.exists()
+    other = exchange_unique_id(info, timeout=1, id_file=str(path))
+    release_id_file(info, uid, str(path))  # another run's id: left alone
+    assert path.read_text().split()[0] == other.hex()
 
 
 def test_waiting_rank_times_out_when_rank0_never_writes(tmp_path):
@@ -73,7 +255,8 @@ def test_waiting_rank_times_out_when_rank0_never_writes(tmp_path):
 
 def test_malformed_id_file_is_an_error(tmp_path):
     path = tmp_path / "nccl_id"
-    path.write_text("zz" * 128)
+    # Published by a live rank 0 of this run (this process), but not hex.
+    path.write_text("zz" * 128 + f"\nrun= host={socket.gethostname()} pid={os.getpid()} start={_start_ticks(os.getpid())}\n")
     with pytest.raises(mdtrt.InvalidArgumentError, match="hex"):
         _core.exchange_unique_id_via_file(str(path), 1, 1.0)
 

@@ -157,3 +157,58 @@ def test_real_wheel_is_found():
     assert major == 2 and minor >= 19
     assert lib.attempts[-1].loaded and lib.attempts[-1].rule == lib.found_by
     assert mdtrt.nccl_library() == lib  # cached: the same library every time
+
+
+PRELOADED_PROBE = textwrap.dedent(
+    """
+    import ctypes, json, sys
+    # Another library (torch, say) loaded its NCCL before mdtrt.
+    ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL)
+    from mdtrt import _core
+    copies = [[c["path"], c["version"]] for c in _core.nccl_loaded_copies()]
+    try:
+        info = _core.load_nccl(json.loads(sys.argv[1]))
+        print(json.dumps({"ok": True, "path": info["path"], "version": info["version"],
+                          "found_by": info["found_by"], "copies": copies}))
+    except Exception as e:
+        print(json.dumps({"ok": False, "type": type(e).__name__, "message": str(e), "copies": copies}))
+    """
+)
+
+
+def probe_preloaded(preload, extra_dirs=(), env_library=None) -> dict:
+    env = dict(os.environ, LD_LIBRARY_PATH="")
+    env.pop("MDTRT_NCCL_LIBRARY", None)
+    if env_library is not None:
+        env["MDTRT_NCCL_LIBRARY"] = str(env_library)
+    out = subprocess.run([sys.executable, "-c", PRELOADED_PROBE, json.dumps([str(d) for d in extra_dirs]), preload],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_loaded_copies_are_listed_with_versions(fakes):
+    r = probe_preloaded(fakes["so2"], extra_dirs=[folder(fakes["wheel"])])
+    assert [fakes["so2"], "2.20.1"] in r["copies"]
+
+
+def test_a_usable_copy_already_loaded_is_used(fakes):
+    # mdtrt's own search would find the wheel's 2.20.4; TensorRT would bind to the loaded 2.20.1.
+    r = probe_preloaded(fakes["so2"], extra_dirs=[folder(fakes["wheel"])])
+    assert r["ok"], r
+    assert (r["found_by"], r["path"], r["version"]) == ("already loaded in this process", fakes["so2"], "2.20.1")
+
+
+def test_an_older_copy_already_loaded_is_refused_naming_both(fakes):
+    r = probe_preloaded(fakes["old"], extra_dirs=[folder(fakes["wheel"])])
+    assert not r["ok"] and r["type"] == "LibraryNotFoundError", r
+    message = r["message"]
+    assert fakes["old"] in message and "2.18.5" in message  # the copy in the process
+    assert fakes["wheel"] in message and "2.20.4" in message  # the one mdtrt would use
+    assert "import mdtrt" in message and "before" in message
+
+
+def test_env_library_other_than_the_loaded_copy_is_refused(fakes):
+    r = probe_preloaded(fakes["so2"], env_library=fakes["env"])
+    assert not r["ok"] and fakes["so2"] in r["message"] and fakes["env"] in r["message"], r
+    assert "MDTRT_NCCL_LIBRARY" in r["message"]

@@ -3,28 +3,40 @@ native runner, so it is tested on any machine."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 import mdtrt
-from mdtrt.arrays import describe
+from mdtrt.arrays import ArrayRef, describe
 from mdtrt.device_group import PreparedCall
 from mdtrt.runner import EngineRunner
 
 
 class StubNative:
-    """Records each infer() call and answers like the extension: host bytes per fetched rank."""
+    """Records each infer() call and answers like the extension (a RankResult per rank): host bytes
+    per fetched rank."""
 
     def __init__(self, ranks=2):
         self.calls = []
+        self.prepared = []
         self.ranks = ranks
+
+    def prepare(self, *args):
+        """Like the extension's: the arguments once, then a call that may get other outputs."""
+        def call(outputs=None):
+            return self.infer(*args[:-1], args[-1] if outputs is None else outputs)
+
+        self.prepared.append(args)
+        return call
 
     def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
         self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
         results = []
         for rank in range(self.ranks):
             host = [np.frombuffer(np.full(4, rank + 1, np.float32).tobytes(), np.uint8).copy()] if rank in fetch else []
-            results.append({"outputs": [("output", "float32", (2, 2))], "host": host, "device": []})
+            results.append(SimpleNamespace(outputs=[("output", "float32", (2, 2))], host=host, device=[]))
         return results
 
 
@@ -36,7 +48,9 @@ def test_replicated_input_is_converted_once_and_reused():
     first, second = call(), call()
     inputs = native.calls[0][0]
     assert inputs[0] is inputs[1]  # the same converted list for both ranks
-    assert inputs[0] == [(x.__array_interface__["data"][0], -1, "float16", (2, 3), 0)]  # host: no stream
+    (arg,) = inputs[0]  # typed: a _core.InputArg
+    assert (arg.ptr, arg.device, arg.dtype, arg.shape, arg.stream, arg.nbytes) == (
+        x.__array_interface__["data"][0], -1, "float16", (2, 3), 0, 12)  # host: no stream
     assert native.calls[0] is not native.calls[1] and native.calls[0][0] is native.calls[1][0]
     assert native.calls[0][3] == [0, 1] and native.calls[0][4] is False
     for outputs in (first, second):
@@ -63,6 +77,8 @@ def test_engine_runner_prepare_checks_names_once():
     runner.group = [0, 1]  # only its length is used here
     runner._native = StubNative()
     runner._inputs = [("input", "float32", (-1,))]
+    runner._devices = [0, 1]
+    runner._output_specs = {}
     runner.replication = "auto"
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"missing \['input'\]"):
         runner.prepare({"x": np.ones(2, np.float32)})
@@ -72,5 +88,92 @@ def test_engine_runner_prepare_checks_names_once():
     x[:] = 7  # refilled in place: the next call reads the same buffer
     call()
     assert len(runner._native.calls) == 2 and runner._native.calls[0][0] is runner._native.calls[1][0]
+    assert len(runner._native.prepared) == 1  # converted and planned once
     assert runner._native.calls[0][1] == "auto"
     np.testing.assert_array_equal(out["output"], np.full((2, 2), 1, np.float32))
+
+
+def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
+    """new_out (torch's caching allocator for torch inputs): every call gets fresh output buffers,
+    handed to the native runner as typed OutputArgs, and returns exactly those objects."""
+    made = []
+
+    def new_out():
+        refs = []
+        for rank in range(2):
+            owner = object()
+            made.append(owner)
+            refs.append({"output": ArrayRef(0x10000 * (len(made) + 1), rank, "float32", (2, 2), owner, "torch", 7)})
+        return refs
+
+    class DeviceStub(StubNative):
+        def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
+            self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
+            return [SimpleNamespace(outputs=[("output", "float32", (2, 2))], host=[], device=[]) for _ in range(self.ranks)]
+
+    native = DeviceStub()
+    x = [ArrayRef(0x1000 * (r + 1), r, "float32", (2, 2), object(), "torch", 7) for r in range(2)]
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, new_out=new_out)
+    first, second = call(), call()
+    assert [o["output"] for o in first] == made[:2] and [o["output"] for o in second] == made[2:]
+    for recorded, base in ((native.calls[0][6], 2), (native.calls[1][6], 4)):
+        assert [[(a.name, a.ptr, a.nbytes, a.device, a.stream) for a in rank] for rank in recorded] == [
+            [("output", 0x10000 * base, 16, 0, 7)], [("output", 0x10000 * (base + 1), 16, 1, 7)]]
+    assert native.calls[0][4] is True  # device inputs: device outputs, nothing fetched
+
+
+def test_native_rank_result_host_bytes_are_zero_copy_views_that_keep_it_alive():
+    from mdtrt import _core
+
+    result = _core.testing.rank_result([b"\x01\x02\x03", b"", b"\xff" * 8])
+    assert result.outputs == [("output0", "uint8", (3,)), ("output1", "uint8", (0,)), ("output2", "uint8", (8,))]
+    host = result.host
+    assert result.device == []
+    del result  # the arrays keep the native result alive
+    np.testing.assert_array_equal(host[0], [1, 2, 3])
+    assert host[1].size == 0 and host[2].dtype == np.uint8 and (host[2] == 255).all()
+    assert host[0].flags.writeable  # torch.from_numpy takes it without a warning
+    assert np.frombuffer(host[2].tobytes(), np.float16).shape == (4,)
+
+
+class FakeTensor:
+    """Stands in for a torch CUDA tensor in an ArrayRef (kind "torch")."""
+
+
+def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
+    """Torch inputs without outputs=: the first call takes the runner's pooled outputs and records
+    each rank's output specs; later calls (and later prepare()s with the same input shapes) pass
+    output buffers from torch's allocator instead."""
+    allocations = []
+
+    class SpecStub(StubNative):
+        def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
+            self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
+            return [SimpleNamespace(outputs=[("y", "float16", (3, 2))], host=[], device=[f"pooled{r}"])
+                    for r in range(self.ranks)]
+
+    import mdtrt.device_group as dg
+
+    def fake_factory(specs, devices):
+        def allocate():
+            refs = [{name: ArrayRef(0x1000 + len(allocations), d, dtype, shape, FakeTensor(), "torch", 7)
+                     for name, dtype, shape in rank} for rank, d in zip(specs, devices)]
+            allocations.append(refs)
+            return refs
+        return allocate
+
+    native = SpecStub()
+    cache: dict = {}
+    x = [ArrayRef(0x100 * (r + 1), r, "float16", (3, 2), FakeTensor(), "torch", 7) for r in range(2)]
+    monkeypatch.setattr(dg, "torch_output_factory", fake_factory)
+    monkeypatch.setattr(dg, "wrap_device_output", lambda buffer, dtype, shape, like: buffer)
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], spec_cache=cache)
+    first = call()
+    assert [o["y"] for o in first] == ["pooled0", "pooled1"] and native.calls[0][6] == []
+    assert cache == {((("float16", (3, 2)),), (("float16", (3, 2)),)): [[("y", "float16", (3, 2))]] * 2}
+    second = call()
+    assert len(allocations) == 1 and [o["y"] for o in second] == [r["y"].owner for r in allocations[0]]
+    assert [[a.name for a in rank] for rank in native.calls[1][6]] == [["y"], ["y"]]
+    again = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], spec_cache=cache)
+    again()
+    assert len(allocations) == 2  # learnt once: the new call allocates from its first run

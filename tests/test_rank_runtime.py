@@ -69,3 +69,28 @@ def test_timed_out_runtime_threads_are_released():
 def test_unknown_test_program_is_rejected():
     with pytest.raises(mdtrt.InvalidArgumentError):
         _core.testing.run_bind_test(2, "nope")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_every_rank_launches_after_every_check_passed(ranks):
+    launched, error = _core.testing.run_checked_launch_test(ranks)
+    assert error == "" and launched == [True] * ranks
+
+
+@pytest.mark.parametrize("fail_rank", [0, 1, 3])
+def test_one_rank_failing_its_checks_stops_every_launch_at_once(fail_rank):
+    """Validate before enqueue: one rank's bad argument fails the call with that rank's error, well
+    inside the deadline, and no rank launched anything (no NCCL kernel left waiting for it)."""
+    start = time.monotonic()
+    launched, error = _core.testing.run_checked_launch_test(4, fail_rank, timeout=20.0)
+    assert time.monotonic() - start < 2.0
+    assert launched == [False] * 4
+    assert error.startswith(f"rank {fail_rank}: ") and "injected bad argument" in error
+
+
+def test_a_rank_stuck_in_its_checks_ends_at_the_deadline_without_launches():
+    start = time.monotonic()
+    launched, error = _core.testing.run_checked_launch_test(3, 1, slow_check_seconds=1.0, timeout=0.3)
+    assert time.monotonic() - start < 5.0
+    assert "did not finish 'infer'" in error
+    assert launched == [False] * 3  # the late rank arrives after the others gave up: it launches nothing

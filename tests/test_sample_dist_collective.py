@@ -152,6 +152,39 @@ def test_trt_backend_without_tensorrt_says_so():
     assert "no TensorRT backend" in p.stderr and "--backend nccl" in p.stderr
 
 
+def _fake_tensorrt(directory, builder: bool) -> str:
+    """A library with TensorRT 11's entry points (the creators return NULL); without the builder
+    entry point it is what the loader takes for the lean runtime."""
+    from fakelib import CC, compile_shared_object
+
+    if CC is None:
+        pytest.skip("needs a C compiler to build a fake TensorRT library")
+    lines = ["int getInferLibVersion(void) { return 110400; }",
+             "void* createInferRuntime_INTERNAL(void* logger, int version) { return 0; }"]
+    if builder:
+        lines.append("void* createInferBuilder_INTERNAL(void* logger, int version) { return 0; }")
+    return compile_shared_object(directory, "libnvinfer.so.11", lines)
+
+
+def test_backend_auto_picks_nccl_when_only_the_lean_runtime_is_there(tmp_path):
+    """The lean runtime cannot build the sample's engines: auto says so and uses NCCL (before the
+    GPUs are even looked at); an explicit --backend trt is an error saying the same."""
+    if "This build has no TensorRT backend" in _run(["--help"]).stdout:
+        pytest.skip("this build has no TensorRT backend")
+    lean = _fake_tensorrt(tmp_path / "lean", builder=False)
+    env = _env(CUDA_VISIBLE_DEVICES="", MDTRT_TENSORRT_LIBRARY=lean)
+    p = _run(["--op", "all_reduce", "--gpus", "0,1"], env)
+    assert "only the TensorRT lean runtime was found" in p.stdout and lean in p.stdout, _output(p)
+    assert "using --backend nccl" in p.stdout
+    assert "no CUDA GPU is visible" in p.stderr  # then the machine's own problem, as before
+    p = _run(["--op", "all_reduce", "--gpus", "0,1", "--backend", "trt"], env)
+    assert p.returncode == 3, _output(p)
+    assert "--backend trt: only the TensorRT lean runtime was found" in p.stderr and "cannot build" in p.stderr
+    full = _fake_tensorrt(tmp_path / "full", builder=True)
+    p = _run(["--op", "all_reduce", "--gpus", "0,1"], _env(CUDA_VISIBLE_DEVICES="", MDTRT_TENSORRT_LIBRARY=full))
+    assert "using --backend nccl" not in p.stdout, _output(p)  # a full TensorRT keeps auto on trt
+
+
 # ---------------------------------------------------------------------------------------------
 # Two GPUs
 
@@ -208,6 +241,31 @@ def test_all_ops_process_per_rank(tmp_path, dtype):
 
 
 @pytest.mark.multi_gpu
+def test_trt_backend_builds_once_under_a_launcher_on_each_ranks_gpu(trt_double, tmp_path):
+    """With TensorRT (the test double): rank 0 alone builds the engine and shares it beside the id
+    file; rank 1 waits for it; both pass; TensorRT's own log is printed; no plan file is left.
+    (Every op in both launch styles: tests/test_trt_double_sample.py.)"""
+    results = _run_process_per_rank(tmp_path, ["--backend", "trt", "--op", "all_gather"])
+    for rc, out in results:
+        assert rc == 0, out
+    rank0, rank1 = (out for _, out in results)
+    assert "Rank 0 - built the ALL_GATHER engine and shared it" in rank0, rank0
+    assert "Rank 1 - waiting for rank 0's ALL_GATHER engine" in rank1, rank1
+    assert "built the ALL_GATHER engine" not in rank1
+    assert _passed(rank0) + _passed(rank1) == 2, rank0 + rank1
+    assert re.search(r"^\[I\] \[TRT\] ", rank0, flags=re.M), rank0  # TensorRT's log, as NVIDIA's sample prints it
+    assert not list(tmp_path.glob("*.plan")), list(tmp_path.iterdir())
+
+
+@pytest.mark.multi_gpu
+def test_trt_backend_thread_per_gpu_prints_tensorrts_log(trt_double):
+    p = _run(["--backend", "trt", "--op", "all_gather", "--gpus", "0,1", "--groups", "1,0"])
+    assert p.returncode == 0, _output(p)
+    assert _passed(p.stdout) == 2, _output(p)
+    assert re.search(r"^\[I\] \[TRT\] ", p.stdout, flags=re.M), p.stdout
+
+
+@pytest.mark.multi_gpu
 @pytest.mark.parametrize("reduce", ["sum", "prod", "max", "min", "avg"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reduce_ops(dtype, reduce):
@@ -254,13 +312,16 @@ def test_injected_mismatch_is_caught():
 
 
 @pytest.mark.multi_gpu
-def test_stale_nccl_id_file_is_refused(tmp_path):
+def test_stale_nccl_id_file_is_replaced_not_read(tmp_path):
+    # An earlier run's file (no run record: NVIDIA's format) is there when both ranks start: rank 1
+    # must wait for rank 0's new id, the run passes, and rank 0 removes the file once all joined.
     id_file = tmp_path / "nccl_id.txt"
     id_file.write_text("0" * 256)
-    p = _run(["--op", "all_reduce", "--backend", "nccl"],
-             _env(TRT_MY_RANK="0", TRT_WORLD_SIZE="2", TRT_NCCL_ID_FILE=str(id_file)))
-    assert p.returncode != 0
-    assert f"rm -f {id_file}" in p.stderr, _output(p)
+    results = _run_process_per_rank(tmp_path, ["--op", "all_reduce", "--backend", "nccl"])
+    for rc, out in results:
+        assert rc == 0, out
+        assert "ALL_REDUCE PASSED" in out
+    assert not id_file.exists()
 
 
 @pytest.mark.multi_gpu

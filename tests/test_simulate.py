@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from mdtrt.reference import collective  # noqa: E402
-from mdtrt.simulate import compare_outputs, run_on_cpu, simulate  # noqa: E402
+from mdtrt import compare_outputs, run_on_cpu, simulate  # noqa: E402
 
 SCALE = np.float32(3.0)
 

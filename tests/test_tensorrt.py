@@ -414,3 +414,96 @@ def test_lean_runtime_cannot_build_and_runner_names_the_rank(lean_report):
     runner = lean_report["runner"]
     assert runner["type"] == "TensorRTError" and runner["rank"] == 0 and runner["call"] == "deserializeCudaEngine"
     assert "Is this a TensorRT" in runner["message"]
+
+
+# --- versions older than the headers, the ONNX parser's version, the lean runtime up front ---------
+
+HEADER_VERSION = _core.testing.tensorrt_header_version()
+
+
+@needs_cc
+@pytest.mark.skipif(HEADER_VERSION % 10000 == 0, reason="the headers are an x.0.0 release: nothing of their major is older")
+def test_library_older_than_the_headers_is_refused(tmp_path):
+    """A TensorRT 11 library older than the headers may lack functions the headers declare: refused,
+    naming both versions, and the search goes on."""
+    major = HEADER_VERSION // 10000
+    older = build_fake_trt(tmp_path / "older", f"libnvinfer.so.{major}", HEADER_VERSION - 1)
+    r = probe([], env_library=older)
+    assert not r["ok"]
+    old, new = (f"{v // 10000}.{v % 10000 // 100}.{v % 100}" for v in (HEADER_VERSION - 1, HEADER_VERSION))
+    assert f"TensorRT {old} is older than the TensorRT {new} headers" in r["message"]
+    same = build_fake_trt(tmp_path / "same", f"libnvinfer.so.{major}", HEADER_VERSION)
+    assert probe([], env_library=same)["ok"]
+
+
+PARSER_PROBE = textwrap.dedent(
+    """
+    import json
+    from mdtrt import _core
+    try:
+        info = _core.load_onnx_parser([])
+        print(json.dumps({"ok": True, "version": info["version_code"], "note": info["note"]}))
+    except Exception as e:
+        print(json.dumps({"ok": False, "type": type(e).__name__, "message": str(e)}))
+    """
+)
+
+
+def build_fake_parser(directory, version: int) -> str:
+    return compile_shared_object(directory, f"libnvonnxparser.so.{MAJOR}", [
+        "void* createNvOnnxParser_INTERNAL(void* network, void* logger, int version) { return 0; }",
+        "int getNvOnnxParserVersion(void) { return %d; }" % version,
+    ])
+
+
+@needs_cc
+@pytest.mark.skipif(not BACKEND, reason="the ONNX parser is loaded by the TensorRT backend")
+def test_onnx_parser_version_is_compared_with_the_headers(fakes, tmp_path):
+    header = _core.testing.onnx_parser_header_version()
+
+    def load(version):
+        env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=fakes["full"],
+                   MDTRT_ONNXPARSER_LIBRARY=build_fake_parser(tmp_path / str(version), version))
+        out = subprocess.run([sys.executable, "-c", PARSER_PROBE], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    same = load(header)
+    assert same["ok"] and same["version"] == header and same["note"] == ""
+    if header % 10000:
+        older = load(header - 1)
+        assert not older["ok"] and older["type"] == "LibraryNotFoundError"
+        assert "older than the parser headers" in older["message"]
+    other_major = load(header + 10000)  # undocumented relation: reported, not refused
+    assert other_major["ok"] and "reports version" in other_major["note"]
+
+
+LEAN_NOTE_PROBE = textwrap.dedent(
+    """
+    import json, logging
+    records = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((record.levelname, record.getMessage()))
+    logging.getLogger("mdtrt.tensorrt").addHandler(Keep())
+    from mdtrt import tensorrt
+    tensorrt.tensorrt_library()
+    tensorrt.tensorrt_library()
+    print(json.dumps(records))
+    """
+)
+
+
+@needs_cc
+@pytest.mark.skipif(not BACKEND, reason="mdtrt was built without the TensorRT backend")
+def test_lean_runtime_says_up_front_which_plans_it_loads(fakes):
+    env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=fakes["lean"])
+    out = subprocess.run([sys.executable, "-c", LEAN_NOTE_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    records = json.loads(out.stdout.strip().splitlines()[-1])
+    notes = [m for level, m in records if "lean runtime" in m]
+    assert len(notes) == 1 and records[0][0] == "WARNING", records  # once, up front
+    assert fakes["lean"] in notes[0] and "version_compatible=True" in notes[0] and "allow_host_code=True" in notes[0]
+    env["MDTRT_TENSORRT_LIBRARY"] = fakes["full"]
+    out = subprocess.run([sys.executable, "-c", LEAN_NOTE_PROBE], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "lean runtime" not in out.stdout, out.stdout + out.stderr

@@ -2,8 +2,8 @@
 on real GPUs against the TensorRT test double, with real NCCL. Every result is checked against
 mdtrt.reference on random data, with poisoned outputs, so a rank that wrote nothing shows.
 
-`gpu` tests need one GPU, `multi_gpu` tests two; the defects of issue #15 that these tests expose
-are marked xfail(strict=True) with the item, so fixing them turns the mark into a failure to remove.
+`gpu` tests need one GPU, `multi_gpu` tests two. Misaligned views and grouped all_gather /
+reduce_scatter were defects of issue #15 (items 3 and 4), fixed since: these tests keep them fixed.
 """
 
 from __future__ import annotations
@@ -167,7 +167,6 @@ def test_preallocated_device_inputs_and_outputs(one_gpu):
 
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="issue #15 item 3: misaligned (sliced) device arrays reach setTensorAddress")
 @pytest.mark.parametrize("which", ["input", "output"])
 def test_misaligned_views_work(trt_double, which):
     torch = pytest.importorskip("torch")
@@ -284,7 +283,6 @@ def test_ranks_outside_the_group_keep_their_output(two_gpus, op, root):
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.xfail(strict=True, reason="issue #15 item 4: setNbRanks(world) for a smaller group (all_gather/reduce_scatter shapes)")
 @pytest.mark.parametrize("op", ["all_gather", "reduce_scatter"])
 def test_grouped_shape_ops_on_a_smaller_group(trt_double, op):
     with mdtrt.DeviceGroup([0, 1], timeout=60) as group:  # its own group: a failed enqueue stays there

@@ -38,6 +38,20 @@ void bind_nccl(py::module_& m) {
       py::arg("extra_dirs") = std::vector<std::string>{},
       "Find and open NCCL (once per process); returns where it was found and every attempt.");
   m.def("nccl_required_symbols", &nccl::required_symbols);
+  m.def(
+      "nccl_loaded_copies",
+      [] {
+        py::list out;
+        for (const auto& copy : nccl::loaded_copies()) {
+          py::dict d;
+          d["path"] = copy.path;
+          d["version_code"] = copy.version;
+          d["version"] = nccl::version_string(copy.version);
+          out.append(d);
+        }
+        return out;
+      },
+      "Every NCCL library mapped into this process (by any library), with its version.");
   m.def("nccl_is_loaded", &nccl::is_loaded);
 }
 

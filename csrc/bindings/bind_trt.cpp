@@ -6,6 +6,7 @@
 
 #include <map>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -70,10 +71,14 @@ trt::ProgressCallback python_progress(const py::object& progress) {
 }
 
 // progress: None/False = silent, True = C++ line log, a callable = forwarded.
-trt::BuildOptions build_options(const py::object& progress, size_t workspace, const std::string& timing_cache) {
+trt::BuildOptions build_options(const py::object& progress, size_t workspace, const std::string& timing_cache,
+                                int device, bool version_compatible, bool exclude_lean_runtime) {
   trt::BuildOptions options;
   options.workspace_bytes = workspace;
   options.timing_cache_path = timing_cache;
+  options.device = device;
+  options.version_compatible = version_compatible;
+  options.exclude_lean_runtime = exclude_lean_runtime;
   if (progress.is_none() || (py::isinstance<py::bool_>(progress) && !progress.cast<bool>())) {
     options.show_progress = false;
   } else if (!py::isinstance<py::bool_>(progress)) {
@@ -131,6 +136,7 @@ void bind_backend(py::module_& m) {
         d["path"] = info->path;
         d["version_code"] = info->version;
         d["found_by"] = info->found_by;
+        d["note"] = info->note;
         d["attempts"] = info->attempts;
         return d;
       },
@@ -152,14 +158,15 @@ void bind_backend(py::module_& m) {
       "tensorrt_build_dist_collective",
       [](const std::string& op, const std::string& reduce, int root, const std::vector<int>& groups, int nb_ranks,
          const std::string& dtype, const Shape& shape, bool transpose, const py::object& progress, size_t workspace,
-         const std::string& timing_cache) {
+         const std::string& timing_cache, int device, bool version_compatible, bool exclude_lean_runtime) {
         CollectiveSpec spec;
         spec.op = collective_op_from_name(op);
         spec.reduce = op_reduces(spec.op) ? reduce_op_from_name(reduce) : ReduceOp::kNone;
         spec.root = root;
         spec.groups = groups;
         const DType type = dtype_from_name(dtype);
-        trt::BuildOptions options = build_options(progress, workspace, timing_cache);
+        trt::BuildOptions options =
+            build_options(progress, workspace, timing_cache, device, version_compatible, exclude_lean_runtime);
         std::vector<uint8_t> plan;
         {
           py::gil_scoped_release release;
@@ -169,15 +176,18 @@ void bind_backend(py::module_& m) {
       },
       py::arg("op"), py::arg("reduce"), py::arg("root"), py::arg("groups"), py::arg("nb_ranks"), py::arg("dtype"),
       py::arg("shape"), py::arg("transpose"), py::arg("progress"), py::arg("workspace") = 0,
-      py::arg("timing_cache") = "");
+      py::arg("timing_cache") = "", py::arg("device") = -1, py::arg("version_compatible") = false,
+      py::arg("exclude_lean_runtime") = false);
 
   m.def(
       "tensorrt_build_from_onnx",
       [](const py::bytes& model, const std::string& model_path,
          const std::map<std::string, std::tuple<Shape, Shape, Shape>>& profiles, const py::object& progress,
-         size_t workspace, const std::string& timing_cache, const std::vector<std::string>& parser_extra_dirs) {
+         size_t workspace, const std::string& timing_cache, const std::vector<std::string>& parser_extra_dirs,
+         int device, bool version_compatible, bool exclude_lean_runtime) {
         std::string bytes = model;
-        trt::BuildOptions options = build_options(progress, workspace, timing_cache);
+        trt::BuildOptions options =
+            build_options(progress, workspace, timing_cache, device, version_compatible, exclude_lean_runtime);
         std::vector<uint8_t> plan;
         {
           py::gil_scoped_release release;
@@ -186,31 +196,34 @@ void bind_backend(py::module_& m) {
         return to_bytes(plan);
       },
       py::arg("model"), py::arg("model_path"), py::arg("profiles"), py::arg("progress"), py::arg("workspace") = 0,
-      py::arg("timing_cache") = "", py::arg("parser_extra_dirs") = std::vector<std::string>{});
+      py::arg("timing_cache") = "", py::arg("parser_extra_dirs") = std::vector<std::string>{},
+      py::arg("device") = -1, py::arg("version_compatible") = false, py::arg("exclude_lean_runtime") = false);
 
   m.def(
       "tensorrt_inspect_engine",
-      [](const py::buffer& engine, int device) {
+      [](const py::buffer& engine, int device, bool allow_host_code) {
         py::buffer_info buf = engine.request();
         std::vector<trt::EngineTensor> tensors;
         {
           py::gil_scoped_release release;
-          tensors = trt::inspect_engine(buf.ptr, static_cast<size_t>(buf.size * buf.itemsize), device);
+          tensors = trt::inspect_engine(buf.ptr, static_cast<size_t>(buf.size * buf.itemsize), device, allow_host_code);
         }
         py::list out;
         for (const auto& t : tensors) out.append(tensor_dict(t));
         return out;
       },
-      py::arg("engine"), py::arg("device") = 0,
+      py::arg("engine"), py::arg("device") = 0, py::arg("allow_host_code") = false,
       "Deserialize a plan on `device` (no DeviceGroup) and list its IO tensors; raises if it does not load.");
 
   py::class_<trt::EngineProgram, RankProgram, std::shared_ptr<trt::EngineProgram>>(m, "EngineProgram")
-      .def(py::init([](const py::list& engines, bool multi_device) {
-             return std::make_shared<trt::EngineProgram>(engines_from_python(engines), multi_device);
+      .def(py::init([](const py::list& engines, bool multi_device, bool allow_host_code) {
+             return std::make_shared<trt::EngineProgram>(engines_from_python(engines), multi_device, allow_host_code);
            }),
-           py::arg("engines"), py::arg("multi_device") = true,
+           py::arg("engines"), py::arg("multi_device") = true, py::arg("allow_host_code") = false,
            "One serialized engine per local rank (the same bytes object for a shared engine).")
       .def_property_readonly("multi_device", &trt::EngineProgram::multi_device)
+      .def_property_readonly("allow_host_code", &trt::EngineProgram::allow_host_code)
+      .def_property_readonly("shape_changes", &trt::EngineProgram::shape_changes)
       .def_property_readonly("num_engines", &trt::EngineProgram::num_engines);
 }
 
@@ -247,6 +260,27 @@ void bind_trt(py::module_& m) {
   testing.def("tensorrt_required_symbols", &trt::required_symbols);
   testing.def("tensorrt_builder_symbol", [] { return std::string(trt::builder_symbol()); });
   testing.def("tensorrt_header_major", &trt::header_major);
+  testing.def("tensorrt_header_version", &trt::header_version);
+  testing.def("onnx_parser_header_version", &trt::parser_header_version);
+#ifdef MDTRT_HAVE_TENSORRT
+  testing.def(
+      "tensorrt_error_text",
+      [](const std::string& message, bool from_other_thread) {
+        // A call in an ErrorScope during which `message` is logged as an error, on the calling
+        // thread or on a thread of its own (as TensorRT's worker threads do): what its exception says.
+        py::gil_scoped_release release;
+        trt::ErrorScope scope;
+        auto log = [&] { trt::logger().log(nvinfer1::ILogger::Severity::kERROR, message.c_str()); };
+        if (from_other_thread) {
+          std::thread worker(log);
+          worker.join();
+        } else {
+          log();
+        }
+        return trt::with_trt_error("the call");
+      },
+      py::arg("message"), py::arg("from_other_thread"));
+#endif
 }
 
 }  // namespace mdtrt::bindings

@@ -1,5 +1,6 @@
 #include "bindings/errors.h"
 
+#include "bindings/modules.h"
 #include "common/error.h"
 
 namespace py = pybind11;
@@ -14,6 +15,7 @@ const char* python_class_name(ErrorKind kind) {
     case ErrorKind::kCuda: return "CudaError";
     case ErrorKind::kTensorRT: return "TensorRTError";
     case ErrorKind::kTimeout: return "RankTimeoutError";
+    case ErrorKind::kInterrupted:  // raised as the signal handler's exception instead
     case ErrorKind::kGeneric: break;
   }
   return "MdtrtError";
@@ -27,6 +29,10 @@ void register_error_translator(py::module_& m) {
       if (p) std::rethrow_exception(p);
     } catch (const Error& e) {
       py::gil_scoped_acquire gil;
+      if (e.kind() == ErrorKind::kInterrupted) {
+        raise_interrupt();
+        return;
+      }
       py::object errors = py::module_::import("mdtrt.errors");
       py::object cls = errors.attr(python_class_name(e.kind()));
       py::object rank = e.rank() >= 0 ? py::object(py::int_(e.rank())) : py::object(py::none());

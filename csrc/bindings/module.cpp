@@ -7,6 +7,7 @@
 PYBIND11_MODULE(_core, m) {
   m.doc() = "mdtrt native core: NCCL loading, communicators, rank runtime, TensorRT backend";
   mdtrt::bindings::register_error_translator(m);
+  mdtrt::bindings::install_interrupt_check();
   mdtrt::bindings::bind_info(m);
   mdtrt::bindings::bind_nccl(m);
   mdtrt::bindings::bind_runtime(m);

@@ -6,4 +6,8 @@ void bind_info(pybind11::module_& m);
 void bind_nccl(pybind11::module_& m);
 void bind_runtime(pybind11::module_& m);
 void bind_trt(pybind11::module_& m);
+// Lets the native waits answer Ctrl-C (bindings/interrupt.cpp).
+void install_interrupt_check();
+// Sets the Python error of an interrupted wait: the signal handler's exception, else KeyboardInterrupt.
+void raise_interrupt();
 }  // namespace mdtrt::bindings

@@ -16,6 +16,7 @@ enum class ErrorKind {
   kCuda,
   kTensorRT,
   kTimeout,  // a blocking wait ran past its deadline
+  kInterrupted,  // a blocking wait was interrupted (Ctrl-C): Python raises KeyboardInterrupt
 };
 
 class Error : public std::runtime_error {

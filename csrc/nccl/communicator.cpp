@@ -3,6 +3,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "nccl/nccl_library.h"
 #include "runtime/cuda_handles.h"
 
@@ -69,6 +70,7 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create(const nccl::Uniq
   // ranks were still waiting.
   std::vector<bool> ready(out.size(), false);
   int sleep_us = 50;
+  auto next_interrupt_check = Deadline::Clock::now() + kInterruptPollInterval;
   for (;;) {
     bool all = true;
     for (size_t i = 0; i < out.size(); ++i) {
@@ -95,6 +97,13 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create(const nccl::Uniq
                       std::to_string(world_size) +
                       "), that they share one unique id, or raise the timeout.",
                   -1, "ncclCommInitRankConfig");
+    }
+    if (Deadline::Clock::now() >= next_interrupt_check) {
+      if (interrupt_requested()) {
+        for (auto& c : out) c->abort();
+        throw_interrupted("ncclCommInitRankConfig");
+      }
+      next_interrupt_check = Deadline::Clock::now() + kInterruptPollInterval;
     }
     poll_pause(sleep_us);
   }

@@ -1,6 +1,11 @@
 #include "nccl/nccl_library.h"
 
 #include <dlfcn.h>
+#include <link.h>
+#include <limits.h>
+#include <stdlib.h>
+
+#include <cstring>
 
 #include <mutex>
 #include <sstream>
@@ -93,7 +98,68 @@ bool try_candidate(const std::string& candidate, LoadAttempt& attempt, Api& api,
   return true;
 }
 
+std::string real_path(const std::string& path) {
+  char resolved[PATH_MAX];
+  return ::realpath(path.c_str(), resolved) != nullptr ? std::string(resolved) : path;
+}
+
+// Refuses a second NCCL in the process: TensorRT would bind to one, mdtrt's communicators come
+// from the other.
+void check_single_copy(const std::vector<LoadedCopy>& before, const LibraryInfo& chosen) {
+  const std::string ours = real_path(chosen.path);
+  for (const auto& other : before) {
+    if (real_path(other.path) == ours) continue;
+    const bool usable = other.version >= kMinVersion && other.version < kMaxVersionExclusive;
+    throw Error(ErrorKind::kLibraryNotFound,
+                "NCCL " + version_string(other.version) + " at " + other.path +
+                    " is already loaded in this process (another library loaded it first, e.g. torch), and mdtrt "
+                    "would use NCCL " + version_string(chosen.version) + " at " + chosen.path + " (found by " +
+                    chosen.found_by + "). One process must use one NCCL: TensorRT opens libnccl.so.2 by name and "
+                    "gets the first copy, while mdtrt's communicators would come from the second. " +
+                    (usable ? "Unset MDTRT_NCCL_LIBRARY (or point it at " + other.path + ") to use the loaded copy, "
+                            : "That copy is older than mdtrt needs (>= " + version_string(kMinVersion) +
+                                  "): import mdtrt (or call mdtrt.nccl_library()) before that library, so that it "
+                                  "binds to mdtrt's NCCL, or upgrade the NCCL it brings, ") +
+                    "or run the two in separate processes.",
+                -1, "load NCCL");
+  }
+}
+
 }  // namespace
+
+std::vector<LoadedCopy> loaded_copies() {
+  std::vector<std::string> paths;
+  dl_iterate_phdr(
+      [](struct dl_phdr_info* info, size_t, void* data) {
+        const char* name = info->dlpi_name;
+        if (name == nullptr || name[0] == '\0') return 0;
+        const char* base = std::strrchr(name, '/');
+        base = base ? base + 1 : name;
+        // libnccl.so, libnccl.so.2, libnccl.so.2.28.9, libnccl-custom.so; not NCCL's plugins
+        // (libnccl-net*.so, libnccl-tuner*.so, libnccl-profiler*.so), which are not NCCL itself.
+        if (std::strncmp(base, "libnccl", 7) != 0) return 0;
+        for (const char* plugin : {"libnccl-net", "libnccl-tuner", "libnccl-profiler", "libnccl-env"})
+          if (std::strncmp(base, plugin, std::strlen(plugin)) == 0) return 0;
+        static_cast<std::vector<std::string>*>(data)->push_back(name);
+        return 0;
+      },
+      &paths);
+  std::vector<LoadedCopy> out;
+  for (const auto& path : paths) {
+    LoadedCopy copy{path, 0};
+    if (void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD)) {
+      using GetVersion = Result (*)(int*);
+      if (auto fn = reinterpret_cast<GetVersion>(dlsym(h, "ncclGetVersion"))) {
+        int code = 0;
+        if (fn(&code) == kSuccess) copy.version = code;
+      }
+      dlclose(h);
+    }
+    if (copy.version == 0) continue;  // a library named libnccl* that is not NCCL
+    out.push_back(copy);
+  }
+  return out;
+}
 
 std::string version_string(int code) {
   int major = code / 10000, minor = (code % 10000) / 100, patch = code % 100;
@@ -116,7 +182,11 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs) {
   if (st.ok) return st.info;
 
   LibraryInfo info;
-  std::vector<SearchStep> steps = {{"libnccl.so.2", "libnccl.so.2"}, {"libnccl.so", "libnccl.so"}};
+  const std::vector<LoadedCopy> before = loaded_copies();
+  std::vector<SearchStep> steps;
+  for (const auto& copy : before) steps.push_back({"already loaded in this process", copy.path});
+  steps.push_back({"libnccl.so.2", "libnccl.so.2"});
+  steps.push_back({"libnccl.so", "libnccl.so"});
   for (const auto& dir : extra_dirs) steps.push_back({"extra directory", dir + "/libnccl.so.2"});
   info.found_by = search_library(
       "MDTRT_NCCL_LIBRARY",
@@ -125,6 +195,14 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs) {
         return try_candidate(candidate, attempt, st.api, st.handle, info.path, info.version);
       });
   if (!info.found_by.empty()) {
+    try {
+      check_single_copy(before, info);
+    } catch (...) {
+      if (st.handle != nullptr) dlclose(st.handle);
+      st.handle = nullptr;
+      st.api = Api{};
+      throw;
+    }
     st.info = std::move(info);
     st.ok = true;
     return st.info;

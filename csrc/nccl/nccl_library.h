@@ -2,12 +2,15 @@
 //
 // Order, first success wins:
 //   1. MDTRT_NCCL_LIBRARY (a path); if set and it does not load, that is an error, not a fall-through
+//   1b. a NCCL another library already loaded into the process (torch, ...), when new enough
 //   2. libnccl.so.2 through the dynamic loader
 //   3. libnccl.so through the dynamic loader
 //   4. each extra directory handed in by the caller (the Python layer passes the nvidia-nccl-cu13
 //      wheel's lib folder)
 // The library is opened RTLD_GLOBAL so that TensorRT's own dlopen("libnccl.so.2") binds to this
-// same NCCL instance: the communicators we create are handed to TensorRT.
+// same NCCL instance: the communicators we create are handed to TensorRT. For the same reason one
+// process must hold one NCCL: when another copy was loaded before (torch's, too old, or another
+// file than MDTRT_NCCL_LIBRARY names), loading fails and names both files.
 #pragma once
 
 #include <string>
@@ -30,6 +33,13 @@ struct LibraryInfo {
 };
 
 std::string version_string(int code);
+
+// A NCCL library mapped into this process, found by walking the loaded objects (libnccl.so*).
+struct LoadedCopy {
+  std::string path;
+  int version = 0;  // ncclGetVersion, 0 when it has none or it failed
+};
+std::vector<LoadedCopy> loaded_copies();
 
 // Names of every NCCL symbol mdtrt resolves (tests build fake libraries exporting exactly these).
 const std::vector<std::string>& required_symbols();

@@ -1,25 +1,116 @@
 #include "nccl/unique_id_file.h"
 
+#include <signal.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <map>
+#include <iterator>
 #include <sstream>
 #include <thread>
 
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "nccl/communicator.h"
 
 namespace mdtrt {
 namespace {
 constexpr size_t kHexLength = sizeof(nccl::UniqueId) * 2;
+constexpr const char* kSharedBytesMagic = "mdtrt shared bytes v1";
 
-std::string read_first_line(const std::string& path, bool& exists) {
+// Who published an id file: "run=<token> host=<host> pid=<pid> start=<ticks>".
+struct Publisher {
+  std::string run, host;
+  long pid = -1;
+  unsigned long long start = 0;  // process start time, clock ticks since boot (/proc/<pid>/stat)
+  bool known = false;            // the file had the record (NVIDIA's sample writes none)
+};
+
+struct IdFile {
+  bool exists = false;
+  std::string hex;
+  Publisher by;
+};
+
+std::string this_host() {
+  char name[256] = {0};
+  if (::gethostname(name, sizeof(name) - 1) != 0) return "unknown";
+  return name;
+}
+
+// Field 22 of /proc/<pid>/stat; 0 when the process does not exist.
+unsigned long long process_start_ticks(long pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (!in || !std::getline(in, stat)) return 0;
+  const size_t paren = stat.rfind(')');  // the command name may hold spaces and parentheses
+  if (paren == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(paren + 2));
+  std::string field;
+  for (int i = 3; i <= 22 && fields >> field; ++i)
+    if (i == 22) return std::stoull(field);
+  return 0;
+}
+
+std::string without_spaces(std::string s) {
+  for (char& c : s)
+    if (c == ' ' || c == '\n' || c == '\t' || c == '=') c = '_';
+  return s;
+}
+
+std::string record_of_this_process(const std::string& run_token) {
+  return "run=" + without_spaces(run_token) + " host=" + without_spaces(this_host()) +
+         " pid=" + std::to_string(::getpid()) + " start=" + std::to_string(process_start_ticks(::getpid()));
+}
+
+IdFile read_id_file(const std::string& path) {
+  IdFile f;
   std::ifstream in(path);
-  exists = static_cast<bool>(in);
-  std::string line;
-  if (exists) std::getline(in, line);
-  return line;
+  f.exists = static_cast<bool>(in);
+  if (!f.exists) return f;
+  std::getline(in, f.hex);
+  std::string record;
+  if (!std::getline(in, record)) return f;
+  std::istringstream words(record);
+  std::string word;
+  std::map<std::string, std::string> kv;
+  while (words >> word) {
+    const size_t eq = word.find('=');
+    if (eq != std::string::npos) kv[word.substr(0, eq)] = word.substr(eq + 1);
+  }
+  if (!kv.count("host") || !kv.count("pid")) return f;
+  f.by.known = true;
+  f.by.run = kv["run"];
+  f.by.host = kv["host"];
+  try {
+    f.by.pid = std::stol(kv["pid"]);
+    f.by.start = kv.count("start") ? std::stoull(kv["start"]) : 0;
+  } catch (const std::exception&) {
+    f.by.known = false;
+  }
+  return f;
+}
+
+bool publisher_alive_here(const Publisher& by) {
+  if (by.host != without_spaces(this_host()) || by.pid <= 0) return false;
+  if (::kill(static_cast<pid_t>(by.pid), 0) != 0 && errno == ESRCH) return false;
+  return by.start == 0 || process_start_ticks(by.pid) == by.start;  // pid reused by another process: not it
+}
+
+// Why the id in `f` is not this run's, or "" when it is.
+std::string stale_reason(const IdFile& f, const std::string& run_token) {
+  if (!f.by.known)
+    return "it names no run (written by an older mdtrt or NVIDIA's sample, so possibly by an earlier run)";
+  // Launchers reuse run ids (torchrun's default is "none"), so an equal id alone proves nothing;
+  // a different one proves the file is another run's.
+  if (!run_token.empty() && !f.by.run.empty() && f.by.run != without_spaces(run_token))
+    return "it was written for launcher run '" + f.by.run + "', this is run '" + without_spaces(run_token) + "'";
+  if (f.by.host != without_spaces(this_host())) return {};  // another host: nothing more to judge by
+  if (publisher_alive_here(f.by)) return {};
+  return "it was written by process " + std::to_string(f.by.pid) + ", which has exited (an earlier run)";
 }
 }  // namespace
 
@@ -51,22 +142,27 @@ nccl::UniqueId unique_id_from_hex(const std::string& hex) {
   return id;
 }
 
-nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, const Deadline& deadline) {
+nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, const Deadline& deadline,
+                                           const std::string& run_token) {
   if (path.empty()) throw_invalid_argument("the NCCL id file path is empty (set TRT_NCCL_ID_FILE)");
-  bool exists = false;
   if (rank == 0) {
-    std::string stale = read_first_line(path, exists);
-    if (exists && !stale.empty()) {
-      throw_invalid_argument("NCCL id file " + path +
-                             " already has content, probably left by an earlier run; delete it before starting "
-                             "all ranks: rm -f " + path);
+    const IdFile existing = read_id_file(path);
+    if (existing.by.known && existing.by.pid != ::getpid() && publisher_alive_here(existing.by)) {
+      throw_invalid_argument("NCCL id file " + path + " was just published by process " +
+                             std::to_string(existing.by.pid) +
+                             ", which is still running: two runs share one TRT_NCCL_ID_FILE (or two processes "
+                             "are rank 0). Give each run its own file.");
     }
+    // Anything else there is from an earlier run: the rename below replaces it in one step.
     nccl::UniqueId id = nccl_unique_id();
     const std::string tmp = path + ".tmp." + std::to_string(::getpid());
     {
       std::ofstream out(tmp, std::ios::trunc);
-      out << unique_id_to_hex(id);
-      if (!out) throw Error(ErrorKind::kGeneric, "cannot write the NCCL id file " + tmp, rank, "write NCCL id");
+      out << unique_id_to_hex(id) << "\n" << record_of_this_process(run_token) << "\n";
+      if (!out) {
+        std::remove(tmp.c_str());
+        throw Error(ErrorKind::kGeneric, "cannot write the NCCL id file " + tmp, rank, "write NCCL id");
+      }
     }
     if (std::rename(tmp.c_str(), path.c_str()) != 0) {
       std::remove(tmp.c_str());
@@ -74,18 +170,70 @@ nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, co
     }
     return id;
   }
+  std::string stale;
+  auto next_interrupt_check = Deadline::Clock::now() + kInterruptPollInterval;
   for (;;) {
-    std::string line = read_first_line(path, exists);
-    if (line.size() == kHexLength) return unique_id_from_hex(line);
+    const IdFile f = read_id_file(path);
+    if (f.hex.size() == kHexLength) {
+      stale = stale_reason(f, run_token);
+      if (stale.empty()) return unique_id_from_hex(f.hex);
+    }
     if (deadline.passed()) {
+      std::string state = !f.exists ? " (the file does not exist)"
+                          : !stale.empty() ? " (the file there is from an earlier run: " + stale + ")"
+                                           : " (the file exists but holds no complete id)";
       throw Error(ErrorKind::kTimeout,
-                  "rank 0 did not publish the NCCL id in " + path + " before the deadline" +
-                      (exists ? " (the file exists but holds no complete id)" : " (the file does not exist)") +
+                  "rank 0 did not publish the NCCL id in " + path + " before the deadline" + state +
                       ". Start rank 0 with the same TRT_NCCL_ID_FILE, or raise the timeout.",
                   rank, "read NCCL id");
     }
+    if (Deadline::Clock::now() >= next_interrupt_check) {
+      if (interrupt_requested()) throw_interrupted("read NCCL id", rank);
+      next_interrupt_check = Deadline::Clock::now() + kInterruptPollInterval;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+}
+
+void remove_unique_id_file(const std::string& path, const nccl::UniqueId& id) {
+  const IdFile f = read_id_file(path);
+  if (f.hex == unique_id_to_hex(id)) std::remove(path.c_str());
+}
+
+// Layout: magic line, id as hex line, byte count line, the bytes.
+void publish_shared_bytes(const std::string& path, const nccl::UniqueId& run, const std::vector<uint8_t>& data) {
+  std::string tmp = path + ".tmp." + std::to_string(::getpid()) + ".XXXXXX";
+  const int fd = ::mkstemp(tmp.data());
+  if (fd < 0) throw Error(ErrorKind::kGeneric, "cannot create a temporary file next to " + path, 0, "share bytes");
+  ::close(fd);
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out << kSharedBytesMagic << "\n" << unique_id_to_hex(run) << "\n" << data.size() << "\n";
+    out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    if (!out) {
+      std::remove(tmp.c_str());
+      throw Error(ErrorKind::kGeneric, "cannot write " + tmp, 0, "share bytes");
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(ErrorKind::kGeneric, "cannot rename " + tmp + " to " + path, 0, "share bytes");
+  }
+}
+
+std::optional<std::vector<uint8_t>> try_read_shared_bytes(const std::string& path, const nccl::UniqueId& run) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::string magic, tag, count;
+  if (!std::getline(in, magic) || magic != kSharedBytesMagic || !std::getline(in, tag) ||
+      tag != unique_id_to_hex(run) || !std::getline(in, count))
+    return std::nullopt;  // not (yet) this run's file
+  char* end = nullptr;
+  const unsigned long long size = std::strtoull(count.c_str(), &end, 10);
+  if (end == count.c_str() || *end != '\0') return std::nullopt;
+  std::vector<uint8_t> data(std::istreambuf_iterator<char>(in), {});
+  if (data.size() != size) return std::nullopt;
+  return data;
 }
 
 }  // namespace mdtrt

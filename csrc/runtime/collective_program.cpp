@@ -209,12 +209,12 @@ void CollectiveProgram::bind(RankContext& ctx) {
   bool whole_world = static_cast<int>(members_.size()) == ctx.world_size;
   for (size_t i = 0; whole_world && i < members_.size(); ++i) whole_world = members_[i] == static_cast<int>(i);
   if (whole_world) {
-    st.comm = ctx.world;
+    st.comm = ctx.world.get();
     return;
   }
   // A split is collective over the whole world: non-members take part with no color. It goes
   // through the non-blocking world so that a missing rank ends at the deadline.
-  Communicator* parent = ctx.world_nonblocking != nullptr ? ctx.world_nonblocking : ctx.world;
+  Communicator* parent = ctx.world_nonblocking != nullptr ? ctx.world_nonblocking : ctx.world.get();
   st.group = parent->split(st.group_rank >= 0 ? 0 : nccl::kSplitNoColor, std::max(st.group_rank, 0), ctx.deadline,
                            /*blocking=*/true);
   st.comm = st.group.get();

@@ -81,7 +81,7 @@ void DeviceGroup::connect(const nccl::UniqueId& id) {
       },
       timeout_seconds_, "create blocking world communicator");
   for (int i = 0; i < runtime_->num_local_ranks(); ++i) {
-    runtime_->context(i).world = world_[i].get();
+    runtime_->context(i).world = world_[i];
     runtime_->context(i).world_nonblocking = world_nonblocking_[i].get();
   }
 }
@@ -112,14 +112,18 @@ std::unique_ptr<DeviceGroup> DeviceGroup::create_member(const std::vector<int>& 
 }
 
 void DeviceGroup::abort() {
-  for (auto* comms : {&world_, &world_nonblocking_})
-    for (auto& c : *comms)
-      if (c) c->abort();
+  for (auto& c : world_)
+    if (c) c->abort();
+  for (auto& c : world_nonblocking_)
+    if (c) c->abort();
 }
+
+void DeviceGroup::close() { runtime_->mark_unusable("the DeviceGroup was closed"); }
 
 DeviceGroup::~DeviceGroup() {
   if (runtime_ && abort_hook_ >= 0) runtime_->remove_abort_hook(abort_hook_);
-  // Communicators go before the rank threads; if the runtime broke, they were aborted already.
+  // Communicators go before the rank threads, unless a TensorRT context attached to one still
+  // holds it (it then goes after that context); if the runtime broke, they were aborted already.
   world_.clear();
   world_nonblocking_.clear();
 }

@@ -23,6 +23,8 @@ class DeviceGroup {
 
   RankRuntime& runtime() { return *runtime_; }
   Communicator& world(int local_index) { return *world_.at(local_index); }
+  // The same, shared: for holders that must keep it alive (a capsule handed to Python).
+  std::shared_ptr<Communicator> world_shared(int local_index) { return world_.at(local_index); }
   Communicator& world_nonblocking(int local_index) { return *world_nonblocking_.at(local_index); }
   int num_local_ranks() const { return runtime_->num_local_ranks(); }
   int world_size() const { return runtime_->world_size(); }
@@ -30,8 +32,14 @@ class DeviceGroup {
   bool peer_access(int local_a, int local_b) const { return peer_[local_a][local_b]; }
   bool all_peer_access() const;
 
-  // Aborts every communicator now (from any thread); the group is unusable afterwards.
+  // Aborts every communicator now (from any thread); the group is unusable afterwards. TensorRT
+  // contexts attached to them are then leaked, never destroyed (see EngineProgram).
   void abort();
+
+  // Makes the group refuse every further step ("the DeviceGroup was closed"), waiting for one in
+  // flight. Its threads and communicators are released when the last owner (a runner, a program
+  // holding a communicator, a capsule) lets go of it.
+  void close();
 
  private:
   DeviceGroup(const std::vector<int>& devices, const std::vector<int>& ranks, int world_size, double timeout_seconds);
@@ -40,7 +48,7 @@ class DeviceGroup {
   double timeout_seconds_;
   std::unique_ptr<RankRuntime> runtime_;
   std::vector<std::unique_ptr<Communicator>> world_nonblocking_;  // created first: its set-up has a deadline
-  std::vector<std::unique_ptr<Communicator>> world_;              // blocking twin for the data path
+  std::vector<std::shared_ptr<Communicator>> world_;              // blocking twin for the data path
   std::vector<std::vector<bool>> peer_;
   int abort_hook_ = -1;
 };

@@ -34,6 +34,12 @@ DType dtype_from_name(const std::string& name) {
   throw_invalid_argument("unknown dtype '" + name + "' (known: " + known + ")");
 }
 
+std::vector<DType> all_dtypes() {
+  std::vector<DType> out;
+  for (const auto& i : kTypes) out.push_back(i.type);
+  return out;
+}
+
 int64_t element_count(const Shape& shape) {
   int64_t n = 1;
   for (int64_t d : shape) n *= d;

@@ -1,6 +1,8 @@
 // Runs a RankProgram (a TensorRT engine, a native collective, a test program) on every rank of a
-// DeviceGroup: binds it on all ranks at once, then per call replicates inputs, fans the enqueue
-// out to every rank's thread, waits with a deadline and hands outputs back.
+// DeviceGroup: binds it on all ranks at once; per call, plans it (runtime/call_plan.h), lets every
+// rank check its arguments and allocate, and only then, on every rank at once, stages the inputs
+// (runtime/replication.h), enqueues the program, handles the outputs (runtime/rank_outputs.h)
+// and waits with a deadline.
 #pragma once
 
 #include <cstdint>
@@ -9,59 +11,17 @@
 #include <string>
 #include <vector>
 
+#include "runtime/call_plan.h"
 #include "runtime/device_group.h"
+#include "runtime/memory_pool.h"
 #include "runtime/rank_program.h"
 
 namespace mdtrt {
 
-// How an input that every rank needs gets from one place to every GPU.
-enum class Replication {
-  kAuto,       // the fastest measured on the machines we have (see choose_replication)
-  kHost,       // every rank copies from host memory itself
-  kPeer,       // one host copy to the first rank, then peer copies over NVLink/PCIe, pipelined in chunks
-  kBroadcast,  // one host copy to the first rank, then ncclBroadcast
-};
-Replication replication_from_name(const std::string& name);
-const char* replication_name(Replication r);
-
-// Chunk of the pipelined host -> first GPU -> peers copy.
-constexpr size_t kPeerReplicationChunkBytes = 4 << 20;
-
-struct InputArg {
-  const void* data = nullptr;
-  int device = -1;  // CUDA device holding `data`; -1 for host memory
-  DType dtype = DType::kFloat32;
-  Shape shape;
-  // The producer's stream on `device` (0: none to order with): the rank reads `data` only after
-  // the work already queued there. (Nothing is needed after the call: it returns once every rank
-  // has finished.)
-  uintptr_t stream = 0;
-  size_t nbytes() const { return static_cast<size_t>(element_count(shape)) * dtype_size(dtype); }
-};
-
-// A caller-provided output buffer on the rank's GPU (outputs without an allocation per call).
-struct OutputArg {
-  std::string name;
-  void* data = nullptr;
-  size_t nbytes = 0;
-  int device = -1;
-  uintptr_t stream = 0;  // the caller's stream on `device`: earlier work there is done before the rank writes
-};
-
-struct InferOptions {
-  Replication replication = Replication::kAuto;
-  bool poison_outputs = false;     // fill outputs with 0xFF bytes first (NaN for floats, -1 for ints)
-  std::vector<int> fetch_ranks;    // local ranks whose outputs are copied to host memory
-  bool device_outputs = false;     // hand every rank's output device buffers to the caller
-  double timeout_seconds = 0;      // 0: the group's timeout
-  // outputs[i]: where local rank i writes the outputs named there; others are allocated by the runner.
-  std::vector<std::vector<OutputArg>> outputs;
-};
-
 struct RankResult {
   std::vector<TensorSpec> outputs;
   std::vector<std::vector<uint8_t>> host;              // per output, when fetched
-  std::vector<std::shared_ptr<DeviceBuffer>> device;   // per output, when device_outputs
+  std::vector<std::shared_ptr<PooledBuffer>> device;   // per output, when device_outputs
 };
 
 // Binds programs[i] on local rank i, all ranks at once (or one after another when `sequential`,
@@ -81,11 +41,19 @@ class ProgramRunner {
   bool cuda_graphs() const { return cuda_graphs_; }
   // Per local rank: graphs captured so far (tests and benchmarks check that replays happen).
   std::vector<int> graph_captures() const;
+  // Why CUDA graphs were switched off for this runner ("" while they were not): a capture failed on
+  // a rank, and every local rank then ran that call, and runs every later one, without graphs.
+  std::string graph_fallback() const;
   ~ProgramRunner();
 
   // inputs[i] are local rank i's inputs, in the program's input order. The same host pointer on
   // every rank means "replicate"; a device pointer on another GPU is copied peer-to-peer.
   std::vector<RankResult> infer(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
+  // The checks and decisions of a call, made once for arguments that are used again (prepare()).
+  CallPlan plan(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
+  // A call planned by plan() for these same inputs and options (options.outputs may differ).
+  std::vector<RankResult> run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
+                              const InferOptions& options);
 
   Replication last_replication() const { return last_replication_; }
   std::vector<TensorSpec> input_specs(int local_index);
@@ -107,8 +75,13 @@ class ProgramRunner {
     std::vector<CudaEvent> chunk_events;  // on this rank's device, signalling staged input chunks
     RankGraph graph;
   };
+  struct GraphRendezvous;
   void enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
-                       const std::vector<TensorView>& outputs);
+                       const std::vector<TensorView>& outputs, GraphRendezvous* rendezvous);
+  // Per local rank: the caller streams (indices into caller_streams_) the rank waits for before it
+  // touches the caller's arrays.
+  std::vector<std::vector<int>> order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
+                                                    const InferOptions& options);
 
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
@@ -125,9 +98,24 @@ class ProgramRunner {
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers
   int abort_hook_ = -1;
   bool cuda_graphs_ = false;
+  std::string graph_fallback_;
   Replication last_replication_ = Replication::kHost;
 };
 
-Replication choose_replication(Replication requested);
+// A call whose arguments were checked and planned once: run() repeats it on the same buffers.
+class PreparedInfer {
+ public:
+  PreparedInfer(std::shared_ptr<ProgramRunner> runner, std::vector<std::vector<InputArg>> inputs,
+                InferOptions options);
+  std::vector<RankResult> run() { return runner_->run(plan_, inputs_, options_); }
+  // With other output buffers for this call (fresh outputs per call); same shape of list.
+  std::vector<RankResult> run(std::vector<std::vector<OutputArg>> outputs);
+
+ private:
+  std::shared_ptr<ProgramRunner> runner_;
+  std::vector<std::vector<InputArg>> inputs_;
+  InferOptions options_;
+  CallPlan plan_;
+};
 
 }  // namespace mdtrt

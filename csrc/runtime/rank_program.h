@@ -4,6 +4,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -22,8 +23,9 @@ struct RankContext {
   int device = -1;       // CUDA device, -1 in CPU-only test runtimes
   cudaStream_t stream = nullptr;
   // The world communicator, blocking: for enqueued collectives and for TensorRT's setCommunicator
-  // (nullptr in CPU-only test runtimes).
-  Communicator* world = nullptr;
+  // (nullptr in CPU-only test runtimes). Shared: a program whose state must not outlive it (a
+  // TensorRT context) keeps a reference.
+  std::shared_ptr<Communicator> world;
   // The same world, non-blocking: for collective set-up steps (splits) that must give up at the
   // deadline instead of hanging when a rank is missing.
   Communicator* world_nonblocking = nullptr;
@@ -64,6 +66,10 @@ class RankProgram {
 
   // Called from another thread when a deadline passed, to unblock a stuck bind or enqueue.
   virtual void abort() {}
+
+  // Bytes every input and output address given to enqueue() must be a multiple of (TensorRT's
+  // setTensorAddress wants 256). The runner stages misaligned arrays through aligned buffers.
+  virtual size_t required_alignment() const { return 1; }
 };
 
 }  // namespace mdtrt

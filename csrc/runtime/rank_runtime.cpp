@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "common/error.h"
+#include "common/interrupt.h"
 
 namespace mdtrt {
 namespace {
@@ -96,14 +97,26 @@ struct Completion {
     }
     changed.notify_all();
   }
+  enum class Wait { kDone, kDeadline, kInterrupted };
   // Spins briefly (a fast call finishes within microseconds), then sleeps until `count` tasks are
-  // done or the deadline passes.
-  bool wait_for(int count, Deadline::Clock::time_point deadline) {
+  // done or the deadline passes; an `interruptible` wait also asks interrupt_requested() every
+  // kInterruptPollInterval (without the lock: the check may wait for Python's GIL).
+  Wait wait_for(int count, Deadline::Clock::time_point deadline, bool interruptible = true) {
     const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(kCallerSpinMicros);
     while (done.load(std::memory_order_acquire) < count && Deadline::Clock::now() < spin_until)
       std::this_thread::yield();
+    auto all_done = [&] { return done.load(std::memory_order_acquire) >= count; };
     std::unique_lock<std::mutex> lock(mutex);
-    return changed.wait_until(lock, deadline, [&] { return done.load(std::memory_order_acquire) >= count; });
+    for (;;) {
+      const auto now = Deadline::Clock::now();
+      const auto until = interruptible && deadline - now > kInterruptPollInterval ? now + kInterruptPollInterval : deadline;
+      if (changed.wait_until(lock, until, all_done)) return Wait::kDone;
+      if (Deadline::Clock::now() >= deadline) return Wait::kDeadline;
+      lock.unlock();
+      const bool stop = interrupt_requested();
+      lock.lock();
+      if (stop) return all_done() ? Wait::kDone : Wait::kInterrupted;
+    }
   }
   bool is_finished(size_t i) const { return finished[i].load(std::memory_order_acquire); }
 
@@ -140,6 +153,11 @@ RankRuntime::~RankRuntime() {
       workers_[i].release();
     }
   }
+}
+
+void RankRuntime::mark_unusable(const std::string& reason) {
+  std::lock_guard<std::mutex> run_lock(run_mutex_);
+  if (broken_reason_.empty()) broken_reason_ = reason;
 }
 
 int RankRuntime::add_abort_hook(std::function<void()> hook) {
@@ -209,30 +227,34 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
     return false;
   };
 
-  bool timed_out = false;
+  bool timed_out = false, interrupted = false;
+  using Wait = Completion::Wait;
   if (sequential) {
     for (size_t i = 0; i < n; ++i) {
       post(i);
-      if (!completion->wait_for(static_cast<int>(i) + 1, deadline.at())) {
-        timed_out = true;
+      const Wait w = completion->wait_for(static_cast<int>(i) + 1, deadline.at());
+      if (w != Wait::kDone) {
+        (w == Wait::kInterrupted ? interrupted : timed_out) = true;
         break;
       }
       if (completion->errors[i]) break;  // later ranks would only fail on what it left
     }
   } else {
     for (size_t i = 0; i < n; ++i) post(i);
-    timed_out = !completion->wait_for(static_cast<int>(n), deadline.at());
+    const Wait w = completion->wait_for(static_cast<int>(n), deadline.at());
+    interrupted = w == Wait::kInterrupted;
+    timed_out = w == Wait::kDeadline;
   }
   std::vector<int> unfinished, never_started;
   for (size_t i = 0; i < n; ++i) {
     if (posted[i] && (!completion->is_finished(i) || is_timeout(completion->errors[i])))
       unfinished.push_back(ranks_[i]);
   }
-  timed_out = timed_out || !unfinished.empty();
+  timed_out = !interrupted && (timed_out || !unfinished.empty());
   for (size_t i = 0; i < n && timed_out; ++i)
     if (!posted[i]) never_started.push_back(ranks_[i]);
 
-  if (timed_out) {
+  if (timed_out || interrupted) {
     abort_all();
     // Give the aborted ranks a moment to unwind so their threads can be reused or joined.
     const Deadline grace = Deadline::after_seconds(kGraceAfterAbortSeconds);
@@ -240,9 +262,16 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
     stuck_.assign(n, false);
     int expected = 0;
     for (size_t i = 0; i < n; ++i) expected += posted[i] ? 1 : 0;
-    completion->wait_for(expected, grace.at());
+    completion->wait_for(expected, grace.at(), /*interruptible=*/false);
     for (size_t i = 0; i < n; ++i) {
       if (posted[i] && !completion->is_finished(i)) stuck = stuck_[i] = true;
+    }
+    if (interrupted) {
+      broken_reason_ = "'" + what + "' was interrupted and the communicators were aborted";
+      throw Error(ErrorKind::kInterrupted,
+                  "interrupted while waiting for '" + what + "'; communicators were aborted and this device group "
+                  "can no longer be used" + (stuck ? " (some rank threads are still stuck and were abandoned)" : ""),
+                  -1, what);
     }
     char seconds[32];
     std::snprintf(seconds, sizeof(seconds), "%g s", timeout_seconds);
@@ -260,15 +289,20 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
     throw Error(ErrorKind::kTimeout, message, -1, what);
   }
 
-  // All finished: re-raise the first failure in rank order, attributed to its rank.
-  for (size_t i = 0; i < n; ++i) {
-    if (!posted[i] || !completion->errors[i]) continue;
-    try {
-      std::rethrow_exception(completion->errors[i]);
-    } catch (const Error& e) {
-      throw e.with_rank(ranks_[i]);
-    } catch (const std::exception& e) {
-      throw Error(ErrorKind::kGeneric, e.what(), ranks_[i], what);
+  // All finished: re-raise the first failure in rank order, attributed to its rank; a rank that only
+  // stopped because another failed is reported last.
+  for (bool skipped_too : {false, true}) {
+    for (size_t i = 0; i < n; ++i) {
+      if (!posted[i] || !completion->errors[i]) continue;
+      try {
+        std::rethrow_exception(completion->errors[i]);
+      } catch (const SkippedForOtherRank& e) {
+        if (skipped_too) throw e.with_rank(ranks_[i]);
+      } catch (const Error& e) {
+        throw e.with_rank(ranks_[i]);
+      } catch (const std::exception& e) {
+        throw Error(ErrorKind::kGeneric, e.what(), ranks_[i], what);
+      }
     }
   }
 }

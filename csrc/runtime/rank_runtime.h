@@ -16,10 +16,18 @@
 #include <vector>
 
 #include "common/deadline.h"
+#include "common/error.h"
 #include "runtime/cuda_handles.h"
 #include "runtime/rank_program.h"
 
 namespace mdtrt {
+
+// Thrown by a rank that left its step undone because another rank of the same run failed first
+// (running on would leave it waiting on that rank); run_on_all reports the other rank's error.
+class SkippedForOtherRank : public Error {
+ public:
+  using Error::Error;
+};
 
 class RankWorker {
  public:
@@ -76,6 +84,8 @@ class RankRuntime {
 
   // After a deadline the runtime is unusable: its communicators are aborted.
   bool broken() const { return !broken_reason_.empty(); }
+  // Makes every later run_on_all fail with `reason` (waits for a run in flight).
+  void mark_unusable(const std::string& reason);
   const std::string& broken_reason() const { return broken_reason_; }
 
  private:

@@ -1,9 +1,17 @@
 #include "runtime/test_programs.h"
 
+#include <atomic>
 #include <chrono>
+#include <memory>
+#include <string>
+#include <utility>
+#include <thread>
 #include <vector>
 
 #include "common/error.h"
+#include "nccl/communicator.h"
+#include "nccl/nccl_library.h"
+#include "runtime/call_barrier.h"
 #include "runtime/cuda_handles.h"
 
 namespace mdtrt {
@@ -49,6 +57,58 @@ void SynchronizingCopyProgram::enqueue(RankContext& ctx, const std::vector<Tenso
                                        const std::vector<TensorView>& outputs) {
   CopyProgram::enqueue(ctx, inputs, outputs);
   MDTRT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+}
+
+void RankSynchronizingAllReduceProgram::bind(RankContext& ctx) {
+  if (ctx.world == nullptr) throw Error(ErrorKind::kGeneric, "this test program needs a communicator", ctx.rank, "bind");
+}
+
+void RankSynchronizingAllReduceProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                                                const std::vector<TensorView>& outputs) {
+  if (ctx.rank == sync_rank_) MDTRT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+  const auto count = static_cast<size_t>(element_count(inputs.at(0).shape));
+  ctx.world->check(nccl::api().AllReduce(inputs[0].data, outputs.at(0).data, count, nccl::kFloat32, nccl::kSum,
+                                         ctx.world->handle(), ctx.stream),
+                   "ncclAllReduce", ctx.deadline);
+}
+
+void AlignedCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                                 const std::vector<TensorView>& outputs) {
+  for (const auto* views : {&inputs, &outputs})
+    for (const TensorView& v : *views)
+      if (reinterpret_cast<uintptr_t>(v.data) % required_alignment() != 0)
+        throw Error(ErrorKind::kInvalidArgument,
+                    "address " + std::to_string(reinterpret_cast<uintptr_t>(v.data)) + " is not a multiple of " +
+                        std::to_string(required_alignment()) + " bytes",
+                    ctx.rank, "enqueue");
+  CopyProgram::enqueue(ctx, inputs, outputs);
+}
+
+std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
+                                                                  double slow_check_seconds, double timeout) {
+  std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+  for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+  RankRuntime runtime(devices, ranks, num_ranks);
+  std::unique_ptr<std::atomic<bool>[]> launched(new std::atomic<bool>[num_ranks]);
+  for (int i = 0; i < num_ranks; ++i) launched[i] = false;
+  std::string error;
+  try {
+    run_checked_then_launched(
+      runtime,
+      [&](RankContext& ctx) {
+        if (ctx.rank != fail_rank) return;
+        if (slow_check_seconds > 0)
+          std::this_thread::sleep_for(std::chrono::duration<double>(slow_check_seconds));
+        else
+          throw_invalid_argument("injected bad argument");
+      },
+      [&](RankContext& ctx) { launched[ctx.local_index] = true; }, timeout, "infer");
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  std::vector<bool> out(num_ranks);
+  for (int i = 0; i < num_ranks; ++i) out[i] = launched[i];
+  return {out, error};
 }
 
 std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {

@@ -6,6 +6,8 @@
 #include <condition_variable>
 #include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "runtime/rank_program.h"
 
@@ -79,6 +81,38 @@ class SynchronizingCopyProgram : public CopyProgram {
   void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
                const std::vector<TensorView>& outputs) override;
 };
+
+// A float32 sum all_reduce over the world communicator that, on world rank `sync_rank` only, also
+// waits for its stream on the host: capturable on every rank but that one (a CUDA graph capture
+// that fails on one rank while the others capture collectives waiting for it).
+class RankSynchronizingAllReduceProgram : public CopyProgram {
+ public:
+  explicit RankSynchronizingAllReduceProgram(int sync_rank) : CopyProgram(DType::kFloat32), sync_rank_(sync_rank) {}
+  std::string describe() const override { return "rank-synchronizing all_reduce test program"; }
+  void bind(RankContext& ctx) override;
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+
+ private:
+  int sync_rank_;
+};
+
+// A copy that, like TensorRT's setTensorAddress, takes only 256-byte aligned addresses and refuses
+// any other: the runner must stage misaligned arrays (sliced views) through aligned buffers.
+class AlignedCopyProgram : public CopyProgram {
+ public:
+  using CopyProgram::CopyProgram;
+  std::string describe() const override { return "aligned copy test program"; }
+  size_t required_alignment() const override { return 256; }
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+};
+
+// Runs the check-then-launch step of a call (runtime/call_barrier.h) on `num_ranks` CPU-only rank
+// threads: the check fails on `fail_rank` (-1: none), or sleeps `slow_check_seconds` there first.
+// Returns, per rank, whether its launch ran, and the call's error message ("" when it succeeded).
+std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
+                                                                  double slow_check_seconds, double timeout);
 
 // Raw figures of this machine, for benchmarks to compare against.
 std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations);

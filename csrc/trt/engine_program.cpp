@@ -18,7 +18,7 @@ bool has_unknown_dim(const Shape& shape) {
 
 }  // namespace
 
-Owned<nvinfer1::IRuntime> make_runtime(int rank) {
+Owned<nvinfer1::IRuntime> make_runtime(int rank, bool allow_host_code) {
   ErrorScope scope;
   void* created = create_runtime(static_cast<nvinfer1::ILogger*>(&logger()), NV_TENSORRT_VERSION);
   if (created == nullptr) {
@@ -27,7 +27,9 @@ Owned<nvinfer1::IRuntime> make_runtime(int rank) {
                     ". Check that a CUDA GPU and driver are usable (python -m mdtrt doctor).",
                 rank, "createInferRuntime");
   }
-  return Owned<nvinfer1::IRuntime>(static_cast<nvinfer1::IRuntime*>(created));
+  Owned<nvinfer1::IRuntime> runtime(static_cast<nvinfer1::IRuntime*>(created));
+  if (allow_host_code) runtime->setEngineHostCodeAllowed(true);
+  return runtime;
 }
 
 Owned<nvinfer1::ICudaEngine> deserialize_engine(nvinfer1::IRuntime& runtime, const void* data, size_t size,
@@ -40,7 +42,9 @@ Owned<nvinfer1::ICudaEngine> deserialize_engine(nvinfer1::IRuntime& runtime, con
                 with_trt_error("could not deserialize the " + std::to_string(size) + "-byte engine") +
                     ". Is this a TensorRT " + std::to_string(header_major()) +
                     " plan built for this GPU? Plans only load with the TensorRT version and GPU architecture they "
-                    "were built for (and the lean runtime only loads plans built version-compatible).",
+                    "were built for; the lean runtime only loads plans built version-compatible "
+                    "(version_compatible=True), and a version-compatible plan that embeds the lean runtime only "
+                    "with allow_host_code=True.",
                 rank, "deserializeCudaEngine");
   }
   return engine;
@@ -72,24 +76,47 @@ std::vector<EngineTensor> engine_tensors(const nvinfer1::ICudaEngine& engine) {
   return out;
 }
 
-std::vector<EngineTensor> inspect_engine(const void* data, size_t size, int device) {
+std::vector<EngineTensor> inspect_engine(const void* data, size_t size, int device, bool allow_host_code) {
   ScopedDevice on(device);
-  auto runtime = make_runtime();
+  auto runtime = make_runtime(-1, allow_host_code);
   auto engine = deserialize_engine(*runtime, data, size);
   return engine_tensors(*engine);
 }
 
 struct EngineProgram::RankState {
   int device = -1;
+  // The communicator given to setCommunicator, which "must outlive the execution contexts it is
+  // attached to" (NvInferRuntime.h): shared with the DeviceGroup, so that a program kept after its
+  // group was closed still holds it, and released only after the context (see the destructor).
+  std::shared_ptr<Communicator> communicator;
   Owned<nvinfer1::IRuntime> runtime;
   Owned<nvinfer1::ICudaEngine> engine;
   Owned<nvinfer1::IExecutionContext> context;
   std::vector<EngineTensor> inputs;
   std::vector<EngineTensor> outputs;
+  // The input shapes last set on the context and the output specs they gave: set again only when
+  // they change (setInputShape and getTensorShape cost host time on every call otherwise, and a
+  // CUDA graph replays on shapes that did not change).
+  std::vector<Shape> input_shapes;
+  std::vector<TensorSpec> output_specs;
+  bool shapes_set = false;
+  int shape_changes = 0;
 
   ~RankState() {
+    if (communicator && communicator->aborted()) {
+      // The communicator was aborted under the context (a deadline passed, or the group was
+      // aborted): TensorRT's contract is broken already, and what destroying a context does with
+      // an aborted communicator (and the ones TensorRT derived from it) is not documented. The
+      // context, engine and runtime are deliberately leaked: device memory of a group that can no
+      // longer be used, instead of a possible crash.
+      (void)context.release();
+      (void)engine.release();
+      (void)runtime.release();
+      return;
+    }
     // The context holds device memory of this rank's GPU: release it there, context first, the
-    // runtime last (TensorRT requires objects to go before the runtime that made them).
+    // runtime last (TensorRT requires objects to go before the runtime that made them), and the
+    // communicator after all of them.
     int previous = -1;
     cudaGetDevice(&previous);
     if (device >= 0) cudaSetDevice(device);
@@ -100,8 +127,8 @@ struct EngineProgram::RankState {
   }
 };
 
-EngineProgram::EngineProgram(std::vector<EngineBytes> engines, bool multi_device)
-    : engines_(std::move(engines)), multi_device_(multi_device) {
+EngineProgram::EngineProgram(std::vector<EngineBytes> engines, bool multi_device, bool allow_host_code)
+    : engines_(std::move(engines)), multi_device_(multi_device), allow_host_code_(allow_host_code) {
   if (engines_.empty()) throw_invalid_argument("EngineProgram needs one engine per local rank, got none");
   for (size_t i = 0; i < engines_.size(); ++i) {
     if (!engines_[i] || engines_[i]->empty())
@@ -111,6 +138,12 @@ EngineProgram::EngineProgram(std::vector<EngineBytes> engines, bool multi_device
 }
 
 EngineProgram::~EngineProgram() = default;
+
+std::vector<int> EngineProgram::shape_changes() const {
+  std::vector<int> out;
+  for (const auto& st : states_) out.push_back(st ? st->shape_changes : 0);
+  return out;
+}
 
 std::string EngineProgram::describe() const {
   bool shared = std::all_of(engines_.begin(), engines_.end(), [&](const EngineBytes& e) { return e == engines_[0]; });
@@ -136,13 +169,23 @@ void EngineProgram::bind(RankContext& ctx) {
                     std::to_string(ctx.local_index) + ": give one engine per local rank",
                 ctx.rank, "bind");
   }
+  if (states_[ctx.local_index]) {
+    // Its context is attached to the first group's communicator (setCommunicator is once per
+    // context) and its first runner uses it: a second bind would swap the context under that runner.
+    throw Error(ErrorKind::kInvalidArgument,
+                "this EngineProgram is already bound (to a runner on a device group); an EngineProgram runs in "
+                "one runner only: create a new one (mdtrt.tensorrt.engine_program, or EngineRunner(engine=...)) "
+                "for each runner",
+                ctx.rank, "bind");
+  }
   if (multi_device_ && ctx.world == nullptr) {
     throw Error(ErrorKind::kInvalidArgument,
                 "a multi-device engine needs the group's communicator, and this runtime has none", ctx.rank, "bind");
   }
   auto st = std::make_unique<RankState>();
   st->device = ctx.device;
-  st->runtime = make_runtime(ctx.rank);
+  if (multi_device_) st->communicator = ctx.world;
+  st->runtime = make_runtime(ctx.rank, allow_host_code_);
   const auto& bytes = *engines_[ctx.local_index];
   st->engine = deserialize_engine(*st->runtime, bytes.data(), bytes.size(), ctx.rank);
   for (auto& t : engine_tensors(*st->engine)) (t.is_input ? st->inputs : st->outputs).push_back(std::move(t));
@@ -158,12 +201,16 @@ void EngineProgram::bind(RankContext& ctx) {
   if (multi_device_) {
     Logger::clear_last_error();
     if (!st->context->setCommunicator(static_cast<void*>(ctx.world->handle()))) {
+      // TensorRT's engine does not report the rank count it was built for, so both documented
+      // causes are named, with the one number known here.
+      const std::string w = std::to_string(ctx.world_size);
       throw Error(ErrorKind::kTensorRT,
-                  with_trt_error("TensorRT refused the world communicator") +
-                      ". TensorRT refuses it for an engine without multi-device layers (DistCollective, multi-device "
-                      "attention), whose collectives would then do nothing: build the engine for " +
-                      std::to_string(ctx.world_size) +
-                      " ranks (setNbRanks), or run a single-device engine with multi_device=False.",
+                  with_trt_error("TensorRT refused the world communicator of " + w + " ranks") +
+                      ". TensorRT refuses it when (1) the engine has no multi-device layer (DistCollective, "
+                      "multi-device attention): run such an engine with multi_device=False; or (2) the plan was "
+                      "built for another number of ranks than this group's world size " + w +
+                      " (setNbRanks / nb_ranks at build time): build it for " + w +
+                      " ranks or run it on a group of the size it was built for.",
                   ctx.rank, "setCommunicator");
     }
   }
@@ -178,6 +225,14 @@ std::vector<TensorSpec> EngineProgram::input_specs(const RankContext& ctx) const
 
 std::vector<TensorSpec> EngineProgram::resolve_outputs(RankContext& ctx, const std::vector<TensorView>& inputs) {
   RankState& st = state(ctx);
+  if (st.shapes_set && inputs.size() == st.input_shapes.size()) {
+    bool same = true;
+    for (size_t i = 0; i < inputs.size() && same; ++i)
+      same = inputs[i].shape == st.input_shapes[i] && inputs[i].dtype == st.inputs[i].dtype;
+    if (same) return st.output_specs;
+  }
+  st.shapes_set = false;  // until every shape below is set: a failure midway leaves the context changed
+  st.input_shapes.clear();
   if (inputs.size() != st.inputs.size()) {
     throw Error(ErrorKind::kInvalidArgument,
                 "the engine takes " + std::to_string(st.inputs.size()) + " inputs, got " +
@@ -215,6 +270,10 @@ std::vector<TensorSpec> EngineProgram::resolve_outputs(RankContext& ctx, const s
     }
     out.push_back(TensorSpec{t.name, t.dtype, std::move(shape)});
   }
+  for (const auto& v : inputs) st.input_shapes.push_back(v.shape);
+  st.shapes_set = true;
+  st.output_specs = out;
+  st.shape_changes += 1;
   return out;
 }
 

@@ -18,8 +18,10 @@ namespace mdtrt::trt {
 using EngineBytes = std::shared_ptr<const std::vector<uint8_t>>;
 
 // A TensorRT runtime using mdtrt's logger; loads TensorRT (and NCCL before it) if needed.
-// `rank` only labels errors (-1: none).
-Owned<nvinfer1::IRuntime> make_runtime(int rank = -1);
+// `rank` only labels errors (-1: none). `allow_host_code`: IRuntime::setEngineHostCodeAllowed(true),
+// needed to load plans that carry host code (version-compatible plans embedding the lean runtime);
+// off by default, as in TensorRT, because it runs code from the plan file.
+Owned<nvinfer1::IRuntime> make_runtime(int rank = -1, bool allow_host_code = false);
 
 // Deserializes `size` bytes on the current CUDA device. Throws kInvalidArgument for empty input and
 // kTensorRT with TensorRT's message when the bytes are not a plan this TensorRT and GPU can load.
@@ -41,13 +43,15 @@ std::vector<EngineTensor> engine_tensors(const nvinfer1::ICudaEngine& engine);
 
 // Deserializes a plan on `device` without a DeviceGroup and lists its IO: "does this plan load
 // here?" for tools and tests.
-std::vector<EngineTensor> inspect_engine(const void* data, size_t size, int device);
+std::vector<EngineTensor> inspect_engine(const void* data, size_t size, int device, bool allow_host_code = false);
 
 class EngineProgram : public RankProgram {
  public:
   // engines[i] is local rank i's plan; the same pointer on every rank for a shared engine.
-  // multi_device = false runs a single-device engine without a communicator.
-  explicit EngineProgram(std::vector<EngineBytes> engines, bool multi_device = true);
+  // multi_device = false runs a single-device engine without a communicator. An EngineProgram is
+  // bound once, to one group (its contexts hold that group's communicator): binding it again is
+  // refused.
+  explicit EngineProgram(std::vector<EngineBytes> engines, bool multi_device = true, bool allow_host_code = false);
   ~EngineProgram() override;
 
   std::string describe() const override;
@@ -56,9 +60,14 @@ class EngineProgram : public RankProgram {
   std::vector<TensorSpec> resolve_outputs(RankContext& ctx, const std::vector<TensorView>& inputs) override;
   void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
                const std::vector<TensorView>& outputs) override;
+  // IExecutionContext::setTensorAddress takes 256-byte aligned addresses only.
+  size_t required_alignment() const override { return 256; }
 
   bool multi_device() const { return multi_device_; }
+  bool allow_host_code() const { return allow_host_code_; }
   size_t num_engines() const { return engines_.size(); }
+  // Per local rank: how many times the input shapes were set on the context (only when they change).
+  std::vector<int> shape_changes() const;
 
  private:
   struct RankState;
@@ -66,6 +75,7 @@ class EngineProgram : public RankProgram {
 
   std::vector<EngineBytes> engines_;
   bool multi_device_;
+  bool allow_host_code_;
   std::vector<std::unique_ptr<RankState>> states_;  // by local index, filled by bind
 };
 

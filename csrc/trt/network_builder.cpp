@@ -2,14 +2,22 @@
 
 #include <NvOnnxParser.h>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <mutex>
 #include <sstream>
 
 #include "common/error.h"
+#include "runtime/cuda_handles.h"
+#include "runtime/device_group.h"
 #include "trt/logger.h"
 #include "trt/trt_library.h"
 #include "trt/trt_types.h"
@@ -46,8 +54,10 @@ ReduceOperation to_trt(ReduceOp op) {
   throw_invalid_argument("unknown reduce operation");
 }
 
-// Forwards TensorRT's build phases to a ProgressCallback. TensorRT calls it from the building
-// thread with noexcept entry points, so a throwing callback is kept and rethrown after the build.
+// Forwards TensorRT's build phases to a ProgressCallback. Its entry points are noexcept, so a
+// throwing callback is kept and rethrown after the build. Which threads TensorRT calls them from is
+// not documented: the cancel flag is atomic and the kept exception guarded, so calls from several
+// builder threads at once stay safe.
 class ProgressForwarder : public nvinfer1::IProgressMonitor {
  public:
   explicit ProgressForwarder(ProgressCallback callback) : callback_(std::move(callback)) {}
@@ -60,25 +70,35 @@ class ProgressForwarder : public nvinfer1::IProgressMonitor {
   }
   void phaseFinish(const char* phase) noexcept override { call(ProgressEvent::kPhaseFinish, phase, nullptr, 0, 0); }
 
-  bool cancelled() const { return cancelled_; }
+  bool cancelled() const { return cancelled_.load(); }
   void rethrow_if_failed() const {
-    if (failure_) std::rethrow_exception(failure_);
+    std::exception_ptr failure;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      failure = failure_;
+    }
+    if (failure) std::rethrow_exception(failure);
   }
 
  private:
   bool call(ProgressEvent event, const char* phase, const char* parent, int step, int nb_steps) noexcept {
-    if (cancelled_) return false;
+    if (cancelled_.load()) return false;
     try {
-      if (!callback_(event, phase ? phase : "", parent ? parent : "", step, nb_steps)) cancelled_ = true;
+      // One callback at a time: user callbacks (and Python's) need not be reentrant.
+      std::lock_guard<std::mutex> lock(call_mutex_);
+      if (!callback_(event, phase ? phase : "", parent ? parent : "", step, nb_steps)) cancelled_.store(true);
     } catch (...) {
-      failure_ = std::current_exception();
-      cancelled_ = true;
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!failure_) failure_ = std::current_exception();
+      cancelled_.store(true);
     }
-    return !cancelled_;
+    return !cancelled_.load();
   }
 
   ProgressCallback callback_;
-  bool cancelled_ = false;
+  std::atomic<bool> cancelled_{false};
+  std::mutex call_mutex_;
+  mutable std::mutex mutex_;  // guards failure_
   std::exception_ptr failure_;
 };
 
@@ -112,21 +132,36 @@ bool read_file(const std::string& path, std::string& out) {
 }
 
 // Writes next to the target and renames, so that a crash mid-write never leaves a truncated cache
-// that a later build would load.
+// that a later build would load. The temporary name is unique (mkstemp), so processes building at
+// once never write into one another's file; the last rename wins, whole.
 void write_file_atomically(const std::string& path, const void* data, size_t size) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(static_cast<const char*>(data), static_cast<std::streamsize>(size));
-    if (!out) {
-      warn("could not write the timing cache to " + tmp);
-      return;
-    }
+  std::string tmp = path + ".tmp." + std::to_string(::getpid()) + ".XXXXXX";
+  const int fd = ::mkstemp(tmp.data());
+  if (fd < 0) {
+    warn("could not create a temporary file next to the timing cache " + path);
+    return;
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) warn("could not move the timing cache to " + path);
+  const char* bytes = static_cast<const char*>(data);
+  size_t written = 0;
+  while (written < size) {
+    const ssize_t n = ::write(fd, bytes + written, size - written);
+    if (n <= 0) break;
+    written += static_cast<size_t>(n);
+  }
+  ::close(fd);
+  if (written != size) {
+    warn("could not write the timing cache to " + tmp);
+    std::remove(tmp.c_str());
+    return;
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    warn("could not move the timing cache to " + path);
+    std::remove(tmp.c_str());
+  }
 }
 
 Owned<nvinfer1::ITimingCache> attach_timing_cache(nvinfer1::IBuilderConfig& config, const std::string& path) {
+  ErrorScope scope;
   std::string blob;
   Owned<nvinfer1::ITimingCache> cache;
   if (read_file(path, blob) && !blob.empty()) {
@@ -146,26 +181,55 @@ Owned<nvinfer1::ITimingCache> attach_timing_cache(nvinfer1::IBuilderConfig& conf
 }
 
 Owned<nvinfer1::IBuilderConfig> make_config(nvinfer1::IBuilder& builder, const BuildOptions& options) {
+  if (options.exclude_lean_runtime && !options.version_compatible)
+    throw_invalid_argument("exclude_lean_runtime applies to version-compatible plans only (TensorRT ignores it "
+                           "otherwise): set version_compatible too");
   ErrorScope scope;
   Owned<nvinfer1::IBuilderConfig> config(builder.createBuilderConfig());
   if (!config) throw Error(ErrorKind::kTensorRT, with_trt_error("could not create a builder config"), -1, "createBuilderConfig");
   if (options.workspace_bytes > 0) config->setMemoryPoolLimit(nvinfer1::MemoryPoolType::kWORKSPACE, options.workspace_bytes);
+  // The lean runtime loads only version-compatible plans; kEXCLUDE_LEAN_RUNTIME leaves out the
+  // lean runtime such a plan otherwise embeds (for a lean runtime shipped beside the plan).
+  if (options.version_compatible) config->setFlag(nvinfer1::BuilderFlag::kVERSION_COMPATIBLE);
+  if (options.exclude_lean_runtime) config->setFlag(nvinfer1::BuilderFlag::kEXCLUDE_LEAN_RUNTIME);
   return config;
 }
 
-std::vector<uint8_t> build_serialized(nvinfer1::IBuilder& builder, nvinfer1::INetworkDefinition& network,
-                                      nvinfer1::IBuilderConfig& config, const BuildOptions& options) {
-  Owned<nvinfer1::ITimingCache> cache;
-  if (!options.timing_cache_path.empty()) cache = attach_timing_cache(config, options.timing_cache_path);
+int checked_build_device(int device) {
+  if (device >= 0) validate_devices({device});
+  return device;
+}
 
+// Everything one build uses. Members go in reverse order: the config, network and builder first,
+// then what TensorRT was given pointers to without copying (the timing cache, the progress monitor,
+// the group arrays of addDistCollective), and the previously current GPU is restored last.
+struct BuildSession {
+  explicit BuildSession(const BuildOptions& options)
+      : device(checked_build_device(options.device)),
+        builder(make_builder()),
+        network(make_network(*builder)),
+        config(make_config(*builder, options)) {}
+
+  ScopedDevice device;  // the build's GPU (options.device), current on this thread while building
   std::unique_ptr<ProgressForwarder> progress;
+  Owned<nvinfer1::ITimingCache> cache;
+  GroupStorage groups;
+  Owned<nvinfer1::IBuilder> builder;
+  Owned<nvinfer1::INetworkDefinition> network;
+  Owned<nvinfer1::IBuilderConfig> config;
+};
+
+std::vector<uint8_t> build_serialized(BuildSession& session, const BuildOptions& options) {
+  nvinfer1::IBuilderConfig& config = *session.config;
+  if (!options.timing_cache_path.empty()) session.cache = attach_timing_cache(config, options.timing_cache_path);
   if (options.show_progress) {
-    progress = std::make_unique<ProgressForwarder>(options.progress ? options.progress : line_progress());
-    config.setProgressMonitor(progress.get());
+    session.progress = std::make_unique<ProgressForwarder>(options.progress ? options.progress : line_progress());
+    config.setProgressMonitor(session.progress.get());
   }
   ErrorScope scope;
-  Owned<nvinfer1::IHostMemory> plan(builder.buildSerializedNetwork(network, config));
+  Owned<nvinfer1::IHostMemory> plan(session.builder->buildSerializedNetwork(*session.network, config));
   config.setProgressMonitor(nullptr);
+  ProgressForwarder* progress = session.progress.get();
   if (progress) progress->rethrow_if_failed();
   if (!plan || plan->size() == 0) {
     if (progress && progress->cancelled())
@@ -175,7 +239,7 @@ std::vector<uint8_t> build_serialized(nvinfer1::IBuilder& builder, nvinfer1::INe
                     ". The TensorRT log (logger 'mdtrt.tensorrt' in Python) has the details.",
                 -1, "buildSerializedNetwork");
   }
-  if (cache) {
+  if (session.cache) {
     Owned<nvinfer1::IHostMemory> serialized(config.getTimingCache()->serialize());
     if (serialized) write_file_atomically(options.timing_cache_path, serialized->data(), serialized->size());
   }
@@ -267,14 +331,21 @@ ProgressCallback line_progress() {
   };
 }
 
+int collective_layer_ranks(const CollectiveSpec& spec, int nb_ranks) {
+  const bool shape_follows_ranks = spec.op == CollectiveOp::kAllGather || spec.op == CollectiveOp::kReduceScatter;
+  return shape_follows_ranks && !spec.groups.empty() ? static_cast<int>(spec.groups.size()) : nb_ranks;
+}
+
 nvinfer1::ITensor* add_collective(nvinfer1::INetworkDefinition& network, nvinfer1::ITensor& input,
-                                  const CollectiveSpec& spec, int nb_ranks) {
+                                  const CollectiveSpec& spec, int nb_ranks, GroupStorage& groups_storage) {
   if (nb_ranks < 1) throw_invalid_argument("nb_ranks must be at least 1, got " + std::to_string(nb_ranks));
   spec.validate(nb_ranks);
   const bool reduces = op_reduces(spec.op);
   if (reduces && spec.reduce == ReduceOp::kNone)
     throw_invalid_argument(std::string(collective_op_name(spec.op)) + " needs a reduce operation (sum, prod, max, min, avg)");
-  std::vector<int64_t> groups(spec.groups.begin(), spec.groups.end());
+  // addDistCollective keeps the pointer, not a copy (NvInfer.h does not say it copies): the array
+  // lives in the caller's storage until the build returns.
+  std::vector<int64_t>& groups = groups_storage.emplace_back(spec.groups.begin(), spec.groups.end());
   const int64_t root = op_has_root(spec.op) ? spec.root : -1;
   const ReduceOperation reduce = reduces ? to_trt(spec.reduce) : ReduceOperation::kNONE;
 
@@ -285,11 +356,29 @@ nvinfer1::ITensor* add_collective(nvinfer1::INetworkDefinition& network, nvinfer
   if (layer == nullptr)
     throw Error(ErrorKind::kTensorRT, with_trt_error("TensorRT refused the DistCollective layer " + spec.describe()), -1,
                 "addDistCollective");
-  if (!layer->setNbRanks(nb_ranks))
+  const int layer_ranks = collective_layer_ranks(spec, nb_ranks);
+  if (!layer->setNbRanks(layer_ranks))
     throw Error(ErrorKind::kTensorRT,
-                with_trt_error("TensorRT refused " + std::to_string(nb_ranks) + " ranks for " + spec.describe()), -1,
+                with_trt_error("TensorRT refused " + std::to_string(layer_ranks) + " ranks for " + spec.describe()), -1,
                 "IDistCollectiveLayer::setNbRanks");
-  return layer->getOutput(0);
+  nvinfer1::ITensor* output = layer->getOutput(0);
+  // The shape TensorRT gives the layer must be the one mdtrt's reference (and the caller) expects:
+  // a mismatch would hand out wrong-sized outputs, so it is refused here, with both shapes.
+  const Shape input_shape = from_dims(input.getDimensions());
+  const int group_size = spec.groups.empty() ? nb_ranks : static_cast<int>(spec.groups.size());
+  const Shape expected = collective_output_shape(spec, input_shape, group_size);
+  const Shape got = from_dims(output->getDimensions());
+  const bool known = !got.empty() && std::none_of(got.begin(), got.end(), [](int64_t d) { return d < 0; }) &&
+                     std::none_of(input_shape.begin(), input_shape.end(), [](int64_t d) { return d < 0; });
+  if (known && got != expected) {
+    throw Error(ErrorKind::kTensorRT,
+                "TensorRT gives " + spec.describe() + " the output shape " + shape_string(got) + " for input " +
+                    shape_string(input_shape) + " (setNbRanks(" + std::to_string(layer_ranks) +
+                    ")), mdtrt expects " + shape_string(expected) + " for a group of " +
+                    std::to_string(group_size) + " ranks; the engine would return outputs of the wrong size",
+                -1, "IDistCollectiveLayer::getOutput");
+  }
+  return output;
 }
 
 std::vector<uint8_t> build_dist_collective_engine(const CollectiveSpec& spec, DType dtype, const Shape& input_shape,
@@ -306,8 +395,8 @@ std::vector<uint8_t> build_dist_collective_engine(const CollectiveSpec& spec, DT
   (void)collective_output_shape(spec, collective_input, group_size);  // an uneven split is named here, not by TensorRT
 
   require_builder();
-  auto builder = make_builder();
-  auto network = make_network(*builder);
+  BuildSession session(options);
+  nvinfer1::INetworkDefinition* network = session.network.get();
   ErrorScope scope;
   nvinfer1::ITensor* tensor = network->addInput("input", to_trt(dtype), to_dims(input_shape));
   if (tensor == nullptr) throw Error(ErrorKind::kTensorRT, with_trt_error("could not add the input"), -1, "addInput");
@@ -318,7 +407,7 @@ std::vector<uint8_t> build_dist_collective_engine(const CollectiveSpec& spec, DT
     t->setFirstTranspose(swap_2d);
     tensor = t->getOutput(0);
   }
-  tensor = add_collective(*network, *tensor, spec, nb_ranks);
+  tensor = add_collective(*network, *tensor, spec, nb_ranks, session.groups);
   if (transpose_2d) {
     nvinfer1::IShuffleLayer* t = network->addShuffle(*tensor);
     if (t == nullptr) throw Error(ErrorKind::kTensorRT, with_trt_error("could not add a transpose"), -1, "addShuffle");
@@ -327,8 +416,7 @@ std::vector<uint8_t> build_dist_collective_engine(const CollectiveSpec& spec, DT
   }
   tensor->setName("output");
   network->markOutput(*tensor);
-  auto config = make_config(*builder, options);
-  return build_serialized(*builder, *network, *config, options);
+  return build_serialized(session, options);
 }
 
 std::vector<uint8_t> build_engine_from_onnx(const std::string& model_bytes, const std::string& model_path,
@@ -337,12 +425,13 @@ std::vector<uint8_t> build_engine_from_onnx(const std::string& model_bytes, cons
                                             const std::vector<std::string>& parser_extra_dirs) {
   if (model_bytes.empty() && model_path.empty()) throw_invalid_argument("give the ONNX model as bytes or a path");
   require_builder();
-  load_onnx_parser(parser_extra_dirs);
-  auto builder = make_builder();
-  auto network = make_network(*builder);
+  const ParserInfo& parser_info = load_onnx_parser(parser_extra_dirs);
+  if (!parser_info.note.empty()) warn(parser_info.note);
+  BuildSession session(options);
+  nvinfer1::INetworkDefinition* network = session.network.get();
   ErrorScope scope;
   Owned<nvonnxparser::IParser> parser(static_cast<nvonnxparser::IParser*>(
-      create_onnx_parser(network.get(), static_cast<nvinfer1::ILogger*>(&logger()), NV_ONNX_PARSER_VERSION)));
+      create_onnx_parser(network, static_cast<nvinfer1::ILogger*>(&logger()), NV_ONNX_PARSER_VERSION)));
   if (!parser) throw Error(ErrorKind::kTensorRT, with_trt_error("TensorRT's ONNX parser could not be created"), -1, "createNvOnnxParser");
   bool parsed = model_bytes.empty()
                     ? parser->parseFromFile(model_path.c_str(), static_cast<int>(nvinfer1::ILogger::Severity::kWARNING))
@@ -355,9 +444,8 @@ std::vector<uint8_t> build_engine_from_onnx(const std::string& model_bytes, cons
                     " supports every operator (and opset) it uses.",
                 -1, "IParser::parse");
   }
-  auto config = make_config(*builder, options);
-  add_profiles(*builder, *network, *config, profiles);
-  return build_serialized(*builder, *network, *config, options);
+  add_profiles(*session.builder, *network, *session.config, profiles);
+  return build_serialized(session, options);
 }
 
 }  // namespace mdtrt::trt

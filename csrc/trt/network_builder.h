@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <string>
@@ -36,13 +37,32 @@ struct BuildOptions {
   std::string timing_cache_path;  // loaded if the file exists, written back after the build; "" = none
   ProgressCallback progress;      // empty: line_progress()
   bool show_progress = true;      // false: no progress at all
+  int device = -1;                // the GPU to build on (made current for the build); -1: the current one
+  // BuilderFlag::kVERSION_COMPATIBLE: a plan the lean runtime (and later TensorRT 11 releases) can load.
+  bool version_compatible = false;
+  // BuilderFlag::kEXCLUDE_LEAN_RUNTIME: a version-compatible plan without the lean runtime embedded in
+  // it, for a lean runtime shipped beside the plan (needs version_compatible).
+  bool exclude_lean_runtime = false;
 };
+
+// Storage for the group arrays given to addDistCollective, which keeps the pointer: it must
+// outlive the build of the network.
+using GroupStorage = std::deque<std::vector<int64_t>>;
+
+// The layer rank count (setNbRanks) mdtrt gives a DistCollective over `nb_ranks` world ranks.
+// TensorRT documents that nbRanks "determines [the] output shape for kALL_GATHER and
+// kREDUCE_SCATTER" (ILayer::setNbRanks): their output's first dimension is the input's times
+// (divided by) nbRanks. With a group only the group's ranks take part, so for those two ops it is
+// the group's size; the other ops' shapes do not depend on it and keep the world's count.
+int collective_layer_ranks(const CollectiveSpec& spec, int nb_ranks);
 
 // Adds an IDistCollectiveLayer for `spec` over `nb_ranks` ranks (root = -1 and ReduceOperation::kNONE
 // for the operations that take none) and returns its output. Throws kInvalidArgument for a spec
-// that does not fit nb_ranks, kTensorRT when TensorRT refuses the layer.
+// that does not fit nb_ranks, kTensorRT when TensorRT refuses the layer or gives it another output
+// shape than collective_output_shape (both shapes in the message). `groups` keeps the layer's group
+// array until the build returns.
 nvinfer1::ITensor* add_collective(nvinfer1::INetworkDefinition& network, nvinfer1::ITensor& input,
-                                  const CollectiveSpec& spec, int nb_ranks);
+                                  const CollectiveSpec& spec, int nb_ranks, GroupStorage& groups);
 
 // A strongly typed network: input "input" (dtype, input_shape) -> [transpose, when transpose_2d
 // and the input is 2-D: the collective then runs along the second dimension] -> DistCollective ->

@@ -7,7 +7,8 @@
 #include <utility>
 
 #ifdef MDTRT_HAVE_TENSORRT
-#include <NvInferVersion.h>  // macros only: keeps this file usable without the rest of TensorRT
+#include <NvInferVersion.h>
+#include <NvOnnxParser.h>  // NV_ONNX_PARSER_VERSION
 #endif
 
 #include "common/error.h"
@@ -25,9 +26,11 @@ constexpr const char* kParserVersionSymbol = "getNvOnnxParserVersion";
 #ifdef MDTRT_HAVE_TENSORRT
 constexpr int kHeaderMajor = NV_TENSORRT_MAJOR;
 constexpr int kHeaderVersion = NV_TENSORRT_MAJOR * 10000 + NV_TENSORRT_MINOR * 100 + NV_TENSORRT_PATCH;
+constexpr int kParserHeaderVersion = NV_ONNX_PARSER_VERSION;
 #else
 constexpr int kHeaderMajor = 11;
 constexpr int kHeaderVersion = 0;
+constexpr int kParserHeaderVersion = 0;
 #endif
 
 const std::string kFull = "libnvinfer.so." + std::to_string(kHeaderMajor);
@@ -95,6 +98,13 @@ bool try_library(const std::string& candidate, LoadAttempt& attempt, Library& st
                   std::to_string(kHeaderMajor) + " and needs a TensorRT " + std::to_string(kHeaderMajor) +
                   ".x library (the engine and plugin interfaces change between major versions)");
   }
+  if (kHeaderVersion != 0 && code < kHeaderVersion) {
+    // The headers' classes may declare virtual functions an older library does not have: calling
+    // one would jump past the end of its table (a crash, not an error).
+    return refuse("TensorRT " + version_string(code) + " is older than the TensorRT " + version_string(kHeaderVersion) +
+                  " headers mdtrt was built with, whose interfaces it may not implement; install TensorRT >= " +
+                  version_string(kHeaderVersion) + " or rebuild mdtrt against this version's headers");
+  }
   auto builder_fn = reinterpret_cast<CreateFn>(find_symbol(handle, kBuilderSymbol));
   attempt.loaded = true;
   attempt.message = builder_fn != nullptr ? "ok" : "ok (lean runtime: no builder)";
@@ -117,11 +127,28 @@ bool try_parser(const std::string& candidate, LoadAttempt& attempt, Parser& st, 
     return false;
   }
   auto version_fn = reinterpret_cast<VersionFn>(find_symbol(handle, kParserVersionSymbol));
+  const int code = version_fn != nullptr ? version_fn() : 0;
+  const bool same_major = code / 10000 == kParserHeaderVersion / 10000;
+  if (kParserHeaderVersion != 0 && version_fn != nullptr && same_major && code < kParserHeaderVersion) {
+    // As for TensorRT: an older parser may not implement the headers' interface.
+    attempt.message = "ONNX parser " + version_string(code) + " is older than the parser headers mdtrt was built with (" +
+                      version_string(kParserHeaderVersion) + "); use the parser of the TensorRT that mdtrt loaded";
+    dlclose(handle);
+    return false;
+  }
   attempt.loaded = true;
-  attempt.message = "ok";
+  attempt.message = version_fn != nullptr ? "ok" : std::string("ok (no ") + kParserVersionSymbol + ": version unchecked)";
+  if (kParserHeaderVersion != 0 && version_fn != nullptr && !same_major) {
+    // How the parser's version relates to TensorRT's is not documented (TensorRT 11.1's headers say
+    // 0.1.0): another major is reported, not refused.
+    info.note = "the ONNX parser " + candidate + " reports version " + version_string(code) +
+                ", the parser headers mdtrt was built with " + version_string(kParserHeaderVersion) +
+                "; if parsing fails, use the parser that ships with the loaded TensorRT";
+    attempt.message += " (" + info.note + ")";
+  }
   st.handle = handle;
   st.create = create_fn;
-  info.version = version_fn != nullptr ? version_fn() : 0;
+  info.version = code;
   info.path = loaded_path(reinterpret_cast<void*>(create_fn), candidate);
   return true;
 }
@@ -151,6 +178,7 @@ void* object_or_null(void* created) {
 
 int header_major() { return kHeaderMajor; }
 int header_version() { return kHeaderVersion; }
+int parser_header_version() { return kParserHeaderVersion; }
 
 std::string version_string(int code) {
   int major = code / 10000, minor = (code % 10000) / 100, patch = code % 100;

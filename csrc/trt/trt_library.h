@@ -37,14 +37,17 @@ struct ParserInfo {
   std::string path;
   int version = 0;  // getNvOnnxParserVersion() when exported, else 0
   std::string found_by;
+  std::string note;  // a version mismatch worth a warning ("" when none)
   std::vector<LoadAttempt> attempts;
 };
 
 // The TensorRT major version the headers of this build are (11 when built without them: the
 // loader still refuses libraries of another major, since mdtrt only speaks TensorRT 11).
 int header_major();
-// NV_TENSORRT_VERSION of the headers (0 in a build without them).
+// NV_TENSORRT_VERSION of the headers (0 in a build without them). Libraries older than this are
+// refused, as are ONNX parsers of another major or older than parser_header_version().
 int header_version();
+int parser_header_version();  // NV_ONNX_PARSER_VERSION of the headers (0 without them)
 
 std::string version_string(int code);
 

@@ -20,14 +20,17 @@ from .nccl import NcclLibrary, nccl_library
 from .arrays import DeviceArray
 from .device_group import Communicator, DeviceGroup
 from .runner import EngineRunner
+from .plan_sharing import build_once
 
 # The ONNX tools import onnx/onnxruntime, which rank processes rarely need: load them on first use.
+# A module that holds a public function must not carry the function's name (importing
+# `mdtrt.simulate` the module would replace the function `mdtrt.simulate` on the package).
 _LAZY = {
     "reference": (".reference", None),
     "shard": (".sharding", "shard"),
-    "simulate": (".simulate", "simulate"),
-    "run_on_cpu": (".simulate", "run_on_cpu"),
-    "compare_outputs": (".simulate", "compare_outputs"),
+    "simulate": ("._simulate", "simulate"),
+    "run_on_cpu": ("._simulate", "run_on_cpu"),
+    "compare_outputs": ("._simulate", "compare_outputs"),
 }
 
 
@@ -37,7 +40,9 @@ def __getattr__(name: str):
 
         module_name, attr = _LAZY[name]
         module = importlib.import_module(module_name, __name__)
-        return module if attr is None else getattr(module, attr)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value  # later look-ups skip __getattr__
+        return value
     raise AttributeError(f"module 'mdtrt' has no attribute {name!r}")
 
 __version__ = _core.build_info()["version"]
@@ -54,6 +59,7 @@ __all__ = [
     "DeviceGroup",
     "Communicator",
     "EngineRunner",
+    "build_once",
     "reference",
     "shard",
     "simulate",

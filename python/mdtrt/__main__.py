@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor_main(as_json=args.json)
     if args.command == "attention":
-        from .attention import main as attention_main
+        from .attention_cli import main as attention_main
 
         return attention_main(rest)
     parser.error(f"unknown command {args.command}")

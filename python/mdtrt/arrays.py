@@ -18,8 +18,8 @@ from .errors import InvalidArgumentError
 
 _LEGACY_DEFAULT_STREAM = 1  # a device's legacy default stream, as CUDA array interfaces and DLPack name it
 
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int8": 1, "uint8": 1, "int64": 8,
-            "float64": 8, "bool": 1}
+# Bytes per element, from the one dtype table of the native core (csrc/runtime/dtype.cpp).
+ITEMSIZE: dict[str, int] = dict(_core.dtype_sizes())
 
 _TYPESTR = {
     "f4": "float32", "f2": "float16", "i4": "int32", "i1": "int8", "u1": "uint8",
@@ -49,9 +49,9 @@ def numpy_dtype(name: str) -> np.dtype:
 def dtype_name(dtype: Any) -> str:
     """mdtrt's name of a numpy/ml_dtypes/torch dtype: float32, float16, bfloat16, int32, ..."""
     name = str(dtype).rsplit(".", 1)[-1]
-    if name in ("float32", "float16", "bfloat16", "int32", "int8", "uint8", "int64", "float64", "bool"):
+    if name in ITEMSIZE:
         return name
-    raise InvalidArgumentError(f"dtype {dtype} is not supported (use float32, float16, bfloat16, int32, int8, uint8, int64)")
+    raise InvalidArgumentError(f"dtype {dtype} is not supported (use {', '.join(ITEMSIZE)})")
 
 
 @dataclasses.dataclass(slots=True)
@@ -63,11 +63,12 @@ class ArrayRef:
     dtype: str
     shape: tuple[int, ...]
     owner: Any
-    kind: str  # "numpy", "torch", "cai"
+    kind: str  # "numpy", "torch" (CUDA), "torch_cpu", "cai", "dlpack"
     stream: int = 0  # producer's stream on `device` (1: its legacy default stream), 0 when no ordering is needed
 
-    def as_native(self) -> tuple:
-        return (self.ptr, self.device, self.dtype, self.shape, self.stream)
+    def as_native(self):
+        """The typed input of the native runner (``_core.InputArg``)."""
+        return _core.InputArg(self.ptr, self.device, self.dtype, self.shape, self.stream)
 
     @property
     def nbytes(self) -> int:
@@ -76,8 +77,9 @@ class ArrayRef:
             count *= d
         return count * ITEMSIZE[self.dtype]
 
-    def as_output(self, name: str) -> tuple:
-        return (name, self.ptr, self.nbytes, self.device, self.stream)
+    def as_output(self, name: str):
+        """This array as the buffer for output ``name`` (``_core.OutputArg``)."""
+        return _core.OutputArg(name, self.ptr, self.nbytes, self.device, self.stream)
 
 
 _NUMPY_DTYPES: dict = {}  # numpy dtype -> name, filled as dtypes are seen
@@ -130,8 +132,10 @@ def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
             name = what if which is None else f"{what} {which}"
             raise InvalidArgumentError(f"{name} is a non-contiguous torch tensor: call .contiguous() first")
         if not x.is_cuda:
-            arr = x.numpy()
-            return ArrayRef(arr.ctypes.data, -1, dtype_name(x.dtype), tuple(x.shape), (x, arr), "numpy")
+            name = _TORCH_DTYPES.get(x.dtype) or dtype_name(x.dtype)
+            # numpy has no bfloat16: torch refuses .numpy() for it, so its bytes travel as int16.
+            arr = (x.view(torch.int16) if name == "bfloat16" else x).numpy()
+            return ArrayRef(arr.__array_interface__["data"][0], -1, name, tuple(x.shape), (x, arr), "torch_cpu")
         device = x.get_device()
         return ArrayRef(x.data_ptr(), device, _TORCH_DTYPES.get(x.dtype) or dtype_name(x.dtype), tuple(x.shape), x,
                         "torch", _torch_current_stream(torch, device))
@@ -241,7 +245,7 @@ class DeviceArray:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * numpy_dtype(self.dtype).itemsize
+        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
 
     @property
     def __cuda_array_interface__(self) -> dict:
@@ -260,7 +264,8 @@ class DeviceArray:
 
 
 def wrap_device_output(buffer, dtype: str, shape, like: ArrayRef | None):
-    """A DeviceArray, or a torch tensor when the caller passed torch tensors (zero-copy)."""
+    """A DeviceArray, or a torch tensor when the caller passed torch tensors (zero-copy). ``buffer``
+    (a ``_core.PooledBuffer``) owns the memory; it returns to its pool when the array goes."""
     array = DeviceArray(buffer, dtype, shape)
     if like is not None and like.kind == "torch":
         import torch
@@ -271,5 +276,43 @@ def wrap_device_output(buffer, dtype: str, shape, like: ArrayRef | None):
     return array
 
 
-def host_output(raw: np.ndarray, dtype: str, shape) -> np.ndarray:
+def host_output(raw: np.ndarray, dtype: str, shape, like: ArrayRef | None = None):
+    """A host output from its raw bytes: a numpy array (bfloat16 as ml_dtypes.bfloat16), or a torch
+    CPU tensor when the caller passed torch CPU tensors (bfloat16 included, without ml_dtypes)."""
+    if like is not None and like.kind == "torch_cpu":
+        import torch
+
+        return torch.from_numpy(raw).view(_torch_dtype(torch, dtype)).reshape(tuple(shape))
     return raw.view(numpy_dtype(dtype)).reshape(tuple(shape))
+
+
+def _torch_dtype(torch, name: str):
+    return getattr(torch, name)  # mdtrt's dtype names are torch's attribute names
+
+
+def torch_output_factory(specs: list, devices: list[int]):
+    """A function that allocates every rank's outputs as torch tensors from torch's caching
+    allocator: ``specs[i]`` lists rank i's outputs as (name, dtype, shape), on GPU ``devices[i]``.
+    It returns [{name: ArrayRef}] per rank, each ref ordered after the stream current on its GPU
+    (the allocator hands its blocks out in that stream's order)."""
+    import torch
+
+    plan = []
+    for rank_specs, device in zip(specs, devices):
+        plan.append((device, torch.device("cuda", device),
+                     [(name, dtype, tuple(int(d) for d in shape), _torch_dtype(torch, dtype))
+                      for name, dtype, shape in rank_specs]))
+    empty = torch.empty
+
+    def allocate() -> list[dict]:
+        out = []
+        for index, device, outputs in plan:
+            stream = _torch_current_stream(torch, index)
+            refs = {}
+            for name, dtype, shape, torch_dtype in outputs:
+                t = empty(shape, dtype=torch_dtype, device=device)
+                refs[name] = ArrayRef(t.data_ptr(), index, dtype, shape, t, "torch", stream)
+            out.append(refs)
+        return out
+
+    return allocate

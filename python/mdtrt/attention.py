@@ -1,27 +1,28 @@
-"""The multi-device attention sample: model creation, sharding, CPU verification and GPU run.
+"""The multi-device attention model: creation, sharding hints and CPU verification.
 
 The model is one self-attention block, ``(sequence, batch, hidden) -> (sequence, batch, hidden)``:
 Q/K/V projections, RMSNorm on Q and K over each head, scaled dot-product attention over
 ``heads x head_dim`` and an output projection. Sharded with :data:`DEFAULT_HINTS` (context
-parallelism), each rank keeps ``sequence / ranks`` query rows and all-gathers K and V.
+parallelism), each rank keeps ``sequence / ranks`` query rows and sees the whole sequence's keys
+and values through the strategy's collectives (:mod:`mdtrt.context_parallel`).
 
-``python -m mdtrt attention`` runs :func:`main`.
+The command line and the GPU run (``python -m mdtrt attention``, the sample's
+``attention_mdtrt.py``) are in :mod:`mdtrt.attention_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import statistics
-import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
+
+from .errors import InvalidArgumentError
 
 __all__ = [
     "AttentionConfig",
@@ -30,7 +31,8 @@ __all__ = [
     "default_hints",
     "random_inputs",
     "verify_on_cpu",
-    "main",
+    "build_models",
+    "TOLERANCES",
 ]
 
 #: Name of the Q tensor feeding the attention's first MatMul (what the hints point at).
@@ -96,9 +98,9 @@ class AttentionConfig:
         for name in ("hidden", "heads", "head_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+            raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -212,7 +214,7 @@ def random_inputs(
             elif dim.dim_param in dims:
                 shape.append(int(dims[dim.dim_param]))
             else:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"input {value.name!r} axis {axis} is symbolic ({dim.dim_param or 'unnamed'}); "
                     f"give its size in dims (have {sorted(dims)})"
                 )
@@ -226,69 +228,20 @@ def random_inputs(
 # for different row counts, which moves results by a few float16 ulps.
 TOLERANCES = {"float32": (1e-4, 1e-4), "float16": (1e-2, 1e-2)}
 
-#: Sizes of the CPU verification when no GPU run is possible: the sample's model, short sequence.
-CPU_DEFAULT_SEQUENCE_LENGTH = 256
-#: Sequence length of the GPU run, as in NVIDIA's sample.
-GPU_DEFAULT_SEQUENCE_LENGTH = 56320
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
-def _gpu_run_blocker(ranks: int) -> str | None:
-    """Why the GPU run cannot happen here, or None when it can."""
-    try:
-        import mdtrt
-        from mdtrt import _core
-    except ImportError as error:  # pragma: no cover - the extension is part of the package
-        return f"the mdtrt extension does not load ({error})"
-    info = mdtrt.build_info()
-    if not info.get("tensorrt_backend"):
-        reason = info.get("tensorrt_backend_reason") or info.get("tensorrt_reason") or ""
-        return "TensorRT is needed for the GPU run, and this mdtrt has no TensorRT backend" + (
-            f" ({reason})" if reason else ""
-        )
-    try:
-        gpus = int(_core.visible_gpu_count())
-    except Exception as error:  # noqa: BLE001 - no driver reads as no GPU
-        return f"no CUDA GPU is usable ({error})"
-    if gpus < 1:
-        return "no CUDA GPU is visible"
-    if gpus < ranks and not _launched_by_launcher():
-        return f"{ranks} ranks need {ranks} GPUs, {gpus} are visible"
-    for name in ("DeviceGroup", "EngineRunner"):
-        if not hasattr(mdtrt, name):
-            return f"this mdtrt has no {name} yet"
-    import importlib.util
-
-    if importlib.util.find_spec("mdtrt.tensorrt") is None:
-        return "this mdtrt has no mdtrt.tensorrt module (engine builder) yet"
-    from . import tensorrt as mdtrt_tensorrt
-
-    report = mdtrt_tensorrt.library_report()
-    if not report["library_found"]:
-        return f"TensorRT is needed for the GPU run and was not found: {report['error']}"
-    if report["lean"]:
-        return (f"the GPU run builds engines, which needs the full TensorRT; only the lean runtime was found "
-                f"({report['path']}): pip install 'mdtrt[tensorrt]' where NVIDIA's index is reachable")
-    return None
-
-
-def _launched_by_launcher() -> bool:
-    return any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE", "PMIX_RANK"))
-
-
-def _build_models(config: AttentionConfig, hints, ranks: int, save_dir: str | None):
+def build_models(config: AttentionConfig, hints, ranks: int, *, strategy: str | None = None,
+                 save_dir: str | None = None, say=print):
+    """The single-device model and its version sharded for ``ranks`` with ``strategy``
+    (see :func:`mdtrt.shard`); both written to ``save_dir`` as ``attention_sd.onnx`` and
+    ``attention_md.onnx`` when given. Raises what :func:`mdtrt.shard` raises."""
     from .sharding import shard
 
     single = create_attention_model(config)
-    multi = shard(single, hints, ranks)
+    multi = shard(single, hints, ranks, strategy=strategy)
     if save_dir:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         onnx.save(single, os.path.join(save_dir, "attention_sd.onnx"))
         onnx.save(multi, os.path.join(save_dir, "attention_md.onnx"))
-        _say(f"saved attention_sd.onnx and attention_md.onnx ({ranks} ranks) to {save_dir}")
+        say(f"saved attention_sd.onnx and attention_md.onnx ({ranks} ranks) to {save_dir}")
     return single, multi
 
 
@@ -302,162 +255,36 @@ def verify_on_cpu(
     tolerance: tuple[float, float] | None = None,
     progress: bool = True,
     save_dir: str | None = None,
+    strategy: str | None = None,
+    say=print,
 ):
-    """Shard the attention model for ``ranks``, run it on simulated ranks on the CPU and compare
-    every rank's output with the single-device model's. Returns the
-    :class:`~mdtrt.simulate.ComparisonReport` of the worst rank."""
-    import time
+    """Shard the attention model for ``ranks`` with ``strategy``, run it on simulated ranks on
+    the CPU and compare every rank's output with the single-device model's.
 
-    from .simulate import compare_outputs, run_on_cpu, simulate
+    Returns
+    -------
+    tuple
+        The :class:`~mdtrt._simulate.ComparisonReport` of the worst rank, and that rank.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Bad hints or sizes (from :func:`mdtrt.shard` and :func:`mdtrt.simulate`).
+    """
+    from . import compare_outputs, run_on_cpu, simulate  # the public functions
 
     hints = default_hints(ranks) if hints is None else hints
     atol, rtol = tolerance or TOLERANCES[config.dtype]
     start = time.perf_counter()
-    single, multi = _build_models(config, hints, ranks, save_dir)
+    single, multi = build_models(config, hints, ranks, strategy=strategy, save_dir=save_dir, say=say)
     inputs = random_inputs(single, {"sequence_length": sequence_length, "batch_size": batch_size}, seed=config.seed + 1)
-    _say(f"built and sharded the model in {time.perf_counter() - start:.1f} s")
+    say(f"built and sharded the model in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     expected = run_on_cpu(single, inputs, progress=progress)
-    _say(f"single-device run on the CPU: {time.perf_counter() - start:.1f} s")
+    say(f"single-device run on the CPU: {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
     per_rank = simulate(multi, inputs, ranks, progress=progress)
-    _say(f"{ranks} simulated ranks on the CPU: {time.perf_counter() - start:.1f} s")
+    say(f"{ranks} simulated ranks on the CPU: {time.perf_counter() - start:.1f} s")
     reports = [compare_outputs(expected, outputs, atol=atol, rtol=rtol) for outputs in per_rank]
     worst = max(range(ranks), key=lambda r: (not reports[r].passed, max(o.max_abs_error for o in reports[r].outputs)))
     return reports[worst], worst
-
-
-def _gpu_run(args, config: AttentionConfig, hints) -> int:
-    import mdtrt
-    from mdtrt import tensorrt as mdtrt_tensorrt
-
-    from .simulate import compare_outputs
-
-    ranks = args.ranks
-    sequence = args.sequence_length or GPU_DEFAULT_SEQUENCE_LENGTH
-    if sequence % ranks:
-        _say(f"error: --sequence-length {sequence} must be divisible by --ranks {ranks}")
-        return 2
-    single, multi = _build_models(config, hints, ranks, args.save_dir)
-    inputs = random_inputs(single, {"sequence_length": sequence, "batch_size": args.batch_size}, seed=config.seed + 1)
-    shape = inputs[INPUT_NAME].shape
-    # Every rank receives the whole input (the first collective scatters it), so one fixed
-    # profile at the full shape serves both engines.
-    profiles = {INPUT_NAME: (shape, shape, shape)}
-    fp16 = config.dtype == "float16"
-    launched = _launched_by_launcher()
-    group = mdtrt.DeviceGroup.from_env() if launched else mdtrt.DeviceGroup(gpus=list(range(ranks)), timeout=60.0)
-    with group:
-        # Under a launcher each process holds some ranks; the one holding rank 0 reports.
-        leads = 0 in list(getattr(group, "ranks", [0]))
-        first_gpu = list(getattr(group, "gpus", None) or [0])[0]
-        talk = _say if leads else (lambda message: None)
-        talk(f"building the single-device engine (sequence {sequence}, batch {args.batch_size})")
-        single_engine = mdtrt_tensorrt.build_engine_from_onnx(single.SerializeToString(), profiles=profiles, fp16=fp16)
-        talk(f"building the {ranks}-rank engine once, loading it on every GPU of the group")
-        multi_engine = mdtrt_tensorrt.build_engine_from_onnx(multi.SerializeToString(), profiles=profiles, fp16=fp16)
-        multi_runner = mdtrt.EngineRunner(group, multi_engine)
-        multi_outputs = multi_runner.infer(inputs)
-        multi_times = multi_runner.time_infer(inputs, args.iterations)
-    if not leads:
-        return 0
-    with mdtrt.DeviceGroup(gpus=[first_gpu], timeout=60.0) as single_group:
-        single_runner = mdtrt.EngineRunner(single_group, single_engine, multi_device=False)
-        single_outputs = single_runner.infer(inputs)
-        single_times = single_runner.time_infer(inputs, args.iterations)
-    atol, rtol = args.atol, args.rtol
-    if atol is None or rtol is None:
-        atol, rtol = (2 * t for t in TOLERANCES[config.dtype])  # TensorRT tactics differ per engine
-    report = compare_outputs(single_outputs, multi_outputs, atol=atol, rtol=rtol)
-    _say(report.format(f"GPU: {ranks}-rank engine vs single-device engine"))
-    single_ms, multi_ms = statistics.median(single_times), statistics.median(multi_times)
-    _say(
-        f"median of {args.iterations} iterations (CUDA events): single-device {single_ms:.3f} ms, "
-        f"{ranks} GPUs {multi_ms:.3f} ms, speedup {single_ms / multi_ms:.2f}x"
-    )
-    return 0 if report.passed else 1
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mdtrt attention",
-        description="Multi-device self-attention: shard with polygraphy, verify the sharded model "
-        "against the single-device one on simulated CPU ranks, and with GPUs and TensorRT run and "
-        "time it on several GPUs.",
-    )
-    parser.add_argument("--ranks", type=int, default=2, help="number of devices (default 2)")
-    parser.add_argument(
-        "--sequence-length", type=int, default=None,
-        help=f"sequence length (default {GPU_DEFAULT_SEQUENCE_LENGTH} on GPUs, "
-        f"{CPU_DEFAULT_SEQUENCE_LENGTH} for the CPU verification)",
-    )
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights (inputs use seed + 1)")
-    parser.add_argument("--hint", default=None, help="sharding hints JSON (default: the sample's hint.json)")
-    parser.add_argument("--iterations", type=int, default=50, help="timed GPU iterations (median reported)")
-    parser.add_argument(
-        "--mode", choices=("auto", "cpu", "gpu"), default="auto",
-        help="auto: GPU run when GPUs and TensorRT are there, CPU verification otherwise",
-    )
-    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the check")
-    parser.add_argument("--rtol", type=float, default=None, help="tolerance relative to max |reference|")
-    parser.add_argument("--save-dir", default=None, help="write attention_sd.onnx and attention_md.onnx here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m mdtrt attention``; returns the exit status (0 when the check passes)."""
-    args = _parser().parse_args(argv)
-    if args.ranks < 1:
-        _say("error: --ranks must be at least 1")
-        return 2
-    try:
-        config = AttentionConfig(args.hidden, args.heads, args.head_dim, args.dtype, args.seed)
-    except ValueError as error:
-        _say(f"error: {error}")
-        return 2
-    from .sharding import load_hints
-
-    hints = load_hints(args.hint) if args.hint else default_hints(args.ranks)
-
-    blocker = None if args.mode == "cpu" else _gpu_run_blocker(args.ranks)
-    if args.mode == "gpu" and blocker:
-        _say(f"cannot run on GPUs: {blocker}")
-        return 2
-    if args.mode != "cpu" and blocker is None:
-        return _gpu_run(args, config, hints)
-    if blocker:
-        _say(f"GPU run skipped: {blocker}. Running the CPU verification instead.")
-
-    sequence = args.sequence_length or CPU_DEFAULT_SEQUENCE_LENGTH
-    if sequence % args.ranks:
-        _say(f"error: --sequence-length {sequence} must be divisible by --ranks {args.ranks}")
-        return 2
-    tolerance = None
-    if args.atol is not None or args.rtol is not None:
-        default_atol, default_rtol = TOLERANCES[config.dtype]
-        tolerance = (args.atol if args.atol is not None else default_atol, args.rtol if args.rtol is not None else default_rtol)
-    _say(
-        f"CPU verification: hidden {config.hidden}, {config.heads} heads x {config.head_dim}, "
-        f"{config.dtype}, sequence {sequence}, batch {args.batch_size}, {args.ranks} simulated ranks"
-    )
-    try:
-        report, worst_rank = verify_on_cpu(
-            config, ranks=args.ranks, sequence_length=sequence, batch_size=args.batch_size,
-            hints=hints, tolerance=tolerance, progress=not args.no_progress, save_dir=args.save_dir,
-        )
-    except (ValueError, ImportError, RuntimeError) as error:
-        _say(f"error: {error}")
-        return 2
-    _say(report.format(f"CPU: {args.ranks} simulated ranks vs single device (worst: rank {worst_rank})"))
-    _say("PASSED" if report.passed else "FAILED: the sharded model does not compute what the single-device model does")
-    return 0 if report.passed else 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

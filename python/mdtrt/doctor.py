@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from . import _core
@@ -17,29 +18,54 @@ def _version(code: int) -> str:
 
 
 def _nccl_report() -> dict:
-    from .nccl import nccl_library
+    """The same keys whether NCCL was found or not (None / [] where there is nothing to say)."""
+    from .nccl import loaded_copies, nccl_library, wheel_library_dirs
 
+    report = {"found": False, "path": None, "version": None, "found_by": None, "package": None, "attempts": [],
+              "error": None, "env_library": os.environ.get("MDTRT_NCCL_LIBRARY") or None,
+              "wheel_dirs": wheel_library_dirs(), "loaded_copies": []}
     try:
         lib = nccl_library()
     except MdtrtError as error:
-        return {"found": False, "error": str(error)}
-    return {
-        "found": True,
-        "path": lib.path,
-        "version": lib.version,
-        "found_by": lib.found_by,
-        "attempts": [a.__dict__ for a in lib.attempts],
-    }
+        report["error"] = str(error)
+    else:
+        report.update(found=True, path=lib.path, version=lib.version, found_by=lib.found_by, package=lib.package,
+                      attempts=[a.__dict__ for a in lib.attempts])
+    report["loaded_copies"] = loaded_copies()
+    return report
+
+
+def _nccl_advice(nccl: dict) -> str:
+    """Why NCCL is missing and what to do, fitted to what was tried."""
+    if nccl["env_library"]:
+        return (f"MDTRT_NCCL_LIBRARY={nccl['env_library']} could not be used: point it at a NCCL >= 2.19 "
+                "libnccl.so.2, or unset it to search the usual places")
+    if "already loaded in this process" in (nccl["error"] or ""):
+        return "two NCCL libraries would be in one process: " + nccl["error"].split(". ")[0]
+    if nccl["wheel_dirs"]:
+        return (f"the NCCL of the installed package in {nccl['wheel_dirs'][0]} could not be used (see the attempts "
+                "above): reinstall it (pip install --force-reinstall nvidia-nccl-cu13)")
+    return "NCCL was not found (pip install nvidia-nccl-cu13, or set MDTRT_NCCL_LIBRARY)"
+
+
+def _found_by_text(nccl: dict) -> str:
+    if nccl["found_by"] == "extra directory":
+        package = nccl["package"] or "NCCL"
+        return f"found in the {package} package's folder {os.path.dirname(nccl['path'])}"
+    return f"found by {nccl['found_by']}"
+
+
+_TENSORRT_KEYS = ("library_found", "path", "version", "found_by", "lean", "error", "attempts")
 
 
 def _tensorrt_report(build: dict) -> dict:
     report = {"compiled_in": build["tensorrt_backend"], "reason": build["tensorrt_reason"]}
+    report.update({key: [] if key == "attempts" else None for key in _TENSORRT_KEYS})
+    report["library_found"] = False
     if build["tensorrt_backend"]:
         from . import tensorrt as trt_backend
 
         report.update(trt_backend.library_report())
-    else:
-        report["library_found"] = False
     return report
 
 
@@ -73,7 +99,7 @@ def collect() -> dict:
     }
     reasons = []
     if not report["nccl"]["found"]:
-        reasons.append("NCCL was not found (pip install nvidia-nccl-cu13, or set MDTRT_NCCL_LIBRARY)")
+        reasons.append(_nccl_advice(report["nccl"]))
     if not gpus:
         reasons.append(f"no CUDA GPU is visible ({cuda['error'] or 'cudaGetDeviceCount returned 0'})")
     elif len(gpus) < 2:
@@ -102,10 +128,13 @@ def format_text(report: dict) -> str:
     nccl = report["nccl"]
     lines.append("")
     if nccl["found"]:
-        lines.append(f"NCCL       {nccl['version']} at {nccl['path']} (found by {nccl['found_by']})")
+        lines.append(f"NCCL       {nccl['version']} at {nccl['path']} ({_found_by_text(nccl)})")
     else:
         lines.append("NCCL       not found")
         lines.extend("           " + line for line in nccl["error"].splitlines())
+    for copy in nccl["loaded_copies"]:
+        if copy["path"] != nccl["path"]:
+            lines.append(f"           loaded in this process too: NCCL {copy['version']} at {copy['path']}")
     cuda = report["cuda"]
     lines.append(f"CUDA       driver {_version(cuda['driver_version'])}, runtime {_version(cuda['runtime_version'])}")
     if cuda["error"]:
@@ -128,7 +157,8 @@ def format_text(report: dict) -> str:
         if trt.get("library_found"):
             lines.append(f"           library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')})")
             if trt.get("lean"):
-                lines.append("           lean runtime: engines can be run, not built")
+                lines.append("           lean runtime: engines can be run, not built; it loads only plans built "
+                             "version_compatible=True (embedded lean runtime: allow_host_code=True)")
         else:
             lines.append(f"           library not found: {trt.get('error', '')}")
     else:

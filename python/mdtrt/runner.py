@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any, Mapping, Sequence
 
-from . import _core
+from . import _core, arguments
 from .arrays import describe
 from .device_group import DeviceGroup, PreparedCall
 from .errors import InvalidArgumentError
@@ -39,16 +40,34 @@ class EngineRunner:
 
     ``engine``: serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank;
     ``engines``: one per local rank instead (weight-sharded engines);
-    ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks).
+    ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks); an
+    engine program (``mdtrt.tensorrt.engine_program``) runs in one runner only, a second raises
+    :class:`mdtrt.InvalidArgumentError`.
     ``cuda_graph=True``: each rank captures the engine's enqueue into a CUDA graph the second time
     it runs on the same buffers and shapes, and replays it from then on (one launch instead of one
     per kernel, for small latency-bound engines); new buffers or shapes are run uncaptured once,
     then captured again. Pair it with ``prepare()`` or ``outputs=`` so the buffers stay the same.
+    Input shapes are set on TensorRT only when they change. When a capture fails on any rank, no
+    rank has launched anything yet: every rank runs that call without graphs, the runner stays
+    without them from then on, and one ``RuntimeWarning`` says why.
+    ``allow_host_code=True``: let TensorRT load plans carrying host code (version-compatible plans
+    that embed the lean runtime; ``IRuntime::setEngineHostCodeAllowed``). Off by default, as in
+    TensorRT: it runs code from the plan file.
+
+    The runner keeps what it runs on alive; once ``group.close()`` was called, every call raises
+    :class:`mdtrt.MdtrtError` ("the DeviceGroup was closed").
     """
+
+    _cuda_graph = False
+    _graph_warned = False
 
     def __init__(self, group: DeviceGroup, engine: Any = None, *, engines: Sequence[Any] | None = None,
                  program: Any = None, multi_device: bool = True, replication: str = "auto",
-                 sequential_bind: bool = False, cuda_graph: bool = False):
+                 sequential_bind: bool = False, cuda_graph: bool = False, allow_host_code: bool = False):
+        if not isinstance(group, DeviceGroup):
+            hint = (": the first argument is the DeviceGroup, the engine comes second, "
+                    "EngineRunner(group, engine)") if isinstance(group, (str, bytes, os.PathLike)) else ""
+            raise InvalidArgumentError(f"group must be a mdtrt.DeviceGroup, got {type(group).__name__}{hint}")
         self.group = group
         native_group = group._live()._native
         n = len(group)
@@ -56,21 +75,33 @@ class EngineRunner:
             raise InvalidArgumentError("give exactly one of engine=, engines= (one per rank) or program=")
         if replication not in REPLICATION_MODES:
             raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {replication!r}")
+        if program is not None and not isinstance(program, _core.RankProgram):
+            raise arguments.fail("program", "a native program (mdtrt._core.RankProgram)", program)
+        multi_device = arguments.flag(multi_device, "multi_device")
+        sequential_bind = arguments.flag(sequential_bind, "sequential_bind")
+        cuda_graph = arguments.flag(cuda_graph, "cuda_graph")
         self.replication = replication
         if program is None:
             from . import tensorrt
 
             if engines is not None:
+                if isinstance(engines, (str, bytes, os.PathLike)) or not isinstance(engines, Sequence):
+                    raise arguments.fail("engines", f"a list of {n} engines (one per local rank)", engines)
                 if len(engines) != n:
                     raise InvalidArgumentError(f"engines= needs one engine per local rank: got {len(engines)} for {n}")
                 blobs = [_engine_bytes(e) for e in engines]
             else:
                 blob = _engine_bytes(engine)
                 blobs = [blob] * n
-            program = tensorrt.engine_program(blobs, multi_device=multi_device)
+            program = tensorrt.engine_program(blobs, multi_device=multi_device, allow_host_code=allow_host_code)
+        self.program = program
         self._native = _core.ProgramRunner(native_group, [program] * n, sequential_bind)
-        self._native.cuda_graphs = bool(cuda_graph)
+        self._native.cuda_graphs = self._cuda_graph = bool(cuda_graph)
         self._inputs = [spec for spec in self._native.input_specs(0)]
+        # Output (name, dtype, shape) per rank by the inputs' dtypes and shapes, learnt from calls:
+        # torch callers' outputs then come from torch's caching allocator (see PreparedCall).
+        self._output_specs: dict = {}
+        self._devices = group.gpus
 
     @property
     def input_names(self) -> list[str]:
@@ -80,6 +111,17 @@ class EngineRunner:
     def graph_captures(self) -> list[int]:
         """Per local rank, how many CUDA graphs were captured so far (``cuda_graph=True``)."""
         return list(self._native.graph_captures)
+
+    @property
+    def graph_fallback(self) -> str:
+        """Why CUDA graphs were switched off ("" while they were not): see ``cuda_graph``."""
+        return self._native.graph_fallback
+
+    def _warn_graph_fallback(self) -> None:
+        if not self._graph_warned and self._native.graph_fallback:
+            self._graph_warned = True
+            warnings.warn(f"EngineRunner(cuda_graph=True): {self._native.graph_fallback}", RuntimeWarning,
+                          stacklevel=3)
 
     @property
     def last_replication(self) -> str:
@@ -100,12 +142,37 @@ class EngineRunner:
               outputs: Mapping[str, Sequence[Any]] | None = None):
         """Runs the engine once on every rank.
 
-        ``inputs``: a dict of input name to array, given to every rank (a host array is replicated
-        to every GPU; a device array is used in place on its own GPU and copied peer-to-peer to the
-        others), or a list with one such dict per local rank.
-        Returns the first local rank's outputs as a dict, or a list of dicts (one per local rank) with
-        ``all_ranks=True``. Numpy in, numpy out; device arrays in, device arrays out.
-        ``outputs``: output name to one preallocated device array per local rank, written in place.
+        Parameters
+        ----------
+        inputs : dict or list of dict
+            Input name to array, given to every rank (a host array is replicated to every GPU; a
+            device array is used in place on its own GPU and copied peer-to-peer to the others),
+            or one such dict per local rank. Arrays as in ``DeviceGroup.collective``; addresses
+            that are not 256-byte aligned (sliced views) are copied through an aligned buffer.
+        all_ranks : bool
+            Return every local rank's outputs, not only the first rank's.
+        poison_outputs : bool
+            Fill outputs with 0xFF bytes before the engine runs (tests).
+        replication : str, optional
+            auto, host, peer or broadcast: how a host input reaches every GPU (default: the runner's).
+        timeout : float, optional
+            Seconds for this call (default: the group's timeout).
+        outputs : dict, optional
+            Output name to one preallocated device array per local rank, written in place.
+
+        Returns
+        -------
+        dict or list of dict
+            Output name to array: numpy for numpy inputs, torch tensors for torch inputs, else
+            ``mdtrt.DeviceArray`` (pooled device memory, valid as long as it is held).
+
+        Raises
+        ------
+        InvalidArgumentError
+            Wrong argument types, unknown or missing input names, dtypes the engine does not take,
+            an ``outputs`` buffer of the wrong size or GPU: found before any rank enqueues.
+        TensorRTError, RankTimeoutError
+            The engine failed on a rank; a rank did not finish within the timeout.
         """
         return self.prepare(inputs, all_ranks=all_ranks, poison_outputs=poison_outputs, replication=replication,
                             timeout=timeout, outputs=outputs)()
@@ -117,10 +184,17 @@ class EngineRunner:
         callable runs the engine again on the same buffers (refill them in place between calls),
         for latency-bound loops. It returns what ``infer`` would."""
         n = len(self.group)
+        all_ranks = arguments.flag(all_ranks, "all_ranks")
+        poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
+        if timeout is not None:
+            timeout = arguments.seconds(timeout, "timeout")
         if isinstance(inputs, Mapping):
             refs = self._refs(inputs)
             per_rank = [refs] * n
         else:
+            if not isinstance(inputs, (list, tuple)) or not all(isinstance(d, Mapping) for d in inputs):
+                raise arguments.fail("inputs", "a dict of input name to array, or a list of such dicts (one per "
+                                     "local rank)", inputs)
             if len(inputs) != n:
                 raise InvalidArgumentError(f"a list of inputs needs one dict per local rank: got {len(inputs)} for {n}")
             per_rank = [self._refs(d) for d in inputs]
@@ -129,14 +203,25 @@ class EngineRunner:
             raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {mode!r}")
         out = None
         if outputs is not None:
+            if not isinstance(outputs, Mapping):
+                raise arguments.fail("outputs", "a dict of output name to a list of device arrays (one per local "
+                                     "rank)", outputs)
             out = [{} for _ in range(n)]
             for name, arrays in outputs.items():
-                if len(arrays) != n:
-                    raise InvalidArgumentError(f"outputs['{name}'] needs one array per local rank: got {len(arrays)} for {n}")
+                arrays = arguments.per_rank(arrays, f"outputs['{name}']", n, "array")
                 for i, a in enumerate(arrays):
                     out[i][name] = describe(a, f"output '{name}'")
         call = PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
-                            replication=mode, timeout=timeout, out=out)
+                            replication=mode, timeout=timeout, out=out, torch_devices=self._devices,
+                            spec_cache=self._output_specs)
+        if self._cuda_graph:
+            graphed = call
+
+            def call():
+                try:
+                    return graphed()
+                finally:
+                    self._warn_graph_fallback()
         if all_ranks:
             return call
         return lambda: call()[0]
@@ -144,8 +229,8 @@ class EngineRunner:
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
         """Milliseconds of each of ``iterations`` complete calls (inputs in, outputs back), after
         ``warmup`` untimed calls. A call returns only when every rank has finished."""
-        if iterations < 1:
-            raise InvalidArgumentError("iterations must be >= 1")
+        iterations = arguments.integer(iterations, "iterations", minimum=1)
+        warmup = arguments.integer(warmup, "warmup", minimum=0)
         for _ in range(warmup):
             self.infer(inputs, **kw)
         times = []

@@ -8,7 +8,9 @@ time, in this order, first success wins:
 3. the ``tensorrt_libs`` wheel's folder (``pip install 'mdtrt[tensorrt]'``)
 4. the lean runtime ``libnvinfer_lean.so.11`` through the loader, then in the
    ``tensorrt_lean_libs`` wheel's folder (``pip install 'mdtrt[lean]'``): it runs engines, it
-   cannot build them
+   cannot build them, and it loads only plans built version-compatible
+   (``version_compatible=True``); such a plan that embeds the lean runtime (the default; not with
+   ``exclude_lean_runtime=True``) also needs ``allow_host_code=True`` where it is loaded
 
 The ONNX parser (``libnvonnxparser.so.11``) is found the same way, with ``MDTRT_ONNXPARSER_LIBRARY``.
 TensorRT's own log goes to the ``mdtrt.tensorrt`` logger after each call.
@@ -115,6 +117,13 @@ def _tensorrt_call() -> Iterator[None]:
 
 
 _nccl_checked = False
+_lean_noted = False
+
+LEAN_RUNTIME_NOTE = (
+    "only the TensorRT lean runtime was found ({path}): it cannot build engines, and it loads only plans "
+    "built version-compatible (build_*_engine(..., version_compatible=True), BuilderFlag::kVERSION_COMPATIBLE) "
+    "by this or an older TensorRT 11; a version-compatible plan that embeds the lean runtime also needs "
+    "allow_host_code=True (IRuntime::setEngineHostCodeAllowed). Other plans are refused when loaded.")
 
 
 def _load_nccl_first() -> None:
@@ -143,7 +152,12 @@ def tensorrt_library() -> TensorRTLibrary:
     full, lean = wheel_library_dirs()
     with _tensorrt_call():
         info = _core.load_tensorrt(full, lean)
-    return _library_from(info)
+    lib = _library_from(info)
+    global _lean_noted
+    if lib.lean and not _lean_noted:
+        _lean_noted = True  # said once, up front, before any plan fails to load
+        log.warning(LEAN_RUNTIME_NOTE.format(path=lib.path))
+    return lib
 
 
 def _library_from(info: Mapping[str, Any]) -> TensorRTLibrary:
@@ -274,27 +288,84 @@ def _nonnegative(name: str, value: int | None) -> int:
     return int(value)
 
 
+def _device(device: int | None) -> int:
+    if device is None:
+        return -1
+    if isinstance(device, bool) or not hasattr(device, "__index__") or int(device) < 0:
+        raise InvalidArgumentError(f"device must be a GPU id >= 0 (or None for the current GPU), got {device!r}")
+    return int(device)
+
+
+def _lean_flags(version_compatible: bool, exclude_lean_runtime: bool) -> tuple[bool, bool]:
+    if exclude_lean_runtime and not version_compatible:
+        raise InvalidArgumentError("exclude_lean_runtime=True applies to version-compatible plans only (TensorRT "
+                                   "ignores it otherwise): pass version_compatible=True too")
+    return bool(version_compatible), bool(exclude_lean_runtime)
+
+
 def build_dist_collective_engine(op: str, *, reduce: str = "sum", root: int = 0, groups: Sequence[int] | None = None,
                                  nb_ranks: int, dtype: str = "float32", shape: Sequence[int], transpose: bool = False,
                                  progress: bool | ProgressCallback = True, timing_cache: str | os.PathLike | None = None,
-                                 workspace: int | None = None) -> bytes:
+                                 workspace: int | None = None, device: int | None = None,
+                                 version_compatible: bool = False, exclude_lean_runtime: bool = False) -> bytes:
     """Build an engine whose network is one DistCollective layer: input "input" (``dtype``,
     ``shape``) -> ``op`` over ``nb_ranks`` ranks -> output "output".
 
-    ``op``: all_reduce, all_gather, broadcast, reduce, reduce_scatter, all_to_all, gather, scatter;
-    ``reduce`` (for the reducing ops): sum, prod, max, min, avg; ``root``: a world rank (ops with a
-    root); ``groups``: the ordered world ranks taking part (None: all). ``transpose=True`` wraps the
-    layer in transposes of a 2-D input, as NVIDIA's sampleDistCollective does, so the collective
-    splits and joins along the second dimension. ``progress``: True for a progress bar, False, or
-    ``callable(event, phase, parent, step, nb_steps)`` (return False to cancel).
-    ``timing_cache``: a file read before and written after the build.
+    Parameters
+    ----------
+    op : str
+        all_reduce, all_gather, broadcast, reduce, reduce_scatter, all_to_all, gather, scatter.
+    reduce : str
+        For the reducing ops: sum, prod, max, min, avg.
+    root : int
+        A world rank (ops with a root).
+    groups : sequence of int, optional
+        The ordered world ranks taking part (None: all). The layer's rank count (``setNbRanks``) is
+        ``nb_ranks``, except for a grouped all_gather or reduce_scatter, where it is the group's
+        size: TensorRT documents that it sets those two ops' output shape (first dimension times,
+        resp. divided by, the rank count). The built network's output shape is checked against
+        :func:`mdtrt.reference` 's and a difference is refused with both shapes.
+    transpose : bool
+        Wrap the layer in transposes of a 2-D input, as NVIDIA's sampleDistCollective does, so the
+        collective splits and joins along the second dimension.
+    progress : bool or callable
+        True for a progress bar, False, or ``callable(event, phase, parent, step, nb_steps)``
+        (return False to cancel).
+    timing_cache : path, optional
+        A file read before and written after the build (written through a temporary file unique to
+        this process, then renamed).
+    device : int, optional
+        The GPU to build on (made current for the build; TensorRT tunes for the current GPU). None:
+        the current GPU. Under a launcher, pass this rank's GPU (``group.gpus[0]``).
+    version_compatible : bool
+        ``BuilderFlag::kVERSION_COMPATIBLE``: a plan the lean runtime (and later TensorRT 11
+        releases) can load.
+    exclude_lean_runtime : bool
+        ``BuilderFlag::kEXCLUDE_LEAN_RUNTIME``: leave the lean runtime out of a version-compatible
+        plan (for one shipped beside it). Needs ``version_compatible=True``.
+
+    Returns
+    -------
+    bytes
+        The serialized plan.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Bad arguments (before TensorRT is needed), or a ``device`` this machine does not have.
+    LibraryNotFoundError
+        No TensorRT, or only the lean runtime.
+    TensorRTError
+        TensorRT refused the network or the build, with TensorRT's message.
     """
+    device = _device(device)
+    flags = _lean_flags(version_compatible, exclude_lean_runtime)
     _builder_library()
     with _progress(progress) as callback, _tensorrt_call():
         return _core.tensorrt_build_dist_collective(
             op, reduce, int(root), [int(g) for g in (groups or [])], int(nb_ranks), dtype, [int(d) for d in shape],
             bool(transpose), callback, _nonnegative("workspace", workspace),
-            os.fspath(timing_cache) if timing_cache else "")
+            os.fspath(timing_cache) if timing_cache else "", device, *flags)
 
 
 def _onnx_model(model: Any) -> tuple[bytes, str]:
@@ -337,15 +408,21 @@ def _profile(name: str, value: Any) -> tuple[list[int], list[int], list[int]]:
 
 def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = None,
                            progress: bool | ProgressCallback = True, timing_cache: str | os.PathLike | None = None,
-                           workspace: int | None = None, fp16: bool | None = None, bf16: bool | None = None) -> bytes:
+                           workspace: int | None = None, fp16: bool | None = None, bf16: bool | None = None,
+                           device: int | None = None, version_compatible: bool = False,
+                           exclude_lean_runtime: bool = False) -> bytes:
     """Build a serialized engine from an ONNX model (a path, bytes or an ``onnx.ModelProto``) with
     TensorRT's ONNX parser; parser errors are listed, with node names, in the exception.
 
     ``profiles``: ``{input: (min, opt, max)}`` (or one shape) for every input with dynamic
     dimensions. ``workspace``: limit of TensorRT's workspace pool in bytes. ``fp16``/``bf16`` are
     accepted for older callers and change nothing: TensorRT 11 networks are strongly typed, so the
-    engine computes in the model's own types.
+    engine computes in the model's own types. ``device``, ``version_compatible``,
+    ``exclude_lean_runtime``, ``timing_cache`` and ``progress``: as for
+    :func:`build_dist_collective_engine`.
     """
+    device = _device(device)
+    flags = _lean_flags(version_compatible, exclude_lean_runtime)
     if fp16 or bf16:
         log.info("fp16/bf16 have no effect: TensorRT 11 networks are strongly typed, the model's types decide")
     data, path = _onnx_model(model)
@@ -354,13 +431,20 @@ def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = N
     _builder_library()
     with _progress(progress) as callback, _tensorrt_call():
         return _core.tensorrt_build_from_onnx(data, path, shapes, callback, _nonnegative("workspace", workspace),
-                                              os.fspath(timing_cache) if timing_cache else "", full)
+                                              os.fspath(timing_cache) if timing_cache else "", full, device, *flags)
 
 
-def engine_program(engines: Sequence[Any], multi_device: bool = True):
+def engine_program(engines: Sequence[Any], multi_device: bool = True, allow_host_code: bool = False):
     """The native program running ``engines[i]`` on local rank i (the same bytes object for a shared
     engine: it is kept once). ``multi_device=False`` runs a single-device engine without a
-    communicator; a multi-device engine whose ``setCommunicator`` TensorRT refuses raises when bound."""
+    communicator; a multi-device engine whose ``setCommunicator`` TensorRT refuses raises when bound.
+    ``allow_host_code=True`` lets TensorRT load plans that carry host code
+    (``IRuntime::setEngineHostCodeAllowed``: version-compatible plans that embed the lean runtime);
+    off by default, as in TensorRT, since it runs code from the plan.
+
+    A program is bound once, by one runner on one group: its TensorRT contexts are attached to that
+    group's communicator, and keep it alive until they are gone. A second runner raises
+    :class:`mdtrt.InvalidArgumentError`: make one program per runner."""
     tensorrt_library()
     blobs = []
     for e in engines:
@@ -371,19 +455,20 @@ def engine_program(engines: Sequence[Any], multi_device: bool = True):
                 raise InvalidArgumentError(f"an engine of type {type(e).__name__} is not a buffer") from None
         blobs.append(e)
     with _tensorrt_call():
-        return _core.EngineProgram(blobs, multi_device=multi_device)
+        return _core.EngineProgram(blobs, multi_device=multi_device, allow_host_code=bool(allow_host_code))
 
 
-def check_engine(engine: Any, device: int = 0) -> list[dict]:
+def check_engine(engine: Any, device: int = 0, allow_host_code: bool = False) -> list[dict]:
     """Deserialize a plan (bytes, a buffer or a file path) on GPU ``device``, without a DeviceGroup,
     and list its IO tensors (name, is_input, dtype, shape, profile_min, profile_max). Raises
-    :class:`mdtrt.TensorRTError` with TensorRT's message when the plan does not load here."""
+    :class:`mdtrt.TensorRTError` with TensorRT's message when the plan does not load here.
+    ``allow_host_code``: as for :func:`engine_program`."""
     if isinstance(engine, (str, os.PathLike)):
         with open(os.fspath(engine), "rb") as f:
             engine = f.read()
     tensorrt_library()
     with _tensorrt_call():
-        return [dict(t) for t in _core.tensorrt_inspect_engine(engine, int(device))]
+        return [dict(t) for t in _core.tensorrt_inspect_engine(engine, int(device), bool(allow_host_code))]
 
 
 __all__ = [

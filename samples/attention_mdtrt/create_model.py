@@ -3,9 +3,11 @@
 
     python create_model.py --output-dir . --ranks 2            # the sample's sizes
     python create_model.py --hidden 256 --heads 4 --head-dim 64 --dtype float32
+    python create_model.py --ranks 4 --strategy ulysses
 
-The sharded model is what ``polygraphy multi-device shard attention_sd.onnx -s hint.json
--o attention_md.onnx`` writes, with the outputs' original names restored and nodes sorted.
+For allgather_kv the sharded model is what ``polygraphy multi-device shard attention_sd.onnx -s
+hint.json -o attention_md.onnx`` writes, with the outputs' original names restored and nodes
+sorted; ulysses and ring are mdtrt's rewrites (``mdtrt.context_parallel``).
 """
 
 import argparse
@@ -15,7 +17,8 @@ import sys
 import onnx
 
 import mdtrt.attention as attention
-from mdtrt.sharding import shard
+from mdtrt import MdtrtError
+from mdtrt.sharding import STRATEGIES, shard
 
 
 def main(argv=None) -> int:
@@ -23,7 +26,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=".")
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--hint", default=os.path.join(here, "hint.json"))
+    parser.add_argument("--hint", default=None, help=f"sharding hints (default: {os.path.join(here, 'hint.json')} "
+                        "for --ranks ranks)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: allgather_kv")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -33,7 +38,12 @@ def main(argv=None) -> int:
 
     config = attention.AttentionConfig(args.hidden, args.heads, args.head_dim, args.dtype, args.seed)
     single = attention.create_attention_model(config)
-    multi = shard(single, args.hint, args.ranks)
+    hints = args.hint if args.hint else attention.default_hints(args.ranks)
+    try:
+        multi = shard(single, hints, args.ranks, strategy=args.strategy)
+    except MdtrtError as error:
+        print(f"error: {error}")
+        return 2
     os.makedirs(args.output_dir, exist_ok=True)
     for name, model in (("attention_sd.onnx", single), ("attention_md.onnx", multi)):
         path = os.path.join(args.output_dir, name)

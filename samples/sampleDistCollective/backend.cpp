@@ -17,13 +17,25 @@ bool trt_backend_compiled() {
 Backend choose_backend(BackendChoice choice, std::string* note) {
   if (choice == BackendChoice::kNccl) return Backend::kNccl;
 #ifdef MDTRT_HAVE_TENSORRT
-  std::string why_not;
-  if (trt_library_loads(&why_not)) return Backend::kTrt;
+  const TrtAvailability trt = trt_availability();
+  if (trt.loads && !trt.lean) return Backend::kTrt;
+  if (trt.loads) {
+    // The sample builds its engines, and the lean runtime has no builder.
+    const std::string why = "only the TensorRT lean runtime was found (" + trt.path +
+                            "): it runs engines but cannot build the sample's";
+    if (choice == BackendChoice::kTrt)
+      throw mdtrt::Error(mdtrt::ErrorKind::kLibraryNotFound,
+                         "--backend trt: " + why +
+                             " (install the full TensorRT 11, e.g. pip install 'mdtrt[tensorrt]', set "
+                             "MDTRT_TENSORRT_LIBRARY to a full libnvinfer.so.11, or use --backend nccl)");
+    if (note) *note = why + "; using --backend nccl";
+    return Backend::kNccl;
+  }
   if (choice == BackendChoice::kTrt)
     throw mdtrt::Error(mdtrt::ErrorKind::kLibraryNotFound,
-                       "--backend trt: TensorRT could not be loaded: " + why_not +
+                       "--backend trt: TensorRT could not be loaded: " + trt.why_not +
                            " (install TensorRT 11, e.g. pip install 'mdtrt[tensorrt]', or use --backend nccl)");
-  if (note) *note = "TensorRT is not loadable (" + why_not + "); using --backend nccl";
+  if (note) *note = "TensorRT is not loadable (" + trt.why_not + "); using --backend nccl";
   return Backend::kNccl;
 #else
   if (choice == BackendChoice::kTrt)
@@ -34,17 +46,27 @@ Backend choose_backend(BackendChoice choice, std::string* note) {
 #endif
 }
 
+std::vector<std::pair<char, std::string>> drain_tensorrt_log() {
+#ifdef MDTRT_HAVE_TENSORRT
+  return drain_trt_log();
+#else
+  return {};
+#endif
+}
+
 bool host_transposes(Backend backend) { return backend == Backend::kNccl; }
 
 std::vector<std::shared_ptr<mdtrt::RankProgram>> make_programs(Backend backend, const mdtrt::CollectiveSpec& spec,
                                                               mdtrt::DType dtype, int64_t rows, int64_t cols,
-                                                              int world_size, int num_local_ranks) {
+                                                              int world_size, int num_local_ranks,
+                                                              const EngineSource& source) {
   if (backend == Backend::kTrt) {
 #ifdef MDTRT_HAVE_TENSORRT
-    return make_trt_programs(spec, dtype, rows, cols, world_size, num_local_ranks);
+    return make_trt_programs(spec, dtype, rows, cols, world_size, num_local_ranks, source);
 #else
     (void)rows;
     (void)cols;
+    (void)source;
     throw UsageError("--backend trt: this build has no TensorRT backend");
 #endif
   }

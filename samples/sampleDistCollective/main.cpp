@@ -3,9 +3,11 @@
 // every rank, checks each rank's output against a host reference, and optionally times it.
 #include <glob.h>
 #include <limits.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cstdio>
 #include <cstdlib>
@@ -16,12 +18,14 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <cuda.h>
 
 #include "backend.h"
 #include "common/error.h"
+#include "common/interrupt.h"
 #include "host_reference.h"
 #include "nccl/communicator.h"
 #include "nccl/nccl_library.h"
@@ -47,6 +51,20 @@ void log_line(const char* level, const std::string& text) {
 }
 void info(const std::string& text) { log_line("I", text); }
 void error(const std::string& text) { log_line("E", text); }
+
+// TensorRT's own log (errors, warnings, info), as NVIDIA's sample prints it: after each step, and
+// before an error is reported, so that TensorRT's reason precedes mdtrt's message.
+void print_tensorrt_log() {
+  for (const auto& [level, text] : drain_tensorrt_log()) {
+    const char tag[2] = {level, '\0'};
+    log_line(tag, "[TRT] " + text);
+  }
+}
+
+// Under a launcher every rank runs the plan rank 0 built; it waits this long for it at most (a
+// build takes longer than a collective step, so --timeout alone would be too short). The bind's own
+// deadline (--timeout) starts once the plan is here.
+constexpr double kPlanWaitSeconds = 900;
 
 std::string upper(std::string s) {
   for (char& c : s) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
@@ -267,7 +285,12 @@ std::string summary_table(const Options& o, Backend backend, const std::vector<i
 }
 
 int run(Options& o) {
-  // GPUs first: on a machine without them that is the message that helps, not a missing NCCL.
+  // The backend first (it needs no GPU), so that why it was chosen is said on any machine.
+  std::string note;
+  const Backend backend = choose_backend(o.backend, &note);
+  if (!note.empty()) info(note);
+
+  // Then GPUs: on a machine without them that is the message that helps, not a missing NCCL.
   const int visible = mdtrt::visible_gpu_count();
   const int wanted = o.world_size > 0 ? (o.launch == LaunchStyle::kThreadPerGpu ? o.world_size : 1) : 2;
   if (visible == 0)
@@ -304,23 +327,27 @@ int run(Options& o) {
   }
   mdtrt::validate_devices(devices);
 
-  std::string note;
-  const Backend backend = choose_backend(o.backend, &note);
-  if (!note.empty()) info(note);
-
   const auto& nccl = mdtrt::nccl::load_library(nccl_wheel_dirs());
   info("NCCL " + mdtrt::nccl::version_string(nccl.version) + " from " + nccl.path + " (found by " + nccl.found_by +
        ")");
 
   std::shared_ptr<mdtrt::DeviceGroup> group;
+  mdtrt::nccl::UniqueId id{};
   if (o.launch == LaunchStyle::kThreadPerGpu) {
     group = mdtrt::DeviceGroup::create_local(devices, o.timeout_seconds);
   } else {
-    const auto id = mdtrt::exchange_unique_id_via_file(o.nccl_id_file, o.my_rank,
-                                                       mdtrt::Deadline::after_seconds(o.timeout_seconds));
+    id = mdtrt::exchange_unique_id_via_file(o.nccl_id_file, o.my_rank, mdtrt::Deadline::after_seconds(o.timeout_seconds));
     if (o.my_rank == 0) info("Rank 0 - Generated NCCL ID and wrote to file: " + o.nccl_id_file);
     else info("Rank " + std::to_string(o.my_rank) + " - Read NCCL ID from file: " + o.nccl_id_file);
-    group = mdtrt::DeviceGroup::create_member(devices, ranks, o.world_size, id, o.timeout_seconds);
+    try {
+      group = mdtrt::DeviceGroup::create_member(devices, ranks, o.world_size, id, o.timeout_seconds);
+    } catch (...) {
+      // A failed rank 0 leaves no id behind for the next run to trip over.
+      if (o.my_rank == 0) mdtrt::remove_unique_id_file(o.nccl_id_file, id);
+      throw;
+    }
+    // Every rank joined the communicator, so every rank has read the id: the file has done its job.
+    if (o.my_rank == 0) mdtrt::remove_unique_id_file(o.nccl_id_file, id);
   }
   const int n_local = group->num_local_ranks();
   {
@@ -363,12 +390,44 @@ int run(Options& o) {
       args[i] = {mdtrt::InputArg{local_inputs[i].data(), -1, o.dtype, input_shape}};
     }
 
-    mdtrt::ProgramRunner runner(group, make_programs(backend, spec, o.dtype, o.rows, o.cols, o.world_size, n_local));
+    // The engine is built on this process's GPU; under a launcher rank 0 alone builds it and the
+    // other ranks read it from a file beside the id file, tagged with this run's NCCL id.
+    EngineSource source;
+    source.build_device = devices[0];
+    const std::string plan_file = o.nccl_id_file + "." + mdtrt::collective_op_name(op) + ".plan";
+    if (o.launch == LaunchStyle::kProcessPerRank) {
+      source.builds = o.my_rank == 0;
+      source.share = [&](const std::vector<uint8_t>* built) -> std::vector<uint8_t> {
+        if (built != nullptr) {
+          mdtrt::publish_shared_bytes(plan_file, id, *built);
+          info("Rank 0 - built the " + op_upper + " engine and shared it in " + plan_file);
+          return *built;
+        }
+        info("Rank " + std::to_string(o.my_rank) + " - waiting for rank 0's " + op_upper + " engine in " + plan_file);
+        const auto deadline = mdtrt::Deadline::after_seconds(std::max(kPlanWaitSeconds, o.timeout_seconds));
+        for (;;) {
+          if (auto plan = mdtrt::try_read_shared_bytes(plan_file, id)) return std::move(*plan);
+          if (deadline.passed())
+            throw mdtrt::Error(mdtrt::ErrorKind::kTimeout,
+                               "rank 0 did not share the " + op_upper + " engine in " + plan_file + " within " +
+                                   std::to_string(static_cast<int>(std::max(kPlanWaitSeconds, o.timeout_seconds))) +
+                                   " s (did it fail to build? see its output)",
+                               o.my_rank, "read engine plan");
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        }
+      };
+    }
+    auto programs = make_programs(backend, spec, o.dtype, o.rows, o.cols, o.world_size, n_local, source);
+    print_tensorrt_log();
+    mdtrt::ProgramRunner runner(group, programs);
+    // The bind is collective: once it returned here, every rank has read the shared plan.
+    if (source.share && o.my_rank == 0) std::remove(plan_file.c_str());
     mdtrt::InferOptions infer;
     infer.poison_outputs = true;  // an output NCCL never wrote must not pass by luck
     for (int i = 0; i < n_local; ++i) infer.fetch_ranks.push_back(i);
     infer.timeout_seconds = o.timeout_seconds;
     std::vector<mdtrt::RankResult> results = runner.infer(args, infer);
+    print_tensorrt_log();
 
     OpSummary summary;
     summary.op = op;
@@ -462,6 +521,20 @@ std::map<std::string, std::string> launcher_env() {
   return env;
 }
 
+// Ctrl-C / kill: the handler only records the signal; every wait of the core polls it (through
+// mdtrt::set_interrupt_check), aborts what it waited for and throws kInterrupted.
+std::atomic<int> g_signal{0};
+
+extern "C" void on_stop_signal(int signal_number) { g_signal.store(signal_number); }
+
+void handle_stop_signals() {
+  struct sigaction action {};
+  action.sa_handler = on_stop_signal;
+  sigemptyset(&action.sa_mask);
+  for (int s : {SIGINT, SIGTERM}) sigaction(s, &action, nullptr);
+  mdtrt::set_interrupt_check([] { return g_signal.load() != 0; });
+}
+
 }  // namespace
 }  // namespace sample_dc
 
@@ -469,6 +542,7 @@ int main(int argc, char** argv) {
   using namespace sample_dc;
   // NVLink multicast can take shared GPUs out of service; keep it off unless the user decided.
   ::setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+  handle_stop_signals();
 
   const std::string program = argc > 0 ? argv[0] : "sample_dist_collective";
   Options options;
@@ -491,13 +565,21 @@ int main(int argc, char** argv) {
   try {
     return run(options);
   } catch (const UsageError& e) {
+    print_tensorrt_log();
     error(who + e.what());
     error("run " + program + " --help for every option and both launch styles");
     return kExitUsage;
   } catch (const mdtrt::Error& e) {
+    print_tensorrt_log();
+    if (e.kind() == mdtrt::ErrorKind::kInterrupted || g_signal.load() != 0) {
+      const int s = g_signal.load() != 0 ? g_signal.load() : SIGINT;
+      error(who + "stopped by " + (s == SIGTERM ? "SIGTERM" : "SIGINT") + ": " + e.what());
+      return 128 + s;  // the shell's convention for a process ended by a signal
+    }
     error(who + e.what());
     return kExitSetup;
   } catch (const std::exception& e) {
+    print_tensorrt_log();
     error(who + "unexpected error: " + e.what());
     return kExitSetup;
   }

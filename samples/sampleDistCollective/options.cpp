@@ -351,8 +351,8 @@ std::string help_text(const std::string& program) {
     << "       TRT_MY_RANK       this process's rank, 0..TRT_WORLD_SIZE-1\n"
     << "       TRT_WORLD_SIZE    number of processes (at least 2)\n"
     << "       TRT_NCCL_ID_FILE  a file every rank can read: rank 0 writes the NCCL id there, the others\n"
-    << "                         wait for it. It must be empty or absent at start; rank 0 refuses a file\n"
-    << "                         with content (stale from an earlier run): rm -f it before each run.\n"
+    << "                         wait for this run's id: a file left by an earlier run is replaced by\n"
+    << "                         rank 0 and never read by the others; rank 0 removes it once all joined.\n"
     << "     SLURM:\n"
     << "       srun --ntasks=2 bash -lc 'export TRT_MY_RANK=$SLURM_PROCID; \\\n"
     << "           export TRT_WORLD_SIZE=$SLURM_NTASKS; \\\n"
@@ -375,7 +375,8 @@ std::string help_text(const std::string& program) {
     << "\n"
     << "Output: '[I] Rank 0 - ALL_REDUCE PASSED' per rank and op, then a summary table.\n"
     << "Exit status: 0 all passed; 1 an output did not match; 2 bad arguments or launcher variables;\n"
-    << "3 the machine could not run it (no GPU, NCCL or TensorRT missing, a deadline passed).\n";
+    << "3 the machine could not run it (no GPU, NCCL or TensorRT missing, a deadline passed);\n"
+    << "130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM: every wait gives up within 0.1 s.\n";
   return h.str();
 }
 

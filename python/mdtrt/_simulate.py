@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -22,13 +23,20 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from .errors import InvalidArgumentError, MdtrtError
+from .onnx_graph import load_model, node_inputs, save_model, too_large_to_serialize, toposort_nodes
 from .reference import collective
-from .sharding import toposort_nodes
 
 __all__ = ["simulate", "run_on_cpu", "compare_outputs", "ComparisonReport", "OutputComparison"]
 
 DIST_COLLECTIVE = "DistCollective"
-_BACKENDS = ("onnxruntime", "reference")
+_BACKENDS = ("auto", "onnxruntime", "reference")
+# Element types ONNX Runtime's CPU kernels mostly lack (and whose numpy arrays, from ml_dtypes, it
+# cannot take as feeds): "auto" runs segments that touch them with onnx's reference evaluator.
+_REFERENCE_ONLY_TYPES = {
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+}
 
 
 def _attribute(node: onnx.NodeProto, name: str, default=None):
@@ -53,9 +61,9 @@ class _Collective:
         name = node.name or node.output[0]
         operation = _attribute(node, "collective_operation")
         if operation is None:
-            raise ValueError(f"DistCollective node {name!r} has no collective_operation attribute")
+            raise InvalidArgumentError(f"DistCollective node {name!r} has no collective_operation attribute")
         if len(node.input) != 1 or len(node.output) != 1:
-            raise ValueError(f"DistCollective node {name!r} must have one input and one output")
+            raise InvalidArgumentError(f"DistCollective node {name!r} must have one input and one output")
         return cls(
             node=node,
             operation=str(operation).lower(),
@@ -72,7 +80,7 @@ class _Collective:
                 self.operation, rank_inputs, reduce=self.reduce, root=self.root, groups=self.groups or None
             )
         except ValueError as error:
-            raise ValueError(f"DistCollective node {name!r} ({self.operation}): {error}") from None
+            raise InvalidArgumentError(f"DistCollective node {name!r} ({self.operation}): {error}") from None
         # Ranks that get no defined output (non-root ranks of reduce/gather, ranks outside the
         # group) see NaN in floats and zeros in integers, so that using it shows up downstream.
         defined = next(o for o in outputs if o is not None)
@@ -90,16 +98,6 @@ class _Segment:
     runner: object = None
 
 
-def _load(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    if isinstance(model, (str, os.PathLike)):
-        if not os.path.isfile(model):
-            raise FileNotFoundError(f"ONNX model {model} does not exist")
-        return onnx.load(str(model))
-    raise TypeError(f"model must be an onnx.ModelProto or a path, got {type(model).__name__}")
-
-
 class _Plan:
     """The segments and collectives of a model, in execution order."""
 
@@ -111,6 +109,10 @@ class _Plan:
         self.initializers = {init.name: init for init in graph.initializer}
         self.input_names = [v.name for v in graph.input if v.name not in self.initializers]
         self.input_types = {v.name: v.type.tensor_type.elem_type for v in graph.input}
+        self.input_shapes = {
+            v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in v.type.tensor_type.shape.dim]
+            for v in graph.input if v.type.tensor_type.HasField("shape")
+        }
         self.output_names = [v.name for v in graph.output]
 
         stage_of: dict[str, int] = {name: 0 for name in self.input_names}
@@ -118,7 +120,8 @@ class _Plan:
         segments: dict[int, list[onnx.NodeProto]] = {}
         self.collectives: dict[int, list[_Collective]] = {}
         for node in graph.node:
-            stage = max((stage_of.get(name, 0) for name in node.input if name), default=0)
+            # A subgraph's reads of this graph (If branches, Loop bodies) are inputs of its node.
+            stage = max((stage_of.get(name, 0) for name in node_inputs(node)), default=0)
             if node.op_type == DIST_COLLECTIVE:
                 self.collectives.setdefault(stage, []).append(_Collective.from_node(node))
                 stage_of[node.output[0]] = stage + 1
@@ -133,7 +136,7 @@ class _Plan:
         last_read: dict[str, int] = {name: 2 * self.stages for name in self.output_names}
         for stage, nodes in segments.items():
             for node in nodes:
-                for name in node.input:
+                for name in node_inputs(node):
                     last_read[name] = max(last_read.get(name, -1), 2 * stage)
         for stage, collectives in self.collectives.items():
             for item in collectives:
@@ -149,8 +152,8 @@ class _Plan:
             produced = {name for node in nodes for name in node.output if name}
             inputs, initializers, seen = [], [], set()
             for node in nodes:
-                for name in node.input:
-                    if not name or name in produced or name in seen:
+                for name in node_inputs(node):
+                    if name in produced or name in seen:
                         continue
                     seen.add(name)
                     if name in self.initializers:
@@ -168,7 +171,7 @@ class _Plan:
         for collectives in self.collectives.values():
             for item in collectives:
                 if item.nb_rank and item.nb_rank != ranks:
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"the model was sharded for {item.nb_rank} ranks (DistCollective "
                         f"{item.node.name!r} has nb_rank={item.nb_rank}) but {ranks} were asked for; "
                         "shard it again for this number of ranks"
@@ -193,12 +196,12 @@ class _Plan:
         # onnxruntime reads IR versions up to its own; 8 covers opset <= 17, 10 up to opset 22.
         opset = max((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), default=17)
         model.ir_version = min(self.model.ir_version or 8, 8 if opset <= 17 else 10)
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(_without_large_weights(model))
         types = {v.name: v.type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
         for output in model.graph.output:
             inferred_type = types.get(output.name)
             if inferred_type is None or not inferred_type.tensor_type.elem_type:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"cannot infer the type of tensor {output.name!r} in segment {segment.stage}; "
                     "run onnx shape inference on the model or give it value_info"
                 )
@@ -206,44 +209,126 @@ class _Plan:
         return model
 
 
-def _make_runner(model: onnx.ModelProto, backend: str, threads: int | None):
-    if backend == "reference":
-        from onnx.reference import ReferenceEvaluator
+def _without_large_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` for shape inference, which serializes it: past protobuf's limit, large
+    initializers are replaced by external-data stubs of the same type and shape (shape inference
+    only reads the values of small ones, such as Reshape's target shape)."""
+    if not too_large_to_serialize(model):
+        return model
+    light = onnx.ModelProto()
+    light.CopyFrom(model)  # the caller's copy keeps its weights (segments are small next to weights)
+    for init in light.graph.initializer:
+        if init.ByteSize() > 1024:
+            stub = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="not-read-by-shape-inference")
+            init.CopyFrom(stub)
+    return light
 
-        evaluator = ReferenceEvaluator(model)
-        return lambda feeds: evaluator.run(None, feeds)
+
+def _element_types(model: onnx.ModelProto) -> set[int]:
+    types = {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    return types | {init.data_type for init in model.graph.initializer}
+
+
+def _reference_runner(model: onnx.ModelProto):
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(model)
+    return lambda feeds: evaluator.run(None, feeds)
+
+
+def _make_runner(model: onnx.ModelProto, backend: str, threads: int | None, what: str):
+    if backend == "reference" or backend == "auto" and _element_types(model) & _REFERENCE_ONLY_TYPES:
+        return _reference_runner(model)
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # errors only: the segments are legitimate, warnings are noise
+    # onnxruntime 1.32's layout optimizations (ORT_ENABLE_ALL, its default) crash session creation
+    # (segmentation fault) on float16 segments that start with a Transpose feeding MatMuls, as the
+    # sequence-sharded batch-first attention has; they bring nothing to a CPU check.
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     if threads:
         options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    workdir = None
+    if too_large_to_serialize(model):
+        # Past protobuf's 2 GiB limit ONNX Runtime reads the segment from a file whose weights sit
+        # in a data file beside it.
+        workdir = tempfile.TemporaryDirectory(prefix="mdtrt-segment-")
+        source = os.path.join(workdir.name, "segment.onnx")
+        save_model(model, source)
+    else:
+        source = model.SerializeToString()
+    try:
+        session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as error:
+        if "NOT_IMPLEMENTED" not in str(error):
+            raise
+        if backend == "auto":  # a type or operator ONNX Runtime has no CPU kernel for
+            return _reference_runner(model)
+        raise InvalidArgumentError(
+            f"ONNX Runtime cannot run {what}: {error}. Use backend='reference' (onnx's reference evaluator, "
+            "slower, covers every type), or backend='auto', which picks it where ONNX Runtime has no kernel"
+        ) from None
+    if workdir is not None:
+        session._mdtrt_workdir = workdir  # the data file lives as long as the session
     return lambda feeds: session.run(None, feeds)
+
+
+def _as_array(name: str, value) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except (TypeError, RuntimeError) as error:  # e.g. torch refuses to hand bfloat16 to numpy
+        raise InvalidArgumentError(
+            f"inputs[{name!r}]: cannot be turned into a numpy array ({error}); pass numpy arrays, for "
+            "bfloat16 ones of ml_dtypes.bfloat16 (from torch: t.view(torch.int16).numpy().view(ml_dtypes.bfloat16))"
+        ) from None
 
 
 def _check_inputs(plan: _Plan, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping):
-        raise TypeError(f"inputs must be a dict of input name to numpy array, got {type(inputs).__name__}")
+        raise InvalidArgumentError(
+            f"inputs must be a dict of input name to numpy array, got {type(inputs).__name__}")
     missing = [name for name in plan.input_names if name not in inputs]
     unknown = [name for name in inputs if name not in plan.input_names]
     if missing or unknown:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"inputs must name exactly the model inputs {plan.input_names}; "
             f"missing {missing}, unknown {unknown}"
         )
     checked = {}
+    symbols: dict[str, tuple[int, str]] = {}
     for name in plan.input_names:
-        value = np.asarray(inputs[name])
+        value = _as_array(name, inputs[name])
         expected = plan.input_types.get(name)
         if expected:
             want = helper.tensor_dtype_to_np_dtype(expected)
             if value.dtype != want:
-                raise ValueError(f"input {name!r} must be {want}, got {value.dtype}")
+                raise InvalidArgumentError(f"inputs[{name!r}] must be {want}, got {value.dtype}")
+        declared = plan.input_shapes.get(name)
+        if declared is not None:
+            if len(declared) != value.ndim:
+                raise InvalidArgumentError(
+                    f"inputs[{name!r}] has shape {value.shape} but the model declares {_shape_text(declared)} "
+                    f"({len(declared)} dimensions)")
+            for axis, (want_dim, got) in enumerate(zip(declared, value.shape)):
+                if isinstance(want_dim, int) and want_dim > 0 and want_dim != got:
+                    raise InvalidArgumentError(
+                        f"inputs[{name!r}] has shape {value.shape} but the model declares "
+                        f"{_shape_text(declared)}: dimension {axis} must be {want_dim}")
+                if isinstance(want_dim, str):
+                    first = symbols.setdefault(want_dim, (got, f"{name}[{axis}]"))
+                    if first[0] != got:
+                        raise InvalidArgumentError(
+                            f"inputs[{name!r}] dimension {axis} ({want_dim!r}) is {got} but {first[1]}, the same "
+                            f"symbolic dimension, is {first[0]}")
         checked[name] = value
     return checked
+
+
+def _shape_text(dims) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def simulate(
@@ -251,31 +336,54 @@ def simulate(
     inputs: Mapping[str, np.ndarray],
     ranks: int,
     *,
-    backend: str = "onnxruntime",
+    backend: str = "auto",
     progress: bool = True,
     threads: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """Run a sharded model on ``ranks`` simulated ranks on the CPU.
 
-    Args:
-        model: the sharded model (``onnx.ModelProto`` or path), as ``mdtrt.shard`` or
-            ``polygraphy multi-device shard`` write it. A model without DistCollective nodes
-            runs too (every rank computes the same thing).
-        inputs: input name to the *full* numpy array; every rank receives the same full inputs,
-            as the sharded graph expects (its first collective scatters them).
-        ranks: number of simulated ranks; must match the ``nb_rank`` the model was sharded for.
-        backend: ``"onnxruntime"`` (fast) or ``"reference"`` (onnx's reference evaluator).
-        progress: show a tqdm progress bar on stderr.
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+    Parameters
+    ----------
+    model : onnx.ModelProto or path
+        The sharded model, as ``mdtrt.shard`` or ``polygraphy multi-device shard`` write it. A
+        model without DistCollective nodes runs too (every rank computes the same thing). A path
+        may carry external data (weights in files beside it), also past protobuf's 2 GiB.
+    inputs : dict of str to numpy.ndarray
+        Input name to the *full* array, of the model's declared dtype (bfloat16 as
+        ``ml_dtypes.bfloat16``) and shape (symbolic dimensions consistent across inputs); every
+        rank receives the same full inputs, as the sharded graph expects.
+    ranks : int
+        Number of simulated ranks; must match the ``nb_rank`` the model was sharded for.
+    backend : {"auto", "onnxruntime", "reference"}
+        ``"onnxruntime"`` (fast), ``"reference"`` (onnx's reference evaluator, every type) or
+        ``"auto"``: ONNX Runtime, and the reference evaluator for segments with types ONNX Runtime
+        has no CPU kernels for (bfloat16, float8, int4).
+    progress : bool
+        Show a tqdm progress bar on stderr.
+    threads : int, optional
+        ONNX Runtime intra-op threads (default: ONNX Runtime's choice).
 
-    Returns:
+    Returns
+    -------
+    list of dict
         One dict per rank, output name to numpy array.
+
+    Raises
+    ------
+    InvalidArgumentError
+        A bad argument (named in the message), inputs that do not match the model's inputs, dtypes
+        or shapes, a model sharded for another number of ranks, or a segment ONNX Runtime cannot
+        run with ``backend="onnxruntime"``.
+    MdtrtError
+        A segment failed while running on a simulated rank (the message names segment and rank).
     """
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+        raise InvalidArgumentError(f"ranks must be a positive integer, got {ranks!r}")
     if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    plan = _Plan(_load(model))
+        raise InvalidArgumentError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise InvalidArgumentError(f"threads must be None or a non-negative integer, got {threads!r}")
+    plan = _Plan(load_model(model))
     plan.check_ranks(ranks)
     feeds = _check_inputs(plan, inputs)
     values = [dict(feeds) for _ in range(ranks)]
@@ -288,17 +396,17 @@ def simulate(
             if segment is not None:
                 for rank in range(ranks):
                     segment_feeds = {name: values[rank][name] for name in segment.inputs}
+                    what = f"segment {stage} ({len(segment.nodes)} nodes from {segment.nodes[0].name!r})"
                     if segment.runner is None:
                         bar.set_postfix_str(f"building segment {stage}")
-                        segment.runner = _make_runner(plan.segment_model(segment, segment_feeds), backend, threads)
+                        segment.runner = _make_runner(plan.segment_model(segment, segment_feeds), backend, threads,
+                                                      what)
                     bar.set_postfix_str(f"segment {stage}, rank {rank}")
                     try:
                         results = segment.runner(segment_feeds)
                     except Exception as error:
-                        raise RuntimeError(
-                            f"segment {stage} ({len(segment.nodes)} nodes from {segment.nodes[0].name!r}) "
-                            f"failed on simulated rank {rank}: {error}"
-                        ) from error
+                        raise MdtrtError(f"{what} failed on simulated rank {rank}: {error}", rank=rank,
+                                         call="simulate", detail=str(error)) from error
                     values[rank].update(zip(segment.outputs, results))
                     bar.update(1)
             for item in plan.collectives.get(stage, []):
@@ -313,16 +421,16 @@ def simulate(
                     del rank_values[name]
     return [{name: rank_values[name] for name in plan.output_names} for rank_values in values]
 
-
 def run_on_cpu(
     model: onnx.ModelProto | str | os.PathLike,
     inputs: Mapping[str, np.ndarray],
     *,
-    backend: str = "onnxruntime",
+    backend: str = "auto",
     progress: bool = True,
     threads: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run a single-device model on the CPU (the reference for :func:`simulate`)."""
+    """Run a single-device model on the CPU (the reference for :func:`simulate`): ``simulate``
+    with one rank, the same arguments and errors; returns output name to numpy array."""
     return simulate(model, inputs, 1, backend=backend, progress=progress, threads=threads)[0]
 
 

@@ -1,0 +1,477 @@
+#!/usr/bin/env python3
+"""Context-parallel attention patterns on 1 GPU against N GPUs (default 2), float16, no TensorRT:
+each strategy's communication runs through mdtrt's collectives (``prepare_collective`` on
+preallocated buffers) and its attention through torch's ``scaled_dot_product_attention`` (flash)
+on device-resident data. Per sequence length: latency (CUDA events on every GPU, median, the
+slowest GPU counts), speedup over one GPU, peak memory per GPU, the K/V bytes a rank holds, the
+collectives alone and their share; every strategy's output is checked against the one-GPU output.
+
+Layouts are sequence-first, ``(sequence, batch, heads, head_dim)`` as in the sample's model, so a
+gathered or all_to_all-ed buffer is already the attention's K/V (a strided view, no copy):
+
+- allgather_kv: all_gather of each rank's packed K/V chunk, then attention over the whole
+  sequence for the rank's queries.
+- ulysses: all_to_all of packed Q/K/V from sequence to head shards (the send buffer is laid out
+  heads-chunk-major, as the projection that writes it can do for free), attention over the whole
+  sequence for ``H/N`` heads, one copy of the output into the send layout, all_to_all back.
+- ring: as mdtrt's ONNX ring: K/V blocks broadcast from each root in turn (``--ring-blocks``
+  blocks per rank's chunk, roots interleaved, double-buffered), each folded into a float32 online
+  softmax with the log-sum-exp flash attention returns; the broadcasts overlap the attention of
+  earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
+  first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V.
+
+    python benchmarks/bench_context_parallel.py --out results/context_parallel.json
+    python benchmarks/bench_context_parallel.py --smoke          # tiny sizes: does it run?
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib as bl  # noqa: E402
+
+STRATEGIES = ("allgather_kv", "ulysses", "ring")
+DEFAULT_SEQUENCES = (8192, 16384, 32768, 56320, 131072)
+QUICK_SEQUENCES = (8192, 56320)
+SMOKE_SEQUENCES = (256, 512)
+# The sample's float16 tolerance (mdtrt.attention.TOLERANCES), as max|x - ref| <= atol + rtol * max|ref|.
+ATOL, RTOL = 1e-2, 1e-2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bl.add_common_arguments(p, out_default="results/context_parallel.json")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and 3 iterations: checks that everything runs")
+    p.add_argument("--sequences", default=None,
+                   help=f"sequence lengths, comma-separated (default {','.join(map(str, DEFAULT_SEQUENCES))}; "
+                        "a length whose buffers do not fit is reported as skipped)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"default {','.join(STRATEGIES)}")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 20, quick 8, smoke 3)")
+    p.add_argument("--ring-blocks", type=int, default=2,
+                   help="blocks per rank's K/V chunk in the ring (more: less K/V memory, more merge steps; default 2)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default 240)")
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    args.gpu_list = bl.parse_gpus(args.gpus)
+    if len(args.gpu_list) < 2:
+        raise SystemExit(f"--gpus needs at least 2 GPU ids, got {args.gpus!r}")
+    args.strategy_list = [s for s in args.strategies.split(",") if s]
+    unknown = [s for s in args.strategy_list if s not in STRATEGIES]
+    if unknown:
+        raise SystemExit(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    text = args.sequences
+    args.sequence_list = ([int(x) for x in text.split(",") if x.strip()] if text else
+                          list(SMOKE_SEQUENCES if args.smoke else QUICK_SEQUENCES if args.quick else DEFAULT_SEQUENCES))
+    n = len(args.gpu_list)
+    for s in args.sequence_list:
+        if s < 1 or s % (n * args.ring_blocks):
+            raise SystemExit(f"sequence {s} must be a positive multiple of GPUs x --ring-blocks = {n * args.ring_blocks}")
+    if args.heads % n:
+        raise SystemExit(f"ulysses splits the heads over the GPUs: --heads {args.heads} is not divisible by {n}")
+    if args.smoke and args.heads == 32 and args.head_dim == 128:
+        args.heads, args.head_dim = 4, 64
+    args.iteration_count = args.iterations or (3 if args.smoke else 8 if args.quick else 20)
+    return args
+
+
+def readiness(gpus: list[int]) -> str | None:
+    """Why this benchmark cannot run here (a sentence), or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "needs PyTorch with CUDA (pip install torch), for scaled_dot_product_attention and CUDA events"
+    try:
+        import mdtrt  # noqa: F401
+    except ImportError as error:
+        return f"needs mdtrt installed ({error})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs CUDA GPUs: torch sees none"
+    count = torch.cuda.device_count()
+    if count < 2 or any(g >= count for g in gpus):
+        return f"needs {max(2, len(gpus))} GPUs ({gpus}); {count} visible"
+    return None
+
+
+# -- the strategies -----------------------------------------------------------------------------
+
+def device(gpu: int) -> str:
+    """The torch device of a GPU id (the CPU test of the strategies' layouts replaces it)."""
+    return f"cuda:{gpu}"
+
+
+class Setup:
+    """Random full Q, K, V on the first GPU, the one-GPU reference, and each rank's chunks."""
+
+    def __init__(self, torch, gpus, sequence, batch, heads, head_dim, seed=0):
+        self.torch, self.gpus, self.n = torch, gpus, len(gpus)
+        self.s, self.b, self.h, self.d = sequence, batch, heads, head_dim
+        g = torch.Generator(device=device(gpus[0])).manual_seed(seed)
+        shape = (sequence, batch, heads, head_dim)
+        self.full = [torch.randn(shape, generator=g, device=device(gpus[0]), dtype=torch.float16)
+                     for _ in range(3)]
+        self.chunk = sequence // self.n
+
+    def heads_view(self, t):
+        """(S, B, H, D) storage seen as the attention's (B, H, S, D), without a copy."""
+        return t.permute(1, 2, 0, 3)
+
+    def rank_rows(self, t, r):
+        return t[r * self.chunk:(r + 1) * self.chunk]
+
+    def free_full(self):
+        self.full = None
+
+
+def sdpa(torch, q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def attention_with_lse(torch, q, k, v):
+    """Attention output (B, H, Sq, D) and its log-sum-exp (B, H, Sq) float32, through the flash
+    kernel (as torch's own context parallelism does), else the memory-efficient one."""
+    errors = []
+    for contiguous in (False, True):  # strided (B, H, S, D) views first, copies if a kernel refuses them
+        args = tuple(t.contiguous() for t in (q, k, v)) if contiguous else (q, k, v)
+        try:
+            out = torch.ops.aten._scaled_dot_product_flash_attention(*args, 0.0, False, False)
+            return out[0], out[1]
+        except RuntimeError as error:
+            errors.append(f"flash: {error}")
+        try:
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(*args, None, True)
+            return out[0], out[1][..., :q.shape[2]]  # its log-sum-exp is padded to a multiple of 32
+        except RuntimeError as error:
+            errors.append(f"efficient: {error}")
+    raise RuntimeError("no attention kernel returned the log-sum-exp: " + "; ".join(errors))
+
+
+class Strategy:
+    """One strategy on N GPUs: buffers made once; run() queues one forward pass (host calls block
+    until each collective has finished on every GPU; attention kernels are queued asynchronously);
+    comm() runs its collectives alone; outputs() gives each rank's result as (B, H, S/N, D)."""
+
+    kv_tensors: list
+
+    def __init__(self, torch, group, setup: Setup):
+        self.torch, self.group, self.st = torch, group, setup
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv_tensors) // self.st.n
+
+
+class AllGatherKV(Strategy):
+    def __init__(self, torch, group, st):
+        super().__init__(torch, group, st)
+        self.q, self.kv_own, self.kv_all = [], [], []
+        for r, gpu in enumerate(st.gpus):
+            q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
+            self.q.append(st.heads_view(q))
+            self.kv_own.append(torch.stack([k, v], dim=1))  # (S/N, 2, B, H, D)
+            self.kv_all.append(torch.empty((st.s, 2, st.b, st.h, st.d), dtype=torch.float16, device=device(gpu)))
+        self.gather = group.prepare_collective("all_gather", self.kv_own, out=self.kv_all)
+        self.kv_tensors = self.kv_own + self.kv_all
+        self.out = [None] * st.n
+
+    def comm(self):
+        self.gather()
+
+    def run(self):
+        self.gather()
+        for r, gpu in enumerate(self.st.gpus):
+            with self.torch.cuda.device(gpu):
+                kv = self.kv_all[r]
+                self.out[r] = sdpa(self.torch, self.q[r], self.st.heads_view(kv[:, 0]), self.st.heads_view(kv[:, 1]))
+
+    def outputs(self):
+        return self.out
+
+
+class Ulysses(Strategy):
+    def __init__(self, torch, group, st):
+        super().__init__(torch, group, st)
+        n, hn = st.n, st.h // st.n
+        self.send, self.recv, self.back, self.result = [], [], [], []
+        for r, gpu in enumerate(st.gpus):
+            q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
+            packed = torch.stack([q, k, v], dim=1)  # (S/N, 3, B, H, D)
+            # Heads-chunk-major: slot j (heads j*H/N...) goes to rank j.
+            send = packed.view(st.chunk, 3, st.b, n, hn, st.d).permute(3, 0, 1, 2, 4, 5).contiguous()
+            self.send.append(send)  # (N, S/N, 3, B, H/N, D)
+            self.recv.append(torch.empty_like(send))  # slot i: rank i's rows = sequence block i
+            self.back.append(torch.empty((n, st.chunk, st.b, hn, st.d), dtype=torch.float16, device=device(gpu)))
+            self.result.append(torch.empty_like(self.back[-1]))
+        self.to_heads = group.prepare_collective("all_to_all", self.send, out=self.recv)
+        self.to_sequence = group.prepare_collective("all_to_all", self.back, out=self.result)
+        self.kv_tensors = [t[:, :, 1:] for t in self.send + self.recv]
+
+    def comm(self):
+        self.to_heads()
+        self.to_sequence()
+
+    def run(self):
+        st = self.st
+        self.to_heads()
+        for r, gpu in enumerate(st.gpus):
+            with self.torch.cuda.device(gpu):
+                whole = self.recv[r].view(st.s, 3, st.b, st.h // st.n, st.d)  # (S, 3, B, H/N, D)
+                out = sdpa(self.torch, *(st.heads_view(whole[:, i]) for i in range(3)))  # (B, H/N, S, D)
+                # Into the send layout (S, B, H/N, D) = slot j holds sequence block j for rank j.
+                self.back[r].view(st.s, st.b, st.h // st.n, st.d).copy_(out.permute(2, 0, 1, 3))
+        self.to_sequence()
+
+    def outputs(self):
+        st = self.st
+        # result[r]: (N, S/N, B, H/N, D), slot i = heads chunk i -> (B, H, S/N, D)
+        return [t.permute(2, 0, 3, 1, 4).reshape(st.b, st.h, st.chunk, st.d) for t in self.result]
+
+
+class Ring(Strategy):
+    """Blocks of every rank's K/V chunk broadcast in turn, roots interleaved block by block
+    ((root 0, block 0), (root 1, block 0), ..., (root 0, block 1), ...), so that every rank gets
+    work early. Each rank receives into two alternating buffers (the attention of the block before
+    reads the other one), the root into a third one (its own block needs no attention), so a
+    broadcast only waits for the attention that read its buffer two blocks earlier."""
+
+    def __init__(self, torch, group, st, blocks: int):
+        super().__init__(torch, group, st)
+        self.blocks = blocks
+        rows = st.chunk // blocks
+        self.q, self.kv_own, self.recv, self.streams = [], [], [], []
+        for r, gpu in enumerate(st.gpus):
+            q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
+            self.q.append(st.heads_view(q))
+            self.kv_own.append(torch.stack([k, v], dim=1))  # (S/N, 2, B, H, D)
+            # Slots 0 and 1 alternate for received blocks; slot 2 takes the root's own block.
+            self.recv.append([torch.empty((rows, 2, st.b, st.h, st.d), dtype=torch.float16, device=device(gpu))
+                              for _ in range(3)])
+            self.streams.append(torch.cuda.Stream(device=device(gpu)))
+        self.order = [(root, b) for b in range(blocks) for root in range(st.n)]
+        received = [0] * st.n
+        self.slots, self.calls = [], []
+        for root, b in self.order:
+            slots = []
+            for r in range(st.n):
+                if r == root:
+                    slots.append(2)
+                else:
+                    slots.append(received[r] % 2)
+                    received[r] += 1
+            self.slots.append(slots)
+            inputs = [own[b * rows:(b + 1) * rows] for own in self.kv_own]  # only the root's is read
+            self.calls.append(group.prepare_collective("broadcast", inputs, root=root,  # a world rank
+                                                       out=[bufs[slot] for bufs, slot in zip(self.recv, slots)]))
+        self.kv_tensors = self.kv_own + [b for bufs in self.recv for b in bufs]
+        self.acc = [None] * st.n
+        self.lse = [None] * st.n
+
+    def comm(self):
+        for call in self.calls:
+            call()
+
+    def _fold(self, r, k, v):
+        """Merge attention over one K/V block into rank r's float32 output by log-sum-exp."""
+        torch = self.torch
+        out, lse = attention_with_lse(torch, self.q[r], k, v)
+        if self.acc[r] is None:
+            self.acc[r], self.lse[r] = out.float(), lse
+            return
+        new = torch.logaddexp(self.lse[r], lse)
+        self.acc[r].mul_(torch.exp(self.lse[r] - new).unsqueeze(-1))
+        self.acc[r].addcmul_(out, torch.exp(lse - new).unsqueeze(-1))  # no float32 copy of out
+        self.lse[r] = new
+
+    def run(self):
+        torch, st = self.torch, self.st
+        done = [[None, None, None] for _ in st.gpus]
+        self.acc, self.lse = [None] * st.n, [None] * st.n
+        for r, gpu in enumerate(st.gpus):
+            stream = self.streams[r]
+            stream.wait_stream(torch.cuda.current_stream(gpu))
+            with torch.cuda.device(gpu), torch.cuda.stream(stream):
+                kv = self.kv_own[r]
+                self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))  # own chunk, while blocks travel
+        for index, (root, _) in enumerate(self.order):
+            for r, gpu in enumerate(st.gpus):
+                event = done[r][self.slots[index][r]]
+                if event is not None:  # the attention that read this buffer two blocks ago
+                    torch.cuda.current_stream(gpu).wait_event(event)
+            self.calls[index]()  # returns when the block arrived on every GPU
+            for r, gpu in enumerate(st.gpus):
+                if r == root:
+                    continue  # its own block, attended with the whole own chunk
+                slot = self.slots[index][r]
+                with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
+                    kv = self.recv[r][slot]
+                    self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
+                    event = torch.cuda.Event()
+                    event.record(self.streams[r])
+                    done[r][slot] = event
+        for r, gpu in enumerate(st.gpus):
+            torch.cuda.current_stream(gpu).wait_stream(self.streams[r])
+
+    def outputs(self):
+        return [a.to(self.torch.float16) for a in self.acc]
+
+
+def make_strategy(name, torch, group, st, args):
+    if name == "allgather_kv":
+        return AllGatherKV(torch, group, st)
+    if name == "ulysses":
+        return Ulysses(torch, group, st)
+    return Ring(torch, group, st, args.ring_blocks)
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+def time_ms(torch, gpus, fn, iterations: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of each call of fn, from CUDA events on every GPU's current stream (start
+    before the call, end after it; fn leaves its work ordered before the end event), slowest GPU."""
+    for _ in range(warmup):
+        fn()
+    pairs = []
+    for _ in range(iterations):
+        events = []
+        for gpu in gpus:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(gpu))
+            events.append((start, end, gpu))
+        fn()
+        for _, end, gpu in events:
+            end.record(torch.cuda.current_stream(gpu))
+        pairs.append(events)
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
+    return [max(start.elapsed_time(end) for start, end, _ in events) for events in pairs]
+
+
+def peak_bytes(torch, gpus, baseline) -> list[int]:
+    """Peak bytes torch allocated on each GPU since reset_peaks, above what was allocated then."""
+    return [int(torch.cuda.max_memory_allocated(gpu)) - base for gpu, base in zip(gpus, baseline)]
+
+
+def reset_peaks(torch, gpus) -> list[int]:
+    for gpu in gpus:
+        torch.cuda.synchronize(gpu)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(gpu)
+    return [int(torch.cuda.memory_allocated(gpu)) for gpu in gpus]
+
+
+def compare(torch, reference, outputs, st) -> dict:
+    """Rank r's (B, H, S/N, D) against rows r of the one-GPU output."""
+    worst, scale = 0.0, float(reference.abs().max())
+    for r, out in enumerate(outputs):
+        want = reference[:, :, r * st.chunk:(r + 1) * st.chunk]
+        got = out.to(want.device)
+        worst = max(worst, float((got.float() - want.float()).abs().max()))
+    return {"max_abs_error": worst, "max_reference": scale, "passed": bool(worst <= ATOL + RTOL * scale)}
+
+
+def measure_sequence(torch, mdtrt, group, args, sequence: int) -> dict:
+    gpus = args.gpu_list
+    st = Setup(torch, gpus, sequence, args.batch, args.heads, args.head_dim)
+    point = {"sequence": sequence, "strategies": {}}
+    baseline = reset_peaks(torch, gpus[:1])  # the full Q, K, V already there are not counted
+    q, k, v = (st.heads_view(t) for t in st.full)
+    holder = {}
+
+    def single():
+        holder["out"] = sdpa(torch, q, k, v)
+
+    times = time_ms(torch, gpus[:1], single, args.iteration_count)
+    reference = holder["out"].clone()
+    point["single"] = {"median_ms": statistics.median(times), "times_ms": times,
+                       "peak_bytes": peak_bytes(torch, gpus[:1], baseline)[0]
+                       + 3 * sequence * args.batch * args.heads * args.head_dim * 2,
+                       "kv_bytes": 2 * sequence * args.batch * args.heads * args.head_dim * 2}
+    for name in args.strategy_list:
+        try:
+            baseline = reset_peaks(torch, gpus)
+            strategy = make_strategy(name, torch, group, st, args)
+            total = time_ms(torch, gpus, strategy.run, args.iteration_count)
+            check = compare(torch, reference, strategy.outputs(), st)
+            peaks = peak_bytes(torch, gpus, baseline)
+            comm = time_ms(torch, gpus, strategy.comm, args.iteration_count)
+            median, comm_median = statistics.median(total), statistics.median(comm)
+            point["strategies"][name] = {
+                "median_ms": median, "times_ms": total, "speedup": point["single"]["median_ms"] / median,
+                "comm_ms": comm_median, "comm_share": comm_median / median, "peak_bytes": peaks,
+                "kv_bytes": strategy.kv_bytes(), **check}
+            del strategy
+        except Exception as error:  # noqa: BLE001 - one strategy failing (e.g. out of memory) is a result
+            point["strategies"][name] = {"error": f"{type(error).__name__}: {error}"}
+        for gpu in gpus:
+            torch.cuda.synchronize(gpu)
+            torch.cuda.empty_cache()
+    del reference, q, k, v
+    st.free_full()
+    return point
+
+
+def run(args) -> dict:
+    import torch
+
+    import mdtrt
+
+    budget = bl.Deadline(args.timeout or 240)
+    result = {"config": {"gpus": args.gpu_list, "heads": args.heads, "head_dim": args.head_dim, "batch": args.batch,
+                         "dtype": "float16", "iterations": args.iteration_count, "ring_blocks": args.ring_blocks,
+                         "strategies": args.strategy_list, "tolerance": [ATOL, RTOL]},
+              "method": "CUDA events on every GPU's current stream around each forward pass, median, slowest GPU; "
+                        "collectives through DeviceGroup.prepare_collective on preallocated torch buffers; attention "
+                        "through torch scaled_dot_product_attention (ring: flash attention with log-sum-exp)",
+              "points": [], "skipped": []}
+    with mdtrt.DeviceGroup(gpus=args.gpu_list, timeout=120) as group:
+        for sequence in args.sequence_list:
+            if budget.passed():
+                result["skipped"].append({"sequence": sequence, "reason": "the run's time budget was spent"})
+                continue
+            started = time.monotonic()
+            try:
+                point = measure_sequence(torch, mdtrt, group, args, sequence)
+            except torch.cuda.OutOfMemoryError as error:
+                result["skipped"].append({"sequence": sequence, "reason": f"out of memory: {error}"})
+                torch.cuda.empty_cache()
+                continue
+            point["seconds"] = time.monotonic() - started
+            result["points"].append(point)
+            summary = ", ".join(f"{n} {p['speedup']:.2f}x" if "speedup" in p else f"{n} failed"
+                                for n, p in point["strategies"].items())
+            print(f"[context_parallel] sequence {sequence}: 1 GPU {point['single']['median_ms']:.2f} ms; {summary}",
+                  flush=True)
+            bl.write_json(args.out, result)  # partial results survive a timeout
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    blocker = readiness(args.gpu_list)
+    if blocker:
+        print(f"bench_context_parallel: cannot run: {blocker}", file=sys.stderr)
+        return 2
+    result = run(args)
+    result["machine"] = bl.machine_info(args.gpu_list)
+    bl.write_json(args.out, result)
+    failed = [(p["sequence"], n) for p in result["points"] for n, s in p["strategies"].items()
+              if not s.get("passed")]
+    if failed:
+        print(f"[context_parallel] failed or wrong against the one-GPU output: {failed}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+#include "runtime/call_barrier.h"
+
+#include <memory>
+#include <thread>
+
+#include "common/error.h"
+
+namespace mdtrt {
+
+void CallBarrier::arrive(bool ready) {
+  if (!ready) all_ready_.store(false, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    arrived_.fetch_add(1, std::memory_order_acq_rel);
+  }
+  changed_.notify_all();
+}
+
+bool CallBarrier::wait(const Deadline& deadline, int rank, const std::string& what) {
+  // The other ranks are running the same checks right now: a short spin usually ends the wait
+  // without a sleep and a wake-up.
+  const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(50);
+  while (arrived_.load(std::memory_order_acquire) < count_ && Deadline::Clock::now() < spin_until)
+    std::this_thread::yield();
+  if (arrived_.load(std::memory_order_acquire) < count_) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const bool all_arrived = changed_.wait_until(
+        lock, deadline.at(), [&] { return aborted_ || arrived_.load(std::memory_order_acquire) >= count_; });
+    if (aborted_) throw Error(ErrorKind::kGeneric, "the call was aborted while this rank waited for the others", rank, what);
+    if (!all_arrived) {
+      all_ready_.store(false, std::memory_order_release);  // a rank arriving late must not launch alone
+      throw Error(ErrorKind::kTimeout, "waited past the deadline for the other ranks to check their arguments", rank,
+                  what);
+    }
+  }
+  return all_ready_.load(std::memory_order_acquire);
+}
+
+void CallBarrier::abort() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    aborted_ = true;
+    all_ready_.store(false, std::memory_order_release);
+  }
+  changed_.notify_all();
+}
+
+void run_checked_then_launched(RankRuntime& runtime, const std::function<void(RankContext&)>& check,
+                               const std::function<void(RankContext&)>& launch, double timeout_seconds,
+                               const std::string& what) {
+  // Shared with the tasks: a task that outlives the deadline must not touch the caller's stack.
+  auto barrier = std::make_shared<CallBarrier>(runtime.num_local_ranks());
+  // On the deadline (or an interrupt) the runtime runs its abort hooks: release the ranks waiting here.
+  const int hook = runtime.add_abort_hook([barrier] { barrier->abort(); });
+  struct RemoveHook {
+    RankRuntime& runtime;
+    int hook;
+    ~RemoveHook() { runtime.remove_abort_hook(hook); }
+  } remove_hook{runtime, hook};
+  runtime.run_on_all(
+      [&, barrier](RankContext& ctx) {
+        try {
+          check(ctx);
+        } catch (...) {
+          barrier->arrive(false);
+          throw;
+        }
+        barrier->arrive(true);
+        if (!barrier->wait(ctx.deadline, ctx.rank, what)) return;  // another rank failed its checks
+        launch(ctx);
+      },
+      timeout_seconds, what);
+}
+
+}  // namespace mdtrt

@@ -1,0 +1,94 @@
+#include "runtime/call_plan.h"
+
+#include <algorithm>
+
+#include "common/error.h"
+
+namespace mdtrt {
+namespace {
+constexpr const char* kReplicationNames[] = {"auto", "host", "peer", "broadcast"};
+}  // namespace
+
+Replication replication_from_name(const std::string& name) {
+  for (int i = 0; i < 4; ++i)
+    if (name == kReplicationNames[i]) return static_cast<Replication>(i);
+  throw_invalid_argument("unknown replication '" + name + "' (known: auto, host, peer, broadcast)");
+}
+
+const char* replication_name(Replication r) { return kReplicationNames[static_cast<int>(r)]; }
+
+Replication choose_replication(Replication requested) {
+  // On 2x H200 (NVLink, a PCIe link per GPU) every GPU copying from host memory itself was the
+  // fastest of the three at every size from 1 KiB to 1 GiB, pinned or pageable, or within 2% of
+  // the peer path (BENCHMARKS.md, section 3): the host links work in parallel and the peer path
+  // adds a hop. Peer copies stay available for machines whose GPUs share host links.
+  return requested == Replication::kAuto ? Replication::kHost : requested;
+}
+
+CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options,
+                   const std::vector<std::vector<TensorSpec>>& input_specs, const std::vector<int>& ranks,
+                   bool all_peer_access, bool whole_world_here) {
+  const int n = static_cast<int>(ranks.size());
+  if (static_cast<int>(inputs.size()) != n)
+    throw_invalid_argument("inputs for " + std::to_string(inputs.size()) + " ranks given, this group has " +
+                           std::to_string(n) + " local ranks");
+  if (static_cast<int>(options.outputs.size()) > n)
+    throw_invalid_argument("output buffers for " + std::to_string(options.outputs.size()) +
+                           " ranks given, this group has " + std::to_string(n) + " local ranks");
+  CallPlan plan;
+  plan.num_ranks = n;
+  plan.num_inputs = inputs[0].size();
+  for (int i = 0; i < n; ++i) {
+    const auto& specs = input_specs[i];
+    if (inputs[i].size() != specs.size()) {
+      std::string names;
+      for (auto& s : specs) names += (names.empty() ? "" : ", ") + s.name;
+      throw_invalid_argument("rank " + std::to_string(ranks[i]) + " got " + std::to_string(inputs[i].size()) +
+                             " inputs; the program takes " + std::to_string(specs.size()) + " (" + names + ")");
+    }
+    for (size_t k = 0; k < specs.size(); ++k) {
+      const InputArg& a = inputs[i][k];
+      if (a.dtype != specs[k].dtype)
+        throw_invalid_argument("input '" + specs[k].name + "' of rank " + std::to_string(ranks[i]) + " has dtype " +
+                               dtype_name(a.dtype) + " but the program expects " + dtype_name(specs[k].dtype));
+      for (int64_t d : a.shape)
+        if (d < 0)
+          throw_invalid_argument("input '" + specs[k].name + "' of rank " + std::to_string(ranks[i]) +
+                                 " has a negative dimension: " + shape_string(a.shape));
+      if (a.data == nullptr && a.nbytes() > 0)
+        throw_invalid_argument("input '" + specs[k].name + "' of rank " + std::to_string(ranks[i]) +
+                               " has no data (a null pointer) for " + std::to_string(a.nbytes()) + " bytes");
+    }
+  }
+  plan.fetch.assign(n, false);
+  for (int f : options.fetch_ranks) {
+    if (f < 0 || f >= n) throw_invalid_argument("fetch rank " + std::to_string(f) + " is not a local rank");
+    plan.fetch[f] = true;
+  }
+
+  // Which inputs are one host tensor for every rank, and how each travels.
+  plan.modes.assign(plan.num_inputs, Replication::kHost);
+  for (size_t k = 0; k < plan.num_inputs; ++k) {
+    bool replicated = n > 1 && inputs[0][k].device < 0;
+    for (int i = 1; i < n && replicated; ++i)
+      replicated = inputs[i][k].data == inputs[0][k].data && inputs[i][k].device < 0 &&
+                   inputs[i][k].shape == inputs[0][k].shape;
+    if (!replicated) continue;
+    plan.modes[k] = plan.replication = choose_replication(options.replication);
+    plan.replicated_inputs += 1;
+    if (plan.modes[k] == Replication::kPeer && !all_peer_access)
+      throw_invalid_argument("replication='peer' needs peer access between every pair of GPUs in the group, "
+                             "which this machine does not give (see `python -m mdtrt doctor`); use 'host' or 'auto'");
+    if (plan.modes[k] == Replication::kBroadcast && !whole_world_here)
+      throw_invalid_argument("replication='broadcast' needs every rank in this process; use 'host'");
+    if (plan.modes[k] == Replication::kPeer || plan.modes[k] == Replication::kBroadcast) {
+      const size_t bytes = inputs[0][k].nbytes();
+      const int chunks = static_cast<int>(
+          std::max<size_t>(1, (bytes + kPeerReplicationChunkBytes - 1) / kPeerReplicationChunkBytes));
+      plan.max_chunks = std::max(plan.max_chunks, chunks);
+    }
+  }
+  return plan;
+}
+
+}  // namespace mdtrt

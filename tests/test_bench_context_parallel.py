@@ -1,0 +1,198 @@
+"""benchmarks/bench_context_parallel.py on a machine without GPUs: its arguments, its refusal to run
+without 2 GPUs, and (where torch is installed) each strategy's buffer layouts and online softmax
+on the CPU, with mdtrt.reference computing the collectives, against one-device attention."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module("bench_context_parallel")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def test_arguments(bench):
+    args = bench.parse_args(["--smoke"])
+    assert args.sequence_list == list(bench.SMOKE_SEQUENCES) and args.iteration_count == 3
+    assert (args.heads, args.head_dim) == (4, 64) and args.strategy_list == list(bench.STRATEGIES)
+    args = bench.parse_args(["--sequences", "8192,56320", "--strategies", "ring", "--iterations", "5"])
+    assert args.sequence_list == [8192, 56320] and args.strategy_list == ["ring"] and args.iteration_count == 5
+    assert bench.parse_args([]).sequence_list == list(bench.DEFAULT_SEQUENCES)
+    for bad, message in ((["--gpus", "0"], "at least 2 GPU"), (["--strategies", "tree"], "unknown strategies"),
+                         (["--sequences", "1001"], "multiple of GPUs x --ring-blocks"),
+                         (["--heads", "3"], "not divisible by 2")):
+        with pytest.raises(SystemExit, match=message):
+            bench.parse_args(bad)
+
+
+def test_refuses_without_two_gpus():
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "bench_context_parallel.py"), "--smoke", "--out",
+                        os.devnull], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "bench_context_parallel: cannot run: needs" in r.stderr and "Traceback" not in r.stderr
+
+
+class _FakeStream:
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+class _FakeEvent:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+
+class _FakeGroup:
+    """prepare_collective with mdtrt.reference's semantics on CPU torch tensors."""
+
+    def prepare_collective(self, op, inputs, *, root=0, out=None, **kwargs):
+        from mdtrt.reference import collective
+
+        def call():
+            results = collective(op, [t.contiguous().numpy() for t in inputs], reduce="none", root=root)
+            for target, value in zip(out, results):
+                target.copy_(__import__("torch").from_numpy(value).view(target.shape))
+            return out
+
+        return call
+
+
+def _reference_attention_with_lse(torch, q, k, v):
+    scores = (q.double() @ k.double().transpose(-1, -2)) / np.sqrt(q.shape[-1])
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.softmax(scores, dim=-1) @ v.double()).to(q.dtype), lse.float()
+
+
+@pytest.mark.parametrize("ranks,heads", [(2, 4), (4, 4)])
+@pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
+def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("mdtrt")
+    monkeypatch.setattr(bench, "device", lambda gpu: "cpu")
+    monkeypatch.setattr(bench, "attention_with_lse", _reference_attention_with_lse)
+    monkeypatch.setattr(torch.cuda, "device", lambda gpu: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda gpu=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    # float32 on the CPU (torch's CPU kernels), the same layouts as float16 on GPUs.
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, dtype=None, **k: real_randn(*a, dtype=torch.float32, **k))
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, dtype=None, **k: real_empty(*a, dtype=torch.float32, **k))
+    monkeypatch.setattr(torch, "float16", torch.float32)
+    args = bench.parse_args(["--smoke", "--gpus", ",".join(map(str, range(ranks))), "--heads", str(heads),
+                             "--head-dim", "8"])
+    st = bench.Setup(torch, list(range(ranks)), 16, 2, heads, 8)
+    q, k, v = (st.heads_view(t) for t in st.full)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    run = bench.make_strategy(strategy, torch, _FakeGroup(), st, args)
+    for _ in range(2):  # a second pass reuses every buffer
+        run.run()
+    outputs = run.outputs()
+    assert len(outputs) == ranks
+    for r, out in enumerate(outputs):
+        want = reference[:, :, r * st.chunk:(r + 1) * st.chunk]
+        assert out.shape == want.shape
+        torch.testing.assert_close(out.float(), want.float(), rtol=1e-4, atol=1e-5)
+    check = bench.compare(torch, reference, outputs, st)
+    assert check["passed"]
+    wrong = [o.flip(2) for o in outputs]  # the check can fail
+    assert not bench.compare(torch, reference, wrong, st)["passed"]
+    full_kv = 2 * 16 * 2 * heads * 8 * 4
+    kv = run.kv_bytes()
+    allgather_kv = full_kv + full_kv // ranks  # its own chunk and the gathered whole
+    if strategy == "ring":
+        blocks = args.ring_blocks
+        assert kv == full_kv // ranks + 3 * full_kv // (ranks * blocks) < allgather_kv
+    elif strategy == "allgather_kv":
+        assert kv == allgather_kv
+
+
+def _synthetic_results(speedup_ulysses: float, ring_kv: int, ring_passed: bool = True) -> dict:
+    def strategy(ms, kv, passed=True):
+        return {"median_ms": ms, "times_ms": [ms], "speedup": 100.0 / ms, "comm_ms": 1.2, "comm_share": 1.2 / ms,
+                "peak_bytes": [3 << 30, 3 << 30], "kv_bytes": kv, "max_abs_error": 1e-3, "max_reference": 4.0,
+                "passed": passed}
+
+    points = [{"sequence": s, "single": {"median_ms": 100.0, "times_ms": [100.0], "peak_bytes": 5 << 30,
+                                         "kv_bytes": 2 << 30},
+               "strategies": {"allgather_kv": strategy(100 / 1.8, 3 << 30),
+                              "ulysses": strategy(100 / speedup_ulysses, 1 << 30),
+                              "ring": strategy(60.0, ring_kv, ring_passed)}}
+              for s in (8192, 56320)]
+    return {"context_parallel": {"config": {"gpus": [0, 1], "heads": 32, "head_dim": 128, "batch": 1,
+                                            "iterations": 20, "ring_blocks": 4,
+                                            "strategies": ["allgather_kv", "ulysses", "ring"]},
+                                 "method": "synthetic", "points": points, "skipped": []}}
+
+
+def test_report_targets_and_section(tmp_path):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        report = importlib.import_module("report")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    good = {v["target"]: v for v in report.context_parallel_targets(_synthetic_results(1.95, 1 << 30)["context_parallel"])}
+    assert [v["met"] for v in good.values()] == [True, True, True]
+    assert "ulysses 1.95x" in next(v["value"] for t, v in good.items() if "56320" in t)
+    bad = report.context_parallel_targets(_synthetic_results(1.85, 4 << 30, ring_passed=False)["context_parallel"])
+    assert [v["met"] for v in bad] == [False, False, False]
+    assert "collectives alone" in bad[0]["why"] and "ring at 8192" in bad[2]["why"]
+    text = report.render_markdown(_synthetic_results(1.95, 1 << 30), str(tmp_path / "B.md"))
+    assert "## 5. Context-parallel attention" in text and "| 56320 | ulysses |" in text
+    assert report.context_parallel_targets(None) == []
+
+
+def test_run_all_selects_context_parallel_only_when_asked(monkeypatch, tmp_path):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        run_all = importlib.import_module("run_all")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+    assert "context_parallel" not in run_all.DEFAULT_BENCHMARKS
+    args = run_all.build_parser().parse_args(["--context-parallel", "--out", str(tmp_path)])
+    cmd = run_all.bench_command("context_parallel", args, str(tmp_path / "cp.json"), 300)
+    assert cmd[1].endswith("bench_context_parallel.py") and "--timeout" in cmd
+
+
+@pytest.mark.multi_gpu
+def test_smoke_run_on_gpus(tmp_path):  # pragma: no cover - needs 2 GPUs and torch
+    pytest.importorskip("torch")
+    out = tmp_path / "cp.json"
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "bench_context_parallel.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    result = json.loads(out.read_text())
+    assert [p["sequence"] for p in result["points"]] == [256, 512]
+    for point in result["points"]:
+        for name in ("allgather_kv", "ulysses", "ring"):
+            s = point["strategies"][name]
+            assert s.get("passed"), (point["sequence"], name, s)
+            assert s["median_ms"] > 0 and 0 < s["comm_share"] and len(s["peak_bytes"]) == 2
+        assert point["strategies"]["ring"]["kv_bytes"] < point["strategies"]["allgather_kv"]["kv_bytes"]
