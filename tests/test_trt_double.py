@@ -349,7 +349,19 @@ def test_version_compatible_plans_with_host_code_need_permission(trt_double, fla
         return
     with pytest.raises(mdtrt.TensorRTError, match="setEngineHostCodeAllowed") as info:
         mdtrt_tensorrt.check_engine(data)
-    assert info.value.call == "deserializeCudaEngine"
+    assert info.value.call == "deserializeCudaEngine" and "allow_host_code=True" in str(info.value)
+    # mdtrt's opt-in (IRuntime::setEngineHostCodeAllowed(true)) lets the same plan load.
+    assert [t["name"] for t in mdtrt_tensorrt.check_engine(data, allow_host_code=True)] == ["input", "output"]
+
+
+def test_version_compatible_builds_need_host_code_permission_end_to_end(trt_double):
+    embedded = build("all_reduce", version_compatible=True)
+    excluded = build("all_reduce", version_compatible=True, exclude_lean_runtime=True)
+    assert double.read_plan(embedded)["builder"]["flag_names"] == ["kVERSION_COMPATIBLE"]
+    with pytest.raises(mdtrt.TensorRTError, match="allow_host_code=True"):
+        mdtrt_tensorrt.check_engine(embedded)
+    for plan, allow in ((embedded, True), (excluded, False)):
+        assert [t["name"] for t in mdtrt_tensorrt.check_engine(plan, allow_host_code=allow)] == ["input", "output"]
 
 
 def test_a_plan_the_double_cannot_run_is_refused_when_deserialized(trt_double):
