@@ -21,7 +21,7 @@ pytestmark = pytest.mark.build
 
 
 def test_core_extension_and_sample_build_without_tensorrt_headers(tmp_path):
-    pybind11 = pytest.importorskip("pybind11")
+    pybind11 = pytest.importorskip("pybind11", reason="needs pybind11 (pip install '.[test]' brings it)")
     if not (REPO / "CMakeLists.txt").is_file():
         pytest.skip("the source tree is not beside the tests")
     try:

@@ -107,8 +107,17 @@ def test_groups_keep_their_order_and_root(trt_double, op, groups):
     # mdtrt gives those two the group's size, every other op the world's (issue #15 item 4).
     nb_ranks = len(groups) if op in ("all_gather", "reduce_scatter") else 4
     assert layer["nb_ranks"] == nb_ranks and plan["ranks"] == max(nb_ranks, max(groups) + 1)
+    assert plan["ranks_exact"] is False  # every layer grouped: the communicator needs at least that many
     assert plan["outputs"][0]["dims"] == expected_output_shape(op, [8, 2], len(groups), layer["nb_ranks"])
     assert plan["outputs"][0]["dims"] == list(_core.collective_output_shape(op, [8, 2], len(groups)))
+
+
+@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter"])
+@pytest.mark.parametrize("groups", [[0, 1], [1, 3], [2]], ids=lambda g: "-".join(map(str, g)))
+def test_a_grouped_layer_has_its_group_size_as_nb_ranks(trt_double, op, groups):
+    """nbRanks sets all_gather's and reduce_scatter's output shape: it must be the group's size."""
+    layer = double.read_plan(build(op, nb_ranks=4, shape=[8, 2], groups=groups))["layers"][0]
+    assert layer["nb_ranks"] == len(groups)
 
 
 @pytest.mark.parametrize("op", reference.OPERATIONS)
@@ -322,3 +331,224 @@ def test_output_shapes_follow_the_input_shape_within_the_profile(trt_double, tmp
     assert set3[0] == "true"  # inside the profile: the uneven split is named when the shape is asked for
     assert three[0] == "invalid" and "does not split into 2 equal parts" in three[1]
     assert small[0] == "false" and wide[0] == "false"
+
+
+@pytest.mark.parametrize("flags,loads", [
+    ([], True),
+    (["kVERSION_COMPATIBLE"], False),  # embeds the lean runtime: host code, refused by default
+    (["kVERSION_COMPATIBLE", "kEXCLUDE_LEAN_RUNTIME"], True),
+])
+def test_version_compatible_plans_with_host_code_need_permission(trt_double, flags, loads):
+    bits = {"kVERSION_COMPATIBLE": 12, "kEXCLUDE_LEAN_RUNTIME": 13}
+    plan = double.read_plan(build("all_reduce"))
+    plan["builder"].update(flags=sum(1 << bits[f] for f in flags), flag_names=flags)
+    data = double.write_plan(plan)
+    assert double.read_plan(data)["builder"]["flag_names"] == flags
+    if loads:
+        assert [t["name"] for t in mdtrt_tensorrt.check_engine(data)] == ["input", "output"]
+        return
+    with pytest.raises(mdtrt.TensorRTError, match="setEngineHostCodeAllowed") as info:
+        mdtrt_tensorrt.check_engine(data)
+    assert info.value.call == "deserializeCudaEngine" and "allow_host_code=True" in str(info.value)
+    # mdtrt's opt-in (IRuntime::setEngineHostCodeAllowed(true)) lets the same plan load.
+    assert [t["name"] for t in mdtrt_tensorrt.check_engine(data, allow_host_code=True)] == ["input", "output"]
+
+
+def test_version_compatible_builds_need_host_code_permission_end_to_end(trt_double):
+    embedded = build("all_reduce", version_compatible=True)
+    excluded = build("all_reduce", version_compatible=True, exclude_lean_runtime=True)
+    assert double.read_plan(embedded)["builder"]["flag_names"] == ["kVERSION_COMPATIBLE"]
+    with pytest.raises(mdtrt.TensorRTError, match="allow_host_code=True"):
+        mdtrt_tensorrt.check_engine(embedded)
+    for plan, allow in ((embedded, True), (excluded, False)):
+        assert [t["name"] for t in mdtrt_tensorrt.check_engine(plan, allow_host_code=allow)] == ["input", "output"]
+
+
+def test_a_plan_the_double_cannot_run_is_refused_when_deserialized(trt_double):
+    plan = double.read_plan(single_device_plan())
+    plan["tensors"][0]["dims"] = [-1, 6, 2]
+    plan["inputs"][0].update(min=[1, 6, 2], opt=[4, 6, 2], max=[8, 6, 2])
+    plan["layers"][0]["first_transpose"] = [2, 0, 1]
+    with pytest.raises(mdtrt.TensorRTError, match=r"runs only 2-D transposes") as info:
+        mdtrt_tensorrt.check_engine(double.write_plan(plan))
+    assert info.value.call == "deserializeCudaEngine"
+
+
+def test_unimplemented_methods_log_through_the_ilogger_and_fail(trt_double, tmp_path):
+    """The stubs generated from NvInferImpl.h: an error through the ILogger, a neutral result."""
+    ((result, log),) = context_check(trt_double, tmp_path, single_device_plan(), "inspector")
+    assert result == "null"
+    assert "VCudaEngine::createEngineInspector is not implemented by the TensorRT test double" in log
+
+
+def test_doctor_reports_the_double_as_full_tensorrt(trt_double):
+    report = mdtrt_tensorrt.library_report()  # in a child process, which inherits MDTRT_TENSORRT_LIBRARY
+    assert report["library_found"], report["error"]
+    assert os.path.realpath(report["path"]) == os.path.realpath(trt_double)
+    assert (report["version"], report["lean"], report["found_by"]) == ("11.1.0", False, "MDTRT_TENSORRT_LIBRARY")
+
+
+# --- enqueueV3's data movement on CPU: the double on host memory with a fake NCCL of threads ------
+# (tensorrt_double/host: fake_cudart.cpp, fake_nccl.cpp, host_run.cpp). The GPU tests run the same
+# plans with CUDA and real NCCL; these catch layer-order, transpose, root and group mistakes on CI.
+
+
+def host_run(trt_double, tmp_path, plan: bytes, xs: list[np.ndarray]):
+    """Runs `plan` on len(xs) rank threads; per rank (ok, log, output array or None)."""
+    import subprocess
+
+    build_dir = os.path.dirname(trt_double)
+    (tmp_path / "plan").write_bytes(plan)
+    (tmp_path / "inputs").write_bytes(b"".join(np.ascontiguousarray(x).tobytes() for x in xs))
+    env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(build_dir, "host"))
+    out = subprocess.run([os.path.join(build_dir, "double_host_run"), os.path.join(build_dir, "libnvinfer_double_host.so"),
+                          str(tmp_path / "plan"), str(len(xs)), str(tmp_path / "inputs"), str(tmp_path / "outputs")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = (tmp_path / "outputs").read_bytes()
+    results, offset = [], 0
+    for line in out.stdout.splitlines():
+        head, _, log = line.partition(" | ")
+        _, rank, _, shape, status = head.split(" ")
+        dims = [int(d) for d in shape.split(",")] if shape != "-" else []
+        count = int(np.prod(dims)) * xs[0].itemsize
+        array = np.frombuffer(data[offset:offset + count], xs[0].dtype).reshape(dims) if status == "ok" else None
+        offset += count if status == "ok" else 0
+        results.append((status == "ok", log, array))
+    assert len(results) == len(xs)
+    return results
+
+
+def host_cases():
+    for n in (2, 3):
+        for op in reference.OPERATIONS:
+            for groups in (None, list(reversed(range(n)))):
+                for root in ((0, n - 1) if op in ROOTED else (0,)):
+                    yield pytest.param(n, op, groups, root, id=f"{n}ranks-{op}-{'rev' if groups else 'all'}-root{root}")
+
+
+@pytest.mark.parametrize("n,op,groups,root", list(host_cases()))
+@pytest.mark.parametrize("transpose", [False, True], ids=["plain", "transposed"])
+def test_host_run_matches_the_reference(trt_double, tmp_path, n, op, groups, root, transpose):
+    reduce = "sum" if op != "reduce" else "max"
+    shape = [2, 3 * n] if transpose else [3 * n, 2]
+    plan = build(op, nb_ranks=n, shape=shape, reduce=reduce, root=root, groups=groups, transpose=transpose)
+    rng = np.random.default_rng(n * 100 + len(op) + root)
+    xs = [rng.integers(-4, 5, size=shape).astype(np.float32) for _ in range(n)]
+    if transpose:
+        want = reference.collective(op, [np.ascontiguousarray(x.T) for x in xs], reduce=reduce, root=root, groups=groups)
+        want = [None if w is None else np.ascontiguousarray(w.T) for w in want]
+    else:
+        want = reference.collective(op, xs, reduce=reduce, root=root, groups=groups)
+    results = host_run(trt_double, tmp_path, plan, xs)
+    for rank, ((ok, log, got), exp) in enumerate(zip(results, want)):
+        assert ok, f"rank {rank}: {log}"
+        if exp is not None:
+            np.testing.assert_array_equal(got, exp, err_msg=f"rank {rank}")
+
+
+@pytest.mark.parametrize("op", REDUCING)
+@pytest.mark.parametrize("reduce_op", reference.REDUCE_OPERATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "int32"])
+def test_host_run_every_reduce_op(trt_double, tmp_path, op, reduce_op, dtype):
+    plan = build(op, nb_ranks=3, shape=[6, 2], reduce=reduce_op, root=2, dtype=dtype)
+    xs = [np.random.default_rng(r).integers(-4, 5, size=(6, 2)).astype(dtype) for r in range(3)]
+    want = reference.collective(op, xs, reduce=reduce_op, root=2)
+    for rank, ((ok, log, got), exp) in enumerate(zip(host_run(trt_double, tmp_path, plan, xs), want)):
+        assert ok, log
+        if exp is not None:
+            np.testing.assert_array_equal(got, exp, err_msg=f"rank {rank}")
+
+
+@pytest.mark.parametrize("op,root", [("broadcast", 2), ("all_reduce", 0), ("scatter", 0), ("all_to_all", 0), ("gather", 2)])
+def test_host_run_ranks_outside_the_group_keep_their_output(trt_double, tmp_path, op, root):
+    groups = [2, 0]
+    plan = build(op, nb_ranks=3, shape=[4, 2], root=root, groups=groups)
+    xs = [np.random.default_rng(r).integers(-4, 5, size=(4, 2)).astype(np.float32) for r in range(3)]
+    results = host_run(trt_double, tmp_path, plan, xs)
+    want = reference.collective(op, xs, root=root, groups=groups)
+    ok, log, untouched = results[1]
+    assert ok, log
+    assert untouched.tobytes() == b"\xa5" * untouched.nbytes  # rank 1 is not in the group
+    for rank in (0, 2):
+        assert results[rank][0], results[rank][1]
+        if want[rank] is not None:
+            np.testing.assert_array_equal(results[rank][2], want[rank], err_msg=f"rank {rank}")
+
+
+def test_host_run_refuses_a_group_smaller_than_nb_ranks_naming_both(trt_double, tmp_path):
+    """The double's rule: all_gather's nbRanks is the number of ranks taking part."""
+    plan = double.write_plan({
+        "tensors": [{"name": "input", "dtype": "FLOAT", "dims": [2, 2]}, {"name": "output", "dtype": "FLOAT", "dims": [6, 2]}],
+        "inputs": [{"name": "input", "min": [2, 2], "opt": [2, 2], "max": [2, 2]}],
+        "layers": [{"type": "dist_collective", "name": "ag", "input": "input", "output": "output", "nb_ranks": 3,
+                    "op": "all_gather", "reduce": "none", "root": -1, "groups": [0, 1]}],
+        "outputs": [{"name": "output"}],
+        "ranks": 3,
+        "ranks_exact": False,
+    })
+    results = host_run(trt_double, tmp_path, plan, [np.ones((2, 2), np.float32)] * 3)
+    for rank in (0, 1):
+        ok, log, _ = results[rank]
+        assert not ok and "runs over a group of 2 ranks but was built with setNbRanks(3)" in log
+    assert results[2][0]  # not in the group: nothing to do
+
+
+def test_host_run_communicator_of_the_wrong_size_is_refused(trt_double, tmp_path):
+    plan = build("all_reduce", nb_ranks=3, shape=[2, 2])
+    results = host_run(trt_double, tmp_path, plan, [np.ones((2, 2), np.float32)] * 2)
+    for ok, log, _ in results:
+        assert not ok and "built for 3 ranks" in log and "communicator has 2" in log
+
+
+@pytest.mark.parametrize("op", ["all_gather", "reduce_scatter"])
+def test_host_run_grouped_shape_ops_through_mdtrt(trt_double, tmp_path, op):
+    plan = build(op, nb_ranks=3, shape=[4, 2], groups=[2, 0])
+    xs = [np.random.default_rng(r).integers(-4, 5, size=(4, 2)).astype(np.float32) for r in range(3)]
+    want = reference.collective(op, xs, groups=[2, 0])
+    for rank, ((ok, log, got), exp) in enumerate(zip(host_run(trt_double, tmp_path, plan, xs), want)):
+        assert ok, f"rank {rank}: {log}"
+        if exp is not None:
+            np.testing.assert_array_equal(got, exp)
+
+
+@pytest.mark.parametrize("ranks,expected", [(2, "blocked"), (1, "returned")])
+def test_set_communicator_is_collective(trt_double, tmp_path, ranks, expected):
+    """Rank 0 alone in setCommunicator waits for the other ranks of the communicator (which is why
+    mdtrt binds every rank at once): blocked with 2 ranks, done with 1."""
+    import subprocess
+
+    build_dir = os.path.dirname(trt_double)
+    (tmp_path / "plan").write_bytes(build("all_reduce", nb_ranks=ranks, shape=[2, 2]))
+    out = subprocess.run([os.path.join(build_dir, "double_host_run"), os.path.join(build_dir, "libnvinfer_double_host.so"),
+                          str(tmp_path / "plan"), str(ranks), "--bind-alone"],
+                         env=dict(os.environ, LD_LIBRARY_PATH=os.path.join(build_dir, "host")), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.split(" | ")[0] == expected, out.stdout
+
+
+def test_host_run_two_collectives_in_one_network(trt_double, tmp_path):
+    """all_reduce over ranks [2, 0], then all_gather over every rank: two splits, an intermediate
+    tensor between them, rank 1 outside the first group."""
+    plan = double.write_plan({
+        "tensors": [{"name": "input", "dtype": "INT32", "dims": [2, 3]}, {"name": "mid", "dtype": "INT32", "dims": [2, 3]},
+                    {"name": "output", "dtype": "INT32", "dims": [6, 3]}],
+        "inputs": [{"name": "input", "min": [2, 3], "opt": [2, 3], "max": [2, 3]}],
+        "layers": [
+            {"type": "dist_collective", "name": "ar", "input": "input", "output": "mid", "nb_ranks": 2, "op": "all_reduce",
+             "reduce": "sum", "root": -1, "groups": [2, 0]},
+            {"type": "dist_collective", "name": "ag", "input": "mid", "output": "output", "nb_ranks": 3, "op": "all_gather",
+             "reduce": "none", "root": -1, "groups": []},
+        ],
+        "outputs": [{"name": "output"}],
+        "ranks": 3,
+    })
+    xs = [np.random.default_rng(r).integers(-9, 10, size=(2, 3)).astype(np.int32) for r in range(3)]
+    results = host_run(trt_double, tmp_path, plan, xs)
+    summed = xs[0] + xs[2]
+    for rank, (ok, log, got) in enumerate(results):
+        assert ok, log
+        np.testing.assert_array_equal(got[0:2], summed)
+        np.testing.assert_array_equal(got[4:6], summed)
+        # rank 1 took no part in the all_reduce: its intermediate is whatever the context's memory held

@@ -119,7 +119,7 @@ def build_double(build_root: str | os.PathLike | None = None) -> str:
             return str(library)
         steps = [
             [*configure, "-S", str(SOURCE), "-B", str(build), f"-DTensorRT_INCLUDE_DIR={include}",
-             f"-DPython3_EXECUTABLE={sys.executable}"],
+             f"-DPython3_EXECUTABLE={sys.executable}", f"-DPython_EXECUTABLE={sys.executable}"],
             [configure[0], "--build", str(build), "--parallel", "2"],
         ]
         for step in steps:

@@ -2,6 +2,7 @@
 // refusal of setInputShape, setCommunicator and enqueueV3 happens before any CUDA call.
 //   double_context_check LIB PLAN COMMAND...
 // Commands: shape:NAME:D0,D1  get:NAME  address:NAME:OFFSET  comm-null  enqueue  io
+//           inspector (a method the double leaves to its generated stub)
 // Prints one line per command: "<command> -> <result> | <messages the double logged>".
 #include <NvInferRuntime.h>
 #include <dlfcn.h>
@@ -92,6 +93,10 @@ int main(int argc, char** argv) {
                   (engine->getTensorIOMode(name) == nvinfer1::TensorIOMode::kINPUT ? "in" : "out") +
                   dims_string(engine->getTensorShape(name));
       }
+    } else if (parts[0] == "inspector") {
+      nvinfer1::IEngineInspector* inspector = engine->createEngineInspector();
+      result = inspector == nullptr ? "null" : "object";
+      delete inspector;
     } else {
       result = "unknown command";
     }

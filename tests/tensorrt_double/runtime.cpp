@@ -672,6 +672,26 @@ class Runtime : public nvinfer1::IRuntime, public DefaultVRuntime {
       error(logger_, "IRuntime::deserializeCudaEngine: " + why);
       return nullptr;
     }
+    // Hand-written plans (trt_double.write_plan) are checked as the builder checks networks.
+    std::vector<Shape> shapes;
+    bool ok = infer_shapes(plan, {}, shapes, why);
+    for (size_t i = 0; ok && i < plan.layers.size(); ++i)
+      if (plan.layers[i].kind == LayerKind::kShuffle) ok = shuffle_supported(plan.layers[i], shapes[plan.layers[i].input].size(), why);
+    if (!ok) {
+      error(logger_, "IRuntime::deserializeCudaEngine: the plan cannot run: " + why);
+      return nullptr;
+    }
+    // TensorRT's headers: a version-compatible plan includes the lean runtime unless built with
+    // kEXCLUDE_LEAN_RUNTIME, and engines with host executable code load only after
+    // setEngineHostCodeAllowed(true) (default false).
+    auto flag = [&](nvinfer1::BuilderFlag f) { return ((plan.builder_flags >> static_cast<int32_t>(f)) & 1U) != 0; };
+    if (flag(nvinfer1::BuilderFlag::kVERSION_COMPATIBLE) && !flag(nvinfer1::BuilderFlag::kEXCLUDE_LEAN_RUNTIME) &&
+        !host_code_) {
+      error(logger_, "IRuntime::deserializeCudaEngine: the plan embeds the lean runtime (built kVERSION_COMPATIBLE "
+                     "without kEXCLUDE_LEAN_RUNTIME), which is host executable code: call "
+                     "IRuntime::setEngineHostCodeAllowed(true) to load it");
+      return nullptr;
+    }
     return new Engine(logger_, std::move(plan));
   }
   nvinfer1::ILogger* getLogger() const noexcept override { return logger_; }
