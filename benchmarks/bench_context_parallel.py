@@ -10,7 +10,8 @@ Layouts are sequence-first, ``(sequence, batch, heads, head_dim)`` as in the sam
 gathered or all_to_all-ed buffer is already the attention's K/V (a strided view, no copy):
 
 - allgather_kv: all_gather of each rank's packed K/V chunk, then attention over the whole
-  sequence for the rank's queries.
+  sequence for the rank's queries; gathered in ``--kv-head-groups`` pieces of heads, each piece's
+  attention (second stream) overlapping the next piece's gather.
 - ulysses: all_to_all of packed Q/K/V from sequence to head shards (the send buffer is laid out
   heads-chunk-major, as the projection that writes it can do for free), attention over the whole
   sequence for ``H/N`` heads, one copy of the output into the send layout, all_to_all back.
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 20, quick 8, smoke 3)")
     p.add_argument("--ring-blocks", type=int, default=2,
                    help="blocks per rank's K/V chunk in the ring (more: less K/V memory, more merge steps; default 2)")
+    p.add_argument("--kv-head-groups", type=int, default=4,
+                   help="allgather_kv gathers K/V in this many pieces of heads, attending to each piece while the "
+                        "next travels (1: one gather, then attention; default 4)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default 240)")
     return p
 
@@ -81,6 +85,8 @@ def parse_args(argv=None):
         raise SystemExit(f"ulysses splits the heads over the GPUs: --heads {args.heads} is not divisible by {n}")
     if args.smoke and args.heads == 32 and args.head_dim == 128:
         args.heads, args.head_dim = 4, 64
+    if args.kv_head_groups < 1 or args.heads % args.kv_head_groups:
+        raise SystemExit(f"--kv-head-groups {args.kv_head_groups} must divide --heads {args.heads}")
     args.iteration_count = args.iterations or (3 if args.smoke else 8 if args.quick else 20)
     return args
 
@@ -173,27 +179,52 @@ class Strategy:
 
 
 class AllGatherKV(Strategy):
-    def __init__(self, torch, group, st):
+    """K/V gathered in ``head_groups`` pieces of heads: attention is independent per head, so the
+    attention over the heads already gathered runs on a second stream while the next piece travels
+    (the gather of a piece orders itself after the current stream only, which stays idle). Only
+    the first piece's gather is exposed: 1/head_groups of the collective's time."""
+
+    def __init__(self, torch, group, st, head_groups: int = 1):
         super().__init__(torch, group, st)
-        self.q, self.kv_own, self.kv_all = [], [], []
+        self.head_groups = head_groups
+        hg = st.h // head_groups
+        self.q, self.kv_own, self.kv_all, self.streams = [], [], [], []
         for r, gpu in enumerate(st.gpus):
             q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
             self.q.append(st.heads_view(q))
-            self.kv_own.append(torch.stack([k, v], dim=1))  # (S/N, 2, B, H, D)
-            self.kv_all.append(torch.empty((st.s, 2, st.b, st.h, st.d), dtype=torch.float16, device=device(gpu)))
-        self.gather = group.prepare_collective("all_gather", self.kv_own, out=self.kv_all)
-        self.kv_tensors = self.kv_own + self.kv_all
+            kv = torch.stack([k, v], dim=1)  # (S/N, 2, B, H, D)
+            # Per piece g: (S/N, 2, B, H/G, D), contiguous, as the projection writing it could lay it out.
+            self.kv_own.append([kv[:, :, :, g * hg:(g + 1) * hg].contiguous() for g in range(head_groups)])
+            self.kv_all.append([torch.empty((st.s, 2, st.b, hg, st.d), dtype=torch.float16, device=device(gpu))
+                                for _ in range(head_groups)])
+            self.streams.append(torch.cuda.Stream(device=device(gpu)))
+        self.gathers = [group.prepare_collective("all_gather", [own[g] for own in self.kv_own],
+                                                 out=[gathered[g] for gathered in self.kv_all])
+                        for g in range(head_groups)]
+        self.kv_tensors = [t for pieces in self.kv_own + self.kv_all for t in pieces]
         self.out = [None] * st.n
 
     def comm(self):
-        self.gather()
+        for gather in self.gathers:
+            gather()
 
     def run(self):
-        self.gather()
-        for r, gpu in enumerate(self.st.gpus):
-            with self.torch.cuda.device(gpu):
-                kv = self.kv_all[r]
-                self.out[r] = sdpa(self.torch, self.q[r], self.st.heads_view(kv[:, 0]), self.st.heads_view(kv[:, 1]))
+        torch, st = self.torch, self.st
+        hg = st.h // self.head_groups
+        for r, gpu in enumerate(st.gpus):
+            self.streams[r].wait_stream(torch.cuda.current_stream(gpu))
+        parts = [[] for _ in st.gpus]
+        for g, gather in enumerate(self.gathers):
+            gather()  # returns once piece g arrived on every GPU; earlier pieces' attention keeps running
+            for r, gpu in enumerate(st.gpus):
+                with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
+                    kv = self.kv_all[r][g]
+                    parts[r].append(sdpa(torch, self.q[r][:, g * hg:(g + 1) * hg], st.heads_view(kv[:, 0]),
+                                         st.heads_view(kv[:, 1])))
+        for r, gpu in enumerate(st.gpus):
+            torch.cuda.current_stream(gpu).wait_stream(self.streams[r])
+            with torch.cuda.device(gpu):
+                self.out[r] = torch.cat(parts[r], dim=1) if len(parts[r]) > 1 else parts[r][0]
 
     def outputs(self):
         return self.out
@@ -328,7 +359,7 @@ class Ring(Strategy):
 
 def make_strategy(name, torch, group, st, args):
     if name == "allgather_kv":
-        return AllGatherKV(torch, group, st)
+        return AllGatherKV(torch, group, st, args.kv_head_groups)
     if name == "ulysses":
         return Ulysses(torch, group, st)
     return Ring(torch, group, st, args.ring_blocks)
@@ -429,6 +460,7 @@ def run(args) -> dict:
     budget = bl.Deadline(args.timeout or 240)
     result = {"config": {"gpus": args.gpu_list, "heads": args.heads, "head_dim": args.head_dim, "batch": args.batch,
                          "dtype": "float16", "iterations": args.iteration_count, "ring_blocks": args.ring_blocks,
+                         "kv_head_groups": args.kv_head_groups,
                          "strategies": args.strategy_list, "tolerance": [ATOL, RTOL]},
               "method": "CUDA events on every GPU's current stream around each forward pass, median, slowest GPU; "
                         "collectives through DeviceGroup.prepare_collective on preallocated torch buffers; attention "

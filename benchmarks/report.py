@@ -257,7 +257,8 @@ def context_parallel_section(cp: dict, plots: dict, base: str) -> str:
     skipped = "".join(f"\n- sequence {x['sequence']} skipped: {x['reason']}" for x in cp.get("skipped") or [])
     return (title + f"{len(config.get('gpus') or [])} GPUs against one, {config.get('heads')} heads x "
             f"{config.get('head_dim')}, batch {config.get('batch')}, float16, median of {config.get('iterations')} "
-            f"iterations; ring in {config.get('ring_blocks')} blocks per rank's chunk. {cp.get('method', '')}. "
+            f"iterations; ring in {config.get('ring_blocks')} blocks per rank's chunk; allgather_kv gathers in "
+            f"{config.get('kv_head_groups', 1)} pieces of heads. {cp.get('method', '')}. "
             "Collectives: the strategy's collectives run alone (their share is of the whole pass; ring overlaps "
             "them with attention). Peak: torch's peak allocation per GPU above what was allocated before "
             "(one GPU: plus its Q, K, V). K/V: bytes of K and V buffers a rank holds." + skipped + "\n\n"

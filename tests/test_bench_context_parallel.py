@@ -35,6 +35,7 @@ def test_arguments(bench):
     assert bench.parse_args([]).sequence_list == list(bench.DEFAULT_SEQUENCES)
     for bad, message in ((["--gpus", "0"], "at least 2 GPU"), (["--strategies", "tree"], "unknown strategies"),
                          (["--sequences", "1001"], "multiple of GPUs x --ring-blocks"),
+                         (["--kv-head-groups", "5"], "must divide --heads 32"),
                          (["--heads", "3"], "not divisible by 2")):
         with pytest.raises(SystemExit, match=message):
             bench.parse_args(bad)
