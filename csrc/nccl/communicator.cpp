@@ -4,8 +4,8 @@
 
 #include "common/error.h"
 #include "common/interrupt.h"
+#include "common/scoped_device.h"
 #include "nccl/nccl_library.h"
-#include "runtime/cuda_handles.h"
 
 namespace mdtrt {
 namespace {

@@ -117,13 +117,10 @@ struct EngineProgram::RankState {
     // The context holds device memory of this rank's GPU: release it there, context first, the
     // runtime last (TensorRT requires objects to go before the runtime that made them), and the
     // communicator after all of them.
-    int previous = -1;
-    cudaGetDevice(&previous);
-    if (device >= 0) cudaSetDevice(device);
+    ScopedDevice on(device, std::nothrow);
     context.reset();
     engine.reset();
     runtime.reset();
-    if (previous >= 0) cudaSetDevice(previous);
   }
 };
 
