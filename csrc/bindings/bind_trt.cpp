@@ -250,10 +250,9 @@ void bind_backend(py::module_& m) {
 
 }  // namespace
 
-void bind_trt(py::module_& m) {
-  bind_backend(m);
+void bind_trt(py::module_& m) { bind_backend(m); }
 
-  py::module_ testing = m.def_submodule("testing", "Test-only entry points (no GPU needed).");
+void bind_trt_testing(py::module_& testing) {
   testing.def("load_tensorrt", &load_tensorrt_dict, py::arg("extra_dirs") = std::vector<std::string>{},
               py::arg("lean_extra_dirs") = std::vector<std::string>{}, py::arg("require_builder") = false,
               "TensorRT discovery alone (built with or without the backend): the tests' fake libraries.");

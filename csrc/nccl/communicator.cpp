@@ -1,5 +1,6 @@
 #include "nccl/communicator.h"
 
+#include <cstring>
 #include <thread>
 
 #include "common/error.h"
@@ -35,6 +36,15 @@ void nccl_check(nccl::Result r, const char* call, nccl::Comm comm) {
 nccl::UniqueId nccl_unique_id() {
   nccl::UniqueId id{};
   nccl_check(nccl::api().GetUniqueId(&id), "ncclGetUniqueId");
+  return id;
+}
+
+nccl::UniqueId unique_id_from_bytes(const std::string& s) {
+  if (s.size() != sizeof(nccl::UniqueId))
+    throw_invalid_argument("a NCCL unique id is " + std::to_string(sizeof(nccl::UniqueId)) + " bytes, got " +
+                           std::to_string(s.size()));
+  nccl::UniqueId id{};
+  std::memcpy(id.internal, s.data(), sizeof(id.internal));
   return id;
 }
 

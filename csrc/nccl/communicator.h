@@ -20,6 +20,8 @@ namespace mdtrt {
 void nccl_check(nccl::Result r, const char* call, nccl::Comm comm = nullptr);
 
 nccl::UniqueId nccl_unique_id();
+// A unique id from its bytes (as Python holds it); throws kInvalidArgument on a wrong length.
+nccl::UniqueId unique_id_from_bytes(const std::string& bytes);
 
 class Communicator {
  public:
