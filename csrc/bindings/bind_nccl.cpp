@@ -35,7 +35,7 @@ void bind_nccl(py::module_& m) {
         py::dict d;
         d["path"] = info->path;
         d["version_code"] = info->version;
-        d["version"] = nccl::version_string(info->version);
+        d["version"] = version_string(info->version);
         d["found_by"] = info->found_by;
         d["attempts"] = info->attempts;
         return d;
@@ -51,7 +51,7 @@ void bind_nccl(py::module_& m) {
           py::dict d;
           d["path"] = copy.path;
           d["version_code"] = copy.version;
-          d["version"] = nccl::version_string(copy.version);
+          d["version"] = version_string(copy.version);
           out.append(d);
         }
         return out;

@@ -33,11 +33,11 @@ py::dict library_dict(const trt::LibraryInfo& info) {
   py::dict d;
   d["path"] = info.path;
   d["version_code"] = info.version;
-  d["version"] = trt::version_string(info.version);
+  d["version"] = version_string(info.version);
   d["found_by"] = info.found_by;
   d["lean"] = info.lean;
   d["attempts"] = info.attempts;
-  d["header_version"] = trt::header_version() ? trt::version_string(trt::header_version()) : std::string();
+  d["header_version"] = trt::header_version() ? version_string(trt::header_version()) : std::string();
   return d;
 }
 
