@@ -9,7 +9,8 @@ from typing import Any, Mapping, Sequence
 
 from . import _core, arguments
 from .arrays import describe
-from .device_group import DeviceGroup, PreparedCall
+from .device_group import DeviceGroup
+from .prepared_call import PreparedCall
 from .errors import InvalidArgumentError
 
 REPLICATION_MODES = ("auto", "host", "peer", "broadcast")
