@@ -30,7 +30,7 @@ _LAZY = {
     "shard": (".sharding", "shard"),
     "simulate": ("._simulate", "simulate"),
     "run_on_cpu": ("._simulate", "run_on_cpu"),
-    "compare_outputs": ("._simulate", "compare_outputs"),
+    "compare_outputs": (".comparison", "compare_outputs"),
 }
 
 

@@ -264,7 +264,7 @@ def verify_on_cpu(
     Returns
     -------
     tuple
-        The :class:`~mdtrt._simulate.ComparisonReport` of the worst rank, and that rank.
+        The :class:`~mdtrt.comparison.ComparisonReport` of the worst rank, and that rank.
 
     Raises
     ------
