@@ -24,14 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import importlib.util
 import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import _core
 from .errors import InvalidArgumentError, LibraryNotFoundError, MdtrtError
-from .libraries import LoadAttempt, attempts_from
+from .libraries import LoadAttempt, attempts_from, package_dirs
 
 log = logging.getLogger("mdtrt.tensorrt")
 
@@ -71,21 +70,9 @@ def _require_backend() -> None:
         )
 
 
-def _package_dirs(package: str) -> list[str]:
-    """Folders of an installed package, found without importing it (importing ``tensorrt_libs``
-    would preload its libraries behind the loader's back)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return []
-    if spec is None:
-        return []
-    return [os.fspath(p) for p in (spec.submodule_search_locations or []) if os.path.isdir(p)]
-
-
 def wheel_library_dirs() -> tuple[list[str], list[str]]:
     """(full, lean): library folders of the installed ``tensorrt_libs`` and ``tensorrt_lean_libs`` wheels."""
-    return _package_dirs("tensorrt_libs"), _package_dirs("tensorrt_lean_libs")
+    return package_dirs("tensorrt_libs"), package_dirs("tensorrt_lean_libs")
 
 
 def _severity_for(level: int) -> int:
