@@ -114,6 +114,12 @@ void bind_runtime(py::module_& m) {
         return out;
       },
       "Bytes per element of every dtype mdtrt moves, by name.");
+  // The native tables of each name mdtrt accepts (Python derives its lists from these).
+  m.def("collective_ops", &collective_op_names, "The eight DistCollective operations, in TensorRT's order.");
+  m.def("reduce_ops", &reduce_op_names, "Reduce op names; 'none' is for the ops that do not reduce.");
+  m.def("replication_modes", &replication_names, "How an input every rank needs reaches every GPU.");
+  m.def("op_reduces", [](const std::string& op) { return op_reduces(collective_op_from_name(op)); });
+  m.def("op_has_root", [](const std::string& op) { return op_has_root(collective_op_from_name(op)); });
 
   m.def("collective_output_shape", [](const std::string& op, const Shape& shape, int group_size) {
     CollectiveSpec spec;

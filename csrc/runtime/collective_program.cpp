@@ -4,14 +4,22 @@
 #include <set>
 
 #include "common/error.h"
+#include "common/name_table.h"
 #include "nccl/nccl_library.h"
 
 namespace mdtrt {
 namespace {
 
-constexpr const char* kOpNames[] = {"all_reduce", "all_gather",     "broadcast",  "reduce",
-                                    "reduce_scatter", "all_to_all", "gather",     "scatter"};
-constexpr const char* kReduceNames[] = {"sum", "prod", "max", "min", "avg", "none"};
+constexpr NamedValue<CollectiveOp> kOps[] = {
+    {CollectiveOp::kAllReduce, "all_reduce"},         {CollectiveOp::kAllGather, "all_gather"},
+    {CollectiveOp::kBroadcast, "broadcast"},          {CollectiveOp::kReduce, "reduce"},
+    {CollectiveOp::kReduceScatter, "reduce_scatter"}, {CollectiveOp::kAllToAll, "all_to_all"},
+    {CollectiveOp::kGather, "gather"},                {CollectiveOp::kScatter, "scatter"},
+};
+constexpr NamedValue<ReduceOp> kReduceOps[] = {
+    {ReduceOp::kSum, "sum"}, {ReduceOp::kProd, "prod"}, {ReduceOp::kMax, "max"},
+    {ReduceOp::kMin, "min"}, {ReduceOp::kAvg, "avg"},   {ReduceOp::kNone, "none"},
+};
 
 nccl::DataType nccl_type(DType t) {
   switch (t) {
@@ -42,22 +50,12 @@ nccl::RedOp nccl_reduce(ReduceOp op) {
 
 }  // namespace
 
-CollectiveOp collective_op_from_name(const std::string& name) {
-  for (int i = 0; i < 8; ++i)
-    if (name == kOpNames[i]) return static_cast<CollectiveOp>(i);
-  throw_invalid_argument("unknown collective '" + name +
-                         "' (known: all_reduce, all_gather, broadcast, reduce, reduce_scatter, all_to_all, gather, "
-                         "scatter)");
-}
-
-ReduceOp reduce_op_from_name(const std::string& name) {
-  for (int i = 0; i < 6; ++i)
-    if (name == kReduceNames[i]) return static_cast<ReduceOp>(i);
-  throw_invalid_argument("unknown reduce op '" + name + "' (known: sum, prod, max, min, avg, none)");
-}
-
-const char* collective_op_name(CollectiveOp op) { return kOpNames[static_cast<int>(op)]; }
-const char* reduce_op_name(ReduceOp op) { return kReduceNames[static_cast<int>(op)]; }
+CollectiveOp collective_op_from_name(const std::string& name) { return value_from_name(kOps, name, "collective"); }
+ReduceOp reduce_op_from_name(const std::string& name) { return value_from_name(kReduceOps, name, "reduce op"); }
+const char* collective_op_name(CollectiveOp op) { return name_of(kOps, op, "collective"); }
+const char* reduce_op_name(ReduceOp op) { return name_of(kReduceOps, op, "reduce op"); }
+std::vector<std::string> collective_op_names() { return all_names(kOps); }
+std::vector<std::string> reduce_op_names() { return all_names(kReduceOps); }
 
 bool op_reduces(CollectiveOp op) {
   return op == CollectiveOp::kAllReduce || op == CollectiveOp::kReduce || op == CollectiveOp::kReduceScatter;

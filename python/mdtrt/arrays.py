@@ -21,10 +21,9 @@ _LEGACY_DEFAULT_STREAM = 1  # a device's legacy default stream, as CUDA array in
 # Bytes per element, from the one dtype table of the native core (csrc/runtime/dtype.cpp).
 ITEMSIZE: dict[str, int] = dict(_core.dtype_sizes())
 
-_TYPESTR = {
-    "f4": "float32", "f2": "float16", "i4": "int32", "i1": "int8", "u1": "uint8",
-    "i8": "int64", "f8": "float64", "b1": "bool",
-}
+# __cuda_array_interface__ typestr (without byte order) -> name, from numpy's own spelling of each
+# dtype of the core's table (bfloat16 has no typestr).
+_TYPESTR = {np.dtype(name).str[1:]: name for name in ITEMSIZE if name != "bfloat16"}
 
 
 def _bfloat16_dtype():
@@ -185,8 +184,12 @@ class _DLTensor(ctypes.Structure):
 
 
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST = 1, 2, 3
-_DL_TYPES = {(0, 8): "int8", (0, 32): "int32", (0, 64): "int64", (1, 8): "uint8", (2, 16): "float16",
-             (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16", (6, 8): "bool"}
+# DLPack's type codes (dlpack.h DLDataTypeCode) by numpy kind; bfloat16 has a code of its own.
+_DL_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}
+_DL_BFLOAT = 4
+# (DLPack code, bits) -> name, for every dtype of the core's table.
+_DL_TYPES = {((_DL_BFLOAT, 16) if name == "bfloat16" else (_DL_CODES[np.dtype(name).kind], 8 * size)): name
+             for name, size in ITEMSIZE.items()}
 
 
 def _describe_dlpack(x: Any, what: str) -> ArrayRef:

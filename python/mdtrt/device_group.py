@@ -12,13 +12,12 @@ from .errors import InvalidArgumentError
 from .launch import choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
 from .prepared_call import PreparedCall
+from .vocabulary import COLLECTIVES, REDUCE_OPS
+from .vocabulary import REDUCING as _REDUCING
+from .vocabulary import ROOTED as _ROOTED
 
-COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter")
-REDUCE_OPS = ("sum", "prod", "max", "min", "avg")
-_ROOTED = ("broadcast", "reduce", "gather", "scatter")
 # Each cached collective may own a NCCL communicator split off for its group: keep a few.
 _MAX_CACHED_COLLECTIVES = 16
-_REDUCING = ("all_reduce", "reduce", "reduce_scatter")
 
 
 @dataclasses.dataclass(frozen=True)

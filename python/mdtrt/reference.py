@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .vocabulary import COLLECTIVES, REDUCE_OPS, REDUCING, ROOTED
+
 try:  # bfloat16 is only reachable through ml_dtypes; it is optional.
     import ml_dtypes as _ml_dtypes
 
@@ -31,21 +33,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["OPERATIONS", "REDUCE_OPERATIONS", "collective"]
 
 #: Collective operation names, as TensorRT's ONNX parser and polygraphy spell them.
-OPERATIONS = (
-    "all_reduce",
-    "all_gather",
-    "broadcast",
-    "reduce",
-    "reduce_scatter",
-    "all_to_all",
-    "gather",
-    "scatter",
-)
+OPERATIONS = COLLECTIVES
 #: Reduction names accepted by the reducing operations.
-REDUCE_OPERATIONS = ("sum", "prod", "max", "min", "avg")
+REDUCE_OPERATIONS = REDUCE_OPS
 
-_REDUCING_OPERATIONS = frozenset({"all_reduce", "reduce", "reduce_scatter"})
-_ROOTED_OPERATIONS = frozenset({"broadcast", "reduce", "gather", "scatter"})
+_REDUCING_OPERATIONS = REDUCING
+_ROOTED_OPERATIONS = ROOTED
 # Operations that slice or concatenate along dim 0 need at least one dimension.
 _DIM0_OPERATIONS = frozenset({"all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"})
 # Operations whose dim 0 must split evenly over the group.

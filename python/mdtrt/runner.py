@@ -11,9 +11,9 @@ from . import _core, arguments
 from .arrays import describe
 from .device_group import DeviceGroup
 from .prepared_call import PreparedCall
+from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
-REPLICATION_MODES = ("auto", "host", "peer", "broadcast")
 
 
 def _engine_bytes(engine: Any) -> bytes:
