@@ -130,7 +130,6 @@ Shape collective_output_shape(const CollectiveSpec& spec, const Shape& input, in
 
 void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root, const void* in, void* out,
                         DType dtype, const Shape& shape, cudaStream_t stream, const Deadline& deadline) {
-  const auto& api = nccl::api();
   const nccl::DataType type = nccl_type(dtype);
   const size_t count = static_cast<size_t>(element_count(shape));
   const int g = comm.size();
@@ -140,50 +139,48 @@ void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root
   nccl::Comm c = comm.handle();
   switch (spec.op) {
     case CollectiveOp::kAllReduce:
-      comm.check(api.AllReduce(in, out, count, type, nccl_reduce(spec.reduce), c, stream), "ncclAllReduce", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, AllReduce, in, out, count, type, nccl_reduce(spec.reduce), c, stream);
       return;
     case CollectiveOp::kAllGather:
-      comm.check(api.AllGather(in, out, count, type, c, stream), "ncclAllGather", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, AllGather, in, out, count, type, c, stream);
       return;
     case CollectiveOp::kBroadcast:
-      comm.check(api.Broadcast(in, out, count, type, root, c, stream), "ncclBroadcast", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Broadcast, in, out, count, type, root, c, stream);
       return;
     case CollectiveOp::kReduce:
-      comm.check(api.Reduce(in, out, count, type, nccl_reduce(spec.reduce), root, c, stream), "ncclReduce",
-                 deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Reduce, in, out, count, type, nccl_reduce(spec.reduce), root, c, stream);
       return;
     case CollectiveOp::kReduceScatter:
-      comm.check(api.ReduceScatter(in, out, count / g, type, nccl_reduce(spec.reduce), c, stream),
-                 "ncclReduceScatter", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, ReduceScatter, in, out, count / g, type, nccl_reduce(spec.reduce), c, stream);
       return;
     default: break;
   }
   // all_to_all, gather and scatter as grouped point-to-point (works on every NCCL >= 2.19).
   const size_t chunk = spec.op == CollectiveOp::kGather ? count : count / g;
   const int me = comm.rank();
-  comm.check(api.GroupStart(), "ncclGroupStart", deadline);
+  MDTRT_NCCL_CHECK_ON(comm, deadline, GroupStart);
   try {
     if (spec.op == CollectiveOp::kAllToAll) {
       for (int peer = 0; peer < g; ++peer) {
-        comm.check(api.Send(src + peer * chunk * esize, chunk, type, peer, c, stream), "ncclSend", deadline);
-        comm.check(api.Recv(dst + peer * chunk * esize, chunk, type, peer, c, stream), "ncclRecv", deadline);
+        MDTRT_NCCL_CHECK_ON(comm, deadline, Send, src + peer * chunk * esize, chunk, type, peer, c, stream);
+        MDTRT_NCCL_CHECK_ON(comm, deadline, Recv, dst + peer * chunk * esize, chunk, type, peer, c, stream);
       }
     } else if (spec.op == CollectiveOp::kGather) {
-      comm.check(api.Send(src, chunk, type, root, c, stream), "ncclSend", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Send, src, chunk, type, root, c, stream);
       if (me == root)
         for (int peer = 0; peer < g; ++peer)
-          comm.check(api.Recv(dst + peer * chunk * esize, chunk, type, peer, c, stream), "ncclRecv", deadline);
+          MDTRT_NCCL_CHECK_ON(comm, deadline, Recv, dst + peer * chunk * esize, chunk, type, peer, c, stream);
     } else {  // scatter
       if (me == root)
         for (int peer = 0; peer < g; ++peer)
-          comm.check(api.Send(src + peer * chunk * esize, chunk, type, peer, c, stream), "ncclSend", deadline);
-      comm.check(api.Recv(dst, chunk, type, root, c, stream), "ncclRecv", deadline);
+          MDTRT_NCCL_CHECK_ON(comm, deadline, Send, src + peer * chunk * esize, chunk, type, peer, c, stream);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Recv, dst, chunk, type, root, c, stream);
     }
   } catch (...) {
-    api.GroupEnd();
+    MDTRT_NCCL_IGNORE(GroupEnd);
     throw;
   }
-  comm.check(api.GroupEnd(), "ncclGroupEnd", deadline);
+  MDTRT_NCCL_CHECK_ON(comm, deadline, GroupEnd);
 }
 
 CollectiveProgram::CollectiveProgram(CollectiveSpec spec, DType dtype, int world_size, int num_local_ranks)

@@ -68,9 +68,8 @@ void RankSynchronizingAllReduceProgram::enqueue(RankContext& ctx, const std::vec
                                                 const std::vector<TensorView>& outputs) {
   if (ctx.rank == sync_rank_) MDTRT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
   const auto count = static_cast<size_t>(element_count(inputs.at(0).shape));
-  ctx.world->check(nccl::api().AllReduce(inputs[0].data, outputs.at(0).data, count, nccl::kFloat32, nccl::kSum,
-                                         ctx.world->handle(), ctx.stream),
-                   "ncclAllReduce", ctx.deadline);
+  MDTRT_NCCL_CHECK_ON(*ctx.world, ctx.deadline, AllReduce, inputs[0].data, outputs.at(0).data, count,
+                      nccl::kFloat32, nccl::kSum, ctx.world->handle(), ctx.stream);
 }
 
 void AlignedCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
