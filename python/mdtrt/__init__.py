@@ -7,6 +7,7 @@ Importing mdtrt needs no GPU, no NCCL and no TensorRT: those are found at run ti
 from __future__ import annotations
 
 from . import _core
+from . import errors
 from .errors import (
     CudaError,
     InvalidArgumentError,
@@ -69,11 +70,5 @@ __all__ = [
     "build_info",
     "nccl_library",
     "NcclLibrary",
-    "MdtrtError",
-    "InvalidArgumentError",
-    "LibraryNotFoundError",
-    "NcclError",
-    "CudaError",
-    "TensorRTError",
-    "RankTimeoutError",
+    *errors.__all__,
 ]
