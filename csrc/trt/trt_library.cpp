@@ -237,28 +237,30 @@ void require_builder() {
   }
 }
 
-void* create_runtime(void* logger, int32_t version) {
-  load_library();
+namespace {
+
+// Calls the loaded library's create function `which` (TensorRT loaded, NCCL loaded before it).
+void* create_object(CreateFn Library::*which, void* logger, int32_t version) {
   Library& st = library();
   CreateFn create = nullptr;
   {
     std::lock_guard<std::mutex> lock(st.mutex);
     ensure_nccl(st);
-    create = st.create_runtime;
+    create = st.*which;
   }
   return object_or_null(create(logger, version));
 }
 
+}  // namespace
+
+void* create_runtime(void* logger, int32_t version) {
+  load_library();
+  return create_object(&Library::create_runtime, logger, version);
+}
+
 void* create_builder(void* logger, int32_t version) {
   require_builder();
-  Library& st = library();
-  CreateFn create = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(st.mutex);
-    ensure_nccl(st);
-    create = st.create_builder;
-  }
-  return object_or_null(create(logger, version));
+  return create_object(&Library::create_builder, logger, version);
 }
 
 std::string nccl_warning() {
