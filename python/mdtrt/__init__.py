@@ -50,8 +50,16 @@ __version__ = _core.build_info()["version"]
 
 
 def build_info() -> dict:
-    """How this mdtrt was built: version, compiler, CUDA version (e.g. 13000), whether the
-    TensorRT backend was compiled in and why (or why not)."""
+    """How this mdtrt was built.
+
+    Returns
+    -------
+    dict
+        ``version`` (str), ``compiler`` (str), ``cuda_version`` (int, CUDART_VERSION of the headers,
+        e.g. 13000), ``tensorrt_backend`` (bool: compiled with TensorRT headers),
+        ``tensorrt_include_dir`` (str, "" without the backend) and ``tensorrt_reason`` (str: why the
+        backend is or is not there).
+    """
     return dict(_core.build_info())
 
 

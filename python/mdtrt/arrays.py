@@ -39,6 +39,13 @@ _DTYPE_OBJECTS: dict = {}
 
 
 def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of mdtrt's dtype ``name`` (``ml_dtypes.bfloat16`` for "bfloat16").
+
+    Raises
+    ------
+    InvalidArgumentError
+        "bfloat16" without the ml_dtypes package installed.
+    """
     dtype = _DTYPE_OBJECTS.get(name)
     if dtype is None:
         dtype = _DTYPE_OBJECTS[name] = _bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
@@ -71,6 +78,7 @@ class ArrayRef:
 
     @property
     def nbytes(self) -> int:
+        """Size of the viewed data in bytes (elements x bytes per element)."""
         count = 1
         for d in self.shape:
             count *= d
@@ -244,10 +252,12 @@ class DeviceArray:
 
     @property
     def ptr(self) -> int:
+        """Device address of the first element, as an integer."""
         return self._buffer.ptr
 
     @property
     def nbytes(self) -> int:
+        """Size in bytes (elements x bytes per element of ``dtype``)."""
         return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
 
     @property
@@ -259,6 +269,16 @@ class DeviceArray:
                 "strides": None, "stream": None}
 
     def numpy(self) -> np.ndarray:
+        """A host copy, shape ``shape`` and dtype ``dtype`` (``ml_dtypes.bfloat16`` for bfloat16).
+
+        Blocks until the copy is done; it is ordered after work on the device's legacy default stream
+        only, so wait for other streams writing this array first.
+
+        Raises
+        ------
+        CudaError
+            The copy failed (the device is not usable, the memory was freed).
+        """
         raw = _core.copy_device_to_host(self.ptr, self.device, self.nbytes)
         return raw.view(numpy_dtype(self.dtype)).reshape(self.shape)
 

@@ -104,6 +104,7 @@ class AttentionConfig:
 
     @property
     def numpy_dtype(self) -> np.dtype:
+        """The numpy dtype of ``dtype`` (float16 or float32)."""
         return np.dtype(_DTYPES[self.dtype])
 
 

@@ -13,6 +13,10 @@ __all__ = ["compare_outputs", "ComparisonReport", "OutputComparison"]
 
 @dataclass
 class OutputComparison:
+    """One output's verdict: ``passed``, the largest absolute error, that error over the largest
+    reference magnitude (``max_rel_error``), and ``detail``: why it failed without a number (missing
+    output, wrong shape, non-finite values), else "".
+    """
     name: str
     passed: bool
     max_abs_error: float
@@ -31,9 +35,11 @@ class ComparisonReport:
 
     @property
     def passed(self) -> bool:
+        """Whether every output passed."""
         return all(o.passed for o in self.outputs)
 
     def format(self, label: str = "multi-device vs single-device") -> str:
+        """A human-readable report: a header with the pass rule, then one PASS/FAIL line per output."""
         lines = [f"{label} (pass: max abs error <= {self.atol:g} + {self.rtol:g} * max |reference|):"]
         for o in self.outputs:
             verdict = "PASS" if o.passed else "FAIL"

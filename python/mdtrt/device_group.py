@@ -38,6 +38,8 @@ class Communicator:
     _local: int = dataclasses.field(repr=False, compare=False)
 
     def capsule(self):
+        """A PyCapsule named "ncclComm_t" holding this communicator (and keeping it alive), for
+        TensorRT's Python ``IExecutionContext.set_communicator``."""
         return self._native.comm_capsule(self._local)
 
 
@@ -117,18 +119,24 @@ class DeviceGroup:
 
     @property
     def gpus(self) -> list[int]:
+        """CUDA device index of each local rank (``gpus[i]``: local rank ``i``).
+
+        Raises :class:`InvalidArgumentError` once the group is closed (as every property does)."""
         return list(self._live()._native.devices)
 
     @property
     def ranks(self) -> list[int]:
+        """World rank of each local rank."""
         return list(self._live()._native.ranks)
 
     @property
     def world_size(self) -> int:
+        """Number of ranks in the world, over all processes."""
         return self._live()._native.world_size
 
     @property
     def timeout(self) -> float:
+        """Seconds every blocking step of this group may wait before it raises RankTimeoutError."""
         return self._live()._native.timeout
 
     def __len__(self) -> int:
@@ -136,11 +144,14 @@ class DeviceGroup:
 
     @property
     def peer_access(self) -> list[list[bool]]:
+        """``peer_access[a][b]``: local rank ``a``'s GPU can access local rank ``b``'s memory directly
+        (NVLink or PCIe peer-to-peer), as an n x n list for the group's n local ranks."""
         n = len(self)
         return [[self._native.peer_access(a, b) for b in range(n)] for a in range(n)]
 
     @property
     def communicators(self) -> list[Communicator]:
+        """One :class:`Communicator` (world NCCL communicator) per local rank, in local-rank order."""
         native = self._live()._native
         return [Communicator(r, d, native.comm_ptr(i), native, i) for i, (r, d) in enumerate(zip(native.ranks, native.devices))]
 
@@ -286,25 +297,83 @@ class DeviceGroup:
         return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
 
     def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+        """Element-wise ``reduce`` (sum, prod, max, min, avg) of the group's inputs, on every member.
+
+        Every member's input has shape ``(N, ...)``; every member gets the reduction, shape
+        ``(N, ...)``, same dtype.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("all_reduce", inputs, reduce=reduce, groups=groups, **kw)
 
     def all_gather(self, inputs, *, groups=None, **kw) -> list:
+        """The group's inputs concatenated along the first dimension, in group-rank order, on every member.
+
+        Inputs of shape ``(N, ...)`` on ``G`` members give ``(G * N, ...)`` on each.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("all_gather", inputs, groups=groups, **kw)
 
     def broadcast(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        """World rank ``root``'s input, shape ``(N, ...)``, on every member of the group.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("broadcast", inputs, root=root, groups=groups, **kw)
 
     def reduce(self, inputs, *, reduce: str = "sum", root: int = 0, groups=None, **kw) -> list:
+        """Element-wise ``reduce`` of the group's inputs, on world rank ``root`` only.
+
+        Inputs of shape ``(N, ...)``; ``root`` gets ``(N, ...)``, the other members None.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("reduce", inputs, reduce=reduce, root=root, groups=groups, **kw)
 
     def reduce_scatter(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+        """Element-wise ``reduce`` of the group's inputs, split along the first dimension.
+
+        Inputs of shape ``(N, ...)`` with ``N`` divisible by the group size ``G``: group rank ``i``
+        gets rows ``i * N / G`` to ``(i + 1) * N / G`` of the reduction, shape ``(N / G, ...)``.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("reduce_scatter", inputs, reduce=reduce, groups=groups, **kw)
 
     def all_to_all(self, inputs, *, groups=None, **kw) -> list:
+        """Chunk exchange: group rank ``i`` gets chunk ``i`` of every member's input, in group-rank order.
+
+        Inputs of shape ``(N, ...)`` with ``N`` divisible by the group size ``G`` (chunks of
+        ``N / G`` rows); every member gets ``(N, ...)``.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("all_to_all", inputs, groups=groups, **kw)
 
     def gather(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        """The group's inputs concatenated along the first dimension, in group-rank order, on ``root`` only.
+
+        Inputs of shape ``(N, ...)`` on ``G`` members; ``root`` gets ``(G * N, ...)``, the others None.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("gather", inputs, root=root, groups=groups, **kw)
 
     def scatter(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        """World rank ``root``'s input split along the first dimension: group rank ``i`` gets chunk ``i``.
+
+        ``root``'s input has shape ``(N, ...)`` with ``N`` divisible by the group size ``G``; every
+        member gets ``(N / G, ...)`` (the other members' inputs give only shape and dtype).
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("scatter", inputs, root=root, groups=groups, **kw)

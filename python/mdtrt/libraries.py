@@ -10,6 +10,10 @@ import os
 
 @dataclasses.dataclass(frozen=True)
 class LoadAttempt:
+    """One candidate a library search tried: the search ``rule`` that produced it, the ``candidate``
+    passed to dlopen, whether it ``loaded``, and the loader's ``message`` (dlerror text, a missing
+    symbol, a refused version, or "ok").
+    """
     rule: str
     candidate: str
     loaded: bool

@@ -39,22 +39,51 @@ class EngineRunner:
     whose ``setCommunicator`` fails raises an error naming it: such an engine's collectives would
     silently do nothing.
 
-    ``engine``: serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank;
-    ``engines``: one per local rank instead (weight-sharded engines);
-    ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks); an
-    engine program (``mdtrt.tensorrt.engine_program``) runs in one runner only, a second raises
-    :class:`mdtrt.InvalidArgumentError`.
-    ``cuda_graph=True``: each rank captures the engine's enqueue into a CUDA graph the second time
-    it runs on the same buffers and shapes, and replays it from then on (one launch instead of one
-    per kernel, for small latency-bound engines); new buffers or shapes are run uncaptured once,
-    then captured again. Pair it with ``prepare()`` or ``outputs=`` so the buffers stay the same.
-    Input shapes are set on TensorRT only when they change. When a capture fails on any rank, no
-    rank has launched anything yet: every rank runs that call without graphs, the runner stays
-    without them from then on, and one ``RuntimeWarning`` says why.
-    ``allow_host_code=True``: let TensorRT load plans carrying host code (version-compatible plans
-    that embed the lean runtime; ``IRuntime::setEngineHostCodeAllowed``). Off by default, as in
-    TensorRT: it runs code from the plan file.
+    Parameters
+    ----------
+    group : DeviceGroup
+        The GPUs to run on (one rank each).
+    engine : bytes, buffer or path, optional
+        Serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank.
+    engines : sequence, optional
+        One engine per local rank instead (weight-sharded engines).
+    program : _core.RankProgram, optional
+        A native program run through the same path (tests, benchmarks); an engine program
+        (``mdtrt.tensorrt.engine_program``) runs in one runner only, a second raises
+        :class:`mdtrt.InvalidArgumentError`.
+    multi_device : bool
+        Attach the world communicator to each rank's context (engines with DistCollective layers);
+        False runs a single-device engine on every rank independently.
+    replication : str
+        How an input every rank needs reaches every GPU: auto, host, peer or broadcast
+        (:data:`mdtrt.vocabulary.REPLICATION_MODES`); a call's ``replication=`` overrides it.
+    sequential_bind : bool
+        Bind ranks one after another (only to show that a collective bind then deadlocks).
+    cuda_graph : bool
+        Each rank captures the engine's enqueue into a CUDA graph the second time it runs on the
+        same buffers and shapes, and replays it from then on (one launch instead of one per kernel,
+        for small latency-bound engines); new buffers or shapes are run uncaptured once, then
+        captured again. Pair it with ``prepare()`` or ``outputs=`` so the buffers stay the same.
+        Input shapes are set on TensorRT only when they change. When a capture fails on any rank,
+        no rank has launched anything yet: every rank runs that call without graphs, the runner
+        stays without them from then on, and one ``RuntimeWarning`` says why.
+    allow_host_code : bool
+        Let TensorRT load plans carrying host code (version-compatible plans that embed the lean
+        runtime; ``IRuntime::setEngineHostCodeAllowed``). Off by default, as in TensorRT: it runs
+        code from the plan file.
 
+    Raises
+    ------
+    InvalidArgumentError
+        Arguments of the wrong type or value (the group first, then the engine), or an engine
+        program already used by another runner.
+    TensorRTError
+        An engine this TensorRT and GPU cannot load, or a rank whose ``setCommunicator`` failed.
+    RankTimeoutError
+        A rank did not finish binding within the group's timeout.
+
+    Notes
+    -----
     The runner keeps what it runs on alive; once ``group.close()`` was called, every call raises
     :class:`mdtrt.MdtrtError` ("the DeviceGroup was closed").
     """
@@ -106,6 +135,7 @@ class EngineRunner:
 
     @property
     def input_names(self) -> list[str]:
+        """The engine's input tensor names, in the engine's order (the keys ``infer`` takes)."""
         return [name for name, _, _ in self._inputs]
 
     @property
