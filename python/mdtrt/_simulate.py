@@ -429,6 +429,21 @@ def run_on_cpu(
     progress: bool = True,
     threads: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run a single-device model on the CPU (the reference for :func:`simulate`): ``simulate``
-    with one rank, the same arguments and errors; returns output name to numpy array."""
+    """Run a single-device model on the CPU (the reference for :func:`simulate`).
+
+    Parameters
+    ----------
+    model, inputs, backend, progress, threads
+        As for :func:`simulate` (which this is, with one rank).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Output name to array, shapes and dtypes as the model defines them.
+
+    Raises
+    ------
+    InvalidArgumentError, MdtrtError
+        As :func:`simulate` does.
+    """
     return simulate(model, inputs, 1, backend=backend, progress=progress, threads=threads)[0]

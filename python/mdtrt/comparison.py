@@ -60,9 +60,28 @@ def compare_outputs(
     atol: float,
     rtol: float,
 ) -> ComparisonReport:
-    """Compare ``actual`` to ``expected`` output by output. The relative error is the max
-    absolute error over the largest reference magnitude, which stays meaningful where
-    individual reference values are near zero."""
+    """Compare ``actual`` to ``expected`` output by output.
+
+    An output passes when ``max|actual - expected| <= atol + rtol * max|expected|`` (computed in
+    float64) and it is non-finite exactly where the reference is. The relative error reported is
+    the max absolute error over the largest reference magnitude, which stays meaningful where
+    individual reference values are near zero.
+
+    Parameters
+    ----------
+    expected : mapping of str to array
+        The reference outputs by name (any numeric dtype numpy can convert to float64).
+    actual : mapping of str to array
+        The outputs to check; an output of ``expected`` missing here, or of another shape, fails.
+        Extra outputs are ignored.
+    atol, rtol : float
+        Absolute tolerance (in the outputs' units) and tolerance relative to ``max|expected|``.
+
+    Returns
+    -------
+    ComparisonReport
+        One :class:`OutputComparison` per expected output; ``report.passed`` when all pass.
+    """
     results = []
     for name, want in expected.items():
         if name not in actual:

@@ -211,9 +211,25 @@ class EngineRunner:
     def prepare(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
                 poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
                 outputs: Mapping[str, Sequence[Any]] | None = None):
-        """The same call as ``infer`` with its arguments checked and converted once: the returned
-        callable runs the engine again on the same buffers (refill them in place between calls),
-        for latency-bound loops. It returns what ``infer`` would."""
+        """The same call as ``infer`` with its arguments checked and converted once, for
+        latency-bound loops.
+
+        Parameters
+        ----------
+        inputs, all_ranks, poison_outputs, replication, timeout, outputs
+            As for :meth:`infer`.
+
+        Returns
+        -------
+        callable
+            Called with no arguments, it runs the engine again on the same buffers (refill them in
+            place between calls) and returns what ``infer`` would.
+
+        Raises
+        ------
+        InvalidArgumentError
+            As ``infer`` does, when preparing (before any rank runs anything).
+        """
         n = len(self.group)
         all_ranks = arguments.flag(all_ranks, "all_ranks")
         poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
@@ -258,8 +274,28 @@ class EngineRunner:
         return lambda: call()[0]
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
-        """Milliseconds of each of ``iterations`` complete calls (inputs in, outputs back), after
-        ``warmup`` untimed calls. A call returns only when every rank has finished."""
+        """Wall-clock time of complete ``infer`` calls (inputs in, outputs back).
+
+        Parameters
+        ----------
+        inputs
+            As for :meth:`infer`; ``**kw`` are passed to it too.
+        iterations : int
+            Timed calls (at least 1).
+        warmup : int
+            Untimed calls first (at least 0).
+
+        Returns
+        -------
+        list of float
+            Milliseconds of each timed call, in call order. A call returns only when every rank
+            has finished.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``iterations`` or ``warmup`` out of range, or what ``infer`` raises.
+        """
         iterations = arguments.integer(iterations, "iterations", minimum=1)
         warmup = arguments.integer(warmup, "warmup", minimum=0)
         for _ in range(warmup):
