@@ -367,27 +367,6 @@ def make_strategy(name, torch, group, st, args):
 
 # -- timing -------------------------------------------------------------------------------------
 
-def time_ms(torch, gpus, fn, iterations: int, warmup: int = 2) -> list[float]:
-    """Milliseconds of each call of fn, from CUDA events on every GPU's current stream (start
-    before the call, end after it; fn leaves its work ordered before the end event), slowest GPU."""
-    for _ in range(warmup):
-        fn()
-    pairs = []
-    for _ in range(iterations):
-        events = []
-        for gpu in gpus:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(torch.cuda.current_stream(gpu))
-            events.append((start, end, gpu))
-        fn()
-        for _, end, gpu in events:
-            end.record(torch.cuda.current_stream(gpu))
-        pairs.append(events)
-    for gpu in gpus:
-        torch.cuda.synchronize(gpu)
-    return [max(start.elapsed_time(end) for start, end, _ in events) for events in pairs]
-
-
 def peak_bytes(torch, gpus, baseline) -> list[int]:
     """Peak bytes torch allocated on each GPU since reset_peaks, above what was allocated then."""
     return [int(torch.cuda.max_memory_allocated(gpu)) - base for gpu, base in zip(gpus, baseline)]
@@ -412,6 +391,8 @@ def compare(torch, reference, outputs, st) -> dict:
 
 
 def measure_sequence(torch, mdtrt, group, args, sequence: int) -> dict:
+    from mdtrt.cuda_timing import event_times_ms as time_ms
+
     gpus = args.gpu_list
     st = Setup(torch, gpus, sequence, args.batch, args.heads, args.head_dim)
     point = {"sequence": sequence, "strategies": {}}

@@ -10,7 +10,7 @@ import pytest
 
 import mdtrt
 from mdtrt.arrays import ArrayRef, describe
-from mdtrt.device_group import PreparedCall
+from mdtrt.prepared_call import PreparedCall
 from mdtrt.runner import EngineRunner
 
 
@@ -152,7 +152,7 @@ def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
             return [SimpleNamespace(outputs=[("y", "float16", (3, 2))], host=[], device=[f"pooled{r}"])
                     for r in range(self.ranks)]
 
-    import mdtrt.device_group as dg
+    import mdtrt.prepared_call as pc
 
     def fake_factory(specs, devices):
         def allocate():
@@ -165,8 +165,8 @@ def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
     native = SpecStub()
     cache: dict = {}
     x = [ArrayRef(0x100 * (r + 1), r, "float16", (3, 2), FakeTensor(), "torch", 7) for r in range(2)]
-    monkeypatch.setattr(dg, "torch_output_factory", fake_factory)
-    monkeypatch.setattr(dg, "wrap_device_output", lambda buffer, dtype, shape, like: buffer)
+    monkeypatch.setattr(pc, "torch_output_factory", fake_factory)
+    monkeypatch.setattr(pc, "wrap_device_output", lambda buffer, dtype, shape, like: buffer)
     call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], spec_cache=cache)
     first = call()
     assert [o["y"] for o in first] == ["pooled0", "pooled1"] and native.calls[0][6] == []

@@ -3,9 +3,8 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
-#include "runtime/cuda_handles.h"
-
 #include "bindings/modules.h"
+#include "common/cuda_check.h"
 #include "runtime/devices.h"
 
 namespace py = pybind11;
@@ -55,15 +54,9 @@ void bind_info(py::module_& m) {
   });
   m.def("visible_gpu_count", &visible_gpu_count);
 
-  m.def("pointer_device", [](uintptr_t ptr) {
-    // -1 for host memory (pageable or pinned), else the CUDA device that owns the allocation.
-    cudaPointerAttributes attr{};
-    if (cudaPointerGetAttributes(&attr, reinterpret_cast<void*>(ptr)) != cudaSuccess) {
-      cudaGetLastError();
-      return -1;
-    }
-    return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
-  });
+  m.def(
+      "pointer_device", [](uintptr_t ptr) { return pointer_device(reinterpret_cast<const void*>(ptr)); },
+      "-1 for host memory (pageable or pinned), else the CUDA device that owns the allocation.");
   // The calling thread's current device (DLPack producers export for the current device's streams).
   m.def("current_device", [] {
     int device = 0;
@@ -76,8 +69,7 @@ void bind_info(py::module_& m) {
     void* dst = out.mutable_data();
     {
       py::gil_scoped_release release;
-      ScopedDevice on(device);
-      MDTRT_CUDA_CHECK(cudaMemcpy(dst, reinterpret_cast<void*>(ptr), nbytes, cudaMemcpyDeviceToHost));
+      copy_device_to_host(dst, reinterpret_cast<const void*>(ptr), device, nbytes);
     }
     return out;
   });

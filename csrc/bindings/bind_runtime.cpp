@@ -1,34 +1,21 @@
-// Bindings of the rank runtime: DeviceGroup, programs, ProgramRunner, and test-only helpers.
+// Bindings of the rank runtime: DeviceGroup, programs, ProgramRunner.
 // Arguments are converted while holding the GIL; every blocking call releases it.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <cstring>
 #include <optional>
 
 #include "bindings/modules.h"
 #include "common/error.h"
-#include "nccl/unique_id_file.h"
 #include "runtime/collective_program.h"
 #include "runtime/device_group.h"
 #include "runtime/program_runner.h"
-#include "runtime/test_programs.h"
 
 namespace py = pybind11;
 
 namespace mdtrt::bindings {
 namespace {
-
-nccl::UniqueId unique_id_from_bytes(const py::bytes& b) {
-  std::string s = b;
-  if (s.size() != sizeof(nccl::UniqueId))
-    throw_invalid_argument("a NCCL unique id is " + std::to_string(sizeof(nccl::UniqueId)) + " bytes, got " +
-                           std::to_string(s.size()));
-  nccl::UniqueId id{};
-  std::memcpy(id.internal, s.data(), sizeof(id.internal));
-  return id;
-}
 
 InferOptions infer_options(const std::string& replication, bool poison_outputs, const std::vector<int>& fetch_ranks,
                            bool device_outputs, double timeout, std::vector<std::vector<OutputArg>> outputs) {
@@ -48,74 +35,9 @@ py::list specs_to_list(const std::vector<TensorSpec>& specs) {
   return out;
 }
 
-// Holds a RankRuntime without GPUs, for the CPU tests of the runtime.
-void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {
-  std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
-  for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
-  RankRuntime runtime(devices, ranks, num_ranks);
-  std::vector<std::shared_ptr<RankProgram>> programs;
-  if (program == "barrier") {
-    auto barrier = std::make_shared<BarrierBindProgram>(num_ranks);
-    programs.assign(num_ranks, barrier);
-  } else if (program == "fail") {
-    programs.assign(num_ranks, std::make_shared<FailingBindProgram>(fail_rank, "injected failure"));
-  } else {
-    throw_invalid_argument("unknown test program " + program);
-  }
-  bind_programs(runtime, programs, timeout, sequential);
-}
-
 }  // namespace
 
 void bind_runtime(py::module_& m) {
-  m.def("nccl_unique_id", [] {
-    nccl::UniqueId id = nccl_unique_id();
-    return py::bytes(id.internal, sizeof(id.internal));
-  });
-
-  m.def(
-      "exchange_unique_id_via_file",
-      [](const std::string& path, int rank, double timeout, const std::string& run_token) {
-        nccl::UniqueId id{};
-        {
-          py::gil_scoped_release release;
-          id = exchange_unique_id_via_file(path, rank, Deadline::after_seconds(timeout), run_token);
-        }
-        return py::bytes(id.internal, sizeof(id.internal));
-      },
-      py::arg("path"), py::arg("rank"), py::arg("timeout"), py::arg("run_token") = "",
-      "Rank 0 writes a new NCCL unique id to `path` (replacing an earlier run's file); other ranks wait for "
-      "this run's id (`run_token`: the launcher's run id, or empty).");
-  m.def(
-      "remove_unique_id_file",
-      [](const std::string& path, const py::bytes& id) { remove_unique_id_file(path, unique_id_from_bytes(id)); },
-      py::arg("path"), py::arg("unique_id"), "Removes the id file when it still holds `unique_id`.");
-
-  m.def(
-      "publish_shared_bytes",
-      [](const std::string& path, const py::bytes& run, const py::bytes& data) {
-        std::string s = data;
-        nccl::UniqueId id = unique_id_from_bytes(run);
-        py::gil_scoped_release release;
-        publish_shared_bytes(path, id, std::vector<uint8_t>(s.begin(), s.end()));
-      },
-      py::arg("path"), py::arg("run"), py::arg("data"),
-      "Rank 0: write `data` to `path`, tagged with the run's NCCL id (through a temporary file and rename).");
-  m.def(
-      "try_read_shared_bytes",
-      [](const std::string& path, const py::bytes& run) -> py::object {
-        nccl::UniqueId id = unique_id_from_bytes(run);
-        std::optional<std::vector<uint8_t>> data;
-        {
-          py::gil_scoped_release release;
-          data = try_read_shared_bytes(path, id);
-        }
-        if (!data) return py::none();
-        return py::bytes(reinterpret_cast<const char*>(data->data()), data->size());
-      },
-      py::arg("path"), py::arg("run"),
-      "The bytes rank 0 published at `path` for this run, or None while they are not there.");
-
   py::class_<DeviceGroup, std::shared_ptr<DeviceGroup>>(m, "DeviceGroup")
       .def_static(
           "create_local",
@@ -128,7 +50,7 @@ void bind_runtime(py::module_& m) {
           "create_member",
           [](const std::vector<int>& devices, const std::vector<int>& ranks, int world_size, const py::bytes& id,
              double timeout) {
-            nccl::UniqueId uid = unique_id_from_bytes(id);
+            nccl::UniqueId uid = unique_id_from_bytes(std::string(id));
             py::gil_scoped_release release;
             return std::shared_ptr<DeviceGroup>(DeviceGroup::create_member(devices, ranks, world_size, uid, timeout));
           },
@@ -192,6 +114,12 @@ void bind_runtime(py::module_& m) {
         return out;
       },
       "Bytes per element of every dtype mdtrt moves, by name.");
+  // The native tables of each name mdtrt accepts (Python derives its lists from these).
+  m.def("collective_ops", &collective_op_names, "The eight DistCollective operations, in TensorRT's order.");
+  m.def("reduce_ops", &reduce_op_names, "Reduce op names; 'none' is for the ops that do not reduce.");
+  m.def("replication_modes", &replication_names, "How an input every rank needs reaches every GPU.");
+  m.def("op_reduces", [](const std::string& op) { return op_reduces(collective_op_from_name(op)); });
+  m.def("op_has_root", [](const std::string& op) { return op_has_root(collective_op_from_name(op)); });
 
   m.def("collective_output_shape", [](const std::string& op, const Shape& shape, int group_size) {
     CollectiveSpec spec;
@@ -326,80 +254,6 @@ void bind_runtime(py::module_& m) {
             return results;
           },
           py::arg("outputs"), "The same call, writing into these output buffers.");
-
-  py::module_ testing = m.def_submodule("testing", "Test-only entry points of the rank runtime (no GPU needed).");
-  py::class_<CopyProgram, RankProgram, std::shared_ptr<CopyProgram>>(testing, "CopyProgram")
-      .def(py::init([](const std::string& dtype) { return std::make_shared<CopyProgram>(dtype_from_name(dtype)); }),
-           py::arg("dtype"));
-  py::class_<SynchronizingCopyProgram, RankProgram, std::shared_ptr<SynchronizingCopyProgram>>(
-      testing, "SynchronizingCopyProgram")
-      .def(py::init([](const std::string& dtype) {
-             return std::make_shared<SynchronizingCopyProgram>(dtype_from_name(dtype));
-           }),
-           py::arg("dtype"));
-  py::class_<RankSynchronizingAllReduceProgram, RankProgram, std::shared_ptr<RankSynchronizingAllReduceProgram>>(
-      testing, "RankSynchronizingAllReduceProgram")
-      .def(py::init([](int sync_rank) { return std::make_shared<RankSynchronizingAllReduceProgram>(sync_rank); }),
-           py::arg("sync_rank"));
-  py::class_<AlignedCopyProgram, RankProgram, std::shared_ptr<AlignedCopyProgram>>(testing, "AlignedCopyProgram")
-      .def(py::init([](const std::string& dtype) {
-             return std::make_shared<AlignedCopyProgram>(dtype_from_name(dtype));
-           }),
-           py::arg("dtype"));
-  testing.def(
-      "rank_result",
-      [](const std::vector<std::string>& host) {
-        RankResult r;
-        for (size_t i = 0; i < host.size(); ++i) {
-          r.outputs.push_back(TensorSpec{"output" + std::to_string(i), DType::kUInt8, {static_cast<int64_t>(host[i].size())}});
-          r.host.emplace_back(host[i].begin(), host[i].end());
-        }
-        return r;
-      },
-      py::arg("host"), "A RankResult holding these host bytes (tests the conversion on any machine).");
-  testing.def(
-      "run_checked_launch_test",
-      [](int num_ranks, int fail_rank, double slow_check_seconds, double timeout) {
-        py::gil_scoped_release release;
-        return run_checked_launch_test(num_ranks, fail_rank, slow_check_seconds, timeout);
-      },
-      py::arg("num_ranks"), py::arg("fail_rank") = -1, py::arg("slow_check_seconds") = 0.0,
-      py::arg("timeout") = 10.0,
-      "(per rank: did its launch run, the call's error or '') after the check step on CPU-only ranks; "
-      "fail_rank's check fails, or takes slow_check_seconds.");
-  py::class_<SinkProgram, RankProgram, std::shared_ptr<SinkProgram>>(testing, "SinkProgram")
-      .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
-           py::arg("dtype"));
-  testing.def(
-      "bare_copy_loop",
-      [](int device, size_t nbytes, int iterations) {
-        py::gil_scoped_release release;
-        return bare_copy_loop_us(device, nbytes, iterations);
-      },
-      py::arg("device"), py::arg("nbytes"), py::arg("iterations"),
-      "Microseconds per cudaMemcpyAsync + cudaStreamSynchronize from one thread: the bare baseline.");
-  testing.def(
-      "peer_copy_bandwidth",
-      [](int src, int dst, size_t nbytes, int iterations) {
-        py::gil_scoped_release release;
-        return peer_copy_bandwidth_gbps(src, dst, nbytes, iterations);
-      },
-      py::arg("src"), py::arg("dst"), py::arg("nbytes"), py::arg("iterations"));
-  testing.def(
-      "h2d_bandwidth",
-      [](int device, size_t nbytes, int iterations, bool pinned) {
-        py::gil_scoped_release release;
-        return host_to_device_bandwidth_gbps(device, nbytes, iterations, pinned);
-      },
-      py::arg("device"), py::arg("nbytes"), py::arg("iterations"), py::arg("pinned"));
-  testing.def(
-      "run_bind_test",
-      [](int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {
-        py::gil_scoped_release release;
-        run_bind_test(num_ranks, program, sequential, timeout, fail_rank);
-      },
-      py::arg("num_ranks"), py::arg("program"), py::arg("sequential") = false, py::arg("timeout") = 10.0,
-      py::arg("fail_rank") = -1);
 }
 
 }  // namespace mdtrt::bindings

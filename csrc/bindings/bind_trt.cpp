@@ -33,11 +33,11 @@ py::dict library_dict(const trt::LibraryInfo& info) {
   py::dict d;
   d["path"] = info.path;
   d["version_code"] = info.version;
-  d["version"] = trt::version_string(info.version);
+  d["version"] = version_string(info.version);
   d["found_by"] = info.found_by;
   d["lean"] = info.lean;
   d["attempts"] = info.attempts;
-  d["header_version"] = trt::header_version() ? trt::version_string(trt::header_version()) : std::string();
+  d["header_version"] = trt::header_version() ? version_string(trt::header_version()) : std::string();
   return d;
 }
 
@@ -250,10 +250,9 @@ void bind_backend(py::module_& m) {
 
 }  // namespace
 
-void bind_trt(py::module_& m) {
-  bind_backend(m);
+void bind_trt(py::module_& m) { bind_backend(m); }
 
-  py::module_ testing = m.def_submodule("testing", "Test-only entry points (no GPU needed).");
+void bind_trt_testing(py::module_& testing) {
   testing.def("load_tensorrt", &load_tensorrt_dict, py::arg("extra_dirs") = std::vector<std::string>{},
               py::arg("lean_extra_dirs") = std::vector<std::string>{}, py::arg("require_builder") = false,
               "TensorRT discovery alone (built with or without the backend): the tests' fake libraries.");

@@ -12,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
   mdtrt::bindings::bind_nccl(m);
   mdtrt::bindings::bind_runtime(m);
   mdtrt::bindings::bind_trt(m);
+  mdtrt::bindings::bind_testing(m);
 }

@@ -52,4 +52,9 @@ std::string loaded_path(void* symbol, const std::string& fallback) {
   return fallback;
 }
 
+std::string version_string(int code) {
+  int major = code / 10000, minor = (code % 10000) / 100, patch = code % 100;
+  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
+}
+
 }  // namespace mdtrt

@@ -15,6 +15,10 @@ struct LoadAttempt {
   std::string message;    // dlerror() text, a missing symbol, a refused version, or "ok"
 };
 
+// "major.minor.patch" of a version code major * 10000 + minor * 100 + patch (how NCCL and
+// TensorRT number their releases, e.g. 22805 -> "2.28.5").
+std::string version_string(int code);
+
 // One line per attempt, for error messages.
 std::string describe_attempts(const std::vector<LoadAttempt>& attempts);
 

@@ -1,11 +1,12 @@
 #include "nccl/communicator.h"
 
+#include <cstring>
 #include <thread>
 
 #include "common/error.h"
 #include "common/interrupt.h"
+#include "common/scoped_device.h"
 #include "nccl/nccl_library.h"
-#include "runtime/cuda_handles.h"
 
 namespace mdtrt {
 namespace {
@@ -34,7 +35,16 @@ void nccl_check(nccl::Result r, const char* call, nccl::Comm comm) {
 
 nccl::UniqueId nccl_unique_id() {
   nccl::UniqueId id{};
-  nccl_check(nccl::api().GetUniqueId(&id), "ncclGetUniqueId");
+  MDTRT_NCCL_CHECK(GetUniqueId, &id);
+  return id;
+}
+
+nccl::UniqueId unique_id_from_bytes(const std::string& s) {
+  if (s.size() != sizeof(nccl::UniqueId))
+    throw_invalid_argument("a NCCL unique id is " + std::to_string(sizeof(nccl::UniqueId)) + " bytes, got " +
+                           std::to_string(s.size()));
+  nccl::UniqueId id{};
+  std::memcpy(id.internal, s.data(), sizeof(id.internal));
   return id;
 }
 
@@ -50,18 +60,18 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create(const nccl::Uniq
   std::vector<std::unique_ptr<Communicator>> out;
   {
     ScopedDevice restore(-1);
-    nccl_check(api.GroupStart(), "ncclGroupStart");
+    MDTRT_NCCL_CHECK(GroupStart);
     for (size_t i = 0; i < ranks.size(); ++i) {
       MDTRT_CUDA_CHECK(cudaSetDevice(devices[i]));
       nccl::Config config;
       config.blocking = 0;
       nccl::Result r = api.CommInitRankConfig(&comms[i], world_size, id, ranks[i], &config);
       if (r != nccl::kSuccess && r != nccl::kInProgress) {
-        api.GroupEnd();
+        MDTRT_NCCL_IGNORE(GroupEnd);
         nccl_check(r, "ncclCommInitRankConfig");
       }
     }
-    nccl_check(api.GroupEnd(), "ncclGroupEnd");
+    MDTRT_NCCL_CHECK(GroupEnd);
   }
   for (size_t i = 0; i < ranks.size(); ++i) {
     out.emplace_back(new Communicator(comms[i], ranks[i], world_size, devices[i]));
@@ -76,7 +86,7 @@ std::vector<std::unique_ptr<Communicator>> Communicator::create(const nccl::Uniq
     for (size_t i = 0; i < out.size(); ++i) {
       if (ready[i]) continue;
       nccl::Result state = nccl::kSuccess;
-      nccl_check(api.CommGetAsyncError(out[i]->comm_, &state), "ncclCommGetAsyncError", out[i]->comm_);
+      MDTRT_NCCL_CHECK_COMM(out[i]->comm_, CommGetAsyncError, out[i]->comm_, &state);
       if (state == nccl::kInProgress) {
         all = false;
       } else {
@@ -125,7 +135,7 @@ Communicator::~Communicator() {
       poll_pause(sleep_us);
     }
     if (state == nccl::kSuccess) {
-      api.CommDestroy(comm_);
+      MDTRT_NCCL_IGNORE(CommDestroy, comm_);
       comm_ = nullptr;
       return;
     }
@@ -136,11 +146,10 @@ Communicator::~Communicator() {
 void Communicator::abort() {
   std::lock_guard<std::mutex> lock(abort_mutex_);
   if (aborted_.exchange(true) || comm_ == nullptr) return;
-  nccl::api().CommAbort(comm_);
+  MDTRT_NCCL_IGNORE(CommAbort, comm_);
 }
 
 void Communicator::wait_ready(const Deadline& deadline, const char* call) {
-  const auto& api = nccl::api();
   // Enqueued collectives leave ncclInProgress within microseconds: spin first, so that a small
   // collective does not pay a sleep, and only back off to sleeping for slow steps (init, split).
   const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(200);
@@ -150,7 +159,7 @@ void Communicator::wait_ready(const Deadline& deadline, const char* call) {
       throw Error(ErrorKind::kNccl, "the communicator was aborted (a deadline passed or another rank failed)",
                   rank_, call);
     nccl::Result state = nccl::kSuccess;
-    nccl_check(api.CommGetAsyncError(comm_, &state), "ncclCommGetAsyncError", comm_);
+    MDTRT_NCCL_CHECK_COMM(comm_, CommGetAsyncError, comm_, &state);
     if (state != nccl::kInProgress) {
       nccl_check(state, call, comm_);
       return;
@@ -181,13 +190,13 @@ std::unique_ptr<Communicator> Communicator::split(int color, int key, const Dead
   nccl::Config config;
   config.blocking = blocking ? 1 : 0;
   ScopedDevice on(device_);
-  check(nccl::api().CommSplit(comm_, color, key, &child, &config), "ncclCommSplit", deadline);
+  MDTRT_NCCL_CHECK_ON(*this, deadline, CommSplit, comm_, color, key, &child, &config);
   wait_ready(deadline, "ncclCommSplit");
   if (child == nullptr) return nullptr;
   std::unique_ptr<Communicator> out(new Communicator(child, 0, 0, device_));
   out->wait_ready(deadline, "ncclCommSplit");
-  nccl_check(nccl::api().CommUserRank(child, &out->rank_), "ncclCommUserRank", child);
-  nccl_check(nccl::api().CommCount(child, &out->size_), "ncclCommCount", child);
+  MDTRT_NCCL_CHECK_COMM(child, CommUserRank, child, &out->rank_);
+  MDTRT_NCCL_CHECK_COMM(child, CommCount, child, &out->size_);
   return out;
 }
 

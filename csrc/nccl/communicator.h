@@ -19,7 +19,29 @@ namespace mdtrt {
 // Throws mdtrt::Error(kNccl) with NCCL's error string and last-error text when r is a failure.
 void nccl_check(nccl::Result r, const char* call, nccl::Comm comm = nullptr);
 
+}  // namespace mdtrt
+
+// Calls NCCL's `fn` through the loaded library and checks it, in the style of NCCL's NCCLCHECK:
+// the error names the call from its own text ("nccl" #fn), so the name cannot drift from the call.
+// MDTRT_NCCL_CHECK(GroupStart) runs ncclGroupStart(); the _COMM form also reports `comm`'s last
+// error text.
+#define MDTRT_NCCL_CHECK(fn, ...) ::mdtrt::nccl_check(::mdtrt::nccl::api().fn(__VA_ARGS__), "nccl" #fn)
+#define MDTRT_NCCL_CHECK_COMM(comm, fn, ...) \
+  ::mdtrt::nccl_check(::mdtrt::nccl::api().fn(__VA_ARGS__), "nccl" #fn, comm)
+// The same through Communicator::check, for calls on a communicator that may return ncclInProgress
+// (non-blocking): waits for it until `deadline`, aborting the communicator when it passes.
+#define MDTRT_NCCL_CHECK_ON(communicator, deadline, fn, ...) \
+  (communicator).check(::mdtrt::nccl::api().fn(__VA_ARGS__), "nccl" #fn, deadline)
+// For clean-up paths (an error already being thrown, a destructor, an abort): the call's failure
+// can be neither acted on nor reported without hiding the error that led here, so its result is
+// dropped, explicitly and in one place, instead of silently at each call site.
+#define MDTRT_NCCL_IGNORE(fn, ...) static_cast<void>(::mdtrt::nccl::api().fn(__VA_ARGS__))
+
+namespace mdtrt {
+
 nccl::UniqueId nccl_unique_id();
+// A unique id from its bytes (as Python holds it); throws kInvalidArgument on a wrong length.
+nccl::UniqueId unique_id_from_bytes(const std::string& bytes);
 
 class Communicator {
  public:

@@ -161,11 +161,6 @@ std::vector<LoadedCopy> loaded_copies() {
   return out;
 }
 
-std::string version_string(int code) {
-  int major = code / 10000, minor = (code % 10000) / 100, patch = code % 100;
-  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
-}
-
 const std::vector<std::string>& required_symbols() {
   static const std::vector<std::string> names = [] {
     Api scratch{};

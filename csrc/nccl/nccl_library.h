@@ -32,8 +32,6 @@ struct LibraryInfo {
   std::vector<LoadAttempt> attempts;
 };
 
-std::string version_string(int code);
-
 // A NCCL library mapped into this process, found by walking the loaded objects (libnccl.so*).
 struct LoadedCopy {
   std::string path;

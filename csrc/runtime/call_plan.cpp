@@ -3,19 +3,21 @@
 #include <algorithm>
 
 #include "common/error.h"
+#include "common/name_table.h"
 
 namespace mdtrt {
 namespace {
-constexpr const char* kReplicationNames[] = {"auto", "host", "peer", "broadcast"};
+constexpr NamedValue<Replication> kReplications[] = {
+    {Replication::kAuto, "auto"}, {Replication::kHost, "host"}, {Replication::kPeer, "peer"},
+    {Replication::kBroadcast, "broadcast"},
+};
 }  // namespace
 
 Replication replication_from_name(const std::string& name) {
-  for (int i = 0; i < 4; ++i)
-    if (name == kReplicationNames[i]) return static_cast<Replication>(i);
-  throw_invalid_argument("unknown replication '" + name + "' (known: auto, host, peer, broadcast)");
+  return value_from_name(kReplications, name, "replication");
 }
-
-const char* replication_name(Replication r) { return kReplicationNames[static_cast<int>(r)]; }
+const char* replication_name(Replication r) { return name_of(kReplications, r, "replication"); }
+std::vector<std::string> replication_names() { return all_names(kReplications); }
 
 Replication choose_replication(Replication requested) {
   // On 2x H200 (NVLink, a PCIe link per GPU) every GPU copying from host memory itself was the

@@ -21,6 +21,7 @@ enum class Replication {
 };
 Replication replication_from_name(const std::string& name);
 const char* replication_name(Replication r);
+std::vector<std::string> replication_names();  // every mode, in the enum's order (exported by _core)
 Replication choose_replication(Replication requested);
 
 // Chunk of the pipelined host -> first GPU -> peers copy.

@@ -4,14 +4,22 @@
 #include <set>
 
 #include "common/error.h"
+#include "common/name_table.h"
 #include "nccl/nccl_library.h"
 
 namespace mdtrt {
 namespace {
 
-constexpr const char* kOpNames[] = {"all_reduce", "all_gather",     "broadcast",  "reduce",
-                                    "reduce_scatter", "all_to_all", "gather",     "scatter"};
-constexpr const char* kReduceNames[] = {"sum", "prod", "max", "min", "avg", "none"};
+constexpr NamedValue<CollectiveOp> kOps[] = {
+    {CollectiveOp::kAllReduce, "all_reduce"},         {CollectiveOp::kAllGather, "all_gather"},
+    {CollectiveOp::kBroadcast, "broadcast"},          {CollectiveOp::kReduce, "reduce"},
+    {CollectiveOp::kReduceScatter, "reduce_scatter"}, {CollectiveOp::kAllToAll, "all_to_all"},
+    {CollectiveOp::kGather, "gather"},                {CollectiveOp::kScatter, "scatter"},
+};
+constexpr NamedValue<ReduceOp> kReduceOps[] = {
+    {ReduceOp::kSum, "sum"}, {ReduceOp::kProd, "prod"}, {ReduceOp::kMax, "max"},
+    {ReduceOp::kMin, "min"}, {ReduceOp::kAvg, "avg"},   {ReduceOp::kNone, "none"},
+};
 
 nccl::DataType nccl_type(DType t) {
   switch (t) {
@@ -42,22 +50,12 @@ nccl::RedOp nccl_reduce(ReduceOp op) {
 
 }  // namespace
 
-CollectiveOp collective_op_from_name(const std::string& name) {
-  for (int i = 0; i < 8; ++i)
-    if (name == kOpNames[i]) return static_cast<CollectiveOp>(i);
-  throw_invalid_argument("unknown collective '" + name +
-                         "' (known: all_reduce, all_gather, broadcast, reduce, reduce_scatter, all_to_all, gather, "
-                         "scatter)");
-}
-
-ReduceOp reduce_op_from_name(const std::string& name) {
-  for (int i = 0; i < 6; ++i)
-    if (name == kReduceNames[i]) return static_cast<ReduceOp>(i);
-  throw_invalid_argument("unknown reduce op '" + name + "' (known: sum, prod, max, min, avg, none)");
-}
-
-const char* collective_op_name(CollectiveOp op) { return kOpNames[static_cast<int>(op)]; }
-const char* reduce_op_name(ReduceOp op) { return kReduceNames[static_cast<int>(op)]; }
+CollectiveOp collective_op_from_name(const std::string& name) { return value_from_name(kOps, name, "collective"); }
+ReduceOp reduce_op_from_name(const std::string& name) { return value_from_name(kReduceOps, name, "reduce op"); }
+const char* collective_op_name(CollectiveOp op) { return name_of(kOps, op, "collective"); }
+const char* reduce_op_name(ReduceOp op) { return name_of(kReduceOps, op, "reduce op"); }
+std::vector<std::string> collective_op_names() { return all_names(kOps); }
+std::vector<std::string> reduce_op_names() { return all_names(kReduceOps); }
 
 bool op_reduces(CollectiveOp op) {
   return op == CollectiveOp::kAllReduce || op == CollectiveOp::kReduce || op == CollectiveOp::kReduceScatter;
@@ -132,7 +130,6 @@ Shape collective_output_shape(const CollectiveSpec& spec, const Shape& input, in
 
 void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root, const void* in, void* out,
                         DType dtype, const Shape& shape, cudaStream_t stream, const Deadline& deadline) {
-  const auto& api = nccl::api();
   const nccl::DataType type = nccl_type(dtype);
   const size_t count = static_cast<size_t>(element_count(shape));
   const int g = comm.size();
@@ -142,50 +139,48 @@ void enqueue_collective(Communicator& comm, const CollectiveSpec& spec, int root
   nccl::Comm c = comm.handle();
   switch (spec.op) {
     case CollectiveOp::kAllReduce:
-      comm.check(api.AllReduce(in, out, count, type, nccl_reduce(spec.reduce), c, stream), "ncclAllReduce", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, AllReduce, in, out, count, type, nccl_reduce(spec.reduce), c, stream);
       return;
     case CollectiveOp::kAllGather:
-      comm.check(api.AllGather(in, out, count, type, c, stream), "ncclAllGather", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, AllGather, in, out, count, type, c, stream);
       return;
     case CollectiveOp::kBroadcast:
-      comm.check(api.Broadcast(in, out, count, type, root, c, stream), "ncclBroadcast", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Broadcast, in, out, count, type, root, c, stream);
       return;
     case CollectiveOp::kReduce:
-      comm.check(api.Reduce(in, out, count, type, nccl_reduce(spec.reduce), root, c, stream), "ncclReduce",
-                 deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Reduce, in, out, count, type, nccl_reduce(spec.reduce), root, c, stream);
       return;
     case CollectiveOp::kReduceScatter:
-      comm.check(api.ReduceScatter(in, out, count / g, type, nccl_reduce(spec.reduce), c, stream),
-                 "ncclReduceScatter", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, ReduceScatter, in, out, count / g, type, nccl_reduce(spec.reduce), c, stream);
       return;
     default: break;
   }
   // all_to_all, gather and scatter as grouped point-to-point (works on every NCCL >= 2.19).
   const size_t chunk = spec.op == CollectiveOp::kGather ? count : count / g;
   const int me = comm.rank();
-  comm.check(api.GroupStart(), "ncclGroupStart", deadline);
+  MDTRT_NCCL_CHECK_ON(comm, deadline, GroupStart);
   try {
     if (spec.op == CollectiveOp::kAllToAll) {
       for (int peer = 0; peer < g; ++peer) {
-        comm.check(api.Send(src + peer * chunk * esize, chunk, type, peer, c, stream), "ncclSend", deadline);
-        comm.check(api.Recv(dst + peer * chunk * esize, chunk, type, peer, c, stream), "ncclRecv", deadline);
+        MDTRT_NCCL_CHECK_ON(comm, deadline, Send, src + peer * chunk * esize, chunk, type, peer, c, stream);
+        MDTRT_NCCL_CHECK_ON(comm, deadline, Recv, dst + peer * chunk * esize, chunk, type, peer, c, stream);
       }
     } else if (spec.op == CollectiveOp::kGather) {
-      comm.check(api.Send(src, chunk, type, root, c, stream), "ncclSend", deadline);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Send, src, chunk, type, root, c, stream);
       if (me == root)
         for (int peer = 0; peer < g; ++peer)
-          comm.check(api.Recv(dst + peer * chunk * esize, chunk, type, peer, c, stream), "ncclRecv", deadline);
+          MDTRT_NCCL_CHECK_ON(comm, deadline, Recv, dst + peer * chunk * esize, chunk, type, peer, c, stream);
     } else {  // scatter
       if (me == root)
         for (int peer = 0; peer < g; ++peer)
-          comm.check(api.Send(src + peer * chunk * esize, chunk, type, peer, c, stream), "ncclSend", deadline);
-      comm.check(api.Recv(dst, chunk, type, root, c, stream), "ncclRecv", deadline);
+          MDTRT_NCCL_CHECK_ON(comm, deadline, Send, src + peer * chunk * esize, chunk, type, peer, c, stream);
+      MDTRT_NCCL_CHECK_ON(comm, deadline, Recv, dst, chunk, type, root, c, stream);
     }
   } catch (...) {
-    api.GroupEnd();
+    MDTRT_NCCL_IGNORE(GroupEnd);
     throw;
   }
-  comm.check(api.GroupEnd(), "ncclGroupEnd", deadline);
+  MDTRT_NCCL_CHECK_ON(comm, deadline, GroupEnd);
 }
 
 CollectiveProgram::CollectiveProgram(CollectiveSpec spec, DType dtype, int world_size, int num_local_ranks)

@@ -20,6 +20,9 @@ CollectiveOp collective_op_from_name(const std::string& name);
 ReduceOp reduce_op_from_name(const std::string& name);
 const char* collective_op_name(CollectiveOp op);
 const char* reduce_op_name(ReduceOp op);
+// Every name, in the enum's order: what _core exports (collective_ops, reduce_ops) for Python.
+std::vector<std::string> collective_op_names();
+std::vector<std::string> reduce_op_names();
 bool op_reduces(CollectiveOp op);
 bool op_has_root(CollectiveOp op);
 

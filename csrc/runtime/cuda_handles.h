@@ -9,23 +9,9 @@
 
 #include "common/cuda_check.h"
 #include "common/deadline.h"
+#include "common/scoped_device.h"
 
 namespace mdtrt {
-
-// Makes `device` current for the scope and restores the previous device after.
-class ScopedDevice {
- public:
-  explicit ScopedDevice(int device) {
-    cudaGetDevice(&previous_);
-    if (device >= 0 && device != previous_) MDTRT_CUDA_CHECK(cudaSetDevice(device));
-  }
-  ~ScopedDevice() { cudaSetDevice(previous_); }
-  ScopedDevice(const ScopedDevice&) = delete;
-  ScopedDevice& operator=(const ScopedDevice&) = delete;
-
- private:
-  int previous_ = 0;
-};
 
 // A CUDA handle of one device, destroyed with that device current. Move-only.
 template <typename Handle, cudaError_t (*Destroy)(Handle)>

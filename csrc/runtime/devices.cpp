@@ -2,6 +2,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/cuda_check.h"
+#include "common/scoped_device.h"
+
 namespace mdtrt {
 
 CudaInfo query_cuda() {
@@ -52,6 +55,20 @@ int visible_gpu_count() {
     return 0;
   }
   return count;
+}
+
+int pointer_device(const void* ptr) {
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
+}
+
+void copy_device_to_host(void* dst, const void* src, int device, size_t nbytes) {
+  ScopedDevice on(device);
+  MDTRT_CUDA_CHECK(cudaMemcpy(dst, src, nbytes, cudaMemcpyDeviceToHost));
 }
 
 }  // namespace mdtrt

@@ -29,4 +29,12 @@ CudaInfo query_cuda();
 // Number of visible GPUs; 0 (not an error) when there is no driver or no device.
 int visible_gpu_count();
 
+// The CUDA device that owns the allocation at `ptr` (device or managed memory), or -1 for host
+// memory (pageable or pinned) and addresses CUDA does not know.
+int pointer_device(const void* ptr);
+
+// Copies `nbytes` from device memory at `src` (on `device`) to host memory at `dst`, blocking.
+// Throws mdtrt::Error (kind kCuda) when the device cannot be made current or the copy fails.
+void copy_device_to_host(void* dst, const void* src, int device, size_t nbytes);
+
 }  // namespace mdtrt

@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "common/cuda_check.h"
+#include "common/scoped_device.h"
 
 namespace mdtrt {
 
@@ -61,15 +62,10 @@ PooledBuffer::~PooledBuffer() {
   if (ptr_ == nullptr) return;
   // cudaStreamLegacy is the current device's legacy default stream (torch's default stream). A
   // failure here (the process is exiting, the context is gone) leaves nothing to clean up, and a
-  // destructor must not throw: no ScopedDevice.
-  int previous = -1;
-  cudaGetDevice(&previous);
-  if (cudaSetDevice(device_) == cudaSuccess && cudaFreeAsync(ptr_, cudaStreamLegacy) == cudaSuccess) {
-    if (previous >= 0 && previous != device_) cudaSetDevice(previous);
-    return;
-  }
+  // destructor must not throw.
+  ScopedDevice on(device_, std::nothrow);
+  if (on.ok() && cudaFreeAsync(ptr_, cudaStreamLegacy) == cudaSuccess) return;
   cudaGetLastError();
-  if (previous >= 0) cudaSetDevice(previous);
 }
 
 }  // namespace mdtrt

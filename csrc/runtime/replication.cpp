@@ -111,9 +111,8 @@ void stage_inputs(RankContext& ctx, const CallPlan& plan, const std::vector<Inpu
   }
   for (size_t k = 0; k < args.size(); ++k) {
     if (plan.modes[k] != Replication::kBroadcast) continue;
-    ctx.world->check(nccl::api().Broadcast(views[k].data, views[k].data, args[k].nbytes(), nccl::kUint8,
-                                           first_rank_in_world, ctx.world->handle(), stream),
-                     "ncclBroadcast", ctx.deadline);
+    MDTRT_NCCL_CHECK_ON(*ctx.world, ctx.deadline, Broadcast, views[k].data, views[k].data, args[k].nbytes(),
+                        nccl::kUint8, first_rank_in_world, ctx.world->handle(), stream);
   }
 }
 

@@ -18,20 +18,6 @@ bool has_unknown_dim(const Shape& shape) {
 
 }  // namespace
 
-Owned<nvinfer1::IRuntime> make_runtime(int rank, bool allow_host_code) {
-  ErrorScope scope;
-  void* created = create_runtime(static_cast<nvinfer1::ILogger*>(&logger()), NV_TENSORRT_VERSION);
-  if (created == nullptr) {
-    throw Error(ErrorKind::kTensorRT,
-                with_trt_error("TensorRT (" + load_library().path + ") returned no runtime") +
-                    ". Check that a CUDA GPU and driver are usable (python -m mdtrt doctor).",
-                rank, "createInferRuntime");
-  }
-  Owned<nvinfer1::IRuntime> runtime(static_cast<nvinfer1::IRuntime*>(created));
-  if (allow_host_code) runtime->setEngineHostCodeAllowed(true);
-  return runtime;
-}
-
 Owned<nvinfer1::ICudaEngine> deserialize_engine(nvinfer1::IRuntime& runtime, const void* data, size_t size,
                                                 int rank) {
   if (data == nullptr || size == 0) throw Error(ErrorKind::kInvalidArgument, "the engine is empty (0 bytes)", rank);
@@ -117,13 +103,10 @@ struct EngineProgram::RankState {
     // The context holds device memory of this rank's GPU: release it there, context first, the
     // runtime last (TensorRT requires objects to go before the runtime that made them), and the
     // communicator after all of them.
-    int previous = -1;
-    cudaGetDevice(&previous);
-    if (device >= 0) cudaSetDevice(device);
+    ScopedDevice on(device, std::nothrow);
     context.reset();
     engine.reset();
     runtime.reset();
-    if (previous >= 0) cudaSetDevice(previous);
   }
 };
 

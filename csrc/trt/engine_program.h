@@ -11,17 +11,12 @@
 #include <vector>
 
 #include "runtime/rank_program.h"
+#include "trt/factory.h"
 #include "trt/trt_types.h"
 
 namespace mdtrt::trt {
 
 using EngineBytes = std::shared_ptr<const std::vector<uint8_t>>;
-
-// A TensorRT runtime using mdtrt's logger; loads TensorRT (and NCCL before it) if needed.
-// `rank` only labels errors (-1: none). `allow_host_code`: IRuntime::setEngineHostCodeAllowed(true),
-// needed to load plans that carry host code (version-compatible plans embedding the lean runtime);
-// off by default, as in TensorRT, because it runs code from the plan file.
-Owned<nvinfer1::IRuntime> make_runtime(int rank = -1, bool allow_host_code = false);
 
 // Deserializes `size` bytes on the current CUDA device. Throws kInvalidArgument for empty input and
 // kTensorRT with TensorRT's message when the bytes are not a plan this TensorRT and GPU can load.

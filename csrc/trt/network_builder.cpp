@@ -18,6 +18,7 @@
 #include "common/error.h"
 #include "runtime/cuda_handles.h"
 #include "runtime/device_group.h"
+#include "trt/factory.h"
 #include "trt/logger.h"
 #include "trt/trt_library.h"
 #include "trt/trt_types.h"
@@ -103,18 +104,6 @@ class ProgressForwarder : public nvinfer1::IProgressMonitor {
 };
 
 void warn(const std::string& text) { logger().log(nvinfer1::ILogger::Severity::kWARNING, ("[mdtrt] " + text).c_str()); }
-
-Owned<nvinfer1::IBuilder> make_builder() {
-  ErrorScope scope;
-  void* created = create_builder(static_cast<nvinfer1::ILogger*>(&logger()), NV_TENSORRT_VERSION);
-  if (created == nullptr) {
-    throw Error(ErrorKind::kTensorRT,
-                with_trt_error("TensorRT (" + load_library().path + ") returned no builder") +
-                    ". Building needs a usable CUDA GPU and driver (python -m mdtrt doctor).",
-                -1, "createInferBuilder");
-  }
-  return Owned<nvinfer1::IBuilder>(static_cast<nvinfer1::IBuilder*>(created));
-}
 
 Owned<nvinfer1::INetworkDefinition> make_network(nvinfer1::IBuilder& builder) {
   ErrorScope scope;

@@ -180,11 +180,6 @@ int header_major() { return kHeaderMajor; }
 int header_version() { return kHeaderVersion; }
 int parser_header_version() { return kParserHeaderVersion; }
 
-std::string version_string(int code) {
-  int major = code / 10000, minor = (code % 10000) / 100, patch = code % 100;
-  return std::to_string(major) + "." + std::to_string(minor) + "." + std::to_string(patch);
-}
-
 const std::vector<std::string>& required_symbols() {
   static const std::vector<std::string> names = {kVersionSymbol, kRuntimeSymbol};
   return names;
@@ -242,28 +237,30 @@ void require_builder() {
   }
 }
 
-void* create_runtime(void* logger, int32_t version) {
-  load_library();
+namespace {
+
+// Calls the loaded library's create function `which` (TensorRT loaded, NCCL loaded before it).
+void* create_object(CreateFn Library::*which, void* logger, int32_t version) {
   Library& st = library();
   CreateFn create = nullptr;
   {
     std::lock_guard<std::mutex> lock(st.mutex);
     ensure_nccl(st);
-    create = st.create_runtime;
+    create = st.*which;
   }
   return object_or_null(create(logger, version));
 }
 
+}  // namespace
+
+void* create_runtime(void* logger, int32_t version) {
+  load_library();
+  return create_object(&Library::create_runtime, logger, version);
+}
+
 void* create_builder(void* logger, int32_t version) {
   require_builder();
-  Library& st = library();
-  CreateFn create = nullptr;
-  {
-    std::lock_guard<std::mutex> lock(st.mutex);
-    ensure_nccl(st);
-    create = st.create_builder;
-  }
-  return object_or_null(create(logger, version));
+  return create_object(&Library::create_builder, logger, version);
 }
 
 std::string nccl_warning() {

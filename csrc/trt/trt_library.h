@@ -49,8 +49,6 @@ int header_major();
 int header_version();
 int parser_header_version();  // NV_ONNX_PARSER_VERSION of the headers (0 without them)
 
-std::string version_string(int code);
-
 // Names of the symbols mdtrt resolves (tests build fake libraries exporting them).
 const std::vector<std::string>& required_symbols();  // getInferLibVersion, createInferRuntime_INTERNAL
 const char* builder_symbol();                         // createInferBuilder_INTERNAL (absent from the lean runtime)

@@ -7,6 +7,7 @@ Importing mdtrt needs no GPU, no NCCL and no TensorRT: those are found at run ti
 from __future__ import annotations
 
 from . import _core
+from . import errors
 from .errors import (
     CudaError,
     InvalidArgumentError,
@@ -30,7 +31,7 @@ _LAZY = {
     "shard": (".sharding", "shard"),
     "simulate": ("._simulate", "simulate"),
     "run_on_cpu": ("._simulate", "run_on_cpu"),
-    "compare_outputs": ("._simulate", "compare_outputs"),
+    "compare_outputs": (".comparison", "compare_outputs"),
 }
 
 
@@ -49,8 +50,16 @@ __version__ = _core.build_info()["version"]
 
 
 def build_info() -> dict:
-    """How this mdtrt was built: version, compiler, CUDA version (e.g. 13000), whether the
-    TensorRT backend was compiled in and why (or why not)."""
+    """How this mdtrt was built.
+
+    Returns
+    -------
+    dict
+        ``version`` (str), ``compiler`` (str), ``cuda_version`` (int, CUDART_VERSION of the headers,
+        e.g. 13000), ``tensorrt_backend`` (bool: compiled with TensorRT headers),
+        ``tensorrt_include_dir`` (str, "" without the backend) and ``tensorrt_reason`` (str: why the
+        backend is or is not there).
+    """
     return dict(_core.build_info())
 
 
@@ -69,11 +78,5 @@ __all__ = [
     "build_info",
     "nccl_library",
     "NcclLibrary",
-    "MdtrtError",
-    "InvalidArgumentError",
-    "LibraryNotFoundError",
-    "NcclError",
-    "CudaError",
-    "TensorRTError",
-    "RankTimeoutError",
+    *errors.__all__,
 ]

@@ -7,6 +7,19 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mdtrt doctor [--json]`` or ``python -m mdtrt attention ...``.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The process exit status: doctor's (0 when multi-device inference can run here, else 1), or
+        the attention sample's.
+    """
     parser = argparse.ArgumentParser(prog="mdtrt", description="Multi-device TensorRT inference on the GPUs of one host.")
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="report NCCL, CUDA, GPUs, peer access and TensorRT; exit 1 if multi-device inference cannot run here")

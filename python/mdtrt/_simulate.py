@@ -27,7 +27,7 @@ from .errors import InvalidArgumentError, MdtrtError
 from .onnx_graph import load_model, node_inputs, save_model, too_large_to_serialize, toposort_nodes
 from .reference import collective
 
-__all__ = ["simulate", "run_on_cpu", "compare_outputs", "ComparisonReport", "OutputComparison"]
+__all__ = ["simulate", "run_on_cpu"]
 
 DIST_COLLECTIVE = "DistCollective"
 _BACKENDS = ("auto", "onnxruntime", "reference")
@@ -429,79 +429,21 @@ def run_on_cpu(
     progress: bool = True,
     threads: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run a single-device model on the CPU (the reference for :func:`simulate`): ``simulate``
-    with one rank, the same arguments and errors; returns output name to numpy array."""
+    """Run a single-device model on the CPU (the reference for :func:`simulate`).
+
+    Parameters
+    ----------
+    model, inputs, backend, progress, threads
+        As for :func:`simulate` (which this is, with one rank).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Output name to array, shapes and dtypes as the model defines them.
+
+    Raises
+    ------
+    InvalidArgumentError, MdtrtError
+        As :func:`simulate` does.
+    """
     return simulate(model, inputs, 1, backend=backend, progress=progress, threads=threads)[0]
-
-
-@dataclass
-class OutputComparison:
-    name: str
-    passed: bool
-    max_abs_error: float
-    max_rel_error: float
-    detail: str = ""
-
-
-@dataclass
-class ComparisonReport:
-    """How far one set of outputs is from a reference. An output passes when
-    ``max|actual - expected| <= atol + rtol * max|expected|`` (and nothing is NaN)."""
-
-    outputs: list[OutputComparison]
-    atol: float
-    rtol: float
-
-    @property
-    def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
-
-    def format(self, label: str = "multi-device vs single-device") -> str:
-        lines = [f"{label} (pass: max abs error <= {self.atol:g} + {self.rtol:g} * max |reference|):"]
-        for o in self.outputs:
-            verdict = "PASS" if o.passed else "FAIL"
-            if o.detail:
-                lines.append(f"  {o.name}: {verdict}: {o.detail}")
-            else:
-                lines.append(
-                    f"  {o.name}: {verdict}: max abs error {o.max_abs_error:.3g}, "
-                    f"max rel error {o.max_rel_error:.3g}"
-                )
-        return "\n".join(lines)
-
-
-def compare_outputs(
-    expected: Mapping[str, np.ndarray],
-    actual: Mapping[str, np.ndarray],
-    *,
-    atol: float,
-    rtol: float,
-) -> ComparisonReport:
-    """Compare ``actual`` to ``expected`` output by output. The relative error is the max
-    absolute error over the largest reference magnitude, which stays meaningful where
-    individual reference values are near zero."""
-    results = []
-    for name, want in expected.items():
-        if name not in actual:
-            results.append(OutputComparison(name, False, np.inf, np.inf, "missing from the outputs"))
-            continue
-        want = np.asarray(want)
-        got = np.asarray(actual[name])
-        if got.shape != want.shape:
-            results.append(
-                OutputComparison(name, False, np.inf, np.inf, f"shape {got.shape}, expected {want.shape}")
-            )
-            continue
-        want64, got64 = want.astype(np.float64), got.astype(np.float64)
-        if want.size == 0:
-            results.append(OutputComparison(name, True, 0.0, 0.0))
-            continue
-        difference = np.abs(got64 - want64)
-        scale = float(np.max(np.abs(want64)))
-        max_abs = float(np.max(difference))
-        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
-        finite = bool(np.all(np.isfinite(got64) == np.isfinite(want64)))
-        passed = finite and max_abs <= atol + rtol * scale
-        detail = "" if finite else "non-finite values where the reference has finite ones"
-        results.append(OutputComparison(name, passed, max_abs, max_rel, detail))
-    return ComparisonReport(results, atol, rtol)

@@ -64,6 +64,13 @@ def flag(value: Any, name: str) -> bool:
 
 
 def choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` when it is one of the strings ``choices``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Naming ``name``, the choices and the value given, otherwise.
+    """
     if not isinstance(value, str) or value not in choices:
         raise fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
     return value

@@ -21,10 +21,9 @@ _LEGACY_DEFAULT_STREAM = 1  # a device's legacy default stream, as CUDA array in
 # Bytes per element, from the one dtype table of the native core (csrc/runtime/dtype.cpp).
 ITEMSIZE: dict[str, int] = dict(_core.dtype_sizes())
 
-_TYPESTR = {
-    "f4": "float32", "f2": "float16", "i4": "int32", "i1": "int8", "u1": "uint8",
-    "i8": "int64", "f8": "float64", "b1": "bool",
-}
+# __cuda_array_interface__ typestr (without byte order) -> name, from numpy's own spelling of each
+# dtype of the core's table (bfloat16 has no typestr).
+_TYPESTR = {np.dtype(name).str[1:]: name for name in ITEMSIZE if name != "bfloat16"}
 
 
 def _bfloat16_dtype():
@@ -40,6 +39,13 @@ _DTYPE_OBJECTS: dict = {}
 
 
 def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of mdtrt's dtype ``name`` (``ml_dtypes.bfloat16`` for "bfloat16").
+
+    Raises
+    ------
+    InvalidArgumentError
+        "bfloat16" without the ml_dtypes package installed.
+    """
     dtype = _DTYPE_OBJECTS.get(name)
     if dtype is None:
         dtype = _DTYPE_OBJECTS[name] = _bfloat16_dtype() if name == "bfloat16" else np.dtype(name)
@@ -72,6 +78,7 @@ class ArrayRef:
 
     @property
     def nbytes(self) -> int:
+        """Size of the viewed data in bytes (elements x bytes per element)."""
         count = 1
         for d in self.shape:
             count *= d
@@ -185,8 +192,12 @@ class _DLTensor(ctypes.Structure):
 
 
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST = 1, 2, 3
-_DL_TYPES = {(0, 8): "int8", (0, 32): "int32", (0, 64): "int64", (1, 8): "uint8", (2, 16): "float16",
-             (2, 32): "float32", (2, 64): "float64", (4, 16): "bfloat16", (6, 8): "bool"}
+# DLPack's type codes (dlpack.h DLDataTypeCode) by numpy kind; bfloat16 has a code of its own.
+_DL_CODES = {"i": 0, "u": 1, "f": 2, "b": 6}
+_DL_BFLOAT = 4
+# (DLPack code, bits) -> name, for every dtype of the core's table.
+_DL_TYPES = {((_DL_BFLOAT, 16) if name == "bfloat16" else (_DL_CODES[np.dtype(name).kind], 8 * size)): name
+             for name, size in ITEMSIZE.items()}
 
 
 def _describe_dlpack(x: Any, what: str) -> ArrayRef:
@@ -241,10 +252,12 @@ class DeviceArray:
 
     @property
     def ptr(self) -> int:
+        """Device address of the first element, as an integer."""
         return self._buffer.ptr
 
     @property
     def nbytes(self) -> int:
+        """Size in bytes (elements x bytes per element of ``dtype``)."""
         return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
 
     @property
@@ -256,6 +269,16 @@ class DeviceArray:
                 "strides": None, "stream": None}
 
     def numpy(self) -> np.ndarray:
+        """A host copy, shape ``shape`` and dtype ``dtype`` (``ml_dtypes.bfloat16`` for bfloat16).
+
+        Blocks until the copy is done; it is ordered after work on the device's legacy default stream
+        only, so wait for other streams writing this array first.
+
+        Raises
+        ------
+        CudaError
+            The copy failed (the device is not usable, the memory was freed).
+        """
         raw = _core.copy_device_to_host(self.ptr, self.device, self.nbytes)
         return raw.view(numpy_dtype(self.dtype)).reshape(self.shape)
 

@@ -104,16 +104,38 @@ class AttentionConfig:
 
     @property
     def numpy_dtype(self) -> np.dtype:
+        """The numpy dtype of ``dtype`` (float16 or float32)."""
         return np.dtype(_DTYPES[self.dtype])
 
 
 def create_attention_model(config: AttentionConfig | None = None, **sizes) -> onnx.ModelProto:
     """Build the single-device attention model with onnx-graphsurgeon.
 
-    ``create_attention_model(hidden=64, heads=4, head_dim=16, dtype="float32")`` or with an
-    :class:`AttentionConfig`. Weights are random from ``config.seed``, scaled by
-    ``1/sqrt(fan_in)`` so that activations stay of order one (float16 does not overflow).
-    Input ``input`` and output ``output`` have shape ``(sequence_length, batch_size, hidden)``.
+    Weights are random from ``config.seed``, scaled by ``1/sqrt(fan_in)`` so that activations stay
+    of order one (float16 does not overflow).
+
+    Parameters
+    ----------
+    config : AttentionConfig, optional
+        The sizes, dtype and seed.
+    **sizes
+        Or the same as keywords: ``create_attention_model(hidden=64, heads=4, head_dim=16,
+        dtype="float32")``.
+
+    Returns
+    -------
+    onnx.ModelProto
+        Input ``input`` and output ``output``, shape ``(sequence_length, batch_size, hidden)``
+        (symbolic first two dimensions), dtype ``config.dtype``.
+
+    Raises
+    ------
+    TypeError
+        Both a config and keyword sizes.
+    InvalidArgumentError
+        Sizes or dtype out of range (from :class:`AttentionConfig`).
+    ImportError
+        onnx-graphsurgeon is not installed.
     """
     if config is None:
         config = AttentionConfig(**sizes)
@@ -197,8 +219,27 @@ def create_attention_model(config: AttentionConfig | None = None, **sizes) -> on
 def random_inputs(
     model: onnx.ModelProto, dims: dict[str, int] | None = None, *, seed: int = 1
 ) -> dict[str, np.ndarray]:
-    """Standard-normal inputs for every graph input of ``model``, symbolic dimensions taken from
-    ``dims`` (e.g. ``{"sequence_length": 128, "batch_size": 1}``)."""
+    """Standard-normal inputs for every graph input of ``model``.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        The model whose graph inputs (initializers excluded) get arrays.
+    dims : dict of str to int, optional
+        Sizes of the symbolic dimensions, e.g. ``{"sequence_length": 128, "batch_size": 1}``.
+    seed : int
+        Seed of numpy's default generator.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Input name to array, of the input's shape and element type.
+
+    Raises
+    ------
+    InvalidArgumentError
+        A symbolic dimension that ``dims`` does not give.
+    """
     dims = dict(dims or {})
     rng = np.random.default_rng(seed)
     initializers = {init.name for init in model.graph.initializer}
@@ -264,7 +305,7 @@ def verify_on_cpu(
     Returns
     -------
     tuple
-        The :class:`~mdtrt._simulate.ComparisonReport` of the worst rank, and that rank.
+        The :class:`~mdtrt.comparison.ComparisonReport` of the worst rank, and that rank.
 
     Raises
     ------

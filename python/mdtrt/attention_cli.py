@@ -22,6 +22,7 @@ from typing import Sequence
 
 from . import attention
 from .context_parallel import STRATEGIES, traffic_per_rank
+from .cuda_timing import event_times_ms
 from .errors import InvalidArgumentError, MdtrtError
 from .launch import detect_launch
 
@@ -96,22 +97,7 @@ def _time_on_device(runner, inputs: dict, gpus: list[int], iterations: int, torc
     first = runner.infer(per_rank, all_ranks=True)  # device arrays out: their shapes and dtypes
     outputs = {name: [rank_outputs[name] for rank_outputs in first] for name in first[0]}
     call = runner.prepare(per_rank, all_ranks=True, outputs=outputs)
-    for _ in range(3):
-        call()
-    pairs = []
-    for _ in range(iterations):
-        events = []
-        for gpu in gpus:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(torch.cuda.current_stream(gpu))
-            events.append((gpu, start, end))
-        call()
-        for gpu, _, end in events:
-            end.record(torch.cuda.current_stream(gpu))
-        pairs.append(events)
-    for gpu in gpus:
-        torch.cuda.synchronize(gpu)
-    times = [max(start.elapsed_time(end) for _, start, end in events) for events in pairs]
+    times = event_times_ms(torch, gpus, call, iterations, warmup=3)
     result = {name: arrays[0].cpu().numpy() if hasattr(arrays[0], "cpu") else arrays[0].numpy()
               for name, arrays in outputs.items()}
     return times, result

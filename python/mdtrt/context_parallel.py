@@ -416,6 +416,18 @@ def traffic_per_rank(strategy: str, *, sequence: int, batch: int, heads: int, he
     """What one rank moves and holds for one attention layer (the inputs' scatter and the
     outputs' gather, the same for every strategy, are not counted).
 
+    Parameters
+    ----------
+    strategy : str
+        One of :data:`STRATEGIES` (allgather_kv, ulysses, ring).
+    sequence, batch, heads, head_dim : int
+        The full (unsharded) attention sizes: Q, K and V each hold ``sequence * batch * heads *
+        head_dim`` elements.
+    itemsize : int
+        Bytes per element of Q, K and V (2 for float16).
+    ranks : int
+        Ranks the sequence is split across.
+
     Returns
     -------
     dict
@@ -424,6 +436,11 @@ def traffic_per_rank(strategy: str, *, sequence: int, batch: int, heads: int, he
         schedule the broadcasts earlier and hold more, the graph never asks for more);
         ``scores_bytes``: float32 attention scores one step materialises (``ring`` only: the other
         strategies keep the MatMul -> Softmax -> MatMul chain TensorRT fuses).
+
+    Raises
+    ------
+    InvalidArgumentError
+        An unknown ``strategy``.
     """
     if strategy not in STRATEGIES:
         raise InvalidArgumentError(f"strategy is {strategy!r}; expected one of {', '.join(STRATEGIES)}")

@@ -7,17 +7,17 @@ from collections import OrderedDict
 from typing import Any, Sequence
 
 from . import _core, arguments
-from .arrays import ArrayRef, describe, host_output, torch_output_factory, wrap_device_output
+from .arrays import describe, torch_output_factory
 from .errors import InvalidArgumentError
 from .launch import choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
+from .prepared_call import PreparedCall
+from .vocabulary import COLLECTIVES, REDUCE_OPS
+from .vocabulary import REDUCING as _REDUCING
+from .vocabulary import ROOTED as _ROOTED
 
-COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "all_to_all", "gather", "scatter")
-REDUCE_OPS = ("sum", "prod", "max", "min", "avg")
-_ROOTED = ("broadcast", "reduce", "gather", "scatter")
 # Each cached collective may own a NCCL communicator split off for its group: keep a few.
 _MAX_CACHED_COLLECTIVES = 16
-_REDUCING = ("all_reduce", "reduce", "reduce_scatter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,8 @@ class Communicator:
     _local: int = dataclasses.field(repr=False, compare=False)
 
     def capsule(self):
+        """A PyCapsule named "ncclComm_t" holding this communicator (and keeping it alive), for
+        TensorRT's Python ``IExecutionContext.set_communicator``."""
         return self._native.comm_capsule(self._local)
 
 
@@ -117,18 +119,24 @@ class DeviceGroup:
 
     @property
     def gpus(self) -> list[int]:
+        """CUDA device index of each local rank (``gpus[i]``: local rank ``i``).
+
+        Raises :class:`InvalidArgumentError` once the group is closed (as every property does)."""
         return list(self._live()._native.devices)
 
     @property
     def ranks(self) -> list[int]:
+        """World rank of each local rank."""
         return list(self._live()._native.ranks)
 
     @property
     def world_size(self) -> int:
+        """Number of ranks in the world, over all processes."""
         return self._live()._native.world_size
 
     @property
     def timeout(self) -> float:
+        """Seconds every blocking step of this group may wait before it raises RankTimeoutError."""
         return self._live()._native.timeout
 
     def __len__(self) -> int:
@@ -136,11 +144,14 @@ class DeviceGroup:
 
     @property
     def peer_access(self) -> list[list[bool]]:
+        """``peer_access[a][b]``: local rank ``a``'s GPU can access local rank ``b``'s memory directly
+        (NVLink or PCIe peer-to-peer), as an n x n list for the group's n local ranks."""
         n = len(self)
         return [[self._native.peer_access(a, b) for b in range(n)] for a in range(n)]
 
     @property
     def communicators(self) -> list[Communicator]:
+        """One :class:`Communicator` (world NCCL communicator) per local rank, in local-rank order."""
         native = self._live()._native
         return [Communicator(r, d, native.comm_ptr(i), native, i) for i, (r, d) in enumerate(zip(native.ranks, native.devices))]
 
@@ -286,108 +297,83 @@ class DeviceGroup:
         return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
 
     def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+        """Element-wise ``reduce`` (sum, prod, max, min, avg) of the group's inputs, on every member.
+
+        Every member's input has shape ``(N, ...)``; every member gets the reduction, shape
+        ``(N, ...)``, same dtype.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("all_reduce", inputs, reduce=reduce, groups=groups, **kw)
 
     def all_gather(self, inputs, *, groups=None, **kw) -> list:
+        """The group's inputs concatenated along the first dimension, in group-rank order, on every member.
+
+        Inputs of shape ``(N, ...)`` on ``G`` members give ``(G * N, ...)`` on each.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("all_gather", inputs, groups=groups, **kw)
 
     def broadcast(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        """World rank ``root``'s input, shape ``(N, ...)``, on every member of the group.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("broadcast", inputs, root=root, groups=groups, **kw)
 
     def reduce(self, inputs, *, reduce: str = "sum", root: int = 0, groups=None, **kw) -> list:
+        """Element-wise ``reduce`` of the group's inputs, on world rank ``root`` only.
+
+        Inputs of shape ``(N, ...)``; ``root`` gets ``(N, ...)``, the other members None.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("reduce", inputs, reduce=reduce, root=root, groups=groups, **kw)
 
     def reduce_scatter(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+        """Element-wise ``reduce`` of the group's inputs, split along the first dimension.
+
+        Inputs of shape ``(N, ...)`` with ``N`` divisible by the group size ``G``: group rank ``i``
+        gets rows ``i * N / G`` to ``(i + 1) * N / G`` of the reduction, shape ``(N / G, ...)``.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("reduce_scatter", inputs, reduce=reduce, groups=groups, **kw)
 
     def all_to_all(self, inputs, *, groups=None, **kw) -> list:
+        """Chunk exchange: group rank ``i`` gets chunk ``i`` of every member's input, in group-rank order.
+
+        Inputs of shape ``(N, ...)`` with ``N`` divisible by the group size ``G`` (chunks of
+        ``N / G`` rows); every member gets ``(N, ...)``.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("all_to_all", inputs, groups=groups, **kw)
 
     def gather(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        """The group's inputs concatenated along the first dimension, in group-rank order, on ``root`` only.
+
+        Inputs of shape ``(N, ...)`` on ``G`` members; ``root`` gets ``(G * N, ...)``, the others None.
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("gather", inputs, root=root, groups=groups, **kw)
 
     def scatter(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+        """World rank ``root``'s input split along the first dimension: group rank ``i`` gets chunk ``i``.
+
+        ``root``'s input has shape ``(N, ...)`` with ``N`` divisible by the group size ``G``; every
+        member gets ``(N / G, ...)`` (the other members' inputs give only shape and dtype).
+
+        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
+        ``poison_outputs``, ``sequential_bind``).
+        """
         return self.collective("scatter", inputs, root=root, groups=groups, **kw)
-
-
-class PreparedCall:
-    """A ProgramRunner call whose arguments were checked, converted and planned once (the native
-    ``PreparedInfer``): calling it runs the program again on the same buffers (their current
-    contents), with no per-call argument work. Device arrays are ordered with the streams that were
-    current when the call was prepared."""
-
-    def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
-                 replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
-                 out: list[dict[str, ArrayRef]] | None = None, new_out=None,
-                 torch_devices: list[int] | None = None, spec_cache: dict | None = None):
-        # One pass over the inputs; a replicated input list is the same object on every rank.
-        on_device = on_host = False
-        native_by_list: dict[int, list] = {}
-        native_inputs = []
-        for refs in per_rank_refs:
-            native = native_by_list.get(id(refs))
-            if native is None:
-                native = native_by_list[id(refs)] = [ref.as_native() for ref in refs]
-                for ref in refs:
-                    if ref.device >= 0:
-                        on_device = True
-                    else:
-                        on_host = True
-            native_inputs.append(native)
-        if on_device and on_host:
-            raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
-        if out is not None and not on_device:
-            raise InvalidArgumentError("preallocated outputs are for device inputs; with numpy inputs outputs come back as numpy")
-        if out is not None and any(ref.device < 0 for given in out for ref in given.values()):
-            raise InvalidArgumentError("preallocated outputs must be device arrays")
-        n = len(per_rank_refs)
-        fetch = [] if on_device else (list(range(n)) if fetch_all else list(fetch_ranks or [0]))
-        # Checked and planned once, natively; calling it repeats the call (positional arguments:
-        # pybind11 matches keywords noticeably slower).
-        self._call = runner.prepare(native_inputs, replication, poison_outputs, fetch, on_device, float(timeout or 0.0),
-                                    [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
-        self._refs = per_rank_refs  # keeps the arrays alive as long as the call can run
-        self._out = out
-        # new_out(): fresh output buffers for every call ([{name: ArrayRef}] per rank), for outputs
-        # the caller keeps (torch's caching allocator instead of the runner's pool).
-        self._new_out = new_out if out is None and on_device else None
-        self._on_device = on_device
-        # Torch inputs whose output shapes are not known in advance (engines): the first call takes
-        # pooled outputs and records the shapes in spec_cache (keyed by the inputs' dtypes and
-        # shapes, which determine them); from then on, outputs come from torch's allocator.
-        self._torch_devices = None
-        if (self._new_out is None and out is None and on_device and torch_devices is not None
-                and all(ref.kind == "torch" for refs in per_rank_refs for ref in refs)):
-            self._torch_devices = list(torch_devices)
-            self._spec_cache = spec_cache if spec_cache is not None else {}
-            self._spec_key = tuple(tuple((ref.dtype, ref.shape) for ref in refs) for refs in per_rank_refs)
-            specs = self._spec_cache.get(self._spec_key)
-            if specs is not None:
-                self._new_out = torch_output_factory(specs, self._torch_devices)
-
-    def __call__(self) -> list[dict]:
-        out = self._out
-        if self._new_out is None:
-            results = self._call()
-        else:
-            out = self._new_out()
-            results = self._call([[ref.as_output(name) for name, ref in given.items()] for given in out])
-        on_device, refs = self._on_device, self._refs
-        if self._torch_devices is not None and self._new_out is None:
-            specs = [list(res.outputs) for res in results]
-            self._spec_cache[self._spec_key] = specs
-            self._new_out = torch_output_factory(specs, self._torch_devices)
-        outputs = []
-        for i, res in enumerate(results):
-            named = {}
-            like = refs[i][0] if refs[i] else None
-            host = None if on_device else res.host
-            for k, (name, dtype, shape) in enumerate(res.outputs):
-                if out and name in out[i]:
-                    named[name] = out[i][name].owner
-                elif on_device:
-                    named[name] = wrap_device_output(res.device[k], dtype, shape, like)
-                elif host:
-                    named[name] = host_output(host[k], dtype, shape, like)
-            outputs.append(named)
-        return outputs

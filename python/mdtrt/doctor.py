@@ -122,6 +122,7 @@ def collect() -> dict:
 
 
 def format_text(report: dict) -> str:
+    """The :func:`collect` report as the lines ``python -m mdtrt doctor`` prints."""
     lines = []
     b = report["mdtrt"]
     lines.append(f"mdtrt {b['version']} (built with {b['compiler']}, CUDA {_version(b['cuda_version'])})")
@@ -177,6 +178,13 @@ def format_text(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None, as_json: bool = False) -> int:
+    """Prints the :func:`collect` report (as JSON when ``as_json``); ``argv`` is unused.
+
+    Returns
+    -------
+    int
+        0 when multi-device inference can run on this machine, else 1.
+    """
     report = collect()
     if as_json:
         print(json.dumps(report, indent=2, default=str))

@@ -4,10 +4,16 @@ tried, in order, with the loader's message."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadAttempt:
+    """One candidate a library search tried: the search ``rule`` that produced it, the ``candidate``
+    passed to dlopen, whether it ``loaded``, and the loader's ``message`` (dlerror text, a missing
+    symbol, a refused version, or "ok").
+    """
     rule: str
     candidate: str
     loaded: bool
@@ -17,3 +23,26 @@ class LoadAttempt:
 def attempts_from(native) -> tuple[LoadAttempt, ...]:
     """Plain records from the extension's LoadAttempt objects."""
     return tuple(LoadAttempt(a.rule, a.candidate, a.loaded, a.message) for a in native)
+
+
+def package_dirs(package: str) -> list[str]:
+    """Folders of an installed package, found without importing it (importing ``tensorrt_libs``
+    would preload its libraries behind the loader's back).
+
+    Parameters
+    ----------
+    package : str
+        Dotted module name of the package (``"tensorrt_libs"``, ``"nvidia.nccl"``).
+
+    Returns
+    -------
+    list of str
+        Its existing folders (several for a namespace package); empty when it is not installed.
+    """
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    return [os.fspath(p) for p in (spec.submodule_search_locations or []) if os.path.isdir(p)]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 
 from . import _core
-from .libraries import LoadAttempt, attempts_from
+from .libraries import LoadAttempt, attempts_from, package_dirs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +29,7 @@ _WHEELS = ("nvidia-nccl-cu13", "nvidia-nccl-cu12")
 def wheel_library_dirs() -> list[str]:
     """Library folders of the installed ``nvidia-nccl-cu13`` (or -cu12) wheel, if any."""
     dirs = []
-    try:
-        spec = importlib.util.find_spec("nvidia.nccl")
-    except (ImportError, ValueError):
-        spec = None
-    for location in (spec.submodule_search_locations or []) if spec else []:
+    for location in package_dirs("nvidia.nccl"):
         lib = os.path.join(location, "lib")
         if os.path.isfile(os.path.join(lib, "libnccl.so.2")):
             dirs.append(lib)

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .vocabulary import COLLECTIVES, REDUCE_OPS, REDUCING, ROOTED
+
 try:  # bfloat16 is only reachable through ml_dtypes; it is optional.
     import ml_dtypes as _ml_dtypes
 
@@ -31,21 +33,12 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = ["OPERATIONS", "REDUCE_OPERATIONS", "collective"]
 
 #: Collective operation names, as TensorRT's ONNX parser and polygraphy spell them.
-OPERATIONS = (
-    "all_reduce",
-    "all_gather",
-    "broadcast",
-    "reduce",
-    "reduce_scatter",
-    "all_to_all",
-    "gather",
-    "scatter",
-)
+OPERATIONS = COLLECTIVES
 #: Reduction names accepted by the reducing operations.
-REDUCE_OPERATIONS = ("sum", "prod", "max", "min", "avg")
+REDUCE_OPERATIONS = REDUCE_OPS
 
-_REDUCING_OPERATIONS = frozenset({"all_reduce", "reduce", "reduce_scatter"})
-_ROOTED_OPERATIONS = frozenset({"broadcast", "reduce", "gather", "scatter"})
+_REDUCING_OPERATIONS = REDUCING
+_ROOTED_OPERATIONS = ROOTED
 # Operations that slice or concatenate along dim 0 need at least one dimension.
 _DIM0_OPERATIONS = frozenset({"all_gather", "reduce_scatter", "all_to_all", "gather", "scatter"})
 # Operations whose dim 0 must split evenly over the group.
@@ -157,19 +150,36 @@ def collective(
 ) -> list[np.ndarray | None]:
     """Compute a DistCollective operation over simulated ranks.
 
-    Args:
-        op: one of :data:`OPERATIONS`.
-        inputs: ``inputs[r]`` is world rank ``r``'s tensor; all the same shape and dtype.
-        reduce: ``sum``, ``prod``, ``max``, ``min`` or ``avg`` for the reducing operations
-            (``all_reduce``, ``reduce``, ``reduce_scatter``); ignored by the others, which also
-            accept ``none``.
-        root: world rank of the root for ``broadcast``, ``reduce``, ``gather``, ``scatter``;
-            must be in ``groups``. Ignored by the other operations.
-        groups: ordered distinct world ranks taking part; ``None`` or ``[]`` means all ranks.
+    Parameters
+    ----------
+    op : str
+        One of :data:`OPERATIONS`.
+    inputs : list of numpy.ndarray
+        ``inputs[r]`` is world rank ``r``'s tensor, shape ``(N, ...)``; all of one shape and dtype
+        (float32, float16, int32, int8, uint8, or ml_dtypes' bfloat16 when installed).
+    reduce : str
+        ``sum``, ``prod``, ``max``, ``min`` or ``avg`` for the reducing operations (``all_reduce``,
+        ``reduce``, ``reduce_scatter``); ignored by the others, which also accept ``none``.
+    root : int
+        World rank of the root for ``broadcast``, ``reduce``, ``gather``, ``scatter``; must be in
+        ``groups``. Ignored by the other operations.
+    groups : sequence of int, optional
+        Ordered distinct world ranks taking part; ``None`` or ``[]`` means all ranks.
 
-    Returns:
+    Returns
+    -------
+    list of numpy.ndarray or None
         One entry per world rank: the output tensor, or ``None`` for ranks outside the group and
-        for non-root members of ``reduce`` and ``gather`` (whose output is undefined).
+        for non-root members of ``reduce`` and ``gather`` (whose output is undefined). Shapes, for
+        ``G`` group members: ``(G * N, ...)`` for all_gather and gather's root, ``(N / G, ...)`` for
+        reduce_scatter and scatter, ``(N, ...)`` otherwise.
+
+    Raises
+    ------
+    ValueError
+        An unknown op or reduction, inputs that are not one numpy array per rank of one shape and
+        a supported dtype, a 0-d tensor for an op along dimension 0, invalid or repeated group
+        ranks, a root outside the group, or a first dimension the group size does not divide.
     """
     op = _check_name("collective operation", op, OPERATIONS)
     if op in _REDUCING_OPERATIONS:

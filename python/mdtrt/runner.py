@@ -9,10 +9,11 @@ from typing import Any, Mapping, Sequence
 
 from . import _core, arguments
 from .arrays import describe
-from .device_group import DeviceGroup, PreparedCall
+from .device_group import DeviceGroup
+from .prepared_call import PreparedCall
+from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
-REPLICATION_MODES = ("auto", "host", "peer", "broadcast")
 
 
 def _engine_bytes(engine: Any) -> bytes:
@@ -38,22 +39,51 @@ class EngineRunner:
     whose ``setCommunicator`` fails raises an error naming it: such an engine's collectives would
     silently do nothing.
 
-    ``engine``: serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank;
-    ``engines``: one per local rank instead (weight-sharded engines);
-    ``program``: a native ``_core.RankProgram`` run through the same path (tests, benchmarks); an
-    engine program (``mdtrt.tensorrt.engine_program``) runs in one runner only, a second raises
-    :class:`mdtrt.InvalidArgumentError`.
-    ``cuda_graph=True``: each rank captures the engine's enqueue into a CUDA graph the second time
-    it runs on the same buffers and shapes, and replays it from then on (one launch instead of one
-    per kernel, for small latency-bound engines); new buffers or shapes are run uncaptured once,
-    then captured again. Pair it with ``prepare()`` or ``outputs=`` so the buffers stay the same.
-    Input shapes are set on TensorRT only when they change. When a capture fails on any rank, no
-    rank has launched anything yet: every rank runs that call without graphs, the runner stays
-    without them from then on, and one ``RuntimeWarning`` says why.
-    ``allow_host_code=True``: let TensorRT load plans carrying host code (version-compatible plans
-    that embed the lean runtime; ``IRuntime::setEngineHostCodeAllowed``). Off by default, as in
-    TensorRT: it runs code from the plan file.
+    Parameters
+    ----------
+    group : DeviceGroup
+        The GPUs to run on (one rank each).
+    engine : bytes, buffer or path, optional
+        Serialized bytes, a buffer (``IHostMemory``) or a plan file path, shared by every rank.
+    engines : sequence, optional
+        One engine per local rank instead (weight-sharded engines).
+    program : _core.RankProgram, optional
+        A native program run through the same path (tests, benchmarks); an engine program
+        (``mdtrt.tensorrt.engine_program``) runs in one runner only, a second raises
+        :class:`mdtrt.InvalidArgumentError`.
+    multi_device : bool
+        Attach the world communicator to each rank's context (engines with DistCollective layers);
+        False runs a single-device engine on every rank independently.
+    replication : str
+        How an input every rank needs reaches every GPU: auto, host, peer or broadcast
+        (:data:`mdtrt.vocabulary.REPLICATION_MODES`); a call's ``replication=`` overrides it.
+    sequential_bind : bool
+        Bind ranks one after another (only to show that a collective bind then deadlocks).
+    cuda_graph : bool
+        Each rank captures the engine's enqueue into a CUDA graph the second time it runs on the
+        same buffers and shapes, and replays it from then on (one launch instead of one per kernel,
+        for small latency-bound engines); new buffers or shapes are run uncaptured once, then
+        captured again. Pair it with ``prepare()`` or ``outputs=`` so the buffers stay the same.
+        Input shapes are set on TensorRT only when they change. When a capture fails on any rank,
+        no rank has launched anything yet: every rank runs that call without graphs, the runner
+        stays without them from then on, and one ``RuntimeWarning`` says why.
+    allow_host_code : bool
+        Let TensorRT load plans carrying host code (version-compatible plans that embed the lean
+        runtime; ``IRuntime::setEngineHostCodeAllowed``). Off by default, as in TensorRT: it runs
+        code from the plan file.
 
+    Raises
+    ------
+    InvalidArgumentError
+        Arguments of the wrong type or value (the group first, then the engine), or an engine
+        program already used by another runner.
+    TensorRTError
+        An engine this TensorRT and GPU cannot load, or a rank whose ``setCommunicator`` failed.
+    RankTimeoutError
+        A rank did not finish binding within the group's timeout.
+
+    Notes
+    -----
     The runner keeps what it runs on alive; once ``group.close()`` was called, every call raises
     :class:`mdtrt.MdtrtError` ("the DeviceGroup was closed").
     """
@@ -105,6 +135,7 @@ class EngineRunner:
 
     @property
     def input_names(self) -> list[str]:
+        """The engine's input tensor names, in the engine's order (the keys ``infer`` takes)."""
         return [name for name, _, _ in self._inputs]
 
     @property
@@ -180,9 +211,25 @@ class EngineRunner:
     def prepare(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
                 poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
                 outputs: Mapping[str, Sequence[Any]] | None = None):
-        """The same call as ``infer`` with its arguments checked and converted once: the returned
-        callable runs the engine again on the same buffers (refill them in place between calls),
-        for latency-bound loops. It returns what ``infer`` would."""
+        """The same call as ``infer`` with its arguments checked and converted once, for
+        latency-bound loops.
+
+        Parameters
+        ----------
+        inputs, all_ranks, poison_outputs, replication, timeout, outputs
+            As for :meth:`infer`.
+
+        Returns
+        -------
+        callable
+            Called with no arguments, it runs the engine again on the same buffers (refill them in
+            place between calls) and returns what ``infer`` would.
+
+        Raises
+        ------
+        InvalidArgumentError
+            As ``infer`` does, when preparing (before any rank runs anything).
+        """
         n = len(self.group)
         all_ranks = arguments.flag(all_ranks, "all_ranks")
         poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
@@ -227,8 +274,28 @@ class EngineRunner:
         return lambda: call()[0]
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
-        """Milliseconds of each of ``iterations`` complete calls (inputs in, outputs back), after
-        ``warmup`` untimed calls. A call returns only when every rank has finished."""
+        """Wall-clock time of complete ``infer`` calls (inputs in, outputs back).
+
+        Parameters
+        ----------
+        inputs
+            As for :meth:`infer`; ``**kw`` are passed to it too.
+        iterations : int
+            Timed calls (at least 1).
+        warmup : int
+            Untimed calls first (at least 0).
+
+        Returns
+        -------
+        list of float
+            Milliseconds of each timed call, in call order. A call returns only when every rank
+            has finished.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``iterations`` or ``warmup`` out of range, or what ``infer`` raises.
+        """
         iterations = arguments.integer(iterations, "iterations", minimum=1)
         warmup = arguments.integer(warmup, "warmup", minimum=0)
         for _ in range(warmup):

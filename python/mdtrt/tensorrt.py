@@ -24,14 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import importlib.util
 import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import _core
 from .errors import InvalidArgumentError, LibraryNotFoundError, MdtrtError
-from .libraries import LoadAttempt, attempts_from
+from .libraries import LoadAttempt, attempts_from, package_dirs
 
 log = logging.getLogger("mdtrt.tensorrt")
 
@@ -71,21 +70,9 @@ def _require_backend() -> None:
         )
 
 
-def _package_dirs(package: str) -> list[str]:
-    """Folders of an installed package, found without importing it (importing ``tensorrt_libs``
-    would preload its libraries behind the loader's back)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        return []
-    if spec is None:
-        return []
-    return [os.fspath(p) for p in (spec.submodule_search_locations or []) if os.path.isdir(p)]
-
-
 def wheel_library_dirs() -> tuple[list[str], list[str]]:
     """(full, lean): library folders of the installed ``tensorrt_libs`` and ``tensorrt_lean_libs`` wheels."""
-    return _package_dirs("tensorrt_libs"), _package_dirs("tensorrt_lean_libs")
+    return package_dirs("tensorrt_libs"), package_dirs("tensorrt_lean_libs")
 
 
 def _severity_for(level: int) -> int:
@@ -411,15 +398,37 @@ def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = N
                            workspace: int | None = None, fp16: bool | None = None, bf16: bool | None = None,
                            device: int | None = None, version_compatible: bool = False,
                            exclude_lean_runtime: bool = False) -> bytes:
-    """Build a serialized engine from an ONNX model (a path, bytes or an ``onnx.ModelProto``) with
-    TensorRT's ONNX parser; parser errors are listed, with node names, in the exception.
+    """Build a serialized engine from an ONNX model with TensorRT's ONNX parser.
 
-    ``profiles``: ``{input: (min, opt, max)}`` (or one shape) for every input with dynamic
-    dimensions. ``workspace``: limit of TensorRT's workspace pool in bytes. ``fp16``/``bf16`` are
-    accepted for older callers and change nothing: TensorRT 11 networks are strongly typed, so the
-    engine computes in the model's own types. ``device``, ``version_compatible``,
-    ``exclude_lean_runtime``, ``timing_cache`` and ``progress``: as for
-    :func:`build_dist_collective_engine`.
+    Parameters
+    ----------
+    model : path, bytes or onnx.ModelProto
+        The model (a path keeps external weight files beside it reachable).
+    profiles : dict, optional
+        ``{input: (min, opt, max)}`` shapes (or one shape for all three) for every input with
+        dynamic dimensions.
+    workspace : int, optional
+        Limit of TensorRT's workspace pool, in bytes.
+    fp16, bf16 : bool, optional
+        Accepted for older callers and change nothing: TensorRT 11 networks are strongly typed, so
+        the engine computes in the model's own types.
+    progress, timing_cache, device, version_compatible, exclude_lean_runtime
+        As for :func:`build_dist_collective_engine`.
+
+    Returns
+    -------
+    bytes
+        The serialized plan.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Bad arguments (profiles, workspace, the model argument), or a ``device`` this machine does
+        not have.
+    LibraryNotFoundError
+        No TensorRT builder (none, or only the lean runtime), or no ONNX parser.
+    TensorRTError
+        The parser refused the model (its errors listed, with node names) or the build failed.
     """
     device = _device(device)
     flags = _lean_flags(version_compatible, exclude_lean_runtime)
@@ -435,16 +444,35 @@ def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = N
 
 
 def engine_program(engines: Sequence[Any], multi_device: bool = True, allow_host_code: bool = False):
-    """The native program running ``engines[i]`` on local rank i (the same bytes object for a shared
-    engine: it is kept once). ``multi_device=False`` runs a single-device engine without a
-    communicator; a multi-device engine whose ``setCommunicator`` TensorRT refuses raises when bound.
-    ``allow_host_code=True`` lets TensorRT load plans that carry host code
-    (``IRuntime::setEngineHostCodeAllowed``: version-compatible plans that embed the lean runtime);
-    off by default, as in TensorRT, since it runs code from the plan.
+    """The native program running ``engines[i]`` on local rank ``i``, for ``EngineRunner(program=)``.
 
-    A program is bound once, by one runner on one group: its TensorRT contexts are attached to that
-    group's communicator, and keep it alive until they are gone. A second runner raises
-    :class:`mdtrt.InvalidArgumentError`: make one program per runner."""
+    Parameters
+    ----------
+    engines : sequence of buffers
+        One serialized plan per local rank (bytes or any buffer); the same object for a shared
+        engine is kept once.
+    multi_device : bool
+        False runs a single-device engine without a communicator; a multi-device engine whose
+        ``setCommunicator`` TensorRT refuses raises when bound.
+    allow_host_code : bool
+        Let TensorRT load plans that carry host code (``IRuntime::setEngineHostCodeAllowed``:
+        version-compatible plans that embed the lean runtime); off by default, as in TensorRT,
+        since it runs code from the plan.
+
+    Returns
+    -------
+    _core.EngineProgram
+        Bound once, by one runner on one group: its TensorRT contexts are attached to that group's
+        communicator, and keep it alive until they are gone. A second runner raises
+        :class:`mdtrt.InvalidArgumentError`: make one program per runner.
+
+    Raises
+    ------
+    InvalidArgumentError
+        An engine that is not a buffer, or an empty one.
+    LibraryNotFoundError
+        No TensorRT runtime could be loaded.
+    """
     tensorrt_library()
     blobs = []
     for e in engines:
@@ -459,10 +487,32 @@ def engine_program(engines: Sequence[Any], multi_device: bool = True, allow_host
 
 
 def check_engine(engine: Any, device: int = 0, allow_host_code: bool = False) -> list[dict]:
-    """Deserialize a plan (bytes, a buffer or a file path) on GPU ``device``, without a DeviceGroup,
-    and list its IO tensors (name, is_input, dtype, shape, profile_min, profile_max). Raises
-    :class:`mdtrt.TensorRTError` with TensorRT's message when the plan does not load here.
-    ``allow_host_code``: as for :func:`engine_program`."""
+    """Deserialize a plan on one GPU, without a DeviceGroup, and list its IO tensors.
+
+    Parameters
+    ----------
+    engine : bytes, buffer or path
+        The serialized plan, or a plan file.
+    device : int
+        The CUDA device to deserialize on.
+    allow_host_code : bool
+        As for :func:`engine_program`.
+
+    Returns
+    -------
+    list of dict
+        One per IO tensor: name, is_input, dtype, shape (-1 for dynamic dimensions), profile_min,
+        profile_max.
+
+    Raises
+    ------
+    TensorRTError
+        With TensorRT's message, when the plan does not load on this TensorRT and GPU.
+    LibraryNotFoundError
+        No TensorRT runtime could be loaded.
+    OSError
+        A plan file that cannot be read.
+    """
     if isinstance(engine, (str, os.PathLike)):
         with open(os.fspath(engine), "rb") as f:
             engine = f.read()

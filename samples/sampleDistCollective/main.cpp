@@ -328,7 +328,7 @@ int run(Options& o) {
   mdtrt::validate_devices(devices);
 
   const auto& nccl = mdtrt::nccl::load_library(nccl_wheel_dirs());
-  info("NCCL " + mdtrt::nccl::version_string(nccl.version) + " from " + nccl.path + " (found by " + nccl.found_by +
+  info("NCCL " + mdtrt::version_string(nccl.version) + " from " + nccl.path + " (found by " + nccl.found_by +
        ")");
 
   std::shared_ptr<mdtrt::DeviceGroup> group;

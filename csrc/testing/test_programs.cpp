@@ -1,4 +1,4 @@
-#include "runtime/test_programs.h"
+#include "testing/test_programs.h"
 
 #include <atomic>
 #include <chrono>
@@ -13,6 +13,7 @@
 #include "nccl/nccl_library.h"
 #include "runtime/call_barrier.h"
 #include "runtime/cuda_handles.h"
+#include "runtime/program_runner.h"
 
 namespace mdtrt {
 
@@ -67,9 +68,8 @@ void RankSynchronizingAllReduceProgram::enqueue(RankContext& ctx, const std::vec
                                                 const std::vector<TensorView>& outputs) {
   if (ctx.rank == sync_rank_) MDTRT_CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
   const auto count = static_cast<size_t>(element_count(inputs.at(0).shape));
-  ctx.world->check(nccl::api().AllReduce(inputs[0].data, outputs.at(0).data, count, nccl::kFloat32, nccl::kSum,
-                                         ctx.world->handle(), ctx.stream),
-                   "ncclAllReduce", ctx.deadline);
+  MDTRT_NCCL_CHECK_ON(*ctx.world, ctx.deadline, AllReduce, inputs[0].data, outputs.at(0).data, count,
+                      nccl::kFloat32, nccl::kSum, ctx.world->handle(), ctx.stream);
 }
 
 void AlignedCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
@@ -175,6 +175,23 @@ double host_to_device_bandwidth_gbps(int device, size_t nbytes, int iterations, 
   return timed_bandwidth(device, nbytes, iterations, stream.get(), [&] {
     MDTRT_CUDA_CHECK(cudaMemcpyAsync(to.get(), host, nbytes, cudaMemcpyHostToDevice, stream.get()));
   });
+}
+
+// Holds a RankRuntime without GPUs, for the CPU tests of the runtime.
+void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {
+  std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+  for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+  RankRuntime runtime(devices, ranks, num_ranks);
+  std::vector<std::shared_ptr<RankProgram>> programs;
+  if (program == "barrier") {
+    auto barrier = std::make_shared<BarrierBindProgram>(num_ranks);
+    programs.assign(num_ranks, barrier);
+  } else if (program == "fail") {
+    programs.assign(num_ranks, std::make_shared<FailingBindProgram>(fail_rank, "injected failure"));
+  } else {
+    throw_invalid_argument("unknown test program " + program);
+  }
+  bind_programs(runtime, programs, timeout, sequential);
 }
 
 }  // namespace mdtrt

@@ -1,3 +1,6 @@
+// Test programs and benchmark probes, built into their own target (mdtrt_testing, linked only
+// into the Python module's _core.testing), never into the shipped core.
+//
 // Programs that exercise the rank runtime without GPUs or NCCL, for tests on any machine:
 // a bind that is a CPU barrier across ranks (collective like setCommunicator: deadlocks when ranks
 // are bound one after another) and a bind that fails on one rank.
@@ -113,6 +116,10 @@ class AlignedCopyProgram : public CopyProgram {
 // Returns, per rank, whether its launch ran, and the call's error message ("" when it succeeded).
 std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
                                                                   double slow_check_seconds, double timeout);
+
+// Binds `program` ("barrier": a CPU barrier across ranks; "fail": fails on `fail_rank`) on
+// `num_ranks` CPU-only rank threads, one after another when `sequential`, within `timeout` seconds.
+void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank);
 
 // Raw figures of this machine, for benchmarks to compare against.
 std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations);

@@ -1,0 +1,94 @@
+// _core.testing: test programs and benchmark probes (csrc/testing), and each layer's test-only
+// hooks (bind_trt_testing). Nothing here is public API.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "bindings/modules.h"
+#include "runtime/program_runner.h"
+#include "testing/test_programs.h"
+
+namespace py = pybind11;
+
+namespace mdtrt::bindings {
+
+void bind_testing(py::module_& m) {
+  py::module_ testing = m.def_submodule("testing", "Test-only entry points (no GPU needed).");
+  py::class_<CopyProgram, RankProgram, std::shared_ptr<CopyProgram>>(testing, "CopyProgram")
+      .def(py::init([](const std::string& dtype) { return std::make_shared<CopyProgram>(dtype_from_name(dtype)); }),
+           py::arg("dtype"));
+  py::class_<SynchronizingCopyProgram, RankProgram, std::shared_ptr<SynchronizingCopyProgram>>(
+      testing, "SynchronizingCopyProgram")
+      .def(py::init([](const std::string& dtype) {
+             return std::make_shared<SynchronizingCopyProgram>(dtype_from_name(dtype));
+           }),
+           py::arg("dtype"));
+  py::class_<RankSynchronizingAllReduceProgram, RankProgram, std::shared_ptr<RankSynchronizingAllReduceProgram>>(
+      testing, "RankSynchronizingAllReduceProgram")
+      .def(py::init([](int sync_rank) { return std::make_shared<RankSynchronizingAllReduceProgram>(sync_rank); }),
+           py::arg("sync_rank"));
+  py::class_<AlignedCopyProgram, RankProgram, std::shared_ptr<AlignedCopyProgram>>(testing, "AlignedCopyProgram")
+      .def(py::init([](const std::string& dtype) {
+             return std::make_shared<AlignedCopyProgram>(dtype_from_name(dtype));
+           }),
+           py::arg("dtype"));
+  testing.def(
+      "rank_result",
+      [](const std::vector<std::string>& host) {
+        RankResult r;
+        for (size_t i = 0; i < host.size(); ++i) {
+          r.outputs.push_back(TensorSpec{"output" + std::to_string(i), DType::kUInt8, {static_cast<int64_t>(host[i].size())}});
+          r.host.emplace_back(host[i].begin(), host[i].end());
+        }
+        return r;
+      },
+      py::arg("host"), "A RankResult holding these host bytes (tests the conversion on any machine).");
+  testing.def(
+      "run_checked_launch_test",
+      [](int num_ranks, int fail_rank, double slow_check_seconds, double timeout) {
+        py::gil_scoped_release release;
+        return run_checked_launch_test(num_ranks, fail_rank, slow_check_seconds, timeout);
+      },
+      py::arg("num_ranks"), py::arg("fail_rank") = -1, py::arg("slow_check_seconds") = 0.0,
+      py::arg("timeout") = 10.0,
+      "(per rank: did its launch run, the call's error or '') after the check step on CPU-only ranks; "
+      "fail_rank's check fails, or takes slow_check_seconds.");
+  py::class_<SinkProgram, RankProgram, std::shared_ptr<SinkProgram>>(testing, "SinkProgram")
+      .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
+           py::arg("dtype"));
+  testing.def(
+      "bare_copy_loop",
+      [](int device, size_t nbytes, int iterations) {
+        py::gil_scoped_release release;
+        return bare_copy_loop_us(device, nbytes, iterations);
+      },
+      py::arg("device"), py::arg("nbytes"), py::arg("iterations"),
+      "Microseconds per cudaMemcpyAsync + cudaStreamSynchronize from one thread: the bare baseline.");
+  testing.def(
+      "peer_copy_bandwidth",
+      [](int src, int dst, size_t nbytes, int iterations) {
+        py::gil_scoped_release release;
+        return peer_copy_bandwidth_gbps(src, dst, nbytes, iterations);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("nbytes"), py::arg("iterations"));
+  testing.def(
+      "h2d_bandwidth",
+      [](int device, size_t nbytes, int iterations, bool pinned) {
+        py::gil_scoped_release release;
+        return host_to_device_bandwidth_gbps(device, nbytes, iterations, pinned);
+      },
+      py::arg("device"), py::arg("nbytes"), py::arg("iterations"), py::arg("pinned"));
+  testing.def(
+      "run_bind_test",
+      [](int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {
+        py::gil_scoped_release release;
+        run_bind_test(num_ranks, program, sequential, timeout, fail_rank);
+      },
+      py::arg("num_ranks"), py::arg("program"), py::arg("sequential") = false, py::arg("timeout") = 10.0,
+      py::arg("fail_rank") = -1);
+  bind_trt_testing(testing);
+}
+
+}  // namespace mdtrt::bindings

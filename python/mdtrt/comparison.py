@@ -1,0 +1,109 @@
+"""compare_outputs: how far one set of outputs is from a reference (numpy only: the check that
+``simulate``, the attention sample and the tests share)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+__all__ = ["compare_outputs", "ComparisonReport", "OutputComparison"]
+
+
+@dataclass
+class OutputComparison:
+    """One output's verdict: ``passed``, the largest absolute error, that error over the largest
+    reference magnitude (``max_rel_error``), and ``detail``: why it failed without a number (missing
+    output, wrong shape, non-finite values), else "".
+    """
+    name: str
+    passed: bool
+    max_abs_error: float
+    max_rel_error: float
+    detail: str = ""
+
+
+@dataclass
+class ComparisonReport:
+    """How far one set of outputs is from a reference. An output passes when
+    ``max|actual - expected| <= atol + rtol * max|expected|`` (and nothing is NaN)."""
+
+    outputs: list[OutputComparison]
+    atol: float
+    rtol: float
+
+    @property
+    def passed(self) -> bool:
+        """Whether every output passed."""
+        return all(o.passed for o in self.outputs)
+
+    def format(self, label: str = "multi-device vs single-device") -> str:
+        """A human-readable report: a header with the pass rule, then one PASS/FAIL line per output."""
+        lines = [f"{label} (pass: max abs error <= {self.atol:g} + {self.rtol:g} * max |reference|):"]
+        for o in self.outputs:
+            verdict = "PASS" if o.passed else "FAIL"
+            if o.detail:
+                lines.append(f"  {o.name}: {verdict}: {o.detail}")
+            else:
+                lines.append(
+                    f"  {o.name}: {verdict}: max abs error {o.max_abs_error:.3g}, "
+                    f"max rel error {o.max_rel_error:.3g}"
+                )
+        return "\n".join(lines)
+
+
+def compare_outputs(
+    expected: Mapping[str, np.ndarray],
+    actual: Mapping[str, np.ndarray],
+    *,
+    atol: float,
+    rtol: float,
+) -> ComparisonReport:
+    """Compare ``actual`` to ``expected`` output by output.
+
+    An output passes when ``max|actual - expected| <= atol + rtol * max|expected|`` (computed in
+    float64) and it is non-finite exactly where the reference is. The relative error reported is
+    the max absolute error over the largest reference magnitude, which stays meaningful where
+    individual reference values are near zero.
+
+    Parameters
+    ----------
+    expected : mapping of str to array
+        The reference outputs by name (any numeric dtype numpy can convert to float64).
+    actual : mapping of str to array
+        The outputs to check; an output of ``expected`` missing here, or of another shape, fails.
+        Extra outputs are ignored.
+    atol, rtol : float
+        Absolute tolerance (in the outputs' units) and tolerance relative to ``max|expected|``.
+
+    Returns
+    -------
+    ComparisonReport
+        One :class:`OutputComparison` per expected output; ``report.passed`` when all pass.
+    """
+    results = []
+    for name, want in expected.items():
+        if name not in actual:
+            results.append(OutputComparison(name, False, np.inf, np.inf, "missing from the outputs"))
+            continue
+        want = np.asarray(want)
+        got = np.asarray(actual[name])
+        if got.shape != want.shape:
+            results.append(
+                OutputComparison(name, False, np.inf, np.inf, f"shape {got.shape}, expected {want.shape}")
+            )
+            continue
+        want64, got64 = want.astype(np.float64), got.astype(np.float64)
+        if want.size == 0:
+            results.append(OutputComparison(name, True, 0.0, 0.0))
+            continue
+        difference = np.abs(got64 - want64)
+        scale = float(np.max(np.abs(want64)))
+        max_abs = float(np.max(difference))
+        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
+        finite = bool(np.all(np.isfinite(got64) == np.isfinite(want64)))
+        passed = finite and max_abs <= atol + rtol * scale
+        detail = "" if finite else "non-finite values where the reference has finite ones"
+        results.append(OutputComparison(name, passed, max_abs, max_rel, detail))
+    return ComparisonReport(results, atol, rtol)
