@@ -58,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 20, quick 8, smoke 3)")
     p.add_argument("--ring-blocks", type=int, default=2,
                    help="blocks per rank's K/V chunk in the ring (more: less K/V memory, more merge steps; default 2)")
-    p.add_argument("--kv-head-groups", type=int, default=4,
+    p.add_argument("--kv-head-groups", type=int, default=1,
                    help="allgather_kv gathers K/V in this many pieces of heads, attending to each piece while the "
-                        "next travels (1: one gather, then attention; default 4)")
+                        "next travels (default 1: one gather, then attention; 4 measured no faster at 56320 and "
+                        "slower at 8192 on 2x H200, BENCHMARKS.md)")
     p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default 240)")
     return p
 
