@@ -188,6 +188,10 @@ def test_bad_arguments_are_named_before_tensorrt_is_needed():
         mdtrt_tensorrt.build_engine_from_onnx("/nonexistent/model.onnx", progress=False)
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"\(min_shape, opt_shape, max_shape\)"):
         mdtrt_tensorrt.build_engine_from_onnx(b"x", profiles={"input": ([1], [2])}, progress=False)
+    # A precision switch that would silently build a float32 engine is refused, naming what to do.
+    for flag, dtype in (("fp16", "float16"), ("bf16", "bfloat16")):
+        with pytest.raises(mdtrt.InvalidArgumentError, match=f"{flag}=True: .*strongly typed.*convert the ONNX model to {dtype}"):
+            mdtrt_tensorrt.build_engine_from_onnx(b"x", progress=False, **{flag: True})
 
 
 def test_profile_forms():

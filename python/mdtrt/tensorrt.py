@@ -410,8 +410,9 @@ def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = N
     workspace : int, optional
         Limit of TensorRT's workspace pool, in bytes.
     fp16, bf16 : bool, optional
-        Accepted for older callers and change nothing: TensorRT 11 networks are strongly typed, so
-        the engine computes in the model's own types.
+        Refused when true: TensorRT 11 networks are strongly typed, so the engine computes in the
+        model's own types and has no precision switch (TensorRT 11 release notes); convert the
+        model to float16/bfloat16 instead. False or None is accepted.
     progress, timing_cache, device, version_compatible, exclude_lean_runtime
         As for :func:`build_dist_collective_engine`.
 
@@ -423,8 +424,8 @@ def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = N
     Raises
     ------
     InvalidArgumentError
-        Bad arguments (profiles, workspace, the model argument), or a ``device`` this machine does
-        not have.
+        Bad arguments (profiles, workspace, the model argument, ``fp16``/``bf16`` true), or a
+        ``device`` this machine does not have.
     LibraryNotFoundError
         No TensorRT builder (none, or only the lean runtime), or no ONNX parser.
     TensorRTError
@@ -433,7 +434,11 @@ def build_engine_from_onnx(model: Any, *, profiles: Mapping[str, Any] | None = N
     device = _device(device)
     flags = _lean_flags(version_compatible, exclude_lean_runtime)
     if fp16 or bf16:
-        log.info("fp16/bf16 have no effect: TensorRT 11 networks are strongly typed, the model's types decide")
+        # A switch that silently did nothing would build a float32 engine for a user who asked for fp16.
+        raise InvalidArgumentError(
+            f"{'fp16' if fp16 else 'bf16'}=True: TensorRT 11 builds strongly typed networks, so the engine computes "
+            "in the model's own types and there is no precision switch; convert the ONNX model to "
+            f"{'float16' if fp16 else 'bfloat16'} (e.g. polygraphy convert --fp-to-fp16) and build that")
     data, path = _onnx_model(model)
     shapes = {str(name): _profile(name, value) for name, value in (profiles or {}).items()}
     full, _ = wheel_library_dirs()
