@@ -301,3 +301,116 @@ def test_gpu_run(strategy, capsys):  # pragma: no cover - needs GPUs and TensorR
 
     timed_on_device = importlib.util.find_spec("torch") is not None  # CUDA events come from torch
     assert ("CUDA events around each call on device-resident" in out) == timed_on_device and "speedup" in out
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--sequence-length", "0", "must be a positive integer, got 0"),
+    ("--batch-size", "0", "must be a positive integer, got 0"),
+    ("--iterations", "-3", "must be a positive integer, got -3"),
+    ("--ranks", "0", "must be a positive integer, got 0"),
+    ("--hidden", "-8", "must be a positive integer, got -8"),
+    ("--heads", "0", "must be a positive integer, got 0"),
+    ("--head-dim", "0", "must be a positive integer, got 0"),
+    ("--seed", "-1", "must be 0 or more, got -1"),
+    ("--atol", "-1", "must be a finite number >= 0, got -1"),
+    ("--rtol", "-0.5", "must be a finite number >= 0, got -0.5"),
+    ("--rtol", "nan", "must be a finite number >= 0, got nan"),
+    ("--batch-size", "two", "must be an integer, got 'two'"),
+])
+def test_cli_numbers_out_of_range_are_argparse_errors(option, value, says, capsys, monkeypatch):
+    monkeypatch.setattr(attention, "create_attention_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as exit_:
+        attention_cli.main([*SMALL_CLI, option, value])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert f"error: argument {option}: {says}" in err and "Traceback" not in err
+
+
+def _no_model_built(monkeypatch):
+    monkeypatch.setattr(attention, "create_attention_model", lambda *a, **k: pytest.fail("a model was built"))
+
+
+def test_cli_ulysses_heads_not_divisible_is_refused_before_anything(capsys, monkeypatch):
+    _no_model_built(monkeypatch)
+    monkeypatch.setattr(attention_cli, "_gpu_run_blocker", lambda ranks: pytest.fail("looked for GPUs"))
+    assert attention_cli.main([*SMALL_CLI, "--ranks", "3", "--sequence-length", "9", "--strategy", "ulysses"]) == 2
+    out = capsys.readouterr().out
+    assert "receives" not in out  # no traffic figures for a run that cannot happen
+    _one_line_error(_Captured(out), "4 heads (--heads), which 3 ranks do not divide")
+
+
+class _Captured:
+    """A capsys stand-in for output already read."""
+
+    def __init__(self, out: str, err: str = ""):
+        self.out, self.err = out, err
+
+    def readouterr(self):
+        return self.out, self.err
+
+
+@pytest.mark.parametrize("where", ["/proc/nope", "file"])
+def test_cli_save_dir_that_cannot_be_written_is_refused_before_building(where, tmp_path, capsys, monkeypatch):
+    _no_model_built(monkeypatch)
+    path = where
+    if where == "file":
+        path = tmp_path / "a_file"
+        path.write_text("")
+    assert attention_cli.main([*SMALL_CLI, "--save-dir", str(path)]) == 2
+    expected = "is a file, not a directory" if where == "file" else "/proc/nope cannot be created"
+    _one_line_error(capsys, f"--save-dir {path} {expected}" if where == "file" else expected)
+
+
+def test_cli_save_dir_is_created_and_written(tmp_path, capsys):
+    target = tmp_path / "new" / "models"
+    assert attention_cli.main([*SMALL_CLI, "--ranks", "2", "--save-dir", str(target)]) == 0
+    assert sorted(p.name for p in target.iterdir()) == ["attention_md.onnx", "attention_sd.onnx"]
+
+
+def test_create_model_output_dir_that_cannot_be_written_is_one_line(tmp_path):
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    script = SAMPLE_DIR / "create_model.py"
+    for target, expected in (("/proc/nope", "--output-dir /proc/nope cannot be created"),
+                             (str(script), "is a file, not a directory")):
+        result = subprocess.run([sys.executable, str(script), "--output-dir", target, "--hidden", "32", "--heads", "2",
+                                 "--head-dim", "16"], capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "Traceback" not in result.stderr and result.stdout.startswith("error: ") and expected in result.stdout, \
+            result.stdout + result.stderr
+    result = subprocess.run([sys.executable, str(script), "--ranks", "0"], capture_output=True, text=True, timeout=120,
+                            env=env, cwd=str(tmp_path))
+    assert result.returncode == 2 and "argument --ranks: must be a positive integer, got 0" in result.stderr
+
+
+def test_cli_hint_that_is_a_directory(tmp_path, capsys):
+    assert attention_cli.main([*SMALL_CLI, "--hint", str(tmp_path)]) == 2
+    _one_line_error(capsys, f"{tmp_path} is a directory; give a ShardHints JSON file")
+
+
+def test_cli_default_sequence_not_divisible_says_the_default_and_a_length(capsys, monkeypatch):
+    _no_model_built(monkeypatch)
+    args = ["--mode", "cpu", "--hidden", "32", "--heads", "3", "--head-dim", "8", "--no-progress"]
+    assert attention_cli.main([*args, "--ranks", "3"]) == 2
+    _one_line_error(capsys, f"default sequence length {attention_cli.CPU_DEFAULT_SEQUENCE_LENGTH} is not divisible by "
+                            "--ranks 3: give --sequence-length 258")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda h: h["dist_collectives"].pop("nb_rank"), "have no dist_collectives.nb_rank"),
+    (lambda h: h.update(stratgey="ring"), "unknown field 'stratgey'; the known ones are parallelism"),
+    (lambda h: h["attention_layers"][0].update(gather_kvv=True), "unknown field 'gather_kvv'; the known ones are q,"),
+])
+def test_cli_hint_files_with_missing_or_unknown_fields(change, expected, tmp_path, capsys, monkeypatch):
+    _no_model_built(monkeypatch)
+    hints = attention.default_hints(2)
+    change(hints)
+    path = tmp_path / "hints.json"
+    path.write_text(json.dumps(hints))
+    assert attention_cli.main([*SMALL_CLI, "--hint", str(path)]) == 2
+    _one_line_error(capsys, expected)
+
+
+def test_cli_one_rank_is_said_in_the_singular(capsys):
+    assert attention_cli.main([*SMALL_CLI, "--ranks", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1 simulated rank," in out and "1 simulated rank vs" in out and "ranks" not in out.split("strategy")[0]

@@ -13,6 +13,10 @@ def test_no_gpu_is_explained():
         pytest.skip("this machine has GPUs")
     with pytest.raises(mdtrt.InvalidArgumentError, match="no CUDA GPU"):
         mdtrt.DeviceGroup([0, 1])
+    # Every visible GPU, of which there is none: the same reason, not "an empty list".
+    with pytest.raises(mdtrt.InvalidArgumentError, match="no CUDA GPU is visible") as caught:
+        mdtrt.DeviceGroup()
+    assert "empty list" not in str(caught.value)
 
 
 @pytest.mark.gpu

@@ -91,3 +91,52 @@ def test_found_in_a_package_folder_names_the_package():
     text = run_doctor().stdout
     assert f"found in the {nccl['package']} package's folder {os.path.dirname(nccl['path'])}" in text
     assert any(c["path"] == nccl["path"] and c["version"] == nccl["version"] for c in nccl["loaded_copies"])
+
+
+def _no_driver():
+    return {"driver_version": 0, "runtime_version": 13000, "gpus": [], "peer_access": [],
+            "error": "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"}
+
+
+def test_no_driver_at_all_is_said_in_words(monkeypatch):
+    from mdtrt import doctor
+
+    monkeypatch.setattr(doctor._core, "query_cuda", _no_driver)
+    report = doctor.collect()
+    text = doctor.format_text(report)
+    assert "no NVIDIA driver was found" in text and "insufficient" not in text
+    assert any(r.startswith("no CUDA GPU is visible: no NVIDIA driver was found") for r in report["reasons"])
+    # A driver that is there but too old keeps its own reason.
+    old = dict(_no_driver(), driver_version=12020)
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: old)
+    assert "older than the CUDA 13.0 runtime" in doctor.format_text(doctor.collect())
+
+
+def test_missing_library_attempts_are_listed_once_in_text_and_json(tmp_path):
+    missing = tmp_path / "libnccl.so.2"
+    env = dict(os.environ, MDTRT_NCCL_LIBRARY=str(missing), MDTRT_TENSORRT_LIBRARY=str(tmp_path / "libnvinfer.so.11"))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "mdtrt", "doctor", *args], capture_output=True,  # noqa: E731
+                                       text=True, timeout=120, env=env)
+    report = json.loads(run("--json").stdout)
+    for section, path in (("nccl", missing), ("tensorrt", tmp_path / "libnvinfer.so.11")):
+        attempts = report[section]["attempts"]
+        assert [a["candidate"] for a in attempts] == [str(path)] and not attempts[0]["loaded"], attempts
+        assert report[section]["error"].count(str(path)) == 1, report[section]["error"]  # named once
+    text = run().stdout
+    reasons = text.split("cannot run multi-device inference:\n")[1].splitlines()
+    # Each reason starts with "  - "; what belongs to it (attempts, advice) hangs deeper.
+    assert sum(line.startswith("  - ") for line in reasons) == len(report["reasons"])
+    assert all(line.startswith(("  - ", "    ")) for line in reasons)
+
+
+def test_library_search_names_each_candidate_once():
+    from mdtrt import tensorrt
+
+    if tensorrt.library_report()["library_found"]:
+        pytest.skip("TensorRT is found here: no failed search to look at")
+    error = tensorrt.library_report()["error"]
+    tried = [line for line in error.splitlines() if line.startswith("  - ")]
+    assert tried, error
+    for line in tried:
+        name = line[4:].split(":")[0]
+        assert line.count(name) == 1, line

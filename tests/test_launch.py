@@ -273,3 +273,45 @@ def test_from_env_without_launcher_says_what_to_do(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(mdtrt.InvalidArgumentError, match="launcher"):
         mdtrt.DeviceGroup.from_env()
+
+
+def test_half_of_nvidias_variables_names_the_missing_one_in_words():
+    with pytest.raises(mdtrt.InvalidArgumentError,
+                       match=r"TRT_MY_RANK is set but TRT_WORLD_SIZE is not: set TRT_WORLD_SIZE \(the number of ranks\)"):
+        detect_launch({"TRT_MY_RANK": "0"})
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"set TRT_MY_RANK \(this process's rank\) too"):
+        detect_launch({"TRT_WORLD_SIZE": "2"})
+
+
+def _only(monkeypatch, **env):
+    for var in [v for v in os.environ if v.startswith(("TRT_", "OMPI_", "PMI_", "MV2_", "SLURM_", "MPI_"))
+                or v in ("RANK", "WORLD_SIZE", "LOCAL_RANK")]:
+        monkeypatch.delenv(var)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_from_env_without_an_id_file_is_refused_before_any_gpu_is_looked_for(monkeypatch):
+    # As NVIDIA's sample (exit 2 before CUDA): a setting error, on any machine, GPU or not.
+    _only(monkeypatch, TRT_MY_RANK="0", TRT_WORLD_SIZE="2")
+    monkeypatch.setattr(_core, "visible_gpu_count", lambda: pytest.fail("looked for GPUs"))
+    with pytest.raises(mdtrt.InvalidArgumentError,
+                       match="TRT_MY_RANK and TRT_WORLD_SIZE are set but TRT_NCCL_ID_FILE is not: set it to a path"):
+        mdtrt.DeviceGroup.from_env()
+
+
+def test_from_env_under_slurm_without_mpi4py_or_id_file_is_refused_first(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_mpi4py(name, *args, **kwargs):
+        if name == "mpi4py" or name.startswith("mpi4py."):
+            raise ImportError("No module named 'mpi4py'")
+        return real_import(name, *args, **kwargs)
+
+    _only(monkeypatch, SLURM_PROCID="0", SLURM_NTASKS="2")
+    monkeypatch.setattr(builtins, "__import__", no_mpi4py)
+    monkeypatch.setattr(_core, "visible_gpu_count", lambda: pytest.fail("looked for GPUs"))
+    with pytest.raises(mdtrt.InvalidArgumentError, match="launched by SLURM but there is no way to share the NCCL id"):
+        mdtrt.DeviceGroup.from_env()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -64,3 +65,31 @@ def test_simulate_module_imported_first_does_not_shadow():
     script = "import mdtrt._simulate, mdtrt\nassert callable(mdtrt.simulate), mdtrt.simulate\nprint('OK')"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_dir_lists_the_public_names_lazy_ones_included():
+    # In a fresh process, so that no lazily imported name has been loaded yet.
+    script = ("import mdtrt, json; names = dir(mdtrt); print(json.dumps([names, mdtrt.__all__, "
+              "'shard' in vars(mdtrt)]))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    names, public, loaded = json.loads(out.stdout)
+    assert not loaded  # dir() did not import the ONNX tools
+    assert set(public) <= set(names)
+    assert {"shard", "simulate", "run_on_cpu", "compare_outputs", "reference"} <= set(names)
+    assert "annotations" not in names and "_core" not in names
+
+
+def test_run_on_cpu_rank_count_message_is_grammatical():
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    import mdtrt
+
+    node = helper.make_node("DistCollective", ["x"], ["y"], domain="trt", collective_operation="all_gather",
+                            reduce_op="none", root=-1, nb_rank=2, group_size=0)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("trt", 1)])
+    with pytest.raises(ValueError, match="has nb_rank=2\\) but 1 was asked for"):
+        mdtrt.run_on_cpu(model, {"x": np.zeros(2, np.float32)}, progress=False)

@@ -105,6 +105,10 @@ def test_help_documents_every_option_and_both_launch_styles():
         (["--op", "all", "--gpus", "0,1", "--groups", "0,2"], "--groups lists rank 2, outside the world of 2"),
         (["--op", "all", "--gpus", "0,1", "--groups", "1,1"], "lists rank 1 twice"),
         (["--op", "broadcast", "--gpus", "0,1,2", "--groups", "0,2", "--root", "1"], "--root 1 is not in the group"),
+        # Without --gpus the world size is known only from CUDA: checks that do not need it come first.
+        (["--op", "all", "--groups", "0,0"], "lists rank 0 twice"),
+        (["--op", "all", "--groups", "3"], "has one rank"),
+        (["--op", "broadcast", "--groups", "0,2", "--root", "1"], "--root 1 is not in the group"),
         (["--op", "scatter", "--gpus", "0,1,2", "--cols", "4"], "make --cols a multiple of 3"),
         (["--op", "all", "--gpus", "0,1", "--iters", "many"], "--iters takes a whole number"),
         (["--op", "all", "--gpus", "0,1", "--backend", "onnx"], "unknown --backend 'onnx'"),

@@ -96,6 +96,33 @@ class TestBadHints:
         with pytest.raises(InvalidArgumentError, match="v_seq_len_idx.*not an axis"):
             mdtrt.shard(self.model, hints, 2)
 
+    @pytest.mark.parametrize("where", ["top", "attention_layers", "dist_collectives", "inputs", "outputs"])
+    def test_unknown_fields_are_refused_naming_the_known_ones(self, where, monkeypatch):
+        # polygraphy ignores what it does not know: a misspelt field would silently keep its default.
+        monkeypatch.setattr(sharding, "_run_polygraphy", lambda *args: pytest.fail("reached polygraphy"))
+        hints = self.hints(2)
+        entry = {"top": hints, "attention_layers": hints["attention_layers"][0],
+                 "dist_collectives": hints["dist_collectives"], "inputs": hints["inputs"][0],
+                 "outputs": hints["outputs"][0]}[where]
+        entry["stratgey"] = "ring"
+        known = [f for f in sharding.KNOWN_FIELDS["hints" if where == "top" else where] if f != "polygraphy_class"]
+        with pytest.raises(InvalidArgumentError, match="unknown field 'stratgey'; the known ones are " + ", ".join(known)):
+            mdtrt.shard(self.model, hints, 2)
+
+    def test_a_hints_file_must_say_its_rank_count(self, tmp_path):
+        hints = self.hints(2)
+        assert sharding.declared_ranks(hints) == 2
+        del hints["dist_collectives"]["nb_rank"]
+        with pytest.raises(InvalidArgumentError, match="have no dist_collectives.nb_rank: set it to the number of ranks"):
+            sharding.declared_ranks(hints)
+        hints["dist_collectives"]["nb_rank"] = 0
+        with pytest.raises(InvalidArgumentError, match="nb_rank 0, not a positive integer"):
+            sharding.declared_ranks(hints)
+
+    def test_a_directory_is_not_a_hints_file(self, tmp_path):
+        with pytest.raises(InvalidArgumentError, match=f"hints: {tmp_path} is a directory; give a ShardHints JSON file"):
+            sharding.load_hints(tmp_path)
+
     @pytest.mark.parametrize("reduce_op", ["sum", "maximum", "avg"])
     def test_reduce_op_refused_up_front(self, reduce_op):
         hints = self.hints(2)

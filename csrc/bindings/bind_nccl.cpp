@@ -43,6 +43,8 @@ void bind_nccl(py::module_& m) {
       py::arg("extra_dirs") = std::vector<std::string>{},
       "Find and open NCCL (once per process); returns where it was found and every attempt.");
   m.def("nccl_required_symbols", &nccl::required_symbols);
+  m.def("nccl_failed_attempts", &nccl::failed_attempts,
+        "Every attempt of the last NCCL search that found no usable library (empty when none failed).");
   m.def(
       "nccl_loaded_copies",
       [] {

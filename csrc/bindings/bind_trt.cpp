@@ -250,7 +250,12 @@ void bind_backend(py::module_& m) {
 
 }  // namespace
 
-void bind_trt(py::module_& m) { bind_backend(m); }
+void bind_trt(py::module_& m) {
+  bind_backend(m);
+  // Discovery is compiled in every build: what the last failed search tried, for the doctor.
+  m.def("tensorrt_failed_attempts", &trt::failed_attempts,
+        "Every attempt of the last TensorRT search that found no usable library (empty when none failed).");
+}
 
 void bind_trt_testing(py::module_& testing) {
   testing.def("load_tensorrt", &load_tensorrt_dict, py::arg("extra_dirs") = std::vector<std::string>{},

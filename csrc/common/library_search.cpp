@@ -9,9 +9,21 @@
 
 namespace mdtrt {
 
+namespace {
+
+// dlerror()'s text starts with the file it could not open, which the caller names already
+// ("libnvinfer.so.11: libnvinfer.so.11: libnvinfer.so.11: cannot open ..."): the reason alone.
+std::string reason_of(const LoadAttempt& a) {
+  const std::string prefix = a.candidate + ": ";
+  return a.message.compare(0, prefix.size(), prefix) == 0 ? a.message.substr(prefix.size()) : a.message;
+}
+
+}  // namespace
+
 std::string describe_attempts(const std::vector<LoadAttempt>& attempts) {
   std::ostringstream out;
-  for (const auto& a : attempts) out << "\n  - " << a.rule << ": " << a.candidate << ": " << a.message;
+  for (const auto& a : attempts)
+    out << "\n  - " << (a.rule == a.candidate ? a.candidate : a.rule + ": " + a.candidate) << ": " << reason_of(a);
   return out.str();
 }
 
@@ -38,7 +50,7 @@ std::string search_library(const char* env_var, const std::string& env_hint, con
     if (attempt(env_var, env)) return env_var;
     throw Error(ErrorKind::kLibraryNotFound,
                 std::string(env_var) + " is set to '" + env + "' but it could not be used: " +
-                    attempts.back().message + ". " + env_hint,
+                    reason_of(attempts.back()) + ". " + env_hint,
                 -1, call);
   }
   for (const auto& step : steps)

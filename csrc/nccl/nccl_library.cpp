@@ -54,6 +54,7 @@ struct Loaded {
   LibraryInfo info;
   Api api{};
   void* handle = nullptr;
+  std::vector<LoadAttempt> failed_attempts;  // of the last search that found no usable library
 };
 
 Loaded& state() {
@@ -183,16 +184,22 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs) {
   steps.push_back({"libnccl.so.2", "libnccl.so.2"});
   steps.push_back({"libnccl.so", "libnccl.so"});
   for (const auto& dir : extra_dirs) steps.push_back({"extra directory", dir + "/libnccl.so.2"});
-  info.found_by = search_library(
+  try {
+    info.found_by = search_library(
       "MDTRT_NCCL_LIBRARY",
       "Point MDTRT_NCCL_LIBRARY at a NCCL >= 2.19 libnccl.so.2, or unset it to search the usual places.",
       "load NCCL", steps, info.attempts, [&](const std::string& candidate, LoadAttempt& attempt) {
         return try_candidate(candidate, attempt, st.api, st.handle, info.path, info.version);
       });
+  } catch (const Error&) {
+    st.failed_attempts = info.attempts;
+    throw;
+  }
   if (!info.found_by.empty()) {
     try {
       check_single_copy(before, info);
     } catch (...) {
+      st.failed_attempts = info.attempts;
       if (st.handle != nullptr) dlclose(st.handle);
       st.handle = nullptr;
       st.api = Api{};
@@ -202,6 +209,7 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs) {
     st.ok = true;
     return st.info;
   }
+  st.failed_attempts = info.attempts;
   throw Error(ErrorKind::kLibraryNotFound,
               "could not find a usable NCCL library. Tried:" + describe_attempts(info.attempts) +
                   "\nInstall it with `pip install nvidia-nccl-cu13`, add its folder to LD_LIBRARY_PATH, or set "
@@ -212,6 +220,12 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs) {
 const Api& api() {
   if (!is_loaded()) load_library();
   return state().api;
+}
+
+std::vector<LoadAttempt> failed_attempts() {
+  Loaded& st = state();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  return st.failed_attempts;
 }
 
 bool is_loaded() {

@@ -51,5 +51,8 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs = {})
 const Api& api();
 
 bool is_loaded();
+// Every attempt of the last search that found no usable library (empty when none failed): what
+// the error listed, as records.
+std::vector<LoadAttempt> failed_attempts();
 
 }  // namespace mdtrt::nccl

@@ -50,6 +50,7 @@ struct Library {
   CreateFn create_builder = nullptr;  // nullptr for the lean runtime
   bool nccl_tried = false;
   std::string nccl_warning;
+  std::vector<LoadAttempt> failed_attempts;  // of the last search that found no usable library
 };
 
 struct Parser {
@@ -198,17 +199,23 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs,
   for (const auto& dir : extra_dirs) steps.push_back({"extra directory", dir + "/" + kFull});
   steps.push_back({kLean, kLean});
   for (const auto& dir : lean_extra_dirs) steps.push_back({"lean extra directory", dir + "/" + kLean});
-  info.found_by = search_library(
+  try {
+    info.found_by = search_library(
       "MDTRT_TENSORRT_LIBRARY",
       "Point MDTRT_TENSORRT_LIBRARY at a TensorRT " + std::to_string(kHeaderMajor) + " " + kFull + " (or " + kLean +
           "), or unset it to search the usual places.",
       "load TensorRT", steps, info.attempts,
       [&](const std::string& candidate, LoadAttempt& attempt) { return try_library(candidate, attempt, st, info); });
+  } catch (const Error&) {
+    st.failed_attempts = info.attempts;
+    throw;
+  }
   if (!info.found_by.empty()) {
     st.info = std::move(info);
     st.ok = true;
     return st.info;
   }
+  st.failed_attempts = info.attempts;
   throw Error(ErrorKind::kLibraryNotFound,
               "could not find a usable TensorRT " + std::to_string(kHeaderMajor) +
                   " library. Tried:" + describe_attempts(info.attempts) +
@@ -217,6 +224,12 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs,
                   "MDTRT_TENSORRT_LIBRARY=/path/to/" +
                   kFull + ".",
               -1, "load TensorRT");
+}
+
+std::vector<LoadAttempt> failed_attempts() {
+  Library& st = library();
+  std::lock_guard<std::mutex> lock(st.mutex);
+  return st.failed_attempts;
 }
 
 bool is_loaded() {

@@ -59,6 +59,9 @@ const char* builder_symbol();                         // createInferBuilder_INTE
 const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs = {},
                                 const std::vector<std::string>& lean_extra_dirs = {});
 bool is_loaded();
+// Every attempt of the last search that found no usable library (empty when none failed): what
+// the error listed, as records.
+std::vector<LoadAttempt> failed_attempts();
 
 // Throws the "lean runtime cannot build" error when the loaded library has no builder.
 void require_builder();

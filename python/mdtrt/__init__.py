@@ -46,6 +46,12 @@ def __getattr__(name: str):
         return value
     raise AttributeError(f"module 'mdtrt' has no attribute {name!r}")
 
+
+def __dir__() -> list[str]:
+    # The public names, the lazily imported ones included (they are not in globals() until used);
+    # not `annotations` and the other names imported for the package's own use.
+    return sorted(set(__all__) | {"errors", "__version__"})
+
 __version__ = _core.build_info()["version"]
 
 

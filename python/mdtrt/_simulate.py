@@ -173,7 +173,7 @@ class _Plan:
                 if item.nb_rank and item.nb_rank != ranks:
                     raise InvalidArgumentError(
                         f"the model was sharded for {item.nb_rank} ranks (DistCollective "
-                        f"{item.node.name!r} has nb_rank={item.nb_rank}) but {ranks} were asked for; "
+                        f"{item.node.name!r} has nb_rank={item.nb_rank}) but {ranks} {'was' if ranks == 1 else 'were'} asked for; "
                         "shard it again for this number of ranks"
                     )
 

@@ -39,6 +39,66 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+# argparse types: a bad number is an argparse error (usage, one line naming the option, exit 2).
+# samples/attention_mdtrt/create_model.py uses them too.
+def positive_int(text: str) -> int:
+    """An integer >= 1 (sizes, counts)."""
+    value = _number(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds: numpy's generators take no negative seed)."""
+    value = _number(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (tolerances)."""
+    value = _number(text, float, "a number")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _number(text: str, kind, what: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
+def prepare_output_dir(path: str, option: str) -> str:
+    """Creates ``path`` (a directory to write models to) if needed and checks that it can be
+    written, before anything is built.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``path`` is an existing file, cannot be created, or is not writable (``option`` named).
+    """
+    import os
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgumentError(f"{option} {path} is a file, not a directory: give a directory to write the models to")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"{option} {path} cannot be created ({error.strerror}): give a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"{option} {path} is not writable: give a writable directory")
+    return path
+
+
 def _gpu_run_blocker(ranks: int) -> str | None:
     """Why the GPU run cannot happen here, or None when it can."""
     from . import _core, build_info
@@ -56,7 +116,7 @@ def _gpu_run_blocker(ranks: int) -> str | None:
     if gpus < 1:
         return "no CUDA GPU is visible"
     if gpus < ranks and detect_launch() is None:
-        return f"{ranks} ranks need {ranks} GPUs, {gpus} are visible"
+        return f"{ranks} ranks need {ranks} GPUs; only {_plural(gpus, 'GPU')} visible"
     report = mdtrt_tensorrt.library_report()
     if not report["library_found"]:
         return f"TensorRT is needed for the GPU run and was not found: {report['error']}"
@@ -103,14 +163,11 @@ def _time_on_device(runner, inputs: dict, gpus: list[int], iterations: int, torc
     return times, result
 
 
-def _gpu_run(args, config: attention.AttentionConfig, hints, ranks: int, strategy: str | None) -> int:
+def _gpu_run(args, config: attention.AttentionConfig, hints, ranks: int, strategy: str | None, sequence: int) -> int:
     from .device_group import DeviceGroup
     from .runner import EngineRunner
     from . import compare_outputs  # the public function
 
-    sequence = args.sequence_length or GPU_DEFAULT_SEQUENCE_LENGTH
-    if sequence % ranks:
-        raise InvalidArgumentError(f"--sequence-length {sequence} must be divisible by --ranks {ranks}")
     single, multi = attention.build_models(config, hints, ranks, strategy=strategy, save_dir=args.save_dir, say=_say)
     inputs = attention.random_inputs(single, {"sequence_length": sequence, "batch_size": args.batch_size},
                                      seed=config.seed + 1)
@@ -155,8 +212,8 @@ def _gpu_run(args, config: attention.AttentionConfig, hints, ranks: int, strateg
     how = ("CUDA events around each call on device-resident inputs and outputs" if torch is not None else
            "host clock around each complete call, inputs copied from the host (install torch for CUDA-event timing "
            "on device-resident buffers)")
-    _say(f"median of {args.iterations} iterations ({how}): single-device {single_ms:.3f} ms, "
-         f"{ranks} GPUs {multi_ms:.3f} ms, speedup {single_ms / multi_ms:.2f}x")
+    _say(f"median of {_plural(args.iterations, 'iteration')} ({how}): single-device {single_ms:.3f} ms, "
+         f"{_plural(ranks, 'GPU')} {multi_ms:.3f} ms, speedup {single_ms / multi_ms:.2f}x")
     return 0 if report.passed else 1
 
 
@@ -167,43 +224,44 @@ def _parser() -> argparse.ArgumentParser:
         "ulysses or ring), verify the sharded model against the single-device one on simulated CPU ranks, and with "
         "GPUs and TensorRT run and time it on several GPUs.",
     )
-    parser.add_argument("--ranks", type=int, default=None,
+    parser.add_argument("--ranks", type=positive_int, default=None,
                         help="number of devices (default: the launcher's world size, else the hints' nb_rank, else 2)")
     parser.add_argument("--strategy", choices=STRATEGIES, default=None,
                         help="context-parallel strategy (default: the hints' \"strategy\" field, else allgather_kv)")
     parser.add_argument(
-        "--sequence-length", type=int, default=None,
+        "--sequence-length", type=positive_int, default=None,
         help=f"sequence length (default {GPU_DEFAULT_SEQUENCE_LENGTH} on GPUs, "
         f"{CPU_DEFAULT_SEQUENCE_LENGTH} for the CPU verification)",
     )
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--hidden", type=positive_int, default=4096)
+    parser.add_argument("--heads", type=positive_int, default=32)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights (inputs use seed + 1)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights (inputs use seed + 1)")
     parser.add_argument("--hint", default=None, help="sharding hints JSON (default: the sample's hint.json for --ranks)")
-    parser.add_argument("--iterations", type=int, default=50, help="timed GPU iterations (median reported)")
+    parser.add_argument("--iterations", type=positive_int, default=50, help="timed GPU iterations (median reported)")
     parser.add_argument(
         "--mode", choices=("auto", "cpu", "gpu"), default="auto",
         help="auto: GPU run when GPUs and TensorRT are there, CPU verification otherwise",
     )
-    parser.add_argument("--atol", type=float, default=None, help="absolute tolerance of the check")
-    parser.add_argument("--rtol", type=float, default=None, help="tolerance relative to max |reference|")
+    parser.add_argument("--atol", type=non_negative_float, default=None, help="absolute tolerance of the check")
+    parser.add_argument("--rtol", type=non_negative_float, default=None, help="tolerance relative to max |reference|")
     parser.add_argument("--save-dir", default=None, help="write attention_sd.onnx and attention_md.onnx here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def _ranks(args, hints: dict | None) -> int:
-    """--ranks, which must agree with the launcher's world size and the hints' rank count."""
+    """--ranks, which must agree with the launcher's world size and the hints' rank count (a
+    hints file must give ``dist_collectives.nb_rank``: hints are written for a number of ranks)."""
+    from .sharding import declared_ranks
+
     launch = detect_launch()
-    declared = (hints or {}).get("dist_collectives", {}).get("nb_rank")
+    declared = None if hints is None else declared_ranks(hints, f"the hints in {args.hint}")
     ranks = args.ranks
     if ranks is None:
-        ranks = launch.world_size if launch else declared if isinstance(declared, int) else 2
-    if ranks < 1:
-        raise InvalidArgumentError(f"--ranks must be at least 1, got {ranks}")
+        ranks = launch.world_size if launch else declared if declared is not None else 2
     if launch is not None and launch.world_size != ranks:
         raise InvalidArgumentError(f"--ranks is {ranks} but {launch.launcher} started a world of {launch.world_size}")
     if declared is not None and declared != ranks:
@@ -211,6 +269,26 @@ def _ranks(args, hints: dict | None) -> int:
             f"--ranks is {ranks} but the hints are for {declared} ranks (dist_collectives.nb_rank in {args.hint}); "
             f"give --ranks {declared} or hints for {ranks} ranks")
     return ranks
+
+
+def _sequence_length(args, ranks: int, default: int, run: str) -> int:
+    """--sequence-length, or ``default`` for ``run``; it must split evenly across the ranks."""
+    sequence = args.sequence_length or default
+    if sequence % ranks:
+        given = f"--sequence-length {sequence}" if args.sequence_length else \
+            f"the {run}'s default sequence length {default}"
+        suggestion = -(-sequence // ranks) * ranks
+        raise InvalidArgumentError(f"{given} is not divisible by --ranks {ranks}: give --sequence-length {suggestion} "
+                                   "(or another multiple of the ranks)")
+    return sequence
+
+
+def _check_strategy_fits(strategy: str, config: attention.AttentionConfig, ranks: int) -> None:
+    """What :func:`mdtrt.shard` would refuse for these sizes, said before any model is built."""
+    if strategy == "ulysses" and config.heads % ranks:
+        raise InvalidArgumentError(
+            f"ulysses shards the heads over the ranks: the model has {config.heads} heads (--heads), which "
+            f"{ranks} ranks do not divide; use --ranks that divides {config.heads}, or --strategy ring or allgather_kv")
 
 
 def _print_traffic(config: attention.AttentionConfig, strategy: str, ranks: int, sequence: int, batch: int) -> None:
@@ -226,41 +304,45 @@ def _print_traffic(config: attention.AttentionConfig, strategy: str, ranks: int,
 
 
 def _run(args) -> int:
-    from .sharding import load_hints
+    from .sharding import check_hints, load_hints
 
     hints = load_hints(args.hint) if args.hint else None
     ranks = _ranks(args, hints)
     if hints is None:
         hints = attention.default_hints(ranks)
+    check_hints(hints, args.strategy)  # bad hints are refused before any model is built
     strategy = args.strategy or hints.get("strategy") or "allgather_kv"
     config = attention.AttentionConfig(args.hidden, args.heads, args.head_dim, args.dtype, args.seed)
+    _check_strategy_fits(strategy, config, ranks)
+    if args.save_dir:
+        prepare_output_dir(args.save_dir, "--save-dir")
 
     blocker = None if args.mode == "cpu" else _gpu_run_blocker(ranks)
     if args.mode == "gpu" and blocker:
         _say(f"cannot run on GPUs: {blocker}")
         return 2
     if args.mode != "cpu" and blocker is None:
-        _print_traffic(config, strategy, ranks, args.sequence_length or GPU_DEFAULT_SEQUENCE_LENGTH, args.batch_size)
-        return _gpu_run(args, config, hints, ranks, args.strategy)
+        sequence = _sequence_length(args, ranks, GPU_DEFAULT_SEQUENCE_LENGTH, "GPU run")
+        _print_traffic(config, strategy, ranks, sequence, args.batch_size)
+        return _gpu_run(args, config, hints, ranks, args.strategy, sequence)
     if blocker:
         _say(f"GPU run skipped: {blocker}. Running the CPU verification instead.")
 
-    sequence = args.sequence_length or CPU_DEFAULT_SEQUENCE_LENGTH
-    if sequence % ranks:
-        raise InvalidArgumentError(f"--sequence-length {sequence} must be divisible by --ranks {ranks}")
+    sequence = _sequence_length(args, ranks, CPU_DEFAULT_SEQUENCE_LENGTH, "CPU verification")
     tolerance = None
     if args.atol is not None or args.rtol is not None:
         default_atol, default_rtol = attention.TOLERANCES[config.dtype]
         tolerance = (args.atol if args.atol is not None else default_atol,
                      args.rtol if args.rtol is not None else default_rtol)
+    simulated = _plural(ranks, "simulated rank")
     _say(f"CPU verification: hidden {config.hidden}, {config.heads} heads x {config.head_dim}, {config.dtype}, "
-         f"sequence {sequence}, batch {args.batch_size}, {ranks} simulated ranks, strategy {strategy}")
+         f"sequence {sequence}, batch {args.batch_size}, {simulated}, strategy {strategy}")
     _print_traffic(config, strategy, ranks, sequence, args.batch_size)
     report, worst_rank = attention.verify_on_cpu(
         config, ranks=ranks, sequence_length=sequence, batch_size=args.batch_size, hints=hints, tolerance=tolerance,
         progress=not args.no_progress, save_dir=args.save_dir, strategy=args.strategy, say=_say,
     )
-    _say(report.format(f"CPU: {ranks} simulated ranks vs single device (worst: rank {worst_rank})"))
+    _say(report.format(f"CPU: {simulated} vs single device (worst: rank {worst_rank})"))
     _say("PASSED" if report.passed else "FAILED: the sharded model does not compute what the single-device model does")
     return 0 if report.passed else 1
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 from . import _core, arguments
 from .arrays import describe, torch_output_factory
 from .errors import InvalidArgumentError
-from .launch import choose_device, detect_launch, exchange_unique_id, release_id_file
+from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
 from .prepared_call import PreparedCall
 from .vocabulary import COLLECTIVES, REDUCE_OPS
@@ -58,6 +58,10 @@ class DeviceGroup:
         nccl_library()  # so the C++ side also finds NCCL in the nvidia-nccl wheel
         if gpus is None:
             gpus = list(range(_core.visible_gpu_count()))
+            if not gpus:
+                raise InvalidArgumentError(
+                    "no CUDA GPU is visible, and DeviceGroup() puts one rank on each visible GPU "
+                    "(run `python -m mdtrt doctor` to see why)")
         self._native = _core.DeviceGroup.create_local(gpus, timeout)
         self._runners: OrderedDict = OrderedDict()
 
@@ -97,6 +101,7 @@ class DeviceGroup:
                 "no launcher found in the environment (TRT_MY_RANK/TRT_WORLD_SIZE, RANK/WORLD_SIZE of torchrun, "
                 "OMPI_COMM_WORLD_RANK, PMI_RANK, MV2_COMM_WORLD_RANK or SLURM_PROCID): start one process per GPU "
                 "with a launcher, or use DeviceGroup(gpus=[...]) for all GPUs in one process")
+        check_id_exchange(info, id_file=id_file)  # a setting error, before NCCL or a GPU is looked for
         nccl_library()
         device = choose_device(info, _core.visible_gpu_count(), gpu)
         uid = exchange_unique_id(info, timeout=timeout, id_file=id_file)

@@ -19,6 +19,7 @@ def _version(code: int) -> str:
 
 def _nccl_report() -> dict:
     """The same keys whether NCCL was found or not (None / [] where there is nothing to say)."""
+    from .libraries import attempts_from
     from .nccl import loaded_copies, nccl_library, wheel_library_dirs
 
     report = {"found": False, "path": None, "version": None, "found_by": None, "package": None, "attempts": [],
@@ -28,6 +29,7 @@ def _nccl_report() -> dict:
         lib = nccl_library()
     except MdtrtError as error:
         report["error"] = str(error)
+        report["attempts"] = [a.__dict__ for a in attempts_from(_core.nccl_failed_attempts())]
     else:
         report.update(found=True, path=lib.path, version=lib.version, found_by=lib.found_by, package=lib.package,
                       attempts=[a.__dict__ for a in lib.attempts])
@@ -59,14 +61,36 @@ _TENSORRT_KEYS = ("library_found", "path", "version", "found_by", "lean", "error
 
 
 def _tensorrt_report(build: dict) -> dict:
+    """Whether the backend is compiled in, and which TensorRT library the search finds (the search
+    is compiled in every build: without the backend it says what a rebuilt mdtrt would use)."""
+    from . import tensorrt as trt_backend
+
     report = {"compiled_in": build["tensorrt_backend"], "reason": build["tensorrt_reason"]}
     report.update({key: [] if key == "attempts" else None for key in _TENSORRT_KEYS})
     report["library_found"] = False
-    if build["tensorrt_backend"]:
-        from . import tensorrt as trt_backend
-
-        report.update(trt_backend.library_report())
+    report.update(trt_backend.library_report())
+    if not build["tensorrt_backend"]:
+        report["rebuild"] = trt_backend.REBUILD_WITH_BACKEND
     return report
+
+
+def _cuda_problem(cuda: dict) -> str | None:
+    """What stops CUDA, in words: the runtime says cudaErrorInsufficientDriver also when there is
+    no driver at all (the driver version then reads 0)."""
+    error = cuda["error"]
+    if error and error.startswith("cudaErrorInsufficientDriver") and not cuda["driver_version"]:
+        return "no NVIDIA driver was found (libcuda.so.1 is not there): install the NVIDIA driver, on a machine with an NVIDIA GPU"
+    if error and error.startswith("cudaErrorInsufficientDriver"):
+        return (f"the NVIDIA driver (CUDA {_version(cuda['driver_version'])}) is older than the CUDA "
+                f"{_version(cuda['runtime_version'])} runtime mdtrt was built with: update the driver")
+    return error
+
+
+def _hanging(text: str, indent: str) -> list[str]:
+    """``text``'s first line as is, the lines after it (a list of attempts, advice) indented by
+    ``indent``, so that they read as part of it."""
+    first, *rest = text.splitlines() or [""]
+    return [first, *(indent + line for line in rest)]
 
 
 def _feature(gpus: list[dict], minimum: tuple[int, int], what: str) -> dict:
@@ -87,6 +111,7 @@ def collect() -> dict:
     cuda = dict(_core.query_cuda())
     gpus = [dict(g, compute_capability=list(g["compute_capability"])) for g in cuda["gpus"]]
     cuda["gpus"] = gpus
+    cuda["problem"] = _cuda_problem(cuda)
     report = {
         "mdtrt": build,
         "nccl": _nccl_report(),
@@ -101,7 +126,7 @@ def collect() -> dict:
     if not report["nccl"]["found"]:
         reasons.append(_nccl_advice(report["nccl"]))
     if not gpus:
-        reasons.append(f"no CUDA GPU is visible ({cuda['error'] or 'cudaGetDeviceCount returned 0'})")
+        reasons.append(f"no CUDA GPU is visible: {cuda['problem'] or 'cudaGetDeviceCount returned 0'}")
     elif len(gpus) < 2:
         reasons.append(f"only {len(gpus)} GPU is visible; multi-device inference needs at least 2")
     n = len(gpus)
@@ -113,7 +138,7 @@ def collect() -> dict:
         reasons.append("DistCollective needs compute capability >= 8.0: " + report["features"]["dist_collective"]["detail"])
     trt = report["tensorrt"]
     if not trt["compiled_in"]:
-        reasons.append(f"the TensorRT backend is not compiled in: {trt['reason']}")
+        reasons.append(f"the TensorRT backend is not compiled in: {trt['reason']}; {trt['rebuild']}")
     elif not trt.get("library_found"):
         reasons.append(f"the TensorRT library was not found: {trt.get('error', '')}")
     report["can_run_multi_device"] = not [r for r in reasons if not r.startswith("no peer access")]
@@ -138,8 +163,8 @@ def format_text(report: dict) -> str:
             lines.append(f"           loaded in this process too: NCCL {copy['version']} at {copy['path']}")
     cuda = report["cuda"]
     lines.append(f"CUDA       driver {_version(cuda['driver_version'])}, runtime {_version(cuda['runtime_version'])}")
-    if cuda["error"]:
-        lines.append(f"           {cuda['error']}")
+    if cuda["problem"]:
+        lines.append(f"           {cuda['problem']}")
     lines.append(f"GPUs       {len(cuda['gpus'])}")
     for g in cuda["gpus"]:
         cc = g["compute_capability"]
@@ -155,15 +180,16 @@ def format_text(report: dict) -> str:
     lines.append("")
     if trt["compiled_in"]:
         lines.append(f"TensorRT   backend compiled in ({trt['reason']})")
-        if trt.get("library_found"):
-            lines.append(f"           library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')})")
-            if trt.get("lean"):
-                lines.append("           lean runtime: engines can be run, not built; it loads only plans built "
-                             "version_compatible=True (embedded lean runtime: allow_host_code=True)")
-        else:
-            lines.append(f"           library not found: {trt.get('error', '')}")
     else:
         lines.append(f"TensorRT   backend not compiled in: {trt['reason']}")
+        lines.append(f"           {trt['rebuild']}")
+    if trt.get("library_found"):
+        lines.append(f"           library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')})")
+        if trt.get("lean"):
+            lines.append("           lean runtime: engines can be run, not built; it loads only plans built "
+                         "version_compatible=True (embedded lean runtime: allow_host_code=True)")
+    else:
+        lines.extend("           " + line for line in _hanging(f"library not found: {trt.get('error', '')}", "  "))
     lines.append("")
     for name, feature in report["features"].items():
         mark = "ok " if feature["ok"] else "no "
@@ -173,7 +199,8 @@ def format_text(report: dict) -> str:
         lines.append("This machine can run multi-device inference.")
     else:
         lines.append("This machine cannot run multi-device inference:")
-    lines.extend(f"  - {r}" for r in report["reasons"])
+    for reason in report["reasons"]:
+        lines.extend(_hanging(f"  - {reason}", "    "))
     return "\n".join(lines)
 
 

@@ -138,9 +138,9 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo | None:
         given = [v for v in (launcher.rank, launcher.size) if v in env]
         if len(given) == 1:
             missing = launcher.size if given[0] == launcher.rank else launcher.rank
+            meaning = "the number of ranks" if missing == launcher.size else "this process's rank"
             raise InvalidArgumentError(
-                f"{given[0]} is set but {missing} is not: {launcher.name} sets both. Set {missing} too, or unset "
-                f"{given[0]}")
+                f"{given[0]} is set but {missing} is not: set {missing} ({meaning}) too, or unset {given[0]}")
     return None
 
 
@@ -192,6 +192,48 @@ def id_file_path(id_file: str | None = None, env: Mapping[str, str] | None = Non
 _exchanges = itertools.count()  # every rank calls from_env the same number of times: same keys
 
 
+def _id_channel(info: LaunchInfo, id_file: str | None, env: Mapping[str, str]) -> str:
+    """How this world shares the NCCL id: "file", "mpi" or "torch"; raises when there is no way."""
+    if id_file_path(id_file, env):
+        return "file"
+    if info.launcher in _MPI:
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            return "mpi"
+    if info.launcher == "torchrun":
+        try:
+            import torch.distributed  # noqa: F401
+        except ImportError:
+            raise InvalidArgumentError(
+                "launched by torchrun (RANK/WORLD_SIZE are set) but torch is not installed, and mdtrt shares the "
+                "NCCL id through torch.distributed there: pip install torch, or set TRT_NCCL_ID_FILE to a path "
+                "every rank can read") from None
+        return "torch"
+    if info.launcher == _LAUNCHERS[0].name:
+        raise InvalidArgumentError(
+            "TRT_MY_RANK and TRT_WORLD_SIZE are set but TRT_NCCL_ID_FILE is not: set it to a path every rank can "
+            "read (rank 0 writes the NCCL id there), as NVIDIA's sample needs")
+    raise InvalidArgumentError(
+        f"launched by {info.launcher} but there is no way to share the NCCL id: set TRT_NCCL_ID_FILE to a path "
+        "every rank can read (rank 0 writes it), or run under mpirun with mpi4py installed (pip install mpi4py), "
+        "or under torchrun with torch installed")
+
+
+def check_id_exchange(info: LaunchInfo, *, id_file: str | None = None, env: Mapping[str, str] | None = None) -> None:
+    """Refuses, before any GPU is asked for, a world whose ranks have no way to share the NCCL id.
+
+    Raises
+    ------
+    InvalidArgumentError
+        No id file is given and the launcher offers no channel (mpi4py under MPI, torch under
+        torchrun): the message says what to set or install.
+    """
+    _id_channel(info, id_file, os.environ if env is None else env)
+
+
 def exchange_unique_id(info: LaunchInfo, *, timeout: float, id_file: str | None = None,
                        env: Mapping[str, str] | None = None) -> bytes:
     """The NCCL unique id of this world, created by rank 0 and shared with every rank.
@@ -210,24 +252,16 @@ def exchange_unique_id(info: LaunchInfo, *, timeout: float, id_file: str | None 
         Ctrl-C while waiting.
     """
     env = os.environ if env is None else env
-    path = id_file_path(id_file, env)
-    if path:
-        return _core.exchange_unique_id_via_file(path, info.rank, timeout, info.run_id or "")
-    if info.launcher in _MPI:
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            MPI = None
-        if MPI is not None:
-            comm = MPI.COMM_WORLD
-            uid = _core.nccl_unique_id() if comm.Get_rank() == 0 else None
-            return comm.bcast(uid, root=0)
-    if info.launcher == "torchrun":
-        return _exchange_through_torch(info, timeout, env)
-    raise InvalidArgumentError(
-        f"launched by {info.launcher} but there is no way to share the NCCL id: set TRT_NCCL_ID_FILE to a path "
-        "every rank can read (rank 0 writes it), or run under mpirun with mpi4py installed (pip install mpi4py), "
-        "or under torchrun with torch installed")
+    channel = _id_channel(info, id_file, env)
+    if channel == "file":
+        return _core.exchange_unique_id_via_file(id_file_path(id_file, env), info.rank, timeout, info.run_id or "")
+    if channel == "mpi":
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        uid = _core.nccl_unique_id() if comm.Get_rank() == 0 else None
+        return comm.bcast(uid, root=0)
+    return _exchange_through_torch(info, timeout, env)
 
 
 def release_id_file(info: LaunchInfo, uid: bytes, id_file: str | None = None,
@@ -240,13 +274,6 @@ def release_id_file(info: LaunchInfo, uid: bytes, id_file: str | None = None,
 
 
 def _exchange_through_torch(info: LaunchInfo, timeout: float, env: Mapping[str, str]) -> bytes:
-    try:
-        import torch.distributed  # noqa: F401
-    except ImportError:
-        raise InvalidArgumentError(
-            "launched by torchrun (RANK/WORLD_SIZE are set) but torch is not installed, and mdtrt shares the NCCL "
-            "id through torch.distributed there: pip install torch, or set TRT_NCCL_ID_FILE to a path every rank "
-            "can read") from None
     return broadcast_through_torch(info, _core.nccl_unique_id, timeout=timeout, what="the NCCL id",
                                    call="read NCCL id", key=f"mdtrt/nccl_unique_id/{info.run_id or ''}/{next(_exchanges)}", env=env)
 

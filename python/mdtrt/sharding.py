@@ -29,7 +29,7 @@ from .context_parallel import STRATEGIES, check_collectives, find_attention_laye
 from .errors import InvalidArgumentError
 from .onnx_graph import load_model, save_model, too_large_to_serialize, toposort_nodes
 
-__all__ = ["shard", "load_hints", "toposort_nodes", "STRATEGIES", "HINT_FIELDS"]
+__all__ = ["shard", "check_hints", "load_hints", "declared_ranks", "toposort_nodes", "STRATEGIES", "HINT_FIELDS", "KNOWN_FIELDS"]
 
 #: The top-level fields of the ShardHints JSON and what each means (errors quote these).
 HINT_FIELDS = {
@@ -47,6 +47,16 @@ HINT_FIELDS = {
     "v_seq_len_idx": "the sequence axis of V as the attention's second MatMul reads it (2 for (batch, heads, "
                      "sequence, head_dim))",
     "kv_rank": "the number of axes of Q, K and V at the attention (4 for (batch, heads, sequence, head_dim))",
+}
+#: The fields each object of the hints may have (polygraphy's ShardHints schema; "strategy" is mdtrt's).
+#: Anything else is refused: polygraphy ignores what it does not know, so a misspelt field would
+#: silently fall back to its default.
+KNOWN_FIELDS = {
+    "hints": (*HINT_FIELDS, "strategy", "polygraphy_class"),
+    "attention_layers": ("q", "gather_kv", "gather_q", "replace", "polygraphy_class"),
+    "dist_collectives": ("nb_rank", "reduce_op", "root", "group_size", "groups", "polygraphy_class"),
+    "inputs": ("name", "seq_len_idx", "rank", "polygraphy_class"),
+    "outputs": ("name", "seq_len_idx", "rank", "polygraphy_class"),
 }
 # The input reduce-scatter reduces identical copies of the input: only these leave them unchanged.
 _SCATTER_REDUCE_OPS = ("max", "min")
@@ -68,7 +78,8 @@ def load_hints(hints: Mapping[str, Any] | str | os.PathLike) -> dict:
     Raises
     ------
     InvalidArgumentError
-        The file does not exist, is not valid JSON, or does not hold a JSON object.
+        The file does not exist or is a directory, is not valid JSON, or does not hold a JSON
+        object.
     """
     if isinstance(hints, Mapping):
         return copy.deepcopy(dict(hints))
@@ -78,6 +89,8 @@ def load_hints(hints: Mapping[str, Any] | str | os.PathLike) -> dict:
             source = "the hints text"
         else:
             path = Path(hints)
+            if path.is_dir():
+                raise InvalidArgumentError(f"hints: {path} is a directory; give a ShardHints JSON file")
             if not path.is_file():
                 raise InvalidArgumentError(f"hints: file {path} does not exist (give a ShardHints JSON file)")
             source, text = f"hints file {path}", path.read_text()
@@ -97,8 +110,37 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_known_fields(where: str, entry: dict, known_as: str) -> None:
+    unknown = [name for name in entry if name not in KNOWN_FIELDS[known_as]]
+    if unknown:
+        # polygraphy_class is left out of the list: mdtrt fills it in, nobody needs to write it.
+        known = ", ".join(name for name in KNOWN_FIELDS[known_as] if name != "polygraphy_class")
+        raise InvalidArgumentError(
+            f"hints: {where} has unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"the known ones are {known}")
+
+
+def declared_ranks(hints: Mapping[str, Any], source: str = "the hints") -> int:
+    """The hints' ``dist_collectives.nb_rank``, which a hints file must give.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``dist_collectives.nb_rank`` is missing or not a positive integer.
+    """
+    collectives = hints.get("dist_collectives")
+    declared = collectives.get("nb_rank") if isinstance(collectives, Mapping) else None
+    if declared is None:
+        raise InvalidArgumentError(
+            f"{source} have no dist_collectives.nb_rank: set it to the number of ranks the hints are for")
+    if not _is_int(declared) or declared < 1:
+        raise _hint_error("dist_collectives", f"has nb_rank {declared!r}, not a positive integer")
+    return declared
+
+
 def _check_hints(hints: dict, strategy: str) -> None:
     """Refuse malformed hints with the field and what it means, before polygraphy sees them."""
+    _check_known_fields("the top level", hints, "hints")
     if hints.get("parallelism", "CP") != "CP":
         raise InvalidArgumentError(
             f"only context parallelism (\"parallelism\": \"CP\") is supported, the hints ask for "
@@ -123,6 +165,7 @@ def _check_hints(hints: dict, strategy: str) -> None:
         for entry in entries:
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not _is_int(entry.get("seq_len_idx")):
                 raise _hint_error(field, f"has entry {entry!r}")
+            _check_known_fields(f"{field} entry {entry['name']!r}", entry, field)
             if entry.get("rank") is not None and not 0 <= entry["seq_len_idx"] < entry["rank"]:
                 raise _hint_error(field, f"entry {entry['name']!r} has seq_len_idx {entry['seq_len_idx']} outside "
                                          f"its {entry['rank']} axes")
@@ -132,6 +175,7 @@ def _check_hints(hints: dict, strategy: str) -> None:
     for layer in layers:
         if not isinstance(layer, dict) or not isinstance(layer.get("q"), str):
             raise _hint_error("attention_layers", f"has entry {layer!r} without a q tensor name")
+        _check_known_fields(f"attention layer q={layer['q']!r}", layer, "attention_layers")
         if strategy == "allgather_kv" and layer.get("gather_kv") is not True:
             raise InvalidArgumentError(
                 f"attention layer q={layer['q']!r} has gather_kv {json.dumps(layer.get('gather_kv'))}: with the "
@@ -146,6 +190,7 @@ def _check_hints(hints: dict, strategy: str) -> None:
     collectives = hints.setdefault("dist_collectives", {})
     if not isinstance(collectives, dict):
         raise _hint_error("dist_collectives", f"is {collectives!r}")
+    _check_known_fields("dist_collectives", collectives, "dist_collectives")
     for key, default in (("group_size", 0), ("root", -1), ("groups", []), ("reduce_op", "max")):
         collectives.setdefault(key, default)
     reduce_op = collectives["reduce_op"]
@@ -303,6 +348,26 @@ def _run_polygraphy(source: onnx.ModelProto, hints: dict, verbose: bool) -> onnx
         return onnx.load(sharded_path)
 
 
+def _checked_hints(hints, strategy: str | None) -> tuple[dict, str]:
+    hint_dict = load_hints(hints)
+    strategy = _resolve_strategy(hint_dict, strategy)
+    _check_hints(hint_dict, strategy)
+    return hint_dict, strategy
+
+
+def check_hints(hints: Mapping[str, Any] | str | os.PathLike, strategy: str | None = None) -> None:
+    """What :func:`shard` checks in the hints before it reads the model, for callers that want
+    bad hints refused before they build one.
+
+    Raises
+    ------
+    InvalidArgumentError
+        As :func:`shard` for the hints alone: a missing, unknown or out-of-range field, a strategy
+        the hints contradict.
+    """
+    _checked_hints(hints, strategy)
+
+
 def shard(
     model: onnx.ModelProto | str | os.PathLike,
     hints: Mapping[str, Any] | str | os.PathLike,
@@ -346,9 +411,7 @@ def shard(
     ImportError
         polygraphy or onnx-graphsurgeon are missing.
     """
-    hint_dict = load_hints(hints)
-    strategy = _resolve_strategy(hint_dict, strategy)
-    _check_hints(hint_dict, strategy)
+    hint_dict, strategy = _checked_hints(hints, strategy)
     ranks = _resolve_ranks(hint_dict, ranks)
     source = load_model(model)
     _check_hints_against_model(hint_dict, source)

@@ -60,12 +60,17 @@ def backend_compiled_in() -> bool:
     return bool(_core.build_info()["tensorrt_backend"])
 
 
+#: How to get the backend: the headers must be given to the same pip command that builds mdtrt
+#: (``pip install ".[lean]"`` alone rebuilds mdtrt, and without them drops the backend).
+REBUILD_WITH_BACKEND = ('rebuild mdtrt with TensorRT 11 headers in one command: TensorRT_INCLUDE_DIR=<TensorRT '
+                        'include folder> pip install ".[test,lean]" (or TensorRT_ROOT=<TensorRT SDK folder>)')
+
+
 def _require_backend() -> None:
     info = _core.build_info()
     if not info["tensorrt_backend"]:
         raise LibraryNotFoundError(
-            f"mdtrt was built without the TensorRT backend: {info['tensorrt_reason']}; rebuild with TensorRT 11 "
-            "headers (TensorRT_ROOT or TensorRT_INCLUDE_DIR)",
+            f"mdtrt was built without the TensorRT backend: {info['tensorrt_reason']}; {REBUILD_WITH_BACKEND}",
             call="TensorRT backend",
         )
 
@@ -158,7 +163,9 @@ _PROBE = "import json, mdtrt.tensorrt as t; print(json.dumps(t._library_report_h
 
 def library_report(timeout: float = 120.0) -> dict:
     """For ``python -m mdtrt doctor`` and pre-flight checks: never raises. Keys: library_found, path,
-    version, found_by, lean, error (and attempts when found).
+    version, found_by, lean, error and attempts (every candidate tried, found or not). Runs the
+    library search also when the backend is not compiled in (discovery is in every build): which
+    TensorRT a rebuilt mdtrt would use.
 
     The library is opened in a child process: a vendor library that crashes while loading (seen
     once with a TensorRT lean runtime on a GPU machine) then becomes a reported reason instead of
@@ -183,16 +190,21 @@ def library_report(timeout: float = 120.0) -> dict:
 
 
 def _empty_report(error: str) -> dict:
-    return {"library_found": False, "path": None, "version": None, "found_by": None, "lean": None, "error": error}
+    return {"library_found": False, "path": None, "version": None, "found_by": None, "lean": None, "error": error,
+            "attempts": []}
 
 
 def _library_report_here() -> dict:
     """library_report() in this process (what the probe child runs)."""
     report: dict[str, Any] = _empty_report("")
     try:
-        lib = tensorrt_library()
+        if _core.build_info()["tensorrt_backend"]:
+            lib = tensorrt_library()
+        else:
+            lib = _library_from(_core.testing.load_tensorrt(*wheel_library_dirs()))
     except Exception as error:  # noqa: BLE001 - the doctor reports, it does not fail
         report["error"] = str(error)
+        report["attempts"] = [dataclasses.asdict(a) for a in attempts_from(_core.tensorrt_failed_attempts())]
         return report
     report.update(library_found=True, path=lib.path, version=lib.version, found_by=lib.found_by, lean=lib.lean,
                   attempts=[dataclasses.asdict(a) for a in lib.attempts])

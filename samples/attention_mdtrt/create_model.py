@@ -18,33 +18,37 @@ import onnx
 
 import mdtrt.attention as attention
 from mdtrt import MdtrtError
-from mdtrt.sharding import STRATEGIES, shard
+from mdtrt.attention_cli import non_negative_int, positive_int, prepare_output_dir
+from mdtrt.sharding import STRATEGIES, check_hints, declared_ranks, load_hints, shard
 
 
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=".")
-    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ranks", type=positive_int, default=2)
     parser.add_argument("--hint", default=None, help=f"sharding hints (default: {os.path.join(here, 'hint.json')} "
                         "for --ranks ranks)")
     parser.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: allgather_kv")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--hidden", type=positive_int, default=4096)
+    parser.add_argument("--heads", type=positive_int, default=32)
+    parser.add_argument("--head-dim", type=positive_int, default=128)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args(argv)
 
-    config = attention.AttentionConfig(args.hidden, args.heads, args.head_dim, args.dtype, args.seed)
-    single = attention.create_attention_model(config)
-    hints = args.hint if args.hint else attention.default_hints(args.ranks)
     try:
+        # Everything that can be refused is refused before the model is built.
+        hints = load_hints(args.hint) if args.hint else attention.default_hints(args.ranks)
+        declared_ranks(hints, f"the hints in {args.hint}")
+        check_hints(hints, args.strategy)
+        prepare_output_dir(args.output_dir, "--output-dir")
+        config = attention.AttentionConfig(args.hidden, args.heads, args.head_dim, args.dtype, args.seed)
+        single = attention.create_attention_model(config)
         multi = shard(single, hints, args.ranks, strategy=args.strategy)
     except MdtrtError as error:
         print(f"error: {error}")
         return 2
-    os.makedirs(args.output_dir, exist_ok=True)
     for name, model in (("attention_sd.onnx", single), ("attention_md.onnx", multi)):
         path = os.path.join(args.output_dir, name)
         onnx.save(model, path)

@@ -67,6 +67,21 @@ std::optional<std::string> env_value(const std::map<std::string, std::string>& e
   return it->second;
 }
 
+// What --groups and --root get wrong whatever the world size: refused while parsing, so that a run
+// without --gpus (world size = visible GPUs, known only once CUDA is asked) still exits 2, not 3.
+void check_groups_alone(const Options& o) {
+  std::set<int> seen;
+  for (int r : o.groups)
+    if (!seen.insert(r).second) throw UsageError("--groups lists rank " + std::to_string(r) + " twice; list each rank once");
+  if (!o.groups.empty() && o.groups.size() < 2)
+    throw UsageError("--groups " + join(o.groups) + " has one rank; a collective group needs at least 2");
+  bool any_root = false;
+  for (auto op : o.ops) any_root = any_root || mdtrt::op_has_root(op);
+  if (any_root && o.root_given && !o.groups.empty() && !seen.count(o.root))
+    throw UsageError("--root " + std::to_string(o.root) + " is not in the group [" + join(o.groups) +
+                     "]; --root is a world rank that takes part in the collective");
+}
+
 }  // namespace
 
 std::vector<int> Options::members() const {
@@ -245,6 +260,7 @@ Options parse_options(const std::vector<std::string>& args, const std::map<std::
       throw UsageError("--original-vectors replays NVIDIA's fixed test (2 ranks, 3x4 float32, sum, root 0); drop" +
                        clash);
   }
+  check_groups_alone(o);
   if (!o.root_given && !o.groups.empty()) o.root = o.groups.front();
   if (o.world_size > 0) finish_with_world_size(o, o.world_size);
   return o;
@@ -252,15 +268,10 @@ Options parse_options(const std::vector<std::string>& args, const std::map<std::
 
 void finish_with_world_size(Options& o, int world_size) {
   o.world_size = world_size;
-  std::set<int> seen;
-  for (int r : o.groups) {
+  for (int r : o.groups)
     if (r >= world_size)
       throw UsageError("--groups lists rank " + std::to_string(r) + ", outside the world of " +
                        std::to_string(world_size) + " ranks (0.." + std::to_string(world_size - 1) + ")");
-    if (!seen.insert(r).second) throw UsageError("--groups lists rank " + std::to_string(r) + " twice");
-  }
-  if (!o.groups.empty() && o.groups.size() < 2)
-    throw UsageError("--groups " + join(o.groups) + " has one rank; a collective group needs at least 2");
   const std::vector<int> members = o.members();
   const int n = static_cast<int>(members.size());
   bool any_root = false;
