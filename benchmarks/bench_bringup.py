@@ -30,7 +30,7 @@ import benchlib as bl  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bl.add_common_arguments(p, out_default="results/bringup.json")
-    p.add_argument("--repeats", type=int, default=None, help="repetitions of each path (default: 4, quick 2)")
+    p.add_argument("--repeats", type=bl.positive_int, default=None, help="repetitions of each path (default: 4, quick 2)")
     p.add_argument("--torch-reference", action="store_true", help="also time torch.distributed bring-up")
     p.add_argument("--worker", choices=("mdtrt", "torch"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -55,15 +55,15 @@ def timing_policy(quick: bool) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bl.add_common_arguments(p, out_default="results/collectives.json")
-    p.add_argument("--ops", default=",".join(bl.COLLECTIVES), help="ops to run, comma-separated (default: all eight)")
-    p.add_argument("--sizes", default=None,
+    p.add_argument("--ops", type=bl.name_list(bl.COLLECTIVES), default=",".join(bl.COLLECTIVES), help="ops to run, comma-separated (default: all eight)")
+    p.add_argument("--sizes", type=bl.size_list, default=None,
                    help="sizes, e.g. 1K,64M,1G (default: quick 1K,64K,1M,64M,256M; full powers of 2 from 1K to 1G)")
     p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional)")
     p.add_argument("--no-raw", action="store_true", help="skip the torch.distributed reference")
     p.add_argument("--no-sample", action="store_true", help="skip sample_dist_collective")
-    p.add_argument("--entry-sizes", default="1K,64M",
+    p.add_argument("--entry-sizes", type=bl.optional_size_list, default="1K,64M",
                    help="sizes at which every entry point is measured (default 1K,64M; empty: none)")
-    p.add_argument("--timeout", type=float, default=300, help="seconds for the whole benchmark (default 300)")
+    p.add_argument("--timeout", type=bl.positive_float, default=300, help="seconds for the whole benchmark (default 300)")
     # A rank of the raw reference (started by this script itself).
     p.add_argument("--raw-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -48,21 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bl.add_common_arguments(p, out_default="results/context_parallel.json")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and 3 iterations: checks that everything runs")
-    p.add_argument("--sequences", default=None,
+    p.add_argument("--sequences", type=bl.positive_int_list, default=None,
                    help=f"sequence lengths, comma-separated (default {','.join(map(str, DEFAULT_SEQUENCES))}; "
                         "a length whose buffers do not fit is reported as skipped)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"default {','.join(STRATEGIES)}")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--iterations", type=int, default=None, help="timed iterations (default 20, quick 8, smoke 3)")
-    p.add_argument("--ring-blocks", type=int, default=2,
+    p.add_argument("--heads", type=bl.positive_int, default=32)
+    p.add_argument("--head-dim", type=bl.positive_int, default=128)
+    p.add_argument("--batch", type=bl.positive_int, default=1)
+    p.add_argument("--iterations", type=bl.positive_int, default=None, help="timed iterations (default 20, quick 8, smoke 3)")
+    p.add_argument("--ring-blocks", type=bl.positive_int, default=2,
                    help="blocks per rank's K/V chunk in the ring (more: less K/V memory, more merge steps; default 2)")
-    p.add_argument("--kv-head-groups", type=int, default=1,
+    p.add_argument("--kv-head-groups", type=bl.positive_int, default=1,
                    help="allgather_kv gathers K/V in this many pieces of heads, attending to each piece while the "
                         "next travels (default 1: one gather, then attention; 4 measured no faster at 56320 and "
                         "slower at 8192 on 2x H200, BENCHMARKS.md)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds for the whole run (default 240)")
+    p.add_argument("--timeout", type=bl.positive_float, default=None, help="seconds for the whole run (default 240)")
     return p
 
 

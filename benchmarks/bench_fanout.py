@@ -24,9 +24,9 @@ import benchlib as bl  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bl.add_common_arguments(p, out_default="results/fanout.json")
-    p.add_argument("--nbytes", type=bl.parse_size, default=bl.KiB, help="bytes copied per call (default 1K)")
-    p.add_argument("--iterations", type=int, default=None, help="calls per round (default: 1000, quick 300)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default: 3, quick 2)")
+    p.add_argument("--nbytes", type=bl.positive_size, default=bl.KiB, help="bytes copied per call (default 1K)")
+    p.add_argument("--iterations", type=bl.positive_int, default=None, help="calls per round (default: 1000, quick 300)")
+    p.add_argument("--rounds", type=bl.positive_int, default=None, help="alternating rounds (default: 3, quick 2)")
     return p
 
 

@@ -32,9 +32,9 @@ MODES = ("auto", "host", "peer", "broadcast")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bl.add_common_arguments(p, out_default="results/replication.json")
-    p.add_argument("--sizes", default=None, help="sizes, e.g. 1K,64M,1G (default: quick 1K,64K,1M,64M,256M; "
+    p.add_argument("--sizes", type=bl.size_list, default=None, help="sizes, e.g. 1K,64M,1G (default: quick 1K,64K,1M,64M,256M; "
                                                  "full powers of 4 from 1K to 1G)")
-    p.add_argument("--timeout", type=float, default=150, help="seconds for the whole benchmark (default 150)")
+    p.add_argument("--timeout", type=bl.positive_float, default=150, help="seconds for the whole benchmark (default 150)")
     return p
 
 

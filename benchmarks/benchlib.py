@@ -7,6 +7,7 @@ Importing this module needs neither a GPU, torch nor mdtrt (CI imports every scr
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -330,9 +331,137 @@ def _cuda_version_text(code) -> str | None:
     return f"{code // 1000}.{(code % 1000) // 10}"
 
 
+# -- argument types ----------------------------------------------------------------------------
+# argparse calls these on the text of an option; an ArgumentTypeError becomes the one-line
+# "argument --NAME: MESSAGE" error with exit status 2, before any GPU work starts. The checks
+# that keep the text (sizes, GPU ids, names, paths) return it unchanged so that scripts which
+# forward options to another script (run_all.py) still hand on what the user typed.
+
+def _number(text: str, convert, what: str, minimum, strict: bool):
+    try:
+        value = convert(text)
+    except ValueError:
+        value = None
+    if value is None or value != value or (value <= minimum if strict else value < minimum):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (iterations, rounds, repeats, heads, ...)."""
+    return _number(text, int, "a positive integer", 0, strict=True)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number of seconds > 0 (timeouts, budgets)."""
+    value = _number(text, float, "a positive number of seconds", 0.0, strict=True)
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def positive_size(text: str) -> int:
+    """argparse type: one size in bytes > 0, as parse_size reads it ('1K', '64M', '4096')."""
+    try:
+        value = parse_size(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size in bytes > 0 such as 1K, 64M or 1G, got {text!r}")
+    return value
+
+
+def size_list(text: str) -> str:
+    """argparse type: comma-separated sizes > 0 ('1K,64M,1G'); at least one. Returns the text."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected comma-separated sizes such as 1K,64M,1G, got nothing")
+    for part in text.split(","):
+        if part.strip():
+            positive_size(part)
+    return text
+
+
+def optional_size_list(text: str) -> str:
+    """argparse type: like size_list, but the empty text (meaning "none") is accepted."""
+    return size_list(text) if text.strip() else text
+
+
+def positive_int_list(text: str) -> str:
+    """argparse type: comma-separated integers >= 1 ('8192,56320'); at least one. Returns the text."""
+    parts = [part for part in text.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated positive integers, got nothing")
+    for part in parts:
+        positive_int(part)
+    return text
+
+
+def gpu_ids(text: str) -> str:
+    """argparse type: distinct non-negative GPU ids, comma-separated ('0,1'). Returns the text."""
+    try:
+        gpus = parse_gpus(text)
+    except ValueError:
+        gpus = []
+    if not gpus:
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative GPU ids such as 0,1, got {text!r}")
+    return text
+
+
+def name_list(choices: Sequence[str]):
+    """argparse type for comma-separated names, each one of ``choices``. Returns the text."""
+    def check(text: str) -> str:
+        names = [n for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n.strip() not in choices]
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"expected names from {','.join(choices)}, got {text!r}")
+        return text
+    return check
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def output_file(text: str) -> str:
+    """argparse type: a file path that can be written: not a folder, and its nearest existing
+    parent folder writable (write_json creates missing folders). Returns the text."""
+    path = Path(text).expanduser().absolute()
+    if not text or path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file to write, got the folder {text!r}")
+    parent = _nearest_existing(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"expected a writable file, {text!r} is not writable")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"expected a writable file path, cannot create files under {str(parent)!r}")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """argparse type: a folder that exists and is writable, or can be created. Returns the text."""
+    path = Path(text).expanduser().absolute()
+    if not text or (path.exists() and not path.is_dir()):
+        raise argparse.ArgumentTypeError(f"expected a folder, {text!r} is a file")
+    base = _nearest_existing(path)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"expected a writable folder, cannot write under {str(base)!r}")
+    return text
+
+
+def input_file(text: str) -> str:
+    """argparse type: an existing, readable file. Returns the text."""
+    path = Path(text).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"expected an existing readable file, got {text!r}")
+    return text
+
+
 def add_common_arguments(parser, *, out_default: str) -> None:
-    parser.add_argument("--out", default=out_default, help=f"result JSON to write (default {out_default})")
-    parser.add_argument("--gpus", default="0,1", help="GPU ids, comma-separated (default 0,1)")
+    """--out (result JSON), --gpus and --quick, checked at parsing time."""
+    parser.add_argument("--out", type=output_file, default=out_default,
+                        help=f"result JSON to write (default {out_default})")
+    parser.add_argument("--gpus", type=gpu_ids, default="0,1", help="GPU ids, comma-separated (default 0,1)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and iterations (about a quarter of the time)")
 
 

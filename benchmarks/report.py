@@ -32,8 +32,8 @@ NA = "n/a"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("results", help="results.json written by run_all.py")
-    p.add_argument("--markdown", default="BENCHMARKS.md", help="markdown file to write (default BENCHMARKS.md)")
+    p.add_argument("results", type=bl.input_file, help="results.json written by run_all.py")
+    p.add_argument("--markdown", type=bl.output_file, default="BENCHMARKS.md", help="markdown file to write (default BENCHMARKS.md)")
     p.add_argument("--render-plots", action="store_true",
                    help="(re)draw the PNG plots next to results.json first (needs matplotlib)")
     return p

@@ -40,18 +40,18 @@ PROCESS_LIMITS = {"collectives": (215, 65), "fanout": (30, 15), "replication": (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results", help="folder for results.json, the plots and each benchmark's JSON")
+    p.add_argument("--out", type=bl.output_dir, default="results", help="folder for results.json, the plots and each benchmark's JSON")
     p.add_argument("--quick", action="store_true", help="sizes 1K,64K,1M,64M,256M and fewer iterations (~1.5 min)")
-    p.add_argument("--gpus", default="0,1", help="GPU ids, comma-separated (default 0,1)")
+    p.add_argument("--gpus", type=bl.gpu_ids, default="0,1", help="GPU ids, comma-separated (default 0,1)")
     p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional reference)")
-    p.add_argument("--only", default=None,
+    p.add_argument("--only", type=bl.name_list(BENCHMARKS), default=None,
                    help=f"benchmarks to run, from {','.join(BENCHMARKS)} (default: {','.join(DEFAULT_BENCHMARKS)})")
     p.add_argument("--context-parallel", action="store_true",
                    help="also run bench_context_parallel.py (adds up to 300 s, quick 120 s, to the budget)")
-    p.add_argument("--entry-sizes", default="1K,64M",
+    p.add_argument("--entry-sizes", type=bl.optional_size_list, default="1K,64M",
                    help="sizes at which the collectives benchmark measures every entry point (default 1K,64M)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default 355, quick 110)")
-    p.add_argument("--markdown", default=None, help="also write this BENCHMARKS.md (same as report.py)")
+    p.add_argument("--budget", type=bl.positive_float, default=None, help="seconds for the whole run (default 355, quick 110)")
+    p.add_argument("--markdown", type=bl.output_file, default=None, help="also write this BENCHMARKS.md (same as report.py)")
     return p
 
 

@@ -302,3 +302,120 @@ def test_plots_render_synthetic_results(bench_modules, tmp_path):
     assert set(files) == {"collectives_busbw", "collectives_latency", "replication", "fanout"}
     for name in files.values():
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+# -- options refused at parsing time --------------------------------------------------------------
+# Each bad value must stop the script in argparse (exit 2, one line naming the option) before any
+# GPU, torch or file work; the good values next to them must still parse.
+
+def _parser(script):
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        return importlib.import_module(script).build_parser()
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def _not_a_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    return blocker
+
+
+BAD_OPTIONS = [
+    ("bench_fanout", ["--iterations", "-1"], "--iterations"),
+    ("bench_fanout", ["--iterations", "0"], "--iterations"),
+    ("bench_fanout", ["--iterations", "2.5"], "--iterations"),
+    ("bench_fanout", ["--rounds", "0"], "--rounds"),
+    ("bench_fanout", ["--nbytes", "0"], "--nbytes"),
+    ("bench_fanout", ["--nbytes", "-4K"], "--nbytes"),
+    ("bench_fanout", ["--gpus", "0,0"], "--gpus"),
+    ("bench_fanout", ["--gpus", "0,-1"], "--gpus"),
+    ("bench_fanout", ["--gpus", "a"], "--gpus"),
+    ("bench_fanout", ["--gpus", ""], "--gpus"),
+    ("bench_bringup", ["--repeats", "-2"], "--repeats"),
+    ("bench_replication", ["--timeout", "-1"], "--timeout"),
+    ("bench_replication", ["--sizes", "1K,0"], "--sizes"),
+    ("bench_replication", ["--sizes", ""], "--sizes"),
+    ("bench_collectives", ["--timeout", "0"], "--timeout"),
+    ("bench_collectives", ["--timeout", "inf"], "--timeout"),
+    ("bench_collectives", ["--sizes", "12Q"], "--sizes"),
+    ("bench_collectives", ["--entry-sizes", "1K,x"], "--entry-sizes"),
+    ("bench_collectives", ["--ops", "all_reduce,allreduce"], "--ops"),
+    ("bench_context_parallel", ["--iterations", "0"], "--iterations"),
+    ("bench_context_parallel", ["--heads", "-8"], "--heads"),
+    ("bench_context_parallel", ["--head-dim", "0"], "--head-dim"),
+    ("bench_context_parallel", ["--batch", "0"], "--batch"),
+    ("bench_context_parallel", ["--ring-blocks", "0"], "--ring-blocks"),
+    ("bench_context_parallel", ["--kv-head-groups", "0"], "--kv-head-groups"),
+    ("bench_context_parallel", ["--timeout", "nan"], "--timeout"),
+    ("bench_context_parallel", ["--sequences", "8192,abc"], "--sequences"),
+    ("bench_context_parallel", ["--sequences", "-8192"], "--sequences"),
+    ("run_all", ["--budget", "0"], "--budget"),
+    ("run_all", ["--budget", "-5"], "--budget"),
+    ("run_all", ["--only", "fanout,nope"], "--only"),
+    ("run_all", ["--entry-sizes", "0"], "--entry-sizes"),
+    ("run_all", ["--gpus", "1,1"], "--gpus"),
+]
+
+
+@pytest.mark.parametrize("script,argv,option", BAD_OPTIONS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_OPTIONS])
+def test_bad_numbers_and_lists_are_refused_while_parsing(script, argv, option, capsys, tmp_path):
+    parser = _parser(script)
+    out = ["--out", str(tmp_path / ("out" if script == "run_all" else "out.json"))]
+    parser.parse_args(out)  # the default and a good --out parse: only the bad option below is refused
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(out + argv)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and f"argument {option}: expected" in lines[0], lines
+
+
+@pytest.mark.parametrize("script", ["bench_fanout", "bench_collectives", "bench_replication", "bench_bringup",
+                                    "bench_context_parallel"])
+def test_out_file_that_cannot_be_written_is_refused(script, capsys, tmp_path):
+    parser = _parser(script)
+    # Missing folders are fine (write_json creates them); a folder, or a path below a file, is not.
+    assert parser.parse_args(["--out", str(tmp_path / "new" / "deeper" / "r.json")]).out.endswith("r.json")
+    for bad in (str(tmp_path), str(_not_a_folder(tmp_path) / "r.json")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--out", bad])
+        assert exit_info.value.code == 2
+        assert "argument --out: expected" in capsys.readouterr().err
+
+
+def test_run_all_and_report_paths_are_checked(capsys, tmp_path):
+    run_all, report = _parser("run_all"), _parser("report")
+    blocker = _not_a_folder(tmp_path)
+    assert run_all.parse_args(["--out", str(tmp_path / "new"), "--markdown", str(tmp_path / "B.md")]).out
+    results = tmp_path / "results.json"
+    results.write_text("{}")
+    assert report.parse_args([str(results), "--markdown", str(tmp_path / "B.md")]).results == str(results)
+    for parser, argv, option in ((run_all, ["--out", str(blocker)], "--out"),
+                                 (run_all, ["--out", str(blocker / "sub")], "--out"),
+                                 (run_all, ["--out", str(tmp_path / "x"), "--markdown", str(tmp_path)], "--markdown"),
+                                 (report, [str(tmp_path / "missing.json")], "results"),
+                                 (report, [str(tmp_path)], "results"),
+                                 (report, [str(results), "--markdown", str(blocker / "B.md")], "--markdown")):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(argv)
+        assert exit_info.value.code == 2
+        assert f"argument {option}: expected" in capsys.readouterr().err
+
+
+def test_bad_option_stops_the_script_before_any_work(tmp_path):
+    # The whole script, not only its parser: exit 2 with the one-line error, nothing written.
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "bench_fanout.py"), "--iterations", "-3", "--out", str(out)],
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "argument --iterations: expected a positive integer, got '-3'" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_argument_types_accept_what_they_document(bench_modules):
+    bl = bench_modules["benchlib"]
+    assert bl.positive_int("7") == 7 and bl.positive_float("0.5") == 0.5 and bl.positive_size("64M") == 64 * MiB
+    assert bl.size_list("1K,64M") == "1K,64M" and bl.optional_size_list("") == ""
+    assert bl.gpu_ids("0,3") == "0,3" and bl.positive_int_list("256,512") == "256,512"
+    assert bl.name_list(OPS)("gather,scatter") == "gather,scatter"
