@@ -376,6 +376,9 @@ def simulate(
         run with ``backend="onnxruntime"``.
     MdtrtError
         A segment failed while running on a simulated rank (the message names segment and rank).
+
+    Other errors ONNX Runtime raises while creating a segment's session (anything but a missing
+    kernel, NOT_IMPLEMENTED) propagate unchanged.
     """
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise InvalidArgumentError(f"ranks must be a positive integer, got {ranks!r}")

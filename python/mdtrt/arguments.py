@@ -21,12 +21,46 @@ def _got(value: Any) -> str:
 
 
 def fail(name: str, expected: str, value: Any) -> InvalidArgumentError:
-    """The error for argument ``name``: it expects ``expected``, it got ``value``."""
+    """The error for argument ``name``: it expects ``expected``, it got ``value``.
+
+    Parameters
+    ----------
+    name : str
+        The argument as the caller wrote it ("gpus", "timeout", "inputs['x']").
+    expected : str
+        What it must be, in words ("a positive number of seconds").
+    value : object
+        What was given; its repr (cut at 60 characters) and type go into the message.
+
+    Returns
+    -------
+    InvalidArgumentError
+        Not raised: the caller raises it (``raise fail(...)``), so the traceback ends there.
+    """
     return InvalidArgumentError(f"{name} must be {expected}, got {_got(value)}")
 
 
 def integer(value: Any, name: str, *, minimum: int | None = None) -> int:
-    """``value`` as an int (bool refused: True is not a GPU id or a count)."""
+    """``value`` as an int (bool refused: True is not a GPU id or a count).
+
+    Parameters
+    ----------
+    value : object
+        Any ``numbers.Integral`` (numpy integers too).
+    name : str
+        How the message names the argument.
+    minimum : int, optional
+        Smallest value allowed.
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``value`` is a bool or not an integer, or is below ``minimum``.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise fail(name, "an integer" + (f" >= {minimum}" if minimum is not None else ""), value)
     if minimum is not None and value < minimum:
@@ -35,8 +69,27 @@ def integer(value: Any, name: str, *, minimum: int | None = None) -> int:
 
 
 def integers(value: Any, name: str, *, hint: str = "") -> list[int]:
-    """A list or tuple of ints (a range or a 1-D numpy array too); a single int or a string is refused. ``hint`` is
-    added to the message (how to write it right)."""
+    """A list or tuple of ints (a range or a 1-D numpy array too); a single int or a string is refused.
+
+    Parameters
+    ----------
+    value : object
+        A sequence, range or 1-D numpy array whose elements are ``numbers.Integral`` (bools refused).
+    name : str
+        How the message names the argument.
+    hint : str, optional
+        Added to the message: how to write it right.
+
+    Returns
+    -------
+    list of int
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``value`` is a string, bytes, a non-sequence or a numpy array that is not 1-D, or an element
+        is not an integer (its index named).
+    """
     if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, range, np.ndarray))
             or isinstance(value, np.ndarray) and value.ndim != 1):
         raise InvalidArgumentError(f"{name} must be a list of integers, got {_got(value)}" + (f"; {hint}" if hint else ""))
@@ -50,14 +103,48 @@ def integers(value: Any, name: str, *, hint: str = "") -> list[int]:
 
 
 def seconds(value: Any, name: str = "timeout") -> float:
-    """A positive, finite number of seconds."""
+    """A positive, finite number of seconds.
+
+    Parameters
+    ----------
+    value : object
+        Any ``numbers.Real`` (bools refused).
+    name : str, optional
+        How the message names the argument (default "timeout").
+
+    Returns
+    -------
+    float
+        Seconds, > 0 and finite.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``value`` is not a real number, is <= 0, NaN or infinite.
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
         raise fail(name, "a positive number of seconds", value)
     return float(value)
 
 
 def flag(value: Any, name: str) -> bool:
-    """True or False (numpy booleans too); anything else is a mistake worth naming."""
+    """True or False (numpy booleans too); anything else is a mistake worth naming.
+
+    Parameters
+    ----------
+    value : object
+    name : str
+        How the message names the argument.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``value`` is neither a bool nor a ``numpy.bool_`` (0 and 1 included).
+    """
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise fail(name, "True or False", value)
@@ -65,6 +152,19 @@ def flag(value: Any, name: str) -> bool:
 
 def choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """``value`` when it is one of the strings ``choices``.
+
+    Parameters
+    ----------
+    value : object
+    name : str
+        How the message names the argument.
+    choices : sequence of str
+        The accepted values.
+
+    Returns
+    -------
+    str
+        ``value`` itself.
 
     Raises
     ------
@@ -77,7 +177,29 @@ def choice(value: Any, name: str, choices: Sequence[str]) -> str:
 
 
 def per_rank(value: Any, name: str, n: int, entry: str = "entry") -> list:
-    """One ``entry`` per local rank, as a list (a single one stands for a list of one)."""
+    """One ``entry`` per local rank, as a list (a single one stands for a list of one).
+
+    Parameters
+    ----------
+    value : object
+        A list or tuple with one element per rank; anything else is one element.
+    name : str
+        How the message names the argument.
+    n : int
+        Number of local ranks.
+    entry : str, optional
+        What one element is, in the message (default "entry").
+
+    Returns
+    -------
+    list
+        ``n`` elements, in rank order.
+
+    Raises
+    ------
+    InvalidArgumentError
+        The number of elements is not ``n``.
+    """
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if len(values) != n:
         raise InvalidArgumentError(f"{name} needs one {entry} per local rank: got {len(values)} for {n}")

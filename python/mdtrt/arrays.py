@@ -41,6 +41,16 @@ _DTYPE_OBJECTS: dict = {}
 def numpy_dtype(name: str) -> np.dtype:
     """The numpy dtype of mdtrt's dtype ``name`` (``ml_dtypes.bfloat16`` for "bfloat16").
 
+    Parameters
+    ----------
+    name : str
+        One of :data:`mdtrt.vocabulary.DTYPES`.
+
+    Returns
+    -------
+    numpy.dtype
+        Cached per name.
+
     Raises
     ------
     InvalidArgumentError
@@ -53,7 +63,23 @@ def numpy_dtype(name: str) -> np.dtype:
 
 
 def dtype_name(dtype: Any) -> str:
-    """mdtrt's name of a numpy/ml_dtypes/torch dtype: float32, float16, bfloat16, int32, ..."""
+    """mdtrt's name of a numpy, ml_dtypes or torch dtype.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype, ml_dtypes type or torch.dtype
+        Read through ``str(dtype)`` (``torch.float16`` -> "float16"), so torch is not imported.
+
+    Returns
+    -------
+    str
+        One of :data:`mdtrt.vocabulary.DTYPES` ("float32", "float16", "bfloat16", "int32", ...).
+
+    Raises
+    ------
+    InvalidArgumentError
+        The dtype is not in the native core's dtype table; the message lists the supported names.
+    """
     name = str(dtype).rsplit(".", 1)[-1]
     if name in ITEMSIZE:
         return name
@@ -62,7 +88,26 @@ def dtype_name(dtype: Any) -> str:
 
 @dataclasses.dataclass(slots=True)
 class ArrayRef:
-    """A view of one input: where it lives and what it is. Holds the object alive."""
+    """A view of one array passed to mdtrt: where it lives and what it is. Holds the object alive.
+
+    Attributes
+    ----------
+    ptr : int
+        Address of the first element (host or device memory).
+    device : int
+        CUDA device index, -1 for host memory.
+    dtype : str
+        mdtrt's dtype name (:data:`mdtrt.vocabulary.DTYPES`).
+    shape : tuple of int
+        Elements per dimension; the data is C-contiguous.
+    owner : object
+        What keeps the memory alive (the array itself, or it and a DLPack capsule).
+    kind : str
+        "numpy", "torch" (CUDA), "torch_cpu", "cai" (``__cuda_array_interface__``) or "dlpack".
+    stream : int
+        The producer's CUDA stream handle on ``device`` (1: the legacy default stream, as CUDA array
+        interface v3 and DLPack name it); 0 when no ordering is needed (host memory).
+    """
 
     ptr: int
     device: int  # -1 for host memory
@@ -116,9 +161,34 @@ def _is_torch_tensor(x) -> bool:
 
 
 def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
-    """An ArrayRef for a numpy array, a torch tensor or a __cuda_array_interface__ object.
-    ``what`` (followed by ``which`` when given) names the array in errors; the name is only
-    formatted when there is an error, since this runs on every call."""
+    """An ArrayRef for one array, without copying device memory.
+
+    Runs on every call, so the name in errors is only formatted when there is an error.
+
+    Parameters
+    ----------
+    x : array-like
+        A numpy array (a non-contiguous one is copied to a contiguous one), a torch tensor (CUDA or
+        CPU, contiguous), an object with ``__cuda_array_interface__`` (CuPy, Numba) or with
+        ``__dlpack__`` and ``__dlpack_device__`` (JAX), or anything ``numpy.asarray`` takes (lists,
+        scalars). Any shape; the dtype must be in :data:`mdtrt.vocabulary.DTYPES`.
+    what : str, optional
+        How errors name the array (default "input").
+    which : object, optional
+        Appended to ``what`` in errors (an input name or a rank), when given.
+
+    Returns
+    -------
+    ArrayRef
+        With the producer's current stream for torch CUDA tensors and CUDA array interface objects,
+        the legacy default stream (1) for DLPack CUDA arrays, 0 for host memory.
+
+    Raises
+    ------
+    InvalidArgumentError
+        A non-contiguous torch tensor, CUDA array interface object or DLPack array; an unsupported
+        dtype; a DLPack device that is neither CPU nor CUDA; ``x`` is not an array at all.
+    """
     if isinstance(x, np.ndarray):
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
@@ -241,8 +311,30 @@ def _describe_dlpack(x: Any, what: str) -> ArrayRef:
 
 
 class DeviceArray:
-    """An output that lives on a GPU, owned by mdtrt. Exposes ``__cuda_array_interface__`` so that
-    ``torch.as_tensor(a, device=...)`` or ``cupy.asarray(a)`` use it without a copy."""
+    """An output that lives on a GPU, owned by mdtrt.
+
+    Exposes ``__cuda_array_interface__`` (version 3, C-contiguous, ``stream`` None: mdtrt has
+    already ordered its writes before returning) so that ``torch.as_tensor(a, device=...)`` or
+    ``cupy.asarray(a)`` use it without a copy. bfloat16 has no typestr in that interface and is
+    described as 2-byte integers ("<i2"); view the result as bfloat16.
+
+    Parameters
+    ----------
+    buffer : _core.PooledBuffer
+        The device memory (``ptr``, ``device``); it returns to mdtrt's pool when the last reference
+        to this array (or to a tensor made from it) goes.
+    dtype : str
+        mdtrt's dtype name (:data:`mdtrt.vocabulary.DTYPES`).
+    shape : tuple of int
+        Elements per dimension, C-contiguous.
+
+    Attributes
+    ----------
+    dtype : str
+    shape : tuple of int
+    device : int
+        CUDA device index that holds the memory.
+    """
 
     def __init__(self, buffer, dtype: str, shape: tuple[int, ...]):
         self._buffer = buffer
@@ -262,6 +354,9 @@ class DeviceArray:
 
     @property
     def __cuda_array_interface__(self) -> dict:
+        """CUDA array interface version 3: ``shape``, ``typestr`` (little-endian; "<i2" for
+        bfloat16), ``data`` (pointer, read-only False), ``strides`` None (C-contiguous) and
+        ``stream`` None (no synchronization asked of the consumer)."""
         # bfloat16 has no typestr: it is described as 2-byte integers (torch callers get a view back).
         typestr = {v: k for k, v in _TYPESTR.items()}.get(self.dtype, "i2")
         typestr = ("|" if typestr[1] == "1" else "<") + typestr
@@ -274,10 +369,17 @@ class DeviceArray:
         Blocks until the copy is done; it is ordered after work on the device's legacy default stream
         only, so wait for other streams writing this array first.
 
+        Returns
+        -------
+        numpy.ndarray
+            ``nbytes`` bytes, shape ``shape``.
+
         Raises
         ------
         CudaError
             The copy failed (the device is not usable, the memory was freed).
+        InvalidArgumentError
+            A bfloat16 array without the ml_dtypes package installed.
         """
         raw = _core.copy_device_to_host(self.ptr, self.device, self.nbytes)
         return raw.view(numpy_dtype(self.dtype)).reshape(self.shape)
@@ -287,8 +389,25 @@ class DeviceArray:
 
 
 def wrap_device_output(buffer, dtype: str, shape, like: ArrayRef | None):
-    """A DeviceArray, or a torch tensor when the caller passed torch tensors (zero-copy). ``buffer``
-    (a ``_core.PooledBuffer``) owns the memory; it returns to its pool when the array goes."""
+    """A device output as the caller's kind of array, without a copy.
+
+    Parameters
+    ----------
+    buffer : _core.PooledBuffer
+        Owns the device memory; it returns to its pool when the array goes.
+    dtype : str
+        mdtrt's dtype name.
+    shape : sequence of int
+        Elements per dimension.
+    like : ArrayRef or None
+        An input of the call; when it is a torch CUDA tensor the output is one too.
+
+    Returns
+    -------
+    DeviceArray or torch.Tensor
+        A torch tensor on ``cuda:<buffer.device>`` (bfloat16 viewed as ``torch.bfloat16``) when
+        ``like.kind == "torch"``, a DeviceArray otherwise.
+    """
     array = DeviceArray(buffer, dtype, shape)
     if like is not None and like.kind == "torch":
         import torch
@@ -300,8 +419,30 @@ def wrap_device_output(buffer, dtype: str, shape, like: ArrayRef | None):
 
 
 def host_output(raw: np.ndarray, dtype: str, shape, like: ArrayRef | None = None):
-    """A host output from its raw bytes: a numpy array (bfloat16 as ml_dtypes.bfloat16), or a torch
-    CPU tensor when the caller passed torch CPU tensors (bfloat16 included, without ml_dtypes)."""
+    """A host output from its raw bytes, without a copy.
+
+    Parameters
+    ----------
+    raw : numpy.ndarray
+        The output's bytes (any 1-D dtype whose size matches ``dtype`` x ``prod(shape)``).
+    dtype : str
+        mdtrt's dtype name.
+    shape : sequence of int
+        Elements per dimension.
+    like : ArrayRef, optional
+        An input of the call; when it is a torch CPU tensor the output is one too.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        A view of ``raw`` with ``shape`` and ``dtype`` (``ml_dtypes.bfloat16`` for bfloat16), or a
+        torch CPU tensor when ``like.kind == "torch_cpu"`` (bfloat16 included, without ml_dtypes).
+
+    Raises
+    ------
+    InvalidArgumentError
+        A bfloat16 numpy output without ml_dtypes installed.
+    """
     if like is not None and like.kind == "torch_cpu":
         import torch
 
@@ -314,10 +455,22 @@ def _torch_dtype(torch, name: str):
 
 
 def torch_output_factory(specs: list, devices: list[int]):
-    """A function that allocates every rank's outputs as torch tensors from torch's caching
-    allocator: ``specs[i]`` lists rank i's outputs as (name, dtype, shape), on GPU ``devices[i]``.
-    It returns [{name: ArrayRef}] per rank, each ref ordered after the stream current on its GPU
-    (the allocator hands its blocks out in that stream's order)."""
+    """A function that allocates every rank's outputs as torch tensors from torch's caching allocator.
+
+    Parameters
+    ----------
+    specs : list of list of (str, str, sequence of int)
+        ``specs[i]`` lists rank i's outputs as (name, dtype name, shape).
+    devices : list of int
+        CUDA device index of each rank, same length as ``specs``.
+
+    Returns
+    -------
+    callable
+        Called with no arguments, returns a list with one ``{name: ArrayRef}`` per rank; each ref
+        (kind "torch") carries the stream current on its GPU at allocation time, since the caching
+        allocator hands its blocks out in that stream's order.
+    """
     import torch
 
     plan = []

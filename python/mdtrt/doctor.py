@@ -106,7 +106,26 @@ def _feature(gpus: list[dict], minimum: tuple[int, int], what: str) -> dict:
 
 
 def collect() -> dict:
-    """The whole report as a JSON-ready dict."""
+    """The whole report as a JSON-ready dict.
+
+    A missing NCCL, TensorRT library, driver or GPU is reported in the dict, not raised.
+
+    Returns
+    -------
+    dict
+        ``mdtrt``: :func:`mdtrt.build_info`. ``nccl``: ``found`` (bool), ``path``, ``version``,
+        ``found_by``, ``package``, ``attempts`` (list of dicts: rule, candidate, loaded, message),
+        ``error``, ``env_library`` (``MDTRT_NCCL_LIBRARY``), ``wheel_dirs`` and ``loaded_copies``.
+        ``cuda``: ``driver_version`` and ``runtime_version`` (int, CUDA's 1000 * major + 10 * minor
+        convention, 0 when absent), ``gpus`` (per GPU: ``index``, ``name``, ``compute_capability``
+        [major, minor], ``total_memory`` in bytes, ``pci_bus_id``), ``peer_access`` (N x N bools,
+        row can read column), ``error`` and ``problem`` (in words, or None). ``tensorrt``:
+        ``compiled_in``, ``reason``, ``library_found``, ``path``, ``version``, ``found_by``,
+        ``lean``, ``error``, ``attempts`` (and ``rebuild`` advice without the backend).
+        ``features``: per feature ``ok``, ``needs``, ``detail`` (DistCollective needs compute
+        capability >= 8.0, multi-device attention >= 10.0). ``can_run_multi_device`` (bool) and
+        ``reasons`` (list of str: what stops it, or slows it).
+    """
     build = dict(_core.build_info())
     cuda = dict(_core.query_cuda())
     gpus = [dict(g, compute_capability=list(g["compute_capability"])) for g in cuda["gpus"]]
@@ -147,7 +166,18 @@ def collect() -> dict:
 
 
 def format_text(report: dict) -> str:
-    """The :func:`collect` report as the lines ``python -m mdtrt doctor`` prints."""
+    """The :func:`collect` report as the lines ``python -m mdtrt doctor`` prints.
+
+    Parameters
+    ----------
+    report : dict
+        As :func:`collect` returns it.
+
+    Returns
+    -------
+    str
+        Lines joined by newlines, no trailing newline; GPU memory in GiB.
+    """
     lines = []
     b = report["mdtrt"]
     lines.append(f"mdtrt {b['version']} (built with {b['compiler']}, CUDA {_version(b['cuda_version'])})")
@@ -206,6 +236,13 @@ def format_text(report: dict) -> str:
 
 def main(argv: list[str] | None = None, as_json: bool = False) -> int:
     """Prints the :func:`collect` report (as JSON when ``as_json``); ``argv`` is unused.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Unused (``python -m mdtrt doctor`` parses its own options).
+    as_json : bool, optional
+        Print the report as indented JSON instead of text.
 
     Returns
     -------

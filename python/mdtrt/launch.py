@@ -60,10 +60,25 @@ _MPI = ("Open MPI", "MPICH/Intel MPI", "MVAPICH", "SLURM")
 
 @dataclasses.dataclass(frozen=True)
 class LaunchInfo:
-    """This process's place in a launched world. ``local_rank``/``local_size``: its rank among the
-    processes of this host and their number, where the launcher gives them (else None).
-    ``run_id``: the launcher's id of this run (job and step, torchrun's run id and restart), used to
-    tell this run's NCCL id file from an earlier run's; None when the launcher has none."""
+    """This process's place in a launched world.
+
+    Attributes
+    ----------
+    rank : int
+        This process's rank, 0 <= rank < world_size.
+    world_size : int
+        Number of processes (NCCL ranks) of the world, >= 1.
+    local_rank : int or None
+        Its rank among the processes of this host, where the launcher gives it.
+    launcher : str
+        Which launcher's variables were read: "TRT_MY_RANK/TRT_WORLD_SIZE", "torchrun", "Open MPI",
+        "MPICH/Intel MPI", "MVAPICH" or "SLURM".
+    local_size : int or None
+        Number of processes on this host, where the launcher gives it.
+    run_id : str or None
+        The launcher's id of this run (job and step, torchrun's run id and restart), used to tell
+        this run's NCCL id file from an earlier run's; None when the launcher has none.
+    """
 
     rank: int
     world_size: int
@@ -111,6 +126,16 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo | None:
     """Rank, world size and local rank from the launcher that started this process (the innermost
     one, see the module's documentation), or None when no launcher's variables are set.
 
+    Parameters
+    ----------
+    env : mapping of str to str, optional
+        The environment to read (default ``os.environ``).
+
+    Returns
+    -------
+    LaunchInfo or None
+        None when no launcher's rank and world-size variables are set.
+
     Raises
     ------
     InvalidArgumentError
@@ -153,6 +178,20 @@ def choose_device(info: LaunchInfo, visible: int, gpu: int | None = None) -> int
     a layout that cannot work (more ranks on this host than GPUs each can see) fails on every rank
     here, before any rank waits for the others.
 
+    Parameters
+    ----------
+    info : LaunchInfo
+        This process's place in the world (from :func:`detect_launch`).
+    visible : int
+        Number of CUDA devices this process sees (after ``CUDA_VISIBLE_DEVICES``).
+    gpu : int, optional
+        The device asked for by the caller, an index among the visible devices.
+
+    Returns
+    -------
+    int
+        CUDA device index, 0 <= index < ``visible``.
+
     Raises
     ------
     InvalidArgumentError
@@ -184,7 +223,20 @@ def choose_device(info: LaunchInfo, visible: int, gpu: int | None = None) -> int
 
 
 def id_file_path(id_file: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
-    """The NCCL id file to use: ``id_file``, else ``TRT_NCCL_ID_FILE``, else None."""
+    """The NCCL id file to use: ``id_file``, else ``TRT_NCCL_ID_FILE``, else None.
+
+    Parameters
+    ----------
+    id_file : str, optional
+        A path given by the caller; wins over the environment.
+    env : mapping of str to str, optional
+        The environment to read (default ``os.environ``).
+
+    Returns
+    -------
+    str or None
+        The path (an empty string counts as not given).
+    """
     env = os.environ if env is None else env
     return id_file or env.get("TRT_NCCL_ID_FILE") or None
 
@@ -225,6 +277,15 @@ def _id_channel(info: LaunchInfo, id_file: str | None, env: Mapping[str, str]) -
 def check_id_exchange(info: LaunchInfo, *, id_file: str | None = None, env: Mapping[str, str] | None = None) -> None:
     """Refuses, before any GPU is asked for, a world whose ranks have no way to share the NCCL id.
 
+    Parameters
+    ----------
+    info : LaunchInfo
+        This process's place in the world.
+    id_file : str, optional
+        The id file given by the caller (else ``TRT_NCCL_ID_FILE``).
+    env : mapping of str to str, optional
+        The environment to read (default ``os.environ``).
+
     Raises
     ------
     InvalidArgumentError
@@ -241,6 +302,23 @@ def exchange_unique_id(info: LaunchInfo, *, timeout: float, id_file: str | None 
     Through ``id_file`` (or ``TRT_NCCL_ID_FILE``) when given; under MPI through mpi4py; under
     torchrun through torch.distributed's store, without creating, changing or leaving behind any
     process group of the application.
+
+    Parameters
+    ----------
+    info : LaunchInfo
+        This process's place in the world; rank 0 creates the id.
+    timeout : float
+        Seconds a rank other than 0 waits for the id.
+    id_file : str, optional
+        Path every rank can read (else ``TRT_NCCL_ID_FILE``); rank 0 writes the id there, tagged
+        with ``info.run_id`` so that a file left by an earlier run is not read.
+    env : mapping of str to str, optional
+        The environment to read (default ``os.environ``).
+
+    Returns
+    -------
+    bytes
+        The ``ncclUniqueId`` (NCCL_UNIQUE_ID_BYTES = 128 bytes), the same on every rank.
 
     Raises
     ------
@@ -267,7 +345,19 @@ def exchange_unique_id(info: LaunchInfo, *, timeout: float, id_file: str | None 
 def release_id_file(info: LaunchInfo, uid: bytes, id_file: str | None = None,
                     env: Mapping[str, str] | None = None) -> None:
     """Rank 0, once every rank joined (or when joining failed): removes the id file it wrote, so
-    that no later run can find it. Other ranks and other exchanges do nothing."""
+    that no later run can find it. Other ranks and other exchanges do nothing.
+
+    Parameters
+    ----------
+    info : LaunchInfo
+        This process's place in the world; only rank 0 removes anything.
+    uid : bytes
+        The id this run exchanged; the file is removed only when it still holds this id.
+    id_file : str, optional
+        The id file given by the caller (else ``TRT_NCCL_ID_FILE``); nothing happens without one.
+    env : mapping of str to str, optional
+        The environment to read (default ``os.environ``).
+    """
     path = id_file_path(id_file, env)
     if path and info.rank == 0:
         _core.remove_unique_id_file(path, uid)
@@ -283,8 +373,37 @@ def broadcast_through_torch(info: LaunchInfo, produce, *, timeout: float, what: 
     """Bytes made by ``produce()`` on rank 0, handed to every rank under torchrun, without creating,
     changing or leaving behind any process group of the application: through torchrun's agent store
     when it offers one, else a separate gloo group (the application has a default group), else a
-    temporary default gloo group destroyed afterwards. ``key`` must be the same on every rank and new
-    for each exchange; ``timeout`` (s) covers ``produce()`` on rank 0."""
+    temporary default gloo group destroyed afterwards.
+
+    Parameters
+    ----------
+    info : LaunchInfo
+        This process's place in the world; rank 0 calls ``produce``.
+    produce : callable
+        Called with no arguments on rank 0 only; returns bytes (or a bytes-like object).
+    timeout : float
+        Seconds for the whole exchange, ``produce()`` on rank 0 included.
+    what : str
+        How errors name the bytes ("the NCCL id").
+    call : str
+        The call named by a :class:`RankTimeoutError`.
+    key : str
+        Store key: the same on every rank and new for each exchange.
+    env : mapping of str to str, optional
+        The environment to read (default ``os.environ``).
+
+    Returns
+    -------
+    bytes
+        What rank 0's ``produce()`` returned, on every rank.
+
+    Raises
+    ------
+    RankTimeoutError
+        Through torchrun's agent store: rank 0 did not publish within ``timeout``.
+    ImportError
+        torch is not installed.
+    """
     import torch.distributed as dist
 
     env = os.environ if env is None else env

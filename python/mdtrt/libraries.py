@@ -10,9 +10,18 @@ import os
 
 @dataclasses.dataclass(frozen=True)
 class LoadAttempt:
-    """One candidate a library search tried: the search ``rule`` that produced it, the ``candidate``
-    passed to dlopen, whether it ``loaded``, and the loader's ``message`` (dlerror text, a missing
-    symbol, a refused version, or "ok").
+    """One candidate a library search tried.
+
+    Attributes
+    ----------
+    rule : str
+        The search rule that produced it ("MDTRT_NCCL_LIBRARY", "extra directory", ...).
+    candidate : str
+        The name or path passed to dlopen.
+    loaded : bool
+        Whether it loaded and was accepted.
+    message : str
+        The loader's message: dlerror text, a missing symbol, a refused version, or "ok".
     """
     rule: str
     candidate: str
@@ -21,7 +30,18 @@ class LoadAttempt:
 
 
 def attempts_from(native) -> tuple[LoadAttempt, ...]:
-    """Plain records from the extension's LoadAttempt objects."""
+    """Plain records from the extension's LoadAttempt objects.
+
+    Parameters
+    ----------
+    native : iterable of _core.LoadAttempt
+        Objects with ``rule``, ``candidate``, ``loaded`` and ``message`` attributes.
+
+    Returns
+    -------
+    tuple of LoadAttempt
+        In the order they were tried.
+    """
     return tuple(LoadAttempt(a.rule, a.candidate, a.loaded, a.message) for a in native)
 
 

@@ -11,9 +11,24 @@ from .libraries import LoadAttempt, attempts_from, package_dirs
 
 @dataclasses.dataclass(frozen=True)
 class NcclLibrary:
-    """The loaded NCCL: ``path``, ``version`` ("2.28.9"), ``found_by`` (the rule that found it),
-    ``attempts`` (every candidate tried, in order, with the loader's message) and ``package``: the
-    pip package whose folder held it (e.g. "nvidia-nccl-cu13"), None when found otherwise."""
+    """The loaded NCCL and how it was found.
+
+    Attributes
+    ----------
+    path : str
+        The library file that was opened (``libnccl.so.2``).
+    version : str
+        "major.minor.patch", e.g. "2.28.9".
+    version_code : int
+        ``ncclGetVersion``'s integer, NCCL's ``NCCL_VERSION_CODE`` convention:
+        major * 10000 + minor * 100 + patch (22809 for 2.28.9).
+    found_by : str
+        The search rule that found it (e.g. "extra directory" for the pip wheel's folder).
+    attempts : tuple of LoadAttempt
+        Every candidate tried, in order, with the loader's message.
+    package : str or None
+        The pip package whose folder held it (e.g. "nvidia-nccl-cu13"); None when found otherwise.
+    """
 
     path: str
     version: str
@@ -27,7 +42,13 @@ _WHEELS = ("nvidia-nccl-cu13", "nvidia-nccl-cu12")
 
 
 def wheel_library_dirs() -> list[str]:
-    """Library folders of the installed ``nvidia-nccl-cu13`` (or -cu12) wheel, if any."""
+    """Library folders of the installed ``nvidia-nccl-cu13`` (or -cu12) wheel.
+
+    Returns
+    -------
+    list of str
+        Each ``nvidia/nccl/lib`` folder that holds ``libnccl.so.2``; empty without the wheel.
+    """
     dirs = []
     for location in package_dirs("nvidia.nccl"):
         lib = os.path.join(location, "lib")
@@ -37,7 +58,18 @@ def wheel_library_dirs() -> list[str]:
 
 
 def wheel_package(library_dir: str) -> str | None:
-    """The installed pip package (nvidia-nccl-cu13 or -cu12) whose files include ``library_dir``."""
+    """The installed pip package (nvidia-nccl-cu13 or -cu12) whose files include ``library_dir``.
+
+    Parameters
+    ----------
+    library_dir : str
+        A folder, compared after resolving symbolic links.
+
+    Returns
+    -------
+    str or None
+        The distribution name, or None when no installed NCCL wheel owns the folder.
+    """
     from importlib import metadata
 
     for name in _WHEELS:
@@ -51,14 +83,35 @@ def wheel_package(library_dir: str) -> str | None:
 
 
 def loaded_copies() -> list[dict]:
-    """Every NCCL library mapped into this process (by mdtrt or any other library): path and version."""
+    """Every NCCL library mapped into this process (by mdtrt or any other library).
+
+    Returns
+    -------
+    list of dict
+        One dict per mapped copy: ``path`` (str), ``version`` ("2.28.9") and ``version_code``
+        (int, major * 10000 + minor * 100 + patch).
+    """
     return [dict(c) for c in _core.nccl_loaded_copies()]
 
 
 def nccl_library() -> NcclLibrary:
     """Find and open NCCL (once per process) and say which library it is.
 
-    Raises :class:`mdtrt.errors.LibraryNotFoundError` listing every attempt when none works.
+    The search (csrc/nccl/nccl_library.h) tries, first success wins: ``MDTRT_NCCL_LIBRARY`` (a
+    path), a NCCL another library already loaded into the process, ``libnccl.so.2`` and
+    ``libnccl.so`` through the dynamic loader, then the installed NCCL wheel's folders
+    (:func:`wheel_library_dirs`).
+
+    Returns
+    -------
+    NcclLibrary
+
+    Raises
+    ------
+    LibraryNotFoundError
+        No candidate loaded (or none had the symbols and version mdtrt needs), ``MDTRT_NCCL_LIBRARY``
+        is set and does not load, or another NCCL file is already loaded into the process (one
+        process holds one NCCL, shared with TensorRT); the message lists every attempt.
     """
     info = _core.load_nccl(wheel_library_dirs())
     attempts = attempts_from(info["attempts"])

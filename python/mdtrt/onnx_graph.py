@@ -45,7 +45,17 @@ def _graph_outer_reads(graph: onnx.GraphProto) -> list[str]:
 
 def outer_scope_inputs(node: onnx.NodeProto) -> list[str]:
     """Names that the subgraphs of ``node`` (If branches, Loop and Scan bodies, nested ones too)
-    read from the graph around the node, in first-read order without repeats."""
+    read from the graph around the node, in first-read order without repeats.
+
+    Parameters
+    ----------
+    node : onnx.NodeProto
+
+    Returns
+    -------
+    list of str
+        Tensor names; empty for a node without GRAPH or GRAPHS attributes.
+    """
     seen: dict[str, None] = {}
     for graph in _subgraphs(node):
         for name in _graph_outer_reads(graph):
@@ -55,7 +65,18 @@ def outer_scope_inputs(node: onnx.NodeProto) -> list[str]:
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Every tensor ``node`` reads: its inputs and what its subgraphs read from the outer graph.
-    A subgraph's outer reads are inputs of the node that holds it: they must be computed first."""
+    A subgraph's outer reads are inputs of the node that holds it: they must be computed first.
+
+    Parameters
+    ----------
+    node : onnx.NodeProto
+
+    Returns
+    -------
+    list of str
+        ``node.input`` without empty (omitted optional) names, then the outer reads not already
+        listed, without repeats.
+    """
     names = [name for name in node.input if name]
     extra = [name for name in outer_scope_inputs(node) if name not in names]
     return names + extra
@@ -66,6 +87,11 @@ def toposort_nodes(graph: onnx.GraphProto) -> None:
     relative order). ``polygraphy multi-device shard`` appends the nodes it inserts at the end
     of the list, which onnxruntime and TensorRT's parser refuse. Tensors a node's subgraphs read
     from the outer graph count as inputs of the node.
+
+    Parameters
+    ----------
+    graph : onnx.GraphProto
+        Changed in place, only when its order is not topological already.
 
     Raises
     ------
@@ -102,12 +128,31 @@ def toposort_nodes(graph: onnx.GraphProto) -> None:
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
-    """Whether any initializer of the main graph still points at an external data file."""
+    """Whether any initializer of the main graph still points at an external data file.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+
+    Returns
+    -------
+    bool
+    """
     return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
 def too_large_to_serialize(model: onnx.ModelProto) -> bool:
-    """Whether protobuf would refuse to serialize ``model`` in one message (>= 2 GiB)."""
+    """Whether protobuf would refuse to serialize ``model`` in one message.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+
+    Returns
+    -------
+    bool
+        ``model.ByteSize() >= PROTOBUF_LIMIT`` (2**31 - 1 bytes, protobuf's limit for one message).
+    """
     return model.ByteSize() >= PROTOBUF_LIMIT
 
 
@@ -115,6 +160,18 @@ def load_model(model, *, argument: str = "model") -> onnx.ModelProto:
     """``model`` as an ``onnx.ModelProto``: returned as is, or loaded from a path together with
     its external data files (which must sit where the model's ``location`` entries say, relative
     to the model's folder).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto, str or os.PathLike
+        A model, or the path of an .onnx file.
+    argument : str, optional
+        How error messages name ``model`` (default "model").
+
+    Returns
+    -------
+    onnx.ModelProto
+        ``model`` itself when it is one; else the loaded model with its weights in memory.
 
     Raises
     ------
@@ -155,7 +212,19 @@ def load_model(model, *, argument: str = "model") -> onnx.ModelProto:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path``; a model too large for one protobuf message keeps its weights in
-    ``<path>.data`` beside it (ONNX's external data). The caller's model is left unchanged."""
+    ``<path>.data`` beside it (ONNX's external data). The caller's model is left unchanged.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+    path : str or os.PathLike
+        The .onnx file to write; its folder must exist.
+
+    Raises
+    ------
+    OSError
+        The file (or its ``.data`` file) cannot be written.
+    """
     path = os.fspath(path)
     if not too_large_to_serialize(model):
         onnx.save(model, path)

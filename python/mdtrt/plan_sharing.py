@@ -54,6 +54,9 @@ def build_once(build: Callable[[], bytes], info: LaunchInfo | None = None, *, gr
         already (``DeviceGroup.from_env()`` does that), since the plan is tagged with its id.
     name : str
         Distinguishes several plans of one run (the file channel's file name).
+    env : mapping of str to str, optional
+        The environment to read the launcher's variables and ``TRT_NCCL_ID_FILE`` from (default
+        ``os.environ``).
 
     Returns
     -------
@@ -63,10 +66,13 @@ def build_once(build: Callable[[], bytes], info: LaunchInfo | None = None, *, gr
     Raises
     ------
     RankTimeoutError
-        The plan did not arrive within ``timeout`` (rank 0 failed or is slow to build).
+        The plan did not arrive within ``timeout`` (rank 0 failed or is slow to build), or, on the
+        file channel without ``group``, the id file held no id of this run within ``timeout``.
     InvalidArgumentError
-        No channel to share the plan (no id file, no mpi4py under MPI, not torchrun), or a name
-        that cannot be part of a file name.
+        No channel to share the plan (no id file, no mpi4py under MPI, not torchrun, or torchrun
+        without torch), a name that cannot be part of a file name, ``build()`` returned something
+        that is not bytes-like or an empty plan, or the launcher's variables are inconsistent
+        (see :func:`mdtrt.launch.detect_launch`).
     """
     env = os.environ if env is None else env
     info = detect_launch(env) if info is None else info

@@ -14,7 +14,46 @@ class PreparedCall:
     """A ProgramRunner call whose arguments were checked, converted and planned once (the native
     ``PreparedInfer``): calling it runs the program again on the same buffers (their current
     contents), with no per-call argument work. Device arrays are ordered with the streams that were
-    current when the call was prepared."""
+    current when the call was prepared.
+
+    Parameters
+    ----------
+    runner : _core.ProgramRunner
+        The native runner whose ``prepare`` plans the call.
+    per_rank_refs : list of list of ArrayRef
+        Each local rank's inputs, in the program's input order (the same list object on every rank
+        for a replicated input). All on the host or all on devices.
+    fetch_all : bool
+        With host inputs, copy every rank's outputs back (else the ranks in ``fetch_ranks``).
+    poison_outputs : bool, optional
+        Fill the outputs with 0xFF bytes (NaN for floats, -1 for ints) before each run, so that an
+        output the program did not write shows.
+    replication : str, optional
+        How an input every rank needs reaches every GPU
+        (:data:`mdtrt.vocabulary.REPLICATION_MODES`; default "auto").
+    timeout : float, optional
+        Seconds each call may take; None or 0: the device group's timeout.
+    fetch_ranks : sequence of int, optional
+        With host inputs and ``fetch_all`` False, the ranks whose outputs come back (default [0]).
+    out : list of dict of str to ArrayRef, optional
+        Preallocated device outputs, one ``{name: ArrayRef}`` per rank; each call writes into them
+        and returns their owners.
+    new_out : callable, optional
+        Without ``out`` and with device inputs: returns fresh ``[{name: ArrayRef}]`` per rank for
+        every call (outputs the caller keeps).
+    torch_devices : list of int, optional
+        Each rank's CUDA device; with torch CUDA inputs only, outputs then come from torch's
+        caching allocator once their shapes are known.
+    spec_cache : dict, optional
+        Output (name, dtype, shape) lists per rank, keyed by the inputs' dtypes and shapes; shared
+        between calls so that later ones allocate torch outputs from the first call.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Host and device inputs mixed; ``out`` given with host inputs, or holding host arrays; or
+        the native runner refused the arguments (names, dtypes, shapes).
+    """
 
     def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
@@ -66,6 +105,21 @@ class PreparedCall:
                 self._new_out = torch_output_factory(specs, self._torch_devices)
 
     def __call__(self) -> list[dict]:
+        """Run the prepared call once.
+
+        Returns
+        -------
+        list of dict of str to array
+            One ``{output name: array}`` per rank: the caller's preallocated outputs, device outputs
+            (DeviceArray or torch CUDA tensors like the inputs), or host outputs (numpy arrays, or
+            torch CPU tensors like the inputs) for the fetched ranks; empty dicts for ranks not fetched.
+
+        Raises
+        ------
+        MdtrtError
+            A subclass from the native call: RankTimeoutError (a rank did not finish within the
+            timeout), CudaError, NcclError or TensorRTError, with the rank and the call.
+        """
         out = self._out
         if self._new_out is None:
             results = self._call()
