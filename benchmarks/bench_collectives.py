@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", type=bl.name_list(bl.COLLECTIVES), default=",".join(bl.COLLECTIVES), help="ops to run, comma-separated (default: all eight)")
     p.add_argument("--sizes", type=bl.size_list, default=None,
                    help="sizes, e.g. 1K,64M,1G (default: quick 1K,64K,1M,64M,256M; full powers of 2 from 1K to 1G)")
-    p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional)")
+    p.add_argument("--nccl-tests-dir", type=bl.input_dir, default=None, help="folder with nccl-tests' *_perf binaries (optional)")
     p.add_argument("--no-raw", action="store_true", help="skip the torch.distributed reference")
     p.add_argument("--no-sample", action="store_true", help="skip sample_dist_collective")
     p.add_argument("--entry-sizes", type=bl.optional_size_list, default="1K,64M",

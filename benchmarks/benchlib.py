@@ -449,6 +449,13 @@ def output_dir(text: str) -> str:
     return text
 
 
+def input_dir(text: str) -> str:
+    """argparse type: an existing folder. Returns the text."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"expected an existing folder, got {text!r}")
+    return text
+
+
 def input_file(text: str) -> str:
     """argparse type: an existing, readable file. Returns the text."""
     path = Path(text).expanduser()

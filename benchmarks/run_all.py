@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=bl.output_dir, default="results", help="folder for results.json, the plots and each benchmark's JSON")
     p.add_argument("--quick", action="store_true", help="sizes 1K,64K,1M,64M,256M and fewer iterations (~1.5 min)")
     p.add_argument("--gpus", type=bl.gpu_ids, default="0,1", help="GPU ids, comma-separated (default 0,1)")
-    p.add_argument("--nccl-tests-dir", default=None, help="folder with nccl-tests' *_perf binaries (optional reference)")
+    p.add_argument("--nccl-tests-dir", type=bl.input_dir, default=None, help="folder with nccl-tests' *_perf binaries (optional reference)")
     p.add_argument("--only", type=bl.name_list(BENCHMARKS), default=None,
                    help=f"benchmarks to run, from {','.join(BENCHMARKS)} (default: {','.join(DEFAULT_BENCHMARKS)})")
     p.add_argument("--context-parallel", action="store_true",

@@ -246,15 +246,16 @@ def test_report_marks_missing_references(bench_modules, tmp_path):
     assert "n/a" in md
 
 
-def test_run_all_passes_the_new_options_on(bench_modules):
+def test_run_all_passes_the_new_options_on(bench_modules, tmp_path):
     sys.path.insert(0, str(BENCH_DIR))
     try:
         import run_all
     finally:
         sys.path.remove(str(BENCH_DIR))
-    args = run_all.build_parser().parse_args(["--entry-sizes", "4K,16M", "--nccl-tests-dir", "/x/build"])
+    build = str(tmp_path)  # --nccl-tests-dir must exist (checked while parsing)
+    args = run_all.build_parser().parse_args(["--entry-sizes", "4K,16M", "--nccl-tests-dir", build])
     cmd = run_all.bench_command("collectives", args, "/tmp/part.json", 100)
-    assert cmd[cmd.index("--entry-sizes") + 1] == "4K,16M" and cmd[cmd.index("--nccl-tests-dir") + 1] == "/x/build"
+    assert cmd[cmd.index("--entry-sizes") + 1] == "4K,16M" and cmd[cmd.index("--nccl-tests-dir") + 1] == build
     assert run_all.build_parser().parse_args([]).entry_sizes == "1K,64M"
     assert sum(run_all.PROCESS_LIMITS[b][0] for b in run_all.DEFAULT_BENCHMARKS) <= 400  # the default run stays near 6 minutes
 
@@ -356,6 +357,8 @@ BAD_OPTIONS = [
     ("run_all", ["--only", "fanout,nope"], "--only"),
     ("run_all", ["--entry-sizes", "0"], "--entry-sizes"),
     ("run_all", ["--gpus", "1,1"], "--gpus"),
+    ("run_all", ["--nccl-tests-dir", "/nonexistent/nccl-tests/build"], "--nccl-tests-dir"),
+    ("bench_collectives", ["--nccl-tests-dir", "/nonexistent/nccl-tests/build"], "--nccl-tests-dir"),
 ]
 
 
