@@ -118,7 +118,7 @@ class ArrayRef:
     stream: int = 0  # producer's stream on `device` (1: its legacy default stream), 0 when no ordering is needed
 
     def as_native(self):
-        """The typed input of the native runner (``_core.InputArg``)."""
+        """The typed input of the native runner: ``_core.InputArg(ptr, device, dtype, shape, stream)``."""
         return _core.InputArg(self.ptr, self.device, self.dtype, self.shape, self.stream)
 
     @property
@@ -130,7 +130,13 @@ class ArrayRef:
         return count * ITEMSIZE[self.dtype]
 
     def as_output(self, name: str):
-        """This array as the buffer for output ``name`` (``_core.OutputArg``)."""
+        """This array as the preallocated buffer for output ``name``.
+
+        Returns
+        -------
+        _core.OutputArg
+            ``(name, ptr, nbytes, device, stream)``; the runner checks size and device per call.
+        """
         return _core.OutputArg(name, self.ptr, self.nbytes, self.device, self.stream)
 
 

@@ -116,6 +116,9 @@ class PreparedCall:
 
         Raises
         ------
+        InvalidArgumentError
+            A preallocated output names an output the program does not have, has another size in
+            bytes or lives on another GPU than the rank needs, or is a null pointer.
         MdtrtError
             A subclass from the native call: RankTimeoutError (a rank did not finish within the
             timeout), CudaError, NcclError or TensorRTError, with the rank and the call.
