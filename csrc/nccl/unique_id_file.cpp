@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "common/atomic_file.h"
 #include "common/error.h"
 #include "common/interrupt.h"
 #include "nccl/communicator.h"
@@ -155,19 +156,9 @@ nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, co
     }
     // Anything else there is from an earlier run: the rename below replaces it in one step.
     nccl::UniqueId id = nccl_unique_id();
-    const std::string tmp = path + ".tmp." + std::to_string(::getpid());
-    {
-      std::ofstream out(tmp, std::ios::trunc);
-      out << unique_id_to_hex(id) << "\n" << record_of_this_process(run_token) << "\n";
-      if (!out) {
-        std::remove(tmp.c_str());
-        throw Error(ErrorKind::kGeneric, "cannot write the NCCL id file " + tmp, rank, "write NCCL id");
-      }
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-      std::remove(tmp.c_str());
-      throw Error(ErrorKind::kGeneric, "cannot rename " + tmp + " to " + path, rank, "write NCCL id");
-    }
+    const std::string content = unique_id_to_hex(id) + "\n" + record_of_this_process(run_token) + "\n";
+    const std::string failed = write_file_atomically(path, content.data(), content.size());
+    if (!failed.empty()) throw Error(ErrorKind::kGeneric, "NCCL id file: " + failed, rank, "write NCCL id");
     return id;
   }
   std::string stale;
@@ -202,23 +193,11 @@ void remove_unique_id_file(const std::string& path, const nccl::UniqueId& id) {
 
 // Layout: magic line, id as hex line, byte count line, the bytes.
 void publish_shared_bytes(const std::string& path, const nccl::UniqueId& run, const std::vector<uint8_t>& data) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid()) + ".XXXXXX";
-  const int fd = ::mkstemp(tmp.data());
-  if (fd < 0) throw Error(ErrorKind::kGeneric, "cannot create a temporary file next to " + path, 0, "share bytes");
-  ::close(fd);
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << kSharedBytesMagic << "\n" << unique_id_to_hex(run) << "\n" << data.size() << "\n";
-    out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
-    if (!out) {
-      std::remove(tmp.c_str());
-      throw Error(ErrorKind::kGeneric, "cannot write " + tmp, 0, "share bytes");
-    }
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    std::remove(tmp.c_str());
-    throw Error(ErrorKind::kGeneric, "cannot rename " + tmp + " to " + path, 0, "share bytes");
-  }
+  std::string content = std::string(kSharedBytesMagic) + "\n" + unique_id_to_hex(run) + "\n" +
+                        std::to_string(data.size()) + "\n";
+  content.append(reinterpret_cast<const char*>(data.data()), data.size());
+  const std::string failed = write_file_atomically(path, content.data(), content.size());
+  if (!failed.empty()) throw Error(ErrorKind::kGeneric, failed, 0, "share bytes");
 }
 
 std::optional<std::vector<uint8_t>> try_read_shared_bytes(const std::string& path, const nccl::UniqueId& run) {

@@ -2,7 +2,6 @@
 
 #include <NvOnnxParser.h>
 
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +14,7 @@
 #include <mutex>
 #include <sstream>
 
+#include "common/atomic_file.h"
 #include "common/error.h"
 #include "runtime/cuda_handles.h"
 #include "runtime/device_group.h"
@@ -120,33 +120,12 @@ bool read_file(const std::string& path, std::string& out) {
   return true;
 }
 
-// Writes next to the target and renames, so that a crash mid-write never leaves a truncated cache
-// that a later build would load. The temporary name is unique (mkstemp), so processes building at
-// once never write into one another's file; the last rename wins, whole.
-void write_file_atomically(const std::string& path, const void* data, size_t size) {
-  std::string tmp = path + ".tmp." + std::to_string(::getpid()) + ".XXXXXX";
-  const int fd = ::mkstemp(tmp.data());
-  if (fd < 0) {
-    warn("could not create a temporary file next to the timing cache " + path);
-    return;
-  }
-  const char* bytes = static_cast<const char*>(data);
-  size_t written = 0;
-  while (written < size) {
-    const ssize_t n = ::write(fd, bytes + written, size - written);
-    if (n <= 0) break;
-    written += static_cast<size_t>(n);
-  }
-  ::close(fd);
-  if (written != size) {
-    warn("could not write the timing cache to " + tmp);
-    std::remove(tmp.c_str());
-    return;
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    warn("could not move the timing cache to " + path);
-    std::remove(tmp.c_str());
-  }
+// Atomically (common/atomic_file.h): a crash mid-write never leaves a truncated cache that a later
+// build would load, and processes building at once never write into one another's temporary file;
+// the last rename wins, whole. A cache that cannot be written costs only a warning.
+void write_timing_cache(const std::string& path, const void* data, size_t size) {
+  const std::string failed = write_file_atomically(path, data, size);
+  if (!failed.empty()) warn("could not write the timing cache " + path + ": " + failed);
 }
 
 Owned<nvinfer1::ITimingCache> attach_timing_cache(nvinfer1::IBuilderConfig& config, const std::string& path) {
@@ -230,7 +209,7 @@ std::vector<uint8_t> build_serialized(BuildSession& session, const BuildOptions&
   }
   if (session.cache) {
     Owned<nvinfer1::IHostMemory> serialized(config.getTimingCache()->serialize());
-    if (serialized) write_file_atomically(options.timing_cache_path, serialized->data(), serialized->size());
+    if (serialized) write_timing_cache(options.timing_cache_path, serialized->data(), serialized->size());
   }
   const auto* begin = static_cast<const uint8_t*>(plan->data());
   return std::vector<uint8_t>(begin, begin + plan->size());
