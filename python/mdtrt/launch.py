@@ -274,8 +274,10 @@ def _id_channel(info: LaunchInfo, id_file: str | None, env: Mapping[str, str]) -
         "or under torchrun with torch installed")
 
 
-def check_id_exchange(info: LaunchInfo, *, id_file: str | None = None, env: Mapping[str, str] | None = None) -> None:
-    """Refuses, before any GPU is asked for, a world whose ranks have no way to share the NCCL id.
+def check_id_exchange(info: LaunchInfo, *, id_file: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """Refuses, before any GPU is asked for, a world whose ranks have no way to share the NCCL id;
+    otherwise names the channel the id (and whatever rank 0 shares later, see
+    :func:`mdtrt.build_once`) travels by.
 
     Parameters
     ----------
@@ -286,13 +288,18 @@ def check_id_exchange(info: LaunchInfo, *, id_file: str | None = None, env: Mapp
     env : mapping of str to str, optional
         The environment to read (default ``os.environ``).
 
+    Returns
+    -------
+    str
+        ``"file"`` (the id file), ``"mpi"`` (mpi4py) or ``"torch"`` (torch.distributed).
+
     Raises
     ------
     InvalidArgumentError
         No id file is given and the launcher offers no channel (mpi4py under MPI, torch under
         torchrun): the message says what to set or install.
     """
-    _id_channel(info, id_file, os.environ if env is None else env)
+    return _id_channel(info, id_file, os.environ if env is None else env)
 
 
 def exchange_unique_id(info: LaunchInfo, *, timeout: float, id_file: str | None = None,
@@ -365,7 +372,8 @@ def release_id_file(info: LaunchInfo, uid: bytes, id_file: str | None = None,
 
 def _exchange_through_torch(info: LaunchInfo, timeout: float, env: Mapping[str, str]) -> bytes:
     return broadcast_through_torch(info, _core.nccl_unique_id, timeout=timeout, what="the NCCL id",
-                                   call="read NCCL id", key=f"mdtrt/nccl_unique_id/{info.run_id or ''}/{next(_exchanges)}", env=env)
+                                   call="read NCCL id", env=env,
+                                   key=f"mdtrt/nccl_unique_id/{info.run_id or ''}/{next(_exchanges)}")
 
 
 def broadcast_through_torch(info: LaunchInfo, produce, *, timeout: float, what: str, call: str, key: str,

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 
 from . import _core
 from .errors import InvalidArgumentError, RankTimeoutError
-from .launch import LaunchInfo, broadcast_through_torch, detect_launch
+from .launch import LaunchInfo, broadcast_through_torch, check_id_exchange, detect_launch, id_file_path
 
 # Polling interval of the file channel: short next to a build, long enough not to load the disk.
 _POLL_SECONDS = 0.02
@@ -80,22 +80,16 @@ def build_once(build: Callable[[], bytes], info: LaunchInfo | None = None, *, gr
         return _plan_bytes(build())
     if not name or os.sep in name:
         raise InvalidArgumentError(f"name must be a non-empty file name part without '{os.sep}', got {name!r}")
-    id_file = id_file or env.get("TRT_NCCL_ID_FILE")
-    if id_file:
-        return _share_via_file(build, info, id_file, name, timeout, getattr(group, "_unique_id", None))
-    if info.launcher in ("Open MPI", "SLURM") or "PMI_RANK" in env:
-        try:
-            from mpi4py import MPI
-        except ImportError:
-            MPI = None
-        if MPI is not None:
-            return _share_via_mpi(build, MPI.COMM_WORLD, timeout)
-    if info.launcher == "torchrun":
-        return _share_via_torch(build, info, name, timeout, env)
-    raise InvalidArgumentError(
-        f"launched by {info.launcher} but there is no way to share the plan: set TRT_NCCL_ID_FILE (as for the NCCL "
-        "id), run under mpirun with mpi4py installed, or under torchrun")
+    # The channel the NCCL id took (launch.check_id_exchange): the plan follows the same way.
+    channel = check_id_exchange(info, id_file=id_file, env=env)
+    if channel == "file":
+        return _share_via_file(build, info, id_file_path(id_file, env), name, timeout,
+                               getattr(group, "_unique_id", None))
+    if channel == "mpi":
+        from mpi4py import MPI
 
+        return _share_via_mpi(build, MPI.COMM_WORLD, timeout)
+    return _share_via_torch(build, info, name, timeout, env)
 
 def _plan_bytes(plan) -> bytes:
     try:
@@ -167,11 +161,6 @@ def _share_via_mpi(build, comm, timeout: float) -> bytes:
 
 
 def _share_via_torch(build, info: LaunchInfo, name: str, timeout: float, env: Mapping[str, str]) -> bytes:
-    try:
-        import torch.distributed  # noqa: F401
-    except ImportError:
-        raise InvalidArgumentError("launched by torchrun but torch is not installed: pip install torch, or set "
-                                   "TRT_NCCL_ID_FILE to share the plan through a file") from None
     return broadcast_through_torch(info, lambda: _plan_bytes(build()), timeout=timeout, what=f"the plan '{name}'",
                                    call="build_once", key=f"mdtrt/plan/{info.run_id or ''}/{name}/{next(_shares)}",
                                    env=env)
