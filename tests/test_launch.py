@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import mdtrt
@@ -315,3 +316,68 @@ def test_from_env_under_slurm_without_mpi4py_or_id_file_is_refused_first(monkeyp
     monkeypatch.setattr(_core, "visible_gpu_count", lambda: pytest.fail("looked for GPUs"))
     with pytest.raises(mdtrt.InvalidArgumentError, match="launched by SLURM but there is no way to share the NCCL id"):
         mdtrt.DeviceGroup.from_env()
+
+
+class _FakeMpiWorld:
+    """mpi4py's Ibcast/Test for ranks that are threads: a broadcast completes once the root posted."""
+
+    def __init__(self):
+        self.posted = {}  # broadcast index -> root's bytes
+        self.lock = threading.Lock()
+
+    def comm(self, rank: int, root_posts: bool = True):
+        world = self
+
+        class Comm:
+            count = 0
+
+            def Get_rank(self):
+                return rank
+
+            def Ibcast(self, buffer, root=0):
+                index, Comm.count = Comm.count, Comm.count + 1
+
+                class Request:
+                    def Test(self):
+                        with world.lock:
+                            if rank == root:
+                                if root_posts:
+                                    world.posted[index] = bytes(buffer)
+                                return root_posts
+                            if index not in world.posted:
+                                return False
+                            np.frombuffer(buffer, dtype=np.uint8)[:] = np.frombuffer(world.posted[index], np.uint8)
+                            return True
+
+                return Request()
+
+        return Comm()
+
+
+def test_mpi_broadcast_hands_rank_0s_bytes_to_every_rank():
+    from mdtrt.launch import broadcast_through_mpi
+
+    world, payload, results, made = _FakeMpiWorld(), os.urandom(10_000) + b"\0" * 7, {}, []
+
+    def rank(r):
+        def produce():
+            made.append(r)
+            return payload
+        results[r] = broadcast_through_mpi(produce, timeout=10, what="the test bytes", call="test", comm=world.comm(r))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert made == [0] and results == {0: payload, 1: payload, 2: payload}
+
+
+def test_mpi_broadcast_waiting_for_a_rank_0_that_never_shares_ends_at_the_deadline():
+    from mdtrt.launch import broadcast_through_mpi
+
+    world = _FakeMpiWorld()
+    start = time.monotonic()
+    with pytest.raises(mdtrt.RankTimeoutError, match="rank 0 did not share the NCCL id through MPI within 0.3 s") as info:
+        broadcast_through_mpi(lambda: b"never", timeout=0.3, what="the NCCL id", call="read NCCL id", comm=world.comm(1))
+    assert time.monotonic() - start < 5 and info.value.rank == 1 and info.value.call == "read NCCL id"

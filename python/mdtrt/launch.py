@@ -341,11 +341,7 @@ def exchange_unique_id(info: LaunchInfo, *, timeout: float, id_file: str | None 
     if channel == "file":
         return _core.exchange_unique_id_via_file(id_file_path(id_file, env), info.rank, timeout, info.run_id or "")
     if channel == "mpi":
-        from mpi4py import MPI
-
-        comm = MPI.COMM_WORLD
-        uid = _core.nccl_unique_id() if comm.Get_rank() == 0 else None
-        return comm.bcast(uid, root=0)
+        return broadcast_through_mpi(_core.nccl_unique_id, timeout=timeout, what="the NCCL id", call="read NCCL id")
     return _exchange_through_torch(info, timeout, env)
 
 
@@ -374,6 +370,59 @@ def _exchange_through_torch(info: LaunchInfo, timeout: float, env: Mapping[str, 
     return broadcast_through_torch(info, _core.nccl_unique_id, timeout=timeout, what="the NCCL id",
                                    call="read NCCL id", env=env,
                                    key=f"mdtrt/nccl_unique_id/{info.run_id or ''}/{next(_exchanges)}")
+
+
+def broadcast_through_mpi(produce, *, timeout: float, what: str, call: str, comm=None) -> bytes:
+    """Bytes made by ``produce()`` on MPI rank 0, handed to every rank of ``comm``.
+
+    Non-blocking broadcasts (``Ibcast``, the size then the bytes) polled from Python: the wait has a
+    deadline and answers Ctrl-C between polls, where a blocking ``bcast`` would wait forever for a
+    rank that died.
+
+    Parameters
+    ----------
+    produce : callable() -> bytes-like
+        Called on rank 0 only.
+    timeout : float
+        Seconds each rank waits for each of the two broadcasts (rank 0's ``produce()`` comes first).
+    what, call : str
+        Name what is shared and the call, for the timeout error.
+    comm : mpi4py communicator, optional
+        Default ``MPI.COMM_WORLD``.
+
+    Returns
+    -------
+    bytes
+        The same bytes on every rank.
+
+    Raises
+    ------
+    RankTimeoutError
+        A broadcast did not complete within ``timeout`` (rank 0 failed, or a rank never came).
+    """
+    import numpy as np
+
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    rank = comm.Get_rank()
+    data = bytes(produce()) if rank == 0 else b""
+    deadline = time.monotonic() + timeout
+
+    def bcast(buffer) -> None:
+        request = comm.Ibcast(buffer, root=0)
+        while not request.Test():  # a Python loop: Ctrl-C is answered between polls
+            if time.monotonic() >= deadline:
+                raise RankTimeoutError(f"rank 0 did not share {what} through MPI within {timeout:g} s (did it "
+                                       "fail? see its output)", rank=rank, call=call)
+            time.sleep(0.02)
+
+    size = np.array([len(data)], dtype=np.int64)
+    bcast(size)
+    buffer = np.frombuffer(data, dtype=np.uint8).copy() if rank == 0 else np.empty(int(size[0]), dtype=np.uint8)
+    bcast(buffer)
+    return data if rank == 0 else buffer.tobytes()
 
 
 def broadcast_through_torch(info: LaunchInfo, produce, *, timeout: float, what: str, call: str, key: str,

@@ -8,7 +8,7 @@ every rank, over the channel the NCCL id already travels by (see :mod:`mdtrt.lau
 - the id file (``TRT_NCCL_ID_FILE``): rank 0 writes ``<id file>.<name>.plan`` (through a temporary
   file and a rename), tagged with this run's NCCL id, so a plan left by an earlier run is never
   read; the other ranks poll for it;
-- mpi4py under MPI (Open MPI, SLURM with PMI): a broadcast from rank 0;
+- mpi4py under MPI launchers: a broadcast from rank 0 with a deadline;
 - torch.distributed under torchrun: a broadcast from rank 0 on a gloo group made for it.
 
 The wait for the plan has its own deadline (``timeout``, generous: it covers rank 0's build); the
@@ -24,7 +24,8 @@ from typing import Callable, Mapping
 
 from . import _core
 from .errors import InvalidArgumentError, RankTimeoutError
-from .launch import LaunchInfo, broadcast_through_torch, check_id_exchange, detect_launch, id_file_path
+from .launch import (LaunchInfo, broadcast_through_mpi, broadcast_through_torch, check_id_exchange, detect_launch,
+                     id_file_path)
 
 # Polling interval of the file channel: short next to a build, long enough not to load the disk.
 _POLL_SECONDS = 0.02
@@ -86,9 +87,8 @@ def build_once(build: Callable[[], bytes], info: LaunchInfo | None = None, *, gr
         return _share_via_file(build, info, id_file_path(id_file, env), name, timeout,
                                getattr(group, "_unique_id", None))
     if channel == "mpi":
-        from mpi4py import MPI
-
-        return _share_via_mpi(build, MPI.COMM_WORLD, timeout)
+        return broadcast_through_mpi(lambda: _plan_bytes(build()), timeout=timeout, what=f"the plan '{name}'",
+                                     call="build_once")
     return _share_via_torch(build, info, name, timeout, env)
 
 def _plan_bytes(plan) -> bytes:
@@ -136,28 +136,6 @@ def _share_via_file(build, info: LaunchInfo, id_file: str, name: str, timeout: f
                 f"rank 0 did not share the plan '{name}' in {path} within {timeout:g} s (did its build fail? see its "
                 "output; raise timeout= for slower builds)", rank=info.rank, call="build_once")
         time.sleep(_POLL_SECONDS)
-
-
-def _share_via_mpi(build, comm, timeout: float) -> bytes:
-    import numpy as np
-
-    rank = comm.Get_rank()
-    plan = _plan_bytes(build()) if rank == 0 else b""
-    deadline = time.monotonic() + timeout
-
-    def bcast(buffer) -> None:
-        request = comm.Ibcast(buffer, root=0)
-        while not request.Test():
-            if time.monotonic() >= deadline:
-                raise RankTimeoutError(f"rank 0 did not share the plan within {timeout:g} s (did its build fail?)",
-                                       rank=rank, call="build_once")
-            time.sleep(_POLL_SECONDS)
-
-    size = np.array([len(plan)], dtype=np.int64)
-    bcast(size)
-    data = np.frombuffer(plan, dtype=np.uint8).copy() if rank == 0 else np.empty(int(size[0]), dtype=np.uint8)
-    bcast(data)
-    return plan if rank == 0 else data.tobytes()
 
 
 def _share_via_torch(build, info: LaunchInfo, name: str, timeout: float, env: Mapping[str, str]) -> bytes:
