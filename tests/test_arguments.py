@@ -41,8 +41,7 @@ class StubGroupNative:
 
 def stub_group() -> DeviceGroup:
     group = DeviceGroup.__new__(DeviceGroup)
-    group._native = StubGroupNative()
-    group._runners = {}
+    group._adopt(StubGroupNative())
     return group
 
 

@@ -313,3 +313,80 @@ def test_bfloat16_device_tensors_round_trip(group):
     result = runner.infer([{"input": x} for x in xs], all_ranks=True)
     for r, x in zip(result, xs):
         assert r["output"].dtype == torch.bfloat16 and torch.equal(r["output"].cpu(), x.cpu())
+
+
+# -- one prepared call per argument signature ------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["torch", "cai", "numpy"])
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "gather"])
+def test_one_shot_calls_on_new_arrays_each_time(group, op, kind):
+    """A loop of one-shot calls on new random arrays each time (new addresses, same signature): the
+    call kept for the signature must run on this call's arrays, never on the first call's."""
+    torch = pytest.importorskip("torch")
+    n = len(group)
+    rng = np.random.default_rng(7)
+    before = len(group._calls)
+    for step in range(4):
+        xs = [rng.standard_normal((n * 4, 3)).astype(np.float32) for _ in range(n)]
+        if kind == "numpy":
+            args = xs
+        else:
+            ts = [torch.from_numpy(x).to(f"cuda:{d}") for x, d in zip(xs, group.gpus)]
+            args = ts if kind == "torch" else [CaiOnly(t) for t in ts]
+        outs = group.collective(op, args, poison_outputs=True)
+        for r, (got, exp) in enumerate(zip(outs, reference(op, xs))):
+            if exp is None:
+                assert got is None
+                continue
+            got = got.cpu().numpy() if kind == "torch" else got.numpy() if kind == "cai" else got
+            np.testing.assert_allclose(got, exp, rtol=1e-5, atol=1e-5, err_msg=f"{op} step {step} rank {r}")
+    assert len(group._calls) == before + 1  # one signature: one kept call
+
+
+def test_kept_calls_do_not_keep_inputs_alive(group):
+    import gc
+    import weakref
+
+    torch = pytest.importorskip("torch")
+    ts = [torch.randn(64, device=f"cuda:{d}") for d in group.gpus]
+    alive = [weakref.ref(t) for t in ts]
+    group.all_reduce(ts)
+    group.all_reduce(ts, out=[torch.empty_like(t) for t in ts])
+    del ts
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+
+
+def test_one_shot_out_calls_write_this_calls_buffers(group):
+    torch = pytest.importorskip("torch")
+    n = len(group)
+    for step in range(3):
+        xs = [torch.randn(n * 8, device=f"cuda:{d}") for d in group.gpus]
+        outs = [torch.full((n * 8,), float("nan"), device=f"cuda:{d}") for d in group.gpus]
+        got = group.all_reduce(xs, out=outs)
+        expected = sum(x.cpu() for x in xs)
+        for g, o in zip(got, outs):
+            assert g is o
+            torch.testing.assert_close(o.cpu(), expected)
+
+
+def test_infer_on_new_arrays_each_time(group):
+    """EngineRunner.infer keeps one prepared call per signature: shared host inputs (replicated),
+    per-rank device inputs and shape changes each get their own, and every call runs on its own arrays."""
+    torch = pytest.importorskip("torch")
+    n = len(group)
+    program = _core.CollectiveProgram("all_reduce", "sum", 0, [], "float32", group.world_size, n)
+    runner = mdtrt.EngineRunner(group, program=program)
+    rng = np.random.default_rng(3)
+    for step in range(3):
+        for rows in (n * 2, n * 5):
+            x = rng.standard_normal((rows, 4)).astype(np.float32)
+            out = runner.infer({"input": x}, all_ranks=True, poison_outputs=True)
+            for o in out:
+                np.testing.assert_allclose(o["output"], n * x, rtol=1e-5, atol=1e-5)
+            xs = [rng.standard_normal((rows, 4)).astype(np.float32) for _ in range(n)]
+            ts = [{"input": torch.from_numpy(v).to(f"cuda:{d}")} for v, d in zip(xs, group.gpus)]
+            out = runner.infer(ts, all_ranks=True, poison_outputs=True)
+            for o in out:
+                np.testing.assert_allclose(o["output"].cpu().numpy(), sum(xs), rtol=1e-5, atol=1e-5)
+    assert len(runner._calls) == 4

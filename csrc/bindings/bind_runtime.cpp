@@ -253,7 +253,31 @@ void bind_runtime(py::module_& m) {
             }
             return results;
           },
-          py::arg("outputs"), "The same call, writing into these output buffers.");
+          py::arg("outputs"), "The same call, writing into these output buffers.")
+      .def(
+          "run_at",
+          [](PreparedInfer& p, const std::vector<std::vector<std::pair<uintptr_t, uintptr_t>>>& addresses,
+             const std::vector<std::vector<std::tuple<std::string, uintptr_t, size_t, int, uintptr_t>>>& outputs) {
+            // Plain tuples: converting them costs a fraction of constructing OutputArg objects per call.
+            std::vector<std::vector<InputAddress>> at(addresses.size());
+            for (size_t i = 0; i < addresses.size(); ++i)
+              for (const auto& [data, stream] : addresses[i])
+                at[i].push_back(InputAddress{reinterpret_cast<const void*>(data), stream});
+            std::vector<std::vector<OutputArg>> out(outputs.size());
+            for (size_t i = 0; i < outputs.size(); ++i)
+              for (const auto& [name, data, nbytes, device, stream] : outputs[i])
+                out[i].push_back(OutputArg{name, reinterpret_cast<void*>(data), nbytes, device, stream});
+            std::vector<RankResult> results;
+            {
+              py::gil_scoped_release release;
+              results = p.run_at(at, std::move(out));
+            }
+            return results;
+          },
+          py::arg("addresses"), py::arg("outputs"),
+          "The same call on other arrays of the same dtypes, shapes and devices: addresses[i] lists local "
+          "rank i's inputs as (pointer, producer stream); outputs[i] local rank i's preallocated outputs as "
+          "(name, pointer, bytes, device, caller stream) (empty lists: the runner allocates them).");
 }
 
 }  // namespace mdtrt::bindings

@@ -39,6 +39,12 @@ struct InputArg {
   size_t nbytes() const { return static_cast<size_t>(element_count(shape)) * dtype_size(dtype); }
 };
 
+// Where one input of a call is this time: its data and its producer's stream (see InputArg).
+struct InputAddress {
+  const void* data = nullptr;
+  uintptr_t stream = 0;
+};
+
 // A caller-provided output buffer on the rank's GPU (outputs without an allocation per call).
 struct OutputArg {
   std::string name;

@@ -249,6 +249,27 @@ std::vector<RankResult> PreparedInfer::run(std::vector<std::vector<OutputArg>> o
   return runner_->run(plan_, inputs_, options);
 }
 
+std::vector<RankResult> PreparedInfer::run_at(const std::vector<std::vector<InputAddress>>& addresses,
+                                             std::vector<std::vector<OutputArg>> outputs) {
+  if (addresses.size() != inputs_.size())
+    throw_invalid_argument("inputs for " + std::to_string(addresses.size()) + " ranks given, this call has " +
+                           std::to_string(inputs_.size()));
+  std::vector<std::vector<InputArg>> inputs = inputs_;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (addresses[i].size() != inputs[i].size())
+      throw_invalid_argument("local rank " + std::to_string(i) + " got " + std::to_string(addresses[i].size()) +
+                             " input addresses; this call has " + std::to_string(inputs[i].size()) + " inputs");
+    for (size_t k = 0; k < inputs[i].size(); ++k) {
+      inputs[i][k].data = addresses[i][k].data;
+      inputs[i][k].stream = addresses[i][k].stream;
+    }
+  }
+  InferOptions options = options_;
+  options.outputs = std::move(outputs);
+  const CallPlan plan = runner_->plan(inputs, options);
+  return runner_->run(plan, inputs, options);
+}
+
 std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
                                            const InferOptions& options) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);

@@ -110,6 +110,13 @@ class PreparedInfer {
   std::vector<RankResult> run() { return runner_->run(plan_, inputs_, options_); }
   // With other output buffers for this call (fresh outputs per call); same shape of list.
   std::vector<RankResult> run(std::vector<std::vector<OutputArg>> outputs);
+  // The same call on other arrays of the same dtypes, shapes and devices: addresses[i][k] is local
+  // rank i's input k (data, producer stream). The one-shot entry points (DeviceGroup.collective,
+  // EngineRunner.infer) keep one prepared call per argument signature and run it this way, so a
+  // call does not check and plan its arguments again (the plan is redone natively: host inputs
+  // shared by every rank are found by their addresses).
+  std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
+                                 std::vector<std::vector<OutputArg>> outputs);
 
  private:
   std::shared_ptr<ProgramRunner> runner_;

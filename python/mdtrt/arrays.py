@@ -473,9 +473,11 @@ def torch_output_factory(specs: list, devices: list[int]):
     Returns
     -------
     callable
-        Called with no arguments, returns a list with one ``{name: ArrayRef}`` per rank; each ref
+        ``allocate(likes=None)`` returns a list with one ``{name: ArrayRef}`` per rank; each ref
         (kind "torch") carries the stream current on its GPU at allocation time, since the caching
-        allocator hands its blocks out in that stream's order.
+        allocator hands its blocks out in that stream's order. ``likes`` (optional): one torch
+        tensor per rank (the rank's input); an output of its shape and dtype is then allocated with
+        ``torch.empty_like``, which costs about half of ``torch.empty`` with a device argument.
     """
     import torch
 
@@ -484,15 +486,19 @@ def torch_output_factory(specs: list, devices: list[int]):
         plan.append((device, torch.device("cuda", device),
                      [(name, dtype, tuple(int(d) for d in shape), _torch_dtype(torch, dtype))
                       for name, dtype, shape in rank_specs]))
-    empty = torch.empty
+    empty, empty_like = torch.empty, torch.empty_like
 
-    def allocate() -> list[dict]:
+    def allocate(likes=None) -> list[dict]:
         out = []
-        for index, device, outputs in plan:
+        for i, (index, device, outputs) in enumerate(plan):
             stream = _torch_current_stream(torch, index)
+            like = likes[i] if likes is not None else None
             refs = {}
             for name, dtype, shape, torch_dtype in outputs:
-                t = empty(shape, dtype=torch_dtype, device=device)
+                if like is not None and like.dtype is torch_dtype and like.shape == shape:
+                    t = empty_like(like)
+                else:
+                    t = empty(shape, dtype=torch_dtype, device=device)
                 refs[name] = ArrayRef(t.data_ptr(), index, dtype, shape, t, "torch", stream)
             out.append(refs)
         return out

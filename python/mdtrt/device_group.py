@@ -18,6 +18,8 @@ from .vocabulary import ROOTED as _ROOTED
 
 # Each cached collective may own a NCCL communicator split off for its group: keep a few.
 _MAX_CACHED_COLLECTIVES = 16
+# Prepared one-shot calls, one per argument signature (op, dtype, shape, devices, out= or not).
+_MAX_CACHED_CALLS = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,7 @@ class DeviceGroup:
                 raise InvalidArgumentError(
                     "no CUDA GPU is visible, and DeviceGroup() puts one rank on each visible GPU "
                     "(run `python -m mdtrt doctor` to see why)")
-        self._native = _core.DeviceGroup.create_local(gpus, timeout)
-        self._runners: OrderedDict = OrderedDict()
+        self._adopt(_core.DeviceGroup.create_local(gpus, timeout))
 
     @classmethod
     def from_env(cls, *, timeout: float = 60.0, gpu: int | None = None, id_file: str | None = None) -> "DeviceGroup":
@@ -111,10 +112,17 @@ class DeviceGroup:
             # Joined or failed: either way no later run may find this run's id.
             release_id_file(info, uid, id_file)
         self = cls.__new__(cls)
-        self._native = native
-        self._runners = OrderedDict()
+        self._adopt(native)
         self._unique_id = uid  # tags what rank 0 shares with this run's ranks (mdtrt.build_once)
         return self
+
+    def _adopt(self, native) -> None:
+        self._native = native
+        self._runners: OrderedDict = OrderedDict()  # collective runners by (op, reduce, root, groups, dtype, bind)
+        self._calls: OrderedDict = OrderedDict()  # one-shot collective calls by argument signature
+        # Fixed for the group's life; read on every call (a native property read costs a call).
+        self._num_local_ranks = native.num_local_ranks
+        self._ranks = list(native.ranks)
 
     # -- what the group is ------------------------------------------------------------------
     def _live(self):
@@ -173,6 +181,7 @@ class DeviceGroup:
         in flight to finish (or reach its deadline)."""
         native, self._native = self._native, None
         self._runners.clear()
+        self._calls.clear()
         if native is not None:
             native.close()
 
@@ -240,8 +249,25 @@ class DeviceGroup:
         RankTimeoutError
             A rank did not finish within the group's timeout (the group is unusable after).
         """
-        return self.prepare_collective(op, inputs, reduce=reduce, root=root, groups=groups, out=out,
-                                       poison_outputs=poison_outputs, sequential_bind=sequential_bind)()
+        refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
+                                                         sequential_bind)
+        # One prepared call per argument signature: a loop of one-shot calls (new arrays each time,
+        # as users write it) checks, converts and plans its arguments once, not per call.
+        call_key = (key, poison_outputs, out_refs is None, refs[0].kind, refs[0].shape, tuple(r.device for r in refs))
+        entry = self._calls.get(call_key)
+        if entry is None:
+            entry = (self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=False),
+                     self._collective_runner(key)[1])
+            self._calls[call_key] = entry
+            if len(self._calls) > _MAX_CACHED_CALLS:
+                self._calls.popitem(last=False)
+        else:
+            self._calls.move_to_end(call_key)
+        call, defined = entry
+        results = call.run_on([[ref] for ref in refs], out_refs)
+        if defined is None:
+            return [o["output"] for o in results]
+        return [o["output"] if d else None for o, d in zip(results, defined)]
 
     def prepare_collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0,
                            groups: Sequence[int] | None = None, out=None, poison_outputs: bool = False,
@@ -250,16 +276,25 @@ class DeviceGroup:
         the operation again on the same buffers (refill them in place between calls) and returns
         what ``collective`` would, for latency-bound loops. Without ``out``, every call returns
         new outputs (earlier ones stay valid while held). Parameters and errors as ``collective``."""
-        native = self._live()._native
+        refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
+                                                         sequential_bind)
+        call = self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=True)
+        defined = self._collective_runner(key)[1]
+        if defined is None:
+            return lambda: [o["output"] for o in call()]
+        return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
+
+    def _collective_arguments(self, op, inputs, reduce, root, groups, out, poison_outputs, sequential_bind):
+        """Checks a collective's arguments: (input refs, out refs or None, runner key)."""
+        self._live()
         if not isinstance(op, str) or op not in COLLECTIVES:
             raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")
         if op in _REDUCING and (not isinstance(reduce, str) or reduce not in REDUCE_OPS):
             raise InvalidArgumentError(f"unknown reduce op {reduce!r}; choose one of {', '.join(REDUCE_OPS)}")
         root = arguments.integer(root, "root")
-        poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
+        arguments.flag(poison_outputs, "poison_outputs")
         sequential_bind = arguments.flag(sequential_bind, "sequential_bind")
-        n = native.num_local_ranks
-        ranks = native.ranks
+        n, ranks = self._num_local_ranks, self._ranks
         inputs = arguments.per_rank(inputs, op, n, "input")
         refs = [describe(x, "input of rank", r) for x, r in zip(inputs, ranks)]
         first = refs[0]
@@ -276,30 +311,44 @@ class DeviceGroup:
             out = arguments.per_rank(out, "out=", n, "array")
             out_refs = [{"output": describe(o, "out of rank", r)} for o, r in zip(out, ranks)]
         key = (op, reduce_name, root, tuple(groups), first.dtype, sequential_bind)
+        return refs, out_refs, key
+
+    def _collective_runner(self, key):
+        """The (native runner, per-rank "output defined" list or None) of a collective, cached."""
         cached = self._runners.get(key)
-        if cached is None:
-            program = _core.CollectiveProgram(op, reduce_name, root, groups, first.dtype, native.world_size, n)
-            runner = _core.ProgramRunner(native, [program] * n, sequential_bind)
-            members = groups or range(native.world_size)
-            # Outside the group, and off the root of reduce/gather, a rank's output is undefined.
-            defined = [r in members and not (op in ("reduce", "gather") and r != root) for r in ranks]
-            cached = self._runners[key] = (runner, None if all(defined) else defined)
-            if len(self._runners) > _MAX_CACHED_COLLECTIVES:
-                self._runners.popitem(last=False)
-        else:
+        if cached is not None:
             self._runners.move_to_end(key)
-        runner, defined = cached
+            return cached
+        native = self._native
+        op, reduce_name, root, groups, dtype, sequential_bind = key
+        n = native.num_local_ranks
+        program = _core.CollectiveProgram(op, reduce_name, root, list(groups), dtype, native.world_size, n)
+        runner = _core.ProgramRunner(native, [program] * n, sequential_bind)
+        members = groups or range(native.world_size)
+        # Outside the group, and off the root of reduce/gather, a rank's output is undefined.
+        defined = [r in members and not (op in ("reduce", "gather") and r != root) for r in native.ranks]
+        cached = self._runners[key] = (runner, None if all(defined) else defined)
+        if len(self._runners) > _MAX_CACHED_COLLECTIVES:
+            evicted = self._runners.popitem(last=False)[0]
+            # Calls prepared on the evicted runner keep it (and its communicator) alive: drop them too.
+            for call_key in [k for k in self._calls if k[0] == evicted]:
+                del self._calls[call_key]
+        return cached
+
+    def _new_collective_call(self, refs, out_refs, key, poison_outputs, *, keep_inputs):
+        native = self._native
+        runner, _ = self._collective_runner(key)
+        n = self._num_local_ranks
+        first = refs[0]
         new_out = None
         if out_refs is None and first.kind == "torch":
             # torch in, torch out: outputs from torch's caching allocator, a fresh set per call.
+            op, groups = key[0], key[3]
             group_size = len(groups) if groups else native.world_size
             shape = tuple(_core.collective_output_shape(op, list(first.shape), group_size))
             new_out = torch_output_factory([[("output", first.dtype, shape)]] * n, list(native.devices))
-        call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=poison_outputs,
-                            out=out_refs, new_out=new_out)
-        if defined is None:
-            return lambda: [o["output"] for o in call()]
-        return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
+        return PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=bool(poison_outputs),
+                            out=out_refs, new_out=new_out, keep_inputs=keep_inputs, output_names=("output",))
 
     def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
         """Element-wise ``reduce`` (sum, prod, max, min, avg) of the group's inputs, on every member.

@@ -47,6 +47,13 @@ class PreparedCall:
     spec_cache : dict, optional
         Output (name, dtype, shape) lists per rank, keyed by the inputs' dtypes and shapes; shared
         between calls so that later ones allocate torch outputs from the first call.
+    keep_inputs : bool, optional
+        False for a call kept per argument signature and run only through :meth:`run_on` (it must
+        not keep the first call's arrays alive); ``__call__`` then has no arrays to run on.
+    output_names : sequence of str, optional
+        Every output of the program, when known in advance (a collective's one "output"): a call
+        whose outputs are all given (``out`` or ``new_out``) then returns them without reading the
+        native result.
 
     Raises
     ------
@@ -58,7 +65,8 @@ class PreparedCall:
     def __init__(self, runner, per_rank_refs: list[list[ArrayRef]], *, fetch_all: bool, poison_outputs: bool = False,
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
                  out: list[dict[str, ArrayRef]] | None = None, new_out=None,
-                 torch_devices: list[int] | None = None, spec_cache: dict | None = None):
+                 torch_devices: list[int] | None = None, spec_cache: dict | None = None, keep_inputs: bool = True,
+                 output_names: Sequence[str] | None = None):
         # One pass over the inputs; a replicated input list is the same object on every rank.
         on_device = on_host = False
         native_by_list: dict[int, list] = {}
@@ -85,12 +93,15 @@ class PreparedCall:
         # pybind11 matches keywords noticeably slower).
         self._call = runner.prepare(native_inputs, replication, poison_outputs, fetch, on_device, float(timeout or 0.0),
                                     [[ref.as_output(name) for name, ref in given.items()] for given in out] if out else [])
-        self._refs = per_rank_refs  # keeps the arrays alive as long as the call can run
+        # Keeps the arrays alive as long as the call can run; a reusable call (run_on only) must not
+        # keep the arrays of the call that made it.
+        self._refs = per_rank_refs if keep_inputs else None
         self._out = out
         # new_out(): fresh output buffers for every call ([{name: ArrayRef}] per rank), for outputs
         # the caller keeps (torch's caching allocator instead of the runner's pool).
         self._new_out = new_out if out is None and on_device else None
         self._on_device = on_device
+        self._output_names = tuple(output_names) if output_names is not None else None
         # Torch inputs whose output shapes are not known in advance (engines): the first call takes
         # pooled outputs and records the shapes in spec_cache (keyed by the inputs' dtypes and
         # shapes, which determine them); from then on, outputs come from torch's allocator.
@@ -123,13 +134,53 @@ class PreparedCall:
             A subclass from the native call: RankTimeoutError (a rank did not finish within the
             timeout), CudaError, NcclError or TensorRTError, with the rank and the call.
         """
+        if self._refs is None:
+            raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
         out = self._out
         if self._new_out is None:
             results = self._call()
         else:
             out = self._new_out()
             results = self._call([[ref.as_output(name) for name, ref in given.items()] for given in out])
-        on_device, refs = self._on_device, self._refs
+        return self._wrap(results, self._refs, out)
+
+    def run_on(self, per_rank_refs: list[list[ArrayRef]], out: list[dict[str, ArrayRef]] | None = None) -> list[dict]:
+        """The same call on other arrays of the same kinds, dtypes, shapes and devices (what the
+        one-shot entry points do with the call they keep per argument signature).
+
+        Parameters
+        ----------
+        per_rank_refs : list of list of ArrayRef
+            As for the constructor; the caller made sure they match the ones the call was made for.
+        out : list of dict of str to ArrayRef, optional
+            Preallocated outputs for this call; given if and only if the call was made with ``out``.
+
+        Returns
+        -------
+        list of dict
+            As ``__call__``.
+
+        Raises
+        ------
+        InvalidArgumentError, MdtrtError
+            As ``__call__``.
+        """
+        addresses = [[(ref.ptr, ref.stream) for ref in refs] for refs in per_rank_refs]
+        if out is None and self._new_out is not None:
+            first = per_rank_refs[0]
+            # torch inputs: outputs shaped like them come from torch.empty_like (cheaper).
+            out = self._new_out([refs[0].owner if refs else None for refs in per_rank_refs]
+                                if first and first[0].kind == "torch" else None)
+        outputs = ([[(name, ref.ptr, ref.nbytes, ref.device, ref.stream) for name, ref in given.items()] for given in out]
+                   if out else [])
+        results = self._call.run_at(addresses, outputs)
+        names = self._output_names
+        if out and names is not None:
+            return [{name: given[name].owner for name in names} for given in out]
+        return self._wrap(results, per_rank_refs, out)
+
+    def _wrap(self, results, refs, out) -> list[dict]:
+        on_device = self._on_device
         if self._torch_devices is not None and self._new_out is None:
             specs = [list(res.outputs) for res in results]
             self._spec_cache[self._spec_key] = specs

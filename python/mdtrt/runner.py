@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from . import _core, arguments
@@ -14,6 +15,8 @@ from .prepared_call import PreparedCall
 from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
+# infer's prepared calls kept per argument signature (input kinds, dtypes, shapes, devices, options).
+_MAX_CACHED_CALLS = 16
 
 
 def _engine_bytes(engine: Any) -> bytes:
@@ -132,6 +135,7 @@ class EngineRunner:
         # torch callers' outputs then come from torch's caching allocator (see PreparedCall).
         self._output_specs: dict = {}
         self._devices = group.gpus
+        self._calls: OrderedDict = OrderedDict()  # infer's prepared calls, one per argument signature
 
     @property
     def input_names(self) -> list[str]:
@@ -205,8 +209,27 @@ class EngineRunner:
         TensorRTError, RankTimeoutError
             The engine failed on a rank; a rank did not finish within the timeout.
         """
-        return self.prepare(inputs, all_ranks=all_ranks, poison_outputs=poison_outputs, replication=replication,
-                            timeout=timeout, outputs=outputs)()
+        per_rank, shared, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
+            inputs, all_ranks, poison_outputs, replication, timeout, outputs)
+        # One prepared call per argument signature: a loop of infer calls on new arrays checks,
+        # converts and plans its arguments once, not per call.
+        signature = tuple(tuple((r.kind, r.dtype, r.shape, r.device) for r in refs)
+                          for refs in (per_rank[:1] if shared else per_rank))
+        key = (signature, shared, all_ranks, poison_outputs, mode, timeout, out is None)
+        call = self._calls.get(key)
+        if call is None:
+            call = self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, keep_inputs=False)
+            self._calls[key] = call
+            if len(self._calls) > _MAX_CACHED_CALLS:
+                self._calls.popitem(last=False)
+        else:
+            self._calls.move_to_end(key)
+        try:
+            results = call.run_on(per_rank, out)
+        finally:
+            if self._cuda_graph:
+                self._warn_graph_fallback()
+        return results if all_ranks else results[0]
 
     def prepare(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
                 poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
@@ -230,12 +253,31 @@ class EngineRunner:
         InvalidArgumentError
             As ``infer`` does, when preparing (before any rank runs anything).
         """
+        per_rank, _, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
+            inputs, all_ranks, poison_outputs, replication, timeout, outputs)
+        call = self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, keep_inputs=True)
+        if self._cuda_graph:
+            graphed = call
+
+            def call():
+                try:
+                    return graphed()
+                finally:
+                    self._warn_graph_fallback()
+        if all_ranks:
+            return call
+        return lambda: call()[0]
+
+    def _call_arguments(self, inputs, all_ranks, poison_outputs, replication, timeout, outputs):
+        """Checks infer's arguments: (per-rank input refs, one dict shared by every rank, all_ranks,
+        poison_outputs, replication mode, timeout, per-rank output refs or None)."""
         n = len(self.group)
         all_ranks = arguments.flag(all_ranks, "all_ranks")
         poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
         if timeout is not None:
             timeout = arguments.seconds(timeout, "timeout")
-        if isinstance(inputs, Mapping):
+        shared = isinstance(inputs, Mapping)
+        if shared:
             refs = self._refs(inputs)
             per_rank = [refs] * n
         else:
@@ -258,20 +300,12 @@ class EngineRunner:
                 arrays = arguments.per_rank(arrays, f"outputs['{name}']", n, "array")
                 for i, a in enumerate(arrays):
                     out[i][name] = describe(a, f"output '{name}'")
-        call = PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
-                            replication=mode, timeout=timeout, out=out, torch_devices=self._devices,
-                            spec_cache=self._output_specs)
-        if self._cuda_graph:
-            graphed = call
+        return per_rank, shared, all_ranks, poison_outputs, mode, timeout, out
 
-            def call():
-                try:
-                    return graphed()
-                finally:
-                    self._warn_graph_fallback()
-        if all_ranks:
-            return call
-        return lambda: call()[0]
+    def _new_call(self, per_rank, all_ranks, poison_outputs, mode, timeout, out, *, keep_inputs):
+        return PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
+                            replication=mode, timeout=timeout, out=out, torch_devices=self._devices,
+                            spec_cache=self._output_specs, keep_inputs=keep_inputs)
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
         """Wall-clock time of complete ``infer`` calls (inputs in, outputs back).
