@@ -17,9 +17,14 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   sequence for ``H/N`` heads, one copy of the output into the send layout, all_to_all back.
 - ring: as mdtrt's ONNX ring: K/V blocks broadcast from each root in turn (``--ring-blocks``
   blocks per rank's chunk, roots interleaved, double-buffered), each folded into a float32 online
-  softmax with the log-sum-exp flash attention returns; the broadcasts overlap the attention of
-  earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
-  first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V.
+  softmax with the log-sum-exp the attention kernel returns; the broadcasts overlap the attention
+  of earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
+  first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V. The
+  log-sum-exp comes from cuDNN's kernel, else flash, else memory-efficient (each on the strided
+  views, else on contiguous copies): on one H200 a block of 28160 queries x 14080 keys x 32 heads
+  takes 10.9 ms in cuDNN and 19.7 ms in flash, which made ring slower than one GPU (0.90x). The
+  fold keeps every partial result normalized, so it needs two full-size passes per block and
+  writes the float16 output straight from the float32 sums (included in the time).
 
     python benchmarks/bench_context_parallel.py --out results/context_parallel.json
     python benchmarks/bench_context_parallel.py --smoke          # tiny sizes: does it run?
@@ -146,23 +151,75 @@ def sdpa(torch, q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
+def _cudnn_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+    lse = out[1]
+    return out[0], lse.squeeze(-1) if lse.dim() == 4 else lse  # (B, H, S, 1) in torch 2.11
+
+
+def _flash_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+    return out[0], out[1]
+
+
+def _efficient_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    return out[0], out[1][..., :q.shape[2]]  # its log-sum-exp is padded to a multiple of 32
+
+
+def _cpu_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+    return out[0], out[1]
+
+
+# Attention kernels that return the log-sum-exp, fastest first. On one H200 (torch 2.11, cuDNN 9.19,
+# float16, a ring block of 28160 queries x 14080 keys x 32 heads x 128): cuDNN 10.9 ms, flash
+# 19.7 ms, memory-efficient about twice flash. The CPU kernel lets the layouts be tested without GPUs.
+LSE_KERNELS = (("cudnn", _cudnn_lse), ("flash", _flash_lse), ("efficient", _efficient_lse), ("cpu", _cpu_lse))
+_lse_choice: dict = {}  # (device, dtype, shapes, strides) of q, k, v -> (kernel index, contiguous) that took them
+
+
+def _layout_key(q, k, v):
+    return tuple((str(t.device), t.dtype, tuple(t.shape), t.stride()) for t in (q, k, v))
+
+
+def lse_kernel_names(layouts) -> list[str]:
+    """The kernels attention_with_lse chose for these (q, k, v) triples, as "name (strided)" or
+    "name (contiguous copies)"; layouts not attended yet are left out."""
+    names = set()
+    for q, k, v in layouts:
+        choice = _lse_choice.get(_layout_key(q, k, v))
+        if choice is not None:
+            names.add(f"{LSE_KERNELS[choice[0]][0]} ({'contiguous copies' if choice[1] else 'strided'})")
+    return sorted(names)
+
+
 def attention_with_lse(torch, q, k, v):
-    """Attention output (B, H, Sq, D) and its log-sum-exp (B, H, Sq) float32, through the flash
-    kernel (as torch's own context parallelism does), else the memory-efficient one."""
-    errors = []
-    for contiguous in (False, True):  # strided (B, H, S, D) views first, copies if a kernel refuses them
-        args = tuple(t.contiguous() for t in (q, k, v)) if contiguous else (q, k, v)
-        try:
-            out = torch.ops.aten._scaled_dot_product_flash_attention(*args, 0.0, False, False)
-            return out[0], out[1]
-        except RuntimeError as error:
-            errors.append(f"flash: {error}")
-        try:
-            out = torch.ops.aten._scaled_dot_product_efficient_attention(*args, None, True)
-            return out[0], out[1][..., :q.shape[2]]  # its log-sum-exp is padded to a multiple of 32
-        except RuntimeError as error:
-            errors.append(f"efficient: {error}")
-    raise RuntimeError("no attention kernel returned the log-sum-exp: " + "; ".join(errors))
+    """Attention output (B, H, Sq, D) and its log-sum-exp (B, H, Sq) float32 through the first of
+    LSE_KERNELS that takes the inputs: each is tried on the strided (B, H, S, D) views first, then
+    on contiguous copies. The kernel and layout that worked are remembered per input layout, so the
+    refusals are paid once. RuntimeError lists every kernel's refusal when none takes them."""
+    key = _layout_key(q, k, v)
+    if key in _lse_choice:
+        index, contiguous = _lse_choice[key]
+        return LSE_KERNELS[index][1](torch, *(t.contiguous() if contiguous else t for t in (q, k, v)))
+    errors, copies = [], None
+    for index, (name, kernel) in enumerate(LSE_KERNELS):
+        for contiguous in (False, True):
+            if contiguous:
+                if all(t.is_contiguous() for t in (q, k, v)):
+                    continue
+                copies = copies or tuple(t.contiguous() for t in (q, k, v))
+            try:
+                result = kernel(torch, *(copies if contiguous else (q, k, v)))
+            except RuntimeError as error:  # NotImplementedError too: the kernel is absent for this device
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                errors.append(f"{name}{' (contiguous copies)' if contiguous else ''}: {first}")
+                continue
+            _lse_choice[key] = (index, contiguous)
+            return result
+    raise RuntimeError("no attention kernel returned the log-sum-exp for q, k, v of shapes "
+                       f"{[tuple(t.shape) for t in (q, k, v)]} {q.dtype}: " + "; ".join(errors))
 
 
 class Strategy:
@@ -229,6 +286,13 @@ class AllGatherKV(Strategy):
 
     def outputs(self):
         return self.out
+
+    def kernels(self) -> list[str]:
+        """The log-sum-exp kernels its attention used (the own chunk's and the blocks' layouts)."""
+        st = self.st
+        layouts = [(self.q[r], st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
+                   for r in range(st.n) for kv in (self.kv_own[r], self.recv[r][0])]
+        return lse_kernel_names(layouts)
 
 
 class Ulysses(Strategy):
@@ -306,29 +370,44 @@ class Ring(Strategy):
             self.calls.append(group.prepare_collective("broadcast", inputs, root=root,  # a world rank
                                                        out=[bufs[slot] for bufs, slot in zip(self.recv, slots)]))
         self.kv_tensors = self.kv_own + [b for bufs in self.recv for b in bufs]
-        self.acc = [None] * st.n
-        self.lse = [None] * st.n
+        self.folds = 1 + (st.n - 1) * blocks  # attention results each rank merges: its own chunk, others' blocks
+        self.out = [torch.empty((st.b, st.h, st.chunk, st.d), dtype=torch.float16, device=device(gpu))
+                    for gpu in st.gpus]
+        self.part, self.lse, self.seen = [None] * st.n, [None] * st.n, [0] * st.n
 
     def comm(self):
         for call in self.calls:
             call()
 
     def _fold(self, r, k, v):
-        """Merge attention over one K/V block into rank r's float32 output by log-sum-exp."""
+        """Merge attention over one K/V block into rank r's output by log-sum-exp, summing in
+        float32. Every partial result stays normalized (weights exp(lse_i - lse_all) sum to one),
+        so the full-size passes are few: the first result is kept as the kernel returned it
+        (float16); the second makes the float32 sum in one pass from both (plus the temporary
+        product); later ones rescale it and add in place (two passes); the last writes the float16
+        output straight from the float32 sums, so no float32 copy of the whole output is made."""
         torch = self.torch
         out, lse = attention_with_lse(torch, self.q[r], k, v)
-        if self.acc[r] is None:
-            self.acc[r], self.lse[r] = out.float(), lse
+        self.seen[r] += 1
+        if self.seen[r] == 1:
+            self.part[r], self.lse[r] = out, lse
             return
-        new = torch.logaddexp(self.lse[r], lse)
-        self.acc[r].mul_(torch.exp(self.lse[r] - new).unsqueeze(-1))
-        self.acc[r].addcmul_(out, torch.exp(lse - new).unsqueeze(-1))  # no float32 copy of out
+        new = torch.logaddexp(self.lse[r], lse)  # (B, H, S) float32: cheap
+        keep = torch.exp(self.lse[r] - new).unsqueeze(-1)
+        add = torch.exp(lse - new).unsqueeze(-1)
         self.lse[r] = new
+        if self.seen[r] == self.folds:
+            torch.addcmul(out * add, self.part[r], keep, out=self.out[r])  # float32 math, float16 result
+            self.part[r] = self.lse[r] = None
+        elif self.seen[r] == 2:
+            self.part[r] = torch.addcmul(out * add, self.part[r], keep)  # float16 x float32 -> float32 sums
+        else:
+            self.part[r].mul_(keep).addcmul_(out, add)
 
     def run(self):
         torch, st = self.torch, self.st
         done = [[None, None, None] for _ in st.gpus]
-        self.acc, self.lse = [None] * st.n, [None] * st.n
+        self.seen = [0] * st.n
         for r, gpu in enumerate(st.gpus):
             stream = self.streams[r]
             stream.wait_stream(torch.cuda.current_stream(gpu))
@@ -355,7 +434,14 @@ class Ring(Strategy):
             torch.cuda.current_stream(gpu).wait_stream(self.streams[r])
 
     def outputs(self):
-        return [a.to(self.torch.float16) for a in self.acc]
+        return self.out
+
+    def kernels(self) -> list[str]:
+        """The log-sum-exp kernels its attention used (the own chunk's and the blocks' layouts)."""
+        st = self.st
+        layouts = [(self.q[r], st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
+                   for r in range(st.n) for kv in (self.kv_own[r], self.recv[r][0])]
+        return lse_kernel_names(layouts)
 
 
 def make_strategy(name, torch, group, st, args):
@@ -423,6 +509,8 @@ def measure_sequence(torch, mdtrt, group, args, sequence: int) -> dict:
                 "median_ms": median, "times_ms": total, "speedup": point["single"]["median_ms"] / median,
                 "comm_ms": comm_median, "comm_share": comm_median / median, "peak_bytes": peaks,
                 "kv_bytes": strategy.kv_bytes(), **check}
+            if hasattr(strategy, "kernels"):
+                point["strategies"][name]["lse_kernels"] = strategy.kernels()
             del strategy
         except Exception as error:  # noqa: BLE001 - one strategy failing (e.g. out of memory) is a result
             point["strategies"][name] = {"error": f"{type(error).__name__}: {error}"}
@@ -446,7 +534,8 @@ def run(args) -> dict:
                          "strategies": args.strategy_list, "tolerance": [ATOL, RTOL]},
               "method": "CUDA events on every GPU's current stream around each forward pass, median, slowest GPU; "
                         "collectives through DeviceGroup.prepare_collective on preallocated torch buffers; attention "
-                        "through torch scaled_dot_product_attention (ring: flash attention with log-sum-exp)",
+                        "through torch scaled_dot_product_attention (ring: the cuDNN kernel with log-sum-exp, else "
+                        "flash, else memory-efficient; lse_kernels says which ran)",
               "points": [], "skipped": []}
     with mdtrt.DeviceGroup(gpus=args.gpu_list, timeout=120) as group:
         for sequence in args.sequence_list:

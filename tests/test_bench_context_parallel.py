@@ -80,24 +80,73 @@ class _FakeGroup:
         return call
 
 
+def _cpu_as_devices(bench, torch, monkeypatch):
+    """Every "GPU" is the CPU; streams and events do nothing (CPU work runs in program order)."""
+    monkeypatch.setattr(bench, "device", lambda gpu: "cpu")
+    monkeypatch.setattr(torch.cuda, "device", lambda gpu: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda gpu=None: _FakeStream())
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+
+
 def _reference_attention_with_lse(torch, q, k, v):
     scores = (q.double() @ k.double().transpose(-1, -2)) / np.sqrt(q.shape[-1])
     lse = torch.logsumexp(scores, dim=-1)
     return (torch.softmax(scores, dim=-1) @ v.double()).to(q.dtype), lse.float()
 
 
-@pytest.mark.parametrize("ranks,heads", [(2, 4), (4, 4)])
+def test_attention_with_lse_falls_back_in_kernel_order(bench, monkeypatch):
+    """On the CPU the cuDNN, flash and memory-efficient kernels are absent: the chain must reach the
+    CPU kernel, on the strided sequence-first views, and agree with float64 attention."""
+    torch = pytest.importorskip("torch")
+    assert [name for name, _ in bench.LSE_KERNELS] == ["cudnn", "flash", "efficient", "cpu"]
+    monkeypatch.setattr(bench, "_lse_choice", {})
+    tried = []
+    for index, (name, kernel) in enumerate(bench.LSE_KERNELS):
+        def spy(torch, q, k, v, _kernel=kernel, _name=name):
+            tried.append((_name, q.is_contiguous()))
+            return _kernel(torch, q, k, v)
+        monkeypatch.setattr(bench, "LSE_KERNELS", bench.LSE_KERNELS[:index] + ((name, spy),)
+                            + bench.LSE_KERNELS[index + 1:])
+    g = torch.Generator().manual_seed(3)
+    # (S, B, H, D) storage seen as (B, H, S, D), as the benchmark passes it
+    q, k, v = (torch.randn((24, 2, 4, 16), generator=g).permute(1, 2, 0, 3) for _ in range(3))
+    k, v = k[:, :, :10], v[:, :, :10]  # fewer keys than queries, as a ring block
+    out, lse = bench.attention_with_lse(torch, q, k, v)
+    want, want_lse = _reference_attention_with_lse(torch, q, k, v)
+    assert out.shape == (2, 4, 24, 16) and lse.shape == (2, 4, 24) and lse.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert [name for name, _ in tried] == ["cudnn", "cudnn", "flash", "flash", "efficient", "efficient", "cpu"]
+    assert tried[0][1] is False and tried[1][1] is True  # strided views first, then contiguous copies
+    tried.clear()
+    bench.attention_with_lse(torch, q, k, v)
+    assert tried == [("cpu", False)]  # the choice is remembered per layout: refusals paid once
+
+
+def test_attention_with_lse_names_every_refusal(bench, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(bench, "_lse_choice", {})
+    q = torch.randn(1, 2, 8, 16)
+    k = v = torch.randn(1, 2, 8, 12)  # head dims that no kernel accepts
+    with pytest.raises(RuntimeError, match="no attention kernel returned the log-sum-exp") as caught:
+        bench.attention_with_lse(torch, q, k, v)
+    for name in ("cudnn:", "flash:", "efficient:", "cpu:"):
+        assert name in str(caught.value)
+    assert not bench._lse_choice
+
+
+@pytest.mark.parametrize("ranks,heads,extra", [(2, 4, []), (4, 4, []), (2, 4, ["--ring-blocks", "1"]),
+                                               (2, 4, ["--ring-blocks", "4"])])
 @pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
-def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads):
+def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads, extra):
     torch = pytest.importorskip("torch")
     pytest.importorskip("mdtrt")
-    monkeypatch.setattr(bench, "device", lambda gpu: "cpu")
-    monkeypatch.setattr(bench, "attention_with_lse", _reference_attention_with_lse)
-    monkeypatch.setattr(torch.cuda, "device", lambda gpu: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda gpu=None: _FakeStream())
-    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    if extra and strategy != "ring":
+        pytest.skip("--ring-blocks only changes ring")
+    _cpu_as_devices(bench, torch, monkeypatch)
+    # Ring runs bench.attention_with_lse itself: on the CPU it falls back to torch's CPU flash kernel.
     # float32 on the CPU (torch's CPU kernels), the same layouts as float16 on GPUs.
     real_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *a, dtype=None, **k: real_randn(*a, dtype=torch.float32, **k))
@@ -105,7 +154,7 @@ def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads):
     monkeypatch.setattr(torch, "empty", lambda *a, dtype=None, **k: real_empty(*a, dtype=torch.float32, **k))
     monkeypatch.setattr(torch, "float16", torch.float32)
     args = bench.parse_args(["--smoke", "--gpus", ",".join(map(str, range(ranks))), "--heads", str(heads),
-                             "--head-dim", "8"])
+                             "--head-dim", "8", *extra])
     st = bench.Setup(torch, list(range(ranks)), 16, 2, heads, 8)
     q, k, v = (st.heads_view(t) for t in st.full)
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -127,9 +176,42 @@ def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads):
     allgather_kv = full_kv + full_kv // ranks  # its own chunk and the gathered whole
     if strategy == "ring":
         blocks = args.ring_blocks
-        assert kv == full_kv // ranks + 3 * full_kv // (ranks * blocks) < allgather_kv
+        assert kv == full_kv // ranks + 3 * full_kv // (ranks * blocks)
+        assert kv < allgather_kv or blocks == 1  # one block per chunk: three whole chunks in flight
+        assert run.kernels() == ["cpu (strided)"]  # cuDNN, flash, efficient: absent on the CPU
     elif strategy == "allgather_kv":
         assert kv == allgather_kv
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_ring_float16_sums_in_float32_on_cpu(bench, monkeypatch, blocks):
+    """Real float16 buffers (torch's CPU kernels take them): the partial sums the fold keeps are
+    float32, the output float16, and its error that of one float16 rounding of the result."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("mdtrt")
+    _cpu_as_devices(bench, torch, monkeypatch)
+    args = bench.parse_args(["--gpus", "0,1", "--heads", "4", "--head-dim", "16", "--ring-blocks", str(blocks)])
+    st = bench.Setup(torch, [0, 1], 64, 1, 4, 16, seed=5)
+    q, k, v = (st.heads_view(t) for t in st.full)
+    want = _reference_attention_with_lse(torch, *(t.double() for t in (q, k, v)))[0]
+    ring = bench.make_strategy("ring", torch, _FakeGroup(), st, args)
+    sums = []
+    real_fold = ring._fold
+
+    def fold(r, k, v):
+        real_fold(r, k, v)
+        if ring.part[r] is not None and ring.seen[r] > 1:
+            sums.append(ring.part[r].dtype)
+
+    monkeypatch.setattr(ring, "_fold", fold)
+    ring.run()
+    assert sums == [torch.float32] * (2 * (ring.folds - 2))  # every partial sum after the first merge
+    worst = 0.0
+    for r, out in enumerate(ring.outputs()):
+        assert out.dtype == torch.float16
+        worst = max(worst, float((out.double() - want[:, :, r * st.chunk:(r + 1) * st.chunk]).abs().max()))
+    single = float((torch.nn.functional.scaled_dot_product_attention(q, k, v).double() - want).abs().max())
+    assert worst <= 2 * max(single, 1e-3)
 
 
 def _synthetic_results(speedup_ulysses: float, ring_kv: int, ring_passed: bool = True) -> dict:
@@ -197,3 +279,5 @@ def test_smoke_run_on_gpus(tmp_path):  # pragma: no cover - needs 2 GPUs and tor
             assert s.get("passed"), (point["sequence"], name, s)
             assert s["median_ms"] > 0 and 0 < s["comm_share"] and len(s["peak_bytes"]) == 2
         assert point["strategies"]["ring"]["kv_bytes"] < point["strategies"]["allgather_kv"]["kv_bytes"]
+        kernels = point["strategies"]["ring"]["lse_kernels"]
+        assert kernels and not any(k.startswith("cpu") for k in kernels), kernels
