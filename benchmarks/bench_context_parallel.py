@@ -1,10 +1,21 @@
 #!/usr/bin/env python3
 """Context-parallel attention patterns on 1 GPU against N GPUs (default 2), float16, no TensorRT:
 each strategy's communication runs through mdtrt's collectives (``prepare_collective`` on
-preallocated buffers) and its attention through torch's ``scaled_dot_product_attention`` (flash)
-on device-resident data. Per sequence length: latency (CUDA events on every GPU, median, the
-slowest GPU counts), speedup over one GPU, peak memory per GPU, the K/V bytes a rank holds, the
-collectives alone and their share; every strategy's output is checked against the one-GPU output.
+preallocated buffers) and its attention through torch on device-resident data. Per sequence
+length: latency (CUDA events on every GPU, median, the slowest GPU counts), speedup over one GPU,
+peak memory per GPU, the K/V bytes a rank holds, the collectives alone and their share; every
+strategy's output is checked against the one-GPU output.
+
+Attention kernels: one GPU, allgather_kv and ulysses call ``scaled_dot_product_attention``, which
+picks cuDNN's kernel on H200. Measured on one H200 (torch 2.11, cuDNN 9.19, float16, 56320 x 32
+heads x 128, non-causal): 86.7 ms contiguous, 87.8 ms on the sequence-first strided views used
+here; 16 heads 44.0 / 44.3 ms, so attention alone scales 1.98x over 2 GPUs and the rest of the
+gap is communication, copies and host round trips that are not overlapped. Forcing flash takes
+150 ms, memory-efficient 289 ms. Ring needs the log-sum-exp, so it calls the kernels directly:
+cuDNN's (10.9 ms for a ring block of 28160 queries x 14080 keys x 32 heads), else flash (19.7 ms,
+what ring used before, hence its 0.90x), else memory-efficient, else torch's CPU kernel (for the
+CPU tests), each on the strided views, else on contiguous copies; ``lse_kernels`` in the results
+says which ran.
 
 Layouts are sequence-first, ``(sequence, batch, heads, head_dim)`` as in the sample's model, so a
 gathered or all_to_all-ed buffer is already the attention's K/V (a strided view, no copy):
@@ -13,18 +24,20 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   sequence for the rank's queries; gathered in ``--kv-head-groups`` pieces of heads, each piece's
   attention (second stream) overlapping the next piece's gather.
 - ulysses: all_to_all of packed Q/K/V from sequence to head shards (the send buffer is laid out
-  heads-chunk-major, as the projection that writes it can do for free), attention over the whole
-  sequence for ``H/N`` heads, one copy of the output into the send layout, all_to_all back.
+  group-major, then heads-chunk-major, as the projection that writes it can do for free),
+  attention over the whole sequence for ``H/N`` heads, one copy of the output into the send
+  layout, all_to_all back. With ``--ulysses-head-groups G`` (default 2) each GPU's heads go in G
+  groups, pipelined: group g attends on a second stream while group g+1 travels to its heads and
+  group g-1 travels back (each exchange back waits, through an event, for its own group's
+  attention only), so only the first exchange to heads and the last one back are exposed.
 - ring: as mdtrt's ONNX ring: K/V blocks broadcast from each root in turn (``--ring-blocks``
   blocks per rank's chunk, roots interleaved, double-buffered), each folded into a float32 online
   softmax with the log-sum-exp the attention kernel returns; the broadcasts overlap the attention
   of earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
   first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V. The
-  log-sum-exp comes from cuDNN's kernel, else flash, else memory-efficient (each on the strided
-  views, else on contiguous copies): on one H200 a block of 28160 queries x 14080 keys x 32 heads
-  takes 10.9 ms in cuDNN and 19.7 ms in flash, which made ring slower than one GPU (0.90x). The
-  fold keeps every partial result normalized, so it needs two full-size passes per block and
-  writes the float16 output straight from the float32 sums (included in the time).
+  fold keeps every partial result normalized, so it needs no pass for the first block and two
+  full-size float32 passes for each later one, and writes the float16 output straight from the
+  float32 sums (inside the timed pass).
 
     python benchmarks/bench_context_parallel.py --out results/context_parallel.json
     python benchmarks/bench_context_parallel.py --smoke          # tiny sizes: does it run?
@@ -47,6 +60,8 @@ QUICK_SEQUENCES = (8192, 56320)
 SMOKE_SEQUENCES = (256, 512)
 # The sample's float16 tolerance (mdtrt.attention.TOLERANCES), as max|x - ref| <= atol + rtol * max|ref|.
 ATOL, RTOL = 1e-2, 1e-2
+# Ulysses pipelines its exchanges over this many groups of each GPU's heads unless told otherwise.
+DEFAULT_ULYSSES_HEAD_GROUPS = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allgather_kv gathers K/V in this many pieces of heads, attending to each piece while the "
                         "next travels (default 1: one gather, then attention; 4 measured no faster at 56320 and "
                         "slower at 8192 on 2x H200, BENCHMARKS.md)")
+    p.add_argument("--ulysses-head-groups", type=bl.positive_int, default=None,
+                   help="ulysses exchanges each GPU's heads in this many groups, pipelined: one group attends while "
+                        "the next travels to its heads and the one before travels back (must divide heads per GPU; "
+                        "default 2 where it divides, else 1: one exchange each way around the attention)")
     p.add_argument("--timeout", type=bl.positive_float, default=None, help="seconds for the whole run (default 240)")
     return p
 
@@ -87,10 +106,16 @@ def parse_args(argv=None):
     for s in args.sequence_list:
         if s < 1 or s % (n * args.ring_blocks):
             raise SystemExit(f"sequence {s} must be a positive multiple of GPUs x --ring-blocks = {n * args.ring_blocks}")
+    if args.smoke and args.heads == 32 and args.head_dim == 128:
+        args.heads, args.head_dim = n * max(1, 4 // n), 64  # 4 heads, or one per GPU beyond 4 GPUs
     if args.heads % n:
         raise SystemExit(f"ulysses splits the heads over the GPUs: --heads {args.heads} is not divisible by {n}")
-    if args.smoke and args.heads == 32 and args.head_dim == 128:
-        args.heads, args.head_dim = 4, 64
+    per_gpu = args.heads // n
+    if args.ulysses_head_groups is None:
+        args.ulysses_head_groups = DEFAULT_ULYSSES_HEAD_GROUPS if per_gpu % DEFAULT_ULYSSES_HEAD_GROUPS == 0 else 1
+    elif per_gpu % args.ulysses_head_groups:
+        raise SystemExit(f"--ulysses-head-groups {args.ulysses_head_groups} must divide the heads per GPU: "
+                         f"--heads {args.heads} over {n} GPUs is {per_gpu}")
     if args.kv_head_groups < 1 or args.heads % args.kv_head_groups:
         raise SystemExit(f"--kv-head-groups {args.kv_head_groups} must divide --heads {args.heads}")
     args.iteration_count = args.iterations or (3 if args.smoke else 8 if args.quick else 20)
@@ -296,42 +321,92 @@ class AllGatherKV(Strategy):
 
 
 class Ulysses(Strategy):
-    def __init__(self, torch, group, st):
+    """Sequence shards to head shards and back by all_to_all, in ``head_groups`` groups of each
+    rank's H/N heads, pipelined: while group g attends (on a second stream), group g+1's Q/K/V
+    travel to their heads and group g-1's output travels back, so only the first group's exchange
+    to heads and the last group's exchange back are exposed. Each group has its own buffers, laid
+    out so that each exchange is one contiguous all_to_all per direction. One group: attention on
+    the current stream between the two exchanges, no second stream."""
+
+    def __init__(self, torch, group, st, head_groups: int = 1):
         super().__init__(torch, group, st)
-        n, hn = st.n, st.h // st.n
-        self.send, self.recv, self.back, self.result = [], [], [], []
+        n, g_count = st.n, head_groups
+        self.head_groups, self.hg = g_count, st.h // (n * g_count)  # heads per group on each rank
+        hg = self.hg
+        self.send, self.recv, self.back, self.result, self.streams = [], [], [], [], []
         for r, gpu in enumerate(st.gpus):
             q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
-            packed = torch.stack([q, k, v], dim=1)  # (S/N, 3, B, H, D)
-            # Heads-chunk-major: slot j (heads j*H/N...) goes to rank j.
-            send = packed.view(st.chunk, 3, st.b, n, hn, st.d).permute(3, 0, 1, 2, 4, 5).contiguous()
-            self.send.append(send)  # (N, S/N, 3, B, H/N, D)
-            self.recv.append(torch.empty_like(send))  # slot i: rank i's rows = sequence block i
-            self.back.append(torch.empty((n, st.chunk, st.b, hn, st.d), dtype=torch.float16, device=device(gpu)))
-            self.result.append(torch.empty_like(self.back[-1]))
-        self.to_heads = group.prepare_collective("all_to_all", self.send, out=self.recv)
-        self.to_sequence = group.prepare_collective("all_to_all", self.back, out=self.result)
-        self.kv_tensors = [t[:, :, 1:] for t in self.send + self.recv]
+            packed = torch.stack([q, k, v], dim=1)  # (S/N, 3, B, H, D); head = j*H/N + g*hg + i
+            # Group-major, then heads-chunk-major: send[g][j] (heads j*H/N + g*hg...) goes to rank j,
+            # as the projection that writes Q/K/V can lay them out for free.
+            send = (packed.view(st.chunk, 3, st.b, n, g_count, hg, st.d)
+                    .permute(4, 3, 0, 1, 2, 5, 6).contiguous())  # (G, N, S/N, 3, B, hg, D)
+            self.send.append(send)
+            self.recv.append(torch.empty_like(send))  # recv[g][i]: rank i's rows = sequence block i
+            # back[g] is (S, B, hg, D): slot j holds sequence block j for rank j.
+            self.back.append(torch.empty((g_count, n, st.chunk, st.b, hg, st.d), dtype=torch.float16,
+                                         device=device(gpu)))
+            self.result.append(torch.empty_like(self.back[-1]))  # result[g][i]: heads chunk i, group g
+            self.streams.append(torch.cuda.Stream(device=device(gpu)) if g_count > 1 else None)
+        self.to_heads = [group.prepare_collective("all_to_all", [t[g] for t in self.send],
+                                                  out=[t[g] for t in self.recv]) for g in range(g_count)]
+        self.to_sequence = [group.prepare_collective("all_to_all", [t[g] for t in self.back],
+                                                     out=[t[g] for t in self.result]) for g in range(g_count)]
+        self.kv_tensors = [t[:, :, :, 1:] for t in self.send + self.recv]
 
     def comm(self):
-        self.to_heads()
-        self.to_sequence()
+        for call in self.to_heads + self.to_sequence:
+            call()
+
+    def _attend(self, r, g):
+        """Group g's attention on rank r over the whole sequence, its output copied into back[g]."""
+        st = self.st
+        whole = self.recv[r][g].view(st.s, 3, st.b, self.hg, st.d)  # (S, 3, B, hg, D)
+        out = sdpa(self.torch, *(st.heads_view(whole[:, i]) for i in range(3)))  # (B, hg, S, D)
+        self.back[r][g].view(st.s, st.b, self.hg, st.d).copy_(out.permute(2, 0, 1, 3))
 
     def run(self):
-        st = self.st
-        self.to_heads()
+        torch, st = self.torch, self.st
+        if self.head_groups == 1:
+            self.to_heads[0]()
+            for r, gpu in enumerate(st.gpus):
+                with torch.cuda.device(gpu):
+                    self._attend(r, 0)
+            self.to_sequence[0]()
+            return
         for r, gpu in enumerate(st.gpus):
-            with self.torch.cuda.device(gpu):
-                whole = self.recv[r].view(st.s, 3, st.b, st.h // st.n, st.d)  # (S, 3, B, H/N, D)
-                out = sdpa(self.torch, *(st.heads_view(whole[:, i]) for i in range(3)))  # (B, H/N, S, D)
-                # Into the send layout (S, B, H/N, D) = slot j holds sequence block j for rank j.
-                self.back[r].view(st.s, st.b, st.h // st.n, st.d).copy_(out.permute(2, 0, 1, 3))
-        self.to_sequence()
+            self.streams[r].wait_stream(torch.cuda.current_stream(gpu))
+        attended = [None] * self.head_groups  # per group: each rank's event after its attention and copy
+        self.to_heads[0]()  # exposed: nothing to attend yet
+        for g in range(self.head_groups):
+            # The exchange that filled recv[g] has finished on every GPU (the call returned), so the
+            # second stream may read it without an event.
+            attended[g] = []
+            for r, gpu in enumerate(st.gpus):
+                with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
+                    self._attend(r, g)
+                    event = torch.cuda.Event()
+                    event.record(self.streams[r])
+                    attended[g].append(event)
+            if g + 1 < self.head_groups:
+                self.to_heads[g + 1]()  # while group g attends
+            if g > 0:
+                self._back(g - 1, attended)  # while group g attends
+        self._back(self.head_groups - 1, attended)  # exposed: nothing left to attend
+        for r, gpu in enumerate(st.gpus):
+            torch.cuda.current_stream(gpu).wait_stream(self.streams[r])
+
+    def _back(self, g, attended):
+        """Exchange group g's output back, once its attention and copy finished on every GPU: the
+        collective orders itself after the current stream, which waits for that event only."""
+        for r, gpu in enumerate(self.st.gpus):
+            self.torch.cuda.current_stream(gpu).wait_event(attended[g][r])
+        self.to_sequence[g]()
 
     def outputs(self):
         st = self.st
-        # result[r]: (N, S/N, B, H/N, D), slot i = heads chunk i -> (B, H, S/N, D)
-        return [t.permute(2, 0, 3, 1, 4).reshape(st.b, st.h, st.chunk, st.d) for t in self.result]
+        # result[r]: (G, N, S/N, B, hg, D), [g][i] = heads i*H/N + g*hg... -> (B, H, S/N, D)
+        return [t.permute(3, 1, 0, 4, 2, 5).reshape(st.b, st.h, st.chunk, st.d) for t in self.result]
 
 
 class Ring(Strategy):
@@ -448,7 +523,7 @@ def make_strategy(name, torch, group, st, args):
     if name == "allgather_kv":
         return AllGatherKV(torch, group, st, args.kv_head_groups)
     if name == "ulysses":
-        return Ulysses(torch, group, st)
+        return Ulysses(torch, group, st, args.ulysses_head_groups)
     return Ring(torch, group, st, args.ring_blocks)
 
 
@@ -530,12 +605,13 @@ def run(args) -> dict:
     budget = bl.Deadline(args.timeout or 240)
     result = {"config": {"gpus": args.gpu_list, "heads": args.heads, "head_dim": args.head_dim, "batch": args.batch,
                          "dtype": "float16", "iterations": args.iteration_count, "ring_blocks": args.ring_blocks,
-                         "kv_head_groups": args.kv_head_groups,
+                         "kv_head_groups": args.kv_head_groups, "ulysses_head_groups": args.ulysses_head_groups,
                          "strategies": args.strategy_list, "tolerance": [ATOL, RTOL]},
               "method": "CUDA events on every GPU's current stream around each forward pass, median, slowest GPU; "
                         "collectives through DeviceGroup.prepare_collective on preallocated torch buffers; attention "
                         "through torch scaled_dot_product_attention (ring: the cuDNN kernel with log-sum-exp, else "
-                        "flash, else memory-efficient; lse_kernels says which ran)",
+                        "flash, else memory-efficient; lse_kernels says which ran); ulysses exchanges in "
+                        f"{args.ulysses_head_groups} pipelined groups of heads",
               "points": [], "skipped": []}
     with mdtrt.DeviceGroup(gpus=args.gpu_list, timeout=120) as group:
         for sequence in args.sequence_list:

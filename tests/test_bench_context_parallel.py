@@ -33,10 +33,19 @@ def test_arguments(bench):
     args = bench.parse_args(["--sequences", "8192,56320", "--strategies", "ring", "--iterations", "5"])
     assert args.sequence_list == [8192, 56320] and args.strategy_list == ["ring"] and args.iteration_count == 5
     assert bench.parse_args([]).sequence_list == list(bench.DEFAULT_SEQUENCES)
+    # Ulysses' head groups: the default where it divides the heads per GPU, else one; a given count must divide.
+    assert bench.parse_args([]).ulysses_head_groups == bench.DEFAULT_ULYSSES_HEAD_GROUPS == 2
+    assert bench.parse_args(["--heads", "6"]).ulysses_head_groups == 1  # 3 heads per GPU
+    assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3"]).ulysses_head_groups == 1  # 4 heads: 1 per GPU
+    assert bench.parse_args(["--ulysses-head-groups", "16"]).ulysses_head_groups == 16
+    assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3,4,5,6,7"]).heads == 8  # smoke: one head per GPU at least
     for bad, message in ((["--gpus", "0"], "at least 2 GPU"), (["--strategies", "tree"], "unknown strategies"),
                          (["--sequences", "1001"], "multiple of GPUs x --ring-blocks"),
                          (["--kv-head-groups", "5"], "must divide --heads 32"),
-                         (["--heads", "3"], "not divisible by 2")):
+                         (["--heads", "3"], "not divisible by 2"),
+                         (["--ulysses-head-groups", "3"], "must divide the heads per GPU: --heads 32 over 2 GPUs is 16"),
+                         (["--ulysses-head-groups", "32"], "is 16"),
+                         (["--smoke", "--heads", "4", "--gpus", "0,1,2,3,4,5,6,7"], "--heads 4 is not divisible by 8")):
         with pytest.raises(SystemExit, match=message):
             bench.parse_args(bad)
 
@@ -137,14 +146,20 @@ def test_attention_with_lse_names_every_refusal(bench, monkeypatch):
     assert not bench._lse_choice
 
 
-@pytest.mark.parametrize("ranks,heads,extra", [(2, 4, []), (4, 4, []), (2, 4, ["--ring-blocks", "1"]),
-                                               (2, 4, ["--ring-blocks", "4"])])
+_ONLY_FOR = {"--ring-blocks": "ring", "--ulysses-head-groups": "ulysses", "--kv-head-groups": "allgather_kv"}
+
+
+@pytest.mark.parametrize("ranks,heads,extra", [
+    (2, 4, []), (4, 4, []), (2, 4, ["--ring-blocks", "1"]), (2, 4, ["--ring-blocks", "4"]),
+    (2, 8, ["--ulysses-head-groups", "1"]), (2, 8, ["--ulysses-head-groups", "2"]),
+    (2, 8, ["--ulysses-head-groups", "4"]), (4, 8, ["--ulysses-head-groups", "2"]),
+    (2, 4, ["--kv-head-groups", "2"])])
 @pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
 def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads, extra):
     torch = pytest.importorskip("torch")
     pytest.importorskip("mdtrt")
-    if extra and strategy != "ring":
-        pytest.skip("--ring-blocks only changes ring")
+    if extra and _ONLY_FOR[extra[0]] != strategy:
+        pytest.skip(f"{extra[0]} only changes {_ONLY_FOR[extra[0]]}")
     _cpu_as_devices(bench, torch, monkeypatch)
     # Ring runs bench.attention_with_lse itself: on the CPU it falls back to torch's CPU flash kernel.
     # float32 on the CPU (torch's CPU kernels), the same layouts as float16 on GPUs.
@@ -181,6 +196,9 @@ def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads, ext
         assert run.kernels() == ["cpu (strided)"]  # cuDNN, flash, efficient: absent on the CPU
     elif strategy == "allgather_kv":
         assert kv == allgather_kv
+    else:
+        assert kv == 2 * full_kv // ranks  # its K/V rows to send, and every row of its heads received
+        assert len(run.to_heads) == len(run.to_sequence) == args.ulysses_head_groups
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 4])
@@ -212,6 +230,129 @@ def test_ring_float16_sums_in_float32_on_cpu(bench, monkeypatch, blocks):
         worst = max(worst, float((out.double() - want[:, :, r * st.chunk:(r + 1) * st.chunk]).abs().max()))
     single = float((torch.nn.functional.scaled_dot_product_attention(q, k, v).double() - want).abs().max())
     assert worst <= 2 * max(single, 1e-3)
+
+
+class _StreamTrace:
+    """CPU stand-ins for torch.cuda's streams and events that log what a pass queues where: which
+    stream each attention went to, which events were recorded and waited for, and when each
+    collective was called (collectives order themselves after the current stream)."""
+
+    def __init__(self, bench, torch, monkeypatch):
+        self.log, self.queue, self.sides = [], {}, 0
+        trace = self
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def wait_stream(self, other):
+                trace.log.append(("wait_stream", self.name, other.name))
+
+            def wait_event(self, event):
+                trace.log.append(("wait", self.name, event.id))
+
+        class Event:
+            count = 0
+
+            def __init__(self, *args, **kwargs):
+                Event.count += 1
+                self.id = Event.count
+
+            def record(self, stream):
+                trace.log.append(("record", stream.name, self.id))
+
+        currents = {}
+
+        def current_stream(gpu=None):
+            return currents.setdefault(gpu, Stream(f"current{gpu}"))
+
+        def new_stream(device=None):
+            trace.sides += 1
+            return Stream(f"side{trace.sides - 1}")
+
+        @contextlib.contextmanager
+        def on_device(gpu):
+            before = self.queue.get("gpu")
+            self.queue["gpu"] = gpu
+            yield
+            self.queue["gpu"] = before
+
+        @contextlib.contextmanager
+        def on_stream(stream):
+            before = self.queue.get("stream")
+            self.queue["stream"] = stream.name
+            yield
+            self.queue["stream"] = before
+
+        real_sdpa = bench.sdpa
+
+        def sdpa(torch, q, k, v):
+            queue = self.queue.get("stream") or f"current{self.queue.get('gpu')}"
+            trace.log.append(("attention", queue))
+            return real_sdpa(torch, q, k, v)
+
+        monkeypatch.setattr(bench, "device", lambda gpu: "cpu")
+        monkeypatch.setattr(bench, "sdpa", sdpa)
+        monkeypatch.setattr(torch.cuda, "device", on_device)
+        monkeypatch.setattr(torch.cuda, "stream", on_stream)
+        monkeypatch.setattr(torch.cuda, "Stream", new_stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+
+    def label(self, call, name):
+        def labelled():
+            self.log.append(("collective", name))
+            return call()
+        return labelled
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_ulysses_pipelines_exchanges_over_head_groups(bench, monkeypatch, groups):
+    """The order a pass queues its work in: group g attends on the second stream; group g+1's
+    exchange to heads runs while it attends; group g's exchange back waits (through the current
+    stream) for group g's attention only, and runs while group g+1 attends."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("mdtrt")
+    trace = _StreamTrace(bench, torch, monkeypatch)
+    args = bench.parse_args(["--gpus", "0,1", "--heads", "8", "--head-dim", "8",
+                             "--ulysses-head-groups", str(groups)])
+    st = bench.Setup(torch, [0, 1], 16, 1, 8, 8)
+    run = bench.make_strategy("ulysses", torch, _FakeGroup(), st, args)
+    run.to_heads = [trace.label(c, ("to_heads", g)) for g, c in enumerate(run.to_heads)]
+    run.to_sequence = [trace.label(c, ("back", g)) for g, c in enumerate(run.to_sequence)]
+    run.run()
+    log = trace.log
+    q, k, v = (st.heads_view(t) for t in st.full)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert bench.compare(torch, reference, run.outputs(), st)["passed"]
+    collectives = [e[1] for e in log if e[0] == "collective"]
+    if groups == 1:  # today's pass: one exchange each way around attention on the current stream
+        assert [e for e in log if e[0] != "attention"] == [("collective", ("to_heads", 0)),
+                                                            ("collective", ("back", 0))]
+        assert [e[1] for e in log if e[0] == "attention"] == ["current0", "current1"]
+        return
+    assert sorted(collectives) == sorted([("to_heads", g) for g in range(groups)] + [("back", g) for g in range(groups)])
+    where = {name: log.index(("collective", name)) for name in collectives}
+    for rank in range(2):
+        side, current = f"side{rank}", f"current{rank}"
+        attentions = [i for i, e in enumerate(log) if e == ("attention", side)]
+        assert len(attentions) == groups  # every group's attention on the second stream
+        assert not [e for e in log if e == ("attention", current)]
+        assert log.index(("wait_stream", side, current)) < attentions[0]  # starts after the pass began
+        assert log[-2:].count(("wait_stream", current, side)) == 1  # the pass ends after the second stream
+        records = {e[2]: i for i, e in enumerate(log) if e[0] == "record" and e[1] == side}
+        for g in range(groups):
+            assert where[("to_heads", g)] < attentions[g]  # its data arrived
+            if g + 1 < groups:
+                assert attentions[g] < where[("to_heads", g + 1)] < attentions[g + 1]  # travels while g attends
+                assert attentions[g + 1] < where[("back", g)]  # back while g+1 attends
+            waits = [records[e[2]] for e in log[:where[("back", g)]]
+                     if e[0] == "wait" and e[1] == current and e[2] in records]
+            assert waits and max(waits) > attentions[g]  # waited for group g's attention...
+            assert g + 1 == groups or max(waits) < attentions[g + 1]  # ...and not for the next group's
+            if g + 1 < groups:  # the exchange to heads waits for no attention
+                assert not [e for e in log[:where[("to_heads", g + 1)]]
+                            if e[0] == "wait" and e[1] == current and records.get(e[2], -1) > attentions[g]]
 
 
 def _synthetic_results(speedup_ulysses: float, ring_kv: int, ring_passed: bool = True) -> dict:
@@ -281,3 +422,23 @@ def test_smoke_run_on_gpus(tmp_path):  # pragma: no cover - needs 2 GPUs and tor
         assert point["strategies"]["ring"]["kv_bytes"] < point["strategies"]["allgather_kv"]["kv_bytes"]
         kernels = point["strategies"]["ring"]["lse_kernels"]
         assert kernels and not any(k.startswith("cpu") for k in kernels), kernels
+
+
+@pytest.mark.multi_gpu
+@pytest.mark.parametrize("groups", ["1", "4"])
+def test_ulysses_head_groups_on_gpus(tmp_path, groups):  # pragma: no cover - needs 2 GPUs and torch
+    """Ulysses with one exchange each way (as before the pipeline) and with 4 pipelined groups
+    (the smoke run covers the default, 2): both match the one-GPU output."""
+    pytest.importorskip("torch")
+    import json
+
+    out = tmp_path / "cp.json"
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "bench_context_parallel.py"), "--smoke", "--heads", "16",
+                        "--strategies", "ulysses", "--ulysses-head-groups", groups, "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = json.loads(out.read_text())
+    assert result["config"]["ulysses_head_groups"] == int(groups)
+    for point in result["points"]:
+        assert point["strategies"]["ulysses"].get("passed"), point
