@@ -39,11 +39,14 @@ def test_arguments(bench):
     assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3"]).ulysses_head_groups == 1  # 4 heads: 1 per GPU
     assert bench.parse_args(["--ulysses-head-groups", "16"]).ulysses_head_groups == 16
     assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3,4,5,6,7"]).heads == 8  # smoke: one head per GPU at least
+    with pytest.raises(SystemExit):  # argparse: a positive count
+        bench.build_parser().parse_args(["--ulysses-head-groups", "0"])
     for bad, message in ((["--gpus", "0"], "at least 2 GPU"), (["--strategies", "tree"], "unknown strategies"),
                          (["--sequences", "1001"], "multiple of GPUs x --ring-blocks"),
                          (["--kv-head-groups", "5"], "must divide --heads 32"),
                          (["--heads", "3"], "not divisible by 2"),
-                         (["--ulysses-head-groups", "3"], "must divide the heads per GPU: --heads 32 over 2 GPUs is 16"),
+                         (["--ulysses-head-groups", "3"],
+                          "must divide the heads per GPU: --heads 32 over 2 GPUs is 16"),
                          (["--ulysses-head-groups", "32"], "is 16"),
                          (["--smoke", "--heads", "4", "--gpus", "0,1,2,3,4,5,6,7"], "--heads 4 is not divisible by 8")):
         with pytest.raises(SystemExit, match=message):
@@ -331,7 +334,7 @@ def test_ulysses_pipelines_exchanges_over_head_groups(bench, monkeypatch, groups
                                                             ("collective", ("back", 0))]
         assert [e[1] for e in log if e[0] == "attention"] == ["current0", "current1"]
         return
-    assert sorted(collectives) == sorted([("to_heads", g) for g in range(groups)] + [("back", g) for g in range(groups)])
+    assert sorted(collectives) == sorted([(way, g) for way in ("to_heads", "back") for g in range(groups)])
     where = {name: log.index(("collective", name)) for name in collectives}
     for rank in range(2):
         side, current = f"side{rank}", f"current{rank}"
