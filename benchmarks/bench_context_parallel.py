@@ -29,7 +29,8 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   layout, all_to_all back. With ``--ulysses-head-groups G`` (default 2) each GPU's heads go in G
   groups, pipelined: group g attends on a second stream while group g+1 travels to its heads and
   group g-1 travels back (each exchange back waits, through an event, for its own group's
-  attention only), so only the first exchange to heads and the last one back are exposed.
+  attention only), so only the first exchange to heads and the last one back are exposed; unequal
+  groups (``--ulysses-head-groups 2,12,2``) make those two small. One group is the plain pattern.
 - ring: as mdtrt's ONNX ring: K/V blocks broadcast from each root in turn (``--ring-blocks``
   blocks per rank's chunk, roots interleaved, double-buffered), each folded into a float32 online
   softmax with the log-sum-exp the attention kernel returns; the broadcasts overlap the attention
@@ -82,10 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allgather_kv gathers K/V in this many pieces of heads, attending to each piece while the "
                         "next travels (default 1: one gather, then attention; 4 measured no faster at 56320 and "
                         "slower at 8192 on 2x H200, BENCHMARKS.md)")
-    p.add_argument("--ulysses-head-groups", type=bl.positive_int, default=None,
-                   help="ulysses exchanges each GPU's heads in this many groups, pipelined: one group attends while "
-                        "the next travels to its heads and the one before travels back (must divide heads per GPU; "
-                        "default 2 where it divides, else 1: one exchange each way around the attention)")
+    p.add_argument("--ulysses-head-groups", type=bl.positive_int_list, default=None,
+                   help="ulysses exchanges each GPU's heads in groups, pipelined: one group attends while the next "
+                        "travels to its heads and the one before travels back; only the first group's exchange to "
+                        "heads and the last one's back are exposed. G: G equal groups (must divide the heads per "
+                        "GPU); a,b,...: groups of a, b, ... heads adding up to the heads per GPU (e.g. 2,12,2: small "
+                        "exposed exchanges). Default 2 equal groups where they divide, else 1: one exchange each "
+                        "way around the attention")
     p.add_argument("--timeout", type=bl.positive_float, default=None, help="seconds for the whole run (default 240)")
     return p
 
@@ -110,16 +114,29 @@ def parse_args(argv=None):
         args.heads, args.head_dim = n * max(1, 4 // n), 64  # 4 heads, or one per GPU beyond 4 GPUs
     if args.heads % n:
         raise SystemExit(f"ulysses splits the heads over the GPUs: --heads {args.heads} is not divisible by {n}")
-    per_gpu = args.heads // n
-    if args.ulysses_head_groups is None:
-        args.ulysses_head_groups = DEFAULT_ULYSSES_HEAD_GROUPS if per_gpu % DEFAULT_ULYSSES_HEAD_GROUPS == 0 else 1
-    elif per_gpu % args.ulysses_head_groups:
-        raise SystemExit(f"--ulysses-head-groups {args.ulysses_head_groups} must divide the heads per GPU: "
-                         f"--heads {args.heads} over {n} GPUs is {per_gpu}")
+    args.ulysses_group_heads = ulysses_group_heads(args.ulysses_head_groups, args.heads, n)
     if args.kv_head_groups < 1 or args.heads % args.kv_head_groups:
         raise SystemExit(f"--kv-head-groups {args.kv_head_groups} must divide --heads {args.heads}")
     args.iteration_count = args.iterations or (3 if args.smoke else 8 if args.quick else 20)
     return args
+
+
+def ulysses_group_heads(text: str | None, heads: int, gpus: int) -> list[int]:
+    """Heads per ulysses group on each GPU from --ulysses-head-groups (None: the default)."""
+    per_gpu = heads // gpus
+    if text is None:
+        count = DEFAULT_ULYSSES_HEAD_GROUPS if per_gpu % DEFAULT_ULYSSES_HEAD_GROUPS == 0 else 1
+        return [per_gpu // count] * count
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if len(values) == 1:
+        if per_gpu % values[0]:
+            raise SystemExit(f"--ulysses-head-groups {values[0]} must divide the heads per GPU: --heads {heads} "
+                             f"over {gpus} GPUs is {per_gpu}")
+        return [per_gpu // values[0]] * values[0]
+    if sum(values) != per_gpu:
+        raise SystemExit(f"--ulysses-head-groups {text}: group sizes add up to {sum(values)}, not to the heads per "
+                         f"GPU: --heads {heads} over {gpus} GPUs is {per_gpu}")
+    return values
 
 
 def readiness(gpus: list[int]) -> str | None:
@@ -321,38 +338,43 @@ class AllGatherKV(Strategy):
 
 
 class Ulysses(Strategy):
-    """Sequence shards to head shards and back by all_to_all, in ``head_groups`` groups of each
-    rank's H/N heads, pipelined: while group g attends (on a second stream), group g+1's Q/K/V
-    travel to their heads and group g-1's output travels back, so only the first group's exchange
-    to heads and the last group's exchange back are exposed. Each group has its own buffers, laid
-    out so that each exchange is one contiguous all_to_all per direction. One group: attention on
-    the current stream between the two exchanges, no second stream."""
+    """Sequence shards to head shards and back by all_to_all, in groups of each rank's H/N heads
+    (``group_heads``: heads per group), pipelined: while group g attends (on a second stream),
+    group g+1's Q/K/V travel to their heads and group g-1's output travels back, so only the first
+    group's exchange to heads and the last group's exchange back are exposed (small first and last
+    groups keep those short). Each group has its own buffers, laid out so that each exchange is one
+    contiguous all_to_all per direction. One group: attention on the current stream between the
+    two exchanges, no second stream."""
 
-    def __init__(self, torch, group, st, head_groups: int = 1):
+    def __init__(self, torch, group, st, group_heads: list[int]):
         super().__init__(torch, group, st)
-        n, g_count = st.n, head_groups
-        self.head_groups, self.hg = g_count, st.h // (n * g_count)  # heads per group on each rank
-        hg = self.hg
-        self.send, self.recv, self.back, self.result, self.streams = [], [], [], [], []
+        n, hn = st.n, st.h // st.n
+        if sum(group_heads) != hn:
+            raise ValueError(f"ulysses head groups {group_heads} must add up to the {hn} heads per GPU")
+        self.group_heads, self.head_groups = list(group_heads), len(group_heads)
+        starts = [sum(group_heads[:g]) for g in range(len(group_heads))]
+        # Per group g, per rank: send (N, S/N, 3, B, hg, D), slot j (heads j*H/N + start_g ...) for
+        # rank j, as the projection that writes Q/K/V can lay them out for free; recv, slot i = rank
+        # i's rows = sequence block i; back (N, S/N, B, hg, D) = (S, B, hg, D), slot j = sequence
+        # block j for rank j; result, slot i = heads chunk i's group g for this rank's rows.
+        self.send, self.recv, self.back, self.result = ([[] for _ in group_heads] for _ in range(4))
+        self.streams = []
         for r, gpu in enumerate(st.gpus):
             q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
-            packed = torch.stack([q, k, v], dim=1)  # (S/N, 3, B, H, D); head = j*H/N + g*hg + i
-            # Group-major, then heads-chunk-major: send[g][j] (heads j*H/N + g*hg...) goes to rank j,
-            # as the projection that writes Q/K/V can lay them out for free.
-            send = (packed.view(st.chunk, 3, st.b, n, g_count, hg, st.d)
-                    .permute(4, 3, 0, 1, 2, 5, 6).contiguous())  # (G, N, S/N, 3, B, hg, D)
-            self.send.append(send)
-            self.recv.append(torch.empty_like(send))  # recv[g][i]: rank i's rows = sequence block i
-            # back[g] is (S, B, hg, D): slot j holds sequence block j for rank j.
-            self.back.append(torch.empty((g_count, n, st.chunk, st.b, hg, st.d), dtype=torch.float16,
-                                         device=device(gpu)))
-            self.result.append(torch.empty_like(self.back[-1]))  # result[g][i]: heads chunk i, group g
-            self.streams.append(torch.cuda.Stream(device=device(gpu)) if g_count > 1 else None)
-        self.to_heads = [group.prepare_collective("all_to_all", [t[g] for t in self.send],
-                                                  out=[t[g] for t in self.recv]) for g in range(g_count)]
-        self.to_sequence = [group.prepare_collective("all_to_all", [t[g] for t in self.back],
-                                                     out=[t[g] for t in self.result]) for g in range(g_count)]
-        self.kv_tensors = [t[:, :, :, 1:] for t in self.send + self.recv]
+            packed = torch.stack([q, k, v], dim=1).view(st.chunk, 3, st.b, n, hn, st.d)  # (S/N, 3, B, H, D)
+            for g, (start, hg) in enumerate(zip(starts, group_heads)):
+                send = packed[..., start:start + hg, :].permute(3, 0, 1, 2, 4, 5).contiguous()
+                self.send[g].append(send)
+                self.recv[g].append(torch.empty_like(send))
+                self.back[g].append(torch.empty((n, st.chunk, st.b, hg, st.d), dtype=torch.float16,
+                                                device=device(gpu)))
+                self.result[g].append(torch.empty_like(self.back[g][-1]))
+            self.streams.append(torch.cuda.Stream(device=device(gpu)) if len(group_heads) > 1 else None)
+        self.to_heads = [group.prepare_collective("all_to_all", self.send[g], out=self.recv[g])
+                         for g in range(self.head_groups)]
+        self.to_sequence = [group.prepare_collective("all_to_all", self.back[g], out=self.result[g])
+                            for g in range(self.head_groups)]
+        self.kv_tensors = [t[:, :, 1:] for g in range(self.head_groups) for t in self.send[g] + self.recv[g]]
 
     def comm(self):
         for call in self.to_heads + self.to_sequence:
@@ -360,10 +382,10 @@ class Ulysses(Strategy):
 
     def _attend(self, r, g):
         """Group g's attention on rank r over the whole sequence, its output copied into back[g]."""
-        st = self.st
-        whole = self.recv[r][g].view(st.s, 3, st.b, self.hg, st.d)  # (S, 3, B, hg, D)
+        st, hg = self.st, self.group_heads[g]
+        whole = self.recv[g][r].view(st.s, 3, st.b, hg, st.d)  # (S, 3, B, hg, D)
         out = sdpa(self.torch, *(st.heads_view(whole[:, i]) for i in range(3)))  # (B, hg, S, D)
-        self.back[r][g].view(st.s, st.b, self.hg, st.d).copy_(out.permute(2, 0, 1, 3))
+        self.back[g][r].view(st.s, st.b, hg, st.d).copy_(out.permute(2, 0, 1, 3))
 
     def run(self):
         torch, st = self.torch, self.st
@@ -405,8 +427,9 @@ class Ulysses(Strategy):
 
     def outputs(self):
         st = self.st
-        # result[r]: (G, N, S/N, B, hg, D), [g][i] = heads i*H/N + g*hg... -> (B, H, S/N, D)
-        return [t.permute(3, 1, 0, 4, 2, 5).reshape(st.b, st.h, st.chunk, st.d) for t in self.result]
+        # result[g][r]: (N, S/N, B, hg, D), slot i = heads i*H/N + start_g ... -> (B, H, S/N, D)
+        return [self.torch.cat([self.result[g][r].permute(2, 0, 3, 1, 4) for g in range(self.head_groups)], dim=2)
+                .reshape(st.b, st.h, st.chunk, st.d) for r in range(st.n)]
 
 
 class Ring(Strategy):
@@ -523,7 +546,7 @@ def make_strategy(name, torch, group, st, args):
     if name == "allgather_kv":
         return AllGatherKV(torch, group, st, args.kv_head_groups)
     if name == "ulysses":
-        return Ulysses(torch, group, st, args.ulysses_head_groups)
+        return Ulysses(torch, group, st, args.ulysses_group_heads)
     return Ring(torch, group, st, args.ring_blocks)
 
 
@@ -605,13 +628,14 @@ def run(args) -> dict:
     budget = bl.Deadline(args.timeout or 240)
     result = {"config": {"gpus": args.gpu_list, "heads": args.heads, "head_dim": args.head_dim, "batch": args.batch,
                          "dtype": "float16", "iterations": args.iteration_count, "ring_blocks": args.ring_blocks,
-                         "kv_head_groups": args.kv_head_groups, "ulysses_head_groups": args.ulysses_head_groups,
+                         "kv_head_groups": args.kv_head_groups, "ulysses_group_heads": args.ulysses_group_heads,
                          "strategies": args.strategy_list, "tolerance": [ATOL, RTOL]},
               "method": "CUDA events on every GPU's current stream around each forward pass, median, slowest GPU; "
                         "collectives through DeviceGroup.prepare_collective on preallocated torch buffers; attention "
                         "through torch scaled_dot_product_attention (ring: the cuDNN kernel with log-sum-exp, else "
                         "flash, else memory-efficient; lse_kernels says which ran); ulysses exchanges in "
-                        f"{args.ulysses_head_groups} pipelined groups of heads",
+                        f"{len(args.ulysses_group_heads)} pipelined groups of "
+                        f"{'+'.join(map(str, args.ulysses_group_heads))} heads per GPU",
               "points": [], "skipped": []}
     with mdtrt.DeviceGroup(gpus=args.gpu_list, timeout=120) as group:
         for sequence in args.sequence_list:

@@ -34,10 +34,12 @@ def test_arguments(bench):
     assert args.sequence_list == [8192, 56320] and args.strategy_list == ["ring"] and args.iteration_count == 5
     assert bench.parse_args([]).sequence_list == list(bench.DEFAULT_SEQUENCES)
     # Ulysses' head groups: the default where it divides the heads per GPU, else one; a given count must divide.
-    assert bench.parse_args([]).ulysses_head_groups == bench.DEFAULT_ULYSSES_HEAD_GROUPS == 2
-    assert bench.parse_args(["--heads", "6"]).ulysses_head_groups == 1  # 3 heads per GPU
-    assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3"]).ulysses_head_groups == 1  # 4 heads: 1 per GPU
-    assert bench.parse_args(["--ulysses-head-groups", "16"]).ulysses_head_groups == 16
+    assert bench.DEFAULT_ULYSSES_HEAD_GROUPS == 2
+    assert bench.parse_args([]).ulysses_group_heads == [8, 8]  # 32 heads over 2 GPUs: 16 per GPU
+    assert bench.parse_args(["--heads", "6"]).ulysses_group_heads == [3]  # 3 heads per GPU: one group
+    assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3"]).ulysses_group_heads == [1]  # 4 heads: 1 per GPU
+    assert bench.parse_args(["--ulysses-head-groups", "16"]).ulysses_group_heads == [1] * 16  # a count
+    assert bench.parse_args(["--ulysses-head-groups", "2,12,2"]).ulysses_group_heads == [2, 12, 2]  # sizes
     assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3,4,5,6,7"]).heads == 8  # smoke: one head per GPU at least
     with pytest.raises(SystemExit):  # argparse: a positive count
         bench.build_parser().parse_args(["--ulysses-head-groups", "0"])
@@ -48,6 +50,8 @@ def test_arguments(bench):
                          (["--ulysses-head-groups", "3"],
                           "must divide the heads per GPU: --heads 32 over 2 GPUs is 16"),
                          (["--ulysses-head-groups", "32"], "is 16"),
+                         (["--ulysses-head-groups", "2,12,3"], "group sizes add up to 17, not to the heads per GPU"),
+                         (["--ulysses-head-groups", "8,4"], "add up to 12"),
                          (["--smoke", "--heads", "4", "--gpus", "0,1,2,3,4,5,6,7"], "--heads 4 is not divisible by 8")):
         with pytest.raises(SystemExit, match=message):
             bench.parse_args(bad)
@@ -156,6 +160,7 @@ _ONLY_FOR = {"--ring-blocks": "ring", "--ulysses-head-groups": "ulysses", "--kv-
     (2, 4, []), (4, 4, []), (2, 4, ["--ring-blocks", "1"]), (2, 4, ["--ring-blocks", "4"]),
     (2, 8, ["--ulysses-head-groups", "1"]), (2, 8, ["--ulysses-head-groups", "2"]),
     (2, 8, ["--ulysses-head-groups", "4"]), (4, 8, ["--ulysses-head-groups", "2"]),
+    (2, 8, ["--ulysses-head-groups", "1,2,1"]), (2, 8, ["--ulysses-head-groups", "3,1"]),
     (2, 4, ["--kv-head-groups", "2"])])
 @pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
 def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads, extra):
@@ -201,7 +206,7 @@ def test_strategy_layouts_on_cpu(bench, monkeypatch, strategy, ranks, heads, ext
         assert kv == allgather_kv
     else:
         assert kv == 2 * full_kv // ranks  # its K/V rows to send, and every row of its heads received
-        assert len(run.to_heads) == len(run.to_sequence) == args.ulysses_head_groups
+        assert len(run.to_heads) == len(run.to_sequence) == len(args.ulysses_group_heads)
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 4])
@@ -309,8 +314,8 @@ class _StreamTrace:
         return labelled
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4])
-def test_ulysses_pipelines_exchanges_over_head_groups(bench, monkeypatch, groups):
+@pytest.mark.parametrize("group_text", ["1", "2", "4", "1,2,1"])
+def test_ulysses_pipelines_exchanges_over_head_groups(bench, monkeypatch, group_text):
     """The order a pass queues its work in: group g attends on the second stream; group g+1's
     exchange to heads runs while it attends; group g's exchange back waits (through the current
     stream) for group g's attention only, and runs while group g+1 attends."""
@@ -318,7 +323,8 @@ def test_ulysses_pipelines_exchanges_over_head_groups(bench, monkeypatch, groups
     pytest.importorskip("mdtrt")
     trace = _StreamTrace(bench, torch, monkeypatch)
     args = bench.parse_args(["--gpus", "0,1", "--heads", "8", "--head-dim", "8",
-                             "--ulysses-head-groups", str(groups)])
+                             "--ulysses-head-groups", group_text])
+    groups = len(args.ulysses_group_heads)
     st = bench.Setup(torch, [0, 1], 16, 1, 8, 8)
     run = bench.make_strategy("ulysses", torch, _FakeGroup(), st, args)
     run.to_heads = [trace.label(c, ("to_heads", g)) for g, c in enumerate(run.to_heads)]
@@ -428,10 +434,10 @@ def test_smoke_run_on_gpus(tmp_path):  # pragma: no cover - needs 2 GPUs and tor
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("groups", ["1", "4"])
+@pytest.mark.parametrize("groups", ["1", "4", "2,4,2"])
 def test_ulysses_head_groups_on_gpus(tmp_path, groups):  # pragma: no cover - needs 2 GPUs and torch
-    """Ulysses with one exchange each way (as before the pipeline) and with 4 pipelined groups
-    (the smoke run covers the default, 2): both match the one-GPU output."""
+    """Ulysses with one exchange each way (as before the pipeline), with 4 pipelined groups and with
+    unequal ones (the smoke run covers the default, 2): all match the one-GPU output."""
     pytest.importorskip("torch")
     import json
 
@@ -442,6 +448,6 @@ def test_ulysses_head_groups_on_gpus(tmp_path, groups):  # pragma: no cover - ne
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(out.read_text())
-    assert result["config"]["ulysses_head_groups"] == int(groups)
+    assert len(result["config"]["ulysses_group_heads"]) == len(groups.split(","))
     for point in result["points"]:
         assert point["strategies"]["ulysses"].get("passed"), point
