@@ -36,9 +36,10 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   softmax with the log-sum-exp the attention kernel returns; the broadcasts overlap the attention
   of earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
   first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V. The
-  fold keeps every partial result normalized, so it needs no pass for the first block and two
+  merge (fold) of each result runs on a third stream, overlapping the next block's attention; it
+  keeps every partial result normalized, so it needs no pass for the first block and two
   full-size float32 passes for each later one, and writes the float16 output straight from the
-  float32 sums (inside the timed pass).
+  float32 sums (inside the timed pass; only the last merge is exposed).
 
     python benchmarks/bench_context_parallel.py --out results/context_parallel.json
     python benchmarks/bench_context_parallel.py --smoke          # tiny sizes: does it run?
@@ -451,7 +452,8 @@ class Ring(Strategy):
             # Slots 0 and 1 alternate for received blocks; slot 2 takes the root's own block.
             self.recv.append([torch.empty((rows, 2, st.b, st.h, st.d), dtype=torch.float16, device=device(gpu))
                               for _ in range(3)])
-            self.streams.append(torch.cuda.Stream(device=device(gpu)))
+            self.streams.append(torch.cuda.Stream(device=device(gpu)))  # attention
+        self.fold_streams = [torch.cuda.Stream(device=device(gpu)) for gpu in st.gpus]  # merging the results
         self.order = [(root, b) for b in range(blocks) for root in range(st.n)]
         received = [0] * st.n
         self.slots, self.calls = [], []
@@ -478,38 +480,50 @@ class Ring(Strategy):
             call()
 
     def _fold(self, r, k, v):
-        """Merge attention over one K/V block into rank r's output by log-sum-exp, summing in
-        float32. Every partial result stays normalized (weights exp(lse_i - lse_all) sum to one),
-        so the full-size passes are few: the first result is kept as the kernel returned it
-        (float16); the second makes the float32 sum in one pass from both (plus the temporary
-        product); later ones rescale it and add in place (two passes); the last writes the float16
-        output straight from the float32 sums, so no float32 copy of the whole output is made."""
+        """Attend rank r's queries to one K/V block (on the current stream, its attention stream)
+        and merge the result into its output by log-sum-exp on its fold stream, which waits for
+        that attention only: the merge, memory-bound, overlaps the next block's attention. Returns
+        the event after the attention (the K/V buffer may be refilled once it passed).
+
+        The merge sums in float32 and keeps every partial result normalized (weights
+        exp(lse_i - lse_all) sum to one), so the full-size passes are few: the first result is kept
+        as the kernel returned it (float16); the second makes the float32 sum in one pass from both
+        (plus the temporary product); later ones rescale it and add in place (two passes); the last
+        writes the float16 output straight from the float32 sums."""
         torch = self.torch
         out, lse = attention_with_lse(torch, self.q[r], k, v)
-        self.seen[r] += 1
-        if self.seen[r] == 1:
-            self.part[r], self.lse[r] = out, lse
-            return
-        new = torch.logaddexp(self.lse[r], lse)  # (B, H, S) float32: cheap
-        keep = torch.exp(self.lse[r] - new).unsqueeze(-1)
-        add = torch.exp(lse - new).unsqueeze(-1)
-        self.lse[r] = new
-        if self.seen[r] == self.folds:
-            torch.addcmul(out * add, self.part[r], keep, out=self.out[r])  # float32 math, float16 result
-            self.part[r] = self.lse[r] = None
-        elif self.seen[r] == 2:
-            self.part[r] = torch.addcmul(out * add, self.part[r], keep)  # float16 x float32 -> float32 sums
-        else:
-            self.part[r].mul_(keep).addcmul_(out, add)
+        attended = torch.cuda.Event()
+        attended.record(self.streams[r])
+        fold = self.fold_streams[r]
+        with torch.cuda.stream(fold):
+            fold.wait_event(attended)
+            for t in (out, lse):  # made on the attention stream, read on this one: not reused before
+                t.record_stream(fold)
+            self.seen[r] += 1
+            if self.seen[r] == 1:
+                self.part[r], self.lse[r] = out, lse
+                return attended
+            new = torch.logaddexp(self.lse[r], lse)  # (B, H, S) float32: cheap
+            keep = torch.exp(self.lse[r] - new).unsqueeze(-1)
+            add = torch.exp(lse - new).unsqueeze(-1)
+            self.lse[r] = new
+            if self.seen[r] == self.folds:
+                torch.addcmul(out * add, self.part[r], keep, out=self.out[r])  # float32 math, float16 result
+                self.part[r] = self.lse[r] = None
+            elif self.seen[r] == 2:
+                self.part[r] = torch.addcmul(out * add, self.part[r], keep)  # float16 x float32 -> float32 sums
+            else:
+                self.part[r].mul_(keep).addcmul_(out, add)
+        return attended
 
     def run(self):
         torch, st = self.torch, self.st
         done = [[None, None, None] for _ in st.gpus]
         self.seen = [0] * st.n
         for r, gpu in enumerate(st.gpus):
-            stream = self.streams[r]
-            stream.wait_stream(torch.cuda.current_stream(gpu))
-            with torch.cuda.device(gpu), torch.cuda.stream(stream):
+            for stream in (self.streams[r], self.fold_streams[r]):
+                stream.wait_stream(torch.cuda.current_stream(gpu))
+            with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                 kv = self.kv_own[r]
                 self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))  # own chunk, while blocks travel
         for index, (root, _) in enumerate(self.order):
@@ -524,12 +538,10 @@ class Ring(Strategy):
                 slot = self.slots[index][r]
                 with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                     kv = self.recv[r][slot]
-                    self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
-                    event = torch.cuda.Event()
-                    event.record(self.streams[r])
-                    done[r][slot] = event
+                    done[r][slot] = self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
         for r, gpu in enumerate(st.gpus):
-            torch.cuda.current_stream(gpu).wait_stream(self.streams[r])
+            for stream in (self.streams[r], self.fold_streams[r]):
+                torch.cuda.current_stream(gpu).wait_stream(stream)
 
     def outputs(self):
         return self.out

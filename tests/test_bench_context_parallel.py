@@ -104,6 +104,7 @@ def _cpu_as_devices(bench, torch, monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda gpu=None: _FakeStream())
     monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
 
 
 def _reference_attention_with_lse(torch, q, k, v):
@@ -292,15 +293,20 @@ class _StreamTrace:
             yield
             self.queue["stream"] = before
 
-        real_sdpa = bench.sdpa
+        def queued(what, fn):
+            def logged(*args, **kwargs):
+                trace.log.append((what, self.queue.get("stream") or f"current{self.queue.get('gpu')}"))
+                return fn(*args, **kwargs)
+            return logged
 
-        def sdpa(torch, q, k, v):
-            queue = self.queue.get("stream") or f"current{self.queue.get('gpu')}"
-            trace.log.append(("attention", queue))
-            return real_sdpa(torch, q, k, v)
+        real_sdpa, real_lse, real_logaddexp = bench.sdpa, bench.attention_with_lse, torch.logaddexp
 
         monkeypatch.setattr(bench, "device", lambda gpu: "cpu")
-        monkeypatch.setattr(bench, "sdpa", sdpa)
+        monkeypatch.setattr(bench, "sdpa", queued("attention", real_sdpa))
+        monkeypatch.setattr(bench, "attention_with_lse", queued("attention", real_lse))
+        monkeypatch.setattr(torch, "logaddexp", queued("merge", real_logaddexp))  # each merge of ring's fold
+        monkeypatch.setattr(torch.Tensor, "record_stream",
+                            lambda tensor, stream: trace.log.append(("record_stream", stream.name)))
         monkeypatch.setattr(torch.cuda, "device", on_device)
         monkeypatch.setattr(torch.cuda, "stream", on_stream)
         monkeypatch.setattr(torch.cuda, "Stream", new_stream)
@@ -362,6 +368,46 @@ def test_ulysses_pipelines_exchanges_over_head_groups(bench, monkeypatch, group_
             if g + 1 < groups:  # the exchange to heads waits for no attention
                 assert not [e for e in log[:where[("to_heads", g + 1)]]
                             if e[0] == "wait" and e[1] == current and records.get(e[2], -1) > attentions[g]]
+
+
+@pytest.mark.parametrize("blocks", [2, 4])
+def test_ring_merges_on_a_fold_stream(bench, monkeypatch, blocks):
+    """Ring's order of work: every attention on the rank's attention stream; each merge on its fold
+    stream, after an event that follows that attention only (so a merge overlaps the next block's
+    attention), with the attention's outputs kept from reuse there; the pass ends after both."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("mdtrt")
+    trace = _StreamTrace(bench, torch, monkeypatch)
+    args = bench.parse_args(["--gpus", "0,1", "--heads", "4", "--head-dim", "8", "--ring-blocks", str(blocks)])
+    st = bench.Setup(torch, [0, 1], 16, 1, 4, 8)
+    run = bench.make_strategy("ring", torch, _FakeGroup(), st, args)
+    run.calls = [trace.label(c, ("broadcast", i)) for i, c in enumerate(run.calls)]
+    run.run()
+    log = trace.log
+    q, k, v = (st.heads_view(t) for t in st.full)
+    assert bench.compare(torch, torch.nn.functional.scaled_dot_product_attention(q, k, v), run.outputs(), st)["passed"]
+    last_collective = max(i for i, e in enumerate(log) if e[0] == "collective")
+    for r in range(2):
+        attend, fold, current = run.streams[r].name, run.fold_streams[r].name, f"current{r}"
+        attentions = [i for i, e in enumerate(log) if e == ("attention", attend)]
+        merges = [i for i, e in enumerate(log) if e == ("merge", fold)]
+        assert len(attentions) == run.folds and len(merges) == run.folds - 1
+        assert not [e for e in log if e[0] in ("attention", "merge") and e[1] not in (attend, fold)
+                    and e[1].startswith("current")]
+        for index, at in enumerate(attentions):
+            record = log[at + 1]
+            assert record[:2] == ("record", attend)  # the event right after this attention
+            wait = log.index(("wait", fold, record[2]))
+            assert log[wait + 1:wait + 3] == [("record_stream", fold)] * 2  # out and lse kept for the fold
+            if index:
+                assert wait < merges[index - 1]  # its merge waits for it
+                if index + 1 < len(attentions):
+                    assert merges[index - 1] < attentions[index + 1]  # queued before the next attention runs
+        # The attention stream waits for nothing but the pass's start: never for a merge.
+        assert [e for e in log if e[0] in ("wait", "wait_stream") and e[1] == attend] == [
+            ("wait_stream", attend, current)]
+        assert log.index(("wait_stream", current, fold)) > last_collective  # folds never delay a broadcast
+        assert ("wait_stream", current, attend) in log[last_collective:]
 
 
 def _synthetic_results(speedup_ulysses: float, ring_kv: int, ring_passed: bool = True) -> dict:
