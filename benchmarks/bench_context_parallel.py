@@ -217,7 +217,8 @@ def _cpu_lse(torch, q, k, v):
 
 # Attention kernels that return the log-sum-exp, fastest first. On one H200 (torch 2.11, cuDNN 9.19,
 # float16, a ring block of 28160 queries x 14080 keys x 32 heads x 128): cuDNN 10.9 ms, flash
-# 19.7 ms, memory-efficient about twice flash. The CPU kernel lets the layouts be tested without GPUs.
+# 19.7 ms; memory-efficient took twice flash's time on the whole sequence. The CPU kernel lets the
+# layouts be tested without GPUs.
 LSE_KERNELS = (("cudnn", _cudnn_lse), ("flash", _flash_lse), ("efficient", _efficient_lse), ("cpu", _cpu_lse))
 _lse_choice: dict = {}  # (device, dtype, shapes, strides) of q, k, v -> (kernel index, contiguous) that took them
 
@@ -241,7 +242,8 @@ def attention_with_lse(torch, q, k, v):
     """Attention output (B, H, Sq, D) and its log-sum-exp (B, H, Sq) float32 through the first of
     LSE_KERNELS that takes the inputs: each is tried on the strided (B, H, S, D) views first, then
     on contiguous copies. The kernel and layout that worked are remembered per input layout, so the
-    refusals are paid once. RuntimeError lists every kernel's refusal when none takes them."""
+    refusals are paid once. RuntimeError lists every kernel's refusal when none takes them;
+    torch.cuda.OutOfMemoryError passes through (a slower kernel must not hide it)."""
     key = _layout_key(q, k, v)
     if key in _lse_choice:
         index, contiguous = _lse_choice[key]
@@ -255,6 +257,8 @@ def attention_with_lse(torch, q, k, v):
                 copies = copies or tuple(t.contiguous() for t in (q, k, v))
             try:
                 result = kernel(torch, *(copies if contiguous else (q, k, v)))
+            except torch.cuda.OutOfMemoryError:
+                raise  # a result (the sequence does not fit), not a refusal to fall back from
             except RuntimeError as error:  # NotImplementedError too: the kernel is absent for this device
                 first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 errors.append(f"{name}{' (contiguous copies)' if contiguous else ''}: {first}")

@@ -154,6 +154,19 @@ def test_attention_with_lse_names_every_refusal(bench, monkeypatch):
     assert not bench._lse_choice
 
 
+def test_attention_with_lse_does_not_hide_out_of_memory(bench, monkeypatch):
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(bench, "_lse_choice", {})
+
+    def out_of_memory(torch, q, k, v):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(bench, "LSE_KERNELS", (("cudnn", out_of_memory),) + bench.LSE_KERNELS[1:])
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="3.00 GiB"):
+        bench.attention_with_lse(torch, q, q, q)  # not the CPU kernel's result
+
+
 _ONLY_FOR = {"--ring-blocks": "ring", "--ulysses-head-groups": "ulysses", "--kv-head-groups": "allgather_kv"}
 
 
