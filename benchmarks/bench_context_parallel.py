@@ -1,10 +1,21 @@
 #!/usr/bin/env python3
 """Context-parallel attention patterns on 1 GPU against N GPUs (default 2), float16, no TensorRT:
 each strategy's communication runs through mdtrt's collectives (``prepare_collective`` on
-preallocated buffers) and its attention through torch's ``scaled_dot_product_attention`` (flash)
-on device-resident data. Per sequence length: latency (CUDA events on every GPU, median, the
-slowest GPU counts), speedup over one GPU, peak memory per GPU, the K/V bytes a rank holds, the
-collectives alone and their share; every strategy's output is checked against the one-GPU output.
+preallocated buffers) and its attention through torch on device-resident data. Per sequence
+length: latency (CUDA events on every GPU, median, the slowest GPU counts), speedup over one GPU,
+peak memory per GPU, the K/V bytes a rank holds, the collectives alone and their share; every
+strategy's output is checked against the one-GPU output.
+
+Attention kernels: one GPU, allgather_kv and ulysses call ``scaled_dot_product_attention``, which
+picks cuDNN's kernel on H200. Measured on one H200 (torch 2.11, cuDNN 9.19, float16, 56320 x 32
+heads x 128, non-causal): 86.7 ms contiguous, 87.8 ms on the sequence-first strided views used
+here; 16 heads 44.0 / 44.3 ms, so attention alone scales 1.98x over 2 GPUs and the rest of the
+gap is communication, copies and host round trips that are not overlapped. Forcing flash takes
+150 ms, memory-efficient 289 ms. Ring needs the log-sum-exp, so it calls the kernels directly:
+cuDNN's (10.9 ms for a ring block of 28160 queries x 14080 keys x 32 heads), else flash (19.7 ms,
+what ring used before, hence its 0.90x), else memory-efficient, else torch's CPU kernel (for the
+CPU tests), each on the strided views, else on contiguous copies; ``lse_kernels`` in the results
+says which ran.
 
 Layouts are sequence-first, ``(sequence, batch, heads, head_dim)`` as in the sample's model, so a
 gathered or all_to_all-ed buffer is already the attention's K/V (a strided view, no copy):
@@ -13,13 +24,22 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   sequence for the rank's queries; gathered in ``--kv-head-groups`` pieces of heads, each piece's
   attention (second stream) overlapping the next piece's gather.
 - ulysses: all_to_all of packed Q/K/V from sequence to head shards (the send buffer is laid out
-  heads-chunk-major, as the projection that writes it can do for free), attention over the whole
-  sequence for ``H/N`` heads, one copy of the output into the send layout, all_to_all back.
+  group-major, then heads-chunk-major, as the projection that writes it can do for free),
+  attention over the whole sequence for ``H/N`` heads, one copy of the output into the send
+  layout, all_to_all back. With ``--ulysses-head-groups G`` (default 2) each GPU's heads go in G
+  groups, pipelined: group g attends on a second stream while group g+1 travels to its heads and
+  group g-1 travels back (each exchange back waits, through an event, for its own group's
+  attention only), so only the first exchange to heads and the last one back are exposed; unequal
+  groups (``--ulysses-head-groups 2,12,2``) make those two small. One group is the plain pattern.
 - ring: as mdtrt's ONNX ring: K/V blocks broadcast from each root in turn (``--ring-blocks``
   blocks per rank's chunk, roots interleaved, double-buffered), each folded into a float32 online
-  softmax with the log-sum-exp flash attention returns; the broadcasts overlap the attention of
-  earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
-  first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V.
+  softmax with the log-sum-exp the attention kernel returns; the broadcasts overlap the attention
+  of earlier blocks (which runs on a second stream). The rank's own chunk is attended while the
+  first blocks travel. K/V held: the own chunk plus three blocks, never the whole K and V. The
+  merge (fold) of each result runs on a third stream, overlapping the next block's attention; it
+  keeps every partial result normalized, so it needs no pass for the first block and two
+  full-size float32 passes for each later one, and writes the float16 output straight from the
+  float32 sums (inside the timed pass; only the last merge is exposed).
 
     python benchmarks/bench_context_parallel.py --out results/context_parallel.json
     python benchmarks/bench_context_parallel.py --smoke          # tiny sizes: does it run?
@@ -42,6 +62,8 @@ QUICK_SEQUENCES = (8192, 56320)
 SMOKE_SEQUENCES = (256, 512)
 # The sample's float16 tolerance (mdtrt.attention.TOLERANCES), as max|x - ref| <= atol + rtol * max|ref|.
 ATOL, RTOL = 1e-2, 1e-2
+# Ulysses pipelines its exchanges over this many groups of each GPU's heads unless told otherwise.
+DEFAULT_ULYSSES_HEAD_GROUPS = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allgather_kv gathers K/V in this many pieces of heads, attending to each piece while the "
                         "next travels (default 1: one gather, then attention; 4 measured no faster at 56320 and "
                         "slower at 8192 on 2x H200, BENCHMARKS.md)")
+    p.add_argument("--ulysses-head-groups", type=bl.positive_int_list, default=None,
+                   help="ulysses exchanges each GPU's heads in groups, pipelined: one group attends while the next "
+                        "travels to its heads and the one before travels back; only the first group's exchange to "
+                        "heads and the last one's back are exposed. G: G equal groups (must divide the heads per "
+                        "GPU); a,b,...: groups of a, b, ... heads adding up to the heads per GPU (e.g. 2,12,2: small "
+                        "exposed exchanges). Default 2 equal groups where they divide, else 1: one exchange each "
+                        "way around the attention")
     p.add_argument("--timeout", type=bl.positive_float, default=None, help="seconds for the whole run (default 240)")
     return p
 
@@ -82,14 +111,33 @@ def parse_args(argv=None):
     for s in args.sequence_list:
         if s < 1 or s % (n * args.ring_blocks):
             raise SystemExit(f"sequence {s} must be a positive multiple of GPUs x --ring-blocks = {n * args.ring_blocks}")
+    if args.smoke and args.heads == 32 and args.head_dim == 128:
+        args.heads, args.head_dim = n * max(1, 4 // n), 64  # 4 heads, or one per GPU beyond 4 GPUs
     if args.heads % n:
         raise SystemExit(f"ulysses splits the heads over the GPUs: --heads {args.heads} is not divisible by {n}")
-    if args.smoke and args.heads == 32 and args.head_dim == 128:
-        args.heads, args.head_dim = 4, 64
+    args.ulysses_group_heads = ulysses_group_heads(args.ulysses_head_groups, args.heads, n)
     if args.kv_head_groups < 1 or args.heads % args.kv_head_groups:
         raise SystemExit(f"--kv-head-groups {args.kv_head_groups} must divide --heads {args.heads}")
     args.iteration_count = args.iterations or (3 if args.smoke else 8 if args.quick else 20)
     return args
+
+
+def ulysses_group_heads(text: str | None, heads: int, gpus: int) -> list[int]:
+    """Heads per ulysses group on each GPU from --ulysses-head-groups (None: the default)."""
+    per_gpu = heads // gpus
+    if text is None:
+        count = DEFAULT_ULYSSES_HEAD_GROUPS if per_gpu % DEFAULT_ULYSSES_HEAD_GROUPS == 0 else 1
+        return [per_gpu // count] * count
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if len(values) == 1:
+        if per_gpu % values[0]:
+            raise SystemExit(f"--ulysses-head-groups {values[0]} must divide the heads per GPU: --heads {heads} "
+                             f"over {gpus} GPUs is {per_gpu}")
+        return [per_gpu // values[0]] * values[0]
+    if sum(values) != per_gpu:
+        raise SystemExit(f"--ulysses-head-groups {text}: group sizes add up to {sum(values)}, not to the heads per "
+                         f"GPU: --heads {heads} over {gpus} GPUs is {per_gpu}")
+    return values
 
 
 def readiness(gpus: list[int]) -> str | None:
@@ -146,23 +194,79 @@ def sdpa(torch, q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
+def _cudnn_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)
+    lse = out[1]
+    return out[0], lse.squeeze(-1) if lse.dim() == 4 else lse  # (B, H, S, 1) in torch 2.11
+
+
+def _flash_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+    return out[0], out[1]
+
+
+def _efficient_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)
+    return out[0], out[1][..., :q.shape[2]]  # its log-sum-exp is padded to a multiple of 32
+
+
+def _cpu_lse(torch, q, k, v):
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+    return out[0], out[1]
+
+
+# Attention kernels that return the log-sum-exp, fastest first. On one H200 (torch 2.11, cuDNN 9.19,
+# float16, a ring block of 28160 queries x 14080 keys x 32 heads x 128): cuDNN 10.9 ms, flash
+# 19.7 ms; memory-efficient took twice flash's time on the whole sequence. The CPU kernel lets the
+# layouts be tested without GPUs.
+LSE_KERNELS = (("cudnn", _cudnn_lse), ("flash", _flash_lse), ("efficient", _efficient_lse), ("cpu", _cpu_lse))
+_lse_choice: dict = {}  # (device, dtype, shapes, strides) of q, k, v -> (kernel index, contiguous) that took them
+
+
+def _layout_key(q, k, v):
+    return tuple((str(t.device), t.dtype, tuple(t.shape), t.stride()) for t in (q, k, v))
+
+
+def lse_kernel_names(layouts) -> list[str]:
+    """The kernels attention_with_lse chose for these (q, k, v) triples, as "name (strided)" or
+    "name (contiguous copies)"; layouts not attended yet are left out."""
+    names = set()
+    for q, k, v in layouts:
+        choice = _lse_choice.get(_layout_key(q, k, v))
+        if choice is not None:
+            names.add(f"{LSE_KERNELS[choice[0]][0]} ({'contiguous copies' if choice[1] else 'strided'})")
+    return sorted(names)
+
+
 def attention_with_lse(torch, q, k, v):
-    """Attention output (B, H, Sq, D) and its log-sum-exp (B, H, Sq) float32, through the flash
-    kernel (as torch's own context parallelism does), else the memory-efficient one."""
-    errors = []
-    for contiguous in (False, True):  # strided (B, H, S, D) views first, copies if a kernel refuses them
-        args = tuple(t.contiguous() for t in (q, k, v)) if contiguous else (q, k, v)
-        try:
-            out = torch.ops.aten._scaled_dot_product_flash_attention(*args, 0.0, False, False)
-            return out[0], out[1]
-        except RuntimeError as error:
-            errors.append(f"flash: {error}")
-        try:
-            out = torch.ops.aten._scaled_dot_product_efficient_attention(*args, None, True)
-            return out[0], out[1][..., :q.shape[2]]  # its log-sum-exp is padded to a multiple of 32
-        except RuntimeError as error:
-            errors.append(f"efficient: {error}")
-    raise RuntimeError("no attention kernel returned the log-sum-exp: " + "; ".join(errors))
+    """Attention output (B, H, Sq, D) and its log-sum-exp (B, H, Sq) float32 through the first of
+    LSE_KERNELS that takes the inputs: each is tried on the strided (B, H, S, D) views first, then
+    on contiguous copies. The kernel and layout that worked are remembered per input layout, so the
+    refusals are paid once. RuntimeError lists every kernel's refusal when none takes them;
+    torch.cuda.OutOfMemoryError passes through (a slower kernel must not hide it)."""
+    key = _layout_key(q, k, v)
+    if key in _lse_choice:
+        index, contiguous = _lse_choice[key]
+        return LSE_KERNELS[index][1](torch, *(t.contiguous() if contiguous else t for t in (q, k, v)))
+    errors, copies = [], None
+    for index, (name, kernel) in enumerate(LSE_KERNELS):
+        for contiguous in (False, True):
+            if contiguous:
+                if all(t.is_contiguous() for t in (q, k, v)):
+                    continue
+                copies = copies or tuple(t.contiguous() for t in (q, k, v))
+            try:
+                result = kernel(torch, *(copies if contiguous else (q, k, v)))
+            except torch.cuda.OutOfMemoryError:
+                raise  # a result (the sequence does not fit), not a refusal to fall back from
+            except RuntimeError as error:  # NotImplementedError too: the kernel is absent for this device
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                errors.append(f"{name}{' (contiguous copies)' if contiguous else ''}: {first}")
+                continue
+            _lse_choice[key] = (index, contiguous)
+            return result
+    raise RuntimeError("no attention kernel returned the log-sum-exp for q, k, v of shapes "
+                       f"{[tuple(t.shape) for t in (q, k, v)]} {q.dtype}: " + "; ".join(errors))
 
 
 class Strategy:
@@ -230,44 +334,107 @@ class AllGatherKV(Strategy):
     def outputs(self):
         return self.out
 
+    def kernels(self) -> list[str]:
+        """The log-sum-exp kernels its attention used (the own chunk's and the blocks' layouts)."""
+        st = self.st
+        layouts = [(self.q[r], st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
+                   for r in range(st.n) for kv in (self.kv_own[r], self.recv[r][0])]
+        return lse_kernel_names(layouts)
+
 
 class Ulysses(Strategy):
-    def __init__(self, torch, group, st):
+    """Sequence shards to head shards and back by all_to_all, in groups of each rank's H/N heads
+    (``group_heads``: heads per group), pipelined: while group g attends (on a second stream),
+    group g+1's Q/K/V travel to their heads and group g-1's output travels back, so only the first
+    group's exchange to heads and the last group's exchange back are exposed (small first and last
+    groups keep those short). Each group has its own buffers, laid out so that each exchange is one
+    contiguous all_to_all per direction. One group: attention on the current stream between the
+    two exchanges, no second stream."""
+
+    def __init__(self, torch, group, st, group_heads: list[int]):
         super().__init__(torch, group, st)
         n, hn = st.n, st.h // st.n
-        self.send, self.recv, self.back, self.result = [], [], [], []
+        if sum(group_heads) != hn:
+            raise ValueError(f"ulysses head groups {group_heads} must add up to the {hn} heads per GPU")
+        self.group_heads, self.head_groups = list(group_heads), len(group_heads)
+        starts = [sum(group_heads[:g]) for g in range(len(group_heads))]
+        # Per group g, per rank: send (N, S/N, 3, B, hg, D), slot j (heads j*H/N + start_g ...) for
+        # rank j, as the projection that writes Q/K/V can lay them out for free; recv, slot i = rank
+        # i's rows = sequence block i; back (N, S/N, B, hg, D) = (S, B, hg, D), slot j = sequence
+        # block j for rank j; result, slot i = heads chunk i's group g for this rank's rows.
+        self.send, self.recv, self.back, self.result = ([[] for _ in group_heads] for _ in range(4))
+        self.streams = []
         for r, gpu in enumerate(st.gpus):
             q, k, v = (st.rank_rows(t, r).to(device(gpu)) for t in st.full)
-            packed = torch.stack([q, k, v], dim=1)  # (S/N, 3, B, H, D)
-            # Heads-chunk-major: slot j (heads j*H/N...) goes to rank j.
-            send = packed.view(st.chunk, 3, st.b, n, hn, st.d).permute(3, 0, 1, 2, 4, 5).contiguous()
-            self.send.append(send)  # (N, S/N, 3, B, H/N, D)
-            self.recv.append(torch.empty_like(send))  # slot i: rank i's rows = sequence block i
-            self.back.append(torch.empty((n, st.chunk, st.b, hn, st.d), dtype=torch.float16, device=device(gpu)))
-            self.result.append(torch.empty_like(self.back[-1]))
-        self.to_heads = group.prepare_collective("all_to_all", self.send, out=self.recv)
-        self.to_sequence = group.prepare_collective("all_to_all", self.back, out=self.result)
-        self.kv_tensors = [t[:, :, 1:] for t in self.send + self.recv]
+            packed = torch.stack([q, k, v], dim=1).view(st.chunk, 3, st.b, n, hn, st.d)  # (S/N, 3, B, H, D)
+            for g, (start, hg) in enumerate(zip(starts, group_heads)):
+                send = packed[..., start:start + hg, :].permute(3, 0, 1, 2, 4, 5).contiguous()
+                self.send[g].append(send)
+                self.recv[g].append(torch.empty_like(send))
+                self.back[g].append(torch.empty((n, st.chunk, st.b, hg, st.d), dtype=torch.float16,
+                                                device=device(gpu)))
+                self.result[g].append(torch.empty_like(self.back[g][-1]))
+            self.streams.append(torch.cuda.Stream(device=device(gpu)) if len(group_heads) > 1 else None)
+        self.to_heads = [group.prepare_collective("all_to_all", self.send[g], out=self.recv[g])
+                         for g in range(self.head_groups)]
+        self.to_sequence = [group.prepare_collective("all_to_all", self.back[g], out=self.result[g])
+                            for g in range(self.head_groups)]
+        self.kv_tensors = [t[:, :, 1:] for g in range(self.head_groups) for t in self.send[g] + self.recv[g]]
 
     def comm(self):
-        self.to_heads()
-        self.to_sequence()
+        for call in self.to_heads + self.to_sequence:
+            call()
+
+    def _attend(self, r, g):
+        """Group g's attention on rank r over the whole sequence, its output copied into back[g]."""
+        st, hg = self.st, self.group_heads[g]
+        whole = self.recv[g][r].view(st.s, 3, st.b, hg, st.d)  # (S, 3, B, hg, D)
+        out = sdpa(self.torch, *(st.heads_view(whole[:, i]) for i in range(3)))  # (B, hg, S, D)
+        self.back[g][r].view(st.s, st.b, hg, st.d).copy_(out.permute(2, 0, 1, 3))
 
     def run(self):
-        st = self.st
-        self.to_heads()
+        torch, st = self.torch, self.st
+        if self.head_groups == 1:
+            self.to_heads[0]()
+            for r, gpu in enumerate(st.gpus):
+                with torch.cuda.device(gpu):
+                    self._attend(r, 0)
+            self.to_sequence[0]()
+            return
         for r, gpu in enumerate(st.gpus):
-            with self.torch.cuda.device(gpu):
-                whole = self.recv[r].view(st.s, 3, st.b, st.h // st.n, st.d)  # (S, 3, B, H/N, D)
-                out = sdpa(self.torch, *(st.heads_view(whole[:, i]) for i in range(3)))  # (B, H/N, S, D)
-                # Into the send layout (S, B, H/N, D) = slot j holds sequence block j for rank j.
-                self.back[r].view(st.s, st.b, st.h // st.n, st.d).copy_(out.permute(2, 0, 1, 3))
-        self.to_sequence()
+            self.streams[r].wait_stream(torch.cuda.current_stream(gpu))
+        attended = [None] * self.head_groups  # per group: each rank's event after its attention and copy
+        self.to_heads[0]()  # exposed: nothing to attend yet
+        for g in range(self.head_groups):
+            # The exchange that filled recv[g] has finished on every GPU (the call returned), so the
+            # second stream may read it without an event.
+            attended[g] = []
+            for r, gpu in enumerate(st.gpus):
+                with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
+                    self._attend(r, g)
+                    event = torch.cuda.Event()
+                    event.record(self.streams[r])
+                    attended[g].append(event)
+            if g + 1 < self.head_groups:
+                self.to_heads[g + 1]()  # while group g attends
+            if g > 0:
+                self._back(g - 1, attended)  # while group g attends
+        self._back(self.head_groups - 1, attended)  # exposed: nothing left to attend
+        for r, gpu in enumerate(st.gpus):
+            torch.cuda.current_stream(gpu).wait_stream(self.streams[r])
+
+    def _back(self, g, attended):
+        """Exchange group g's output back, once its attention and copy finished on every GPU: the
+        collective orders itself after the current stream, which waits for that event only."""
+        for r, gpu in enumerate(self.st.gpus):
+            self.torch.cuda.current_stream(gpu).wait_event(attended[g][r])
+        self.to_sequence[g]()
 
     def outputs(self):
         st = self.st
-        # result[r]: (N, S/N, B, H/N, D), slot i = heads chunk i -> (B, H, S/N, D)
-        return [t.permute(2, 0, 3, 1, 4).reshape(st.b, st.h, st.chunk, st.d) for t in self.result]
+        # result[g][r]: (N, S/N, B, hg, D), slot i = heads i*H/N + start_g ... -> (B, H, S/N, D)
+        return [self.torch.cat([self.result[g][r].permute(2, 0, 3, 1, 4) for g in range(self.head_groups)], dim=2)
+                .reshape(st.b, st.h, st.chunk, st.d) for r in range(st.n)]
 
 
 class Ring(Strategy):
@@ -289,7 +456,8 @@ class Ring(Strategy):
             # Slots 0 and 1 alternate for received blocks; slot 2 takes the root's own block.
             self.recv.append([torch.empty((rows, 2, st.b, st.h, st.d), dtype=torch.float16, device=device(gpu))
                               for _ in range(3)])
-            self.streams.append(torch.cuda.Stream(device=device(gpu)))
+            self.streams.append(torch.cuda.Stream(device=device(gpu)))  # attention
+        self.fold_streams = [torch.cuda.Stream(device=device(gpu)) for gpu in st.gpus]  # merging the results
         self.order = [(root, b) for b in range(blocks) for root in range(st.n)]
         received = [0] * st.n
         self.slots, self.calls = [], []
@@ -306,33 +474,60 @@ class Ring(Strategy):
             self.calls.append(group.prepare_collective("broadcast", inputs, root=root,  # a world rank
                                                        out=[bufs[slot] for bufs, slot in zip(self.recv, slots)]))
         self.kv_tensors = self.kv_own + [b for bufs in self.recv for b in bufs]
-        self.acc = [None] * st.n
-        self.lse = [None] * st.n
+        self.folds = 1 + (st.n - 1) * blocks  # attention results each rank merges: its own chunk, others' blocks
+        self.out = [torch.empty((st.b, st.h, st.chunk, st.d), dtype=torch.float16, device=device(gpu))
+                    for gpu in st.gpus]
+        self.part, self.lse, self.seen = [None] * st.n, [None] * st.n, [0] * st.n
 
     def comm(self):
         for call in self.calls:
             call()
 
     def _fold(self, r, k, v):
-        """Merge attention over one K/V block into rank r's float32 output by log-sum-exp."""
+        """Attend rank r's queries to one K/V block (on the current stream, its attention stream)
+        and merge the result into its output by log-sum-exp on its fold stream, which waits for
+        that attention only: the merge, memory-bound, overlaps the next block's attention. Returns
+        the event after the attention (the K/V buffer may be refilled once it passed).
+
+        The merge sums in float32 and keeps every partial result normalized (weights
+        exp(lse_i - lse_all) sum to one), so the full-size passes are few: the first result is kept
+        as the kernel returned it (float16); the second makes the float32 sum in one pass from both
+        (plus the temporary product); later ones rescale it and add in place (two passes); the last
+        writes the float16 output straight from the float32 sums."""
         torch = self.torch
         out, lse = attention_with_lse(torch, self.q[r], k, v)
-        if self.acc[r] is None:
-            self.acc[r], self.lse[r] = out.float(), lse
-            return
-        new = torch.logaddexp(self.lse[r], lse)
-        self.acc[r].mul_(torch.exp(self.lse[r] - new).unsqueeze(-1))
-        self.acc[r].addcmul_(out, torch.exp(lse - new).unsqueeze(-1))  # no float32 copy of out
-        self.lse[r] = new
+        attended = torch.cuda.Event()
+        attended.record(self.streams[r])
+        fold = self.fold_streams[r]
+        with torch.cuda.stream(fold):
+            fold.wait_event(attended)
+            for t in (out, lse):  # made on the attention stream, read on this one: not reused before
+                t.record_stream(fold)
+            self.seen[r] += 1
+            if self.seen[r] == 1:
+                self.part[r], self.lse[r] = out, lse
+                return attended
+            new = torch.logaddexp(self.lse[r], lse)  # (B, H, S) float32: cheap
+            keep = torch.exp(self.lse[r] - new).unsqueeze(-1)
+            add = torch.exp(lse - new).unsqueeze(-1)
+            self.lse[r] = new
+            if self.seen[r] == self.folds:
+                torch.addcmul(out * add, self.part[r], keep, out=self.out[r])  # float32 math, float16 result
+                self.part[r] = self.lse[r] = None
+            elif self.seen[r] == 2:
+                self.part[r] = torch.addcmul(out * add, self.part[r], keep)  # float16 x float32 -> float32 sums
+            else:
+                self.part[r].mul_(keep).addcmul_(out, add)
+        return attended
 
     def run(self):
         torch, st = self.torch, self.st
         done = [[None, None, None] for _ in st.gpus]
-        self.acc, self.lse = [None] * st.n, [None] * st.n
+        self.seen = [0] * st.n
         for r, gpu in enumerate(st.gpus):
-            stream = self.streams[r]
-            stream.wait_stream(torch.cuda.current_stream(gpu))
-            with torch.cuda.device(gpu), torch.cuda.stream(stream):
+            for stream in (self.streams[r], self.fold_streams[r]):
+                stream.wait_stream(torch.cuda.current_stream(gpu))
+            with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                 kv = self.kv_own[r]
                 self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))  # own chunk, while blocks travel
         for index, (root, _) in enumerate(self.order):
@@ -347,22 +542,27 @@ class Ring(Strategy):
                 slot = self.slots[index][r]
                 with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                     kv = self.recv[r][slot]
-                    self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
-                    event = torch.cuda.Event()
-                    event.record(self.streams[r])
-                    done[r][slot] = event
+                    done[r][slot] = self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
         for r, gpu in enumerate(st.gpus):
-            torch.cuda.current_stream(gpu).wait_stream(self.streams[r])
+            for stream in (self.streams[r], self.fold_streams[r]):
+                torch.cuda.current_stream(gpu).wait_stream(stream)
 
     def outputs(self):
-        return [a.to(self.torch.float16) for a in self.acc]
+        return self.out
+
+    def kernels(self) -> list[str]:
+        """The log-sum-exp kernels its attention used (the own chunk's and the blocks' layouts)."""
+        st = self.st
+        layouts = [(self.q[r], st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))
+                   for r in range(st.n) for kv in (self.kv_own[r], self.recv[r][0])]
+        return lse_kernel_names(layouts)
 
 
 def make_strategy(name, torch, group, st, args):
     if name == "allgather_kv":
         return AllGatherKV(torch, group, st, args.kv_head_groups)
     if name == "ulysses":
-        return Ulysses(torch, group, st)
+        return Ulysses(torch, group, st, args.ulysses_group_heads)
     return Ring(torch, group, st, args.ring_blocks)
 
 
@@ -423,6 +623,8 @@ def measure_sequence(torch, mdtrt, group, args, sequence: int) -> dict:
                 "median_ms": median, "times_ms": total, "speedup": point["single"]["median_ms"] / median,
                 "comm_ms": comm_median, "comm_share": comm_median / median, "peak_bytes": peaks,
                 "kv_bytes": strategy.kv_bytes(), **check}
+            if hasattr(strategy, "kernels"):
+                point["strategies"][name]["lse_kernels"] = strategy.kernels()
             del strategy
         except Exception as error:  # noqa: BLE001 - one strategy failing (e.g. out of memory) is a result
             point["strategies"][name] = {"error": f"{type(error).__name__}: {error}"}
@@ -442,11 +644,14 @@ def run(args) -> dict:
     budget = bl.Deadline(args.timeout or 240)
     result = {"config": {"gpus": args.gpu_list, "heads": args.heads, "head_dim": args.head_dim, "batch": args.batch,
                          "dtype": "float16", "iterations": args.iteration_count, "ring_blocks": args.ring_blocks,
-                         "kv_head_groups": args.kv_head_groups,
+                         "kv_head_groups": args.kv_head_groups, "ulysses_group_heads": args.ulysses_group_heads,
                          "strategies": args.strategy_list, "tolerance": [ATOL, RTOL]},
               "method": "CUDA events on every GPU's current stream around each forward pass, median, slowest GPU; "
                         "collectives through DeviceGroup.prepare_collective on preallocated torch buffers; attention "
-                        "through torch scaled_dot_product_attention (ring: flash attention with log-sum-exp)",
+                        "through torch scaled_dot_product_attention (ring: the cuDNN kernel with log-sum-exp, else "
+                        "flash, else memory-efficient; lse_kernels says which ran); ulysses exchanges in "
+                        f"{len(args.ulysses_group_heads)} pipelined groups of "
+                        f"{'+'.join(map(str, args.ulysses_group_heads))} heads per GPU",
               "points": [], "skipped": []}
     with mdtrt.DeviceGroup(gpus=args.gpu_list, timeout=120) as group:
         for sequence in args.sequence_list:
