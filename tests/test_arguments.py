@@ -4,6 +4,8 @@ the checks come before anything touches a GPU)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 import pytest
 
@@ -119,7 +121,9 @@ def stub_runner() -> EngineRunner:
     runner.group = [0, 1]  # only its length is used
     runner._native = StubRunnerNative()
     runner._inputs = [("input", "float32", (-1,))]
+    runner._input_names = ("input",)
     runner._devices = [0, 1]
+    runner._calls = OrderedDict()
     runner._output_specs = {}
     runner.replication = "auto"
     return runner

@@ -3,6 +3,7 @@ native runner, so it is tested on any machine."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,13 +22,20 @@ class StubNative:
     def __init__(self, ranks=2):
         self.calls = []
         self.prepared = []
+        self.addresses = []
         self.ranks = ranks
 
     def prepare(self, *args):
-        """Like the extension's: the arguments once, then a call that may get other outputs."""
+        """Like the extension's: the arguments once, then a call that may get other outputs, or
+        run on other addresses (run_at)."""
         def call(outputs=None):
             return self.infer(*args[:-1], args[-1] if outputs is None else outputs)
 
+        def run_at(addresses, outputs):
+            self.addresses.append(addresses)
+            return self.infer(*args[:-1], outputs)
+
+        call.run_at = run_at
         self.prepared.append(args)
         return call
 
@@ -77,8 +85,10 @@ def test_engine_runner_prepare_checks_names_once():
     runner.group = [0, 1]  # only its length is used here
     runner._native = StubNative()
     runner._inputs = [("input", "float32", (-1,))]
+    runner._input_names = ("input",)
     runner._devices = [0, 1]
     runner._output_specs = {}
+    runner._calls = OrderedDict()
     runner.replication = "auto"
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"missing \['input'\]"):
         runner.prepare({"x": np.ones(2, np.float32)})
@@ -177,3 +187,67 @@ def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
     again = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], spec_cache=cache)
     again()
     assert len(allocations) == 2  # learnt once: the new call allocates from its first run
+
+
+def stub_engine_runner(native):
+    runner = EngineRunner.__new__(EngineRunner)
+    runner.group = [0, 1]  # only its length is used here
+    runner._native = native
+    runner._inputs = [("input", "float32", (-1,))]
+    runner._input_names = ("input",)
+    runner._devices = [0, 1]
+    runner._output_specs = {}
+    runner._calls = OrderedDict()
+    runner._cuda_graph = False
+    runner.replication = "auto"
+    return runner
+
+
+def test_infer_keeps_one_prepared_call_per_signature():
+    """infer on new arrays each time: prepared once per (dtype, shape, options), then run on each
+    call's own addresses; the kept call holds none of the arrays."""
+    import gc
+    import weakref
+
+    native = StubNative()
+    runner = stub_engine_runner(native)
+    xs = [np.full(4, i, np.float32) for i in range(3)]
+    for x in xs:
+        out = runner.infer({"input": x})
+        np.testing.assert_array_equal(out["output"], np.full((2, 2), 1, np.float32))
+    assert len(native.prepared) == 1
+    assert [a[0][0][0] for a in native.addresses] == [x.__array_interface__["data"][0] for x in xs]
+    assert all(a[0] == a[1] for a in native.addresses)  # one shared input: the same address on every rank
+    runner.infer({"input": np.ones(6, np.float32)})  # another shape: another call
+    runner.infer({"input": np.ones(6, np.float32)}, all_ranks=True)  # another option: another call
+    assert len(native.prepared) == 3 and len(runner._calls) == 3
+    alive = weakref.ref(xs[0])
+    del xs, x
+    gc.collect()
+    assert alive() is None
+
+
+def test_one_shot_collective_keeps_one_call_per_signature(monkeypatch):
+    """DeviceGroup.collective on new arrays each time: one native prepare per signature, run on
+    each call's addresses."""
+    from mdtrt import _core
+    from mdtrt.device_group import DeviceGroup
+
+    native = StubNative()
+
+    class GroupNative:
+        num_local_ranks, ranks, devices, world_size = 2, [0, 1], [0, 1], 2
+
+    monkeypatch.setattr(_core, "CollectiveProgram", lambda *a: "program")
+    monkeypatch.setattr(_core, "ProgramRunner", lambda *a: native)
+    group = DeviceGroup.__new__(DeviceGroup)
+    group._adopt(GroupNative())
+    arrays = [[np.full(4, i, np.float32), np.full(4, -i, np.float32)] for i in range(3)]
+    for xs in arrays:
+        outs = group.all_reduce(xs)
+        assert len(outs) == 2
+    assert len(native.prepared) == 1 and len(native.addresses) == 3
+    assert native.addresses[-1] == [[(x.__array_interface__["data"][0], 0)] for x in arrays[-1]]
+    group.all_gather(arrays[0])
+    group.all_reduce([np.ones(8, np.float32)] * 2)
+    assert len(native.prepared) == 3

@@ -131,6 +131,7 @@ class EngineRunner:
         self._native = _core.ProgramRunner(native_group, [program] * n, sequential_bind)
         self._native.cuda_graphs = self._cuda_graph = bool(cuda_graph)
         self._inputs = [spec for spec in self._native.input_specs(0)]
+        self._input_names = tuple(name for name, _, _ in self._inputs)
         # Output (name, dtype, shape) per rank by the inputs' dtypes and shapes, learnt from calls:
         # torch callers' outputs then come from torch's caching allocator (see PreparedCall).
         self._output_specs: dict = {}
@@ -164,13 +165,16 @@ class EngineRunner:
         return self._native.last_replication
 
     def _refs(self, inputs: Mapping[str, Any]) -> list:
-        names = self.input_names
+        names = self._input_names
+        if len(inputs) == len(names):
+            try:  # the common case, checked by looking every name up once
+                return [describe(inputs[name], f"input '{name}'") for name in names]
+            except KeyError:
+                pass
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names]
-        if missing or extra:
-            raise InvalidArgumentError(
-                f"inputs do not match the engine: missing {missing}, unexpected {extra}; the engine takes {names}")
-        return [describe(inputs[name], f"input '{name}'") for name in names]
+        raise InvalidArgumentError(
+            f"inputs do not match the engine: missing {missing}, unexpected {extra}; the engine takes {list(names)}")
 
     def infer(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
               poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
@@ -276,12 +280,13 @@ class EngineRunner:
         poison_outputs = arguments.flag(poison_outputs, "poison_outputs")
         if timeout is not None:
             timeout = arguments.seconds(timeout, "timeout")
-        shared = isinstance(inputs, Mapping)
+        shared = type(inputs) is dict or isinstance(inputs, Mapping)
         if shared:
             refs = self._refs(inputs)
             per_rank = [refs] * n
         else:
-            if not isinstance(inputs, (list, tuple)) or not all(isinstance(d, Mapping) for d in inputs):
+            if not isinstance(inputs, (list, tuple)) or not all(type(d) is dict or isinstance(d, Mapping)
+                                                                for d in inputs):
                 raise arguments.fail("inputs", "a dict of input name to array, or a list of such dicts (one per "
                                      "local rank)", inputs)
             if len(inputs) != n:
