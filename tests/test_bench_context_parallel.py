@@ -33,9 +33,9 @@ def test_arguments(bench):
     args = bench.parse_args(["--sequences", "8192,56320", "--strategies", "ring", "--iterations", "5"])
     assert args.sequence_list == [8192, 56320] and args.strategy_list == ["ring"] and args.iteration_count == 5
     assert bench.parse_args([]).sequence_list == list(bench.DEFAULT_SEQUENCES)
-    # Ulysses' head groups: the default where it divides the heads per GPU, else one; a given count must divide.
-    assert bench.DEFAULT_ULYSSES_HEAD_GROUPS == 2
-    assert bench.parse_args([]).ulysses_group_heads == [8, 8]  # 32 heads over 2 GPUs: 16 per GPU
+    # Ulysses' head groups: one by default; a given count must divide the heads per GPU.
+    assert bench.DEFAULT_ULYSSES_HEAD_GROUPS == 1
+    assert bench.parse_args([]).ulysses_group_heads == [16]  # 32 heads over 2 GPUs: 16 per GPU, one group
     assert bench.parse_args(["--heads", "6"]).ulysses_group_heads == [3]  # 3 heads per GPU: one group
     assert bench.parse_args(["--smoke", "--gpus", "0,1,2,3"]).ulysses_group_heads == [1]  # 4 heads: 1 per GPU
     assert bench.parse_args(["--ulysses-head-groups", "16"]).ulysses_group_heads == [1] * 16  # a count
