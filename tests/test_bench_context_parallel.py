@@ -493,10 +493,10 @@ def test_smoke_run_on_gpus(tmp_path):  # pragma: no cover - needs 2 GPUs and tor
 
 
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("groups", ["1", "4", "2,4,2"])
+@pytest.mark.parametrize("groups", ["2", "4", "2,4,2"])
 def test_ulysses_head_groups_on_gpus(tmp_path, groups):  # pragma: no cover - needs 2 GPUs and torch
-    """Ulysses with one exchange each way (as before the pipeline), with 4 pipelined groups and with
-    unequal ones (the smoke run covers the default, 2): all match the one-GPU output."""
+    """Ulysses pipelined over 2 and 4 groups of heads and over unequal ones (the smoke run covers
+    the default, one exchange each way): all match the one-GPU output."""
     pytest.importorskip("torch")
     import json
 
@@ -507,6 +507,8 @@ def test_ulysses_head_groups_on_gpus(tmp_path, groups):  # pragma: no cover - ne
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     result = json.loads(out.read_text())
-    assert len(result["config"]["ulysses_group_heads"]) == len(groups.split(","))
+    sizes = [int(x) for x in groups.split(",")]
+    expected = [8 // sizes[0]] * sizes[0] if len(sizes) == 1 else sizes  # a count of equal groups, or the sizes
+    assert result["config"]["ulysses_group_heads"] == expected  # --smoke --heads 16 on 2 GPUs: 8 heads per GPU
     for point in result["points"]:
         assert point["strategies"]["ulysses"].get("passed"), point
