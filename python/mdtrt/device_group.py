@@ -248,6 +248,13 @@ class DeviceGroup:
             ``out`` buffer of the wrong size or GPU (found before any rank enqueues anything).
         RankTimeoutError
             A rank did not finish within the group's timeout (the group is unusable after).
+
+        Notes
+        -----
+        The group keeps one prepared call per argument signature (op, reduce, root, groups, dtype,
+        shape, array kind and GPUs, ``out`` given or not; the 64 most recent): a loop of calls on
+        new arrays checks each call's arguments but converts and plans them once. The kept call
+        holds none of the arrays. ``prepare_collective`` also skips reading the arrays per call.
         """
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
                                                          sequential_bind)

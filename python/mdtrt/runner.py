@@ -212,6 +212,13 @@ class EngineRunner:
             an ``outputs`` buffer of the wrong size or GPU: found before any rank enqueues.
         TensorRTError, RankTimeoutError
             The engine failed on a rank; a rank did not finish within the timeout.
+
+        Notes
+        -----
+        The runner keeps one prepared call per argument signature (each input's kind, dtype, shape
+        and GPU, one dict or one per rank, and the options; the 16 most recent): a loop of calls on
+        new arrays checks each call's arguments but converts and plans them once. The kept call
+        holds none of the arrays. ``prepare`` also skips reading the arrays per call.
         """
         per_rank, shared, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
             inputs, all_ranks, poison_outputs, replication, timeout, outputs)
