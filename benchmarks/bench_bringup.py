@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    bl.exit_unless_ready("bench_bringup", bl.parse_gpus(args.gpus), torch_needed=args.torch_reference)
     result = run(args)
     bl.write_json(args.out, result)
     fx = result["file_exchange"]

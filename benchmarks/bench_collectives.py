@@ -489,6 +489,13 @@ def main(argv=None) -> int:
     if args.raw_worker:
         raw_worker(args.raw_worker, args.rank)
         return 0
+    sizes = bl.parse_sizes(args.sizes) if args.sizes else default_sizes(args.quick)
+    outside = [s for s in (bl.parse_sizes(args.entry_sizes) if args.entry_sizes else []) if s not in sizes]
+    if outside:
+        build_parser().error(f"--entry-sizes {', '.join(bl.format_size(s) for s in outside)} not among the measured "
+                             f"sizes ({', '.join(bl.format_size(s) for s in sizes)}): add them to --sizes or pick from "
+                             "these")
+    bl.exit_unless_ready("bench_collectives", bl.parse_gpus(args.gpus), minimum=2)
     result = run(args)
     link = result["link_limit"]["peer_copy_gbps"]
     print(f"collectives: peer copy {link:.1f} GB/s; raw reference: "

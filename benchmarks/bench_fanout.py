@@ -113,6 +113,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    bl.exit_unless_ready("bench_fanout", bl.parse_gpus(args.gpus))
     result = run(args)
     bl.write_json(args.out, result)
     added = ", ".join(f"N={n}: +{r['added_us']:.1f} us (prepared +{result['prepared'][n]['added_us']:.1f} us)"

@@ -111,6 +111,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    bl.exit_unless_ready("bench_replication", bl.parse_gpus(args.gpus))
     result = run(args)
     bl.write_json(args.out, result)
     last = result["points"][-1] if result["points"] else None

@@ -157,6 +157,42 @@ def time_calls(fn, iterations: int) -> list[float]:
     return times
 
 
+def readiness(gpus: list[int], torch_needed: bool = True, minimum: int = 1) -> str | None:
+    """Why a benchmark cannot run on this machine (one sentence), or None.
+
+    Parameters
+    ----------
+    gpus : list of int
+        The GPU ids the benchmark would use.
+    torch_needed : bool
+        The benchmark uses PyTorch (CUDA tensors, CUDA events, torch.distributed as the reference).
+    minimum : int
+        The fewest GPUs it runs on.
+    """
+    import importlib.util
+
+    if torch_needed and importlib.util.find_spec("torch") is None:
+        return ("needs PyTorch with CUDA (pip install torch, or pip install '.[bench]'): the benchmarks pass torch "
+                "CUDA tensors and time with CUDA events")
+    try:
+        from mdtrt import _core
+    except ImportError as error:
+        return f"needs mdtrt installed ({error})"
+    count = _core.visible_gpu_count()
+    if count < max(minimum, len(gpus)) or any(g >= count for g in gpus):
+        return (f"needs {max(minimum, len(gpus))} CUDA GPUs ({gpus}); {count} visible "
+                "(`python -m mdtrt doctor` says why)")
+    return None
+
+
+def exit_unless_ready(name: str, gpus: list[int], torch_needed: bool = True, minimum: int = 1) -> None:
+    """Exits with status 2 and one line on stderr when :func:`readiness` names a reason."""
+    reason = readiness(gpus, torch_needed, minimum)
+    if reason:
+        print(f"{name}: cannot run: {reason}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class Deadline:
     """A wall-clock budget shared by the steps of a benchmark."""
 

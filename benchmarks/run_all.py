@@ -47,10 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=bl.name_list(BENCHMARKS), default=None,
                    help=f"benchmarks to run, from {','.join(BENCHMARKS)} (default: {','.join(DEFAULT_BENCHMARKS)})")
     p.add_argument("--context-parallel", action="store_true",
-                   help="also run bench_context_parallel.py (adds up to 300 s, quick 120 s, to the budget)")
+                   help="also run bench_context_parallel.py (adds up to 300 s, quick 120 s, to the default budget; "
+                        "an explicit --budget covers it too)")
     p.add_argument("--entry-sizes", type=bl.optional_size_list, default="1K,64M",
                    help="sizes at which the collectives benchmark measures every entry point (default 1K,64M)")
-    p.add_argument("--budget", type=bl.positive_float, default=None, help="seconds for the whole run (default 355, quick 110)")
+    p.add_argument("--budget", type=bl.positive_float, default=None, help="seconds for the whole run (default 355, quick 110; with --context-parallel 655, quick 230)")
     p.add_argument("--markdown", type=bl.output_file, default=None, help="also write this BENCHMARKS.md (same as report.py)")
     return p
 
@@ -72,13 +73,29 @@ def bench_command(name: str, args, part_path: str, limit: float) -> list[str]:
     return cmd
 
 
+def selected_benchmarks(args) -> list[str]:
+    """The benchmarks this run runs, in order (--only, else the defaults; --context-parallel adds one)."""
+    selected = [b for b in (args.only.split(",") if args.only else DEFAULT_BENCHMARKS) if b]
+    if args.context_parallel and "context_parallel" not in selected:
+        selected.append("context_parallel")
+    return selected
+
+
+def check_machine(args) -> None:
+    """Exits with status 2 and one line when this machine cannot run the selected benchmarks (no
+    torch, too few GPUs), before anything starts."""
+    selected = selected_benchmarks(args)
+    # bring-up alone needs torch only for its torch.distributed reference (full mode).
+    torch_needed = any(b != "bringup" for b in selected) or not args.quick
+    minimum = 2 if any(b in ("collectives", "context_parallel") for b in selected) else 1
+    bl.exit_unless_ready("run_all", bl.parse_gpus(args.gpus), torch_needed=torch_needed, minimum=minimum)
+
+
 def run(args) -> dict:
     out_dir = os.path.abspath(args.out)
     parts_dir = os.path.join(out_dir, "parts")
     os.makedirs(parts_dir, exist_ok=True)
-    selected = [b for b in (args.only.split(",") if args.only else DEFAULT_BENCHMARKS) if b]
-    if args.context_parallel and "context_parallel" not in selected:
-        selected.append("context_parallel")
+    selected = selected_benchmarks(args)
     extra = PROCESS_LIMITS["context_parallel"][1 if args.quick else 0] if "context_parallel" in selected else 0
     budget = bl.Deadline(args.budget or (110 if args.quick else 355) + extra)
     gpus = bl.parse_gpus(args.gpus)
@@ -138,6 +155,7 @@ def print_summary(results: dict) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_machine(args)
     started = time.monotonic()
     results = run(args)
     out_dir = os.path.abspath(args.out)

@@ -422,3 +422,38 @@ def test_argument_types_accept_what_they_document(bench_modules):
     assert bl.size_list("1K,64M") == "1K,64M" and bl.optional_size_list("") == ""
     assert bl.gpu_ids("0,3") == "0,3" and bl.positive_int_list("256,512") == "256,512"
     assert bl.name_list(OPS)("gather,scatter") == "gather,scatter"
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("run_all.py", ["--quick"]), ("run_all.py", ["--only", "bringup", "--quick"]), ("bench_collectives.py", []),
+    ("bench_fanout.py", []), ("bench_replication.py", []), ("bench_bringup.py", []), ("bench_context_parallel.py", []),
+])
+def test_a_machine_that_cannot_run_a_benchmark_is_named_in_one_line(script, argv, tmp_path):
+    """No GPU visible (and here possibly no torch): every benchmark stops before any work with exit
+    status 2 and one line saying what is missing, never a traceback or an exit 0 with failed parts."""
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / ("results" if script == "run_all.py" else "out.json")
+    r = subprocess.run([sys.executable, str(BENCH_DIR / script), *argv, "--out", str(out)], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot run: needs" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert ("PyTorch" in lines[0]) or ("CUDA GPUs" in lines[0] and "0 visible" in lines[0])
+    assert not (tmp_path / "results" / "results.json").exists()
+
+
+def test_readiness_names_torch_then_gpus(bench_modules, monkeypatch):
+    import importlib.util
+
+    bl = bench_modules["benchlib"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert "needs PyTorch with CUDA" in bl.readiness([0, 1])
+    assert "needs PyTorch" not in (bl.readiness([0, 1], torch_needed=False) or "")
+
+
+def test_entry_sizes_outside_the_measured_sizes_are_refused(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "bench_collectives.py"), "--quick", "--entry-sizes", "4M",
+                        "--out", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, NCCL_NVLS_ENABLE="0", CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 2 and "--entry-sizes 4 MiB not among the measured sizes" in r.stderr, r.stderr

@@ -233,14 +233,14 @@ def _parser() -> argparse.ArgumentParser:
         help=f"sequence length (default {GPU_DEFAULT_SEQUENCE_LENGTH} on GPUs, "
         f"{CPU_DEFAULT_SEQUENCE_LENGTH} for the CPU verification)",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=1)
-    parser.add_argument("--hidden", type=positive_int, default=4096)
-    parser.add_argument("--heads", type=positive_int, default=32)
-    parser.add_argument("--head-dim", type=positive_int, default=128)
-    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights (inputs use seed + 1)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="batch size (default 1)")
+    parser.add_argument("--hidden", type=positive_int, default=4096, help="hidden size (default 4096)")
+    parser.add_argument("--heads", type=positive_int, default=32, help="attention heads (default 32)")
+    parser.add_argument("--head-dim", type=positive_int, default=128, help="elements per head (default 128)")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="(default float16)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights (inputs use seed + 1; default 0)")
     parser.add_argument("--hint", default=None, help="sharding hints JSON (default: the sample's hint.json for --ranks)")
-    parser.add_argument("--iterations", type=positive_int, default=50, help="timed GPU iterations (median reported)")
+    parser.add_argument("--iterations", type=positive_int, default=50, help="timed GPU iterations (median reported; default 50)")
     parser.add_argument(
         "--mode", choices=("auto", "cpu", "gpu"), default="auto",
         help="auto: GPU run when GPUs and TensorRT are there, CPU verification otherwise",
