@@ -349,12 +349,13 @@ def test_kept_calls_do_not_keep_inputs_alive(group):
 
     torch = pytest.importorskip("torch")
     ts = [torch.randn(64, device=f"cuda:{d}") for d in group.gpus]
-    alive = [weakref.ref(t) for t in ts]
+    outs = [torch.empty_like(t) for t in ts]
+    alive = [weakref.ref(t) for t in ts + outs]
     group.all_reduce(ts)
-    group.all_reduce(ts, out=[torch.empty_like(t) for t in ts])
-    del ts
+    group.all_reduce(ts, out=outs)
+    del ts, outs
     gc.collect()
-    assert all(ref() is None for ref in alive)
+    assert all(ref() is None for ref in alive)  # neither the inputs nor the out= buffers
 
 
 def test_one_shot_out_calls_write_this_calls_buffers(group):

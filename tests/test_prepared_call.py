@@ -251,3 +251,32 @@ def test_one_shot_collective_keeps_one_call_per_signature(monkeypatch):
     group.all_gather(arrays[0])
     group.all_reduce([np.ones(8, np.float32)] * 2)
     assert len(native.prepared) == 3
+
+
+def test_a_kept_call_holds_neither_inputs_nor_outputs():
+    """A call kept per signature (keep_inputs=False) runs on each call's device arrays and outputs
+    and keeps none of them alive (the first call's out= buffers included)."""
+    import gc
+    import weakref
+
+    class Owner:  # stands for a device array (anything weakly referenceable)
+        pass
+
+    def device_ref(ptr, owner):
+        return ArrayRef(ptr, 0, "float32", (4,), owner, "cai", 0)
+
+    native = StubNative()
+    first_in, first_out = Owner(), Owner()
+    call = PreparedCall(native, [[device_ref(0x1000, first_in)]] * 2, fetch_all=True,
+                        out=[{"output": device_ref(0x2000, first_out)}] * 2, keep_inputs=False, output_names=("output",))
+    alive = [weakref.ref(first_in), weakref.ref(first_out)]
+    del first_in, first_out
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="run_on"):
+        call()
+    later_in, later_out = Owner(), Owner()
+    got = call.run_on([[device_ref(0x3000, later_in)]] * 2, [{"output": device_ref(0x4000, later_out)}] * 2)
+    assert got == [{"output": later_out}] * 2
+    assert native.addresses[-1] == [[(0x3000, 0)]] * 2
+    assert native.calls[-1][-1] == [[("output", 0x4000, 16, 0, 0)]] * 2  # this call's output, as a tuple

@@ -49,7 +49,8 @@ class PreparedCall:
         between calls so that later ones allocate torch outputs from the first call.
     keep_inputs : bool, optional
         False for a call kept per argument signature and run only through :meth:`run_on` (it must
-        not keep the first call's arrays alive); ``__call__`` then has no arrays to run on.
+        not keep the first call's arrays, inputs or ``out``, alive); ``__call__`` then has no arrays
+        to run on.
     output_names : sequence of str, optional
         Every output of the program, when known in advance (a collective's one "output"): a call
         whose outputs are all given (``out`` or ``new_out``) then returns them without reading the
@@ -96,7 +97,7 @@ class PreparedCall:
         # Keeps the arrays alive as long as the call can run; a reusable call (run_on only) must not
         # keep the arrays of the call that made it.
         self._refs = per_rank_refs if keep_inputs else None
-        self._out = out
+        self._out = out if keep_inputs else None  # a kept call gets each call's outputs in run_on
         # new_out(): fresh output buffers for every call ([{name: ArrayRef}] per rank), for outputs
         # the caller keeps (torch's caching allocator instead of the runner's pool).
         self._new_out = new_out if out is None and on_device else None
