@@ -280,3 +280,14 @@ def test_a_kept_call_holds_neither_inputs_nor_outputs():
     assert got == [{"output": later_out}] * 2
     assert native.addresses[-1] == [[(0x3000, 0)]] * 2
     assert native.calls[-1][-1] == [[("output", 0x4000, 16, 0, 0)]] * 2  # this call's output, as a tuple
+
+
+def test_out_given_as_host_arrays_is_refused_on_every_call():
+    """The signature includes where out= buffers live: host arrays as out= are refused by the
+    check every new call makes, also after a call with device buffers of the same signature."""
+    native = StubNative()
+    runner = stub_engine_runner(native)
+    x = {"input": np.ones(4, np.float32)}
+    for _ in range(2):
+        with pytest.raises(mdtrt.InvalidArgumentError, match="preallocated outputs"):
+            runner.infer(x, outputs={"output": [np.ones(4, np.float32)] * 2})

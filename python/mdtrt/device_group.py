@@ -260,7 +260,8 @@ class DeviceGroup:
                                                          sequential_bind)
         # One prepared call per argument signature: a loop of one-shot calls (new arrays each time,
         # as users write it) checks, converts and plans its arguments once, not per call.
-        call_key = (key, poison_outputs, out_refs is None, refs[0].kind, refs[0].shape, tuple(r.device for r in refs))
+        call_key = (key, poison_outputs, refs[0].kind, refs[0].shape, tuple(r.device for r in refs),
+                    None if out_refs is None else tuple(o["output"].device for o in out_refs))
         entry = self._calls.get(call_key)
         if entry is None:
             entry = (self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=False),

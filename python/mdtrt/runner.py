@@ -226,7 +226,8 @@ class EngineRunner:
         # converts and plans its arguments once, not per call.
         signature = tuple(tuple((r.kind, r.dtype, r.shape, r.device) for r in refs)
                           for refs in (per_rank[:1] if shared else per_rank))
-        key = (signature, shared, all_ranks, poison_outputs, mode, timeout, out is None)
+        key = (signature, shared, all_ranks, poison_outputs, mode, timeout,
+               None if out is None else tuple(tuple((name, ref.device) for name, ref in given.items()) for given in out))
         call = self._calls.get(key)
         if call is None:
             call = self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, keep_inputs=False)
