@@ -4,14 +4,13 @@ the checks come before anything touches a GPU)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import numpy as np
 import pytest
 
 import mdtrt
 from mdtrt import arguments
 from mdtrt.device_group import DeviceGroup
+from mdtrt.prepared_call import KeptCalls
 from mdtrt.runner import EngineRunner
 
 
@@ -123,7 +122,7 @@ def stub_runner() -> EngineRunner:
     runner._inputs = [("input", "float32", (-1,))]
     runner._input_names = ("input",)
     runner._devices = [0, 1]
-    runner._calls = OrderedDict()
+    runner._calls = KeptCalls(16)
     runner._output_specs = {}
     runner.replication = "auto"
     return runner

@@ -3,7 +3,6 @@ native runner, so it is tested on any machine."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 import mdtrt
 from mdtrt.arrays import ArrayRef, describe
-from mdtrt.prepared_call import PreparedCall
+from mdtrt.prepared_call import KeptCalls, PreparedCall
 from mdtrt.runner import EngineRunner
 
 
@@ -88,7 +87,7 @@ def test_engine_runner_prepare_checks_names_once():
     runner._input_names = ("input",)
     runner._devices = [0, 1]
     runner._output_specs = {}
-    runner._calls = OrderedDict()
+    runner._calls = KeptCalls(16)
     runner.replication = "auto"
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"missing \['input'\]"):
         runner.prepare({"x": np.ones(2, np.float32)})
@@ -197,7 +196,7 @@ def stub_engine_runner(native):
     runner._input_names = ("input",)
     runner._devices = [0, 1]
     runner._output_specs = {}
-    runner._calls = OrderedDict()
+    runner._calls = KeptCalls(16)
     runner._cuda_graph = False
     runner.replication = "auto"
     return runner

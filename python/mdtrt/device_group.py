@@ -11,7 +11,7 @@ from .arrays import describe, torch_output_factory
 from .errors import InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
-from .prepared_call import PreparedCall
+from .prepared_call import KeptCalls, PreparedCall
 from .vocabulary import COLLECTIVES, REDUCE_OPS
 from .vocabulary import REDUCING as _REDUCING
 from .vocabulary import ROOTED as _ROOTED
@@ -119,7 +119,7 @@ class DeviceGroup:
     def _adopt(self, native) -> None:
         self._native = native
         self._runners: OrderedDict = OrderedDict()  # collective runners by (op, reduce, root, groups, dtype, bind)
-        self._calls: OrderedDict = OrderedDict()  # one-shot collective calls by argument signature
+        self._calls = KeptCalls(_MAX_CACHED_CALLS)  # one-shot collective calls by argument signature
         # Fixed for the group's life; read on every call (a native property read costs a call).
         self._num_local_ranks = native.num_local_ranks
         self._ranks = list(native.ranks)
@@ -262,16 +262,8 @@ class DeviceGroup:
         # as users write it) checks, converts and plans its arguments once, not per call.
         call_key = (key, poison_outputs, refs[0].kind, refs[0].shape, tuple(r.device for r in refs),
                     None if out_refs is None else tuple(o["output"].device for o in out_refs))
-        entry = self._calls.get(call_key)
-        if entry is None:
-            entry = (self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=False),
-                     self._collective_runner(key)[1])
-            self._calls[call_key] = entry
-            if len(self._calls) > _MAX_CACHED_CALLS:
-                self._calls.popitem(last=False)
-        else:
-            self._calls.move_to_end(call_key)
-        call, defined = entry
+        call, defined = self._calls.find(call_key) or self._calls.keep(
+            call_key, self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=False))
         results = call.run_on([[ref] for ref in refs], out_refs)
         if defined is None:
             return [o["output"] for o in results]
@@ -286,8 +278,7 @@ class DeviceGroup:
         new outputs (earlier ones stay valid while held). Parameters and errors as ``collective``."""
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
                                                          sequential_bind)
-        call = self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=True)
-        defined = self._collective_runner(key)[1]
+        call, defined = self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=True)
         if defined is None:
             return lambda: [o["output"] for o in call()]
         return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
@@ -344,8 +335,9 @@ class DeviceGroup:
         return cached
 
     def _new_collective_call(self, refs, out_refs, key, poison_outputs, *, keep_inputs):
+        """(PreparedCall, per-rank "output defined" list or None) of a collective on these arrays."""
         native = self._native
-        runner, _ = self._collective_runner(key)
+        runner, defined = self._collective_runner(key)
         n = self._num_local_ranks
         first = refs[0]
         new_out = None
@@ -355,8 +347,9 @@ class DeviceGroup:
             group_size = len(groups) if groups else native.world_size
             shape = tuple(_core.collective_output_shape(op, list(first.shape), group_size))
             new_out = torch_output_factory([[("output", first.dtype, shape)]] * n, list(native.devices))
-        return PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=bool(poison_outputs),
+        call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=bool(poison_outputs),
                             out=out_refs, new_out=new_out, keep_inputs=keep_inputs, output_names=("output",))
+        return call, defined
 
     def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
         """Element-wise ``reduce`` (sum, prod, max, min, avg) of the group's inputs, on every member.

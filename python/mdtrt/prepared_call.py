@@ -3,11 +3,35 @@ buffers (used by ProgramRunner.prepare and DeviceGroup's collectives)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 from . import arguments
 from .arrays import ArrayRef, host_output, torch_output_factory, wrap_device_output
 from .errors import InvalidArgumentError
+
+
+class KeptCalls(OrderedDict):
+    """The prepared calls the one-shot entry points keep, one per argument signature: the ``limit``
+    most recently used."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+
+    def find(self, key):
+        """The call kept under ``key`` (now the most recently used), or None."""
+        call = self.get(key)
+        if call is not None:
+            self.move_to_end(key)
+        return call
+
+    def keep(self, key, call):
+        """Keeps ``call`` under ``key``, dropping the least recently used beyond ``limit``; returns it."""
+        self[key] = call
+        if len(self) > self.limit:
+            self.popitem(last=False)
+        return call
 
 
 class PreparedCall:
@@ -189,11 +213,11 @@ class PreparedCall:
             specs = [list(res.outputs) for res in results]
             self._spec_cache[self._spec_key] = specs
             self._new_out = torch_output_factory(specs, self._torch_devices)
-        if self._output_names is None and results and all(len(res.outputs) == len(results[0].outputs) for res in results):
+        if self._output_names is None and results:
             # Learnt once (the program's outputs are the same for every call): later calls whose
             # outputs are all given skip reading the native result.
             first = [name for name, _, _ in results[0].outputs]
-            if all([name for name, _, _ in res.outputs] == first for res in results):
+            if all([name for name, _, _ in res.outputs] == first for res in results[1:]):
                 self._output_names = tuple(first)
         outputs = []
         for i, res in enumerate(results):

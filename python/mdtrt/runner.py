@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 from . import _core, arguments
 from .arrays import describe
 from .device_group import DeviceGroup
-from .prepared_call import PreparedCall
+from .prepared_call import KeptCalls, PreparedCall
 from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
@@ -136,7 +135,7 @@ class EngineRunner:
         # torch callers' outputs then come from torch's caching allocator (see PreparedCall).
         self._output_specs: dict = {}
         self._devices = group.gpus
-        self._calls: OrderedDict = OrderedDict()  # infer's prepared calls, one per argument signature
+        self._calls = KeptCalls(_MAX_CACHED_CALLS)  # infer's prepared calls, one per argument signature
 
     @property
     def input_names(self) -> list[str]:
@@ -228,14 +227,8 @@ class EngineRunner:
                           for refs in (per_rank[:1] if shared else per_rank))
         key = (signature, shared, all_ranks, poison_outputs, mode, timeout,
                None if out is None else tuple(tuple((name, ref.device) for name, ref in given.items()) for given in out))
-        call = self._calls.get(key)
-        if call is None:
-            call = self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, keep_inputs=False)
-            self._calls[key] = call
-            if len(self._calls) > _MAX_CACHED_CALLS:
-                self._calls.popitem(last=False)
-        else:
-            self._calls.move_to_end(key)
+        call = self._calls.find(key) or self._calls.keep(
+            key, self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, keep_inputs=False))
         try:
             results = call.run_on(per_rank, out)
         finally:
