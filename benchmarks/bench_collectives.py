@@ -424,13 +424,19 @@ def measure_nccl_tests(directory: str | None, gpus: list[int], ops: list[str], s
 
 # -- main ---------------------------------------------------------------------------------------
 
+def measured_sizes(args) -> tuple[list[int], list[int]]:
+    """(sizes, entry sizes) in bytes, from --sizes (default: the mode's) and --entry-sizes."""
+    sizes = bl.parse_sizes(args.sizes) if args.sizes else default_sizes(args.quick)
+    return sizes, bl.parse_sizes(args.entry_sizes) if args.entry_sizes else []
+
+
 def run(args) -> dict:
     gpus = bl.parse_gpus(args.gpus)
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in bl.COLLECTIVES]
     if unknown:
         raise SystemExit(f"unknown ops {unknown}; choose from {', '.join(bl.COLLECTIVES)}")
-    sizes = bl.parse_sizes(args.sizes) if args.sizes else default_sizes(args.quick)
+    sizes, entry_sizes = measured_sizes(args)
     policy = timing_policy(args.quick)
     deadline = bl.Deadline(args.timeout)
     n = len(gpus)
@@ -459,7 +465,6 @@ def run(args) -> dict:
     result["link_limit"] = measure_link_limit(gpus, args.quick)
     save()
     # Budget: ours and raw each get a share; the sample and nccl-tests what remains.
-    entry_sizes = bl.parse_sizes(args.entry_sizes) if args.entry_sizes else []
     ours = measure_ours(gpus, ops, sizes, policy, bl.Deadline(min(deadline.left(), args.timeout * 0.45)), save,
                         [s for s in entry_sizes if s in sizes])
     save(ours)
@@ -489,8 +494,8 @@ def main(argv=None) -> int:
     if args.raw_worker:
         raw_worker(args.raw_worker, args.rank)
         return 0
-    sizes = bl.parse_sizes(args.sizes) if args.sizes else default_sizes(args.quick)
-    outside = [s for s in (bl.parse_sizes(args.entry_sizes) if args.entry_sizes else []) if s not in sizes]
+    sizes, entry_sizes = measured_sizes(args)
+    outside = [s for s in entry_sizes if s not in sizes]
     if outside:
         build_parser().error(f"--entry-sizes {', '.join(bl.format_size(s) for s in outside)} not among the measured "
                              f"sizes ({', '.join(bl.format_size(s) for s in sizes)}): add them to --sizes or pick from "
