@@ -258,9 +258,11 @@ def attention_with_lse(torch, q, k, v):
 
 
 class Strategy:
-    """One strategy on N GPUs: buffers made once; run() queues one forward pass (host calls block
-    until each collective has finished on every GPU; attention kernels are queued asynchronously);
-    comm() runs its collectives alone; outputs() gives each rank's result as (B, H, S/N, D)."""
+    """One strategy on N GPUs: buffers made once; run() queues one forward pass without waiting
+    for the GPUs (mdtrt's collectives on torch tensors are stream-ordered: each returns once queued,
+    and the current stream of every GPU waits for it; attention kernels are queued behind or on
+    streams that wait for it); comm() runs its collectives alone; outputs() gives each rank's
+    result as (B, H, S/N, D)."""
 
     kv_tensors: list
 
@@ -308,8 +310,9 @@ class AllGatherKV(Strategy):
             self.streams[r].wait_stream(torch.cuda.current_stream(gpu))
         parts = [[] for _ in st.gpus]
         for g, gather in enumerate(self.gathers):
-            gather()  # returns once piece g arrived on every GPU; earlier pieces' attention keeps running
+            gather()  # stream-ordered: the current streams wait for piece g; earlier pieces' attention runs on
             for r, gpu in enumerate(st.gpus):
+                self.streams[r].wait_stream(torch.cuda.current_stream(gpu))
                 with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                     kv = self.kv_all[r][g]
                     parts[r].append(sdpa(torch, self.q[r][:, g * hg:(g + 1) * hg], st.heads_view(kv[:, 0]),
@@ -387,10 +390,11 @@ class Ulysses(Strategy):
         attended = [None] * self.head_groups  # per group: each rank's event after its attention and copy
         self.to_heads[0]()  # exposed: nothing to attend yet
         for g in range(self.head_groups):
-            # The exchange that filled recv[g] has finished on every GPU (the call returned), so the
-            # second stream may read it without an event.
+            # The exchange that fills recv[g] is ordered before the current streams' later work
+            # (stream-ordered calls): the second stream waits for that point.
             attended[g] = []
             for r, gpu in enumerate(st.gpus):
+                self.streams[r].wait_stream(torch.cuda.current_stream(gpu))
                 with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                     self._attend(r, g)
                     event = torch.cuda.Event()
@@ -516,11 +520,12 @@ class Ring(Strategy):
                 event = done[r][self.slots[index][r]]
                 if event is not None:  # the attention that read this buffer two blocks ago
                     torch.cuda.current_stream(gpu).wait_event(event)
-            self.calls[index]()  # returns when the block arrived on every GPU
+            self.calls[index]()  # stream-ordered: the current streams wait for the block
             for r, gpu in enumerate(st.gpus):
                 if r == root:
                     continue  # its own block, attended with the whole own chunk
                 slot = self.slots[index][r]
+                self.streams[r].wait_stream(torch.cuda.current_stream(gpu))
                 with torch.cuda.device(gpu), torch.cuda.stream(self.streams[r]):
                     kv = self.recv[r][slot]
                     done[r][slot] = self._fold(r, st.heads_view(kv[:, 0]), st.heads_view(kv[:, 1]))

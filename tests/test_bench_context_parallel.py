@@ -416,9 +416,11 @@ def test_ring_merges_on_a_fold_stream(bench, monkeypatch, blocks):
                 assert wait < merges[index - 1]  # its merge waits for it
                 if index + 1 < len(attentions):
                     assert merges[index - 1] < attentions[index + 1]  # queued before the next attention runs
-        # The attention stream waits for nothing but the pass's start: never for a merge.
-        assert [e for e in log if e[0] in ("wait", "wait_stream") and e[1] == attend] == [
-            ("wait_stream", attend, current)]
+        # The attention stream waits only for the current stream (the pass's start, then each block
+        # a stream-ordered broadcast delivered there): never for a merge.
+        attend_waits = [e for e in log if e[0] in ("wait", "wait_stream") and e[1] == attend]
+        assert attend_waits and set(attend_waits) == {("wait_stream", attend, current)}
+        assert len(attend_waits) == 1 + (run.folds - 1)
         assert log.index(("wait_stream", current, fold)) > last_collective  # folds never delay a broadcast
         assert ("wait_stream", current, attend) in log[last_collective:]
 

@@ -10,6 +10,7 @@ import pytest
 
 import mdtrt
 from mdtrt.arrays import ArrayRef, describe
+from mdtrt.errors import InvalidArgumentError
 from mdtrt.prepared_call import KeptCalls, PreparedCall
 from mdtrt.runner import EngineRunner
 
@@ -22,16 +23,19 @@ class StubNative:
         self.calls = []
         self.prepared = []
         self.addresses = []
+        self.ordered = []  # per run: stream_ordered as the native call got it
         self.ranks = ranks
 
     def prepare(self, *args):
         """Like the extension's: the arguments once, then a call that may get other outputs, or
         run on other addresses (run_at)."""
-        def call(outputs=None):
+        def call(outputs=None, stream_ordered=False):
+            self.ordered.append(stream_ordered)
             return self.infer(*args[:-1], args[-1] if outputs is None else outputs)
 
-        def run_at(addresses, outputs):
+        def run_at(addresses, outputs, stream_ordered=False):
             self.addresses.append(addresses)
+            self.ordered.append(stream_ordered)
             return self.infer(*args[:-1], outputs)
 
         call.run_at = run_at
@@ -290,3 +294,72 @@ def test_out_given_as_host_arrays_is_refused_on_every_call():
     for _ in range(2):
         with pytest.raises(mdtrt.InvalidArgumentError, match="preallocated outputs"):
             runner.infer(x, outputs={"output": [np.ones(4, np.float32)] * 2})
+
+
+class _DeviceStub(StubNative):
+    """Answers device calls: outputs named, nothing fetched."""
+
+    def infer(self, inputs, replication, poison, fetch, device_outputs, timeout, outputs):
+        self.calls.append((inputs, replication, poison, fetch, device_outputs, timeout, outputs))
+        return [SimpleNamespace(outputs=[("output", "float32", (2, 2))], host=[], device=[]) for _ in range(self.ranks)]
+
+
+def _refs(kind, base=0x1000, stream=7):
+    return [ArrayRef(base * (r + 1), r, "float32", (2, 2), object(), kind, stream) for r in range(2)]
+
+
+@pytest.mark.parametrize("in_kind, out_kind, requested, expected", [
+    ("torch", "torch", None, True),    # torch in and out: stream-ordered, as torch.distributed
+    ("torch", "cai", None, False),     # an output without torch's stream semantics: wait
+    ("cai", "cai", None, False),
+    ("torch", "torch", False, False),  # asked to wait
+    ("cai", "cai", True, True),        # asked: the native call checks what it needs
+])
+def test_stream_ordered_decision_per_run(in_kind, out_kind, requested, expected):
+    """Every run (prepared __call__, and run_on of a kept call) tells the native call whether it is
+    stream-ordered: by default only when every input and output is a torch CUDA tensor."""
+    native = _DeviceStub()
+    x = _refs(in_kind)
+    new_out = lambda likes=None: [{"output": ref} for ref in _refs(out_kind, base=0x100000)]  # noqa: E731
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, new_out=new_out, stream_ordered=requested)
+    call()
+    call.run_on([[r] for r in _refs(in_kind, base=0x2000)])
+    assert native.ordered == [expected, expected]
+
+
+def test_stream_ordered_needs_outputs_the_caller_gives_by_default():
+    """Without outputs given (pooled device outputs), a default run waits; asked for, the native
+    call gets the request (and refuses it: a pooled output cannot follow the caller's stream)."""
+    class NoOutputs(_DeviceStub):
+        def infer(self, *args):
+            super().infer(*args)
+            return [SimpleNamespace(outputs=[], host=[], device=[]) for _ in range(self.ranks)]
+
+    native = NoOutputs()
+    x = _refs("torch")
+    PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True)()
+    PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, stream_ordered=True)()
+    assert native.ordered == [False, True]
+
+
+def test_one_shot_collective_keeps_a_call_per_stream_ordering(monkeypatch):
+    """stream_ordered is part of a kept call's signature, and a non-boolean is refused."""
+    from mdtrt import _core
+    from mdtrt.device_group import DeviceGroup
+
+    native = StubNative()
+
+    class GroupNative:
+        num_local_ranks, ranks, devices, world_size = 2, [0, 1], [0, 1], 2
+
+    monkeypatch.setattr(_core, "CollectiveProgram", lambda *a: "program")
+    monkeypatch.setattr(_core, "ProgramRunner", lambda *a: native)
+    group = DeviceGroup.__new__(DeviceGroup)
+    group._adopt(GroupNative())
+    xs = [np.ones(4, np.float32), np.ones(4, np.float32)]
+    group.all_reduce(xs)
+    group.all_reduce(xs, stream_ordered=False)
+    group.all_reduce(xs, stream_ordered=False)
+    assert len(native.prepared) == 2 and native.ordered == [False, False, False]
+    with pytest.raises(InvalidArgumentError, match="stream_ordered"):
+        group.all_reduce(xs, stream_ordered="yes")

@@ -18,8 +18,10 @@ namespace mdtrt::bindings {
 namespace {
 
 InferOptions infer_options(const std::string& replication, bool poison_outputs, const std::vector<int>& fetch_ranks,
-                           bool device_outputs, double timeout, std::vector<std::vector<OutputArg>> outputs) {
+                           bool device_outputs, double timeout, std::vector<std::vector<OutputArg>> outputs,
+                           bool stream_ordered) {
   InferOptions options;
+  options.stream_ordered = stream_ordered;
   options.replication = replication_from_name(replication);
   options.poison_outputs = poison_outputs;
   options.fetch_ranks = fetch_ranks;
@@ -64,6 +66,13 @@ void bind_runtime(py::module_& m) {
       .def("peer_access", &DeviceGroup::peer_access)
       .def_property_readonly("broken", [](DeviceGroup& g) { return g.runtime().broken(); })
       .def_property_readonly("broken_reason", [](DeviceGroup& g) { return g.runtime().broken_reason(); })
+      .def(
+          "synchronize",
+          [](DeviceGroup& g) {
+            py::gil_scoped_release release;
+            g.runtime().synchronize();
+          },
+          "Waits for every stream-ordered call of the group to finish on every rank.")
       .def("comm_ptr", [](DeviceGroup& g, int local) { return reinterpret_cast<uintptr_t>(g.world(local).handle()); })
       .def("comm_capsule",
            [](DeviceGroup& g, int local) {
@@ -205,9 +214,9 @@ void bind_runtime(py::module_& m) {
           "infer",
           [](ProgramRunner& r, const std::vector<std::vector<InputArg>>& args, const std::string& replication,
              bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, double timeout,
-             std::vector<std::vector<OutputArg>> outputs) {
+             std::vector<std::vector<OutputArg>> outputs, bool stream_ordered) {
             InferOptions options = infer_options(replication, poison_outputs, fetch_ranks, device_outputs, timeout,
-                                                 std::move(outputs));
+                                                 std::move(outputs), stream_ordered);
             std::vector<RankResult> results;
             {
               py::gil_scoped_release release;
@@ -218,15 +227,17 @@ void bind_runtime(py::module_& m) {
           py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
           py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
           py::arg("timeout") = 0.0,
-          py::arg("outputs") = std::vector<std::vector<OutputArg>>{})
+          py::arg("outputs") = std::vector<std::vector<OutputArg>>{}, py::arg("stream_ordered") = false)
       .def(
           "prepare",
           [](std::shared_ptr<ProgramRunner> r, std::vector<std::vector<InputArg>> args, const std::string& replication,
              bool poison_outputs, const std::vector<int>& fetch_ranks, bool device_outputs, double timeout,
              std::vector<std::vector<OutputArg>> outputs) {
+            // Planned waiting; each run says whether it is stream-ordered.
             return std::make_shared<PreparedInfer>(
                 r, std::move(args),
-                infer_options(replication, poison_outputs, fetch_ranks, device_outputs, timeout, std::move(outputs)));
+                infer_options(replication, poison_outputs, fetch_ranks, device_outputs, timeout, std::move(outputs),
+                              false));
           },
           py::arg("inputs"), py::arg("replication") = "auto", py::arg("poison_outputs") = false,
           py::arg("fetch_ranks") = std::vector<int>{}, py::arg("device_outputs") = false,
@@ -245,19 +256,21 @@ void bind_runtime(py::module_& m) {
            })
       .def(
           "__call__",
-          [](PreparedInfer& p, std::vector<std::vector<OutputArg>> outputs) {
+          [](PreparedInfer& p, std::vector<std::vector<OutputArg>> outputs, bool stream_ordered) {
             std::vector<RankResult> results;
             {
               py::gil_scoped_release release;
-              results = p.run(std::move(outputs));
+              results = p.run(std::move(outputs), stream_ordered);
             }
             return results;
           },
-          py::arg("outputs"), "The same call, writing into these output buffers.")
+          py::arg("outputs"), py::arg("stream_ordered") = false,
+          "The same call, writing into these output buffers; stream_ordered: return once it is queued.")
       .def(
           "run_at",
           [](PreparedInfer& p, const std::vector<std::vector<std::pair<uintptr_t, uintptr_t>>>& addresses,
-             const std::vector<std::vector<std::tuple<std::string, uintptr_t, size_t, int, uintptr_t>>>& outputs) {
+             const std::vector<std::vector<std::tuple<std::string, uintptr_t, size_t, int, uintptr_t>>>& outputs,
+             bool stream_ordered) {
             // Plain tuples: converting them costs a fraction of constructing OutputArg objects per call.
             std::vector<std::vector<InputAddress>> at(addresses.size());
             for (size_t i = 0; i < addresses.size(); ++i)
@@ -270,14 +283,15 @@ void bind_runtime(py::module_& m) {
             std::vector<RankResult> results;
             {
               py::gil_scoped_release release;
-              results = p.run_at(at, std::move(out));
+              results = p.run_at(at, std::move(out), stream_ordered);
             }
             return results;
           },
-          py::arg("addresses"), py::arg("outputs"),
+          py::arg("addresses"), py::arg("outputs"), py::arg("stream_ordered") = false,
           "The same call on other arrays of the same dtypes, shapes and devices: addresses[i] lists local "
           "rank i's inputs as (pointer, producer stream); outputs[i] local rank i's preallocated outputs as "
-          "(name, pointer, bytes, device, caller stream) (empty lists: the runner allocates them).");
+          "(name, pointer, bytes, device, caller stream) (empty lists: the runner allocates them); "
+          "stream_ordered: return once the call is queued, its caller streams waiting for it.");
 }
 
 }  // namespace mdtrt::bindings

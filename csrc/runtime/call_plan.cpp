@@ -62,6 +62,27 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
                                " has no data (a null pointer) for " + std::to_string(a.nbytes()) + " bytes");
     }
   }
+  if (options.stream_ordered) {
+    // Nothing may be read or written after the call returns except in the order of a stream the
+    // caller gave: host memory and arrays without a stream have none.
+    for (int i = 0; i < n; ++i) {
+      for (size_t k = 0; k < inputs[i].size(); ++k)
+        if (inputs[i][k].device < 0 || inputs[i][k].stream == 0)
+          throw_invalid_argument("a stream-ordered call needs device inputs with a stream (torch CUDA tensors, or "
+                                 "__cuda_array_interface__ arrays that name theirs); input '" +
+                                 input_specs[i][k].name + "' of rank " + std::to_string(ranks[i]) + " is " +
+                                 (inputs[i][k].device < 0 ? "in host memory" : "on a device without a stream") +
+                                 ". Pass stream_ordered=False to wait for the call instead");
+      if (i < static_cast<int>(options.outputs.size()))
+        for (const OutputArg& g : options.outputs[i])
+          if (g.device < 0 || g.stream == 0)
+            throw_invalid_argument("a stream-ordered call needs output buffers on a device with a stream; output '" +
+                                   g.name + "' of rank " + std::to_string(ranks[i]) + " has none. Pass "
+                                   "stream_ordered=False to wait for the call instead");
+    }
+    if (!options.fetch_ranks.empty())
+      throw_invalid_argument("a stream-ordered call cannot copy outputs to host memory; pass stream_ordered=False");
+  }
   plan.fetch.assign(n, false);
   for (int f : options.fetch_ranks) {
     if (f < 0 || f >= n) throw_invalid_argument("fetch rank " + std::to_string(f) + " is not a local rank");

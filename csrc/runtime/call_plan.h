@@ -33,8 +33,8 @@ struct InputArg {
   DType dtype = DType::kFloat32;
   Shape shape;
   // The producer's stream on `device` (0: none to order with): the rank reads `data` only after
-  // the work already queued there. (Nothing is needed after the call: it returns once every rank
-  // has finished.)
+  // the work already queued there. A blocking call needs nothing after (it returns once every
+  // rank has finished); after a stream-ordered one this stream waits for every rank's work.
   uintptr_t stream = 0;
   size_t nbytes() const { return static_cast<size_t>(element_count(shape)) * dtype_size(dtype); }
 };
@@ -60,6 +60,10 @@ struct InferOptions {
   std::vector<int> fetch_ranks;    // local ranks whose outputs are copied to host memory
   bool device_outputs = false;     // hand every rank's output device buffers to the caller
   double timeout_seconds = 0;      // 0: the group's timeout
+  // Return once the work is queued on every rank instead of when it finished: every caller stream
+  // of the call (inputs' producers, outputs') then waits for it on the GPU, as torch.distributed's
+  // collectives do. Needs device inputs and outputs, each with its stream, and every output given.
+  bool stream_ordered = false;
   // outputs[i]: where local rank i writes the outputs named there; others are allocated by the runner.
   std::vector<std::vector<OutputArg>> outputs;
 };

@@ -122,6 +122,8 @@ void DeviceGroup::close() { runtime_->mark_unusable("the DeviceGroup was closed"
 
 DeviceGroup::~DeviceGroup() {
   if (runtime_ && abort_hook_ >= 0) runtime_->remove_abort_hook(abort_hook_);
+  // Work that stream-ordered calls left queued finishes first (or is aborted at its deadline).
+  if (runtime_) runtime_->finish_in_flight();
   // Communicators go before the rank threads, unless a TensorRT context attached to one still
   // holds it (it then goes after that context); if the runtime broke, they were aborted already.
   world_.clear();

@@ -185,7 +185,8 @@ void ProgramRunner::enqueue_program(RankContext& ctx, RankBuffers& bufs, const s
 }
 
 std::vector<std::vector<int>> ProgramRunner::order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
-                                                                 const InferOptions& options) {
+                                                                 const InferOptions& options,
+                                                                 std::vector<int>& used) {
   // The caller's arrays are stream-ordered: each rank reads (and writes) them only after the work
   // already queued on their streams; a producer's pending kernel is otherwise raced by the rank
   // streams, which are non-blocking. A stream found idle needs no event (the common case in a loop
@@ -206,6 +207,7 @@ std::vector<std::vector<int>> ProgramRunner::order_after_callers(const std::vect
     CallerStream& c = caller_streams_[index];
     if (std::find(checked.begin(), checked.end(), index) == checked.end()) {
       checked.push_back(index);
+      used.push_back(index);
       ScopedDevice on(c.device);
       auto handle = reinterpret_cast<cudaStream_t>(c.stream);
       const cudaError_t status = cudaStreamQuery(handle);
@@ -240,17 +242,22 @@ PreparedInfer::PreparedInfer(std::shared_ptr<ProgramRunner> runner, std::vector<
     : runner_(std::move(runner)), inputs_(std::move(inputs)), options_(std::move(options)),
       plan_(runner_->plan(inputs_, options_)) {}
 
-std::vector<RankResult> PreparedInfer::run(std::vector<std::vector<OutputArg>> outputs) {
+std::vector<RankResult> PreparedInfer::run(std::vector<std::vector<OutputArg>> outputs, bool stream_ordered) {
   if (outputs.size() > static_cast<size_t>(plan_.num_ranks))
     throw_invalid_argument("output buffers for " + std::to_string(outputs.size()) + " ranks given, this group has " +
                            std::to_string(plan_.num_ranks) + " local ranks");
   InferOptions options = options_;
   options.outputs = std::move(outputs);
+  options.stream_ordered = stream_ordered;
+  if (stream_ordered) {
+    const CallPlan plan = runner_->plan(inputs_, options);  // checks what a stream-ordered call needs
+    return runner_->run(plan, inputs_, options);
+  }
   return runner_->run(plan_, inputs_, options);
 }
 
 std::vector<RankResult> PreparedInfer::run_at(const std::vector<std::vector<InputAddress>>& addresses,
-                                             std::vector<std::vector<OutputArg>> outputs) {
+                                             std::vector<std::vector<OutputArg>> outputs, bool stream_ordered) {
   if (addresses.size() != inputs_.size())
     throw_invalid_argument("inputs for " + std::to_string(addresses.size()) + " ranks given, this call has " +
                            std::to_string(inputs_.size()));
@@ -266,6 +273,7 @@ std::vector<RankResult> PreparedInfer::run_at(const std::vector<std::vector<Inpu
   }
   InferOptions options = options_;
   options.outputs = std::move(outputs);
+  options.stream_ordered = stream_ordered;
   const CallPlan plan = runner_->plan(inputs, options);
   return runner_->run(plan, inputs, options);
 }
@@ -276,7 +284,12 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   RankRuntime& runtime = group_->runtime();
   const int n = plan.num_ranks;
   if (plan.replicated_inputs > 0) last_replication_ = plan.replication;
-  const std::vector<std::vector<int>> rank_waits = order_after_callers(inputs, options);
+  std::vector<int> call_streams;  // every caller stream of this call (indices into caller_streams_)
+  const std::vector<std::vector<int>> rank_waits = order_after_callers(inputs, options, call_streams);
+  const bool stream_ordered = options.stream_ordered;
+  std::vector<CudaEvent> done;  // stream-ordered: per rank, after its work
+  if (stream_ordered)
+    for (int i = 0; i < n; ++i) done.push_back(runtime.take_event(i));
 
   // Shared across rank threads: sized here, before any thread can read them.
   while (static_cast<int>(buffers_[0].chunk_events.size()) < plan.max_chunks)
@@ -302,6 +315,15 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     outputs[i] = place_outputs(ctx, program, input_views[i],
                                i < static_cast<int>(options.outputs.size()) ? options.outputs[i] : kNoOutputs,
                                options.device_outputs, buffers_[i].outputs);
+    if (stream_ordered)
+      for (size_t o = 0; o < outputs[i].device.size(); ++o)
+        if (outputs[i].device[o])
+          // A pooled output goes back to the pool in the rank stream's order, which a caller stream
+          // still reading it would not follow.
+          throw_invalid_argument("a stream-ordered call writes only into outputs the caller gives (out=, or torch "
+                                 "tensors); output '" + outputs[i].specs[o].name + "' of rank " +
+                                 std::to_string(ctx.rank) + " was not given. Pass stream_ordered=False to get "
+                                 "pooled outputs");
   };
   auto launch_rank = [&](RankContext& ctx) {
     const int i = ctx.local_index;
@@ -312,8 +334,11 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     enqueue_program(ctx, buffers_[i], input_views[i], outputs[i].views, rendezvous.get());
     RankResult& result = results[i];
     finish_outputs(ctx, outputs[i], plan.fetch[i], result.host);
-    if (!wait_stream(ctx.stream, ctx.deadline))
+    if (stream_ordered) {
+      MDTRT_CUDA_CHECK(cudaEventRecord(done[i].get(), ctx.stream));
+    } else if (!wait_stream(ctx.stream, ctx.deadline)) {
       throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
+    }
     result.outputs = std::move(outputs[i].specs);
     result.device = std::move(outputs[i].device);
   };
@@ -334,6 +359,18 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     const Deadline soon = Deadline::after_seconds(runtime.broken() ? 0.0 : 1.0);
     for (int i = 0; i < n; ++i) drop_unused_outputs(outputs[i], runtime.context(i).stream, soon);
     throw;
+  }
+  if (stream_ordered) {
+    // Every caller stream waits for every rank's work: a consumer of an output, and a producer
+    // about to overwrite an input another rank still reads, run after it. Issued on this (the
+    // caller's) thread, so that a legacy or per-thread default stream means the caller's.
+    for (int index : call_streams) {
+      const CallerStream& c = caller_streams_[index];
+      ScopedDevice on(c.device);
+      for (const CudaEvent& e : done)
+        MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), e.get(), 0));
+    }
+    runtime.add_in_flight(std::move(done), timeout, "infer");
   }
   if (rendezvous && !rendezvous->failure.empty()) {
     // Every rank ran this call without graphs; later calls do too (a program that failed to capture

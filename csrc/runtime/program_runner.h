@@ -79,9 +79,9 @@ class ProgramRunner {
   void enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
                        const std::vector<TensorView>& outputs, GraphRendezvous* rendezvous);
   // Per local rank: the caller streams (indices into caller_streams_) the rank waits for before it
-  // touches the caller's arrays.
+  // touches the caller's arrays; `used` gets every caller stream of the call.
   std::vector<std::vector<int>> order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
-                                                    const InferOptions& options);
+                                                    const InferOptions& options, std::vector<int>& used);
 
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
@@ -109,14 +109,16 @@ class PreparedInfer {
                 InferOptions options);
   std::vector<RankResult> run() { return runner_->run(plan_, inputs_, options_); }
   // With other output buffers for this call (fresh outputs per call); same shape of list.
-  std::vector<RankResult> run(std::vector<std::vector<OutputArg>> outputs);
+  // stream_ordered: as InferOptions::stream_ordered, for this run (a call prepared before its
+  // outputs could be given, an engine's first, runs waiting; later ones need not).
+  std::vector<RankResult> run(std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
   // The same call on other arrays of the same dtypes, shapes and devices: addresses[i][k] is local
   // rank i's input k (data, producer stream). The one-shot entry points (DeviceGroup.collective,
   // EngineRunner.infer) keep one prepared call per argument signature and run it this way, so a
   // call does not check and plan its arguments again (the plan is redone natively: host inputs
   // shared by every rank are found by their addresses).
   std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
-                                 std::vector<std::vector<OutputArg>> outputs);
+                                 std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
 
  private:
   std::shared_ptr<ProgramRunner> runner_;

@@ -145,6 +145,13 @@ RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int w
 }
 
 RankRuntime::~RankRuntime() {
+  finish_in_flight();
+  {
+    std::lock_guard<std::mutex> lock(in_flight_mutex_);
+    stopping_watchdog_ = true;
+  }
+  in_flight_changed_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
   // A worker stuck in a task that ignored the abort is never joined (that would hang): it is
   // intentionally leaked with its thread. Every other worker is stopped and joined.
   for (size_t i = 0; i < stuck_.size() && i < workers_.size(); ++i) {
@@ -157,7 +164,135 @@ RankRuntime::~RankRuntime() {
 
 void RankRuntime::mark_unusable(const std::string& reason) {
   std::lock_guard<std::mutex> run_lock(run_mutex_);
-  if (broken_reason_.empty()) broken_reason_ = reason;
+  set_broken(reason, ErrorKind::kGeneric);
+}
+
+bool RankRuntime::broken() const {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  return !broken_reason_.empty();
+}
+
+std::string RankRuntime::broken_reason() const {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  return broken_reason_;
+}
+
+void RankRuntime::set_broken(const std::string& reason, ErrorKind kind) {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  if (!broken_reason_.empty()) return;  // the first cause is the one to report
+  broken_reason_ = reason;
+  broken_kind_ = kind;
+}
+
+void RankRuntime::throw_if_broken(const std::string& what) const {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  if (!broken_reason_.empty())
+    throw Error(broken_kind_, "this device group can no longer be used: " + broken_reason_ + ". Create a new one.", -1,
+                what);
+}
+
+CudaEvent RankRuntime::take_event(int local_index) {
+  {
+    std::lock_guard<std::mutex> lock(in_flight_mutex_);
+    if (spare_events_.size() < workers_.size()) spare_events_.resize(workers_.size());
+    auto& spare = spare_events_.at(local_index);
+    if (!spare.empty()) {
+      CudaEvent e = std::move(spare.back());
+      spare.pop_back();
+      return e;
+    }
+  }
+  return CudaEvent(devices_.at(local_index), false);
+}
+
+void RankRuntime::add_in_flight(std::vector<CudaEvent> done, double timeout_seconds, const std::string& what) {
+  {
+    std::lock_guard<std::mutex> lock(in_flight_mutex_);
+    in_flight_.push_back(InFlight{std::move(done), Deadline::after_seconds(timeout_seconds), timeout_seconds, what});
+    if (!watchdog_.joinable()) watchdog_ = std::thread([this] { watchdog_loop(); });
+  }
+  in_flight_changed_.notify_all();
+}
+
+bool RankRuntime::retire_finished_locked() {
+  while (!in_flight_.empty()) {
+    InFlight& front = in_flight_.front();
+    std::vector<int> unfinished;
+    std::string cuda_error;
+    for (size_t i = 0; i < front.done.size(); ++i) {
+      const cudaError_t status = cudaEventQuery(front.done[i].get());
+      if (status == cudaErrorNotReady) {
+        unfinished.push_back(ranks_[i]);
+      } else if (status != cudaSuccess && cuda_error.empty()) {
+        cuda_error = std::string(cudaGetErrorName(status)) + " on rank " + std::to_string(ranks_[i]);
+      }
+    }
+    if (!cuda_error.empty()) {
+      set_broken("a stream-ordered '" + front.what + "' failed on the GPU (" + cuda_error +
+                 "); its outputs and those of later stream-ordered calls are not valid", ErrorKind::kCuda);
+      return false;
+    }
+    if (!unfinished.empty()) {
+      if (!front.deadline.passed()) return true;
+      abort_all();
+      char seconds[32];
+      std::snprintf(seconds, sizeof(seconds), "%g s", front.timeout_seconds);
+      set_broken("a stream-ordered '" + front.what + "' did not finish within " + seconds + " on rank(s) " +
+                 join_ranks(unfinished) + "; the communicators were aborted (so no stream waits on it forever) and "
+                 "its outputs and those of later stream-ordered calls are not valid. A rank that never arrives, a "
+                 "hung collective, or a timeout too short for this work are the usual causes", ErrorKind::kTimeout);
+      in_flight_.clear();  // aborted: nothing of it is waited for any more
+      return false;
+    }
+    for (size_t i = 0; i < front.done.size(); ++i) {
+      if (spare_events_.size() < front.done.size()) spare_events_.resize(workers_.size());
+      spare_events_[i].push_back(std::move(front.done[i]));
+    }
+    in_flight_.pop_front();
+  }
+  return true;
+}
+
+void RankRuntime::watchdog_loop() {
+  std::unique_lock<std::mutex> lock(in_flight_mutex_);
+  while (!stopping_watchdog_) {
+    // Polls: CUDA events have no completion callback that could wake a thread without a stream.
+    in_flight_changed_.wait_for(lock, std::chrono::milliseconds(in_flight_.empty() ? 200 : 5));
+    if (!in_flight_.empty()) retire_finished_locked();
+  }
+}
+
+void RankRuntime::synchronize() {
+  const std::string what = "synchronize";
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(in_flight_mutex_);
+      retire_finished_locked();
+      if (in_flight_.empty()) break;
+    }
+    if (interrupt_requested()) {
+      {
+        std::lock_guard<std::mutex> lock(in_flight_mutex_);
+        in_flight_.clear();
+      }
+      abort_all();
+      set_broken("'synchronize' was interrupted and the communicators were aborted", ErrorKind::kGeneric);
+      throw Error(ErrorKind::kInterrupted,
+                  "interrupted while waiting for stream-ordered calls; communicators were aborted and this device "
+                  "group can no longer be used", -1, what);
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  throw_if_broken(what);
+}
+
+void RankRuntime::finish_in_flight() {
+  std::unique_lock<std::mutex> lock(in_flight_mutex_);
+  while (!in_flight_.empty() && retire_finished_locked()) {
+    lock.unlock();
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    lock.lock();
+  }
 }
 
 int RankRuntime::add_abort_hook(std::function<void()> hook) {
@@ -191,10 +326,12 @@ void RankRuntime::abort_all() {
 void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double timeout_seconds,
                              const std::string& what, bool sequential) {
   std::lock_guard<std::mutex> run_lock(run_mutex_);
-  if (broken()) {
-    throw Error(ErrorKind::kGeneric,
-                "this device group can no longer be used: " + broken_reason_ + ". Create a new one.", -1, what);
+  {
+    // A stream-ordered call that failed or passed its deadline is reported by the next step.
+    std::lock_guard<std::mutex> lock(in_flight_mutex_);
+    if (!in_flight_.empty()) retire_finished_locked();
   }
+  throw_if_broken(what);
   const Deadline deadline = Deadline::after_seconds(timeout_seconds);
   const size_t n = workers_.size();
   auto completion = std::make_shared<Completion>(n);
@@ -267,7 +404,7 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
       if (posted[i] && !completion->is_finished(i)) stuck = stuck_[i] = true;
     }
     if (interrupted) {
-      broken_reason_ = "'" + what + "' was interrupted and the communicators were aborted";
+      set_broken("'" + what + "' was interrupted and the communicators were aborted", ErrorKind::kGeneric);
       throw Error(ErrorKind::kInterrupted,
                   "interrupted while waiting for '" + what + "'; communicators were aborted and this device group "
                   "can no longer be used" + (stuck ? " (some rank threads are still stuck and were abandoned)" : ""),
@@ -275,8 +412,8 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
     }
     char seconds[32];
     std::snprintf(seconds, sizeof(seconds), "%g s", timeout_seconds);
-    broken_reason_ = "'" + what + "' passed its deadline of " + seconds + " on rank(s) " + join_ranks(unfinished) +
-                     " and the communicators were aborted";
+    set_broken("'" + what + "' passed its deadline of " + seconds + " on rank(s) " + join_ranks(unfinished) +
+               " and the communicators were aborted", ErrorKind::kGeneric);
     std::string message = "rank(s) " + join_ranks(unfinished) + " did not finish '" + what + "' within " + seconds +
                           (never_started.empty() ? "" : "; rank(s) " + join_ranks(never_started) + " never started it") +
                           (sequential ? " (ranks were run one after another: a collective step needs all ranks "

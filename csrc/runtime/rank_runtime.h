@@ -83,13 +83,39 @@ class RankRuntime {
   void remove_abort_hook(int id);
 
   // After a deadline the runtime is unusable: its communicators are aborted.
-  bool broken() const { return !broken_reason_.empty(); }
+  bool broken() const;
   // Makes every later run_on_all fail with `reason` (waits for a run in flight).
   void mark_unusable(const std::string& reason);
-  const std::string& broken_reason() const { return broken_reason_; }
+  std::string broken_reason() const;
+
+  // Stream-ordered calls return once their work is queued on every rank: each hands over one
+  // event per local rank (recorded after its work on that rank's stream) with its deadline. A
+  // watchdog thread aborts the communicators when one passes its deadline unfinished, so that the
+  // caller streams waiting on it are released (as torch.distributed's watchdog does); the group
+  // is unusable afterwards, and synchronize() and every later step say why.
+  void add_in_flight(std::vector<CudaEvent> done, double timeout_seconds, const std::string& what);
+  // Waits until every stream-ordered call queued so far has finished on every rank (each within
+  // its own deadline; Ctrl-C aborts). Throws the timeout error of a call that passed its deadline.
+  void synchronize();
+  // The same without raising: waits (each call within its deadline) before communicators go.
+  void finish_in_flight();
+  // An event of local rank i's device for add_in_flight (recycled from finished calls).
+  CudaEvent take_event(int local_index);
 
  private:
+  struct InFlight {
+    std::vector<CudaEvent> done;
+    Deadline deadline;
+    double timeout_seconds;
+    std::string what;
+  };
   void abort_all();
+  // Drops finished calls from the front of in_flight_ (returning their events to the pool); on a
+  // passed deadline aborts, marks the runtime broken and returns false. Needs in_flight_mutex_.
+  bool retire_finished_locked();
+  void watchdog_loop();
+  void set_broken(const std::string& reason, ErrorKind kind);
+  void throw_if_broken(const std::string& what) const;
 
   std::vector<int> devices_;
   std::vector<int> ranks_;
@@ -99,7 +125,15 @@ class RankRuntime {
   std::mutex hooks_mutex_;
   std::vector<std::pair<int, std::function<void()>>> abort_hooks_;
   int next_hook_id_ = 0;
+  mutable std::mutex state_mutex_;  // guards broken_reason_ (the watchdog sets it too)
   std::string broken_reason_;
+  ErrorKind broken_kind_ = ErrorKind::kGeneric;
+  std::mutex in_flight_mutex_;
+  std::condition_variable in_flight_changed_;
+  std::deque<InFlight> in_flight_;
+  std::vector<std::vector<CudaEvent>> spare_events_;  // per local rank
+  std::thread watchdog_;
+  bool stopping_watchdog_ = false;  // guarded by in_flight_mutex_
   std::vector<bool> stuck_;  // workers whose task ignored an abort: never joined
   std::mutex run_mutex_;  // one run_on_all at a time: ranks must see steps in the same order
 };

@@ -185,6 +185,24 @@ class DeviceGroup:
         if native is not None:
             native.close()
 
+    def synchronize(self) -> None:
+        """Waits until every stream-ordered call of this group has finished on every rank (each
+        within the group's timeout).
+
+        Raises
+        ------
+        RankTimeoutError
+            A stream-ordered call did not finish within the timeout: its communicators were
+            aborted and the group is unusable (its outputs, and later ones, are not valid).
+        CudaError
+            A stream-ordered call failed on a GPU.
+        MdtrtError
+            The group is unusable for another reason (closed, aborted, an earlier timeout).
+        KeyboardInterrupt
+            Ctrl-C while waiting: the communicators are aborted, the group is unusable.
+        """
+        self._live()._native.synchronize()
+
     def abort(self) -> None:
         """Aborts every communicator now; the group cannot be used afterwards. TensorRT contexts
         attached to them are never destroyed after that (what TensorRT does with a context whose
@@ -206,7 +224,8 @@ class DeviceGroup:
 
     # -- collectives --------------------------------------------------------------------------
     def collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0, groups: Sequence[int] | None = None,
-                   out=None, poison_outputs: bool = False, sequential_bind: bool = False) -> list:
+                   out=None, poison_outputs: bool = False, sequential_bind: bool = False,
+                   stream_ordered: bool | None = None) -> list:
         """Runs one DistCollective operation, with TensorRT's semantics, on every local rank.
 
         Parameters
@@ -232,6 +251,16 @@ class DeviceGroup:
             Fill outputs with 0xFF bytes first (tests).
         sequential_bind : bool
             Bind ranks one after another (only to show that a collective bind then deadlocks).
+        stream_ordered : bool or None
+            True: return once the operation is queued on every rank; each caller stream (the
+            inputs' producer streams: torch's current stream; ``out``'s streams) waits for it on
+            the GPU, so work queued there afterwards sees the outputs and may overwrite the inputs.
+            Needs device inputs and outputs with their streams, outputs the caller owns (torch
+            tensors or ``out``). False: return when every rank has finished. None (default):
+            stream-ordered for torch CUDA tensors in and out, as torch.distributed's collectives
+            are; waiting otherwise. A stream-ordered call that fails or passes the group's
+            timeout on the GPU is reported by :meth:`synchronize` and by the group's next call (a
+            watchdog aborts the communicators at the deadline, so no stream waits forever).
 
         Returns
         -------
@@ -257,13 +286,13 @@ class DeviceGroup:
         holds none of the arrays. ``prepare_collective`` also skips reading the arrays per call.
         """
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
-                                                         sequential_bind)
+                                                         sequential_bind, stream_ordered)
         # One prepared call per argument signature: a loop of one-shot calls (new arrays each time,
         # as users write it) checks, converts and plans its arguments once, not per call.
-        call_key = (key, poison_outputs, refs[0].kind, refs[0].shape, tuple(r.device for r in refs),
+        call_key = (key, poison_outputs, stream_ordered, refs[0].kind, refs[0].shape, tuple(r.device for r in refs),
                     None if out_refs is None else tuple(o["output"].device for o in out_refs))
         call, defined = self._calls.find(call_key) or self._calls.keep(
-            call_key, self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=False))
+            call_key, self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=False))
         results = call.run_on([[ref] for ref in refs], out_refs)
         if defined is None:
             return [o["output"] for o in results]
@@ -271,21 +300,24 @@ class DeviceGroup:
 
     def prepare_collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0,
                            groups: Sequence[int] | None = None, out=None, poison_outputs: bool = False,
-                           sequential_bind: bool = False):
+                           sequential_bind: bool = False, stream_ordered: bool | None = None):
         """``collective`` with its arguments checked and converted once: the returned callable runs
         the operation again on the same buffers (refill them in place between calls) and returns
         what ``collective`` would, for latency-bound loops. Without ``out``, every call returns
         new outputs (earlier ones stay valid while held). Parameters and errors as ``collective``."""
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
-                                                         sequential_bind)
-        call, defined = self._new_collective_call(refs, out_refs, key, poison_outputs, keep_inputs=True)
+                                                         sequential_bind, stream_ordered)
+        call, defined = self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=True)
         if defined is None:
             return lambda: [o["output"] for o in call()]
         return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
 
-    def _collective_arguments(self, op, inputs, reduce, root, groups, out, poison_outputs, sequential_bind):
+    def _collective_arguments(self, op, inputs, reduce, root, groups, out, poison_outputs, sequential_bind,
+                              stream_ordered):
         """Checks a collective's arguments: (input refs, out refs or None, runner key)."""
         self._live()
+        if stream_ordered is not None:
+            arguments.flag(stream_ordered, "stream_ordered")  # the value is passed on as given: bool-like
         if not isinstance(op, str) or op not in COLLECTIVES:
             raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")
         if op in _REDUCING and (not isinstance(reduce, str) or reduce not in REDUCE_OPS):
@@ -334,7 +366,7 @@ class DeviceGroup:
                 del self._calls[call_key]
         return cached
 
-    def _new_collective_call(self, refs, out_refs, key, poison_outputs, *, keep_inputs):
+    def _new_collective_call(self, refs, out_refs, key, poison_outputs, stream_ordered, *, keep_inputs):
         """(PreparedCall, per-rank "output defined" list or None) of a collective on these arrays."""
         native = self._native
         runner, defined = self._collective_runner(key)
@@ -348,7 +380,8 @@ class DeviceGroup:
             shape = tuple(_core.collective_output_shape(op, list(first.shape), group_size))
             new_out = torch_output_factory([[("output", first.dtype, shape)]] * n, list(native.devices))
         call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=bool(poison_outputs),
-                            out=out_refs, new_out=new_out, keep_inputs=keep_inputs, output_names=("output",))
+                            out=out_refs, new_out=new_out, keep_inputs=keep_inputs, output_names=("output",),
+                            stream_ordered=stream_ordered)
         return call, defined
 
     def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
@@ -358,7 +391,7 @@ class DeviceGroup:
         ``(N, ...)``, same dtype.
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("all_reduce", inputs, reduce=reduce, groups=groups, **kw)
 
@@ -368,7 +401,7 @@ class DeviceGroup:
         Inputs of shape ``(N, ...)`` on ``G`` members give ``(G * N, ...)`` on each.
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("all_gather", inputs, groups=groups, **kw)
 
@@ -376,7 +409,7 @@ class DeviceGroup:
         """World rank ``root``'s input, shape ``(N, ...)``, on every member of the group.
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("broadcast", inputs, root=root, groups=groups, **kw)
 
@@ -386,7 +419,7 @@ class DeviceGroup:
         Inputs of shape ``(N, ...)``; ``root`` gets ``(N, ...)``, the other members None.
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("reduce", inputs, reduce=reduce, root=root, groups=groups, **kw)
 
@@ -397,7 +430,7 @@ class DeviceGroup:
         gets rows ``i * N / G`` to ``(i + 1) * N / G`` of the reduction, shape ``(N / G, ...)``.
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("reduce_scatter", inputs, reduce=reduce, groups=groups, **kw)
 
@@ -408,7 +441,7 @@ class DeviceGroup:
         ``N / G`` rows); every member gets ``(N, ...)``.
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("all_to_all", inputs, groups=groups, **kw)
 
@@ -418,7 +451,7 @@ class DeviceGroup:
         Inputs of shape ``(N, ...)`` on ``G`` members; ``root`` gets ``(G * N, ...)``, the others None.
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("gather", inputs, root=root, groups=groups, **kw)
 
@@ -429,6 +462,6 @@ class DeviceGroup:
         member gets ``(N / G, ...)`` (the other members' inputs give only shape and dtype).
 
         Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``).
+        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
         """
         return self.collective("scatter", inputs, root=root, groups=groups, **kw)

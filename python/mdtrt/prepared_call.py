@@ -79,6 +79,12 @@ class PreparedCall:
         Every output of the program, when known in advance (a collective's one "output"): a call
         whose outputs are all given (``out`` or ``new_out``) then returns them without reading the
         native result.
+    stream_ordered : bool or None, optional
+        True: each run returns once its work is queued on every rank, and every caller stream of
+        the run (the inputs' producer streams, the outputs' streams) waits for it on the GPU
+        (needs device inputs and outputs with their streams, every output given). False: each
+        run returns when every rank has finished. None (default): stream-ordered when every input
+        and output of the run is a torch CUDA tensor, as torch.distributed's collectives are.
 
     Raises
     ------
@@ -91,9 +97,10 @@ class PreparedCall:
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
                  out: list[dict[str, ArrayRef]] | None = None, new_out=None,
                  torch_devices: list[int] | None = None, spec_cache: dict | None = None, keep_inputs: bool = True,
-                 output_names: Sequence[str] | None = None):
+                 output_names: Sequence[str] | None = None, stream_ordered: bool | None = None):
         # One pass over the inputs; a replicated input list is the same object on every rank.
         on_device = on_host = False
+        all_torch = True
         native_by_list: dict[int, list] = {}
         native_inputs = []
         for refs in per_rank_refs:
@@ -105,6 +112,7 @@ class PreparedCall:
                         on_device = True
                     else:
                         on_host = True
+                    all_torch = all_torch and ref.kind == "torch"
             native_inputs.append(native)
         if on_device and on_host:
             raise InvalidArgumentError("mix of host and device inputs: pass all numpy arrays or all device arrays")
@@ -122,10 +130,14 @@ class PreparedCall:
         # keep the arrays of the call that made it.
         self._refs = per_rank_refs if keep_inputs else None
         self._out = out if keep_inputs else None  # a kept call gets each call's outputs in run_on
+        # The given outputs as the native call takes them, for stream-ordered runs (converted once).
+        self._out_native = [[ref.as_output(name) for name, ref in given.items()] for given in self._out or ()]
         # new_out(): fresh output buffers for every call ([{name: ArrayRef}] per rank), for outputs
         # the caller keeps (torch's caching allocator instead of the runner's pool).
         self._new_out = new_out if out is None and on_device else None
         self._on_device = on_device
+        self._stream_ordered = stream_ordered
+        self._torch_inputs = on_device and all_torch
         self._output_names = tuple(output_names) if output_names is not None else None
         # Torch inputs whose output shapes are not known in advance (engines): the first call takes
         # pooled outputs and records the shapes in spec_cache (keyed by the inputs' dtypes and
@@ -161,13 +173,21 @@ class PreparedCall:
         """
         if self._refs is None:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
-        out = self._out
-        if self._new_out is None:
-            results = self._call()
+        out = self._new_out() if self._new_out is not None else self._out
+        ordered = self._ordered(out)
+        if self._new_out is None and not ordered:
+            results = self._call()  # outputs, if any, were given when the call was prepared
         else:
-            out = self._new_out()
-            results = self._call([[ref.as_output(name) for name, ref in given.items()] for given in out])
+            native_out = (self._out_native if self._new_out is None else
+                          [[ref.as_output(name) for name, ref in given.items()] for given in out])
+            results = self._call(native_out, True) if ordered else self._call(native_out)
         return self._wrap(results, self._refs, out)
+
+    def _ordered(self, out) -> bool:
+        """Whether a run with these outputs is stream-ordered (see ``stream_ordered``)."""
+        if self._stream_ordered is not None:
+            return self._stream_ordered  # True without outputs given: the native call says what is missing
+        return bool(out) and self._torch_inputs and all(ref.kind == "torch" for given in out for ref in given.values())
 
     def run_on(self, per_rank_refs: list[list[ArrayRef]], out: list[dict[str, ArrayRef]] | None = None) -> list[dict]:
         """The same call on other arrays of the same kinds, dtypes, shapes and devices (what the
@@ -198,7 +218,8 @@ class PreparedCall:
                                 if first and first[0].kind == "torch" else None)
         outputs = ([[(name, ref.ptr, ref.nbytes, ref.device, ref.stream) for name, ref in given.items()] for given in out]
                    if out else [])
-        results = self._call.run_at(addresses, outputs)
+        results = (self._call.run_at(addresses, outputs, True) if self._ordered(out)
+                   else self._call.run_at(addresses, outputs))
         names = self._output_names
         if out and names is not None and all(len(given) == len(names) for given in out):
             try:  # every output was given: nothing of the native result is needed

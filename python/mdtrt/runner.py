@@ -177,7 +177,8 @@ class EngineRunner:
 
     def infer(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
               poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
-              outputs: Mapping[str, Sequence[Any]] | None = None):
+              outputs: Mapping[str, Sequence[Any]] | None = None,
+              stream_ordered: bool | None = None):
         """Runs the engine once on every rank.
 
         Parameters
@@ -197,6 +198,14 @@ class EngineRunner:
             Seconds for this call (default: the group's timeout).
         outputs : dict, optional
             Output name to one preallocated device array per local rank, written in place.
+        stream_ordered : bool or None, optional
+            True: return once the engine is queued on every rank; the caller streams (torch's
+            current stream of each GPU involved, ``outputs``' streams) wait for it on the GPU.
+            Needs device inputs and outputs with their streams and every output given (``outputs``,
+            or torch tensors, which a runner allocates once it knows the output shapes: the first
+            call of a signature waits). False: return when every rank has finished. None
+            (default): stream-ordered when every input and output is a torch CUDA tensor. Errors
+            on the GPU and passed deadlines surface in ``group.synchronize()`` and the next call.
 
         Returns
         -------
@@ -221,14 +230,17 @@ class EngineRunner:
         """
         per_rank, shared, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
             inputs, all_ranks, poison_outputs, replication, timeout, outputs)
+        if stream_ordered is not None:
+            stream_ordered = arguments.flag(stream_ordered, "stream_ordered")
         # One prepared call per argument signature: a loop of infer calls on new arrays checks,
         # converts and plans its arguments once, not per call.
         signature = tuple(tuple((r.kind, r.dtype, r.shape, r.device) for r in refs)
                           for refs in (per_rank[:1] if shared else per_rank))
-        key = (signature, shared, all_ranks, poison_outputs, mode, timeout,
+        key = (signature, shared, all_ranks, poison_outputs, mode, timeout, stream_ordered,
                None if out is None else tuple(tuple((name, ref.device) for name, ref in given.items()) for given in out))
         call = self._calls.find(key) or self._calls.keep(
-            key, self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, keep_inputs=False))
+            key, self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, stream_ordered,
+                                keep_inputs=False))
         try:
             results = call.run_on(per_rank, out)
         finally:
@@ -238,13 +250,14 @@ class EngineRunner:
 
     def prepare(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
                 poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
-                outputs: Mapping[str, Sequence[Any]] | None = None):
+                outputs: Mapping[str, Sequence[Any]] | None = None,
+                stream_ordered: bool | None = None):
         """The same call as ``infer`` with its arguments checked and converted once, for
         latency-bound loops.
 
         Parameters
         ----------
-        inputs, all_ranks, poison_outputs, replication, timeout, outputs
+        inputs, all_ranks, poison_outputs, replication, timeout, outputs, stream_ordered
             As for :meth:`infer`.
 
         Returns
@@ -260,7 +273,10 @@ class EngineRunner:
         """
         per_rank, _, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
             inputs, all_ranks, poison_outputs, replication, timeout, outputs)
-        call = self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, keep_inputs=True)
+        if stream_ordered is not None:
+            stream_ordered = arguments.flag(stream_ordered, "stream_ordered")
+        call = self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, stream_ordered,
+                              keep_inputs=True)
         if self._cuda_graph:
             graphed = call
 
@@ -308,10 +324,10 @@ class EngineRunner:
                     out[i][name] = describe(a, f"output '{name}'")
         return per_rank, shared, all_ranks, poison_outputs, mode, timeout, out
 
-    def _new_call(self, per_rank, all_ranks, poison_outputs, mode, timeout, out, *, keep_inputs):
+    def _new_call(self, per_rank, all_ranks, poison_outputs, mode, timeout, out, stream_ordered, *, keep_inputs):
         return PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
                             replication=mode, timeout=timeout, out=out, torch_devices=self._devices,
-                            spec_cache=self._output_specs, keep_inputs=keep_inputs)
+                            spec_cache=self._output_specs, keep_inputs=keep_inputs, stream_ordered=stream_ordered)
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
         """Wall-clock time of complete ``infer`` calls (inputs in, outputs back).
