@@ -6,7 +6,10 @@ buffers), bandwidths as nccl-tests defines them (algbw = S/t, busbw = algbw x th
 
 * ``ours``: ``DeviceGroup.prepare_collective(op, inputs, out=outputs)`` called in a loop (the
   arguments checked and converted once, as a latency-bound loop would), torch CUDA tensors, one
-  call timed on the host (each call returns when every rank has finished): median per call.
+  call timed on the host: median per call. Calls on torch tensors are stream-ordered (they return
+  once queued, torch's current streams waiting for them), so every timed torch call here is
+  ``call; torch.cuda.synchronize()`` on each GPU: the host-synchronous pattern ``raw_percall``
+  times.
 * ``ours_call``: the one-shot ``DeviceGroup.collective(op, inputs, out=outputs)``, which converts
   its arguments on every call; timed the same way, interleaved with ``ours``.
 * ``ours_default``: the call a user writes first, the op method without ``out=``
@@ -16,6 +19,9 @@ buffers), bandwidths as nccl-tests defines them (algbw = S/t, busbw = algbw x th
   every entry point as users call it, each interleaved with the others: the op method, ``collective()``
   and ``prepare_collective()``, each with and without ``out=`` (torch CUDA tensors in), and the op
   method and ``prepare_collective()`` with numpy arrays in (host copies in and out included).
+* ``ours_batched`` and ``ours_default_batched``: the prepared ``out=`` call and the op method
+  called back to back (stream-ordered: no host round trip per call), then one synchronize,
+  averaged: compared with ``raw_batched``.
 * ``raw_percall``: torch.distributed (NCCL backend), one process per GPU, ``op; synchronize``
   timed on the host: the same host-synchronous pattern. Per iteration the slower rank counts.
 * ``raw_batched``: the same processes, N ops back to back then one synchronize, averaged
@@ -90,15 +96,24 @@ ENTRY_POINTS = (("method", "group.<op>(x)"), ("method_out", "group.<op>(x, out=o
                 ("method_numpy", "group.<op>(numpy)"), ("prepared_numpy", "prepare_collective(op, numpy)()"))
 
 
-def entry_point_calls(group, op: str, inputs, outputs, host_inputs) -> dict:
-    """Every entry point of one (op, size), as a user writes it."""
+def synced(fn, sync):
+    """`fn` then `sync()`: one stream-ordered call timed until the GPUs finished it."""
+    def call():
+        fn()
+        sync()
+    return call
+
+
+def entry_point_calls(group, op: str, inputs, outputs, host_inputs, sync) -> dict:
+    """Every entry point of one (op, size), as a user writes it; the torch calls (stream-ordered)
+    followed by `sync` (numpy calls return with their results)."""
     method = getattr(group, op)
-    return {"method": lambda: method(inputs),
-            "method_out": lambda: method(inputs, out=outputs),
-            "collective": lambda: group.collective(op, inputs),
-            "collective_out": lambda: group.collective(op, inputs, out=outputs),
-            "prepared": group.prepare_collective(op, inputs),
-            "prepared_out": group.prepare_collective(op, inputs, out=outputs),
+    return {"method": synced(lambda: method(inputs), sync),
+            "method_out": synced(lambda: method(inputs, out=outputs), sync),
+            "collective": synced(lambda: group.collective(op, inputs), sync),
+            "collective_out": synced(lambda: group.collective(op, inputs, out=outputs), sync),
+            "prepared": synced(group.prepare_collective(op, inputs), sync),
+            "prepared_out": synced(group.prepare_collective(op, inputs, out=outputs), sync),
             "method_numpy": lambda: method(host_inputs),
             "prepared_numpy": group.prepare_collective(op, host_inputs)}
 
@@ -130,11 +145,19 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
     series: dict = {op: [] for op in ops}
     call_series: dict = {op: [] for op in ops}
     default_series: dict = {op: [] for op in ops}
+    batched_series: dict = {op: [] for op in ops}
+    default_batched_series: dict = {op: [] for op in ops}
     entries: dict = {op: [] for op in ops}
     group = mdtrt.DeviceGroup(gpus=gpus, timeout=60)
 
+    def sync():
+        for g in gpus:
+            torch.cuda.synchronize(g)
+
     def partial(stopped=None):
-        out = {"series": series, "call_series": call_series, "default_series": default_series, "entry_points": entries}
+        out = {"series": series, "call_series": call_series, "default_series": default_series,
+               "batched_series": batched_series, "default_batched_series": default_batched_series,
+               "entry_points": entries}
         if stopped:
             out["stopped"] = stopped
         return out
@@ -151,15 +174,25 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
                 for g in gpus:
                     torch.cuda.synchronize(g)
                 method = getattr(group, op)
-                calls = {"ours": group.prepare_collective(op, inputs, reduce="sum", root=0, out=outputs),
-                         "ours_call": lambda: group.collective(op, inputs, reduce="sum", root=0, out=outputs),
-                         "ours_default": lambda: method(inputs)}
+                prepared = group.prepare_collective(op, inputs, reduce="sum", root=0, out=outputs)
+                calls = {"ours": synced(prepared, sync),
+                         "ours_call": synced(lambda: group.collective(op, inputs, reduce="sum", root=0, out=outputs),
+                                             sync),
+                         "ours_default": synced(lambda: method(inputs), sync)}
                 stats = measure_interleaved(calls, policy)
                 for key, target in (("ours", series), ("ours_call", call_series), ("ours_default", default_series)):
                     target[op].append(bl.point(op, size, stats[key]["median_us"] * 1e-6, n, **stats[key]))
+                # Back to back: the throughput of stream-ordered calls, against raw_batched.
+                for fn, key, target in ((prepared, "ours", batched_series),
+                                        (lambda: method(inputs), "ours_default", default_batched_series)):
+                    count = bl.iterations_for(stats[key]["median_us"] * 1e-6, policy["target_s"] / 4,
+                                              policy["min_iters"], policy["max_iters"])
+                    per_call = bl.time_back_to_back(fn, sync, count)
+                    st = bl.summarize(per_call)
+                    target[op].append(bl.point(op, size, st["median_us"] * 1e-6, n, iterations=count * len(per_call)))
                 if size in entry_sizes and not deadline.passed():
                     host = [np.ones(in_elems, dtype=np.float16) for _ in gpus]
-                    stats = measure_interleaved(entry_point_calls(group, op, inputs, outputs, host), policy)
+                    stats = measure_interleaved(entry_point_calls(group, op, inputs, outputs, host, sync), policy)
                     entries[op].append({"size": size, **{key: bl.point(op, size, st["median_us"] * 1e-6, n, **st)
                                                           for key, st in stats.items()}})
                     del host
@@ -446,14 +479,20 @@ def run(args) -> dict:
     def save(ours_partial=None):
         if ours_partial is not None:
             result["ours"] = {"method": "mdtrt.DeviceGroup.prepare_collective(out=...) called in a loop, torch CUDA "
-                                        "tensors, host-timed per call",
+                                        "tensors, host-timed per call (call; synchronize)",
                               "series": ours_partial["series"]}
             result["ours_call"] = {"method": "mdtrt.DeviceGroup.collective(out=...) (arguments converted on every "
-                                             "call), host-timed per call",
+                                             "call), host-timed per call (call; synchronize)",
                                    "series": ours_partial["call_series"]}
             result["ours_default"] = {"method": "group.<op>(inputs) without out= (the default call: outputs from "
-                                                "torch's caching allocator), host-timed per call",
+                                                "torch's caching allocator), host-timed per call (call; synchronize)",
                                       "series": ours_partial["default_series"]}
+            result["ours_batched"] = {"method": "prepare_collective(out=...) called back to back (stream-ordered), "
+                                                "then one synchronize, averaged",
+                                      "series": ours_partial["batched_series"]}
+            result["ours_default_batched"] = {"method": "group.<op>(inputs) without out= called back to back "
+                                                        "(stream-ordered), then one synchronize, averaged",
+                                              "series": ours_partial["default_batched_series"]}
             result["entry_points"] = {"method": "every entry point as users call it, interleaved, host-timed per call",
                                       "labels": dict(ENTRY_POINTS), "points": ours_partial["entry_points"]}
             if ours_partial.get("stopped"):

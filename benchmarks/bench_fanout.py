@@ -9,6 +9,8 @@ torch CUDA tensors, one per rank: no call allocates), the default calls without 
 (``infer(inputs)``, ``prepare(inputs)()``: outputs from mdtrt's per-GPU pools, handed back as
 torch tensors), and ``infer`` with a numpy input (replicated to every GPU, rank 0's output copied
 back). Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
+Calls on torch tensors are stream-ordered (they return once queued): each is timed with a
+``torch.cuda.synchronize`` of every GPU of the call after it, like the loops it is compared with.
 """
 
 from __future__ import annotations
@@ -65,11 +67,21 @@ def run(args) -> dict:
         outputs = {"output": [torch.empty(elems, dtype=torch.float16, device=f"cuda:{g}") for g in gpus[:n]]}
 
         host = np.ones(elems, dtype=np.float16)
-        calls = {"runner": lambda runner=runner, inputs=inputs, outputs=outputs: runner.infer(inputs, outputs=outputs),
+
+        def synced(fn, devices=tuple(gpus[:n])):
+            # torch in and out: stream-ordered (returns once queued); timed until every GPU is done.
+            def call():
+                fn()
+                for g in devices:
+                    torch.cuda.synchronize(g)
+            return call
+
+        calls = {"runner": synced(lambda runner=runner, inputs=inputs, outputs=outputs:
+                                  runner.infer(inputs, outputs=outputs)),
                  # the same call, arguments converted once
-                 "prepared": runner.prepare(inputs, outputs=outputs),
-                 "runner_default": lambda runner=runner, inputs=inputs: runner.infer(inputs),
-                 "prepared_default": runner.prepare(inputs),
+                 "prepared": synced(runner.prepare(inputs, outputs=outputs)),
+                 "runner_default": synced(lambda runner=runner, inputs=inputs: runner.infer(inputs)),
+                 "prepared_default": synced(runner.prepare(inputs)),
                  "runner_numpy": lambda runner=runner, host=host: runner.infer({"input": host})}
         for fn in calls.values():
             bl.time_calls(fn, 50)  # warm-up: first call binds, caches and pools settle

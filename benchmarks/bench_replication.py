@@ -94,7 +94,9 @@ def run(args) -> dict:
             torch.cuda.synchronize(gpus[0])
 
             def device_call():
-                runner.infer({"input": on_device}, outputs=sink_outputs)
+                runner.infer({"input": on_device}, outputs=sink_outputs)  # stream-ordered: wait for it
+                for g in gpus:
+                    torch.cuda.synchronize(g)
 
             warm = bl.time_calls(device_call, 2)[1]
             stats = bl.summarize(bl.time_calls(device_call, bl.iterations_for(warm, target_s / 4, 3, 300)))

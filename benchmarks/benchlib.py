@@ -157,6 +157,22 @@ def time_calls(fn, iterations: int) -> list[float]:
     return times
 
 
+def time_back_to_back(fn, sync, iterations: int, rounds: int = 3) -> list[float]:
+    """Seconds per call of `fn` called `iterations` times back to back, then `sync()` (which waits
+    for the GPUs), in `rounds` measurements: the throughput of stream-ordered calls, as
+    nccl-tests and the raw back-to-back series measure it (no host round trip per call)."""
+    per_call = []
+    clock = time.perf_counter
+    for _ in range(rounds):
+        sync()
+        start = clock()
+        for _ in range(iterations):
+            fn()
+        sync()
+        per_call.append((clock() - start) / iterations)
+    return per_call
+
+
 def readiness(gpus: list[int], torch_needed: bool = True, minimum: int = 1) -> str | None:
     """Why a benchmark cannot run on this machine (one sentence), or None.
 

@@ -13,6 +13,8 @@ import benchlib as bl  # noqa: E402
 SERIES_STYLE = {"ours": ("ours (prepare_collective, per call)", "C0", "o-"),
                 "ours_call": ("ours (collective(), per call)", "C5", "v-"),
                 "ours_default": ("ours (default: group.<op>(x), no out=)", "C6", "P-"),
+                "ours_batched": ("ours (prepare_collective, back to back)", "C7", "o:"),
+                "ours_default_batched": ("ours (default group.<op>(x), back to back)", "C8", "P:"),
                 "raw_percall": ("raw NCCL (torch, per call)", "C1", "s--"),
                 "raw_batched": ("raw NCCL (torch, back to back)", "C2", "^:"),
                 "sample": ("sample_dist_collective --backend nccl", "C3", "D"),

@@ -345,7 +345,7 @@ class EngineRunner:
         -------
         list of float
             Milliseconds of each timed call, in call order. A call returns only when every rank
-            has finished.
+            has finished (``stream_ordered=False`` unless ``**kw`` says otherwise).
 
         Raises
         ------
@@ -354,6 +354,7 @@ class EngineRunner:
         """
         iterations = arguments.integer(iterations, "iterations", minimum=1)
         warmup = arguments.integer(warmup, "warmup", minimum=0)
+        kw.setdefault("stream_ordered", False)  # complete calls: a stream-ordered one returns when queued
         for _ in range(warmup):
             self.infer(inputs, **kw)
         times = []
