@@ -25,8 +25,10 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   attention (second stream) overlapping the next piece's gather.
 - ulysses: all_to_all of packed Q/K/V from sequence to head shards (the send buffer is laid out
   group-major, then heads-chunk-major, as the projection that writes it can do for free),
-  attention over the whole sequence for ``H/N`` heads, one copy of the output into the send
-  layout, all_to_all back. With ``--ulysses-head-groups G`` (default 1) each GPU's heads go in G
+  attention over the whole sequence for ``H/N`` heads, all_to_all back: of the attention's own
+  output when it comes sequence-first (cuDNN's does: no copy; through the one-shot
+  ``group.all_to_all``, which keeps one prepared call for its signature), else of a copy of it
+  in the send layout. With ``--ulysses-head-groups G`` (default 1) each GPU's heads go in G
   groups, pipelined: group g attends on a second stream while group g+1 travels to its heads and
   group g-1 travels back (each exchange back waits, through an event, for its own group's
   attention only), so only the first exchange to heads and the last one back are exposed; unequal
@@ -369,21 +371,31 @@ class Ulysses(Strategy):
         for call in self.to_heads + self.to_sequence:
             call()
 
-    def _attend(self, r, g):
-        """Group g's attention on rank r over the whole sequence, its output copied into back[g]."""
+    def _attend(self, r, g, direct: bool = False):
+        """Group g's attention on rank r over the whole sequence. Returns its output in the layout
+        of back[g] (N, S/N, B, hg, D): with ``direct``, the attention's own output when it is laid
+        out sequence-first (cuDNN keeps q's layout), else a copy into back[g]."""
         st, hg = self.st, self.group_heads[g]
         whole = self.recv[g][r].view(st.s, 3, st.b, hg, st.d)  # (S, 3, B, hg, D)
         out = sdpa(self.torch, *(st.heads_view(whole[:, i]) for i in range(3)))  # (B, hg, S, D)
-        self.back[g][r].view(st.s, st.b, hg, st.d).copy_(out.permute(2, 0, 1, 3))
+        seq_first = out.permute(2, 0, 1, 3)  # (S, B, hg, D)
+        if direct and seq_first.is_contiguous():
+            return seq_first.view(self.back[g][r].shape)
+        self.back[g][r].view(st.s, st.b, hg, st.d).copy_(seq_first)
+        return self.back[g][r]
 
     def run(self):
         torch, st = self.torch, self.st
         if self.head_groups == 1:
             self.to_heads[0]()
+            sends = []
             for r, gpu in enumerate(st.gpus):
                 with torch.cuda.device(gpu):
-                    self._attend(r, 0)
-            self.to_sequence[0]()
+                    sends.append(self._attend(r, 0, direct=True))
+            if all(send is back for send, back in zip(sends, self.back[0])):
+                self.to_sequence[0]()
+            else:  # the attention outputs themselves (new tensors each pass): the one-shot call
+                self.group.all_to_all(sends, out=self.result[0])
             return
         for r, gpu in enumerate(st.gpus):
             self.streams[r].wait_stream(torch.cuda.current_stream(gpu))

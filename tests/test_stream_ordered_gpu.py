@@ -175,6 +175,8 @@ WORKER = textwrap.dedent(
     group = mdtrt.DeviceGroup.from_env(timeout=3)
     x = torch.ones(1024, device=f"cuda:{group.gpus[0]}")
     call = group.prepare_collective("all_reduce", x)  # both ranks set the collective up (a split)
+    call()  # both: NCCL connects the ranks at their first collective (an enqueue that would wait)
+    group.synchronize()
     if rank == 1:
         print("rank 1 stays away", flush=True)
         time.sleep(25)

@@ -206,12 +206,16 @@ CudaEvent RankRuntime::take_event(int local_index) {
 }
 
 void RankRuntime::add_in_flight(std::vector<CudaEvent> done, double timeout_seconds, const std::string& what) {
+  bool was_idle;
   {
     std::lock_guard<std::mutex> lock(in_flight_mutex_);
+    was_idle = in_flight_.empty();
     in_flight_.push_back(InFlight{std::move(done), Deadline::after_seconds(timeout_seconds), timeout_seconds, what});
     if (!watchdog_.joinable()) watchdog_ = std::thread([this] { watchdog_loop(); });
   }
-  in_flight_changed_.notify_all();
+  // Only an idle watchdog sleeps long; a busy one polls every few milliseconds anyway (waking it
+  // on every call would cost each call a thread wake-up and a race for the lock).
+  if (was_idle) in_flight_changed_.notify_all();
 }
 
 bool RankRuntime::retire_finished_locked() {
