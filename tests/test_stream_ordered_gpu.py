@@ -115,6 +115,28 @@ def reference(op, host):
     raise AssertionError(op)
 
 
+def test_an_input_copied_to_another_gpu_is_not_overwritten_before_the_copy(group):
+    """EngineRunner with one device input on GPU 0 for both ranks: rank 1 copies it peer-to-peer.
+    GPU 0's stream waits for rank 1's copy too, so overwriting the input right after the call
+    cannot reach rank 1's output."""
+    from mdtrt._core import testing
+
+    runner = mdtrt.EngineRunner(group, program=testing.CopyProgram("float32"))
+    host = random_inputs(7, shape=(4096,), n=1)[0]
+    x = torch.from_numpy(host).to("cuda:0")
+    outs = {"output": [torch.full((4096,), float("nan"), device=f"cuda:{r}") for r in range(2)]}
+    runner.infer({"input": x}, outputs=outs)  # the first call of the signature
+    group.synchronize()
+    for o in outs["output"]:
+        o.fill_(float("nan"))
+    busy()
+    runner.infer({"input": x}, outputs=outs)
+    assert not torch.cuda.current_stream(0).query(), "the call waited for the GPUs"
+    x.fill_(-1000.0)  # on GPU 0's current stream: after both ranks' work
+    for r in range(2):
+        np.testing.assert_array_equal(outs["output"][r].cpu().numpy(), host)
+
+
 def test_waiting_call_still_waits(group):
     xs = to_gpus(random_inputs(4))
     busy()
