@@ -96,6 +96,21 @@ ENTRY_POINTS = (("method", "group.<op>(x)"), ("method_out", "group.<op>(x, out=o
                 ("method_numpy", "group.<op>(numpy)"), ("prepared_numpy", "prepare_collective(op, numpy)()"))
 
 
+# mdtrt's series in results.json: key, how it was measured.
+OURS_SERIES = (
+    ("ours", "mdtrt.DeviceGroup.prepare_collective(out=...) called in a loop, torch CUDA tensors, host-timed per "
+             "call (call; synchronize)"),
+    ("ours_call", "mdtrt.DeviceGroup.collective(out=...) (arguments converted on every call), host-timed per call "
+                  "(call; synchronize)"),
+    ("ours_default", "group.<op>(inputs) without out= (the default call: outputs from torch's caching allocator), "
+                     "host-timed per call (call; synchronize)"),
+    ("ours_batched", "prepare_collective(out=...) called back to back (stream-ordered), then one synchronize, "
+                     "averaged"),
+    ("ours_default_batched", "group.<op>(inputs) without out= called back to back (stream-ordered), then one "
+                             "synchronize, averaged"),
+)
+
+
 def synced(fn, sync):
     """`fn` then `sync()`: one stream-ordered call timed until the GPUs finished it."""
     def call():
@@ -155,8 +170,8 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
             torch.cuda.synchronize(g)
 
     def partial(stopped=None):
-        out = {"series": series, "call_series": call_series, "default_series": default_series,
-               "batched_series": batched_series, "default_batched_series": default_batched_series,
+        out = {"ours": series, "ours_call": call_series, "ours_default": default_series,
+               "ours_batched": batched_series, "ours_default_batched": default_batched_series,
                "entry_points": entries}
         if stopped:
             out["stopped"] = stopped
@@ -478,21 +493,8 @@ def run(args) -> dict:
 
     def save(ours_partial=None):
         if ours_partial is not None:
-            result["ours"] = {"method": "mdtrt.DeviceGroup.prepare_collective(out=...) called in a loop, torch CUDA "
-                                        "tensors, host-timed per call (call; synchronize)",
-                              "series": ours_partial["series"]}
-            result["ours_call"] = {"method": "mdtrt.DeviceGroup.collective(out=...) (arguments converted on every "
-                                             "call), host-timed per call (call; synchronize)",
-                                   "series": ours_partial["call_series"]}
-            result["ours_default"] = {"method": "group.<op>(inputs) without out= (the default call: outputs from "
-                                                "torch's caching allocator), host-timed per call (call; synchronize)",
-                                      "series": ours_partial["default_series"]}
-            result["ours_batched"] = {"method": "prepare_collective(out=...) called back to back (stream-ordered), "
-                                                "then one synchronize, averaged",
-                                      "series": ours_partial["batched_series"]}
-            result["ours_default_batched"] = {"method": "group.<op>(inputs) without out= called back to back "
-                                                        "(stream-ordered), then one synchronize, averaged",
-                                              "series": ours_partial["default_batched_series"]}
+            for key, method in OURS_SERIES:
+                result[key] = {"method": method, "series": ours_partial[key]}
             result["entry_points"] = {"method": "every entry point as users call it, interleaved, host-timed per call",
                                       "labels": dict(ENTRY_POINTS), "points": ours_partial["entry_points"]}
             if ours_partial.get("stopped"):

@@ -230,13 +230,10 @@ def test_infer_keeps_one_prepared_call_per_signature():
     assert alive() is None
 
 
-def test_one_shot_collective_keeps_one_call_per_signature(monkeypatch):
-    """DeviceGroup.collective on new arrays each time: one native prepare per signature, run on
-    each call's addresses."""
+def _group_on(native, monkeypatch):
+    """A 2-rank DeviceGroup whose collectives run on `native` (a StubNative), without GPUs."""
     from mdtrt import _core
     from mdtrt.device_group import DeviceGroup
-
-    native = StubNative()
 
     class GroupNative:
         num_local_ranks, ranks, devices, world_size = 2, [0, 1], [0, 1], 2
@@ -245,6 +242,14 @@ def test_one_shot_collective_keeps_one_call_per_signature(monkeypatch):
     monkeypatch.setattr(_core, "ProgramRunner", lambda *a: native)
     group = DeviceGroup.__new__(DeviceGroup)
     group._adopt(GroupNative())
+    return group
+
+
+def test_one_shot_collective_keeps_one_call_per_signature(monkeypatch):
+    """DeviceGroup.collective on new arrays each time: one native prepare per signature, run on
+    each call's addresses."""
+    native = StubNative()
+    group = _group_on(native, monkeypatch)
     arrays = [[np.full(4, i, np.float32), np.full(4, -i, np.float32)] for i in range(3)]
     for xs in arrays:
         outs = group.all_reduce(xs)
@@ -344,18 +349,8 @@ def test_stream_ordered_needs_outputs_the_caller_gives_by_default():
 
 def test_one_shot_collective_keeps_a_call_per_stream_ordering(monkeypatch):
     """stream_ordered is part of a kept call's signature, and a non-boolean is refused."""
-    from mdtrt import _core
-    from mdtrt.device_group import DeviceGroup
-
     native = StubNative()
-
-    class GroupNative:
-        num_local_ranks, ranks, devices, world_size = 2, [0, 1], [0, 1], 2
-
-    monkeypatch.setattr(_core, "CollectiveProgram", lambda *a: "program")
-    monkeypatch.setattr(_core, "ProgramRunner", lambda *a: native)
-    group = DeviceGroup.__new__(DeviceGroup)
-    group._adopt(GroupNative())
+    group = _group_on(native, monkeypatch)
     xs = [np.ones(4, np.float32), np.ones(4, np.float32)]
     group.all_reduce(xs)
     group.all_reduce(xs, stream_ordered=False)
