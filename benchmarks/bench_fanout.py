@@ -6,8 +6,8 @@ Python argument handling, handing the call to one thread per GPU, and waiting fo
 
 Series per N: ``infer(inputs, outputs=...)`` and ``prepare(inputs, outputs=...)()`` (preallocated
 torch CUDA tensors, one per rank: no call allocates), the default calls without ``outputs=``
-(``infer(inputs)``, ``prepare(inputs)()``: outputs from mdtrt's per-GPU pools, handed back as
-torch tensors), and ``infer`` with a numpy input (replicated to every GPU, rank 0's output copied
+(``infer(inputs)``, ``prepare(inputs)()``: torch outputs from torch's caching allocator, once the
+first call of the signature, in the warm-up, learnt their shapes), and ``infer`` with a numpy input (replicated to every GPU, rank 0's output copied
 back). Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
 Calls on torch tensors are stream-ordered (they return once queued): each is timed with a
 ``torch.cuda.synchronize`` of every GPU of the call after it, like the loops it is compared with.
@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Result keys and what each measures.
 SERIES = {"runner": "EngineRunner.infer(inputs, outputs=...)",
           "prepared": "EngineRunner.prepare(inputs, outputs=...)()",
-          "runner_default": "EngineRunner.infer(inputs) (outputs from the pools, as torch tensors)",
-          "prepared_default": "EngineRunner.prepare(inputs)() (outputs from the pools, as torch tensors)",
+          "runner_default": "EngineRunner.infer(inputs) (torch outputs from torch's allocator)",
+          "prepared_default": "EngineRunner.prepare(inputs)() (torch outputs from torch's allocator)",
           "runner_numpy": "EngineRunner.infer({'input': numpy}) (replicated in, rank 0's output back to numpy)"}
 
 

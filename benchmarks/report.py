@@ -325,13 +325,18 @@ def _default_vs_out_verdicts(op: str, s: dict, default_key: str = "ours_default"
 
 def _latency_why(results: dict, added: float, key: str = "ours") -> str:
     fanout = results.get("fanout") or {}
-    fan = fanout.get({"ours": "prepared", "ours_call": "runner"}.get(key, "runner_default")) or {}
+    series = {"ours": "prepared", "ours_call": "runner"}.get(key, "runner_default")
+    fan = fanout.get(series) or {}
     n2 = fan.get("2") or fan.get(max(fan, key=int)) if fan else None
-    extra = f"; the fan-out benchmark measures {n2['added_us']:.1f} us of runner overhead per call on its own" if n2 else ""
-    work = {"ours": "hands the op to one thread per GPU and waits for all of them",
-            "ours_call": "checks and converts its arguments in Python, hands the op to one thread per GPU and waits "
-                         "for all of them"}.get(key, "checks and converts its arguments, allocates its outputs, hands "
-                                                 "the op to one thread per GPU and waits for all of them")
+    how = {"prepared": "EngineRunner.prepare(outputs=)()", "runner": "EngineRunner.infer(outputs=)",
+           "runner_default": "EngineRunner.infer()"}[series]
+    extra = (f"; for comparison, the fan-out benchmark adds {n2['added_us']:.1f} us per {how} of a trivial "
+             f"program on {'2' if fan.get('2') else max(fan, key=int)} GPUs" if n2 else "")
+    hand_off = ("hands the op to one thread per GPU, which queue it (torch tensors: stream-ordered), and the timed "
+                "synchronize waits for the GPUs")
+    work = {"ours": hand_off,
+            "ours_call": "checks and converts its arguments in Python, " + hand_off}.get(
+        key, "checks and converts its arguments, allocates its outputs, " + hand_off)
     return f"{added - ADDED_LATENCY_MAX_US:.1f} us over: each call {work}{extra}"
 
 
@@ -505,7 +510,7 @@ def fanout_section(fan: dict, plots: dict, base: str) -> str:
                          fmt(r["added_us"], 1), target])
     return ("## 2. Fan-out overhead\n\n"
             f"A trivial program (a {bl.format_size(fan.get('nbytes', 0))} device-to-device copy per GPU; torch CUDA "
-            "tensors in, preallocated outputs with outputs=, outputs from mdtrt's pools without); "
+            "tensors in, preallocated outputs with outputs=, torch outputs from torch's allocator without); "
             f"{fan.get('rounds')} alternating rounds of {fan.get('iterations')} calls. Added = median per call minus "
             "the bare loop's median.\n\n"
             + md_table(["what", "median (us)", "p10 (us)", "p90 (us)", "added (us)", "target met"], rows) + "\n\n"

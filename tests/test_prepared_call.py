@@ -358,3 +358,24 @@ def test_one_shot_collective_keeps_a_call_per_stream_ordering(monkeypatch):
     assert len(native.prepared) == 2 and native.ordered == [False, False, False]
     with pytest.raises(InvalidArgumentError, match="stream_ordered"):
         group.all_reduce(xs, stream_ordered="yes")
+
+
+def test_engine_torch_outputs_first_run_waits_even_when_stream_ordering_is_asked():
+    """stream_ordered=True on an engine call with torch inputs and no outputs=: its first run
+    cannot be ordered (the output shapes are unknown, outputs would come from the pool), so it
+    waits and learns them; later runs get torch outputs and are stream-ordered."""
+    native = _DeviceStub()
+    x = _refs("torch")
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], stream_ordered=True)
+    assert call._new_out is None  # no output shapes known yet
+    assert call._ordered(None) is False
+    assert call._ordered([{"output": x[0]}]) is True
+
+
+def test_stream_ordered_argument_accepts_none_true_false_only():
+    from mdtrt import arguments
+
+    assert [arguments.optional_flag(v, "stream_ordered") for v in (None, True, False, np.bool_(True))] == [
+        None, True, False, True]
+    with pytest.raises(InvalidArgumentError, match="stream_ordered must be True, False or None"):
+        arguments.optional_flag("yes", "stream_ordered")

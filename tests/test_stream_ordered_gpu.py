@@ -170,7 +170,7 @@ def test_stream_ordered_requests_that_cannot_be_met_are_refused_before_anything_
 
     with pytest.raises(mdtrt.InvalidArgumentError, match="on a device without a stream"):
         group.all_reduce([NoStream(t) for t in to_gpus(host)], stream_ordered=True)
-    with pytest.raises(mdtrt.InvalidArgumentError, match="outputs the caller gives"):
+    with pytest.raises(mdtrt.InvalidArgumentError, match="outputs the caller owns"):
         _pooled_outputs_refused(group, host)
     # The group still works.
     out = group.all_reduce(to_gpus(host))

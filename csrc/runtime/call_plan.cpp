@@ -76,9 +76,11 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
       if (i < static_cast<int>(options.outputs.size()))
         for (const OutputArg& g : options.outputs[i])
           if (g.device < 0 || g.stream == 0)
-            throw_invalid_argument("a stream-ordered call needs output buffers on a device with a stream; output '" +
-                                   g.name + "' of rank " + std::to_string(ranks[i]) + " has none. Pass "
-                                   "stream_ordered=False to wait for the call instead");
+            throw_invalid_argument("a stream-ordered call needs output buffers on a device with a stream (torch CUDA "
+                                   "tensors, or __cuda_array_interface__ arrays that name theirs); output '" + g.name +
+                                   "' of rank " + std::to_string(ranks[i]) + " is " +
+                                   (g.device < 0 ? "in host memory" : "on a device without a stream") +
+                                   ". Pass stream_ordered=False to wait for the call instead");
     }
     if (!options.fetch_ranks.empty())
       throw_invalid_argument("a stream-ordered call cannot copy outputs to host memory; pass stream_ordered=False");

@@ -112,6 +112,9 @@ std::unique_ptr<DeviceGroup> DeviceGroup::create_member(const std::vector<int>& 
 }
 
 void DeviceGroup::abort() {
+  // Before the communicators go: stream-ordered work they end early must not pass for finished.
+  runtime_->mark_broken("the DeviceGroup was aborted (DeviceGroup.abort()); outputs of stream-ordered calls "
+                        "still queued then are not valid");
   for (auto& c : world_)
     if (c) c->abort();
   for (auto& c : world_nonblocking_)

@@ -320,10 +320,10 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
         if (outputs[i].device[o])
           // A pooled output goes back to the pool in the rank stream's order, which a caller stream
           // still reading it would not follow.
-          throw_invalid_argument("a stream-ordered call writes only into outputs the caller gives (out=, or torch "
-                                 "tensors); output '" + outputs[i].specs[o].name + "' of rank " +
-                                 std::to_string(ctx.rank) + " was not given. Pass stream_ordered=False to get "
-                                 "pooled outputs");
+          throw_invalid_argument("a stream-ordered call writes only into outputs the caller owns (out= / outputs=, "
+                                 "or torch tensors the call allocates); output '" + outputs[i].specs[o].name +
+                                 "' of rank " + std::to_string(ctx.rank) + " would come from mdtrt's pool. Give "
+                                 "it with out= / outputs=, or pass stream_ordered=False");
   };
   auto launch_rank = [&](RankContext& ctx) {
     const int i = ctx.local_index;
@@ -370,7 +370,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       for (const CudaEvent& e : done)
         MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), e.get(), 0));
     }
-    runtime.add_in_flight(std::move(done), timeout, "infer");
+    runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());
   }
   if (rendezvous && !rendezvous->failure.empty()) {
     // Every rank ran this call without graphs; later calls do too (a program that failed to capture

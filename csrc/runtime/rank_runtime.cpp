@@ -167,6 +167,8 @@ void RankRuntime::mark_unusable(const std::string& reason) {
   set_broken(reason, ErrorKind::kGeneric);
 }
 
+void RankRuntime::mark_broken(const std::string& reason) { set_broken(reason, ErrorKind::kGeneric); }
+
 bool RankRuntime::broken() const {
   std::lock_guard<std::mutex> lock(state_mutex_);
   return !broken_reason_.empty();
@@ -234,6 +236,7 @@ bool RankRuntime::retire_finished_locked() {
     if (!cuda_error.empty()) {
       set_broken("a stream-ordered '" + front.what + "' failed on the GPU (" + cuda_error +
                  "); its outputs and those of later stream-ordered calls are not valid", ErrorKind::kCuda);
+      in_flight_.clear();  // a failed context completes nothing more: nothing is waited for any more
       return false;
     }
     if (!unfinished.empty()) {
@@ -271,8 +274,7 @@ void RankRuntime::synchronize() {
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(in_flight_mutex_);
-      retire_finished_locked();
-      if (in_flight_.empty()) break;
+      if (!retire_finished_locked() || in_flight_.empty()) break;  // failed, aborted, or all done
     }
     if (interrupt_requested()) {
       {

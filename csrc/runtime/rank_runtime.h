@@ -86,6 +86,8 @@ class RankRuntime {
   bool broken() const;
   // Makes every later run_on_all fail with `reason` (waits for a run in flight).
   void mark_unusable(const std::string& reason);
+  // The same without waiting for a run in flight (from any thread: an abort while a call runs).
+  void mark_broken(const std::string& reason);
   std::string broken_reason() const;
 
   // Stream-ordered calls return once their work is queued on every rank: each hands over one

@@ -150,6 +150,16 @@ def flag(value: Any, name: str) -> bool:
     raise fail(name, "True or False", value)
 
 
+def optional_flag(value: Any, name: str) -> bool | None:
+    """:func:`flag` for a switch whose None means "decide for me": None, True or False.
+
+    Raises InvalidArgumentError (naming all three) for anything else.
+    """
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None if value is None else bool(value)
+    raise fail(name, "True, False or None", value)
+
+
 def choice(value: Any, name: str, choices: Sequence[str]) -> str:
     """``value`` when it is one of the strings ``choices``.
 

@@ -178,7 +178,9 @@ class DeviceGroup:
         engine program made on this group (a TensorRT context keeps its communicator until the
         context is gone: TensorRT requires the communicator to outlive it), a ``Communicator`` from
         ``communicators`` or a capsule from it. Drop those to free everything now. Waits for a call
-        in flight to finish (or reach its deadline)."""
+        in flight to finish (or reach its deadline). Work that stream-ordered calls queued is waited
+        for (each within its deadline) when the group is released, without raising: call
+        :meth:`synchronize` first to see its errors."""
         native, self._native = self._native, None
         self._runners.clear()
         self._calls.clear()
@@ -187,7 +189,8 @@ class DeviceGroup:
 
     def synchronize(self) -> None:
         """Waits until every stream-ordered call of this group has finished on every rank (each
-        within the group's timeout).
+        within its timeout, counted from when the call returned), and raises what went wrong in
+        any of them: torch does not report the failure of a stream-ordered call.
 
         Raises
         ------
@@ -237,7 +240,8 @@ class DeviceGroup:
             One array per local rank (a single array with one local rank), all of one shape and
             dtype (float32, float16, bfloat16, int32, int8, uint8, int64, float64): numpy arrays
             (``ml_dtypes.bfloat16`` for bfloat16), torch tensors (CPU or CUDA), or device arrays
-            with ``__cuda_array_interface__`` / ``__dlpack__`` (used in place, stream-ordered).
+            with ``__cuda_array_interface__`` / ``__dlpack__`` (used in place, read after the work
+            their producer's stream already queued).
         reduce : str
             sum, prod, max, min or avg, for all_reduce, reduce and reduce_scatter.
         root : int
@@ -258,9 +262,16 @@ class DeviceGroup:
             Needs device inputs and outputs with their streams, outputs the caller owns (torch
             tensors or ``out``). False: return when every rank has finished. None (default):
             stream-ordered for torch CUDA tensors in and out, as torch.distributed's collectives
-            are; waiting otherwise. A stream-ordered call that fails or passes the group's
-            timeout on the GPU is reported by :meth:`synchronize` and by the group's next call (a
-            watchdog aborts the communicators at the deadline, so no stream waits forever).
+            are; waiting otherwise (numpy, ``mdtrt.DeviceArray`` and other arrays without a
+            stream). A stream-ordered call that fails or passes the group's timeout on the GPU
+            (counted from when the call returns, so time spent behind work already queued on the
+            stream counts) is reported by :meth:`synchronize` and by the group's next call, not
+            by torch: reading the outputs (``out[0].cpu()``) then gives invalid data without an
+            error, so call :meth:`synchronize` before trusting results where that matters. A
+            watchdog aborts the communicators at the deadline, so no stream waits forever. Work
+            on another torch stream must wait for the current one (``s.wait_stream(...)``; and
+            ``t.record_stream(s)`` for an output dropped while ``s`` still uses it). Calls cannot
+            be captured into a torch CUDA graph.
 
         Returns
         -------
@@ -273,10 +284,16 @@ class DeviceGroup:
         Raises
         ------
         InvalidArgumentError
-            A wrong argument type or value, shapes that do not split across the group, or an
-            ``out`` buffer of the wrong size or GPU (found before any rank enqueues anything).
+            A wrong argument type or value, shapes that do not split across the group, an ``out``
+            buffer of the wrong size or GPU, or ``stream_ordered=True`` with arrays that cannot be
+            ordered (host memory, no stream, outputs from mdtrt's pool): found before any rank
+            enqueues anything.
         RankTimeoutError
-            A rank did not finish within the group's timeout (the group is unusable after).
+            A rank did not finish within the group's timeout (the group is unusable after); also
+            raised by the next call when an earlier stream-ordered call passed its deadline.
+        CudaError, MdtrtError
+            An earlier stream-ordered call failed on a GPU, or the group was aborted or closed:
+            the group is unusable (the error names the earlier call; its ``rank`` is None).
 
         Notes
         -----
@@ -304,7 +321,10 @@ class DeviceGroup:
         """``collective`` with its arguments checked and converted once: the returned callable runs
         the operation again on the same buffers (refill them in place between calls) and returns
         what ``collective`` would, for latency-bound loops. Without ``out``, every call returns
-        new outputs (earlier ones stay valid while held). Parameters and errors as ``collective``."""
+        new outputs (earlier ones stay valid while held). Parameters and errors as ``collective``
+        (what ``stream_ordered=True`` cannot meet is raised by the first call). The call orders
+        itself after the streams that were current (for torch tensors) when it was prepared, not
+        when it is called."""
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
                                                          sequential_bind, stream_ordered)
         call, defined = self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=True)
@@ -316,8 +336,7 @@ class DeviceGroup:
                               stream_ordered):
         """Checks a collective's arguments: (input refs, out refs or None, runner key)."""
         self._live()
-        if stream_ordered is not None:
-            arguments.flag(stream_ordered, "stream_ordered")  # the value is passed on as given: bool-like
+        arguments.optional_flag(stream_ordered, "stream_ordered")  # passed on as given: None or bool-like
         if not isinstance(op, str) or op not in COLLECTIVES:
             raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")
         if op in _REDUCING and (not isinstance(reduce, str) or reduce not in REDUCE_OPS):

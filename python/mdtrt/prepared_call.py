@@ -82,7 +82,9 @@ class PreparedCall:
     stream_ordered : bool or None, optional
         True: each run returns once its work is queued on every rank, and every caller stream of
         the run (the inputs' producer streams, the outputs' streams) waits for it on the GPU
-        (needs device inputs and outputs with their streams, every output given). False: each
+        (needs device inputs and outputs with their streams, every output given; an engine's
+        torch outputs are given from the second run of a signature on, once their shapes are
+        known: its first run waits). False: each
         run returns when every rank has finished. None (default): stream-ordered when every input
         and output of the run is a torch CUDA tensor, as torch.distributed's collectives are.
 
@@ -186,6 +188,8 @@ class PreparedCall:
     def _ordered(self, out) -> bool:
         """Whether a run with these outputs is stream-ordered (see ``stream_ordered``)."""
         if self._stream_ordered is not None:
+            if self._stream_ordered and not out and self._torch_devices is not None:
+                return False  # torch outputs of an engine: the first run learns their shapes, waiting
             return self._stream_ordered  # True without outputs given: the native call says what is missing
         return bool(out) and self._torch_inputs and all(ref.kind == "torch" for given in out for ref in given.values())
 

@@ -202,10 +202,12 @@ class EngineRunner:
             True: return once the engine is queued on every rank; the caller streams (torch's
             current stream of each GPU involved, ``outputs``' streams) wait for it on the GPU.
             Needs device inputs and outputs with their streams and every output given (``outputs``,
-            or torch tensors, which a runner allocates once it knows the output shapes: the first
-            call of a signature waits). False: return when every rank has finished. None
-            (default): stream-ordered when every input and output is a torch CUDA tensor. Errors
-            on the GPU and passed deadlines surface in ``group.synchronize()`` and the next call.
+            or torch tensors, which a runner allocates once it knows the output shapes: without
+            ``outputs``, the first call of an input signature waits and returns pooled outputs).
+            False: return when every rank has finished. None (default): stream-ordered when every
+            input and output is a torch CUDA tensor. Errors on the GPU and passed deadlines
+            (counted from when the call returns) surface in ``group.synchronize()`` and the
+            group's next call, not in torch: see ``DeviceGroup.collective``.
 
         Returns
         -------
@@ -217,9 +219,13 @@ class EngineRunner:
         ------
         InvalidArgumentError
             Wrong argument types, unknown or missing input names, dtypes the engine does not take,
-            an ``outputs`` buffer of the wrong size or GPU: found before any rank enqueues.
+            an ``outputs`` buffer of the wrong size or GPU, ``stream_ordered=True`` with arrays that
+            cannot be ordered: found before any rank enqueues.
         TensorRTError, RankTimeoutError
             The engine failed on a rank; a rank did not finish within the timeout.
+        CudaError, RankTimeoutError, MdtrtError
+            An earlier stream-ordered call of the group failed or passed its deadline, or the group
+            was aborted or closed: the group is unusable.
 
         Notes
         -----
@@ -230,8 +236,7 @@ class EngineRunner:
         """
         per_rank, shared, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
             inputs, all_ranks, poison_outputs, replication, timeout, outputs)
-        if stream_ordered is not None:
-            stream_ordered = arguments.flag(stream_ordered, "stream_ordered")
+        stream_ordered = arguments.optional_flag(stream_ordered, "stream_ordered")
         # One prepared call per argument signature: a loop of infer calls on new arrays checks,
         # converts and plans its arguments once, not per call.
         signature = tuple(tuple((r.kind, r.dtype, r.shape, r.device) for r in refs)
@@ -269,12 +274,17 @@ class EngineRunner:
         Raises
         ------
         InvalidArgumentError
-            As ``infer`` does, when preparing (before any rank runs anything).
+            As ``infer`` does, when preparing (before any rank runs anything); what
+            ``stream_ordered=True`` cannot meet, at the first call.
+
+        Notes
+        -----
+        The prepared call orders itself after the streams that were current (for torch tensors)
+        when it was prepared, not when it is called.
         """
         per_rank, _, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
             inputs, all_ranks, poison_outputs, replication, timeout, outputs)
-        if stream_ordered is not None:
-            stream_ordered = arguments.flag(stream_ordered, "stream_ordered")
+        stream_ordered = arguments.optional_flag(stream_ordered, "stream_ordered")
         call = self._new_call(per_rank, all_ranks, poison_outputs, mode, timeout, out, stream_ordered,
                               keep_inputs=True)
         if self._cuda_graph:
@@ -330,7 +340,9 @@ class EngineRunner:
                             spec_cache=self._output_specs, keep_inputs=keep_inputs, stream_ordered=stream_ordered)
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
-        """Wall-clock time of complete ``infer`` calls (inputs in, outputs back).
+        """Wall-clock time of complete ``infer`` calls: each returns once every rank has finished
+        (``stream_ordered=False`` unless ``**kw`` says otherwise; a stream-ordered call would be
+        timed until it is queued only), and, with numpy inputs, once the outputs are back.
 
         Parameters
         ----------
@@ -344,8 +356,7 @@ class EngineRunner:
         Returns
         -------
         list of float
-            Milliseconds of each timed call, in call order. A call returns only when every rank
-            has finished (``stream_ordered=False`` unless ``**kw`` says otherwise).
+            Milliseconds of each timed call, in call order.
 
         Raises
         ------
