@@ -59,7 +59,7 @@ DeviceGroup::DeviceGroup(const std::vector<int>& devices, const std::vector<int>
         }
       },
       timeout_seconds_, "enable peer access");
-  abort_hook_ = runtime_->add_abort_hook([this] { abort(); });
+  abort_hook_ = runtime_->add_abort_hook([this] { abort_communicators(); });
 }
 
 bool DeviceGroup::all_peer_access() const {
@@ -113,8 +113,13 @@ std::unique_ptr<DeviceGroup> DeviceGroup::create_member(const std::vector<int>& 
 
 void DeviceGroup::abort() {
   // Before the communicators go: stream-ordered work they end early must not pass for finished.
+  // (The runtime's own deadline path aborts through abort_communicators and says why itself.)
   runtime_->mark_broken("the DeviceGroup was aborted (DeviceGroup.abort()); outputs of stream-ordered calls "
                         "still queued then are not valid");
+  abort_communicators();
+}
+
+void DeviceGroup::abort_communicators() {
   for (auto& c : world_)
     if (c) c->abort();
   for (auto& c : world_nonblocking_)

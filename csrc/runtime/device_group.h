@@ -42,6 +42,9 @@ class DeviceGroup {
   void close();
 
  private:
+  // What abort() does to the communicators, without marking the group: the runtime's abort hook
+  // (a deadline, Ctrl-C), which records its own reason.
+  void abort_communicators();
   DeviceGroup(const std::vector<int>& devices, const std::vector<int>& ranks, int world_size, double timeout_seconds);
   void connect(const nccl::UniqueId& id);
 
