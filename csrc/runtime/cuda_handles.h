@@ -38,7 +38,7 @@ class DeviceHandle {
  private:
   void reset() {
     if (handle_ != nullptr) {
-      ScopedDevice on(device_);
+      ScopedDevice on(device_, std::nothrow);  // destructors must not throw (a failed GPU, at exit)
       Destroy(handle_);
       handle_ = nullptr;
     }
@@ -109,7 +109,7 @@ class DeviceBuffer {
  private:
   void reset() {
     if (ptr_ != nullptr) {
-      ScopedDevice on(device_);
+      ScopedDevice on(device_, std::nothrow);
       cudaFree(ptr_);
       ptr_ = nullptr;
       bytes_ = 0;

@@ -117,6 +117,7 @@ void DeviceGroup::abort() {
   runtime_->mark_broken("the DeviceGroup was aborted (DeviceGroup.abort()); outputs of stream-ordered calls "
                         "still queued then are not valid");
   abort_communicators();
+  runtime_->abort_all();  // the programs' own communicators too (collectives on split groups)
 }
 
 void DeviceGroup::abort_communicators() {
@@ -129,9 +130,11 @@ void DeviceGroup::abort_communicators() {
 void DeviceGroup::close() { runtime_->mark_unusable("the DeviceGroup was closed"); }
 
 DeviceGroup::~DeviceGroup() {
-  if (runtime_ && abort_hook_ >= 0) runtime_->remove_abort_hook(abort_hook_);
-  // Work that stream-ordered calls left queued finishes first (or is aborted at its deadline).
+  // Work that stream-ordered calls left queued finishes first, or is aborted at its deadline: with
+  // this group's abort hook still in place, so that the world communicators are aborted too (their
+  // destruction below would otherwise wait for a collective that never completes).
   if (runtime_) runtime_->finish_in_flight();
+  if (runtime_ && abort_hook_ >= 0) runtime_->remove_abort_hook(abort_hook_);
   // Communicators go before the rank threads, unless a TensorRT context attached to one still
   // holds it (it then goes after that context); if the runtime broke, they were aborted already.
   world_.clear();

@@ -1,6 +1,7 @@
 #include "runtime/program_runner.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 
@@ -43,6 +44,10 @@ ProgramRunner::ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std
 }
 
 ProgramRunner::~ProgramRunner() {
+  // Stream-ordered work may still use this runner's programs (a collective's own communicator,
+  // whose destruction would wait for it) and buffers: it finishes first, or is aborted at its
+  // deadline with this runner's abort hook still in place.
+  group_->runtime().finish_in_flight();
   if (abort_hook_ >= 0) group_->runtime().remove_abort_hook(abort_hook_);
 }
 
@@ -282,14 +287,21 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
                                            const InferOptions& options) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   RankRuntime& runtime = group_->runtime();
+  runtime.throw_if_broken("infer");  // before any CUDA call: a failed GPU would answer with its own error
   const int n = plan.num_ranks;
   if (plan.replicated_inputs > 0) last_replication_ = plan.replication;
   std::vector<int> call_streams;  // every caller stream of this call (indices into caller_streams_)
   const std::vector<std::vector<int>> rank_waits = order_after_callers(inputs, options, call_streams);
   const bool stream_ordered = options.stream_ordered;
   std::vector<CudaEvent> done;  // stream-ordered: per rank, after its work
-  if (stream_ordered)
-    for (int i = 0; i < n; ++i) done.push_back(runtime.take_event(i));
+  std::unique_ptr<std::atomic<bool>[]> recorded;  // per rank: done was recorded (its work is queued)
+  if (stream_ordered) {
+    recorded.reset(new std::atomic<bool>[n]);
+    for (int i = 0; i < n; ++i) {
+      done.push_back(runtime.take_event(i));
+      recorded[i] = false;
+    }
+  }
 
   // Shared across rank threads: sized here, before any thread can read them.
   while (static_cast<int>(buffers_[0].chunk_events.size()) < plan.max_chunks)
@@ -336,6 +348,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     finish_outputs(ctx, outputs[i], plan.fetch[i], result.host);
     if (stream_ordered) {
       MDTRT_CUDA_CHECK(cudaEventRecord(done[i].get(), ctx.stream));
+      recorded[i] = true;
     } else if (!wait_stream(ctx.stream, ctx.deadline)) {
       throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
     }
@@ -351,27 +364,52 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     }
   };
   const double timeout = options.timeout_seconds > 0 ? options.timeout_seconds : group_->timeout();
+  // Stream-ordered: the caller streams wait for every rank's queued work, and the work is handed to
+  // the runtime's watchdog with its deadline. Also when the call failed after some rank queued work
+  // (another rank's enqueue failed): that work may wait for the failed rank, and must neither be
+  // raced by the caller's streams nor left without a deadline (a waiting call would have reached it).
+  auto hand_over = [&] {
+    bool any = false;
+    for (int i = 0; i < n; ++i) any = any || recorded[i];
+    if (!any) return;
+    for (int i = 0; i < n; ++i)
+      if (!recorded[i]) {
+        ScopedDevice on(runtime.context(i).device);
+        MDTRT_CUDA_CHECK(cudaEventRecord(done[i].get(), runtime.context(i).stream));
+      }
+    try {
+      // Each caller stream waits for every rank's work: a consumer of an output, and a producer
+      // about to overwrite an input another rank still reads, run after it. Issued on this (the
+      // caller's) thread, so that a legacy or per-thread default stream means the caller's.
+      for (int index : call_streams) {
+        const CallerStream& c = caller_streams_[index];
+        ScopedDevice on(c.device);
+        for (const CudaEvent& e : done)
+          MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), e.get(), 0));
+      }
+    } catch (...) {
+      runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());
+      throw;
+    }
+    runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());
+  };
   try {
     run_checked_then_launched(runtime, check, launch, timeout, "infer");
   } catch (...) {
+    if (stream_ordered) {
+      try {
+        hand_over();
+      } catch (...) {
+        // The call's own error is the one to report.
+      }
+    }
     // Outputs allocated for a call that failed are never handed over: freed once each rank's
     // stream reached their allocation, given up where a stream is stuck (after a deadline).
     const Deadline soon = Deadline::after_seconds(runtime.broken() ? 0.0 : 1.0);
     for (int i = 0; i < n; ++i) drop_unused_outputs(outputs[i], runtime.context(i).stream, soon);
     throw;
   }
-  if (stream_ordered) {
-    // Every caller stream waits for every rank's work: a consumer of an output, and a producer
-    // about to overwrite an input another rank still reads, run after it. Issued on this (the
-    // caller's) thread, so that a legacy or per-thread default stream means the caller's.
-    for (int index : call_streams) {
-      const CallerStream& c = caller_streams_[index];
-      ScopedDevice on(c.device);
-      for (const CudaEvent& e : done)
-        MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), e.get(), 0));
-    }
-    runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());
-  }
+  if (stream_ordered) hand_over();
   if (rendezvous && !rendezvous->failure.empty()) {
     // Every rank ran this call without graphs; later calls do too (a program that failed to capture
     // once would fail again on every new buffer).

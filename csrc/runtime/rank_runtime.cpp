@@ -241,13 +241,15 @@ bool RankRuntime::retire_finished_locked() {
     }
     if (!unfinished.empty()) {
       if (!front.deadline.passed()) return true;
-      abort_all();
       char seconds[32];
       std::snprintf(seconds, sizeof(seconds), "%g s", front.timeout_seconds);
+      // Broken before the abort: a waiting call whose kernels the abort ends early must not take
+      // its outputs for valid (run_on_all checks again when its ranks are done).
       set_broken("a stream-ordered '" + front.what + "' did not finish within " + seconds + " on rank(s) " +
                  join_ranks(unfinished) + "; the communicators were aborted (so no stream waits on it forever) and "
                  "its outputs and those of later stream-ordered calls are not valid. A rank that never arrives, a "
                  "hung collective, or a timeout too short for this work are the usual causes", ErrorKind::kTimeout);
+      abort_all();
       in_flight_.clear();  // aborted: nothing of it is waited for any more
       return false;
     }
@@ -261,6 +263,13 @@ bool RankRuntime::retire_finished_locked() {
 }
 
 void RankRuntime::watchdog_loop() {
+  // A device of this runtime, so that querying and destroying events never creates GPU 0's context
+  // in a process that does not use GPU 0 (one rank per process under a launcher).
+  if (devices_[0] >= 0) cudaSetDevice(devices_[0]);
+  // Relaxed: this thread's event queries must not invalidate a CUDA graph the application captures
+  // meanwhile on another thread (torch's default capture mode is global).
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
   std::unique_lock<std::mutex> lock(in_flight_mutex_);
   while (!stopping_watchdog_) {
     // Polls: CUDA events have no completion callback that could wake a thread without a stream.
@@ -271,23 +280,30 @@ void RankRuntime::watchdog_loop() {
 
 void RankRuntime::synchronize() {
   const std::string what = "synchronize";
+  auto next_interrupt_check = Deadline::Clock::now();
+  int sleep_us = 20;
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(in_flight_mutex_);
       if (!retire_finished_locked() || in_flight_.empty()) break;  // failed, aborted, or all done
     }
-    if (interrupt_requested()) {
-      {
-        std::lock_guard<std::mutex> lock(in_flight_mutex_);
-        in_flight_.clear();
+    // Asked at most every kInterruptPollInterval: the check takes Python's GIL.
+    if (Deadline::Clock::now() >= next_interrupt_check) {
+      if (interrupt_requested()) {
+        set_broken("'synchronize' was interrupted and the communicators were aborted", ErrorKind::kGeneric);
+        {
+          std::lock_guard<std::mutex> lock(in_flight_mutex_);
+          in_flight_.clear();
+        }
+        abort_all();
+        throw Error(ErrorKind::kInterrupted,
+                    "interrupted while waiting for stream-ordered calls; communicators were aborted and this device "
+                    "group can no longer be used", -1, what);
       }
-      abort_all();
-      set_broken("'synchronize' was interrupted and the communicators were aborted", ErrorKind::kGeneric);
-      throw Error(ErrorKind::kInterrupted,
-                  "interrupted while waiting for stream-ordered calls; communicators were aborted and this device "
-                  "group can no longer be used", -1, what);
+      next_interrupt_check = Deadline::Clock::now() + kInterruptPollInterval;
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
+    if (sleep_us < 1000) sleep_us *= 2;
   }
   throw_if_broken(what);
 }
@@ -398,6 +414,13 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
     if (!posted[i]) never_started.push_back(ranks_[i]);
 
   if (timed_out || interrupted) {
+    char seconds[32];
+    std::snprintf(seconds, sizeof(seconds), "%g s", timeout_seconds);
+    // Broken before the abort: no other step may take the work the abort ends early for finished.
+    set_broken(interrupted ? "'" + what + "' was interrupted and the communicators were aborted"
+                           : "'" + what + "' passed its deadline of " + seconds + " on rank(s) " +
+                                 join_ranks(unfinished) + " and the communicators were aborted",
+               ErrorKind::kGeneric);
     abort_all();
     // Give the aborted ranks a moment to unwind so their threads can be reused or joined.
     const Deadline grace = Deadline::after_seconds(kGraceAfterAbortSeconds);
@@ -410,16 +433,11 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
       if (posted[i] && !completion->is_finished(i)) stuck = stuck_[i] = true;
     }
     if (interrupted) {
-      set_broken("'" + what + "' was interrupted and the communicators were aborted", ErrorKind::kGeneric);
       throw Error(ErrorKind::kInterrupted,
                   "interrupted while waiting for '" + what + "'; communicators were aborted and this device group "
                   "can no longer be used" + (stuck ? " (some rank threads are still stuck and were abandoned)" : ""),
                   -1, what);
     }
-    char seconds[32];
-    std::snprintf(seconds, sizeof(seconds), "%g s", timeout_seconds);
-    set_broken("'" + what + "' passed its deadline of " + seconds + " on rank(s) " + join_ranks(unfinished) +
-               " and the communicators were aborted", ErrorKind::kGeneric);
     std::string message = "rank(s) " + join_ranks(unfinished) + " did not finish '" + what + "' within " + seconds +
                           (never_started.empty() ? "" : "; rank(s) " + join_ranks(never_started) + " never started it") +
                           (sequential ? " (ranks were run one after another: a collective step needs all ranks "
@@ -448,6 +466,10 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
       }
     }
   }
+  // Every rank finished, but the group broke meanwhile (the watchdog aborted a stream-ordered call
+  // that this step's work was queued behind, or DeviceGroup.abort()): the abort may have ended this
+  // step's kernels early, so its results are not valid.
+  throw_if_broken(what);
 }
 
 }  // namespace mdtrt

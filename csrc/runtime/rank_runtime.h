@@ -103,6 +103,10 @@ class RankRuntime {
   void finish_in_flight();
   // An event of local rank i's device for add_in_flight (recycled from finished calls).
   CudaEvent take_event(int local_index);
+  // Throws, naming `what`, when the runtime is broken (Error of the kind that broke it).
+  void throw_if_broken(const std::string& what) const;
+  // Runs every abort hook now (communicators, programs); from any thread.
+  void abort_all();
 
  private:
   struct InFlight {
@@ -111,13 +115,11 @@ class RankRuntime {
     double timeout_seconds;
     std::string what;
   };
-  void abort_all();
   // Drops finished calls from the front of in_flight_ (returning their events to the pool); on a
   // passed deadline aborts, marks the runtime broken and returns false. Needs in_flight_mutex_.
   bool retire_finished_locked();
   void watchdog_loop();
   void set_broken(const std::string& reason, ErrorKind kind);
-  void throw_if_broken(const std::string& what) const;
 
   std::vector<int> devices_;
   std::vector<int> ranks_;
