@@ -379,3 +379,17 @@ def test_stream_ordered_argument_accepts_none_true_false_only():
         None, True, False, True]
     with pytest.raises(InvalidArgumentError, match="stream_ordered must be True, False or None"):
         arguments.optional_flag("yes", "stream_ordered")
+
+
+def test_time_infer_times_complete_calls(monkeypatch):
+    """time_infer measures calls that return when every rank finished: it asks infer for waiting
+    calls (a stream-ordered one would be timed until it is queued only), unless told otherwise."""
+    runner = EngineRunner.__new__(EngineRunner)
+    seen = []
+    monkeypatch.setattr(runner, "infer", lambda inputs, **kw: seen.append(kw), raising=False)
+    times = runner.time_infer({"input": None}, iterations=2, warmup=1)
+    assert len(times) == 2 and all(t >= 0 for t in times)
+    assert seen == [{"stream_ordered": False}] * 3
+    seen.clear()
+    runner.time_infer({"input": None}, iterations=1, warmup=0, stream_ordered=None)
+    assert seen == [{"stream_ordered": None}]
