@@ -84,9 +84,9 @@ class PreparedCall:
         the run (the inputs' producer streams, the outputs' streams) waits for it on the GPU
         (needs device inputs and outputs with their streams, every output given; an engine's
         torch outputs are given from the second run of a signature on, once their shapes are
-        known: its first run waits). False: each
-        run returns when every rank has finished. None (default): stream-ordered when every input
-        and output of the run is a torch CUDA tensor, as torch.distributed's collectives are.
+        known: its first run waits). False: each run returns when every rank has finished. None
+        (default): stream-ordered when every input and output of the run is a torch CUDA tensor,
+        as torch.distributed's collectives are.
 
     Raises
     ------
