@@ -149,9 +149,10 @@ def _time_on_device(runner, inputs: dict, gpus: list[int], iterations: int, torc
     """Milliseconds of each of ``iterations`` calls of ``runner`` on device-resident inputs and
     outputs (one copy per GPU, made before timing: no host copy inside the loop), measured with
     CUDA events recorded on each GPU's current stream before and after the call (the slowest GPU
-    counts). A call waits for work queued on those streams and returns when every rank has
-    finished, so the events bracket the engines plus mdtrt's per-call hand-off (tens of us).
-    Returns the times and rank 0's outputs (numpy)."""
+    counts). Calls on torch tensors in and out are stream-ordered (each orders itself after the
+    current streams and they wait for it), so the host queues them ahead and the events bracket
+    the engines and their stream waits on the GPU, not the host's per-call hand-off. Returns the
+    times and rank 0's outputs (numpy)."""
     per_rank = [{name: torch.as_tensor(value, device=f"cuda:{gpu}") for name, value in inputs.items()}
                 for gpu in gpus]
     first = runner.infer(per_rank, all_ranks=True)  # device arrays out: their shapes and dtypes
