@@ -9,7 +9,8 @@ runner's automatic choice:
 
 The program is ``SinkProgram`` (does nothing), so each call's time is the replication plus the
 runner's fixed overhead. Host inputs are pageable (numpy) and pinned (torch pin_memory). A device
-input already on the first GPU (copied peer-to-peer to the others by the runner) is measured too.
+input already on the first GPU (copied peer-to-peer to the others by the runner) is measured too,
+per call (``call; synchronize``) and back to back (stream-ordered calls, then one synchronize).
 References of the same run and size: peer copy bandwidth (cudaMemcpyPeerAsync GPU0 -> GPU1) and
 host-to-device bandwidth (pinned and pageable) of the first GPU. Bandwidth here is input bytes per
 second (S / t), S = the input's size; every GPU receives S bytes.
@@ -101,7 +102,16 @@ def run(args) -> dict:
             warm = bl.time_calls(device_call, 2)[1]
             stats = bl.summarize(bl.time_calls(device_call, bl.iterations_for(warm, target_s / 4, 3, 300)))
             point["device_input"] = {**stats, "gbps": bl.algbw_gbps(size, stats["median_us"] * 1e-6),
-                                     "method": f"torch tensor on GPU {gpus[0]}, copied peer-to-peer by the runner"}
+                                     "method": f"torch tensor on GPU {gpus[0]}, copied peer-to-peer by the runner; "
+                                               "call; synchronize"}
+            # The same call back to back (stream-ordered: no host round trip per call), then one synchronize.
+            count = bl.iterations_for(stats["median_us"] * 1e-6, target_s / 8, 3, 200)
+            per_call = bl.time_back_to_back(lambda: runner.infer({"input": on_device}, outputs=sink_outputs),
+                                            lambda: [torch.cuda.synchronize(g) for g in gpus], count)
+            b2b = bl.summarize(per_call)
+            point["device_input_batched"] = {**b2b, "gbps": bl.algbw_gbps(size, b2b["median_us"] * 1e-6),
+                                             "calls_per_round": count,
+                                             "method": "the same call back to back, then one synchronize, averaged"}
             result["points"].append(point)
             bl.write_json(args.out, result)
             del pageable, pinned, on_device
