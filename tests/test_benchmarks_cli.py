@@ -232,6 +232,40 @@ def test_report_renders_synthetic_results(bench_modules, tmp_path):
     assert "all_reduce(x) (us)" in md and "EngineRunner.prepare(inputs)(), N=2" in md
 
 
+def test_report_judges_the_back_to_back_series(bench_modules):
+    """The stream-ordered series (calls back to back) are judged against raw NCCL back to back and
+    the default call against the prepared one; the device input back to back against peer copy.
+    Synthetic times: all_reduce at raw speed (met), gather 10% slower than raw (missed), the
+    default call 2% (met) or 6% (missed) over the out= call."""
+    bl, report = bench_modules["benchlib"], bench_modules["report"]
+    results = synthetic_results(bl)
+    coll = results["collectives"]
+    raw_b = {op: {p["size"]: p for p in pts} for op, pts in coll["raw"]["raw_batched"].items()}
+    batched, default_batched = {}, {}
+    for op in OPS:
+        slow = 1.10 if op == "gather" else 1.0
+        over = 1.06 if op == "scatter" else 1.02
+        batched[op] = [bl.point(op, s, raw_b[op][s]["time_us"] * 1e-6 * slow, 2) for s in coll["sizes"]]
+        default_batched[op] = [bl.point(op, s, raw_b[op][s]["time_us"] * 1e-6 * slow * over, 2) for s in coll["sizes"]]
+    coll["ours_batched"] = {"method": "back to back", "series": batched}
+    coll["ours_default_batched"] = {"method": "back to back", "series": default_batched}
+    for p in results["replication"]["points"]:
+        t = p["size"] / (0.93 * p["peer_copy_gbps"] * 1e9)
+        p["device_input_batched"] = {"median_us": t * 1e6, "gbps": p["size"] / t / 1e9}
+    verdicts = {v["target"]: v for v in report.evaluate_targets(results)}
+    b2b = ", calls back to back (stream-ordered): bus bandwidth >= 97% of raw NCCL back to back at >= 64 MiB"
+    assert verdicts["all_reduce" + b2b]["met"] is True
+    gather = verdicts["gather" + b2b]
+    assert gather["met"] is False and gather["value"].startswith("worst 90.9%")
+    assert verdicts["group.all_reduce(x) within 3% of the out= call back to back (stream-ordered) at >= 64 MiB"][
+        "met"] is True
+    scatter = verdicts["group.scatter(x) within 3% of the out= call back to back (stream-ordered) at >= 64 MiB"]
+    assert scatter["met"] is False and scatter["value"].startswith("worst +6.0%")
+    device = verdicts["device input to every GPU, calls back to back (stream-ordered): >= 90% of peer copy "
+                      "bandwidth (>= 64 MiB)"]
+    assert device["met"] is True and device["value"].startswith("worst 93.0%")
+
+
 def test_report_marks_missing_references(bench_modules, tmp_path):
     bl, report = bench_modules["benchlib"], bench_modules["report"]
     results = synthetic_results(bl)
