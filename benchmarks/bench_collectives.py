@@ -111,24 +111,16 @@ OURS_SERIES = (
 )
 
 
-def synced(fn, sync):
-    """`fn` then `sync()`: one stream-ordered call timed until the GPUs finished it."""
-    def call():
-        fn()
-        sync()
-    return call
-
-
 def entry_point_calls(group, op: str, inputs, outputs, host_inputs, sync) -> dict:
     """Every entry point of one (op, size), as a user writes it; the torch calls (stream-ordered)
     followed by `sync` (numpy calls return with their results)."""
     method = getattr(group, op)
-    return {"method": synced(lambda: method(inputs), sync),
-            "method_out": synced(lambda: method(inputs, out=outputs), sync),
-            "collective": synced(lambda: group.collective(op, inputs), sync),
-            "collective_out": synced(lambda: group.collective(op, inputs, out=outputs), sync),
-            "prepared": synced(group.prepare_collective(op, inputs), sync),
-            "prepared_out": synced(group.prepare_collective(op, inputs, out=outputs), sync),
+    return {"method": bl.synced(lambda: method(inputs), sync),
+            "method_out": bl.synced(lambda: method(inputs, out=outputs), sync),
+            "collective": bl.synced(lambda: group.collective(op, inputs), sync),
+            "collective_out": bl.synced(lambda: group.collective(op, inputs, out=outputs), sync),
+            "prepared": bl.synced(group.prepare_collective(op, inputs), sync),
+            "prepared_out": bl.synced(group.prepare_collective(op, inputs, out=outputs), sync),
             "method_numpy": lambda: method(host_inputs),
             "prepared_numpy": group.prepare_collective(op, host_inputs)}
 
@@ -165,9 +157,7 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
     entries: dict = {op: [] for op in ops}
     group = mdtrt.DeviceGroup(gpus=gpus, timeout=60)
 
-    def sync():
-        for g in gpus:
-            torch.cuda.synchronize(g)
+    sync = bl.gpu_sync(torch, gpus)
 
     def partial(stopped=None):
         out = {"ours": series, "ours_call": call_series, "ours_default": default_series,
@@ -190,10 +180,9 @@ def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict
                     torch.cuda.synchronize(g)
                 method = getattr(group, op)
                 prepared = group.prepare_collective(op, inputs, reduce="sum", root=0, out=outputs)
-                calls = {"ours": synced(prepared, sync),
-                         "ours_call": synced(lambda: group.collective(op, inputs, reduce="sum", root=0, out=outputs),
-                                             sync),
-                         "ours_default": synced(lambda: method(inputs), sync)}
+                one_shot = lambda: group.collective(op, inputs, reduce="sum", root=0, out=outputs)  # noqa: E731
+                calls = {"ours": bl.synced(prepared, sync), "ours_call": bl.synced(one_shot, sync),
+                         "ours_default": bl.synced(lambda: method(inputs), sync)}
                 stats = measure_interleaved(calls, policy)
                 for key, target in (("ours", series), ("ours_call", call_series), ("ours_default", default_series)):
                     target[op].append(bl.point(op, size, stats[key]["median_us"] * 1e-6, n, **stats[key]))

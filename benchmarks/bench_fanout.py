@@ -7,8 +7,8 @@ Python argument handling, handing the call to one thread per GPU, and waiting fo
 Series per N: ``infer(inputs, outputs=...)`` and ``prepare(inputs, outputs=...)()`` (preallocated
 torch CUDA tensors, one per rank: no call allocates), the default calls without ``outputs=``
 (``infer(inputs)``, ``prepare(inputs)()``: torch outputs from torch's caching allocator, once the
-first call of the signature, in the warm-up, learnt their shapes), and ``infer`` with a numpy input (replicated to every GPU, rank 0's output copied
-back). Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
+first call of the signature, in the warm-up, learnt their shapes), and ``infer`` with a numpy input
+(replicated to every GPU, rank 0's output copied back). Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
 Calls on torch tensors are stream-ordered (they return once queued): each is timed with a
 ``torch.cuda.synchronize`` of every GPU of the call after it, like the loops it is compared with.
 """
@@ -68,20 +68,14 @@ def run(args) -> dict:
 
         host = np.ones(elems, dtype=np.float16)
 
-        def synced(fn, devices=tuple(gpus[:n])):
-            # torch in and out: stream-ordered (returns once queued); timed until every GPU is done.
-            def call():
-                fn()
-                for g in devices:
-                    torch.cuda.synchronize(g)
-            return call
-
-        calls = {"runner": synced(lambda runner=runner, inputs=inputs, outputs=outputs:
-                                  runner.infer(inputs, outputs=outputs)),
+        # torch in and out: stream-ordered (returns once queued); timed until every GPU is done.
+        sync = bl.gpu_sync(torch, gpus[:n])
+        calls = {"runner": bl.synced(lambda runner=runner, inputs=inputs, outputs=outputs:
+                                     runner.infer(inputs, outputs=outputs), sync),
                  # the same call, arguments converted once
-                 "prepared": synced(runner.prepare(inputs, outputs=outputs)),
-                 "runner_default": synced(lambda runner=runner, inputs=inputs: runner.infer(inputs)),
-                 "prepared_default": synced(runner.prepare(inputs)),
+                 "prepared": bl.synced(runner.prepare(inputs, outputs=outputs), sync),
+                 "runner_default": bl.synced(lambda runner=runner, inputs=inputs: runner.infer(inputs), sync),
+                 "prepared_default": bl.synced(runner.prepare(inputs), sync),
                  "runner_numpy": lambda runner=runner, host=host: runner.infer({"input": host})}
         for fn in calls.values():
             bl.time_calls(fn, 50)  # warm-up: first call binds, caches and pools settle

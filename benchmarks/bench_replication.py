@@ -94,10 +94,11 @@ def run(args) -> dict:
             on_device = torch.ones(elems, dtype=torch.float16, device=f"cuda:{gpus[0]}")
             torch.cuda.synchronize(gpus[0])
 
-            def device_call():
-                runner.infer({"input": on_device}, outputs=sink_outputs)  # stream-ordered: wait for it
-                for g in gpus:
-                    torch.cuda.synchronize(g)
+            def infer_device_input():
+                runner.infer({"input": on_device}, outputs=sink_outputs)
+
+            sync = bl.gpu_sync(torch, gpus)
+            device_call = bl.synced(infer_device_input, sync)  # stream-ordered: timed until done
 
             warm = bl.time_calls(device_call, 2)[1]
             stats = bl.summarize(bl.time_calls(device_call, bl.iterations_for(warm, target_s / 4, 3, 300)))
@@ -106,8 +107,7 @@ def run(args) -> dict:
                                                "call; synchronize"}
             # The same call back to back (stream-ordered: no host round trip per call), then one synchronize.
             count = bl.iterations_for(stats["median_us"] * 1e-6, target_s / 8, 3, 200)
-            per_call = bl.time_back_to_back(lambda: runner.infer({"input": on_device}, outputs=sink_outputs),
-                                            lambda: [torch.cuda.synchronize(g) for g in gpus], count)
+            per_call = bl.time_back_to_back(infer_device_input, sync, count)
             b2b = bl.summarize(per_call)
             point["device_input_batched"] = {**b2b, "gbps": bl.algbw_gbps(size, b2b["median_us"] * 1e-6),
                                              "calls_per_round": count,

@@ -157,6 +157,23 @@ def time_calls(fn, iterations: int) -> list[float]:
     return times
 
 
+def gpu_sync(torch, gpus):
+    """A function that waits until every GPU in `gpus` has finished its queued work."""
+    def sync():
+        for g in gpus:
+            torch.cuda.synchronize(g)
+    return sync
+
+
+def synced(fn, sync):
+    """`fn` then `sync()`: a stream-ordered call (it returns once queued) timed until the GPUs
+    finished it, the host-synchronous pattern of the raw references (``op; synchronize``)."""
+    def call():
+        fn()
+        sync()
+    return call
+
+
 def time_back_to_back(fn, sync, iterations: int, rounds: int = 3) -> list[float]:
     """Seconds per call of `fn` called `iterations` times back to back, then `sync()` (which waits
     for the GPUs), in `rounds` measurements: the throughput of stream-ordered calls, as
