@@ -116,8 +116,9 @@ void DeviceGroup::abort() {
   // (The runtime's own deadline path aborts through abort_communicators and says why itself.)
   runtime_->mark_broken("the DeviceGroup was aborted (DeviceGroup.abort()); outputs of stream-ordered calls "
                         "still queued then are not valid");
-  abort_communicators();
-  runtime_->abort_all();  // the programs' own communicators too (collectives on split groups)
+  // Every abort hook: this group's (abort_communicators) and the programs' own communicators
+  // (collectives on split groups).
+  runtime_->abort_all();
 }
 
 void DeviceGroup::abort_communicators() {

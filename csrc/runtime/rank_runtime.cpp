@@ -142,6 +142,7 @@ RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int w
     ctx.stream = workers_.back()->stream();
     contexts_.push_back(ctx);
   }
+  spare_events_.resize(devices_.size());
 }
 
 RankRuntime::~RankRuntime() {
@@ -196,7 +197,6 @@ void RankRuntime::throw_if_broken(const std::string& what) const {
 CudaEvent RankRuntime::take_event(int local_index) {
   {
     std::lock_guard<std::mutex> lock(in_flight_mutex_);
-    if (spare_events_.size() < workers_.size()) spare_events_.resize(workers_.size());
     auto& spare = spare_events_.at(local_index);
     if (!spare.empty()) {
       CudaEvent e = std::move(spare.back());
@@ -253,10 +253,7 @@ bool RankRuntime::retire_finished_locked() {
       in_flight_.clear();  // aborted: nothing of it is waited for any more
       return false;
     }
-    for (size_t i = 0; i < front.done.size(); ++i) {
-      if (spare_events_.size() < front.done.size()) spare_events_.resize(workers_.size());
-      spare_events_[i].push_back(std::move(front.done[i]));
-    }
+    for (size_t i = 0; i < front.done.size(); ++i) spare_events_[i].push_back(std::move(front.done[i]));
     in_flight_.pop_front();
   }
   return true;
@@ -278,17 +275,16 @@ void RankRuntime::watchdog_loop() {
   }
 }
 
-void RankRuntime::synchronize() {
-  const std::string what = "synchronize";
+void RankRuntime::wait_in_flight(bool interruptible) {
   auto next_interrupt_check = Deadline::Clock::now();
   int sleep_us = 20;
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(in_flight_mutex_);
-      if (!retire_finished_locked() || in_flight_.empty()) break;  // failed, aborted, or all done
+      if (!retire_finished_locked() || in_flight_.empty()) return;  // failed, aborted, or all done
     }
     // Asked at most every kInterruptPollInterval: the check takes Python's GIL.
-    if (Deadline::Clock::now() >= next_interrupt_check) {
+    if (interruptible && Deadline::Clock::now() >= next_interrupt_check) {
       if (interrupt_requested()) {
         set_broken("'synchronize' was interrupted and the communicators were aborted", ErrorKind::kGeneric);
         {
@@ -298,24 +294,21 @@ void RankRuntime::synchronize() {
         abort_all();
         throw Error(ErrorKind::kInterrupted,
                     "interrupted while waiting for stream-ordered calls; communicators were aborted and this device "
-                    "group can no longer be used", -1, what);
+                    "group can no longer be used", -1, "synchronize");
       }
       next_interrupt_check = Deadline::Clock::now() + kInterruptPollInterval;
     }
     std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
     if (sleep_us < 1000) sleep_us *= 2;
   }
-  throw_if_broken(what);
 }
 
-void RankRuntime::finish_in_flight() {
-  std::unique_lock<std::mutex> lock(in_flight_mutex_);
-  while (!in_flight_.empty() && retire_finished_locked()) {
-    lock.unlock();
-    std::this_thread::sleep_for(std::chrono::microseconds(200));
-    lock.lock();
-  }
+void RankRuntime::synchronize() {
+  wait_in_flight(/*interruptible=*/true);
+  throw_if_broken("synchronize");
 }
+
+void RankRuntime::finish_in_flight() { wait_in_flight(/*interruptible=*/false); }
 
 int RankRuntime::add_abort_hook(std::function<void()> hook) {
   std::lock_guard<std::mutex> lock(hooks_mutex_);

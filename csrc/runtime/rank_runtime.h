@@ -119,6 +119,9 @@ class RankRuntime {
   // passed deadline aborts, marks the runtime broken and returns false. Needs in_flight_mutex_.
   bool retire_finished_locked();
   void watchdog_loop();
+  // Polls until every stream-ordered call queued so far finished or the runtime broke (a call
+  // failed or passed its deadline); `interruptible`: Ctrl-C aborts (synchronize), else not (clean-up).
+  void wait_in_flight(bool interruptible);
   void set_broken(const std::string& reason, ErrorKind kind);
 
   std::vector<int> devices_;
@@ -135,7 +138,7 @@ class RankRuntime {
   std::mutex in_flight_mutex_;
   std::condition_variable in_flight_changed_;
   std::deque<InFlight> in_flight_;
-  std::vector<std::vector<CudaEvent>> spare_events_;  // per local rank
+  std::vector<std::vector<CudaEvent>> spare_events_;  // per local rank (sized in the constructor)
   std::thread watchdog_;
   bool stopping_watchdog_ = false;  // guarded by in_flight_mutex_
   std::vector<bool> stuck_;  // workers whose task ignored an abort: never joined
