@@ -191,7 +191,7 @@ void ProgramRunner::enqueue_program(RankContext& ctx, RankBuffers& bufs, const s
 
 std::vector<std::vector<int>> ProgramRunner::order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
                                                                  const InferOptions& options,
-                                                                 std::vector<int>& used) {
+                                                                 std::vector<CallerUse>& used) {
   // The caller's arrays are stream-ordered: each rank reads (and writes) them only after the work
   // already queued on their streams; a producer's pending kernel is otherwise raced by the rank
   // streams, which are non-blocking. A stream found idle needs no event (the common case in a loop
@@ -210,9 +210,12 @@ std::vector<std::vector<int>> ProgramRunner::order_after_callers(const std::vect
       index = static_cast<int>(caller_streams_.size()) - 1;
     }
     CallerStream& c = caller_streams_[index];
+    auto use = std::find_if(used.begin(), used.end(), [index](const CallerUse& u) { return u.stream == index; });
+    if (use == used.end()) use = used.insert(used.end(), CallerUse{index, {}});
+    if (std::find(use->ranks.begin(), use->ranks.end(), static_cast<int>(rank)) == use->ranks.end())
+      use->ranks.push_back(static_cast<int>(rank));
     if (std::find(checked.begin(), checked.end(), index) == checked.end()) {
       checked.push_back(index);
-      used.push_back(index);
       ScopedDevice on(c.device);
       auto handle = reinterpret_cast<cudaStream_t>(c.stream);
       const cudaError_t status = cudaStreamQuery(handle);
@@ -290,7 +293,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   runtime.throw_if_broken("infer");  // before any CUDA call: a failed GPU would answer with its own error
   const int n = plan.num_ranks;
   if (plan.replicated_inputs > 0) last_replication_ = plan.replication;
-  std::vector<int> call_streams;  // every caller stream of this call (indices into caller_streams_)
+  std::vector<CallerUse> call_streams;  // every caller stream of this call, with the ranks that use it
   const std::vector<std::vector<int>> rank_waits = order_after_callers(inputs, options, call_streams);
   const bool stream_ordered = options.stream_ordered;
   std::vector<CudaEvent> done;  // stream-ordered: per rank, after its work
@@ -378,14 +381,17 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
         MDTRT_CUDA_CHECK(cudaEventRecord(done[i].get(), runtime.context(i).stream));
       }
     try {
-      // Each caller stream waits for every rank's work: a consumer of an output, and a producer
-      // about to overwrite an input another rank still reads, run after it. Issued on this (the
+      // Each caller stream waits for the work of every rank that used an array of it: a consumer
+      // of an output, and a producer about to overwrite an input that a rank (on its GPU, or
+      // copying it to another) still reads, run after that. Only those ranks: a wait on another
+      // GPU's event would add a cross-device hop to every call (NCCL guarantees that a peer is
+      // done with a rank's buffers when that rank's collective completes). Issued on this (the
       // caller's) thread, so that a legacy or per-thread default stream means the caller's.
-      for (int index : call_streams) {
-        const CallerStream& c = caller_streams_[index];
+      for (const CallerUse& use : call_streams) {
+        const CallerStream& c = caller_streams_[use.stream];
         ScopedDevice on(c.device);
-        for (const CudaEvent& e : done)
-          MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), e.get(), 0));
+        for (int rank : use.ranks)
+          MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), done[rank].get(), 0));
       }
     } catch (...) {
       runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());

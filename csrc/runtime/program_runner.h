@@ -78,10 +78,16 @@ class ProgramRunner {
   struct GraphRendezvous;
   void enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
                        const std::vector<TensorView>& outputs, GraphRendezvous* rendezvous);
+  // A caller stream of one call (index into caller_streams_) and the local ranks that read or
+  // write an array of it.
+  struct CallerUse {
+    int stream;
+    std::vector<int> ranks;
+  };
   // Per local rank: the caller streams (indices into caller_streams_) the rank waits for before it
   // touches the caller's arrays; `used` gets every caller stream of the call.
   std::vector<std::vector<int>> order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
-                                                    const InferOptions& options, std::vector<int>& used);
+                                                    const InferOptions& options, std::vector<CallerUse>& used);
 
   std::shared_ptr<DeviceGroup> group_;
   std::vector<std::shared_ptr<RankProgram>> programs_;
