@@ -194,37 +194,33 @@ std::vector<std::vector<int>> ProgramRunner::order_after_callers(const std::vect
                                                                  std::vector<CallerUse>& used) {
   // The caller's arrays are stream-ordered: each rank reads (and writes) them only after the work
   // already queued on their streams; a producer's pending kernel is otherwise raced by the rank
-  // streams, which are non-blocking. A stream found idle needs no event (the common case in a loop
-  // of calls, each of which returns only once the ranks are done, so nothing needs ordering after).
+  // streams, which are non-blocking. The event is recorded whether or not the stream is idle:
+  // recording and waiting cost about 0.2 us each on the host (2x H200, CUDA 13), asking whether
+  // the stream is idle (cudaStreamQuery) 1.3 us, and in a stream-ordered loop the caller stream is
+  // never idle (it waits for the previous call).
   if (caller_streams_.size() > 64) caller_streams_.clear();  // streams come and go; keep the list short
   const size_t n = inputs.size();
   std::vector<std::vector<int>> rank_waits(n);
-  std::vector<int> checked;
   auto order_after = [&](size_t rank, int device, uintptr_t stream) {
     if (stream == 0 || device < 0) return;
     int index = -1;
     for (size_t c = 0; c < caller_streams_.size() && index < 0; ++c)
       if (caller_streams_[c].device == device && caller_streams_[c].stream == stream) index = static_cast<int>(c);
     if (index < 0) {
-      caller_streams_.push_back(CallerStream{device, stream, CudaEvent(device, false), false});
+      caller_streams_.push_back(CallerStream{device, stream, CudaEvent(device, false)});
       index = static_cast<int>(caller_streams_.size()) - 1;
     }
-    CallerStream& c = caller_streams_[index];
     auto use = std::find_if(used.begin(), used.end(), [index](const CallerUse& u) { return u.stream == index; });
-    if (use == used.end()) use = used.insert(used.end(), CallerUse{index, {}});
-    if (std::find(use->ranks.begin(), use->ranks.end(), static_cast<int>(rank)) == use->ranks.end())
-      use->ranks.push_back(static_cast<int>(rank));
-    if (std::find(checked.begin(), checked.end(), index) == checked.end()) {
-      checked.push_back(index);
+    if (use == used.end()) {
+      use = used.insert(used.end(), CallerUse{index, {}});
+      CallerStream& c = caller_streams_[index];
       ScopedDevice on(c.device);
-      auto handle = reinterpret_cast<cudaStream_t>(c.stream);
-      const cudaError_t status = cudaStreamQuery(handle);
-      if (status != cudaSuccess && status != cudaErrorNotReady) throw_cuda_error(status, "cudaStreamQuery");
-      c.pending = status == cudaErrorNotReady;
-      if (c.pending) MDTRT_CUDA_CHECK(cudaEventRecord(c.ready.get(), handle));
+      MDTRT_CUDA_CHECK(cudaEventRecord(c.ready.get(), reinterpret_cast<cudaStream_t>(c.stream)));
     }
-    if (c.pending && std::find(rank_waits[rank].begin(), rank_waits[rank].end(), index) == rank_waits[rank].end())
+    if (std::find(use->ranks.begin(), use->ranks.end(), static_cast<int>(rank)) == use->ranks.end()) {
+      use->ranks.push_back(static_cast<int>(rank));
       rank_waits[rank].push_back(index);
+    }
   };
   for (size_t i = 0; i < n; ++i) {
     for (const InputArg& a : inputs[i]) order_after(i, a.device, a.stream);

@@ -97,8 +97,7 @@ class ProgramRunner {
   struct CallerStream {
     int device;
     uintptr_t stream;
-    CudaEvent ready;
-    bool pending;  // this call: the stream had unfinished work, recorded in `ready`
+    CudaEvent ready;  // recorded on the stream once per call that uses it
   };
   std::vector<CallerStream> caller_streams_;
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers
