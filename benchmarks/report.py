@@ -257,8 +257,11 @@ def context_parallel_section(cp: dict, plots: dict, base: str) -> str:
     rows = []
     for p in cp["points"]:
         single = p["single"]
+        passes = single.get("pass_medians_ms")
         rows.append([str(p["sequence"]), "1 GPU", fmt(single["median_ms"], 2), "1.00x", "-", "-",
-                     fmt(single["peak_bytes"] / bl.MiB, 0), fmt(single["kv_bytes"] / bl.MiB, 0), "-"])
+                     fmt(single["peak_bytes"] / bl.MiB, 0), fmt(single["kv_bytes"] / bl.MiB, 0),
+                     "-" if not passes else "passes before / after the strategies: "
+                     + " / ".join(fmt(x, 2) for x in passes) + " ms"])
         for name, s in p["strategies"].items():
             if "error" in s:
                 rows.append([str(p["sequence"]), name, NA, NA, NA, NA, NA, NA, s["error"]])
@@ -274,7 +277,9 @@ def context_parallel_section(cp: dict, plots: dict, base: str) -> str:
             f"{config.get('kv_head_groups', 1)} pieces of heads. {cp.get('method', '')}. "
             "Collectives: the strategy's collectives run alone (their share is of the whole pass; ring overlaps "
             "them with attention). Peak: torch's peak allocation per GPU above what was allocated before "
-            "(one GPU: plus its Q, K, V). K/V: bytes of K and V buffers a rank holds." + skipped + "\n\n"
+            "(one GPU: plus its Q, K, V). K/V: bytes of K and V buffers a rank holds. One GPU is timed before and "
+            "after the strategies (its median pools both passes), so that a drifting clock does not favour either "
+            "side." + skipped + "\n\n"
             + md_table(["sequence", "strategy", "median (ms)", "speedup", "collectives alone (ms)", "share",
                         "peak MiB per GPU", "K/V MiB per GPU", "vs one GPU (max abs error)"], rows) + "\n\n"
             + image(plots, "context_parallel_speedup", base))
