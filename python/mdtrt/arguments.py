@@ -61,6 +61,8 @@ def integer(value: Any, name: str, *, minimum: int | None = None) -> int:
     InvalidArgumentError
         ``value`` is a bool or not an integer, or is below ``minimum``.
     """
+    if type(value) is int and (minimum is None or value >= minimum):
+        return value  # the common case, without the Integral ABC check (it runs on every call)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise fail(name, "an integer" + (f" >= {minimum}" if minimum is not None else ""), value)
     if minimum is not None and value < minimum:
@@ -145,7 +147,9 @@ def flag(value: Any, name: str) -> bool:
     InvalidArgumentError
         ``value`` is neither a bool nor a ``numpy.bool_`` (0 and 1 included).
     """
-    if isinstance(value, (bool, np.bool_)):
+    if value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
         return bool(value)
     raise fail(name, "True or False", value)
 
@@ -155,8 +159,10 @@ def optional_flag(value: Any, name: str) -> bool | None:
 
     Raises InvalidArgumentError (naming all three) for anything else.
     """
-    if value is None or isinstance(value, (bool, np.bool_)):
-        return None if value is None else bool(value)
+    if value is None or value is True or value is False:
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
     raise fail(name, "True, False or None", value)
 
 

@@ -144,9 +144,14 @@ _NUMPY_DTYPES: dict = {}  # numpy dtype -> name, filled as dtypes are seen
 _TORCH_DTYPES: dict = {}  # torch dtype -> name, filled on first use (str() of a dtype is slow)
 
 
+_RAW_STREAM_GETTER: list = []  # torch._C._cuda_getCurrentRawStream, or None where torch lacks it
+
+
 def _torch_current_stream(torch, device: int) -> int:
     # The raw getter costs a fraction of torch.cuda.current_stream(); fall back where it is missing.
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if not _RAW_STREAM_GETTER:
+        _RAW_STREAM_GETTER.append(getattr(torch._C, "_cuda_getCurrentRawStream", None))
+    raw = _RAW_STREAM_GETTER[0]
     stream = raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
     # torch's default stream is the device's legacy default stream (handle 0), which mdtrt's
     # non-blocking rank streams do not wait for by themselves: name it explicitly.
@@ -154,6 +159,15 @@ def _torch_current_stream(torch, device: int) -> int:
 
 
 _TORCH_TENSOR_TYPES: set = set()  # torch.Tensor and subclasses seen so far
+_TORCH: list = []  # the torch module, once a torch tensor was seen (an import statement per call costs)
+
+
+def _torch_module():
+    if not _TORCH:
+        import torch
+
+        _TORCH.append(torch)
+    return _TORCH[0]
 
 
 def _is_torch_tensor(x) -> bool:
@@ -204,8 +218,7 @@ def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
         # __array_interface__ is an order of magnitude cheaper than x.ctypes.data, per call.
         return ArrayRef(x.__array_interface__["data"][0], -1, name, x.shape, x, "numpy")
     if _is_torch_tensor(x):
-        import torch
-
+        torch = _torch_module()
         if not _TORCH_DTYPES:
             for dt in (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int8, torch.uint8,
                        torch.int64, torch.float64, torch.bool):

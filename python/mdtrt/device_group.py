@@ -307,8 +307,8 @@ class DeviceGroup:
                                                          sequential_bind, stream_ordered)
         # One prepared call per argument signature: a loop of one-shot calls (new arrays each time,
         # as users write it) checks, converts and plans its arguments once, not per call.
-        call_key = (key, poison_outputs, stream_ordered, refs[0].kind, refs[0].shape, tuple(r.device for r in refs),
-                    None if out_refs is None else tuple(o["output"].device for o in out_refs))
+        call_key = (key, poison_outputs, stream_ordered, refs[0].kind, refs[0].shape, tuple([r.device for r in refs]),
+                    None if out_refs is None else tuple([o["output"].device for o in out_refs]))
         call, defined = self._calls.find(call_key) or self._calls.keep(
             call_key, self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=False))
         results = call.run_on([[ref] for ref in refs], out_refs)

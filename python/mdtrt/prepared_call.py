@@ -191,7 +191,13 @@ class PreparedCall:
             if self._stream_ordered and not out and self._torch_devices is not None:
                 return False  # torch outputs of an engine: the first run learns their shapes, waiting
             return self._stream_ordered  # True without outputs given: the native call says what is missing
-        return bool(out) and self._torch_inputs and all(ref.kind == "torch" for given in out for ref in given.values())
+        if not out or not self._torch_inputs:
+            return False
+        for given in out:  # a loop: a generator's set-up costs more than these few checks
+            for ref in given.values():
+                if ref.kind != "torch":
+                    return False
+        return True
 
     def run_on(self, per_rank_refs: list[list[ArrayRef]], out: list[dict[str, ArrayRef]] | None = None) -> list[dict]:
         """The same call on other arrays of the same kinds, dtypes, shapes and devices (what the
