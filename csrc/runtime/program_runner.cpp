@@ -286,6 +286,9 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
                                            const InferOptions& options) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   RankRuntime& runtime = group_->runtime();
+  // From the step to the hand-over of its events: the watchdog's order of calls is their order on
+  // the rank streams, also when other runners of the group are called from other threads.
+  const std::unique_lock<std::mutex> submission = runtime.lock_submission();
   runtime.throw_if_broken("infer");  // before any CUDA call: a failed GPU would answer with its own error
   const int n = plan.num_ranks;
   if (plan.replicated_inputs > 0) last_replication_ = plan.replication;
@@ -371,11 +374,22 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     bool any = false;
     for (int i = 0; i < n; ++i) any = any || recorded[i];
     if (!any) return;
+    std::string failed;
     for (int i = 0; i < n; ++i)
       if (!recorded[i]) {
-        ScopedDevice on(runtime.context(i).device);
-        MDTRT_CUDA_CHECK(cudaEventRecord(done[i].get(), runtime.context(i).stream));
+        ScopedDevice on(runtime.context(i).device, std::nothrow);
+        const cudaError_t status =
+            on.ok() ? cudaEventRecord(done[i].get(), runtime.context(i).stream) : cudaGetLastError();
+        if (status != cudaSuccess) failed += std::string(failed.empty() ? "" : ", ") + cudaGetErrorName(status) +
+                                             " on rank " + std::to_string(runtime.context(i).rank);
       }
+    // A rank whose stream cannot even take an event has a failed GPU: the others' queued work may
+    // wait for it forever. The events recorded are still handed over (the watchdog, and the caller
+    // streams, wait only for work that can finish once the communicators are aborted).
+    if (!failed.empty())
+      runtime.break_and_abort("a stream-ordered '" + programs_[0]->describe() + "' failed on the GPU (" + failed +
+                                  ") after other ranks queued their work; the communicators were aborted",
+                              ErrorKind::kCuda);
     try {
       // Each caller stream waits for the work of every rank that used an array of it: a consumer
       // of an output, and a producer about to overwrite an input that a rank (on its GPU, or

@@ -190,6 +190,11 @@ void RankRuntime::set_broken(const std::string& reason, ErrorKind kind) {
   broken_kind_ = kind;
 }
 
+void RankRuntime::break_and_abort(const std::string& reason, ErrorKind kind) {
+  set_broken(reason, kind);  // before the abort: no step may take work the abort ends early for finished
+  abort_all();
+}
+
 void RankRuntime::throw_if_broken(const std::string& what) const {
   std::lock_guard<std::mutex> lock(state_mutex_);
   if (!broken_reason_.empty())
@@ -220,9 +225,10 @@ void RankRuntime::add_in_flight(std::vector<CudaEvent> done, double timeout_seco
 }
 
 bool RankRuntime::retire_finished_locked() {
-  // Each rank's events are recorded on its one stream in call order: when the newest call is done
-  // on every rank, so are all the others (one query per rank instead of one per call and rank,
-  // under the lock the callers take too).
+  // Each rank's events are recorded on its one stream in the order of in_flight_ (calls hold
+  // lock_submission() from their step to add_in_flight): when the newest call is done on every
+  // rank, so are all the others (one query per rank instead of one per call and rank, under the
+  // lock the callers take too).
   if (in_flight_.size() > 1) {
     bool all_done = true;
     for (const CudaEvent& e : in_flight_.back().done) all_done = all_done && cudaEventQuery(e.get()) == cudaSuccess;
@@ -246,8 +252,10 @@ bool RankRuntime::retire_finished_locked() {
       }
     }
     if (!cuda_error.empty()) {
-      set_broken("a stream-ordered '" + front.what + "' failed on the GPU (" + cuda_error +
-                 "); its outputs and those of later stream-ordered calls are not valid", ErrorKind::kCuda);
+      // Aborted too: the other ranks' queued collectives would wait forever for the failed rank.
+      break_and_abort("a stream-ordered '" + front.what + "' failed on the GPU (" + cuda_error +
+                      "); the communicators were aborted and its outputs and those of later stream-ordered calls "
+                      "are not valid", ErrorKind::kCuda);
       in_flight_.clear();  // a failed context completes nothing more: nothing is waited for any more
       return false;
     }
@@ -355,7 +363,7 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   {
     // A stream-ordered call that passed its deadline is reported by the next step; one that
-    // failed on a GPU, once the watchdog has seen it (within kWatchdogBusyPoll). Its events are not
+    // failed on a GPU, once the watchdog has seen it (within kWatchdogIdlePoll). Its events are not
     // queried here: that would cost every call about 1.3 us per rank, which the watchdog pays.
     std::lock_guard<std::mutex> lock(in_flight_mutex_);
     if (!in_flight_.empty() && in_flight_.front().deadline.passed()) retire_finished_locked();

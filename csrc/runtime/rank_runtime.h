@@ -107,6 +107,13 @@ class RankRuntime {
   void throw_if_broken(const std::string& what) const;
   // Runs every abort hook now (communicators, programs); from any thread.
   void abort_all();
+  // Marks the runtime broken with `reason` (unless it already is) and aborts every communicator:
+  // for a rank whose GPU failed, which the other ranks' queued collectives would wait for forever.
+  void break_and_abort(const std::string& reason, ErrorKind kind);
+  // A stream-ordered call holds this from before its step until its events are handed over
+  // (add_in_flight), so that in_flight_ lists calls in the order their events were recorded on
+  // every rank stream, also with calls from several threads (retire_finished_locked relies on it).
+  std::unique_lock<std::mutex> lock_submission() { return std::unique_lock<std::mutex>(submission_mutex_); }
 
  private:
   struct InFlight {
@@ -143,6 +150,7 @@ class RankRuntime {
   bool stopping_watchdog_ = false;  // guarded by in_flight_mutex_
   std::vector<bool> stuck_;  // workers whose task ignored an abort: never joined
   std::mutex run_mutex_;  // one run_on_all at a time: ranks must see steps in the same order
+  std::mutex submission_mutex_;  // see lock_submission(); taken before run_mutex_
 };
 
 }  // namespace mdtrt

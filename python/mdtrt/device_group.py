@@ -266,7 +266,7 @@ class DeviceGroup:
             stream). A stream-ordered call that fails or passes the group's timeout on the GPU
             (counted from when the call returns, so time spent behind work already queued on the
             stream counts) is reported by :meth:`synchronize` and by the group's next call (a
-            failure on the GPU once the group's watchdog, which looks every 5 ms, has seen it), not
+            failure on the GPU once the group's watchdog, which looks every 5 to 50 ms, has seen it), not
             by torch: reading the outputs (``out[0].cpu()``) then gives invalid data without an
             error, so call :meth:`synchronize` before trusting results where that matters. A
             watchdog aborts the communicators at the deadline, so no stream waits forever. Work
