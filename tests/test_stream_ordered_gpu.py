@@ -247,3 +247,48 @@ def test_watchdog_aborts_a_stream_ordered_call_whose_peer_never_arrives(tmp_path
     later = [line for line in out0.splitlines() if line.startswith("LATER ")]
     assert later and "this device group can no longer be used" in later[0] and "did not finish within 3 s" in later[0], out0
     assert elapsed < 60, out0
+
+
+def test_stream_ordered_calls_from_several_threads_on_one_group(group):
+    """Two threads call different collectives (two runners of one group) stream-ordered, each on
+    streams of its own, the first one behind a busy kernel; group.synchronize() then waits for
+    every call of both, and every output is numpy's. The runtime hands each call's events to its
+    watchdog in the order they were queued on the rank streams, also across threads."""
+    import threading
+
+    host = random_inputs(7)
+    expected = {"all_reduce": host[0] + host[1], "all_gather": np.concatenate(host)}
+    outputs = {op: [] for op in expected}
+    errors = []
+    start = threading.Barrier(2)
+
+    def calls(op, busy_first):
+        try:
+            streams = [torch.cuda.Stream(device=g) for g in (0, 1)]
+            with torch.cuda.stream(streams[0]), torch.cuda.stream(streams[1]):
+                xs = to_gpus(host)
+                getattr(group, op)(xs)  # the first call of a signature sets its runner up
+                start.wait(timeout=60)
+                if busy_first:
+                    busy(cycles=BUSY_CYCLES // 4)
+                for _ in range(20):
+                    outputs[op].append(getattr(group, op)(xs))
+        except Exception as error:  # noqa: BLE001 - reported by the test below
+            errors.append(error)
+
+    threads = [threading.Thread(target=calls, args=("all_gather", True)),
+               threading.Thread(target=calls, args=("all_reduce", False))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread's calls did not return"
+    assert not errors, errors
+    group.synchronize()
+    for g in (0, 1):
+        torch.cuda.synchronize(g)  # the outputs belong to the threads' streams
+    for op, outs in outputs.items():
+        assert len(outs) == 20
+        for out in outs:
+            for r in range(2):
+                np.testing.assert_allclose(out[r].cpu().numpy(), expected[op], rtol=1e-5, atol=1e-5)

@@ -368,7 +368,10 @@ class DeviceGroup:
         """The (native runner, per-rank "output defined" list or None) of a collective, cached."""
         cached = self._runners.get(key)
         if cached is not None:
-            self._runners.move_to_end(key)
+            try:
+                self._runners.move_to_end(key)
+            except KeyError:  # another thread's call evicted it meanwhile: still usable by this one
+                pass
             return cached
         native = self._native
         op, reduce_name, root, groups, dtype, sequential_bind = key
@@ -382,8 +385,9 @@ class DeviceGroup:
         if len(self._runners) > _MAX_CACHED_COLLECTIVES:
             evicted = self._runners.popitem(last=False)[0]
             # Calls prepared on the evicted runner keep it (and its communicator) alive: drop them too.
-            for call_key in [k for k in self._calls if k[0] == evicted]:
-                del self._calls[call_key]
+            # (list() copies the keys in one step: another thread's call may change the dict meanwhile)
+            for call_key in [k for k in list(self._calls) if k[0] == evicted]:
+                self._calls.pop(call_key, None)
         return cached
 
     def _new_collective_call(self, refs, out_refs, key, poison_outputs, stream_ordered, *, keep_inputs):

@@ -23,7 +23,10 @@ class KeptCalls(OrderedDict):
         """The call kept under ``key`` (now the most recently used), or None."""
         call = self.get(key)
         if call is not None:
-            self.move_to_end(key)
+            try:
+                self.move_to_end(key)
+            except KeyError:  # another thread's call dropped it meanwhile: still usable by this one
+                pass
         return call
 
     def keep(self, key, call):
