@@ -6,6 +6,10 @@
 # MDTRT_CUDA_FROM picks: "auto" (the toolkit, else the wheels), "toolkit" or "wheels".
 set(MDTRT_CUDA_FROM "auto" CACHE STRING "Where the CUDA headers and static runtime come from: auto, toolkit, wheels")
 set_property(CACHE MDTRT_CUDA_FROM PROPERTY STRINGS auto toolkit wheels)
+if(NOT MDTRT_CUDA_FROM MATCHES "^(auto|toolkit|wheels)$")
+  message(FATAL_ERROR "mdtrt: MDTRT_CUDA_FROM=${MDTRT_CUDA_FROM} is not one of auto, toolkit, wheels "
+    "(-C cmake.define.MDTRT_CUDA_FROM=auto: the toolkit, else NVIDIA's CUDA wheels).")
+endif()
 
 if(NOT MDTRT_CUDA_FROM STREQUAL "wheels")
   find_package(CUDAToolkit QUIET)
@@ -37,10 +41,16 @@ elseif(NOT MDTRT_CUDA_FROM STREQUAL "toolkit")
   endif()
 endif()
 
+if(MDTRT_CUDA_FROM STREQUAL "wheels")
+  set(_mdtrt_cuda_from_note " (the toolkit was not looked at; -C cmake.define.MDTRT_CUDA_FROM=auto uses it)")
+elseif(MDTRT_CUDA_FROM STREQUAL "toolkit")
+  set(_mdtrt_cuda_from_note " (NVIDIA's CUDA wheels were not looked at; -C cmake.define.MDTRT_CUDA_FROM=auto uses them)")
+endif()
 if(NOT TARGET CUDA::cudart_static)
   message(FATAL_ERROR
     "mdtrt needs the CUDA 13 headers and static runtime to build: `pip install nvidia-cuda-runtime nvidia-cuda-crt` "
     "(what `pip install .` with build isolation does by itself), or install the CUDA 13 toolkit "
-    "(set CUDAToolkit_ROOT if it is not found). MDTRT_CUDA_FROM=${MDTRT_CUDA_FROM}.")
+    "(set CUDAToolkit_ROOT if it is not found). MDTRT_CUDA_FROM=${MDTRT_CUDA_FROM}"
+    "${_mdtrt_cuda_from_note}.")
 endif()
 message(STATUS "mdtrt: CUDA headers and static runtime from ${MDTRT_CUDA_SOURCE}")

@@ -414,3 +414,17 @@ def test_cli_one_rank_is_said_in_the_singular(capsys):
     assert attention_cli.main([*SMALL_CLI, "--ranks", "1"]) == 0
     out = capsys.readouterr().out
     assert "1 simulated rank," in out and "1 simulated rank vs" in out and "ranks" not in out.split("strategy")[0]
+
+
+@pytest.mark.parametrize("command", [["attention", "--no-progress"], ["doctor"]])
+def test_ctrl_c_in_a_command_is_one_line_and_status_130(command, monkeypatch, capsys):
+    import mdtrt.__main__ as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attention_cli, "main", interrupted)
+    monkeypatch.setattr("mdtrt.doctor.main", interrupted)
+    assert cli.main(command) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "mdtrt: interrupted" and "Traceback" not in captured.out + captured.err

@@ -17,9 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     Returns
     -------
     int
-        The process exit status: doctor's (0 when multi-device inference can run here, else 1), or
-        the attention sample's.
+        The process exit status: doctor's (0 when multi-device inference can run here, else 1), the
+        attention sample's, or 130 after Ctrl-C (the shell's convention for SIGINT: 128 + 2).
     """
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        # One line, not a traceback: an interrupted sample is the user's choice, not a failure to
+        # debug (the GPU work of mdtrt's own calls was aborted by the call that saw the Ctrl-C).
+        print("mdtrt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="mdtrt", description="Multi-device TensorRT inference on the GPUs of one host.")
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="report NCCL, CUDA, GPUs, peer access and TensorRT; exit 1 if multi-device inference cannot run here")
