@@ -26,13 +26,14 @@ def test_missing_gpu_id_is_named():
         mdtrt.DeviceGroup([0, count])
 
 
-@pytest.mark.gpu
-def test_duplicate_gpu_is_named():
+def test_duplicate_and_negative_gpu_ids_are_named_on_any_machine():
+    # Wrong on every machine, so named before the GPUs are looked for (also where there are none).
     with pytest.raises(mdtrt.InvalidArgumentError, match="GPU 0 is listed twice"):
         mdtrt.DeviceGroup([0, 0])
+    with pytest.raises(mdtrt.InvalidArgumentError, match="GPU -1 is not a GPU id: ids count from 0"):
+        mdtrt.DeviceGroup([0, -1])
 
 
-@pytest.mark.gpu
 def test_empty_and_non_integer_gpu_lists():
     with pytest.raises(mdtrt.InvalidArgumentError, match="at least one GPU"):
         mdtrt.DeviceGroup([])

@@ -10,21 +10,27 @@ namespace mdtrt {
 
 void validate_devices(const std::vector<int>& devices) {
   if (devices.empty()) throw_invalid_argument("a device group needs at least one GPU; got an empty list");
-  const int count = visible_gpu_count();
-  if (count == 0) {
-    throw_invalid_argument("no CUDA GPU is visible on this machine (run `python -m mdtrt doctor` to see why)");
-  }
+  // What is wrong with the list itself first: it is wrong on any machine.
   std::set<int> seen;
   for (int d : devices) {
-    if (d < 0 || d >= count) {
-      throw_invalid_argument("GPU " + std::to_string(d) + " does not exist: this machine has " +
-                             std::to_string(count) + " visible GPU(s), ids 0.." + std::to_string(count - 1) +
-                             " (CUDA_VISIBLE_DEVICES renumbers them)");
-    }
+    if (d < 0)
+      throw_invalid_argument("GPU " + std::to_string(d) + " is not a GPU id: ids count from 0 (CUDA_VISIBLE_DEVICES "
+                             "renumbers them)");
     if (!seen.insert(d).second) {
       throw_invalid_argument("GPU " + std::to_string(d) +
                              " is listed twice; each rank needs its own GPU (NCCL cannot run two ranks of one "
                              "communicator on one GPU)");
+    }
+  }
+  const int count = visible_gpu_count();
+  if (count == 0) {
+    throw_invalid_argument("no CUDA GPU is visible on this machine (run `python -m mdtrt doctor` to see why)");
+  }
+  for (int d : devices) {
+    if (d >= count) {
+      throw_invalid_argument("GPU " + std::to_string(d) + " does not exist: this machine has " +
+                             std::to_string(count) + " visible GPU(s), ids 0.." + std::to_string(count - 1) +
+                             " (CUDA_VISIBLE_DEVICES renumbers them)");
     }
   }
 }
