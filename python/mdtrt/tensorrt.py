@@ -62,8 +62,9 @@ def backend_compiled_in() -> bool:
 
 #: How to get the backend: the headers must be given to the same pip command that builds mdtrt
 #: (``pip install ".[lean]"`` alone rebuilds mdtrt, and without them drops the backend).
-REBUILD_WITH_BACKEND = ('rebuild mdtrt with TensorRT 11 headers in one command: TensorRT_INCLUDE_DIR=<TensorRT '
-                        'include folder> pip install ".[test,lean]" (or TensorRT_ROOT=<TensorRT SDK folder>)')
+REBUILD_WITH_BACKEND = ('rebuild mdtrt with TensorRT 11 headers in one command, from its source folder: '
+                        'TensorRT_INCLUDE_DIR=<TensorRT include folder> pip install ".[test,lean]" (or TensorRT_ROOT='
+                        '<TensorRT SDK folder>; ".[test,tensorrt]" to build engines too, not only run them)')
 
 
 def _require_backend() -> None:
