@@ -451,6 +451,7 @@ def collectives_section(coll: dict, plots: dict, base: str) -> str:
                              "ours busbw", "raw busbw", "raw b2b busbw", "ours/raw", "ours/raw b2b", "target met"],
                             rows) + "\n")
     out.append(entry_points_section(coll))
+    out.append(percall_spread_section(coll))
     other = []
     for op in coll.get("ops") or []:
         s = collective_series(coll, op)
@@ -469,6 +470,27 @@ def collectives_section(coll: dict, plots: dict, base: str) -> str:
         out.append(md_table(["op", "size", "sample --backend nccl", "nccl-tests", "raw b2b", "sample/nccl-tests",
                              "sample/raw b2b"], other) + "\n")
     return "\n".join(out)
+
+
+def percall_spread_section(coll: dict) -> str:
+    """p10 / median / p90 of ours and raw per call at >= 64 MiB: a median far above its p10 while
+    raw's spread is narrow shows calls delayed now and then (a rank thread waking late), which the
+    medians alone hide."""
+    rows = []
+    for op in coll.get("ops") or []:
+        s = collective_series(coll, op)
+        for size in table_sizes(s["ours"]):
+            o, r = s["ours"].get(size), s["raw_percall"].get(size)
+            if size < bl.LARGE_BYTES or not o or "p10_us" not in o:
+                continue
+            spread = [fmt(o.get("p10_us")), fmt(o.get("median_us")), fmt(o.get("p90_us"))]
+            raw = [fmt(r.get("p10_us")), fmt(r.get("median_us")), fmt(r.get("p90_us"))] if r and "p10_us" in r else [NA] * 3
+            rows.append([op, bl.format_size(size), " / ".join(spread), " / ".join(raw), fmt(o.get("iterations"), 0)])
+    if not rows:
+        return ""
+    return ("### Per-call spread at >= 64 MiB\n\nOurs (`prepare_collective(out=)`, `call; synchronize`) and raw "
+            "NCCL per call: p10 / median / p90 of the host-timed calls (us).\n\n"
+            + md_table(["op", "size", "ours p10 / median / p90", "raw p10 / median / p90", "calls"], rows) + "\n")
 
 
 def entry_points_section(coll: dict) -> str:

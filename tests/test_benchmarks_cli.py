@@ -492,3 +492,27 @@ def test_entry_sizes_outside_the_measured_sizes_are_refused(tmp_path):
                         "--out", str(tmp_path / "c.json")], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, NCCL_NVLS_ENABLE="0", CUDA_VISIBLE_DEVICES=""))
     assert r.returncode == 2 and "--entry-sizes 4 MiB not among the measured sizes" in r.stderr, r.stderr
+
+
+def test_report_shows_the_per_call_spread_at_large_sizes(bench_modules):
+    """The per-call spread table lists p10 / median / p90 of ours and raw at >= 64 MiB only, read
+    from the series (a delayed call shows in ours' p90, not in its median)."""
+    bl, report = bench_modules["benchlib"], bench_modules["report"]
+    results = synthetic_results(bl)
+    coll = results["collectives"]
+    for op in OPS:
+        for p in coll["ours"]["series"][op]:
+            p.update(p10_us=p["time_us"] * 0.99, median_us=p["time_us"], p90_us=p["time_us"] * 1.4, iterations=50)
+        for p in coll["raw"]["raw_percall"][op]:
+            p.update(p10_us=p["time_us"] * 0.98, median_us=p["time_us"], p90_us=p["time_us"] * 1.02)
+    text = report.percall_spread_section(coll)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| op")]
+    large = [s for s in report.table_sizes(report.collective_series(coll, OPS[0])["ours"]) if s >= bl.LARGE_BYTES]
+    assert large and len(rows) == len(OPS) * len(large)
+    first = next(p for p in coll["ours"]["series"][OPS[0]] if p["size"] == large[0])
+    assert report.fmt(first["p90_us"]) in rows[0] and bl.format_size(large[0]) in rows[0]
+    # Without per-call percentiles (older results), no table at all.
+    for op in OPS:
+        for p in coll["ours"]["series"][op]:
+            p.pop("p10_us")
+    assert report.percall_spread_section(coll) == ""
