@@ -65,22 +65,23 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
   if (options.stream_ordered) {
     // Nothing may be read or written after the call returns except in the order of a stream the
     // caller gave: host memory and arrays without a stream have none.
+    // One check for inputs and outputs; the message is only built when it fails (every
+    // stream-ordered call runs this).
+    auto require_stream = [&](int device, uintptr_t stream, const char* needs, const char* kind,
+                              const std::string& name, int i) {
+      if (device >= 0 && stream != 0) return;
+      throw_invalid_argument(std::string("a stream-ordered call needs ") + needs +
+                             " with a stream (torch CUDA tensors, or __cuda_array_interface__ arrays that name "
+                             "theirs); " + kind + " '" + name + "' of rank " + std::to_string(ranks[i]) + " is " +
+                             (device < 0 ? "in host memory" : "on a device without a stream") +
+                             ". Pass stream_ordered=False to wait for the call instead");
+    };
     for (int i = 0; i < n; ++i) {
       for (size_t k = 0; k < inputs[i].size(); ++k)
-        if (inputs[i][k].device < 0 || inputs[i][k].stream == 0)
-          throw_invalid_argument("a stream-ordered call needs device inputs with a stream (torch CUDA tensors, or "
-                                 "__cuda_array_interface__ arrays that name theirs); input '" +
-                                 input_specs[i][k].name + "' of rank " + std::to_string(ranks[i]) + " is " +
-                                 (inputs[i][k].device < 0 ? "in host memory" : "on a device without a stream") +
-                                 ". Pass stream_ordered=False to wait for the call instead");
+        require_stream(inputs[i][k].device, inputs[i][k].stream, "device inputs", "input", input_specs[i][k].name, i);
       if (i < static_cast<int>(options.outputs.size()))
         for (const OutputArg& g : options.outputs[i])
-          if (g.device < 0 || g.stream == 0)
-            throw_invalid_argument("a stream-ordered call needs output buffers on a device with a stream (torch CUDA "
-                                   "tensors, or __cuda_array_interface__ arrays that name theirs); output '" + g.name +
-                                   "' of rank " + std::to_string(ranks[i]) + " is " +
-                                   (g.device < 0 ? "in host memory" : "on a device without a stream") +
-                                   ". Pass stream_ordered=False to wait for the call instead");
+          require_stream(g.device, g.stream, "output buffers on a device", "output", g.name, i);
     }
     if (!options.fetch_ranks.empty())
       throw_invalid_argument("a stream-ordered call cannot copy outputs to host memory; pass stream_ordered=False");

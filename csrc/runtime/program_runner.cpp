@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <exception>
 #include <mutex>
 
 #include "common/error.h"
@@ -250,14 +251,19 @@ std::vector<RankResult> PreparedInfer::run(std::vector<std::vector<OutputArg>> o
   if (outputs.size() > static_cast<size_t>(plan_.num_ranks))
     throw_invalid_argument("output buffers for " + std::to_string(outputs.size()) + " ranks given, this group has " +
                            std::to_string(plan_.num_ranks) + " local ranks");
-  InferOptions options = options_;
-  options.outputs = std::move(outputs);
-  options.stream_ordered = stream_ordered;
+  const InferOptions options = options_for(std::move(outputs), stream_ordered);
   if (stream_ordered) {
     const CallPlan plan = runner_->plan(inputs_, options);  // checks what a stream-ordered call needs
     return runner_->run(plan, inputs_, options);
   }
   return runner_->run(plan_, inputs_, options);
+}
+
+InferOptions PreparedInfer::options_for(std::vector<std::vector<OutputArg>> outputs, bool stream_ordered) const {
+  InferOptions options = options_;
+  options.outputs = std::move(outputs);
+  options.stream_ordered = stream_ordered;
+  return options;
 }
 
 std::vector<RankResult> PreparedInfer::run_at(const std::vector<std::vector<InputAddress>>& addresses,
@@ -275,9 +281,7 @@ std::vector<RankResult> PreparedInfer::run_at(const std::vector<std::vector<Inpu
       inputs[i][k].stream = addresses[i][k].stream;
     }
   }
-  InferOptions options = options_;
-  options.outputs = std::move(outputs);
-  options.stream_ordered = stream_ordered;
+  const InferOptions options = options_for(std::move(outputs), stream_ordered);
   const CallPlan plan = runner_->plan(inputs, options);
   return runner_->run(plan, inputs, options);
 }
@@ -390,6 +394,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       runtime.break_and_abort("a stream-ordered '" + programs_[0]->describe() + "' failed on the GPU (" + failed +
                                   ") after other ranks queued their work; the communicators were aborted",
                               ErrorKind::kCuda);
+    std::exception_ptr wait_error;  // the work is handed to the watchdog even when a wait failed
     try {
       // Each caller stream waits for the work of every rank that used an array of it: a consumer
       // of an output, and a producer about to overwrite an input that a rank (on its GPU, or
@@ -404,10 +409,10 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
           MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), done[rank].get(), 0));
       }
     } catch (...) {
-      runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());
-      throw;
+      wait_error = std::current_exception();
     }
     runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());
+    if (wait_error) std::rethrow_exception(wait_error);
   };
   try {
     run_checked_then_launched(runtime, check, launch, timeout, "infer");

@@ -126,6 +126,9 @@ class PreparedInfer {
                                  std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
 
  private:
+  // The prepared options with this run's outputs and mode.
+  InferOptions options_for(std::vector<std::vector<OutputArg>> outputs, bool stream_ordered) const;
+
   std::shared_ptr<ProgramRunner> runner_;
   std::vector<std::vector<InputArg>> inputs_;
   InferOptions options_;
