@@ -94,3 +94,42 @@ def test_a_rank_stuck_in_its_checks_ends_at_the_deadline_without_launches():
     assert time.monotonic() - start < 5.0
     assert "did not finish 'infer'" in error
     assert launched == [False] * 3  # the late rank arrives after the others gave up: it launches nothing
+
+
+def _run_with_env(env_value: str, code: str):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MDTRT_RANK_POLL_US=env_value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_polling_rank_threads_run_calls_and_stop_at_once():
+    """MDTRT_RANK_POLL_US > 0 (the default on machines with 8 or more cores): idle rank threads wake
+    every interval for 0.1 s; a runtime destroyed meanwhile must not wait for that window to end."""
+    code = (
+        "import time\n"
+        "from mdtrt import _core\n"
+        "start = time.monotonic()\n"
+        "for _ in range(40):\n"
+        "    launched, error = _core.testing.run_checked_launch_test(4)\n"
+        "    assert error == '' and launched == [True] * 4, (launched, error)\n"
+        "print(f'{time.monotonic() - start:.3f}')\n")
+    result = _run_with_env("50", code)
+    assert result.returncode == 0, result.stderr
+    # 40 runtimes of 4 polling threads each: waiting out a 0.1 s ready window per runtime would take >= 4 s.
+    assert float(result.stdout.strip()) < 3.0, result.stdout
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "100001", "10us"])
+def test_bad_rank_poll_interval_is_a_clear_error(value):
+    code = ("import mdtrt\n"
+            "from mdtrt import _core\n"
+            "try:\n"
+            "    _core.testing.run_checked_launch_test(2)\n"
+            "except mdtrt.InvalidArgumentError as e:\n"
+            "    print(e)\n")
+    result = _run_with_env(value, code)
+    assert result.returncode == 0, result.stderr
+    assert "MDTRT_RANK_POLL_US" in result.stdout and repr(value)[1:-1] in result.stdout, result.stdout

@@ -32,7 +32,9 @@ class SkippedForOtherRank : public Error {
 class RankWorker {
  public:
   // device < 0: a CPU-only worker (used by tests of the runtime on machines without GPUs).
-  RankWorker(int local_index, int device);
+  // poll_micros > 0: once idle, the thread wakes every poll_micros for a while before it sleeps
+  // until woken (keeps its core out of deep idle states between calls).
+  RankWorker(int local_index, int device, int poll_micros);
   ~RankWorker();
   RankWorker(const RankWorker&) = delete;
   RankWorker& operator=(const RankWorker&) = delete;
@@ -50,6 +52,7 @@ class RankWorker {
 
   int local_index_;
   int device_;
+  int poll_micros_;
   CudaStream stream_;
   std::mutex mutex_;
   std::condition_variable wake_;
