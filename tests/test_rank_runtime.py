@@ -96,12 +96,12 @@ def test_a_rank_stuck_in_its_checks_ends_at_the_deadline_without_launches():
     assert launched == [False] * 3  # the late rank arrives after the others gave up: it launches nothing
 
 
-def _run_with_env(env_value: str, code: str):
+def _run_with_env(env_value: str, code: str, name: str = "MDTRT_RANK_POLL_US"):
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, MDTRT_RANK_POLL_US=env_value)
+    env = dict(os.environ, **{name: env_value})
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -133,3 +133,27 @@ def test_bad_rank_poll_interval_is_a_clear_error(value):
     result = _run_with_env(value, code)
     assert result.returncode == 0, result.stderr
     assert "MDTRT_RANK_POLL_US" in result.stdout and repr(value)[1:-1] in result.stdout, result.stdout
+
+
+_LAUNCH_OR_PRINT_ERROR = ("import mdtrt\n"
+                          "from mdtrt import _core\n"
+                          "try:\n"
+                          "    launched, error = _core.testing.run_checked_launch_test(2)\n"
+                          "    print('ran', launched, error)\n"
+                          "except mdtrt.InvalidArgumentError as e:\n"
+                          "    print(e)\n")
+
+
+@pytest.mark.parametrize("value", ["High", "low", "1", "highest"])
+def test_bad_stream_priority_is_a_clear_error(value):
+    result = _run_with_env(value, _LAUNCH_OR_PRINT_ERROR, name="MDTRT_STREAM_PRIORITY")
+    assert result.returncode == 0, result.stderr
+    assert "MDTRT_STREAM_PRIORITY" in result.stdout and f"'{value}'" in result.stdout, result.stdout
+    assert "'high' or 'normal'" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("value", ["high", "normal", ""])
+def test_stream_priority_values_are_accepted(value):
+    result = _run_with_env(value, _LAUNCH_OR_PRINT_ERROR, name="MDTRT_STREAM_PRIORITY")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ran [True, True] "), result.stdout

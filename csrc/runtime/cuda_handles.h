@@ -49,9 +49,11 @@ class DeviceHandle {
 class CudaStream : public DeviceHandle<cudaStream_t, cudaStreamDestroy> {
  public:
   CudaStream() = default;
-  explicit CudaStream(int device) : DeviceHandle(device) {
+  // priority: CUDA's stream priority (lower numbers first; 0 is the default, see
+  // cudaDeviceGetStreamPriorityRange).
+  explicit CudaStream(int device, int priority = 0) : DeviceHandle(device) {
     ScopedDevice on(device);
-    MDTRT_CUDA_CHECK(cudaStreamCreateWithFlags(&handle_, cudaStreamNonBlocking));
+    MDTRT_CUDA_CHECK(cudaStreamCreateWithPriority(&handle_, cudaStreamNonBlocking, priority));
   }
 };
 

@@ -35,6 +35,19 @@ int worker_poll_micros() {
                            env + "'; unset it for the default");
   return static_cast<int>(value);
 }
+// Whether rank streams run at the device's greatest priority: MDTRT_STREAM_PRIORITY=high or
+// normal (default normal). A collective on a high-priority stream gets its thread blocks
+// scheduled ahead of the pending blocks of kernels on normal streams, so that it runs beside
+// a long compute kernel instead of after it.
+bool high_priority_streams() {
+  const char* env = std::getenv("MDTRT_STREAM_PRIORITY");
+  if (env == nullptr || *env == '\0') return false;
+  const std::string value = env;
+  if (value == "high") return true;
+  if (value == "normal") return false;
+  throw_invalid_argument("MDTRT_STREAM_PRIORITY must be 'high' or 'normal', not '" + value +
+                         "'; unset it for the default");
+}
 // How often the watchdog looks at stream-ordered work: a deadline is acted on at most this late.
 constexpr auto kWatchdogIdlePoll = std::chrono::milliseconds(50);
 constexpr auto kWatchdogBusyPoll = std::chrono::milliseconds(5);
@@ -46,8 +59,8 @@ std::string join_ranks(const std::vector<int>& ranks) {
 }
 }  // namespace
 
-RankWorker::RankWorker(int local_index, int device, int poll_micros)
-    : local_index_(local_index), device_(device), poll_micros_(poll_micros) {
+RankWorker::RankWorker(int local_index, int device, int poll_micros, bool high_priority)
+    : local_index_(local_index), device_(device), poll_micros_(poll_micros), high_priority_(high_priority) {
   auto started = started_.get_future();
   thread_ = std::thread([this] { loop(); });
   started.get();  // rethrows a failure to bind the device or create the stream
@@ -80,7 +93,12 @@ void RankWorker::loop() {
   try {
     if (device_ >= 0) {
       MDTRT_CUDA_CHECK(cudaSetDevice(device_));
-      stream_ = CudaStream(device_);
+      int priority = 0;
+      if (high_priority_) {
+        int least = 0;
+        MDTRT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &priority));
+      }
+      stream_ = CudaStream(device_, priority);
     }
     started_.set_value();
   } catch (...) {
@@ -163,8 +181,9 @@ RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int w
   if (devices_.empty()) throw_invalid_argument("a rank runtime needs at least one rank");
   if (ranks_.size() != devices_.size()) throw_invalid_argument("one world rank per local device is needed");
   const int poll_micros = worker_poll_micros();
+  const bool high_priority = high_priority_streams();
   for (size_t i = 0; i < devices_.size(); ++i) {
-    workers_.emplace_back(new RankWorker(static_cast<int>(i), devices_[i], poll_micros));
+    workers_.emplace_back(new RankWorker(static_cast<int>(i), devices_[i], poll_micros, high_priority));
     RankContext ctx;
     ctx.local_index = static_cast<int>(i);
     ctx.rank = ranks_[i];

@@ -34,7 +34,8 @@ class RankWorker {
   // device < 0: a CPU-only worker (used by tests of the runtime on machines without GPUs).
   // poll_micros > 0: once idle, the thread wakes every poll_micros for a while before it sleeps
   // until woken (keeps its core out of deep idle states between calls).
-  RankWorker(int local_index, int device, int poll_micros);
+  // high_priority: the rank's stream has the device's greatest priority.
+  RankWorker(int local_index, int device, int poll_micros, bool high_priority = false);
   ~RankWorker();
   RankWorker(const RankWorker&) = delete;
   RankWorker& operator=(const RankWorker&) = delete;
@@ -53,6 +54,7 @@ class RankWorker {
   int local_index_;
   int device_;
   int poll_micros_;
+  bool high_priority_;
   CudaStream stream_;
   std::mutex mutex_;
   std::condition_variable wake_;
