@@ -32,7 +32,12 @@ gathered or all_to_all-ed buffer is already the attention's K/V (a strided view,
   groups, pipelined: group g attends on a second stream while group g+1 travels to its heads and
   group g-1 travels back (each exchange back waits, through an event, for its own group's
   attention only), so only the first exchange to heads and the last one back are exposed; unequal
-  groups (``--ulysses-head-groups 2,12,2``) make those two small. One group is the plain pattern.
+  groups (``--ulysses-head-groups 2,12,2``) make those two small. One group is the plain pattern,
+  and the fastest measured (2x H200, 56320, 2026-11-30): 1.88-1.89x; 2 groups 1.82x (1.85x with
+  ``MDTRT_STREAM_PRIORITY=high``), 4 groups 1.85x (1.86x). Attending the other GPUs' query rows
+  first and sending them back while the own rows attend on a second stream (tried, not kept)
+  measured 1.84-1.85x: any split of the attention costs it more than the exchange it hides, and
+  the attention alone scales only 1.92x from 32 to 16 heads (86.40 -> 44.95 ms on one H200).
 - ring: as mdtrt's ONNX ring: K/V blocks broadcast from each root in turn (``--ring-blocks``
   blocks per rank's chunk, roots interleaved, double-buffered), each folded into a float32 online
   softmax with the log-sum-exp the attention kernel returns; the broadcasts overlap the attention
