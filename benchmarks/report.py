@@ -354,7 +354,7 @@ def _fanout_why(fanout: dict, key: str, limit: float) -> str:
     one, two = r.get("1"), r.get("2")
     if one and two:
         return (f"{two['added_us'] - limit:.1f} us over; N=1 already adds {one['added_us']:.1f} us "
-                f"(Python and the hand-off to a rank thread), the second GPU {two['median_us'] - one['median_us']:.1f} us more")
+                f"(Python and the hand-off to a rank thread), the second GPU {two['added_us'] - one['added_us']:.1f} us more")
     return ""
 
 
@@ -530,6 +530,10 @@ def fanout_section(fan: dict, plots: dict, base: str) -> str:
         return "## 2. Fan-out overhead\n\nNot measured" + (f": {fan.get('error')}" if fan else "") + ".\n"
     bare = fan["bare"]
     rows = [["bare loop (C++, 1 GPU)", fmt(bare["median_us"]), fmt(bare.get("p10_us")), fmt(bare.get("p90_us")), "-", "reference"]]
+    for n, b in sorted((fan.get("bare_by_gpus") or {}).items(), key=lambda kv: int(kv[0])):
+        if int(n) > 1:
+            rows.append([f"bare loop (C++, {n} GPUs)", fmt(b["median_us"]), fmt(b.get("p10_us")), fmt(b.get("p90_us")),
+                         fmt(b["median_us"] - bare["median_us"], 1), f"reference for N={n}"])
     if fan.get("torch_loop"):
         t = fan["torch_loop"]
         rows.append(["torch copy_ + synchronize (Python, 1 GPU)", fmt(t["median_us"]), fmt(t.get("p10_us")),
@@ -543,7 +547,9 @@ def fanout_section(fan: dict, plots: dict, base: str) -> str:
             f"A trivial program (a {bl.format_size(fan.get('nbytes', 0))} device-to-device copy per GPU; torch CUDA "
             "tensors in, preallocated outputs with outputs=, torch outputs from torch's allocator without); "
             f"{fan.get('rounds')} alternating rounds of {fan.get('iterations')} calls. Added = median per call minus "
-            "the bare loop's median.\n\n"
+            + ("the median of the bare loop on the same N GPUs (one thread: a copy on each GPU, then a synchronize "
+               "of each); the bare rows' added column is over the one-GPU loop.\n\n" if fan.get("bare_by_gpus") else
+               "the bare loop's median.\n\n")
             + md_table(["what", "median (us)", "p10 (us)", "p90 (us)", "added (us)", "target met"], rows) + "\n\n"
             + image(plots, "fanout", base))
 

@@ -140,6 +140,8 @@ def synthetic_results(bl) -> dict:
                    "nccl_tests": {"available": False, "reason": "not run (no --nccl-tests-dir)"}}
     fanout = {"benchmark": "fanout", "nbytes": KiB, "iterations": 1000, "rounds": 3,
               "bare": {"median_us": 9.0, "p10_us": 8.8, "p90_us": 9.5},
+              "bare_by_gpus": {"1": {"median_us": 9.0, "p10_us": 8.8, "p90_us": 9.5},
+                               "2": {"median_us": 13.5, "p10_us": 13.0, "p90_us": 14.5}},
               "torch_loop": {"median_us": 14.0, "p10_us": 13.0, "p90_us": 15.0},
               "runner": {"1": {"median_us": 18.0, "added_us": 9.0}, "2": {"median_us": 34.0, "added_us": 25.0}},
               "prepared": {"1": {"median_us": 15.0, "added_us": 6.0}, "2": {"median_us": 17.0, "added_us": 8.0}},
@@ -194,6 +196,9 @@ def test_report_renders_synthetic_results(bench_modules, tmp_path):
     # Table rows: a readable subset of sizes, with ratios and verdicts.
     assert "| 1 GiB |" in md and "| 4 KiB |" not in md.split("## 2.")[0].split("## 1.")[1]
     assert "ours/raw" in md and "target met" in md
+    # Fan-out: N=2 is judged against the bare loop on 2 GPUs, which is shown with its own row.
+    fanout_md = md.split("## 2. Fan-out overhead")[1].split("## 3.")[0]
+    assert "| bare loop (C++, 2 GPUs) | 13.5 |" in fanout_md and "same N GPUs" in fanout_md
     # Plots referenced relative to the markdown file.
     assert "](results/collectives_busbw.png)" in md
     verdicts = {v["target"]: v for v in report.evaluate_targets(results)}

@@ -119,9 +119,10 @@ def test_copy_program_with_runner_outputs(group):
 def test_machine_figures_are_plausible(group):
     peer = _core.testing.peer_copy_bandwidth(group.gpus[0], group.gpus[1], 64 << 20, 5)
     h2d = _core.testing.h2d_bandwidth(group.gpus[0], 64 << 20, 5, True)
-    bare = _core.testing.bare_copy_loop(group.gpus[0], 1024, 20)
+    bare = _core.testing.bare_copy_loop([group.gpus[0]], 1024, 20)
+    bare_all = _core.testing.bare_copy_loop(list(group.gpus), 1024, 20)
     assert 1 < peer < 2000 and 1 < h2d < 500
-    assert len(bare) == 20 and all(0 < t < 1e6 for t in bare)
+    assert len(bare) == len(bare_all) == 20 and all(0 < t < 1e6 for t in bare + bare_all)
 
 
 def test_cuda_graphs_capture_once_and_replay_on_the_same_buffers(group):

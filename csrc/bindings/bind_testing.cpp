@@ -60,12 +60,13 @@ void bind_testing(py::module_& m) {
            py::arg("dtype"));
   testing.def(
       "bare_copy_loop",
-      [](int device, size_t nbytes, int iterations) {
+      [](const std::vector<int>& devices, size_t nbytes, int iterations) {
         py::gil_scoped_release release;
-        return bare_copy_loop_us(device, nbytes, iterations);
+        return bare_copy_loop_us(devices, nbytes, iterations);
       },
-      py::arg("device"), py::arg("nbytes"), py::arg("iterations"),
-      "Microseconds per cudaMemcpyAsync + cudaStreamSynchronize from one thread: the bare baseline.");
+      py::arg("devices"), py::arg("nbytes"), py::arg("iterations"),
+      "Microseconds per iteration of cudaMemcpyAsync on each device, then cudaStreamSynchronize of each, "
+      "from one thread: the bare baseline of a fan-out to these GPUs.");
   testing.def(
       "peer_copy_bandwidth",
       [](int src, int dst, size_t nbytes, int iterations) {

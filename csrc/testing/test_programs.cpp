@@ -115,15 +115,23 @@ std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::ve
   return {{"output", dtype_, {1}}};
 }
 
-std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations) {
-  ScopedDevice on(device);
-  CudaStream stream(device);
-  DeviceBuffer a(device, nbytes), b(device, nbytes);
+std::vector<double> bare_copy_loop_us(const std::vector<int>& devices, size_t nbytes, int iterations) {
+  if (devices.empty()) throw_invalid_argument("bare_copy_loop needs at least one device");
+  std::vector<CudaStream> streams;
+  std::vector<DeviceBuffer> from, to;
+  for (int device : devices) {
+    streams.emplace_back(device);
+    from.emplace_back(device, nbytes);
+    to.emplace_back(device, nbytes);
+  }
   std::vector<double> out;
   for (int i = 0; i < iterations; ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    MDTRT_CUDA_CHECK(cudaMemcpyAsync(b.get(), a.get(), nbytes, cudaMemcpyDeviceToDevice, stream.get()));
-    MDTRT_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+    for (size_t d = 0; d < devices.size(); ++d) {
+      MDTRT_CUDA_CHECK(cudaSetDevice(devices[d]));
+      MDTRT_CUDA_CHECK(cudaMemcpyAsync(to[d].get(), from[d].get(), nbytes, cudaMemcpyDeviceToDevice, streams[d].get()));
+    }
+    for (auto& stream : streams) MDTRT_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
     out.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   return out;

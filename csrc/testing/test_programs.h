@@ -122,7 +122,9 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
 void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank);
 
 // Raw figures of this machine, for benchmarks to compare against.
-std::vector<double> bare_copy_loop_us(int device, size_t nbytes, int iterations);
+// Per iteration: one cudaMemcpyAsync on each device's stream, then cudaStreamSynchronize of each,
+// from one thread (what the same work costs on these GPUs without mdtrt).
+std::vector<double> bare_copy_loop_us(const std::vector<int>& devices, size_t nbytes, int iterations);
 double peer_copy_bandwidth_gbps(int src, int dst, size_t nbytes, int iterations);
 double host_to_device_bandwidth_gbps(int device, size_t nbytes, int iterations, bool pinned);
 
