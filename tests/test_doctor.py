@@ -140,3 +140,31 @@ def test_library_search_names_each_candidate_once():
     for line in tried:
         name = line[4:].split(":")[0]
         assert line.count(name) == 1, line
+
+
+def _doctor_with(**env_vars):
+    env = dict(os.environ, **env_vars)
+    return subprocess.run([sys.executable, "-m", "mdtrt", "doctor", "--json"], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+@pytest.mark.parametrize("env_vars,poll,priority", [
+    ({"MDTRT_RANK_POLL_US": "0", "MDTRT_STREAM_PRIORITY": "high"}, 0, "high"),
+    ({"MDTRT_RANK_POLL_US": "250", "MDTRT_STREAM_PRIORITY": "normal"}, 250, "normal")])
+def test_doctor_reports_the_rank_thread_settings(env_vars, poll, priority):
+    out = _doctor_with(**env_vars)
+    runtime = json.loads(out.stdout)["runtime"]
+    assert runtime["error"] is None and runtime["poll_us"] == poll and runtime["stream_priority"] == priority
+    assert runtime["environment"] == env_vars
+    text = subprocess.run([sys.executable, "-m", "mdtrt", "doctor"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **env_vars)).stdout
+    assert f"streams at {priority} priority" in text and all(f"{k}={v}" in text for k, v in env_vars.items())
+
+
+@pytest.mark.parametrize("name,value", [("MDTRT_RANK_POLL_US", "fast"), ("MDTRT_STREAM_PRIORITY", "urgent")])
+def test_doctor_says_a_bad_setting_stops_groups(name, value):
+    out = _doctor_with(**{name: value})
+    report = json.loads(out.stdout)
+    assert name in report["runtime"]["error"] and f"'{value}'" in report["runtime"]["error"]
+    assert not report["can_run_multi_device"] and out.returncode == 1
+    assert any(r.startswith("device groups cannot be created") and name in r for r in report["reasons"])

@@ -6,6 +6,7 @@
 #include "bindings/modules.h"
 #include "common/cuda_check.h"
 #include "runtime/devices.h"
+#include "runtime/rank_runtime.h"
 
 namespace py = pybind11;
 
@@ -53,6 +54,18 @@ void bind_info(py::module_& m) {
     return d;
   });
   m.def("visible_gpu_count", &visible_gpu_count);
+  m.def(
+      "rank_runtime_settings",
+      [] {
+        const RankRuntimeSettings s = rank_runtime_settings();
+        py::dict d;
+        d["spin_us"] = s.spin_micros;
+        d["poll_us"] = s.poll_micros;
+        d["stream_priority"] = s.high_priority_streams ? "high" : "normal";
+        return d;
+      },
+      "The rank threads' settings a group created now takes from MDTRT_RANK_POLL_US and "
+      "MDTRT_STREAM_PRIORITY; InvalidArgumentError for a value a group would refuse.");
 
   m.def(
       "pointer_device", [](uintptr_t ptr) { return pointer_device(reinterpret_cast<const void*>(ptr)); },

@@ -59,6 +59,10 @@ std::string join_ranks(const std::vector<int>& ranks) {
 }
 }  // namespace
 
+RankRuntimeSettings rank_runtime_settings() {
+  return RankRuntimeSettings{kWorkerSpinMicros, worker_poll_micros(), high_priority_streams()};
+}
+
 RankWorker::RankWorker(int local_index, int device, int poll_micros, bool high_priority)
     : local_index_(local_index), device_(device), poll_micros_(poll_micros), high_priority_(high_priority) {
   auto started = started_.get_future();
@@ -180,10 +184,10 @@ RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int w
     : devices_(std::move(devices)), ranks_(std::move(ranks)), world_size_(world_size) {
   if (devices_.empty()) throw_invalid_argument("a rank runtime needs at least one rank");
   if (ranks_.size() != devices_.size()) throw_invalid_argument("one world rank per local device is needed");
-  const int poll_micros = worker_poll_micros();
-  const bool high_priority = high_priority_streams();
+  const RankRuntimeSettings settings = rank_runtime_settings();
   for (size_t i = 0; i < devices_.size(); ++i) {
-    workers_.emplace_back(new RankWorker(static_cast<int>(i), devices_[i], poll_micros, high_priority));
+    workers_.emplace_back(
+        new RankWorker(static_cast<int>(i), devices_[i], settings.poll_micros, settings.high_priority_streams));
     RankContext ctx;
     ctx.local_index = static_cast<int>(i);
     ctx.rank = ranks_[i];

@@ -22,6 +22,16 @@
 
 namespace mdtrt {
 
+// The rank threads' settings, as a group created now would take them from the environment
+// (MDTRT_RANK_POLL_US, MDTRT_STREAM_PRIORITY). Throws InvalidArgumentError, naming the variable,
+// for a value a group would refuse.
+struct RankRuntimeSettings {
+  int spin_micros;   // how long an idle rank thread spins before it waits (0 on small machines)
+  int poll_micros;   // the idle rank thread's wake-up interval for 0.1 s after a call (0: off)
+  bool high_priority_streams;
+};
+RankRuntimeSettings rank_runtime_settings();
+
 // Thrown by a rank that left its step undone because another rank of the same run failed first
 // (running on would leave it waiting on that rank); run_on_all reports the other rank's error.
 class SkippedForOtherRank : public Error {

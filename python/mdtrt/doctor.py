@@ -74,6 +74,17 @@ def _tensorrt_report(build: dict) -> dict:
     return report
 
 
+def _runtime_report() -> dict:
+    """The rank threads' settings from the environment, or the error a group would raise."""
+    report = {"spin_us": None, "poll_us": None, "stream_priority": None, "error": None,
+              "environment": {name: os.environ.get(name) for name in ("MDTRT_RANK_POLL_US", "MDTRT_STREAM_PRIORITY")}}
+    try:
+        report.update(_core.rank_runtime_settings())
+    except MdtrtError as error:
+        report["error"] = str(error)
+    return report
+
+
 def _cuda_problem(cuda: dict) -> str | None:
     """What stops CUDA, in words: the runtime says cudaErrorInsufficientDriver also when there is
     no driver at all (the driver version then reads 0)."""
@@ -122,6 +133,9 @@ def collect() -> dict:
         row can read column), ``error`` and ``problem`` (in words, or None). ``tensorrt``:
         ``compiled_in``, ``reason``, ``library_found``, ``path``, ``version``, ``found_by``,
         ``lean``, ``error``, ``attempts`` (and ``rebuild`` advice without the backend).
+        ``runtime``: the rank threads' settings a group takes from the environment: ``spin_us``,
+        ``poll_us`` (``MDTRT_RANK_POLL_US``), ``stream_priority`` (``MDTRT_STREAM_PRIORITY``),
+        ``environment`` (those variables as set, or None) and ``error`` (a value a group refuses).
         ``features``: per feature ``ok``, ``needs``, ``detail`` (DistCollective needs compute
         capability >= 8.0, multi-device attention >= 10.0). ``can_run_multi_device`` (bool) and
         ``reasons`` (list of str: what stops it, or slows it).
@@ -136,6 +150,7 @@ def collect() -> dict:
         "nccl": _nccl_report(),
         "cuda": cuda,
         "tensorrt": _tensorrt_report(build),
+        "runtime": _runtime_report(),
         "features": {
             "dist_collective": _feature(gpus, DIST_COLLECTIVE_MIN_CC, "DistCollective layers"),
             "multi_device_attention": _feature(gpus, MULTI_DEVICE_ATTENTION_MIN_CC, "multi-device attention layers"),
@@ -155,6 +170,8 @@ def collect() -> dict:
         reasons.append(f"no peer access between GPUs {pairs} (NCCL still works, through host memory, but slower)")
     if gpus and not report["features"]["dist_collective"]["ok"]:
         reasons.append("DistCollective needs compute capability >= 8.0: " + report["features"]["dist_collective"]["detail"])
+    if report["runtime"]["error"]:
+        reasons.append(f"device groups cannot be created: {report['runtime']['error']}")
     trt = report["tensorrt"]
     if not trt["compiled_in"]:
         reasons.append(f"the TensorRT backend is not compiled in: {trt['reason']}; {trt['rebuild']}")
@@ -220,6 +237,15 @@ def format_text(report: dict) -> str:
                          "version_compatible=True (embedded lean runtime: allow_host_code=True)")
     else:
         lines.extend("           " + line for line in _hanging(f"library not found: {trt.get('error', '')}", "  "))
+    rt = report.get("runtime")
+    if rt:
+        set_vars = ", ".join(f"{k}={v}" for k, v in rt["environment"].items() if v is not None)
+        if rt["error"]:
+            lines.append(f"Rank threads  {rt['error']}")
+        else:
+            poll = f"wake every {rt['poll_us']} us for 0.1 s" if rt["poll_us"] else "no wake-ups"
+            lines.append(f"Rank threads  idle: spin {rt['spin_us']} us, then {poll}; streams at {rt['stream_priority']} "
+                         f"priority ({'from ' + set_vars if set_vars else 'defaults'})")
     lines.append("")
     for name, feature in report["features"].items():
         mark = "ok " if feature["ok"] else "no "
