@@ -89,26 +89,83 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
   std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
   for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
   RankRuntime runtime(devices, ranks, num_ranks);
-  std::unique_ptr<std::atomic<bool>[]> launched(new std::atomic<bool>[num_ranks]);
+  // Shared with the tasks, like every caller's state (see RankRuntime::run_on_all).
+  std::shared_ptr<std::atomic<bool>[]> launched(new std::atomic<bool>[num_ranks]);
   for (int i = 0; i < num_ranks; ++i) launched[i] = false;
   std::string error;
   try {
     run_checked_then_launched(
       runtime,
-      [&](RankContext& ctx) {
+      [fail_rank, slow_check_seconds](RankContext& ctx) {
         if (ctx.rank != fail_rank) return;
         if (slow_check_seconds > 0)
           std::this_thread::sleep_for(std::chrono::duration<double>(slow_check_seconds));
         else
           throw_invalid_argument("injected bad argument");
       },
-      [&](RankContext& ctx) { launched[ctx.local_index] = true; }, timeout, "infer");
+      [launched](RankContext& ctx) { launched[ctx.local_index] = true; }, timeout, "infer");
   } catch (const std::exception& e) {
     error = e.what();
   }
   std::vector<bool> out(num_ranks);
   for (int i = 0; i < num_ranks; ++i) out[i] = launched[i];
   return {out, error};
+}
+
+namespace {
+std::atomic<int> late_tasks_returned{0};
+std::atomic<int> late_tasks_intact{0};
+}  // namespace
+
+std::string run_abandoned_rank_test(int num_ranks, int stuck_rank, double stuck_seconds, double timeout,
+                                    double grace_seconds) {
+  constexpr uint64_t kCanary = 0x6d64747274756166ULL;
+  // What the call's tasks write, owned with them: the stuck rank writes it after this returned.
+  struct CallState {
+    uint64_t canary = kCanary;
+    std::vector<uint64_t> results;
+    std::vector<std::string> notes;  // heap memory the late task rewrites
+  };
+  auto state = std::make_shared<CallState>();
+  state->results.assign(num_ranks, 0);
+  state->notes.resize(num_ranks);
+  std::string error;
+  {
+    std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+    for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+    RankRuntime runtime(devices, ranks, num_ranks);
+    runtime.set_abort_grace_for_testing(grace_seconds);
+    try {
+      run_checked_then_launched(
+          runtime, [](RankContext&) {},
+          [state, stuck_rank, stuck_seconds, num_ranks](RankContext& ctx) {
+            const bool stuck = ctx.rank == stuck_rank;
+            if (stuck) std::this_thread::sleep_for(std::chrono::duration<double>(stuck_seconds));  // no abort
+            state->results[ctx.local_index] = kCanary ^ static_cast<uint64_t>(ctx.rank);
+            state->notes[ctx.local_index] = "rank " + std::to_string(ctx.rank) + " of " +
+                                            std::to_string(ctx.world_size) + " wrote its result late";
+            if (!stuck) return;
+            // Its context (the runtime is gone now) and the state it shares must still be there.
+            const bool intact = state->canary == kCanary && ctx.local_index == stuck_rank && ctx.rank == stuck_rank &&
+                                ctx.world_size == num_ranks && ctx.device == -1 &&
+                                state->results[ctx.local_index] == (kCanary ^ static_cast<uint64_t>(stuck_rank));
+            late_tasks_intact.fetch_add(intact ? 1 : 0);
+            late_tasks_returned.fetch_add(1);
+          },
+          timeout, "infer");
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }  // the runtime goes here, leaving the stuck rank's thread running
+  return error;
+}
+
+std::pair<int, int> abandoned_rank_report() { return {late_tasks_returned.load(), late_tasks_intact.load()}; }
+
+void StubbornCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                                  const std::vector<TensorView>& outputs) {
+  if (ctx.rank == stuck_rank_) std::this_thread::sleep_for(std::chrono::duration<double>(seconds_));
+  CopyProgram::enqueue(ctx, inputs, outputs);
 }
 
 std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {
