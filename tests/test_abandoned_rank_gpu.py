@@ -1,6 +1,7 @@
 """A rank whose enqueue ignores the abort past the grace, on real GPUs: the call raises at its
 deadline, the runner and group go, and the rank's task returns later into the call's state, which
-it owns (staging and output buffers, results, stream-ordered events). The process must stay
+it owns (staging and output buffers, results, stream-ordered events), and the call's arrays are
+kept for the life of the process (the rank may still read or write them). The process must stay
 healthy: a fresh group on the same GPUs computes correct results afterwards. In a subprocess: the
 stuck thread stays behind, and a use-after-free would take the process down."""
 
@@ -42,6 +43,8 @@ try:
     print("NO ERROR", flush=True)
 except mdtrt.RankTimeoutError as e:
     print(f"raised after {time.monotonic() - start:.2f} s: {e}", flush=True)
+from mdtrt import prepared_call
+print("arrays held:", len(prepared_call._HELD_FOR_GIVEN_UP_RANKS), flush=True)  # rank 0 may still use them
 if mode == "stream":
     torch.cuda.synchronize()  # the events handed over for the rank given up on are recorded
     print("streams free", flush=True)
@@ -83,6 +86,7 @@ def test_a_rank_given_up_on_in_its_enqueue_leaves_the_process_healthy(mode):
     assert result.returncode == 0, out
     assert "raised after" in result.stdout and "rank(s) 0 did not finish 'infer'" in result.stdout, out
     assert "abandoned" in result.stdout, out
+    assert "arrays held: 1" in result.stdout, out
     assert "group broken" in result.stdout, out
     assert result.stdout.rstrip().endswith("OK"), out
     assert _core.visible_gpu_count() >= 1

@@ -135,6 +135,9 @@ class PreparedInfer {
   // shared by every rank are found by their addresses).
   std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
                                  std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
+  // Whether a rank of this call's group was given up on (RankRuntime::any_abandoned): the arrays
+  // of the run that failed then are never to be freed.
+  bool ranks_abandoned() const { return runner_->group().runtime().any_abandoned(); }
 
  private:
   // The prepared options with this run's outputs and mode.

@@ -508,6 +508,7 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
         workers_[i]->keep_alive(contexts_[i]);
       }
     }
+    if (stuck) any_abandoned_.store(true, std::memory_order_release);
     if (interrupted) {
       throw Error(ErrorKind::kInterrupted,
                   "interrupted while waiting for '" + what + "'; communicators were aborted and this device group "

@@ -96,6 +96,9 @@ class RankRuntime {
   bool abandoned(int local_index) const {
     return static_cast<size_t>(local_index) < stuck_.size() && stuck_[local_index];
   }
+  // Whether any rank was given up on (from any thread): what the caller lent that call (its arrays)
+  // may still be read or written by that rank, and must never be freed.
+  bool any_abandoned() const { return any_abandoned_.load(std::memory_order_acquire); }
   // Test-only: how long a timed-out run_on_all waits for aborted ranks before giving up on them.
   void set_abort_grace_for_testing(double seconds) { grace_after_abort_seconds_ = seconds; }
 
@@ -171,6 +174,7 @@ class RankRuntime {
   std::thread watchdog_;
   bool stopping_watchdog_ = false;  // guarded by in_flight_mutex_
   std::vector<bool> stuck_;  // workers whose task ignored an abort: never joined
+  std::atomic<bool> any_abandoned_{false};
   double grace_after_abort_seconds_;
   std::mutex run_mutex_;  // one run_on_all at a time: ranks must see steps in the same order
   std::mutex submission_mutex_;  // see lock_submission(); taken before run_mutex_
