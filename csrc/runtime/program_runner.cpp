@@ -61,6 +61,8 @@ void ProgramRunner::set_cuda_graphs(bool on) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   cuda_graphs_ = on;
   if (on) graph_fallback_.clear();
+  // A rank given up on may still be capturing or launching its graph; the group takes no more calls.
+  if (group_->runtime().any_abandoned()) return;
   for (auto& b : resources_->buffers) b.graph = RankGraph{};
 }
 
