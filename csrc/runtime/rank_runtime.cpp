@@ -500,8 +500,8 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
     completion->wait_for(expected, grace.at(), /*interruptible=*/false);
     for (size_t i = 0; i < n; ++i) {
       if (posted[i] && !completion->is_finished(i)) {
-        // Given up on: the task still runs fn on its context after this frame, its caller's and
-        // maybe this runtime are gone. The leaked worker keeps both (so the last reference to
+        // Given up on: its task may run fn on its context after this frame, the caller's and even
+        // this runtime are gone. The worker, leaked with it, keeps both (so the last reference to
         // what fn owns is never dropped on the rank thread either).
         stuck = stuck_[i] = true;
         workers_[i]->keep_alive(task_fn);
