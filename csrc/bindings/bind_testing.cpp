@@ -58,13 +58,15 @@ void bind_testing(py::module_& m) {
       "fail_rank's check fails, or takes slow_check_seconds.");
   testing.def(
       "run_abandoned_rank_test",
-      [](int num_ranks, int stuck_rank, double stuck_seconds, double timeout, double grace) {
+      [](int num_ranks, int stuck_rank, double stuck_seconds, double timeout, double grace, const std::string& step) {
         py::gil_scoped_release release;
-        return run_abandoned_rank_test(num_ranks, stuck_rank, stuck_seconds, timeout, grace);
+        return run_abandoned_rank_test(num_ranks, stuck_rank, stuck_seconds, timeout, grace, step);
       },
       py::arg("num_ranks"), py::arg("stuck_rank"), py::arg("stuck_seconds"), py::arg("timeout"), py::arg("grace"),
-      "The call's error after stuck_rank's launch ignored the abort for stuck_seconds, past timeout and the "
-      "grace; that rank's task returns later, into state it owns (see abandoned_rank_report).");
+      py::arg("step") = "launch",
+      "The step's error after stuck_rank's task ('launch' of a call, or 'bind') ignored the abort for "
+      "stuck_seconds, past timeout and the grace; that task returns later, into state it owns (see "
+      "abandoned_rank_report).");
   testing.def("abandoned_rank_report", &abandoned_rank_report,
               "(late tasks of run_abandoned_rank_test that returned, those that found their state intact).");
   testing.def(

@@ -115,20 +115,54 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
 namespace {
 std::atomic<int> late_tasks_returned{0};
 std::atomic<int> late_tasks_intact{0};
+
+// What the tasks of run_abandoned_rank_test's step write; the stuck rank writes it after the step
+// gave that rank up and the caller returned, so it must be owned by the task.
+struct LateWrites {
+  static constexpr uint64_t kCanary = 0x6d64747274756166ULL;
+  LateWrites(int num_ranks, int stuck_rank, double stuck_seconds)
+      : num_ranks(num_ranks), stuck_rank(stuck_rank), stuck_seconds(stuck_seconds), results(num_ranks),
+        notes(num_ranks) {}
+  // Rank ctx's part: the stuck rank sleeps first, ignoring the abort; each writes its result; the
+  // stuck one then checks what it still reads (this object, its context: the runtime is gone).
+  void run(const RankContext& ctx) {
+    const bool stuck = ctx.rank == stuck_rank;
+    if (stuck) std::this_thread::sleep_for(std::chrono::duration<double>(stuck_seconds));
+    results[ctx.local_index] = kCanary ^ static_cast<uint64_t>(ctx.rank);
+    notes[ctx.local_index] =
+        "rank " + std::to_string(ctx.rank) + " of " + std::to_string(ctx.world_size) + " wrote its result late";
+    if (!stuck) return;
+    const bool intact = canary == kCanary && ctx.local_index == stuck_rank && ctx.rank == stuck_rank &&
+                        ctx.world_size == num_ranks && ctx.device == -1 &&
+                        results[ctx.local_index] == (kCanary ^ static_cast<uint64_t>(stuck_rank));
+    late_tasks_intact.fetch_add(intact ? 1 : 0);
+    late_tasks_returned.fetch_add(1);
+  }
+
+  uint64_t canary = kCanary;
+  int num_ranks;
+  int stuck_rank;
+  double stuck_seconds;
+  std::vector<uint64_t> results;
+  std::vector<std::string> notes;  // heap memory the late task rewrites
+};
+
+// A program whose bind is LateWrites::run, owned only by the caller's list of programs.
+class StubbornBindProgram : public NoIoProgram {
+ public:
+  StubbornBindProgram(int num_ranks, int stuck_rank, double stuck_seconds)
+      : writes_(num_ranks, stuck_rank, stuck_seconds) {}
+  std::string describe() const override { return "stubborn bind test program"; }
+  void bind(RankContext& ctx) override { writes_.run(ctx); }
+
+ private:
+  LateWrites writes_;
+};
 }  // namespace
 
 std::string run_abandoned_rank_test(int num_ranks, int stuck_rank, double stuck_seconds, double timeout,
-                                    double grace_seconds) {
-  constexpr uint64_t kCanary = 0x6d64747274756166ULL;
-  // What the call's tasks write, owned with them: the stuck rank writes it after this returned.
-  struct CallState {
-    uint64_t canary = kCanary;
-    std::vector<uint64_t> results;
-    std::vector<std::string> notes;  // heap memory the late task rewrites
-  };
-  auto state = std::make_shared<CallState>();
-  state->results.assign(num_ranks, 0);
-  state->notes.resize(num_ranks);
+                                    double grace_seconds, const std::string& step) {
+  if (step != "launch" && step != "bind") throw_invalid_argument("unknown step " + step + " (launch or bind)");
   std::string error;
   {
     std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
@@ -136,27 +170,19 @@ std::string run_abandoned_rank_test(int num_ranks, int stuck_rank, double stuck_
     RankRuntime runtime(devices, ranks, num_ranks);
     runtime.set_abort_grace_for_testing(grace_seconds);
     try {
-      run_checked_then_launched(
-          runtime, [](RankContext&) {},
-          [state, stuck_rank, stuck_seconds, num_ranks](RankContext& ctx) {
-            const bool stuck = ctx.rank == stuck_rank;
-            if (stuck) std::this_thread::sleep_for(std::chrono::duration<double>(stuck_seconds));  // no abort
-            state->results[ctx.local_index] = kCanary ^ static_cast<uint64_t>(ctx.rank);
-            state->notes[ctx.local_index] = "rank " + std::to_string(ctx.rank) + " of " +
-                                            std::to_string(ctx.world_size) + " wrote its result late";
-            if (!stuck) return;
-            // Its context (the runtime is gone now) and the state it shares must still be there.
-            const bool intact = state->canary == kCanary && ctx.local_index == stuck_rank && ctx.rank == stuck_rank &&
-                                ctx.world_size == num_ranks && ctx.device == -1 &&
-                                state->results[ctx.local_index] == (kCanary ^ static_cast<uint64_t>(stuck_rank));
-            late_tasks_intact.fetch_add(intact ? 1 : 0);
-            late_tasks_returned.fetch_add(1);
-          },
-          timeout, "infer");
+      if (step == "launch") {
+        auto writes = std::make_shared<LateWrites>(num_ranks, stuck_rank, stuck_seconds);
+        run_checked_then_launched(
+            runtime, [](RankContext&) {}, [writes](RankContext& ctx) { writes->run(ctx); }, timeout, "infer");
+      } else {
+        const std::vector<std::shared_ptr<RankProgram>> programs(
+            num_ranks, std::make_shared<StubbornBindProgram>(num_ranks, stuck_rank, stuck_seconds));
+        bind_programs(runtime, programs, timeout, /*sequential=*/false);
+      }
     } catch (const std::exception& e) {
       error = e.what();
     }
-  }  // the runtime goes here, leaving the stuck rank's thread running
+  }  // the runtime goes here (and the programs), leaving the stuck rank's thread running
   return error;
 }
 

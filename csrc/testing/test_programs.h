@@ -133,13 +133,14 @@ class StubbornCopyProgram : public CopyProgram {
 std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
                                                                   double slow_check_seconds, double timeout);
 
-// A check-then-launch call on `num_ranks` CPU-only rank threads whose launch on `stuck_rank` ignores
-// the abort: it sleeps `stuck_seconds`, past the deadline (`timeout`) and the runtime's grace after
-// the abort (`grace_seconds`), so the call gives that rank up and throws, and the runtime is
-// destroyed. The task then returns, writes its result into the call's state and checks what it
-// still reads (the state, its rank context). Returns the call's error message.
+// A step on `num_ranks` CPU-only rank threads ("launch": a check-then-launch call; "bind":
+// bind_programs of a program the caller's list alone owns) whose task on `stuck_rank` ignores the
+// abort: it sleeps `stuck_seconds`, past the deadline (`timeout`) and the runtime's grace after the
+// abort (`grace_seconds`), so the step gives that rank up and throws, and the runtime (and the
+// caller's programs) go. The task then returns, writes its result into the state it shares and
+// checks what it still reads (that state, its rank context). Returns the step's error message.
 std::string run_abandoned_rank_test(int num_ranks, int stuck_rank, double stuck_seconds, double timeout,
-                                    double grace_seconds);
+                                    double grace_seconds, const std::string& step);
 // The late tasks of run_abandoned_rank_test so far: (returned, found their state and context intact).
 std::pair<int, int> abandoned_rank_report();
 
