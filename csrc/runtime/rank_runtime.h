@@ -1,7 +1,9 @@
 // One worker thread per local rank, each bound to its GPU once, with its own non-blocking stream.
 // run_on_all() runs a function on every rank concurrently and waits with a deadline: the first
 // failure is re-raised with its rank; on the deadline the registered abort hooks run (they abort
-// communicators, unblock programs) and the error names the ranks that did not finish.
+// communicators, unblock programs) and the error names the ranks that did not finish. A rank still
+// inside its task after a grace is given up on and left running: its task owns (shared) all it
+// touches, so nothing is freed under it (see run_on_all).
 #pragma once
 
 #include <atomic>
