@@ -393,3 +393,52 @@ def test_time_infer_times_complete_calls(monkeypatch):
     seen.clear()
     runner.time_infer({"input": None}, iterations=1, warmup=0, stream_ordered=None)
     assert seen == [{"stream_ordered": None}]
+
+
+class GivenUpCall:
+    """A prepared native call whose runs raise as a timed-out one does; `ranks_abandoned`: a rank
+    was given up on in it."""
+
+    def __init__(self, abandoned):
+        self.ranks_abandoned = abandoned
+
+    def __call__(self, *args):
+        raise RuntimeError("rank(s) 0 did not finish 'infer'")
+
+    def run_at(self, *args):
+        raise RuntimeError("rank(s) 0 did not finish 'infer'")
+
+
+class GivenUpNative:
+    def __init__(self, abandoned):
+        self.abandoned = abandoned
+
+    def prepare(self, *args):
+        return GivenUpCall(self.abandoned)
+
+
+@pytest.mark.parametrize("abandoned", [True, False])
+@pytest.mark.parametrize("entry", ["call", "run_on"])
+def test_arrays_of_a_run_a_rank_was_given_up_in_are_never_freed(abandoned, entry):
+    """A rank given up on at a deadline may still read or write the run's arrays after the run
+    raised: they are kept for the life of the process then (and only then)."""
+    import gc
+    import weakref
+
+    from mdtrt import prepared_call
+
+    native = GivenUpNative(abandoned)
+    x = np.arange(8, dtype=np.float32)
+    alive = weakref.ref(x)
+    refs = [describe(x)]
+    call = PreparedCall(native, [refs, refs], fetch_all=True)
+    held_before = len(prepared_call._HELD_FOR_GIVEN_UP_RANKS)
+    with pytest.raises(RuntimeError, match="did not finish"):
+        if entry == "call":
+            call()
+        else:
+            call.run_on([refs, refs])
+    del x, refs, call
+    gc.collect()
+    assert (alive() is not None) == abandoned
+    assert len(prepared_call._HELD_FOR_GIVEN_UP_RANKS) == held_before + (1 if abandoned else 0)

@@ -157,3 +157,60 @@ def test_stream_priority_values_are_accepted(value):
     result = _run_with_env(value, _LAUNCH_OR_PRINT_ERROR, name="MDTRT_STREAM_PRIORITY")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ran [True, True] "), result.stdout
+
+
+_ABANDONED_RANK = """
+import gc, sys, time
+from mdtrt import _core
+
+step = sys.argv[1]
+# Rank 0's task sleeps 1.5 s ignoring the abort: the step times out at 0.2 s, gives rank 0 up after a
+# 0.1 s grace and throws; the runtime (and for bind, the programs) go; rank 0's task returns ~1.2 s
+# later into its state.
+start = time.monotonic()
+error = _core.testing.run_abandoned_rank_test(3, 0, 1.5, 0.2, 0.1, step)
+elapsed = time.monotonic() - start
+print("error:", error)
+print(f"returned after {elapsed:.2f} s")
+assert elapsed < 1.0, elapsed
+what = "infer" if step == "launch" else "bind"
+assert f"did not finish '{what}'" in error and "abandoned" in error, error
+assert _core.testing.abandoned_rank_report() == (0, 0)
+# Churn the heap meanwhile: memory freed with the caller's frame or the runtime is reused.
+junk = []
+deadline = time.monotonic() + 3.0
+while _core.testing.abandoned_rank_report()[0] == 0 and time.monotonic() < deadline:
+    junk.append([bytearray(64) for _ in range(1000)])
+    launched, err = _core.testing.run_checked_launch_test(3)
+    assert err == "" and launched == [True] * 3, (launched, err)
+    if len(junk) > 50:
+        junk.clear()
+        gc.collect()
+returned, intact = _core.testing.abandoned_rank_report()
+print("late tasks:", returned, intact)
+# The process is healthy after the late task: more calls work.
+for _ in range(20):
+    launched, err = _core.testing.run_checked_launch_test(3)
+    assert err == "" and launched == [True] * 3, (launched, err)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("step", ["launch", "bind"])
+def test_a_rank_given_up_on_returns_into_state_it_owns(step):
+    """A rank whose task ignores the abort past the grace is given up on: the step (a call's launch,
+    or a bind of programs only the caller held) throws at its deadline and the runtime is destroyed
+    while the task still runs. When it returns, it writes its result into the state it shares and
+    reads its rank context: both must still be there (shared with the task, not owned by the
+    caller's frame or the runtime). In a subprocess: the stuck thread stays behind, and a
+    use-after-free would take the process down."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    result = subprocess.run([sys.executable, "-c", _ABANDONED_RANK, step], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "late tasks: 1 1" in result.stdout, result.stdout
+    assert result.stdout.rstrip().endswith("OK"), result.stdout

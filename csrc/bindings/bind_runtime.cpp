@@ -291,7 +291,10 @@ void bind_runtime(py::module_& m) {
           "The same call on other arrays of the same dtypes, shapes and devices: addresses[i] lists local "
           "rank i's inputs as (pointer, producer stream); outputs[i] local rank i's preallocated outputs as "
           "(name, pointer, bytes, device, caller stream) (empty lists: the runner allocates them); "
-          "stream_ordered: return once the call is queued, its caller streams waiting for it.");
+          "stream_ordered: return once the call is queued, its caller streams waiting for it.")
+      .def_property_readonly("ranks_abandoned", &PreparedInfer::ranks_abandoned,
+                             "Whether a rank of the group was given up on after a deadline, still inside a "
+                             "call: the arrays of the call that failed then must never be freed.");
 }
 
 }  // namespace mdtrt::bindings

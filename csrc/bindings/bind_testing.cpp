@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "bindings/modules.h"
+#include "runtime/device_group.h"
 #include "runtime/program_runner.h"
 #include "testing/test_programs.h"
 
@@ -55,6 +56,29 @@ void bind_testing(py::module_& m) {
       py::arg("timeout") = 10.0,
       "(per rank: did its launch run, the call's error or '') after the check step on CPU-only ranks; "
       "fail_rank's check fails, or takes slow_check_seconds.");
+  testing.def(
+      "run_abandoned_rank_test",
+      [](int num_ranks, int stuck_rank, double stuck_seconds, double timeout, double grace, const std::string& step) {
+        py::gil_scoped_release release;
+        return run_abandoned_rank_test(num_ranks, stuck_rank, stuck_seconds, timeout, grace, step);
+      },
+      py::arg("num_ranks"), py::arg("stuck_rank"), py::arg("stuck_seconds"), py::arg("timeout"), py::arg("grace"),
+      py::arg("step") = "launch",
+      "The step's error after stuck_rank's task ('launch' of a call, or 'bind') ignored the abort for "
+      "stuck_seconds, past timeout and the grace; that task returns later, into state it owns (see "
+      "abandoned_rank_report).");
+  testing.def("abandoned_rank_report", &abandoned_rank_report,
+              "(late tasks of run_abandoned_rank_test that returned, those that found their state intact).");
+  testing.def(
+      "set_abort_grace",
+      [](DeviceGroup& group, double seconds) { group.runtime().set_abort_grace_for_testing(seconds); },
+      py::arg("group"), py::arg("seconds"),
+      "How long a timed-out call waits for aborted ranks before giving them up (default 10 s).");
+  py::class_<StubbornCopyProgram, RankProgram, std::shared_ptr<StubbornCopyProgram>>(testing, "StubbornCopyProgram")
+      .def(py::init([](const std::string& dtype, int stuck_rank, double seconds) {
+             return std::make_shared<StubbornCopyProgram>(dtype_from_name(dtype), stuck_rank, seconds);
+           }),
+           py::arg("dtype"), py::arg("stuck_rank"), py::arg("seconds"));
   py::class_<SinkProgram, RankProgram, std::shared_ptr<SinkProgram>>(testing, "SinkProgram")
       .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));

@@ -45,8 +45,8 @@ void CallBarrier::abort() {
   changed_.notify_all();
 }
 
-void run_checked_then_launched(RankRuntime& runtime, const std::function<void(RankContext&)>& check,
-                               const std::function<void(RankContext&)>& launch, double timeout_seconds,
+void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankContext&)> check,
+                               std::function<void(RankContext&)> launch, double timeout_seconds,
                                const std::string& what) {
   // Shared with the tasks: a task that outlives the deadline must not touch the caller's stack.
   auto barrier = std::make_shared<CallBarrier>(runtime.num_local_ranks());
@@ -57,8 +57,10 @@ void run_checked_then_launched(RankRuntime& runtime, const std::function<void(Ra
     int hook;
     ~RemoveHook() { runtime.remove_abort_hook(hook); }
   } remove_hook{runtime, hook};
+  // Everything by value (check and launch own their state the same way): a rank given up on at the
+  // deadline still runs this after the caller's frame is gone (see run_on_all).
   runtime.run_on_all(
-      [&, barrier](RankContext& ctx) {
+      [barrier, check = std::move(check), launch = std::move(launch), what](RankContext& ctx) {
         try {
           check(ctx);
         } catch (...) {

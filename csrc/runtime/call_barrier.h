@@ -39,9 +39,11 @@ class CallBarrier {
 
 // Runs `check` on every rank, then, only when every rank's check succeeded, `launch` on every
 // rank (in the same task: no second hand-off to the rank threads). A rank whose check fails
-// raises its error; the others return without launching anything.
-void run_checked_then_launched(RankRuntime& runtime, const std::function<void(RankContext&)>& check,
-                               const std::function<void(RankContext&)>& launch, double timeout_seconds,
+// raises its error; the others return without launching anything. Like run_on_all's fn, check
+// and launch must own (by value, shared) everything they touch: a rank given up on at the deadline
+// runs them on after the caller returned.
+void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankContext&)> check,
+                               std::function<void(RankContext&)> launch, double timeout_seconds,
                                const std::string& what);
 
 }  // namespace mdtrt

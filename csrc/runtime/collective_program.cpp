@@ -209,7 +209,7 @@ void CollectiveProgram::bind(RankContext& ctx) {
   }
   // A split is collective over the whole world: non-members take part with no color. It goes
   // through the non-blocking world so that a missing rank ends at the deadline.
-  Communicator* parent = ctx.world_nonblocking != nullptr ? ctx.world_nonblocking : ctx.world.get();
+  Communicator* parent = ctx.world_nonblocking != nullptr ? ctx.world_nonblocking.get() : ctx.world.get();
   st.group = parent->split(st.group_rank >= 0 ? 0 : nccl::kSplitNoColor, std::max(st.group_rank, 0), ctx.deadline,
                            /*blocking=*/true);
   st.comm = st.group.get();

@@ -52,10 +52,11 @@ DeviceGroup::DeviceGroup(const std::vector<int>& devices, const std::vector<int>
     }
   }
   // Peer access lets rank threads copy replicated inputs over NVLink; enabled once per pair.
+  // By value: a rank given up on at the deadline runs on after this constructor threw.
   runtime_->run_on_all(
-      [this, &devices](RankContext& ctx) {
+      [devices, peer = peer_](RankContext& ctx) {
         for (size_t b = 0; b < devices.size(); ++b) {
-          if (static_cast<int>(b) == ctx.local_index || !peer_[ctx.local_index][b]) continue;
+          if (static_cast<int>(b) == ctx.local_index || !peer[ctx.local_index][b]) continue;
           cudaError_t st = cudaDeviceEnablePeerAccess(devices[b], 0);
           if (st == cudaErrorPeerAccessAlreadyEnabled) {
             cudaGetLastError();
@@ -77,18 +78,21 @@ bool DeviceGroup::all_peer_access() const {
 
 void DeviceGroup::connect(const nccl::UniqueId& id) {
   const Deadline deadline = Deadline::after_seconds(timeout_seconds_);
-  world_nonblocking_ = Communicator::create(id, runtime_->world_size(), runtime_->ranks(), runtime_->devices(), deadline);
+  for (auto& c : Communicator::create(id, runtime_->world_size(), runtime_->ranks(), runtime_->devices(), deadline))
+    world_nonblocking_.push_back(std::move(c));
   // Every rank is known to be there now: split the blocking twin, all ranks at once (a split is
-  // collective), keeping rank order.
-  world_.resize(world_nonblocking_.size());
+  // collective), keeping rank order. The tasks own what they use and write (a rank given up on at
+  // the deadline runs on after this group is gone).
+  auto split = std::make_shared<std::vector<std::shared_ptr<Communicator>>>(world_nonblocking_.size());
   runtime_->run_on_all(
-      [this, deadline](RankContext& ctx) {
-        world_[ctx.local_index] = world_nonblocking_[ctx.local_index]->split(0, ctx.rank, deadline, true);
+      [split, parents = world_nonblocking_, deadline](RankContext& ctx) {
+        (*split)[ctx.local_index] = parents[ctx.local_index]->split(0, ctx.rank, deadline, true);
       },
       timeout_seconds_, "create blocking world communicator");
+  world_ = std::move(*split);
   for (int i = 0; i < runtime_->num_local_ranks(); ++i) {
     runtime_->context(i).world = world_[i];
-    runtime_->context(i).world_nonblocking = world_nonblocking_[i].get();
+    runtime_->context(i).world_nonblocking = world_nonblocking_[i];
   }
 }
 
@@ -144,6 +148,10 @@ DeviceGroup::~DeviceGroup() {
   if (runtime_ && abort_hook_ >= 0) runtime_->remove_abort_hook(abort_hook_);
   // Communicators go before the rank threads, unless a TensorRT context attached to one still
   // holds it (it then goes after that context); if the runtime broke, they were aborted already.
+  // The contexts share them: theirs go first, so that they are destroyed here as ever, except the
+  // ones a rank given up on still holds (see RankRuntime::run_on_all).
+  for (int i = 0; runtime_ && i < runtime_->num_local_ranks(); ++i)
+    if (!runtime_->abandoned(i)) runtime_->context(i).world_nonblocking.reset();
   world_.clear();
   world_nonblocking_.clear();
 }

@@ -50,7 +50,8 @@ class DeviceGroup {
 
   double timeout_seconds_;
   std::unique_ptr<RankRuntime> runtime_;
-  std::vector<std::unique_ptr<Communicator>> world_nonblocking_;  // created first: its set-up has a deadline
+  // Created first (its set-up has a deadline); shared with the rank contexts.
+  std::vector<std::shared_ptr<Communicator>> world_nonblocking_;
   std::vector<std::shared_ptr<Communicator>> world_;              // blocking twin for the data path
   std::vector<std::vector<bool>> peer_;
   int abort_hook_ = -1;

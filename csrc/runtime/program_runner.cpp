@@ -5,6 +5,7 @@
 #include <cstring>
 #include <exception>
 #include <mutex>
+#include <optional>
 
 #include "common/error.h"
 #include "runtime/call_barrier.h"
@@ -22,7 +23,8 @@ void bind_programs(RankRuntime& runtime, const std::vector<std::shared_ptr<RankP
     for (auto& p : programs) p->abort();
   });
   try {
-    runtime.run_on_all([&programs](RankContext& ctx) { programs[ctx.local_index]->bind(ctx); }, timeout_seconds,
+    // The programs by value: a rank given up on at the deadline binds on after this returned.
+    runtime.run_on_all([programs](RankContext& ctx) { programs[ctx.local_index]->bind(ctx); }, timeout_seconds,
                        "bind", sequential);
   } catch (...) {
     runtime.remove_abort_hook(hook);
@@ -33,14 +35,15 @@ void bind_programs(RankRuntime& runtime, const std::vector<std::shared_ptr<RankP
 
 ProgramRunner::ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std::shared_ptr<RankProgram>> programs,
                              bool sequential_bind)
-    : group_(std::move(group)), programs_(std::move(programs)), buffers_(group_->num_local_ranks()) {
-  bind_programs(group_->runtime(), programs_, group_->timeout(), sequential_bind);
+    : group_(std::move(group)), resources_(std::make_shared<Resources>()) {
+  resources_->programs = std::move(programs);
+  resources_->buffers.resize(group_->num_local_ranks());
+  bind_programs(group_->runtime(), resources_->programs, group_->timeout(), sequential_bind);
   // Inputs are fixed once bound (an engine's IO does not change): read them once, not per call.
   for (int i = 0; i < group_->num_local_ranks(); ++i)
-    input_specs_.push_back(programs_[i]->input_specs(group_->runtime().context(i)));
-  auto programs_copy = programs_;
-  abort_hook_ = group_->runtime().add_abort_hook([programs_copy] {
-    for (auto& p : programs_copy) p->abort();
+    input_specs_.push_back(resources_->programs[i]->input_specs(group_->runtime().context(i)));
+  abort_hook_ = group_->runtime().add_abort_hook([programs = resources_->programs] {
+    for (auto& p : programs) p->abort();
   });
 }
 
@@ -58,14 +61,16 @@ void ProgramRunner::set_cuda_graphs(bool on) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   cuda_graphs_ = on;
   if (on) graph_fallback_.clear();
-  for (auto& b : buffers_) b.graph = RankGraph{};
+  // A rank given up on may still be capturing or launching its graph; the group takes no more calls.
+  if (group_->runtime().any_abandoned()) return;
+  for (auto& b : resources_->buffers) b.graph = RankGraph{};
 }
 
 std::string ProgramRunner::graph_fallback() const { return graph_fallback_; }
 
 std::vector<int> ProgramRunner::graph_captures() const {
   std::vector<int> out;
-  for (const auto& b : buffers_) out.push_back(b.graph.captures);
+  for (const auto& b : resources_->buffers) out.push_back(b.graph.captures);
   return out;
 }
 
@@ -115,9 +120,9 @@ struct ProgramRunner::GraphRendezvous {
   std::string failure;  // the first capture failure
 };
 
-void ProgramRunner::enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
-                                    const std::vector<TensorView>& outputs, GraphRendezvous* rendezvous) {
-  RankProgram& program = *programs_[ctx.local_index];
+void ProgramRunner::enqueue_program(RankContext& ctx, RankProgram& program, RankBuffers& bufs,
+                                    const std::vector<TensorView>& inputs, const std::vector<TensorView>& outputs,
+                                    GraphRendezvous* rendezvous) {
   if (rendezvous == nullptr) {
     program.enqueue(ctx, inputs, outputs);
     return;
@@ -199,22 +204,23 @@ std::vector<std::vector<int>> ProgramRunner::order_after_callers(const std::vect
   // recording and waiting cost about 0.2 us each on the host (2x H200, CUDA 13), asking whether
   // the stream is idle (cudaStreamQuery) 1.3 us, and in a stream-ordered loop the caller stream is
   // never idle (it waits for the previous call).
-  if (caller_streams_.size() > 64) caller_streams_.clear();  // streams come and go; keep the list short
+  std::vector<CallerStream>& streams = resources_->caller_streams;
+  if (streams.size() > 64) streams.clear();  // streams come and go; keep the list short
   const size_t n = inputs.size();
   std::vector<std::vector<int>> rank_waits(n);
   auto order_after = [&](size_t rank, int device, uintptr_t stream) {
     if (stream == 0 || device < 0) return;
     int index = -1;
-    for (size_t c = 0; c < caller_streams_.size() && index < 0; ++c)
-      if (caller_streams_[c].device == device && caller_streams_[c].stream == stream) index = static_cast<int>(c);
+    for (size_t c = 0; c < streams.size() && index < 0; ++c)
+      if (streams[c].device == device && streams[c].stream == stream) index = static_cast<int>(c);
     if (index < 0) {
-      caller_streams_.push_back(CallerStream{device, stream, CudaEvent(device, false)});
-      index = static_cast<int>(caller_streams_.size()) - 1;
+      streams.push_back(CallerStream{device, stream, CudaEvent(device, false)});
+      index = static_cast<int>(streams.size()) - 1;
     }
     auto use = std::find_if(used.begin(), used.end(), [index](const CallerUse& u) { return u.stream == index; });
     if (use == used.end()) {
       use = used.insert(used.end(), CallerUse{index, {}});
-      CallerStream& c = caller_streams_[index];
+      CallerStream& c = streams[index];
       ScopedDevice on(c.device);
       MDTRT_CUDA_CHECK(cudaEventRecord(c.ready.get(), reinterpret_cast<cudaStream_t>(c.stream)));
     }
@@ -286,6 +292,26 @@ std::vector<RankResult> PreparedInfer::run_at(const std::vector<std::vector<Inpu
   return runner_->run(plan, inputs, options);
 }
 
+// Everything a call's rank tasks read or write: shared by them and run() (see Resources), so that a
+// rank given up on at the deadline writes into it, not into a frame that is gone.
+struct ProgramRunner::Call {
+  std::shared_ptr<Resources> resources;
+  // The call's arguments, copied: the caller's may go once run() returned.
+  CallPlan plan;
+  std::vector<std::vector<InputArg>> inputs;
+  InferOptions options;
+  std::vector<std::vector<int>> rank_waits;  // per rank: the caller streams it waits for
+  std::optional<ReplicationSource> source;
+  int first_rank = 0;
+  // Per rank, written by its task.
+  std::vector<RankResult> results;
+  std::vector<std::vector<TensorView>> input_views;
+  std::vector<RankOutputs> outputs;
+  std::unique_ptr<GraphRendezvous> rendezvous;  // with CUDA graphs
+  std::vector<CudaEvent> done;                  // stream-ordered: per rank, after its work
+  std::unique_ptr<std::atomic<bool>[]> recorded;  // per rank: done was recorded (its work is queued)
+};
+
 std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
                                            const InferOptions& options) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
@@ -296,76 +322,86 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   runtime.throw_if_broken("infer");  // before any CUDA call: a failed GPU would answer with its own error
   const int n = plan.num_ranks;
   if (plan.replicated_inputs > 0) last_replication_ = plan.replication;
+  // The previous call's state, unless a task given up on still holds it: no allocation per call.
+  if (!call_ || call_.use_count() != 1) {
+    call_ = std::make_shared<Call>();
+    call_->resources = resources_;
+  }
+  const std::shared_ptr<Call> call = call_;
+  Call& c = *call;
+  c.plan = plan;
+  c.inputs = inputs;
+  c.options = options;
   std::vector<CallerUse> call_streams;  // every caller stream of this call, with the ranks that use it
-  const std::vector<std::vector<int>> rank_waits = order_after_callers(inputs, options, call_streams);
+  c.rank_waits = order_after_callers(inputs, options, call_streams);
   const bool stream_ordered = options.stream_ordered;
-  std::vector<CudaEvent> done;  // stream-ordered: per rank, after its work
-  std::unique_ptr<std::atomic<bool>[]> recorded;  // per rank: done was recorded (its work is queued)
+  c.done.clear();
   if (stream_ordered) {
-    recorded.reset(new std::atomic<bool>[n]);
+    c.recorded.reset(new std::atomic<bool>[n]);
     for (int i = 0; i < n; ++i) {
-      done.push_back(runtime.take_event(i));
-      recorded[i] = false;
+      c.done.push_back(runtime.take_event(i));
+      c.recorded[i] = false;
     }
   }
 
   // Shared across rank threads: sized here, before any thread can read them.
-  while (static_cast<int>(buffers_[0].chunk_events.size()) < plan.max_chunks)
-    buffers_[0].chunk_events.emplace_back(runtime.devices()[0], false);
-  ReplicationSource source(plan.num_inputs);
-  source.staging = &buffers_[0].inputs;
-  source.chunk_events = &buffers_[0].chunk_events;
-  const int first_rank = runtime.ranks()[0];
-  static const std::vector<OutputArg> kNoOutputs;
+  RankBuffers& first = resources_->buffers[0];
+  while (static_cast<int>(first.chunk_events.size()) < plan.max_chunks)
+    first.chunk_events.emplace_back(runtime.devices()[0], false);
+  c.source.emplace(plan.num_inputs);
+  c.source->staging = &first.inputs;
+  c.source->chunk_events = &first.chunk_events;
+  c.first_rank = runtime.ranks()[0];
 
-  std::vector<RankResult> results(n);
-  std::vector<std::vector<TensorView>> input_views(n);
-  std::vector<RankOutputs> outputs(n);
+  c.results.assign(n, RankResult{});
+  c.input_views.resize(n);
+  c.outputs.assign(n, RankOutputs{});
+  c.rendezvous.reset(cuda_graphs_ ? new GraphRendezvous(n) : nullptr);
 
-  std::unique_ptr<GraphRendezvous> rendezvous;
-  if (cuda_graphs_) rendezvous = std::make_unique<GraphRendezvous>(n);
-
-  // Every rank checks and allocates; only when all of them could does any rank enqueue.
-  auto check = [&](RankContext& ctx) {
+  // Every rank checks and allocates; only when all of them could does any rank enqueue. Both own
+  // the call's state (by value): nothing of this frame.
+  auto check = [call](RankContext& ctx) {
+    static const std::vector<OutputArg> kNoOutputs;
+    Call& c = *call;
     const int i = ctx.local_index;
-    RankProgram& program = *programs_[i];
-    input_views[i] = place_inputs(ctx, inputs[i], buffers_[i].inputs, program.required_alignment());
-    outputs[i] = place_outputs(ctx, program, input_views[i],
-                               i < static_cast<int>(options.outputs.size()) ? options.outputs[i] : kNoOutputs,
-                               options.device_outputs, buffers_[i].outputs);
-    if (stream_ordered)
-      for (size_t o = 0; o < outputs[i].device.size(); ++o)
-        if (outputs[i].device[o])
+    RankProgram& program = *c.resources->programs[i];
+    RankBuffers& bufs = c.resources->buffers[i];
+    c.input_views[i] = place_inputs(ctx, c.inputs[i], bufs.inputs, program.required_alignment());
+    c.outputs[i] = place_outputs(ctx, program, c.input_views[i],
+                                 i < static_cast<int>(c.options.outputs.size()) ? c.options.outputs[i] : kNoOutputs,
+                                 c.options.device_outputs, bufs.outputs);
+    if (c.options.stream_ordered)
+      for (size_t o = 0; o < c.outputs[i].device.size(); ++o)
+        if (c.outputs[i].device[o])
           // A pooled output goes back to the pool in the rank stream's order, which a caller stream
           // still reading it would not follow.
           throw_invalid_argument("a stream-ordered call writes only into outputs the caller owns (out= / outputs=, "
-                                 "or torch tensors the call allocates); output '" + outputs[i].specs[o].name +
+                                 "or torch tensors the call allocates); output '" + c.outputs[i].specs[o].name +
                                  "' of rank " + std::to_string(ctx.rank) + " would come from mdtrt's pool. Give "
                                  "it with out= / outputs=, or pass stream_ordered=False");
   };
-  auto launch_rank = [&](RankContext& ctx) {
+  auto launch = [call](RankContext& ctx) {
+    Call& c = *call;
     const int i = ctx.local_index;
-    for (int index : rank_waits[i])
-      MDTRT_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, caller_streams_[index].ready.get(), 0));
-    stage_inputs(ctx, plan, inputs[i], input_views[i], source, first_rank);
-    if (options.poison_outputs) poison_outputs(ctx, outputs[i]);
-    enqueue_program(ctx, buffers_[i], input_views[i], outputs[i].views, rendezvous.get());
-    RankResult& result = results[i];
-    finish_outputs(ctx, outputs[i], plan.fetch[i], result.host);
-    if (stream_ordered) {
-      MDTRT_CUDA_CHECK(cudaEventRecord(done[i].get(), ctx.stream));
-      recorded[i] = true;
-    } else if (!wait_stream(ctx.stream, ctx.deadline)) {
-      throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
-    }
-    result.outputs = std::move(outputs[i].specs);
-    result.device = std::move(outputs[i].device);
-  };
-  auto launch = [&](RankContext& ctx) {
     try {
-      launch_rank(ctx);
+      for (int index : c.rank_waits[i])
+        MDTRT_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, c.resources->caller_streams[index].ready.get(), 0));
+      stage_inputs(ctx, c.plan, c.inputs[i], c.input_views[i], *c.source, c.first_rank);
+      if (c.options.poison_outputs) poison_outputs(ctx, c.outputs[i]);
+      enqueue_program(ctx, *c.resources->programs[i], c.resources->buffers[i], c.input_views[i],
+                      c.outputs[i].views, c.rendezvous.get());
+      RankResult& result = c.results[i];
+      finish_outputs(ctx, c.outputs[i], c.plan.fetch[i], result.host);
+      if (c.options.stream_ordered) {
+        MDTRT_CUDA_CHECK(cudaEventRecord(c.done[i].get(), ctx.stream));
+        c.recorded[i] = true;
+      } else if (!wait_stream(ctx.stream, ctx.deadline)) {
+        throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
+      }
+      result.outputs = std::move(c.outputs[i].specs);
+      result.device = std::move(c.outputs[i].device);
     } catch (...) {
-      if (rendezvous) rendezvous->fail(ctx);  // no-op once this rank reached its enqueue
+      if (c.rendezvous) c.rendezvous->fail(ctx);  // no-op once this rank reached its enqueue
       throw;
     }
   };
@@ -376,23 +412,28 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   // raced by the caller's streams nor left without a deadline (a waiting call would have reached it).
   auto hand_over = [&] {
     bool any = false;
-    for (int i = 0; i < n; ++i) any = any || recorded[i];
+    for (int i = 0; i < n; ++i) any = any || c.recorded[i];
     if (!any) return;
+    std::vector<CudaEvent> done;
     std::string failed;
-    for (int i = 0; i < n; ++i)
-      if (!recorded[i]) {
-        ScopedDevice on(runtime.context(i).device, std::nothrow);
-        const cudaError_t status =
-            on.ok() ? cudaEventRecord(done[i].get(), runtime.context(i).stream) : cudaGetLastError();
-        if (status != cudaSuccess) failed += std::string(failed.empty() ? "" : ", ") + cudaGetErrorName(status) +
-                                             " on rank " + std::to_string(runtime.context(i).rank);
-      }
+    for (int i = 0; i < n; ++i) {
+      const bool recorded = c.recorded[i];
+      // A rank given up on may still record its own event later: it keeps that one (in the call's
+      // state, which it owns) and the watchdog gets another, recorded here.
+      done.push_back(recorded || !runtime.abandoned(i) ? std::move(c.done[i]) : runtime.take_event(i));
+      if (recorded) continue;
+      const RankContext& ctx = runtime.context(i);
+      ScopedDevice on(ctx.device, std::nothrow);
+      const cudaError_t status = on.ok() ? cudaEventRecord(done[i].get(), ctx.stream) : cudaGetLastError();
+      if (status != cudaSuccess) failed += std::string(failed.empty() ? "" : ", ") + cudaGetErrorName(status) +
+                                           " on rank " + std::to_string(ctx.rank);
+    }
     // A rank whose stream cannot even take an event has a failed GPU: the others' queued work may
     // wait for it forever. The events recorded are still handed over (the watchdog, and the caller
     // streams, wait only for work that can finish once the communicators are aborted).
     if (!failed.empty())
-      runtime.break_and_abort("a stream-ordered '" + programs_[0]->describe() + "' failed on the GPU (" + failed +
-                                  ") after other ranks queued their work; the communicators were aborted",
+      runtime.break_and_abort("a stream-ordered '" + resources_->programs[0]->describe() + "' failed on the GPU (" +
+                                  failed + ") after other ranks queued their work; the communicators were aborted",
                               ErrorKind::kCuda);
     std::exception_ptr wait_error;  // the work is handed to the watchdog even when a wait failed
     try {
@@ -403,19 +444,19 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       // done with a rank's buffers when that rank's collective completes). Issued on this (the
       // caller's) thread, so that a legacy or per-thread default stream means the caller's.
       for (const CallerUse& use : call_streams) {
-        const CallerStream& c = caller_streams_[use.stream];
-        ScopedDevice on(c.device);
+        const CallerStream& caller = resources_->caller_streams[use.stream];
+        ScopedDevice on(caller.device);
         for (int rank : use.ranks)
-          MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(c.stream), done[rank].get(), 0));
+          MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(caller.stream), done[rank].get(), 0));
       }
     } catch (...) {
       wait_error = std::current_exception();
     }
-    runtime.add_in_flight(std::move(done), timeout, programs_[0]->describe());
+    runtime.add_in_flight(std::move(done), timeout, resources_->programs[0]->describe());
     if (wait_error) std::rethrow_exception(wait_error);
   };
   try {
-    run_checked_then_launched(runtime, check, launch, timeout, "infer");
+    run_checked_then_launched(runtime, std::move(check), std::move(launch), timeout, "infer");
   } catch (...) {
     if (stream_ordered) {
       try {
@@ -425,20 +466,22 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       }
     }
     // Outputs allocated for a call that failed are never handed over: freed once each rank's
-    // stream reached their allocation, given up where a stream is stuck (after a deadline).
+    // stream reached their allocation, given up where a stream is stuck (after a deadline). Not
+    // those of a rank given up on: its task may still be placing them.
     const Deadline soon = Deadline::after_seconds(runtime.broken() ? 0.0 : 1.0);
-    for (int i = 0; i < n; ++i) drop_unused_outputs(outputs[i], runtime.context(i).stream, soon);
+    for (int i = 0; i < n; ++i)
+      if (!runtime.abandoned(i)) drop_unused_outputs(c.outputs[i], runtime.context(i).stream, soon);
     throw;
   }
   if (stream_ordered) hand_over();
-  if (rendezvous && !rendezvous->failure.empty()) {
+  if (c.rendezvous && !c.rendezvous->failure.empty()) {
     // Every rank ran this call without graphs; later calls do too (a program that failed to capture
     // once would fail again on every new buffer).
     cuda_graphs_ = false;
-    graph_fallback_ = rendezvous->failure +
+    graph_fallback_ = c.rendezvous->failure +
                       "; every rank ran without CUDA graphs instead, and this runner does from now on";
   }
-  return results;
+  return std::move(c.results);
 }
 
 }  // namespace mdtrt

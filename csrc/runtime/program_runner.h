@@ -57,7 +57,7 @@ class ProgramRunner {
 
   Replication last_replication() const { return last_replication_; }
   std::vector<TensorSpec> input_specs(int local_index);
-  RankProgram& program(int local_index) { return *programs_.at(local_index); }
+  RankProgram& program(int local_index) { return *resources_->programs.at(local_index); }
   DeviceGroup& group() { return *group_; }
 
  private:
@@ -76,8 +76,9 @@ class ProgramRunner {
     RankGraph graph;
   };
   struct GraphRendezvous;
-  void enqueue_program(RankContext& ctx, RankBuffers& bufs, const std::vector<TensorView>& inputs,
-                       const std::vector<TensorView>& outputs, GraphRendezvous* rendezvous);
+  static void enqueue_program(RankContext& ctx, RankProgram& program, RankBuffers& bufs,
+                              const std::vector<TensorView>& inputs, const std::vector<TensorView>& outputs,
+                              GraphRendezvous* rendezvous);
   // A caller stream of one call (index into caller_streams_) and the local ranks that read or
   // write an array of it.
   struct CallerUse {
@@ -89,17 +90,27 @@ class ProgramRunner {
   std::vector<std::vector<int>> order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
                                                     const InferOptions& options, std::vector<CallerUse>& used);
 
-  std::shared_ptr<DeviceGroup> group_;
-  std::vector<std::shared_ptr<RankProgram>> programs_;
-  std::vector<std::vector<TensorSpec>> input_specs_;  // per local rank, read after bind
-  std::vector<RankBuffers> buffers_;
   // One event per caller stream seen (device, stream), reused across calls.
   struct CallerStream {
     int device;
     uintptr_t stream;
     CudaEvent ready;  // recorded on the stream once per call that uses it
   };
-  std::vector<CallerStream> caller_streams_;
+  // What the rank tasks use across calls, shared with them: a rank given up on at a deadline
+  // (RankRuntime::run_on_all) runs on after the call threw and this runner may be gone.
+  struct Resources {
+    std::vector<std::shared_ptr<RankProgram>> programs;
+    std::vector<RankBuffers> buffers;
+    std::vector<CallerStream> caller_streams;
+  };
+  // One call's state, shared the same way (defined in the .cpp).
+  struct Call;
+
+  std::shared_ptr<DeviceGroup> group_;
+  std::shared_ptr<Resources> resources_;
+  std::vector<std::vector<TensorSpec>> input_specs_;  // per local rank, read after bind
+  // The last call's state, reused by the next one unless a task given up on still holds it.
+  std::shared_ptr<Call> call_;
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers
   int abort_hook_ = -1;
   bool cuda_graphs_ = false;
@@ -124,6 +135,9 @@ class PreparedInfer {
   // shared by every rank are found by their addresses).
   std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
                                  std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
+  // Whether a rank of this call's group was given up on (RankRuntime::any_abandoned): the arrays
+  // of the run that failed then are never to be freed.
+  bool ranks_abandoned() const { return runner_->group().runtime().any_abandoned(); }
 
  private:
   // The prepared options with this run's outputs and mode.

@@ -27,8 +27,9 @@ struct RankContext {
   // TensorRT context) keeps a reference.
   std::shared_ptr<Communicator> world;
   // The same world, non-blocking: for collective set-up steps (splits) that must give up at the
-  // deadline instead of hanging when a rank is missing.
-  Communicator* world_nonblocking = nullptr;
+  // deadline instead of hanging when a rank is missing. Shared for the same reason as `world`, and
+  // so that a rank given up on inside a split keeps it (see RankRuntime::run_on_all).
+  std::shared_ptr<Communicator> world_nonblocking;
   Deadline deadline = Deadline::never();
 };
 

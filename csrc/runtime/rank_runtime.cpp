@@ -181,20 +181,21 @@ struct Completion {
 }  // namespace
 
 RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int world_size)
-    : devices_(std::move(devices)), ranks_(std::move(ranks)), world_size_(world_size) {
+    : devices_(std::move(devices)), ranks_(std::move(ranks)), world_size_(world_size),
+      grace_after_abort_seconds_(kGraceAfterAbortSeconds) {
   if (devices_.empty()) throw_invalid_argument("a rank runtime needs at least one rank");
   if (ranks_.size() != devices_.size()) throw_invalid_argument("one world rank per local device is needed");
   const RankRuntimeSettings settings = rank_runtime_settings();
   for (size_t i = 0; i < devices_.size(); ++i) {
     workers_.emplace_back(
         new RankWorker(static_cast<int>(i), devices_[i], settings.poll_micros, settings.high_priority_streams));
-    RankContext ctx;
-    ctx.local_index = static_cast<int>(i);
-    ctx.rank = ranks_[i];
-    ctx.world_size = world_size_;
-    ctx.device = devices_[i];
-    ctx.stream = workers_.back()->stream();
-    contexts_.push_back(ctx);
+    auto ctx = std::make_shared<RankContext>();
+    ctx->local_index = static_cast<int>(i);
+    ctx->rank = ranks_[i];
+    ctx->world_size = world_size_;
+    ctx->device = devices_[i];
+    ctx->stream = workers_.back()->stream();
+    contexts_.push_back(std::move(ctx));
   }
   spare_events_.resize(devices_.size());
 }
@@ -409,7 +410,7 @@ void RankRuntime::abort_all() {
   }
 }
 
-void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double timeout_seconds,
+void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds,
                              const std::string& what, bool sequential) {
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   {
@@ -423,18 +424,24 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
   const Deadline deadline = Deadline::after_seconds(timeout_seconds);
   const size_t n = workers_.size();
   auto completion = std::make_shared<Completion>(n);
-  auto task_fn = std::make_shared<std::function<void(RankContext&)>>(fn);
+  auto task_fn = std::make_shared<const std::function<void(RankContext&)>>(std::move(fn));
   std::vector<bool> posted(n, false);
   auto post = [&](size_t i) {
-    RankContext* ctx = &contexts_[i];
+    // Not owned by the task: the context outlives it (the runtime's, or kept alive with the
+    // worker when the task is given up on).
+    RankContext* ctx = contexts_[i].get();
     ctx->deadline = deadline;
-    workers_[i]->post([completion, task_fn, ctx, i] {
+    workers_[i]->post([completion, task_fn, ctx, i]() mutable {
       std::exception_ptr error;
       try {
         (*task_fn)(*ctx);
       } catch (...) {
         error = std::current_exception();
       }
+      // Let go of fn before reporting: the caller's reference is then the last, and what fn owns
+      // is destroyed on the caller's thread, never on this one (where a destructor that waits on
+      // the runtime would deadlock).
+      task_fn.reset();
       completion->finish(i, error);
     });
     posted[i] = true;
@@ -489,15 +496,23 @@ void RankRuntime::run_on_all(const std::function<void(RankContext&)>& fn, double
                ErrorKind::kGeneric);
     abort_all();
     // Give the aborted ranks a moment to unwind so their threads can be reused or joined.
-    const Deadline grace = Deadline::after_seconds(kGraceAfterAbortSeconds);
+    const Deadline grace = Deadline::after_seconds(grace_after_abort_seconds_);
     bool stuck = false;
-    stuck_.assign(n, false);
+    stuck_.resize(n, false);
     int expected = 0;
     for (size_t i = 0; i < n; ++i) expected += posted[i] ? 1 : 0;
     completion->wait_for(expected, grace.at(), /*interruptible=*/false);
     for (size_t i = 0; i < n; ++i) {
-      if (posted[i] && !completion->is_finished(i)) stuck = stuck_[i] = true;
+      if (posted[i] && !completion->is_finished(i)) {
+        // Given up on: its task may run fn on its context after this frame, the caller's and even
+        // this runtime are gone. The worker, leaked with it, keeps both (so the last reference to
+        // what fn owns is never dropped on the rank thread either).
+        stuck = stuck_[i] = true;
+        workers_[i]->keep_alive(task_fn);
+        workers_[i]->keep_alive(contexts_[i]);
+      }
     }
+    if (stuck) any_abandoned_.store(true, std::memory_order_release);
     if (interrupted) {
       throw Error(ErrorKind::kInterrupted,
                   "interrupted while waiting for '" + what + "'; communicators were aborted and this device group "

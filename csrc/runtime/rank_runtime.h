@@ -1,7 +1,9 @@
 // One worker thread per local rank, each bound to its GPU once, with its own non-blocking stream.
 // run_on_all() runs a function on every rank concurrently and waits with a deadline: the first
 // failure is re-raised with its rank; on the deadline the registered abort hooks run (they abort
-// communicators, unblock programs) and the error names the ranks that did not finish.
+// communicators, unblock programs) and the error names the ranks that did not finish. A rank still
+// inside its task after a grace is given up on and left running: its task owns (shared) all it
+// touches, so nothing is freed under it (see run_on_all).
 #pragma once
 
 #include <atomic>
@@ -57,6 +59,10 @@ class RankWorker {
   // Leaves the thread running forever (it is stuck in a task that ignored abort); used so that a
   // destructor never blocks on a thread that cannot finish.
   void abandon();
+  // Keeps `state` alive as long as this worker: what a task given up on (stuck past the abort's
+  // grace) still references. Its owner then leaks the worker, so the state is never destroyed,
+  // neither under the task nor on its thread (a destructor there could wait on the runtime).
+  void keep_alive(std::shared_ptr<const void> state) { kept_alive_.push_back(std::move(state)); }
 
  private:
   void loop();
@@ -73,6 +79,7 @@ class RankWorker {
   bool stopping_ = false;
   std::thread thread_;
   std::promise<void> started_;
+  std::vector<std::shared_ptr<const void>> kept_alive_;  // only by the owner's thread (see keep_alive)
 };
 
 class RankRuntime {
@@ -82,7 +89,7 @@ class RankRuntime {
   ~RankRuntime();
 
   int num_local_ranks() const { return static_cast<int>(workers_.size()); }
-  RankContext& context(int local_index) { return contexts_.at(local_index); }
+  RankContext& context(int local_index) { return *contexts_.at(local_index); }
   const std::vector<int>& devices() const { return devices_; }
   const std::vector<int>& ranks() const { return ranks_; }
   int world_size() const { return world_size_; }
@@ -90,8 +97,22 @@ class RankRuntime {
   // Runs fn(context) on every local rank's thread; all at once, or one after another when
   // `sequential` (only for proving that collective set-up deadlocks without concurrency).
   // `what` names the step in errors ("bind", "infer").
-  void run_on_all(const std::function<void(RankContext&)>& fn, double timeout_seconds, const std::string& what,
+  // A rank that ignores the abort past a grace is given up on and left running (abandoned(i)):
+  // `fn` must therefore own (shared, by value) everything it touches, never reference the
+  // caller's frame, which is gone by the time that rank returns. `fn` and the rank's context are
+  // kept alive forever for it; on every other path `fn` is destroyed on the caller's thread.
+  void run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds, const std::string& what,
                   bool sequential = false);
+  // Whether local rank i was given up on by a run_on_all that timed out (still inside its task):
+  // the caller must not touch what that rank's task may still write.
+  bool abandoned(int local_index) const {
+    return static_cast<size_t>(local_index) < stuck_.size() && stuck_[local_index];
+  }
+  // Whether any rank was given up on (from any thread): what the caller lent that call (its arrays)
+  // may still be read or written by that rank, and must never be freed.
+  bool any_abandoned() const { return any_abandoned_.load(std::memory_order_acquire); }
+  // Test-only: how long a timed-out run_on_all waits for aborted ranks before giving up on them.
+  void set_abort_grace_for_testing(double seconds) { grace_after_abort_seconds_ = seconds; }
 
   // Hooks run (once each, from the waiting thread) when a deadline passes.
   int add_abort_hook(std::function<void()> hook);
@@ -150,7 +171,8 @@ class RankRuntime {
   std::vector<int> ranks_;
   int world_size_;
   std::vector<std::unique_ptr<RankWorker>> workers_;
-  std::vector<RankContext> contexts_;
+  // Shared: an abandoned rank's task keeps its context (kept alive by its leaked worker).
+  std::vector<std::shared_ptr<RankContext>> contexts_;
   std::mutex hooks_mutex_;
   std::vector<std::pair<int, std::function<void()>>> abort_hooks_;
   int next_hook_id_ = 0;
@@ -164,6 +186,8 @@ class RankRuntime {
   std::thread watchdog_;
   bool stopping_watchdog_ = false;  // guarded by in_flight_mutex_
   std::vector<bool> stuck_;  // workers whose task ignored an abort: never joined
+  std::atomic<bool> any_abandoned_{false};
+  double grace_after_abort_seconds_;
   std::mutex run_mutex_;  // one run_on_all at a time: ranks must see steps in the same order
   std::mutex submission_mutex_;  // see lock_submission(); taken before run_mutex_
 };

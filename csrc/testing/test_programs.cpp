@@ -89,26 +89,109 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
   std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
   for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
   RankRuntime runtime(devices, ranks, num_ranks);
-  std::unique_ptr<std::atomic<bool>[]> launched(new std::atomic<bool>[num_ranks]);
+  // Shared with the tasks, like every caller's state (see RankRuntime::run_on_all).
+  std::shared_ptr<std::atomic<bool>[]> launched(new std::atomic<bool>[num_ranks]);
   for (int i = 0; i < num_ranks; ++i) launched[i] = false;
   std::string error;
   try {
     run_checked_then_launched(
       runtime,
-      [&](RankContext& ctx) {
+      [fail_rank, slow_check_seconds](RankContext& ctx) {
         if (ctx.rank != fail_rank) return;
         if (slow_check_seconds > 0)
           std::this_thread::sleep_for(std::chrono::duration<double>(slow_check_seconds));
         else
           throw_invalid_argument("injected bad argument");
       },
-      [&](RankContext& ctx) { launched[ctx.local_index] = true; }, timeout, "infer");
+      [launched](RankContext& ctx) { launched[ctx.local_index] = true; }, timeout, "infer");
   } catch (const std::exception& e) {
     error = e.what();
   }
   std::vector<bool> out(num_ranks);
   for (int i = 0; i < num_ranks; ++i) out[i] = launched[i];
   return {out, error};
+}
+
+namespace {
+std::atomic<int> late_tasks_returned{0};
+std::atomic<int> late_tasks_intact{0};
+
+// What the tasks of run_abandoned_rank_test's step write; the stuck rank writes it after the step
+// gave that rank up and the caller returned, so it must be owned by the task.
+struct LateWrites {
+  static constexpr uint64_t kCanary = 0x6d64747274756166ULL;
+  LateWrites(int num_ranks, int stuck_rank, double stuck_seconds)
+      : num_ranks(num_ranks), stuck_rank(stuck_rank), stuck_seconds(stuck_seconds), results(num_ranks),
+        notes(num_ranks) {}
+  // Rank ctx's part: the stuck rank sleeps first, ignoring the abort; each writes its result; the
+  // stuck one then checks what it still reads (this object, its context: the runtime is gone).
+  void run(const RankContext& ctx) {
+    const bool stuck = ctx.rank == stuck_rank;
+    if (stuck) std::this_thread::sleep_for(std::chrono::duration<double>(stuck_seconds));
+    results[ctx.local_index] = kCanary ^ static_cast<uint64_t>(ctx.rank);
+    notes[ctx.local_index] =
+        "rank " + std::to_string(ctx.rank) + " of " + std::to_string(ctx.world_size) + " wrote its result late";
+    if (!stuck) return;
+    const bool intact = canary == kCanary && ctx.local_index == stuck_rank && ctx.rank == stuck_rank &&
+                        ctx.world_size == num_ranks && ctx.device == -1 &&
+                        results[ctx.local_index] == (kCanary ^ static_cast<uint64_t>(stuck_rank));
+    late_tasks_intact.fetch_add(intact ? 1 : 0);
+    late_tasks_returned.fetch_add(1);
+  }
+
+  uint64_t canary = kCanary;
+  int num_ranks;
+  int stuck_rank;
+  double stuck_seconds;
+  std::vector<uint64_t> results;
+  std::vector<std::string> notes;  // heap memory the late task rewrites
+};
+
+// A program whose bind is LateWrites::run, owned only by the caller's list of programs.
+class StubbornBindProgram : public NoIoProgram {
+ public:
+  StubbornBindProgram(int num_ranks, int stuck_rank, double stuck_seconds)
+      : writes_(num_ranks, stuck_rank, stuck_seconds) {}
+  std::string describe() const override { return "stubborn bind test program"; }
+  void bind(RankContext& ctx) override { writes_.run(ctx); }
+
+ private:
+  LateWrites writes_;
+};
+}  // namespace
+
+std::string run_abandoned_rank_test(int num_ranks, int stuck_rank, double stuck_seconds, double timeout,
+                                    double grace_seconds, const std::string& step) {
+  if (step != "launch" && step != "bind") throw_invalid_argument("unknown step " + step + " (launch or bind)");
+  std::string error;
+  {
+    std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+    for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+    RankRuntime runtime(devices, ranks, num_ranks);
+    runtime.set_abort_grace_for_testing(grace_seconds);
+    try {
+      if (step == "launch") {
+        auto writes = std::make_shared<LateWrites>(num_ranks, stuck_rank, stuck_seconds);
+        run_checked_then_launched(
+            runtime, [](RankContext&) {}, [writes](RankContext& ctx) { writes->run(ctx); }, timeout, "infer");
+      } else {
+        const std::vector<std::shared_ptr<RankProgram>> programs(
+            num_ranks, std::make_shared<StubbornBindProgram>(num_ranks, stuck_rank, stuck_seconds));
+        bind_programs(runtime, programs, timeout, /*sequential=*/false);
+      }
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  }  // the runtime goes here (and the programs), leaving the stuck rank's thread running
+  return error;
+}
+
+std::pair<int, int> abandoned_rank_report() { return {late_tasks_returned.load(), late_tasks_intact.load()}; }
+
+void StubbornCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+                                  const std::vector<TensorView>& outputs) {
+  if (ctx.rank == stuck_rank_) std::this_thread::sleep_for(std::chrono::duration<double>(seconds_));
+  CopyProgram::enqueue(ctx, inputs, outputs);
 }
 
 std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {

@@ -111,11 +111,38 @@ class AlignedCopyProgram : public CopyProgram {
                const std::vector<TensorView>& outputs) override;
 };
 
+// A copy whose enqueue on world rank `stuck_rank` first sleeps `seconds`, ignoring the abort (as a
+// driver call that never returns would): the runner gives that rank up and throws while its task
+// still runs, then the task returns into the call's state (tests that it owns what it touches).
+class StubbornCopyProgram : public CopyProgram {
+ public:
+  StubbornCopyProgram(DType dtype, int stuck_rank, double seconds)
+      : CopyProgram(dtype), stuck_rank_(stuck_rank), seconds_(seconds) {}
+  std::string describe() const override { return "stubborn copy test program"; }
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+
+ private:
+  int stuck_rank_;
+  double seconds_;
+};
+
 // Runs the check-then-launch step of a call (runtime/call_barrier.h) on `num_ranks` CPU-only rank
 // threads: the check fails on `fail_rank` (-1: none), or sleeps `slow_check_seconds` there first.
 // Returns, per rank, whether its launch ran, and the call's error message ("" when it succeeded).
 std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
                                                                   double slow_check_seconds, double timeout);
+
+// A step on `num_ranks` CPU-only rank threads ("launch": a check-then-launch call; "bind":
+// bind_programs of a program the caller's list alone owns) whose task on `stuck_rank` ignores the
+// abort: it sleeps `stuck_seconds`, past the deadline (`timeout`) and the runtime's grace after the
+// abort (`grace_seconds`), so the step gives that rank up and throws, and the runtime (and the
+// caller's programs) go. The task then returns, writes its result into the state it shares and
+// checks what it still reads (that state, its rank context). Returns the step's error message.
+std::string run_abandoned_rank_test(int num_ranks, int stuck_rank, double stuck_seconds, double timeout,
+                                    double grace_seconds, const std::string& step);
+// The late tasks of run_abandoned_rank_test so far: (returned, found their state and context intact).
+std::pair<int, int> abandoned_rank_report();
 
 // Binds `program` ("barrier": a CPU barrier across ranks; "fail": fails on `fail_rank`) on
 // `num_ranks` CPU-only rank threads, one after another when `sequential`, within `timeout` seconds.

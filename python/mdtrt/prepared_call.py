@@ -11,6 +11,12 @@ from .arrays import ArrayRef, host_output, torch_output_factory, wrap_device_out
 from .errors import InvalidArgumentError
 
 
+# The arrays of runs that a rank was given up on in (its task ignored the abort past the grace, and
+# may still read or write them after the run raised): kept for the life of the process, never freed
+# under that rank. Only calls of a group that cannot be used any more add to it.
+_HELD_FOR_GIVEN_UP_RANKS: list = []
+
+
 class KeptCalls(OrderedDict):
     """The prepared calls the one-shot entry points keep, one per argument signature: the ``limit``
     most recently used."""
@@ -180,13 +186,22 @@ class PreparedCall:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
         out = self._new_out() if self._new_out is not None else self._out
         ordered = self._ordered(out)
-        if self._new_out is None and not ordered:
-            results = self._call()  # outputs, if any, were given when the call was prepared
-        else:
-            native_out = (self._out_native if self._new_out is None else
-                          [[ref.as_output(name) for name, ref in given.items()] for given in out])
-            results = self._call(native_out, True) if ordered else self._call(native_out)
+        try:
+            if self._new_out is None and not ordered:
+                results = self._call()  # outputs, if any, were given when the call was prepared
+            else:
+                native_out = (self._out_native if self._new_out is None else
+                              [[ref.as_output(name) for name, ref in given.items()] for given in out])
+                results = self._call(native_out, True) if ordered else self._call(native_out)
+        except BaseException:
+            self._hold_if_given_up(self._refs, out)
+            raise
         return self._wrap(results, self._refs, out)
+
+    def _hold_if_given_up(self, refs, out) -> None:
+        """After a run raised: keeps its arrays forever when a rank was given up on in it."""
+        if self._call.ranks_abandoned:
+            _HELD_FOR_GIVEN_UP_RANKS.append((refs, out))
 
     def _ordered(self, out) -> bool:
         """Whether a run with these outputs is stream-ordered (see ``stream_ordered``)."""
@@ -231,8 +246,12 @@ class PreparedCall:
                                 if first and first[0].kind == "torch" else None)
         outputs = ([[(name, ref.ptr, ref.nbytes, ref.device, ref.stream) for name, ref in given.items()] for given in out]
                    if out else [])
-        results = (self._call.run_at(addresses, outputs, True) if self._ordered(out)
-                   else self._call.run_at(addresses, outputs))
+        try:
+            results = (self._call.run_at(addresses, outputs, True) if self._ordered(out)
+                       else self._call.run_at(addresses, outputs))
+        except BaseException:
+            self._hold_if_given_up(per_rank_refs, out)
+            raise
         names = self._output_names
         if out and names is not None and all(len(given) == len(names) for given in out):
             try:  # every output was given: nothing of the native result is needed

@@ -1,0 +1,107 @@
+"""A rank whose enqueue ignores the abort past the grace, on real GPUs: the call raises at its
+deadline, the runner and group go, and the rank's task returns later into the call's state, which
+it owns (staging and output buffers, results, stream-ordered events), and the call's arrays are
+kept for the life of the process (the rank may still read or write them). The process must stay
+healthy: a fresh group on the same GPUs computes correct results afterwards. In a subprocess: the
+stuck thread stays behind, and a use-after-free would take the process down."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mdtrt import _core
+
+pytestmark = pytest.mark.gpu
+
+SCRIPT = """
+import gc, sys, time
+import numpy as np
+import mdtrt
+from mdtrt import _core
+
+mode = sys.argv[1]
+gpus = list(range(min(2, _core.visible_gpu_count())))
+group = mdtrt.DeviceGroup(gpus, timeout=30)
+_core.testing.set_abort_grace(group._native, 0.2)
+# Rank 0's enqueue sleeps 2 s on the host, ignoring the abort: it is given up on after the 0.5 s
+# deadline and the 0.2 s grace, and enqueues its copy and writes its results ~1.3 s after the raise.
+runner = mdtrt.EngineRunner(group, program=_core.testing.StubbornCopyProgram("float32", 0, 2.0))
+if mode == "host":
+    x = np.arange(1 << 20, dtype=np.float32)
+    run = lambda timeout: runner.infer({"input": x}, all_ranks=True, timeout=timeout)
+else:
+    import torch
+    xs = [torch.arange(1 << 20, dtype=torch.float32, device=f"cuda:{g}") for g in gpus]
+    outs = [torch.zeros(1 << 20, device=f"cuda:{g}") for g in gpus]
+    run = lambda timeout: runner.infer([{"input": x} for x in xs], outputs={"output": outs}, timeout=timeout,
+                                       stream_ordered=True)
+# Within a long deadline first (rank 0 takes 2 s): right results, and the next call reuses its state.
+results = run(30)
+if mode == "host":
+    assert all(np.array_equal(r["output"], x) for r in results)
+else:
+    for g in gpus:
+        torch.cuda.synchronize(g)
+    assert all(torch.equal(o, x) for o, x in zip(outs, xs))
+    for o in outs:
+        o.zero_()
+print("first call right", flush=True)
+start = time.monotonic()
+try:
+    run(0.5)
+    print("NO ERROR", flush=True)
+except mdtrt.RankTimeoutError as e:
+    print(f"raised after {time.monotonic() - start:.2f} s: {e}", flush=True)
+from mdtrt import prepared_call
+print("arrays held:", len(prepared_call._HELD_FOR_GIVEN_UP_RANKS), flush=True)  # rank 0 may still use them
+if mode == "stream":
+    torch.cuda.synchronize()  # the events handed over for the rank given up on are recorded
+    print("streams free", flush=True)
+try:
+    group.synchronize()
+except mdtrt.MdtrtError as e:
+    print(f"group broken: {type(e).__name__}", flush=True)
+del runner
+group.close()
+del group
+gc.collect()
+# The stuck rank returns meanwhile and writes into the call's state; churn the heap around it.
+junk = []
+deadline = time.monotonic() + 3.0
+while time.monotonic() < deadline:
+    junk.append([bytearray(256) for _ in range(1000)])
+    if len(junk) > 40:
+        junk.clear()
+    time.sleep(0.01)
+# A fresh group on the same GPUs works and computes the right thing.
+with mdtrt.DeviceGroup(gpus, timeout=30) as fresh:
+    copy = mdtrt.EngineRunner(fresh, program=_core.testing.CopyProgram("float32"))
+    for trial in range(5):
+        y = np.random.default_rng(trial).standard_normal(4096).astype(np.float32)
+        outs = copy.infer({"input": y}, all_ranks=True)
+        assert all(np.array_equal(o["output"], y) for o in outs), trial
+print("OK", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["host", "stream"])
+def test_a_rank_given_up_on_in_its_enqueue_leaves_the_process_healthy(mode):
+    if mode == "stream":
+        pytest.importorskip("torch")
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True,
+                            timeout=180)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "first call right" in result.stdout, out
+    assert "raised after" in result.stdout and re.search(r"rank\(s\) 0(, 1)? did not finish 'infer'", result.stdout), out
+    assert "abandoned" in result.stdout, out
+    assert "arrays held: 1" in result.stdout, out
+    assert "group broken" in result.stdout, out
+    assert result.stdout.rstrip().endswith("OK"), out
+    assert _core.visible_gpu_count() >= 1
