@@ -396,11 +396,11 @@ def test_time_infer_times_complete_calls(monkeypatch):
 
 
 class GivenUpCall:
-    """A prepared native call whose runs raise as a timed-out one does; `ranks_abandoned`: a rank
-    was given up on in it."""
+    """A prepared native call whose runs raise as a timed-out one does; `arrays_may_be_in_use`: a
+    rank was given up on in it, or the group broke with its work queued."""
 
     def __init__(self, abandoned):
-        self.ranks_abandoned = abandoned
+        self.arrays_may_be_in_use = abandoned
 
     def __call__(self, *args):
         raise RuntimeError("rank(s) 0 did not finish 'infer'")
@@ -432,7 +432,7 @@ def test_arrays_of_a_run_a_rank_was_given_up_in_are_never_freed(abandoned, entry
     alive = weakref.ref(x)
     refs = [describe(x)]
     call = PreparedCall(native, [refs, refs], fetch_all=True)
-    held_before = len(prepared_call._HELD_FOR_GIVEN_UP_RANKS)
+    held_before = len(prepared_call._HELD_FOR_UNFINISHED_WORK)
     with pytest.raises(RuntimeError, match="did not finish"):
         if entry == "call":
             call()
@@ -441,4 +441,4 @@ def test_arrays_of_a_run_a_rank_was_given_up_in_are_never_freed(abandoned, entry
     del x, refs, call
     gc.collect()
     assert (alive() is not None) == abandoned
-    assert len(prepared_call._HELD_FOR_GIVEN_UP_RANKS) == held_before + (1 if abandoned else 0)
+    assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held_before + (1 if abandoned else 0)

@@ -292,9 +292,9 @@ void bind_runtime(py::module_& m) {
           "rank i's inputs as (pointer, producer stream); outputs[i] local rank i's preallocated outputs as "
           "(name, pointer, bytes, device, caller stream) (empty lists: the runner allocates them); "
           "stream_ordered: return once the call is queued, its caller streams waiting for it.")
-      .def_property_readonly("ranks_abandoned", &PreparedInfer::ranks_abandoned,
-                             "Whether a rank of the group was given up on after a deadline, still inside a "
-                             "call: the arrays of the call that failed then must never be freed.");
+      .def_property_readonly("arrays_may_be_in_use", &PreparedInfer::arrays_may_be_in_use,
+                             "After a run raised: whether work of it may still use its arrays (a rank was given "
+                             "up on, or the group broke with work queued): they must never be freed then.");
 }
 
 }  // namespace mdtrt::bindings

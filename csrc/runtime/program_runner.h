@@ -135,9 +135,14 @@ class PreparedInfer {
   // shared by every rank are found by their addresses).
   std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
                                  std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
-  // Whether a rank of this call's group was given up on (RankRuntime::any_abandoned): the arrays
-  // of the run that failed then are never to be freed.
-  bool ranks_abandoned() const { return runner_->group().runtime().any_abandoned(); }
+  // Whether a run that failed may leave work that still uses its arrays: a rank of the group was
+  // given up on (RankRuntime::any_abandoned), or the group broke (a deadline, an interrupt, a
+  // failure on a GPU: kernels already queued by a blocking call, an engine's or a copy, are not
+  // ended by aborting the communicators). The arrays of that run are then never to be freed.
+  bool arrays_may_be_in_use() const {
+    const RankRuntime& runtime = runner_->group().runtime();
+    return runtime.any_abandoned() || runtime.broken();
+  }
 
  private:
   // The prepared options with this run's outputs and mode.

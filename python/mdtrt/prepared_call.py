@@ -11,10 +11,13 @@ from .arrays import ArrayRef, host_output, torch_output_factory, wrap_device_out
 from .errors import InvalidArgumentError
 
 
-# The arrays of runs that a rank was given up on in (its task ignored the abort past the grace, and
-# may still read or write them after the run raised): kept for the life of the process, never freed
-# under that rank. Only calls of a group that cannot be used any more add to it.
-_HELD_FOR_GIVEN_UP_RANKS: list = []
+# The arrays of failed runs whose work may still read or write them after the run raised (a rank
+# given up on, its task having ignored the abort past the grace; kernels a blocking call queued
+# before its group broke at a deadline or on a GPU failure, which aborting the communicators does
+# not end): kept for the life of the process, so that torch's caching allocator never hands their
+# memory to someone else under that work. Only calls of a group that cannot be used any more add
+# to it.
+_HELD_FOR_UNFINISHED_WORK: list = []
 
 
 class KeptCalls(OrderedDict):
@@ -194,14 +197,14 @@ class PreparedCall:
                               [[ref.as_output(name) for name, ref in given.items()] for given in out])
                 results = self._call(native_out, True) if ordered else self._call(native_out)
         except BaseException:
-            self._hold_if_given_up(self._refs, out)
+            self._hold_if_in_use(self._refs, out)
             raise
         return self._wrap(results, self._refs, out)
 
-    def _hold_if_given_up(self, refs, out) -> None:
-        """After a run raised: keeps its arrays forever when a rank was given up on in it."""
-        if self._call.ranks_abandoned:
-            _HELD_FOR_GIVEN_UP_RANKS.append((refs, out))
+    def _hold_if_in_use(self, refs, out) -> None:
+        """After a run raised: keeps its arrays forever when work of it may still use them."""
+        if self._call.arrays_may_be_in_use:
+            _HELD_FOR_UNFINISHED_WORK.append((refs, out))
 
     def _ordered(self, out) -> bool:
         """Whether a run with these outputs is stream-ordered (see ``stream_ordered``)."""
@@ -250,7 +253,7 @@ class PreparedCall:
             results = (self._call.run_at(addresses, outputs, True) if self._ordered(out)
                        else self._call.run_at(addresses, outputs))
         except BaseException:
-            self._hold_if_given_up(per_rank_refs, out)
+            self._hold_if_in_use(per_rank_refs, out)
             raise
         names = self._output_names
         if out and names is not None and all(len(given) == len(names) for given in out):
