@@ -191,3 +191,8 @@ def render_all(results: dict, out_dir: str) -> dict:
                 files[f"{key}_error"] = None
                 print(f"plot {key} failed: {type(error).__name__}: {error}", file=sys.stderr)
     return {k: v for k, v in files.items() if v}
+
+
+if __name__ == "__main__":
+    sys.exit("plots.py is a module: draw the plots with "
+             "`python benchmarks/report.py results/results.json --markdown BENCHMARKS.md --render-plots`")

@@ -652,9 +652,17 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     results = bl.read_json(args.results)
     if args.render_plots:
+        try:
+            import matplotlib  # noqa: F401 - only to fail before anything is written
+        except ImportError:
+            print("report.py: --render-plots needs matplotlib (pip install matplotlib, or pip install '.[bench]'); "
+                  "nothing was written", file=sys.stderr)
+            return 2
         import plots
 
-        results["plots"] = plots.render_all(results, os.path.dirname(os.path.abspath(args.results)))
+        drawn = plots.render_all(results, os.path.dirname(os.path.abspath(args.results)))
+        # Plots drawn now replace their own entries; a plot that failed keeps the one it had.
+        results["plots"] = {**(results.get("plots") or {}), **drawn}
         bl.write_json(args.results, results)
     text = render_markdown(results, args.markdown, args.results)
     with open(args.markdown, "w") as f:

@@ -29,7 +29,7 @@ def test_device_group_gpus(gpus, match):
 
 @pytest.mark.parametrize("timeout", ["60", 0, -1, None, True, float("nan"), float("inf")])
 def test_device_group_timeout(timeout):
-    with pytest.raises(mdtrt.InvalidArgumentError, match="timeout must be a positive number of seconds"):
+    with pytest.raises(mdtrt.InvalidArgumentError, match="timeout must be a positive, finite number of seconds"):
         mdtrt.DeviceGroup(gpus=[0], timeout=timeout)
 
 
@@ -134,8 +134,8 @@ def stub_runner() -> EngineRunner:
     ({"inputs": [{"input": np.ones(2, np.float32)}]}, "one dict per local rank: got 1 for 2"),
     ({"all_ranks": "yes"}, "all_ranks must be True or False"),
     ({"poison_outputs": 0}, "poison_outputs must be True or False"),
-    ({"timeout": 0}, "timeout must be a positive number of seconds"),
-    ({"timeout": "5"}, "timeout must be a positive number of seconds"),
+    ({"timeout": 0}, "timeout must be a positive, finite number of seconds"),
+    ({"timeout": "5"}, "timeout must be a positive, finite number of seconds"),
     ({"replication": "fast"}, "replication must be one of"),
     ({"outputs": [np.ones(2)]}, "outputs must be a dict of output name to a list of device arrays"),
     ({"outputs": {"output": [np.ones(2)]}}, r"outputs\['output'\] needs one array per local rank: got 1 for 2"),

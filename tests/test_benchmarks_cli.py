@@ -521,3 +521,24 @@ def test_report_shows_the_per_call_spread_at_large_sizes(bench_modules):
         for p in coll["ours"]["series"][op]:
             p.pop("p10_us")
     assert report.percall_spread_section(coll) == ""
+
+
+def test_render_plots_without_matplotlib_writes_nothing(bench_modules, tmp_path):
+    """--render-plots on a machine without matplotlib: one line and exit 2, the results file (and
+    the plot list it carries) left as it was."""
+    bl = bench_modules["benchlib"]
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed here")
+    except ImportError:
+        pass
+    results = synthetic_results(bl)
+    results["plots"] = {"fanout": "fanout.png"}
+    json_path = tmp_path / "results.json"
+    json_path.write_text(json.dumps(results))
+    before = json_path.read_text()
+    md_path = tmp_path / "BENCHMARKS.md"
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "report.py"), str(json_path), "--markdown", str(md_path),
+                        "--render-plots"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "needs matplotlib" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert json_path.read_text() == before and not md_path.exists()

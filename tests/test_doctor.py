@@ -168,3 +168,26 @@ def test_doctor_says_a_bad_setting_stops_groups(name, value):
     assert name in report["runtime"]["error"] and f"'{value}'" in report["runtime"]["error"]
     assert not report["can_run_multi_device"] and out.returncode == 1
     assert any(r.startswith("device groups cannot be created") and name in r for r in report["reasons"])
+
+
+def test_doctor_reports_the_onnx_parser_beside_tensorrt(trt_double, tmp_path):
+    """With TensorRT found (the test double), doctor says whether TensorRT's ONNX parser is found,
+    and a parser named by MDTRT_ONNXPARSER_LIBRARY that does not exist is reported with the path."""
+    missing = str(tmp_path / "libnvonnxparser.so.11")
+    env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=trt_double, MDTRT_ONNXPARSER_LIBRARY=missing)
+    out = subprocess.run([sys.executable, "-m", "mdtrt", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    trt = json.loads(out.stdout)["tensorrt"]
+    assert trt["library_found"], trt
+    parser = trt["onnx_parser"]
+    assert set(parser) == {"found", "path", "found_by", "note", "error"}
+    assert not parser["found"] and missing in parser["error"], parser
+    text = subprocess.run([sys.executable, "-m", "mdtrt", "doctor"], capture_output=True, text=True, timeout=120,
+                          env=env).stdout
+    assert "ONNX parser not found" in text and "MDTRT_ONNXPARSER_LIBRARY" in text, text
+
+
+def test_doctor_json_has_the_onnx_parser_key_without_tensorrt():
+    out = run_doctor("--json")
+    parser = json.loads(out.stdout)["tensorrt"]["onnx_parser"]
+    assert set(parser) == {"found", "path", "found_by", "note", "error"}

@@ -122,7 +122,7 @@ def test_polling_rank_threads_run_calls_and_stop_at_once():
     assert float(result.stdout.strip()) < 3.0, result.stdout
 
 
-@pytest.mark.parametrize("value", ["abc", "-1", "100001", "10us"])
+@pytest.mark.parametrize("value", ["abc", "-1", "100001", "10us", " 50", "+50"])
 def test_bad_rank_poll_interval_is_a_clear_error(value):
     code = ("import mdtrt\n"
             "from mdtrt import _core\n"

@@ -87,6 +87,7 @@ def test_help_documents_every_option_and_both_launch_styles():
     for launch in ["--gpus 0,1,2,3", "TRT_MY_RANK", "TRT_WORLD_SIZE", "TRT_NCCL_ID_FILE", "mpirun", "srun"]:
         assert launch in text, f"--help does not show {launch}"
     assert "MDTRT_NCCL_LIBRARY" in text and "nvidia-nccl-cu13" in text  # how NCCL is found
+    assert "MDTRT_TENSORRT_LIBRARY" in text and "tensorrt_libs" in text  # how TensorRT is found
     assert "busbw" in text
 
 
@@ -98,8 +99,9 @@ def test_help_documents_every_option_and_both_launch_styles():
         (["--op", "all", "--gpus", "0,0"], "lists GPU 0 twice"),
         (["--op", "all", "--gpus", "0"], "at least 2 GPUs"),
         (["--op", "all", "--gpus", "0,x"], "--gpus takes"),
-        (["--op", "all", "--gpus", "0,1", "--rows", "0"], "--rows must be at least 1"),
-        (["--op", "all", "--gpus", "0,1", "--cols", "-3"], "--cols must be at least 1"),
+        (["--op", "all", "--gpus", "0,1", "--rows", "0"], "--rows must be from 1 to 268435456 (2^28); got 0"),
+        (["--op", "all", "--gpus", "0,1", "--cols", "-3"], "--cols must be from 1 to 268435456 (2^28); got -3"),
+        (["--op", "all", "--gpus", "0,1", "--cols", "300000000"], "--cols must be from 1 to 268435456 (2^28); got 300000000"),
         (["--op", "all", "--gpus", "0,1", "--dtype", "int8"], "unknown --dtype 'int8'"),
         (["--op", "all", "--gpus", "0,1", "--reduce", "mean"], "unknown --reduce 'mean'"),
         (["--op", "all", "--gpus", "0,1", "--groups", "0,2"], "--groups lists rank 2, outside the world of 2"),
@@ -187,6 +189,21 @@ def test_backend_auto_picks_nccl_when_only_the_lean_runtime_is_there(tmp_path):
     full = _fake_tensorrt(tmp_path / "full", builder=True)
     p = _run(["--op", "all_reduce", "--gpus", "0,1"], _env(CUDA_VISIBLE_DEVICES="", MDTRT_TENSORRT_LIBRARY=full))
     assert "using --backend nccl" not in p.stdout, _output(p)  # a full TensorRT keeps auto on trt
+
+
+def test_a_named_tensorrt_library_that_does_not_load_is_an_error(tmp_path):
+    """MDTRT_TENSORRT_LIBRARY names the library the user wants: if it does not load, auto does not
+    silently fall back to the NCCL backend (as a bad MDTRT_NCCL_LIBRARY is an error too)."""
+    if "This build has no TensorRT backend" in _run(["--help"]).stdout:
+        pytest.skip("this build has no TensorRT backend")
+    missing = str(tmp_path / "nope" / "libnvinfer.so.11")
+    p = _run(["--op", "all_reduce", "--gpus", "0,1"], _env(CUDA_VISIBLE_DEVICES="", MDTRT_TENSORRT_LIBRARY=missing))
+    assert p.returncode == 3, _output(p)
+    assert "MDTRT_TENSORRT_LIBRARY: TensorRT could not be loaded" in p.stderr and missing in p.stderr, _output(p)
+    assert "using --backend nccl" not in p.stdout
+    p = _run(["--op", "all_reduce", "--gpus", "0,1", "--backend", "nccl"],
+             _env(CUDA_VISIBLE_DEVICES="", MDTRT_TENSORRT_LIBRARY=missing))
+    assert "MDTRT_TENSORRT_LIBRARY" not in p.stderr and "no CUDA GPU is visible" in p.stderr, _output(p)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ int worker_poll_micros() {
   if (env == nullptr || *env == '\0') return kSpin ? 100 : 0;
   char* end = nullptr;
   const long value = std::strtol(env, &end, 10);
-  if (*end != '\0' || value < 0 || value > kMaxWorkerPollMicros)
+  // Digits only (strtol would take leading blanks and a sign), as MDTRT_STREAM_PRIORITY takes its words only.
+  if (env[0] < '0' || env[0] > '9' || *end != '\0' || value < 0 || value > kMaxWorkerPollMicros)
     throw_invalid_argument("MDTRT_RANK_POLL_US must be a whole number of microseconds from 0 to " +
                            std::to_string(kMaxWorkerPollMicros) + " (0: idle rank threads sleep until woken), not '" +
                            env + "'; unset it for the default");

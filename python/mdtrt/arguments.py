@@ -28,7 +28,7 @@ def fail(name: str, expected: str, value: Any) -> InvalidArgumentError:
     name : str
         The argument as the caller wrote it ("gpus", "timeout", "inputs['x']").
     expected : str
-        What it must be, in words ("a positive number of seconds").
+        What it must be, in words ("a positive, finite number of seconds").
     value : object
         What was given; its repr (cut at 60 characters) and type go into the message.
 
@@ -125,7 +125,7 @@ def seconds(value: Any, name: str = "timeout") -> float:
         ``value`` is not a real number, is <= 0, NaN or infinite.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
-        raise fail(name, "a positive number of seconds", value)
+        raise fail(name, "a positive, finite number of seconds", value)
     return float(value)
 
 

@@ -57,7 +57,7 @@ def _found_by_text(nccl: dict) -> str:
     return f"found by {nccl['found_by']}"
 
 
-_TENSORRT_KEYS = ("library_found", "path", "version", "found_by", "lean", "error", "attempts")
+_TENSORRT_KEYS = ("library_found", "path", "version", "found_by", "lean", "error", "attempts", "onnx_parser")
 
 
 def _tensorrt_report(build: dict) -> dict:
@@ -237,6 +237,14 @@ def format_text(report: dict) -> str:
                          "version_compatible=True (embedded lean runtime: allow_host_code=True)")
     else:
         lines.extend("           " + line for line in _hanging(f"library not found: {trt.get('error', '')}", "  "))
+    parser = trt.get("onnx_parser") or {}
+    if parser.get("found"):
+        lines.append(f"           ONNX parser at {parser['path']} (found by {parser['found_by']})"
+                     + (f"; {parser['note']}" if parser.get("note") else ""))
+    elif trt.get("library_found") and parser.get("error"):
+        lines.extend("           " + line for line in _hanging(
+            f"ONNX parser not found (build_engine_from_onnx needs it; MDTRT_ONNXPARSER_LIBRARY=/path/to/"
+            f"libnvonnxparser.so.11 names it): {parser['error']}", "  "))
     rt = report.get("runtime")
     if rt:
         set_vars = ", ".join(f"{k}={v}" for k, v in rt["environment"].items() if v is not None)
@@ -244,7 +252,9 @@ def format_text(report: dict) -> str:
             lines.append(f"Rank threads  {rt['error']}")
         else:
             poll = f"wake every {rt['poll_us']} us for 0.1 s" if rt["poll_us"] else "no wake-ups"
-            lines.append(f"Rank threads  idle: spin {rt['spin_us']} us, then {poll}; streams at {rt['stream_priority']} "
+            spin = (f"spin {rt['spin_us']} us" if rt["spin_us"] else
+                    f"no spin (fewer than 8 cores: {os.cpu_count()})")
+            lines.append(f"Rank threads  idle: {spin}, then {poll}; streams at {rt['stream_priority']} "
                          f"priority ({'from ' + set_vars if set_vars else 'defaults'})")
     lines.append("")
     for name, feature in report["features"].items():

@@ -164,7 +164,9 @@ _PROBE = "import json, mdtrt.tensorrt as t; print(json.dumps(t._library_report_h
 
 def library_report(timeout: float = 120.0) -> dict:
     """For ``python -m mdtrt doctor`` and pre-flight checks: never raises. Keys: library_found, path,
-    version, found_by, lean, error and attempts (every candidate tried, found or not). Runs the
+    version, found_by, lean, error, attempts (every candidate tried, found or not) and onnx_parser
+    (found, path, found_by, note, error: TensorRT's ONNX parser, which ``build_engine_from_onnx``
+    needs; looked for once TensorRT itself is found). Runs the
     library search also when the backend is not compiled in (discovery is in every build): which
     TensorRT a rebuilt mdtrt would use.
 
@@ -192,7 +194,20 @@ def library_report(timeout: float = 120.0) -> dict:
 
 def _empty_report(error: str) -> dict:
     return {"library_found": False, "path": None, "version": None, "found_by": None, "lean": None, "error": error,
-            "attempts": []}
+            "attempts": [], "onnx_parser": {"found": False, "path": None, "found_by": None, "note": None,
+                                            "error": "not looked for: " + error if error else None}}
+
+
+def _onnx_parser_report() -> dict:
+    """Where TensorRT's ONNX parser (build_engine_from_onnx) is found, or why not; never raises."""
+    report = {"found": False, "path": None, "found_by": None, "note": None, "error": None}
+    try:
+        info = _core.load_onnx_parser(wheel_library_dirs()[0])
+    except Exception as error:  # noqa: BLE001 - the doctor reports, it does not fail
+        report["error"] = str(error)
+    else:
+        report.update(found=True, path=info["path"], found_by=info["found_by"], note=info["note"] or None)
+    return report
 
 
 def _library_report_here() -> dict:
@@ -209,6 +224,10 @@ def _library_report_here() -> dict:
         return report
     report.update(library_found=True, path=lib.path, version=lib.version, found_by=lib.found_by, lean=lib.lean,
                   attempts=[dataclasses.asdict(a) for a in lib.attempts])
+    if _core.build_info()["tensorrt_backend"]:
+        report["onnx_parser"] = _onnx_parser_report()
+    else:
+        report["onnx_parser"]["error"] = "not looked for: this build has no TensorRT backend"
     return report
 
 

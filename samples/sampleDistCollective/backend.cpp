@@ -1,8 +1,29 @@
 #include "backend.h"
 
+#include <glob.h>
+#include <limits.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
 #include "common/error.h"
 
 namespace sample_dc {
+
+std::vector<std::string> site_packages_beside_program(const std::string& relative) {
+  char exe[PATH_MAX] = {0};
+  const ssize_t len = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (len <= 0) return {};
+  std::string dir(exe, static_cast<size_t>(len));
+  dir = dir.substr(0, dir.find_last_of('/'));
+  const std::string pattern = dir + "/../lib/python3*/site-packages/" + relative;
+  std::vector<std::string> dirs;
+  glob_t found{};
+  if (::glob(pattern.c_str(), GLOB_ONLYDIR, nullptr, &found) == 0)
+    for (size_t i = 0; i < found.gl_pathc; ++i) dirs.emplace_back(found.gl_pathv[i]);
+  ::globfree(&found);
+  return dirs;
+}
 
 const char* backend_name(Backend backend) { return backend == Backend::kTrt ? "trt" : "nccl"; }
 
@@ -31,10 +52,14 @@ Backend choose_backend(BackendChoice choice, std::string* note) {
     if (note) *note = why + "; using --backend nccl";
     return Backend::kNccl;
   }
-  if (choice == BackendChoice::kTrt)
+  const char* chosen_library = std::getenv("MDTRT_TENSORRT_LIBRARY");
+  if (choice == BackendChoice::kTrt || (chosen_library != nullptr && *chosen_library != '\0'))
+    // A library the user named is not silently replaced by the other backend.
     throw mdtrt::Error(mdtrt::ErrorKind::kLibraryNotFound,
-                       "--backend trt: TensorRT could not be loaded: " + trt.why_not +
-                           " (install TensorRT 11, e.g. pip install 'mdtrt[tensorrt]', or use --backend nccl)");
+                       std::string(choice == BackendChoice::kTrt ? "--backend trt" : "MDTRT_TENSORRT_LIBRARY") +
+                           ": TensorRT could not be loaded: " + trt.why_not +
+                           " (install TensorRT 11, e.g. pip install 'mdtrt[tensorrt]', fix or unset "
+                           "MDTRT_TENSORRT_LIBRARY, or use --backend nccl)");
   if (note) *note = "TensorRT is not loadable (" + trt.why_not + "); using --backend nccl";
   return Backend::kNccl;
 #else

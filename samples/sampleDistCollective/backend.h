@@ -17,6 +17,11 @@
 
 namespace sample_dc {
 
+// Folders `relative` under the site-packages of the virtual environment this program is installed
+// in (pip puts console programs in its bin/): ../lib/python3*/site-packages/<relative>, where
+// the nvidia-nccl-cu13 and TensorRT wheels keep their libraries.
+std::vector<std::string> site_packages_beside_program(const std::string& relative);
+
 enum class Backend { kNccl, kTrt };
 const char* backend_name(Backend backend);
 

@@ -77,23 +77,6 @@ std::string join(const std::vector<int>& v) {
   return s;
 }
 
-// The nvidia-nccl-cu13 wheel beside this program when it is installed into a virtual environment's
-// bin/ (pip install puts console programs there): ../lib/python3*/site-packages/nvidia/nccl/lib.
-std::vector<std::string> nccl_wheel_dirs() {
-  char exe[PATH_MAX] = {0};
-  const ssize_t len = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  if (len <= 0) return {};
-  std::string dir(exe, static_cast<size_t>(len));
-  dir = dir.substr(0, dir.find_last_of('/'));
-  const std::string pattern = dir + "/../lib/python3*/site-packages/nvidia/nccl/lib";
-  std::vector<std::string> dirs;
-  glob_t found{};
-  if (::glob(pattern.c_str(), GLOB_ONLYDIR, nullptr, &found) == 0)
-    for (size_t i = 0; i < found.gl_pathc; ++i) dirs.emplace_back(found.gl_pathv[i]);
-  ::globfree(&found);
-  return dirs;
-}
-
 // Transposes a row-major [rows, cols] matrix of `esize`-byte elements, bytes untouched.
 std::vector<uint8_t> transpose_bytes(const std::vector<uint8_t>& in, int64_t rows, int64_t cols, size_t esize) {
   std::vector<uint8_t> out(in.size());
@@ -327,7 +310,7 @@ int run(Options& o) {
   }
   mdtrt::validate_devices(devices);
 
-  const auto& nccl = mdtrt::nccl::load_library(nccl_wheel_dirs());
+  const auto& nccl = mdtrt::nccl::load_library(site_packages_beside_program("nvidia/nccl/lib"));
   info("NCCL " + mdtrt::version_string(nccl.version) + " from " + nccl.path + " (found by " + nccl.found_by +
        ")");
 

@@ -201,8 +201,10 @@ Options parse_options(const std::vector<std::string>& args, const std::map<std::
   }
 
   if (o.ops.empty()) throw UsageError(std::string("--op is required: one of ") + kOpList);
-  if (o.rows < 1 || o.rows > (1 << 28)) throw UsageError("--rows must be at least 1; got " + std::to_string(o.rows));
-  if (o.cols < 1 || o.cols > (1 << 28)) throw UsageError("--cols must be at least 1; got " + std::to_string(o.cols));
+  if (o.rows < 1 || o.rows > (1 << 28))
+    throw UsageError("--rows must be from 1 to 268435456 (2^28); got " + std::to_string(o.rows));
+  if (o.cols < 1 || o.cols > (1 << 28))
+    throw UsageError("--cols must be from 1 to 268435456 (2^28); got " + std::to_string(o.cols));
   if (o.rows * o.cols > (int64_t{1} << 30))
     throw UsageError("--rows x --cols is " + std::to_string(o.rows * o.cols) +
                      " elements per rank; keep it at most 2^30");
@@ -383,6 +385,10 @@ std::string help_text(const std::string& program) {
     << "libnccl.so through the dynamic loader (LD_LIBRARY_PATH, ldconfig); the nvidia-nccl-cu13 wheel next to\n"
     << "this program when it is installed in a virtual environment's bin/\n"
     << "(../lib/python3*/site-packages/nvidia/nccl/lib). NCCL_NVLS_ENABLE is set to 0 unless already set.\n"
+    << "How TensorRT is found: MDTRT_TENSORRT_LIBRARY (a file path; if it does not load, that is an error,\n"
+    << "also without --backend trt); libnvinfer.so.11 through the dynamic loader, then in the tensorrt_libs\n"
+    << "wheel next to this program (../lib/python3*/site-packages/tensorrt_libs); the lean runtime\n"
+    << "(libnvinfer_lean.so.11, the tensorrt_lean_libs wheel) runs engines but cannot build the sample's.\n"
     << "\n"
     << "Output: '[I] Rank 0 - ALL_REDUCE PASSED' per rank and op, then a summary table.\n"
     << "Exit status: 0 all passed; 1 an output did not match; 2 bad arguments or launcher variables;\n"

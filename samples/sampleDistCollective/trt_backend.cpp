@@ -15,7 +15,8 @@ namespace sample_dc {
 TrtAvailability trt_availability() {
   TrtAvailability out;
   try {
-    const auto& info = mdtrt::trt::load_library();
+    const auto& info = mdtrt::trt::load_library(site_packages_beside_program("tensorrt_libs"),
+                                                site_packages_beside_program("tensorrt_lean_libs"));
     out.loads = true;
     out.lean = info.lean;
     out.path = info.path;
