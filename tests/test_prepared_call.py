@@ -368,8 +368,8 @@ def test_engine_torch_outputs_first_run_waits_even_when_stream_ordering_is_asked
     x = _refs("torch")
     call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], stream_ordered=True)
     assert call._new_out is None  # no output shapes known yet
-    assert call._ordered(None) is False
-    assert call._ordered([{"output": x[0]}]) is True
+    assert call.stream_ordered_for(None) is False
+    assert call.stream_ordered_for([{"output": x[0]}]) is True
 
 
 def test_stream_ordered_argument_accepts_none_true_false_only():

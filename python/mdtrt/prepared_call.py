@@ -179,7 +179,7 @@ class PreparedCall:
         if self._refs is None:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
         out = self._new_out() if self._new_out is not None else self._out
-        ordered = self._ordered(out)
+        ordered = self.stream_ordered_for(out)
         if self._new_out is None and not ordered:
             results = self._call()  # outputs, if any, were given when the call was prepared
         else:
@@ -188,8 +188,17 @@ class PreparedCall:
             results = self._call(native_out, True) if ordered else self._call(native_out)
         return self._wrap(results, self._refs, out)
 
-    def _ordered(self, out) -> bool:
-        """Whether a run with these outputs is stream-ordered (see ``stream_ordered``)."""
+    @property
+    def run_at(self):
+        """The native call's ``run_at(addresses, outputs, stream_ordered)``: :meth:`run_on` for a
+        caller that reads the addresses itself (per rank, a list of ``(pointer, stream)`` per input
+        and of ``(name, pointer, bytes, device, stream)`` per output) and asks
+        :meth:`stream_ordered_for` once."""
+        return self._call.run_at
+
+    def stream_ordered_for(self, out) -> bool:
+        """Whether a run with these outputs (``out``, or what ``new_out`` gives) is stream-ordered
+        (see ``stream_ordered``)."""
         if self._stream_ordered is not None:
             if self._stream_ordered and not out and self._torch_devices is not None:
                 return False  # torch outputs of an engine: the first run learns their shapes, waiting
@@ -231,7 +240,7 @@ class PreparedCall:
                                 if first and first[0].kind == "torch" else None)
         outputs = ([[(name, ref.ptr, ref.nbytes, ref.device, ref.stream) for name, ref in given.items()] for given in out]
                    if out else [])
-        results = (self._call.run_at(addresses, outputs, True) if self._ordered(out)
+        results = (self._call.run_at(addresses, outputs, True) if self.stream_ordered_for(out)
                    else self._call.run_at(addresses, outputs))
         names = self._output_names
         if out and names is not None and all(len(given) == len(names) for given in out):
