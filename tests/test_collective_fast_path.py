@@ -57,17 +57,13 @@ class StubCall:
 
 
 class StubRunner:
-    """A native runner: prepare checks every input's GPU (as the native one does) and counts."""
+    """A native runner: prepare records each rank's input (GPU, dtype, shape) as planned."""
 
     def __init__(self, log, program):
-        self.log, self.program, self.prepared = log, program, 0
+        self.log, self.program, self.prepared = log, program, []
 
     def prepare(self, inputs, replication, poison, fetch, on_device, timeout, outputs):
-        for rank, args in enumerate(inputs):
-            for a in args:
-                if a.device != rank:
-                    raise mdtrt.InvalidArgumentError(f"input of rank {rank} is on GPU {a.device}, not GPU {rank}")
-        self.prepared += 1
+        self.prepared.append([(a.device, a.dtype, a.shape) for args in inputs for a in args])
         op, shape, dtype = self.program[0], list(inputs[0][0].shape), inputs[0][0].dtype
         out_shape = _core.collective_output_shape(op, shape, 2)
         count = 1
@@ -169,7 +165,7 @@ def test_fast_path_runs_what_the_general_path_runs(stubs, op, options, with_out)
     assert fast[0] == slow[0] and fast[1] == slow[1]
     group = fast[2]
     assert len(group._torch_calls) == 1 and len(group._calls) == 1
-    assert [r.prepared for r in stubs.runners] == [1, 1]  # each group: planned once
+    assert [len(r.prepared) for r in stubs.runners] == [1, 1]  # each group: planned once
     addresses, outputs, _ = stubs.log[-1]
     assert addresses == [[(0x40000, 100)], [(0x40100, 101)]]  # this call's tensors, each rank's stream
     assert [o[0][3] for o in outputs] == [0, 1]
@@ -198,7 +194,6 @@ def bad_variants():
         ("an unsupported dtype", tensors(good, dtype=torch.complex64), {}, {}),
         ("non-contiguous (strides)", [FakeCuda((4, 3), 0, good), FakeCuda((4, 3), 1, good + 0x100, contiguous=False)],
          {}, {}),
-        ("the other GPU", [FakeCuda((4, 3), 1, good), FakeCuda((4, 3), 0, good + 0x100)], {}, {}),
         ("out= of another size", tensors(good), {"out": tensors(0x2000, shape=(2, 3))}, out),
         ("out= of another dtype size", tensors(good), {"out": tensors(0x2000, dtype=torch.float16)}, out),
         ("out= on the other GPU", tensors(good), {"out": [FakeCuda((4, 3), 1, 0x2000), FakeCuda((4, 3), 0, 0x2100)]},
@@ -242,6 +237,26 @@ def test_a_kept_signature_never_passes_what_the_first_call_refuses(stubs, name, 
     assert len(stubs.log) == runs  # nothing ran
     call(group, tensors(0x1000), twin)  # and the group keeps working
     assert len(stubs.log) == runs + 1
+
+
+def test_same_addresses_of_another_signature_are_planned_as_what_they_are(stubs):
+    """Tensors at a kept signature's addresses but of another shape, dtype or GPU (inputs on
+    another GPU are copied to the rank's: allowed) are planned for what they are, by the general
+    path, and then kept under their own signature."""
+    group = stubs.make_group()
+    for _ in range(2):
+        group.all_reduce(tensors(0x1000))
+    variants = [[FakeCuda((12,), r, 0x1000 + 0x100 * r) for r in range(2)],
+                [FakeCuda((4, 3), r, 0x1000 + 0x100 * r, torch.int32) for r in range(2)],
+                [FakeCuda((4, 3), 1, 0x1000), FakeCuda((4, 3), 0, 0x1100)]]
+    for xs in variants * 2:
+        group.all_reduce(xs)
+    planned = sorted(p for runner in stubs.runners for p in runner.prepared)  # each once
+    assert planned == sorted([[(0, "float32", (4, 3)), (1, "float32", (4, 3))],
+                              [(0, "float32", (12,)), (1, "float32", (12,))],
+                              [(0, "int32", (4, 3)), (1, "int32", (4, 3))],
+                              [(1, "float32", (4, 3)), (0, "float32", (4, 3))]])
+    assert len(group._torch_calls) == 4
 
 
 def test_a_host_tensor_or_other_array_is_not_taken_for_a_kept_cuda_signature(stubs):

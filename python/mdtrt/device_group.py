@@ -88,14 +88,13 @@ class _TorchRun:
 
     def __call__(self, inputs, pointers, out) -> list:
         """Runs the call on ``inputs``, into ``out`` (None: new tensors from torch's caching
-        allocator); ``pointers``: the inputs' data pointers, then ``out``'s. Returns as
-        :meth:`DeviceGroup.collective`."""
+        allocator); ``pointers``: the inputs' data pointers, then ``out``'s (a list of this call's:
+        allocated outputs' are appended). Returns as :meth:`DeviceGroup.collective`."""
         # Loops rather than comprehensions: with a few ranks, a comprehension's set-up costs more.
         streams = torch_current_streams(self._devices)
         n = len(streams)
         if out is None:
             out = self._allocate(inputs)
-            pointers = pointers[:]
             for t in out:
                 pointers.append(t.data_ptr())
         out_streams = torch_current_streams(self._out_devices) if self._out_streams else streams
