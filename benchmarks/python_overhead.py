@@ -11,7 +11,8 @@ Prints the median per call of each (microseconds); ``--profile`` then prints a c
 What is faked, so that the numbers are the cost of mdtrt's Python:
 - The tensors are Python objects that answer what mdtrt asks of a torch CUDA tensor (dtype,
   shape, contiguity, device, data pointer) at the cost of Python attributes, a little below
-  torch's own (50-100 ns a read); ``torch.empty_like`` and ``torch.empty`` make more of them.
+  torch's own (50-100 ns a read); ``torch.empty_like``, ``torch.empty`` and ``new_empty`` make
+  more of them.
 - torch's current stream is a constant (``mdtrt.arrays._STREAM_GETTER``).
 - ``_core.CollectiveProgram`` / ``_core.ProgramRunner``: a runner whose prepared call returns at once.
 On GPUs the allocations, the stream reads and the native call come on top (bench_collectives.py).
@@ -69,8 +70,8 @@ class FakeCudaTensor:
     __slots__ = ("dtype", "shape", "device_index", "ptr")
     is_cuda = True
 
-    def __init__(self, torch, shape, device: int, ptr: int):
-        self.dtype, self.shape, self.device_index, self.ptr = torch.float16, torch.Size(shape), device, ptr
+    def __init__(self, dtype, shape, device: int, ptr: int):
+        self.dtype, self.shape, self.device_index, self.ptr = dtype, shape, device, ptr
 
     def is_contiguous(self):
         return True
@@ -81,10 +82,13 @@ class FakeCudaTensor:
     def data_ptr(self):
         return self.ptr
 
+    def new_empty(self, *sizes):
+        return FakeCudaTensor(self.dtype, type(self.shape)(sizes), self.device_index, 8192)
+
 
 def fake_cuda_tensors(torch, ranks: int, elements: int) -> list:
     """One float16 tensor of ``elements`` per rank, on GPU ``rank`` as far as mdtrt can tell."""
-    return [FakeCudaTensor(torch, (elements,), r, 4096 * (r + 1)) for r in range(ranks)]
+    return [FakeCudaTensor(torch.float16, torch.Size((elements,)), r, 4096 * (r + 1)) for r in range(ranks)]
 
 
 def median_us(fn, iterations: int) -> float:
@@ -103,8 +107,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     import torch
 
-    torch.empty_like = lambda x: FakeCudaTensor(torch, x.shape, x.device_index, 8192)
-    torch.empty = lambda shape, dtype=None, device=None: FakeCudaTensor(torch, shape, device.index, 8192)
+    torch.empty_like = lambda x: FakeCudaTensor(x.dtype, x.shape, x.device_index, 8192)
+    torch.empty = lambda shape, dtype=None, device=None: FakeCudaTensor(dtype, torch.Size(shape), device.index, 8192)
     group = stub_group(args.ranks)
     xs = fake_cuda_tensors(torch, args.ranks, args.elements)
     outs = fake_cuda_tensors(torch, args.ranks, args.elements)

@@ -104,6 +104,9 @@ def stubs(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", fake_empty)
     monkeypatch.setattr(torch, "empty_like", lambda x: fake_empty(x.shape, x.dtype, torch.device("cuda", x.device_index)))
+    monkeypatch.setattr(FakeCuda, "new_empty", lambda x, *sizes: fake_empty(sizes, x.dtype,
+                                                                            torch.device("cuda", x.device_index)),
+                        raising=False)
 
     def make_group():
         group = DeviceGroup.__new__(DeviceGroup)
@@ -250,13 +253,18 @@ def test_same_addresses_of_another_signature_are_planned_as_what_they_are(stubs)
                 [FakeCuda((4, 3), r, 0x1000 + 0x100 * r, torch.int32) for r in range(2)],
                 [FakeCuda((4, 3), 1, 0x1000), FakeCuda((4, 3), 0, 0x1100)]]
     for xs in variants * 2:
-        group.all_reduce(xs)
+        outs = group.all_reduce(xs)
+        assert [o.device_index for o in outs] == [0, 1]  # on each rank's GPU, wherever its input is
+        assert [o[0][3] for o in stubs.log[-1][1]] == [0, 1]
+    for _ in range(2):  # likewise for outputs of another shape than the inputs
+        assert [o.device_index for o in group.all_gather(variants[-1])] == [0, 1]
     planned = sorted(p for runner in stubs.runners for p in runner.prepared)  # each once
     assert planned == sorted([[(0, "float32", (4, 3)), (1, "float32", (4, 3))],
                               [(0, "float32", (12,)), (1, "float32", (12,))],
                               [(0, "int32", (4, 3)), (1, "int32", (4, 3))],
-                              [(1, "float32", (4, 3)), (0, "float32", (4, 3))]])
-    assert len(group._torch_calls) == 4
+                              [(1, "float32", (4, 3)), (0, "float32", (4, 3))],
+                              [(1, "float32", (4, 3)), (0, "float32", (4, 3))]])  # and all_gather's
+    assert len(group._torch_calls) == 5
 
 
 def test_a_host_tensor_or_other_array_is_not_taken_for_a_kept_cuda_signature(stubs):

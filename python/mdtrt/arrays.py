@@ -521,7 +521,7 @@ def _torch_dtype(torch, name: str):
     return getattr(torch, name)  # mdtrt's dtype names are torch's attribute names
 
 
-def torch_allocator(shape, dtype: str, devices: list[int], *, like: bool):
+def torch_allocator(shape, dtype: str, devices: list[int], like_shape, like_devices: list[int]):
     """A function that allocates one output per rank as a torch tensor from torch's caching
     allocator, all of one shape and dtype (a collective's).
 
@@ -532,27 +532,38 @@ def torch_allocator(shape, dtype: str, devices: list[int], *, like: bool):
         mdtrt's dtype name.
     devices : list of int
         CUDA device index of each rank.
-    like : bool
-        The inputs the function gets have ``shape`` and ``dtype``, one on each rank's device:
-        outputs are then made with ``torch.empty_like`` (about half the cost of ``torch.empty``
-        with a device argument).
+    like_shape : tuple of int
+        The shape of the tensors the function gets (of ``dtype``, one per rank: a call's inputs).
+    like_devices : list of int
+        Their CUDA devices.
 
     Returns
     -------
     callable
-        ``allocate(likes)`` returns a list with one new tensor per rank; ``likes``: one torch
-        tensor per rank (read only when ``like``).
+        ``allocate(likes)`` returns a list with one new tensor per rank, on its device. Where each
+        of ``likes`` is on its rank's device, the outputs are made from them: ``torch.empty_like``
+        for their shape, ``Tensor.new_empty`` for another; each costs about half of
+        ``torch.empty`` with dtype and device arguments.
     """
     import torch
 
     # Loops rather than comprehensions: with a few ranks, a comprehension's set-up costs more.
-    if like:
+    on_their_devices = list(like_devices) == list(devices)
+    if on_their_devices and tuple(like_shape) == tuple(shape):
         empty_like = torch.empty_like
 
         def allocate(likes) -> list:
             out = []
             for x in likes:
                 out.append(empty_like(x))
+            return out
+    elif on_their_devices and shape:
+        sizes = tuple(int(d) for d in shape)  # as separate ints: a tuple argument parses slower
+
+        def allocate(likes) -> list:
+            out = []
+            for x in likes:
+                out.append(x.new_empty(*sizes))
             return out
     else:
         empty, torch_dtype = torch.empty, _torch_dtype(torch, dtype)
@@ -582,8 +593,9 @@ def torch_output_factory(specs: list, devices: list[int]):
         ``allocate(likes=None)`` returns a list with one ``{name: ArrayRef}`` per rank; each ref
         (kind "torch") carries the stream current on its GPU at allocation time, since the caching
         allocator hands its blocks out in that stream's order. ``likes`` (optional): one torch
-        tensor per rank (the rank's input); an output of its shape and dtype is then allocated with
-        ``torch.empty_like``, which costs about half of ``torch.empty`` with a device argument.
+        tensor per rank (the rank's input); an output of its shape and dtype, when it is on the
+        rank's GPU, is then allocated with ``torch.empty_like``, which costs about half of
+        ``torch.empty`` with a device argument.
     """
     import torch
 
@@ -601,7 +613,8 @@ def torch_output_factory(specs: list, devices: list[int]):
             like = likes[i] if likes is not None else None
             refs = {}
             for name, dtype, shape, torch_dtype in outputs:
-                if like is not None and like.dtype is torch_dtype and like.shape == shape:
+                if (like is not None and like.dtype is torch_dtype and like.shape == shape
+                        and like.get_device() == index):  # an input on another GPU is copied to this one
                     t = empty_like(like)
                 else:
                     t = empty(shape, dtype=torch_dtype, device=device)

@@ -67,19 +67,19 @@ class _TorchRun:
         Each local rank's CUDA device (where allocated outputs go).
     """
 
-    __slots__ = ("kept", "_run_at", "_ordered", "_devices", "_out_devices", "_out_streams", "_out_nbytes",
-                 "_allocate")
+    __slots__ = ("kept", "_run_at", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
+                 "_out_nbytes", "_allocate")
 
     def __init__(self, kept, refs, out_refs, out_shape, rank_devices):
         self.kept = kept
         self._run_at = kept.call.run_at
+        self._defined = kept.defined
         self._devices = [ref.device for ref in refs]
         self._allocate = None
         if out_refs is None:  # torch outputs, as the PreparedCall's new_out allocates them
             out_refs = [{"output": ArrayRef(0, device, refs[0].dtype, out_shape, None, "torch")}
                         for device in rank_devices]
-            self._allocate = torch_allocator(out_shape, refs[0].dtype, rank_devices,
-                                             like=out_shape == tuple(refs[0].shape))
+            self._allocate = torch_allocator(out_shape, refs[0].dtype, rank_devices, refs[0].shape, self._devices)
         outs = [given["output"] for given in out_refs]
         self._ordered = kept.call.stream_ordered_for(out_refs)
         self._out_devices = [o.device for o in outs]
@@ -105,7 +105,7 @@ class _TorchRun:
             addresses.append([(pointers[i], streams[i])])
             outputs.append([("output", pointers[n + i], nbytes[i], devices[i], out_streams[i])])
         self._run_at(addresses, outputs, self._ordered)
-        return self.kept.results(out)
+        return list(out) if self._defined is None else self.kept.results(out)
 
 
 @dataclasses.dataclass(frozen=True)
