@@ -50,6 +50,9 @@ def stub_group(count: int):
         def run_at(self, *args):
             return []
 
+        def run_at_each(self, *args):
+            return None
+
     class RunnerStub:
         def prepare(self, *args):
             return PreparedStub()

@@ -55,6 +55,14 @@ class StubCall:
         self.log.append((addresses, outputs, stream_ordered))
         return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in addresses]
 
+    def run_at_each(self, pointers, streams, output, nbytes, devices, stream_ordered=False):
+        """As the native one: run_at with one input and one output per rank, from flat lists."""
+        n = len(nbytes)
+        assert len(pointers) == len(streams) == 2 * n and len(devices) == n
+        self.run_at([[(pointers[i], streams[i])] for i in range(n)],
+                    [[(output, pointers[n + i], nbytes[i], devices[i], streams[n + i])] for i in range(n)],
+                    stream_ordered)
+
 
 class StubRunner:
     """A native runner: prepare records each rank's input (GPU, dtype, shape) as planned."""

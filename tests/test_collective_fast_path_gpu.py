@@ -96,3 +96,15 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
     got = group.all_reduce(xs, out=outs)
     torch.testing.assert_close(got[0].cpu(), expected)
     torch.testing.assert_close(outs[1].cpu(), expected)
+
+
+def test_run_at_each_refuses_lists_of_other_lengths(group):
+    """The native entry of the fast path takes one input and one output per local rank."""
+    xs = [torch.ones(8, device=f"cuda:{r}") for r in range(2)]
+    for _ in range(2):
+        group.all_reduce(xs)
+    run = next(iter(group._torch_calls.values()))
+    with pytest.raises(mdtrt.InvalidArgumentError, match="one input and one output per local rank"):
+        run.kept.call.run_at_each([xs[0].data_ptr()] * 3, [1] * 4, "output", [32, 32], [0, 1], False)
+    group.synchronize()
+    torch.testing.assert_close(group.all_reduce(xs)[1].cpu(), torch.full((8,), 2.0))

@@ -67,12 +67,12 @@ class _TorchRun:
         Each local rank's CUDA device (where allocated outputs go).
     """
 
-    __slots__ = ("kept", "_run_at", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
+    __slots__ = ("kept", "_run_at_each", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
                  "_out_nbytes", "_allocate")
 
     def __init__(self, kept, refs, out_refs, out_shape, rank_devices):
         self.kept = kept
-        self._run_at = kept.call.run_at
+        self._run_at_each = kept.call.run_at_each
         self._defined = kept.defined
         self._devices = [ref.device for ref in refs]
         self._allocate = None
@@ -90,21 +90,13 @@ class _TorchRun:
         """Runs the call on ``inputs``, into ``out`` (None: new tensors from torch's caching
         allocator); ``pointers``: the inputs' data pointers, then ``out``'s (a list of this call's:
         allocated outputs' are appended). Returns as :meth:`DeviceGroup.collective`."""
-        # Loops rather than comprehensions: with a few ranks, a comprehension's set-up costs more.
         streams = torch_current_streams(self._devices)
-        n = len(streams)
         if out is None:
             out = self._allocate(inputs)
-            for t in out:
+            for t in out:  # a loop: a comprehension's set-up costs more for a few ranks
                 pointers.append(t.data_ptr())
-        out_streams = torch_current_streams(self._out_devices) if self._out_streams else streams
-        addresses = []
-        outputs = []
-        nbytes, devices = self._out_nbytes, self._out_devices
-        for i in range(n):
-            addresses.append([(pointers[i], streams[i])])
-            outputs.append([("output", pointers[n + i], nbytes[i], devices[i], out_streams[i])])
-        self._run_at(addresses, outputs, self._ordered)
+        streams += torch_current_streams(self._out_devices) if self._out_streams else streams
+        self._run_at_each(pointers, streams, "output", self._out_nbytes, self._out_devices, self._ordered)
         return list(out) if self._defined is None else self.kept.results(out)
 
 

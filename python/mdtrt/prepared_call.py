@@ -189,12 +189,13 @@ class PreparedCall:
         return self._wrap(results, self._refs, out)
 
     @property
-    def run_at(self):
-        """The native call's ``run_at(addresses, outputs, stream_ordered)``: :meth:`run_on` for a
-        caller that reads the addresses itself (per rank, a list of ``(pointer, stream)`` per input
-        and of ``(name, pointer, bytes, device, stream)`` per output) and asks
-        :meth:`stream_ordered_for` once."""
-        return self._call.run_at
+    def run_at_each(self):
+        """The native call's ``run_at_each(pointers, streams, output, nbytes, devices,
+        stream_ordered)``: :meth:`run_on` of a program with one input and one output per rank,
+        every output given, for a caller that reads the addresses itself (flat lists: each rank's
+        input pointer and stream, then each rank's output's; each output's size and GPU) and asks
+        :meth:`stream_ordered_for` once. Returns None."""
+        return self._call.run_at_each
 
     def stream_ordered_for(self, out) -> bool:
         """Whether a run with these outputs (``out``, or what ``new_out`` gives) is stream-ordered
