@@ -55,6 +55,8 @@ def test_one_shot_loop_follows_each_calls_tensors_and_streams(group, op, with_ou
             copies = [None if g is None else g.clone() for g in got]  # on the current stream
             for x in xs:
                 x.fill_(-1000.0)  # after the call on the same stream: must not change its result
+        for r in range(2):
+            torch.cuda.synchronize(r)  # the copies were queued on the stream current at the call
         for r, want in enumerate(reference(op, host)):
             if want is None:
                 assert got[r] is None
