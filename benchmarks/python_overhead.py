@@ -4,7 +4,8 @@ and runner are stubbed (a run does nothing), so what is timed is mdtrt's Python 
 
 Entry points, on 2 ranks with 1 KiB float16 tensors (``--ranks``, ``--elements``):
 ``collective(op, xs, out=outs)``, ``collective(op, xs)``, ``all_reduce(xs, out=outs)``,
-``all_reduce(xs)``, ``all_gather(xs)`` and ``prepare_collective(op, xs, out=outs)()``.
+``all_reduce(xs)``, ``all_gather(xs)``, ``prepare_collective(op, xs, out=outs)()`` and
+``prepare_collective(op, xs)()``.
 Prints the median per call of each (microseconds); ``--profile`` then prints a cProfile of
 ``all_reduce(xs, out=outs)``.
 
@@ -116,6 +117,7 @@ def main(argv=None) -> None:
     xs = fake_cuda_tensors(torch, args.ranks, args.elements)
     outs = fake_cuda_tensors(torch, args.ranks, args.elements)
     prepared = group.prepare_collective("all_reduce", xs, out=outs)
+    prepared_default = group.prepare_collective("all_reduce", xs)
     calls = {
         "collective(op, xs, out=outs)": lambda: group.collective("all_reduce", xs, out=outs),
         "collective(op, xs)": lambda: group.collective("all_reduce", xs),
@@ -123,6 +125,7 @@ def main(argv=None) -> None:
         "all_reduce(xs)": lambda: group.all_reduce(xs),
         "all_gather(xs)": lambda: group.all_gather(xs),
         "prepare_collective(op, xs, out=outs)()": prepared,
+        "prepare_collective(op, xs)()": prepared_default,
     }
     for name, fn in calls.items():
         print(f"{name:40s} {median_us(fn, args.iterations):6.2f} us")

@@ -55,6 +55,11 @@ class StubCall:
         self.log.append((addresses, outputs, stream_ordered))
         return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in addresses]
 
+    def __call__(self, outputs=None, stream_ordered=False):
+        """A run of a prepared call (prepare_collective) on the arrays it was prepared with."""
+        self.log.append(("prepared", outputs, stream_ordered))
+        return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in range(2)]
+
     def run_at_each(self, pointers, streams, output, nbytes, devices, stream_ordered=False):
         """As the native one: run_at with one input and one output per rank, from flat lists."""
         n = len(nbytes)
@@ -105,15 +110,19 @@ def stubs(monkeypatch):
     monkeypatch.setattr(_core, "ProgramRunner", runner)
     monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 100 + device])
     allocated = []
+    how = []  # per allocation: "empty", "empty_like" or "new_empty"
 
-    def fake_empty(shape, dtype=None, device=None):
+    def fake_empty(shape, dtype=None, device=None, via="empty"):
+        how.append(via)
         allocated.append(FakeCuda(shape, device.index, 0x900000 + 0x1000 * len(allocated), dtype))
         return allocated[-1]
 
+    def on(x):
+        return torch.device("cuda", x.device_index)
+
     monkeypatch.setattr(torch, "empty", fake_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda x: fake_empty(x.shape, x.dtype, torch.device("cuda", x.device_index)))
-    monkeypatch.setattr(FakeCuda, "new_empty", lambda x, *sizes: fake_empty(sizes, x.dtype,
-                                                                            torch.device("cuda", x.device_index)),
+    monkeypatch.setattr(torch, "empty_like", lambda x: fake_empty(x.shape, x.dtype, on(x), "empty_like"))
+    monkeypatch.setattr(FakeCuda, "new_empty", lambda x, *sizes: fake_empty(sizes, x.dtype, on(x), "new_empty"),
                         raising=False)
 
     def make_group():
@@ -121,7 +130,7 @@ def stubs(monkeypatch):
         group._adopt(Native())
         return group
 
-    return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=allocated)
+    return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=allocated, how=how)
 
 
 def tensors(base, shape=(4, 3), **kw):
@@ -322,3 +331,18 @@ def test_torch_outputs_come_from_the_allocator_on_every_call(stubs):
     _, outputs, ordered = stubs.log[-1]
     assert outputs == [[("output", t.ptr, 96, r, 100 + r)] for r, t in enumerate(got[-1])]
     assert ordered is True  # torch in and out: stream-ordered by default
+
+
+def test_outputs_are_made_from_the_inputs_where_they_can(stubs):
+    """Outputs of the inputs' shape come from torch.empty_like, of another shape from
+    new_empty (each about half of torch.empty with a device), on every entry point; inputs on
+    another GPU than their rank's give torch.empty on the rank's GPU."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    for _ in range(2):
+        group.all_reduce(xs)
+        group.all_gather(xs)
+        group.prepare_collective("all_reduce", xs)()
+        group.all_reduce([xs[1], xs[0]])
+    assert stubs.how == ["empty_like"] * 2 + ["empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2 + (
+        ["empty_like"] * 2 + ["new_empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2)  # first calls: general path

@@ -37,6 +37,14 @@ class KeptCalls(OrderedDict):
         return call
 
 
+def _templates(per_rank_refs):
+    """What ``new_out`` gets for a run on these inputs: with torch inputs, each rank's first (an
+    output of its shape, dtype and GPU then comes from ``torch.empty_like``, which costs about half
+    of ``torch.empty`` with a device); else None."""
+    first = per_rank_refs[0]
+    return [refs[0].owner if refs else None for refs in per_rank_refs] if first and first[0].kind == "torch" else None
+
+
 class PreparedCall:
     """A ProgramRunner call whose arguments were checked, converted and planned once (the native
     ``PreparedInfer``): calling it runs the program again on the same buffers (their current
@@ -67,7 +75,8 @@ class PreparedCall:
         and returns their owners.
     new_out : callable, optional
         Without ``out`` and with device inputs: returns fresh ``[{name: ArrayRef}]`` per rank for
-        every call (outputs the caller keeps).
+        every call (outputs the caller keeps); called with the run's torch inputs, one per rank, as
+        templates (or None: no torch inputs), as :func:`mdtrt.arrays.torch_output_factory` takes them.
     torch_devices : list of int, optional
         Each rank's CUDA device; with torch CUDA inputs only, outputs then come from torch's
         caching allocator once their shapes are known.
@@ -134,6 +143,7 @@ class PreparedCall:
         # Keeps the arrays alive as long as the call can run; a reusable call (run_on only) must not
         # keep the arrays of the call that made it.
         self._refs = per_rank_refs if keep_inputs else None
+        self._likes = _templates(per_rank_refs) if keep_inputs else None  # for new_out, on every call
         self._out = out if keep_inputs else None  # a kept call gets each call's outputs in run_on
         # The given outputs as the native call takes them, for stream-ordered runs (converted once).
         self._out_native = [[ref.as_output(name) for name, ref in given.items()] for given in self._out or ()]
@@ -178,7 +188,7 @@ class PreparedCall:
         """
         if self._refs is None:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
-        out = self._new_out() if self._new_out is not None else self._out
+        out = self._new_out(self._likes) if self._new_out is not None else self._out
         ordered = self.stream_ordered_for(out)
         if self._new_out is None and not ordered:
             results = self._call()  # outputs, if any, were given when the call was prepared
@@ -235,10 +245,7 @@ class PreparedCall:
         """
         addresses = [[(ref.ptr, ref.stream) for ref in refs] for refs in per_rank_refs]
         if out is None and self._new_out is not None:
-            first = per_rank_refs[0]
-            # torch inputs: outputs shaped like them come from torch.empty_like (cheaper).
-            out = self._new_out([refs[0].owner if refs else None for refs in per_rank_refs]
-                                if first and first[0].kind == "torch" else None)
+            out = self._new_out(_templates(per_rank_refs))
         outputs = ([[(name, ref.ptr, ref.nbytes, ref.device, ref.stream) for name, ref in given.items()] for given in out]
                    if out else [])
         results = (self._call.run_at(addresses, outputs, True) if self.stream_ordered_for(out)
