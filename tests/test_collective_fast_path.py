@@ -93,6 +93,13 @@ class Native:
         pass
 
 
+class OneRankNative(Native):
+    """This process's one rank of a world of 2 (as DeviceGroup.from_env() makes it)."""
+
+    num_local_ranks = 1
+    ranks = devices = [0]
+
+
 @pytest.fixture
 def stubs(monkeypatch):
     """(make_group, log): groups of 2 ranks on the stub runner; log gets every run's arguments."""
@@ -125,9 +132,9 @@ def stubs(monkeypatch):
     monkeypatch.setattr(FakeCuda, "new_empty", lambda x, *sizes: fake_empty(sizes, x.dtype, on(x), "new_empty"),
                         raising=False)
 
-    def make_group():
+    def make_group(native=Native):
         group = DeviceGroup.__new__(DeviceGroup)
-        group._adopt(Native())
+        group._adopt(native())
         return group
 
     return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=allocated, how=how)
@@ -346,3 +353,19 @@ def test_outputs_are_made_from_the_inputs_where_they_can(stubs):
         group.all_reduce([xs[1], xs[0]])
     assert stubs.how == ["empty_like"] * 2 + ["empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2 + (
         ["empty_like"] * 2 + ["new_empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2)  # first calls: general path
+
+
+def test_one_local_rank_takes_a_single_tensor_on_the_fast_path(stubs):
+    """With one local rank (a process of a launched world) a single tensor stands for a list of
+    one, in and as out=: such calls find their kept call too, and return a list of one."""
+    group = stubs.make_group(OneRankNative)
+    x, o = FakeCuda((4, 3), 0, 0x1000), FakeCuda((4, 3), 0, 0x2000)
+    for _ in range(3):
+        assert group.all_reduce(x, out=o) == [o]
+        got = group.all_reduce(x)
+        assert len(got) == 1 and tuple(got[0].shape) == (4, 3)
+        assert group.all_reduce([x], out=(o,)) == [o]
+    assert len(group._torch_calls) == 2 and [len(r.prepared) for r in stubs.runners] == [2]
+    assert stubs.log[-1][0] == [[(0x1000, 100)]]
+    with pytest.raises(mdtrt.InvalidArgumentError, match="non-contiguous"):
+        group.all_reduce(FakeCuda((4, 3), 0, 0x1000, contiguous=False))

@@ -401,6 +401,11 @@ class DeviceGroup:
                 and (sequential_bind is False or sequential_bind is True)
                 and (stream_ordered is None or stream_ordered is True or stream_ordered is False)):
             group_key = None if groups is None else _exact_ints(groups)
+            if self._num_local_ranks == 1:  # a single array stands for a list of one (arguments.per_rank)
+                if type(inputs) is not list and type(inputs) is not tuple:
+                    inputs = [inputs]
+                if out is not None and type(out) is not list and type(out) is not tuple:
+                    out = [out]
             read = (read_torch_cuda(inputs, out, self._num_local_ranks)
                     if type(op) is str and (groups is None or group_key is not None) else None)
             if read is not None:
