@@ -111,7 +111,7 @@ def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
     handed to the native runner as typed OutputArgs, and returns exactly those objects."""
     made = []
 
-    def new_out():
+    def new_out(likes=None):
         refs = []
         for rank in range(2):
             owner = object()
@@ -168,7 +168,7 @@ def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
     import mdtrt.prepared_call as pc
 
     def fake_factory(specs, devices):
-        def allocate():
+        def allocate(likes=None):
             refs = [{name: ArrayRef(0x1000 + len(allocations), d, dtype, shape, FakeTensor(), "torch", 7)
                      for name, dtype, shape in rank} for rank, d in zip(specs, devices)]
             allocations.append(refs)
@@ -368,8 +368,8 @@ def test_engine_torch_outputs_first_run_waits_even_when_stream_ordering_is_asked
     x = _refs("torch")
     call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], stream_ordered=True)
     assert call._new_out is None  # no output shapes known yet
-    assert call._ordered(None) is False
-    assert call._ordered([{"output": x[0]}]) is True
+    assert call.stream_ordered_for(None) is False
+    assert call.stream_ordered_for([{"output": x[0]}]) is True
 
 
 def test_stream_ordered_argument_accepts_none_true_false_only():

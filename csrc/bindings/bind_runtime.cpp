@@ -294,7 +294,35 @@ void bind_runtime(py::module_& m) {
           "stream_ordered: return once the call is queued, its caller streams waiting for it.")
       .def_property_readonly("arrays_may_be_in_use", &PreparedInfer::arrays_may_be_in_use,
                              "After a run raised: whether work of it may still use its arrays (a rank was given "
-                             "up on, or the group broke with work queued): they must never be freed then.");
+                             "up on, or the group broke with work queued): they must never be freed then.")
+      .def(
+          "run_at_each",
+          [](PreparedInfer& p, const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
+             const std::string& output, const std::vector<size_t>& nbytes, const std::vector<int>& devices,
+             bool stream_ordered) {
+            // Flat lists of ints: converting them costs a fraction of run_at's nested lists of tuples.
+            const size_t n = nbytes.size();
+            if (pointers.size() != 2 * n || streams.size() != 2 * n || devices.size() != n)
+              throw_invalid_argument("run_at_each takes one input and one output per local rank: " +
+                                     std::to_string(pointers.size()) + " pointers, " + std::to_string(streams.size()) +
+                                     " streams, " + std::to_string(devices.size()) + " devices for " +
+                                     std::to_string(n) + " output sizes");
+            std::vector<std::vector<InputAddress>> at(n);
+            std::vector<std::vector<OutputArg>> out(n);
+            for (size_t i = 0; i < n; ++i) {
+              at[i].push_back(InputAddress{reinterpret_cast<const void*>(pointers[i]), streams[i]});
+              out[i].push_back(OutputArg{output, reinterpret_cast<void*>(pointers[n + i]), nbytes[i], devices[i],
+                                         streams[n + i]});
+            }
+            py::gil_scoped_release release;
+            p.run_at(at, std::move(out), stream_ordered);
+          },
+          py::arg("pointers"), py::arg("streams"), py::arg("output"), py::arg("nbytes"), py::arg("devices"),
+          py::arg("stream_ordered") = false,
+          "run_at for a program of one input and one output per local rank (a collective's), every output "
+          "given, as flat lists: pointers and streams name each rank's input (pointer, producer stream), then "
+          "each rank's output (pointer, caller stream); nbytes and devices each output's size and GPU; output "
+          "is the output's name. Returns None (the outputs are the caller's).");
 }
 
 }  // namespace mdtrt::bindings

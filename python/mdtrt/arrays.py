@@ -144,18 +144,29 @@ _NUMPY_DTYPES: dict = {}  # numpy dtype -> name, filled as dtypes are seen
 _TORCH_DTYPES: dict = {}  # torch dtype -> name, filled on first use (str() of a dtype is slow)
 
 
-_RAW_STREAM_GETTER: list = []  # torch._C._cuda_getCurrentRawStream, or None where torch lacks it
+_STREAM_GETTER: list = []  # the function giving torch's current stream handle on a device, once torch is used
 
 
-def _torch_current_stream(torch, device: int) -> int:
-    # The raw getter costs a fraction of torch.cuda.current_stream(); fall back where it is missing.
-    if not _RAW_STREAM_GETTER:
-        _RAW_STREAM_GETTER.append(getattr(torch._C, "_cuda_getCurrentRawStream", None))
-    raw = _RAW_STREAM_GETTER[0]
-    stream = raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
-    # torch's default stream is the device's legacy default stream (handle 0), which mdtrt's
-    # non-blocking rank streams do not wait for by themselves: name it explicitly.
-    return stream or _LEGACY_DEFAULT_STREAM
+def _stream_getter():
+    # torch's raw getter costs a fraction of torch.cuda.current_stream(); fall back where it is missing.
+    if not _STREAM_GETTER:
+        torch = _torch_module()
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        _STREAM_GETTER.append(raw or (lambda device: torch.cuda.current_stream(device).cuda_stream))
+    return _STREAM_GETTER[0]
+
+
+def torch_current_streams(devices) -> list[int]:
+    """torch's current stream on each of ``devices`` (CUDA device indices), as :func:`describe`
+    names it for a torch CUDA tensor there.
+
+    torch's default stream is the device's legacy default stream (handle 0), which mdtrt's
+    non-blocking rank streams do not wait for by themselves: it is named explicitly (1)."""
+    get = _STREAM_GETTER[0] if _STREAM_GETTER else _stream_getter()
+    streams = []
+    for device in devices:  # a loop: a comprehension's set-up costs more for a few devices
+        streams.append(get(device) or _LEGACY_DEFAULT_STREAM)
+    return streams
 
 
 _TORCH_TENSOR_TYPES: set = set()  # torch.Tensor and subclasses seen so far
@@ -178,6 +189,43 @@ def _is_torch_tensor(x) -> bool:
         _TORCH_TENSOR_TYPES.add(cls)
         return True
     return False
+
+
+def read_torch_cuda(inputs: Any, out: Any, count: int) -> tuple | None:
+    """One pass over a call's torch CUDA tensors, one input (and one ``out``) per local rank: what a
+    kept call's signature needs and the addresses its run needs, without an ArrayRef per tensor
+    (the one-shot calls' fast path).
+
+    Parameters
+    ----------
+    inputs, out : object
+        What the caller passed as one input per local rank, and as ``out`` (None: not given).
+    count : int
+        The number of local ranks.
+
+    Returns
+    -------
+    tuple or None
+        ``(signature, pointers)``: a flat tuple with each tensor's torch dtype, shape and device
+        (inputs, then ``out``'s), and the list of their data pointers in the same order. It covers
+        every property of a torch CUDA tensor that :func:`describe` reads or checks: a signature
+        whose call the general path made stands for tensors that path accepts and describes alike,
+        but for the addresses. None when ``inputs`` (or ``out``) is not a list or tuple of
+        ``count`` contiguous torch CUDA tensors: those arguments take the general path, which
+        describes or refuses them.
+    """
+    types = _TORCH_TENSOR_TYPES
+    signature = ()
+    pointers = []
+    for arrays in (inputs,) if out is None else (inputs, out):
+        if (type(arrays) is not list and type(arrays) is not tuple) or len(arrays) != count:
+            return None
+        for x in arrays:
+            if (type(x) not in types and not _is_torch_tensor(x)) or not x.is_cuda or not x.is_contiguous():
+                return None
+            signature += (x.dtype, x.shape, x.get_device())
+            pointers.append(x.data_ptr())
+    return signature, pointers
 
 
 def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
@@ -234,7 +282,7 @@ def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
             return ArrayRef(arr.__array_interface__["data"][0], -1, name, tuple(x.shape), (x, arr), "torch_cpu")
         device = x.get_device()
         return ArrayRef(x.data_ptr(), device, _TORCH_DTYPES.get(x.dtype) or dtype_name(x.dtype), tuple(x.shape), x,
-                        "torch", _torch_current_stream(torch, device))
+                        "torch", torch_current_streams((device,))[0])
     if which is not None:
         what = f"{what} {which}"
     cai = getattr(x, "__cuda_array_interface__", None)
@@ -473,6 +521,62 @@ def _torch_dtype(torch, name: str):
     return getattr(torch, name)  # mdtrt's dtype names are torch's attribute names
 
 
+def torch_allocator(shape, dtype: str, devices: list[int], like_shape, like_devices: list[int]):
+    """A function that allocates one output per rank as a torch tensor from torch's caching
+    allocator, all of one shape and dtype (a collective's).
+
+    Parameters
+    ----------
+    shape : tuple of int
+    dtype : str
+        mdtrt's dtype name.
+    devices : list of int
+        CUDA device index of each rank.
+    like_shape : tuple of int
+        The shape of the tensors the function gets (of ``dtype``, one per rank: a call's inputs).
+    like_devices : list of int
+        Their CUDA devices.
+
+    Returns
+    -------
+    callable
+        ``allocate(likes)`` returns a list with one new tensor per rank, on its device. Where each
+        of ``likes`` is on its rank's device, the outputs are made from them: ``torch.empty_like``
+        for their shape, ``Tensor.new_empty`` for another; each costs about half of
+        ``torch.empty`` with dtype and device arguments.
+    """
+    import torch
+
+    # Loops rather than comprehensions: with a few ranks, a comprehension's set-up costs more.
+    on_their_devices = list(like_devices) == list(devices)
+    if on_their_devices and tuple(like_shape) == tuple(shape):
+        empty_like = torch.empty_like
+
+        def allocate(likes) -> list:
+            out = []
+            for x in likes:
+                out.append(empty_like(x))
+            return out
+    elif on_their_devices and shape:
+        sizes = tuple(int(d) for d in shape)  # as separate ints: a tuple argument parses slower
+
+        def allocate(likes) -> list:
+            out = []
+            for x in likes:
+                out.append(x.new_empty(*sizes))
+            return out
+    else:
+        empty, torch_dtype = torch.empty, _torch_dtype(torch, dtype)
+        targets = [torch.device("cuda", d) for d in devices]
+
+        def allocate(likes) -> list:
+            out = []
+            for device in targets:
+                out.append(empty(shape, dtype=torch_dtype, device=device))
+            return out
+    return allocate
+
+
 def torch_output_factory(specs: list, devices: list[int]):
     """A function that allocates every rank's outputs as torch tensors from torch's caching allocator.
 
@@ -489,8 +593,9 @@ def torch_output_factory(specs: list, devices: list[int]):
         ``allocate(likes=None)`` returns a list with one ``{name: ArrayRef}`` per rank; each ref
         (kind "torch") carries the stream current on its GPU at allocation time, since the caching
         allocator hands its blocks out in that stream's order. ``likes`` (optional): one torch
-        tensor per rank (the rank's input); an output of its shape and dtype is then allocated with
-        ``torch.empty_like``, which costs about half of ``torch.empty`` with a device argument.
+        tensor per rank (the rank's input); an output of its shape and dtype, when it is on the
+        rank's GPU, is then allocated with ``torch.empty_like``, which costs about half of
+        ``torch.empty`` with a device argument.
     """
     import torch
 
@@ -504,11 +609,12 @@ def torch_output_factory(specs: list, devices: list[int]):
     def allocate(likes=None) -> list[dict]:
         out = []
         for i, (index, device, outputs) in enumerate(plan):
-            stream = _torch_current_stream(torch, index)
+            stream = torch_current_streams((index,))[0]
             like = likes[i] if likes is not None else None
             refs = {}
             for name, dtype, shape, torch_dtype in outputs:
-                if like is not None and like.dtype is torch_dtype and like.shape == shape:
+                if (like is not None and like.dtype is torch_dtype and like.shape == shape
+                        and like.get_device() == index):  # an input on another GPU is copied to this one
                     t = empty_like(like)
                 else:
                     t = empty(shape, dtype=torch_dtype, device=device)

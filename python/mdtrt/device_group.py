@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from . import _core, arguments
-from .arrays import describe, torch_output_factory
+from .arrays import ArrayRef, describe, read_torch_cuda, torch_allocator, torch_current_streams, torch_output_factory
 from .errors import InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
@@ -20,6 +20,88 @@ from .vocabulary import ROOTED as _ROOTED
 _MAX_CACHED_COLLECTIVES = 16
 # Prepared one-shot calls, one per argument signature (op, dtype, shape, devices, out= or not).
 _MAX_CACHED_CALLS = 64
+
+
+def _exact_ints(values) -> tuple | None:
+    """``values`` as a tuple when it is a list or tuple of ints (no bools, no other integer types),
+    else None: options that equal a checked key may then stand for it (True == 1, 1.0 == 1)."""
+    if type(values) is not list and type(values) is not tuple:
+        return None
+    for v in values:
+        if type(v) is not int:
+            return None
+    return tuple(values)
+
+
+class _KeptCollective(NamedTuple):
+    """A collective's prepared call as the one-shot calls keep it per argument signature."""
+
+    call: PreparedCall
+    defined: list | None  # per local rank, whether its output is defined (None: every rank's is)
+    runner_key: tuple  # the runner it runs on: it goes when that runner is evicted
+
+    def results(self, outputs) -> list:
+        """What the collective returns: ``outputs`` (one per local rank), None for undefined ones."""
+        defined = self.defined
+        if defined is None:
+            return list(outputs)
+        return [o if d else None for o, d in zip(outputs, defined)]
+
+
+class _TorchRun:
+    """A kept collective run on torch CUDA tensors of one signature (as ``read_torch_cuda`` reads
+    it) without an ArrayRef per tensor: made from the first call of that signature that passed
+    the general path's checks, whose arrays (not kept) give what every call of the signature
+    shares (devices, output sizes, stream ordering).
+
+    Parameters
+    ----------
+    kept : _KeptCollective
+    refs : list of ArrayRef
+        That call's inputs.
+    out_refs : list of dict or None
+        That call's ``out`` (``{"output": ArrayRef}`` per rank), None when outputs are allocated.
+    out_shape : tuple of int or None
+        The output's shape, when outputs are allocated.
+    rank_devices : list of int
+        Each local rank's CUDA device (where allocated outputs go).
+    """
+
+    __slots__ = ("kept", "_run_at_each", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
+                 "_out_nbytes", "_allocate")
+
+    def __init__(self, kept, refs, out_refs, out_shape, rank_devices):
+        self.kept = kept
+        self._run_at_each = kept.call.run_at_each
+        self._defined = kept.defined
+        self._devices = [ref.device for ref in refs]
+        self._allocate = None
+        if out_refs is None:  # torch outputs, as the PreparedCall's new_out allocates them
+            out_refs = [{"output": ArrayRef(0, device, refs[0].dtype, out_shape, None, "torch")}
+                        for device in rank_devices]
+            self._allocate = torch_allocator(out_shape, refs[0].dtype, rank_devices, refs[0].shape, self._devices)
+        outs = [given["output"] for given in out_refs]
+        self._ordered = kept.call.stream_ordered_for(out_refs)
+        self._out_devices = [o.device for o in outs]
+        self._out_streams = self._out_devices != self._devices  # outputs on other GPUs: read their streams
+        self._out_nbytes = [o.nbytes for o in outs]
+
+    def __call__(self, inputs, pointers, out) -> list:
+        """Runs the call on ``inputs``, into ``out`` (None: new tensors from torch's caching
+        allocator); ``pointers``: the inputs' data pointers, then ``out``'s (a list of this call's:
+        allocated outputs' are appended). Returns as :meth:`DeviceGroup.collective`."""
+        streams = torch_current_streams(self._devices)
+        if out is None:
+            out = self._allocate(inputs)
+            for t in out:  # a loop: a comprehension's set-up costs more for a few ranks
+                pointers.append(t.data_ptr())
+        streams += torch_current_streams(self._out_devices) if self._out_streams else streams
+        try:
+            self._run_at_each(pointers, streams, "output", self._out_nbytes, self._out_devices, self._ordered)
+        except BaseException:
+            self.kept.call.hold_if_in_use(inputs, out)  # work of the failed run may still use them
+            raise
+        return list(out) if self._defined is None else self.kept.results(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +202,8 @@ class DeviceGroup:
         self._native = native
         self._runners: OrderedDict = OrderedDict()  # collective runners by (op, reduce, root, groups, dtype, bind)
         self._calls = KeptCalls(_MAX_CACHED_CALLS)  # one-shot collective calls by argument signature
+        # The same calls (_KeptCollective) by the signature of torch CUDA tensors, as read_torch_cuda reads it.
+        self._torch_calls = KeptCalls(_MAX_CACHED_CALLS)
         # Fixed for the group's life; read on every call (a native property read costs a call).
         self._num_local_ranks = native.num_local_ranks
         self._ranks = list(native.ranks)
@@ -184,6 +268,7 @@ class DeviceGroup:
         native, self._native = self._native, None
         self._runners.clear()
         self._calls.clear()
+        self._torch_calls.clear()
         if native is not None:
             native.close()
 
@@ -301,20 +386,51 @@ class DeviceGroup:
         The group keeps one prepared call per argument signature (op, reduce, root, groups, dtype,
         shape, array kind and GPUs, ``out`` given or not; the 64 most recent): a loop of calls on
         new arrays checks each call's arguments but converts and plans them once. The kept call
-        holds none of the arrays. ``prepare_collective`` also skips reading the arrays per call.
+        holds none of the arrays. For torch CUDA tensors and options of their plain types (int
+        ``root``, bool flags, a list of ints as ``groups``) those checks are one read of each
+        tensor's dtype, shape, GPU, contiguity and address, matched against the signatures that
+        passed every check before. ``prepare_collective`` also skips reading the arrays per call.
         """
+        return self._collective(op, inputs, reduce, root, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
+
+    def _collective(self, op, inputs, reduce, root, groups, out, poison_outputs, sequential_bind, stream_ordered):
+        """:meth:`collective`, its arguments positional: the op methods call it directly."""
+        # Torch CUDA tensors and plainly typed options, as a loop of calls passes them: the call
+        # kept for their signature is found from one pass over the tensors (every property the
+        # general path checks, and the addresses) and run on them. Everything else, and the first
+        # call of each signature, takes the general path, which checks, describes and keeps.
+        torch_key = None
+        if (type(root) is int and type(reduce) is str and (poison_outputs is False or poison_outputs is True)
+                and (sequential_bind is False or sequential_bind is True)
+                and (stream_ordered is None or stream_ordered is True or stream_ordered is False)):
+            group_key = None if groups is None else _exact_ints(groups)
+            if self._num_local_ranks == 1:  # a single array stands for a list of one (arguments.per_rank)
+                if type(inputs) is not list and type(inputs) is not tuple:
+                    inputs = [inputs]
+                if out is not None and type(out) is not list and type(out) is not tuple:
+                    out = [out]
+            read = (read_torch_cuda(inputs, out, self._num_local_ranks)
+                    if type(op) is str and (groups is None or group_key is not None) else None)
+            if read is not None:
+                # (read[0] covers out= too: with it, twice as long)
+                torch_key = (op, reduce, root, group_key, poison_outputs, sequential_bind, stream_ordered) + read[0]
+                run = self._torch_calls.get(torch_key)  # a plain get: evicted in the order kept, not used
+                if run is not None:
+                    return run(inputs, read[1], out)
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
                                                          sequential_bind, stream_ordered)
         # One prepared call per argument signature: a loop of one-shot calls (new arrays each time,
         # as users write it) checks, converts and plans its arguments once, not per call.
         call_key = (key, poison_outputs, stream_ordered, refs[0].kind, refs[0].shape, tuple([r.device for r in refs]),
                     None if out_refs is None else tuple([o["output"].device for o in out_refs]))
-        call, defined = self._calls.find(call_key) or self._calls.keep(
+        kept = self._calls.find(call_key) or self._calls.keep(
             call_key, self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=False))
-        results = call.run_on([[ref] for ref in refs], out_refs)
-        if defined is None:
-            return [o["output"] for o in results]
-        return [o["output"] if d else None for o, d in zip(results, defined)]
+        results = kept.call.run_on([[ref] for ref in refs], out_refs)
+        if torch_key is not None:  # these tensors passed every check: their signature finds this call
+            out_shape = self._output_shape(key, refs[0].shape) if out_refs is None else None
+            self._torch_calls.keep(torch_key, _TorchRun(kept, refs, out_refs, out_shape, list(self._native.devices)))
+        return kept.results([o["output"] for o in results])
 
     def prepare_collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0,
                            groups: Sequence[int] | None = None, out=None, poison_outputs: bool = False,
@@ -328,7 +444,8 @@ class DeviceGroup:
         when it is called."""
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
                                                          sequential_bind, stream_ordered)
-        call, defined = self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=True)
+        kept = self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=True)
+        call, defined = kept.call, kept.defined
         if defined is None:
             return lambda: [o["output"] for o in call()]
         return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
@@ -388,10 +505,12 @@ class DeviceGroup:
             # (list() copies the keys in one step: another thread's call may change the dict meanwhile)
             for call_key in [k for k in list(self._calls) if k[0] == evicted]:
                 self._calls.pop(call_key, None)
+            for call_key in [k for k, run in list(self._torch_calls.items()) if run.kept.runner_key == evicted]:
+                self._torch_calls.pop(call_key, None)
         return cached
 
     def _new_collective_call(self, refs, out_refs, key, poison_outputs, stream_ordered, *, keep_inputs):
-        """(PreparedCall, per-rank "output defined" list or None) of a collective on these arrays."""
+        """The _KeptCollective (PreparedCall, which ranks' outputs are defined) of a collective on these arrays."""
         native = self._native
         runner, defined = self._collective_runner(key)
         n = self._num_local_ranks
@@ -399,93 +518,113 @@ class DeviceGroup:
         new_out = None
         if out_refs is None and first.kind == "torch":
             # torch in, torch out: outputs from torch's caching allocator, a fresh set per call.
-            op, groups = key[0], key[3]
-            group_size = len(groups) if groups else native.world_size
-            shape = tuple(_core.collective_output_shape(op, list(first.shape), group_size))
-            new_out = torch_output_factory([[("output", first.dtype, shape)]] * n, list(native.devices))
+            new_out = torch_output_factory([[("output", first.dtype, self._output_shape(key, first.shape))]] * n,
+                                           list(native.devices))
         call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=bool(poison_outputs),
                             out=out_refs, new_out=new_out, keep_inputs=keep_inputs, output_names=("output",),
                             stream_ordered=stream_ordered)
-        return call, defined
+        return _KeptCollective(call, defined, key)
 
-    def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+    def _output_shape(self, key, shape) -> tuple:
+        """The output shape of the collective of runner ``key`` on inputs of ``shape``."""
+        op, groups = key[0], key[3]
+        group_size = len(groups) if groups else self._native.world_size
+        return tuple(_core.collective_output_shape(op, list(shape), group_size))
+
+    def all_reduce(self, inputs, *, reduce: str = "sum", groups=None, out=None, poison_outputs: bool = False,
+                   sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """Element-wise ``reduce`` (sum, prod, max, min, avg) of the group's inputs, on every member.
 
         Every member's input has shape ``(N, ...)``; every member gets the reduction, shape
         ``(N, ...)``, same dtype.
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("all_reduce", inputs, reduce=reduce, groups=groups, **kw)
+        return self._collective("all_reduce", inputs, reduce, 0, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
 
-    def all_gather(self, inputs, *, groups=None, **kw) -> list:
+    def all_gather(self, inputs, *, groups=None, out=None, poison_outputs: bool = False,
+                   sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """The group's inputs concatenated along the first dimension, in group-rank order, on every member.
 
         Inputs of shape ``(N, ...)`` on ``G`` members give ``(G * N, ...)`` on each.
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("all_gather", inputs, groups=groups, **kw)
+        return self._collective("all_gather", inputs, "sum", 0, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
 
-    def broadcast(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+    def broadcast(self, inputs, *, root: int = 0, groups=None, out=None, poison_outputs: bool = False,
+                  sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """World rank ``root``'s input, shape ``(N, ...)``, on every member of the group.
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("broadcast", inputs, root=root, groups=groups, **kw)
+        return self._collective("broadcast", inputs, "sum", root, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
 
-    def reduce(self, inputs, *, reduce: str = "sum", root: int = 0, groups=None, **kw) -> list:
+    def reduce(self, inputs, *, reduce: str = "sum", root: int = 0, groups=None, out=None, poison_outputs: bool = False,
+               sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """Element-wise ``reduce`` of the group's inputs, on world rank ``root`` only.
 
         Inputs of shape ``(N, ...)``; ``root`` gets ``(N, ...)``, the other members None.
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("reduce", inputs, reduce=reduce, root=root, groups=groups, **kw)
+        return self._collective("reduce", inputs, reduce, root, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
 
-    def reduce_scatter(self, inputs, *, reduce: str = "sum", groups=None, **kw) -> list:
+    def reduce_scatter(self, inputs, *, reduce: str = "sum", groups=None, out=None, poison_outputs: bool = False,
+                       sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """Element-wise ``reduce`` of the group's inputs, split along the first dimension.
 
         Inputs of shape ``(N, ...)`` with ``N`` divisible by the group size ``G``: group rank ``i``
         gets rows ``i * N / G`` to ``(i + 1) * N / G`` of the reduction, shape ``(N / G, ...)``.
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("reduce_scatter", inputs, reduce=reduce, groups=groups, **kw)
+        return self._collective("reduce_scatter", inputs, reduce, 0, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
 
-    def all_to_all(self, inputs, *, groups=None, **kw) -> list:
+    def all_to_all(self, inputs, *, groups=None, out=None, poison_outputs: bool = False,
+                   sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """Chunk exchange: group rank ``i`` gets chunk ``i`` of every member's input, in group-rank order.
 
         Inputs of shape ``(N, ...)`` with ``N`` divisible by the group size ``G`` (chunks of
         ``N / G`` rows); every member gets ``(N, ...)``.
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("all_to_all", inputs, groups=groups, **kw)
+        return self._collective("all_to_all", inputs, "sum", 0, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
 
-    def gather(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+    def gather(self, inputs, *, root: int = 0, groups=None, out=None, poison_outputs: bool = False,
+               sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """The group's inputs concatenated along the first dimension, in group-rank order, on ``root`` only.
 
         Inputs of shape ``(N, ...)`` on ``G`` members; ``root`` gets ``(G * N, ...)``, the others None.
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("gather", inputs, root=root, groups=groups, **kw)
+        return self._collective("gather", inputs, "sum", root, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)
 
-    def scatter(self, inputs, *, root: int = 0, groups=None, **kw) -> list:
+    def scatter(self, inputs, *, root: int = 0, groups=None, out=None, poison_outputs: bool = False,
+                sequential_bind: bool = False, stream_ordered: bool | None = None) -> list:
         """World rank ``root``'s input split along the first dimension: group rank ``i`` gets chunk ``i``.
 
         ``root``'s input has shape ``(N, ...)`` with ``N`` divisible by the group size ``G``; every
         member gets ``(N / G, ...)`` (the other members' inputs give only shape and dtype).
 
-        Parameters and errors are those of :meth:`collective` (``**kw``: ``out``,
-        ``poison_outputs``, ``sequential_bind``, ``stream_ordered``).
+        Parameters and errors are those of :meth:`collective` (``out``, ``poison_outputs``,
+        ``sequential_bind``, ``stream_ordered`` too).
         """
-        return self.collective("scatter", inputs, root=root, groups=groups, **kw)
+        return self._collective("scatter", inputs, "sum", root, groups, out, poison_outputs,
+                                sequential_bind, stream_ordered)

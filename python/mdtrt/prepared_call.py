@@ -46,6 +46,14 @@ class KeptCalls(OrderedDict):
         return call
 
 
+def _templates(per_rank_refs):
+    """What ``new_out`` gets for a run on these inputs: with torch inputs, each rank's first (an
+    output of its shape, dtype and GPU then comes from ``torch.empty_like``, which costs about half
+    of ``torch.empty`` with a device); else None."""
+    first = per_rank_refs[0]
+    return [refs[0].owner if refs else None for refs in per_rank_refs] if first and first[0].kind == "torch" else None
+
+
 class PreparedCall:
     """A ProgramRunner call whose arguments were checked, converted and planned once (the native
     ``PreparedInfer``): calling it runs the program again on the same buffers (their current
@@ -76,7 +84,8 @@ class PreparedCall:
         and returns their owners.
     new_out : callable, optional
         Without ``out`` and with device inputs: returns fresh ``[{name: ArrayRef}]`` per rank for
-        every call (outputs the caller keeps).
+        every call (outputs the caller keeps); called with the run's torch inputs, one per rank, as
+        templates (or None: no torch inputs), as :func:`mdtrt.arrays.torch_output_factory` takes them.
     torch_devices : list of int, optional
         Each rank's CUDA device; with torch CUDA inputs only, outputs then come from torch's
         caching allocator once their shapes are known.
@@ -143,6 +152,7 @@ class PreparedCall:
         # Keeps the arrays alive as long as the call can run; a reusable call (run_on only) must not
         # keep the arrays of the call that made it.
         self._refs = per_rank_refs if keep_inputs else None
+        self._likes = _templates(per_rank_refs) if keep_inputs else None  # for new_out, on every call
         self._out = out if keep_inputs else None  # a kept call gets each call's outputs in run_on
         # The given outputs as the native call takes them, for stream-ordered runs (converted once).
         self._out_native = [[ref.as_output(name) for name, ref in given.items()] for given in self._out or ()]
@@ -187,8 +197,8 @@ class PreparedCall:
         """
         if self._refs is None:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
-        out = self._new_out() if self._new_out is not None else self._out
-        ordered = self._ordered(out)
+        out = self._new_out(self._likes) if self._new_out is not None else self._out
+        ordered = self.stream_ordered_for(out)
         try:
             if self._new_out is None and not ordered:
                 results = self._call()  # outputs, if any, were given when the call was prepared
@@ -197,17 +207,29 @@ class PreparedCall:
                               [[ref.as_output(name) for name, ref in given.items()] for given in out])
                 results = self._call(native_out, True) if ordered else self._call(native_out)
         except BaseException:
-            self._hold_if_in_use(self._refs, out)
+            self.hold_if_in_use(self._refs, out)
             raise
         return self._wrap(results, self._refs, out)
 
-    def _hold_if_in_use(self, refs, out) -> None:
-        """After a run raised: keeps its arrays forever when work of it may still use them."""
+    def hold_if_in_use(self, arrays, out) -> None:
+        """After a run raised: keeps its arrays (any objects that own them: ArrayRefs, tensors)
+        forever when work of it may still use them (see ``_HELD_FOR_UNFINISHED_WORK``)."""
         if self._call.arrays_may_be_in_use:
-            _HELD_FOR_UNFINISHED_WORK.append((refs, out))
+            _HELD_FOR_UNFINISHED_WORK.append((arrays, out))
 
-    def _ordered(self, out) -> bool:
-        """Whether a run with these outputs is stream-ordered (see ``stream_ordered``)."""
+    @property
+    def run_at_each(self):
+        """The native call's ``run_at_each(pointers, streams, output, nbytes, devices,
+        stream_ordered)``: :meth:`run_on` of a program with one input and one output per rank,
+        every output given, for a caller that reads the addresses itself (flat lists: each rank's
+        input pointer and stream, then each rank's output's; each output's size and GPU) and asks
+        :meth:`stream_ordered_for` once. Returns None. A caller that catches its error must call
+        :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does."""
+        return self._call.run_at_each
+
+    def stream_ordered_for(self, out) -> bool:
+        """Whether a run with these outputs (``out``, or what ``new_out`` gives) is stream-ordered
+        (see ``stream_ordered``)."""
         if self._stream_ordered is not None:
             if self._stream_ordered and not out and self._torch_devices is not None:
                 return False  # torch outputs of an engine: the first run learns their shapes, waiting
@@ -243,17 +265,14 @@ class PreparedCall:
         """
         addresses = [[(ref.ptr, ref.stream) for ref in refs] for refs in per_rank_refs]
         if out is None and self._new_out is not None:
-            first = per_rank_refs[0]
-            # torch inputs: outputs shaped like them come from torch.empty_like (cheaper).
-            out = self._new_out([refs[0].owner if refs else None for refs in per_rank_refs]
-                                if first and first[0].kind == "torch" else None)
+            out = self._new_out(_templates(per_rank_refs))
         outputs = ([[(name, ref.ptr, ref.nbytes, ref.device, ref.stream) for name, ref in given.items()] for given in out]
                    if out else [])
         try:
-            results = (self._call.run_at(addresses, outputs, True) if self._ordered(out)
+            results = (self._call.run_at(addresses, outputs, True) if self.stream_ordered_for(out)
                        else self._call.run_at(addresses, outputs))
         except BaseException:
-            self._hold_if_in_use(per_rank_refs, out)
+            self.hold_if_in_use(per_rank_refs, out)
             raise
         names = self._output_names
         if out and names is not None and all(len(given) == len(names) for given in out):

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Python cost per call of the collective entry points, on any machine (no GPU): the native group
+and runner are stubbed (a run does nothing), so what is timed is mdtrt's Python alone.
+
+Entry points, on 2 ranks with 1 KiB float16 tensors (``--ranks``, ``--elements``):
+``collective(op, xs, out=outs)``, ``collective(op, xs)``, ``all_reduce(xs, out=outs)``,
+``all_reduce(xs)``, ``all_gather(xs)``, ``prepare_collective(op, xs, out=outs)()`` and
+``prepare_collective(op, xs)()``.
+Prints the median per call of each (microseconds); ``--profile`` then prints a cProfile of
+``all_reduce(xs, out=outs)``.
+
+What is faked, so that the numbers are the cost of mdtrt's Python:
+- The tensors are Python objects that answer what mdtrt asks of a torch CUDA tensor (dtype,
+  shape, contiguity, device, data pointer) at the cost of Python attributes, a little below
+  torch's own (50-100 ns a read); ``torch.empty_like``, ``torch.empty`` and ``new_empty`` make
+  more of them.
+- torch's current stream is a constant (``mdtrt.arrays._STREAM_GETTER``).
+- ``_core.CollectiveProgram`` / ``_core.ProgramRunner``: a runner whose prepared call returns at once.
+On GPUs the allocations, the stream reads and the native call come on top (bench_collectives.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ranks", type=int, default=2, help="local ranks of the stubbed group (default 2)")
+    p.add_argument("--elements", type=int, default=512, help="float16 elements per tensor (default 512: 1 KiB)")
+    p.add_argument("--iterations", type=int, default=20000, help="timed calls per entry point (default 20000)")
+    p.add_argument("--profile", action="store_true", help="also print a cProfile of all_reduce(xs, out=outs)")
+    return p
+
+
+def stub_group(count: int):
+    """A DeviceGroup of ``count`` local ranks whose native parts do nothing (no GPU needed)."""
+    from mdtrt import _core, arrays
+    from mdtrt.device_group import DeviceGroup
+
+    class Native:
+        num_local_ranks = world_size = count
+        devices = ranks = list(range(count))
+
+    class PreparedStub:
+        def __call__(self, *args):
+            return []
+
+        def run_at(self, *args):
+            return []
+
+        def run_at_each(self, *args):
+            return None
+
+    class RunnerStub:
+        def prepare(self, *args):
+            return PreparedStub()
+
+    arrays._STREAM_GETTER[:] = [lambda device: 7]
+    _core.CollectiveProgram = lambda *args: None
+    _core.ProgramRunner = lambda *args: RunnerStub()
+    group = DeviceGroup.__new__(DeviceGroup)
+    group._adopt(Native())
+    return group
+
+
+class FakeCudaTensor:
+    """What mdtrt reads of a torch CUDA tensor (torch's dtype and shape types), at the cost of
+    plain Python attributes and methods: torch's own reads cost about 50-100 ns each."""
+
+    __module__ = "torch.fake"  # mdtrt recognizes torch tensors by their module
+    __slots__ = ("dtype", "shape", "device_index", "ptr")
+    is_cuda = True
+
+    def __init__(self, dtype, shape, device: int, ptr: int):
+        self.dtype, self.shape, self.device_index, self.ptr = dtype, shape, device, ptr
+
+    def is_contiguous(self):
+        return True
+
+    def get_device(self):
+        return self.device_index
+
+    def data_ptr(self):
+        return self.ptr
+
+    def new_empty(self, *sizes):
+        return FakeCudaTensor(self.dtype, type(self.shape)(sizes), self.device_index, 8192)
+
+
+def fake_cuda_tensors(torch, ranks: int, elements: int) -> list:
+    """One float16 tensor of ``elements`` per rank, on GPU ``rank`` as far as mdtrt can tell."""
+    return [FakeCudaTensor(torch.float16, torch.Size((elements,)), r, 4096 * (r + 1)) for r in range(ranks)]
+
+
+def median_us(fn, iterations: int) -> float:
+    for _ in range(min(2000, iterations)):
+        fn()
+    clock = time.perf_counter
+    times = []
+    for _ in range(iterations):
+        t = clock()
+        fn()
+        times.append(clock() - t)
+    return statistics.median(times) * 1e6
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.empty_like = lambda x: FakeCudaTensor(x.dtype, x.shape, x.device_index, 8192)
+    torch.empty = lambda shape, dtype=None, device=None: FakeCudaTensor(dtype, torch.Size(shape), device.index, 8192)
+    group = stub_group(args.ranks)
+    xs = fake_cuda_tensors(torch, args.ranks, args.elements)
+    outs = fake_cuda_tensors(torch, args.ranks, args.elements)
+    prepared = group.prepare_collective("all_reduce", xs, out=outs)
+    prepared_default = group.prepare_collective("all_reduce", xs)
+    calls = {
+        "collective(op, xs, out=outs)": lambda: group.collective("all_reduce", xs, out=outs),
+        "collective(op, xs)": lambda: group.collective("all_reduce", xs),
+        "all_reduce(xs, out=outs)": lambda: group.all_reduce(xs, out=outs),
+        "all_reduce(xs)": lambda: group.all_reduce(xs),
+        "all_gather(xs)": lambda: group.all_gather(xs),
+        "prepare_collective(op, xs, out=outs)()": prepared,
+        "prepare_collective(op, xs)()": prepared_default,
+    }
+    for name, fn in calls.items():
+        print(f"{name:40s} {median_us(fn, args.iterations):6.2f} us")
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [group.all_reduce(xs, out=outs) for _ in range(args.iterations)])
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,407 @@
+"""The one-shot collectives' fast path for torch CUDA tensors (DeviceGroup._torch_calls), against
+a stub of the native runner and stand-ins for torch CUDA tensors, so it is tested on any machine:
+a signature found again runs what the general path would run, and anything the general path
+checks (shape, dtype, contiguity, device, out= size, argument types) is never passed by it."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from types import SimpleNamespace
+
+import pytest
+
+import mdtrt
+from mdtrt import _core, arrays
+from mdtrt.device_group import DeviceGroup
+
+torch = pytest.importorskip("torch")
+
+
+class FakeCuda:
+    """What mdtrt reads of a torch CUDA tensor: dtype, shape, device, data pointer, contiguity."""
+
+    __module__ = "torch.fake"  # mdtrt recognizes torch tensors by their module
+    __slots__ = ("dtype", "shape", "device_index", "ptr", "contiguous", "is_cuda", "__weakref__")
+
+    def __init__(self, shape, device, ptr, dtype=None, contiguous=True, is_cuda=True):
+        self.dtype = torch.float32 if dtype is None else dtype
+        self.shape, self.device_index, self.ptr = torch.Size(shape), device, ptr
+        self.contiguous, self.is_cuda = contiguous, is_cuda
+
+    def is_contiguous(self):
+        return self.contiguous
+
+    def get_device(self):
+        return self.device_index if self.is_cuda else -1
+
+    def data_ptr(self):
+        return self.ptr
+
+
+class StubCall:
+    """A native prepared call: run_at records its arguments and checks the outputs' sizes and
+    devices, as the native one does on every run."""
+
+    arrays_may_be_in_use = False  # a run that raised left no work behind (see test_failed_fast_run_...)
+
+    def __init__(self, log, out_nbytes):
+        self.log, self.out_nbytes = log, out_nbytes
+
+    def run_at(self, addresses, outputs, stream_ordered=False):
+        for rank, given in enumerate(outputs):
+            for name, ptr, nbytes, device, stream in given:
+                if nbytes != self.out_nbytes or device != rank:
+                    raise mdtrt.InvalidArgumentError(f"out of rank {rank}: {nbytes} bytes on GPU {device}, "
+                                                     f"needs {self.out_nbytes} bytes on GPU {rank}")
+        self.log.append((addresses, outputs, stream_ordered))
+        return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in addresses]
+
+    def __call__(self, outputs=None, stream_ordered=False):
+        """A run of a prepared call (prepare_collective) on the arrays it was prepared with."""
+        self.log.append(("prepared", outputs, stream_ordered))
+        return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in range(2)]
+
+    def run_at_each(self, pointers, streams, output, nbytes, devices, stream_ordered=False):
+        """As the native one: run_at with one input and one output per rank, from flat lists."""
+        n = len(nbytes)
+        assert len(pointers) == len(streams) == 2 * n and len(devices) == n
+        self.run_at([[(pointers[i], streams[i])] for i in range(n)],
+                    [[(output, pointers[n + i], nbytes[i], devices[i], streams[n + i])] for i in range(n)],
+                    stream_ordered)
+
+
+class StubRunner:
+    """A native runner: prepare records each rank's input (GPU, dtype, shape) as planned."""
+
+    def __init__(self, log, program):
+        self.log, self.program, self.prepared = log, program, []
+
+    def prepare(self, inputs, replication, poison, fetch, on_device, timeout, outputs):
+        self.prepared.append([(a.device, a.dtype, a.shape) for args in inputs for a in args])
+        op, shape, dtype = self.program[0], list(inputs[0][0].shape), inputs[0][0].dtype
+        out_shape = _core.collective_output_shape(op, shape, 2)
+        count = 1
+        for d in out_shape:
+            count *= d
+        return StubCall(self.log, count * arrays.ITEMSIZE[dtype])
+
+
+class Native:
+    num_local_ranks = world_size = 2
+    ranks = devices = [0, 1]
+
+    def close(self):
+        pass
+
+
+class OneRankNative(Native):
+    """This process's one rank of a world of 2 (as DeviceGroup.from_env() makes it)."""
+
+    num_local_ranks = 1
+    ranks = devices = [0]
+
+
+@pytest.fixture
+def stubs(monkeypatch):
+    """(make_group, log): groups of 2 ranks on the stub runner; log gets every run's arguments."""
+    log = []
+    runners = []
+
+    def program(op, reduce, root, groups, dtype, world, n):
+        return (op, reduce, root, groups, dtype)
+
+    def runner(native, programs, sequential):
+        runners.append(StubRunner(log, programs[0]))
+        return runners[-1]
+
+    monkeypatch.setattr(_core, "CollectiveProgram", program)
+    monkeypatch.setattr(_core, "ProgramRunner", runner)
+    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 100 + device])
+    allocated = []
+    how = []  # per allocation: "empty", "empty_like" or "new_empty"
+
+    def fake_empty(shape, dtype=None, device=None, via="empty"):
+        how.append(via)
+        allocated.append(FakeCuda(shape, device.index, 0x900000 + 0x1000 * len(allocated), dtype))
+        return allocated[-1]
+
+    def on(x):
+        return torch.device("cuda", x.device_index)
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    monkeypatch.setattr(torch, "empty_like", lambda x: fake_empty(x.shape, x.dtype, on(x), "empty_like"))
+    monkeypatch.setattr(FakeCuda, "new_empty", lambda x, *sizes: fake_empty(sizes, x.dtype, on(x), "new_empty"),
+                        raising=False)
+
+    def make_group(native=Native):
+        group = DeviceGroup.__new__(DeviceGroup)
+        group._adopt(native())
+        return group
+
+    return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=allocated, how=how)
+
+
+def tensors(base, shape=(4, 3), **kw):
+    return [FakeCuda(shape, rank, base + 0x100 * rank, **kw) for rank in range(2)]
+
+
+CASES = [
+    ("all_reduce", {}, False),
+    ("all_reduce", {"reduce": "max"}, True),
+    ("all_gather", {}, False),
+    ("all_gather", {"groups": [0, 1]}, True),
+    ("broadcast", {"root": 1}, True),
+    ("reduce", {"root": 1}, False),
+    ("reduce_scatter", {}, False),
+    ("all_to_all", {"stream_ordered": False}, False),
+    ("gather", {"root": 0}, False),
+    ("scatter", {"root": 1, "stream_ordered": True}, False),
+]
+
+
+def run_series(stubs, op, options, with_out, fast: bool):
+    """Four calls of one signature on new tensors each: what each returned and each run got."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not fast:  # the general path on every call
+            patch.setattr("mdtrt.device_group.read_torch_cuda", lambda *args: None)
+        group = stubs.make_group()
+        del stubs.log[:]
+        del stubs.allocated[:]
+        returned = []
+        for step in range(4):
+            xs = tensors(0x10000 * (step + 1))
+            if with_out:
+                rows = 8 if op in ("all_gather", "gather") else 2 if op in ("reduce_scatter", "scatter") else 4
+                outs = tensors(0x200000 + 0x10000 * step, shape=(rows, 3))
+                got = getattr(group, op)(xs, out=outs, **options)
+                returned.append([None if g is None else ("out", outs.index(g)) for g in got])
+            else:
+                got = getattr(group, op)(xs, **options)
+                returned.append([None if g is None else (tuple(g.shape), g.dtype, g.device_index, g.ptr)
+                                 for g in got])
+    return returned, list(stubs.log), group
+
+
+@pytest.mark.parametrize("op, options, with_out", CASES + [(op, opts, not out) for op, opts, out in CASES])
+def test_fast_path_runs_what_the_general_path_runs(stubs, op, options, with_out):
+    """Every op, with and without out=, with options: the fast path (from the second call of a
+    signature on) gives the native run the same addresses, streams, output buffers and stream
+    ordering as the general path does, and returns the same arrays (None where the general path
+    returns None)."""
+    slow = run_series(stubs, op, options, with_out, False)
+    fast = run_series(stubs, op, options, with_out, True)
+    assert fast[0] == slow[0] and fast[1] == slow[1]
+    group = fast[2]
+    assert len(group._torch_calls) == 1 and len(group._calls) == 1
+    assert [len(r.prepared) for r in stubs.runners] == [1, 1]  # each group: planned once
+    addresses, outputs, _ = stubs.log[-1]
+    assert addresses == [[(0x40000, 100)], [(0x40100, 101)]]  # this call's tensors, each rank's stream
+    assert [o[0][3] for o in outputs] == [0, 1]
+
+
+def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
+    group = stubs.make_group()
+    group.all_reduce(tensors(0x1000))
+    assert len(group._torch_calls) == 1
+    group.all_reduce(tensors(0x1000, shape=(8, 3)))  # another shape: another signature, checked
+    group.all_reduce(tensors(0x1000), out=tensors(0x2000))  # out= given: another signature
+    group.all_reduce(tensors(0x1000), stream_ordered=False)
+    group.all_reduce(tensors(0x1000), groups=[0, 1])
+    assert len(group._torch_calls) == 5
+
+
+def bad_variants():
+    """(name, inputs, kwargs) of calls that must fail, and the kwargs of their good twin (whose
+    signature the fast path then keeps): the same pointers, options equal to the bad ones."""
+    good = 0x1000
+    out = {"out": tensors(0x2000)}
+    return [
+        ("another shape on one rank", [FakeCuda((4, 3), 0, good), FakeCuda((2, 6), 1, good + 0x100)], {}, {}),
+        ("another dtype on one rank", [FakeCuda((4, 3), 0, good), FakeCuda((4, 3), 1, good + 0x100, torch.int32)],
+         {}, {}),
+        ("an unsupported dtype", tensors(good, dtype=torch.complex64), {}, {}),
+        ("non-contiguous (strides)", [FakeCuda((4, 3), 0, good), FakeCuda((4, 3), 1, good + 0x100, contiguous=False)],
+         {}, {}),
+        ("out= of another size", tensors(good), {"out": tensors(0x2000, shape=(2, 3))}, out),
+        ("out= of another dtype size", tensors(good), {"out": tensors(0x2000, dtype=torch.float16)}, out),
+        ("out= on the other GPU", tensors(good), {"out": [FakeCuda((4, 3), 1, 0x2000), FakeCuda((4, 3), 0, 0x2100)]},
+         out),
+        ("out= non-contiguous", tensors(good), {"out": tensors(0x2000, contiguous=False)}, out),
+        ("one input too few", tensors(good)[:1], {}, {}),
+        ("root a bool", tensors(good), {"root": True, "op": "broadcast"}, {"root": 1, "op": "broadcast"}),
+        ("root a float", tensors(good), {"root": 0.0, "op": "broadcast"}, {"root": 0, "op": "broadcast"}),
+        ("groups with a bool", tensors(good), {"groups": [True, 0]}, {"groups": [1, 0]}),
+        ("poison_outputs 1", tensors(good), {"poison_outputs": 1}, {"poison_outputs": True}),
+        ("sequential_bind 0", tensors(good), {"sequential_bind": 0}, {"sequential_bind": False}),
+        ("stream_ordered 0", tensors(good), {"stream_ordered": 0}, {"stream_ordered": False}),
+        ("an unknown op", tensors(good), {"op": "allreduce"}, {}),
+        ("an unhashable op", tensors(good), {"op": ["all_reduce"]}, {}),
+        ("an unknown reduce", tensors(good), {"reduce": "mean"}, {"reduce": "sum"}),
+        ("an unhashable reduce", tensors(good), {"reduce": ["sum"]}, {"reduce": "sum"}),
+    ]
+
+
+def call(group, inputs, kwargs):
+    kwargs = dict(kwargs)
+    op = kwargs.pop("op", "all_reduce")
+    return group.collective(op, inputs, **kwargs)
+
+
+@pytest.mark.parametrize("name, inputs, kwargs, twin", bad_variants(), ids=[v[0] for v in bad_variants()])
+def test_a_kept_signature_never_passes_what_the_first_call_refuses(stubs, name, inputs, kwargs, twin):
+    """A call whose tensors share the pointers of a signature the fast path keeps, but differ in
+    shape, dtype, contiguity or GPU, or whose options equal a kept key's but are of a type the
+    checks refuse (True == 1, 0.0 == 0), fails with the error the same call gets on a fresh group."""
+    with pytest.raises(mdtrt.MdtrtError) as fresh:
+        call(stubs.make_group(), inputs, kwargs)
+    group = stubs.make_group()
+    for _ in range(3):
+        call(group, tensors(0x1000), twin)
+    assert len(group._torch_calls) == 1
+    runs = len(stubs.log)
+    with pytest.raises(type(fresh.value)) as kept:
+        call(group, inputs, kwargs)
+    assert str(kept.value) == str(fresh.value)
+    assert len(stubs.log) == runs  # nothing ran
+    call(group, tensors(0x1000), twin)  # and the group keeps working
+    assert len(stubs.log) == runs + 1
+
+
+def test_same_addresses_of_another_signature_are_planned_as_what_they_are(stubs):
+    """Tensors at a kept signature's addresses but of another shape, dtype or GPU (inputs on
+    another GPU are copied to the rank's: allowed) are planned for what they are, by the general
+    path, and then kept under their own signature."""
+    group = stubs.make_group()
+    for _ in range(2):
+        group.all_reduce(tensors(0x1000))
+    variants = [[FakeCuda((12,), r, 0x1000 + 0x100 * r) for r in range(2)],
+                [FakeCuda((4, 3), r, 0x1000 + 0x100 * r, torch.int32) for r in range(2)],
+                [FakeCuda((4, 3), 1, 0x1000), FakeCuda((4, 3), 0, 0x1100)]]
+    for xs in variants * 2:
+        outs = group.all_reduce(xs)
+        assert [o.device_index for o in outs] == [0, 1]  # on each rank's GPU, wherever its input is
+        assert [o[0][3] for o in stubs.log[-1][1]] == [0, 1]
+    for _ in range(2):  # likewise for outputs of another shape than the inputs
+        assert [o.device_index for o in group.all_gather(variants[-1])] == [0, 1]
+    planned = sorted(p for runner in stubs.runners for p in runner.prepared)  # each once
+    assert planned == sorted([[(0, "float32", (4, 3)), (1, "float32", (4, 3))],
+                              [(0, "float32", (12,)), (1, "float32", (12,))],
+                              [(0, "int32", (4, 3)), (1, "int32", (4, 3))],
+                              [(1, "float32", (4, 3)), (0, "float32", (4, 3))],
+                              [(1, "float32", (4, 3)), (0, "float32", (4, 3))]])  # and all_gather's
+    assert len(group._torch_calls) == 5
+
+
+def test_a_host_tensor_or_other_array_is_not_taken_for_a_kept_cuda_signature(stubs):
+    """A CPU tensor (get_device -1) or a non-torch array with the same dtype and shape falls back
+    to the general path: it runs as what it is, never at the kept call's device addresses."""
+    group = stubs.make_group()
+    for _ in range(2):
+        group.all_reduce(tensors(0x1000))
+    cpu = [torch.ones(4, 3), torch.ones(4, 3)]
+    with pytest.raises(mdtrt.InvalidArgumentError, match="preallocated outputs|device"):
+        group.all_reduce(tensors(0x1000), out=cpu)
+    assert arrays.read_torch_cuda(cpu, None, 2) is None
+    assert arrays.read_torch_cuda([FakeCuda((4, 3), r, 0x1000, is_cuda=False) for r in range(2)], None, 2) is None
+    assert arrays.read_torch_cuda(tuple(tensors(0x1000)), None, 2) is not None
+    assert arrays.read_torch_cuda(tensors(0x1000)[0], None, 1) is None  # a single tensor: the general path
+
+
+def test_fast_path_keeps_no_tensor_alive_and_goes_with_its_runner(stubs, monkeypatch):
+    group = stubs.make_group()
+    xs, outs = tensors(0x1000), tensors(0x2000)
+    for _ in range(2):
+        group.all_reduce(xs, out=outs)
+        group.all_reduce(xs)
+    alive = [weakref.ref(t) for t in xs + outs]
+    del xs, outs
+    stubs.allocated.clear()
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+    assert len(group._torch_calls) == 2
+    monkeypatch.setattr("mdtrt.device_group._MAX_CACHED_COLLECTIVES", 1)
+    group.all_gather(tensors(0x1000))  # a new runner evicts all_reduce's, and its calls
+    assert len(group._torch_calls) == 1 and len(group._calls) == 1
+    group.close()
+    assert len(group._torch_calls) == 0
+    with pytest.raises(mdtrt.InvalidArgumentError, match="closed"):
+        group.all_gather(tensors(0x1000))
+
+
+def test_torch_outputs_come_from_the_allocator_on_every_call(stubs):
+    """Without out=, every call of a kept signature gets new outputs, shaped by the op, on each
+    rank's GPU, and hands their addresses to the run."""
+    group = stubs.make_group()
+    got = [group.all_gather(tensors(0x1000)) for _ in range(3)]
+    assert len({id(t) for outs in got for t in outs}) == 6
+    for outs in got:
+        assert [(tuple(t.shape), t.device_index) for t in outs] == [((8, 3), 0), ((8, 3), 1)]
+    _, outputs, ordered = stubs.log[-1]
+    assert outputs == [[("output", t.ptr, 96, r, 100 + r)] for r, t in enumerate(got[-1])]
+    assert ordered is True  # torch in and out: stream-ordered by default
+
+
+def test_outputs_are_made_from_the_inputs_where_they_can(stubs):
+    """Outputs of the inputs' shape come from torch.empty_like, of another shape from
+    new_empty (each about half of torch.empty with a device), on every entry point; inputs on
+    another GPU than their rank's give torch.empty on the rank's GPU."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    for _ in range(2):
+        group.all_reduce(xs)
+        group.all_gather(xs)
+        group.prepare_collective("all_reduce", xs)()
+        group.all_reduce([xs[1], xs[0]])
+    assert stubs.how == ["empty_like"] * 2 + ["empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2 + (
+        ["empty_like"] * 2 + ["new_empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2)  # first calls: general path
+
+
+def test_one_local_rank_takes_a_single_tensor_on_the_fast_path(stubs):
+    """With one local rank (a process of a launched world) a single tensor stands for a list of
+    one, in and as out=: such calls find their kept call too, and return a list of one."""
+    group = stubs.make_group(OneRankNative)
+    x, o = FakeCuda((4, 3), 0, 0x1000), FakeCuda((4, 3), 0, 0x2000)
+    for _ in range(3):
+        assert group.all_reduce(x, out=o) == [o]
+        got = group.all_reduce(x)
+        assert len(got) == 1 and tuple(got[0].shape) == (4, 3)
+        assert group.all_reduce([x], out=(o,)) == [o]
+    assert len(group._torch_calls) == 2 and [len(r.prepared) for r in stubs.runners] == [2]
+    assert stubs.log[-1][0] == [[(0x1000, 100)]]
+    with pytest.raises(mdtrt.InvalidArgumentError, match="non-contiguous"):
+        group.all_reduce(FakeCuda((4, 3), 0, 0x1000, contiguous=False))
+
+
+@pytest.mark.parametrize("in_use", [True, False])
+def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkeypatch, in_use):
+    """A fast-path run that raised with work of it possibly still queued (a rank given up on, the
+    group broken) keeps its tensors for the life of the process, as the general path does; one
+    that left nothing behind keeps nothing."""
+    from mdtrt import prepared_call
+
+    fail = []
+    real = StubCall.run_at_each
+
+    def failing(self, *args, **kwargs):
+        if fail:
+            raise mdtrt.RankTimeoutError("rank(s) 1 did not finish 'all_reduce'")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(StubCall, "run_at_each", failing)
+    group = stubs.make_group()
+    group.all_reduce(tensors(0x1000), out=tensors(0x2000))  # the general path makes the kept call
+    group.all_reduce(tensors(0x1000), out=tensors(0x2000))  # the fast path from then on
+    runs = len(stubs.log)
+    xs, outs = tensors(0x3000), tensors(0x4000)
+    alive = [weakref.ref(t) for t in xs + outs]
+    fail.append(True)
+    monkeypatch.setattr(StubCall, "arrays_may_be_in_use", in_use)
+    held_before = len(prepared_call._HELD_FOR_UNFINISHED_WORK)
+    with pytest.raises(mdtrt.RankTimeoutError):
+        group.all_reduce(xs, out=outs)
+    assert len(stubs.log) == runs  # it failed in the fast path's native run
+    del xs, outs
+    gc.collect()
+    assert all((ref() is not None) == in_use for ref in alive)
+    assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held_before + (1 if in_use else 0)

@@ -1,0 +1,112 @@
+"""The one-shot collectives' fast path for torch CUDA tensors on real GPUs: from the second call
+of a signature on, calls run on each call's own tensors and streams, and a tensor at a kept
+signature's address but of another shape, dtype, stride or GPU is never run as if it matched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mdtrt
+from mdtrt import _core
+
+pytestmark = pytest.mark.multi_gpu
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def group():
+    if _core.visible_gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    g = mdtrt.DeviceGroup(gpus=[0, 1], timeout=60)
+    yield g
+    g.close()
+
+
+def reference(op, host):
+    """numpy reference per rank of a 2-rank collective along dimension 0 (root 1 where rooted)."""
+    s = host[0] + host[1]
+    half = host[0].shape[0] // 2
+    return {"all_reduce": [s, s], "all_gather": [np.concatenate(host)] * 2, "reduce_scatter": [s[:half], s[half:]],
+            "broadcast": [host[1], host[1]], "reduce": [None, s], "gather": [None, np.concatenate(host)]}[op]
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "reduce", "gather"])
+def test_one_shot_loop_follows_each_calls_tensors_and_streams(group, op, with_out):
+    """A loop of op-method calls on new tensors, every other iteration on a side stream of both
+    GPUs, the results read on the stream current at the call: each iteration's own result."""
+    method = getattr(group, op)
+    kw = {"root": 1} if op in ("broadcast", "reduce", "gather") else {}
+    side = [torch.cuda.Stream(device=r) for r in range(2)]
+    rng = np.random.default_rng(5)
+    before = len(group._torch_calls)
+    for it in range(6):
+        host = [rng.standard_normal((8, 5)).astype(np.float32) for _ in range(2)]
+        streams = side if it % 2 else [torch.cuda.current_stream(r) for r in range(2)]
+        with torch.cuda.stream(streams[0]), torch.cuda.stream(streams[1]):
+            xs = [torch.from_numpy(h).to(f"cuda:{r}") for r, h in enumerate(host)]
+            if with_out:
+                shape = tuple(_core.collective_output_shape(op, [8, 5], 2))
+                outs = [torch.full(shape, float("nan"), device=f"cuda:{r}") for r in range(2)]
+                got = method(xs, out=outs, **kw)
+            else:
+                got = method(xs, **kw)
+            copies = [None if g is None else g.clone() for g in got]  # on the current stream
+            for x in xs:
+                x.fill_(-1000.0)  # after the call on the same stream: must not change its result
+        for r in range(2):
+            torch.cuda.synchronize(r)  # the copies were queued on the stream current at the call
+        for r, want in enumerate(reference(op, host)):
+            if want is None:
+                assert got[r] is None
+            else:
+                np.testing.assert_allclose(copies[r].cpu().numpy(), want, rtol=1e-5, atol=1e-5,
+                                           err_msg=f"{op} iteration {it} rank {r}")
+                if with_out:
+                    assert got[r] is outs[r]
+    assert len(group._torch_calls) == before + 1  # one signature, found again on every later call
+
+
+def test_same_address_other_shape_dtype_stride_or_gpu(group):
+    """Tensors at the addresses of a kept signature: another shape, dtype or GPU runs as what it
+    is; a non-contiguous view, a too small out= or out= on the other GPU fail as on a first call,
+    and the group keeps working."""
+    xs = [torch.arange(16, dtype=torch.float32, device=f"cuda:{r}") + 100 * r for r in range(2)]
+    outs = [torch.empty(16, device=f"cuda:{r}") for r in range(2)]
+    for _ in range(2):
+        group.all_reduce(xs, out=outs)
+        group.all_reduce(xs)
+    expected = (xs[0] + xs[1].to("cuda:0")).cpu()
+    got = group.all_reduce([x[:8] for x in xs])  # same pointers, another shape
+    assert [tuple(g.shape) for g in got] == [(8,), (8,)]
+    torch.testing.assert_close(got[1].cpu(), expected[:8])
+    as_int = [x.view(torch.int32) for x in xs]  # same pointers, another dtype
+    got = group.all_reduce(as_int)
+    assert got[0].dtype == torch.int32
+    torch.testing.assert_close(got[0].cpu(), as_int[0].cpu() + as_int[1].cpu())
+    with pytest.raises(mdtrt.InvalidArgumentError, match="non-contiguous"):
+        group.all_reduce([x.view(4, 4).t() for x in xs])  # same pointer, other strides
+    got = group.all_reduce([xs[1], xs[0]])  # each rank's input on the other GPU: copied to it
+    assert [g.device.index for g in got] == [0, 1]
+    torch.testing.assert_close(got[1].cpu(), expected)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="bytes"):
+        group.all_reduce(xs, out=[o[:8] for o in outs])  # same pointers, too small
+    with pytest.raises(mdtrt.InvalidArgumentError, match="bytes"):
+        group.all_reduce(xs, out=[outs[1], outs[0]])  # each rank's out= on the other GPU
+    group.synchronize()
+    got = group.all_reduce(xs, out=outs)
+    torch.testing.assert_close(got[0].cpu(), expected)
+    torch.testing.assert_close(outs[1].cpu(), expected)
+
+
+def test_run_at_each_refuses_lists_of_other_lengths(group):
+    """The native entry of the fast path takes one input and one output per local rank."""
+    xs = [torch.ones(8, device=f"cuda:{r}") for r in range(2)]
+    for _ in range(2):
+        group.all_reduce(xs)
+    run = next(iter(group._torch_calls.values()))
+    with pytest.raises(mdtrt.InvalidArgumentError, match="one input and one output per local rank"):
+        run.kept.call.run_at_each([xs[0].data_ptr()] * 3, [1] * 4, "output", [32, 32], [0, 1], False)
+    group.synchronize()
+    torch.testing.assert_close(group.all_reduce(xs)[1].cpu(), torch.full((8,), 2.0))
