@@ -428,3 +428,29 @@ def test_ctrl_c_in_a_command_is_one_line_and_status_130(command, monkeypatch, ca
     assert cli.main(command) == 130
     captured = capsys.readouterr()
     assert captured.err.strip() == "mdtrt: interrupted" and "Traceback" not in captured.out + captured.err
+
+
+def test_create_model_takes_the_ranks_from_the_hints_as_the_cli_does(tmp_path):
+    """create_model.py without --ranks shards for the hints' nb_rank (as `python -m mdtrt attention`
+    does); a --ranks that disagrees names the --ranks to give."""
+    import json as _json
+
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0")
+    script = SAMPLE_DIR / "create_model.py"
+    hints = _json.loads((SAMPLE_DIR / "hint.json").read_text())
+    hints["dist_collectives"]["nb_rank"] = 4
+    hint_file = tmp_path / "h4.json"
+    hint_file.write_text(_json.dumps(hints))
+    small = ["--hidden", "32", "--heads", "4", "--head-dim", "8", "--output-dir", str(tmp_path)]
+    result = subprocess.run([sys.executable, str(script), "--hint", str(hint_file), *small], capture_output=True,
+                            text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    import onnx
+
+    md = onnx.load(str(tmp_path / "attention_md.onnx"))
+    nb_ranks = {a.i for node in md.graph.node if node.op_type == "DistCollective" for a in node.attribute
+                if a.name == "nb_rank"}
+    assert nb_ranks == {4}, nb_ranks
+    result = subprocess.run([sys.executable, str(script), "--hint", str(hint_file), "--ranks", "2", *small],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+    assert result.returncode == 2 and "give --ranks 4" in result.stdout, result.stdout + result.stderr

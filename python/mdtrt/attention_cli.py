@@ -204,9 +204,10 @@ def _gpu_run(args, config: attention.AttentionConfig, hints, ranks: int, strateg
         else:
             single_outputs = single_runner.infer(inputs)
             single_times = single_runner.time_infer(inputs, args.iterations)
-    atol, rtol = args.atol, args.rtol
-    if atol is None or rtol is None:
-        atol, rtol = (2 * t for t in attention.TOLERANCES[config.dtype])  # TensorRT tactics differ per engine
+    # Each tolerance not given: twice the CPU check's (TensorRT's tactics differ per engine).
+    default_atol, default_rtol = (2 * t for t in attention.TOLERANCES[config.dtype])
+    atol = args.atol if args.atol is not None else default_atol
+    rtol = args.rtol if args.rtol is not None else default_rtol
     report = compare_outputs(single_outputs, multi_outputs, atol=atol, rtol=rtol)
     _say(report.format(f"GPU: {ranks}-rank engine vs single-device engine"))
     single_ms, multi_ms = statistics.median(single_times), statistics.median(multi_times)
@@ -246,16 +247,28 @@ def _parser() -> argparse.ArgumentParser:
         "--mode", choices=("auto", "cpu", "gpu"), default="auto",
         help="auto: GPU run when GPUs and TensorRT are there, CPU verification otherwise",
     )
-    parser.add_argument("--atol", type=non_negative_float, default=None, help="absolute tolerance of the check")
-    parser.add_argument("--rtol", type=non_negative_float, default=None, help="tolerance relative to max |reference|")
+    tolerances = ", ".join(f"{dtype} {a:g}" for dtype, (a, _) in attention.TOLERANCES.items())
+    parser.add_argument("--atol", type=non_negative_float, default=None,
+                        help=f"absolute tolerance of the check (default: CPU {tolerances}; twice that on GPUs)")
+    rtolerances = ", ".join(f"{dtype} {r:g}" for dtype, (_, r) in attention.TOLERANCES.items())
+    parser.add_argument("--rtol", type=non_negative_float, default=None,
+                        help=f"tolerance relative to max |reference| (default: CPU {rtolerances}; twice that on GPUs)")
     parser.add_argument("--save-dir", default=None, help="write attention_sd.onnx and attention_md.onnx here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
-def _ranks(args, hints: dict | None) -> int:
-    """--ranks, which must agree with the launcher's world size and the hints' rank count (a
-    hints file must give ``dist_collectives.nb_rank``: hints are written for a number of ranks)."""
+def ranks_for(args, hints: dict | None) -> int:
+    """--ranks (``args.ranks``, None when not given), which must agree with the launcher's world
+    size and the hints' rank count (a hints file must give ``dist_collectives.nb_rank``: hints are
+    written for a number of ranks); not given: the launcher's world size, else the hints', else 2.
+    Used by ``python -m mdtrt attention`` and the sample's ``create_model.py``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        --ranks disagrees with the launcher or the hints (the message names the --ranks to give).
+    """
     from .sharding import declared_ranks
 
     launch = detect_launch()
@@ -308,7 +321,7 @@ def _run(args) -> int:
     from .sharding import check_hints, load_hints
 
     hints = load_hints(args.hint) if args.hint else None
-    ranks = _ranks(args, hints)
+    ranks = ranks_for(args, hints)
     if hints is None:
         hints = attention.default_hints(ranks)
     check_hints(hints, args.strategy)  # bad hints are refused before any model is built

@@ -18,18 +18,20 @@ import onnx
 
 import mdtrt.attention as attention
 from mdtrt import MdtrtError
-from mdtrt.attention_cli import non_negative_int, positive_int, prepare_output_dir
-from mdtrt.sharding import STRATEGIES, check_hints, declared_ranks, load_hints, shard
+from mdtrt.attention_cli import non_negative_int, positive_int, prepare_output_dir, ranks_for
+from mdtrt.sharding import STRATEGIES, check_hints, load_hints, shard
 
 
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=".")
-    parser.add_argument("--ranks", type=positive_int, default=2)
+    parser.add_argument("--ranks", type=positive_int, default=None,
+                        help="number of ranks (default: the hints' dist_collectives.nb_rank, else 2)")
     parser.add_argument("--hint", default=None, help=f"sharding hints (default: {os.path.join(here, 'hint.json')} "
                         "for --ranks ranks)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default=None, help="default: allgather_kv")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=None,
+                        help="context-parallel strategy (default: the hints' \"strategy\" field, else allgather_kv)")
     parser.add_argument("--hidden", type=positive_int, default=4096)
     parser.add_argument("--heads", type=positive_int, default=32)
     parser.add_argument("--head-dim", type=positive_int, default=128)
@@ -39,13 +41,14 @@ def main(argv=None) -> int:
 
     try:
         # Everything that can be refused is refused before the model is built.
-        hints = load_hints(args.hint) if args.hint else attention.default_hints(args.ranks)
-        declared_ranks(hints, f"the hints in {args.hint}")
+        hints = load_hints(args.hint) if args.hint else None
+        ranks = ranks_for(args, hints)
+        hints = hints if hints is not None else attention.default_hints(ranks)
         check_hints(hints, args.strategy)
         prepare_output_dir(args.output_dir, "--output-dir")
         config = attention.AttentionConfig(args.hidden, args.heads, args.head_dim, args.dtype, args.seed)
         single = attention.create_attention_model(config)
-        multi = shard(single, hints, args.ranks, strategy=args.strategy)
+        multi = shard(single, hints, ranks, strategy=args.strategy)
     except MdtrtError as error:
         print(f"error: {error}")
         return 2
