@@ -46,7 +46,8 @@ def test_doctor_text_report():
 
 def test_doctor_rejects_unknown_option():
     out = run_doctor("--bogus")
-    assert out.returncode == 2 and "unrecognized arguments" in out.stderr
+    assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
+    assert "usage: python -m mdtrt doctor [-h] [--json]" in out.stderr  # doctor's own usage
 
 
 def test_build_info_fields():

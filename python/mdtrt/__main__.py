@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="mdtrt", description="Multi-device TensorRT inference on the GPUs of one host.")
+    parser = argparse.ArgumentParser(prog="python -m mdtrt",
+                                     description="Multi-device TensorRT inference on the GPUs of one host.")
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="report NCCL, CUDA, GPUs, peer access and TensorRT; exit 1 if multi-device inference cannot run here")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -40,7 +41,7 @@ def _run(argv: list[str] | None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "doctor":
         if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            doctor.error(f"unrecognized arguments: {' '.join(rest)}")  # doctor's usage, not the top level's
         from .doctor import main as doctor_main
 
         return doctor_main(as_json=args.json)
