@@ -91,5 +91,8 @@ def test_run_on_cpu_rank_count_message_is_grammatical():
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("trt", 1)])
-    with pytest.raises(ValueError, match="has nb_rank=2\\) but 1 was asked for"):
+    with pytest.raises(ValueError, match="has nb_rank=2\\) but 1 was asked for") as raised:
         mdtrt.run_on_cpu(model, {"x": np.zeros(2, np.float32)}, progress=False)
+    assert "mdtrt.simulate(model, inputs, 2)" in str(raised.value)  # the way to run a sharded model
+    with pytest.raises(ValueError, match="but 3 were asked for; simulate 2 ranks, or shard the model again for 3"):
+        mdtrt.simulate(model, {"x": np.zeros(2, np.float32)}, 3, progress=False)

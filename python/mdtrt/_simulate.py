@@ -174,7 +174,9 @@ class _Plan:
                     raise InvalidArgumentError(
                         f"the model was sharded for {item.nb_rank} ranks (DistCollective "
                         f"{item.node.name!r} has nb_rank={item.nb_rank}) but {ranks} {'was' if ranks == 1 else 'were'} asked for; "
-                        "shard it again for this number of ranks"
+                        + (f"run it with mdtrt.simulate(model, inputs, {item.nb_rank}) (run_on_cpu is for "
+                           "single-device models)" if ranks == 1 else
+                           f"simulate {item.nb_rank} ranks, or shard the model again for {ranks}")
                     )
 
     def segment_model(self, segment: _Segment, feeds: Mapping[str, np.ndarray]) -> onnx.ModelProto:
