@@ -83,6 +83,14 @@ void bind_testing(py::module_& m) {
       .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));
   testing.def(
+      "concurrent_sleeps_seconds",
+      [](int steps, double seconds) {
+        py::gil_scoped_release release;
+        return concurrent_sleeps_seconds(steps, seconds);
+      },
+      py::arg("steps"), py::arg("seconds"),
+      "Seconds that `steps` sleeps of `seconds` each take through run_concurrently (aborts use it).");
+  testing.def(
       "bare_copy_loop",
       [](const std::vector<int>& devices, size_t nbytes, int iterations) {
         py::gil_scoped_release release;

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <thread>
 
+#include "common/concurrently.h"
 #include "common/error.h"
 #include "common/interrupt.h"
 #include "common/scoped_device.h"
@@ -147,6 +148,13 @@ void Communicator::abort() {
   std::lock_guard<std::mutex> lock(abort_mutex_);
   if (aborted_.exchange(true) || comm_ == nullptr) return;
   MDTRT_NCCL_IGNORE(CommAbort, comm_);
+}
+
+void abort_concurrently(const std::vector<Communicator*>& communicators) {
+  std::vector<std::function<void()>> steps;
+  for (Communicator* c : communicators)
+    if (c != nullptr && !c->aborted()) steps.emplace_back([c] { c->abort(); });
+  run_concurrently(steps);
 }
 
 void Communicator::wait_ready(const Deadline& deadline, const char* call) {

@@ -90,4 +90,10 @@ class Communicator {
   std::mutex abort_mutex_;
 };
 
+// Aborts every communicator given (null and already aborted ones are skipped) at once, each on a
+// thread of its own (run_concurrently), and returns once all are torn down: a Ctrl-C or a deadline
+// should answer within a fraction of a second. NCCL calls on different communicators may run on
+// different threads at once.
+void abort_concurrently(const std::vector<Communicator*>& communicators);
+
 }  // namespace mdtrt

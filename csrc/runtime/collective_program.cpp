@@ -237,8 +237,9 @@ void CollectiveProgram::enqueue(RankContext& ctx, const std::vector<TensorView>&
 }
 
 void CollectiveProgram::abort() {
-  for (auto& st : states_)
-    if (st.group) st.group->abort();
+  std::vector<Communicator*> groups;
+  for (auto& st : states_) groups.push_back(st.group.get());
+  abort_concurrently(groups);
 }
 
 }  // namespace mdtrt

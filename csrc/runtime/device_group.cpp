@@ -132,10 +132,10 @@ void DeviceGroup::abort() {
 }
 
 void DeviceGroup::abort_communicators() {
-  for (auto& c : world_)
-    if (c) c->abort();
-  for (auto& c : world_nonblocking_)
-    if (c) c->abort();
+  std::vector<Communicator*> all;
+  for (auto& c : world_) all.push_back(c.get());
+  for (auto& c : world_nonblocking_) all.push_back(c.get());
+  abort_concurrently(all);
 }
 
 void DeviceGroup::close() { runtime_->mark_unusable("the DeviceGroup was closed"); }

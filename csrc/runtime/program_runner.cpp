@@ -7,6 +7,7 @@
 #include <mutex>
 #include <optional>
 
+#include "common/concurrently.h"
 #include "common/error.h"
 #include "runtime/call_barrier.h"
 #include "runtime/rank_outputs.h"
@@ -14,14 +15,27 @@
 
 namespace mdtrt {
 
+namespace {
+// Every distinct program aborted at once (ranks often share one program object): a program's
+// abort may tear down its own communicators (ncclCommAbort), which takes a while each.
+void abort_programs(const std::vector<std::shared_ptr<RankProgram>>& programs) {
+  std::vector<std::function<void()>> steps;
+  std::vector<const RankProgram*> seen;
+  for (const auto& p : programs) {
+    if (!p || std::find(seen.begin(), seen.end(), p.get()) != seen.end()) continue;
+    seen.push_back(p.get());
+    steps.emplace_back([p] { p->abort(); });
+  }
+  run_concurrently(steps);
+}
+}  // namespace
+
 void bind_programs(RankRuntime& runtime, const std::vector<std::shared_ptr<RankProgram>>& programs,
                    double timeout_seconds, bool sequential) {
   if (static_cast<int>(programs.size()) != runtime.num_local_ranks())
     throw_invalid_argument("one program per local rank is needed: got " + std::to_string(programs.size()) +
                            " for " + std::to_string(runtime.num_local_ranks()) + " ranks");
-  int hook = runtime.add_abort_hook([programs] {
-    for (auto& p : programs) p->abort();
-  });
+  int hook = runtime.add_abort_hook([programs] { abort_programs(programs); });
   try {
     // The programs by value: a rank given up on at the deadline binds on after this returned.
     runtime.run_on_all([programs](RankContext& ctx) { programs[ctx.local_index]->bind(ctx); }, timeout_seconds,
@@ -42,9 +56,7 @@ ProgramRunner::ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std
   // Inputs are fixed once bound (an engine's IO does not change): read them once, not per call.
   for (int i = 0; i < group_->num_local_ranks(); ++i)
     input_specs_.push_back(resources_->programs[i]->input_specs(group_->runtime().context(i)));
-  abort_hook_ = group_->runtime().add_abort_hook([programs = resources_->programs] {
-    for (auto& p : programs) p->abort();
-  });
+  abort_hook_ = group_->runtime().add_abort_hook([programs = resources_->programs] { abort_programs(programs); });
 }
 
 ProgramRunner::~ProgramRunner() {

@@ -5,9 +5,11 @@
 #include <memory>
 #include <string>
 #include <utility>
+#include <algorithm>
 #include <thread>
 #include <vector>
 
+#include "common/concurrently.h"
 #include "common/error.h"
 #include "nccl/communicator.h"
 #include "nccl/nccl_library.h"
@@ -196,6 +198,15 @@ void StubbornCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView
 
 std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::vector<TensorView>&) {
   return {{"output", dtype_, {1}}};
+}
+
+double concurrent_sleeps_seconds(int steps, double seconds) {
+  std::vector<std::function<void()>> sleeps(
+      static_cast<size_t>(std::max(steps, 0)),
+      [seconds] { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); });
+  const auto start = std::chrono::steady_clock::now();
+  run_concurrently(sleeps);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 std::vector<double> bare_copy_loop_us(const std::vector<int>& devices, size_t nbytes, int iterations) {

@@ -148,6 +148,10 @@ std::pair<int, int> abandoned_rank_report();
 // `num_ranks` CPU-only rank threads, one after another when `sequential`, within `timeout` seconds.
 void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank);
 
+// Seconds that `steps` steps of sleeping `seconds` each take through run_concurrently (the helper
+// that aborts communicators and programs at once): about `seconds` when they run at once.
+double concurrent_sleeps_seconds(int steps, double seconds);
+
 // Raw figures of this machine, for benchmarks to compare against.
 // Per iteration: one cudaMemcpyAsync on each device's stream, then cudaStreamSynchronize of each,
 // from one thread (what the same work costs on these GPUs without mdtrt).
