@@ -445,10 +445,8 @@ class DeviceGroup:
         refs, out_refs, key = self._collective_arguments(op, inputs, reduce, root, groups, out, poison_outputs,
                                                          sequential_bind, stream_ordered)
         kept = self._new_collective_call(refs, out_refs, key, poison_outputs, stream_ordered, keep_inputs=True)
-        call, defined = kept.call, kept.defined
-        if defined is None:
-            return lambda: [o["output"] for o in call()]
-        return lambda: [o["output"] if d else None for o, d in zip(call(), defined)]
+        call, results = kept.call, kept.results
+        return lambda: results([o["output"] for o in call()])
 
     def _collective_arguments(self, op, inputs, reduce, root, groups, out, poison_outputs, sequential_bind,
                               stream_ordered):

@@ -194,13 +194,16 @@ def library_report(timeout: float = 120.0) -> dict:
 
 def _empty_report(error: str) -> dict:
     return {"library_found": False, "path": None, "version": None, "found_by": None, "lean": None, "error": error,
-            "attempts": [], "onnx_parser": {"found": False, "path": None, "found_by": None, "note": None,
-                                            "error": "not looked for: " + error if error else None}}
+            "attempts": [], "onnx_parser": _empty_parser_report("not looked for: " + error if error else None)}
+
+
+def _empty_parser_report(error: str | None) -> dict:
+    return {"found": False, "path": None, "found_by": None, "note": None, "error": error}
 
 
 def _onnx_parser_report() -> dict:
     """Where TensorRT's ONNX parser (build_engine_from_onnx) is found, or why not; never raises."""
-    report = {"found": False, "path": None, "found_by": None, "note": None, "error": None}
+    report = _empty_parser_report(None)
     try:
         info = _core.load_onnx_parser(wheel_library_dirs()[0])
     except Exception as error:  # noqa: BLE001 - the doctor reports, it does not fail
@@ -213,8 +216,9 @@ def _onnx_parser_report() -> dict:
 def _library_report_here() -> dict:
     """library_report() in this process (what the probe child runs)."""
     report: dict[str, Any] = _empty_report("")
+    backend = _core.build_info()["tensorrt_backend"]
     try:
-        if _core.build_info()["tensorrt_backend"]:
+        if backend:
             lib = tensorrt_library()
         else:
             lib = _library_from(_core.testing.load_tensorrt(*wheel_library_dirs()))
@@ -224,10 +228,8 @@ def _library_report_here() -> dict:
         return report
     report.update(library_found=True, path=lib.path, version=lib.version, found_by=lib.found_by, lean=lib.lean,
                   attempts=[dataclasses.asdict(a) for a in lib.attempts])
-    if _core.build_info()["tensorrt_backend"]:
-        report["onnx_parser"] = _onnx_parser_report()
-    else:
-        report["onnx_parser"]["error"] = "not looked for: this build has no TensorRT backend"
+    report["onnx_parser"] = (_onnx_parser_report() if backend else
+                             _empty_parser_report("not looked for: this build has no TensorRT backend"))
     return report
 
 
