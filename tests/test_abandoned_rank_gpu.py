@@ -34,9 +34,10 @@ if mode == "late":
     runner = mdtrt.EngineRunner(group, program=_core.testing.StubbornCopyProgram("float32", 0, 0.8))
 else:
     _core.testing.set_abort_grace(group._native, 0.2)
-    # Rank 0's enqueue sleeps 2 s on the host, ignoring the abort: it is given up on after the 0.5 s
-    # deadline and the 0.2 s grace, and enqueues its copy and writes its results ~1.3 s after the raise.
-    runner = mdtrt.EngineRunner(group, program=_core.testing.StubbornCopyProgram("float32", 0, 2.0))
+    # Rank 0's enqueue sleeps 8 s on the host, ignoring the abort: it is given up on after the 0.5 s
+    # deadline, the abort (ncclCommAbort took ~2 s on 2x H200) and the 0.2 s grace, and enqueues its
+    # copy and writes its results seconds after the raise.
+    runner = mdtrt.EngineRunner(group, program=_core.testing.StubbornCopyProgram("float32", 0, 8.0))
 if mode in ("host", "late"):
     x = np.arange(1 << 20, dtype=np.float32)
     run = lambda timeout: runner.infer({"input": x}, all_ranks=True, timeout=timeout)
@@ -46,7 +47,7 @@ else:
     outs = [torch.zeros(1 << 20, device=f"cuda:{g}") for g in gpus]
     run = lambda timeout: runner.infer([{"input": x} for x in xs], outputs={"output": outs}, timeout=timeout,
                                        stream_ordered=True)
-# Within a long deadline first (rank 0 takes 2 s): right results, and the next call reuses its state.
+# Within a long deadline first (rank 0 takes 8 s, or 0.8 s when late): right results, and the next call reuses its state.
 results = run(30)
 if mode in ("host", "late"):
     assert all(np.array_equal(r["output"], x) for r in results)
@@ -78,7 +79,7 @@ del group
 gc.collect()
 # The stuck rank returns meanwhile and writes into the call's state; churn the heap around it.
 junk = []
-deadline = time.monotonic() + 3.0
+deadline = start + (1.5 if mode == "late" else 9.0)  # past the stubborn sleep
 while time.monotonic() < deadline:
     junk.append([bytearray(256) for _ in range(1000)])
     if len(junk) > 40:
