@@ -62,12 +62,13 @@ class StubCall:
         self.log.append(("prepared", outputs, stream_ordered))
         return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in range(2)]
 
-    def run_at_each(self, pointers, streams, output, nbytes, devices, stream_ordered=False):
-        """As the native one: run_at with one input and one output per rank, from flat lists."""
+    def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
+        """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""
         n = len(nbytes)
+        assert list(names) == ["output"]
         assert len(pointers) == len(streams) == 2 * n and len(devices) == n
         self.run_at([[(pointers[i], streams[i])] for i in range(n)],
-                    [[(output, pointers[n + i], nbytes[i], devices[i], streams[n + i])] for i in range(n)],
+                    [[("output", pointers[n + i], nbytes[i], devices[i], streams[n + i])] for i in range(n)],
                     stream_ordered)
 
 
