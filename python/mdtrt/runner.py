@@ -323,7 +323,13 @@ class EngineRunner:
         The runner keeps one prepared call per argument signature (each input's kind, dtype, shape
         and GPU, one dict or one per rank, and the options; the 16 most recent): a loop of calls on
         new arrays checks each call's arguments but converts and plans them once. The kept call
-        holds none of the arrays. ``prepare`` also skips reading the arrays per call.
+        holds none of the arrays. For contiguous torch CUDA tensors (inputs in a ``dict`` or a
+        list or tuple of one per rank with exactly the engine's names, ``outputs`` a ``dict`` of
+        lists or tuples naming every output) and options of their plain types (bool flags, a str
+        ``replication``, an int or float ``timeout``), those checks are one read of each tensor's
+        dtype, shape, GPU, contiguity and address, matched against the signatures that passed
+        every check and ran before (without ``outputs``: once a call learnt the output shapes).
+        ``prepare`` also skips reading the arrays per call.
         """
         # Torch CUDA tensors and plainly typed options, as a loop of calls passes them: the call kept
         # for their signature is found from one pass over the tensors (every property the general
