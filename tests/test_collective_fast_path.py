@@ -16,27 +16,7 @@ from mdtrt import _core, arrays
 from mdtrt.device_group import DeviceGroup
 
 torch = pytest.importorskip("torch")
-
-
-class FakeCuda:
-    """What mdtrt reads of a torch CUDA tensor: dtype, shape, device, data pointer, contiguity."""
-
-    __module__ = "torch.fake"  # mdtrt recognizes torch tensors by their module
-    __slots__ = ("dtype", "shape", "device_index", "ptr", "contiguous", "is_cuda", "__weakref__")
-
-    def __init__(self, shape, device, ptr, dtype=None, contiguous=True, is_cuda=True):
-        self.dtype = torch.float32 if dtype is None else dtype
-        self.shape, self.device_index, self.ptr = torch.Size(shape), device, ptr
-        self.contiguous, self.is_cuda = contiguous, is_cuda
-
-    def is_contiguous(self):
-        return self.contiguous
-
-    def get_device(self):
-        return self.device_index if self.is_cuda else -1
-
-    def data_ptr(self):
-        return self.ptr
+from fake_torch import FakeCuda, failing_runs, fake_torch  # noqa: E402 (needs torch)
 
 
 class StubCall:
@@ -118,29 +98,14 @@ def stubs(monkeypatch):
 
     monkeypatch.setattr(_core, "CollectiveProgram", program)
     monkeypatch.setattr(_core, "ProgramRunner", runner)
-    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 100 + device])
-    allocated = []
-    how = []  # per allocation: "empty", "empty_like" or "new_empty"
-
-    def fake_empty(shape, dtype=None, device=None, via="empty"):
-        how.append(via)
-        allocated.append(FakeCuda(shape, device.index, 0x900000 + 0x1000 * len(allocated), dtype))
-        return allocated[-1]
-
-    def on(x):
-        return torch.device("cuda", x.device_index)
-
-    monkeypatch.setattr(torch, "empty", fake_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda x: fake_empty(x.shape, x.dtype, on(x), "empty_like"))
-    monkeypatch.setattr(FakeCuda, "new_empty", lambda x, *sizes: fake_empty(sizes, x.dtype, on(x), "new_empty"),
-                        raising=False)
+    fakes = fake_torch(monkeypatch)
 
     def make_group(native=Native):
         group = DeviceGroup.__new__(DeviceGroup)
         group._adopt(native())
         return group
 
-    return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=allocated, how=how)
+    return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=fakes.allocated, how=fakes.how)
 
 
 def tensors(base, shape=(4, 3), **kw):
@@ -381,15 +346,7 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
     that left nothing behind keeps nothing."""
     from mdtrt import prepared_call
 
-    fail = []
-    real = StubCall.run_at_each
-
-    def failing(self, *args, **kwargs):
-        if fail:
-            raise mdtrt.RankTimeoutError("rank(s) 1 did not finish 'all_reduce'")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(StubCall, "run_at_each", failing)
+    fail = failing_runs(monkeypatch, StubCall, "rank(s) 1 did not finish 'all_reduce'")
     group = stubs.make_group()
     group.all_reduce(tensors(0x1000), out=tensors(0x2000))  # the general path makes the kept call
     group.all_reduce(tensors(0x1000), out=tensors(0x2000))  # the fast path from then on

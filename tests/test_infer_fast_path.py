@@ -14,36 +14,16 @@ import numpy as np
 import pytest
 
 import mdtrt
-from mdtrt import _core, arrays, prepared_call
+from mdtrt import _core, prepared_call
 from mdtrt.device_group import DeviceGroup
 from mdtrt.runner import EngineRunner
 
 torch = pytest.importorskip("torch")
+from fake_torch import FakeCuda, failing_runs, fake_torch  # noqa: E402 (needs torch)
 
 # The stub engine: inputs "a" and "b" (float32, two dimensions); outputs "z" (b's shape) and "y"
 # (a's shape), in that order, as a native result lists them.
 INPUTS = [("a", "float32", (-1, -1)), ("b", "float32", (-1, -1))]
-
-
-class FakeCuda:
-    """What mdtrt reads of a torch CUDA tensor: dtype, shape, device, data pointer, contiguity."""
-
-    __module__ = "torch.fake"  # mdtrt recognizes torch tensors by their module
-    __slots__ = ("dtype", "shape", "device_index", "ptr", "contiguous", "is_cuda", "__weakref__")
-
-    def __init__(self, shape, device, ptr, dtype=None, contiguous=True, is_cuda=True):
-        self.dtype = torch.float32 if dtype is None else dtype
-        self.shape, self.device_index, self.ptr = torch.Size(shape), device, ptr
-        self.contiguous, self.is_cuda = contiguous, is_cuda
-
-    def is_contiguous(self):
-        return self.contiguous
-
-    def get_device(self):
-        return self.device_index if self.is_cuda else -1
-
-    def data_ptr(self):
-        return self.ptr
 
 
 def nbytes(shape):
@@ -128,7 +108,7 @@ class Native:
 @pytest.fixture
 def stubs(monkeypatch):
     """(make_runner, log, ...): EngineRunners of 2 ranks on the stub native runner."""
-    log, runners, allocated, how = [], [], [], []
+    log, runners = [], []
 
     def native_runner(group, programs, sequential):
         runners.append(StubRunner(log))
@@ -136,16 +116,7 @@ def stubs(monkeypatch):
 
     monkeypatch.setattr(_core, "ProgramRunner", native_runner)
     monkeypatch.setattr(_core, "RankProgram", StubRunner)  # EngineRunner(program=) checks the type
-    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 100 + device])
-
-    def fake_empty(shape, dtype=None, device=None, via="empty"):
-        how.append(via)
-        allocated.append(FakeCuda(shape, device.index, 0x900000 + 0x1000 * len(allocated), dtype))
-        return allocated[-1]
-
-    monkeypatch.setattr(torch, "empty", fake_empty)
-    monkeypatch.setattr(torch, "empty_like",
-                        lambda x: fake_empty(x.shape, x.dtype, torch.device("cuda", x.device_index), "empty_like"))
+    fakes = fake_torch(monkeypatch)
     # The first call of a signature without outputs= returns pooled outputs: stand-ins here.
     monkeypatch.setattr(prepared_call, "wrap_device_output",
                         lambda buffer, dtype, shape, like: ("pooled", buffer[1], buffer[2], tuple(shape)))
@@ -155,7 +126,7 @@ def stubs(monkeypatch):
         group._adopt(Native())
         return EngineRunner(group, program=StubRunner(log), **kw)
 
-    return SimpleNamespace(make_runner=make_runner, log=log, runners=runners, allocated=allocated, how=how)
+    return SimpleNamespace(make_runner=make_runner, log=log, runners=runners, allocated=fakes.allocated, how=fakes.how)
 
 
 def inputs_of(base, per_rank, shape_a=(4, 3), shape_b=(2, 5), device=None, **kw):
@@ -419,15 +390,7 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
     """A fast-path run that raised with work of it possibly still queued (a rank given up on, the
     group broken) keeps its tensors, inputs and outputs (given or allocated), for the life of the
     process, as the general path does; one that left nothing behind keeps nothing."""
-    fail = []
-    real = StubCall.run_at_each
-
-    def failing(self, *args, **kwargs):
-        if fail:
-            raise mdtrt.RankTimeoutError("rank(s) 1 did not finish 'infer'")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(StubCall, "run_at_each", failing)
+    fail = failing_runs(monkeypatch, StubCall, "rank(s) 1 did not finish 'infer'")
     runner = stubs.make_runner()
     for _ in range(2):  # the general path makes the kept call, the fast path runs from then on
         runner.infer(inputs_of(0x1000, True), outputs=outputs_of(0x2000) if with_outputs else None)

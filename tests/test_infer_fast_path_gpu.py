@@ -16,13 +16,9 @@ pytestmark = pytest.mark.multi_gpu
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(scope="module")
-def group():
-    if _core.visible_gpu_count() < 2:
-        pytest.skip("needs 2 GPUs")
-    g = mdtrt.DeviceGroup(gpus=[0, 1], timeout=60)
-    yield g
-    g.close()
+@pytest.fixture
+def group(gpu_pair):
+    return gpu_pair
 
 
 def pair_runner(group):
