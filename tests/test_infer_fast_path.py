@@ -105,6 +105,13 @@ class Native:
         pass
 
 
+class OneRankNative(Native):
+    """This process's one rank of a world of 2 (as DeviceGroup.from_env() makes it)."""
+
+    num_local_ranks = 1
+    ranks = devices = [0]
+
+
 @pytest.fixture
 def stubs(monkeypatch):
     """(make_runner, log, ...): EngineRunners of 2 ranks on the stub native runner."""
@@ -121,9 +128,9 @@ def stubs(monkeypatch):
     monkeypatch.setattr(prepared_call, "wrap_device_output",
                         lambda buffer, dtype, shape, like: ("pooled", buffer[1], buffer[2], tuple(shape)))
 
-    def make_runner(**kw):
+    def make_runner(native=Native, **kw):
         group = DeviceGroup.__new__(DeviceGroup)
-        group._adopt(Native())
+        group._adopt(native())
         return EngineRunner(group, program=StubRunner(log), **kw)
 
     return SimpleNamespace(make_runner=make_runner, log=log, runners=runners, allocated=fakes.allocated, how=fakes.how)
@@ -217,6 +224,27 @@ def test_outputs_in_another_order_and_a_single_gpu_input_are_passed_alike(stubs)
             assert fast[0] == slow[0] and fast[1] == slow[1]
             assert len(fast[2]._torch_calls) == 1
     assert stubs.log[-1][0] == [[(0x400000, 101), (0x400100, 101)]] * 2  # GPU 1's stream on every rank
+
+
+def test_one_local_rank_takes_single_output_tensors_on_the_fast_path(stubs):
+    """With one local rank a single tensor stands for a list of one in outputs=: such calls find
+    their kept call too, and pass what the general path passes."""
+    def series(fast):
+        with pytest.MonkeyPatch.context() as patch:
+            if not fast:
+                patch.setattr("mdtrt.runner.read_torch_cuda", lambda *args: None)
+            runner = stubs.make_runner(OneRankNative)
+            del stubs.log[:]
+            for step in range(3):
+                given = {name: ts[0] for name, ts in outputs_of(0x200000 + 0x10000 * step).items()}
+                got = runner.infer(inputs_of(0x1000 * (step + 1), False), outputs=given)
+                assert got == {"z": given["z"], "y": given["y"]} and list(got) == ["z", "y"]
+                runner.infer([inputs_of(0x1000 * (step + 1), False)], outputs={n: [t] for n, t in given.items()})
+        return list(stubs.log), runner
+
+    slow, (fast, runner) = series(False)[0], series(True)
+    assert fast == slow and len(runner._torch_calls) == 2
+    assert fast[-1][0] == [[(0x3000, 100), (0x3100, 100)]]
 
 
 def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
