@@ -11,7 +11,10 @@ Entry points, on 2 ranks with 1 KiB float16 tensors (``--ranks``, ``--elements``
 the output shapes), ``infer([{...} per rank], outputs=...)``, ``prepare({"input": x},
 outputs=...)()`` and ``prepare({"input": x})()``.
 Prints the median per call of each (microseconds); ``--profile`` then prints a cProfile of
-``all_reduce(xs, out=outs)`` and of ``infer({"input": x}, outputs=...)``.
+``all_reduce(xs, out=outs)`` and of ``infer({"input": x}, outputs=...)``; ``--native-arguments``
+the cost of converting the fast paths' native arguments (``run_at_each``'s flat lists against
+``run_at``'s nested ones), measured without a GPU: pybind11 converts every argument before it
+finds that the call's ``self`` is not a prepared call, then raises.
 
 What is faked, so that the numbers are the cost of mdtrt's Python:
 - The tensors are Python objects that answer what mdtrt asks of a torch CUDA tensor (dtype,
@@ -38,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=20000, help="timed calls per entry point (default 20000)")
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile of all_reduce(xs, out=outs) and of infer(x, outputs=)")
+    p.add_argument("--native-arguments", action="store_true",
+                   help="also time the conversion of run_at_each's and run_at's arguments (real extension, no GPU)")
     return p
 
 
@@ -152,6 +157,9 @@ def main(argv=None) -> None:
     calls.update(engine_calls(group, xs, outs))
     for name, fn in calls.items():
         print(f"{name:40s} {median_us(fn, args.iterations):6.2f} us")
+    if args.native_arguments:
+        for name, added in native_argument_costs(args.iterations).items():
+            print(f"converting {name:29s} +{added:5.2f} us")
     if args.profile:
         import cProfile
         import pstats
@@ -160,6 +168,37 @@ def main(argv=None) -> None:
             profile = cProfile.Profile()
             profile.runcall(lambda: [fn() for _ in range(args.iterations)])
             pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+def native_argument_costs(iterations: int) -> dict:
+    """Microseconds that converting each native entry's arguments adds (2 ranks; 1 input and 1
+    output per rank, then 2 and 2), over a call with empty lists: name -> cost. The lists are
+    built per call, as the fast paths build them."""
+    from mdtrt import _core
+
+    call = _core.PreparedInfer
+
+    def cost(fn) -> float:
+        def attempt():
+            try:
+                fn()
+            except TypeError:  # `self` is no PreparedInfer: raised once every argument was converted
+                pass
+        return median_us(attempt, iterations)
+
+    p = [0x7F0000001000 + 0x1000 * i for i in range(8)]
+    base = cost(lambda: call.run_at_each(None, [], [], [], [], [], False))
+    cases = {
+        "run_at_each, 1 in 1 out": lambda: call.run_at_each(None, p[:4], [7] * 4, ("output",), [1024] * 2, [0, 1], True),
+        "run_at, 1 in 1 out": lambda: call.run_at(
+            None, [[(p[0], 7)], [(p[1], 7)]], [[("output", p[2], 1024, 0, 7)], [("output", p[3], 1024, 1, 7)]], True),
+        "run_at_each, 2 in 2 out": lambda: call.run_at_each(None, p, [7] * 8, ("z", "y"), [1024] * 4, [0, 0, 1, 1], True),
+        "run_at, 2 in 2 out": lambda: call.run_at(
+            None, [[(p[0], 7), (p[1], 7)], [(p[2], 7), (p[3], 7)]],
+            [[("z", p[4], 1024, 0, 7), ("y", p[5], 1024, 0, 7)], [("z", p[6], 1024, 1, 7), ("y", p[7], 1024, 1, 7)]],
+            True),
+    }
+    return {name: cost(fn) - base for name, fn in cases.items()}
 
 
 def engine_calls(group, xs, outs) -> dict:
