@@ -68,7 +68,7 @@ class _TorchInfer:
         self._run_at_each = call.run_at_each
         inputs = list(range(k)) * n if shared else list(range(n * k))  # read index of each rank's inputs
         read = k if shared else n * k  # inputs read
-        refs = [ref for ref in per_rank[0]] if shared else [ref for refs in per_rank for ref in refs]
+        refs = list(per_rank[0]) if shared else [ref for refs in per_rank for ref in refs]
         results = call.output_names
         if out is None:  # allocated: each rank's outputs in the order of their specs
             self._allocate, specs = call.torch_outputs
