@@ -189,10 +189,12 @@ def native_argument_costs(iterations: int) -> dict:
     p = [0x7F0000001000 + 0x1000 * i for i in range(8)]
     base = cost(lambda: call.run_at_each(None, [], [], [], [], [], False))
     cases = {
-        "run_at_each, 1 in 1 out": lambda: call.run_at_each(None, p[:4], [7] * 4, ("output",), [1024] * 2, [0, 1], True),
+        "run_at_each, 1 in 1 out": lambda: call.run_at_each(
+            None, p[:4], [7] * 4, ("output",), [1024] * 2, [0, 1], True),
         "run_at, 1 in 1 out": lambda: call.run_at(
             None, [[(p[0], 7)], [(p[1], 7)]], [[("output", p[2], 1024, 0, 7)], [("output", p[3], 1024, 1, 7)]], True),
-        "run_at_each, 2 in 2 out": lambda: call.run_at_each(None, p, [7] * 8, ("z", "y"), [1024] * 4, [0, 0, 1, 1], True),
+        "run_at_each, 2 in 2 out": lambda: call.run_at_each(
+            None, p, [7] * 8, ("z", "y"), [1024] * 4, [0, 0, 1, 1], True),
         "run_at, 2 in 2 out": lambda: call.run_at(
             None, [[(p[0], 7), (p[1], 7)], [(p[2], 7), (p[3], 7)]],
             [[("z", p[4], 1024, 0, 7), ("y", p[5], 1024, 0, 7)], [("z", p[6], 1024, 1, 7), ("y", p[7], 1024, 1, 7)]],

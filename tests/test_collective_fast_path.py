@@ -16,7 +16,7 @@ from mdtrt import _core, arrays
 from mdtrt.device_group import DeviceGroup
 
 torch = pytest.importorskip("torch")
-from fake_torch import FakeCuda, failing_runs, fake_torch  # noqa: E402 (needs torch)
+from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
 
 
 class StubCall:
@@ -66,21 +66,6 @@ class StubRunner:
         for d in out_shape:
             count *= d
         return StubCall(self.log, count * arrays.ITEMSIZE[dtype])
-
-
-class Native:
-    num_local_ranks = world_size = 2
-    ranks = devices = [0, 1]
-
-    def close(self):
-        pass
-
-
-class OneRankNative(Native):
-    """This process's one rank of a world of 2 (as DeviceGroup.from_env() makes it)."""
-
-    num_local_ranks = 1
-    ranks = devices = [0]
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from mdtrt.device_group import DeviceGroup
 from mdtrt.runner import EngineRunner
 
 torch = pytest.importorskip("torch")
-from fake_torch import FakeCuda, failing_runs, fake_torch  # noqa: E402 (needs torch)
+from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
 
 # The stub engine: inputs "a" and "b" (float32, two dimensions); outputs "z" (b's shape) and "y"
 # (a's shape), in that order, as a native result lists them.
@@ -95,21 +95,6 @@ class StubRunner:
         self.prepared.append(([(a.device, a.dtype, a.shape) for args in inputs for a in args], replication, poison,
                               timeout))
         return StubCall(self.log, specs)
-
-
-class Native:
-    num_local_ranks = world_size = 2
-    ranks = devices = [0, 1]
-
-    def close(self):
-        pass
-
-
-class OneRankNative(Native):
-    """This process's one rank of a world of 2 (as DeviceGroup.from_env() makes it)."""
-
-    num_local_ranks = 1
-    ranks = devices = [0]
 
 
 @pytest.fixture
@@ -369,7 +354,8 @@ def test_outputs_are_allocated_once_the_shapes_are_known_and_made_from_the_input
         assert [[(n, tuple(t.shape), t.device_index) for n, t in rank.items()] for rank in outs] == [
             [("z", (2, 5), r), ("y", (4, 3), r)] for r in range(2)]
     _, outputs, ordered = stubs.log[-1]
-    assert outputs == [[(n, t.ptr, nbytes(t.shape), r, 100 + r) for n, t in rank.items()] for r, rank in enumerate(got[-1])]
+    assert outputs == [[(n, t.ptr, nbytes(t.shape), r, 100 + r) for n, t in rank.items()]
+                       for r, rank in enumerate(got[-1])]
     assert ordered is True  # torch in and out: stream-ordered by default
     # y has the shape of a (the rank's first input): empty_like on rank 0, whose a is on its GPU
     assert stubs.how[-4:] == ["empty", "empty_like", "empty", "empty"]

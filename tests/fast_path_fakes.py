@@ -1,7 +1,7 @@
-"""Stand-ins for torch CUDA tensors and torch's allocator, for the fast-path tests on any machine
-(the one-shot collectives', EngineRunner.infer's): mdtrt reads of a torch CUDA tensor only its
-dtype, shape, device, data pointer and contiguity, and allocates with ``torch.empty``,
-``torch.empty_like`` and ``Tensor.new_empty``."""
+"""Stand-ins for torch CUDA tensors, torch's allocator and the native group, for the fast-path
+tests on any machine (the one-shot collectives', EngineRunner.infer's): mdtrt reads of a torch
+CUDA tensor only its dtype, shape, device, data pointer and contiguity, and allocates with
+``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,23 @@ from types import SimpleNamespace
 import torch
 
 from mdtrt import arrays
+
+
+class Native:
+    """A native group of 2 local ranks on GPUs 0 and 1 (DeviceGroup._adopt takes it)."""
+
+    num_local_ranks = world_size = 2
+    ranks = devices = [0, 1]
+
+    def close(self):
+        pass
+
+
+class OneRankNative(Native):
+    """This process's one rank of a world of 2 (as DeviceGroup.from_env() makes it)."""
+
+    num_local_ranks = 1
+    ranks = devices = [0]
 
 
 class FakeCuda:
