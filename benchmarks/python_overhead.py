@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""Python cost per call of the collective entry points, on any machine (no GPU): the native group
-and runner are stubbed (a run does nothing), so what is timed is mdtrt's Python alone.
+"""Python cost per call of the collective and EngineRunner entry points, on any machine (no GPU):
+the native group and runner are stubbed (a run does nothing), so what is timed is mdtrt's Python
+alone.
 
 Entry points, on 2 ranks with 1 KiB float16 tensors (``--ranks``, ``--elements``):
 ``collective(op, xs, out=outs)``, ``collective(op, xs)``, ``all_reduce(xs, out=outs)``,
 ``all_reduce(xs)``, ``all_gather(xs)``, ``prepare_collective(op, xs, out=outs)()`` and
-``prepare_collective(op, xs)()``.
+``prepare_collective(op, xs)()``; then an EngineRunner of a one-input, one-output program (a copy):
+``infer({"input": x}, outputs=...)``, ``infer({"input": x})`` (after the first call, which learns
+the output shapes), ``infer([{...} per rank], outputs=...)``, ``prepare({"input": x},
+outputs=...)()`` and ``prepare({"input": x})()``.
 Prints the median per call of each (microseconds); ``--profile`` then prints a cProfile of
-``all_reduce(xs, out=outs)``.
+``all_reduce(xs, out=outs)`` and of ``infer({"input": x}, outputs=...)``; ``--native-arguments``
+the cost of converting the fast paths' native arguments (``run_at_each``'s flat lists against
+``run_at``'s nested ones), measured without a GPU: pybind11 converts every argument before it
+finds that the call's ``self`` is not a prepared call, then raises.
 
 What is faked, so that the numbers are the cost of mdtrt's Python:
 - The tensors are Python objects that answer what mdtrt asks of a torch CUDA tensor (dtype,
@@ -15,7 +22,8 @@ What is faked, so that the numbers are the cost of mdtrt's Python:
   torch's own (50-100 ns a read); ``torch.empty_like``, ``torch.empty`` and ``new_empty`` make
   more of them.
 - torch's current stream is a constant (``mdtrt.arrays._STREAM_GETTER``).
-- ``_core.CollectiveProgram`` / ``_core.ProgramRunner``: a runner whose prepared call returns at once.
+- ``_core.CollectiveProgram`` / ``_core.ProgramRunner``: a runner whose prepared call returns at once
+  (an engine's first run answers with its output specs and a pooled output, as the native one does).
 On GPUs the allocations, the stream reads and the native call come on top (bench_collectives.py).
 """
 
@@ -31,12 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=int, default=2, help="local ranks of the stubbed group (default 2)")
     p.add_argument("--elements", type=int, default=512, help="float16 elements per tensor (default 512: 1 KiB)")
     p.add_argument("--iterations", type=int, default=20000, help="timed calls per entry point (default 20000)")
-    p.add_argument("--profile", action="store_true", help="also print a cProfile of all_reduce(xs, out=outs)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print a cProfile of all_reduce(xs, out=outs) and of infer(x, outputs=)")
+    p.add_argument("--native-arguments", action="store_true",
+                   help="also time the conversion of run_at_each's and run_at's arguments (real extension, no GPU)")
     return p
 
 
-def stub_group(count: int):
-    """A DeviceGroup of ``count`` local ranks whose native parts do nothing (no GPU needed)."""
+def stub_group(count: int, elements: int = 512):
+    """A DeviceGroup of ``count`` local ranks whose native parts do nothing (no GPU needed); its
+    runners' programs copy float16 tensors of ``elements``."""
     from mdtrt import _core, arrays
     from mdtrt.device_group import DeviceGroup
 
@@ -44,23 +56,38 @@ def stub_group(count: int):
         num_local_ranks = world_size = count
         devices = ranks = list(range(count))
 
+    class Result:  # one rank's result of the copy program: what the native run answers
+        outputs = [("output", "float16", (elements,))]
+        host = []
+        device = [None]
+
+    results = [Result()] * count
+
     class PreparedStub:
+        arrays_may_be_in_use = False
+
         def __call__(self, *args):
-            return []
+            return results
 
         def run_at(self, *args):
-            return []
+            return results
 
         def run_at_each(self, *args):
             return None
 
     class RunnerStub:
+        cuda_graphs = False
+
         def prepare(self, *args):
             return PreparedStub()
+
+        def input_specs(self, local):
+            return [("input", "float16", (-1,))]
 
     arrays._STREAM_GETTER[:] = [lambda device: 7]
     _core.CollectiveProgram = lambda *args: None
     _core.ProgramRunner = lambda *args: RunnerStub()
+    _core.RankProgram = RunnerStub  # EngineRunner(program=) takes a native program: a stub one here
     group = DeviceGroup.__new__(DeviceGroup)
     group._adopt(Native())
     return group
@@ -113,7 +140,7 @@ def main(argv=None) -> None:
 
     torch.empty_like = lambda x: FakeCudaTensor(x.dtype, x.shape, x.device_index, 8192)
     torch.empty = lambda shape, dtype=None, device=None: FakeCudaTensor(dtype, torch.Size(shape), device.index, 8192)
-    group = stub_group(args.ranks)
+    group = stub_group(args.ranks, args.elements)
     xs = fake_cuda_tensors(torch, args.ranks, args.elements)
     outs = fake_cuda_tensors(torch, args.ranks, args.elements)
     prepared = group.prepare_collective("all_reduce", xs, out=outs)
@@ -127,15 +154,72 @@ def main(argv=None) -> None:
         "prepare_collective(op, xs, out=outs)()": prepared,
         "prepare_collective(op, xs)()": prepared_default,
     }
+    calls.update(engine_calls(group, xs, outs))
     for name, fn in calls.items():
         print(f"{name:40s} {median_us(fn, args.iterations):6.2f} us")
+    if args.native_arguments:
+        for name, added in native_argument_costs(args.iterations).items():
+            print(f"converting {name:29s} +{added:5.2f} us")
     if args.profile:
         import cProfile
         import pstats
 
-        profile = cProfile.Profile()
-        profile.runcall(lambda: [group.all_reduce(xs, out=outs) for _ in range(args.iterations)])
-        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+        for fn in (lambda: group.all_reduce(xs, out=outs), calls['infer({"input": x}, outputs=)']):
+            profile = cProfile.Profile()
+            profile.runcall(lambda: [fn() for _ in range(args.iterations)])
+            pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+
+
+def native_argument_costs(iterations: int) -> dict:
+    """Microseconds that converting each native entry's arguments adds (2 ranks; 1 input and 1
+    output per rank, then 2 and 2), over a call with empty lists: name -> cost. The lists are
+    built per call, as the fast paths build them."""
+    from mdtrt import _core
+
+    call = _core.PreparedInfer
+
+    def cost(fn) -> float:
+        def attempt():
+            try:
+                fn()
+            except TypeError:  # `self` is no PreparedInfer: raised once every argument was converted
+                pass
+        return median_us(attempt, iterations)
+
+    p = [0x7F0000001000 + 0x1000 * i for i in range(8)]
+    base = cost(lambda: call.run_at_each(None, [], [], [], [], [], False))
+    cases = {
+        "run_at_each, 1 in 1 out": lambda: call.run_at_each(
+            None, p[:4], [7] * 4, ("output",), [1024] * 2, [0, 1], True),
+        "run_at, 1 in 1 out": lambda: call.run_at(
+            None, [[(p[0], 7)], [(p[1], 7)]], [[("output", p[2], 1024, 0, 7)], [("output", p[3], 1024, 1, 7)]], True),
+        "run_at_each, 2 in 2 out": lambda: call.run_at_each(
+            None, p, [7] * 8, ("z", "y"), [1024] * 4, [0, 0, 1, 1], True),
+        "run_at, 2 in 2 out": lambda: call.run_at(
+            None, [[(p[0], 7), (p[1], 7)], [(p[2], 7), (p[3], 7)]],
+            [[("z", p[4], 1024, 0, 7), ("y", p[5], 1024, 0, 7)], [("z", p[6], 1024, 1, 7), ("y", p[7], 1024, 1, 7)]],
+            True),
+    }
+    return {name: cost(fn) - base for name, fn in cases.items()}
+
+
+def engine_calls(group, xs, outs) -> dict:
+    """The EngineRunner entry points on a stub copy program: name -> call."""
+    import mdtrt
+    from mdtrt import _core, prepared_call
+
+    # The first run of a signature without outputs= returns pooled outputs: stand-ins here.
+    prepared_call.wrap_device_output = lambda buffer, dtype, shape, like: like.owner
+    runner = mdtrt.EngineRunner(group, program=_core.RankProgram())
+    shared, per_rank, given = {"input": xs[0]}, [{"input": x} for x in xs], {"output": outs}
+    runner.infer(shared)  # the first call of a signature learns the output shapes
+    return {
+        'infer({"input": x}, outputs=)': lambda: runner.infer(shared, outputs=given),
+        'infer({"input": x})': lambda: runner.infer(shared),
+        'infer([{"input": x}] per rank, outputs=)': lambda: runner.infer(per_rank, outputs=given),
+        'prepare({"input": x}, outputs=)()': runner.prepare(shared, outputs=given),
+        'prepare({"input": x})()': runner.prepare(shared),
+    }
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Markers: `gpu` tests need one CUDA GPU, `multi_gpu` tests need two; both skip with the reason
 when the machine has fewer (CI has none).
 
+Fixture `gpu_pair`: a DeviceGroup of GPUs 0 and 1, per test module.
+
 Fixture `trt_double`: the TensorRT test double (tests/tensorrt_double), built once per session
 and loaded as mdtrt's TensorRT through MDTRT_TENSORRT_LIBRARY (see tests/trt_double.py)."""
 
@@ -21,6 +23,19 @@ def _gpu_count() -> int:
         return _core.visible_gpu_count()
     except Exception:  # noqa: BLE001 - no extension or no driver: no GPUs
         return 0
+
+
+@pytest.fixture(scope="module")
+def gpu_pair():
+    """A DeviceGroup of GPUs 0 and 1 (timeout 60 s), closed after the module's tests; skips on
+    machines with fewer GPUs."""
+    if _gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import mdtrt
+
+    group = mdtrt.DeviceGroup(gpus=[0, 1], timeout=60)
+    yield group
+    group.close()
 
 
 @pytest.fixture(scope="session")

@@ -16,27 +16,7 @@ from mdtrt import _core, arrays
 from mdtrt.device_group import DeviceGroup
 
 torch = pytest.importorskip("torch")
-
-
-class FakeCuda:
-    """What mdtrt reads of a torch CUDA tensor: dtype, shape, device, data pointer, contiguity."""
-
-    __module__ = "torch.fake"  # mdtrt recognizes torch tensors by their module
-    __slots__ = ("dtype", "shape", "device_index", "ptr", "contiguous", "is_cuda", "__weakref__")
-
-    def __init__(self, shape, device, ptr, dtype=None, contiguous=True, is_cuda=True):
-        self.dtype = torch.float32 if dtype is None else dtype
-        self.shape, self.device_index, self.ptr = torch.Size(shape), device, ptr
-        self.contiguous, self.is_cuda = contiguous, is_cuda
-
-    def is_contiguous(self):
-        return self.contiguous
-
-    def get_device(self):
-        return self.device_index if self.is_cuda else -1
-
-    def data_ptr(self):
-        return self.ptr
+from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
 
 
 class StubCall:
@@ -62,12 +42,13 @@ class StubCall:
         self.log.append(("prepared", outputs, stream_ordered))
         return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in range(2)]
 
-    def run_at_each(self, pointers, streams, output, nbytes, devices, stream_ordered=False):
-        """As the native one: run_at with one input and one output per rank, from flat lists."""
+    def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
+        """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""
         n = len(nbytes)
+        assert list(names) == ["output"]
         assert len(pointers) == len(streams) == 2 * n and len(devices) == n
         self.run_at([[(pointers[i], streams[i])] for i in range(n)],
-                    [[(output, pointers[n + i], nbytes[i], devices[i], streams[n + i])] for i in range(n)],
+                    [[("output", pointers[n + i], nbytes[i], devices[i], streams[n + i])] for i in range(n)],
                     stream_ordered)
 
 
@@ -87,21 +68,6 @@ class StubRunner:
         return StubCall(self.log, count * arrays.ITEMSIZE[dtype])
 
 
-class Native:
-    num_local_ranks = world_size = 2
-    ranks = devices = [0, 1]
-
-    def close(self):
-        pass
-
-
-class OneRankNative(Native):
-    """This process's one rank of a world of 2 (as DeviceGroup.from_env() makes it)."""
-
-    num_local_ranks = 1
-    ranks = devices = [0]
-
-
 @pytest.fixture
 def stubs(monkeypatch):
     """(make_group, log): groups of 2 ranks on the stub runner; log gets every run's arguments."""
@@ -117,29 +83,14 @@ def stubs(monkeypatch):
 
     monkeypatch.setattr(_core, "CollectiveProgram", program)
     monkeypatch.setattr(_core, "ProgramRunner", runner)
-    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 100 + device])
-    allocated = []
-    how = []  # per allocation: "empty", "empty_like" or "new_empty"
-
-    def fake_empty(shape, dtype=None, device=None, via="empty"):
-        how.append(via)
-        allocated.append(FakeCuda(shape, device.index, 0x900000 + 0x1000 * len(allocated), dtype))
-        return allocated[-1]
-
-    def on(x):
-        return torch.device("cuda", x.device_index)
-
-    monkeypatch.setattr(torch, "empty", fake_empty)
-    monkeypatch.setattr(torch, "empty_like", lambda x: fake_empty(x.shape, x.dtype, on(x), "empty_like"))
-    monkeypatch.setattr(FakeCuda, "new_empty", lambda x, *sizes: fake_empty(sizes, x.dtype, on(x), "new_empty"),
-                        raising=False)
+    fakes = fake_torch(monkeypatch)
 
     def make_group(native=Native):
         group = DeviceGroup.__new__(DeviceGroup)
         group._adopt(native())
         return group
 
-    return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=allocated, how=how)
+    return SimpleNamespace(make_group=make_group, log=log, runners=runners, allocated=fakes.allocated, how=fakes.how)
 
 
 def tensors(base, shape=(4, 3), **kw):
@@ -380,15 +331,7 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
     that left nothing behind keeps nothing."""
     from mdtrt import prepared_call
 
-    fail = []
-    real = StubCall.run_at_each
-
-    def failing(self, *args, **kwargs):
-        if fail:
-            raise mdtrt.RankTimeoutError("rank(s) 1 did not finish 'all_reduce'")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(StubCall, "run_at_each", failing)
+    fail = failing_runs(monkeypatch, StubCall, "rank(s) 1 did not finish 'all_reduce'")
     group = stubs.make_group()
     group.all_reduce(tensors(0x1000), out=tensors(0x2000))  # the general path makes the kept call
     group.all_reduce(tensors(0x1000), out=tensors(0x2000))  # the fast path from then on

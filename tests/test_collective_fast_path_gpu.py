@@ -101,12 +101,20 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
 
 
 def test_run_at_each_refuses_lists_of_other_lengths(group):
-    """The native entry of the fast path takes one input and one output per local rank."""
+    """The native entry of the fast path takes the same number of inputs, and the named outputs,
+    on every local rank."""
     xs = [torch.ones(8, device=f"cuda:{r}") for r in range(2)]
     for _ in range(2):
         group.all_reduce(xs)
     run = next(iter(group._torch_calls.values()))
-    with pytest.raises(mdtrt.InvalidArgumentError, match="one input and one output per local rank"):
-        run.kept.call.run_at_each([xs[0].data_ptr()] * 3, [1] * 4, "output", [32, 32], [0, 1], False)
+    call = run.kept.call
+    with pytest.raises(mdtrt.InvalidArgumentError, match="the same inputs and the named outputs"):
+        call.run_at_each([xs[0].data_ptr()] * 3, [1] * 4, ["output"], [32, 32], [0, 1], False)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="the same inputs and the named outputs"):
+        call.run_at_each([xs[0].data_ptr()] * 5, [1] * 5, ["output"], [32, 32], [0, 1], False)  # 3 inputs, 2 ranks
+    with pytest.raises(mdtrt.InvalidArgumentError, match="the same inputs and the named outputs"):
+        call.run_at_each([xs[0].data_ptr()] * 4, [1] * 4, [], [32, 32], [0, 1], False)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="input addresses"):  # 2 inputs a rank: run_at refuses
+        call.run_at_each([xs[0].data_ptr()] * 6, [1] * 6, ["output"], [32, 32], [0, 1], False)
     group.synchronize()
     torch.testing.assert_close(group.all_reduce(xs)[1].cpu(), torch.full((8,), 2.0))

@@ -298,31 +298,40 @@ void bind_runtime(py::module_& m) {
       .def(
           "run_at_each",
           [](PreparedInfer& p, const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
-             const std::string& output, const std::vector<size_t>& nbytes, const std::vector<int>& devices,
+             const std::vector<std::string>& names, const std::vector<size_t>& nbytes, const std::vector<int>& devices,
              bool stream_ordered) {
             // Flat lists of ints: converting them costs a fraction of run_at's nested lists of tuples.
-            const size_t n = nbytes.size();
-            if (pointers.size() != 2 * n || streams.size() != 2 * n || devices.size() != n)
-              throw_invalid_argument("run_at_each takes one input and one output per local rank: " +
+            const size_t m = names.size(), given = nbytes.size();
+            const size_t n = m == 0 ? 0 : given / m;  // local ranks
+            const size_t inputs = pointers.size() >= given ? pointers.size() - given : 0;
+            if (n == 0 || given != n * m || devices.size() != given || streams.size() != pointers.size() ||
+                pointers.size() < given || inputs % n != 0)
+              throw_invalid_argument("run_at_each takes the same inputs and the named outputs on every local rank: " +
                                      std::to_string(pointers.size()) + " pointers, " + std::to_string(streams.size()) +
-                                     " streams, " + std::to_string(devices.size()) + " devices for " +
-                                     std::to_string(n) + " output sizes");
+                                     " streams, " + std::to_string(given) + " output sizes, " +
+                                     std::to_string(devices.size()) + " devices for " + std::to_string(m) +
+                                     " output names");
+            const size_t k = inputs / n;  // inputs per rank (run_at checks them against the call's)
             std::vector<std::vector<InputAddress>> at(n);
             std::vector<std::vector<OutputArg>> out(n);
             for (size_t i = 0; i < n; ++i) {
-              at[i].push_back(InputAddress{reinterpret_cast<const void*>(pointers[i]), streams[i]});
-              out[i].push_back(OutputArg{output, reinterpret_cast<void*>(pointers[n + i]), nbytes[i], devices[i],
-                                         streams[n + i]});
+              for (size_t j = 0; j < k; ++j)
+                at[i].push_back(InputAddress{reinterpret_cast<const void*>(pointers[i * k + j]), streams[i * k + j]});
+              for (size_t j = 0; j < m; ++j) {
+                const size_t o = i * m + j;
+                out[i].push_back(OutputArg{names[j], reinterpret_cast<void*>(pointers[inputs + o]), nbytes[o],
+                                           devices[o], streams[inputs + o]});
+              }
             }
             py::gil_scoped_release release;
             p.run_at(at, std::move(out), stream_ordered);
           },
-          py::arg("pointers"), py::arg("streams"), py::arg("output"), py::arg("nbytes"), py::arg("devices"),
+          py::arg("pointers"), py::arg("streams"), py::arg("names"), py::arg("nbytes"), py::arg("devices"),
           py::arg("stream_ordered") = false,
-          "run_at for a program of one input and one output per local rank (a collective's), every output "
-          "given, as flat lists: pointers and streams name each rank's input (pointer, producer stream), then "
-          "each rank's output (pointer, caller stream); nbytes and devices each output's size and GPU; output "
-          "is the output's name. Returns None (the outputs are the caller's).");
+          "run_at with every output given, as flat lists: pointers and streams name each local rank's inputs "
+          "in turn (pointer, producer stream; the same number on every rank), then each rank's outputs in turn "
+          "(pointer, caller stream), in the order of names (the outputs' names, the same on every rank); nbytes "
+          "and devices each output's size and GPU, in that order. Returns None (the outputs are the caller's).");
 }
 
 }  // namespace mdtrt::bindings

@@ -20,6 +20,9 @@ void bind_testing(py::module_& m) {
   py::class_<CopyProgram, RankProgram, std::shared_ptr<CopyProgram>>(testing, "CopyProgram")
       .def(py::init([](const std::string& dtype) { return std::make_shared<CopyProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));
+  py::class_<PairCopyProgram, RankProgram, std::shared_ptr<PairCopyProgram>>(testing, "PairCopyProgram")
+      .def(py::init([](const std::string& dtype) { return std::make_shared<PairCopyProgram>(dtype_from_name(dtype)); }),
+           py::arg("dtype"));
   py::class_<SynchronizingCopyProgram, RankProgram, std::shared_ptr<SynchronizingCopyProgram>>(
       testing, "SynchronizingCopyProgram")
       .def(py::init([](const std::string& dtype) {

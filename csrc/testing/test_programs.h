@@ -66,6 +66,24 @@ class CopyProgram : public RankProgram {
   DType dtype_;
 };
 
+// Two inputs ("a", "b"), two outputs listed "b_copy" then "a_copy", each a copy of its input (any
+// shapes): the path of engines with several inputs and outputs (EngineRunner's fast path).
+class PairCopyProgram : public RankProgram {
+ public:
+  explicit PairCopyProgram(DType dtype) : dtype_(dtype) {}
+  std::string describe() const override { return "pair copy test program"; }
+  void bind(RankContext&) override {}
+  std::vector<TensorSpec> input_specs(const RankContext&) const override {
+    return {{"a", dtype_, {-1}}, {"b", dtype_, {-1}}};
+  }
+  std::vector<TensorSpec> resolve_outputs(RankContext&, const std::vector<TensorView>& inputs) override;
+  void enqueue(RankContext& ctx, const std::vector<TensorView>& inputs,
+               const std::vector<TensorView>& outputs) override;
+
+ private:
+  DType dtype_;
+};
+
 // One input, a one-element output, no work: what remains is getting the input onto every GPU.
 class SinkProgram : public CopyProgram {
  public:

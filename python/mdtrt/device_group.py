@@ -20,6 +20,7 @@ from .vocabulary import ROOTED as _ROOTED
 _MAX_CACHED_COLLECTIVES = 16
 # Prepared one-shot calls, one per argument signature (op, dtype, shape, devices, out= or not).
 _MAX_CACHED_CALLS = 64
+_OUTPUT_NAMES = ("output",)  # a collective's outputs, as run_at_each names them
 
 
 def _exact_ints(values) -> tuple | None:
@@ -97,7 +98,7 @@ class _TorchRun:
                 pointers.append(t.data_ptr())
         streams += torch_current_streams(self._out_devices) if self._out_streams else streams
         try:
-            self._run_at_each(pointers, streams, "output", self._out_nbytes, self._out_devices, self._ordered)
+            self._run_at_each(pointers, streams, _OUTPUT_NAMES, self._out_nbytes, self._out_devices, self._ordered)
         except BaseException:
             self.kept.call.hold_if_in_use(inputs, out)  # work of the failed run may still use them
             raise

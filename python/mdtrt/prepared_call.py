@@ -219,13 +219,30 @@ class PreparedCall:
 
     @property
     def run_at_each(self):
-        """The native call's ``run_at_each(pointers, streams, output, nbytes, devices,
-        stream_ordered)``: :meth:`run_on` of a program with one input and one output per rank,
-        every output given, for a caller that reads the addresses itself (flat lists: each rank's
-        input pointer and stream, then each rank's output's; each output's size and GPU) and asks
-        :meth:`stream_ordered_for` once. Returns None. A caller that catches its error must call
-        :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does."""
+        """The native call's ``run_at_each(pointers, streams, names, nbytes, devices,
+        stream_ordered)``: :meth:`run_on` with every output given, for a caller that reads the
+        addresses itself and asks :meth:`stream_ordered_for` once. Flat lists: each rank's input
+        pointers and streams in turn (the same number on every rank), then each rank's outputs'
+        in turn, in the order of ``names`` (the outputs' names, the same on every rank); each
+        output's size and GPU in that order. Returns None. A caller that catches its error must
+        call :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does."""
         return self._call.run_at_each
+
+    @property
+    def output_names(self) -> tuple | None:
+        """Every output of the program, in the order of its results: given (``output_names``) or
+        learnt from the first run; None before."""
+        return self._output_names
+
+    @property
+    def torch_outputs(self) -> tuple | None:
+        """``(new_out, specs)`` of a call on torch inputs whose outputs come from torch's caching
+        allocator once their shapes are known (see ``spec_cache``): the function that allocates
+        them (as ``new_out`` is called) and each rank's (name, dtype, shape) list. None while the
+        shapes are unknown, and for other calls."""
+        if self._torch_devices is None or self._new_out is None:
+            return None
+        return self._new_out, self._spec_cache[self._spec_key]
 
     def stream_ordered_for(self, out) -> bool:
         """Whether a run with these outputs (``out``, or what ``new_out`` gives) is stream-ordered

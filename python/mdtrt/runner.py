@@ -8,7 +8,7 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 from . import _core, arguments
-from .arrays import describe
+from .arrays import ArrayRef, describe, read_torch_cuda, torch_current_streams
 from .device_group import DeviceGroup
 from .prepared_call import KeptCalls, PreparedCall
 from .vocabulary import REPLICATION_MODES
@@ -31,6 +31,95 @@ def _engine_bytes(engine: Any) -> bytes:
     except TypeError:
         raise InvalidArgumentError(
             f"engine of type {type(engine).__name__} is neither bytes, a buffer, nor a plan file path") from None
+
+
+class _TorchInfer:
+    """A kept infer call run on torch CUDA tensors of one signature (as ``EngineRunner._read_torch``
+    reads it) without an ArrayRef per tensor: made from the first call of that signature that
+    passed the general path's checks and ran, whose arrays (not kept) give what every call of the
+    signature shares (devices, output names and sizes, stream ordering).
+
+    Parameters
+    ----------
+    call : PreparedCall
+        The call kept for the signature; it ran once, so its output names are known.
+    per_rank : list of list of ArrayRef
+        That call's inputs, per local rank.
+    out : list of dict or None
+        That call's ``outputs`` (``{name: ArrayRef}`` per rank, in the order ``outputs`` named
+        them), None when they come from torch's caching allocator (``call.torch_outputs``).
+    shared : bool
+        One input dict for every rank: the tensors read are the ``k`` inputs once, not per rank.
+    all_ranks : bool
+        Return every rank's outputs, not only the first rank's.
+    rank_devices : list of int
+        Each local rank's CUDA device (where allocated outputs go).
+
+    The tensors of a call are read in this order: the inputs (once if shared, else each rank's in
+    turn, in the engine's order), then each output of ``outputs`` with its tensor per rank.
+    """
+
+    __slots__ = ("call", "_run_at_each", "_order", "_devices", "_names", "_nbytes", "_out_devices", "_ordered",
+                 "_allocate", "_likes", "_results")
+
+    def __init__(self, call, per_rank, out, shared, all_ranks, rank_devices):
+        n, k = len(per_rank), len(per_rank[0])
+        self.call = call
+        self._run_at_each = call.run_at_each
+        inputs = list(range(k)) * n if shared else list(range(n * k))  # read index of each rank's inputs
+        read = k if shared else n * k  # inputs read
+        refs = list(per_rank[0]) if shared else [ref for refs in per_rank for ref in refs]
+        results = call.output_names
+        if out is None:  # allocated: each rank's outputs in the order of their specs
+            self._allocate, specs = call.torch_outputs
+            self._likes = None if k == 0 else [0] * n if shared else [i * k for i in range(n)]
+            out = [{name: ArrayRef(0, device, dtype, tuple(shape), None, "torch") for name, dtype, shape in rank}
+                   for rank, device in zip(specs, rank_devices)]
+            self._names = tuple(out[0])
+            self._order = inputs
+            self._results = None
+        else:  # given: read name by name, each with a tensor per rank; the run wants them rank by rank
+            self._allocate = self._likes = None
+            self._names = tuple(out[0])
+            m = len(self._names)
+            self._order = inputs + [read + j * n + i for i in range(n) for j in range(m)]
+            self._results = [[(name, read + self._names.index(name) * n + i) for name in results]
+                             for i in range(n if all_ranks else 1)]
+        self._devices = [refs[i].device for i in inputs]
+        outs = [ref for given in out for ref in given.values()]
+        if self._allocate is None:
+            self._devices += [ref.device for ref in outs]
+        if self._order == list(range(len(self._order))):
+            self._order = None  # the run takes the pointers as read
+        self._nbytes = [ref.nbytes for ref in outs]
+        self._out_devices = [ref.device for ref in outs]
+        self._ordered = call.stream_ordered_for(out)
+
+    def __call__(self, tensors, pointers, all_ranks):
+        """Runs the call on ``tensors`` (as read) at ``pointers`` (their data pointers); returns
+        as :meth:`EngineRunner.infer`."""
+        if self._order is not None:
+            pointers = [pointers[i] for i in self._order]
+        streams = torch_current_streams(self._devices)
+        out = None
+        if self._allocate is not None:  # torch outputs, as the PreparedCall's new_out allocates them
+            out = self._allocate(None if self._likes is None else [tensors[i] for i in self._likes])
+            for given in out:  # loops: a comprehension's set-up costs more for a few outputs
+                for ref in given.values():
+                    pointers.append(ref.ptr)
+                    streams.append(ref.stream)
+        try:
+            self._run_at_each(pointers, streams, self._names, self._nbytes, self._out_devices, self._ordered)
+        except BaseException:
+            self.call.hold_if_in_use(tensors, out)  # work of the failed run may still use them
+            raise
+        if out is not None:
+            if not all_ranks:
+                return {name: ref.owner for name, ref in out[0].items()}
+            return [{name: ref.owner for name, ref in given.items()} for given in out]
+        if not all_ranks:
+            return {name: tensors[i] for name, i in self._results[0]}
+        return [{name: tensors[i] for name, i in rank} for rank in self._results]
 
 
 class EngineRunner:
@@ -136,6 +225,8 @@ class EngineRunner:
         self._output_specs: dict = {}
         self._devices = group.gpus
         self._calls = KeptCalls(_MAX_CACHED_CALLS)  # infer's prepared calls, one per argument signature
+        # The same calls (_TorchInfer) by the signature of torch CUDA tensors, as _read_torch reads it.
+        self._torch_calls = KeptCalls(_MAX_CACHED_CALLS)
 
     @property
     def input_names(self) -> list[str]:
@@ -232,8 +323,36 @@ class EngineRunner:
         The runner keeps one prepared call per argument signature (each input's kind, dtype, shape
         and GPU, one dict or one per rank, and the options; the 16 most recent): a loop of calls on
         new arrays checks each call's arguments but converts and plans them once. The kept call
-        holds none of the arrays. ``prepare`` also skips reading the arrays per call.
+        holds none of the arrays. For contiguous torch CUDA tensors (inputs in a ``dict`` or a
+        list or tuple of one per rank with exactly the engine's names, ``outputs`` a ``dict`` of
+        lists or tuples naming every output) and options of their plain types (bool flags, a str
+        ``replication``, an int or float ``timeout``), those checks are one read of each tensor's
+        dtype, shape, GPU, contiguity and address, matched against the signatures that passed
+        every check and ran before (without ``outputs``: once a call learnt the output shapes).
+        ``prepare`` also skips reading the arrays per call.
         """
+        # Torch CUDA tensors and plainly typed options, as a loop of calls passes them: the call kept
+        # for their signature is found from one pass over the tensors (every property the general
+        # path checks, and the addresses) and run on them. Everything else, and the first call of
+        # each signature, takes the general path, which checks, describes and keeps.
+        torch_key = None
+        mode = replication or self.replication
+        if ((all_ranks is False or all_ranks is True) and (poison_outputs is False or poison_outputs is True)
+                and (stream_ordered is None or stream_ordered is True or stream_ordered is False)
+                and type(mode) is str and (timeout is None or type(timeout) is float or type(timeout) is int)):
+            read = self._read_torch(inputs, outputs)
+            if read is not None:
+                torch_key = (all_ranks, poison_outputs, mode, timeout, stream_ordered) + read[0]
+                run = self._torch_calls.get(torch_key)  # a plain get: evicted in the order kept, not used
+                if run is not None:
+                    if self.group._native is None:
+                        self.group._live()  # closed: the general path's error
+                    if not self._cuda_graph:
+                        return run(read[1], read[2], all_ranks)
+                    try:
+                        return run(read[1], read[2], all_ranks)
+                    finally:
+                        self._warn_graph_fallback()
         per_rank, shared, all_ranks, poison_outputs, mode, timeout, out = self._call_arguments(
             inputs, all_ranks, poison_outputs, replication, timeout, outputs)
         stream_ordered = arguments.optional_flag(stream_ordered, "stream_ordered")
@@ -251,7 +370,64 @@ class EngineRunner:
         finally:
             if self._cuda_graph:
                 self._warn_graph_fallback()
+        if torch_key is not None and self._runs_fast(call, out):
+            # These tensors passed every check and ran: their signature finds this call from now on.
+            self._torch_calls.keep(torch_key, _TorchInfer(call, per_rank, out, shared, all_ranks, self._devices))
         return results if all_ranks else results[0]
+
+    def _read_torch(self, inputs, outputs) -> tuple | None:
+        """One pass over infer's tensors when all are contiguous torch CUDA tensors in plain dicts
+        and lists (``inputs``: one dict or one per rank with exactly the engine's names;
+        ``outputs``: a dict of one list or tuple per output, a tensor per rank):
+        ``(signature, tensors, pointers)``, the tensors in the order :class:`_TorchInfer` reads
+        them. None otherwise: those arguments take the general path, which checks them."""
+        names = self._input_names
+        n = len(self._devices)
+        tensors = []
+        try:
+            if type(inputs) is dict:
+                if len(inputs) != len(names):
+                    return None
+                for name in names:  # loops: a comprehension's set-up costs more for a few tensors
+                    tensors.append(inputs[name])
+            elif (type(inputs) is list or type(inputs) is tuple) and len(inputs) == n:
+                for given in inputs:
+                    if type(given) is not dict or len(given) != len(names):
+                        return None
+                    for name in names:
+                        tensors.append(given[name])
+            else:
+                return None
+        except KeyError:
+            return None
+        out_names = None
+        if outputs is not None:
+            if type(outputs) is not dict:
+                return None
+            out_names = tuple(outputs)
+            for arrays in outputs.values():
+                if type(arrays) is not list and type(arrays) is not tuple:
+                    if n != 1:
+                        return None
+                    arrays = (arrays,)  # one local rank: a single array stands for a list of one
+                elif len(arrays) != n:
+                    return None
+                tensors += arrays
+        read = read_torch_cuda(tensors, None, len(tensors))
+        if read is None:
+            return None
+        return (type(inputs) is dict, out_names) + read[0], tensors, read[1]
+
+    @staticmethod
+    def _runs_fast(call: PreparedCall, out) -> bool:
+        """Whether ``call``, having run, can run on the fast path: every output known by name and
+        given (``outputs``) or allocated from torch's caching allocator."""
+        names = call.output_names
+        if not names:
+            return False
+        if out is None:
+            return call.torch_outputs is not None
+        return len(out[0]) == len(names) and all(name in out[0] for name in names)
 
     def prepare(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
                 poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,

@@ -1,0 +1,429 @@
+"""EngineRunner.infer's fast path for torch CUDA tensors (EngineRunner._torch_calls), against a stub
+of the native runner and stand-ins for torch CUDA tensors, so it is tested on any machine: a
+signature found again runs what the general path would run (the same addresses, streams, output
+buffers, stream ordering, and the same returned arrays), and anything the general path checks is
+never passed by it."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import mdtrt
+from mdtrt import _core, prepared_call
+from mdtrt.device_group import DeviceGroup
+from mdtrt.runner import EngineRunner
+
+torch = pytest.importorskip("torch")
+from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
+
+# The stub engine: inputs "a" and "b" (float32, two dimensions); outputs "z" (b's shape) and "y"
+# (a's shape), in that order, as a native result lists them.
+INPUTS = [("a", "float32", (-1, -1)), ("b", "float32", (-1, -1))]
+
+
+def nbytes(shape):
+    count = 4
+    for d in shape:
+        count *= d
+    return count
+
+
+class StubCall:
+    """A native prepared call: each run checks its outputs as the native one does (known names,
+    sizes, each rank's GPU) and records what it got, nested per rank as run_at takes it."""
+
+    arrays_may_be_in_use = False
+
+    def __init__(self, log, specs):
+        self.log, self.specs = log, specs  # specs: per rank, [(name, dtype, shape)]
+
+    def run_at(self, addresses, outputs, stream_ordered=False):
+        for rank, given in enumerate(outputs):
+            sizes = {name: nbytes(shape) for name, _, shape in self.specs[rank]}
+            for name, ptr, size, device, stream in given:
+                if name not in sizes:
+                    raise mdtrt.InvalidArgumentError(f"the program has no output named '{name}'")
+                if size != sizes[name] or device != rank:
+                    raise mdtrt.InvalidArgumentError(f"output '{name}' of rank {rank}: {size} bytes on GPU {device}, "
+                                                     f"needs {sizes[name]} bytes on GPU {rank}")
+        self.log.append((addresses, outputs, stream_ordered))
+        results = []
+        for rank, specs in enumerate(self.specs):
+            given = {o[0] for o in outputs[rank]} if outputs else set()
+            results.append(SimpleNamespace(outputs=list(specs), host=[],
+                                           device=[None if name in given else ("pooled", rank, name, shape)
+                                                   for name, _, shape in specs]))
+        return results
+
+    def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
+        """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
+        m, n = len(names), len(self.specs)
+        assert len(nbytes) == len(devices) == n * m and len(pointers) == len(streams)
+        k = (len(pointers) - n * m) // n
+        base = n * k
+        self.run_at([[(pointers[i * k + j], streams[i * k + j]) for j in range(k)] for i in range(n)],
+                    [[(names[j], pointers[base + i * m + j], nbytes[i * m + j], devices[i * m + j],
+                       streams[base + i * m + j]) for j in range(m)] for i in range(n)], stream_ordered)
+
+
+class StubRunner:
+    """A native runner of the stub engine: prepare checks each rank's inputs as the native plan
+    does (dtype, dimensions) and records them."""
+
+    cuda_graphs = False
+    graph_fallback = ""
+
+    def __init__(self, log):
+        self.log, self.prepared = log, []
+
+    def input_specs(self, local):
+        return INPUTS
+
+    def prepare(self, inputs, replication, poison, fetch, on_device, timeout, outputs):
+        specs = []
+        for rank, args in enumerate(inputs):
+            for (name, _, _), arg in zip(INPUTS, args):
+                if arg.dtype != "float32" or len(arg.shape) != 2:
+                    raise mdtrt.InvalidArgumentError(f"input '{name}' of rank {rank}: dtype {arg.dtype}, shape "
+                                                     f"{arg.shape}; the engine takes float32 of 2 dimensions")
+            specs.append([("z", "float32", tuple(args[1].shape)), ("y", "float32", tuple(args[0].shape))])
+        self.prepared.append(([(a.device, a.dtype, a.shape) for args in inputs for a in args], replication, poison,
+                              timeout))
+        return StubCall(self.log, specs)
+
+
+@pytest.fixture
+def stubs(monkeypatch):
+    """(make_runner, log, ...): EngineRunners of 2 ranks on the stub native runner."""
+    log, runners = [], []
+
+    def native_runner(group, programs, sequential):
+        runners.append(StubRunner(log))
+        return runners[-1]
+
+    monkeypatch.setattr(_core, "ProgramRunner", native_runner)
+    monkeypatch.setattr(_core, "RankProgram", StubRunner)  # EngineRunner(program=) checks the type
+    fakes = fake_torch(monkeypatch)
+    # The first call of a signature without outputs= returns pooled outputs: stand-ins here.
+    monkeypatch.setattr(prepared_call, "wrap_device_output",
+                        lambda buffer, dtype, shape, like: ("pooled", buffer[1], buffer[2], tuple(shape)))
+
+    def make_runner(native=Native, **kw):
+        group = DeviceGroup.__new__(DeviceGroup)
+        group._adopt(native())
+        return EngineRunner(group, program=StubRunner(log), **kw)
+
+    return SimpleNamespace(make_runner=make_runner, log=log, runners=runners, allocated=fakes.allocated, how=fakes.how)
+
+
+def inputs_of(base, per_rank, shape_a=(4, 3), shape_b=(2, 5), device=None, **kw):
+    """The engine's inputs at addresses from ``base``: one dict (on GPU ``device``, default 0) or one per rank."""
+    if not per_rank:
+        d = 0 if device is None else device
+        return {"a": FakeCuda(shape_a, d, base, **kw), "b": FakeCuda(shape_b, d, base + 0x100, **kw)}
+    return [{"a": FakeCuda(shape_a, r if device is None else device, base + 0x1000 * r, **kw),
+             "b": FakeCuda(shape_b, r if device is None else device, base + 0x1000 * r + 0x100, **kw)}
+            for r in range(2)]
+
+
+def outputs_of(base, order=("y", "z"), shapes=None, **kw):
+    shapes = shapes or {"y": (4, 3), "z": (2, 5)}
+    return {name: [FakeCuda(shapes[name], r, base + 0x1000 * r + 0x100 * j, **kw) for r in range(2)]
+            for j, name in enumerate(order)}
+
+
+def label(x, given):
+    """What a returned array is: one of the given outputs (by name and rank), or a new one."""
+    for name, tensors in (given or {}).items():
+        for rank, t in enumerate(tensors):
+            if x is t:
+                return ("given", name, rank)
+    if isinstance(x, FakeCuda):
+        return ("allocated", tuple(x.shape), x.dtype, x.device_index, x.ptr)
+    return x
+
+
+def run_series(stubs, per_rank, with_outputs, options, fast, device=None, order=("y", "z")):
+    """Four calls of one signature on new tensors each: what each returned and each run got."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not fast:  # the general path on every call
+            patch.setattr("mdtrt.runner.read_torch_cuda", lambda *args: None)
+        runner = stubs.make_runner()
+        del stubs.log[:]
+        del stubs.allocated[:]
+        returned = []
+        for step in range(4):
+            inputs = inputs_of(0x100000 * (step + 1), per_rank, device=device)
+            given = outputs_of(0x10000000 + 0x100000 * step, order) if with_outputs else None
+            got = runner.infer(inputs, outputs=given, **options)
+            per = got if options.get("all_ranks") else [got]
+            returned.append([[(name, label(x, given)) for name, x in rank.items()] for rank in per])
+    return returned, list(stubs.log), runner
+
+
+OPTIONS = [{}, {"all_ranks": True}, {"poison_outputs": True}, {"replication": "peer"}, {"timeout": 5},
+           {"timeout": 2.5, "all_ranks": True}, {"stream_ordered": False}, {"stream_ordered": True},
+           {"replication": "host", "poison_outputs": False, "all_ranks": False, "stream_ordered": None}]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=[str(o) for o in OPTIONS])
+@pytest.mark.parametrize("with_outputs", [True, False], ids=["outputs", "allocated"])
+@pytest.mark.parametrize("per_rank", [False, True], ids=["shared", "per_rank"])
+def test_fast_path_runs_what_the_general_path_runs(stubs, per_rank, with_outputs, options):
+    """Shared and per-rank inputs (two of them), two outputs given or allocated, every option:
+    from the second call of a signature on, the fast path gives the native run the same
+    addresses, streams, output buffers and stream ordering as the general path, and returns the
+    same arrays (the given ones, or outputs allocated alike), in the same order."""
+    slow = run_series(stubs, per_rank, with_outputs, options, False)
+    fast = run_series(stubs, per_rank, with_outputs, options, True)
+    assert fast[0] == slow[0] and fast[1] == slow[1]
+    runner = fast[2]
+    assert len(runner._torch_calls) == 1 and len(runner._calls) == 1
+    assert [len(r.prepared) for r in stubs.runners] == [1, 1]  # each runner: planned once
+    prepared = stubs.runners[-1].prepared[0]
+    assert prepared[1] == options.get("replication", "auto") and prepared[2] == options.get("poison_outputs", False)
+    addresses, outputs, ordered = stubs.log[-1]
+    if per_rank:
+        assert addresses == [[(0x400000, 100), (0x400100, 100)], [(0x401000, 101), (0x401100, 101)]]
+    else:  # one dict: the same tensors (on GPU 0) named on every rank, replicated natively
+        assert addresses == [[(0x400000, 100), (0x400100, 100)]] * 2
+    assert [[o[0] for o in rank] for rank in outputs] == ([["y", "z"]] * 2 if with_outputs else [["z", "y"]] * 2)
+    assert [[(o[3], o[4]) for o in rank] for rank in outputs] == [[(0, 100)] * 2, [(1, 101)] * 2]
+    assert ordered is (options.get("stream_ordered") is not False)
+    # returned in the order the native result lists the outputs, as the general path returns them
+    assert [name for name, _ in fast[0][-1][0]] == ["z", "y"]
+
+
+def test_outputs_in_another_order_and_a_single_gpu_input_are_passed_alike(stubs):
+    """outputs= naming the outputs in the native order, and one dict whose tensors live on GPU 1
+    (device-input replication from that GPU): the fast path passes what the general path does."""
+    for kw in ({"order": ("z", "y")}, {"device": 1}, {"device": 1, "order": ("z", "y")}):
+        for with_outputs in (True, False):
+            slow = run_series(stubs, False, with_outputs, {"all_ranks": True}, False, **kw)
+            fast = run_series(stubs, False, with_outputs, {"all_ranks": True}, True, **kw)
+            assert fast[0] == slow[0] and fast[1] == slow[1]
+            assert len(fast[2]._torch_calls) == 1
+    assert stubs.log[-1][0] == [[(0x400000, 101), (0x400100, 101)]] * 2  # GPU 1's stream on every rank
+
+
+def test_one_local_rank_takes_single_output_tensors_on_the_fast_path(stubs):
+    """With one local rank a single tensor stands for a list of one in outputs=: such calls find
+    their kept call too, and pass what the general path passes."""
+    def series(fast):
+        with pytest.MonkeyPatch.context() as patch:
+            if not fast:
+                patch.setattr("mdtrt.runner.read_torch_cuda", lambda *args: None)
+            runner = stubs.make_runner(OneRankNative)
+            del stubs.log[:]
+            for step in range(3):
+                given = {name: ts[0] for name, ts in outputs_of(0x200000 + 0x10000 * step).items()}
+                got = runner.infer(inputs_of(0x1000 * (step + 1), False), outputs=given)
+                assert got == {"z": given["z"], "y": given["y"]} and list(got) == ["z", "y"]
+                runner.infer([inputs_of(0x1000 * (step + 1), False)], outputs={n: [t] for n, t in given.items()})
+        return list(stubs.log), runner
+
+    slow, (fast, runner) = series(False)[0], series(True)
+    assert fast == slow and len(runner._torch_calls) == 2
+    assert fast[-1][0] == [[(0x3000, 100), (0x3100, 100)]]
+
+
+def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
+    runner = stubs.make_runner()
+    runner.infer(inputs_of(0x1000, False))
+    assert len(runner._torch_calls) == 1
+    runner.infer(inputs_of(0x1000, False, shape_a=(8, 3)))  # another shape: another signature
+    runner.infer(inputs_of(0x1000, True))  # one dict per rank: another signature
+    runner.infer(inputs_of(0x1000, False), outputs=outputs_of(0x2000))  # outputs= given
+    runner.infer(inputs_of(0x1000, False), outputs=outputs_of(0x2000, ("z", "y")))  # in another order
+    runner.infer(inputs_of(0x1000, False), stream_ordered=False)
+    runner.infer(inputs_of(0x1000, False), timeout=3)
+    assert len(runner._torch_calls) == 7 and len(runner._calls) == 7
+    runner.replication = "peer"  # the runner's default changed: calls without replication= follow it
+    runner.infer(inputs_of(0x1000, False))
+    assert stubs.runners[0].prepared[-1][1] == "peer" and len(runner._torch_calls) == 8
+
+
+def test_outputs_given_for_some_outputs_only_take_the_general_path(stubs):
+    """outputs= naming some of the outputs: the others come back pooled, as the general path
+    returns them; such calls are not kept for the fast path."""
+    runner = stubs.make_runner()
+    for _ in range(3):
+        given = {"y": outputs_of(0x2000)["y"]}
+        got = runner.infer(inputs_of(0x1000, False), outputs=given)
+        assert got["y"] is given["y"][0] and got["z"] == ("pooled", 0, "z", (2, 5))
+    assert len(runner._torch_calls) == 0 and len(runner._calls) == 1
+
+
+def bad_variants():
+    """(name, inputs, kwargs, twin) of calls that must fail, and the kwargs of their good twin
+    (whose signature the fast path then keeps): the same pointers, options equal to the bad ones."""
+    good = 0x1000
+    out = {"outputs": outputs_of(0x20000)}
+    shared = inputs_of(good, False)
+    return [
+        ("another dtype", {"a": shared["a"], "b": FakeCuda((2, 5), 0, good + 0x100, torch.int32)}, {}, {}),
+        ("another number of dimensions", {"a": FakeCuda((12,), 0, good), "b": shared["b"]}, {}, {}),
+        ("an unsupported dtype", inputs_of(good, False, dtype=torch.complex64), {}, {}),
+        ("non-contiguous input", {"a": FakeCuda((4, 3), 0, good, contiguous=False), "b": shared["b"]}, {}, {}),
+        ("a missing input", {"a": shared["a"]}, {}, {}),
+        ("an extra input", dict(shared, c=FakeCuda((1, 1), 0, 0x7000)), {}, {}),
+        ("another input name", {"a": shared["a"], "c": shared["b"]}, {}, {}),
+        ("a numpy input mixed in", {"a": shared["a"], "b": np.ones((2, 5), np.float32)}, {}, {}),
+        ("a CPU tensor mixed in", {"a": shared["a"], "b": torch.ones(2, 5)}, {}, {}),
+        ("one dict per rank, one missing", [inputs_of(good, False)], {}, {}),
+        ("per rank, a missing input on rank 1", [inputs_of(good, False), {"a": shared["a"]}], {}, {}),
+        ("outputs of another size", shared, {"outputs": outputs_of(0x20000, shapes={"y": (2, 3), "z": (2, 5)})}, out),
+        ("outputs of another dtype size", shared, {"outputs": outputs_of(0x20000, dtype=torch.float16)}, out),
+        ("outputs on the other GPU", shared,
+         {"outputs": {name: ts[::-1] for name, ts in outputs_of(0x20000).items()}}, out),
+        ("outputs non-contiguous", shared, {"outputs": outputs_of(0x20000, contiguous=False)}, out),
+        ("outputs one rank short", shared, {"outputs": {n: ts[:1] for n, ts in outputs_of(0x20000).items()}}, out),
+        ("outputs with a numpy array", shared,
+         {"outputs": dict(outputs_of(0x20000), y=[np.ones((4, 3), np.float32)] * 2)}, out),
+        ("outputs naming an unknown output", shared, {"outputs": dict(outputs_of(0x20000), w=outputs_of(0x30000)["y"])},
+         out),
+        ("outputs not a dict", shared, {"outputs": [outputs_of(0x20000)["y"]]}, out),
+        ("all_ranks 1", shared, {"all_ranks": 1}, {"all_ranks": True}),
+        ("poison_outputs 0", shared, {"poison_outputs": 0}, {"poison_outputs": False}),
+        ("stream_ordered 0", shared, {"stream_ordered": 0}, {"stream_ordered": False}),
+        ("timeout True", shared, {"timeout": True}, {"timeout": 1}),
+        ("timeout 0", shared, {"timeout": 0}, {}),
+        ("timeout nan", shared, {"timeout": float("nan")}, {}),
+        ("an unknown replication", shared, {"replication": "fast"}, {}),
+        ("an unhashable replication", shared, {"replication": ["host"]}, {}),
+    ]
+
+
+@pytest.mark.parametrize("name, inputs, kwargs, twin", bad_variants(), ids=[v[0] for v in bad_variants()])
+def test_a_kept_signature_never_passes_what_the_first_call_refuses(stubs, name, inputs, kwargs, twin):
+    """A call whose tensors share the pointers of a signature the fast path keeps, but differ in
+    dtype, dimensions, contiguity, GPU, names or kinds, or whose options equal a kept key's but are
+    of a type the checks refuse (True == 1), fails with the error the same call gets on a fresh
+    runner, and runs nothing."""
+    with pytest.raises(mdtrt.MdtrtError) as fresh:
+        stubs.make_runner().infer(inputs, **kwargs)
+    runner = stubs.make_runner()
+    for _ in range(3):
+        runner.infer(inputs_of(0x1000, False), **twin)
+    assert len(runner._torch_calls) == 1
+    runs = len(stubs.log)
+    with pytest.raises(type(fresh.value)) as kept:
+        runner.infer(inputs, **kwargs)
+    assert str(kept.value) == str(fresh.value)
+    assert len(stubs.log) == runs  # nothing ran
+    runner.infer(inputs_of(0x1000, False), **twin)  # and the runner keeps working
+    assert len(stubs.log) == runs + 1
+
+
+def test_same_addresses_of_another_signature_are_planned_as_what_they_are(stubs):
+    """Tensors at a kept signature's addresses but of another shape or GPU (an input on another
+    GPU is copied to the rank's: allowed) are planned for what they are, by the general path, and
+    then kept under their own signature."""
+    runner = stubs.make_runner()
+    for _ in range(2):
+        runner.infer(inputs_of(0x1000, True))
+    variants = [inputs_of(0x1000, True, shape_a=(2, 6)), inputs_of(0x1000, True, device=1),
+                inputs_of(0x1000, False, device=1)]
+    for inputs in variants * 2:
+        got = runner.infer(inputs, all_ranks=True)
+        # on each rank's GPU, wherever its inputs are: pooled on a signature's first call, then allocated
+        assert [g["y"][1] if type(g["y"]) is tuple else g["y"].device_index for g in got] == [0, 1]
+    planned = [p[0] for p in stubs.runners[0].prepared]
+    assert planned == [[(0, "float32", (4, 3)), (0, "float32", (2, 5)), (1, "float32", (4, 3)), (1, "float32", (2, 5))],
+                       [(0, "float32", (2, 6)), (0, "float32", (2, 5)), (1, "float32", (2, 6)), (1, "float32", (2, 5))],
+                       [(1, "float32", (4, 3)), (1, "float32", (2, 5)), (1, "float32", (4, 3)), (1, "float32", (2, 5))],
+                       [(1, "float32", (4, 3)), (1, "float32", (2, 5)), (1, "float32", (4, 3)), (1, "float32", (2, 5))]]
+    assert len(runner._torch_calls) == 4
+
+
+def test_outputs_are_allocated_once_the_shapes_are_known_and_made_from_the_inputs(stubs):
+    """Without outputs=: the first call of a signature returns pooled outputs and learns the
+    shapes; every later call gets new torch outputs on each rank's GPU (empty_like of the rank's
+    first input where the shape and GPU match, else torch.empty), handed to the run."""
+    runner = stubs.make_runner()
+    first = runner.infer(inputs_of(0x1000, False), all_ranks=True)
+    assert first[1] == {"z": ("pooled", 1, "z", (2, 5)), "y": ("pooled", 1, "y", (4, 3))}
+    got = [runner.infer(inputs_of(0x1000, False), all_ranks=True) for _ in range(3)]
+    assert len({id(t) for outs in got for rank in outs for t in rank.values()}) == 12
+    for outs in got:
+        assert [[(n, tuple(t.shape), t.device_index) for n, t in rank.items()] for rank in outs] == [
+            [("z", (2, 5), r), ("y", (4, 3), r)] for r in range(2)]
+    _, outputs, ordered = stubs.log[-1]
+    assert outputs == [[(n, t.ptr, nbytes(t.shape), r, 100 + r) for n, t in rank.items()]
+                       for r, rank in enumerate(got[-1])]
+    assert ordered is True  # torch in and out: stream-ordered by default
+    # y has the shape of a (the rank's first input): empty_like on rank 0, whose a is on its GPU
+    assert stubs.how[-4:] == ["empty", "empty_like", "empty", "empty"]
+
+
+def test_fast_path_keeps_no_tensor_alive(stubs):
+    runner = stubs.make_runner()
+    inputs, given = inputs_of(0x1000, True), outputs_of(0x2000)
+    for _ in range(2):
+        runner.infer(inputs, outputs=given)
+        runner.infer(inputs)
+    alive = [weakref.ref(t) for d in inputs for t in d.values()] + [weakref.ref(t) for ts in given.values() for t in ts]
+    del inputs, given
+    stubs.allocated.clear()
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+    assert len(runner._torch_calls) == 2
+
+
+def test_a_closed_group_refuses_the_fast_path_as_the_general_path(stubs):
+    runner = stubs.make_runner()
+    for _ in range(2):
+        runner.infer(inputs_of(0x1000, False))
+    runner.group.close()
+    with pytest.raises(mdtrt.InvalidArgumentError, match="the DeviceGroup was closed"):
+        runner.infer(inputs_of(0x1000, False))
+    with pytest.raises(mdtrt.InvalidArgumentError, match="the DeviceGroup was closed"):
+        runner.infer(inputs_of(0x1000, True))  # a first call: the general path
+
+
+def test_cuda_graph_fallback_warns_on_the_fast_path(stubs):
+    """A runner with cuda_graph=True whose graphs were switched off during a fast-path call warns
+    once, as after a general-path call."""
+    runner = stubs.make_runner(cuda_graph=True)
+    for _ in range(2):
+        runner.infer(inputs_of(0x1000, False))
+    runner._native.graph_fallback = "capture failed on rank 1"
+    with pytest.warns(RuntimeWarning, match="capture failed on rank 1"):
+        runner.infer(inputs_of(0x1000, False))
+    assert len(runner._torch_calls) == 1
+
+
+@pytest.mark.parametrize("in_use", [True, False])
+@pytest.mark.parametrize("with_outputs", [True, False], ids=["outputs", "allocated"])
+def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkeypatch, in_use, with_outputs):
+    """A fast-path run that raised with work of it possibly still queued (a rank given up on, the
+    group broken) keeps its tensors, inputs and outputs (given or allocated), for the life of the
+    process, as the general path does; one that left nothing behind keeps nothing."""
+    fail = failing_runs(monkeypatch, StubCall, "rank(s) 1 did not finish 'infer'")
+    runner = stubs.make_runner()
+    for _ in range(2):  # the general path makes the kept call, the fast path runs from then on
+        runner.infer(inputs_of(0x1000, True), outputs=outputs_of(0x2000) if with_outputs else None)
+    runs = len(stubs.log)
+    inputs, given = inputs_of(0x3000, True), outputs_of(0x4000) if with_outputs else None
+    del stubs.allocated[:]
+    alive = [weakref.ref(t) for d in inputs for t in d.values()]
+    alive += [weakref.ref(t) for ts in given.values() for t in ts] if with_outputs else []
+    fail.append(True)
+    monkeypatch.setattr(StubCall, "arrays_may_be_in_use", in_use)
+    held_before = len(prepared_call._HELD_FOR_UNFINISHED_WORK)
+    with pytest.raises(mdtrt.RankTimeoutError):
+        runner.infer(inputs, outputs=given)
+    assert len(stubs.log) == runs  # it failed in the fast path's native run
+    if not with_outputs:
+        assert len(stubs.allocated) == 4
+        alive += [weakref.ref(t) for t in stubs.allocated]
+        del stubs.allocated[:]
+    del inputs, given
+    gc.collect()
+    assert all((ref() is not None) == in_use for ref in alive)
+    assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held_before + (1 if in_use else 0)
