@@ -213,10 +213,12 @@ def engine_calls(group, xs, outs) -> dict:
     runner = mdtrt.EngineRunner(group, program=_core.RankProgram())
     shared, per_rank, given = {"input": xs[0]}, [{"input": x} for x in xs], {"output": outs}
     runner.infer(shared)  # the first call of a signature learns the output shapes
+    runner.infer(per_rank)
     return {
         'infer({"input": x}, outputs=)': lambda: runner.infer(shared, outputs=given),
         'infer({"input": x})': lambda: runner.infer(shared),
         'infer([{"input": x}] per rank, outputs=)': lambda: runner.infer(per_rank, outputs=given),
+        'infer([{"input": x}] per rank)': lambda: runner.infer(per_rank),
         'prepare({"input": x}, outputs=)()': runner.prepare(shared, outputs=given),
         'prepare({"input": x})()': runner.prepare(shared),
     }
