@@ -58,8 +58,9 @@ def test_python_overhead_runs_without_gpus():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     timed = [line for line in r.stdout.splitlines() if line.endswith(" us")]
-    assert len(timed) == 12 and timed[0].startswith("collective(op, xs, out=outs)"), r.stdout
+    assert len(timed) == 13 and timed[0].startswith("collective(op, xs, out=outs)"), r.stdout
     assert timed[7].startswith('infer({"input": x}, outputs=)'), r.stdout
+    assert timed[10].startswith('infer([{"input": x}] per rank)'), r.stdout
 
 
 def test_nccl_tests_conventions(bench_modules):
