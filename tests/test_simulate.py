@@ -140,3 +140,33 @@ def test_compare_outputs_report():
     assert not compare_outputs(reference, {"y": np.zeros(4, np.float32)}, atol=1, rtol=1).passed
     assert not compare_outputs(reference, {"y": np.array([1, np.nan, 4], np.float32)}, atol=1, rtol=1).passed
     assert not compare_outputs(reference, {}, atol=1, rtol=1).passed
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_bar_only_on_a_terminal(terminal, monkeypatch, capsys):
+    """A bar redraws in place: on a terminal it shows, into a file or a CI log it would write one
+    long line of carriage returns, so there simulate(progress=True) is silent."""
+    pytest.importorskip("tqdm")
+    import mdtrt._simulate as simulate_module
+
+    monkeypatch.setattr(simulate_module, "stderr_is_terminal", lambda: terminal)
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    outputs = simulate(scatter_then("all_gather", 2, 2), {"input": x}, 2, progress=True)
+    np.testing.assert_array_equal(outputs[0]["output"], x * SCALE)  # scatter, scale, all_gather
+    err = capsys.readouterr().err
+    assert ("simulate" in err) == terminal, err
+
+
+def test_stderr_is_terminal_survives_a_replaced_or_closed_stderr(monkeypatch):
+    import io
+
+    from mdtrt._progress import stderr_is_terminal
+
+    monkeypatch.setattr("sys.stderr", None)
+    assert stderr_is_terminal() is False
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr("sys.stderr", closed)
+    assert stderr_is_terminal() is False
+    monkeypatch.setattr("sys.stderr", object())
+    assert stderr_is_terminal() is False

@@ -552,3 +552,15 @@ def test_host_run_two_collectives_in_one_network(trt_double, tmp_path):
         np.testing.assert_array_equal(got[0:2], summed)
         np.testing.assert_array_equal(got[4:6], summed)
         # rank 1 took no part in the all_reduce: its intermediate is whatever the context's memory held
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_progress_true_draws_bars_only_on_a_terminal(trt_double, terminal, monkeypatch, capfd):
+    """progress=True: tqdm bars on a terminal; into a file or CI log (where bars would be one long
+    line of carriage returns) the line log, a line per step of the top-level phase."""
+    pytest.importorskip("tqdm")
+    monkeypatch.setattr(mdtrt_tensorrt, "stderr_is_terminal", lambda: terminal)
+    build("all_reduce", progress=True)
+    err = capfd.readouterr().err
+    assert ("[mdtrt] building: phase" in err) == (not terminal), err
+    assert ("TensorRT: " in err) == terminal, err

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ._progress import stderr_is_terminal
 from .errors import InvalidArgumentError, MdtrtError
 from .onnx_graph import load_model, node_inputs, save_model, too_large_to_serialize, toposort_nodes
 from .reference import collective
@@ -361,7 +362,7 @@ def simulate(
         ``"auto"``: ONNX Runtime, and the reference evaluator for segments with types ONNX Runtime
         has no CPU kernels for (bfloat16, float8, int4).
     progress : bool
-        Show a tqdm progress bar on stderr.
+        Show a tqdm progress bar on stderr when stderr is a terminal (never into a file or pipe).
     threads : int, optional
         ONNX Runtime intra-op threads (default: ONNX Runtime's choice).
 
@@ -396,7 +397,9 @@ def simulate(
     steps = sum(ranks for s in plan.segments if s) + sum(len(c) for c in plan.collectives.values())
     from tqdm.auto import tqdm
 
-    with tqdm(total=steps, desc="simulate", unit="step", file=sys.stderr, disable=not progress, leave=False) as bar:
+    # A bar only on a terminal (see _progress.py); elsewhere the run is silent.
+    with tqdm(total=steps, desc="simulate", unit="step", file=sys.stderr, disable=not (progress and stderr_is_terminal()),
+              leave=False) as bar:
         for stage, segment in enumerate(plan.segments):
             if segment is not None:
                 for rank in range(ranks):

@@ -29,6 +29,7 @@ import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import _core
+from ._progress import stderr_is_terminal
 from .errors import InvalidArgumentError, LibraryNotFoundError, MdtrtError
 from .libraries import LoadAttempt, attempts_from, package_dirs
 
@@ -284,6 +285,11 @@ class _TqdmProgress:
 @contextlib.contextmanager
 def _progress(progress: bool | ProgressCallback | None) -> Iterator[Any]:
     if progress is True:
+        # Off a terminal the C++ line log (a line per step of each top-level phase) says the same
+        # as the bars (see _progress.py).
+        if not stderr_is_terminal():
+            yield True
+            return
         try:
             bars = _TqdmProgress()
         except ImportError:
@@ -350,8 +356,9 @@ def build_dist_collective_engine(op: str, *, reduce: str = "sum", root: int = 0,
         Wrap the layer in transposes of a 2-D input, as NVIDIA's sampleDistCollective does, so the
         collective splits and joins along the second dimension.
     progress : bool or callable
-        True for a progress bar, False, or ``callable(event, phase, parent, step, nb_steps)``
-        (return False to cancel).
+        True for progress bars on a terminal (tqdm; where stderr is no terminal, or tqdm is
+        missing, a line per step of each top-level phase on stderr), False for none, or
+        ``callable(event, phase, parent, step, nb_steps)`` (return False to cancel).
     timing_cache : path, optional
         A file read before and written after the build (written through a temporary file unique to
         this process, then renamed).
