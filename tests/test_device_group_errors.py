@@ -6,17 +6,34 @@ import pytest
 
 import mdtrt
 from mdtrt import _core
+from mdtrt.cuda_state import cuda_problem
 
 
 def test_no_gpu_is_explained():
+    """No visible GPU is the machine's state, not a wrong argument: a CudaError with the driver's
+    answer, whether the GPUs were named or not."""
     if _core.visible_gpu_count() > 0:
         pytest.skip("this machine has GPUs")
-    with pytest.raises(mdtrt.InvalidArgumentError, match="no CUDA GPU"):
-        mdtrt.DeviceGroup([0, 1])
-    # Every visible GPU, of which there is none: the same reason, not "an empty list".
-    with pytest.raises(mdtrt.InvalidArgumentError, match="no CUDA GPU is visible") as caught:
-        mdtrt.DeviceGroup()
-    assert "empty list" not in str(caught.value)
+    why = cuda_problem(dict(_core.query_cuda()))
+    for gpus in ([0, 1], None):
+        with pytest.raises(mdtrt.CudaError, match="no CUDA GPU is visible on this machine") as caught:
+            mdtrt.DeviceGroup(gpus)
+        assert not isinstance(caught.value, ValueError)
+        assert why and why in str(caught.value) and "mdtrt doctor" in str(caught.value)
+        # Every visible GPU, of which there is none: the same reason, not "an empty list".
+        assert "empty list" not in str(caught.value)
+    assert "puts one rank on each visible GPU" in str(caught.value)
+
+
+def test_no_gpu_without_a_driver_error_names_cuda_visible_devices(monkeypatch):
+    """A driver that answers but lists no device (CUDA_VISIBLE_DEVICES hides them all): the error
+    says so, on any machine (the driver's answer is stubbed)."""
+    monkeypatch.setattr(_core, "visible_gpu_count", lambda: 0)
+    monkeypatch.setattr(_core, "query_cuda", lambda: {"driver_version": 13000, "runtime_version": 13000, "error": "",
+                                                      "gpus": [], "peer_access": []})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(mdtrt.CudaError, match="cudaGetDeviceCount found no device with CUDA_VISIBLE_DEVICES=''"):
+        mdtrt.DeviceGroup()  # every visible GPU: refused before any native call
 
 
 @pytest.mark.gpu

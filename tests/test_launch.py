@@ -100,11 +100,15 @@ def test_device_choice(info, visible, gpu, expected):
     (LaunchInfo(0, 4, 0, "Open MPI", 4), 2, None, "starts 4 ranks on this host but this process sees 2"),
     (LaunchInfo(2, 4, 2, "SLURM"), 2, None, "local rank 2 of this host but this process sees 2"),
     (LaunchInfo(0, 2, 0, "torchrun"), 2, 2, "gpu=2 is not a visible device"),
-    (LaunchInfo(0, 2, 0, "torchrun"), 0, None, "no CUDA GPU is visible"),
 ])
 def test_device_layouts_that_cannot_work_are_refused(info, visible, gpu, match):
     with pytest.raises(mdtrt.InvalidArgumentError, match=match):
         choose_device(info, visible, gpu)
+
+
+def test_a_rank_that_sees_no_gpu_gets_a_cuda_error():
+    with pytest.raises(mdtrt.CudaError, match="no CUDA GPU is visible to rank 1: .*mdtrt doctor"):
+        choose_device(LaunchInfo(1, 2, 1, "torchrun"), 0, None)
 
 
 def test_torchrun_without_torch_says_what_to_install(monkeypatch):

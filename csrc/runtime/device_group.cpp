@@ -24,7 +24,11 @@ void validate_devices(const std::vector<int>& devices) {
   }
   const int count = visible_gpu_count();
   if (count == 0) {
-    throw_invalid_argument("no CUDA GPU is visible on this machine (run `python -m mdtrt doctor` to see why)");
+    // The machine's state, not a wrong argument: a CUDA error, with the driver's answer.
+    const std::string why = query_cuda().error;
+    throw Error(ErrorKind::kCuda,
+                "no CUDA GPU is visible on this machine: " + (why.empty() ? "cudaGetDeviceCount found no device" : why) +
+                    " (run `python -m mdtrt doctor` for the whole report)");
   }
   for (int d : devices) {
     if (d >= count) {

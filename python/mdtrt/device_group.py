@@ -8,7 +8,8 @@ from typing import Any, NamedTuple, Sequence
 
 from . import _core, arguments
 from .arrays import ArrayRef, describe, read_torch_cuda, torch_allocator, torch_current_streams, torch_output_factory
-from .errors import InvalidArgumentError
+from .cuda_state import no_gpu_error
+from .errors import CudaError, InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
 from .prepared_call import KeptCalls, PreparedCall
@@ -134,6 +135,17 @@ class DeviceGroup:
     ``DeviceGroup(gpus=[0, 1])`` puts every rank in this process (rank i on ``gpus[i]``).
     ``DeviceGroup.from_env()`` joins a world started by a launcher (one process per GPU).
     Every blocking step waits at most ``timeout`` seconds, then names the ranks that did not finish.
+
+    Raises
+    ------
+    CudaError
+        No GPU is visible (the message gives the driver's answer: no driver, a driver older than
+        mdtrt's CUDA runtime, ``CUDA_VISIBLE_DEVICES``).
+    InvalidArgumentError
+        A GPU id that is negative, listed twice or not visible, or a timeout that is not a
+        positive finite number of seconds.
+    LibraryNotFoundError
+        NCCL could not be loaded (the message lists every place looked at).
     """
 
     def __init__(self, gpus: Sequence[int] | None = None, *, timeout: float = 60.0):
@@ -144,10 +156,16 @@ class DeviceGroup:
         if gpus is None:
             gpus = list(range(_core.visible_gpu_count()))
             if not gpus:
-                raise InvalidArgumentError(
-                    "no CUDA GPU is visible, and DeviceGroup() puts one rank on each visible GPU "
-                    "(run `python -m mdtrt doctor` to see why)")
-        self._adopt(_core.DeviceGroup.create_local(gpus, timeout))
+                raise no_gpu_error("on this machine, and DeviceGroup() puts one rank on each visible GPU")
+        try:
+            native = _core.DeviceGroup.create_local(gpus, timeout)
+        except CudaError:
+            # Wrong ids are named first, on any machine; then no GPU at all gets the driver's answer
+            # in words (the native message has only CUDA's error name).
+            if _core.visible_gpu_count() == 0:
+                raise no_gpu_error("on this machine") from None
+            raise
+        self._adopt(native)
 
     @classmethod
     def from_env(cls, *, timeout: float = 60.0, gpu: int | None = None, id_file: str | None = None) -> "DeviceGroup":
@@ -171,6 +189,8 @@ class DeviceGroup:
 
         Raises
         ------
+        CudaError
+            This process sees no GPU (the message gives the driver's answer).
         InvalidArgumentError
             No launcher, contradicting launchers, a GPU layout that cannot work (raised on every rank
             before any waits), or no way to share the NCCL id.

@@ -7,14 +7,11 @@ import os
 import sys
 
 from . import _core
+from .cuda_state import cuda_problem, cuda_version
 from .errors import MdtrtError
 
 DIST_COLLECTIVE_MIN_CC = (8, 0)
 MULTI_DEVICE_ATTENTION_MIN_CC = (10, 0)
-
-
-def _version(code: int) -> str:
-    return f"{code // 1000}.{(code % 1000) // 10}" if code else "none"
 
 
 def _nccl_report() -> dict:
@@ -85,18 +82,6 @@ def _runtime_report() -> dict:
     return report
 
 
-def _cuda_problem(cuda: dict) -> str | None:
-    """What stops CUDA, in words: the runtime says cudaErrorInsufficientDriver also when there is
-    no driver at all (the driver version then reads 0)."""
-    error = cuda["error"]
-    if error and error.startswith("cudaErrorInsufficientDriver") and not cuda["driver_version"]:
-        return "no NVIDIA driver was found (libcuda.so.1 is not there): install the NVIDIA driver, on a machine with an NVIDIA GPU"
-    if error and error.startswith("cudaErrorInsufficientDriver"):
-        return (f"the NVIDIA driver (CUDA {_version(cuda['driver_version'])}) is older than the CUDA "
-                f"{_version(cuda['runtime_version'])} runtime mdtrt was built with: update the driver")
-    return error
-
-
 def _hanging(text: str, indent: str) -> list[str]:
     """``text``'s first line as is, the lines after it (a list of attempts, advice) indented by
     ``indent``, so that they read as part of it."""
@@ -144,7 +129,7 @@ def collect() -> dict:
     cuda = dict(_core.query_cuda())
     gpus = [dict(g, compute_capability=list(g["compute_capability"])) for g in cuda["gpus"]]
     cuda["gpus"] = gpus
-    cuda["problem"] = _cuda_problem(cuda)
+    cuda["problem"] = cuda_problem(cuda)
     report = {
         "mdtrt": build,
         "nccl": _nccl_report(),
@@ -197,7 +182,7 @@ def format_text(report: dict) -> str:
     """
     lines = []
     b = report["mdtrt"]
-    lines.append(f"mdtrt {b['version']} (built with {b['compiler']}, CUDA {_version(b['cuda_version'])})")
+    lines.append(f"mdtrt {b['version']} (built with {b['compiler']}, CUDA {cuda_version(b['cuda_version'])})")
     nccl = report["nccl"]
     lines.append("")
     if nccl["found"]:
@@ -209,7 +194,7 @@ def format_text(report: dict) -> str:
         if copy["path"] != nccl["path"]:
             lines.append(f"           loaded in this process too: NCCL {copy['version']} at {copy['path']}")
     cuda = report["cuda"]
-    lines.append(f"CUDA       driver {_version(cuda['driver_version'])}, runtime {_version(cuda['runtime_version'])}")
+    lines.append(f"CUDA       driver {cuda_version(cuda['driver_version'])}, runtime {cuda_version(cuda['runtime_version'])}")
     if cuda["problem"]:
         lines.append(f"           {cuda['problem']}")
     lines.append(f"GPUs       {len(cuda['gpus'])}")

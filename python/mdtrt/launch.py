@@ -32,6 +32,7 @@ import time
 from typing import Mapping
 
 from . import _core
+from .cuda_state import no_gpu_error
 from .errors import InvalidArgumentError, RankTimeoutError
 
 
@@ -194,14 +195,15 @@ def choose_device(info: LaunchInfo, visible: int, gpu: int | None = None) -> int
 
     Raises
     ------
+    CudaError
+        No GPU is visible (the message gives the driver's answer).
     InvalidArgumentError
-        No GPU is visible, ``gpu`` is not a visible device, or the host has more ranks than this
-        process sees GPUs.
+        ``gpu`` is not a visible device, or the host has more ranks than this process sees GPUs.
     """
     cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
     seen = f"this process sees {visible} GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={cvd})" if cvd is not None else "")
     if visible == 0:
-        raise InvalidArgumentError(f"no CUDA GPU is visible to rank {info.rank} (run `python -m mdtrt doctor`)")
+        raise no_gpu_error(f"to rank {info.rank}")
     if gpu is not None:
         if isinstance(gpu, bool) or not isinstance(gpu, int) or not 0 <= gpu < visible:
             raise InvalidArgumentError(f"gpu={gpu!r} is not a visible device: {seen}, numbered 0..{visible - 1}")
