@@ -10,15 +10,11 @@ cores): deselect with -m "not build".
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from trt_double import DoubleBuildError, cmake_command
-
-REPO = Path(__file__).resolve().parent.parent
+from project_build import build_targets, configure
 
 pytestmark = pytest.mark.build
 
@@ -26,24 +22,13 @@ ASAN = "-fsanitize=address -fno-omit-frame-pointer"
 
 
 def test_a_rank_given_up_on_touches_no_freed_memory(tmp_path):
-    if not (REPO / "CMakeLists.txt").is_file():
-        pytest.skip("the source tree is not beside the tests")
-    try:
-        cmake = cmake_command()
-    except DoubleBuildError as error:
-        pytest.skip(str(error))
-    env = {k: v for k, v in os.environ.items() if k not in ("TensorRT_INCLUDE_DIR", "TensorRT_ROOT")}
-    build = tmp_path / "build"
-    configure = subprocess.run(
-        [*cmake, "-S", str(REPO), "-B", str(build), "-DCMAKE_BUILD_TYPE=Debug", "-DMDTRT_BUILD_PYTHON=OFF",
-         "-DMDTRT_BUILD_SAMPLES=OFF", "-DMDTRT_BUILD_NATIVE_TESTS=ON", f"-DCMAKE_CXX_FLAGS={ASAN}",
-         f"-DCMAKE_EXE_LINKER_FLAGS={ASAN}"],
-        env=env, capture_output=True, text=True, timeout=600)
-    if configure.returncode != 0 and "fsanitize" in configure.stdout + configure.stderr:
+    configured, cmake, env, build = configure(
+        tmp_path, "-DCMAKE_BUILD_TYPE=Debug", "-DMDTRT_BUILD_PYTHON=OFF", "-DMDTRT_BUILD_SAMPLES=OFF",
+        "-DMDTRT_BUILD_NATIVE_TESTS=ON", f"-DCMAKE_CXX_FLAGS={ASAN}", f"-DCMAKE_EXE_LINKER_FLAGS={ASAN}", python=False)
+    if configured.returncode != 0 and "fsanitize" in configured.stdout + configured.stderr:
         pytest.skip("this compiler cannot build with AddressSanitizer")
-    assert configure.returncode == 0, configure.stdout[-3000:] + configure.stderr[-3000:]
-    built = subprocess.run([cmake[0], "--build", str(build), "--parallel", str(min(4, os.cpu_count() or 1)),
-                            "--target", "abandoned_rank"], env=env, capture_output=True, text=True, timeout=1200)
+    assert configured.returncode == 0, configured.stdout[-3000:] + configured.stderr[-3000:]
+    built = build_targets(cmake, build, env, "abandoned_rank")
     assert built.returncode == 0, built.stdout[-4000:] + built.stderr[-4000:]
     # Leaks are expected: the stuck rank's worker, its context and task are kept on purpose.
     run = subprocess.run([str(build / "abandoned_rank")], env=dict(env, ASAN_OPTIONS="detect_leaks=0"),
