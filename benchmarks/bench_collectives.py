@@ -125,19 +125,15 @@ def entry_point_calls(group, op: str, inputs, outputs, host_inputs, sync) -> dic
             "prepared_numpy": group.prepare_collective(op, host_inputs)}
 
 
-def measure_interleaved(calls: dict, policy: dict, rounds: int = 2) -> dict:
-    """Median per call of each of `calls`, measured in `rounds` interleaved slices (drift hits all
-    alike); {key: stats}."""
+def measure_interleaved(calls: dict, policy: dict, rounds: int = 6) -> dict:
+    """Median per call of each of `calls`, measured in `rounds` interleaved slices, each starting
+    one call later (bl.time_interleaved); {key: stats}."""
     share = policy["target_s"] * 2 / len(calls)  # the time two series took before a third was added
     iters = {}
     for key, fn in calls.items():
         warm = min(bl.time_calls(fn, policy["warmup"] + 1)[1:])  # the first builds the op's runner
         iters[key] = bl.iterations_for(warm, share, policy["min_iters"], policy["max_iters"])
-    times: dict = {key: [] for key in calls}
-    for _ in range(rounds):
-        for key, fn in calls.items():
-            times[key] += bl.time_calls(fn, max(1, iters[key] // rounds))
-    return {key: bl.summarize(t) for key, t in times.items()}
+    return {key: bl.summarize(t) for key, t in bl.time_interleaved(calls, iters, rounds).items()}
 
 
 def measure_ours(gpus: list[int], ops: list[str], sizes: list[int], policy: dict, deadline: bl.Deadline,

@@ -84,13 +84,7 @@ def run(args) -> dict:
                 runner.infer({"input": array}, replication="auto")
                 chosen = runner.last_replication
                 rounds = bl.iterations_for(sum(warm.values()), target_s, 3, 200)
-                times = {mode: [] for mode in MODES}
-                for r in range(rounds):
-                    # Each round starts one mode later: a fixed order let the mode after the previous
-                    # round's last one measure 3-8% slower (auto, which runs host's code, against host
-                    # on pageable 64 MiB-1 GiB inputs, 2x H200).
-                    for mode in MODES[r % len(MODES):] + MODES[:r % len(MODES)]:
-                        times[mode] += bl.time_calls(calls[mode], 1)
+                times = bl.time_interleaved(calls, {mode: rounds for mode in MODES}, rounds)  # one call each per round
                 point[kind] = {"auto_choice": chosen}
                 for mode in MODES:
                     stats = bl.summarize(times[mode])

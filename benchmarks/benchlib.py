@@ -157,6 +157,20 @@ def time_calls(fn, iterations: int) -> list[float]:
     return times
 
 
+def time_interleaved(calls: dict, counts: dict, rounds: int) -> dict:
+    """Seconds of each call of each of `calls` ({key: fn}), ``counts[key]`` calls of each spread
+    over `rounds` slices (at least one call per slice), and each slice starting one key later than
+    the one before: drift, and the position in a slice, hit every key alike (a fixed order let one
+    mode of the same code measure 3-8% slower than another, 2x H200). {key: [seconds, ...]}."""
+    keys = list(calls)
+    times: dict = {key: [] for key in keys}
+    for r in range(rounds):
+        start = r % len(keys)
+        for key in keys[start:] + keys[:start]:
+            times[key] += time_calls(calls[key], max(1, counts[key] // rounds))
+    return times
+
+
 def gpu_sync(torch, gpus):
     """A function that waits until every GPU in `gpus` has finished its queued work."""
     def sync():
