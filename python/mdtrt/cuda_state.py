@@ -3,6 +3,8 @@ raised where a group finds no GPU."""
 
 from __future__ import annotations
 
+import os
+
 from . import _core
 from .errors import CudaError
 
@@ -28,8 +30,6 @@ def cuda_problem(cuda: dict) -> str | None:
 def no_gpu_error(where: str) -> CudaError:
     """The error for a machine (or process) that sees no GPU: ``where`` says what needed one, the
     rest why none is seen (the driver's answer, CUDA_VISIBLE_DEVICES) and where to look."""
-    import os
-
     cuda = dict(_core.query_cuda())
     why = cuda_problem(cuda)
     if why is None:
