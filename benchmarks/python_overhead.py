@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 
@@ -136,7 +137,12 @@ def median_us(fn, iterations: int) -> float:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    import torch
+    try:
+        import torch
+    except ImportError:  # as every benchmark: one line and status 2 when something it needs is missing
+        print("python_overhead.py: cannot run: needs PyTorch (CPU build is enough: pip install torch, or "
+              "pip install '.[bench]'); it stubs the CUDA tensors, not torch itself", file=sys.stderr)
+        raise SystemExit(2)
 
     torch.empty_like = lambda x: FakeCudaTensor(x.dtype, x.shape, x.device_index, 8192)
     torch.empty = lambda shape, dtype=None, device=None: FakeCudaTensor(dtype, torch.Size(shape), device.index, 8192)

@@ -565,3 +565,20 @@ def test_render_plots_without_matplotlib_writes_nothing(bench_modules, tmp_path)
                         "--render-plots"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs matplotlib" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert json_path.read_text() == before and not md_path.exists()
+
+
+def test_python_overhead_without_torch_is_named_in_one_line(tmp_path):
+    """Where torch is missing python_overhead.py stops as the GPU benchmarks do: one line, status 2
+    (torch is hidden here by a sitecustomize that refuses its import)."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nclass _NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n            raise ImportError('hidden')\n"
+        "sys.meta_path.insert(0, _NoTorch())\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "python_overhead.py"), "--iterations", "5"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot run: needs PyTorch" in lines[0] and "Traceback" not in r.stderr, r.stderr
