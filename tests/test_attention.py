@@ -185,6 +185,21 @@ def test_cli_says_why_the_gpu_run_cannot_happen_and_still_verifies(monkeypatch, 
     assert "needs the full TensorRT" in out and "PASSED" in out
 
 
+def test_cli_gpu_mode_that_cannot_run_points_to_the_cpu_mode(monkeypatch, capsys):
+    monkeypatch.setattr(attention_cli, "_gpu_run_blocker", lambda ranks: "no CUDA GPU is visible")
+    assert attention_cli.main(["--mode", "gpu", "--ranks", "2", "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert "cannot run on GPUs: no CUDA GPU is visible" in out and "--mode cpu" in out
+
+
+def test_cli_bad_sequence_is_refused_before_saying_the_cpu_run_starts(monkeypatch, capsys):
+    """With the GPU run impossible, a sequence the CPU run refuses is the only thing said."""
+    monkeypatch.setattr(attention_cli, "_gpu_run_blocker", lambda ranks: "no CUDA GPU is visible")
+    assert attention_cli.main(["--ranks", "2", "--sequence-length", "255", "--no-progress"]) == 2
+    out = capsys.readouterr().out
+    assert "divisible" in out and "Running the CPU verification" not in out, out
+
+
 SMALL_CLI = ["--mode", "cpu", "--hidden", "32", "--heads", "4", "--head-dim", "8", "--dtype", "float32",
              "--sequence-length", "8", "--no-progress"]
 

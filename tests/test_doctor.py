@@ -106,6 +106,8 @@ def test_no_driver_at_all_is_said_in_words(monkeypatch):
     report = doctor.collect()
     text = doctor.format_text(report)
     assert "no NVIDIA driver was found" in text and "insufficient" not in text
+    # What still works on such a machine is said too.
+    assert "mdtrt.simulate" in text and "attention --mode cpu" in text
     assert any(r.startswith("no CUDA GPU is visible: no NVIDIA driver was found") for r in report["reasons"])
     # A driver that is there but too old keeps its own reason.
     old = dict(_no_driver(), driver_version=12020)
@@ -124,7 +126,7 @@ def test_missing_library_attempts_are_listed_once_in_text_and_json(tmp_path):
         assert [a["candidate"] for a in attempts] == [str(path)] and not attempts[0]["loaded"], attempts
         assert report[section]["error"].count(str(path)) == 1, report[section]["error"]  # named once
     text = run().stdout
-    reasons = text.split("cannot run multi-device inference:\n")[1].splitlines()
+    reasons = text.split("cannot run multi-device inference:\n")[1].split("\n\n")[0].splitlines()
     # Each reason starts with "  - "; what belongs to it (attempts, advice) hangs deeper.
     assert sum(line.startswith("  - ") for line in reasons) == len(report["reasons"])
     assert all(line.startswith(("  - ", "    ")) for line in reasons)
@@ -192,3 +194,17 @@ def test_doctor_json_has_the_onnx_parser_key_without_tensorrt():
     out = run_doctor("--json")
     parser = json.loads(out.stdout)["tensorrt"]["onnx_parser"]
     assert set(parser) == {"found", "path", "found_by", "note", "error"}
+
+
+def test_without_the_backend_the_only_tensorrt_advice_is_the_rebuild(monkeypatch):
+    """A build without the TensorRT backend: installing TensorRT's library would change nothing, so
+    the text gives only the rebuild command (not also `pip install 'mdtrt[lean]'`)."""
+    from mdtrt import doctor
+
+    report = doctor.collect()
+    report["tensorrt"] = dict(report["tensorrt"], compiled_in=False, reason="built without TensorRT headers",
+                              rebuild="rebuild with TensorRT_INCLUDE_DIR=<dir> pip install .", library_found=False,
+                              error="load TensorRT: not found. Install TensorRT with `pip install 'mdtrt[lean]'`")
+    text = doctor.format_text(report)
+    assert "backend not compiled in: built without TensorRT headers" in text and "TensorRT_INCLUDE_DIR=<dir>" in text
+    assert "mdtrt[lean]" not in text and "library not found" not in text

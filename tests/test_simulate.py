@@ -11,6 +11,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from mdtrt.reference import collective  # noqa: E402
+import mdtrt  # noqa: E402
 from mdtrt import compare_outputs, run_on_cpu, simulate  # noqa: E402
 
 SCALE = np.float32(3.0)
@@ -170,3 +171,12 @@ def test_stderr_is_terminal_survives_a_replaced_or_closed_stderr(monkeypatch):
     assert stderr_is_terminal() is False
     monkeypatch.setattr("sys.stderr", object())
     assert stderr_is_terminal() is False
+
+
+def test_a_list_input_of_the_wrong_type_is_named_as_a_list():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"must be float32, got a list \(read as float64\); pass np.asarray"):
+        simulate(scatter_then("all_gather", 2, 2), {"input": x.astype(np.float64).tolist()}, 2, progress=False)
+    # A numpy array of the wrong dtype keeps the short message.
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"must be float32, got float64$"):
+        simulate(scatter_then("all_gather", 2, 2), {"input": x.astype(np.float64)}, 2, progress=False)

@@ -333,16 +333,16 @@ def _run(args) -> int:
 
     blocker = None if args.mode == "cpu" else _gpu_run_blocker(ranks)
     if args.mode == "gpu" and blocker:
-        _say(f"cannot run on GPUs: {blocker}")
+        _say(f"cannot run on GPUs: {blocker}. --mode cpu (or auto) verifies the sharded model on simulated ranks "
+             "on the CPU instead")
         return 2
     if args.mode != "cpu" and blocker is None:
         sequence = _sequence_length(args, ranks, GPU_DEFAULT_SEQUENCE_LENGTH, "GPU run")
         _print_traffic(config, strategy, ranks, sequence, args.batch_size)
         return _gpu_run(args, config, hints, ranks, args.strategy, sequence)
+    sequence = _sequence_length(args, ranks, CPU_DEFAULT_SEQUENCE_LENGTH, "CPU verification")  # refused first
     if blocker:
         _say(f"GPU run skipped: {blocker}. Running the CPU verification instead.")
-
-    sequence = _sequence_length(args, ranks, CPU_DEFAULT_SEQUENCE_LENGTH, "CPU verification")
     tolerance = None
     if args.atol is not None or args.rtol is not None:
         default_atol, default_rtol = attention.TOLERANCES[config.dtype]

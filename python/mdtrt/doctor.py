@@ -215,7 +215,9 @@ def format_text(report: dict) -> str:
     else:
         lines.append(f"TensorRT   backend not compiled in: {trt['reason']}")
         lines.append(f"           {trt['rebuild']}")
-    if trt.get("library_found"):
+    if not trt["compiled_in"]:
+        pass  # where TensorRT's library is matters only to a build with the backend: one piece of advice, the rebuild
+    elif trt.get("library_found"):
         lines.append(f"           library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')})")
         if trt.get("lean"):
             lines.append("           lean runtime: engines can be run, not built; it loads only plans built "
@@ -252,6 +254,10 @@ def format_text(report: dict) -> str:
         lines.append("This machine cannot run multi-device inference:")
     for reason in report["reasons"]:
         lines.extend(_hanging(f"  - {reason}", "    "))
+    if not report["can_run_multi_device"]:
+        lines.append("")
+        lines.append("It can still shard ONNX models (mdtrt.shard) and check them on simulated ranks on the CPU "
+                     "(mdtrt.simulate, mdtrt.run_on_cpu, `python -m mdtrt attention --mode cpu`).")
     return "\n".join(lines)
 
 
