@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .errors import InvalidArgumentError
 from .vocabulary import COLLECTIVES, REDUCE_OPS, REDUCING, ROOTED
 
 try:  # bfloat16 is only reachable through ml_dtypes; it is optional.
@@ -55,37 +56,37 @@ def _supported_dtype_names() -> str:
 
 def _check_name(kind: str, value: object, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value.lower() not in allowed:
-        raise ValueError(f"unknown {kind} {value!r}; expected one of: {', '.join(allowed)}")
+        raise InvalidArgumentError(f"unknown {kind} {value!r}; expected one of: {', '.join(allowed)}")
     return value.lower()
 
 
 def _check_inputs(op: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     if isinstance(inputs, np.ndarray) or not isinstance(inputs, Sequence):
-        raise ValueError(
+        raise InvalidArgumentError(
             "inputs must be a list with one array per world rank (inputs[r] is rank r's tensor), "
             f"got {type(inputs).__name__}"
         )
     if len(inputs) == 0:
-        raise ValueError("inputs is empty: give one array per world rank")
+        raise InvalidArgumentError("inputs is empty: give one array per world rank")
     arrays = []
     for rank, tensor in enumerate(inputs):
         if not isinstance(tensor, np.ndarray):
-            raise ValueError(f"inputs[{rank}] is a {type(tensor).__name__}, expected a numpy array")
+            raise InvalidArgumentError(f"inputs[{rank}] is a {type(tensor).__name__}, expected a numpy array")
         arrays.append(tensor)
     first = arrays[0]
     if first.dtype not in _SUPPORTED_DTYPES:
         bf16_note = "" if _BFLOAT16 is not None else " (install ml_dtypes for bfloat16)"
-        raise ValueError(
+        raise InvalidArgumentError(
             f"unsupported dtype {first.dtype}; supported: {_supported_dtype_names()}{bf16_note}"
         )
     for rank, tensor in enumerate(arrays[1:], start=1):
         if tensor.shape != first.shape or tensor.dtype != first.dtype:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"every rank must hold the same shape and dtype: rank 0 has {first.shape} "
                 f"{first.dtype}, rank {rank} has {tensor.shape} {tensor.dtype}"
             )
     if op in _DIM0_OPERATIONS and first.ndim == 0:
-        raise ValueError(f"{op} runs along dimension 0, so the tensors need at least one dimension")
+        raise InvalidArgumentError(f"{op} runs along dimension 0, so the tensors need at least one dimension")
     return arrays
 
 
@@ -95,15 +96,15 @@ def _check_groups(groups: Sequence[int] | None, world_size: int) -> list[int]:
     members = []
     for member in groups:
         if isinstance(member, (bool, np.bool_)) or not isinstance(member, numbers.Integral):
-            raise ValueError(f"groups must hold integer world ranks, got {member!r} in {list(groups)}")
+            raise InvalidArgumentError(f"groups must hold integer world ranks, got {member!r} in {list(groups)}")
         if not 0 <= int(member) < world_size:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"groups {list(groups)} names rank {int(member)}, outside the world of "
                 f"{world_size} ranks (0..{world_size - 1})"
             )
         members.append(int(member))
     if len(set(members)) != len(members):
-        raise ValueError(f"groups {members} names a rank more than once; ranks must be distinct")
+        raise InvalidArgumentError(f"groups {members} names a rank more than once; ranks must be distinct")
     return members
 
 
@@ -132,7 +133,7 @@ def _reduce(tensors: list[np.ndarray], reduce: str) -> np.ndarray:
 def _chunks(tensor: np.ndarray, count: int, op: str) -> list[np.ndarray]:
     rows = tensor.shape[0]
     if rows % count != 0:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{op} splits dimension 0 into {count} equal chunks (one per group member), but "
             f"dimension 0 has size {rows}, which is not divisible by {count}"
         )
@@ -176,8 +177,8 @@ def collective(
 
     Raises
     ------
-    ValueError
-        An unknown op or reduction, inputs that are not one numpy array per rank of one shape and
+    InvalidArgumentError
+        (a ``ValueError``) An unknown op or reduction, inputs that are not one numpy array per rank of one shape and
         a supported dtype, a 0-d tensor for an op along dimension 0, invalid or repeated group
         ranks, a root outside the group, or a first dimension the group size does not divide.
     """
@@ -194,9 +195,9 @@ def collective(
     root_local = None
     if op in _ROOTED_OPERATIONS:
         if isinstance(root, (bool, np.bool_)) or not isinstance(root, numbers.Integral):
-            raise ValueError(f"root must be an integer world rank, got {root!r}")
+            raise InvalidArgumentError(f"root must be an integer world rank, got {root!r}")
         if int(root) not in members:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"root {int(root)} of {op} is not in the group {members}; the root must be one of "
                 "the group's world ranks"
             )
