@@ -272,9 +272,12 @@ def test_module_command_missing_hint_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr and "missing.json does not exist" in result.stdout
 
 
-def test_sample_script_uses_the_package_cli():
+def test_sample_script_uses_the_package_cli_under_its_own_name():
     text = (SAMPLE_DIR / "attention_mdtrt.py").read_text()
     assert "from mdtrt.attention_cli import main" in text
+    result = subprocess.run([sys.executable, str(SAMPLE_DIR / "attention_mdtrt.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+    assert result.returncode == 0 and result.stdout.startswith("usage: python attention_mdtrt.py"), result.stdout
 
 
 def test_engines_are_built_on_the_ranks_gpu_when_the_builder_can(monkeypatch, small_model):

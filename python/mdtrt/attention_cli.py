@@ -219,9 +219,9 @@ def _gpu_run(args, config: attention.AttentionConfig, hints, ranks: int, strateg
     return 0 if report.passed else 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m mdtrt attention") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mdtrt attention",
+        prog=prog,
         description="Multi-device self-attention with context parallelism: shard (allgather_kv with polygraphy, "
         "ulysses or ring), verify the sharded model against the single-device one on simulated CPU ranks, and with "
         "GPUs and TensorRT run and time it on several GPUs.",
@@ -361,10 +361,11 @@ def _run(args) -> int:
     return 0 if report.passed else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m mdtrt attention") -> int:
     """``python -m mdtrt attention``; returns the exit status: 0 when the check passes, 1 when it
-    fails, 2 for bad arguments or hints (one line on stdout, no traceback)."""
-    args = _parser().parse_args(argv)
+    fails, 2 for bad arguments or hints (one line on stdout, no traceback). ``prog``: the command
+    name usage and errors show (the sample script passes its own)."""
+    args = _parser(prog).parse_args(argv)
     try:
         return _run(args)
     except (MdtrtError, ValueError, RuntimeError, ImportError) as error:

@@ -12,9 +12,10 @@ Without ``--hint`` the hints are this folder's ``hint.json`` for ``--ranks`` ran
 (``mdtrt.attention.default_hints``).
 """
 
+import os
 import sys
 
 from mdtrt.attention_cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python " + os.path.basename(sys.argv[0])))
