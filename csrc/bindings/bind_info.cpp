@@ -54,6 +54,10 @@ void bind_info(py::module_& m) {
     return d;
   });
   m.def("visible_gpu_count", &visible_gpu_count);
+  m.def("describe_cuda_problem", &describe_cuda_problem, py::arg("error"), py::arg("driver_version"),
+        py::arg("runtime_version"), "What stops CUDA, in words (query_cuda's error and versions); '' when nothing.");
+  m.def("describe_no_gpu", &describe_no_gpu, py::arg("error"), py::arg("driver_version"), py::arg("runtime_version"),
+        "Why no GPU is visible, in words (query_cuda's error and versions, CUDA_VISIBLE_DEVICES).");
   m.def(
       "rank_runtime_settings",
       [] {

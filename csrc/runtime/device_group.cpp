@@ -24,11 +24,11 @@ void validate_devices(const std::vector<int>& devices) {
   }
   const int count = visible_gpu_count();
   if (count == 0) {
-    // The machine's state, not a wrong argument: a CUDA error, with the driver's answer.
-    const std::string why = query_cuda().error;
-    throw Error(ErrorKind::kCuda,
-                "no CUDA GPU is visible on this machine: " + (why.empty() ? "cudaGetDeviceCount found no device" : why) +
-                    " (run `python -m mdtrt doctor` for the whole report)");
+    // The machine's state, not a wrong argument: a CUDA error, with the driver's answer in words.
+    const CudaInfo info = query_cuda();
+    throw Error(ErrorKind::kCuda, "no CUDA GPU is visible on this machine: " +
+                                      describe_no_gpu(info.error, info.driver_version, info.runtime_version) +
+                                      " (run `python -m mdtrt doctor` for the whole report)");
   }
   for (int d : devices) {
     if (d >= count) {

@@ -2,6 +2,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdlib>
+
 #include "common/cuda_check.h"
 #include "common/scoped_device.h"
 
@@ -55,6 +57,31 @@ int visible_gpu_count() {
     return 0;
   }
   return count;
+}
+
+namespace {
+std::string cuda_version_text(int code) {
+  return code ? std::to_string(code / 1000) + "." + std::to_string((code % 1000) / 10) : "none";
+}
+}  // namespace
+
+std::string describe_cuda_problem(const std::string& error, int driver_version, int runtime_version) {
+  if (error.rfind("cudaErrorInsufficientDriver", 0) == 0) {
+    if (driver_version == 0)
+      return "no NVIDIA driver was found (libcuda.so.1 is not there): install the NVIDIA driver, on a machine with "
+             "an NVIDIA GPU";
+    return "the NVIDIA driver (CUDA " + cuda_version_text(driver_version) + ") is older than the CUDA " +
+           cuda_version_text(runtime_version) + " runtime mdtrt was built with: update the driver";
+  }
+  return error;
+}
+
+std::string describe_no_gpu(const std::string& error, int driver_version, int runtime_version) {
+  const std::string problem = describe_cuda_problem(error, driver_version, runtime_version);
+  if (!problem.empty()) return problem;
+  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  return std::string("cudaGetDeviceCount found no device") +
+         (visible ? std::string(" with CUDA_VISIBLE_DEVICES='") + visible + "'" : "");
 }
 
 int pointer_device(const void* ptr) {

@@ -29,6 +29,15 @@ CudaInfo query_cuda();
 // Number of visible GPUs; 0 (not an error) when there is no driver or no device.
 int visible_gpu_count();
 
+// What stops CUDA, in words, from CudaInfo's error and versions (CUDA's 1000 * major + 10 * minor
+// codes): no driver, a driver older than the runtime, or CUDA's own error; empty when nothing does.
+// The runtime says cudaErrorInsufficientDriver also when there is no driver at all (the driver
+// version then reads 0).
+std::string describe_cuda_problem(const std::string& error, int driver_version, int runtime_version);
+// Why no GPU is visible, in words: describe_cuda_problem, else that cudaGetDeviceCount found none
+// (naming CUDA_VISIBLE_DEVICES as set).
+std::string describe_no_gpu(const std::string& error, int driver_version, int runtime_version);
+
 // The CUDA device that owns the allocation at `ptr` (device or managed memory), or -1 for host
 // memory (pageable or pinned) and addresses CUDA does not know.
 int pointer_device(const void* ptr);

@@ -3,8 +3,6 @@ raised where a group finds no GPU."""
 
 from __future__ import annotations
 
-import os
-
 from . import _core
 from .errors import CudaError
 
@@ -15,25 +13,14 @@ def cuda_version(code: int) -> str:
 
 
 def cuda_problem(cuda: dict) -> str | None:
-    """What stops CUDA, in words, from ``_core.query_cuda()``'s dict, or None. The runtime says
-    cudaErrorInsufficientDriver also when there is no driver at all (the driver version then
-    reads 0)."""
-    error = cuda["error"]
-    if error and error.startswith("cudaErrorInsufficientDriver") and not cuda["driver_version"]:
-        return "no NVIDIA driver was found (libcuda.so.1 is not there): install the NVIDIA driver, on a machine with an NVIDIA GPU"
-    if error and error.startswith("cudaErrorInsufficientDriver"):
-        return (f"the NVIDIA driver (CUDA {cuda_version(cuda['driver_version'])}) is older than the CUDA "
-                f"{cuda_version(cuda['runtime_version'])} runtime mdtrt was built with: update the driver")
-    return error or None
+    """What stops CUDA, in words, from ``_core.query_cuda()``'s dict (no driver, a driver older than
+    mdtrt's CUDA runtime, CUDA's own error), or None; the native check says the same."""
+    return _core.describe_cuda_problem(cuda["error"], cuda["driver_version"], cuda["runtime_version"]) or None
 
 
 def no_gpu_error(where: str) -> CudaError:
     """The error for a machine (or process) that sees no GPU: ``where`` says what needed one, the
     rest why none is seen (the driver's answer, CUDA_VISIBLE_DEVICES) and where to look."""
-    cuda = dict(_core.query_cuda())
-    why = cuda_problem(cuda)
-    if why is None:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        why = ("cudaGetDeviceCount found no device" +
-               (f" with CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""))
+    cuda = _core.query_cuda()
+    why = _core.describe_no_gpu(cuda["error"], cuda["driver_version"], cuda["runtime_version"])
     return CudaError(f"no CUDA GPU is visible {where}: {why} (run `python -m mdtrt doctor` for the whole report)")

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple, Sequence
 from . import _core, arguments
 from .arrays import ArrayRef, describe, read_torch_cuda, torch_allocator, torch_current_streams, torch_output_factory
 from .cuda_state import no_gpu_error
-from .errors import CudaError, InvalidArgumentError
+from .errors import InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
 from .prepared_call import KeptCalls, PreparedCall
@@ -157,15 +157,8 @@ class DeviceGroup:
             gpus = list(range(_core.visible_gpu_count()))
             if not gpus:
                 raise no_gpu_error("on this machine, and DeviceGroup() puts one rank on each visible GPU")
-        try:
-            native = _core.DeviceGroup.create_local(gpus, timeout)
-        except CudaError:
-            # Wrong ids are named first, on any machine; then no GPU at all gets the driver's answer
-            # in words (the native message has only CUDA's error name).
-            if _core.visible_gpu_count() == 0:
-                raise no_gpu_error("on this machine") from None
-            raise
-        self._adopt(native)
+        # Wrong ids are named first, on any machine; then no GPU at all (a CudaError in words).
+        self._adopt(_core.DeviceGroup.create_local(gpus, timeout))
 
     @classmethod
     def from_env(cls, *, timeout: float = 60.0, gpu: int | None = None, id_file: str | None = None) -> "DeviceGroup":

@@ -276,10 +276,12 @@ int run(Options& o) {
   // Then GPUs: on a machine without them that is the message that helps, not a missing NCCL.
   const int visible = mdtrt::visible_gpu_count();
   const int wanted = o.world_size > 0 ? (o.launch == LaunchStyle::kThreadPerGpu ? o.world_size : 1) : 2;
-  if (visible == 0)
+  if (visible == 0) {
+    const mdtrt::CudaInfo cuda = mdtrt::query_cuda();
     throw mdtrt::Error(mdtrt::ErrorKind::kInvalidArgument,
-                       "no CUDA GPU is visible on this machine; this run needs " + std::to_string(wanted) +
-                           " (check nvidia-smi, the driver and CUDA_VISIBLE_DEVICES)");
+                       "no CUDA GPU is visible on this machine; this run needs " + std::to_string(wanted) + ": " +
+                           mdtrt::describe_no_gpu(cuda.error, cuda.driver_version, cuda.runtime_version));
+  }
   std::vector<int> devices;
   std::vector<int> ranks;
   if (o.launch == LaunchStyle::kThreadPerGpu) {
