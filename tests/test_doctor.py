@@ -151,20 +151,23 @@ def _doctor_with(**env_vars):
                           timeout=120, env=env)
 
 
-@pytest.mark.parametrize("env_vars,poll,priority", [
-    ({"MDTRT_RANK_POLL_US": "0", "MDTRT_STREAM_PRIORITY": "high"}, 0, "high"),
-    ({"MDTRT_RANK_POLL_US": "250", "MDTRT_STREAM_PRIORITY": "normal"}, 250, "normal")])
-def test_doctor_reports_the_rank_thread_settings(env_vars, poll, priority):
+@pytest.mark.parametrize("env_vars,spin,poll,priority", [
+    ({"MDTRT_RANK_SPIN_US": "0", "MDTRT_RANK_POLL_US": "0", "MDTRT_STREAM_PRIORITY": "high"}, 0, 0, "high"),
+    ({"MDTRT_RANK_SPIN_US": "750", "MDTRT_RANK_POLL_US": "250", "MDTRT_STREAM_PRIORITY": "normal"}, 750, 250,
+     "normal")])
+def test_doctor_reports_the_rank_thread_settings(env_vars, spin, poll, priority):
     out = _doctor_with(**env_vars)
     runtime = json.loads(out.stdout)["runtime"]
-    assert runtime["error"] is None and runtime["poll_us"] == poll and runtime["stream_priority"] == priority
-    assert runtime["environment"] == env_vars
+    assert runtime["error"] is None and runtime["spin_us"] == spin and runtime["poll_us"] == poll
+    assert runtime["stream_priority"] == priority and runtime["environment"] == env_vars
     text = subprocess.run([sys.executable, "-m", "mdtrt", "doctor"], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, **env_vars)).stdout
     assert f"streams at {priority} priority" in text and all(f"{k}={v}" in text for k, v in env_vars.items())
+    assert (f"spin {spin} us" if spin else "no spin (MDTRT_RANK_SPIN_US=0)") in text
 
 
-@pytest.mark.parametrize("name,value", [("MDTRT_RANK_POLL_US", "fast"), ("MDTRT_STREAM_PRIORITY", "urgent")])
+@pytest.mark.parametrize("name,value", [("MDTRT_RANK_SPIN_US", "long"), ("MDTRT_RANK_POLL_US", "fast"),
+                                        ("MDTRT_STREAM_PRIORITY", "urgent")])
 def test_doctor_says_a_bad_setting_stops_groups(name, value):
     out = _doctor_with(**{name: value})
     report = json.loads(out.stdout)

@@ -122,17 +122,18 @@ def test_polling_rank_threads_run_calls_and_stop_at_once():
     assert float(result.stdout.strip()) < 3.0, result.stdout
 
 
+@pytest.mark.parametrize("name", ["MDTRT_RANK_POLL_US", "MDTRT_RANK_SPIN_US"])
 @pytest.mark.parametrize("value", ["abc", "-1", "100001", "10us", " 50", "+50"])
-def test_bad_rank_poll_interval_is_a_clear_error(value):
+def test_bad_rank_thread_times_are_a_clear_error(name, value):
     code = ("import mdtrt\n"
             "from mdtrt import _core\n"
             "try:\n"
             "    _core.testing.run_checked_launch_test(2)\n"
             "except mdtrt.InvalidArgumentError as e:\n"
             "    print(e)\n")
-    result = _run_with_env(value, code)
+    result = _run_with_env(value, code, name)
     assert result.returncode == 0, result.stderr
-    assert "MDTRT_RANK_POLL_US" in result.stdout and repr(value)[1:-1] in result.stdout, result.stdout
+    assert name in result.stdout and repr(value)[1:-1] in result.stdout, result.stdout
 
 
 _LAUNCH_OR_PRINT_ERROR = ("import mdtrt\n"

@@ -68,7 +68,7 @@ void bind_info(py::module_& m) {
         d["stream_priority"] = s.high_priority_streams ? "high" : "normal";
         return d;
       },
-      "The rank threads' settings a group created now takes from MDTRT_RANK_POLL_US and "
+      "The rank threads' settings a group created now takes from MDTRT_RANK_SPIN_US, MDTRT_RANK_POLL_US and "
       "MDTRT_STREAM_PRIORITY; InvalidArgumentError for a value a group would refuse.");
 
   m.def(

@@ -13,7 +13,13 @@ constexpr double kGraceAfterAbortSeconds = 10.0;
 // Spinning saves a thread wake-up per rank per call, but only pays when every rank thread and the
 // caller have a core of their own; on small machines it would steal the cores doing the work.
 const bool kSpin = std::thread::hardware_concurrency() >= 8;
-const int kWorkerSpinMicros = kSpin ? 200 : 0;   // how long an idle rank thread looks for new work
+// An idle rank thread spins this long by default (MDTRT_RANK_SPIN_US): a call that follows one of up
+// to about 2 ms (`call; synchronize` at tens to hundreds of MiB) then finds its rank threads awake.
+// Woken from a sleep instead, each call's launch came 10-20 us later (2x H200 in a VM, per call at
+// 64 MiB: reduce 265.6 -> 253.9 us, gather 166.2 -> 151.0 us, device-input replication 239.0 ->
+// 219.8 us with 200 -> 2000 us of spin; 20000 us gained nothing more). Past 2 ms a wake-up costs
+// under 1% of the call. The price: a core per rank thread stays busy for 2 ms after each call.
+const int kDefaultWorkerSpinMicros = kSpin ? 2000 : 0;
 const int kCallerSpinMicros = kSpin ? 2000 : 0;  // how long the caller looks for completion
 // After its spin, an idle rank thread waits in slices of a poll interval (a new task wakes it at
 // once all the same) for kWorkerReady before it sleeps until woken: a thread asleep for long lets
@@ -21,19 +27,20 @@ const int kCallerSpinMicros = kSpin ? 2000 : 0;  // how long the caller looks fo
 // all_reduce per synchronize: p90 726-765 us without, 540-544 us with 100 us slices). The
 // periodic wake-ups keep the core's idle state shallow, for about 1% of a core per rank thread.
 constexpr auto kWorkerReady = std::chrono::milliseconds(100);
-constexpr int kMaxWorkerPollMicros = 100000;
+constexpr int kMaxEnvMicros = 100000;
 
-// The poll interval in microseconds: MDTRT_RANK_POLL_US, else 100 where threads spin (0: off).
-int worker_poll_micros() {
-  const char* env = std::getenv("MDTRT_RANK_POLL_US");
-  if (env == nullptr || *env == '\0') return kSpin ? 100 : 0;
+// A whole number of microseconds from the environment variable `name` (0 to kMaxEnvMicros), else
+// `fallback`; `zero_means` says what 0 does, for the error.
+int micros_from_env(const char* name, int fallback, const char* zero_means) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
   char* end = nullptr;
   const long value = std::strtol(env, &end, 10);
   // Digits only (strtol would take leading blanks and a sign), as MDTRT_STREAM_PRIORITY takes its words only.
-  if (env[0] < '0' || env[0] > '9' || *end != '\0' || value < 0 || value > kMaxWorkerPollMicros)
-    throw_invalid_argument("MDTRT_RANK_POLL_US must be a whole number of microseconds from 0 to " +
-                           std::to_string(kMaxWorkerPollMicros) + " (0: idle rank threads sleep until woken), not '" +
-                           env + "'; unset it for the default");
+  if (env[0] < '0' || env[0] > '9' || *end != '\0' || value < 0 || value > kMaxEnvMicros)
+    throw_invalid_argument(std::string(name) + " must be a whole number of microseconds from 0 to " +
+                           std::to_string(kMaxEnvMicros) + " (0: " + zero_means + "), not '" + env +
+                           "'; unset it for the default");
   return static_cast<int>(value);
 }
 // Whether rank streams run at the device's greatest priority: MDTRT_STREAM_PRIORITY=high or
@@ -61,11 +68,16 @@ std::string join_ranks(const std::vector<int>& ranks) {
 }  // namespace
 
 RankRuntimeSettings rank_runtime_settings() {
-  return RankRuntimeSettings{kWorkerSpinMicros, worker_poll_micros(), high_priority_streams()};
+  // How long an idle rank thread looks for new work (MDTRT_RANK_SPIN_US), and its poll interval
+  // after that (MDTRT_RANK_POLL_US).
+  return RankRuntimeSettings{micros_from_env("MDTRT_RANK_SPIN_US", kDefaultWorkerSpinMicros, "no spinning"),
+                             micros_from_env("MDTRT_RANK_POLL_US", kSpin ? 100 : 0, "idle rank threads sleep until woken"),
+                             high_priority_streams()};
 }
 
-RankWorker::RankWorker(int local_index, int device, int poll_micros, bool high_priority)
-    : local_index_(local_index), device_(device), poll_micros_(poll_micros), high_priority_(high_priority) {
+RankWorker::RankWorker(int local_index, int device, const RankRuntimeSettings& settings)
+    : local_index_(local_index), device_(device), spin_micros_(settings.spin_micros),
+      poll_micros_(settings.poll_micros), high_priority_(settings.high_priority_streams) {
   auto started = started_.get_future();
   thread_ = std::thread([this] { loop(); });
   started.get();  // rethrows a failure to bind the device or create the stream
@@ -113,7 +125,7 @@ void RankWorker::loop() {
   for (;;) {
     // Back-to-back calls post the next task within microseconds: spin a little before sleeping,
     // so that a call does not pay a thread wake-up per rank.
-    const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(kWorkerSpinMicros);
+    const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(spin_micros_);
     while (pending_.load(std::memory_order_acquire) == 0 && Deadline::Clock::now() < spin_until)
       std::this_thread::yield();
     std::function<void()> task;
@@ -189,7 +201,7 @@ RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int w
   const RankRuntimeSettings settings = rank_runtime_settings();
   for (size_t i = 0; i < devices_.size(); ++i) {
     workers_.emplace_back(
-        new RankWorker(static_cast<int>(i), devices_[i], settings.poll_micros, settings.high_priority_streams));
+        new RankWorker(static_cast<int>(i), devices_[i], settings));
     auto ctx = std::make_shared<RankContext>();
     ctx->local_index = static_cast<int>(i);
     ctx->rank = ranks_[i];

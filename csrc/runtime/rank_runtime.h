@@ -25,10 +25,10 @@
 namespace mdtrt {
 
 // The rank threads' settings, as a group created now would take them from the environment
-// (MDTRT_RANK_POLL_US, MDTRT_STREAM_PRIORITY). Throws InvalidArgumentError, naming the variable,
+// (MDTRT_RANK_SPIN_US, MDTRT_RANK_POLL_US, MDTRT_STREAM_PRIORITY). Throws InvalidArgumentError, naming the variable,
 // for a value a group would refuse.
 struct RankRuntimeSettings {
-  int spin_micros;   // how long an idle rank thread spins before it waits (0 on small machines)
+  int spin_micros;   // how long an idle rank thread spins before it waits (default 0 on small machines)
   int poll_micros;   // the idle rank thread's wake-up interval for 0.1 s after a call (0: off)
   bool high_priority_streams;
 };
@@ -44,10 +44,10 @@ class SkippedForOtherRank : public Error {
 class RankWorker {
  public:
   // device < 0: a CPU-only worker (used by tests of the runtime on machines without GPUs).
-  // poll_micros > 0: once idle, the thread wakes every poll_micros for a while before it sleeps
-  // until woken (keeps its core out of deep idle states between calls).
-  // high_priority: the rank's stream has the device's greatest priority.
-  RankWorker(int local_index, int device, int poll_micros, bool high_priority = false);
+  // Once idle, the thread spins for settings.spin_micros, then (poll_micros > 0) wakes every
+  // poll_micros for a while before it sleeps until woken (keeps its core out of deep idle states
+  // between calls); high_priority_streams: the rank's stream has the device's greatest priority.
+  RankWorker(int local_index, int device, const RankRuntimeSettings& settings);
   ~RankWorker();
   RankWorker(const RankWorker&) = delete;
   RankWorker& operator=(const RankWorker&) = delete;
@@ -69,6 +69,7 @@ class RankWorker {
 
   int local_index_;
   int device_;
+  int spin_micros_;
   int poll_micros_;
   bool high_priority_;
   CudaStream stream_;

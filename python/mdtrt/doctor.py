@@ -74,7 +74,8 @@ def _tensorrt_report(build: dict) -> dict:
 def _runtime_report() -> dict:
     """The rank threads' settings from the environment, or the error a group would raise."""
     report = {"spin_us": None, "poll_us": None, "stream_priority": None, "error": None,
-              "environment": {name: os.environ.get(name) for name in ("MDTRT_RANK_POLL_US", "MDTRT_STREAM_PRIORITY")}}
+              "environment": {name: os.environ.get(name)
+                              for name in ("MDTRT_RANK_SPIN_US", "MDTRT_RANK_POLL_US", "MDTRT_STREAM_PRIORITY")}}
     try:
         report.update(_core.rank_runtime_settings())
     except MdtrtError as error:
@@ -118,8 +119,9 @@ def collect() -> dict:
         row can read column), ``error`` and ``problem`` (in words, or None). ``tensorrt``:
         ``compiled_in``, ``reason``, ``library_found``, ``path``, ``version``, ``found_by``,
         ``lean``, ``error``, ``attempts`` (and ``rebuild`` advice without the backend).
-        ``runtime``: the rank threads' settings a group takes from the environment: ``spin_us``,
-        ``poll_us`` (``MDTRT_RANK_POLL_US``), ``stream_priority`` (``MDTRT_STREAM_PRIORITY``),
+        ``runtime``: the rank threads' settings a group takes from the environment: ``spin_us``
+        (``MDTRT_RANK_SPIN_US``), ``poll_us`` (``MDTRT_RANK_POLL_US``), ``stream_priority``
+        (``MDTRT_STREAM_PRIORITY``),
         ``environment`` (those variables as set, or None) and ``error`` (a value a group refuses).
         ``features``: per feature ``ok``, ``needs``, ``detail`` (DistCollective needs compute
         capability >= 8.0, multi-device attention >= 10.0). ``can_run_multi_device`` (bool) and
@@ -240,6 +242,7 @@ def format_text(report: dict) -> str:
         else:
             poll = f"wake every {rt['poll_us']} us for 0.1 s" if rt["poll_us"] else "no wake-ups"
             spin = (f"spin {rt['spin_us']} us" if rt["spin_us"] else
+                    "no spin (MDTRT_RANK_SPIN_US=0)" if rt["environment"]["MDTRT_RANK_SPIN_US"] else
                     f"no spin (fewer than 8 cores: {os.cpu_count()})")
             lines.append(f"Rank threads  idle: {spin}, then {poll}; streams at {rt['stream_priority']} "
                          f"priority ({'from ' + set_vars if set_vars else 'defaults'})")
