@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "common/error.h"
+#include "common/spin_wait.h"
 
 namespace mdtrt {
 
@@ -19,10 +20,9 @@ void CallBarrier::arrive(bool ready) {
 bool CallBarrier::wait(const Deadline& deadline, int rank, const std::string& what) {
   // The other ranks are running the same checks right now: a short spin usually ends the wait
   // without a sleep and a wake-up.
-  const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(50);
-  while (arrived_.load(std::memory_order_acquire) < count_ && Deadline::Clock::now() < spin_until)
-    std::this_thread::yield();
-  if (arrived_.load(std::memory_order_acquire) < count_) {
+  const bool arrived = spin_until([this] { return arrived_.load(std::memory_order_acquire) >= count_; },
+                                  std::min(deadline.at(), Deadline::Clock::now() + std::chrono::microseconds(50)));
+  if (!arrived) {
     std::unique_lock<std::mutex> lock(mutex_);
     const bool all_arrived = changed_.wait_until(
         lock, deadline.at(), [&] { return aborted_ || arrived_.load(std::memory_order_acquire) >= count_; });

@@ -80,15 +80,22 @@ class ProgramRunner {
                               const std::vector<TensorView>& inputs, const std::vector<TensorView>& outputs,
                               GraphRendezvous* rendezvous);
   // A caller stream of one call (index into caller_streams_) and the local ranks that read or
-  // write an array of it.
+  // write an array of it. by_rank: its one rank, on the stream's GPU, orders itself after the
+  // stream and (stream-ordered) the stream after its work, on its own thread.
   struct CallerUse {
     int stream;
     std::vector<int> ranks;
+    bool by_rank = false;
   };
-  // Per local rank: the caller streams (indices into caller_streams_) the rank waits for before it
-  // touches the caller's arrays; `used` gets every caller stream of the call.
-  std::vector<std::vector<int>> order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
-                                                    const InferOptions& options, std::vector<CallerUse>& used);
+  // How each local rank orders its work after the caller's streams (indices into caller_streams_)
+  // before it touches the caller's arrays.
+  struct RankOrdering {
+    std::vector<int> wait;      // streams whose ready event the caller recorded: the rank waits for it
+    std::vector<int> own;       // streams of the rank's GPU used by it alone: it records and waits itself
+  };
+  // `used` gets every caller stream of the call.
+  std::vector<RankOrdering> order_after_callers(const std::vector<std::vector<InputArg>>& inputs,
+                                                const InferOptions& options, std::vector<CallerUse>& used);
 
   // One event per caller stream seen (device, stream), reused across calls.
   struct CallerStream {

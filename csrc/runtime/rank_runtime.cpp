@@ -6,6 +6,7 @@
 
 #include "common/error.h"
 #include "common/interrupt.h"
+#include "common/spin_wait.h"
 
 namespace mdtrt {
 namespace {
@@ -125,9 +126,9 @@ void RankWorker::loop() {
   for (;;) {
     // Back-to-back calls post the next task within microseconds: spin a little before sleeping,
     // so that a call does not pay a thread wake-up per rank.
-    const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(spin_micros_);
-    while (pending_.load(std::memory_order_acquire) == 0 && Deadline::Clock::now() < spin_until)
-      std::this_thread::yield();
+    if (spin_micros_ > 0)
+      spin_until([this] { return pending_.load(std::memory_order_acquire) != 0; },
+                 Deadline::Clock::now() + std::chrono::microseconds(spin_micros_));
     std::function<void()> task;
     {
       std::unique_lock<std::mutex> lock(mutex_);
@@ -167,10 +168,9 @@ struct Completion {
   // done or the deadline passes; an `interruptible` wait also asks interrupt_requested() every
   // kInterruptPollInterval (without the lock: the check may wait for Python's GIL).
   Wait wait_for(int count, Deadline::Clock::time_point deadline, bool interruptible = true) {
-    const auto spin_until = Deadline::Clock::now() + std::chrono::microseconds(kCallerSpinMicros);
-    while (done.load(std::memory_order_acquire) < count && Deadline::Clock::now() < spin_until)
-      std::this_thread::yield();
     auto all_done = [&] { return done.load(std::memory_order_acquire) >= count; };
+    if (kCallerSpinMicros > 0)
+      spin_until(all_done, std::min(deadline, Deadline::Clock::now() + std::chrono::microseconds(kCallerSpinMicros)));
     std::unique_lock<std::mutex> lock(mutex);
     for (;;) {
       const auto now = Deadline::Clock::now();
