@@ -12,6 +12,9 @@ torch CUDA tensors, one per rank: no call allocates), the default calls without 
 (``infer(inputs)``, ``prepare(inputs)()``: torch outputs from torch's caching allocator, once the
 first call of the signature, in the warm-up, learnt their shapes), and ``infer`` with a numpy input
 (replicated to every GPU, rank 0's output copied back). Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
+``torch_loop_by_gpus``: the same copies through torch on the same N GPUs, timed with the same Python
+synchronize as the runner's calls: the part of the added time that is torch's synchronize from Python
+rather than mdtrt (the bare loop synchronizes from C++).
 Calls on torch tensors are stream-ordered (they return once queued): each is timed with a
 ``torch.cuda.synchronize`` of every GPU of the call after it, like the loops it is compared with.
 """
@@ -84,23 +87,30 @@ def run(args) -> dict:
             bl.time_calls(fn, 50)  # warm-up: first call binds, caches and pools settle
         setups[n] = (group, calls)
 
-    x = torch.ones(elems, dtype=torch.float16, device=f"cuda:{gpus[0]}")
-    y = torch.empty_like(x)
+    def torch_loop(n):
+        """The same copies through torch on the first n GPUs, timed with the same synchronize as the
+        runner's calls (torch.cuda.synchronize of each GPU, from Python)."""
+        xs = [torch.ones(elems, dtype=torch.float16, device=f"cuda:{g}") for g in gpus[:n]]
+        ys = [torch.empty_like(x) for x in xs]
+        sync = bl.gpu_sync(torch, gpus[:n])
 
-    def torch_loop_call():
-        y.copy_(x)
-        torch.cuda.synchronize(gpus[0])
+        def call():
+            for x, y in zip(xs, ys):
+                y.copy_(x)
+            sync()
+        return call
 
-    bl.time_calls(torch_loop_call, 50)
+    torch_loops = {n: torch_loop(n) for n in counts}
     for n in counts:
+        bl.time_calls(torch_loops[n], 50)
         testing.bare_copy_loop(gpus[:n], args.nbytes, 50)
 
-    samples: dict = {"torch_loop": [], **{("bare", n): [] for n in counts},
+    samples: dict = {**{("torch", n): [] for n in counts}, **{("bare", n): [] for n in counts},
                      **{(key, n): [] for n in counts for key in SERIES}}
     for _ in range(rounds):
         for n in counts:
             samples[("bare", n)] += [us * 1e-6 for us in testing.bare_copy_loop(gpus[:n], args.nbytes, iterations)]
-        samples["torch_loop"] += bl.time_calls(torch_loop_call, iterations)
+            samples[("torch", n)] += bl.time_calls(torch_loops[n], iterations)
         for n in counts:
             for key in SERIES:
                 samples[(key, n)] += bl.time_calls(setups[n][1][key], iterations)
@@ -117,7 +127,11 @@ def run(args) -> dict:
                                                   "then cudaStreamSynchronize of each", "gpus": gpus[:n], **stats}
                                for n, stats in bare_by_n.items()},
               "torch_loop": {"method": "Python loop: tensor.copy_ + torch.cuda.synchronize, one GPU",
-                             **bl.summarize(samples["torch_loop"])},
+                             **bl.summarize(samples[("torch", 1)])},
+              "torch_loop_by_gpus": {str(n): {"method": "Python loop: tensor.copy_ on each GPU, then "
+                                                        "torch.cuda.synchronize of each (the runner's calls are timed "
+                                                        "with the same synchronize)", "gpus": gpus[:n],
+                                              **bl.summarize(samples[("torch", n)])} for n in counts},
               "methods": dict(SERIES)}
     for key in SERIES:
         result[key] = {}

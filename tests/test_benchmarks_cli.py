@@ -156,6 +156,8 @@ def synthetic_results(bl) -> dict:
               "bare_by_gpus": {"1": {"median_us": 9.0, "p10_us": 8.8, "p90_us": 9.5},
                                "2": {"median_us": 13.5, "p10_us": 13.0, "p90_us": 14.5}},
               "torch_loop": {"median_us": 14.0, "p10_us": 13.0, "p90_us": 15.0},
+              "torch_loop_by_gpus": {"1": {"median_us": 14.0, "p10_us": 13.0, "p90_us": 15.0},
+                                     "2": {"median_us": 19.5, "p10_us": 19.0, "p90_us": 21.0}},
               "runner": {"1": {"median_us": 18.0, "added_us": 9.0}, "2": {"median_us": 34.0, "added_us": 25.0}},
               "prepared": {"1": {"median_us": 15.0, "added_us": 6.0}, "2": {"median_us": 17.0, "added_us": 8.0}},
               "runner_default": {"1": {"median_us": 19.0, "added_us": 10.0}, "2": {"median_us": 23.0, "added_us": 14.0}},
@@ -212,6 +214,8 @@ def test_report_renders_synthetic_results(bench_modules, tmp_path):
     # Fan-out: N=2 is judged against the bare loop on 2 GPUs, which is shown with its own row.
     fanout_md = md.split("## 2. Fan-out overhead")[1].split("## 3.")[0]
     assert "| bare loop (C++, 2 GPUs) | 13.5 |" in fanout_md and "same N GPUs" in fanout_md
+    # The torch loop on the same 2 GPUs, with the runner's synchronize: its own time over the bare loop.
+    assert "| torch copy_ + synchronize of each GPU (Python, 2 GPUs) | 19.5 | 19.0 | 21.0 | 6.0 | - |" in fanout_md
     # Plots referenced relative to the markdown file.
     assert "](results/collectives_busbw.png)" in md
     verdicts = {v["target"]: v for v in report.evaluate_targets(results)}
@@ -219,6 +223,8 @@ def test_report_renders_synthetic_results(bench_modules, tmp_path):
     assert verdicts["all_to_all via prepare_collective(): <= 10 us added latency at 1 KiB"]["met"] is False
     assert "15.0 us over" in verdicts["all_to_all via prepare_collective(): <= 10 us added latency at 1 KiB"]["why"]
     assert verdicts["all_reduce via prepare_collective(): <= 10 us added latency at 1 KiB"]["met"] is True
+    infer = verdicts["EngineRunner.infer(outputs=) on N=2: <= 15 us added per call"]
+    assert infer["met"] is False and "same copies through torch with the same synchronize add 6.0 us" in infer["why"]
     one_shot = verdicts["all_reduce via collective(): <= 10 us added latency at 1 KiB"]
     assert one_shot["met"] is False and "6.0 us over" in one_shot["why"] and "converts its arguments" in one_shot["why"]
     infer = verdicts["EngineRunner.infer(outputs=) on N=2: <= 15 us added per call"]
