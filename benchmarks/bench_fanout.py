@@ -11,7 +11,9 @@ Series per N: ``infer(inputs, outputs=...)`` and ``prepare(inputs, outputs=...)(
 torch CUDA tensors, one per rank: no call allocates), the default calls without ``outputs=``
 (``infer(inputs)``, ``prepare(inputs)()``: torch outputs from torch's caching allocator, once the
 first call of the signature, in the warm-up, learnt their shapes), and ``infer`` with a numpy input
-(replicated to every GPU, rank 0's output copied back). Rounds alternate bare loop / N=1 / N=2 so that clock or load drift hits every series alike.
+(replicated to every GPU, rank 0's output copied back). Each round runs the bare loops, then every
+Python series interleaved in slices that each start one series later, so that clock or load drift
+and the order hit every series alike.
 ``torch_loop_by_gpus``: the same copies through torch on the same N GPUs, timed with the same Python
 synchronize as the runner's calls: the part of the added time that is torch's synchronize from Python
 rather than mdtrt (the bare loop synchronizes from C++).
@@ -107,13 +109,16 @@ def run(args) -> dict:
 
     samples: dict = {**{("torch", n): [] for n in counts}, **{("bare", n): [] for n in counts},
                      **{(key, n): [] for n in counts for key in SERIES}}
+    timed = {**{("torch", n): torch_loops[n] for n in counts},
+             **{(key, n): setups[n][1][key] for n in counts for key in SERIES}}
     for _ in range(rounds):
         for n in counts:
             samples[("bare", n)] += [us * 1e-6 for us in testing.bare_copy_loop(gpus[:n], args.nbytes, iterations)]
-            samples[("torch", n)] += bl.time_calls(torch_loops[n], iterations)
-        for n in counts:
-            for key in SERIES:
-                samples[(key, n)] += bl.time_calls(setups[n][1][key], iterations)
+        # As many slices as series, each starting one series later: every series is timed in every
+        # position, so that drift and order hit them alike (as in the collective and replication
+        # benchmarks; fixed blocks of 1000 calls left each series its own stretch of the run).
+        for key, times in bl.time_interleaved(timed, dict.fromkeys(timed, iterations), len(timed)).items():
+            samples[key] += times
     for group, _ in setups.values():
         group.close()
 
