@@ -561,3 +561,8 @@ def this_dir() -> str:
 
 def python_command(script: str, *args: str) -> list[str]:
     return [sys.executable, os.path.join(this_dir(), script), *args]
+
+
+if __name__ == "__main__":
+    # A library, not a benchmark: say so (and where the benchmarks are) instead of doing nothing.
+    print(__doc__.strip() + "\n\nIt runs nothing itself: `python benchmarks/run_all.py --help` lists the benchmarks.")

@@ -4,7 +4,9 @@ when the machine has fewer (CI has none).
 Fixture `gpu_pair`: a DeviceGroup of GPUs 0 and 1, per test module.
 
 Fixture `trt_double`: the TensorRT test double (tests/tensorrt_double), built once per session
-and loaded as mdtrt's TensorRT through MDTRT_TENSORRT_LIBRARY (see tests/trt_double.py)."""
+and loaded as mdtrt's TensorRT through MDTRT_TENSORRT_LIBRARY (see tests/trt_double.py).
+
+A test skipped for a missing optional module (torch, matplotlib) names the extra that installs it."""
 
 from __future__ import annotations
 
@@ -72,3 +74,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs at least 2 CUDA GPUs, this machine has {count}"))
         elif "gpu" in item.keywords and count < 1:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU, this machine has none"))
+
+
+# Optional modules some tests need, and the extra of pyproject.toml that installs each.
+_EXTRA_FOR_MODULE = {"torch": "bench", "matplotlib": "bench"}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test skipped by pytest.importorskip of an optional module says how to install it."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+        path, lineno, message = report.longrepr
+        for module, extra in _EXTRA_FOR_MODULE.items():
+            if f"could not import '{module}'" in message:
+                report.longrepr = (path, lineno, f"{message} (pip install '.[{extra}]' installs it)")

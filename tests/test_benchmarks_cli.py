@@ -41,6 +41,12 @@ def test_script_help(script):
     assert "usage" in r.stdout.lower()
 
 
+def test_the_library_module_run_as_a_script_points_to_the_benchmarks():
+    r = subprocess.run([sys.executable, str(BENCH_DIR / "benchlib.py"), "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "run_all.py --help" in r.stdout, (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("module", [s[:-3] for s in SCRIPTS] + ["benchlib", "plots"])
 def test_module_imports_without_gpu_libraries(module):
     # Importing a script must not import torch or touch CUDA: CI has neither.
