@@ -332,6 +332,7 @@ struct ProgramRunner::Call {
   std::unique_ptr<GraphRendezvous> rendezvous;  // with CUDA graphs
   std::vector<CudaEvent> done;                  // stream-ordered: per rank, after its work
   std::unique_ptr<std::atomic<bool>[]> recorded;  // per rank: done was recorded (its work is queued)
+  std::unique_ptr<std::atomic<bool>[]> callers_wait;  // per rank: its own caller streams wait for done
 };
 
 std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
@@ -360,9 +361,11 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   c.done.clear();
   if (stream_ordered) {
     c.recorded.reset(new std::atomic<bool>[n]);
+    c.callers_wait.reset(new std::atomic<bool>[n]);
     for (int i = 0; i < n; ++i) {
       c.done.push_back(runtime.take_event(i));
       c.recorded[i] = false;
+      c.callers_wait[i] = false;
     }
   }
 
@@ -420,9 +423,15 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       if (c.options.stream_ordered) {
         MDTRT_CUDA_CHECK(cudaEventRecord(c.done[i].get(), ctx.stream));
         c.recorded[i] = true;
-        // The caller's own streams wait for this rank's work (hand_over does it for the others).
-        for (int index : c.ordering[i].own)
-          MDTRT_CUDA_CHECK(cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(callers[index].stream), c.done[i].get(), 0));
+        // The caller's own streams wait for this rank's work (hand_over does it for the others,
+        // and for these when this rank did not). Not past the deadline: the caller may then have
+        // given up on this rank and returned, and its streams may be gone.
+        if (!ctx.deadline.passed()) {
+          for (int index : c.ordering[i].own)
+            MDTRT_CUDA_CHECK(
+                cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(callers[index].stream), c.done[i].get(), 0));
+          c.callers_wait[i] = true;
+        }
       } else if (!wait_stream(ctx.stream, ctx.deadline)) {
         throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
       }
@@ -439,7 +448,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   // (another rank's enqueue failed): that work may wait for the failed rank, and must neither be
   // raced by the caller's streams nor left without a deadline (a waiting call would have reached it).
   // all_streams: also the streams the ranks ordered themselves (when the call failed, a rank may
-  // have stopped before it did; waiting twice for an event is harmless).
+  // have stopped before it did or after; waiting twice for an event is harmless).
   auto hand_over = [&](bool all_streams) {
     bool any = false;
     for (int i = 0; i < n; ++i) any = any || c.recorded[i];
@@ -474,7 +483,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       // done with a rank's buffers when that rank's collective completes). Issued on this (the
       // caller's) thread, so that a legacy or per-thread default stream means the caller's.
       for (const CallerUse& use : call_streams) {
-        if (use.by_rank && !all_streams) continue;
+        if (use.by_rank && !all_streams && c.callers_wait[use.ranks[0]]) continue;
         const CallerStream& caller = resources_->caller_streams[use.stream];
         ScopedDevice on(caller.device);
         for (int rank : use.ranks)
