@@ -24,6 +24,7 @@ class StubNative:
         self.prepared = []
         self.addresses = []
         self.ordered = []  # per run: stream_ordered as the native call got it
+        self.flat = []  # per run_at_each: its flat lists
         self.ranks = ranks
 
     def prepare(self, *args):
@@ -38,7 +39,13 @@ class StubNative:
             self.ordered.append(stream_ordered)
             return self.infer(*args[:-1], outputs)
 
+        def run_at_each(pointers, streams, names, nbytes, devices, stream_ordered=False):
+            self.flat.append((pointers, streams, names, nbytes, devices))
+            self.ordered.append(stream_ordered)
+
         call.run_at = run_at
+        call.run_at_each = run_at_each
+        call.arrays_may_be_in_use = False
         self.prepared.append(args)
         return call
 
@@ -108,7 +115,8 @@ def test_engine_runner_prepare_checks_names_once():
 
 def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
     """new_out (torch's caching allocator for torch inputs): every call gets fresh output buffers,
-    handed to the native runner as typed OutputArgs, and returns exactly those objects."""
+    handed to the native runner (as typed OutputArgs while the output names are unknown, then as
+    run_at_each's flat lists, stream-ordered), and returns exactly those objects."""
     made = []
 
     def new_out(likes=None):
@@ -127,12 +135,18 @@ def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
     native = DeviceStub()
     x = [ArrayRef(0x1000 * (r + 1), r, "float32", (2, 2), object(), "torch", 7) for r in range(2)]
     call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, new_out=new_out)
-    first, second = call(), call()
-    assert [o["output"] for o in first] == made[:2] and [o["output"] for o in second] == made[2:]
-    for recorded, base in ((native.calls[0][6], 2), (native.calls[1][6], 4)):
-        assert [[(a.name, a.ptr, a.nbytes, a.device, a.stream) for a in rank] for rank in recorded] == [
-            [("output", 0x10000 * base, 16, 0, 7)], [("output", 0x10000 * (base + 1), 16, 1, 7)]]
+    first, second, third = call(), call(), call()
+    assert [o["output"] for o in first] == made[:2] and [o["output"] for o in second] == made[2:4]
+    assert [o["output"] for o in third] == made[4:]
+    recorded = native.calls[0][6]
+    assert [[(a.name, a.ptr, a.nbytes, a.device, a.stream) for a in rank] for rank in recorded] == [
+        [("output", 0x10000 * 2, 16, 0, 7)], [("output", 0x10000 * 3, 16, 1, 7)]]
     assert native.calls[0][4] is True  # device inputs: device outputs, nothing fetched
+    # The first run learnt the output names: the later ones pass flat lists, inputs then outputs.
+    assert len(native.calls) == 1 and native.ordered == [True, True, True]
+    for (pointers, streams, names, nbytes, devices), base in zip(native.flat, (4, 6)):
+        assert pointers == [0x1000, 0x2000, 0x10000 * base, 0x10000 * (base + 1)] and streams == [7, 7, 7, 7]
+        assert names == ("output",) and nbytes == [16, 16] and devices == [0, 1]
 
 
 def test_native_rank_result_host_bytes_are_zero_copy_views_that_keep_it_alive():
@@ -186,7 +200,10 @@ def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
     assert cache == {((("float16", (3, 2)),), (("float16", (3, 2)),)): [[("y", "float16", (3, 2))]] * 2}
     second = call()
     assert len(allocations) == 1 and [o["y"] for o in second] == [r["y"].owner for r in allocations[0]]
-    assert [[a.name for a in rank] for rank in native.calls[1][6]] == [["y"], ["y"]]
+    # Passed as run_at_each's flat lists (the first run learnt the names), stream-ordered.
+    ptr = allocations[0][0]["y"].ptr
+    assert native.flat == [([0x100, 0x200, ptr, ptr], [7, 7, 7, 7], ("y",), [12, 12], [0, 1])]
+    assert len(native.calls) == 1 and native.ordered == [False, True]
     again = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, torch_devices=[0, 1], spec_cache=cache)
     again()
     assert len(allocations) == 2  # learnt once: the new call allocates from its first run

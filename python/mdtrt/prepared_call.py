@@ -162,6 +162,7 @@ class PreparedCall:
         self._on_device = on_device
         self._stream_ordered = stream_ordered
         self._torch_inputs = on_device and all_torch
+        self._flat_inputs = None  # the inputs' (pointers, streams) as run_at_each takes them, read once
         self._output_names = tuple(output_names) if output_names is not None else None
         # Torch inputs whose output shapes are not known in advance (engines): the first call takes
         # pooled outputs and records the shapes in spec_cache (keyed by the inputs' dtypes and
@@ -199,6 +200,32 @@ class PreparedCall:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
         out = self._new_out(self._likes) if self._new_out is not None else self._out
         ordered = self.stream_ordered_for(out)
+        names = self._output_names
+        if self._new_out is not None and ordered and names is not None:
+            # Outputs allocated for this run (torch's allocator), every one of them named: the flat
+            # native call, which returns nothing to read, as one-shot calls on torch tensors run.
+            flat = self._flat_inputs
+            if flat is None:
+                flat = self._flat_inputs = ([ref.ptr for refs in self._refs for ref in refs],
+                                            [ref.stream for refs in self._refs for ref in refs])
+            pointers, streams, nbytes, devices = list(flat[0]), list(flat[1]), [], []
+            try:
+                for given in out:  # loops: a comprehension's set-up costs more for a few outputs
+                    for name in names:
+                        ref = given[name]
+                        pointers.append(ref.ptr)
+                        streams.append(ref.stream)
+                        nbytes.append(ref.nbytes)
+                        devices.append(ref.device)
+            except KeyError:
+                pointers = None  # outputs other than the named ones: the general run below says so
+            if pointers is not None and all(len(given) == len(names) for given in out):
+                try:
+                    self._call.run_at_each(pointers, streams, names, nbytes, devices, True)
+                except BaseException:
+                    self.hold_if_in_use(self._refs, out)
+                    raise
+                return [{name: given[name].owner for name in names} for given in out]
         try:
             if self._new_out is None and not ordered:
                 results = self._call()  # outputs, if any, were given when the call was prepared
