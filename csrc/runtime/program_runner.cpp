@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -333,6 +334,11 @@ struct ProgramRunner::Call {
   std::vector<CudaEvent> done;                  // stream-ordered: per rank, after its work
   std::unique_ptr<std::atomic<bool>[]> recorded;  // per rank: done was recorded (its work is queued)
   std::unique_ptr<std::atomic<bool>[]> callers_wait;  // per rank: its own caller streams wait for done
+  // A rank touches the caller's streams (its `own` ones) only holding caller_mutex and while
+  // caller_gone is false: a call that failed sets it (and takes the mutex) before it returns, after
+  // which those streams may be gone (a rank given up on at a deadline or an interrupt runs on).
+  std::timed_mutex caller_mutex;
+  std::atomic<bool> caller_gone{false};
 };
 
 std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
@@ -352,6 +358,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   }
   const std::shared_ptr<Call> call = call_;
   Call& c = *call;
+  c.caller_gone = false;
   c.plan = plan;
   c.inputs = inputs;
   c.options = options;
@@ -404,16 +411,30 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
                                  "or torch tensors the call allocates); output '" + c.outputs[i].specs[o].name +
                                  "' of rank " + std::to_string(ctx.rank) + " would come from mdtrt's pool. Give "
                                  "it with out= / outputs=, or pass stream_ordered=False");
+    // The caller's streams of this rank's GPU that only it uses: this rank orders itself after them
+    // here, before the barrier, so that a stream that cannot take an event fails the call before
+    // any rank enqueues. The device made explicit: the legacy default stream means the current one's.
+    if (!c.ordering[i].own.empty()) {
+      const std::vector<CallerStream>& callers = c.resources->caller_streams;
+      std::lock_guard<std::timed_mutex> lock(c.caller_mutex);
+      if (c.caller_gone)
+        throw Error(ErrorKind::kGeneric, "the call was given up on before this rank ordered itself", ctx.rank,
+                    "infer");
+      ScopedDevice on(ctx.device);
+      for (int index : c.ordering[i].own) {
+        const CallerStream& caller = callers[index];
+        MDTRT_CUDA_CHECK(cudaEventRecord(caller.ready.get(), reinterpret_cast<cudaStream_t>(caller.stream)));
+        MDTRT_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, caller.ready.get(), 0));
+      }
+    }
   };
   auto launch = [call](RankContext& ctx) {
     Call& c = *call;
     const int i = ctx.local_index;
     try {
       const std::vector<CallerStream>& callers = c.resources->caller_streams;
-      for (int index : c.ordering[i].own)
-        MDTRT_CUDA_CHECK(cudaEventRecord(callers[index].ready.get(), reinterpret_cast<cudaStream_t>(callers[index].stream)));
-      for (const std::vector<int>* indices : {&c.ordering[i].own, &c.ordering[i].wait})
-        for (int index : *indices) MDTRT_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, callers[index].ready.get(), 0));
+      for (int index : c.ordering[i].wait)
+        MDTRT_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream, callers[index].ready.get(), 0));
       stage_inputs(ctx, c.plan, c.inputs[i], c.input_views[i], *c.source, c.first_rank);
       if (c.options.poison_outputs) poison_outputs(ctx, c.outputs[i]);
       enqueue_program(ctx, *c.resources->programs[i], c.resources->buffers[i], c.input_views[i],
@@ -424,13 +445,16 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
         MDTRT_CUDA_CHECK(cudaEventRecord(c.done[i].get(), ctx.stream));
         c.recorded[i] = true;
         // The caller's own streams wait for this rank's work (hand_over does it for the others,
-        // and for these when this rank did not). Not past the deadline: the caller may then have
-        // given up on this rank and returned, and its streams may be gone.
-        if (!ctx.deadline.passed()) {
-          for (int index : c.ordering[i].own)
-            MDTRT_CUDA_CHECK(
-                cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(callers[index].stream), c.done[i].get(), 0));
-          c.callers_wait[i] = true;
+        // and for these when this rank did not: a call given up on, see caller_gone).
+        if (!c.ordering[i].own.empty()) {
+          std::lock_guard<std::timed_mutex> lock(c.caller_mutex);
+          if (!c.caller_gone) {
+            ScopedDevice on(ctx.device);
+            for (int index : c.ordering[i].own)
+              MDTRT_CUDA_CHECK(
+                  cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(callers[index].stream), c.done[i].get(), 0));
+            c.callers_wait[i] = true;
+          }
         }
       } else if (!wait_stream(ctx.stream, ctx.deadline)) {
         throw Error(ErrorKind::kTimeout, "the enqueued work did not finish before the deadline", ctx.rank, "infer");
@@ -498,6 +522,10 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   try {
     run_checked_then_launched(runtime, std::move(check), std::move(launch), timeout, "infer");
   } catch (...) {
+    // From here on no rank touches the caller's streams (they may be gone once this returns); a
+    // rank inside such a step finishes it first (CUDA calls that queue work: microseconds).
+    c.caller_gone = true;
+    if (c.caller_mutex.try_lock_for(std::chrono::seconds(1))) c.caller_mutex.unlock();
     if (stream_ordered) {
       try {
         hand_over(/*all_streams=*/true);
