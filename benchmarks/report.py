@@ -354,7 +354,8 @@ def _fanout_why(fanout: dict, key: str, limit: float) -> str:
     one, two = r.get("1"), r.get("2")
     if one and two:
         why = (f"{two['added_us'] - limit:.1f} us over; N=1 already adds {one['added_us']:.1f} us "
-               f"(Python and the hand-off to a rank thread), the second GPU {two['added_us'] - one['added_us']:.1f} us more")
+               f"(Python and the hand-off to a rank thread), the second GPU "
+               f"{two['added_us'] - one['added_us']:.1f} us more")
         torch_two = (fanout.get("torch_loop_by_gpus") or {}).get("2")
         bare_two = (fanout.get("bare_by_gpus") or {}).get("2")
         if torch_two and bare_two:
@@ -545,8 +546,8 @@ def fanout_section(fan: dict, plots: dict, base: str) -> str:
     for n, t in sorted(torch_loops.items(), key=lambda kv: int(kv[0])):
         reference = (by_gpus.get(n) or bare)["median_us"]
         rows.append([f"torch copy_ + synchronize of each GPU (Python, {n} GPU{'s' if int(n) > 1 else ''})",
-                     fmt(t["median_us"]), fmt(t.get("p10_us")), fmt(t.get("p90_us")), fmt(t["median_us"] - reference, 1),
-                     "-"])
+                     fmt(t["median_us"]), fmt(t.get("p10_us")), fmt(t.get("p90_us")),
+                     fmt(t["median_us"] - reference, 1), "-"])
     for key, label, limit in FANOUT_ROWS:
         for n, r in sorted((fan.get(key) or {}).items(), key=lambda kv: int(kv[0])):
             target = (yes_no(r["added_us"] <= limit) + f" (<= {limit:.0f} us)") if limit and int(n) >= 2 else "-"

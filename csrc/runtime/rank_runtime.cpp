@@ -72,7 +72,8 @@ RankRuntimeSettings rank_runtime_settings() {
   // How long an idle rank thread looks for new work (MDTRT_RANK_SPIN_US), and its poll interval
   // after that (MDTRT_RANK_POLL_US).
   return RankRuntimeSettings{micros_from_env("MDTRT_RANK_SPIN_US", kDefaultWorkerSpinMicros, "no spinning"),
-                             micros_from_env("MDTRT_RANK_POLL_US", kSpin ? 100 : 0, "idle rank threads sleep until woken"),
+                             micros_from_env("MDTRT_RANK_POLL_US", kSpin ? 100 : 0,
+                                             "idle rank threads sleep until woken"),
                              high_priority_streams()};
 }
 
