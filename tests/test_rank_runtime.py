@@ -106,7 +106,7 @@ def _run_with_env(env_value: str, code: str, name: str = "MDTRT_RANK_POLL_US"):
 
 
 def test_polling_rank_threads_run_calls_and_stop_at_once():
-    """MDTRT_RANK_POLL_US > 0 (the default on machines with 8 or more cores): idle rank threads wake
+    """MDTRT_RANK_POLL_US > 0 (the default where the host has cores for every rank): idle rank threads wake
     every interval for 0.1 s; a runtime destroyed meanwhile must not wait for that window to end."""
     code = (
         "import time\n"
@@ -120,6 +120,39 @@ def test_polling_rank_threads_run_calls_and_stop_at_once():
     assert result.returncode == 0, result.stderr
     # 40 runtimes of 4 polling threads each: waiting out a 0.1 s ready window per runtime would take >= 4 s.
     assert float(result.stdout.strip()) < 3.0, result.stdout
+
+
+def test_spinning_rank_threads_stop_at_once():
+    """An idle rank thread spinning (here 0.1 s, MDTRT_RANK_SPIN_US) stops when its runtime is
+    destroyed, without spinning to the end first."""
+    code = (
+        "import time\n"
+        "from mdtrt import _core\n"
+        "start = time.monotonic()\n"
+        "for _ in range(40):\n"
+        "    launched, error = _core.testing.run_checked_launch_test(2)\n"
+        "    assert error == '' and launched == [True] * 2, (launched, error)\n"
+        "print(f'{time.monotonic() - start:.3f}')\n")
+    result = _run_with_env("100000", code, "MDTRT_RANK_SPIN_US")
+    assert result.returncode == 0, result.stderr
+    # Spinning out 0.1 s per runtime would take >= 4 s.
+    assert float(result.stdout.strip()) < 3.0, result.stdout
+
+
+@pytest.mark.parametrize("local_ranks", [1, 2, 8, "all"])
+def test_rank_threads_spin_by_default_only_with_cores_for_every_rank(local_ranks, monkeypatch):
+    """The default spin (2000 us) and poll (100 us) need 2 x (ranks + 1) hardware threads; on a
+    smaller host the rank threads would take the cores that do the work."""
+    import os
+
+    from mdtrt import _core
+
+    for name in ("MDTRT_RANK_SPIN_US", "MDTRT_RANK_POLL_US"):
+        monkeypatch.delenv(name, raising=False)
+    ranks = os.cpu_count() if local_ranks == "all" else local_ranks
+    settings = _core.rank_runtime_settings(ranks)
+    spins = os.cpu_count() >= 2 * (ranks + 1)
+    assert (settings["spin_us"], settings["poll_us"]) == ((2000, 100) if spins else (0, 0)), (settings, os.cpu_count())
 
 
 @pytest.mark.parametrize("name", ["MDTRT_RANK_POLL_US", "MDTRT_RANK_SPIN_US"])

@@ -60,16 +60,18 @@ void bind_info(py::module_& m) {
         "Why no GPU is visible, in words (query_cuda's error and versions, CUDA_VISIBLE_DEVICES).");
   m.def(
       "rank_runtime_settings",
-      [] {
-        const RankRuntimeSettings s = rank_runtime_settings();
+      [](int local_ranks) {
+        const RankRuntimeSettings s = rank_runtime_settings(local_ranks);
         py::dict d;
         d["spin_us"] = s.spin_micros;
         d["poll_us"] = s.poll_micros;
         d["stream_priority"] = s.high_priority_streams ? "high" : "normal";
         return d;
       },
-      "The rank threads' settings a group created now takes from MDTRT_RANK_SPIN_US, MDTRT_RANK_POLL_US and "
-      "MDTRT_STREAM_PRIORITY; InvalidArgumentError for a value a group would refuse.");
+      py::arg("local_ranks"),
+      "The rank threads' settings a group of local_ranks GPUs created now takes from MDTRT_RANK_SPIN_US, "
+      "MDTRT_RANK_POLL_US and MDTRT_STREAM_PRIORITY (the spin defaults depend on local_ranks); InvalidArgumentError "
+      "for a value a group would refuse.");
 
   m.def(
       "pointer_device", [](uintptr_t ptr) { return pointer_device(reinterpret_cast<const void*>(ptr)); },

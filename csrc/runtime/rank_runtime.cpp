@@ -12,16 +12,19 @@ namespace mdtrt {
 namespace {
 constexpr double kGraceAfterAbortSeconds = 10.0;
 // Spinning saves a thread wake-up per rank per call, but only pays when every rank thread and the
-// caller have a core of their own; on small machines it would steal the cores doing the work.
-const bool kSpin = std::thread::hardware_concurrency() >= 8;
+// caller have a core of their own, with as many left for the driver's and NCCL's threads and the
+// rest of the process; on smaller machines it would steal the cores doing the work.
+bool spin_by_default(int local_ranks) {
+  return static_cast<int>(std::thread::hardware_concurrency()) >= 2 * (local_ranks + 1);
+}
 // An idle rank thread spins this long by default (MDTRT_RANK_SPIN_US): a call that follows one of up
 // to about 2 ms (`call; synchronize` at tens to hundreds of MiB) then finds its rank threads awake.
 // Woken from a sleep instead, each call's launch came 10-20 us later (2x H200 in a VM, per call at
 // 64 MiB: reduce 265.6 -> 253.9 us, gather 166.2 -> 151.0 us, device-input replication 239.0 ->
 // 219.8 us with 200 -> 2000 us of spin; 20000 us gained nothing more). Past 2 ms a wake-up costs
 // under 1% of the call. The price: a core per rank thread stays busy for 2 ms after each call.
-const int kDefaultWorkerSpinMicros = kSpin ? 2000 : 0;
-const int kCallerSpinMicros = kSpin ? 2000 : 0;  // how long the caller looks for completion
+constexpr int kDefaultWorkerSpinMicros = 2000;
+constexpr int kCallerSpinMicros = 2000;  // how long the caller looks for completion (when spinning)
 // After its spin, an idle rank thread waits in slices of a poll interval (a new task wakes it at
 // once all the same) for kWorkerReady before it sleeps until woken: a thread asleep for long lets
 // its core drop into a deep idle state, which delayed the next call's launch (one H200, 1 GiB
@@ -68,13 +71,14 @@ std::string join_ranks(const std::vector<int>& ranks) {
 }
 }  // namespace
 
-RankRuntimeSettings rank_runtime_settings() {
+RankRuntimeSettings rank_runtime_settings(int local_ranks) {
   // How long an idle rank thread looks for new work (MDTRT_RANK_SPIN_US), and its poll interval
   // after that (MDTRT_RANK_POLL_US).
-  return RankRuntimeSettings{micros_from_env("MDTRT_RANK_SPIN_US", kDefaultWorkerSpinMicros, "no spinning"),
-                             micros_from_env("MDTRT_RANK_POLL_US", kSpin ? 100 : 0,
+  const bool spin = spin_by_default(local_ranks);
+  return RankRuntimeSettings{micros_from_env("MDTRT_RANK_SPIN_US", spin ? kDefaultWorkerSpinMicros : 0, "no spinning"),
+                             micros_from_env("MDTRT_RANK_POLL_US", spin ? 100 : 0,
                                              "idle rank threads sleep until woken"),
-                             high_priority_streams()};
+                             high_priority_streams(), spin ? kCallerSpinMicros : 0};
 }
 
 RankWorker::RankWorker(int local_index, int device, const RankRuntimeSettings& settings)
@@ -128,7 +132,7 @@ void RankWorker::loop() {
     // Back-to-back calls post the next task within microseconds: spin a little before sleeping,
     // so that a call does not pay a thread wake-up per rank.
     if (spin_micros_ > 0)
-      spin_until([this] { return pending_.load(std::memory_order_acquire) != 0; },
+      spin_until([this] { return pending_.load(std::memory_order_acquire) != 0 || stopping_.load(); },
                  Deadline::Clock::now() + std::chrono::microseconds(spin_micros_));
     std::function<void()> task;
     {
@@ -168,10 +172,10 @@ struct Completion {
   // Spins briefly (a fast call finishes within microseconds), then sleeps until `count` tasks are
   // done or the deadline passes; an `interruptible` wait also asks interrupt_requested() every
   // kInterruptPollInterval (without the lock: the check may wait for Python's GIL).
-  Wait wait_for(int count, Deadline::Clock::time_point deadline, bool interruptible = true) {
+  Wait wait_for(int count, Deadline::Clock::time_point deadline, int spin_micros, bool interruptible = true) {
     auto all_done = [&] { return done.load(std::memory_order_acquire) >= count; };
-    if (kCallerSpinMicros > 0)
-      spin_until(all_done, std::min(deadline, Deadline::Clock::now() + std::chrono::microseconds(kCallerSpinMicros)));
+    if (spin_micros > 0)
+      spin_until(all_done, std::min(deadline, Deadline::Clock::now() + std::chrono::microseconds(spin_micros)));
     std::unique_lock<std::mutex> lock(mutex);
     for (;;) {
       const auto now = Deadline::Clock::now();
@@ -199,7 +203,8 @@ RankRuntime::RankRuntime(std::vector<int> devices, std::vector<int> ranks, int w
       grace_after_abort_seconds_(kGraceAfterAbortSeconds) {
   if (devices_.empty()) throw_invalid_argument("a rank runtime needs at least one rank");
   if (ranks_.size() != devices_.size()) throw_invalid_argument("one world rank per local device is needed");
-  const RankRuntimeSettings settings = rank_runtime_settings();
+  const RankRuntimeSettings settings = rank_runtime_settings(static_cast<int>(devices_.size()));
+  caller_spin_micros_ = settings.caller_spin_micros;
   for (size_t i = 0; i < devices_.size(); ++i) {
     workers_.emplace_back(
         new RankWorker(static_cast<int>(i), devices_[i], settings));
@@ -478,7 +483,7 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
   if (sequential) {
     for (size_t i = 0; i < n; ++i) {
       post(i);
-      const Wait w = completion->wait_for(static_cast<int>(i) + 1, deadline.at());
+      const Wait w = completion->wait_for(static_cast<int>(i) + 1, deadline.at(), caller_spin_micros_);
       if (w != Wait::kDone) {
         (w == Wait::kInterrupted ? interrupted : timed_out) = true;
         break;
@@ -487,7 +492,7 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
     }
   } else {
     for (size_t i = 0; i < n; ++i) post(i);
-    const Wait w = completion->wait_for(static_cast<int>(n), deadline.at());
+    const Wait w = completion->wait_for(static_cast<int>(n), deadline.at(), caller_spin_micros_);
     interrupted = w == Wait::kInterrupted;
     timed_out = w == Wait::kDeadline;
   }
@@ -515,7 +520,7 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
     stuck_.resize(n, false);
     int expected = 0;
     for (size_t i = 0; i < n; ++i) expected += posted[i] ? 1 : 0;
-    completion->wait_for(expected, grace.at(), /*interruptible=*/false);
+    completion->wait_for(expected, grace.at(), caller_spin_micros_, /*interruptible=*/false);
     for (size_t i = 0; i < n; ++i) {
       if (posted[i] && !completion->is_finished(i)) {
         // Given up on: its task may run fn on its context after this frame, the caller's and even

@@ -27,12 +27,15 @@ namespace mdtrt {
 // The rank threads' settings, as a group created now would take them from the environment
 // (MDTRT_RANK_SPIN_US, MDTRT_RANK_POLL_US, MDTRT_STREAM_PRIORITY). Throws InvalidArgumentError, naming the variable,
 // for a value a group would refuse.
+// The spin defaults depend on local_ranks, the group's rank threads in this process: on (2 ms) only
+// when the host has at least 2 x (local_ranks + 1) hardware threads.
 struct RankRuntimeSettings {
   int spin_micros;   // how long an idle rank thread spins before it waits (default 0 on small machines)
   int poll_micros;   // the idle rank thread's wake-up interval for 0.1 s after a call (0: off)
   bool high_priority_streams;
+  int caller_spin_micros;  // how long a caller spins for its ranks' completion before it sleeps
 };
-RankRuntimeSettings rank_runtime_settings();
+RankRuntimeSettings rank_runtime_settings(int local_ranks);
 
 // Thrown by a rank that left its step undone because another rank of the same run failed first
 // (running on would leave it waiting on that rank); run_on_all reports the other rank's error.
@@ -77,7 +80,7 @@ class RankWorker {
   std::condition_variable wake_;
   std::deque<std::function<void()>> tasks_;
   std::atomic<int> pending_{0};  // lets the worker spin on new work without taking the lock
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};  // atomic: the idle spin looks at it without the lock
   std::thread thread_;
   std::promise<void> started_;
   std::vector<std::shared_ptr<const void>> kept_alive_;  // only by the owner's thread (see keep_alive)
@@ -189,6 +192,7 @@ class RankRuntime {
   std::vector<bool> stuck_;  // workers whose task ignored an abort: never joined
   std::atomic<bool> any_abandoned_{false};
   double grace_after_abort_seconds_;
+  int caller_spin_micros_ = 0;  // from RankRuntimeSettings: the caller's spin for its ranks
   std::mutex run_mutex_;  // one run_on_all at a time: ranks must see steps in the same order
   std::mutex submission_mutex_;  // see lock_submission(); taken before run_mutex_
 };

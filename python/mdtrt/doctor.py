@@ -71,13 +71,14 @@ def _tensorrt_report(build: dict) -> dict:
     return report
 
 
-def _runtime_report() -> dict:
-    """The rank threads' settings from the environment, or the error a group would raise."""
-    report = {"spin_us": None, "poll_us": None, "stream_priority": None, "error": None,
+def _runtime_report(local_ranks: int) -> dict:
+    """The rank threads' settings from the environment for a group of ``local_ranks`` GPUs, or the
+    error a group would raise."""
+    report = {"local_ranks": local_ranks, "spin_us": None, "poll_us": None, "stream_priority": None, "error": None,
               "environment": {name: os.environ.get(name)
                               for name in ("MDTRT_RANK_SPIN_US", "MDTRT_RANK_POLL_US", "MDTRT_STREAM_PRIORITY")}}
     try:
-        report.update(_core.rank_runtime_settings())
+        report.update(_core.rank_runtime_settings(local_ranks))
     except MdtrtError as error:
         report["error"] = str(error)
     return report
@@ -119,9 +120,10 @@ def collect() -> dict:
         row can read column), ``error`` and ``problem`` (in words, or None). ``tensorrt``:
         ``compiled_in``, ``reason``, ``library_found``, ``path``, ``version``, ``found_by``,
         ``lean``, ``error``, ``attempts`` (and ``rebuild`` advice without the backend).
-        ``runtime``: the rank threads' settings a group takes from the environment: ``spin_us``
-        (``MDTRT_RANK_SPIN_US``), ``poll_us`` (``MDTRT_RANK_POLL_US``), ``stream_priority``
-        (``MDTRT_STREAM_PRIORITY``),
+        ``runtime``: the rank threads' settings a group of every visible GPU (``local_ranks``, at
+        least 1) takes from the environment: ``spin_us`` (``MDTRT_RANK_SPIN_US``; by default 2000
+        when the host has at least 2 x (local_ranks + 1) hardware threads, else 0), ``poll_us``
+        (``MDTRT_RANK_POLL_US``), ``stream_priority`` (``MDTRT_STREAM_PRIORITY``),
         ``environment`` (those variables as set, or None) and ``error`` (a value a group refuses).
         ``features``: per feature ``ok``, ``needs``, ``detail`` (DistCollective needs compute
         capability >= 8.0, multi-device attention >= 10.0). ``can_run_multi_device`` (bool) and
@@ -137,7 +139,7 @@ def collect() -> dict:
         "nccl": _nccl_report(),
         "cuda": cuda,
         "tensorrt": _tensorrt_report(build),
-        "runtime": _runtime_report(),
+        "runtime": _runtime_report(max(1, len(gpus))),
         "features": {
             "dist_collective": _feature(gpus, DIST_COLLECTIVE_MIN_CC, "DistCollective layers"),
             "multi_device_attention": _feature(gpus, MULTI_DEVICE_ATTENTION_MIN_CC, "multi-device attention layers"),
@@ -243,7 +245,8 @@ def format_text(report: dict) -> str:
             poll = f"wake every {rt['poll_us']} us for 0.1 s" if rt["poll_us"] else "no wake-ups"
             spin = (f"spin {rt['spin_us']} us" if rt["spin_us"] else
                     "no spin (MDTRT_RANK_SPIN_US=0)" if rt["environment"]["MDTRT_RANK_SPIN_US"] else
-                    f"no spin (fewer than 8 cores: {os.cpu_count()})")
+                    f"no spin ({os.cpu_count()} hardware threads; a group of {rt['local_ranks']} "
+                    f"GPU{'s' if rt['local_ranks'] > 1 else ''} spins from {2 * (rt['local_ranks'] + 1)})")
             lines.append(f"Rank threads  idle: {spin}, then {poll}; streams at {rt['stream_priority']} "
                          f"priority ({'from ' + set_vars if set_vars else 'defaults'})")
     lines.append("")
