@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Fan-out overhead: EngineRunner.infer of a trivial program (a 1 KiB device-to-device copy) on
-N = 1 and N = 2 GPUs, against a bare single-thread loop doing the same work on the same N GPUs
-(C++, no Python: cudaMemcpyAsync on each GPU's stream, then cudaStreamSynchronize of each). The
-difference of the medians is what the runner adds per call: Python argument handling, handing the
-call to one thread per GPU, and waiting for all of them. ``added_over_one_gpu_us`` is the same
-difference against the one-GPU bare loop (what earlier runs reported: it also counts the second
-GPU's copy and synchronize, which any fan-out pays).
+N = 1 and N = 2 GPUs, against the same work without mdtrt on the same N GPUs.
+
+``added_us`` (what the targets read) is the difference of the medians against the bare launch:
+the same copies queued by one C++ call from Python (``testing.BareCopies.launch``: cudaMemcpyAsync
+on a stream of each GPU), timed with the same Python synchronize as the runner's calls. It is what
+the runner adds per call: its Python argument handling, handing the call to one thread per GPU and
+waiting for all of them; the synchronize from Python is the caller's, paid with or without mdtrt.
+``added_over_bare_loop_us`` is the difference against a bare C++ loop (one thread, no Python: the
+copies, then cudaStreamSynchronize of each), which also counts the Python synchronize;
+``added_over_one_gpu_us`` the difference against the one-GPU bare loop (what the first runs
+reported: it also counts the second GPU's copy and synchronize, which any fan-out pays).
 
 Series per N: ``infer(inputs, outputs=...)`` and ``prepare(inputs, outputs=...)()`` (preallocated
 torch CUDA tensors, one per rank: no call allocates), the default calls without ``outputs=``
@@ -14,9 +19,8 @@ first call of the signature, in the warm-up, learnt their shapes), and ``infer``
 (replicated to every GPU, rank 0's output copied back). Each round runs the bare loops, then every
 Python series interleaved in slices that each start one series later, so that clock or load drift
 and the order hit every series alike.
-``torch_loop_by_gpus``: the same copies through torch on the same N GPUs, timed with the same Python
-synchronize as the runner's calls: the part of the added time that is torch's synchronize from Python
-rather than mdtrt (the bare loop synchronizes from C++).
+``torch_loop_by_gpus``: the same copies through torch on the same N GPUs (``copy_`` per GPU), timed
+with the same Python synchronize as the runner's calls: what a user's own loop costs.
 Calls on torch tensors are stream-ordered (they return once queued): each is timed with a
 ``torch.cuda.synchronize`` of every GPU of the call after it, like the loops it is compared with.
 """
@@ -102,14 +106,23 @@ def run(args) -> dict:
             sync()
         return call
 
+    def bare_launch(n):
+        """The same copies on the first n GPUs queued by one C++ call, then the same synchronize."""
+        copies = testing.BareCopies(gpus[:n], args.nbytes)
+        return bl.synced(copies.launch, bl.gpu_sync(torch, gpus[:n]))
+
     torch_loops = {n: torch_loop(n) for n in counts}
+    bare_launches = {n: bare_launch(n) for n in counts}
     for n in counts:
         bl.time_calls(torch_loops[n], 50)
+        bl.time_calls(bare_launches[n], 50)
         testing.bare_copy_loop(gpus[:n], args.nbytes, 50)
 
     samples: dict = {**{("torch", n): [] for n in counts}, **{("bare", n): [] for n in counts},
+                     **{("bare_launch", n): [] for n in counts},
                      **{(key, n): [] for n in counts for key in SERIES}}
     timed = {**{("torch", n): torch_loops[n] for n in counts},
+             **{("bare_launch", n): bare_launches[n] for n in counts},
              **{(key, n): setups[n][1][key] for n in counts for key in SERIES}}
     for _ in range(rounds):
         for n in counts:
@@ -123,6 +136,7 @@ def run(args) -> dict:
         group.close()
 
     bare_by_n = {n: bl.summarize(samples[("bare", n)]) for n in counts}
+    launch_by_n = {n: bl.summarize(samples[("bare_launch", n)]) for n in counts}
     bare = bare_by_n[1]
     result = {"benchmark": "fanout", "gpus": gpus, "nbytes": args.nbytes, "iterations": iterations, "rounds": rounds,
               "quick": args.quick, "started": bl.utc_now(),
@@ -131,8 +145,11 @@ def run(args) -> dict:
               "bare_by_gpus": {str(n): {"method": "C++ loop, one thread: cudaMemcpyAsync D2D on each GPU's stream, "
                                                   "then cudaStreamSynchronize of each", "gpus": gpus[:n], **stats}
                                for n, stats in bare_by_n.items()},
-              "torch_loop": {"method": "Python loop: tensor.copy_ + torch.cuda.synchronize, one GPU",
-                             **bl.summarize(samples[("torch", 1)])},
+              "bare_launch_by_gpus": {str(n): {"method": "the same copies queued by one C++ call from Python "
+                                                         "(testing.BareCopies.launch), then torch.cuda.synchronize "
+                                                         "of each GPU, as the runner's calls are timed",
+                                               "gpus": gpus[:n], **stats}
+                                      for n, stats in launch_by_n.items()},
               "torch_loop_by_gpus": {str(n): {"method": "Python loop: tensor.copy_ on each GPU, then "
                                                         "torch.cuda.synchronize of each (the runner's calls are timed "
                                                         "with the same synchronize)", "gpus": gpus[:n],
@@ -143,7 +160,8 @@ def run(args) -> dict:
         for n in counts:
             stats = bl.summarize(samples[(key, n)])
             result[key][str(n)] = {"gpus": gpus[:n], **stats,
-                                   "added_us": stats["median_us"] - bare_by_n[n]["median_us"],
+                                   "added_us": stats["median_us"] - launch_by_n[n]["median_us"],
+                                   "added_over_bare_loop_us": stats["median_us"] - bare_by_n[n]["median_us"],
                                    "added_over_one_gpu_us": stats["median_us"] - bare["median_us"]}
     return result
 
@@ -155,7 +173,9 @@ def main(argv=None) -> int:
     bl.write_json(args.out, result)
     added = ", ".join(f"N={n}: +{r['added_us']:.1f} us (prepared +{result['prepared'][n]['added_us']:.1f} us)"
                       for n, r in result["runner"].items())
-    print(f"fanout: bare {result['bare']['median_us']:.1f} us/call; {added}; wrote {args.out}")
+    launch = result["bare_launch_by_gpus"][max(result["bare_launch_by_gpus"], key=int)]["median_us"]
+    print(f"fanout: bare loop {result['bare']['median_us']:.1f} us/call, bare launch + Python synchronize "
+          f"{launch:.1f}; {added}; wrote {args.out}")
     return 0
 
 

@@ -125,12 +125,15 @@ def plot_fanout(fan: dict, out_dir: str) -> dict:
     if not fan or not fan.get("runner"):
         return {}
     plt = _pyplot()
-    # The references on each N: the bare C++ loop and the same copies through torch, timed with the
-    # runner's synchronize (older results: the one-GPU loops only).
+    # The references on each N: the bare C++ loop, the bare launch from Python with the runner's
+    # synchronize (what the targets are over) and the same copies through torch (older results:
+    # fewer of them).
     bare = fan.get("bare_by_gpus") or {"1": fan["bare"]}
+    launches = fan.get("bare_launch_by_gpus") or {}
     torch_loops = fan.get("torch_loop_by_gpus") or ({"1": fan["torch_loop"]} if fan.get("torch_loop") else {})
     labels, values, colors = [], [], []
-    for name, loops, color in (("bare C++ loop", bare, "C7"), ("torch loop", torch_loops, "C8")):
+    for name, loops, color in (("bare C++ loop", bare, "C7"), ("bare launch\n+ Python sync", launches, "C9"),
+                               ("torch loop", torch_loops, "C8")):
         for n in sorted(loops, key=int):
             labels.append(f"{name}\nN={n}")
             values.append(loops[n]["median_us"])
@@ -147,11 +150,12 @@ def plot_fanout(fan: dict, out_dir: str) -> dict:
     for bar, v in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
-    widest = max(bare, key=int)
-    ax.axhline(bare[widest]["median_us"] + 15, color="r", linestyle="--", linewidth=1,
-               label=f"bare N={widest} + 15 us (infer target)")
-    ax.axhline(bare[widest]["median_us"] + 10, color="m", linestyle=":", linewidth=1,
-               label=f"bare N={widest} + 10 us (prepare target)")
+    reference, what = (launches, "bare launch") if launches else (bare, "bare")
+    widest = max(reference, key=int)
+    ax.axhline(reference[widest]["median_us"] + 15, color="r", linestyle="--", linewidth=1,
+               label=f"{what} N={widest} + 15 us (infer target)")
+    ax.axhline(reference[widest]["median_us"] + 10, color="m", linestyle=":", linewidth=1,
+               label=f"{what} N={widest} + 10 us (prepare target)")
     ax.set_ylabel("median time per call (us)")
     ax.legend(fontsize=8)
     ax.set_title(f"Fan-out overhead, {bl.format_size(fan.get('nbytes', 0))} copy per GPU")

@@ -123,6 +123,12 @@ def test_machine_figures_are_plausible(group):
     bare_all = _core.testing.bare_copy_loop(list(group.gpus), 1024, 20)
     assert 1 < peer < 2000 and 1 < h2d < 500
     assert len(bare) == len(bare_all) == 20 and all(0 < t < 1e6 for t in bare + bare_all)
+    # The bare launch (the fan-out benchmark's reference from Python) leaves the current device as it was.
+    copies = _core.testing.BareCopies(list(reversed(group.gpus)), 1024)
+    before = _core.current_device()
+    copies.launch()
+    copies.synchronize()
+    assert _core.current_device() == before
 
 
 def test_cuda_graphs_capture_once_and_replay_on_the_same_buffers(group):

@@ -93,6 +93,11 @@ void bind_testing(py::module_& m) {
       },
       py::arg("steps"), py::arg("seconds"),
       "Seconds that `steps` sleeps of `seconds` each take through run_concurrently (aborts use it).");
+  py::class_<BareCopies>(testing, "BareCopies")
+      .def(py::init<const std::vector<int>&, size_t>(), py::arg("devices"), py::arg("nbytes"))
+      .def("launch", &BareCopies::launch,
+           "Queues one device-to-device copy of nbytes on a stream of each device (returns at once).")
+      .def("synchronize", &BareCopies::synchronize, py::call_guard<py::gil_scoped_release>());
   testing.def(
       "bare_copy_loop",
       [](const std::vector<int>& devices, size_t nbytes, int iterations) {

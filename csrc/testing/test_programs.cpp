@@ -221,23 +221,35 @@ double concurrent_sleeps_seconds(int steps, double seconds) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-std::vector<double> bare_copy_loop_us(const std::vector<int>& devices, size_t nbytes, int iterations) {
-  if (devices.empty()) throw_invalid_argument("bare_copy_loop needs at least one device");
-  std::vector<CudaStream> streams;
-  std::vector<DeviceBuffer> from, to;
+BareCopies::BareCopies(const std::vector<int>& devices, size_t nbytes) : devices_(devices), nbytes_(nbytes) {
+  if (devices.empty()) throw_invalid_argument("bare copies need at least one device");
   for (int device : devices) {
-    streams.emplace_back(device);
-    from.emplace_back(device, nbytes);
-    to.emplace_back(device, nbytes);
+    streams_.emplace_back(device);
+    from_.emplace_back(device, nbytes);
+    to_.emplace_back(device, nbytes);
   }
+}
+
+void BareCopies::launch() {
+  ScopedDevice keep(devices_[0]);  // restores the caller's current device
+  for (size_t d = 0; d < devices_.size(); ++d) {
+    MDTRT_CUDA_CHECK(cudaSetDevice(devices_[d]));
+    MDTRT_CUDA_CHECK(cudaMemcpyAsync(to_[d].get(), from_[d].get(), nbytes_, cudaMemcpyDeviceToDevice,
+                                     streams_[d].get()));
+  }
+}
+
+void BareCopies::synchronize() {
+  for (auto& stream : streams_) MDTRT_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+}
+
+std::vector<double> bare_copy_loop_us(const std::vector<int>& devices, size_t nbytes, int iterations) {
+  BareCopies copies(devices, nbytes);
   std::vector<double> out;
   for (int i = 0; i < iterations; ++i) {
     auto t0 = std::chrono::steady_clock::now();
-    for (size_t d = 0; d < devices.size(); ++d) {
-      MDTRT_CUDA_CHECK(cudaSetDevice(devices[d]));
-      MDTRT_CUDA_CHECK(cudaMemcpyAsync(to[d].get(), from[d].get(), nbytes, cudaMemcpyDeviceToDevice, streams[d].get()));
-    }
-    for (auto& stream : streams) MDTRT_CUDA_CHECK(cudaStreamSynchronize(stream.get()));
+    copies.launch();
+    copies.synchronize();
     out.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
   }
   return out;

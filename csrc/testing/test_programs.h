@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "runtime/cuda_handles.h"
 #include "runtime/rank_program.h"
 
 namespace mdtrt {
@@ -171,8 +172,22 @@ void run_bind_test(int num_ranks, const std::string& program, bool sequential, d
 double concurrent_sleeps_seconds(int steps, double seconds);
 
 // Raw figures of this machine, for benchmarks to compare against.
-// Per iteration: one cudaMemcpyAsync on each device's stream, then cudaStreamSynchronize of each,
-// from one thread (what the same work costs on these GPUs without mdtrt).
+// The fan-out benchmark's work without mdtrt: one device-to-device copy of nbytes on each device,
+// queued on a stream of each device by launch(), from the calling thread.
+class BareCopies {
+ public:
+  BareCopies(const std::vector<int>& devices, size_t nbytes);
+  void launch();          // queues the copies; the current device is left as it was
+  void synchronize();     // cudaStreamSynchronize of each stream
+
+ private:
+  std::vector<int> devices_;
+  size_t nbytes_;
+  std::vector<CudaStream> streams_;
+  std::vector<DeviceBuffer> from_, to_;
+};
+// Per iteration: BareCopies::launch, then its synchronize, from one thread (what the same work
+// costs on these GPUs without mdtrt or Python).
 std::vector<double> bare_copy_loop_us(const std::vector<int>& devices, size_t nbytes, int iterations);
 double peer_copy_bandwidth_gbps(int src, int dst, size_t nbytes, int iterations);
 double host_to_device_bandwidth_gbps(int device, size_t nbytes, int iterations, bool pinned);
