@@ -334,10 +334,11 @@ struct ProgramRunner::Call {
   std::vector<CudaEvent> done;                  // stream-ordered: per rank, after its work
   std::unique_ptr<std::atomic<bool>[]> recorded;  // per rank: done was recorded (its work is queued)
   std::unique_ptr<std::atomic<bool>[]> callers_wait;  // per rank: its own caller streams wait for done
-  // A rank touches the caller's streams (its `own` ones) only holding caller_mutex and while
-  // caller_gone is false: a call that failed sets it (and takes the mutex) before it returns, after
-  // which those streams may be gone (a rank given up on at a deadline or an interrupt runs on).
-  std::timed_mutex caller_mutex;
+  // A rank touches the caller's streams (its `own` ones) only holding its caller_mutex and while
+  // caller_gone is false: a call that failed sets it (and takes every rank's mutex) before it
+  // returns, after which those streams may be gone (a rank given up on runs on). One per rank, so
+  // that the ranks' CUDA calls on their own streams do not wait for each other.
+  std::unique_ptr<std::timed_mutex[]> caller_mutex;
   std::atomic<bool> caller_gone{false};
 };
 
@@ -359,6 +360,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   const std::shared_ptr<Call> call = call_;
   Call& c = *call;
   c.caller_gone = false;
+  if (!c.caller_mutex) c.caller_mutex.reset(new std::timed_mutex[n]);
   c.plan = plan;
   c.inputs = inputs;
   c.options = options;
@@ -416,7 +418,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     // any rank enqueues. The device made explicit: the legacy default stream means the current one's.
     if (!c.ordering[i].own.empty()) {
       const std::vector<CallerStream>& callers = c.resources->caller_streams;
-      std::lock_guard<std::timed_mutex> lock(c.caller_mutex);
+      std::lock_guard<std::timed_mutex> lock(c.caller_mutex[i]);
       if (c.caller_gone)
         throw Error(ErrorKind::kGeneric, "the call was given up on before this rank ordered itself", ctx.rank,
                     "infer");
@@ -447,7 +449,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
         // The caller's own streams wait for this rank's work (hand_over does it for the others,
         // and for these when this rank did not: a call given up on, see caller_gone).
         if (!c.ordering[i].own.empty()) {
-          std::lock_guard<std::timed_mutex> lock(c.caller_mutex);
+          std::lock_guard<std::timed_mutex> lock(c.caller_mutex[i]);
           if (!c.caller_gone) {
             ScopedDevice on(ctx.device);
             for (int index : c.ordering[i].own)
@@ -471,9 +473,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   // the runtime's watchdog with its deadline. Also when the call failed after some rank queued work
   // (another rank's enqueue failed): that work may wait for the failed rank, and must neither be
   // raced by the caller's streams nor left without a deadline (a waiting call would have reached it).
-  // all_streams: also the streams the ranks ordered themselves (when the call failed, a rank may
-  // have stopped before it did or after; waiting twice for an event is harmless).
-  auto hand_over = [&](bool all_streams) {
+  auto hand_over = [&] {
     bool any = false;
     for (int i = 0; i < n; ++i) any = any || c.recorded[i];
     if (!any) return;
@@ -507,7 +507,9 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       // done with a rank's buffers when that rank's collective completes). Issued on this (the
       // caller's) thread, so that a legacy or per-thread default stream means the caller's.
       for (const CallerUse& use : call_streams) {
-        if (use.by_rank && !all_streams && c.callers_wait[use.ranks[0]]) continue;
+        // A stream its rank already made wait (it says so in callers_wait; a rank that failed or
+        // was given up on before then did not, and cannot later: see caller_gone).
+        if (use.by_rank && c.callers_wait[use.ranks[0]]) continue;
         const CallerStream& caller = resources_->caller_streams[use.stream];
         ScopedDevice on(caller.device);
         for (int rank : use.ranks)
@@ -525,10 +527,12 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     // From here on no rank touches the caller's streams (they may be gone once this returns); a
     // rank inside such a step finishes it first (CUDA calls that queue work: microseconds).
     c.caller_gone = true;
-    if (c.caller_mutex.try_lock_for(std::chrono::seconds(1))) c.caller_mutex.unlock();
+    const auto settled_by = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    for (int i = 0; i < n; ++i)
+      if (c.caller_mutex[i].try_lock_until(settled_by)) c.caller_mutex[i].unlock();
     if (stream_ordered) {
       try {
-        hand_over(/*all_streams=*/true);
+        hand_over();
       } catch (...) {
         // The call's own error is the one to report.
       }
@@ -541,7 +545,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       if (!runtime.abandoned(i)) drop_unused_outputs(c.outputs[i], runtime.context(i).stream, soon);
     throw;
   }
-  if (stream_ordered) hand_over(/*all_streams=*/false);
+  if (stream_ordered) hand_over();
   if (c.rendezvous && !c.rendezvous->failure.empty()) {
     // Every rank ran this call without graphs; later calls do too (a program that failed to capture
     // once would fail again on every new buffer).
