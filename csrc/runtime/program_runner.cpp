@@ -480,11 +480,12 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     std::vector<CudaEvent> done;
     std::string failed;
     for (int i = 0; i < n; ++i) {
-      const bool recorded = c.recorded[i];
-      // A rank given up on may still record its own event later: it keeps that one (in the call's
-      // state, which it owns) and the watchdog gets another, recorded here.
-      done.push_back(recorded || !runtime.abandoned(i) ? std::move(c.done[i]) : runtime.take_event(i));
-      if (recorded) continue;
+      // A rank given up on may still record or use its own event later: it keeps that one (in the
+      // call's state, which it owns) and the watchdog gets another, recorded here after whatever
+      // the rank queued so far.
+      const bool abandoned = runtime.abandoned(i);
+      done.push_back(abandoned ? runtime.take_event(i) : std::move(c.done[i]));
+      if (c.recorded[i] && !abandoned) continue;
       const RankContext& ctx = runtime.context(i);
       ScopedDevice on(ctx.device, std::nothrow);
       const cudaError_t status = on.ok() ? cudaEventRecord(done[i].get(), ctx.stream) : cudaGetLastError();
@@ -527,9 +528,13 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     // From here on no rank touches the caller's streams (they may be gone once this returns); a
     // rank inside such a step finishes it first (CUDA calls that queue work: microseconds).
     c.caller_gone = true;
+    // Only a rank given up on can still be running; each gets at least 50 ms, all together 1 s.
     const auto settled_by = std::chrono::steady_clock::now() + std::chrono::seconds(1);
     for (int i = 0; i < n; ++i)
-      if (c.caller_mutex[i].try_lock_until(settled_by)) c.caller_mutex[i].unlock();
+      if (runtime.abandoned(i) &&
+          c.caller_mutex[i].try_lock_until(
+              std::max(settled_by, std::chrono::steady_clock::now() + std::chrono::milliseconds(50))))
+        c.caller_mutex[i].unlock();
     if (stream_ordered) {
       try {
         hand_over();
