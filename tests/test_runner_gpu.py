@@ -43,6 +43,28 @@ def test_replicated_host_input_reaches_every_rank(group, mode, nbytes):
     assert runner.last_replication == ("host" if mode == "auto" else mode)
 
 
+@pytest.mark.parametrize("pinned", [False, True])
+def test_auto_replication_sends_large_pageable_inputs_through_peer_copies(group, pinned):
+    """auto: a pageable host input of 16 MiB or more goes through one host copy and peer copies
+    (measured faster than a pageable copy per GPU), a pinned one is copied by every GPU itself; the
+    data arrives either way (poisoned outputs, random input)."""
+    torch = pytest.importorskip("torch")
+    runner = gather_runner(group)
+    x = torch.randn((16 << 20) // 4 + 3, dtype=torch.float32)
+    if pinned:
+        x = x.pin_memory()
+    outs = runner.infer({"input": x.numpy()}, all_ranks=True, poison_outputs=True, replication="auto")
+    expected = np.tile(x.numpy(), len(group))
+    for rank, out in enumerate(outs):
+        np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}")
+    n, access = len(group), group.peer_access
+    all_peer = all(access[a][b] for a in range(n) for b in range(n) if a != b)
+    assert runner.last_replication == ("peer" if not pinned and all_peer else "host")
+    small = runner.infer({"input": x[:1000].numpy()}, all_ranks=True, replication="auto")
+    np.testing.assert_array_equal(small[1]["output"], np.tile(x[:1000].numpy(), len(group)))
+    assert runner.last_replication == "host"
+
+
 def test_default_returns_first_rank_only(group):
     runner = gather_runner(group)
     x = np.arange(10, dtype=np.float32)

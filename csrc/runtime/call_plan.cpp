@@ -4,6 +4,7 @@
 
 #include "common/error.h"
 #include "common/name_table.h"
+#include "runtime/devices.h"
 
 namespace mdtrt {
 namespace {
@@ -19,12 +20,17 @@ Replication replication_from_name(const std::string& name) {
 const char* replication_name(Replication r) { return name_of(kReplications, r, "replication"); }
 std::vector<std::string> replication_names() { return all_names(kReplications); }
 
-Replication choose_replication(Replication requested) {
-  // On 2x H200 (NVLink, a PCIe link per GPU) every GPU copying from host memory itself was the
-  // fastest of the three at every size from 1 KiB to 1 GiB, pinned or pageable, or within 2% of
-  // the peer path (BENCHMARKS.md, section 3): the host links work in parallel and the peer path
-  // adds a hop. Peer copies stay available for machines whose GPUs share host links.
-  return requested == Replication::kAuto ? Replication::kHost : requested;
+Replication choose_replication(Replication requested, size_t bytes, bool pageable, bool all_peer_access) {
+  if (requested != Replication::kAuto) return requested;
+  // On 2x H200 (NVLink, a PCIe link per GPU; BENCHMARKS.md section 3, four full runs) every GPU
+  // copying pinned host memory itself was the fastest at every size from 1 KiB to 1 GiB: the host
+  // links work in parallel and the peer path adds a hop. From pageable memory, which the driver
+  // stages through its own pinned buffers with the CPU, peer copies from the first GPU were as fast
+  // at 16 MiB (peer/host time 0.94-1.05) and faster from 64 MiB (0.91-1.03, 2-3% on average): one
+  // pageable copy instead of one per GPU, the rest over NVLink. Below 16 MiB the extra hop costs
+  // (1.05-1.30 at 1 KiB-4 MiB).
+  if (pageable && all_peer_access && bytes >= kAutoPeerFromPageableBytes) return Replication::kPeer;
+  return Replication::kHost;
 }
 
 CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options,
@@ -100,7 +106,11 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
       replicated = inputs[i][k].data == inputs[0][k].data && inputs[i][k].device < 0 &&
                    inputs[i][k].shape == inputs[0][k].shape;
     if (!replicated) continue;
-    plan.modes[k] = plan.replication = choose_replication(options.replication);
+    const size_t bytes = inputs[0][k].nbytes();
+    // Asked only where it can change the choice (a CUDA call per input).
+    const bool pageable = options.replication == Replication::kAuto && bytes >= kAutoPeerFromPageableBytes &&
+                          is_pageable_host_memory(inputs[0][k].data);
+    plan.modes[k] = plan.replication = choose_replication(options.replication, bytes, pageable, all_peer_access);
     plan.replicated_inputs += 1;
     if (plan.modes[k] == Replication::kPeer && !all_peer_access)
       throw_invalid_argument("replication='peer' needs peer access between every pair of GPUs in the group, "
@@ -108,7 +118,6 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
     if (plan.modes[k] == Replication::kBroadcast && !whole_world_here)
       throw_invalid_argument("replication='broadcast' needs every rank in this process; use 'host'");
     if (plan.modes[k] == Replication::kPeer || plan.modes[k] == Replication::kBroadcast) {
-      const size_t bytes = inputs[0][k].nbytes();
       const int chunks = static_cast<int>(
           std::max<size_t>(1, (bytes + kPeerReplicationChunkBytes - 1) / kPeerReplicationChunkBytes));
       plan.max_chunks = std::max(plan.max_chunks, chunks);

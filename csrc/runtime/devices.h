@@ -41,6 +41,9 @@ std::string describe_no_gpu(const std::string& error, int driver_version, int ru
 // The CUDA device that owns the allocation at `ptr` (device or managed memory), or -1 for host
 // memory (pageable or pinned) and addresses CUDA does not know.
 int pointer_device(const void* ptr);
+// True when CUDA knows `ptr` as ordinary (pageable) host memory; false for pinned or device memory,
+// and when CUDA cannot say.
+bool is_pageable_host_memory(const void* ptr);
 
 // Copies `nbytes` from device memory at `src` (on `device`) to host memory at `dst`, blocking.
 // Throws mdtrt::Error (kind kCuda) when the device cannot be made current or the copy fails.

@@ -148,6 +148,9 @@ class EngineRunner:
     replication : str
         How an input every rank needs reaches every GPU: auto, host, peer or broadcast
         (:data:`mdtrt.vocabulary.REPLICATION_MODES`); a call's ``replication=`` overrides it.
+        ``auto`` is the fastest measured on 2x H200 with NVLink (BENCHMARKS.md, section 3): host,
+        except peer for a pageable (not pinned) input of 16 MiB or more where every GPU pair has
+        peer access. :attr:`last_replication` says what a call used.
     sequential_bind : bool
         Bind ranks one after another (only to show that a collective bind then deadlocks).
     cuda_graph : bool
