@@ -254,7 +254,10 @@ class EngineRunner:
 
     @property
     def last_replication(self) -> str:
-        """How the last call's replicated inputs travelled: host, peer or broadcast."""
+        """How the last call's replicated inputs travelled: host, peer or broadcast.
+
+        Under ``replication="auto"`` the inputs of one call may travel differently (a pageable one of
+        16 MiB or more by peer, the others by host); this is then the mode of the last of them."""
         return self._native.last_replication
 
     def _refs(self, inputs: Mapping[str, Any]) -> list:
