@@ -20,7 +20,7 @@ Replication replication_from_name(const std::string& name) {
 const char* replication_name(Replication r) { return name_of(kReplications, r, "replication"); }
 std::vector<std::string> replication_names() { return all_names(kReplications); }
 
-Replication choose_replication(Replication requested, size_t bytes, bool pageable, bool all_peer_access) {
+Replication choose_replication(Replication requested, const void* data, size_t bytes, bool all_peer_access) {
   if (requested != Replication::kAuto) return requested;
   // On 2x H200 (NVLink, a PCIe link per GPU; BENCHMARKS.md section 3, four full runs) every GPU
   // copying pinned host memory itself was the fastest at every size from 1 KiB to 1 GiB: the host
@@ -29,7 +29,9 @@ Replication choose_replication(Replication requested, size_t bytes, bool pageabl
   // at 16 MiB (peer/host time 0.94-1.05) and faster from 64 MiB (0.91-1.03, 2-3% on average): one
   // pageable copy instead of one per GPU, the rest over NVLink. Below 16 MiB the extra hop costs
   // (1.05-1.30 at 1 KiB-4 MiB).
-  if (pageable && all_peer_access && bytes >= kAutoPeerFromPageableBytes) return Replication::kPeer;
+  // Pageability asked last: a CUDA call, only where it can change the choice.
+  if (all_peer_access && bytes >= kAutoPeerFromPageableBytes && is_pageable_host_memory(data))
+    return Replication::kPeer;
   return Replication::kHost;
 }
 
@@ -107,10 +109,8 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
                    inputs[i][k].shape == inputs[0][k].shape;
     if (!replicated) continue;
     const size_t bytes = inputs[0][k].nbytes();
-    // Asked only where it can change the choice (a CUDA call per input).
-    const bool pageable = options.replication == Replication::kAuto && bytes >= kAutoPeerFromPageableBytes &&
-                          is_pageable_host_memory(inputs[0][k].data);
-    plan.modes[k] = plan.replication = choose_replication(options.replication, bytes, pageable, all_peer_access);
+    plan.modes[k] = plan.replication =
+        choose_replication(options.replication, inputs[0][k].data, bytes, all_peer_access);
     plan.replicated_inputs += 1;
     if (plan.modes[k] == Replication::kPeer && !all_peer_access)
       throw_invalid_argument("replication='peer' needs peer access between every pair of GPUs in the group, "

@@ -22,9 +22,9 @@ enum class Replication {
 Replication replication_from_name(const std::string& name);
 const char* replication_name(Replication r);
 std::vector<std::string> replication_names();  // every mode, in the enum's order (exported by _core)
-// The mode for one replicated host input of `bytes` (pageable: ordinary host memory, not pinned);
-// `requested` unless it is kAuto. kPeer only where `all_peer_access`.
-Replication choose_replication(Replication requested, size_t bytes, bool pageable, bool all_peer_access);
+// The mode for one replicated host input of `bytes` at `data`: `requested` unless it is kAuto; auto
+// asks CUDA whether the memory is pageable (not pinned) only for inputs that large with peer access.
+Replication choose_replication(Replication requested, const void* data, size_t bytes, bool all_peer_access);
 constexpr size_t kAutoPeerFromPageableBytes = 16 << 20;  // auto: pageable inputs this large go through peer copies
 
 // Chunk of the pipelined host -> first GPU -> peers copy.

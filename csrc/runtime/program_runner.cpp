@@ -356,11 +356,13 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   if (!call_ || call_.use_count() != 1) {
     call_ = std::make_shared<Call>();
     call_->resources = resources_;
+    call_->recorded.reset(new std::atomic<bool>[n]);
+    call_->callers_wait.reset(new std::atomic<bool>[n]);
+    call_->caller_mutex.reset(new std::timed_mutex[n]);
   }
   const std::shared_ptr<Call> call = call_;
   Call& c = *call;
   c.caller_gone = false;
-  if (!c.caller_mutex) c.caller_mutex.reset(new std::timed_mutex[n]);
   c.plan = plan;
   c.inputs = inputs;
   c.options = options;
@@ -369,8 +371,6 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
   const bool stream_ordered = options.stream_ordered;
   c.done.clear();
   if (stream_ordered) {
-    c.recorded.reset(new std::atomic<bool>[n]);
-    c.callers_wait.reset(new std::atomic<bool>[n]);
     for (int i = 0; i < n; ++i) {
       c.done.push_back(runtime.take_event(i));
       c.recorded[i] = false;
