@@ -65,6 +65,29 @@ def test_auto_replication_sends_large_pageable_inputs_through_peer_copies(group,
     assert runner.last_replication == "host"
 
 
+@pytest.mark.parametrize("sizes", [("large", "small"), ("small", "large"), ("large", "large")])
+def test_auto_replication_sends_each_input_its_own_way_within_one_call(group, sizes):
+    """auto decides per input: within one call a pageable input of 16 MiB or more goes through peer
+    copies (where every GPU pair has peer access) and a small one through host copies, or two large
+    ones both by peer, staged through the first GPU's chunk events one after the other. Every rank
+    gets both inputs (poisoned outputs, new random data per trial, so a peer copy that read the
+    first GPU's staging buffer before its chunk landed shows), on every visible GPU; last_replication
+    is the mode of the last replicated input."""
+    runner = mdtrt.EngineRunner(group, program=_core.testing.PairCopyProgram("float32"))
+    n, access = len(group), group.peer_access
+    all_peer = all(access[a][b] for a in range(n) for b in range(n) if a != b)
+    elements = {"large": (20 << 20) // 4 + 5, "small": 1000}  # 20 MiB and an odd tail: 6 chunks
+    rng = np.random.default_rng([len(s) + 7 * i for i, s in enumerate(sizes)] + [sizes.count("large")])
+    for trial in range(2):
+        a, b = (rng.standard_normal(elements[s]).astype(np.float32) for s in sizes)
+        outs = runner.infer({"a": a, "b": b}, all_ranks=True, poison_outputs=True, replication="auto")
+        assert len(outs) == n
+        for rank, out in enumerate(outs):
+            np.testing.assert_array_equal(out["a_copy"], a, err_msg=f"input a, rank {rank}, trial {trial}")
+            np.testing.assert_array_equal(out["b_copy"], b, err_msg=f"input b, rank {rank}, trial {trial}")
+        assert runner.last_replication == ("peer" if sizes[1] == "large" and all_peer else "host")
+
+
 def test_default_returns_first_rank_only(group):
     runner = gather_runner(group)
     x = np.arange(10, dtype=np.float32)
