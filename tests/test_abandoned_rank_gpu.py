@@ -14,7 +14,6 @@ import sys
 
 import pytest
 
-from mdtrt import _core
 
 pytestmark = pytest.mark.gpu
 
@@ -113,4 +112,3 @@ def test_a_rank_given_up_on_in_its_enqueue_leaves_the_process_healthy(mode):
     assert "arrays held: 1" in result.stdout, out
     assert "group broken" in result.stdout, out
     assert result.stdout.rstrip().endswith("OK"), out
-    assert _core.visible_gpu_count() >= 1
