@@ -71,15 +71,23 @@ def test_default_returns_first_rank_only(group):
     out = runner.infer({"input": x})
     assert isinstance(out, dict) and set(out) == {"output"}
     np.testing.assert_array_equal(out["output"], np.tile(x, len(group)))
+    # Every rank of an all_gather holds the same result: a copy of per-rank inputs tells rank 0's apart.
+    copy = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("float32"))
+    rng = np.random.default_rng(41)
+    xs = [{"input": rng.standard_normal(64).astype(np.float32)} for _ in range(len(group))]
+    out = copy.infer(xs, poison_outputs=True)
+    assert isinstance(out, dict) and set(out) == {"output"}
+    np.testing.assert_array_equal(out["output"], xs[0]["input"])
 
 
 def test_per_rank_inputs(group):
     runner = gather_runner(group, "int32")
-    xs = [{"input": np.full(5, r + 1, np.int32)} for r in range(len(group))]
-    outs = runner.infer(xs, all_ranks=True)
+    rng = np.random.default_rng(42)
+    xs = [{"input": rng.integers(-1000, 1000, size=5, dtype=np.int32)} for _ in range(len(group))]
+    outs = runner.infer(xs, all_ranks=True, poison_outputs=True)
     expected = np.concatenate([x["input"] for x in xs])
-    for out in outs:
-        np.testing.assert_array_equal(out["output"], expected)
+    for rank, out in enumerate(outs):
+        np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}")
 
 
 def test_device_input_on_one_gpu_is_copied_to_the_others(group):
