@@ -105,7 +105,8 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
         runner.infer([{"a": a[r].view(4, 4).t(), "b": b[r]} for r in range(2)])
     with pytest.raises(mdtrt.InvalidArgumentError, match="bytes"):
         runner.infer(inputs, outputs={"a_copy": [o[:8] for o in outs["a_copy"]], "b_copy": outs["b_copy"]})
-    with pytest.raises(mdtrt.InvalidArgumentError):
+    with pytest.raises(mdtrt.InvalidArgumentError, match="'a_copy' of rank [01] holds 64 bytes on GPU [01]; "
+                                                        "this rank needs 64 bytes"):
         runner.infer(inputs, outputs={"a_copy": outs["a_copy"][::-1], "b_copy": outs["b_copy"]})  # other GPUs
     with pytest.raises(mdtrt.InvalidArgumentError, match="mix of host and device"):
         runner.infer([{"a": a[r], "b": b[r].cpu()} for r in range(2)])

@@ -20,10 +20,9 @@ def thread_count() -> int:
 
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 def test_concurrent_bind_through_barrier(ranks):
-    # Every rank waits in bind() until all ranks arrived: only a concurrent bind can finish.
-    start = time.monotonic()
+    # Every rank waits in bind() until all ranks arrived: only a concurrent bind can finish (binds
+    # one after another would end in a RankTimeoutError at the deadline, as the next test shows).
     _core.testing.run_bind_test(ranks, "barrier", sequential=False, timeout=10.0)
-    assert time.monotonic() - start < 5.0
 
 
 def test_sequential_bind_deadlock_becomes_timeout_error():
@@ -67,7 +66,7 @@ def test_timed_out_runtime_threads_are_released():
 
 
 def test_unknown_test_program_is_rejected():
-    with pytest.raises(mdtrt.InvalidArgumentError):
+    with pytest.raises(mdtrt.InvalidArgumentError, match="unknown test program nope"):
         _core.testing.run_bind_test(2, "nope")
 
 
