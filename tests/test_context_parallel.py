@@ -110,12 +110,11 @@ def model_and_reference(kind: str, dtype: str):
 
 
 def numpy_attention_reference(model, inputs):
-    """float64 reference of the single-device model (independent of onnxruntime's kernels)."""
+    """The single-device model run by onnx's reference evaluator: numpy kernels, independent of
+    onnxruntime's (which run_on_cpu and simulate use), in the model's own dtype (not float64)."""
     from onnx.reference import ReferenceEvaluator
 
-    wide = onnx.ModelProto()
-    wide.CopyFrom(model)
-    return ReferenceEvaluator(wide).run(None, inputs)[0]
+    return ReferenceEvaluator(model).run(None, inputs)[0]
 
 
 CASES = [(kind, dtype, strategy, ranks)
