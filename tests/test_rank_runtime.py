@@ -251,10 +251,11 @@ def test_a_rank_given_up_on_returns_into_state_it_owns(step):
 
 def test_aborts_run_at_once():
     """run_concurrently (which aborts the communicators and the programs of a group after a
-    deadline or a Ctrl-C, each abort taking a while) runs its steps at once: four 0.3 s steps take
-    about 0.3 s, not 1.2 s; one step and none work too."""
+    deadline or a Ctrl-C, each abort taking a while) runs its steps at once: every step waits for
+    all the others to have started, which only steps running at the same time can see (one after
+    another, the first would wait out the 30 s alone). A count, not a timing; one step and none work too."""
     from mdtrt import _core
 
-    assert _core.testing.concurrent_sleeps_seconds(4, 0.3) < 0.9
-    assert 0.1 <= _core.testing.concurrent_sleeps_seconds(1, 0.1) < 0.6
-    assert _core.testing.concurrent_sleeps_seconds(0, 1.0) < 0.1
+    assert _core.testing.concurrent_meeting(4, 30.0) == 4
+    assert _core.testing.concurrent_meeting(1, 30.0) == 1
+    assert _core.testing.concurrent_meeting(0, 30.0) == 0

@@ -2,7 +2,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <algorithm>
@@ -212,13 +214,20 @@ std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::ve
   return {{"output", dtype_, {1}}};
 }
 
-double concurrent_sleeps_seconds(int steps, double seconds) {
-  std::vector<std::function<void()>> sleeps(
-      static_cast<size_t>(std::max(steps, 0)),
-      [seconds] { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); });
-  const auto start = std::chrono::steady_clock::now();
-  run_concurrently(sleeps);
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+int concurrent_meeting(int steps, double timeout) {
+  const int count = std::max(steps, 0);
+  std::mutex mutex;
+  std::condition_variable arrived_cv;
+  int arrived = 0;
+  int met = 0;
+  std::vector<std::function<void()>> meet(static_cast<size_t>(count), [&] {
+    std::unique_lock<std::mutex> lock(mutex);
+    ++arrived;
+    arrived_cv.notify_all();
+    if (arrived_cv.wait_for(lock, std::chrono::duration<double>(timeout), [&] { return arrived == count; })) ++met;
+  });
+  run_concurrently(meet);
+  return met;
 }
 
 BareCopies::BareCopies(const std::vector<int>& devices, size_t nbytes) : devices_(devices), nbytes_(nbytes) {
