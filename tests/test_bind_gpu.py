@@ -22,7 +22,7 @@ def test_concurrent_bind_with_collective_inside_bind_works():
         inputs = [rng.standard_normal((4 * n, 3)).astype(np.float32) for _ in range(n)]
         groups = list(reversed(range(n)))
         out = group.all_reduce(inputs, groups=groups)  # bind splits a group communicator
-        for rank, (o, e) in enumerate(zip(out, reference.collective("all_reduce", inputs, groups=groups))):
+        for rank, (o, e) in enumerate(zip(out, reference.collective("all_reduce", inputs, groups=groups), strict=True)):
             np.testing.assert_allclose(o, e, rtol=1e-5, atol=1e-5, err_msg=f"rank {rank}")
         # A rooted op over the split group: a mix-up of group-local and world ranks shows here.
         out = group.broadcast(inputs, root=n - 1, groups=groups, poison_outputs=True)

@@ -94,7 +94,7 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
     for o in outs:
         o.fill_(float("nan"))  # the loop above left the right sum in them: a call that wrote nothing must show
     got = group.all_reduce(xs, out=outs)
-    assert all(g is o for g, o in zip(got, outs))
+    assert all(g is o for g, o in zip(got, outs, strict=True))
     torch.testing.assert_close(outs[0].cpu(), expected)
     torch.testing.assert_close(outs[1].cpu(), expected)
 

@@ -77,7 +77,7 @@ def test_shared_input_on_the_second_gpu_reaches_every_rank(group):
             torch.testing.assert_close(outs[r]["output"].cpu(), x.cpu())
         given = [torch.full((1000,), float("nan"), device=f"cuda:{r}") for r in range(2)]
         outs = runner.infer({"input": x}, outputs={"output": given}, all_ranks=True)
-        assert all(o["output"] is g for o, g in zip(outs, given))
+        assert all(o["output"] is g for o, g in zip(outs, given, strict=True))
         for g in given:  # GPU 0's copy came from GPU 1: both ranks are checked
             torch.testing.assert_close(g.cpu(), x.cpu())
     assert len(runner._torch_calls) == 2

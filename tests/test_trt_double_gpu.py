@@ -45,7 +45,7 @@ def expected(op, xs, reduce="sum", root=0, groups=None, transpose=False):
 
 def check(outs, want, what):
     checked = 0
-    for rank, (out, exp) in enumerate(zip(outs, want)):
+    for rank, (out, exp) in enumerate(zip(outs, want, strict=True)):
         if exp is None:  # outside the group, or the non-root of reduce/gather: undefined
             continue
         np.testing.assert_array_equal(out["output"], exp, err_msg=f"{what}, rank {rank}")
