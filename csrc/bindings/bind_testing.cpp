@@ -94,6 +94,15 @@ void bind_testing(py::module_& m) {
       py::arg("steps"), py::arg("timeout"),
       "How many of `steps` steps run through run_concurrently (aborts use it) met all the others, each "
       "waiting at most `timeout` seconds: `steps` when they run at once.");
+  testing.def(
+      "stop_idle_worker",
+      [](int spin_micros, int poll_micros) {
+        py::gil_scoped_release release;
+        stop_idle_worker(spin_micros, poll_micros);
+      },
+      py::arg("spin_micros"), py::arg("poll_micros"),
+      "Destroys a CPU-only rank worker while it idles (spinning spin_micros, or waking every poll_micros); "
+      "returns once it is gone.");
   py::class_<BareCopies>(testing, "BareCopies")
       .def(py::init<const std::vector<int>&, size_t>(), py::arg("devices"), py::arg("nbytes"))
       .def("launch", &BareCopies::launch,

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -18,6 +19,7 @@
 #include "runtime/call_barrier.h"
 #include "runtime/cuda_handles.h"
 #include "runtime/program_runner.h"
+#include "runtime/rank_runtime.h"
 
 namespace mdtrt {
 
@@ -228,6 +230,17 @@ int concurrent_meeting(int steps, double timeout) {
   });
   run_concurrently(meet);
   return met;
+}
+
+void stop_idle_worker(int spin_micros, int poll_micros) {
+  RankRuntimeSettings settings{};
+  settings.spin_micros = spin_micros;
+  settings.poll_micros = poll_micros;
+  RankWorker worker(0, -1, settings);
+  auto ran = std::make_shared<std::promise<void>>();  // shared: the task may still be in set_value
+  std::future<void> done = ran->get_future();
+  worker.post([ran] { ran->set_value(); });
+  done.get();  // the task ran: the worker's thread now spins or polls, idle, until the destructor
 }
 
 BareCopies::BareCopies(const std::vector<int>& devices, size_t nbytes) : devices_(devices), nbytes_(nbytes) {

@@ -174,6 +174,12 @@ void run_bind_test(int num_ranks, const std::string& program, bool sequential, d
 // test of it holds on a loaded machine.
 int concurrent_meeting(int steps, double timeout);
 
+// Makes a CPU-only rank worker that idles with the given spin and poll intervals (microseconds,
+// beyond the limits of MDTRT_RANK_SPIN_US / MDTRT_RANK_POLL_US), runs one task on it, then destroys
+// it while its thread idles. Returns once the worker is gone: at once if the destructor stops the
+// idle thread, only after the whole spin or poll interval if it waited for it.
+void stop_idle_worker(int spin_micros, int poll_micros);
+
 // Raw figures of this machine, for benchmarks to compare against.
 // The fan-out benchmark's work without mdtrt: one device-to-device copy of nbytes on each device,
 // queued on a stream of each device by launch(), from the calling thread.
