@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from mdtrt import _core
 
 pytestmark = pytest.mark.gpu
 
