@@ -19,12 +19,22 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 
 def _gpu_count() -> int:
-    try:
-        from mdtrt import _core
+    # No exception is taken for "no GPU": visible_gpu_count() itself answers 0 where CUDA sees no
+    # device, and an extension that cannot be imported or answer must fail the run, not skip every
+    # GPU test with a wrong reason.
+    from mdtrt import _core
 
-        return _core.visible_gpu_count()
-    except Exception:  # noqa: BLE001 - no extension or no driver: no GPUs
-        return 0
+    return _core.visible_gpu_count()
+
+
+def _why_no_gpu() -> str:
+    """What CUDA says stops it (no driver, an old driver, its error), for the skip reasons: on a
+    machine that should have GPUs, a skip then says what to fix."""
+    from mdtrt import _core
+    from mdtrt.cuda_state import cuda_problem
+
+    problem = cuda_problem(dict(_core.query_cuda()))
+    return f" ({problem})" if problem else ""
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +79,12 @@ def trt_double() -> str:
 
 def pytest_collection_modifyitems(config, items):
     count = _gpu_count()
+    why = _why_no_gpu() if count < 2 else ""
     for item in items:
         if "multi_gpu" in item.keywords and count < 2:
-            item.add_marker(pytest.mark.skip(reason=f"needs at least 2 CUDA GPUs, this machine has {count}"))
+            item.add_marker(pytest.mark.skip(reason=f"needs at least 2 CUDA GPUs, this machine has {count}{why}"))
         elif "gpu" in item.keywords and count < 1:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU, this machine has none"))
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU, this machine has none{why}"))
 
 
 # Optional modules some tests need, and the extra of pyproject.toml that installs each.

@@ -54,7 +54,7 @@ else:
 # Within a long deadline first (the stuck rank takes 8 s, or 0.8 s when late): right results, and the next call reuses its state.
 results = run(30)
 if mode in ("host", "late"):
-    assert all(np.array_equal(r["output"], x) for r in results)
+    assert len(results) == len(gpus) and all(np.array_equal(r["output"], x) for r in results)
 else:
     for g in gpus:
         torch.cuda.synchronize(g)
@@ -96,7 +96,7 @@ with mdtrt.DeviceGroup(gpus, timeout=30) as fresh:
     for trial in range(5):
         y = np.random.default_rng(trial).standard_normal(4096).astype(np.float32)
         outs = copy.infer({"input": y}, all_ranks=True)
-        assert all(np.array_equal(o["output"], y) for o in outs), trial
+        assert len(outs) == len(gpus) and all(np.array_equal(o["output"], y) for o in outs), trial
 print("OK", flush=True)
 """
 
@@ -129,4 +129,3 @@ def test_a_rank_given_up_on_in_its_enqueue_leaves_the_process_healthy(mode, stuc
     assert "arrays held: 1" in result.stdout, out
     assert "group broken" in result.stdout, out
     assert result.stdout.rstrip().endswith("OK"), out
-    assert _core.visible_gpu_count() >= 1

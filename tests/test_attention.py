@@ -299,6 +299,41 @@ def test_engines_are_built_on_the_ranks_gpu_when_the_builder_can(monkeypatch, sm
     assert calls == [("device", 1), ("no device", None)]
 
 
+def test_gpu_run_compares_poisoned_outputs(monkeypatch):
+    """The GPU run's device-resident outputs come from a first call with poisoned outputs: an engine
+    that wrote nothing gives NaN, which fails the comparison, instead of memory that happens to
+    match the other engine's (torch stands in as a namespace; no GPU needed)."""
+    from types import SimpleNamespace
+
+    class DeviceOutput:  # an output as mdtrt.DeviceArray hands it back
+        def __init__(self, value):
+            self.value = value
+
+        def numpy(self):
+            return self.value
+
+    class Runner:
+        def __init__(self):
+            self.infer_options = []
+
+        def infer(self, inputs, **options):
+            self.infer_options.append(options)
+            return [{"output": DeviceOutput(np.full(3, float(rank), np.float32))} for rank in range(len(inputs))]
+
+        def prepare(self, inputs, **options):
+            self.prepared_outputs = options["outputs"]
+            return lambda: None
+
+    monkeypatch.setattr(attention_cli, "event_times_ms", lambda torch, gpus, call, iterations, warmup: [1.0] * iterations)
+    fake_torch = SimpleNamespace(as_tensor=lambda value, device: value)
+    runner = Runner()
+    times, result = attention_cli._time_on_device(runner, {"input": np.ones(3, np.float32)}, [0, 1], 2, fake_torch)
+    assert runner.infer_options == [{"all_ranks": True, "poison_outputs": True}]
+    assert [o.value.tolist() for o in runner.prepared_outputs["output"]] == [[0.0] * 3, [1.0] * 3]  # the first call's
+    assert times == [1.0, 1.0] and list(result) == ["output"]
+    np.testing.assert_array_equal(result["output"], np.zeros(3, np.float32))  # rank 0's output
+
+
 @pytest.mark.multi_gpu
 @pytest.mark.parametrize("strategy", ["allgather_kv", "ulysses", "ring"])
 def test_gpu_run(strategy, capsys):  # pragma: no cover - needs GPUs and TensorRT

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mdtrt
-from mdtrt import _core
+from mdtrt import _core, reference
 
 pytestmark = pytest.mark.multi_gpu
 
@@ -18,10 +18,16 @@ pytestmark = pytest.mark.multi_gpu
 def test_concurrent_bind_with_collective_inside_bind_works():
     n = _core.visible_gpu_count()
     with mdtrt.DeviceGroup(list(range(n)), timeout=60) as group:
-        inputs = [np.full(4 * n, r + 1, np.float32) for r in range(n)]
-        out = group.all_reduce(inputs, groups=list(reversed(range(n))))  # bind splits a group communicator
-        for o in out:
-            np.testing.assert_array_equal(o, np.full(4 * n, n * (n + 1) / 2, np.float32))
+        rng = np.random.default_rng(n)
+        inputs = [rng.standard_normal((4 * n, 3)).astype(np.float32) for _ in range(n)]
+        groups = list(reversed(range(n)))
+        out = group.all_reduce(inputs, groups=groups)  # bind splits a group communicator
+        for rank, (o, e) in enumerate(zip(out, reference.collective("all_reduce", inputs, groups=groups), strict=True)):
+            np.testing.assert_allclose(o, e, rtol=1e-5, atol=1e-5, err_msg=f"rank {rank}")
+        # A rooted op over the split group: a mix-up of group-local and world ranks shows here.
+        out = group.broadcast(inputs, root=n - 1, groups=groups, poison_outputs=True)
+        for rank, o in enumerate(out):
+            np.testing.assert_array_equal(o, inputs[n - 1], err_msg=f"rank {rank}")
 
 
 def test_sequential_bind_is_caught_by_the_deadline():

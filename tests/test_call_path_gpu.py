@@ -5,6 +5,7 @@ programs that need aligned addresses, bfloat16 through every entry point."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -25,12 +26,17 @@ def group():
         yield g
 
 
+_SEEDS = itertools.count(99)
+
+
 def check_group_still_works(group):
+    # New data on every use and poisoned outputs: the kept call's buffers still hold the previous
+    # use's result, which the same data would reproduce even if this call wrote nothing.
     n = len(group)
-    rng = np.random.default_rng(99)
+    rng = np.random.default_rng(next(_SEEDS))
     xs = [rng.standard_normal((n * 3, 5)).astype(np.float32) for _ in range(n)]
-    outs = group.all_reduce(xs)
-    for out, exp in zip(outs, reference("all_reduce", xs)):
+    outs = group.all_reduce(xs, poison_outputs=True)
+    for out, exp in zip(outs, reference("all_reduce", xs), strict=True):
         np.testing.assert_allclose(out, exp, rtol=1e-5, atol=1e-5)
 
 
@@ -82,7 +88,7 @@ def test_bad_per_rank_input_on_one_rank_fails_at_once(group):
     good = [{"input": rng.standard_normal(n * 4).astype(np.float32)} for _ in range(n)]
     outs = runner.infer(good, all_ranks=True, poison_outputs=True)
     expected = reference("reduce_scatter", [d["input"] for d in good])
-    for out, exp in zip(outs, expected):
+    for out, exp in zip(outs, expected, strict=True):
         np.testing.assert_allclose(out["output"], exp, rtol=1e-5, atol=1e-5)
     check_group_still_works(group)
 
@@ -111,15 +117,15 @@ def test_held_outputs_stay_valid_across_later_calls(group):
     held, expected = [], []
     for step in range(12):
         host = [rng.standard_normal((n * 256, 33)).astype(np.float32) for _ in range(n)]
-        xs = [CaiOnly(torch.from_numpy(h).to(f"cuda:{d}")) for h, d in zip(host, group.gpus)]
+        xs = [CaiOnly(torch.from_numpy(h).to(f"cuda:{d}")) for h, d in zip(host, group.gpus, strict=True)]
         outs = group.all_gather(xs, poison_outputs=True)
-        assert all(isinstance(o, mdtrt.DeviceArray) for o in outs)
+        assert len(outs) == n and all(isinstance(o, mdtrt.DeviceArray) for o in outs)
         if step % 3 == 0:
             held.append(outs)
             expected.append(reference("all_gather", host))
         del outs  # the others go back to the pool
-    for outs, exp in zip(held, expected):
-        for o, e in zip(outs, exp):
+    for outs, exp in zip(held, expected, strict=True):
+        for o, e in zip(outs, exp, strict=True):
             np.testing.assert_array_equal(o.numpy(), e)
 
 
@@ -184,7 +190,7 @@ def test_torch_in_torch_out_from_the_caching_allocator(group):
     call = group.prepare_collective("all_reduce", xs)
     a, b = call(), call()
     for outs in (first, a, b):
-        for o, d in zip(outs, group.gpus):
+        for o, d in zip(outs, group.gpus, strict=True):
             assert isinstance(o, torch.Tensor) and o.device == torch.device(f"cuda:{d}") and o.dtype == torch.float32
             torch.testing.assert_close(o.cpu(), expected)
     assert a[0].data_ptr() != b[0].data_ptr()  # a fresh output per call: the first one is still held
@@ -212,7 +218,7 @@ def test_engine_outputs_for_torch_inputs_come_from_torch_after_the_first_call(gr
         third, fourth = call(), call()
         assert third[0]["output"].data_ptr() != fourth[0]["output"].data_ptr()
         for outs in (first, second, third, fourth):
-            for o, x, d in zip(outs, xs, group.gpus):
+            for o, x, d in zip(outs, xs, group.gpus, strict=True):
                 t = o["output"]
                 assert isinstance(t, torch.Tensor) and t.device == torch.device(f"cuda:{d}") and t.shape == x.shape
                 assert torch.equal(t.cpu(), x.cpu())
@@ -228,32 +234,33 @@ def test_misaligned_views_are_staged_for_programs_that_need_alignment(group):
     runner = mdtrt.EngineRunner(group, program=_core.testing.AlignedCopyProgram("float16"))
     rng = np.random.default_rng(12)
     host = [rng.standard_normal(1001).astype(np.float16) for _ in group.gpus]
-    bases = [torch.from_numpy(h).to(f"cuda:{d}") for h, d in zip(host, group.gpus)]
+    bases = [torch.from_numpy(h).to(f"cuda:{d}") for h, d in zip(host, group.gpus, strict=True)]
     views = [b[1:] for b in bases]
     assert all(v.data_ptr() % 256 != 0 for v in views)
     out_bases = [torch.zeros(1001, dtype=torch.float16, device=f"cuda:{d}") for d in group.gpus]
     out_views = [b[1:] for b in out_bases]
     result = runner.infer([{"input": v} for v in views], outputs={"output": out_views}, all_ranks=True,
                           poison_outputs=True)
-    for r, ov, ob, h in zip(result, out_views, out_bases, host):
+    for r, ov, ob, h in zip(result, out_views, out_bases, host, strict=True):
         assert r["output"] is ov
         np.testing.assert_array_equal(ov.cpu().numpy(), h[1:])
         assert ob[0].item() == 0  # the element before the view is untouched
     # Misaligned inputs, outputs from the runner; and a misaligned view on another GPU.
     result = runner.infer([{"input": v} for v in views], all_ranks=True)
-    for r, h in zip(result, host):
+    for r, h in zip(result, host, strict=True):
         np.testing.assert_array_equal(r["output"].cpu().numpy(), h[1:])
     result = runner.infer({"input": views[0]}, all_ranks=True)
+    assert len(result) == len(group)
     for r in result:
         np.testing.assert_array_equal(r["output"].cpu().numpy(), host[0][1:])
     # Prepared, so that the staging happens on every call of the same buffers.
     call = runner.prepare([{"input": v} for v in views], outputs={"output": out_views}, all_ranks=True)
     for _ in range(3):
-        for v, ov in zip(views, out_views):
+        for v, ov in zip(views, out_views, strict=True):
             v.add_(1)
             ov.fill_(float("nan"))
         call()
-        for ov, v in zip(out_views, views):
+        for ov, v in zip(out_views, views, strict=True):
             assert torch.equal(ov.cpu(), v.cpu())
 
 
@@ -266,7 +273,7 @@ def test_native_collectives_take_misaligned_views_in_place(group):
     outs = [b[1:] for b in out_bases]
     group.all_reduce(views, out=outs)
     expected = reference("all_reduce", [v.cpu().numpy() for v in views])
-    for o, e in zip(outs, expected):
+    for o, e in zip(outs, expected, strict=True):
         np.testing.assert_allclose(o.cpu().numpy().astype(np.float32), e.astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
@@ -277,6 +284,7 @@ def test_bfloat16_torch_cpu_tensors(group):
     n = len(group)
     xs = [torch.randn(n * 4, 3).to(torch.bfloat16) for _ in range(n)]
     outs = group.all_gather(xs)
+    assert len(outs) == n
     for o in outs:
         assert isinstance(o, torch.Tensor) and o.dtype == torch.bfloat16 and o.device.type == "cpu"
         assert torch.equal(o, torch.cat(xs))
@@ -291,7 +299,7 @@ def test_bfloat16_ml_dtypes_arrays(group):
     rng = np.random.default_rng(21)
     xs = [rng.standard_normal((n * 2, 5)).astype(ml_dtypes.bfloat16) for _ in range(n)]
     outs = group.all_to_all(xs)
-    for o, e in zip(outs, reference("all_to_all", xs)):
+    for o, e in zip(outs, reference("all_to_all", xs), strict=True):
         assert o.dtype == np.dtype(ml_dtypes.bfloat16)
         np.testing.assert_array_equal(o.view(np.uint16), e.view(np.uint16))
     runner = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("bfloat16"))
@@ -306,12 +314,12 @@ def test_bfloat16_device_tensors_round_trip(group):
     xs = [torch.randn(n * 4, 7, device=f"cuda:{d}").to(torch.bfloat16) for d in group.gpus]
     for outs in (group.broadcast(xs, root=group.ranks[-1]), group.prepare_collective("broadcast", xs,
                                                                                       root=group.ranks[-1])()):
-        for o, d in zip(outs, group.gpus):
+        for o, d in zip(outs, group.gpus, strict=True):
             assert o.dtype == torch.bfloat16 and o.device == torch.device(f"cuda:{d}")
             assert torch.equal(o.cpu(), xs[-1].cpu())
     runner = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("bfloat16"))
     result = runner.infer([{"input": x} for x in xs], all_ranks=True)
-    for r, x in zip(result, xs):
+    for r, x in zip(result, xs, strict=True):
         assert r["output"].dtype == torch.bfloat16 and torch.equal(r["output"].cpu(), x.cpu())
 
 
@@ -331,10 +339,10 @@ def test_one_shot_calls_on_new_arrays_each_time(group, op, kind):
         if kind == "numpy":
             args = xs
         else:
-            ts = [torch.from_numpy(x).to(f"cuda:{d}") for x, d in zip(xs, group.gpus)]
+            ts = [torch.from_numpy(x).to(f"cuda:{d}") for x, d in zip(xs, group.gpus, strict=True)]
             args = ts if kind == "torch" else [CaiOnly(t) for t in ts]
         outs = group.collective(op, args, poison_outputs=True)
-        for r, (got, exp) in enumerate(zip(outs, reference(op, xs))):
+        for r, (got, exp) in enumerate(zip(outs, reference(op, xs), strict=True)):
             if exp is None:
                 assert got is None
                 continue
@@ -366,7 +374,7 @@ def test_one_shot_out_calls_write_this_calls_buffers(group):
         outs = [torch.full((n * 8,), float("nan"), device=f"cuda:{d}") for d in group.gpus]
         got = group.all_reduce(xs, out=outs)
         expected = sum(x.cpu() for x in xs)
-        for g, o in zip(got, outs):
+        for g, o in zip(got, outs, strict=True):
             assert g is o
             torch.testing.assert_close(o.cpu(), expected)
 
@@ -383,11 +391,13 @@ def test_infer_on_new_arrays_each_time(group):
         for rows in (n * 2, n * 5):
             x = rng.standard_normal((rows, 4)).astype(np.float32)
             out = runner.infer({"input": x}, all_ranks=True, poison_outputs=True)
+            assert len(out) == n
             for o in out:
                 np.testing.assert_allclose(o["output"], n * x, rtol=1e-5, atol=1e-5)
             xs = [rng.standard_normal((rows, 4)).astype(np.float32) for _ in range(n)]
-            ts = [{"input": torch.from_numpy(v).to(f"cuda:{d}")} for v, d in zip(xs, group.gpus)]
+            ts = [{"input": torch.from_numpy(v).to(f"cuda:{d}")} for v, d in zip(xs, group.gpus, strict=True)]
             out = runner.infer(ts, all_ranks=True, poison_outputs=True)
+            assert len(out) == n
             for o in out:
                 np.testing.assert_allclose(o["output"].cpu().numpy(), sum(xs), rtol=1e-5, atol=1e-5)
     assert len(runner._calls) == 4

@@ -91,8 +91,11 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
     with pytest.raises(mdtrt.InvalidArgumentError, match="bytes"):
         group.all_reduce(xs, out=[outs[1], outs[0]])  # each rank's out= on the other GPU
     group.synchronize()
+    for o in outs:
+        o.fill_(float("nan"))  # the loop above left the right sum in them: a call that wrote nothing must show
     got = group.all_reduce(xs, out=outs)
-    torch.testing.assert_close(got[0].cpu(), expected)
+    assert all(g is o for g, o in zip(got, outs, strict=True))
+    torch.testing.assert_close(outs[0].cpu(), expected)
     torch.testing.assert_close(outs[1].cpu(), expected)
 
 
@@ -101,7 +104,7 @@ def test_run_at_each_refuses_lists_of_other_lengths(group):
     on every local rank."""
     xs = [torch.ones(8, device=f"cuda:{r}") for r in range(2)]
     for _ in range(2):
-        group.all_reduce(xs)
+        group.all_reduce(xs)  # the second call of the signature keeps its call for the fast path
     run = next(iter(group._torch_calls.values()))
     call = run.kept.call
     with pytest.raises(mdtrt.InvalidArgumentError, match="the same inputs and the named outputs"):
@@ -113,4 +116,10 @@ def test_run_at_each_refuses_lists_of_other_lengths(group):
     with pytest.raises(mdtrt.InvalidArgumentError, match="input addresses"):  # 2 inputs a rank: run_at refuses
         call.run_at_each([xs[0].data_ptr()] * 6, [1] * 6, ["output"], [32, 32], [0, 1], False)
     group.synchronize()
-    torch.testing.assert_close(group.all_reduce(xs)[1].cpu(), torch.full((8,), 2.0))
+    # The kept call still runs, on new random data (the ones above summed to 2 everywhere, which a
+    # reused output block of an earlier call would still hold).
+    host = [np.random.default_rng(31 + r).standard_normal(8).astype(np.float32) for r in range(2)]
+    fresh = [torch.from_numpy(h).to(f"cuda:{r}") for r, h in enumerate(host)]
+    got = group.all_reduce(fresh)
+    for r in range(2):
+        np.testing.assert_allclose(got[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5)

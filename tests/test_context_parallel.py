@@ -110,12 +110,11 @@ def model_and_reference(kind: str, dtype: str):
 
 
 def numpy_attention_reference(model, inputs):
-    """float64 reference of the single-device model (independent of onnxruntime's kernels)."""
+    """The single-device model run by onnx's reference evaluator: numpy kernels, independent of
+    onnxruntime's (which run_on_cpu and simulate use), in the model's own dtype (not float64)."""
     from onnx.reference import ReferenceEvaluator
 
-    wide = onnx.ModelProto()
-    wide.CopyFrom(model)
-    return ReferenceEvaluator(wide).run(None, inputs)[0]
+    return ReferenceEvaluator(model).run(None, inputs)[0]
 
 
 CASES = [(kind, dtype, strategy, ranks)
@@ -128,6 +127,7 @@ def test_sharded_matches_single_device(kind, dtype, strategy, ranks):
     model, hints, inputs, expected = model_and_reference(kind, dtype)
     sharded = mdtrt.shard(model, hints(ranks), ranks, strategy=strategy)
     per_rank = simulate(sharded, inputs, ranks, progress=False)
+    assert len(per_rank) == ranks  # every rank's outputs, so the loop below checks them all
     atol, rtol = attention.TOLERANCES[dtype]
     for rank, outputs in enumerate(per_rank):
         report = mdtrt.compare_outputs(expected, outputs, atol=atol, rtol=rtol)
@@ -144,7 +144,9 @@ def test_two_attention_layers(strategy):
     sharded = mdtrt.shard(model, hints, 3, strategy=strategy)
     per_layer = {"allgather_kv": 2, "ulysses": 4, "ring": 6}[strategy]
     assert sum(n.op_type == "DistCollective" for n in sharded.graph.node) == 2 + 2 * per_layer
-    for outputs in simulate(sharded, inputs, 3, progress=False):
+    per_rank = simulate(sharded, inputs, 3, progress=False)
+    assert len(per_rank) == 3
+    for outputs in per_rank:
         report = mdtrt.compare_outputs(expected, outputs, atol=1e-4, rtol=1e-4)
         assert report.passed, report.format()
     # Hinting only the first layer leaves the second local: the check catches the difference.
@@ -214,6 +216,7 @@ def test_ring_is_stable_where_float16_exp_would_overflow():
     assert np.isfinite(expected).all()
     outputs = simulate(mdtrt.shard(model, attention.default_hints(3), 3, strategy="ring"), inputs, 3, progress=False)
     atol, rtol = attention.TOLERANCES["float16"]
+    assert len(outputs) == 3
     for rank in outputs:
         got = rank["output"].astype(np.float64)
         assert np.isfinite(got).all()

@@ -32,6 +32,7 @@ def test_extension_exports_no_cxx_runtime_state():
     origin = importlib.util.find_spec("mdtrt._core").origin
     out = subprocess.run([readelf, "--dyn-syms", "-W", origin], capture_output=True, text=True, check=True).stdout
     runtime = re.compile(r"St6locale|St8ios_base|codecvt|St5ctype|numpunct|num_put|num_get|St15basic_streambuf")
-    exported = [f[-1] for f in (line.split() for line in out.splitlines())
-                if len(f) >= 8 and f[6] != "UND" and runtime.search(f[-1])]
+    defined = [f[-1] for f in (line.split() for line in out.splitlines()) if len(f) >= 8 and f[6] != "UND"]
+    assert "PyInit__core" in defined, out[-2000:]  # the table was read: the module's own entry point is there
+    exported = [name for name in defined if runtime.search(name)]
     assert not exported, f"mdtrt._core exports C++ runtime symbols other libraries would bind to: {exported[:10]}"

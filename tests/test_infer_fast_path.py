@@ -299,14 +299,48 @@ def bad_variants():
     ]
 
 
+# What each bad variant's refusal says (on a fresh runner): the comparison below is only worth as
+# much as the first refusal, so that one must be the check the variant is about.
+REFUSALS = {
+    "another dtype": "input 'b' of rank 0: dtype int32, shape (2, 5); the engine takes float32",
+    "another number of dimensions": "input 'a' of rank 0: dtype float32, shape (12,); the engine takes float32 of 2 dimensions",
+    "an unsupported dtype": "dtype torch.complex64 is not supported",
+    "non-contiguous input": "input 'a' is a non-contiguous torch tensor",
+    "a missing input": "missing ['b'], unexpected []",
+    "an extra input": "missing [], unexpected ['c']",
+    "another input name": "missing ['b'], unexpected ['c']",
+    "a numpy input mixed in": "mix of host and device inputs",
+    "a CPU tensor mixed in": "mix of host and device inputs",
+    "one dict per rank, one missing": "a list of inputs needs one dict per local rank: got 1 for 2",
+    "per rank, a missing input on rank 1": "missing ['b'], unexpected []",
+    "outputs of another size": "output 'y' of rank 0: 24 bytes on GPU 0, needs 48 bytes",
+    "outputs of another dtype size": "output 'y' of rank 0: 24 bytes on GPU 0, needs 48 bytes",
+    "outputs on the other GPU": "output 'y' of rank 0: 48 bytes on GPU 1, needs 48 bytes on GPU 0",
+    "outputs non-contiguous": "output 'y' is a non-contiguous torch tensor",
+    "outputs one rank short": "outputs['y'] needs one array per local rank: got 1 for 2",
+    "outputs with a numpy array": "preallocated outputs must be device arrays",
+    "outputs naming an unknown output": "the program has no output named 'w'",
+    "outputs not a dict": "outputs must be a dict of output name to a list of device arrays",
+    "all_ranks 1": "all_ranks must be True or False, got 1 (int)",
+    "poison_outputs 0": "poison_outputs must be True or False, got 0 (int)",
+    "stream_ordered 0": "stream_ordered must be True, False or None, got 0 (int)",
+    "timeout True": "timeout must be a positive, finite number of seconds, got True (bool)",
+    "timeout 0": "timeout must be a positive, finite number of seconds, got 0 (int)",
+    "timeout nan": "timeout must be a positive, finite number of seconds, got nan (float)",
+    "an unknown replication": "replication must be one of auto, host, peer, broadcast, not 'fast'",
+    "an unhashable replication": "replication must be one of auto, host, peer, broadcast, not ['host']",
+}
+
+
 @pytest.mark.parametrize("name, inputs, kwargs, twin", bad_variants(), ids=[v[0] for v in bad_variants()])
 def test_a_kept_signature_never_passes_what_the_first_call_refuses(stubs, name, inputs, kwargs, twin):
     """A call whose tensors share the pointers of a signature the fast path keeps, but differ in
     dtype, dimensions, contiguity, GPU, names or kinds, or whose options equal a kept key's but are
     of a type the checks refuse (True == 1), fails with the error the same call gets on a fresh
     runner, and runs nothing."""
-    with pytest.raises(mdtrt.MdtrtError) as fresh:
+    with pytest.raises(mdtrt.InvalidArgumentError) as fresh:
         stubs.make_runner().infer(inputs, **kwargs)
+    assert REFUSALS[name] in str(fresh.value), fresh.value
     runner = stubs.make_runner()
     for _ in range(3):
         runner.infer(inputs_of(0x1000, False), **twin)
@@ -416,7 +450,7 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
     fail.append(True)
     monkeypatch.setattr(StubCall, "arrays_may_be_in_use", in_use)
     held_before = len(prepared_call._HELD_FOR_UNFINISHED_WORK)
-    with pytest.raises(mdtrt.RankTimeoutError):
+    with pytest.raises(mdtrt.RankTimeoutError, match=r"rank\(s\) 1 did not finish 'infer'"):
         runner.infer(inputs, outputs=given)
     assert len(stubs.log) == runs  # it failed in the fast path's native run
     if not with_outputs:

@@ -75,10 +75,11 @@ def test_shared_input_on_the_second_gpu_reaches_every_rank(group):
         for r in range(2):
             assert outs[r]["output"].device.index == r
             torch.testing.assert_close(outs[r]["output"].cpu(), x.cpu())
-        given = [torch.empty(1000, device=f"cuda:{r}") for r in range(2)]
+        given = [torch.full((1000,), float("nan"), device=f"cuda:{r}") for r in range(2)]
         outs = runner.infer({"input": x}, outputs={"output": given}, all_ranks=True)
-        assert all(o["output"] is g for o, g in zip(outs, given))
-        torch.testing.assert_close(given[0].cpu(), x.cpu())
+        assert all(o["output"] is g for o, g in zip(outs, given, strict=True))
+        for g in given:  # GPU 0's copy came from GPU 1: both ranks are checked
+            torch.testing.assert_close(g.cpu(), x.cpu())
     assert len(runner._torch_calls) == 2
 
 
@@ -104,14 +105,20 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
         runner.infer([{"a": a[r].view(4, 4).t(), "b": b[r]} for r in range(2)])
     with pytest.raises(mdtrt.InvalidArgumentError, match="bytes"):
         runner.infer(inputs, outputs={"a_copy": [o[:8] for o in outs["a_copy"]], "b_copy": outs["b_copy"]})
-    with pytest.raises(mdtrt.InvalidArgumentError):
+    with pytest.raises(mdtrt.InvalidArgumentError, match="'a_copy' of rank [01] holds 64 bytes on GPU [01]; "
+                                                        "this rank needs 64 bytes"):
         runner.infer(inputs, outputs={"a_copy": outs["a_copy"][::-1], "b_copy": outs["b_copy"]})  # other GPUs
     with pytest.raises(mdtrt.InvalidArgumentError, match="mix of host and device"):
         runner.infer([{"a": a[r], "b": b[r].cpu()} for r in range(2)])
     group.synchronize()
+    for ts in outs.values():
+        for t in ts:
+            t.fill_(float("nan"))  # the loop above left the right copies in them: a call that wrote nothing must show
     got = runner.infer(inputs, outputs=outs, all_ranks=True)
-    torch.testing.assert_close(got[1]["a_copy"].cpu(), a[1].cpu())
-    torch.testing.assert_close(outs["b_copy"][0].cpu(), b[0].cpu())
+    for r in range(2):
+        assert got[r]["a_copy"] is outs["a_copy"][r] and got[r]["b_copy"] is outs["b_copy"][r]
+        torch.testing.assert_close(outs["a_copy"][r].cpu(), a[r].cpu())
+        torch.testing.assert_close(outs["b_copy"][r].cpu(), b[r].cpu())
 
 
 def test_run_at_each_takes_several_inputs_and_outputs(group):

@@ -71,7 +71,9 @@ def test_external_data_runs_on_cpu_and_simulated(tmp_path, monkeypatch, mock_lim
     expected = np.maximum(x @ weight, 0)
     np.testing.assert_allclose(mdtrt.run_on_cpu(single, {"input": x}, progress=False)["output"], expected,
                                rtol=1e-5, atol=1e-5)
-    for rank_outputs in mdtrt.simulate(sharded, {"input": x}, 2, progress=False):
+    per_rank = mdtrt.simulate(sharded, {"input": x}, 2, progress=False)
+    assert len(per_rank) == 2  # every rank's outputs, so the loop below checks them all
+    for rank_outputs in per_rank:
         np.testing.assert_allclose(rank_outputs["output"], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -98,7 +100,9 @@ def test_shard_with_external_data_past_the_limit(tmp_path, monkeypatch):
     assert onnx_graph.too_large_to_serialize(onnx.load(path))
     sharded = mdtrt.shard(path, attention.default_hints(2), 2)
     assert sum(n.op_type == "DistCollective" for n in sharded.graph.node) == 4
-    for outputs in mdtrt.simulate(sharded, x, 2, progress=False):
+    per_rank = mdtrt.simulate(sharded, x, 2, progress=False)
+    assert len(per_rank) == 2
+    for outputs in per_rank:
         report = mdtrt.compare_outputs(expected, outputs, atol=1e-5, rtol=1e-4)
         assert report.passed, report.format()
 
@@ -174,7 +178,9 @@ def test_bfloat16_model_simulates_with_the_reference_evaluator():
     model = helper.make_model(graph, opset_imports=OPSET, ir_version=8)
     x = np.random.default_rng(2).integers(-8, 8, (4, 5)).astype(np.float32).astype(bf16)
     expected = (x.astype(np.float32) ** 2).astype(bf16)  # small integers: exact in bfloat16
-    for outputs in mdtrt.simulate(model, {"input": x}, ranks, progress=False):
+    per_rank = mdtrt.simulate(model, {"input": x}, ranks, progress=False)
+    assert len(per_rank) == ranks
+    for outputs in per_rank:
         assert outputs["output"].dtype == bf16
         np.testing.assert_array_equal(outputs["output"].astype(np.float32), expected.astype(np.float32))
     # Forced onto ONNX Runtime, which has no bfloat16 Mul: refused with what to do.

@@ -144,7 +144,7 @@ def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
     assert native.calls[0][4] is True  # device inputs: device outputs, nothing fetched
     # The first run learnt the output names: the later ones pass flat lists, inputs then outputs.
     assert len(native.calls) == 1 and native.ordered == [True, True, True]
-    for (pointers, streams, names, nbytes, devices), base in zip(native.flat, (4, 6)):
+    for (pointers, streams, names, nbytes, devices), base in zip(native.flat, (4, 6), strict=True):
         assert pointers == [0x1000, 0x2000, 0x10000 * base, 0x10000 * (base + 1)] and streams == [7, 7, 7, 7]
         assert names == ("output",) and nbytes == [16, 16] and devices == [0, 1]
 
@@ -184,7 +184,7 @@ def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
     def fake_factory(specs, devices):
         def allocate(likes=None):
             refs = [{name: ArrayRef(0x1000 + len(allocations), d, dtype, shape, FakeTensor(), "torch", 7)
-                     for name, dtype, shape in rank} for rank, d in zip(specs, devices)]
+                     for name, dtype, shape in rank} for rank, d in zip(specs, devices, strict=True)]
             allocations.append(refs)
             return refs
         return allocate

@@ -21,7 +21,7 @@ R1 = [[10, 20], [30, 40], [50, 60], [70, 80]]
 
 def assert_outputs(actual, expected):
     assert len(actual) == len(expected)
-    for rank, (got, want) in enumerate(zip(actual, expected)):
+    for rank, (got, want) in enumerate(zip(actual, expected, strict=True)):
         if want is None:
             assert got is None, f"rank {rank} should get None"
         else:
@@ -257,7 +257,7 @@ def test_matches_sample_dist_collective(op):
     rank0, rank1, want0, want1 = SAMPLE_DIST_COLLECTIVE_CASES[op]
     transposed = [np.array(v, np.float32).reshape(3, 4).T.copy() for v in (rank0, rank1)]
     outputs = collective(op, transposed, reduce="sum", root=0)
-    for rank, (output, want) in enumerate(zip(outputs, (want0, want1))):
+    for rank, (output, want) in enumerate(zip(outputs, (want0, want1), strict=True)):
         if want is None:
             assert output is None, f"{op}: rank {rank}'s output is undefined in the sample"
             continue

@@ -38,6 +38,7 @@ def test_replicated_host_input_reaches_every_rank(group, mode, nbytes):
         x = rng.standard_normal(nbytes // 4).astype(np.float32)
         outs = runner.infer({"input": x}, all_ranks=True, poison_outputs=True, replication=mode)
         expected = np.tile(x, len(group))
+        assert len(outs) == len(group)  # every rank's outputs, so the loop below checks them all
         for rank, out in enumerate(outs):
             np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}, {mode}, trial {trial}")
     assert runner.last_replication == ("host" if mode == "auto" else mode)
@@ -55,6 +56,7 @@ def test_auto_replication_sends_large_pageable_inputs_through_peer_copies(group,
         x = x.pin_memory()
     outs = runner.infer({"input": x.numpy()}, all_ranks=True, poison_outputs=True, replication="auto")
     expected = np.tile(x.numpy(), len(group))
+    assert len(outs) == len(group)
     for rank, out in enumerate(outs):
         np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}")
     n, access = len(group), group.peer_access
@@ -94,15 +96,24 @@ def test_default_returns_first_rank_only(group):
     out = runner.infer({"input": x})
     assert isinstance(out, dict) and set(out) == {"output"}
     np.testing.assert_array_equal(out["output"], np.tile(x, len(group)))
+    # Every rank of an all_gather holds the same result: a copy of per-rank inputs tells rank 0's apart.
+    copy = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("float32"))
+    rng = np.random.default_rng(41)
+    xs = [{"input": rng.standard_normal(64).astype(np.float32)} for _ in range(len(group))]
+    out = copy.infer(xs, poison_outputs=True)
+    assert isinstance(out, dict) and set(out) == {"output"}
+    np.testing.assert_array_equal(out["output"], xs[0]["input"])
 
 
 def test_per_rank_inputs(group):
     runner = gather_runner(group, "int32")
-    xs = [{"input": np.full(5, r + 1, np.int32)} for r in range(len(group))]
-    outs = runner.infer(xs, all_ranks=True)
+    rng = np.random.default_rng(42)
+    xs = [{"input": rng.integers(-1000, 1000, size=5, dtype=np.int32)} for _ in range(len(group))]
+    outs = runner.infer(xs, all_ranks=True, poison_outputs=True)
     expected = np.concatenate([x["input"] for x in xs])
-    for out in outs:
-        np.testing.assert_array_equal(out["output"], expected)
+    assert len(outs) == len(group)
+    for rank, out in enumerate(outs):
+        np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}")
 
 
 def test_device_input_on_one_gpu_is_copied_to_the_others(group):
@@ -112,7 +123,7 @@ def test_device_input_on_one_gpu_is_copied_to_the_others(group):
     x.add_(1.0)
     outs = runner.infer({"input": x}, all_ranks=True, poison_outputs=True)
     expected = np.tile(x.cpu().numpy(), len(group))
-    for dev, out in zip(group.gpus, outs):
+    for dev, out in zip(group.gpus, outs, strict=True):
         assert out["output"].device.index == dev
         np.testing.assert_array_equal(out["output"].cpu().numpy(), expected)
 
@@ -142,7 +153,7 @@ def test_preallocated_outputs_are_written_in_place(group):
     outs = [torch.full((64 * n, 8), float("nan"), device=f"cuda:{d}") for d in group.gpus]
     result = group.all_gather(xs, out=outs)
     expected = torch.cat([x.cpu() for x in xs])
-    for got, given in zip(result, outs):
+    for got, given in zip(result, outs, strict=True):
         assert got is given
         assert torch.equal(given.cpu(), expected)
     with pytest.raises(mdtrt.InvalidArgumentError, match="bytes"):
@@ -193,7 +204,7 @@ def test_cuda_graphs_capture_once_and_replay_on_the_same_buffers(group):
 
     def check(call, xs, outs):
         host = [rng.standard_normal((256, 4)).astype(np.float32) for _ in range(n)]
-        for x, h, o in zip(xs, host, outs):
+        for x, h, o in zip(xs, host, outs, strict=True):
             x.copy_(torch.from_numpy(h))
             o.fill_(float("nan"))
         call()
@@ -226,11 +237,11 @@ def test_program_that_cannot_be_captured_falls_back_with_one_warning(group):
     call = graphed.prepare(inputs, outputs={"output": outs}, all_ranks=True)
     with pytest.warns(RuntimeWarning, match="cuda_graph=True") as caught:
         for _ in range(4):  # 1: uncaptured, 2: the capture fails -> plain on every rank, 3-4: plain
-            for x, o in zip(xs, outs):
+            for x, o in zip(xs, outs, strict=True):
                 x.normal_()
                 o.fill_(float("nan"))
             call()
-            for x, o in zip(xs, outs):
+            for x, o in zip(xs, outs, strict=True):
                 assert torch.equal(o.cpu(), x.cpu())
     assert len([w for w in caught if "cuda_graph=True" in str(w.message)]) == 1
     assert "synchronizing copy test program" in graphed.graph_fallback

@@ -25,7 +25,10 @@ def test_a_rank_given_up_on_touches_no_freed_memory(tmp_path):
     configured, cmake, env, build = configure(
         tmp_path, "-DCMAKE_BUILD_TYPE=Debug", "-DMDTRT_BUILD_PYTHON=OFF", "-DMDTRT_BUILD_SAMPLES=OFF",
         "-DMDTRT_BUILD_NATIVE_TESTS=ON", f"-DCMAKE_CXX_FLAGS={ASAN}", f"-DCMAKE_EXE_LINKER_FLAGS={ASAN}", python=False)
-    if configured.returncode != 0 and "fsanitize" in configured.stdout + configured.stderr:
+    text = configured.stdout + configured.stderr
+    # Skipped only for the reason said: CMake's compiler check failing with the sanitizer flags. Any
+    # other configure failure (mdtrt's CMake code) fails the test, even if the flags appear in its log.
+    if configured.returncode != 0 and "fsanitize" in text and "is not able to compile a simple test program" in text:
         pytest.skip("this compiler cannot build with AddressSanitizer")
     assert configured.returncode == 0, configured.stdout[-3000:] + configured.stderr[-3000:]
     built = build_targets(cmake, build, env, "abandoned_rank")

@@ -47,15 +47,21 @@ def busy(gpus=(0, 1), cycles=BUSY_CYCLES):
 def test_torch_call_returns_before_the_gpus_are_done_and_results_follow_the_stream(group):
     host = random_inputs(1)
     xs = to_gpus(host)
-    group.all_reduce(xs)  # the first call of a signature sets the runner up (a communicator split)
+    first = group.all_reduce(xs)  # the first call of a signature sets the runner up (a communicator split)
     group.synchronize()
+    later = random_inputs(101)
+    staged = to_gpus(later)
+    for g in (0, 1):
+        torch.cuda.synchronize(g)
     busy()  # the inputs' producer stream is busy: the call must order itself after it
-    out = group.all_reduce(xs)
+    for x, s in zip(xs, staged, strict=True):
+        x.copy_(s)  # new inputs, written behind the busy kernel: a call not ordered after it reads the old ones
+    out = group.all_reduce(xs)  # `first` is still held: its memory (holding the old sum) is not reused
     pending = [not torch.cuda.current_stream(g).query() for g in (0, 1)]
     assert all(pending), "a stream-ordered call returned only after the GPUs were done"
-    expected = host[0] + host[1]
     for r in range(2):
-        np.testing.assert_allclose(out[r].cpu().numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[r].cpu().numpy(), later[0] + later[1], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(first[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5)
 
 
 def test_inputs_overwritten_right_after_the_call_do_not_change_its_result(group):
@@ -88,7 +94,7 @@ def test_prepared_stream_ordered_loop_with_out_sees_each_iterations_inputs(group
         call()
         copies.append([o.clone() for o in outs])  # on the caller's stream: after the call
         expected.append(reference(op, host))
-    for got, want in zip(copies, expected):
+    for got, want in zip(copies, expected, strict=True):
         for r in range(2):
             if want[r] is not None:
                 np.testing.assert_allclose(got[r].cpu().numpy(), want[r], rtol=1e-5, atol=1e-5)

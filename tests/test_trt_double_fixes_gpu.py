@@ -155,6 +155,7 @@ def test_capture_failing_on_one_rank_falls_back_on_every_rank_with_one_warning()
                 for x in xs:
                     x[:] = rng.standard_normal(1024)
                 outs = call()
+                assert len(outs) == 2
                 for out in outs:
                     np.testing.assert_allclose(out["output"], xs[0] + xs[1], rtol=1e-6)
         fallbacks = [w for w in caught if issubclass(w.category, RuntimeWarning) and "cuda_graph" in str(w.message)]

@@ -45,12 +45,19 @@ def expected(op, xs, reduce="sum", root=0, groups=None, transpose=False):
 
 def check(outs, want, what):
     checked = 0
-    for rank, (out, exp) in enumerate(zip(outs, want)):
+    for rank, (out, exp) in enumerate(zip(outs, want, strict=True)):
         if exp is None:  # outside the group, or the non-root of reduce/gather: undefined
             continue
         np.testing.assert_array_equal(out["output"], exp, err_msg=f"{what}, rank {rank}")
         checked += 1
     assert checked > 0
+
+
+def assert_still_poisoned(out, what):
+    """A rank outside the layer's group: the double leaves its output as it was, and poison_outputs
+    filled it with 0xFF bytes first."""
+    raw = np.ascontiguousarray(out["output"]).view(np.uint8)
+    assert raw.size > 0 and (raw == 0xFF).all(), f"{what}: rank 0's output was written: {out['output']}"
 
 
 def single_device_plan(rows=(1, 4, 8), cols=6, dtype="FLOAT"):
@@ -280,6 +287,7 @@ def test_ranks_outside_the_group_keep_their_output(two_gpus, op, root):
     want = expected(op, xs, root=1, groups=[1])
     assert want[0] is None
     check(outs, want, f"{op} groups=[1]")
+    assert_still_poisoned(outs[0], f"{op} groups=[1]")
 
 
 @pytest.mark.multi_gpu
@@ -289,7 +297,10 @@ def test_grouped_shape_ops_on_a_smaller_group(trt_double, op):
         runner = mdtrt.EngineRunner(group, build(op, 2, [2, 3], groups=[1]))
         xs = [data(np.random.default_rng(30 + r), (2, 3)) for r in range(2)]
         outs = runner.infer([{"input": x} for x in xs], all_ranks=True, poison_outputs=True)
-        check(outs, expected(op, xs, groups=[1]), f"{op} groups=[1]")
+        want = expected(op, xs, groups=[1])
+        assert want[0] is None
+        check(outs, want, f"{op} groups=[1]")
+        assert_still_poisoned(outs[0], f"{op} groups=[1]")
 
 
 @pytest.mark.multi_gpu

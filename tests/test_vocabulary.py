@@ -1,6 +1,7 @@
 """One vocabulary: every Python list of op names, reduce ops, replication modes and dtypes comes
 from the native core's tables, and the core accepts exactly those names (no GPU needed)."""
 
+import numpy as np
 import pytest
 
 import mdtrt
@@ -20,10 +21,13 @@ def test_python_lists_are_the_core_tables():
 
 
 @pytest.mark.parametrize("op", vocabulary.COLLECTIVES)
-def test_every_collective_name_is_accepted_by_the_core(op):
-    # The output shape of 4 rows over 2 ranks exists for every op; an unknown name would raise.
-    shape = _core.collective_output_shape(op, [4, 3], 2)
-    assert len(shape) == 2 and shape[1] == 3
+@pytest.mark.parametrize("group_size, shape", [(2, [4, 3]), (3, [6, 2, 5]), (4, [8]), (1, [3, 7])])
+def test_every_collective_name_is_accepted_by_the_core(op, group_size, shape):
+    # Every name the core lists gives the output shape the numpy reference computes (an unknown
+    # name would raise); the reference's is a group member's output (the root's for reduce and gather).
+    outputs = reference.collective(op, [np.zeros(shape, np.float32)] * group_size, root=0)
+    expected = next(out for out in outputs if out is not None).shape
+    assert list(_core.collective_output_shape(op, shape, group_size)) == list(expected)
 
 
 def test_unknown_names_list_the_table():

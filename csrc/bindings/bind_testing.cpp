@@ -86,13 +86,23 @@ void bind_testing(py::module_& m) {
       .def(py::init([](const std::string& dtype) { return std::make_shared<SinkProgram>(dtype_from_name(dtype)); }),
            py::arg("dtype"));
   testing.def(
-      "concurrent_sleeps_seconds",
-      [](int steps, double seconds) {
+      "concurrent_meeting",
+      [](int steps, double timeout) {
         py::gil_scoped_release release;
-        return concurrent_sleeps_seconds(steps, seconds);
+        return concurrent_meeting(steps, timeout);
       },
-      py::arg("steps"), py::arg("seconds"),
-      "Seconds that `steps` sleeps of `seconds` each take through run_concurrently (aborts use it).");
+      py::arg("steps"), py::arg("timeout"),
+      "How many of `steps` steps run through run_concurrently (aborts use it) met all the others, each "
+      "waiting at most `timeout` seconds: `steps` when they run at once.");
+  testing.def(
+      "stop_idle_worker",
+      [](int spin_micros, int poll_micros) {
+        py::gil_scoped_release release;
+        stop_idle_worker(spin_micros, poll_micros);
+      },
+      py::arg("spin_micros"), py::arg("poll_micros"),
+      "Destroys a CPU-only rank worker while it idles (spinning spin_micros, or waking every poll_micros); "
+      "returns once it is gone.");
   py::class_<BareCopies>(testing, "BareCopies")
       .def(py::init<const std::vector<int>&, size_t>(), py::arg("devices"), py::arg("nbytes"))
       .def("launch", &BareCopies::launch,

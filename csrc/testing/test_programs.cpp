@@ -2,7 +2,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <future>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <algorithm>
@@ -16,6 +19,7 @@
 #include "runtime/call_barrier.h"
 #include "runtime/cuda_handles.h"
 #include "runtime/program_runner.h"
+#include "runtime/rank_runtime.h"
 
 namespace mdtrt {
 
@@ -212,13 +216,31 @@ std::vector<TensorSpec> SinkProgram::resolve_outputs(RankContext&, const std::ve
   return {{"output", dtype_, {1}}};
 }
 
-double concurrent_sleeps_seconds(int steps, double seconds) {
-  std::vector<std::function<void()>> sleeps(
-      static_cast<size_t>(std::max(steps, 0)),
-      [seconds] { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); });
-  const auto start = std::chrono::steady_clock::now();
-  run_concurrently(sleeps);
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+int concurrent_meeting(int steps, double timeout) {
+  const int count = std::max(steps, 0);
+  std::mutex mutex;
+  std::condition_variable arrived_cv;
+  int arrived = 0;
+  int met = 0;
+  std::vector<std::function<void()>> meet(static_cast<size_t>(count), [&] {
+    std::unique_lock<std::mutex> lock(mutex);
+    ++arrived;
+    arrived_cv.notify_all();
+    if (arrived_cv.wait_for(lock, std::chrono::duration<double>(timeout), [&] { return arrived == count; })) ++met;
+  });
+  run_concurrently(meet);
+  return met;
+}
+
+void stop_idle_worker(int spin_micros, int poll_micros) {
+  RankRuntimeSettings settings{};
+  settings.spin_micros = spin_micros;
+  settings.poll_micros = poll_micros;
+  RankWorker worker(0, -1, settings);
+  auto ran = std::make_shared<std::promise<void>>();  // shared: the task may still be in set_value
+  std::future<void> done = ran->get_future();
+  worker.post([ran] { ran->set_value(); });
+  done.get();  // the task ran: the worker's thread now spins or polls, idle, until the destructor
 }
 
 BareCopies::BareCopies(const std::vector<int>& devices, size_t nbytes) : devices_(devices), nbytes_(nbytes) {

@@ -167,9 +167,18 @@ std::pair<int, int> abandoned_rank_report();
 // `num_ranks` CPU-only rank threads, one after another when `sequential`, within `timeout` seconds.
 void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank);
 
-// Seconds that `steps` steps of sleeping `seconds` each take through run_concurrently (the helper
-// that aborts communicators and programs at once): about `seconds` when they run at once.
-double concurrent_sleeps_seconds(int steps, double seconds);
+// How many of `steps` steps run through run_concurrently (the helper that aborts communicators and
+// programs at once) met all the others: each step arrives, then waits at most `timeout` seconds for
+// every step to have arrived. Steps that run at once all meet (returns `steps`, at once); steps run
+// one after another do not (the first waits out the timeout alone). A count, not a duration, so the
+// test of it holds on a loaded machine.
+int concurrent_meeting(int steps, double timeout);
+
+// Makes a CPU-only rank worker that idles with the given spin and poll intervals (microseconds,
+// beyond the limits of MDTRT_RANK_SPIN_US / MDTRT_RANK_POLL_US), runs one task on it, then destroys
+// it while its thread idles. Returns once the worker is gone: at once if the destructor stops the
+// idle thread, only after the whole spin or poll interval if it waited for it.
+void stop_idle_worker(int spin_micros, int poll_micros);
 
 // Raw figures of this machine, for benchmarks to compare against.
 // The fan-out benchmark's work without mdtrt: one device-to-device copy of nbytes on each device,
