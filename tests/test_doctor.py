@@ -201,13 +201,13 @@ def test_doctor_json_has_the_onnx_parser_key_without_tensorrt():
 
 def test_without_the_backend_the_only_tensorrt_advice_is_the_rebuild(monkeypatch):
     """A build without the TensorRT backend: installing TensorRT's library would change nothing, so
-    the text gives only the rebuild command (not also `pip install 'mdtrt[lean]'`)."""
+    the text gives only the rebuild command (not also `pip install tensorrt-lean-cu13-libs`)."""
     from mdtrt import doctor
 
     report = doctor.collect()
     report["tensorrt"] = dict(report["tensorrt"], compiled_in=False, reason="built without TensorRT headers",
                               rebuild="rebuild with TensorRT_INCLUDE_DIR=<dir> pip install .", library_found=False,
-                              error="load TensorRT: not found. Install TensorRT with `pip install 'mdtrt[lean]'`")
+                              error="load TensorRT: not found. Install TensorRT with `pip install tensorrt-lean-cu13-libs`")
     text = doctor.format_text(report)
     assert "backend not compiled in: built without TensorRT headers" in text and "TensorRT_INCLUDE_DIR=<dir>" in text
-    assert "mdtrt[lean]" not in text and "library not found" not in text
+    assert "tensorrt-lean-cu13-libs" not in text and "library not found" not in text

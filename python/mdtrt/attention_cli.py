@@ -122,7 +122,7 @@ def _gpu_run_blocker(ranks: int) -> str | None:
         return f"TensorRT is needed for the GPU run and was not found: {report['error']}"
     if report["lean"]:
         return (f"the GPU run builds engines, which needs the full TensorRT; only the lean runtime was found "
-                f"({report['path']}): pip install 'mdtrt[tensorrt]' where NVIDIA's index is reachable")
+                f"({report['path']}): {_core.TENSORRT_INSTALL_FULL} where NVIDIA's index is reachable")
     return None
 
 
