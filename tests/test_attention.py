@@ -402,7 +402,7 @@ def test_create_model_output_dir_that_cannot_be_written_is_one_line(tmp_path):
 
 def test_cli_hint_that_is_a_directory(tmp_path, capsys):
     assert attention_cli.main([*SMALL_CLI, "--hint", str(tmp_path)]) == 2
-    _one_line_error(capsys, f"{tmp_path} is a directory; give a ShardHints JSON file")
+    _one_line_error(capsys, f"{tmp_path} is a directory: give a ShardHints JSON file")
 
 
 def test_cli_default_sequence_not_divisible_says_the_default_and_a_length(capsys, monkeypatch):

@@ -28,7 +28,7 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from . import _core
+from . import _core, arguments
 from ._progress import stderr_is_terminal
 from .errors import InvalidArgumentError, LibraryNotFoundError, MdtrtError
 from .libraries import LoadAttempt, attempts_from, package_dirs
@@ -399,9 +399,8 @@ def build_dist_collective_engine(op: str, *, reduce: str = "sum", root: int = 0,
 def _onnx_model(model: Any) -> tuple[bytes, str]:
     """(serialized model, path for external weights or "")."""
     if isinstance(model, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(model))
-        if not os.path.isfile(path):
-            raise InvalidArgumentError(f"ONNX model file {path} does not exist")
+        path = os.path.abspath(arguments.input_file(model, "ONNX model file", "give the path of an .onnx file, "
+                                                    "an onnx.ModelProto or the model's bytes"))
         with open(path, "rb") as f:
             return f.read(), path
     if hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx here
