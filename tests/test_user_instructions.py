@@ -78,3 +78,87 @@ def test_a_file_argument_that_is_not_a_file_says_what_to_give(tmp_path, monkeypa
     with pytest.raises(mdtrt.InvalidArgumentError) as error:
         read(path)
     assert str(error.value).startswith(f"{what} {path} {problem}{remedy}"), str(error.value)
+
+
+def _readme_python_blocks():
+    return re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+
+
+def _check_calls(code: str, env: dict) -> list[str]:
+    """Every call in ``code`` on something of mdtrt's: the attribute exists and the arguments bind
+    to its signature (names from ``with X(...) as name`` and ``name = X(...)`` are instances of X)."""
+    import ast
+    import importlib
+    import inspect
+
+    problems = []
+
+    def resolve(node):
+        if isinstance(node, ast.Name):
+            return env.get(node.id)
+        if isinstance(node, ast.Attribute):
+            owner = resolve(node.value)
+            if owner is None:
+                return None
+            if not hasattr(owner, node.attr):
+                problems.append(f"line {node.lineno}: {ast.unparse(node)} does not exist")
+                return None
+            return getattr(owner, node.attr)
+        if isinstance(node, ast.Call):
+            made = resolve(node.func)
+            return made if inspect.isclass(made) else None  # an instance: its class's attributes
+        return None
+
+    tree = ast.parse(code)
+    for node in ast.walk(tree):  # bind the names first: ast.walk is breadth-first, names come before uses
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mdtrt"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                env[alias.asname or alias.name] = getattr(module, alias.name, None)
+        elif isinstance(node, ast.withitem) and isinstance(node.optional_vars, ast.Name):
+            env[node.optional_vars.id] = resolve(node.context_expr)
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            made = resolve(node.value) if isinstance(node.value, ast.Call) else None
+            if made is not None:
+                env[node.targets[0].id] = made
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        target = resolve(node.func)
+        module = getattr(target, "__module__", "") or ""
+        if target is None or not callable(target) or not module.startswith("mdtrt"):
+            continue
+        arguments = [None] * len(node.args)
+        if isinstance(node.func, ast.Attribute) and not inspect.isclass(target) and inspect.isclass(
+                resolve(node.func.value)):
+            arguments = [None] + arguments  # a method called on an instance: self
+        try:
+            inspect.signature(target).bind(*arguments, **{k.arg: None for k in node.keywords if k.arg})
+        except TypeError as error:
+            problems.append(f"line {node.lineno}: {ast.unparse(node.func)}(...): {error}")
+    return sorted(set(problems))  # an attribute resolved twice (call and owner) is reported once
+
+
+def test_readme_examples_call_what_exists():
+    """The README's examples call attributes that exist, with arguments their signatures take,
+    also those that need GPUs and TensorRT to run (the CPU example also runs:
+    tests/test_readme_cpu_example.py)."""
+    import mdtrt
+    import numpy as np
+
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 2
+    problems = [f"block {i}: {p}" for i, code in enumerate(blocks) for p in _check_calls(code, {"mdtrt": mdtrt, "np": np})]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_call_checker_finds_wrong_names_and_arguments():
+    import mdtrt
+
+    code = ("with mdtrt.DeviceGroup(gpus=[0], timout=60) as group:\n"
+            "    runner = mdtrt.EngineRunner(group, 'x.plan', replicate='host')\n"
+            "    runner.infer({}, all_rank=True)\n"
+            "    group.allgather([])\n")
+    problems = "\n".join(_check_calls(code, {"mdtrt": mdtrt}))
+    for wrong in ("timout", "replicate", "all_rank", "group.allgather does not exist"):
+        assert wrong in problems, problems
