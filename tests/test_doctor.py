@@ -211,3 +211,18 @@ def test_without_the_backend_the_only_tensorrt_advice_is_the_rebuild(monkeypatch
     text = doctor.format_text(report)
     assert "backend not compiled in: built without TensorRT headers" in text and "TensorRT_INCLUDE_DIR=<dir>" in text
     assert "tensorrt-lean-cu13-libs" not in text and "library not found" not in text
+
+
+def test_lean_runtime_does_not_report_the_onnx_parser_as_missing():
+    """With only the lean runtime the parser is never looked for (it needs a builder): the text
+    says so and how to get both, not "ONNX parser not found: create TensorRT builder: ..."."""
+    from mdtrt import doctor
+
+    report = doctor.collect()
+    report["tensorrt"] = dict(report["tensorrt"], compiled_in=True, library_found=True, lean=True, version="11.4.0",
+                              path="/x/libnvinfer_lean.so.11", found_by="lean extra directory",
+                              onnx_parser={"found": False, "path": None, "found_by": None, "note": None,
+                                           "error": "create TensorRT builder: the lean runtime was found"})
+    text = doctor.format_text(report)
+    assert "ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT (pip install tensorrt-cu13)" in text
+    assert "ONNX parser not found" not in text and "create TensorRT builder" not in text
