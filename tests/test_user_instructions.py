@@ -60,11 +60,11 @@ def _readers():
 
 @pytest.mark.parametrize("reader", ["EngineRunner engine", "build_engine_from_onnx model", "shard/simulate model",
                                     "shard hints"])
-@pytest.mark.parametrize("kind", ["missing", "relative missing", "directory"])
+@pytest.mark.parametrize("kind", ["missing", "relative missing", "directory", "empty"])
 def test_a_file_argument_that_is_not_a_file_says_what_to_give(tmp_path, monkeypatch, reader, kind):
-    """A plan, model or hints path that does not exist or is a directory: one InvalidArgumentError
-    naming the path, what is wrong with it (a relative path: the working directory it was taken
-    from) and what to give instead; a directory is not reported as missing."""
+    """A plan, model or hints path that does not exist, is a directory or an empty file: one
+    InvalidArgumentError naming the path, what is wrong with it (a relative path: the working
+    directory it was taken from) and what to give instead; a directory is not reported as missing."""
     import mdtrt
 
     read, what, remedy = _readers()[reader]
@@ -74,7 +74,9 @@ def test_a_file_argument_that_is_not_a_file_says_what_to_give(tmp_path, monkeypa
         "relative missing": ("model_md.plan", f"does not exist (a relative path, taken from the working directory "
                                               f"{tmp_path}): "),
         "directory": (str(tmp_path), "is a directory: "),
+        "empty": (str(tmp_path / "empty"), "is empty (0 bytes; was its writing interrupted?): "),
     }[kind]
+    (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(mdtrt.InvalidArgumentError) as error:
         read(path)
     assert str(error.value).startswith(f"{what} {path} {problem}{remedy}"), str(error.value)

@@ -62,7 +62,7 @@ def input_file(path: str | os.PathLike, what: str, remedy: str) -> str:
     ------
     InvalidArgumentError
         The path does not exist (a relative one names the working directory it was taken from),
-        is a directory, or cannot be read; the message ends with ``remedy``.
+        is a directory, cannot be read or is an empty file; the message ends with ``remedy``.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -72,6 +72,8 @@ def input_file(path: str | os.PathLike, what: str, remedy: str) -> str:
                                       f" (a relative path, taken from the working directory {os.getcwd()})")
     elif not os.access(path, os.R_OK):
         problem = "cannot be read (permission denied)"
+    elif os.path.isfile(path) and os.path.getsize(path) == 0:
+        problem = "is empty (0 bytes; was its writing interrupted?)"
     else:
         return path
     raise InvalidArgumentError(f"{what} {path} {problem}: {remedy}")
