@@ -282,6 +282,17 @@ def test_unusable_id_file_path_fails_every_rank_at_once(tmp_path, rank, kind):
     assert list(tmp_path.iterdir()) == [tmp_path / "plain"]  # nothing written, no temporary file left
 
 
+def test_waiting_rank_names_the_folder_a_relative_id_file_was_taken_from(tmp_path, monkeypatch):
+    """Ranks started in different folders with a relative TRT_NCCL_ID_FILE look at different
+    files: the timeout says which file this rank looked at and what to do."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(mdtrt.RankTimeoutError) as info:
+        _core.exchange_unique_id_via_file("nccl_id", 1, 0.3)
+    assert (f"in nccl_id (a relative path: {tmp_path}/nccl_id for this rank) before the deadline (the file does "
+            "not exist). Start rank 0 with the same TRT_NCCL_ID_FILE, as an absolute path or from the same folder"
+            ) in str(info.value)
+
+
 def test_rank0_write_failure_gives_the_systems_reason():
     """A folder that exists but takes no files (/proc): the error carries the system's reason."""
     mdtrt.nccl_library()

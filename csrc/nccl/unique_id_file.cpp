@@ -197,9 +197,17 @@ nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, co
       std::string state = !f.exists ? " (the file does not exist)"
                           : !stale.empty() ? " (the file there is from an earlier run: " + stale + ")"
                                            : " (the file exists but holds no complete id)";
+      // A relative path is taken from each process's own working directory: ranks started in
+      // different folders look at different files.
+      char cwd[4096] = {0};
+      const std::string where = path.front() == '/' || ::getcwd(cwd, sizeof(cwd) - 1) == nullptr
+                                    ? path
+                                    : path + " (a relative path: " + cwd + "/" + path + " for this rank)";
       throw Error(ErrorKind::kTimeout,
-                  "rank 0 did not publish the NCCL id in " + path + " before the deadline" + state +
-                      ". Start rank 0 with the same TRT_NCCL_ID_FILE, or raise the timeout.",
+                  "rank 0 did not publish the NCCL id in " + where + " before the deadline" + state +
+                      ". Start rank 0 with the same TRT_NCCL_ID_FILE" +
+                      (where == path ? "" : ", as an absolute path or from the same folder") +
+                      ", or raise the timeout.",
                   rank, "read NCCL id");
     }
     if (Deadline::Clock::now() >= next_interrupt_check) {
