@@ -293,6 +293,19 @@ def test_waiting_rank_names_the_folder_a_relative_id_file_was_taken_from(tmp_pat
             ) in str(info.value)
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_from_env_refuses_an_unusable_id_file_before_asking_for_a_gpu(tmp_path, monkeypatch, rank):
+    """The id file is checked with the launcher's other variables, before any GPU is asked for:
+    on a machine without GPUs too, the error is the id file's (was: no GPU, then on a GPU machine
+    rank 1 waited the whole timeout)."""
+    _only(monkeypatch, TRT_MY_RANK=rank, TRT_WORLD_SIZE="2", TRT_NCCL_ID_FILE=str(tmp_path))
+    monkeypatch.setattr(_core, "visible_gpu_count", lambda: pytest.fail("asked for a GPU first"))
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"the NCCL id file {tmp_path} \\(TRT_NCCL_ID_FILE\\) is a "
+                                                          "directory") as error:
+        mdtrt.DeviceGroup.from_env(timeout=30)
+    assert error.value.rank == int(rank)
+
+
 def test_rank0_write_failure_gives_the_systems_reason():
     """A folder that exists but takes no files (/proc): the error carries the system's reason."""
     mdtrt.nccl_library()

@@ -115,27 +115,6 @@ std::string stale_reason(const IdFile& f, const std::string& run_token) {
   if (publisher_alive_here(f.by)) return {};
   return "it was written by process " + std::to_string(f.by.pid) + ", which has exited (an earlier run)";
 }
-// A path rank 0 cannot write fails every rank at once: the other ranks would otherwise wait the
-// whole deadline for an id that never comes, and be told only that the file "does not exist".
-void check_id_file_path(const std::string& path, int rank) {
-  const std::string what = "the NCCL id file " + path + " (TRT_NCCL_ID_FILE)";
-  struct stat st {};
-  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
-    throw Error(ErrorKind::kInvalidArgument,
-                what + " is a directory: name a file in it instead, e.g. " +
-                    (path.back() == '/' ? path : path + "/") + "nccl_id, the same on every rank",
-                rank, "NCCL id file");
-  const size_t slash = path.find_last_of('/');
-  const std::string folder = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
-  const bool found = ::stat(folder.c_str(), &st) == 0;
-  if (!found || !S_ISDIR(st.st_mode)) {
-    const std::string why = found ? "not a directory" : std::strerror(errno);
-    throw Error(ErrorKind::kInvalidArgument,
-                what + " cannot be written: its folder " + folder + " is unusable (" + why +
-                    "); create that folder on a file system every rank can read, or name a file in an existing one",
-                rank, "NCCL id file");
-  }
-}
 }  // namespace
 
 std::string unique_id_to_hex(const nccl::UniqueId& id) {
@@ -166,10 +145,30 @@ nccl::UniqueId unique_id_from_hex(const std::string& hex) {
   return id;
 }
 
+void check_unique_id_file_path(const std::string& path, int rank) {
+  if (path.empty()) throw_invalid_argument("the NCCL id file path is empty (set TRT_NCCL_ID_FILE)");
+  const std::string what = "the NCCL id file " + path + " (TRT_NCCL_ID_FILE)";
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    throw Error(ErrorKind::kInvalidArgument,
+                what + " is a directory: name a file in it instead, e.g. " +
+                    (path.back() == '/' ? path : path + "/") + "nccl_id, the same on every rank",
+                rank, "NCCL id file");
+  const size_t slash = path.find_last_of('/');
+  const std::string folder = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const bool found = ::stat(folder.c_str(), &st) == 0;
+  if (!found || !S_ISDIR(st.st_mode)) {
+    const std::string why = found ? "not a directory" : std::strerror(errno);
+    throw Error(ErrorKind::kInvalidArgument,
+                what + " cannot be written: its folder " + folder + " is unusable (" + why +
+                    "); create that folder on a file system every rank can read, or name a file in an existing one",
+                rank, "NCCL id file");
+  }
+}
+
 nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, const Deadline& deadline,
                                            const std::string& run_token) {
-  if (path.empty()) throw_invalid_argument("the NCCL id file path is empty (set TRT_NCCL_ID_FILE)");
-  check_id_file_path(path, rank);
+  check_unique_id_file_path(path, rank);
   if (rank == 0) {
     const IdFile existing = read_id_file(path);
     if (existing.by.known && existing.by.pid != ::getpid() && publisher_alive_here(existing.by)) {
