@@ -153,7 +153,7 @@ void check_unique_id_file_path(const std::string& path, int rank) {
     throw Error(ErrorKind::kInvalidArgument,
                 what + " is a directory: name a file in it instead, e.g. " +
                     (path.back() == '/' ? path : path + "/") + "nccl_id, the same on every rank",
-                rank, "NCCL id file");
+                rank, "NCCL id exchange");
   const size_t slash = path.find_last_of('/');
   const std::string folder = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
   const bool found = ::stat(folder.c_str(), &st) == 0;
@@ -162,7 +162,7 @@ void check_unique_id_file_path(const std::string& path, int rank) {
     throw Error(ErrorKind::kInvalidArgument,
                 what + " cannot be written: its folder " + folder + " is unusable (" + why +
                     "); create that folder on a file system every rank can read, or name a file in an existing one",
-                rank, "NCCL id file");
+                rank, "NCCL id exchange");
   }
 }
 
