@@ -168,6 +168,32 @@ def seconds(value: Any, name: str = "timeout") -> float:
     return float(value)
 
 
+def non_negative(value: Any, name: str) -> float:
+    """A finite number >= 0 (a tolerance).
+
+    Parameters
+    ----------
+    value : object
+        Any ``numbers.Real`` (bools refused).
+    name : str
+        How the message names the argument ("atol").
+
+    Returns
+    -------
+    float
+        ``value``, >= 0 and finite.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``value`` is not a real number, is negative, NaN or infinite (a negative tolerance would
+        fail every comparison without saying why).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
+        raise fail(name, "a finite number >= 0", value)
+    return float(value)
+
+
 def flag(value: Any, name: str) -> bool:
     """True or False (numpy booleans too); anything else is a mistake worth naming.
 
