@@ -1,6 +1,6 @@
 """PNG plots of results.json: bus bandwidth against size per collective (ours, raw, the other
 references, and the measured link limit), small-size latency, replication bandwidth, fan-out.
-Needs matplotlib (pip install 'mdtrt[bench]'); draws off-screen."""
+Needs matplotlib (pip install matplotlib, or pip install '.[bench]' in mdtrt's source folder); draws off-screen."""
 
 from __future__ import annotations
 

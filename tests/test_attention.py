@@ -185,11 +185,33 @@ def test_cli_says_why_the_gpu_run_cannot_happen_and_still_verifies(monkeypatch, 
     assert "needs the full TensorRT" in out and "PASSED" in out
 
 
-def test_cli_gpu_mode_that_cannot_run_points_to_the_cpu_mode(monkeypatch, capsys):
-    monkeypatch.setattr(attention_cli, "_gpu_run_blocker", lambda ranks: "no CUDA GPU is visible")
+@pytest.mark.parametrize("reason", ["no CUDA GPU is visible", "or set MDTRT_TENSORRT_LIBRARY=/path/to/libnvinfer.so.11."])
+def test_cli_gpu_mode_that_cannot_run_points_to_the_cpu_mode(monkeypatch, capsys, reason):
+    monkeypatch.setattr(attention_cli, "_gpu_run_blocker", lambda ranks: reason)
     assert attention_cli.main(["--mode", "gpu", "--ranks", "2", "--no-progress"]) == 2
     out = capsys.readouterr().out
-    assert "cannot run on GPUs: no CUDA GPU is visible" in out and "--mode cpu" in out
+    assert f"cannot run on GPUs: {reason.rstrip('.')}. --mode cpu" in out  # one period, also after a library's
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 2])
+@pytest.mark.parametrize("backend", [False, True])
+def test_gpu_run_blocker_names_every_reason_at_once(monkeypatch, gpus, backend):
+    """No GPU and no TensorRT backend: both are said (was: only the backend, so a user rebuilt
+    with TensorRT headers and was then told there is no GPU); no GPU says why (the driver's answer)."""
+    from mdtrt import _core, tensorrt
+
+    monkeypatch.setattr(_core, "visible_gpu_count", lambda: gpus)
+    monkeypatch.setattr(mdtrt, "build_info", lambda: {"tensorrt_backend": backend, "tensorrt_reason": "no headers"})
+    monkeypatch.setattr(tensorrt, "library_report", lambda: {"library_found": False, "error": "no libnvinfer"})
+    for name in ("RANK", "WORLD_SIZE", "TRT_MY_RANK", "TRT_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    blocker = attention_cli._gpu_run_blocker(2)
+    expected = {0: f"no CUDA GPU is visible ({mdtrt.cuda_state.why_no_gpu()})", 1: "2 ranks need 2 GPUs; only 1 GPU",
+                2: None}[gpus]
+    trt = ("TensorRT is needed for the GPU run and was not found: no libnvinfer" if backend else
+           "TensorRT is needed for the GPU run, and this mdtrt has no TensorRT backend (no headers)")
+    assert blocker is not None and trt in blocker, blocker
+    assert (expected is None and blocker == trt) or (blocker.startswith(expected) and blocker.endswith("; " + trt))
 
 
 def test_cli_bad_sequence_is_refused_before_saying_the_cpu_run_starts(monkeypatch, capsys):
@@ -437,7 +459,7 @@ def test_create_model_output_dir_that_cannot_be_written_is_one_line(tmp_path):
 
 def test_cli_hint_that_is_a_directory(tmp_path, capsys):
     assert attention_cli.main([*SMALL_CLI, "--hint", str(tmp_path)]) == 2
-    _one_line_error(capsys, f"{tmp_path} is a directory; give a ShardHints JSON file")
+    _one_line_error(capsys, f"{tmp_path} is a directory: give a ShardHints JSON file")
 
 
 def test_cli_default_sequence_not_divisible_says_the_default_and_a_length(capsys, monkeypatch):

@@ -66,3 +66,29 @@ def test_collective_output_shapes():
         _core.collective_output_shape("scatter", [3, 4], 2)
     with pytest.raises(mdtrt.InvalidArgumentError, match="unknown collective"):
         _core.collective_output_shape("allreduce", [3], 2)
+
+
+class _TwoLocalRanks:
+    """A native group of 2 local ranks on GPUs 0 and 1 as DeviceGroup._adopt takes it: the
+    collectives' argument checks and program set-up run before any GPU is asked for."""
+
+    num_local_ranks = world_size = 2
+    ranks = devices = [0, 1]
+    timeout = 60.0
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("op", ["all_reduce", "all_gather", "broadcast"])
+def test_bool_collective_says_to_pass_uint8(op):
+    """NCCL has no boolean type: the error says how to send such an array (as uint8), not only
+    that bool is unsupported."""
+    import numpy as np
+
+    group = mdtrt.DeviceGroup.__new__(mdtrt.DeviceGroup)
+    group._adopt(_TwoLocalRanks())
+    flags = [np.random.default_rng(rank).random((2, 3)) > 0.5 for rank in range(2)]
+    with pytest.raises(mdtrt.InvalidArgumentError,
+                       match=r"dtype bool \(NCCL has no boolean type\): pass the array as uint8 \(numpy x\.view\(np\.uint8\)"):
+        getattr(group, op)(flags)

@@ -201,13 +201,28 @@ def test_doctor_json_has_the_onnx_parser_key_without_tensorrt():
 
 def test_without_the_backend_the_only_tensorrt_advice_is_the_rebuild(monkeypatch):
     """A build without the TensorRT backend: installing TensorRT's library would change nothing, so
-    the text gives only the rebuild command (not also `pip install 'mdtrt[lean]'`)."""
+    the text gives only the rebuild command (not also `pip install tensorrt-lean-cu13-libs`)."""
     from mdtrt import doctor
 
     report = doctor.collect()
     report["tensorrt"] = dict(report["tensorrt"], compiled_in=False, reason="built without TensorRT headers",
                               rebuild="rebuild with TensorRT_INCLUDE_DIR=<dir> pip install .", library_found=False,
-                              error="load TensorRT: not found. Install TensorRT with `pip install 'mdtrt[lean]'`")
+                              error="load TensorRT: not found. Install TensorRT with `pip install tensorrt-lean-cu13-libs`")
     text = doctor.format_text(report)
     assert "backend not compiled in: built without TensorRT headers" in text and "TensorRT_INCLUDE_DIR=<dir>" in text
-    assert "mdtrt[lean]" not in text and "library not found" not in text
+    assert "tensorrt-lean-cu13-libs" not in text and "library not found" not in text
+
+
+def test_lean_runtime_does_not_report_the_onnx_parser_as_missing():
+    """With only the lean runtime the parser is never looked for (it needs a builder): the text
+    says so and how to get both, not "ONNX parser not found: create TensorRT builder: ..."."""
+    from mdtrt import doctor
+
+    report = doctor.collect()
+    report["tensorrt"] = dict(report["tensorrt"], compiled_in=True, library_found=True, lean=True, version="11.4.0",
+                              path="/x/libnvinfer_lean.so.11", found_by="lean extra directory",
+                              onnx_parser={"found": False, "path": None, "found_by": None, "note": None,
+                                           "error": "create TensorRT builder: the lean runtime was found"})
+    text = doctor.format_text(report)
+    assert "ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT (pip install tensorrt-cu13)" in text
+    assert "ONNX parser not found" not in text and "create TensorRT builder" not in text

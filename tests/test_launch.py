@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -256,6 +257,60 @@ def test_waiting_rank_times_out_when_rank0_never_writes(tmp_path):
     with pytest.raises(mdtrt.RankTimeoutError) as info:
         _core.exchange_unique_id_via_file(str(tmp_path / "never"), 1, 0.3)
     assert info.value.rank == 1 and "does not exist" in str(info.value)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("kind", ["directory", "missing folder", "folder is a file"])
+def test_unusable_id_file_path_fails_every_rank_at_once(tmp_path, rank, kind):
+    """TRT_NCCL_ID_FILE naming a directory, or a file in a folder that does not exist: rank 0
+    cannot write there, so no rank waits for the deadline (was: rank 1 waited the whole timeout,
+    then said the file "does not exist"); the message says what to name instead."""
+    mdtrt.nccl_library()
+    (tmp_path / "plain").write_text("x")
+    path, expected = {
+        "directory": (tmp_path, f"is a directory: name a file in it instead, e.g. {tmp_path}/nccl_id"),
+        "missing folder": (tmp_path / "no" / "nccl_id",
+                           f"its folder {tmp_path / 'no'} is unusable (No such file or directory); create that folder"),
+        "folder is a file": (tmp_path / "plain" / "nccl_id", "is unusable (not a directory)"),
+    }[kind]
+    expected = re.escape(expected)
+    info = LaunchInfo(rank, 2, None, "TRT_MY_RANK/TRT_WORLD_SIZE")
+    start = time.monotonic()
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"TRT_NCCL_ID_FILE.*{expected}") as error:
+        exchange_unique_id(info, timeout=30, id_file=str(path))
+    assert time.monotonic() - start < 5 and error.value.rank == rank
+    assert list(tmp_path.iterdir()) == [tmp_path / "plain"]  # nothing written, no temporary file left
+
+
+def test_waiting_rank_names_the_folder_a_relative_id_file_was_taken_from(tmp_path, monkeypatch):
+    """Ranks started in different folders with a relative TRT_NCCL_ID_FILE look at different
+    files: the timeout says which file this rank looked at and what to do."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(mdtrt.RankTimeoutError) as info:
+        _core.exchange_unique_id_via_file("nccl_id", 1, 0.3)
+    assert (f"in nccl_id (a relative path: {tmp_path}/nccl_id for this rank) before the deadline (the file does "
+            "not exist). Start rank 0 with the same TRT_NCCL_ID_FILE, as an absolute path or from the same folder"
+            ) in str(info.value)
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_from_env_refuses_an_unusable_id_file_before_asking_for_a_gpu(tmp_path, monkeypatch, rank):
+    """The id file is checked with the launcher's other variables, before any GPU is asked for:
+    on a machine without GPUs too, the error is the id file's (was: no GPU, then on a GPU machine
+    rank 1 waited the whole timeout)."""
+    _only(monkeypatch, TRT_MY_RANK=rank, TRT_WORLD_SIZE="2", TRT_NCCL_ID_FILE=str(tmp_path))
+    monkeypatch.setattr(_core, "visible_gpu_count", lambda: pytest.fail("asked for a GPU first"))
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"the NCCL id file {tmp_path} \\(TRT_NCCL_ID_FILE\\) is a "
+                                                          "directory") as error:
+        mdtrt.DeviceGroup.from_env(timeout=30)
+    assert error.value.rank == int(rank)
+
+
+def test_rank0_write_failure_gives_the_systems_reason():
+    """A folder that exists but takes no files (/proc): the error carries the system's reason."""
+    mdtrt.nccl_library()
+    with pytest.raises(mdtrt.MdtrtError, match=r"cannot create a temporary file next to /proc/mdtrt_nccl_id: \w"):
+        _core.exchange_unique_id_via_file("/proc/mdtrt_nccl_id", 0, 1.0)
 
 
 def test_malformed_id_file_is_an_error(tmp_path):

@@ -171,3 +171,19 @@ def test_torch_distributed_application_is_left_alone(tmp_path, order, launcher):
     outs = "".join(p.communicate(timeout=180)[0] for p in procs)
     assert all(p.returncode == 0 for p in procs), outs
     assert "rank 0 OK" in outs and "rank 1 OK" in outs, outs
+
+
+def test_relative_id_file_from_one_folder_still_works(tmp_path):
+    """NVIDIA's sample lines give a bare file name (TRT_NCCL_ID_FILE=nccl_id.txt): the id file
+    path check (its folder '.') must let it through when every rank starts in the same folder."""
+    procs = []
+    for r in range(2):
+        env = dict(os.environ, TRT_MY_RANK=str(r), TRT_WORLD_SIZE="2", TRT_NCCL_ID_FILE="nccl_id.txt",
+                   NCCL_NVLS_ENABLE="0")
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, "60"], env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, out
+        assert f"rank {r} OK" in out
+    assert not (tmp_path / "nccl_id.txt").exists()  # rank 0 removed its file once both joined

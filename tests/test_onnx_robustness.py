@@ -213,7 +213,7 @@ def test_symbolic_dimensions_must_agree_across_inputs():
 # -- 14: arguments of the wrong kind name the argument -------------------------------------------------
 
 @pytest.mark.parametrize("call,match", [
-    (lambda m, x: mdtrt.simulate("/nonexistent/model.onnx", x, 1), "model: no ONNX model at"),
+    (lambda m, x: mdtrt.simulate("/nonexistent/model.onnx", x, 1), "model: ONNX model file /nonexistent/model.onnx does not exist"),
     (lambda m, x: mdtrt.run_on_cpu(42, x), "model must be an onnx.ModelProto"),
     (lambda m, x: mdtrt.simulate(m, x, "2"), "ranks must be a positive integer"),
     (lambda m, x: mdtrt.simulate(m, [x["input"]], 1), "inputs must be a dict"),

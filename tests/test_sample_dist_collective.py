@@ -136,6 +136,11 @@ def test_bad_arguments_fail_before_touching_cuda(args, message):
         ({"TRT_WORLD_SIZE": "1", "TRT_MY_RANK": "0", "TRT_NCCL_ID_FILE": "/tmp/x"}, "at least 2 ranks"),
         ({"TRT_WORLD_SIZE": "2", "TRT_MY_RANK": "2", "TRT_NCCL_ID_FILE": "/tmp/x"}, "must be 0..1"),
         ({"TRT_WORLD_SIZE": "two", "TRT_MY_RANK": "0", "TRT_NCCL_ID_FILE": "/tmp/x"}, "TRT_WORLD_SIZE takes"),
+        # A path rank 0 cannot write: refused on every rank before CUDA, not after a wait.
+        ({"TRT_WORLD_SIZE": "2", "TRT_MY_RANK": "1", "TRT_NCCL_ID_FILE": "/tmp"},
+         "the NCCL id file /tmp (TRT_NCCL_ID_FILE) is a directory: name a file in it instead, e.g. /tmp/nccl_id"),
+        ({"TRT_WORLD_SIZE": "2", "TRT_MY_RANK": "0", "TRT_NCCL_ID_FILE": "/nonexistent-mdtrt/nccl_id"},
+         "its folder /nonexistent-mdtrt is unusable (No such file or directory); create that folder"),
     ],
 )
 def test_bad_launcher_environment_fails_with_what_to_set(launcher, message):

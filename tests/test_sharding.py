@@ -123,7 +123,7 @@ class TestBadHints:
             sharding.declared_ranks(hints)
 
     def test_a_directory_is_not_a_hints_file(self, tmp_path):
-        with pytest.raises(InvalidArgumentError, match=f"hints: {tmp_path} is a directory; give a ShardHints JSON file"):
+        with pytest.raises(InvalidArgumentError, match=f"hints: file {tmp_path} is a directory: give a ShardHints JSON file"):
             sharding.load_hints(tmp_path)
 
     @pytest.mark.parametrize("reduce_op", ["sum", "maximum", "avg"])
@@ -173,7 +173,7 @@ class TestBadHints:
         broken.write_text("{ not json")
         with pytest.raises(InvalidArgumentError, match="not valid JSON"):
             mdtrt.shard(self.model, str(broken), 2)
-        with pytest.raises(InvalidArgumentError, match="model: no ONNX model at .* does not exist"):
+        with pytest.raises(InvalidArgumentError, match="model: ONNX model file .*missing.onnx does not exist"):
             mdtrt.shard(str(tmp_path / "missing.onnx"), self.hints(2), 2)
         with pytest.raises(InvalidArgumentError, match="ranks must be a positive integer"):
             mdtrt.shard(self.model, self.hints(2), 0)

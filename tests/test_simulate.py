@@ -180,3 +180,23 @@ def test_a_list_input_of_the_wrong_type_is_named_as_a_list():
     # A numpy array of the wrong dtype keeps the short message.
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"must be float32, got float64$"):
         simulate(scatter_then("all_gather", 2, 2), {"input": x.astype(np.float64)}, 2, progress=False)
+
+
+def test_compare_outputs_refuses_what_would_fail_without_saying_why():
+    """simulate's list of per-rank dicts passed whole (the README compares per_rank[0]) read as
+    "missing from the outputs", a list of arrays raised numpy's ValueError, and a negative
+    tolerance failed every output with zero error: each is now an error saying what to pass."""
+    rng = np.random.default_rng(7)
+    expected = {"y": rng.standard_normal((4, 2)).astype(np.float32)}
+    per_rank = [dict(expected), dict(expected)]
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"actual must be a dict of output name to array, got list "
+                                                         r"of 2 dicts \(one per rank, as simulate returns them\): "
+                                                         r"compare one rank's outputs, e.g. actual\[0\]"):
+        compare_outputs(expected, per_rank, atol=1e-3, rtol=1e-3)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="expected must be a dict of output name to array, got list$"):
+        compare_outputs([expected["y"]], expected, atol=1e-3, rtol=1e-3)
+    for name, value in (("atol", -1e-3), ("rtol", float("nan")), ("atol", float("inf")), ("rtol", "0.1")):
+        tolerances = {"atol": 1e-3, "rtol": 1e-3, name: value}
+        with pytest.raises(mdtrt.InvalidArgumentError, match=f"{name} must be a finite number >= 0"):
+            compare_outputs(expected, per_rank[0], **tolerances)
+    assert compare_outputs(expected, per_rank[0], atol=0, rtol=0).passed  # zero tolerances stay allowed

@@ -176,7 +176,9 @@ def test_entry_points_say_what_is_missing(name):
         _entry_points()[name]()
     message = str(info.value)
     if BACKEND:
-        assert "could not find a usable TensorRT" in message and "pip install 'mdtrt[tensorrt]'" in message
+        # NVIDIA's packages by name: mdtrt is not on a package index, so `pip install 'mdtrt[...]'` cannot work.
+        assert "could not find a usable TensorRT" in message and "`pip install tensorrt-cu13`" in message
+        assert "`pip install tensorrt-lean-cu13-libs`" in message and "mdtrt[" not in message
         assert "MDTRT_TENSORRT_LIBRARY" in message
     else:
         assert "mdtrt was built without the TensorRT backend" in message
@@ -268,7 +270,7 @@ def test_lean_runtime_cannot_build(fakes):
     assert not r["ok"]
     assert r["type"] == "LibraryNotFoundError"
     assert "the lean runtime was found" in r["message"] and "can run engines but not build them" in r["message"]
-    assert "mdtrt[tensorrt]" in r["message"]
+    assert "(pip install tensorrt-cu13)" in r["message"] and "mdtrt[" not in r["message"]
     assert probe([], env_library=fakes["no_builder"])["lean"] is True
 
 
@@ -312,8 +314,10 @@ def test_nothing_found_lists_attempts_and_what_to_do(tmp_path):
     assert not r["ok"]
     assert r["type"] == "LibraryNotFoundError"
     for text in (f"libnvinfer.so.{MAJOR}", f"libnvinfer_lean.so.{MAJOR}", str(tmp_path / "full"),
-                 str(tmp_path / "lean"), "pip install 'mdtrt[tensorrt]'", "mdtrt[lean]", "MDTRT_TENSORRT_LIBRARY"):
+                 str(tmp_path / "lean"), "`pip install tensorrt-cu13`", "`pip install tensorrt-lean-cu13-libs`",
+                 "MDTRT_TENSORRT_LIBRARY"):
         assert text in r["message"]
+    assert "mdtrt[" not in r["message"]
 
 
 WHEEL_PROBE = textwrap.dedent(
@@ -388,7 +392,7 @@ def lean_report():
     if not BACKEND:
         pytest.skip("mdtrt was built without the TensorRT backend")
     if not LEAN_WHEEL:
-        pytest.skip("needs the tensorrt-lean-cu13-libs wheel (pip install 'mdtrt[lean]')")
+        pytest.skip("needs the tensorrt-lean-cu13-libs wheel (pip install tensorrt-lean-cu13-libs)")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     env.pop("MDTRT_TENSORRT_LIBRARY", None)
     double_plan = "MDTRT-TENSORRT-DOUBLE-PLAN 1\nranks value=0 exact=1\n"  # a plan of the test double, not NVIDIA's

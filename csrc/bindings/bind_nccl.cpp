@@ -66,6 +66,8 @@ void bind_nccl(py::module_& m) {
     return py::bytes(id.internal, sizeof(id.internal));
   });
 
+  m.def("check_unique_id_file_path", &check_unique_id_file_path, py::arg("path"), py::arg("rank") = -1,
+        "Raise InvalidArgumentError for an NCCL id file path rank 0 cannot write (a directory, a missing folder).");
   m.def(
       "exchange_unique_id_via_file",
       [](const std::string& path, int rank, double timeout, const std::string& run_token) {

@@ -1,11 +1,13 @@
 #include "nccl/unique_id_file.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <map>
 #include <iterator>
@@ -143,9 +145,30 @@ nccl::UniqueId unique_id_from_hex(const std::string& hex) {
   return id;
 }
 
+void check_unique_id_file_path(const std::string& path, int rank) {
+  if (path.empty()) throw_invalid_argument("the NCCL id file path is empty (set TRT_NCCL_ID_FILE)");
+  const std::string what = "the NCCL id file " + path + " (TRT_NCCL_ID_FILE)";
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+    throw Error(ErrorKind::kInvalidArgument,
+                what + " is a directory: name a file in it instead, e.g. " +
+                    (path.back() == '/' ? path : path + "/") + "nccl_id, the same on every rank",
+                rank, "NCCL id exchange");
+  const size_t slash = path.find_last_of('/');
+  const std::string folder = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+  const bool found = ::stat(folder.c_str(), &st) == 0;
+  if (!found || !S_ISDIR(st.st_mode)) {
+    const std::string why = found ? "not a directory" : std::strerror(errno);
+    throw Error(ErrorKind::kInvalidArgument,
+                what + " cannot be written: its folder " + folder + " is unusable (" + why +
+                    "); create that folder on a file system every rank can read, or name a file in an existing one",
+                rank, "NCCL id exchange");
+  }
+}
+
 nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, const Deadline& deadline,
                                            const std::string& run_token) {
-  if (path.empty()) throw_invalid_argument("the NCCL id file path is empty (set TRT_NCCL_ID_FILE)");
+  check_unique_id_file_path(path, rank);
   if (rank == 0) {
     const IdFile existing = read_id_file(path);
     if (existing.by.known && existing.by.pid != ::getpid() && publisher_alive_here(existing.by)) {
@@ -173,9 +196,17 @@ nccl::UniqueId exchange_unique_id_via_file(const std::string& path, int rank, co
       std::string state = !f.exists ? " (the file does not exist)"
                           : !stale.empty() ? " (the file there is from an earlier run: " + stale + ")"
                                            : " (the file exists but holds no complete id)";
+      // A relative path is taken from each process's own working directory: ranks started in
+      // different folders look at different files.
+      char cwd[4096] = {0};
+      const std::string where = path.front() == '/' || ::getcwd(cwd, sizeof(cwd) - 1) == nullptr
+                                    ? path
+                                    : path + " (a relative path: " + cwd + "/" + path + " for this rank)";
       throw Error(ErrorKind::kTimeout,
-                  "rank 0 did not publish the NCCL id in " + path + " before the deadline" + state +
-                      ". Start rank 0 with the same TRT_NCCL_ID_FILE, or raise the timeout.",
+                  "rank 0 did not publish the NCCL id in " + where + " before the deadline" + state +
+                      ". Start rank 0 with the same TRT_NCCL_ID_FILE" +
+                      (where == path ? "" : ", as an absolute path or from the same folder") +
+                      ", or raise the timeout.",
                   rank, "read NCCL id");
     }
     if (Deadline::Clock::now() >= next_interrupt_check) {

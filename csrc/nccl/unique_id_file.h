@@ -26,6 +26,12 @@ namespace mdtrt {
 std::string unique_id_to_hex(const nccl::UniqueId& id);
 nccl::UniqueId unique_id_from_hex(const std::string& hex);  // throws InvalidArgument on malformed text
 
+// Refuses (InvalidArgument, attributed to `rank`) an id file path rank 0 cannot write: a directory,
+// or a file in a folder that does not exist. Every rank fails at once, where the other ranks would
+// otherwise wait the whole deadline for an id that never comes. exchange_unique_id_via_file checks
+// it; callers check it before CUDA is touched, with the launcher's other variables.
+void check_unique_id_file_path(const std::string& path, int rank = -1);
+
 // Rank 0: creates a new id and publishes it; other ranks: wait for this run's id until the deadline.
 // `run_token` names this run when the launcher gives it an id (empty: judged by rank 0's process).
 // The wait answers interrupt_requested() (common/interrupt.h).

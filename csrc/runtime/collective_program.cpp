@@ -33,7 +33,10 @@ nccl::DataType nccl_type(DType t) {
     case DType::kFloat64: return nccl::kFloat64;
     case DType::kBool: break;
   }
-  throw_invalid_argument(std::string("collectives do not support dtype ") + dtype_name(t));
+  // The only type without an NCCL counterpart; its bytes are 0 or 1, so uint8 carries it.
+  throw_invalid_argument(std::string("collectives do not support dtype ") + dtype_name(t) +
+                         " (NCCL has no boolean type): pass the array as uint8 (numpy x.view(np.uint8), torch "
+                         "x.view(torch.uint8)); reduce='max' is then a logical or, 'min' a logical and");
 }
 
 nccl::RedOp nccl_reduce(ReduceOp op) {

@@ -63,6 +63,15 @@ bool is_loaded();
 // the error listed, as records.
 std::vector<LoadAttempt> failed_attempts();
 
+// The pip commands that install TensorRT's libraries, for messages. They name NVIDIA's packages
+// themselves: mdtrt is installed from its source folder, not from a package index, so asking pip
+// for mdtrt's extras by the package's name cannot work for a user (".[tensorrt]" does, from that
+// folder).
+// The full TensorRT builds and runs engines (its libraries download from NVIDIA's index); the
+// lean runtime only runs version-compatible plans.
+extern const char* const kInstallFull;  // "pip install tensorrt-cu13"
+extern const char* const kInstallLean;  // "pip install tensorrt-lean-cu13-libs"
+
 // Throws the "lean runtime cannot build" error when the loaded library has no builder.
 void require_builder();
 

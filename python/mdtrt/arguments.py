@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,6 +39,44 @@ def fail(name: str, expected: str, value: Any) -> InvalidArgumentError:
         Not raised: the caller raises it (``raise fail(...)``), so the traceback ends there.
     """
     return InvalidArgumentError(f"{name} must be {expected}, got {_got(value)}")
+
+
+def input_file(path: str | os.PathLike, what: str, remedy: str) -> str:
+    """``path`` as a str, when it names a file that can be read.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The path the caller gave.
+    what : str
+        What the file is, in words, as the message starts ("engine file", "hints: file").
+    remedy : str
+        What to give instead, in words ("give the path of a serialized TensorRT plan").
+
+    Returns
+    -------
+    str
+        ``os.fspath(path)``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        The path does not exist (a relative one names the working directory it was taken from),
+        is a directory, cannot be read or is an empty file; the message ends with ``remedy``.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        problem = "is a directory"
+    elif not os.path.exists(path):
+        problem = "does not exist" + ("" if os.path.isabs(path) else
+                                      f" (a relative path, taken from the working directory {os.getcwd()})")
+    elif not os.access(path, os.R_OK):
+        problem = "cannot be read (permission denied)"
+    elif os.path.isfile(path) and os.path.getsize(path) == 0:
+        problem = "is empty (0 bytes; was its writing interrupted?)"
+    else:
+        return path
+    raise InvalidArgumentError(f"{what} {path} {problem}: {remedy}")
 
 
 def integer(value: Any, name: str, *, minimum: int | None = None) -> int:
@@ -126,6 +165,32 @@ def seconds(value: Any, name: str = "timeout") -> float:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0 or not math.isfinite(value):
         raise fail(name, "a positive, finite number of seconds", value)
+    return float(value)
+
+
+def non_negative(value: Any, name: str) -> float:
+    """A finite number >= 0 (a tolerance).
+
+    Parameters
+    ----------
+    value : object
+        Any ``numbers.Real`` (bools refused).
+    name : str
+        How the message names the argument ("atol").
+
+    Returns
+    -------
+    float
+        ``value``, >= 0 and finite.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``value`` is not a real number, is negative, NaN or infinite (a negative tolerance would
+        fail every comparison without saying why).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0 or not math.isfinite(value):
+        raise fail(name, "a finite number >= 0", value)
     return float(value)
 
 

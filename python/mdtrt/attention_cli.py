@@ -100,30 +100,37 @@ def prepare_output_dir(path: str, option: str) -> str:
 
 
 def _gpu_run_blocker(ranks: int) -> str | None:
-    """Why the GPU run cannot happen here, or None when it can."""
+    """Why the GPU run cannot happen here, or None when it can: every reason at once (a machine
+    with neither a GPU nor the TensorRT backend hears of both, not of the backend alone, and a
+    rebuild then ends at "no GPU")."""
     from . import _core, build_info
     from . import tensorrt as mdtrt_tensorrt
+    from .cuda_state import why_no_gpu
 
-    info = build_info()
-    if not info["tensorrt_backend"]:
-        reason = info.get("tensorrt_reason") or ""
-        return "TensorRT is needed for the GPU run, and this mdtrt has no TensorRT backend" + (
-            f" ({reason})" if reason else "")
+    reasons = []
     try:
         gpus = int(_core.visible_gpu_count())
     except Exception as error:  # noqa: BLE001 - no driver reads as no GPU
-        return f"no CUDA GPU is usable ({error})"
-    if gpus < 1:
-        return "no CUDA GPU is visible"
-    if gpus < ranks and detect_launch() is None:
-        return f"{ranks} ranks need {ranks} GPUs; only {_plural(gpus, 'GPU')} visible"
-    report = mdtrt_tensorrt.library_report()
-    if not report["library_found"]:
-        return f"TensorRT is needed for the GPU run and was not found: {report['error']}"
-    if report["lean"]:
-        return (f"the GPU run builds engines, which needs the full TensorRT; only the lean runtime was found "
-                f"({report['path']}): pip install 'mdtrt[tensorrt]' where NVIDIA's index is reachable")
-    return None
+        reasons.append(f"no CUDA GPU is usable ({error})")
+    else:
+        if gpus < 1:
+            reasons.append(f"no CUDA GPU is visible ({why_no_gpu()})")
+        elif gpus < ranks and detect_launch() is None:
+            reasons.append(f"{ranks} ranks need {ranks} GPUs; only {_plural(gpus, 'GPU')} visible")
+    info = build_info()
+    if not info["tensorrt_backend"]:
+        reason = info.get("tensorrt_reason") or ""
+        reasons.append("TensorRT is needed for the GPU run, and this mdtrt has no TensorRT backend" + (
+            f" ({reason})" if reason else ""))
+    else:
+        report = mdtrt_tensorrt.library_report()
+        if not report["library_found"]:
+            reasons.append(f"TensorRT is needed for the GPU run and was not found: {report['error']}")
+        elif report["lean"]:
+            reasons.append(f"the GPU run builds engines, which needs the full TensorRT; only the lean runtime was "
+                           f"found ({report['path']}): {_core.TENSORRT_INSTALL_FULL} where NVIDIA's index is "
+                           "reachable")
+    return "; ".join(reasons) or None
 
 
 def _build_engine(model, profiles: dict, gpu: int) -> bytes:
@@ -334,6 +341,7 @@ def _run(args) -> int:
         prepare_output_dir(args.save_dir, "--save-dir")
 
     blocker = None if args.mode == "cpu" else _gpu_run_blocker(ranks)
+    blocker = blocker and blocker.rstrip(".")  # a library's message ends its sentence; ours goes on
     if args.mode == "gpu" and blocker:
         _say(f"cannot run on GPUs: {blocker}. --mode cpu (or auto) verifies the sharded model on simulated ranks "
              "on the CPU instead")

@@ -8,6 +8,9 @@ from typing import Mapping
 
 import numpy as np
 
+from . import arguments
+from .errors import InvalidArgumentError
+
 __all__ = ["compare_outputs", "ComparisonReport", "OutputComparison"]
 
 
@@ -81,7 +84,21 @@ def compare_outputs(
     -------
     ComparisonReport
         One :class:`OutputComparison` per expected output; ``report.passed`` when all pass.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``expected`` or ``actual`` is not a dict (a list of one dict per rank says to pick a rank),
+        or a tolerance is not a finite number >= 0.
     """
+    for argument, outputs in (("expected", expected), ("actual", actual)):
+        if not isinstance(outputs, Mapping):
+            per_rank = isinstance(outputs, (list, tuple)) and outputs and all(isinstance(o, Mapping) for o in outputs)
+            raise InvalidArgumentError(
+                f"{argument} must be a dict of output name to array, got {type(outputs).__name__}" + (
+                    f" of {len(outputs)} dicts (one per rank, as simulate returns them): compare one rank's "
+                    f"outputs, e.g. {argument}[0], or each rank's in turn" if per_rank else ""))
+    atol, rtol = arguments.non_negative(atol, "atol"), arguments.non_negative(rtol, "rtol")
     results = []
     for name, want in expected.items():
         if name not in actual:

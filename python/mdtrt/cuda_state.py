@@ -18,9 +18,15 @@ def cuda_problem(cuda: dict) -> str | None:
     return _core.describe_cuda_problem(cuda["error"], cuda["driver_version"], cuda["runtime_version"]) or None
 
 
+def why_no_gpu() -> str:
+    """Why this process sees no GPU, and what to do: the driver's answer (no driver, one older than
+    mdtrt's CUDA runtime) or CUDA_VISIBLE_DEVICES."""
+    cuda = _core.query_cuda()
+    return _core.describe_no_gpu(cuda["error"], cuda["driver_version"], cuda["runtime_version"])
+
+
 def no_gpu_error(where: str) -> CudaError:
     """The error for a machine (or process) that sees no GPU: ``where`` says what needed one, the
-    rest why none is seen (the driver's answer, CUDA_VISIBLE_DEVICES) and where to look."""
-    cuda = _core.query_cuda()
-    why = _core.describe_no_gpu(cuda["error"], cuda["driver_version"], cuda["runtime_version"])
-    return CudaError(f"no CUDA GPU is visible {where}: {why} (run `python -m mdtrt doctor` for the whole report)")
+    rest why none is seen (:func:`why_no_gpu`) and where to look."""
+    return CudaError(f"no CUDA GPU is visible {where}: {why_no_gpu()} (run `python -m mdtrt doctor` for the whole "
+                     "report)")

@@ -232,6 +232,11 @@ def format_text(report: dict) -> str:
     if parser.get("found"):
         lines.append(f"           ONNX parser at {parser['path']} (found by {parser['found_by']})"
                      + (f"; {parser['note']}" if parser.get("note") else ""))
+    elif trt.get("lean"):
+        # The parser is only looked for with a builder, which the lean runtime lacks: it is not
+        # missing, it would be of no use.
+        lines.append("           ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT "
+                     f"({_core.TENSORRT_INSTALL_FULL}), which ships it")
     elif trt.get("library_found") and parser.get("error"):
         lines.extend("           " + line for line in _hanging(
             f"ONNX parser not found (build_engine_from_onnx needs it; MDTRT_ONNXPARSER_LIBRARY=/path/to/"

@@ -248,7 +248,9 @@ _exchanges = itertools.count()  # every rank calls from_env the same number of t
 
 def _id_channel(info: LaunchInfo, id_file: str | None, env: Mapping[str, str]) -> str:
     """How this world shares the NCCL id: "file", "mpi" or "torch"; raises when there is no way."""
-    if id_file_path(id_file, env):
+    path = id_file_path(id_file, env)
+    if path:
+        _core.check_unique_id_file_path(path, info.rank)  # before any GPU is asked for, on every rank
         return "file"
     if info.launcher in _MPI:
         try:

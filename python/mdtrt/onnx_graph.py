@@ -11,6 +11,7 @@ from typing import Iterable
 
 import onnx
 
+from .arguments import input_file
 from .errors import InvalidArgumentError
 
 __all__ = ["PROTOBUF_LIMIT", "node_inputs", "outer_scope_inputs", "toposort_nodes", "load_model",
@@ -193,9 +194,7 @@ def load_model(model, *, argument: str = "model") -> onnx.ModelProto:
     if not isinstance(model, (str, os.PathLike)):
         raise InvalidArgumentError(
             f"{argument} must be an onnx.ModelProto or the path of an .onnx file, got {type(model).__name__}")
-    path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise InvalidArgumentError(f"{argument}: no ONNX model at {path} (the file does not exist)")
+    path = input_file(model, f"{argument}: ONNX model file", "give the path of an .onnx file or an onnx.ModelProto")
     try:
         loaded = onnx.load(path, load_external_data=False)
     except Exception as error:  # protobuf's DecodeError and kin: not an ONNX file

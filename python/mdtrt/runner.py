@@ -21,9 +21,8 @@ _MAX_CACHED_CALLS = 16
 def _engine_bytes(engine: Any) -> bytes:
     """Serialized engine from bytes, any buffer (TensorRT's IHostMemory included) or a plan file path."""
     if isinstance(engine, (str, os.PathLike)):
-        path = os.fspath(engine)
-        if not os.path.isfile(path):
-            raise InvalidArgumentError(f"engine file {path} does not exist")
+        path = arguments.input_file(engine, "engine file", "give the path of a serialized TensorRT plan (the bytes "
+                                    "mdtrt.tensorrt's builders return, or trtexec --saveEngine writes), or its bytes")
         with open(path, "rb") as f:
             return f.read()
     try:

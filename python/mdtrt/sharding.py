@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import onnx
 
+from .arguments import input_file
 from .context_parallel import STRATEGIES, check_collectives, find_attention_layers, rewrite
 from .errors import InvalidArgumentError
 from .onnx_graph import load_model, save_model, too_large_to_serialize, toposort_nodes
@@ -88,11 +89,7 @@ def load_hints(hints: Mapping[str, Any] | str | os.PathLike) -> dict:
         if isinstance(hints, str) and text.lstrip().startswith("{"):
             source = "the hints text"
         else:
-            path = Path(hints)
-            if path.is_dir():
-                raise InvalidArgumentError(f"hints: {path} is a directory; give a ShardHints JSON file")
-            if not path.is_file():
-                raise InvalidArgumentError(f"hints: file {path} does not exist (give a ShardHints JSON file)")
+            path = Path(input_file(hints, "hints: file", "give a ShardHints JSON file"))
             source, text = f"hints file {path}", path.read_text()
         try:
             loaded = json.loads(text)

@@ -5,9 +5,9 @@ time, in this order, first success wins:
 
 1. ``MDTRT_TENSORRT_LIBRARY`` (a path; if set and unusable, that is an error)
 2. ``libnvinfer.so.11`` through the dynamic loader (``LD_LIBRARY_PATH``, the system)
-3. the ``tensorrt_libs`` wheel's folder (``pip install 'mdtrt[tensorrt]'``)
+3. the ``tensorrt_libs`` wheel's folder (``pip install tensorrt-cu13``)
 4. the lean runtime ``libnvinfer_lean.so.11`` through the loader, then in the
-   ``tensorrt_lean_libs`` wheel's folder (``pip install 'mdtrt[lean]'``): it runs engines, it
+   ``tensorrt_lean_libs`` wheel's folder (``pip install tensorrt-lean-cu13-libs``): it runs engines, it
    cannot build them, and it loads only plans built version-compatible
    (``version_compatible=True``); such a plan that embeds the lean runtime (the default; not with
    ``exclude_lean_runtime=True``) also needs ``allow_host_code=True`` where it is loaded
@@ -28,7 +28,7 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from . import _core
+from . import _core, arguments
 from ._progress import stderr_is_terminal
 from .errors import InvalidArgumentError, LibraryNotFoundError, MdtrtError
 from .libraries import LoadAttempt, attempts_from, package_dirs
@@ -239,7 +239,7 @@ def _builder_library() -> TensorRTLibrary:
     if lib.lean:
         raise LibraryNotFoundError(
             f"the lean runtime was found ({lib.path}): it can run engines but not build them; install the full "
-            "TensorRT (pip install 'mdtrt[tensorrt]') to build, or set MDTRT_TENSORRT_LIBRARY to a full "
+            f"TensorRT ({_core.TENSORRT_INSTALL_FULL}) to build, or set MDTRT_TENSORRT_LIBRARY to a full "
             "libnvinfer.so.11",
             call="create TensorRT builder",
         )
@@ -399,9 +399,8 @@ def build_dist_collective_engine(op: str, *, reduce: str = "sum", root: int = 0,
 def _onnx_model(model: Any) -> tuple[bytes, str]:
     """(serialized model, path for external weights or "")."""
     if isinstance(model, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(model))
-        if not os.path.isfile(path):
-            raise InvalidArgumentError(f"ONNX model file {path} does not exist")
+        path = os.path.abspath(arguments.input_file(model, "ONNX model file", "give the path of an .onnx file, "
+                                                    "an onnx.ModelProto or the model's bytes"))
         with open(path, "rb") as f:
             return f.read(), path
     if hasattr(model, "SerializeToString"):  # onnx.ModelProto, without importing onnx here

@@ -7,6 +7,7 @@
 #include <cstdlib>
 
 #include "common/error.h"
+#include "trt/trt_library.h"
 
 namespace sample_dc {
 
@@ -47,8 +48,8 @@ Backend choose_backend(BackendChoice choice, std::string* note) {
     if (choice == BackendChoice::kTrt)
       throw mdtrt::Error(mdtrt::ErrorKind::kLibraryNotFound,
                          "--backend trt: " + why +
-                             " (install the full TensorRT 11, e.g. pip install 'mdtrt[tensorrt]', set "
-                             "MDTRT_TENSORRT_LIBRARY to a full libnvinfer.so.11, or use --backend nccl)");
+                             " (install the full TensorRT 11, e.g. " + mdtrt::trt::kInstallFull +
+                             ", set MDTRT_TENSORRT_LIBRARY to a full libnvinfer.so.11, or use --backend nccl)");
     if (note) *note = why + "; using --backend nccl";
     return Backend::kNccl;
   }
@@ -58,8 +59,8 @@ Backend choose_backend(BackendChoice choice, std::string* note) {
     throw mdtrt::Error(mdtrt::ErrorKind::kLibraryNotFound,
                        std::string(choice == BackendChoice::kTrt ? "--backend trt" : "MDTRT_TENSORRT_LIBRARY") +
                            ": TensorRT could not be loaded: " + trt.why_not +
-                           " (install TensorRT 11, e.g. pip install 'mdtrt[tensorrt]', fix or unset "
-                           "MDTRT_TENSORRT_LIBRARY, or use --backend nccl)");
+                           " (install TensorRT 11, e.g. " + mdtrt::trt::kInstallFull +
+                           ", fix or unset MDTRT_TENSORRT_LIBRARY, or use --backend nccl)");
   if (note) *note = "TensorRT is not loadable (" + trt.why_not + "); using --backend nccl";
   return Backend::kNccl;
 #else

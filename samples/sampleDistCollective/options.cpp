@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "common/error.h"
+#include "nccl/unique_id_file.h"
 
 namespace sample_dc {
 namespace {
@@ -231,6 +232,11 @@ Options parse_options(const std::vector<std::string>& args, const std::map<std::
                        " for TRT_WORLD_SIZE=" + *world);
     if (id_file->empty())
       throw UsageError("TRT_NCCL_ID_FILE is empty; set it to a path every rank can read, e.g. /tmp/nccl_id.txt");
+    try {
+      mdtrt::check_unique_id_file_path(*id_file);
+    } catch (const mdtrt::Error& e) {
+      throw UsageError(e.detail());
+    }
     o.world_size = static_cast<int>(ws);
     o.my_rank = static_cast<int>(rank);
     o.nccl_id_file = *id_file;
