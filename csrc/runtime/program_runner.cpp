@@ -465,6 +465,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
       result.device = std::move(c.outputs[i].device);
     } catch (...) {
       if (c.rendezvous) c.rendezvous->fail(ctx);  // no-op once this rank reached its enqueue
+      if (i == 0) c.source->fail();  // the others may wait for its staged chunks
       throw;
     }
   };

@@ -58,56 +58,48 @@ void stage_inputs(RankContext& ctx, const CallPlan& plan, const std::vector<Inpu
                   const std::vector<TensorView>& views, ReplicationSource& source, int first_rank_in_world) {
   const int i = ctx.local_index;
   cudaStream_t stream = ctx.stream;
-  bool staging_source = false;
-  try {
-    for (size_t k = 0; k < args.size(); ++k) {
-      const InputArg& a = args[k];
-      const size_t bytes = a.nbytes();
-      void* dst = views[k].data;
-      if (dst == a.data) continue;  // read in place
-      if (a.device == ctx.device) {  // on this GPU but misaligned for the program
-        MDTRT_CUDA_CHECK(cudaMemcpyAsync(dst, a.data, bytes, cudaMemcpyDeviceToDevice, stream));
-        continue;
+  for (size_t k = 0; k < args.size(); ++k) {
+    const InputArg& a = args[k];
+    const size_t bytes = a.nbytes();
+    void* dst = views[k].data;
+    if (dst == a.data) continue;  // read in place
+    if (a.device == ctx.device) {  // on this GPU but misaligned for the program
+      MDTRT_CUDA_CHECK(cudaMemcpyAsync(dst, a.data, bytes, cudaMemcpyDeviceToDevice, stream));
+      continue;
+    }
+    if (a.device >= 0) {
+      MDTRT_CUDA_CHECK(cudaMemcpyPeerAsync(dst, ctx.device, a.data, a.device, bytes, stream));
+      continue;
+    }
+    const Replication mode = plan.modes[k];
+    if (mode == Replication::kHost) {
+      MDTRT_CUDA_CHECK(cudaMemcpyAsync(dst, a.data, bytes, cudaMemcpyHostToDevice, stream));
+      continue;
+    }
+    if (mode == Replication::kBroadcast && i != 0) continue;  // filled by ncclBroadcast below
+    const int chunks =
+        static_cast<int>(std::max<size_t>(1, (bytes + kPeerReplicationChunkBytes - 1) / kPeerReplicationChunkBytes));
+    if (i == 0) {
+      for (int c = 0; c < chunks; ++c) {
+        const size_t off = static_cast<size_t>(c) * kPeerReplicationChunkBytes;
+        const size_t len = std::min(kPeerReplicationChunkBytes, bytes - off);
+        MDTRT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(a.data) + off, len,
+                                         cudaMemcpyHostToDevice, stream));
+        MDTRT_CUDA_CHECK(cudaEventRecord((*source.chunk_events)[c].get(), stream));
+        source.progress[k].publish(c + 1);
       }
-      if (a.device >= 0) {
-        MDTRT_CUDA_CHECK(cudaMemcpyPeerAsync(dst, ctx.device, a.data, a.device, bytes, stream));
-        continue;
-      }
-      const Replication mode = plan.modes[k];
-      if (mode == Replication::kHost) {
-        MDTRT_CUDA_CHECK(cudaMemcpyAsync(dst, a.data, bytes, cudaMemcpyHostToDevice, stream));
-        continue;
-      }
-      if (mode == Replication::kBroadcast && i != 0) continue;  // filled by ncclBroadcast below
-      const int chunks =
-          static_cast<int>(std::max<size_t>(1, (bytes + kPeerReplicationChunkBytes - 1) / kPeerReplicationChunkBytes));
-      if (i == 0) {
-        staging_source = true;
-        for (int c = 0; c < chunks; ++c) {
-          const size_t off = static_cast<size_t>(c) * kPeerReplicationChunkBytes;
-          const size_t len = std::min(kPeerReplicationChunkBytes, bytes - off);
-          MDTRT_CUDA_CHECK(cudaMemcpyAsync(static_cast<char*>(dst) + off, static_cast<const char*>(a.data) + off, len,
-                                           cudaMemcpyHostToDevice, stream));
-          MDTRT_CUDA_CHECK(cudaEventRecord((*source.chunk_events)[c].get(), stream));
-          source.progress[k].publish(c + 1);
-        }
-      } else {  // peer copy chunk by chunk from the first rank, as soon as each chunk is staged
-        const DeviceBuffer& from = (*source.staging)[k];
-        for (int c = 0; c < chunks; ++c) {
-          source.progress[k].wait_for_chunk(c, ctx.deadline, ctx.rank);
-          const size_t off = static_cast<size_t>(c) * kPeerReplicationChunkBytes;
-          const size_t len = std::min(kPeerReplicationChunkBytes, bytes - off);
-          MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, (*source.chunk_events)[c].get(), 0));
-          MDTRT_CUDA_CHECK(cudaMemcpyPeerAsync(static_cast<char*>(dst) + off, ctx.device,
-                                               static_cast<const char*>(from.get()) + off, from.device(), len,
-                                               stream));
-        }
+    } else {  // peer copy chunk by chunk from the first rank, as soon as each chunk is staged
+      const DeviceBuffer& from = (*source.staging)[k];
+      for (int c = 0; c < chunks; ++c) {
+        source.progress[k].wait_for_chunk(c, ctx.deadline, ctx.rank);
+        const size_t off = static_cast<size_t>(c) * kPeerReplicationChunkBytes;
+        const size_t len = std::min(kPeerReplicationChunkBytes, bytes - off);
+        MDTRT_CUDA_CHECK(cudaStreamWaitEvent(stream, (*source.chunk_events)[c].get(), 0));
+        MDTRT_CUDA_CHECK(cudaMemcpyPeerAsync(static_cast<char*>(dst) + off, ctx.device,
+                                             static_cast<const char*>(from.get()) + off, from.device(), len,
+                                             stream));
       }
     }
-  } catch (...) {
-    if (staging_source || i == 0)
-      for (auto& p : source.progress) p.fail();
-    throw;
   }
   for (size_t k = 0; k < args.size(); ++k) {
     if (plan.modes[k] != Replication::kBroadcast) continue;

@@ -37,6 +37,11 @@ struct ReplicationSource {
   std::vector<StagingProgress> progress;  // per input
   std::vector<DeviceBuffer>* staging = nullptr;  // the first rank's staging buffers, per input
   std::vector<CudaEvent>* chunk_events = nullptr;  // on the first rank's GPU, per chunk
+  // The first rank's launch failed, at any step before its staging finished (also before
+  // stage_inputs): the ranks waiting for its chunks stop at once instead of at the deadline.
+  void fail() {
+    for (StagingProgress& p : progress) p.fail();
+  }
 };
 
 // Check step: a view per input for the program, pointing at the caller's array where the program
@@ -45,7 +50,8 @@ std::vector<TensorView> place_inputs(const RankContext& ctx, const std::vector<I
                                      std::vector<DeviceBuffer>& staging, size_t alignment);
 
 // Launch step: the copies into the staging buffers chosen by place_inputs, on ctx.stream, in the
-// call's replication modes; then ncclBroadcast for inputs replicated that way.
+// call's replication modes; then ncclBroadcast for inputs replicated that way. When the first rank's
+// launch throws (here or before), its caller calls source.fail().
 void stage_inputs(RankContext& ctx, const CallPlan& plan, const std::vector<InputArg>& args,
                   const std::vector<TensorView>& views, ReplicationSource& source, int first_rank_in_world);
 
