@@ -60,13 +60,19 @@ def numpy_dtype(name):
 
 def random_inputs(rng, n, shape, dtype, reduce):
     dt = numpy_dtype(dtype)
+    # avg of integers: NCCL divides the sum it accumulated in the dtype itself (wrapping), the
+    # reference the exact sum, so the n ranks' sum must stay inside int8/uint8 (sum, prod, max and
+    # min wrap alike in both and need no bound).
+    def bound(limit, most):
+        return min(most, limit // n) if reduce == "avg" else most
+
     out = []
     for _ in range(n):
         if dtype in ("int32", "int8"):
-            lo, hi = (1, 3) if reduce == "prod" else (-20, 20)
+            lo, hi = (1, 3) if reduce == "prod" else (-bound(127, 20), bound(127, 20))
             x = rng.integers(lo, hi + 1, size=shape).astype(dt)
         elif dtype == "uint8":
-            lo, hi = (1, 3) if reduce == "prod" else (0, 40)
+            lo, hi = (1, 3) if reduce == "prod" else (0, bound(255, 40))
             x = rng.integers(lo, hi + 1, size=shape).astype(dt)
         else:
             x = (rng.uniform(0.5, 1.5, size=shape) if reduce == "prod" else rng.standard_normal(shape)).astype(dt)
