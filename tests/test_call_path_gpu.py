@@ -273,8 +273,9 @@ def test_native_collectives_take_misaligned_views_in_place(group):
     outs = [b[1:] for b in out_bases]
     group.all_reduce(views, out=outs)
     expected = reference("all_reduce", [v.cpu().numpy() for v in views])
+    tol = 2e-3 * (n - 1)  # NCCL sums in float16: one rounding per rank after the first
     for o, e in zip(outs, expected, strict=True):
-        np.testing.assert_allclose(o.cpu().numpy().astype(np.float32), e.astype(np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(o.cpu().numpy().astype(np.float32), e.astype(np.float32), rtol=tol, atol=tol)
 
 
 # -- bfloat16 through every entry point --------------------------------------------------------------

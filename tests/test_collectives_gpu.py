@@ -80,7 +80,7 @@ def random_inputs(rng, n, shape, dtype, reduce):
     return out
 
 
-def assert_matches(ours, expected, dtype, exact, reduce="none"):
+def assert_matches(ours, expected, dtype, exact, reduce="none", members=2):
     assert ours.shape == expected.shape and ours.dtype == expected.dtype
     if exact:
         np.testing.assert_array_equal(ours.view(np.uint8), expected.view(np.uint8))
@@ -89,7 +89,9 @@ def assert_matches(ours, expected, dtype, exact, reduce="none"):
         # division may round differently, by one.
         np.testing.assert_allclose(ours.astype(np.int64), expected.astype(np.int64), atol=1 if reduce == "avg" else 0)
     else:
-        tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[dtype]
+        # NCCL reduces in the dtype itself: one rounding per member after the first (two members:
+        # one, as the reference's cast of its float64 result), so the tolerance grows with the group.
+        tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-2}[dtype] * max(1, members - 1)
         np.testing.assert_allclose(ours.astype(np.float64), expected.astype(np.float64), rtol=tol, atol=tol)
 
 
@@ -113,7 +115,7 @@ def check(group, op, dtype, groups, reduce="none", root=None, seed=0):
             assert a is None, f"rank {rank} should have no output"
             continue
         assert a is not None, f"rank {rank} has no output"
-        assert_matches(a, b, dtype, exact=op not in REDUCING, reduce=reduce)
+        assert_matches(a, b, dtype, exact=op not in REDUCING, reduce=reduce, members=g)
 
 
 @pytest.mark.parametrize("groups", GROUPS)
