@@ -26,6 +26,7 @@ def test_concurrent_bind_with_collective_inside_bind_works():
             np.testing.assert_allclose(o, e, rtol=1e-5, atol=1e-5, err_msg=f"rank {rank}")
         # A rooted op over the split group: a mix-up of group-local and world ranks shows here.
         out = group.broadcast(inputs, root=n - 1, groups=groups, poison_outputs=True)
+        assert len(out) == n
         for rank, o in enumerate(out):
             np.testing.assert_array_equal(o, inputs[n - 1], err_msg=f"rank {rank}")
 

@@ -195,6 +195,7 @@ def test_torch_in_torch_out_from_the_caching_allocator(group):
             torch.testing.assert_close(o.cpu(), expected)
     assert a[0].data_ptr() != b[0].data_ptr()  # a fresh output per call: the first one is still held
     gathered = group.all_gather(xs)
+    assert len(gathered) == n
     for o in gathered:
         assert tuple(o.shape) == (n * n * 1024, 16)
         assert torch.equal(o.cpu(), torch.cat([x.cpu() for x in xs]))
@@ -305,6 +306,7 @@ def test_bfloat16_ml_dtypes_arrays(group):
         np.testing.assert_array_equal(o.view(np.uint16), e.view(np.uint16))
     runner = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("bfloat16"))
     out = runner.infer({"input": xs[0]}, all_ranks=True)
+    assert len(out) == n
     for r in out:
         np.testing.assert_array_equal(r["output"].view(np.uint16), xs[0].view(np.uint16))
 
