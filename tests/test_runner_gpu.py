@@ -67,7 +67,7 @@ def test_auto_replication_sends_large_pageable_inputs_through_peer_copies(group,
     assert runner.last_replication == "host"
 
 
-@pytest.mark.parametrize("sizes", [("large", "small"), ("small", "large"), ("large", "large")])
+@pytest.mark.parametrize("sizes", [("large", "small"), ("small", "large"), ("large", "large")], ids="-".join)
 def test_auto_replication_sends_each_input_its_own_way_within_one_call(group, sizes):
     """auto decides per input: within one call a pageable input of 16 MiB or more goes through peer
     copies (where every GPU pair has peer access) and a small one through host copies, or two large
