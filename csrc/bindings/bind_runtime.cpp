@@ -208,7 +208,11 @@ void bind_runtime(py::module_& m) {
             py::gil_scoped_release release;  // waits for a call in flight
             r.set_cuda_graphs(on);
           })
-      .def_property_readonly("graph_captures", &ProgramRunner::graph_captures)
+      .def_property_readonly("graph_captures",
+                             [](ProgramRunner& r) {
+                               py::gil_scoped_release release;  // waits for a call in flight
+                               return r.graph_captures();
+                             })
       .def_property_readonly("graph_fallback", &ProgramRunner::graph_fallback)
       .def(
           "infer",

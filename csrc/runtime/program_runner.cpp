@@ -73,15 +73,22 @@ std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) { return inp
 void ProgramRunner::set_cuda_graphs(bool on) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   cuda_graphs_ = on;
-  if (on) graph_fallback_.clear();
+  if (on) {
+    std::lock_guard<std::mutex> lock(graph_fallback_mutex_);
+    graph_fallback_.clear();
+  }
   // A rank given up on may still be capturing or launching its graph; the group takes no more calls.
   if (group_->runtime().any_abandoned()) return;
   for (auto& b : resources_->buffers) b.graph = RankGraph{};
 }
 
-std::string ProgramRunner::graph_fallback() const { return graph_fallback_; }
+std::string ProgramRunner::graph_fallback() const {
+  std::lock_guard<std::mutex> lock(graph_fallback_mutex_);
+  return graph_fallback_;
+}
 
-std::vector<int> ProgramRunner::graph_captures() const {
+std::vector<int> ProgramRunner::graph_captures() {
+  std::lock_guard<std::mutex> call_lock(infer_mutex_);
   std::vector<int> out;
   for (const auto& b : resources_->buffers) out.push_back(b.graph.captures);
   return out;
@@ -556,6 +563,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     // Every rank ran this call without graphs; later calls do too (a program that failed to capture
     // once would fail again on every new buffer).
     cuda_graphs_ = false;
+    std::lock_guard<std::mutex> lock(graph_fallback_mutex_);
     graph_fallback_ = c.rendezvous->failure +
                       "; every rank ran without CUDA graphs instead, and this runner does from now on";
   }

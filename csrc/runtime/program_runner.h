@@ -5,6 +5,7 @@
 // and waits with a deadline.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -39,8 +40,9 @@ class ProgramRunner {
   // of one per kernel, for small latency-bound engines. Off by default.
   void set_cuda_graphs(bool on);
   bool cuda_graphs() const { return cuda_graphs_; }
-  // Per local rank: graphs captured so far (tests and benchmarks check that replays happen).
-  std::vector<int> graph_captures() const;
+  // Per local rank: graphs captured so far (tests and benchmarks check that replays happen). Waits
+  // for a call in progress (its rank threads count the captures).
+  std::vector<int> graph_captures();
   // Why CUDA graphs were switched off for this runner ("" while they were not): a capture failed on
   // a rank, and every local rank then ran that call, and runs every later one, without graphs.
   std::string graph_fallback() const;
@@ -120,9 +122,12 @@ class ProgramRunner {
   std::shared_ptr<Call> call_;
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers
   int abort_hook_ = -1;
-  bool cuda_graphs_ = false;
-  std::string graph_fallback_;
-  Replication last_replication_ = Replication::kHost;
+  // Written by calls (under infer_mutex_, held for a whole call), read from Python without it: a
+  // property read while another thread's call runs must neither wait for that call nor race it.
+  std::atomic<bool> cuda_graphs_{false};
+  std::atomic<Replication> last_replication_{Replication::kHost};
+  mutable std::mutex graph_fallback_mutex_;
+  std::string graph_fallback_;  // under graph_fallback_mutex_
 };
 
 // A call whose arguments were checked and planned once: run() repeats it on the same buffers.
