@@ -84,22 +84,24 @@ std::string describe_no_gpu(const std::string& error, int driver_version, int ru
          (visible ? std::string(" with CUDA_VISIBLE_DEVICES='") + visible + "'" : "");
 }
 
+namespace {
+// What CUDA knows of `ptr`; false (the error cleared) when it cannot say.
+bool pointer_attributes(const void* ptr, cudaPointerAttributes& attr) {
+  if (cudaPointerGetAttributes(&attr, ptr) == cudaSuccess) return true;
+  cudaGetLastError();
+  return false;
+}
+}  // namespace
+
 int pointer_device(const void* ptr) {
   cudaPointerAttributes attr{};
-  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
-    cudaGetLastError();
-    return -1;
-  }
+  if (!pointer_attributes(ptr, attr)) return -1;
   return attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ? attr.device : -1;
 }
 
 bool is_pageable_host_memory(const void* ptr) {
   cudaPointerAttributes attr{};
-  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return attr.type == cudaMemoryTypeUnregistered;
+  return pointer_attributes(ptr, attr) && attr.type == cudaMemoryTypeUnregistered;
 }
 
 void copy_device_to_host(void* dst, const void* src, int device, size_t nbytes) {
