@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 import mdtrt
-from mdtrt import _core, arrays
-from mdtrt.device_group import DeviceGroup
+from mdtrt import _core, arrays, prepared_call
+from mdtrt.device_group import DeviceGroup, _TorchRun
 
 torch = pytest.importorskip("torch")
 from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
@@ -325,13 +325,18 @@ def test_outputs_are_made_from_the_inputs_where_they_can(stubs):
     another GPU than their rank's give torch.empty on the rank's GPU."""
     group = stubs.make_group()
     xs = tensors(0x1000)
-    for _ in range(2):
-        group.all_reduce(xs)
-        group.all_gather(xs)
-        group.prepare_collective("all_reduce", xs)()
-        group.all_reduce([xs[1], xs[0]])
-    assert stubs.how == ["empty_like"] * 2 + ["empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2 + (
-        ["empty_like"] * 2 + ["new_empty"] * 2 + ["empty_like"] * 2 + ["empty"] * 2)  # first calls: general path
+
+    def how(call) -> set:  # how the call's allocations (its outputs, the next call's spare) were made
+        start = len(stubs.how)
+        call()
+        assert len(stubs.how) > start
+        return set(stubs.how[start:])
+
+    for fast in (False, True):  # first calls: general path; then the fast path
+        assert how(lambda: group.all_reduce(xs)) == {"empty_like"}
+        assert how(lambda: group.all_gather(xs)) == ({"new_empty"} if fast else {"empty"})
+        assert how(lambda: group.prepare_collective("all_reduce", xs)()) == {"empty_like"}
+        assert how(lambda: group.all_reduce([xs[1], xs[0]])) == {"empty"}
 
 
 def test_one_local_rank_takes_a_single_tensor_on_the_fast_path(stubs):
@@ -374,3 +379,112 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
     gc.collect()
     assert all((ref() is not None) == in_use for ref in alive)
     assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held_before + (1 if in_use else 0)
+
+
+def outputs_run_on(stubs) -> list:
+    """The output addresses of the latest run, one per rank."""
+    _, outputs, _ = stubs.log[-1]
+    return [given[0][1] for given in outputs]
+
+
+def test_a_loop_runs_on_outputs_allocated_while_the_call_before_ran(stubs):
+    """A stream-ordered default call allocates the next call's outputs once its own work is queued
+    (SpareOutputs): the next call of its signature runs on them and returns them; every call still
+    returns outputs of its own (never one another call returned), one allocation per rank and call."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    got = [group.all_reduce(xs) for _ in range(2)]  # general path, then the fast path's first run
+    for _ in range(3):
+        spare = stubs.allocated[-2:]  # allocated after the call before had run
+        before = len(stubs.allocated)
+        got.append(group.all_reduce(xs))
+        assert got[-1] == spare and outputs_run_on(stubs) == [t.ptr for t in spare]
+        assert len(stubs.allocated) == before + 2  # the next call's spare, nothing for this one
+    assert len({id(t) for outs in got for t in outs}) == 2 * len(got)
+
+
+def test_a_spare_serves_only_its_own_signature_on_the_streams_it_was_made_on(stubs, monkeypatch):
+    """Alternating signatures keep a spare each; a call under other current streams (torch hands a
+    block out in its allocation stream's order) does not take the spare made on the old ones."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    for _ in range(2):  # both signatures reach the fast path
+        group.all_reduce(xs)
+        group.all_gather(xs)
+    for op, shape in (("all_reduce", (4, 3)), ("all_gather", (8, 3))):
+        spare = [t for t in stubs.allocated if tuple(t.shape) == shape][-2:]
+        assert getattr(group, op)(xs) == spare
+    spare = stubs.allocated[-2:]  # all_gather's
+    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 200 + device])
+    got = group.all_gather(xs)
+    assert got != spare and not any(t.ptr in outputs_run_on(stubs) for t in spare)
+    _, outputs, _ = stubs.log[-1]
+    assert [given[0][4] for given in outputs] == [200, 201]
+
+
+def test_no_spare_for_a_waiting_call_a_large_output_or_a_failed_allocation(stubs, monkeypatch):
+    """A call that returns once its work has finished keeps no spare (there is nothing to overlap);
+    neither does one whose outputs are past SPARE_OUTPUTS_MAX_BYTES per GPU (all spares together),
+    nor one whose spare allocation fails: the call itself still returns its outputs."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    for _ in range(3):
+        group.all_reduce(xs, stream_ordered=False)
+    assert len(group._spare_outputs._kept) == 0
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 48)  # one all_reduce output (4x3 float32)
+    for _ in range(2):
+        group.all_gather(xs)  # 96 bytes
+        group.all_reduce(xs)
+    assert [spare[2] for spare in group._spare_outputs._kept.values()] == [48]
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 100)
+    group.all_reduce(xs)
+    group.all_gather(xs)  # its spare pushes all_reduce's out
+    assert [spare[2] for spare in group._spare_outputs._kept.values()] == [96]
+    group._spare_outputs.clear()
+    real = _TorchRun._new_outputs
+    calls = []
+
+    def new_outputs(self, inputs):  # the call's own outputs come, its spare's do not
+        calls.append(None)
+        if len(calls) % 2 == 0:
+            raise torch.OutOfMemoryError("no memory")
+        return real(self, inputs)
+
+    monkeypatch.setattr(_TorchRun, "_new_outputs", new_outputs)
+    other = tensors(0x5000, shape=(2, 6))
+    for _ in range(3):
+        outs = group.all_reduce(other)
+        assert [t.ptr for t in outs] == outputs_run_on(stubs) and len(group._spare_outputs._kept) == 0
+
+
+def test_close_and_eviction_drop_the_spares(stubs, monkeypatch):
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    for _ in range(2):
+        group.all_reduce(xs)
+    assert len(group._spare_outputs._kept) == 1
+    monkeypatch.setattr("mdtrt.device_group._MAX_CACHED_COLLECTIVES", 1)
+    group.all_gather(xs)  # a new runner evicts all_reduce's calls, and the spares
+    assert len(group._spare_outputs._kept) == 0
+    group.all_gather(xs)
+    assert len(group._spare_outputs._kept) == 1
+    group.close()
+    assert len(group._spare_outputs._kept) == 0
+
+
+def test_a_prepared_call_without_out_runs_on_the_spare_of_its_run_before(stubs, monkeypatch):
+    group = stubs.make_group()
+    call = group.prepare_collective("all_gather", tensors(0x1000))
+    got = [call()]
+    for _ in range(3):
+        spare = stubs.allocated[-2:]
+        got.append(call())
+        assert got[-1] == spare
+        _, outputs, _ = stubs.log[-1]
+        assert [given[0][1] for given in outputs] == [t.ptr for t in spare]
+    assert len({id(t) for outs in got for t in outs}) == 2 * len(got)
+    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 300 + device])
+    spare = stubs.allocated[-2:]
+    assert call() != spare
+    _, outputs, _ = stubs.log[-1]
+    assert [given[0][4] for given in outputs] == [300, 301]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import mdtrt
-from mdtrt import _core, prepared_call
+from mdtrt import _core, arrays, prepared_call
 from mdtrt.device_group import DeviceGroup
 from mdtrt.runner import EngineRunner
 
@@ -59,6 +59,11 @@ class StubCall:
                                            device=[None if name in given else ("pooled", rank, name, shape)
                                                    for name, _, shape in specs]))
         return results
+
+    def __call__(self, outputs=None, stream_ordered=False):
+        """A run of a prepared call (EngineRunner.prepare) on the arrays it was prepared with."""
+        assert not outputs  # given outputs are run through run_at_each here
+        return self.run_at([[] for _ in self.specs], [], stream_ordered)
 
     def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
@@ -444,6 +449,7 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
         runner.infer(inputs_of(0x1000, True), outputs=outputs_of(0x2000) if with_outputs else None)
     runs = len(stubs.log)
     inputs, given = inputs_of(0x3000, True), outputs_of(0x4000) if with_outputs else None
+    runner._spare_outputs.clear()  # (the spare the call before allocated would serve it: this run allocates its own)
     del stubs.allocated[:]
     alive = [weakref.ref(t) for d in inputs for t in d.values()]
     alive += [weakref.ref(t) for ts in given.values() for t in ts] if with_outputs else []
@@ -461,3 +467,29 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
     gc.collect()
     assert all((ref() is not None) == in_use for ref in alive)
     assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held_before + (1 if in_use else 0)
+
+
+@pytest.mark.parametrize("entry", ["infer", "prepare"])
+def test_a_loop_runs_on_outputs_allocated_while_the_call_before_ran(stubs, monkeypatch, entry):
+    """Once the output shapes are known, a stream-ordered call without outputs= allocates the next
+    call's outputs after its own work is queued (SpareOutputs); the next call runs on them and
+    returns them, unless torch's current streams changed meanwhile. Every call returns outputs of
+    its own, never ones another call returned."""
+    runner = stubs.make_runner()
+    inputs = inputs_of(0x1000, True)
+    call = runner.prepare(inputs, all_ranks=True) if entry == "prepare" else (
+        lambda: runner.infer(inputs, all_ranks=True))
+    got = [call() for _ in range(2)]  # pooled outputs (the shapes are learnt), then torch's
+    for _ in range(3):
+        spare = stubs.allocated[-4:]  # y and z on each rank, allocated after the call before ran
+        got.append(call())
+        assert [t for rank in got[-1] for t in rank.values()] == spare
+        _, outputs, ordered = stubs.log[-1]
+        assert ordered is True and [ptr for rank in outputs for _, ptr, _, _, _ in rank] == [t.ptr for t in spare]
+    assert len({id(t) for outs in got[1:] for rank in outs for t in rank.values()}) == 4 * (len(got) - 1)
+    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 200 + device])
+    spare = stubs.allocated[-4:]
+    got = call()
+    assert not {id(t) for rank in got for t in rank.values()} & {id(t) for t in spare}
+    _, outputs, _ = stubs.log[-1]
+    assert [stream for rank in outputs for _, _, _, _, stream in rank] == [200, 200, 201, 201]

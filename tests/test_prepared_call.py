@@ -11,7 +11,7 @@ import pytest
 import mdtrt
 from mdtrt.arrays import ArrayRef, describe
 from mdtrt.errors import InvalidArgumentError
-from mdtrt.prepared_call import KeptCalls, PreparedCall
+from mdtrt.prepared_call import KeptCalls, PreparedCall, SpareOutputs
 from mdtrt.runner import EngineRunner
 
 
@@ -99,6 +99,7 @@ def test_engine_runner_prepare_checks_names_once():
     runner._devices = [0, 1]
     runner._output_specs = {}
     runner._calls = KeptCalls(16)
+    runner._spare_outputs = SpareOutputs()
     runner.replication = "auto"
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"missing \['input'\]"):
         runner.prepare({"x": np.ones(2, np.float32)})
@@ -218,6 +219,7 @@ def stub_engine_runner(native):
     runner._devices = [0, 1]
     runner._output_specs = {}
     runner._calls = KeptCalls(16)
+    runner._spare_outputs = SpareOutputs()
     runner._cuda_graph = False
     runner.replication = "auto"
     return runner

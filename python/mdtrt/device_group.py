@@ -12,7 +12,7 @@ from .cuda_state import no_gpu_error
 from .errors import InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
-from .prepared_call import KeptCalls, PreparedCall
+from .prepared_call import KeptCalls, PreparedCall, SpareOutputs
 from .vocabulary import COLLECTIVES, REDUCE_OPS
 from .vocabulary import REDUCING as _REDUCING
 from .vocabulary import ROOTED as _ROOTED
@@ -67,13 +67,16 @@ class _TorchRun:
         The output's shape, when outputs are allocated.
     rank_devices : list of int
         Each local rank's CUDA device (where allocated outputs go).
+    spares : SpareOutputs
+        The group's, shared by its runs: allocated outputs come from there when it has this run's.
     """
 
     __slots__ = ("kept", "_run_at_each", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
-                 "_out_nbytes", "_allocate")
+                 "_out_nbytes", "_allocate", "_spares")
 
-    def __init__(self, kept, refs, out_refs, out_shape, rank_devices):
+    def __init__(self, kept, refs, out_refs, out_shape, rank_devices, spares):
         self.kept = kept
+        self._spares = spares
         self._run_at_each = kept.call.run_at_each
         self._defined = kept.defined
         self._devices = [ref.device for ref in refs]
@@ -93,17 +96,29 @@ class _TorchRun:
         allocator); ``pointers``: the inputs' data pointers, then ``out``'s (a list of this call's:
         allocated outputs' are appended). Returns as :meth:`DeviceGroup.collective`."""
         streams = torch_current_streams(self._devices)
-        if out is None:
-            out = self._allocate(inputs)
-            for t in out:  # a loop: a comprehension's set-up costs more for a few ranks
-                pointers.append(t.data_ptr())
-        streams += torch_current_streams(self._out_devices) if self._out_streams else streams
+        out_streams = torch_current_streams(self._out_devices) if self._out_streams else streams
+        allocating = out is None
+        if allocating:
+            spare = self._spares.take(self, out_streams)
+            out, addresses = spare if spare is not None else self._new_outputs(inputs)
+            pointers += addresses
         try:
-            self._run_at_each(pointers, streams, _OUTPUT_NAMES, self._out_nbytes, self._out_devices, self._ordered)
+            self._run_at_each(pointers, streams + out_streams, _OUTPUT_NAMES, self._out_nbytes, self._out_devices,
+                              self._ordered)
         except BaseException:
             self.kept.call.hold_if_in_use(inputs, out)  # work of the failed run may still use them
             raise
+        if allocating and self._ordered:  # queued, not finished: the GPUs run it while the next outputs are made
+            self._spares.keep_new(self, out_streams, self._out_nbytes[0], self._new_outputs, inputs)
         return list(out) if self._defined is None else self.kept.results(out)
+
+    def _new_outputs(self, inputs) -> tuple:
+        """(one new tensor per rank, their data pointers)."""
+        out = self._allocate(inputs)
+        addresses = []
+        for t in out:  # a loop: a comprehension's set-up costs more for a few ranks
+            addresses.append(t.data_ptr())
+        return out, addresses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +233,7 @@ class DeviceGroup:
         self._calls = KeptCalls(_MAX_CACHED_CALLS)  # one-shot collective calls by argument signature
         # The same calls (_KeptCollective) by the signature of torch CUDA tensors, as read_torch_cuda reads it.
         self._torch_calls = KeptCalls(_MAX_CACHED_CALLS)
+        self._spare_outputs = SpareOutputs()  # the next outputs of the latest of those calls
         # Fixed for the group's life; read on every call (a native property read costs a call).
         self._num_local_ranks = native.num_local_ranks
         self._ranks = list(native.ranks)
@@ -283,6 +299,7 @@ class DeviceGroup:
         self._runners.clear()
         self._calls.clear()
         self._torch_calls.clear()
+        self._spare_outputs.clear()
         if native is not None:
             native.close()
 
@@ -404,6 +421,11 @@ class DeviceGroup:
         ``root``, bool flags, a list of ints as ``groups``) those checks are one read of each
         tensor's dtype, shape, GPU, contiguity and address, matched against the signatures that
         passed every check before. ``prepare_collective`` also skips reading the arrays per call.
+        A stream-ordered call that allocates its torch outputs allocates the next call's outputs of
+        its signature once its own work is queued (they are allocated while the GPUs run it, not
+        before the next call's enqueue); the group holds such spares of at most 256 MiB per GPU in
+        all, takes one only for a call on the streams current at its allocation, and frees them in
+        :meth:`close`.
         """
         return self._collective(op, inputs, reduce, root, groups, out, poison_outputs,
                                 sequential_bind, stream_ordered)
@@ -443,7 +465,8 @@ class DeviceGroup:
         results = kept.call.run_on([[ref] for ref in refs], out_refs)
         if torch_key is not None:  # these tensors passed every check: their signature finds this call
             out_shape = self._output_shape(key, refs[0].shape) if out_refs is None else None
-            self._torch_calls.keep(torch_key, _TorchRun(kept, refs, out_refs, out_shape, list(self._native.devices)))
+            self._torch_calls.keep(torch_key, _TorchRun(kept, refs, out_refs, out_shape, list(self._native.devices),
+                                                          self._spare_outputs))
         return kept.results([o["output"] for o in results])
 
     def prepare_collective(self, op: str, inputs, *, reduce: str = "sum", root: int = 0,
@@ -519,6 +542,7 @@ class DeviceGroup:
                 self._calls.pop(call_key, None)
             for call_key in [k for k, run in list(self._torch_calls.items()) if run.kept.runner_key == evicted]:
                 self._torch_calls.pop(call_key, None)
+            self._spare_outputs.clear()  # it may belong to one of them
         return cached
 
     def _new_collective_call(self, refs, out_refs, key, poison_outputs, stream_ordered, *, keep_inputs):
@@ -534,7 +558,7 @@ class DeviceGroup:
                                            list(native.devices))
         call = PreparedCall(runner, [[ref] for ref in refs], fetch_all=True, poison_outputs=bool(poison_outputs),
                             out=out_refs, new_out=new_out, keep_inputs=keep_inputs, output_names=("output",),
-                            stream_ordered=stream_ordered)
+                            stream_ordered=stream_ordered, spares=self._spare_outputs)
         return _KeptCollective(call, defined, key)
 
     def _output_shape(self, key, shape) -> tuple:

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from . import arguments
-from .arrays import ArrayRef, host_output, torch_output_factory, wrap_device_output
+from .arrays import ArrayRef, host_output, torch_current_streams, torch_output_factory, wrap_device_output
 from .errors import InvalidArgumentError
 
 
@@ -44,6 +44,58 @@ class KeptCalls(OrderedDict):
         if len(self) > self.limit:
             self.popitem(last=False)
         return call
+
+
+# Spares (see SpareOutputs) are kept for outputs of at most this many bytes per GPU, all together:
+# past it, one allocation (a few microseconds) is under 0.5% of a call (at NVLink speed), and
+# spares that large are memory the caller may need.
+SPARE_OUTPUTS_MAX_BYTES = 256 << 20
+
+
+class SpareOutputs:
+    """The outputs a stream-ordered call allocates for the next call of its kind once its own work
+    is queued: the allocation (torch's caching allocator, a few microseconds per tensor) then
+    overlaps that work on the GPUs instead of delaying the next call's enqueue, so a loop of
+    ``y = group.all_reduce(x)`` pays none before it. One set per kind of call (``owner``: a
+    signature's kept call), at most ``SPARE_OUTPUTS_MAX_BYTES`` per GPU in all, the least recently
+    kept dropped first (a loop that alternates a few calls keeps a spare for each). A spare is used only
+    by a call whose outputs' streams are the ones current when it was allocated, since torch hands
+    each block out in the order of the stream current at allocation, and dropped otherwise.
+    """
+
+    __slots__ = ("_kept",)
+
+    def __init__(self):
+        self._kept: OrderedDict = OrderedDict()  # owner -> (streams, outputs, bytes per GPU)
+
+    def take(self, owner, streams):
+        """The spare allocated for ``owner`` on ``streams`` (the output GPUs' current streams now),
+        or None. The spare is taken away: two threads never get the same one."""
+        spare = self._kept.pop(owner, None)  # one step under the GIL
+        return spare[1] if spare is not None and spare[0] == streams else None
+
+    def keep_new(self, owner, streams, nbytes: int, allocate, *args) -> None:
+        """Keeps ``allocate(*args)`` (outputs of ``nbytes`` on one GPU at most, allocated on
+        ``streams``) for ``owner``'s next call, dropping the least recently kept spares past the
+        size limit; nothing when it alone is past the limit, nor when the allocation fails (out
+        of memory: the next call allocates its own and reports it)."""
+        if nbytes > SPARE_OUTPUTS_MAX_BYTES:
+            return
+        kept = self._kept
+        try:
+            while kept and sum([spare[2] for spare in list(kept.values())]) + nbytes > SPARE_OUTPUTS_MAX_BYTES:
+                kept.popitem(last=False)
+        except KeyError:  # another thread took the last one meanwhile
+            pass
+        try:
+            outputs = allocate(*args)
+        except Exception:  # torch.OutOfMemoryError and kin: this call's outputs are fine, only no spare
+            return
+        kept[owner] = (streams, outputs, nbytes)
+
+    def clear(self) -> None:
+        """Drops every spare (their memory goes back to torch's caching allocator)."""
+        self._kept.clear()
 
 
 def _templates(per_rank_refs):
@@ -108,6 +160,9 @@ class PreparedCall:
         known: its first run waits). False: each run returns when every rank has finished. None
         (default): stream-ordered when every input and output of the run is a torch CUDA tensor,
         as torch.distributed's collectives are.
+    spares : SpareOutputs, optional
+        Where a stream-ordered run whose outputs ``new_out`` allocates keeps the next run's (its
+        group's or runner's, shared by their calls); None: none kept.
 
     Raises
     ------
@@ -120,7 +175,8 @@ class PreparedCall:
                  replication: str = "auto", timeout: float | None = None, fetch_ranks: Sequence[int] | None = None,
                  out: list[dict[str, ArrayRef]] | None = None, new_out=None,
                  torch_devices: list[int] | None = None, spec_cache: dict | None = None, keep_inputs: bool = True,
-                 output_names: Sequence[str] | None = None, stream_ordered: bool | None = None):
+                 output_names: Sequence[str] | None = None, stream_ordered: bool | None = None,
+                 spares: SpareOutputs | None = None):
         # One pass over the inputs; a replicated input list is the same object on every rank.
         on_device = on_host = False
         all_torch = True
@@ -164,6 +220,9 @@ class PreparedCall:
         self._torch_inputs = on_device and all_torch
         self._flat_inputs = None  # the inputs' (pointers, streams) as run_at_each takes them, read once
         self._output_names = tuple(output_names) if output_names is not None else None
+        self._spares = spares
+        self._spare_devices = None  # the GPU of each allocated output (flat), once a spare was kept
+        self._spare_bytes = 0  # the most bytes of allocated outputs on one GPU
         # Torch inputs whose output shapes are not known in advance (engines): the first call takes
         # pooled outputs and records the shapes in spec_cache (keyed by the inputs' dtypes and
         # shapes, which determine them); from then on, outputs come from torch's allocator.
@@ -198,7 +257,7 @@ class PreparedCall:
         """
         if self._refs is None:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
-        out = self._new_out(self._likes) if self._new_out is not None else self._out
+        out = self._new_outputs() if self._new_out is not None else self._out
         ordered = self.stream_ordered_for(out)
         names = self._output_names
         if self._new_out is not None and ordered and names is not None:
@@ -225,6 +284,7 @@ class PreparedCall:
                 except BaseException:
                     self.hold_if_in_use(self._refs, out)
                     raise
+                self._keep_spare(out)
                 return [{name: given[name].owner for name in names} for given in out]
         try:
             if self._new_out is None and not ordered:
@@ -236,7 +296,30 @@ class PreparedCall:
         except BaseException:
             self.hold_if_in_use(self._refs, out)
             raise
+        if ordered and self._new_out is not None and out:
+            self._keep_spare(out)
         return self._wrap(results, self._refs, out)
+
+    def _new_outputs(self) -> list:
+        """This run's outputs from ``new_out``: the spare the previous run kept, when it was
+        allocated on the streams current now (see SpareOutputs), else new ones."""
+        devices = self._spare_devices
+        if devices is not None:
+            out = self._spares.take(self, torch_current_streams(devices))
+            if out is not None:
+                return out
+        return self._new_out(self._likes)
+
+    def _keep_spare(self, out) -> None:
+        """After a stream-ordered run on outputs from ``new_out`` (``out``) was queued: allocates
+        the next run's while the GPUs run this one."""
+        if self._spares is None:
+            return
+        if self._spare_devices is None:
+            self._spare_devices = [ref.device for given in out for ref in given.values()]
+            self._spare_bytes = max(sum(ref.nbytes for ref in given.values()) for given in out)
+        self._spares.keep_new(self, torch_current_streams(self._spare_devices), self._spare_bytes,
+                              self._new_out, self._likes)
 
     def hold_if_in_use(self, arrays, out) -> None:
         """After a run raised: keeps its arrays (any objects that own them: ArrayRefs, tensors)

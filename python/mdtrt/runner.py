@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from . import _core, arguments
 from .arrays import ArrayRef, describe, read_torch_cuda, torch_current_streams
 from .device_group import DeviceGroup
-from .prepared_call import KeptCalls, PreparedCall
+from .prepared_call import KeptCalls, PreparedCall, SpareOutputs
 from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
@@ -53,17 +53,22 @@ class _TorchInfer:
         Return every rank's outputs, not only the first rank's.
     rank_devices : list of int
         Each local rank's CUDA device (where allocated outputs go).
+    spares : SpareOutputs
+        The runner's, shared by its kept calls: allocated outputs come from there when it has this call's.
 
     The tensors of a call are read in this order: the inputs (once if shared, else each rank's in
     turn, in the engine's order), then each output of ``outputs`` with its tensor per rank.
     """
 
     __slots__ = ("call", "_run_at_each", "_order", "_devices", "_names", "_nbytes", "_out_devices", "_ordered",
-                 "_allocate", "_likes", "_results")
+                 "_allocate", "_likes", "_results", "_rank_devices", "_spares",
+                 "_spare_bytes")
 
-    def __init__(self, call, per_rank, out, shared, all_ranks, rank_devices):
+    def __init__(self, call, per_rank, out, shared, all_ranks, rank_devices, spares):
         n, k = len(per_rank), len(per_rank[0])
         self.call = call
+        self._rank_devices = list(rank_devices)
+        self._spares = spares
         self._run_at_each = call.run_at_each
         inputs = list(range(k)) * n if shared else list(range(n * k))  # read index of each rank's inputs
         read = k if shared else n * k  # inputs read
@@ -91,6 +96,7 @@ class _TorchInfer:
         if self._order == list(range(len(self._order))):
             self._order = None  # the run takes the pointers as read
         self._nbytes = [ref.nbytes for ref in outs]
+        self._spare_bytes = max(sum(ref.nbytes for ref in given.values()) for given in out)  # per GPU
         self._out_devices = [ref.device for ref in outs]
         self._ordered = call.stream_ordered_for(out)
 
@@ -102,7 +108,9 @@ class _TorchInfer:
         streams = torch_current_streams(self._devices)
         out = None
         if self._allocate is not None:  # torch outputs, as the PreparedCall's new_out allocates them
-            out = self._allocate(None if self._likes is None else [tensors[i] for i in self._likes])
+            likes = None if self._likes is None else [tensors[i] for i in self._likes]
+            allocated_on = torch_current_streams(self._rank_devices)
+            out = self._spares.take(self, allocated_on) or self._allocate(likes)
             for given in out:  # loops: a comprehension's set-up costs more for a few outputs
                 for ref in given.values():
                     pointers.append(ref.ptr)
@@ -112,6 +120,8 @@ class _TorchInfer:
         except BaseException:
             self.call.hold_if_in_use(tensors, out)  # work of the failed run may still use them
             raise
+        if out is not None and self._ordered:  # queued, not finished: the GPUs run it while the next outputs are made
+            self._spares.keep_new(self, allocated_on, self._spare_bytes, self._allocate, likes)
         if out is not None:
             if not all_ranks:
                 return {name: ref.owner for name, ref in out[0].items()}
@@ -229,6 +239,7 @@ class EngineRunner:
         self._calls = KeptCalls(_MAX_CACHED_CALLS)  # infer's prepared calls, one per argument signature
         # The same calls (_TorchInfer) by the signature of torch CUDA tensors, as _read_torch reads it.
         self._torch_calls = KeptCalls(_MAX_CACHED_CALLS)
+        self._spare_outputs = SpareOutputs()  # the next outputs of the latest of those calls
 
     @property
     def input_names(self) -> list[str]:
@@ -309,7 +320,9 @@ class EngineRunner:
         -------
         dict or list of dict
             Output name to array: numpy for numpy inputs, torch tensors for torch inputs, else
-            ``mdtrt.DeviceArray`` (pooled device memory, valid as long as it is held).
+            ``mdtrt.DeviceArray`` (pooled device memory, valid as long as it is held). A
+            stream-ordered call allocates the next call's torch outputs once its own work is
+            queued, as :meth:`DeviceGroup.collective` does (Notes there).
 
         Raises
         ------
@@ -377,7 +390,8 @@ class EngineRunner:
                 self._warn_graph_fallback()
         if torch_key is not None and self._runs_fast(call, out):
             # These tensors passed every check and ran: their signature finds this call from now on.
-            self._torch_calls.keep(torch_key, _TorchInfer(call, per_rank, out, shared, all_ranks, self._devices))
+            self._torch_calls.keep(torch_key, _TorchInfer(call, per_rank, out, shared, all_ranks, self._devices,
+                                                              self._spare_outputs))
         return results if all_ranks else results[0]
 
     def _read_torch(self, inputs, outputs) -> tuple | None:
@@ -518,7 +532,8 @@ class EngineRunner:
     def _new_call(self, per_rank, all_ranks, poison_outputs, mode, timeout, out, stream_ordered, *, keep_inputs):
         return PreparedCall(self._native, per_rank, fetch_all=all_ranks, poison_outputs=poison_outputs,
                             replication=mode, timeout=timeout, out=out, torch_devices=self._devices,
-                            spec_cache=self._output_specs, keep_inputs=keep_inputs, stream_ordered=stream_ordered)
+                            spec_cache=self._output_specs, keep_inputs=keep_inputs, stream_ordered=stream_ordered,
+                            spares=self._spare_outputs)
 
     def time_infer(self, inputs, iterations: int = 20, warmup: int = 3, **kw) -> list[float]:
         """Wall-clock time of complete ``infer`` calls: each returns once every rank has finished

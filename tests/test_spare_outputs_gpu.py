@@ -1,0 +1,153 @@
+"""Outputs allocated for the next call while a stream-ordered call runs (SpareOutputs), on real
+GPUs (every visible one, one is enough): a loop of default calls whose outputs are held, dropped
+and consumed on the stream gets every call's own result, across two signatures and a change of
+current stream; the op methods, prepare_collective and EngineRunner's infer and prepare alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mdtrt
+from mdtrt import _core
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def group():
+    with mdtrt.DeviceGroup(list(range(_core.visible_gpu_count())), timeout=60) as g:
+        yield g
+
+
+def spare_addresses(holder) -> set:
+    """Data pointers of every tensor in ``holder``'s spares (a DeviceGroup's or EngineRunner's)."""
+    found = set()
+    for _, outputs, _ in list(holder._spare_outputs._kept.values()):
+        stack = [outputs]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                found.add(item.data_ptr())
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif hasattr(item, "owner"):  # an ArrayRef
+                stack.append(item.owner)
+    return found
+
+
+def reference(op, host):
+    total = np.sum(host, axis=0)
+    return [total] * len(host) if op == "all_reduce" else [np.concatenate(host)] * len(host)
+
+
+def test_op_method_loop_gets_each_calls_own_result(group):
+    """60 calls alternating all_reduce and all_gather on new random tensors, every tenth to
+    fifteenth on a side stream: every third call's outputs held, a consumer (y * 2) of every call
+    queued on the current stream at once, the other outputs dropped; all checked after the loop
+    against numpy. Most calls run on outputs allocated while the call before ran."""
+    n = len(group)
+    side = [torch.cuda.Stream(device=d) for d in group.gpus]
+    rng = np.random.default_rng(11)
+    held, consumed, used = [], [], 0
+    for it in range(60):
+        op = ("all_reduce", "all_gather")[it % 2]
+        on_side = 10 <= it % 20 < 15
+        streams = side if on_side else [torch.cuda.default_stream(d) for d in group.gpus]
+        host = [rng.standard_normal((64, 7)).astype(np.float32) for _ in range(n)]
+        with _streams(streams):
+            for s, d in zip(streams, group.gpus):
+                s.wait_stream(torch.cuda.default_stream(d))
+            xs = [torch.from_numpy(h).to(f"cuda:{d}") for h, d in zip(host, group.gpus)]
+            spare = spare_addresses(group)
+            got = getattr(group, op)(xs)
+            used += any(t.data_ptr() in spare for t in got)
+            consumed.append(([t * 2 for t in got], reference(op, host), it))
+            if it % 3 == 0:
+                held.append((got, reference(op, host), it))
+            for x in xs:
+                x.fill_(1e6)  # queued after the call: must not reach its result
+        for s, d in zip(streams, group.gpus):
+            torch.cuda.default_stream(d).wait_stream(s)
+    group.synchronize()
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    for outs, want, it in held:
+        for r, (t, w) in enumerate(zip(outs, want)):
+            np.testing.assert_allclose(t.cpu().numpy(), w, rtol=1e-5, atol=1e-5, err_msg=f"call {it}, rank {r}")
+    for outs, want, it in consumed:
+        for r, (t, w) in enumerate(zip(outs, want)):
+            np.testing.assert_allclose(t.cpu().numpy(), 2 * w, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"consumer of call {it}, rank {r}")
+    assert used >= 40, f"only {used} of 60 calls ran on a spare"
+
+
+class _streams:
+    """torch.cuda.stream for several GPUs at once."""
+
+    def __init__(self, streams):
+        self._contexts = [torch.cuda.stream(s) for s in streams]
+
+    def __enter__(self):
+        for c in self._contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self._contexts):
+            c.__exit__(*exc)
+
+
+def test_prepared_collective_without_out_gets_each_calls_own_result(group):
+    """A prepared all_reduce refilled in place before each of 30 calls (on the current stream),
+    every output held: each is its own call's sum; the calls from the third on run on spares."""
+    n = len(group)
+    xs = [torch.empty((128, 3), device=f"cuda:{d}") for d in group.gpus]
+    call = group.prepare_collective("all_reduce", xs)
+    rng = np.random.default_rng(12)
+    results, used = [], 0
+    for it in range(30):
+        host = [rng.standard_normal((128, 3)).astype(np.float32) for _ in range(n)]
+        for x, h in zip(xs, host):
+            x.copy_(torch.from_numpy(h))
+        spare = spare_addresses(group)
+        got = call()
+        used += any(t.data_ptr() in spare for t in got)
+        results.append((got, np.sum(host, axis=0), it))
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    for outs, want, it in results:
+        for r, t in enumerate(outs):
+            np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"call {it}, rank {r}")
+    assert len({t.data_ptr() for outs, _, _ in results for t in outs}) == 30 * n  # all held: all distinct
+    assert used >= 27, f"only {used} of 30 calls ran on a spare"
+
+
+@pytest.mark.parametrize("entry", ["infer", "prepare"])
+def test_engine_runner_without_outputs_gets_each_calls_own_result(group, entry):
+    """EngineRunner on the all_reduce program (torch inputs per rank, no outputs=): 30 calls,
+    inputs refilled in place, every output held and checked against numpy."""
+    n = len(group)
+    program = _core.CollectiveProgram("all_reduce", "sum", 0, [], "float32", group.world_size, n)
+    runner = mdtrt.EngineRunner(group, program=program)
+    xs = [torch.empty((256, 5), device=f"cuda:{d}") for d in group.gpus]
+    per_rank = [{"input": x} for x in xs]
+    prepared = runner.prepare(per_rank, all_ranks=True) if entry == "prepare" else None
+    rng = np.random.default_rng(13)
+    results, used = [], 0
+    for it in range(30):
+        host = [rng.standard_normal((256, 5)).astype(np.float32) for _ in range(n)]
+        for x, h in zip(xs, host):
+            x.copy_(torch.from_numpy(h))
+        spare = spare_addresses(runner)
+        got = prepared() if prepared is not None else runner.infer(per_rank, all_ranks=True)
+        used += any(rank["output"].data_ptr() in spare for rank in got)
+        results.append(([rank["output"] for rank in got], np.sum(host, axis=0), it))
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    for outs, want, it in results:
+        for r, t in enumerate(outs):
+            np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{entry} call {it}, rank {r}")
+    assert used >= 25, f"only {used} of 30 calls ran on a spare"
