@@ -405,7 +405,8 @@ def test_a_loop_runs_on_outputs_allocated_while_the_call_before_ran(stubs):
 
 def test_a_spare_serves_only_its_own_signature_on_the_streams_it_was_made_on(stubs, monkeypatch):
     """Alternating signatures keep a spare each; a call under other current streams (torch hands a
-    block out in its allocation stream's order) does not take the spare made on the old ones."""
+    block out in its allocation stream's order) does not take the spare made on the old ones, and
+    keeps one of its own."""
     group = stubs.make_group()
     xs = tensors(0x1000)
     for _ in range(2):  # both signatures reach the fast path
@@ -414,12 +415,16 @@ def test_a_spare_serves_only_its_own_signature_on_the_streams_it_was_made_on(stu
     for op, shape in (("all_reduce", (4, 3)), ("all_gather", (8, 3))):
         spare = [t for t in stubs.allocated if tuple(t.shape) == shape][-2:]
         assert getattr(group, op)(xs) == spare
-    spare = stubs.allocated[-2:]  # all_gather's
+    spare = stubs.allocated[-2:]  # all_gather's, on streams 100 and 101
     monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 200 + device])
     got = group.all_gather(xs)
     assert got != spare and not any(t.ptr in outputs_run_on(stubs) for t in spare)
     _, outputs, _ = stubs.log[-1]
     assert [given[0][4] for given in outputs] == [200, 201]
+    on_200 = stubs.allocated[-2:]
+    assert group.all_gather(xs) == on_200
+    monkeypatch.setattr(arrays, "_STREAM_GETTER", [lambda device: 100 + device])
+    assert group.all_gather(xs) == spare  # each set of streams (a thread's, say) keeps its own
 
 
 def test_no_spare_for_a_waiting_call_a_large_output_or_a_failed_allocation(stubs, monkeypatch):
@@ -435,11 +440,11 @@ def test_no_spare_for_a_waiting_call_a_large_output_or_a_failed_allocation(stubs
     for _ in range(2):
         group.all_gather(xs)  # 96 bytes
         group.all_reduce(xs)
-    assert [spare[2] for spare in group._spare_outputs._kept.values()] == [48]
+    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [48]
     monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 100)
     group.all_reduce(xs)
     group.all_gather(xs)  # its spare pushes all_reduce's out
-    assert [spare[2] for spare in group._spare_outputs._kept.values()] == [96]
+    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [96]
     group._spare_outputs.clear()
     real = _TorchRun._new_outputs
     calls = []

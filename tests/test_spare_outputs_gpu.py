@@ -24,7 +24,7 @@ def group():
 def spare_addresses(holder) -> set:
     """Data pointers of every tensor in ``holder``'s spares (a DeviceGroup's or EngineRunner's)."""
     found = set()
-    for _, outputs, _ in list(holder._spare_outputs._kept.values()):
+    for outputs, _ in list(holder._spare_outputs._kept.values()):
         stack = [outputs]
         while stack:
             item = stack.pop()

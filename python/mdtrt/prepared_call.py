@@ -58,21 +58,22 @@ class SpareOutputs:
     overlaps that work on the GPUs instead of delaying the next call's enqueue, so a loop of
     ``y = group.all_reduce(x)`` pays none before it. One set per kind of call (``owner``: a
     signature's kept call), at most ``SPARE_OUTPUTS_MAX_BYTES`` per GPU in all, the least recently
-    kept dropped first (a loop that alternates a few calls keeps a spare for each). A spare is used only
-    by a call whose outputs' streams are the ones current when it was allocated, since torch hands
-    each block out in the order of the stream current at allocation, and dropped otherwise.
+    kept dropped first (a loop that alternates a few calls keeps a spare for each). A spare is used
+    only by a call whose outputs' streams are the ones current when it was allocated, since torch
+    hands each block out in the order of the stream current at allocation: threads with streams of
+    their own keep a spare each.
     """
 
     __slots__ = ("_kept",)
 
     def __init__(self):
-        self._kept: OrderedDict = OrderedDict()  # owner -> (streams, outputs, bytes per GPU)
+        self._kept: OrderedDict = OrderedDict()  # (owner, streams) -> (outputs, bytes per GPU)
 
     def take(self, owner, streams):
         """The spare allocated for ``owner`` on ``streams`` (the output GPUs' current streams now),
         or None. The spare is taken away: two threads never get the same one."""
-        spare = self._kept.pop(owner, None)  # one step under the GIL
-        return spare[1] if spare is not None and spare[0] == streams else None
+        spare = self._kept.pop((owner, tuple(streams)), None)  # one step under the GIL
+        return None if spare is None else spare[0]
 
     def keep_new(self, owner, streams, nbytes: int, allocate, *args) -> None:
         """Keeps ``allocate(*args)`` (outputs of ``nbytes`` on one GPU at most, allocated on
@@ -83,7 +84,7 @@ class SpareOutputs:
             return
         kept = self._kept
         try:
-            while kept and sum([spare[2] for spare in list(kept.values())]) + nbytes > SPARE_OUTPUTS_MAX_BYTES:
+            while kept and sum([spare[1] for spare in list(kept.values())]) + nbytes > SPARE_OUTPUTS_MAX_BYTES:
                 kept.popitem(last=False)
         except KeyError:  # another thread took the last one meanwhile
             pass
@@ -91,7 +92,7 @@ class SpareOutputs:
             outputs = allocate(*args)
         except Exception:  # torch.OutOfMemoryError and kin: this call's outputs are fine, only no spare
             return
-        kept[owner] = (streams, outputs, nbytes)
+        kept[owner, tuple(streams)] = (outputs, nbytes)
 
     def clear(self) -> None:
         """Drops every spare (their memory goes back to torch's caching allocator)."""
