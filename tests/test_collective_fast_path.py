@@ -430,21 +430,22 @@ def test_a_spare_serves_only_its_own_signature_on_the_streams_it_was_made_on(stu
 def test_no_spare_for_a_waiting_call_a_large_output_or_a_failed_allocation(stubs, monkeypatch):
     """A call that returns once its work has finished keeps no spare (there is nothing to overlap);
     neither does one whose outputs are past SPARE_OUTPUTS_MAX_BYTES per GPU (all spares together),
-    nor one whose spare allocation fails: the call itself still returns its outputs."""
+    nor one whose spare allocation fails: the call itself still returns its outputs. Sizes count
+    as torch's caching allocator takes them: multiples of 512 bytes."""
     group = stubs.make_group()
-    xs = tensors(0x1000)
+    xs = tensors(0x1000, shape=(4, 48))
     for _ in range(3):
         group.all_reduce(xs, stream_ordered=False)
     assert len(group._spare_outputs._kept) == 0
-    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 48)  # one all_reduce output (4x3 float32)
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 1024)  # one all_reduce output (768 bytes)
     for _ in range(2):
-        group.all_gather(xs)  # 96 bytes
+        group.all_gather(xs)  # 1536 bytes
         group.all_reduce(xs)
-    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [48]
-    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 100)
+    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [1024]
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 2500)
     group.all_reduce(xs)
     group.all_gather(xs)  # its spare pushes all_reduce's out
-    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [96]
+    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [1536]
     group._spare_outputs.clear()
     real = _TorchRun._new_outputs
     calls = []
@@ -493,3 +494,120 @@ def test_a_prepared_call_without_out_runs_on_the_spare_of_its_run_before(stubs, 
     assert call() != spare
     _, outputs, _ = stubs.log[-1]
     assert [given[0][4] for given in outputs] == [300, 301]
+
+
+def spare_tensors(spares) -> list:
+    """Every tensor a SpareOutputs holds (a fast-path run's: (tensors, addresses); a prepared
+    call's: one {name: ArrayRef} per rank)."""
+    found = []
+    for outputs, _ in list(spares._kept.values()):
+        if type(outputs) is tuple:
+            found += outputs[0]
+        else:
+            found += [ref.owner for given in outputs for ref in given.values()]
+    return found
+
+
+def test_a_group_dropped_without_close_frees_its_spares_and_calls_at_once(stubs):
+    """The spares hold no reference to the calls they were made for: a group dropped without
+    close() frees its spare outputs and its prepared calls (their native calls, which hold its
+    runners and communicators) as its last reference goes, not at a later cyclic collection."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    for _ in range(3):
+        group.all_reduce(xs)
+    assert len(group._spare_outputs._kept) == 1
+    natives = [weakref.ref(kept.call._call) for kept in group._calls.values()]
+    spares = [weakref.ref(t) for t in spare_tensors(group._spare_outputs)]
+    assert natives and len(spares) == 2
+    del stubs.allocated[:]
+    gc.disable()
+    try:
+        del group
+        assert [ref() for ref in natives + spares] == [None] * (len(natives) + len(spares))
+    finally:
+        gc.enable()
+
+
+def test_a_dropped_prepared_call_frees_its_inputs_and_its_spare(stubs):
+    """A prepared call without out= keeps a spare after each call; dropping the call frees it
+    and the inputs the call held, at once, while the group lives on."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    call = group.prepare_collective("all_gather", xs)
+    call()
+    call()
+    assert len(group._spare_outputs._kept) == 1
+    inputs = [weakref.ref(x) for x in xs]
+    spares = [weakref.ref(t) for t in spare_tensors(group._spare_outputs)]
+    del stubs.allocated[:]
+    gc.disable()
+    try:
+        del xs, call
+        assert len(group._spare_outputs._kept) == 0
+        assert [ref() for ref in inputs + spares] == [None] * 4
+    finally:
+        gc.enable()
+
+
+def test_the_spares_of_an_evicted_signature_go_with_it(stubs):
+    """A signature's kept fast-path call evicted (past the kept calls' limit) never runs again:
+    its spare goes with it, and the spares left are those of the calls still kept."""
+    group = stubs.make_group()
+    group._torch_calls.limit = 2
+    gc.disable()
+    try:
+        for rows in (4, 6, 8):  # three signatures, two kept: the third evicts the first
+            xs = tensors(0x1000 * rows, shape=(rows, 3))
+            for _ in range(2):
+                group.all_reduce(xs)
+        assert len(group._spare_outputs._kept) == 2
+        kept_runs = set(map(id, group._torch_calls.values()))
+        assert {id(key[0]()) for key in group._spare_outputs._kept} == kept_runs
+    finally:
+        gc.enable()
+
+
+def test_a_call_running_while_the_group_closes_keeps_no_spare(stubs, monkeypatch):
+    """close() in another thread while a call runs (close waits for it): the call still returns
+    its outputs, but the spare it allocates afterwards is not kept by the closed group; for the
+    op methods and prepared calls alike."""
+    closing = []
+    real = StubCall.run_at_each
+
+    def run_at_each(self, *args):  # once asked, the group closes while this run is in flight
+        if closing:
+            group.close()
+        return real(self, *args)
+
+    monkeypatch.setattr(StubCall, "run_at_each", run_at_each)
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    group.all_reduce(xs)  # the general path: the next call takes the fast path
+    call = group.prepare_collective("all_gather", xs)
+    closing.append(True)
+    for run in (lambda: group.all_reduce(xs), call):
+        before = len(stubs.allocated)
+        outs = run()
+        assert [t.ptr for t in outs] == outputs_run_on(stubs)
+        assert len(stubs.allocated) == before + 2  # the call's own: no spare allocated for a closed group
+        assert len(group._spare_outputs._kept) == 0
+
+
+def test_spares_are_counted_as_torch_allocates_them_and_in_number(stubs, monkeypatch):
+    """A small output takes a 512-byte block of torch's caching allocator: the limit counts those,
+    and at most SPARE_OUTPUTS_MAX_COUNT spares are kept (0-byte outputs too)."""
+    group = stubs.make_group()
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 1024)
+    for rows in (2, 4, 6):  # 24 to 72 bytes per rank: 512 each
+        xs = tensors(0x1000 * rows, shape=(rows, 3))
+        for _ in range(2):
+            group.all_reduce(xs)
+    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [512, 512]
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 1 << 30)
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_COUNT", 3)
+    for rows in (8, 10, 12, 14):
+        xs = tensors(0x1000 * rows, shape=(rows, 3))
+        for _ in range(2):
+            group.all_reduce(xs)
+    assert len(group._spare_outputs._kept) == 3

@@ -493,3 +493,51 @@ def test_a_loop_runs_on_outputs_allocated_while_the_call_before_ran(stubs, monke
     assert not {id(t) for rank in got for t in rank.values()} & {id(t) for t in spare}
     _, outputs, _ = stubs.log[-1]
     assert [stream for rank in outputs for _, _, _, _, stream in rank] == [200, 200, 201, 201]
+
+
+def test_a_runner_dropped_frees_its_spares_and_calls_at_once(stubs):
+    """The spares hold no reference to the calls they were made for: an EngineRunner dropped frees
+    its spare outputs and its kept and prepared calls (their native calls, which hold the engine's
+    contexts) as its last reference goes, not at a later cyclic collection."""
+    runner = stubs.make_runner()
+    inputs = inputs_of(0x1000, True)
+    prepared = runner.prepare(inputs, all_ranks=True)
+    for _ in range(3):
+        runner.infer(inputs, all_ranks=True)
+        prepared()
+    assert len(runner._spare_outputs._kept) == 2
+    natives = [weakref.ref(call._call) for call in runner._calls.values()]
+    spares = [weakref.ref(ref.owner) for outputs, _ in list(runner._spare_outputs._kept.values())
+              for given in outputs for ref in given.values()]
+    assert natives and len(spares) == 8
+    del stubs.allocated[:]
+    gc.disable()
+    try:
+        del runner, prepared
+        assert [ref() for ref in natives + spares] == [None] * (len(natives) + len(spares))
+    finally:
+        gc.enable()
+
+
+def test_group_close_drops_the_runners_spares(stubs, monkeypatch):
+    """group.close() frees the spares of the EngineRunners made on it (they cannot run any more),
+    also the one a call still running as the group closes allocates afterwards."""
+    closing = []
+    real = StubCall.run_at_each
+
+    def run_at_each(self, *args):  # once asked, the group closes while this run is in flight
+        if closing:
+            closing[0].close()
+        return real(self, *args)
+
+    monkeypatch.setattr(StubCall, "run_at_each", run_at_each)
+    runner = stubs.make_runner()
+    inputs = inputs_of(0x1000, True)
+    for _ in range(3):
+        runner.infer(inputs, all_ranks=True)
+    assert len(runner._spare_outputs._kept) == 1
+    closing.append(runner.group)
+    before = len(stubs.allocated)
+    got = runner.infer(inputs, all_ranks=True)
+    assert len(got) == 2 and len(stubs.allocated) == before  # it ran on the spare, none allocated after
+    assert len(runner._spare_outputs._kept) == 0

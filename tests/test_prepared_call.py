@@ -3,12 +3,14 @@ native runner, so it is tested on any machine."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import mdtrt
+from mdtrt import prepared_call
 from mdtrt.arrays import ArrayRef, describe
 from mdtrt.errors import InvalidArgumentError
 from mdtrt.prepared_call import KeptCalls, PreparedCall, SpareOutputs
@@ -461,3 +463,32 @@ def test_arrays_of_a_run_a_rank_was_given_up_in_are_never_freed(abandoned, entry
     gc.collect()
     assert (alive() is not None) == abandoned
     assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held_before + (1 if abandoned else 0)
+
+
+def test_spare_outputs_stay_within_the_limit_while_threads_allocate_at_once(monkeypatch):
+    """Two threads keep spares at once (torch's allocator releases the GIL): the second, while the
+    first one's allocation is under way, counts it, so together they never pass the limit; the
+    first one's is kept once allocated."""
+    pytest.importorskip("torch")  # the spares look at torch's inference mode
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 1 << 20)
+    spares = SpareOutputs()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(tag):  # an allocation that takes a while
+        entered.set()
+        assert release.wait(10)
+        return tag
+
+    first, second = object(), object()  # the calls' keys
+    thread = threading.Thread(target=spares.keep_new, args=(first, [1], 600 << 10, slow, "first"))
+    thread.start()
+    try:
+        assert entered.wait(10)
+        spares.keep_new(second, [1], 600 << 10, lambda tag: tag, "second")
+    finally:
+        release.set()
+        thread.join(10)
+    kept = list(spares._kept.values())
+    assert sum(nbytes for _, nbytes in kept) <= 1 << 20
+    assert [outputs for outputs, _ in kept] == ["first"]
+    assert spares.take(first, [1]) == "first" and spares.take(first, [1]) is None

@@ -1,9 +1,13 @@
 """Outputs allocated for the next call while a stream-ordered call runs (SpareOutputs), on real
 GPUs (every visible one, one is enough): a loop of default calls whose outputs are held, dropped
 and consumed on the stream gets every call's own result, across two signatures and a change of
-current stream; the op methods, prepare_collective and EngineRunner's infer and prepare alike."""
+current stream; the op methods, prepare_collective and EngineRunner's infer and prepare alike;
+two threads on streams of their own; a dropped prepared call gives all its memory (inputs, spare) back at once."""
 
 from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -151,3 +155,63 @@ def test_engine_runner_without_outputs_gets_each_calls_own_result(group, entry):
         for r, t in enumerate(outs):
             np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{entry} call {it}, rank {r}")
     assert used >= 25, f"only {used} of 30 calls ran on a spare"
+
+
+def test_two_threads_on_streams_of_their_own_get_each_calls_own_result(group):
+    """Two threads call all_reduce of one signature (one kept call, one group's spares), each on
+    streams of its own, 40 calls each on new random tensors, every output held: each is its own
+    call's sum (numpy), and no output was returned twice."""
+    n = len(group)
+    results = {0: [], 1: []}
+    start = threading.Barrier(2)
+    group.all_reduce([torch.zeros((96, 5), device=f"cuda:{d}") for d in group.gpus])  # the signature's first call
+
+    def calls(t):
+        streams = [torch.cuda.Stream(device=d) for d in group.gpus]
+        rng = np.random.default_rng(20 + t)
+        with _streams(streams):
+            start.wait(timeout=60)
+            for it in range(40):
+                host = [rng.standard_normal((96, 5)).astype(np.float32) for _ in range(n)]
+                xs = [torch.from_numpy(h).to(f"cuda:{d}") for h, d in zip(host, group.gpus)]
+                results[t].append((group.all_reduce(xs), np.sum(host, axis=0), it))
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(calls, t) for t in (0, 1)]:
+            done.result(timeout=120)  # raises what the thread raised
+    group.synchronize()
+    for d in group.gpus:
+        torch.cuda.synchronize(d)  # the outputs belong to the threads' streams
+    for t, calls_made in results.items():
+        assert len(calls_made) == 40
+        for outs, want, it in calls_made:
+            for r, out in enumerate(outs):
+                np.testing.assert_allclose(out.cpu().numpy(), want, rtol=1e-5, atol=1e-5,
+                                           err_msg=f"thread {t}, call {it}, rank {r}")
+    addresses = [out.data_ptr() for calls_made in results.values() for outs, _, _ in calls_made for out in outs]
+    assert len(set(addresses)) == len(addresses) == 80 * n
+
+
+def test_a_dropped_prepared_call_gives_its_memory_back_at_once(group):
+    """A prepared all_reduce without out= keeps a spare after each call; once the call, its
+    outputs and inputs are dropped, torch's allocated memory on every GPU is what it was before
+    (no garbage collection asked for): the spare held neither the call nor its inputs."""
+    n = len(group)
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    before = [torch.cuda.memory_allocated(d) for d in group.gpus]
+    rng = np.random.default_rng(15)
+    host = [rng.standard_normal((1024, 64)).astype(np.float32) for _ in range(n)]
+    xs = [torch.from_numpy(h).to(f"cuda:{d}") for h, d in zip(host, group.gpus)]
+    call = group.prepare_collective("all_reduce", xs)
+    outs = [call() for _ in range(3)]
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    for k, got in enumerate(outs):
+        for r, t in enumerate(got):
+            np.testing.assert_allclose(t.cpu().numpy(), np.sum(host, axis=0), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"call {k}, rank {r}")
+    holding = [torch.cuda.memory_allocated(d) for d in group.gpus]
+    assert all(h >= b + 5 * 1024 * 64 * 4 for h, b in zip(holding, before))  # inputs, 3 outputs, the spare
+    del call, outs, xs, got, t
+    assert [torch.cuda.memory_allocated(d) for d in group.gpus] == before

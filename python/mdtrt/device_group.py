@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections import OrderedDict
 from typing import Any, NamedTuple, Sequence
 
@@ -12,7 +13,7 @@ from .cuda_state import no_gpu_error
 from .errors import InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
-from .prepared_call import KeptCalls, PreparedCall, SpareOutputs
+from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, spare_bytes
 from .vocabulary import COLLECTIVES, REDUCE_OPS
 from .vocabulary import REDUCING as _REDUCING
 from .vocabulary import ROOTED as _ROOTED
@@ -72,11 +73,12 @@ class _TorchRun:
     """
 
     __slots__ = ("kept", "_run_at_each", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
-                 "_out_nbytes", "_allocate", "_spares")
+                 "_out_nbytes", "_allocate", "_spares", "_spare_key", "_spare_bytes", "__weakref__")
 
     def __init__(self, kept, refs, out_refs, out_shape, rank_devices, spares):
         self.kept = kept
         self._spares = spares
+        self._spare_key = spares.key_for(self)  # its spares go when this run goes (evicted)
         self._run_at_each = kept.call.run_at_each
         self._defined = kept.defined
         self._devices = [ref.device for ref in refs]
@@ -90,6 +92,7 @@ class _TorchRun:
         self._out_devices = [o.device for o in outs]
         self._out_streams = self._out_devices != self._devices  # outputs on other GPUs: read their streams
         self._out_nbytes = [o.nbytes for o in outs]
+        self._spare_bytes = spare_bytes([[nbytes] for nbytes in self._out_nbytes])
 
     def __call__(self, inputs, pointers, out) -> list:
         """Runs the call on ``inputs``, into ``out`` (None: new tensors from torch's caching
@@ -99,7 +102,7 @@ class _TorchRun:
         out_streams = torch_current_streams(self._out_devices) if self._out_streams else streams
         allocating = out is None
         if allocating:
-            spare = self._spares.take(self, out_streams)
+            spare = self._spares.take(self._spare_key, out_streams)
             out, addresses = spare if spare is not None else self._new_outputs(inputs)
             pointers += addresses
         try:
@@ -109,7 +112,7 @@ class _TorchRun:
             self.kept.call.hold_if_in_use(inputs, out)  # work of the failed run may still use them
             raise
         if allocating and self._ordered:  # queued, not finished: the GPUs run it while the next outputs are made
-            self._spares.keep_new(self, out_streams, self._out_nbytes[0], self._new_outputs, inputs)
+            self._spares.keep_new(self._spare_key, out_streams, self._spare_bytes, self._new_outputs, inputs)
         return list(out) if self._defined is None else self.kept.results(out)
 
     def _new_outputs(self, inputs) -> tuple:
@@ -234,6 +237,7 @@ class DeviceGroup:
         # The same calls (_KeptCollective) by the signature of torch CUDA tensors, as read_torch_cuda reads it.
         self._torch_calls = KeptCalls(_MAX_CACHED_CALLS)
         self._spare_outputs = SpareOutputs()  # the next outputs of the latest of those calls
+        self._runner_spares = weakref.WeakSet()  # the EngineRunners' SpareOutputs: close() closes them too
         # Fixed for the group's life; read on every call (a native property read costs a call).
         self._num_local_ranks = native.num_local_ranks
         self._ranks = list(native.ranks)
@@ -299,7 +303,9 @@ class DeviceGroup:
         self._runners.clear()
         self._calls.clear()
         self._torch_calls.clear()
-        self._spare_outputs.clear()
+        self._spare_outputs.close()
+        for spares in list(self._runner_spares):
+            spares.close()
         if native is not None:
             native.close()
 
@@ -423,9 +429,12 @@ class DeviceGroup:
         passed every check before. ``prepare_collective`` also skips reading the arrays per call.
         A stream-ordered call that allocates its torch outputs allocates the next call's outputs of
         its signature once its own work is queued (they are allocated while the GPUs run it, not
-        before the next call's enqueue); the group holds such spares of at most 256 MiB per GPU in
-        all, takes one only for a call on the streams current at its allocation, and frees them in
-        :meth:`close`.
+        before the next call's enqueue). Such a spare serves only the next call of its signature
+        (or prepared call) on the streams current at its allocation; the group holds at most 64 of them and 256 MiB per GPU in all (as torch's
+        allocator rounds them; each ``EngineRunner`` as many again), drops a call's spare with the
+        call (a dropped prepared call, a signature's call no longer kept) and frees them all,
+        its runners' too, in :meth:`close`. ``torch.cuda.use_mem_pool`` is not looked at: a call
+        inside it may return a spare allocated outside it, and the reverse.
         """
         return self._collective(op, inputs, reduce, root, groups, out, poison_outputs,
                                 sequential_bind, stream_ordered)
@@ -541,8 +550,7 @@ class DeviceGroup:
             for call_key in [k for k in list(self._calls) if k[0] == evicted]:
                 self._calls.pop(call_key, None)
             for call_key in [k for k, run in list(self._torch_calls.items()) if run.kept.runner_key == evicted]:
-                self._torch_calls.pop(call_key, None)
-            self._spare_outputs.clear()  # it may belong to one of them
+                self._torch_calls.pop(call_key, None)  # (and its spares go with it)
         return cached
 
     def _new_collective_call(self, refs, out_refs, key, poison_outputs, stream_ordered, *, keep_inputs):

@@ -3,6 +3,10 @@ buffers (used by ProgramRunner.prepare and DeviceGroup's collectives)."""
 
 from __future__ import annotations
 
+import functools
+import operator
+import threading
+import weakref
 from collections import OrderedDict
 from typing import Sequence
 
@@ -50,53 +54,118 @@ class KeptCalls(OrderedDict):
 # past it, one allocation (a few microseconds) is under 0.5% of a call (at NVLink speed), and
 # spares that large are memory the caller may need.
 SPARE_OUTPUTS_MAX_BYTES = 256 << 20
+# And at most this many (kinds of call and sets of streams): a loop alternates a few.
+SPARE_OUTPUTS_MAX_COUNT = 64
+# torch's caching allocator hands out blocks of a multiple of this many bytes, at least one.
+_TORCH_BLOCK_BYTES = 512
+
+
+def spare_bytes(per_rank_nbytes) -> int:
+    """The most bytes of torch's caching allocator that one rank's outputs take (``per_rank_nbytes``:
+    each local rank's outputs' sizes in bytes; every local rank is on a GPU of its own), as
+    :meth:`SpareOutputs.keep_new` counts them: each output a multiple of 512 bytes, at least 512."""
+    most = 0
+    for sizes in per_rank_nbytes:
+        total = 0
+        for nbytes in sizes:
+            total += max(_TORCH_BLOCK_BYTES, -(-nbytes // _TORCH_BLOCK_BYTES) * _TORCH_BLOCK_BYTES)
+        most = max(most, total)
+    return most
+
+
+def _drop_spares_of(spares_ref, key) -> None:
+    """Called when the owner of ``key`` (see SpareOutputs.key_for) went: its spares go too."""
+    spares = spares_ref()
+    if spares is not None:
+        spares.forget(key)
 
 
 class SpareOutputs:
     """The outputs a stream-ordered call allocates for the next call of its kind once its own work
     is queued: the allocation (torch's caching allocator, a few microseconds per tensor) then
     overlaps that work on the GPUs instead of delaying the next call's enqueue, so a loop of
-    ``y = group.all_reduce(x)`` pays none before it. One set per kind of call (``owner``: a
-    signature's kept call), at most ``SPARE_OUTPUTS_MAX_BYTES`` per GPU in all, the least recently
-    kept dropped first (a loop that alternates a few calls keeps a spare for each). A spare is used
-    only by a call whose outputs' streams are the ones current when it was allocated, since torch
-    hands each block out in the order of the stream current at allocation: threads with streams of
-    their own keep a spare each.
+    ``y = group.all_reduce(x)`` pays none before it.
+
+    One set per kind of call (its ``owner``: a signature's kept call or a prepared call, named by
+    :meth:`key_for`) and set of current streams; at most ``SPARE_OUTPUTS_MAX_BYTES`` per GPU (as
+    torch's allocator rounds them) and ``SPARE_OUTPUTS_MAX_COUNT`` sets in all, the least recently
+    kept dropped first (a loop that alternates a few calls keeps a spare for each). One thread at a
+    time allocates a spare (a thread that finds another one at it keeps none this time), so threads
+    together stay within the limits.
+
+    A spare is used only by a call whose outputs' streams are the ones current when it was
+    allocated, since torch hands each block out in the order of the stream current at
+    allocation (threads with streams of their own keep a spare each). The spares hold no owner:
+    an owner's go when it goes (a dropped prepared call, a signature's call evicted), and none are
+    kept after :meth:`close`.
     """
 
-    __slots__ = ("_kept",)
+    __slots__ = ("_kept", "_keeping", "_closed", "__weakref__")
 
     def __init__(self):
-        self._kept: OrderedDict = OrderedDict()  # (owner, streams) -> (outputs, bytes per GPU)
+        self._kept: OrderedDict = OrderedDict()  # (owner's key, streams) -> (outputs, bytes)
+        # Held by the one thread adding a spare, never waited for: taking, forgetting and closing
+        # only remove (each one dict step under the GIL), so the limits hold while it allocates.
+        self._keeping = threading.Lock()
+        self._closed = False
 
-    def take(self, owner, streams):
-        """The spare allocated for ``owner`` on ``streams`` (the output GPUs' current streams now),
-        or None. The spare is taken away: two threads never get the same one."""
-        spare = self._kept.pop((owner, tuple(streams)), None)  # one step under the GIL
+    def key_for(self, owner) -> weakref.ref:
+        """What ``owner`` (a call, made once) passes to :meth:`take` and :meth:`keep_new`: a weak
+        reference, so that the spares keep no owner (nor its runner, inputs, communicators) alive
+        and go with it."""
+        return weakref.ref(owner, functools.partial(_drop_spares_of, weakref.ref(self)))
+
+    def take(self, key, streams):
+        """The spare allocated for the owner of ``key`` on ``streams`` (the output GPUs' current
+        streams now), or None. The spare is taken away: two threads never get the same one."""
+        if not self._kept:
+            return None
+        spare = self._kept.pop((key, tuple(streams)), None)  # one step under the GIL
         return None if spare is None else spare[0]
 
-    def keep_new(self, owner, streams, nbytes: int, allocate, *args) -> None:
-        """Keeps ``allocate(*args)`` (outputs of ``nbytes`` on one GPU at most, allocated on
-        ``streams``) for ``owner``'s next call, dropping the least recently kept spares past the
-        size limit; nothing when it alone is past the limit, nor when the allocation fails (out
-        of memory: the next call allocates its own and reports it)."""
-        if nbytes > SPARE_OUTPUTS_MAX_BYTES:
+    def keep_new(self, key, streams, nbytes: int, allocate, *args) -> None:
+        """Keeps ``allocate(*args)`` (outputs of ``nbytes`` on one GPU at most, as :func:`spare_bytes`
+        counts them, allocated on ``streams``) for the next call of the owner of ``key``, dropping
+        the least recently kept spares past the limits. Nothing when it alone is past them, while
+        another thread allocates a spare, after :meth:`close`, or when the allocation fails (out of
+        memory: the next call allocates its own and reports it)."""
+        if nbytes > SPARE_OUTPUTS_MAX_BYTES or self._closed or not self._keeping.acquire(False):
             return
         kept = self._kept
         try:
-            while kept and sum([spare[1] for spare in list(kept.values())]) + nbytes > SPARE_OUTPUTS_MAX_BYTES:
-                kept.popitem(last=False)
-        except KeyError:  # another thread took the last one meanwhile
-            pass
-        try:
-            outputs = allocate(*args)
-        except Exception:  # torch.OutOfMemoryError and kin: this call's outputs are fine, only no spare
-            return
-        kept[owner, tuple(streams)] = (outputs, nbytes)
+            try:
+                while kept and (len(kept) >= SPARE_OUTPUTS_MAX_COUNT
+                                or sum(map(_BYTES, kept.values())) + nbytes > SPARE_OUTPUTS_MAX_BYTES):
+                    kept.popitem(last=False)
+            except KeyError:  # another thread took the last one meanwhile
+                pass
+            try:
+                outputs = allocate(*args)
+            except Exception:  # torch.OutOfMemoryError and kin: this call's outputs are fine, only no spare
+                return
+            where = (key, tuple(streams))
+            kept[where] = (outputs, nbytes)
+            if self._closed:  # close() ran meanwhile (it sets the flag, then drops what is kept)
+                kept.pop(where, None)
+        finally:
+            self._keeping.release()
+
+    def forget(self, key) -> None:
+        """Drops the spares of the owner of ``key``."""
+        for where in [where for where in list(self._kept) if where[0] is key]:
+            self._kept.pop(where, None)
 
     def clear(self) -> None:
         """Drops every spare (their memory goes back to torch's caching allocator)."""
         self._kept.clear()
+
+    def close(self) -> None:
+        """Drops every spare and keeps none from now on (also none of a call still running)."""
+        self._closed = True
+        self._kept.clear()
+
+
+_BYTES = operator.itemgetter(1)  # a spare's bytes per GPU, of its (outputs, bytes)
 
 
 def _templates(per_rank_refs):
@@ -222,8 +291,9 @@ class PreparedCall:
         self._flat_inputs = None  # the inputs' (pointers, streams) as run_at_each takes them, read once
         self._output_names = tuple(output_names) if output_names is not None else None
         self._spares = spares
+        self._spare_key = spares.key_for(self) if spares is not None else None
         self._spare_devices = None  # the GPU of each allocated output (flat), once a spare was kept
-        self._spare_bytes = 0  # the most bytes of allocated outputs on one GPU
+        self._spare_bytes = 0  # the most bytes of allocated outputs on one GPU (spare_bytes)
         # Torch inputs whose output shapes are not known in advance (engines): the first call takes
         # pooled outputs and records the shapes in spec_cache (keyed by the inputs' dtypes and
         # shapes, which determine them); from then on, outputs come from torch's allocator.
@@ -306,7 +376,7 @@ class PreparedCall:
         allocated on the streams current now (see SpareOutputs), else new ones."""
         devices = self._spare_devices
         if devices is not None:
-            out = self._spares.take(self, torch_current_streams(devices))
+            out = self._spares.take(self._spare_key, torch_current_streams(devices))
             if out is not None:
                 return out
         return self._new_out(self._likes)
@@ -318,8 +388,8 @@ class PreparedCall:
             return
         if self._spare_devices is None:
             self._spare_devices = [ref.device for given in out for ref in given.values()]
-            self._spare_bytes = max(sum(ref.nbytes for ref in given.values()) for given in out)
-        self._spares.keep_new(self, torch_current_streams(self._spare_devices), self._spare_bytes,
+            self._spare_bytes = spare_bytes([[ref.nbytes for ref in given.values()] for given in out])
+        self._spares.keep_new(self._spare_key, torch_current_streams(self._spare_devices), self._spare_bytes,
                               self._new_out, self._likes)
 
     def hold_if_in_use(self, arrays, out) -> None:

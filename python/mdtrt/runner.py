@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from . import _core, arguments
 from .arrays import ArrayRef, describe, read_torch_cuda, torch_current_streams
 from .device_group import DeviceGroup
-from .prepared_call import KeptCalls, PreparedCall, SpareOutputs
+from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, spare_bytes
 from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
@@ -61,14 +61,15 @@ class _TorchInfer:
     """
 
     __slots__ = ("call", "_run_at_each", "_order", "_devices", "_names", "_nbytes", "_out_devices", "_ordered",
-                 "_allocate", "_likes", "_results", "_rank_devices", "_spares",
-                 "_spare_bytes")
+                 "_allocate", "_likes", "_results", "_rank_devices", "_spares", "_spare_key", "_spare_bytes",
+                 "__weakref__")
 
     def __init__(self, call, per_rank, out, shared, all_ranks, rank_devices, spares):
         n, k = len(per_rank), len(per_rank[0])
         self.call = call
         self._rank_devices = list(rank_devices)
         self._spares = spares
+        self._spare_key = spares.key_for(self)  # its spares go when this call goes (evicted)
         self._run_at_each = call.run_at_each
         inputs = list(range(k)) * n if shared else list(range(n * k))  # read index of each rank's inputs
         read = k if shared else n * k  # inputs read
@@ -96,7 +97,7 @@ class _TorchInfer:
         if self._order == list(range(len(self._order))):
             self._order = None  # the run takes the pointers as read
         self._nbytes = [ref.nbytes for ref in outs]
-        self._spare_bytes = max(sum(ref.nbytes for ref in given.values()) for given in out)  # per GPU
+        self._spare_bytes = spare_bytes([[ref.nbytes for ref in given.values()] for given in out])
         self._out_devices = [ref.device for ref in outs]
         self._ordered = call.stream_ordered_for(out)
 
@@ -110,7 +111,7 @@ class _TorchInfer:
         if self._allocate is not None:  # torch outputs, as the PreparedCall's new_out allocates them
             likes = None if self._likes is None else [tensors[i] for i in self._likes]
             allocated_on = torch_current_streams(self._rank_devices)
-            out = self._spares.take(self, allocated_on) or self._allocate(likes)
+            out = self._spares.take(self._spare_key, allocated_on) or self._allocate(likes)
             for given in out:  # loops: a comprehension's set-up costs more for a few outputs
                 for ref in given.values():
                     pointers.append(ref.ptr)
@@ -121,7 +122,7 @@ class _TorchInfer:
             self.call.hold_if_in_use(tensors, out)  # work of the failed run may still use them
             raise
         if out is not None and self._ordered:  # queued, not finished: the GPUs run it while the next outputs are made
-            self._spares.keep_new(self, allocated_on, self._spare_bytes, self._allocate, likes)
+            self._spares.keep_new(self._spare_key, allocated_on, self._spare_bytes, self._allocate, likes)
         if out is not None:
             if not all_ranks:
                 return {name: ref.owner for name, ref in out[0].items()}
@@ -240,6 +241,7 @@ class EngineRunner:
         # The same calls (_TorchInfer) by the signature of torch CUDA tensors, as _read_torch reads it.
         self._torch_calls = KeptCalls(_MAX_CACHED_CALLS)
         self._spare_outputs = SpareOutputs()  # the next outputs of the latest of those calls
+        group._runner_spares.add(self._spare_outputs)  # group.close() drops them
 
     @property
     def input_names(self) -> list[str]:
