@@ -594,6 +594,29 @@ def test_a_call_running_while_the_group_closes_keeps_no_spare(stubs, monkeypatch
         assert len(group._spare_outputs._kept) == 0
 
 
+def test_a_spare_made_in_inference_mode_serves_only_calls_in_it(stubs):
+    """Tensors allocated in torch's inference mode are inference tensors (not changed in place nor
+    saved for backward outside it): a spare made there serves the next call there only, and one
+    made outside serves calls outside."""
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    with torch.inference_mode():
+        for _ in range(2):
+            group.all_reduce(xs)
+        made_inside = stubs.allocated[-2:]
+    got = group.all_reduce(xs)
+    assert not {id(t) for t in got} & {id(t) for t in made_inside}
+    made_outside = stubs.allocated[-2:]
+    assert group.all_reduce(xs) == made_outside
+    with torch.inference_mode():
+        assert group.all_reduce(xs) == made_inside
+    call = group.prepare_collective("all_gather", xs)
+    call()
+    with torch.inference_mode():
+        made_inside = stubs.allocated[-2:]
+        assert not {id(t) for t in call()} & {id(t) for t in made_inside}
+
+
 def test_spares_are_counted_as_torch_allocates_them_and_in_number(stubs, monkeypatch):
     """A small output takes a 512-byte block of torch's caching allocator: the limit counts those,
     and at most SPARE_OUTPUTS_MAX_COUNT spares are kept (0-byte outputs too)."""

@@ -541,3 +541,21 @@ def test_group_close_drops_the_runners_spares(stubs, monkeypatch):
     got = runner.infer(inputs, all_ranks=True)
     assert len(got) == 2 and len(stubs.allocated) == before  # it ran on the spare, none allocated after
     assert len(runner._spare_outputs._kept) == 0
+
+
+@pytest.mark.parametrize("entry", ["infer", "prepare"])
+def test_a_spare_made_in_inference_mode_serves_only_calls_in_it(stubs, entry):
+    """Tensors allocated in torch's inference mode are inference tensors: a spare made there
+    serves the next call in inference mode only."""
+    runner = stubs.make_runner()
+    inputs = inputs_of(0x1000, True)
+    call = runner.prepare(inputs, all_ranks=True) if entry == "prepare" else (
+        lambda: runner.infer(inputs, all_ranks=True))
+    with torch.inference_mode():
+        for _ in range(3):
+            call()
+        made_inside = stubs.allocated[-4:]
+    got = call()
+    assert not {id(t) for rank in got for t in rank.values()} & {id(t) for t in made_inside}
+    with torch.inference_mode():
+        assert [t for rank in call() for t in rank.values()] == made_inside

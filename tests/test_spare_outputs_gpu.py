@@ -2,7 +2,8 @@
 GPUs (every visible one, one is enough): a loop of default calls whose outputs are held, dropped
 and consumed on the stream gets every call's own result, across two signatures and a change of
 current stream; the op methods, prepare_collective and EngineRunner's infer and prepare alike;
-two threads on streams of their own; a dropped prepared call gives all its memory (inputs, spare) back at once."""
+two threads on streams of their own; a call after calls in inference mode gets ordinary tensors;
+a dropped prepared call gives all its memory (inputs, spare) back at once."""
 
 from __future__ import annotations
 
@@ -190,6 +191,29 @@ def test_two_threads_on_streams_of_their_own_get_each_calls_own_result(group):
                                            err_msg=f"thread {t}, call {it}, rank {r}")
     addresses = [out.data_ptr() for calls_made in results.values() for outs, _, _ in calls_made for out in outs]
     assert len(set(addresses)) == len(addresses) == 80 * n
+
+
+def test_a_call_after_calls_in_inference_mode_gets_ordinary_tensors(group):
+    """Calls in torch.inference_mode() return inference tensors, and the spare the last one kept
+    is one too: the next call outside it must not return that spare, whose in-place update
+    would raise. Its outputs are ordinary tensors, updated in place, right (numpy)."""
+    n = len(group)
+    rng = np.random.default_rng(14)
+    host = [rng.standard_normal((48, 6)).astype(np.float32) for _ in range(n)]
+    xs = [torch.from_numpy(h).to(f"cuda:{d}") for h, d in zip(host, group.gpus)]
+    with torch.inference_mode():
+        for _ in range(3):  # the general path, then the fast path (each keeping a spare)
+            inside = group.all_gather(xs)
+        assert all(t.is_inference() for t in inside)
+    outs = group.all_gather(xs)
+    assert not any(t.is_inference() for t in outs)
+    for t in outs:
+        t.add_(1)  # queued on the current stream, after the call
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    for r, t in enumerate(outs):
+        np.testing.assert_allclose(t.cpu().numpy(), np.concatenate(host) + 1, rtol=1e-5, atol=1e-5,
+                                   err_msg=f"rank {r}")
 
 
 def test_a_dropped_prepared_call_gives_its_memory_back_at_once(group):

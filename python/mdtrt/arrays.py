@@ -169,6 +169,17 @@ def torch_current_streams(devices) -> list[int]:
     return streams
 
 
+_INFERENCE_MODE: list = []  # torch.is_inference_mode_enabled, once asked
+
+
+def torch_inference_mode() -> bool:
+    """Whether torch's inference mode is on in this thread: tensors allocated now are inference
+    tensors, which cannot be changed in place nor saved for backward outside it."""
+    if not _INFERENCE_MODE:
+        _INFERENCE_MODE.append(_torch_module().is_inference_mode_enabled)
+    return _INFERENCE_MODE[0]()
+
+
 _TORCH_TENSOR_TYPES: set = set()  # torch.Tensor and subclasses seen so far
 _TORCH: list = []  # the torch module, once a torch tensor was seen (an import statement per call costs)
 

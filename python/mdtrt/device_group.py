@@ -430,7 +430,8 @@ class DeviceGroup:
         A stream-ordered call that allocates its torch outputs allocates the next call's outputs of
         its signature once its own work is queued (they are allocated while the GPUs run it, not
         before the next call's enqueue). Such a spare serves only the next call of its signature
-        (or prepared call) on the streams current at its allocation; the group holds at most 64 of them and 256 MiB per GPU in all (as torch's
+        (or prepared call) on the streams current at its allocation and in the same torch
+        inference mode; the group holds at most 64 of them and 256 MiB per GPU in all (as torch's
         allocator rounds them; each ``EngineRunner`` as many again), drops a call's spare with the
         call (a dropped prepared call, a signature's call no longer kept) and frees them all,
         its runners' too, in :meth:`close`. ``torch.cuda.use_mem_pool`` is not looked at: a call

@@ -11,7 +11,8 @@ from collections import OrderedDict
 from typing import Sequence
 
 from . import arguments
-from .arrays import ArrayRef, host_output, torch_current_streams, torch_output_factory, wrap_device_output
+from .arrays import (ArrayRef, host_output, torch_current_streams, torch_inference_mode, torch_output_factory,
+                     wrap_device_output)
 from .errors import InvalidArgumentError
 
 
@@ -87,23 +88,25 @@ class SpareOutputs:
     ``y = group.all_reduce(x)`` pays none before it.
 
     One set per kind of call (its ``owner``: a signature's kept call or a prepared call, named by
-    :meth:`key_for`) and set of current streams; at most ``SPARE_OUTPUTS_MAX_BYTES`` per GPU (as
-    torch's allocator rounds them) and ``SPARE_OUTPUTS_MAX_COUNT`` sets in all, the least recently
-    kept dropped first (a loop that alternates a few calls keeps a spare for each). One thread at a
-    time allocates a spare (a thread that finds another one at it keeps none this time), so threads
-    together stay within the limits.
+    :meth:`key_for`), set of current streams and torch inference mode; at most
+    ``SPARE_OUTPUTS_MAX_BYTES`` per GPU (as torch's allocator rounds them) and
+    ``SPARE_OUTPUTS_MAX_COUNT`` sets in all, the least recently kept dropped first (a loop that
+    alternates a few calls keeps a spare for each). One thread at a time allocates a spare (a
+    thread that finds another one at it keeps none this time), so threads together stay within
+    the limits.
 
     A spare is used only by a call whose outputs' streams are the ones current when it was
     allocated, since torch hands each block out in the order of the stream current at
-    allocation (threads with streams of their own keep a spare each). The spares hold no owner:
-    an owner's go when it goes (a dropped prepared call, a signature's call evicted), and none are
-    kept after :meth:`close`.
+    allocation (threads with streams of their own keep a spare each), and only in the inference
+    mode it was allocated in (an inference tensor cannot be changed in place outside it). The
+    spares hold no owner: an owner's go when it goes (a dropped prepared call, a signature's call
+    evicted), and none are kept after :meth:`close`.
     """
 
     __slots__ = ("_kept", "_keeping", "_closed", "__weakref__")
 
     def __init__(self):
-        self._kept: OrderedDict = OrderedDict()  # (owner's key, streams) -> (outputs, bytes)
+        self._kept: OrderedDict = OrderedDict()  # (owner's key, streams, inference mode) -> (outputs, bytes)
         # Held by the one thread adding a spare, never waited for: taking, forgetting and closing
         # only remove (each one dict step under the GIL), so the limits hold while it allocates.
         self._keeping = threading.Lock()
@@ -117,10 +120,11 @@ class SpareOutputs:
 
     def take(self, key, streams):
         """The spare allocated for the owner of ``key`` on ``streams`` (the output GPUs' current
-        streams now), or None. The spare is taken away: two threads never get the same one."""
+        streams now) in the current inference mode, or None. The spare is taken away: two threads
+        never get the same one."""
         if not self._kept:
             return None
-        spare = self._kept.pop((key, tuple(streams)), None)  # one step under the GIL
+        spare = self._kept.pop((key, tuple(streams), torch_inference_mode()), None)  # one step under the GIL
         return None if spare is None else spare[0]
 
     def keep_new(self, key, streams, nbytes: int, allocate, *args) -> None:
@@ -143,7 +147,7 @@ class SpareOutputs:
                 outputs = allocate(*args)
             except Exception:  # torch.OutOfMemoryError and kin: this call's outputs are fine, only no spare
                 return
-            where = (key, tuple(streams))
+            where = (key, tuple(streams), torch_inference_mode())
             kept[where] = (outputs, nbytes)
             if self._closed:  # close() ran meanwhile (it sets the flag, then drops what is kept)
                 kept.pop(where, None)
