@@ -634,3 +634,43 @@ def test_spares_are_counted_as_torch_allocates_them_and_in_number(stubs, monkeyp
         for _ in range(2):
             group.all_reduce(xs)
     assert len(group._spare_outputs._kept) == 3
+
+
+def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch):
+    """Out of memory for a spare: torch's allocator first frees its cached blocks (cudaFree waits
+    for the GPU) and counts an out-of-memory event, so trying again after every call would make
+    each call wait for the GPU. The group drops its spares then and allocates none from then on;
+    the calls still run on outputs of their own."""
+    failing, allocations = [], []
+    real_run = StubCall.run_at_each
+    real_new = _TorchRun._new_outputs
+
+    def run_at_each(self, *args):  # once armed, the allocation after the run (the spare's) fails, once
+        real_run(self, *args)
+        if failing:
+            failing.append("next")
+
+    def new_outputs(self, inputs):
+        allocations.append(None)
+        if failing and failing[-1] == "next":
+            del failing[:]
+            raise torch.OutOfMemoryError("out of memory")
+        return real_new(self, inputs)
+
+    monkeypatch.setattr(StubCall, "run_at_each", run_at_each)
+    monkeypatch.setattr(_TorchRun, "_new_outputs", new_outputs)
+    group = stubs.make_group()
+    ys = tensors(0x3000, shape=(2, 6))
+    for _ in range(2):
+        group.all_gather(ys)
+    assert len(group._spare_outputs._kept) == 1  # another signature's spare
+    xs = tensors(0x1000)
+    group.all_reduce(xs)  # the general path
+    failing.append("armed")
+    group.all_reduce(xs)  # its spare's allocation fails
+    assert len(group._spare_outputs._kept) == 0
+    for op, inputs in (("all_reduce", xs), ("all_gather", ys)) * 2:
+        del allocations[:]
+        outs = getattr(group, op)(inputs)
+        assert [t.ptr for t in outs] == outputs_run_on(stubs)
+        assert len(allocations) == 1 and len(group._spare_outputs._kept) == 0  # its own outputs, no spare tried

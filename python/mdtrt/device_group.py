@@ -434,8 +434,9 @@ class DeviceGroup:
         inference mode; the group holds at most 64 of them and 256 MiB per GPU in all (as torch's
         allocator rounds them; each ``EngineRunner`` as many again), drops a call's spare with the
         call (a dropped prepared call, a signature's call no longer kept) and frees them all,
-        its runners' too, in :meth:`close`. ``torch.cuda.use_mem_pool`` is not looked at: a call
-        inside it may return a spare allocated outside it, and the reverse.
+        its runners' too, in :meth:`close`, or once a spare's allocation ran out of memory (it
+        keeps none after that). ``torch.cuda.use_mem_pool`` is not looked at: a call inside it
+        may return a spare allocated outside it, and the reverse.
         """
         return self._collective(op, inputs, reduce, root, groups, out, poison_outputs,
                                 sequential_bind, stream_ordered)

@@ -100,17 +100,19 @@ class SpareOutputs:
     allocation (threads with streams of their own keep a spare each), and only in the inference
     mode it was allocated in (an inference tensor cannot be changed in place outside it). The
     spares hold no owner: an owner's go when it goes (a dropped prepared call, a signature's call
-    evicted), and none are kept after :meth:`close`.
+    evicted). None are kept after :meth:`close`, nor once an allocation failed: out of memory,
+    torch's allocator frees its cached blocks first (cudaFree waits for the GPU) and counts an
+    out-of-memory event, which trying again after every call would repeat.
     """
 
-    __slots__ = ("_kept", "_keeping", "_closed", "__weakref__")
+    __slots__ = ("_kept", "_keeping", "_off", "__weakref__")
 
     def __init__(self):
         self._kept: OrderedDict = OrderedDict()  # (owner's key, streams, inference mode) -> (outputs, bytes)
         # Held by the one thread adding a spare, never waited for: taking, forgetting and closing
         # only remove (each one dict step under the GIL), so the limits hold while it allocates.
         self._keeping = threading.Lock()
-        self._closed = False
+        self._off = False  # closed, or an allocation failed: none kept from now on
 
     def key_for(self, owner) -> weakref.ref:
         """What ``owner`` (a call, made once) passes to :meth:`take` and :meth:`keep_new`: a weak
@@ -131,9 +133,10 @@ class SpareOutputs:
         """Keeps ``allocate(*args)`` (outputs of ``nbytes`` on one GPU at most, as :func:`spare_bytes`
         counts them, allocated on ``streams``) for the next call of the owner of ``key``, dropping
         the least recently kept spares past the limits. Nothing when it alone is past them, while
-        another thread allocates a spare, after :meth:`close`, or when the allocation fails (out of
-        memory: the next call allocates its own and reports it)."""
-        if nbytes > SPARE_OUTPUTS_MAX_BYTES or self._closed or not self._keeping.acquire(False):
+        another thread allocates a spare, or after :meth:`close`. When the allocation fails (out of
+        memory), every spare goes and none is kept from then on (the next call allocates its own
+        and reports what still fails)."""
+        if nbytes > SPARE_OUTPUTS_MAX_BYTES or self._off or not self._keeping.acquire(False):
             return
         kept = self._kept
         try:
@@ -146,10 +149,11 @@ class SpareOutputs:
             try:
                 outputs = allocate(*args)
             except Exception:  # torch.OutOfMemoryError and kin: this call's outputs are fine, only no spare
+                self.close()
                 return
             where = (key, tuple(streams), torch_inference_mode())
             kept[where] = (outputs, nbytes)
-            if self._closed:  # close() ran meanwhile (it sets the flag, then drops what is kept)
+            if self._off:  # close() ran meanwhile (it sets the flag, then drops what is kept)
                 kept.pop(where, None)
         finally:
             self._keeping.release()
@@ -165,7 +169,7 @@ class SpareOutputs:
 
     def close(self) -> None:
         """Drops every spare and keeps none from now on (also none of a call still running)."""
-        self._closed = True
+        self._off = True
         self._kept.clear()
 
 
