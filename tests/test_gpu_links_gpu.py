@@ -69,7 +69,8 @@ def _nvidia_smi_nvlink(bus_ids: list[str]) -> bool | None:
     rows = {}
     for line in matrix.stdout.splitlines():
         cells = line.split()
-        if cells and re.fullmatch(r"GPU\d+", cells[0]) and len(cells) > 1:
+        # A row is "GPUi" and its cells; the header names the columns (GPU0 GPU1 ...) only.
+        if len(cells) > 1 and re.fullmatch(r"GPU\d+", cells[0]) and not all(re.fullmatch(r"GPU\d+", c) for c in cells):
             rows[int(cells[0][3:])] = cells[1:]
     try:
         ids = [index_of[_bus(b)] for b in bus_ids]
