@@ -37,19 +37,13 @@ struct Api {
 };
 }  // namespace nvml
 
-struct SymbolSlot {
-  const char* name;
-  void** slot;
-};
-
 std::vector<SymbolSlot> symbol_slots(nvml::Api& a) {
-  auto slot = [](auto& fn) { return reinterpret_cast<void**>(&fn); };
   return {
-      {"nvmlInit_v2", slot(a.Init_v2)},
-      {"nvmlShutdown", slot(a.Shutdown)},
-      {"nvmlDeviceGetHandleByPciBusId_v2", slot(a.DeviceGetHandleByPciBusId_v2)},
-      {"nvmlDeviceGetP2PStatus", slot(a.DeviceGetP2PStatus)},
-      {"nvmlErrorString", slot(a.ErrorString)},
+      {"nvmlInit_v2", symbol_slot(a.Init_v2)},
+      {"nvmlShutdown", symbol_slot(a.Shutdown)},
+      {"nvmlDeviceGetHandleByPciBusId_v2", symbol_slot(a.DeviceGetHandleByPciBusId_v2)},
+      {"nvmlDeviceGetP2PStatus", symbol_slot(a.DeviceGetP2PStatus)},
+      {"nvmlErrorString", symbol_slot(a.ErrorString)},
   };
 }
 
@@ -108,13 +102,9 @@ class NvmlSession {
     void* h = open_candidate(candidate, RTLD_NOW | RTLD_LOCAL, attempt);
     if (h == nullptr) return false;
     nvml::Api api{};
-    for (const auto& s : symbol_slots(api)) {
-      *s.slot = dlsym(h, s.name);
-      if (*s.slot == nullptr) {
-        attempt.message = std::string("missing symbol ") + s.name + " (NVML too old, or not NVML?)";
-        dlclose(h);
-        return false;
-      }
+    if (!resolve_symbols(h, symbol_slots(api), "NVML too old, or not NVML?", attempt)) {
+      dlclose(h);
+      return false;
     }
     attempt.loaded = true;
     attempt.message = "ok";
