@@ -75,6 +75,7 @@ class NvmlSession {
       status_.error = "nvmlInit_v2 failed: " + error_string(r);
       dlclose(handle_);
       handle_ = nullptr;
+      api_ = nvml::Api{};  // nothing may call into the closed library
       return;
     }
     status_.available = true;
