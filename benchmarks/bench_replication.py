@@ -63,7 +63,7 @@ def run(args) -> dict:
     runner = mdtrt.EngineRunner(group, program=make_test_program("SinkProgram", bl.DTYPE))
     sink_outputs = {"output": [torch.empty(1, dtype=torch.float16, device=f"cuda:{g}") for g in gpus]}
     result = {"benchmark": "replication", "gpus": gpus, "sizes": sizes, "quick": args.quick, "started": bl.utc_now(),
-              "peer_access": group.peer_access, "points": []}
+              "peer_access": group.peer_access, "peer_links": group.peer_links, "points": []}
     try:
         for size in sizes:
             if deadline.passed():

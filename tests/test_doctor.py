@@ -226,3 +226,83 @@ def test_lean_runtime_does_not_report_the_onnx_parser_as_missing():
     text = doctor.format_text(report)
     assert "ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT (pip install tensorrt-cu13)" in text
     assert "ONNX parser not found" not in text and "create TensorRT builder" not in text
+
+
+def _three_gpus(peer_links=None, reason=""):
+    """query_cuda's answer for three GPUs: 0-1 NVLink, 1-2 PCIe peer access, 0-2 none."""
+    links = peer_links or [["self", "nvlink", "none"], ["nvlink", "self", "pcie"], ["none", "pcie", "self"]]
+    return {"driver_version": 13000, "runtime_version": 13000, "error": "",
+            "gpus": [{"index": i, "name": "NVIDIA H200", "compute_capability": (9, 0), "total_memory": 141 << 30,
+                      "pci_bus_id": f"0000:{i + 1:02x}:00.0"} for i in range(3)],
+            "peer_access": [[a == b or links[a][b] != "none" for b in range(3)] for a in range(3)],
+            "peer_links": links, "peer_links_reason": reason}
+
+
+def _peer_rows(text: str) -> list[list[str]]:
+    """The cells of the peer table's rows (without the row label)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Peer access (row can read column, over)"))
+    return [line.split()[1:] for line in lines[start + 2:start + 5]]
+
+
+def test_peer_table_shows_the_link_kind_of_each_pair(monkeypatch):
+    from mdtrt import doctor
+
+    cuda = _three_gpus()
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: cuda)
+    monkeypatch.setattr(doctor._core, "nvml_status",
+                        lambda: {"available": True, "path": "/usr/lib/libnvidia-ml.so.1", "found_by": "libnvidia-ml.so.1",
+                                 "error": ""})
+    report = doctor.collect()
+    assert report["cuda"]["peer_links"] == cuda["peer_links"] and report["nvml"]["available"]
+    text = doctor.format_text(report)
+    want = [["-" if a == b else "no" if not cuda["peer_access"][a][b] else cuda["peer_links"][a][b] for b in range(3)]
+            for a in range(3)]
+    assert _peer_rows(text) == want
+    assert "NVML unavailable" not in text and "unknown" not in text
+
+
+def test_unavailable_nvml_is_one_line_saying_what_auto_does(monkeypatch):
+    from mdtrt import doctor
+
+    unknown = [["self" if a == b else "unknown" for b in range(3)] for a in range(3)]
+    error = "NVML (libnvidia-ml.so.1, installed with the NVIDIA driver) was not found:\n  - libnvidia-ml.so.1: nope"
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: _three_gpus(unknown, "NVML is unavailable: " + error))
+    monkeypatch.setattr(doctor._core, "nvml_status",
+                        lambda: {"available": False, "path": "", "found_by": "", "error": error})
+    text = doctor.format_text(doctor.collect())
+    assert _peer_rows(text) == [["-" if a == b else "unknown" for b in range(3)] for a in range(3)]
+    lines = [line for line in text.splitlines() if "NVML" in line]
+    assert len(lines) == 1, lines
+    assert "NVML unavailable" in lines[0] and 'replication="auto" copies host inputs' in lines[0]
+    assert "libnvidia-ml.so.1: nope" in lines[0]
+
+
+def test_links_unknown_for_one_pair_say_why(monkeypatch):
+    from mdtrt import doctor
+
+    links = [["self", "nvlink", "none"], ["nvlink", "self", "unknown"], ["none", "unknown", "self"]]
+    reason = "nvmlDeviceGetP2PStatus(0000:02:00.0, 0000:03:00.0, NVLINK) failed: Unknown Error (code 999)"
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: _three_gpus(links, reason))
+    monkeypatch.setattr(doctor._core, "nvml_status", lambda: {"available": True, "path": "x", "found_by": "x",
+                                                              "error": ""})
+    text = doctor.format_text(doctor.collect())
+    assert [line for line in text.splitlines() if reason in line] == [
+        f'  some links are unknown, so replication="auto" copies host inputs to every GPU from host memory (its peer '
+        f"copies need NVLink between every pair): {reason}"]
+
+
+def test_doctor_json_reports_nvml_as_the_library_search_finds_it(tmp_path):
+    missing = tmp_path / "libnvidia-ml.so.1"
+    out = subprocess.run([sys.executable, "-m", "mdtrt", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, MDTRT_NVML_LIBRARY=str(missing), NCCL_NVLS_ENABLE="0"))
+    report = json.loads(out.stdout)
+    assert not report["nvml"]["available"] and str(missing) in report["nvml"]["error"]
+    assert "MDTRT_NVML_LIBRARY" in report["nvml"]["error"]
+    n = len(report["cuda"]["gpus"])
+    links = report["cuda"]["peer_links"]
+    assert len(links) == n and all(len(row) == n for row in links)
+    for a in range(n):
+        for b in range(n):
+            access = report["cuda"]["peer_access"][a][b]
+            assert links[a][b] == ("self" if a == b else "unknown" if access else "none"), (a, b)

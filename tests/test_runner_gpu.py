@@ -19,6 +19,12 @@ def group():
         yield g
 
 
+def every_pair_nvlink(group) -> bool:
+    """replication="auto" takes peer copies only where every GPU pair is NVLink (DeviceGroup.peer_links)."""
+    n, links = len(group), group.peer_links
+    return all(links[a][b] == "nvlink" for a in range(n) for b in range(n) if a != b)
+
+
 def gather_runner(group, dtype="float32"):
     n = len(group)
     program = _core.CollectiveProgram("all_gather", "none", 0, [], dtype, group.world_size, n)
@@ -47,8 +53,8 @@ def test_replicated_host_input_reaches_every_rank(group, mode, nbytes):
 @pytest.mark.parametrize("pinned", [False, True])
 def test_auto_replication_sends_large_pageable_inputs_through_peer_copies(group, pinned):
     """auto: a pageable host input of 16 MiB or more goes through one host copy and peer copies
-    (measured faster than a pageable copy per GPU), a pinned one is copied by every GPU itself; the
-    data arrives either way (poisoned outputs, random input)."""
+    where every GPU pair is NVLink (measured faster than a pageable copy per GPU), a pinned one is
+    copied by every GPU itself; the data arrives either way (poisoned outputs, random input)."""
     torch = pytest.importorskip("torch")
     runner = gather_runner(group)
     x = torch.randn((16 << 20) // 4 + 3, dtype=torch.float32)
@@ -59,9 +65,7 @@ def test_auto_replication_sends_large_pageable_inputs_through_peer_copies(group,
     assert len(outs) == len(group)
     for rank, out in enumerate(outs):
         np.testing.assert_array_equal(out["output"], expected, err_msg=f"rank {rank}")
-    n, access = len(group), group.peer_access
-    all_peer = all(access[a][b] for a in range(n) for b in range(n) if a != b)
-    assert runner.last_replication == ("peer" if not pinned and all_peer else "host")
+    assert runner.last_replication == ("peer" if not pinned and every_pair_nvlink(group) else "host")
     small = runner.infer({"input": x[:1000].numpy()}, all_ranks=True, replication="auto")
     np.testing.assert_array_equal(small[1]["output"], np.tile(x[:1000].numpy(), len(group)))
     assert runner.last_replication == "host"
@@ -70,14 +74,13 @@ def test_auto_replication_sends_large_pageable_inputs_through_peer_copies(group,
 @pytest.mark.parametrize("sizes", [("large", "small"), ("small", "large"), ("large", "large")], ids="-".join)
 def test_auto_replication_sends_each_input_its_own_way_within_one_call(group, sizes):
     """auto decides per input: within one call a pageable input of 16 MiB or more goes through peer
-    copies (where every GPU pair has peer access) and a small one through host copies, or two large
+    copies (where every GPU pair is NVLink) and a small one through host copies, or two large
     ones both by peer, staged through the first GPU's chunk events one after the other. Every rank
     gets both inputs (poisoned outputs, new random data per trial, so a peer copy that read the
     first GPU's staging buffer before its chunk landed shows), on every visible GPU; last_replication
     is the mode of the last replicated input."""
     runner = mdtrt.EngineRunner(group, program=_core.testing.PairCopyProgram("float32"))
-    n, access = len(group), group.peer_access
-    all_peer = all(access[a][b] for a in range(n) for b in range(n) if a != b)
+    n, all_nvlink = len(group), every_pair_nvlink(group)
     elements = {"large": (20 << 20) // 4 + 5, "small": 1000}  # 20 MiB and an odd tail: 6 chunks
     rng = np.random.default_rng([len(s) + 7 * i for i, s in enumerate(sizes)] + [sizes.count("large")])
     for trial in range(2):
@@ -87,7 +90,7 @@ def test_auto_replication_sends_each_input_its_own_way_within_one_call(group, si
         for rank, out in enumerate(outs):
             np.testing.assert_array_equal(out["a_copy"], a, err_msg=f"input a, rank {rank}, trial {trial}")
             np.testing.assert_array_equal(out["b_copy"], b, err_msg=f"input b, rank {rank}, trial {trial}")
-        assert runner.last_replication == ("peer" if sizes[1] == "large" and all_peer else "host")
+        assert runner.last_replication == ("peer" if sizes[1] == "large" and all_nvlink else "host")
 
 
 def test_default_returns_first_rank_only(group):

@@ -6,6 +6,7 @@
 #include "bindings/modules.h"
 #include "common/cuda_check.h"
 #include "runtime/devices.h"
+#include "runtime/gpu_links.h"
 #include "runtime/rank_runtime.h"
 
 namespace py = pybind11;
@@ -51,8 +52,26 @@ void bind_info(py::module_& m) {
     }
     d["gpus"] = gpus;
     d["peer_access"] = info.peer_access;
+    d["peer_links"] = link_kind_names(info.peer_links.kinds);
+    d["peer_links_reason"] = info.peer_links.unknown_reason;
     return d;
   });
+  m.def(
+      "nvml_status",
+      [] {
+        NvmlStatus status;
+        {
+          py::gil_scoped_release release;
+          status = nvml_status();  // the first call opens and initializes NVML
+        }
+        py::dict d;
+        d["available"] = status.available;
+        d["path"] = status.path;
+        d["found_by"] = status.found_by;
+        d["error"] = status.error;
+        return d;
+      },
+      "NVML in this process (opened once, on first use): available, path, found_by, error (why not).");
   m.def("visible_gpu_count", &visible_gpu_count);
   m.def("describe_cuda_problem", &describe_cuda_problem, py::arg("error"), py::arg("driver_version"),
         py::arg("runtime_version"), "What stops CUDA, in words (query_cuda's error and versions); '' when nothing.");

@@ -64,6 +64,9 @@ void bind_runtime(py::module_& m) {
       .def_property_readonly("ranks", [](DeviceGroup& g) { return g.runtime().ranks(); })
       .def_property_readonly("all_peer_access", &DeviceGroup::all_peer_access)
       .def("peer_access", &DeviceGroup::peer_access)
+      .def("peer_link", [](DeviceGroup& g, int a, int b) { return link_kind_name(g.peer_link(a, b)); })
+      .def_property_readonly("peer_links_reason", &DeviceGroup::peer_links_reason)
+      .def_property_readonly("all_nvlink", &DeviceGroup::all_nvlink)
       .def_property_readonly("broken", [](DeviceGroup& g) { return g.runtime().broken(); })
       .def_property_readonly("broken_reason", [](DeviceGroup& g) { return g.runtime().broken_reason(); })
       .def(

@@ -7,7 +7,9 @@
 #include <vector>
 
 #include "bindings/modules.h"
+#include "runtime/call_plan.h"
 #include "runtime/device_group.h"
+#include "runtime/gpu_links.h"
 #include "runtime/program_runner.h"
 #include "testing/test_programs.h"
 
@@ -139,6 +141,32 @@ void bind_testing(py::module_& m) {
       },
       py::arg("num_ranks"), py::arg("program"), py::arg("sequential") = false, py::arg("timeout") = 10.0,
       py::arg("fail_rank") = -1);
+  testing.def(
+      "classify_peer_links",
+      [](const std::vector<std::string>& pci_bus_ids, const std::vector<std::vector<bool>>& peer_access) {
+        PeerLinks links;
+        {
+          py::gil_scoped_release release;
+          links = classify_peer_links(pci_bus_ids, peer_access);
+        }
+        return py::make_tuple(link_kind_names(links.kinds), links.unknown_reason);
+      },
+      py::arg("pci_bus_ids"), py::arg("peer_access"),
+      "(n x n link kind names, why some are 'unknown') for GPUs named by PCI bus id, as DeviceGroup finds them "
+      "(NVML through MDTRT_NVML_LIBRARY or libnvidia-ml.so.1); no GPU needed.");
+  testing.def(
+      "choose_replication",
+      [](const std::string& requested, size_t nbytes, bool all_nvlink, bool pageable) {
+        bool asked = false;
+        const Replication mode = choose_replication(replication_from_name(requested), nbytes, all_nvlink, [&] {
+          asked = true;
+          return pageable;
+        });
+        return py::make_tuple(replication_name(mode), asked);
+      },
+      py::arg("requested"), py::arg("nbytes"), py::arg("all_nvlink"), py::arg("pageable"),
+      "(the mode a replicated host input of nbytes travels by, whether the pageability query was made) with "
+      "`pageable` standing in for CUDA's answer.");
   bind_trt_testing(testing);
 }
 

@@ -38,6 +38,18 @@ void* open_candidate(const std::string& candidate, int flags, LoadAttempt& attem
   return handle;
 }
 
+bool resolve_symbols(void* handle, const std::vector<SymbolSlot>& slots, const char* hint, LoadAttempt& attempt) {
+  for (const auto& s : slots) {
+    dlerror();
+    *s.slot = dlsym(handle, s.name);
+    if (*s.slot == nullptr) {
+      attempt.message = std::string("missing symbol ") + s.name + " (" + hint + ")";
+      return false;
+    }
+  }
+  return true;
+}
+
 std::string search_library(const char* env_var, const std::string& env_hint, const std::string& call,
                            const std::vector<SearchStep>& steps, std::vector<LoadAttempt>& attempts,
                            const std::function<bool(const std::string&, LoadAttempt&)>& try_candidate) {

@@ -25,6 +25,21 @@ std::string describe_attempts(const std::vector<LoadAttempt>& attempts);
 // dlopen(candidate, flags), recording the candidate and, on failure, dlerror()'s text in `attempt`.
 void* open_candidate(const std::string& candidate, int flags, LoadAttempt& attempt);
 
+// A function pointer to fill from a loaded library: its exported name and where to store it
+// (symbol_slot(api.Fn) gives the place).
+struct SymbolSlot {
+  const char* name;
+  void** slot;
+};
+template <typename Fn>
+void** symbol_slot(Fn& fn) {
+  return reinterpret_cast<void**>(&fn);
+}
+
+// Fills every slot with dlsym(handle, name). At the first symbol missing, records "missing symbol
+// NAME (`hint`)" in `attempt` and returns false; the caller closes the handle.
+bool resolve_symbols(void* handle, const std::vector<SymbolSlot>& slots, const char* hint, LoadAttempt& attempt);
+
 // One place to look: the rule that names it (reported as "found by") and what to dlopen.
 struct SearchStep {
   std::string rule;

@@ -16,35 +16,29 @@
 namespace mdtrt::nccl {
 namespace {
 
-struct SymbolSlot {
-  const char* name;
-  void** slot;
-};
-
 std::vector<SymbolSlot> symbol_slots(Api& a) {
-  auto slot = [](auto& fn) { return reinterpret_cast<void**>(&fn); };
   return {
-      {"ncclGetVersion", slot(a.GetVersion)},
-      {"ncclGetUniqueId", slot(a.GetUniqueId)},
-      {"ncclCommInitRankConfig", slot(a.CommInitRankConfig)},
-      {"ncclCommSplit", slot(a.CommSplit)},
-      {"ncclCommFinalize", slot(a.CommFinalize)},
-      {"ncclCommDestroy", slot(a.CommDestroy)},
-      {"ncclCommAbort", slot(a.CommAbort)},
-      {"ncclCommGetAsyncError", slot(a.CommGetAsyncError)},
-      {"ncclCommCount", slot(a.CommCount)},
-      {"ncclCommUserRank", slot(a.CommUserRank)},
-      {"ncclGetErrorString", slot(a.GetErrorString)},
-      {"ncclGetLastError", slot(a.GetLastError)},
-      {"ncclGroupStart", slot(a.GroupStart)},
-      {"ncclGroupEnd", slot(a.GroupEnd)},
-      {"ncclAllReduce", slot(a.AllReduce)},
-      {"ncclAllGather", slot(a.AllGather)},
-      {"ncclBroadcast", slot(a.Broadcast)},
-      {"ncclReduce", slot(a.Reduce)},
-      {"ncclReduceScatter", slot(a.ReduceScatter)},
-      {"ncclSend", slot(a.Send)},
-      {"ncclRecv", slot(a.Recv)},
+      {"ncclGetVersion", symbol_slot(a.GetVersion)},
+      {"ncclGetUniqueId", symbol_slot(a.GetUniqueId)},
+      {"ncclCommInitRankConfig", symbol_slot(a.CommInitRankConfig)},
+      {"ncclCommSplit", symbol_slot(a.CommSplit)},
+      {"ncclCommFinalize", symbol_slot(a.CommFinalize)},
+      {"ncclCommDestroy", symbol_slot(a.CommDestroy)},
+      {"ncclCommAbort", symbol_slot(a.CommAbort)},
+      {"ncclCommGetAsyncError", symbol_slot(a.CommGetAsyncError)},
+      {"ncclCommCount", symbol_slot(a.CommCount)},
+      {"ncclCommUserRank", symbol_slot(a.CommUserRank)},
+      {"ncclGetErrorString", symbol_slot(a.GetErrorString)},
+      {"ncclGetLastError", symbol_slot(a.GetLastError)},
+      {"ncclGroupStart", symbol_slot(a.GroupStart)},
+      {"ncclGroupEnd", symbol_slot(a.GroupEnd)},
+      {"ncclAllReduce", symbol_slot(a.AllReduce)},
+      {"ncclAllGather", symbol_slot(a.AllGather)},
+      {"ncclBroadcast", symbol_slot(a.Broadcast)},
+      {"ncclReduce", symbol_slot(a.Reduce)},
+      {"ncclReduceScatter", symbol_slot(a.ReduceScatter)},
+      {"ncclSend", symbol_slot(a.Send)},
+      {"ncclRecv", symbol_slot(a.Recv)},
   };
 }
 
@@ -68,14 +62,9 @@ bool try_candidate(const std::string& candidate, LoadAttempt& attempt, Api& api,
   void* h = open_candidate(candidate, RTLD_NOW | RTLD_GLOBAL, attempt);
   if (h == nullptr) return false;
   Api candidate_api{};
-  for (const auto& s : symbol_slots(candidate_api)) {
-    dlerror();
-    *s.slot = dlsym(h, s.name);
-    if (*s.slot == nullptr) {
-      attempt.message = std::string("missing symbol ") + s.name + " (NCCL too old or not NCCL?)";
-      dlclose(h);
-      return false;
-    }
+  if (!resolve_symbols(h, symbol_slots(candidate_api), "NCCL too old or not NCCL?", attempt)) {
+    dlclose(h);
+    return false;
   }
   int code = 0;
   Result r = candidate_api.GetVersion(&code);

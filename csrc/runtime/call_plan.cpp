@@ -1,6 +1,7 @@
 #include "runtime/call_plan.h"
 
 #include <algorithm>
+#include <functional>
 
 #include "common/error.h"
 #include "common/name_table.h"
@@ -20,7 +21,8 @@ Replication replication_from_name(const std::string& name) {
 const char* replication_name(Replication r) { return name_of(kReplications, r, "replication"); }
 std::vector<std::string> replication_names() { return all_names(kReplications); }
 
-Replication choose_replication(Replication requested, const void* data, size_t bytes, bool all_peer_access) {
+Replication choose_replication(Replication requested, size_t bytes, bool all_nvlink,
+                               const std::function<bool()>& is_pageable) {
   if (requested != Replication::kAuto) return requested;
   // On 2x H200 (NVLink, a PCIe link per GPU; BENCHMARKS.md section 3, four full runs) every GPU
   // copying pinned host memory itself was the fastest at every size from 1 KiB to 1 GiB: the host
@@ -29,15 +31,18 @@ Replication choose_replication(Replication requested, const void* data, size_t b
   // at 16 MiB (peer/host time 0.94-1.05) and faster from 64 MiB (0.91-1.03, 2-3% on average): one
   // pageable copy instead of one per GPU, the rest over NVLink. Below 16 MiB the extra hop costs
   // (1.05-1.30 at 1 KiB-4 MiB).
+  // Only where every pair of GPUs is joined by NVLink: over PCIe peer access the first GPU's one
+  // PCIe link would carry the N-1 peer copies one after another, while each GPU reading the host
+  // over its own link runs in parallel; that was never measured to win, so links that are PCIe or
+  // unknown (NVML unavailable) take the host path, the rule measured best for pinned memory.
   // Pageability asked last: a CUDA call, only where it can change the choice.
-  if (all_peer_access && bytes >= kAutoPeerFromPageableBytes && is_pageable_host_memory(data))
-    return Replication::kPeer;
+  if (all_nvlink && bytes >= kAutoPeerFromPageableBytes && is_pageable()) return Replication::kPeer;
   return Replication::kHost;
 }
 
 CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options,
                    const std::vector<std::vector<TensorSpec>>& input_specs, const std::vector<int>& ranks,
-                   bool all_peer_access, bool whole_world_here) {
+                   bool all_peer_access, bool all_nvlink, bool whole_world_here) {
   const int n = static_cast<int>(ranks.size());
   if (static_cast<int>(inputs.size()) != n)
     throw_invalid_argument("inputs for " + std::to_string(inputs.size()) + " ranks given, this group has " +
@@ -110,7 +115,8 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
     if (!replicated) continue;
     const size_t bytes = inputs[0][k].nbytes();
     plan.modes[k] = plan.replication =
-        choose_replication(options.replication, inputs[0][k].data, bytes, all_peer_access);
+        choose_replication(options.replication, bytes, all_nvlink,
+                           [&] { return is_pageable_host_memory(inputs[0][k].data); });
     plan.replicated_inputs += 1;
     if (plan.modes[k] == Replication::kPeer && !all_peer_access)
       throw_invalid_argument("replication='peer' needs peer access between every pair of GPUs in the group, "

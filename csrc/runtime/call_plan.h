@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,9 +23,12 @@ enum class Replication {
 Replication replication_from_name(const std::string& name);
 const char* replication_name(Replication r);
 std::vector<std::string> replication_names();  // every mode, in the enum's order (exported by _core)
-// The mode for one replicated host input of `bytes` at `data`: `requested` unless it is kAuto; auto
-// asks CUDA whether the memory is pageable (not pinned) only for inputs that large with peer access.
-Replication choose_replication(Replication requested, const void* data, size_t bytes, bool all_peer_access);
+// The mode for one replicated host input of `bytes`: `requested` unless it is kAuto. Auto takes
+// kPeer for pageable (not pinned) inputs of kAutoPeerFromPageableBytes or more when every pair of
+// the group's GPUs is joined by NVLink (`all_nvlink`, runtime/gpu_links.h), else kHost; it calls
+// `is_pageable` (a CUDA query) only where the answer can change the choice.
+Replication choose_replication(Replication requested, size_t bytes, bool all_nvlink,
+                               const std::function<bool()>& is_pageable);
 constexpr size_t kAutoPeerFromPageableBytes = 16 << 20;  // auto: pageable inputs this large go through peer copies
 
 // Chunk of the pipelined host -> first GPU -> peers copy.
@@ -83,10 +87,11 @@ struct CallPlan {
 
 // Checks `inputs` (inputs[i]: local rank i's, in the program's input order) against the programs'
 // input specs and `options`, and decides replication. Throws InvalidArgument naming what is wrong.
-// `all_peer_access` and `whole_world_here` say whether peer and broadcast replication can work.
+// `all_peer_access` and `whole_world_here` say whether peer and broadcast replication can work;
+// `all_nvlink` whether auto may choose peer copies (see choose_replication).
 CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options,
                    const std::vector<std::vector<TensorSpec>>& input_specs, const std::vector<int>& ranks,
-                   bool all_peer_access, bool whole_world_here);
+                   bool all_peer_access, bool all_nvlink, bool whole_world_here);
 
 inline bool is_aligned(const void* p, size_t alignment) {
   return alignment <= 1 || reinterpret_cast<uintptr_t>(p) % alignment == 0;

@@ -55,6 +55,9 @@ DeviceGroup::DeviceGroup(const std::vector<int>& devices, const std::vector<int>
       peer_[a][b] = can != 0;
     }
   }
+  // Whether replication="auto" may send large pageable inputs through peer copies (call_plan.cpp).
+  links_ = peer_links_of_devices(devices, peer_);
+  all_nvlink_ = mdtrt::all_nvlink(links_.kinds);
   // Peer access lets rank threads copy replicated inputs over NVLink; enabled once per pair.
   // By value: a rank given up on at the deadline runs on after this constructor threw.
   runtime_->run_on_all(

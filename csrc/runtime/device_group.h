@@ -4,9 +4,11 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "nccl/communicator.h"
+#include "runtime/gpu_links.h"
 #include "runtime/rank_runtime.h"
 
 namespace mdtrt {
@@ -31,6 +33,11 @@ class DeviceGroup {
   double timeout() const { return timeout_seconds_; }
   bool peer_access(int local_a, int local_b) const { return peer_[local_a][local_b]; }
   bool all_peer_access() const;
+  // How each pair of local GPUs is connected (runtime/gpu_links.h), found once at construction.
+  LinkKind peer_link(int local_a, int local_b) const { return links_.kinds.at(local_a).at(local_b); }
+  // Why some pair is LinkKind::kUnknown (NVML unavailable, or its error); empty when none is.
+  const std::string& peer_links_reason() const { return links_.unknown_reason; }
+  bool all_nvlink() const { return all_nvlink_; }
 
   // Aborts every communicator now (from any thread); the group is unusable afterwards. TensorRT
   // contexts attached to them are then leaked, never destroyed (see EngineProgram).
@@ -54,6 +61,8 @@ class DeviceGroup {
   std::vector<std::shared_ptr<Communicator>> world_nonblocking_;
   std::vector<std::shared_ptr<Communicator>> world_;              // blocking twin for the data path
   std::vector<std::vector<bool>> peer_;
+  PeerLinks links_;
+  bool all_nvlink_ = false;
   int abort_hook_ = -1;
 };
 

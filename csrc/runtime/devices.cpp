@@ -47,6 +47,9 @@ CudaInfo query_cuda() {
       info.peer_access[i][j] = can != 0;
     }
   }
+  std::vector<std::string> bus_ids(count);
+  for (const auto& gpu : info.gpus) bus_ids[gpu.index] = gpu.pci_bus_id;
+  info.peer_links = classify_peer_links(bus_ids, info.peer_access);
   return info;
 }
 

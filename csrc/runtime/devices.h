@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "runtime/gpu_links.h"
+
 namespace mdtrt {
 
 struct GpuInfo {
@@ -22,6 +24,7 @@ struct CudaInfo {
   std::string error;        // why no GPU could be listed, empty when fine
   std::vector<GpuInfo> gpus;
   std::vector<std::vector<bool>> peer_access;  // peer_access[i][j]: GPU i can access GPU j's memory
+  PeerLinks peer_links;                        // how each pair is connected (NVLink, PCIe, ...)
 };
 
 CudaInfo query_cuda();

@@ -269,7 +269,7 @@ std::vector<ProgramRunner::RankOrdering> ProgramRunner::order_after_callers(
 
 CallPlan ProgramRunner::plan(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options) {
   RankRuntime& runtime = group_->runtime();
-  return plan_call(inputs, options, input_specs_, runtime.ranks(), group_->all_peer_access(),
+  return plan_call(inputs, options, input_specs_, runtime.ranks(), group_->all_peer_access(), group_->all_nvlink(),
                    runtime.num_local_ranks() == group_->world_size());
 }
 

@@ -281,6 +281,35 @@ class DeviceGroup:
         return [[self._native.peer_access(a, b) for b in range(n)] for a in range(n)]
 
     @property
+    def peer_links(self) -> list[list[str]]:
+        """How each pair of the group's GPUs is connected, found once when the group was created.
+
+        ``replication="auto"`` sends pageable host inputs of 16 MiB or more through peer copies
+        only when every pair is ``"nvlink"``; otherwise (PCIe, unknown) every GPU copies from host
+        memory itself.
+
+        Returns
+        -------
+        list of list of str
+            ``peer_links[a][b]`` for local ranks ``a`` and ``b``, an n x n list for the group's n
+            local ranks: ``"self"`` on the diagonal; ``"nvlink"`` (peer access, and NVML reports
+            NVLink between the two); ``"pcie"`` (peer access without NVLink); ``"none"`` (no peer
+            access, see :attr:`peer_access`); ``"unknown"`` (peer access, but NVML,
+            ``libnvidia-ml.so.1`` from the NVIDIA driver, is unavailable or failed for the pair:
+            :attr:`peer_links_reason` says why, and ``python -m mdtrt doctor`` shows it).
+            ``MDTRT_NVML_LIBRARY=/path/to/libnvidia-ml.so.1`` names the library to use.
+        """
+        native = self._live()._native
+        n = len(self)
+        return [[native.peer_link(a, b) for b in range(n)] for a in range(n)]
+
+    @property
+    def peer_links_reason(self) -> str:
+        """Why some entry of :attr:`peer_links` is ``"unknown"`` (NVML not found, its error
+        string); ``""`` when none is."""
+        return self._live()._native.peer_links_reason
+
+    @property
     def communicators(self) -> list[Communicator]:
         """One :class:`Communicator` (world NCCL communicator) per local rank, in local-rank order."""
         native = self._live()._native

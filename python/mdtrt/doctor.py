@@ -103,6 +103,41 @@ def _feature(gpus: list[dict], minimum: tuple[int, int], what: str) -> dict:
     return {"ok": ok, "needs": f"{what}: compute capability >= {minimum[0]}.{minimum[1]} on every GPU", "detail": detail}
 
 
+AUTO_WITHOUT_NVLINK = ('replication="auto" copies host inputs to every GPU from host memory (its peer copies '
+                       "need NVLink between every pair)")
+
+
+def _one_line(text: str) -> str:
+    """``text``'s lines joined by spaces, each stripped of its indent and list mark."""
+    return " ".join(line.strip().removeprefix("- ") for line in text.splitlines() if line.strip())
+
+
+def _peer_table(cuda: dict, nvml: dict | None) -> list[str]:
+    """The peer matrix: over what each GPU reads each other's memory (``nvlink``, ``pcie``,
+    ``unknown``) or ``no``; then, when NVML is unavailable, one line saying so and what it does to
+    replication="auto". Reports without ``peer_links`` (older, or made up) show yes/no."""
+    n = len(cuda["gpus"])
+    links = cuda.get("peer_links") or [["self" if i == j else "unknown" for j in range(n)] for i in range(n)]
+
+    def cell(i, j):
+        if i == j:
+            return "-"
+        if not cuda["peer_access"][i][j]:
+            return "no"
+        return links[i][j] if cuda.get("peer_links") else "yes"
+
+    lines = ["Peer access (row can read column, over):"]
+    lines.append("      " + " ".join(f"{j:>7}" for j in range(n)))
+    for i in range(n):
+        lines.append(f"  {i:>3} " + " ".join(f"{cell(i, j):>7}" for j in range(n)))
+    if nvml is not None and not nvml["available"]:
+        lines.append(f"  NVML unavailable, so NVLink cannot be told from PCIe: {AUTO_WITHOUT_NVLINK}. "
+                     f"Why: {_one_line(nvml['error'])}")
+    elif cuda.get("peer_links_reason"):
+        lines.append(f"  some links are unknown, so {AUTO_WITHOUT_NVLINK}: {_one_line(cuda['peer_links_reason'])}")
+    return lines
+
+
 def collect() -> dict:
     """The whole report as a JSON-ready dict.
 
@@ -117,7 +152,11 @@ def collect() -> dict:
         ``cuda``: ``driver_version`` and ``runtime_version`` (int, CUDA's 1000 * major + 10 * minor
         convention, 0 when absent), ``gpus`` (per GPU: ``index``, ``name``, ``compute_capability``
         [major, minor], ``total_memory`` in bytes, ``pci_bus_id``), ``peer_access`` (N x N bools,
-        row can read column), ``error`` and ``problem`` (in words, or None). ``tensorrt``:
+        row can read column), ``peer_links`` (N x N str: "self", "nvlink", "pcie", "none" or
+        "unknown", as :attr:`mdtrt.DeviceGroup.peer_links`), ``peer_links_reason`` (why some link
+        is "unknown", or ""), ``error`` and ``problem`` (in words, or None). ``nvml``: NVML (the
+        driver's ``libnvidia-ml.so.1``, which tells NVLink from PCIe) as this process found it:
+        ``available`` (bool), ``path``, ``found_by``, ``error`` (why not, or ""). ``tensorrt``:
         ``compiled_in``, ``reason``, ``library_found``, ``path``, ``version``, ``found_by``,
         ``lean``, ``error``, ``attempts`` (and ``rebuild`` advice without the backend).
         ``runtime``: the rank threads' settings a group of every visible GPU (``local_ranks``, at
@@ -138,6 +177,7 @@ def collect() -> dict:
         "mdtrt": build,
         "nccl": _nccl_report(),
         "cuda": cuda,
+        "nvml": dict(_core.nvml_status()),
         "tensorrt": _tensorrt_report(build),
         "runtime": _runtime_report(max(1, len(gpus))),
         "features": {
@@ -206,12 +246,7 @@ def format_text(report: dict) -> str:
         cc = g["compute_capability"]
         lines.append(f"  [{g['index']}] {g['name']}  sm_{cc[0]}{cc[1]}  {g['total_memory'] / 2**30:.1f} GiB  {g['pci_bus_id']}")
     if len(cuda["gpus"]) > 1:
-        lines.append("Peer access (row can read column):")
-        n = len(cuda["gpus"])
-        lines.append("       " + " ".join(f"{j:>3}" for j in range(n)))
-        for i in range(n):
-            cells = " ".join("  -" if i == j else ("yes" if cuda["peer_access"][i][j] else " no") for j in range(n))
-            lines.append(f"  {i:>3}  {cells}")
+        lines.extend(_peer_table(cuda, report.get("nvml")))
     trt = report["tensorrt"]
     lines.append("")
     if trt["compiled_in"]:

@@ -159,8 +159,9 @@ class EngineRunner:
         How an input every rank needs reaches every GPU: auto, host, peer or broadcast
         (:data:`mdtrt.vocabulary.REPLICATION_MODES`); a call's ``replication=`` overrides it.
         ``auto`` is the fastest measured on 2x H200 with NVLink (BENCHMARKS.md, section 3): host,
-        except peer for a pageable (not pinned) input of 16 MiB or more where every GPU pair has
-        peer access. :attr:`last_replication` says what a call used.
+        except peer for a pageable (not pinned) input of 16 MiB or more where every GPU pair is
+        joined by NVLink (:attr:`DeviceGroup.peer_links`; PCIe or unknown links take host).
+        :attr:`last_replication` says what a call used.
     sequential_bind : bool
         Bind ranks one after another (only to show that a collective bind then deadlocks).
     cuda_graph : bool
@@ -269,7 +270,8 @@ class EngineRunner:
         """How the last call's replicated inputs travelled: host, peer or broadcast.
 
         Under ``replication="auto"`` the inputs of one call may travel differently (a pageable one of
-        16 MiB or more by peer, the others by host); this is then the mode of the last of them."""
+        16 MiB or more by peer where every GPU pair is NVLink, the others by host); this is then the
+        mode of the last of them."""
         return self._native.last_replication
 
     def _refs(self, inputs: Mapping[str, Any]) -> list:
