@@ -105,27 +105,40 @@ class _streams:
             c.__exit__(*exc)
 
 
+def run_refilled(xs, holder, call, outputs_of, seed: int, calls: int = 30):
+    """``calls`` runs of ``call`` (no arguments), ``xs`` (one tensor per rank) refilled with new
+    random numbers on the current stream before each: ([(outputs, numpy sum of the inputs, call
+    index)], how many calls ran on a spare of ``holder`` (its group or runner))."""
+    rng = np.random.default_rng(seed)
+    results, used = [], 0
+    for it in range(calls):
+        host = [rng.standard_normal(tuple(x.shape)).astype(np.float32) for x in xs]
+        for x, h in zip(xs, host):
+            x.copy_(torch.from_numpy(h))
+        spare = spare_addresses(holder)
+        outs = outputs_of(call())
+        used += any(t.data_ptr() in spare for t in outs)
+        results.append((outs, np.sum(host, axis=0), it))
+    return results, used
+
+
+def check_sums(group, results, what: str) -> None:
+    """After every GPU of ``group`` finished: each call's outputs (every rank's) equal its sum."""
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    for outs, want, it in results:
+        for r, t in enumerate(outs):
+            np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{what} call {it}, rank {r}")
+
+
 def test_prepared_collective_without_out_gets_each_calls_own_result(group):
     """A prepared all_reduce refilled in place before each of 30 calls (on the current stream),
     every output held: each is its own call's sum; the calls from the third on run on spares."""
     n = len(group)
     xs = [torch.empty((128, 3), device=f"cuda:{d}") for d in group.gpus]
     call = group.prepare_collective("all_reduce", xs)
-    rng = np.random.default_rng(12)
-    results, used = [], 0
-    for it in range(30):
-        host = [rng.standard_normal((128, 3)).astype(np.float32) for _ in range(n)]
-        for x, h in zip(xs, host):
-            x.copy_(torch.from_numpy(h))
-        spare = spare_addresses(group)
-        got = call()
-        used += any(t.data_ptr() in spare for t in got)
-        results.append((got, np.sum(host, axis=0), it))
-    for d in group.gpus:
-        torch.cuda.synchronize(d)
-    for outs, want, it in results:
-        for r, t in enumerate(outs):
-            np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"call {it}, rank {r}")
+    results, used = run_refilled(xs, group, call, lambda got: got, seed=12)
+    check_sums(group, results, "prepared all_reduce")
     assert len({t.data_ptr() for outs, _, _ in results for t in outs}) == 30 * n  # all held: all distinct
     assert used >= 27, f"only {used} of 30 calls ran on a spare"
 
@@ -140,21 +153,10 @@ def test_engine_runner_without_outputs_gets_each_calls_own_result(group, entry):
     xs = [torch.empty((256, 5), device=f"cuda:{d}") for d in group.gpus]
     per_rank = [{"input": x} for x in xs]
     prepared = runner.prepare(per_rank, all_ranks=True) if entry == "prepare" else None
-    rng = np.random.default_rng(13)
-    results, used = [], 0
-    for it in range(30):
-        host = [rng.standard_normal((256, 5)).astype(np.float32) for _ in range(n)]
-        for x, h in zip(xs, host):
-            x.copy_(torch.from_numpy(h))
-        spare = spare_addresses(runner)
-        got = prepared() if prepared is not None else runner.infer(per_rank, all_ranks=True)
-        used += any(rank["output"].data_ptr() in spare for rank in got)
-        results.append(([rank["output"] for rank in got], np.sum(host, axis=0), it))
-    for d in group.gpus:
-        torch.cuda.synchronize(d)
-    for outs, want, it in results:
-        for r, t in enumerate(outs):
-            np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{entry} call {it}, rank {r}")
+    results, used = run_refilled(
+        xs, runner, prepared if prepared is not None else (lambda: runner.infer(per_rank, all_ranks=True)),
+        lambda got: [rank["output"] for rank in got], seed=13)
+    check_sums(group, results, entry)
     assert used >= 25, f"only {used} of 30 calls ran on a spare"
 
 
