@@ -128,7 +128,8 @@ def check_sums(group, results, what: str) -> None:
         torch.cuda.synchronize(d)
     for outs, want, it in results:
         for r, t in enumerate(outs):
-            np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5, err_msg=f"{what} call {it}, rank {r}")
+            np.testing.assert_allclose(t.cpu().numpy(), want, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{what} call {it}, rank {r}")
 
 
 def test_prepared_collective_without_out_gets_each_calls_own_result(group):
