@@ -76,6 +76,9 @@ def stub_group(count: int, elements: int = 512):
         def run_at_each(self, *args):
             return None
 
+        def run_stream_ordered(self):
+            return None
+
     class RunnerStub:
         cuda_graphs = False
 

@@ -42,6 +42,10 @@ class StubCall:
         self.log.append(("prepared", outputs, stream_ordered))
         return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in range(2)]
 
+    def run_stream_ordered(self):
+        """A stream-ordered run of a prepared call as prepared (its arrays and given outputs)."""
+        self.log.append(("as prepared", None, True))
+
     def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""
         n = len(nbytes)
@@ -674,3 +678,18 @@ def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch
         outs = getattr(group, op)(inputs)
         assert [t.ptr for t in outs] == outputs_run_on(stubs)
         assert len(allocations) == 1 and len(group._spare_outputs._kept) == 0  # its own outputs, no spare tried
+
+
+@pytest.mark.parametrize("stream_ordered", [None, True, False])
+def test_a_prepared_call_into_its_outputs_runs_as_prepared(stubs, stream_ordered):
+    """prepare_collective(out=) on torch tensors: each stream-ordered run is the native call as
+    prepared (no arguments, a kept plan, nothing read back) and returns the given outputs; a
+    waiting run (stream_ordered=False) runs the prepared call as before."""
+    group = stubs.make_group()
+    xs, outs = tensors(0x1000), tensors(0x2000)
+    call = group.prepare_collective("all_reduce", xs, out=outs, stream_ordered=stream_ordered)
+    for _ in range(3):
+        got = call()
+        assert len(got) == 2 and all(g is o for g, o in zip(got, outs))
+        assert stubs.log[-1] == (("prepared", None, False) if stream_ordered is False else ("as prepared", None, True))
+    assert len(stubs.log) == 3

@@ -61,9 +61,18 @@ class StubCall:
         return results
 
     def __call__(self, outputs=None, stream_ordered=False):
-        """A run of a prepared call (EngineRunner.prepare) on the arrays it was prepared with."""
-        assert not outputs  # given outputs are run through run_at_each here
-        return self.run_at([[] for _ in self.specs], [], stream_ordered)
+        """A run of a prepared call (EngineRunner.prepare) on the arrays it was prepared with,
+        into ``outputs`` (OutputArg lists per rank) when given."""
+        self.as_prepared = outputs or self.as_prepared  # what run_stream_ordered runs into
+        given = [[(o.name, o.ptr, o.nbytes, o.device, o.stream) for o in rank] for rank in outputs or []]
+        return self.run_at([[] for _ in self.specs], given, stream_ordered)
+
+    as_prepared = None
+
+    def run_stream_ordered(self):
+        """A stream-ordered run as prepared: into the outputs the first run got."""
+        assert self.as_prepared, "run_stream_ordered before any run with the prepared outputs"
+        self(self.as_prepared, True)
 
     def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
@@ -559,3 +568,30 @@ def test_a_spare_made_in_inference_mode_serves_only_calls_in_it(stubs, entry):
     assert not {id(t) for rank in got for t in rank.values()} & {id(t) for t in made_inside}
     with torch.inference_mode():
         assert [t for rank in call() for t in rank.values()] == made_inside
+
+
+def test_prepare_with_outputs_runs_as_prepared_once_the_names_are_known(stubs):
+    """EngineRunner.prepare(outputs=) on torch tensors: the first run learns the output names;
+    every later stream-ordered run is the native call as prepared, into the same outputs, and
+    returns them (nothing of the native result read)."""
+    runner = stubs.make_runner()
+    given = outputs_of(0x2000)
+    call = runner.prepare(inputs_of(0x1000, True), outputs=given, all_ranks=True)
+    calls = []
+    real = StubCall.run_stream_ordered
+
+    def counted(self):
+        calls.append(self)
+        return real(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StubCall, "run_stream_ordered", counted)
+        for step in range(3):
+            got = call()
+            assert [{name: label(x, given) for name, x in rank.items()} for rank in got] == [
+                {name: ("given", name, r) for name in ("y", "z")} for r in range(2)]
+            _, outputs, ordered = stubs.log[-1]
+            assert ordered is True
+            assert [sorted((name, ptr) for name, ptr, _, _, _ in rank) for rank in outputs] == [
+                sorted((name, given[name][r].ptr) for name in ("y", "z")) for r in range(2)]
+            assert len(calls) == step  # the first run went the general way

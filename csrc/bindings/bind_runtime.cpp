@@ -274,6 +274,14 @@ void bind_runtime(py::module_& m) {
           py::arg("outputs"), py::arg("stream_ordered") = false,
           "The same call, writing into these output buffers; stream_ordered: return once it is queued.")
       .def(
+          "run_stream_ordered",
+          [](PreparedInfer& p) {
+            py::gil_scoped_release release;
+            p.run_stream_ordered();  // the caller holds every output: nothing of the result is returned
+          },
+          "The call as prepared, into the outputs given when it was prepared, stream-ordered (returns once "
+          "it is queued, the caller streams waiting for it); returns None.")
+      .def(
           "run_at",
           [](PreparedInfer& p, const std::vector<std::vector<std::pair<uintptr_t, uintptr_t>>>& addresses,
              const std::vector<std::vector<std::tuple<std::string, uintptr_t, size_t, int, uintptr_t>>>& outputs,

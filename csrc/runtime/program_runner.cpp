@@ -295,6 +295,26 @@ std::vector<RankResult> PreparedInfer::run(std::vector<std::vector<OutputArg>> o
   return runner_->run(plan_, inputs_, options);
 }
 
+std::vector<RankResult> PreparedInfer::run_stream_ordered() {
+  const InferOptions* options = nullptr;
+  const CallPlan* plan = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(ordered_mutex_);
+    if (!ordered_plan_) {
+      auto ordered = std::make_unique<InferOptions>(options_);
+      ordered->stream_ordered = true;
+      // Checks what a stream-ordered call needs (device arrays with streams, every output given):
+      // a call that cannot be one raises here on every run, and keeps nothing.
+      auto made = std::make_unique<const CallPlan>(runner_->plan(inputs_, *ordered));
+      ordered_options_ = std::move(ordered);
+      ordered_plan_ = std::move(made);
+    }
+    options = ordered_options_.get();
+    plan = ordered_plan_.get();
+  }
+  return runner_->run(*plan, inputs_, *options);  // both live as long as this call
+}
+
 InferOptions PreparedInfer::options_for(std::vector<std::vector<OutputArg>> outputs, bool stream_ordered) const {
   InferOptions options = options_;
   options.outputs = std::move(outputs);

@@ -140,6 +140,10 @@ class PreparedInfer {
   // stream_ordered: as InferOptions::stream_ordered, for this run (a call prepared before its
   // outputs could be given, an engine's first, runs waiting; later ones need not).
   std::vector<RankResult> run(std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
+  // The call as prepared (its arrays, and the outputs given when it was prepared), stream-ordered
+  // (see InferOptions::stream_ordered). Its plan is made by the first such run and kept: nothing
+  // it depends on changes between runs, and a prepared call's loop then plans nothing per call.
+  std::vector<RankResult> run_stream_ordered();
   // The same call on other arrays of the same dtypes, shapes and devices: addresses[i][k] is local
   // rank i's input k (data, producer stream). The one-shot entry points (DeviceGroup.collective,
   // EngineRunner.infer) keep one prepared call per argument signature and run it this way, so a
@@ -164,6 +168,11 @@ class PreparedInfer {
   std::vector<std::vector<InputArg>> inputs_;
   InferOptions options_;
   CallPlan plan_;
+  // run_stream_ordered's options and plan, made by its first run that could plan (under the mutex:
+  // two threads may run one prepared call).
+  std::mutex ordered_mutex_;
+  std::unique_ptr<const InferOptions> ordered_options_;
+  std::unique_ptr<const CallPlan> ordered_plan_;
 };
 
 }  // namespace mdtrt

@@ -299,6 +299,7 @@ class PreparedCall:
         self._flat_inputs = None  # the inputs' (pointers, streams) as run_at_each takes them, read once
         self._output_names = tuple(output_names) if output_names is not None else None
         self._spares = spares
+        self._as_prepared = None  # see _runs_as_prepared: None until the output names are known
         self._spare_key = spares.key_for(self) if spares is not None else None
         self._spare_devices = None  # the GPU of each allocated output (flat), once a spare was kept
         self._spare_bytes = 0  # the most bytes of allocated outputs on one GPU (spare_bytes)
@@ -336,6 +337,16 @@ class PreparedCall:
         """
         if self._refs is None:
             raise InvalidArgumentError("this call is run with run_on(arrays): it keeps no arrays of its own")
+        if self._new_out is None and self._runs_as_prepared():
+            # Into the outputs given when it was prepared, every one named, stream-ordered: the
+            # native call runs as prepared (no arguments, a kept plan) and returns nothing to read.
+            try:
+                self._call.run_stream_ordered()
+            except BaseException:
+                self.hold_if_in_use(self._refs, self._out)
+                raise
+            names = self._output_names
+            return [{name: given[name].owner for name in names} for given in self._out]
         out = self._new_outputs() if self._new_out is not None else self._out
         ordered = self.stream_ordered_for(out)
         names = self._output_names
@@ -378,6 +389,21 @@ class PreparedCall:
         if ordered and self._new_out is not None and out:
             self._keep_spare(out)
         return self._wrap(results, self._refs, out)
+
+    def _runs_as_prepared(self) -> bool:
+        """Whether a run writes only into the ``out`` given when the call was prepared, holding
+        every output of the program, and is stream-ordered (decided once the output names are
+        known: from the start for a collective, after the first run for an engine)."""
+        known = self._as_prepared
+        if known is None:
+            names = self._output_names
+            out = self._out
+            if names is None or not out:
+                return False
+            known = self._as_prepared = (self.stream_ordered_for(out) and
+                                         all(len(given) == len(names) and all(n in given for n in names)
+                                             for given in out))
+        return known
 
     def _new_outputs(self) -> list:
         """This run's outputs from ``new_out``: the spare the previous run kept, when it was
