@@ -25,26 +25,39 @@ class StubCall:
 
     arrays_may_be_in_use = False  # a run that raised left no work behind (see test_failed_fast_run_...)
 
-    def __init__(self, log, out_nbytes):
-        self.log, self.out_nbytes = log, out_nbytes
+    def __init__(self, log, out_nbytes, ranks=2, prepared_outputs=()):
+        self.log, self.out_nbytes, self.ranks = log, out_nbytes, ranks
+        # The outputs given when it was prepared (OutputArgs per rank): a run without outputs of its
+        # own writes into them, as the native PreparedInfer's options keep them.
+        self.prepared_outputs = [[(o.name, o.ptr, o.nbytes, o.device, o.stream) for o in rank]
+                                 for rank in prepared_outputs]
 
     def run_at(self, addresses, outputs, stream_ordered=False):
+        self.check_outputs(outputs)
+        self.log.append((addresses, outputs, stream_ordered))
+        return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in addresses]
+
+    def __call__(self, outputs=None, stream_ordered=False):
+        """A run of a prepared call (prepare_collective) on the arrays it was prepared with, into
+        ``outputs`` (OutputArgs per rank) or, without them, the outputs given when it was prepared;
+        logged as ("prepared", outputs as run_at's tuples, stream_ordered)."""
+        given = (self.prepared_outputs if outputs is None else
+                 [[(o.name, o.ptr, o.nbytes, o.device, o.stream) for o in rank] for rank in outputs])
+        self.check_outputs(given)
+        self.log.append(("prepared", given, stream_ordered))
+        return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in range(self.ranks)]
+
+    def run_stream_ordered(self):
+        """As the native one: a stream-ordered run into the outputs given when it was prepared,
+        checked as every run's are; returns None."""
+        self(None, True)
+
+    def check_outputs(self, outputs):
         for rank, given in enumerate(outputs):
             for name, ptr, nbytes, device, stream in given:
                 if nbytes != self.out_nbytes or device != rank:
                     raise mdtrt.InvalidArgumentError(f"out of rank {rank}: {nbytes} bytes on GPU {device}, "
                                                      f"needs {self.out_nbytes} bytes on GPU {rank}")
-        self.log.append((addresses, outputs, stream_ordered))
-        return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in addresses]
-
-    def __call__(self, outputs=None, stream_ordered=False):
-        """A run of a prepared call (prepare_collective) on the arrays it was prepared with."""
-        self.log.append(("prepared", outputs, stream_ordered))
-        return [SimpleNamespace(outputs=[("output", "float32", (0,))], host=[], device=[]) for _ in range(2)]
-
-    def run_stream_ordered(self):
-        """A stream-ordered run of a prepared call as prepared (its arrays and given outputs)."""
-        self.log.append(("as prepared", None, True))
 
     def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""
@@ -64,12 +77,12 @@ class StubRunner:
 
     def prepare(self, inputs, replication, poison, fetch, on_device, timeout, outputs):
         self.prepared.append([(a.device, a.dtype, a.shape) for args in inputs for a in args])
-        op, shape, dtype = self.program[0], list(inputs[0][0].shape), inputs[0][0].dtype
-        out_shape = _core.collective_output_shape(op, shape, 2)
+        op, groups, shape, dtype = self.program[0], self.program[3], list(inputs[0][0].shape), inputs[0][0].dtype
+        out_shape = _core.collective_output_shape(op, shape, len(groups) or 2)
         count = 1
         for d in out_shape:
             count *= d
-        return StubCall(self.log, count * arrays.ITEMSIZE[dtype])
+        return StubCall(self.log, count * arrays.ITEMSIZE[dtype], len(inputs), outputs)
 
 
 @pytest.fixture
@@ -680,16 +693,74 @@ def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch
         assert len(allocations) == 1 and len(group._spare_outputs._kept) == 0  # its own outputs, no spare tried
 
 
-@pytest.mark.parametrize("stream_ordered", [None, True, False])
-def test_a_prepared_call_into_its_outputs_runs_as_prepared(stubs, stream_ordered):
+def run_prepared(stubs, make, op, options, steps=3):
+    """``steps`` runs of one prepare_collective(out=) call on the group ``make()`` gives, once as it
+    runs and once with every run on the general path (``self._call(outputs, ...)``, then the
+    native result read back): what each returned (the given outputs by rank, or None), what each
+    native run got, and how many runs went as prepared (run_stream_ordered)."""
+    got = {}
+    for as_prepared in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            if not as_prepared:
+                patch.setattr(prepared_call.PreparedCall, "_runs_as_prepared", lambda self: False)
+            native_runs = []
+            real = StubCall.run_stream_ordered
+            patch.setattr(StubCall, "run_stream_ordered", lambda self: native_runs.append(real(self)))
+            group = make()
+            n = group._num_local_ranks
+            xs = tensors(0x1000)[:n]
+            rows = {"all_gather": 8, "gather": 8, "reduce_scatter": 2, "scatter": 2}.get(op, 4)
+            if options.get("groups") == [1]:
+                rows = {"all_gather": 4, "gather": 4}.get(op, 4)
+            outs = tensors(0x200000, shape=(rows, 3))[:n]
+            del stubs.log[:]
+            call = group.prepare_collective(op, xs, out=outs, **options)
+            returned = []
+            for _ in range(steps):
+                returned.append([None if g is None else ("out", next(r for r, o in enumerate(outs) if o is g))
+                                 for g in call()])
+            got[as_prepared] = (returned, list(stubs.log), len(native_runs))
+    return got
+
+
+@pytest.mark.parametrize("op, options", [
+    ("all_reduce", {}), ("all_gather", {}), ("broadcast", {"root": 1}), ("reduce", {"root": 1}),
+    ("reduce", {"root": 0, "stream_ordered": True}), ("gather", {"root": 0}), ("scatter", {"root": 1}),
+    ("reduce_scatter", {"poison_outputs": True}), ("all_to_all", {}), ("all_reduce", {"groups": [1]}),
+    ("all_gather", {"groups": [1], "stream_ordered": True}), ("all_reduce", {"stream_ordered": False}),
+])
+@pytest.mark.parametrize("ranks", [2, 1])
+def test_a_prepared_call_into_its_outputs_runs_as_prepared(stubs, op, options, ranks):
     """prepare_collective(out=) on torch tensors: each stream-ordered run is the native call as
-    prepared (no arguments, a kept plan, nothing read back) and returns the given outputs; a
-    waiting run (stream_ordered=False) runs the prepared call as before."""
+    prepared (run_stream_ordered: no arguments, nothing read back) and returns what the general
+    run returns: the given outputs themselves, None for a rank whose output is undefined (off the
+    root of reduce and gather, outside ``groups``), one per local rank (a group of one local
+    rank too); the native runs write into the outputs given at prepare time. A waiting run
+    (stream_ordered=False) runs the prepared call as before."""
+    got = run_prepared(stubs, lambda: stubs.make_group(OneRankNative if ranks == 1 else Native), op, options)
+    assert got[True][:2] == got[False][:2]
+    returned, log, as_prepared = got[True]
+    n = ranks
+    world = [0, 1][:n]
+    undefined = {r for r in world if (op in ("reduce", "gather") and r != options.get("root", 0))
+                 or r not in options.get("groups", [0, 1])}
+    assert returned == [[None if r in undefined else ("out", r) for r in world]] * 3
+    ordered = options.get("stream_ordered") is not False
+    assert as_prepared == (3 if ordered else 0) and got[False][2] == 0
+    assert [(label, ordered_run) for label, _, ordered_run in log] == [("prepared", ordered)] * 3
+    assert all(outputs == [[("output", 0x200000 + 0x100 * r, outputs[r][0][2], r, 100 + r)] for r in world]
+               for _, outputs, _ in log)
+
+
+def test_a_prepared_call_that_cannot_run_raises_on_every_run(stubs, monkeypatch):
+    """An out= the native run refuses (another size than the collective's output) is refused by
+    every run as prepared, each one asking the native call again (nothing of a refusal kept)."""
+    attempts = []
+    real = StubCall.run_stream_ordered
+    monkeypatch.setattr(StubCall, "run_stream_ordered", lambda self: real(attempts.append(self) or self))
     group = stubs.make_group()
-    xs, outs = tensors(0x1000), tensors(0x2000)
-    call = group.prepare_collective("all_reduce", xs, out=outs, stream_ordered=stream_ordered)
+    call = group.prepare_collective("all_gather", tensors(0x1000), out=tensors(0x2000))  # needs (8, 3)
     for _ in range(3):
-        got = call()
-        assert len(got) == 2 and all(g is o for g, o in zip(got, outs))
-        assert stubs.log[-1] == (("prepared", None, False) if stream_ordered is False else ("as prepared", None, True))
-    assert len(stubs.log) == 3
+        with pytest.raises(mdtrt.InvalidArgumentError, match="out of rank 0: 48 bytes on GPU 0, needs 96 bytes"):
+            call()
+    assert stubs.log == [] and len(attempts) == 3
