@@ -39,8 +39,11 @@ class StubCall:
 
     arrays_may_be_in_use = False
 
-    def __init__(self, log, specs):
+    def __init__(self, log, specs, prepared_outputs=()):
         self.log, self.specs = log, specs  # specs: per rank, [(name, dtype, shape)]
+        # The outputs given when it was prepared (OutputArgs per rank): a run without outputs of its
+        # own writes into them, as the native PreparedInfer's options keep them.
+        self.prepared_outputs = list(prepared_outputs)
 
     def run_at(self, addresses, outputs, stream_ordered=False):
         for rank, given in enumerate(outputs):
@@ -51,6 +54,12 @@ class StubCall:
                 if size != sizes[name] or device != rank:
                     raise mdtrt.InvalidArgumentError(f"output '{name}' of rank {rank}: {size} bytes on GPU {device}, "
                                                      f"needs {sizes[name]} bytes on GPU {rank}")
+        if stream_ordered:  # as each native rank checks: every output given, none from the pool
+            for rank, specs in enumerate(self.specs):
+                given = {o[0] for o in outputs[rank]} if rank < len(outputs) else set()
+                for name in [name for name, _, _ in specs if name not in given][:1]:
+                    raise mdtrt.InvalidArgumentError(f"a stream-ordered call writes only into outputs the caller "
+                                                     f"owns; output '{name}' of rank {rank} would come from the pool")
         self.log.append((addresses, outputs, stream_ordered))
         results = []
         for rank, specs in enumerate(self.specs):
@@ -62,17 +71,16 @@ class StubCall:
 
     def __call__(self, outputs=None, stream_ordered=False):
         """A run of a prepared call (EngineRunner.prepare) on the arrays it was prepared with,
-        into ``outputs`` (OutputArg lists per rank) when given."""
-        self.as_prepared = outputs or self.as_prepared  # what run_stream_ordered runs into
-        given = [[(o.name, o.ptr, o.nbytes, o.device, o.stream) for o in rank] for rank in outputs or []]
+        into ``outputs`` (OutputArg lists per rank) or, without them, the outputs given when it
+        was prepared."""
+        given = [[(o.name, o.ptr, o.nbytes, o.device, o.stream) for o in rank]
+                 for rank in (self.prepared_outputs if outputs is None else outputs)]
         return self.run_at([[] for _ in self.specs], given, stream_ordered)
 
-    as_prepared = None
-
     def run_stream_ordered(self):
-        """A stream-ordered run as prepared: into the outputs the first run got."""
-        assert self.as_prepared, "run_stream_ordered before any run with the prepared outputs"
-        self(self.as_prepared, True)
+        """As the native one: a stream-ordered run into the outputs given when it was prepared
+        (checked as every run's are); returns None."""
+        self(None, True)
 
     def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
@@ -108,7 +116,7 @@ class StubRunner:
             specs.append([("z", "float32", tuple(args[1].shape)), ("y", "float32", tuple(args[0].shape))])
         self.prepared.append(([(a.device, a.dtype, a.shape) for args in inputs for a in args], replication, poison,
                               timeout))
-        return StubCall(self.log, specs)
+        return StubCall(self.log, specs, outputs)
 
 
 @pytest.fixture
@@ -571,9 +579,10 @@ def test_a_spare_made_in_inference_mode_serves_only_calls_in_it(stubs, entry):
 
 
 def test_prepare_with_outputs_runs_as_prepared_once_the_names_are_known(stubs):
-    """EngineRunner.prepare(outputs=) on torch tensors: the first run learns the output names;
-    every later stream-ordered run is the native call as prepared, into the same outputs, and
-    returns them (nothing of the native result read)."""
+    """EngineRunner.prepare(outputs=) on torch tensors: the first run learns the output names
+    (waiting: until then nothing says that every output is given); every later stream-ordered run
+    is the native call as prepared, into the same outputs, and returns them (nothing of the
+    native result read)."""
     runner = stubs.make_runner()
     given = outputs_of(0x2000)
     call = runner.prepare(inputs_of(0x1000, True), outputs=given, all_ranks=True)
@@ -591,7 +600,60 @@ def test_prepare_with_outputs_runs_as_prepared_once_the_names_are_known(stubs):
             assert [{name: label(x, given) for name, x in rank.items()} for rank in got] == [
                 {name: ("given", name, r) for name in ("y", "z")} for r in range(2)]
             _, outputs, ordered = stubs.log[-1]
-            assert ordered is True
+            assert ordered is (step > 0)
             assert [sorted((name, ptr) for name, ptr, _, _, _ in rank) for rank in outputs] == [
                 sorted((name, given[name][r].ptr) for name in ("y", "z")) for r in range(2)]
             assert len(calls) == step  # the first run went the general way
+
+
+@pytest.mark.parametrize("entry", ["infer", "prepare"])
+@pytest.mark.parametrize("per_rank", [False, True])
+def test_outputs_for_some_outputs_wait_for_the_pooled_others(stubs, entry, per_rank):
+    """torch tensors in and outputs= naming some of the engine's outputs: the others come from
+    mdtrt's pool, which no caller stream follows, so every call waits (a stream-ordered one is
+    refused natively) and returns the pooled ones; never run as prepared."""
+    runner = stubs.make_runner()
+    given = {"y": outputs_of(0x2000)["y"]}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StubCall, "run_stream_ordered", lambda self: pytest.fail("ran as prepared"))
+        call = runner.prepare(inputs_of(0x1000, per_rank), outputs=given, all_ranks=True) if entry == "prepare" else None
+        for _ in range(3):
+            got = call() if call else runner.infer(inputs_of(0x1000, per_rank), outputs=given, all_ranks=True)
+            assert [{name: label(x, given) for name, x in rank.items()} for rank in got] == [
+                {"z": ("pooled", r, "z", (2, 5)), "y": ("given", "y", r)} for r in range(2)]
+            assert stubs.log[-1][2] is False
+    with pytest.raises(mdtrt.InvalidArgumentError, match="output 'z' of rank 0 would come from the pool"):
+        runner.infer(inputs_of(0x1000, per_rank), outputs=given, stream_ordered=True)
+
+
+@pytest.mark.parametrize("all_ranks", [False, True])
+@pytest.mark.parametrize("stream_ordered", [None, True, False])
+def test_prepare_with_outputs_returns_what_the_general_run_returns(stubs, all_ranks, stream_ordered):
+    """EngineRunner.prepare(outputs= every output) run as prepared returns what the general run
+    returns (the given tensors themselves, rank 0's dict without all_ranks) and the native runs
+    get the same outputs and stream ordering."""
+    got = {}
+    for as_prepared in (True, False):
+        with pytest.MonkeyPatch.context() as patch:
+            if not as_prepared:
+                patch.setattr(prepared_call.PreparedCall, "_runs_as_prepared", lambda self: False)
+            runs = []
+            real = StubCall.run_stream_ordered
+            patch.setattr(StubCall, "run_stream_ordered", lambda self: runs.append(real(self)))
+            runner = stubs.make_runner()
+            given = outputs_of(0x2000, order=("y", "z"))
+            del stubs.log[:]
+            call = runner.prepare(inputs_of(0x1000, True), outputs=given, all_ranks=all_ranks,
+                                  stream_ordered=stream_ordered)
+            returned = []
+            for _ in range(3):
+                out = call()
+                returned.append([{name: label(x, given) for name, x in rank.items()}
+                                 for rank in (out if all_ranks else [out])])
+            got[as_prepared] = returned, list(stubs.log), len(runs)
+    assert got[True][:2] == got[False][:2]
+    assert got[True][0] == [[{name: ("given", name, r) for name in ("z", "y")}
+                             for r in range(2 if all_ranks else 1)]] * 3
+    assert [list(rank) for rank in got[True][0][0]] == [["z", "y"]] * (2 if all_ranks else 1)  # the program's order
+    assert got[True][2] == (0 if stream_ordered is False else 2) and got[False][2] == 0
+    assert [ordered for _, _, ordered in got[True][1]] == [stream_ordered is True] + [stream_ordered is not False] * 2

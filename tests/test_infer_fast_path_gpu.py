@@ -136,3 +136,27 @@ def test_run_at_each_takes_several_inputs_and_outputs(group):
     for r in range(2):
         torch.testing.assert_close(outs[r][0].cpu(), torch.full((6,), 1.0 + r))
         torch.testing.assert_close(outs[r][1].cpu(), torch.full((3,), 10.0 + r))
+
+
+@pytest.mark.parametrize("entry", ["infer", "prepare"])
+def test_outputs_for_one_of_two_outputs_wait_and_return_the_other_pooled(group, entry):
+    """torch inputs and outputs= naming one of the program's two outputs: the other comes from
+    mdtrt's pool, so each call waits (by default; it is not refused as a stream-ordered call
+    would be), writes the given one in place and returns the other as a torch tensor of its own."""
+    runner = pair_runner(group)
+    a = [torch.randn(24, device=f"cuda:{r}") for r in range(2)]
+    b = [torch.randn(40, device=f"cuda:{r}") for r in range(2)]
+    given = {"a_copy": [torch.full((24,), float("nan"), device=f"cuda:{r}") for r in range(2)]}
+    inputs = [{"a": a[r], "b": b[r]} for r in range(2)]
+    call = runner.prepare(inputs, outputs=given, all_ranks=True) if entry == "prepare" else None
+    for _ in range(3):
+        for t in given["a_copy"]:
+            t.fill_(float("nan"))
+        got = call() if call else runner.infer(inputs, outputs=given, all_ranks=True)
+        for r in range(2):
+            assert got[r]["a_copy"] is given["a_copy"][r]
+            assert got[r]["b_copy"].device.index == r
+            torch.testing.assert_close(got[r]["a_copy"].cpu(), a[r].cpu())
+            torch.testing.assert_close(got[r]["b_copy"].cpu(), b[r].cpu())
+    with pytest.raises(mdtrt.InvalidArgumentError, match="outputs the caller owns"):
+        runner.infer(inputs, outputs=given, stream_ordered=True)

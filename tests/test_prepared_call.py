@@ -45,8 +45,13 @@ class StubNative:
             self.flat.append((pointers, streams, names, nbytes, devices))
             self.ordered.append(stream_ordered)
 
+        def run_stream_ordered():
+            """As the native one: stream-ordered into the outputs given when it was prepared; None."""
+            call(None, True)
+
         call.run_at = run_at
         call.run_at_each = run_at_each
+        call.run_stream_ordered = run_stream_ordered
         call.arrays_may_be_in_use = False
         self.prepared.append(args)
         return call
@@ -353,6 +358,35 @@ def test_stream_ordered_decision_per_run(in_kind, out_kind, requested, expected)
     assert native.ordered == [expected, expected]
 
 
+@pytest.mark.parametrize("in_kind, out_kind, requested, expected", [
+    ("torch", "torch", None, True),
+    ("torch", "cai", None, False),
+    ("cai", "cai", None, False),
+    ("torch", "torch", False, False),
+    ("cai", "cai", True, True),
+])
+@pytest.mark.parametrize("names_known", [True, False])
+def test_a_call_into_its_prepared_outputs_runs_as_prepared_when_stream_ordered(in_kind, out_kind, requested,
+                                                                               expected, names_known):
+    """out= given when the call was prepared (every output of the program): each stream-ordered
+    run is the native run_stream_ordered, into those outputs, and returns them; a waiting one the
+    native call as prepared. The decision is made once the output names are known (an engine's
+    first run, which learns them, waits) and stays."""
+    native = _DeviceStub()
+    x = _refs(in_kind)
+    out = [{"output": ref} for ref in _refs(out_kind, base=0x100000)]
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, out=out, stream_ordered=requested,
+                        output_names=("output",) if names_known else None)
+    runs = [call() for _ in range(3)]
+    assert all([o["output"] for o in got] == [given["output"].owner for given in out] for got in runs)
+    first = expected and (names_known or requested is True)
+    assert native.ordered == [first, expected, expected]
+    for run in native.calls:  # every run into the outputs given at prepare time
+        assert [[(a.name, a.ptr, a.device, a.stream) for a in rank] for rank in run[6]] == [
+            [("output", 0x100000 * (r + 1), r, 7)] for r in range(2)]
+    assert call._as_prepared is expected
+
+
 def test_stream_ordered_needs_outputs_the_caller_gives_by_default():
     """Without outputs given (pooled device outputs), a default run waits; asked for, the native
     call gets the request (and refuses it: a pooled output cannot follow the caller's stream)."""
@@ -429,6 +463,9 @@ class GivenUpCall:
     def run_at(self, *args):
         raise RuntimeError("rank(s) 0 did not finish 'infer'")
 
+    def run_stream_ordered(self):
+        raise RuntimeError("rank(s) 0 did not finish 'infer'")
+
 
 class GivenUpNative:
     def __init__(self, abandoned):
@@ -436,6 +473,27 @@ class GivenUpNative:
 
     def prepare(self, *args):
         return GivenUpCall(self.abandoned)
+
+
+@pytest.mark.parametrize("abandoned", [True, False])
+@pytest.mark.parametrize("as_prepared", [True, False])
+def test_a_failed_run_as_prepared_holds_what_the_general_run_holds(abandoned, as_prepared):
+    """A prepared call into outputs given when it was prepared (torch, stream-ordered) whose run
+    raised holds its inputs and outputs, the same objects, exactly when the general run would."""
+    held = prepared_call._HELD_FOR_UNFINISHED_WORK
+    x, out = _refs("torch"), [{"output": ref} for ref in _refs("torch", base=0x100000)]
+    call = PreparedCall(GivenUpNative(abandoned), [[x[0]], [x[1]]], fetch_all=True, out=out,
+                        output_names=("output",))
+    if not as_prepared:
+        call._as_prepared = False  # the general run: self._call(outputs, True)
+    before = len(held)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="did not finish"):
+            call()
+    assert call._as_prepared is as_prepared  # a failed run changes nothing of the decision
+    assert held[before:] == ([(call._refs, out)] * 2 if abandoned else [])
+    assert all(entry[0] is call._refs and entry[1] is out for entry in held[before:])
+    del held[before:]
 
 
 @pytest.mark.parametrize("abandoned", [True, False])

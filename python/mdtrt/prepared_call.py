@@ -236,8 +236,9 @@ class PreparedCall:
         (needs device inputs and outputs with their streams, every output given; an engine's
         torch outputs are given from the second run of a signature on, once their shapes are
         known: its first run waits). False: each run returns when every rank has finished. None
-        (default): stream-ordered when every input and output of the run is a torch CUDA tensor,
-        as torch.distributed's collectives are.
+        (default): stream-ordered when every input and output of the run is a torch CUDA tensor
+        and every output of the program is given, as torch.distributed's collectives are (outputs
+        given by the caller before the program's are known, an engine's first run, wait).
     spares : SpareOutputs, optional
         Where a stream-ordered run whose outputs ``new_out`` allocates keeps the next run's (its
         group's or runner's, shared by their calls); None: none kept.
@@ -468,7 +469,12 @@ class PreparedCall:
             return self._stream_ordered  # True without outputs given: the native call says what is missing
         if not out or not self._torch_inputs:
             return False
+        names = self._output_names
+        if names is None and self._new_out is None:
+            return False  # outputs the caller gives, the program's not known yet: may leave some to the pool
         for given in out:  # a loop: a generator's set-up costs more than these few checks
+            if names is not None and len(given) != len(names):
+                return False  # the others would come from mdtrt's pool, which no caller stream follows
             for ref in given.values():
                 if ref.kind != "torch":
                     return False

@@ -316,7 +316,9 @@ class EngineRunner:
             or torch tensors, which a runner allocates once it knows the output shapes: without
             ``outputs``, the first call of an input signature waits and returns pooled outputs).
             False: return when every rank has finished. None (default): stream-ordered when every
-            input and output is a torch CUDA tensor. Errors on the GPU and passed deadlines
+            input and output is a torch CUDA tensor (``outputs`` naming some of the engine's
+            outputs leaves the others to the pool: such a call waits, and so does the first call
+            of an input signature with ``outputs``, which learns the engine's output names). Errors on the GPU and passed deadlines
             (counted from when the call returns) surface in ``group.synchronize()`` and the
             group's next call, not in torch: see ``DeviceGroup.collective``.
 
