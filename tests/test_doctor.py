@@ -50,6 +50,18 @@ def test_doctor_rejects_unknown_option():
     assert "usage: python -m mdtrt doctor [-h] [--json]" in out.stderr  # doctor's own usage
 
 
+@pytest.mark.parametrize("args", [(), ("--json",)])
+def test_doctor_into_a_closed_pipe_ends_without_a_traceback(args):
+    # `python -m mdtrt doctor --json | head -5`: the reader is gone before the report is written
+    # (closed here before the doctor has even imported mdtrt), so every write fails with EPIPE.
+    proc = subprocess.Popen([sys.executable, "-m", "mdtrt", "doctor", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr  # 128 + SIGPIPE, as a shell reports a writer killed by it
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_build_info_fields():
     info = mdtrt.build_info()
     assert info["version"] == mdtrt.__version__
