@@ -290,6 +290,22 @@ def test_unavailable_nvml_is_one_line_saying_what_auto_does(monkeypatch):
     assert "libnvidia-ml.so.1: nope" in lines[0]
 
 
+def test_without_any_peer_access_missing_nvml_is_not_mentioned(monkeypatch):
+    """GPUs that cannot read each other's memory at all (no P2P, as on many PCIe hosts): NVML could
+    only tell the kind of a peer link, so its absence is no news and gets no line."""
+    from mdtrt import doctor
+
+    none = [["self" if a == b else "none" for b in range(3)] for a in range(3)]
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: _three_gpus(none))
+    monkeypatch.setattr(doctor._core, "nvml_status",
+                        lambda: {"available": False, "path": "", "found_by": "", "error": "not here"})
+    report = doctor.collect()
+    text = doctor.format_text(report)
+    assert _peer_rows(text) == [["-" if a == b else "no" for b in range(3)] for a in range(3)]
+    assert "NVML" not in text and "no peer access between GPUs 0->1" in text
+    assert report["nvml"]["error"] == "not here"  # still in the JSON report
+
+
 def test_links_unknown_for_one_pair_say_why(monkeypatch):
     from mdtrt import doctor
 

@@ -114,8 +114,8 @@ def _one_line(text: str) -> str:
 
 def _peer_table(cuda: dict, nvml: dict | None) -> list[str]:
     """The peer matrix: over what each GPU reads each other's memory (``nvlink``, ``pcie``,
-    ``unknown``) or ``no``; then, when NVML is unavailable, one line saying so and what it does to
-    replication="auto". Reports without ``peer_links`` (older, or made up) show yes/no."""
+    ``unknown``) or ``no``; then, when NVML is unavailable and some pair has peer access, one line
+    saying so and what it does to replication="auto". Reports without ``peer_links`` (older, or made up) show yes/no."""
     n = len(cuda["gpus"])
     links = cuda.get("peer_links") or [["self" if i == j else "unknown" for j in range(n)] for i in range(n)]
 
@@ -130,7 +130,9 @@ def _peer_table(cuda: dict, nvml: dict | None) -> list[str]:
     lines.append("      " + " ".join(f"{j:>7}" for j in range(n)))
     for i in range(n):
         lines.append(f"  {i:>3} " + " ".join(f"{cell(i, j):>7}" for j in range(n)))
-    if nvml is not None and not nvml["available"]:
+    # NVML tells the kind of a peer link: without any peer access there is nothing for it to tell.
+    any_peer = any(cuda["peer_access"][i][j] for i in range(n) for j in range(n) if i != j)
+    if nvml is not None and not nvml["available"] and any_peer:
         lines.append(f"  NVML unavailable, so NVLink cannot be told from PCIe: {AUTO_WITHOUT_NVLINK}. "
                      f"Why: {_one_line(nvml['error'])}")
     elif cuda.get("peer_links_reason"):
