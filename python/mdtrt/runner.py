@@ -161,7 +161,9 @@ class EngineRunner:
         ``auto`` is the fastest measured on 2x H200 with NVLink (BENCHMARKS.md, section 3): host,
         except peer for a pageable (not pinned) input of 16 MiB or more where every GPU pair is
         joined by NVLink (:attr:`DeviceGroup.peer_links`; PCIe or unknown links take host).
-        :attr:`last_replication` says what a call used.
+        :attr:`last_replication` says what a call used. With one GPU in the group (or in this
+        process, under a launcher) nothing is replicated: every mode is accepted, so that the same
+        code runs on any number of GPUs, and :attr:`last_replication` says host.
     sequential_bind : bool
         Bind ranks one after another (only to show that a collective bind then deadlocks).
     cuda_graph : bool
