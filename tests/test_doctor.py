@@ -253,7 +253,7 @@ def _three_gpus(peer_links=None, reason=""):
 def _peer_rows(text: str) -> list[list[str]]:
     """The cells of the peer table's rows (without the row label)."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("Peer access (row can read column, over)"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("Peer access, row GPU reads column GPU's memory"))
     return [line.split()[1:] for line in lines[start + 2:start + 5]]
 
 
@@ -304,6 +304,27 @@ def test_without_any_peer_access_missing_nvml_is_not_mentioned(monkeypatch):
     assert _peer_rows(text) == [["-" if a == b else "no" for b in range(3)] for a in range(3)]
     assert "NVML" not in text and "no peer access between GPUs 0->1" in text
     assert report["nvml"]["error"] == "not here"  # still in the JSON report
+
+
+def test_gpus_without_tensorrt_can_still_run_the_native_collectives(monkeypatch):
+    """A GPU machine whose mdtrt cannot run engines (no backend, or no TensorRT library) still runs
+    DeviceGroup's collectives: the report says so instead of pointing only at the CPU tools."""
+    from mdtrt import doctor
+
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: _three_gpus())
+    report = doctor.collect()
+    report["tensorrt"] = dict(report["tensorrt"], compiled_in=False, reason="built without TensorRT headers",
+                              rebuild="rebuild with TensorRT_INCLUDE_DIR=<dir> pip install .")
+    report["can_run_multi_device"] = False
+    assert report["nccl"]["found"] and report["can_run_collectives"]
+    assert "It can run mdtrt.DeviceGroup and its native collectives" in doctor.format_text(report)
+    for change in ({"gpus": []}, {"gpus": _three_gpus()["gpus"][:1]}):  # fewer than 2 GPUs: no collectives
+        monkeypatch.setattr(doctor._core, "query_cuda", lambda: dict(_three_gpus(), **change,
+                            peer_access=[[True] * len(change["gpus"])] * len(change["gpus"]),
+                            peer_links=[["self"] * len(change["gpus"])] * len(change["gpus"])))
+        report = doctor.collect()
+        assert not report["can_run_collectives"] and not report["can_run_multi_device"]
+        assert "native collectives" not in doctor.format_text(report)
 
 
 def test_links_unknown_for_one_pair_say_why(monkeypatch):
