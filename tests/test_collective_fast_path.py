@@ -484,6 +484,19 @@ def test_calls_into_preallocated_outputs_keep_no_spare(stubs):
     assert len(group._spare_outputs._kept) == 1
 
 
+def test_free_spare_outputs_drops_the_groups_spares_and_the_group_goes_on(stubs):
+    group = stubs.make_group()
+    xs = tensors(0x1000, shape=(4, 48))
+    for _ in range(2):
+        group.all_reduce(xs)
+        group.all_gather(xs)
+    assert len(group._spare_outputs._kept) == 2
+    group.free_spare_outputs()
+    assert len(group._spare_outputs._kept) == 0
+    outs = group.all_reduce(xs)  # a call after it allocates its own outputs, and keeps a spare again
+    assert [t.ptr for t in outs] == outputs_run_on(stubs) and len(group._spare_outputs._kept) == 1
+
+
 def test_close_and_eviction_drop_the_spares(stubs, monkeypatch):
     group = stubs.make_group()
     xs = tensors(0x1000)
