@@ -180,9 +180,9 @@ def test_tests_skipped_without_torch_say_how_to_install_a_cpu_build(tmp_path):
     env = dict(os.environ, NCCL_NVLS_ENABLE="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")])))
     tests = REPO / "tests"
+    torch_test = "test_arrays.py::test_torch_cpu_tensors_travel_as_their_bytes_and_come_back_as_torch"
     out = subprocess.run([sys.executable, "-m", "pytest", "-ra", "-q", "-p", "no:cacheprovider",
-                          str(tests / "test_collective_fast_path.py"),
-                          str(tests / "test_arrays.py") + "::test_torch_cpu_tensors_travel_as_their_bytes_and_come_back_as_torch"],
+                          str(tests / "test_collective_fast_path.py"), str(tests / torch_test)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     skips = [line for line in out.stdout.splitlines() if line.startswith("SKIPPED")]
     assert any("test_collective_fast_path.py" in line for line in skips), out.stdout

@@ -480,8 +480,8 @@ class DeviceGroup:
         allocator rounds them; each ``EngineRunner`` as many again), drops a call's spare with the
         call (a dropped prepared call, a signature's call no longer kept) and frees them all,
         its runners' too, in :meth:`free_spare_outputs` and :meth:`close`, or once a spare's
-        allocation ran out of memory (it keeps none after that). ``torch.cuda.use_mem_pool`` is not looked at: a call inside it
-        may return a spare allocated outside it, and the reverse.
+        allocation ran out of memory (it keeps none after that). ``torch.cuda.use_mem_pool`` is not
+        looked at: a call inside it may return a spare allocated outside it, and the reverse.
         """
         return self._collective(op, inputs, reduce, root, groups, out, poison_outputs,
                                 sequential_bind, stream_ordered)

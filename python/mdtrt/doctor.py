@@ -115,7 +115,8 @@ def _one_line(text: str) -> str:
 def _peer_table(cuda: dict, nvml: dict | None) -> list[str]:
     """The peer matrix: over what each GPU reads each other's memory (``nvlink``, ``pcie``,
     ``unknown``) or ``no``; then, when NVML is unavailable and some pair has peer access, one line
-    saying so and what it does to replication="auto". Reports without ``peer_links`` (older, or made up) show yes/no."""
+    saying so and what it does to replication="auto". Reports without ``peer_links`` (older, or
+    made up) show yes/no."""
     n = len(cuda["gpus"])
     links = cuda.get("peer_links") or [["self" if i == j else "unknown" for j in range(n)] for i in range(n)]
 
