@@ -6,7 +6,8 @@ Fixture `gpu_pair`: a DeviceGroup of GPUs 0 and 1, per test module.
 Fixture `trt_double`: the TensorRT test double (tests/tensorrt_double), built once per session
 and loaded as mdtrt's TensorRT through MDTRT_TENSORRT_LIBRARY (see tests/trt_double.py).
 
-A test skipped for a missing optional module (torch, matplotlib) names the extra that installs it."""
+A test, or a whole test file, skipped for a missing optional module (torch, matplotlib) says how to
+install it."""
 
 from __future__ import annotations
 
@@ -87,17 +88,35 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs a CUDA GPU, this machine has none{why}"))
 
 
-# Optional modules some tests need, and the extra of pyproject.toml that installs each.
-_EXTRA_FOR_MODULE = {"torch": "bench", "matplotlib": "bench"}
+# Optional modules some tests need, and how to install each. The CPU tests of the torch fast paths
+# (fake CUDA tensors) need only a CPU build of torch, a small download; `.[bench]` pulls torch's
+# CUDA build (gigabytes), which the GPU tests and the benchmarks need.
+_INSTALL_HINT = {
+    "torch": ("a CPU build is enough for the tests without a GPU: pip install torch --index-url "
+              "https://download.pytorch.org/whl/cpu; for the GPU tests and benchmarks: pip install '.[bench]'"),
+    "matplotlib": "pip install '.[bench]' installs it",
+}
+
+
+def _with_install_hint(report) -> None:
+    """A skip by pytest.importorskip of an optional module says how to install it."""
+    if report.skipped and isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+        path, lineno, message = report.longrepr
+        for module, hint in _INSTALL_HINT.items():
+            if f"could not import '{module}'" in message:
+                report.longrepr = (path, lineno, f"{message} ({hint})")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """A test skipped by pytest.importorskip of an optional module says how to install it."""
+    """A test that skipped itself (importorskip inside the test)."""
     outcome = yield
-    report = outcome.get_result()
-    if report.skipped and isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
-        path, lineno, message = report.longrepr
-        for module, extra in _EXTRA_FOR_MODULE.items():
-            if f"could not import '{module}'" in message:
-                report.longrepr = (path, lineno, f"{message} (pip install '.[{extra}]' installs it)")
+    _with_install_hint(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """A whole test file skipped when it was collected (importorskip at module level: the fast-path
+    CPU tests), which pytest_runtest_makereport never sees."""
+    outcome = yield
+    _with_install_hint(outcome.get_result())

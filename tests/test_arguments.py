@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mdtrt
-from mdtrt import arguments
+from mdtrt import arguments, context_parallel, reference, vocabulary
 from mdtrt.device_group import DeviceGroup
 from mdtrt.prepared_call import KeptCalls
 from mdtrt.runner import EngineRunner
@@ -174,3 +174,26 @@ def test_errors_are_value_errors_too():
     error = arguments.fail("x", "an integer", "1")
     assert isinstance(error, mdtrt.MdtrtError) and isinstance(error, ValueError)
     assert str(error) == "x must be an integer, got '1' (str)"
+
+
+@pytest.mark.parametrize("call, suggestion", [
+    (lambda: stub_group().collective("all_reduse", X), "'all_reduce'"),
+    (lambda: stub_group().collective("allgather", X), "'all_gather'"),
+    (lambda: stub_group().collective("ReduceScatter", X), "'reduce_scatter'"),
+    (lambda: stub_group().collective("all_reduce", X, reduce="Sum"), "'sum'"),
+    (lambda: EngineRunner(stub_group(), engine=b"x", replication="peers"), "'peer'"),
+    (lambda: reference.collective("allgather", X), "'all_gather'"),
+    (lambda: context_parallel.traffic_per_rank("ulyses", sequence=8, batch=1, heads=2, head_dim=4,
+                                                     itemsize=2, ranks=2), "'ulysses'"),
+])
+def test_a_misspelt_name_gets_the_name_it_is_close_to(call, suggestion, monkeypatch):
+    monkeypatch.setattr(DeviceGroup, "__len__", lambda self: 2)
+    with pytest.raises(mdtrt.InvalidArgumentError) as error:
+        call()
+    assert f"(did you mean {suggestion}?)" in str(error.value), error.value
+
+
+@pytest.mark.parametrize("value", ["fast", 3, ["all_reduce"], ""])
+def test_a_name_close_to_none_gets_no_suggestion(value):
+    assert vocabulary.did_you_mean(value, vocabulary.COLLECTIVES) == ""
+    assert vocabulary.did_you_mean(value, vocabulary.REPLICATION_MODES) == ""

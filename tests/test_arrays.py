@@ -85,3 +85,24 @@ def test_torch_cpu_tensors_travel_as_their_bytes_and_come_back_as_torch(dtype):
     out = host_output(raw, dtype, (4, 5), ref)
     assert isinstance(out, torch.Tensor) and out.dtype == t.dtype and tuple(out.shape) == (4, 5)
     assert torch.equal(out, t)
+
+
+@pytest.mark.parametrize("make", [lambda: np.ones(3, np.complex64), lambda: np.ones((2, 2), np.uint16),
+                                  lambda: [1 + 2j, 3j], lambda: np.array(["a", "b"])])
+def test_an_unsupported_dtype_names_the_array_and_how_to_convert_it(make):
+    """A numpy input of a dtype mdtrt does not move says which argument it is (as the group and
+    the runner name them), which dtypes are taken, and how to convert it."""
+    with pytest.raises(mdtrt.InvalidArgumentError) as error:
+        describe(make(), "input of rank", 1)
+    message = str(error.value)
+    assert message.startswith("input of rank 1: dtype "), message
+    assert "float32, float16, bfloat16" in message and "x.astype(numpy.float32)" in message, message
+
+
+def test_an_unsupported_torch_dtype_names_the_tensor():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(mdtrt.InvalidArgumentError) as error:
+        describe(torch.ones(3, dtype=torch.complex64), "input", "'x'")
+    message = str(error.value)
+    assert message.startswith("input 'x': dtype torch.complex64 is not supported"), message
+    assert "x.to(torch.float32)" in message, message

@@ -480,6 +480,36 @@ def test_no_spare_for_a_waiting_call_a_large_output_or_a_failed_allocation(stubs
         assert [t.ptr for t in outs] == outputs_run_on(stubs) and len(group._spare_outputs._kept) == 0
 
 
+def test_calls_into_preallocated_outputs_keep_no_spare(stubs):
+    """README: to hold no spare outputs, pass out= (one-shot and prepared calls alike); the same
+    call without out= keeps one (the control)."""
+    group = stubs.make_group()
+    xs, outs = tensors(0x1000, shape=(4, 48)), tensors(0x3000, shape=(4, 48))
+    for _ in range(3):
+        group.all_reduce(xs, out=outs)
+        group.collective("all_gather", xs, out=tensors(0x5000, shape=(8, 48)))
+    call = group.prepare_collective("all_reduce", xs, out=outs)
+    for _ in range(2):
+        call()
+    assert len(group._spare_outputs._kept) == 0
+    for _ in range(2):  # the first call of a signature plans it; the next one runs as kept
+        group.all_reduce(xs)
+    assert len(group._spare_outputs._kept) == 1
+
+
+def test_free_spare_outputs_drops_the_groups_spares_and_the_group_goes_on(stubs):
+    group = stubs.make_group()
+    xs = tensors(0x1000, shape=(4, 48))
+    for _ in range(2):
+        group.all_reduce(xs)
+        group.all_gather(xs)
+    assert len(group._spare_outputs._kept) == 2
+    group.free_spare_outputs()
+    assert len(group._spare_outputs._kept) == 0
+    outs = group.all_reduce(xs)  # a call after it allocates its own outputs, and keeps a spare again
+    assert [t.ptr for t in outs] == outputs_run_on(stubs) and len(group._spare_outputs._kept) == 1
+
+
 def test_close_and_eviction_drop_the_spares(stubs, monkeypatch):
     group = stubs.make_group()
     xs = tensors(0x1000)

@@ -50,6 +50,18 @@ def test_doctor_rejects_unknown_option():
     assert "usage: python -m mdtrt doctor [-h] [--json]" in out.stderr  # doctor's own usage
 
 
+@pytest.mark.parametrize("args", [(), ("--json",)])
+def test_doctor_into_a_closed_pipe_ends_without_a_traceback(args):
+    # `python -m mdtrt doctor --json | head -5`: the reader is gone before the report is written
+    # (closed here before the doctor has even imported mdtrt), so every write fails with EPIPE.
+    proc = subprocess.Popen([sys.executable, "-m", "mdtrt", "doctor", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, NCCL_NVLS_ENABLE="0"))
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, stderr  # 128 + SIGPIPE, as a shell reports a writer killed by it
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_build_info_fields():
     info = mdtrt.build_info()
     assert info["version"] == mdtrt.__version__
@@ -241,7 +253,7 @@ def _three_gpus(peer_links=None, reason=""):
 def _peer_rows(text: str) -> list[list[str]]:
     """The cells of the peer table's rows (without the row label)."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("Peer access (row can read column, over)"))
+    start = next(i for i, line in enumerate(lines) if line.startswith("Peer access, row GPU reads column GPU's memory"))
     return [line.split()[1:] for line in lines[start + 2:start + 5]]
 
 
@@ -276,6 +288,43 @@ def test_unavailable_nvml_is_one_line_saying_what_auto_does(monkeypatch):
     assert len(lines) == 1, lines
     assert "NVML unavailable" in lines[0] and 'replication="auto" copies host inputs' in lines[0]
     assert "libnvidia-ml.so.1: nope" in lines[0]
+
+
+def test_without_any_peer_access_missing_nvml_is_not_mentioned(monkeypatch):
+    """GPUs that cannot read each other's memory at all (no P2P, as on many PCIe hosts): NVML could
+    only tell the kind of a peer link, so its absence is no news and gets no line."""
+    from mdtrt import doctor
+
+    none = [["self" if a == b else "none" for b in range(3)] for a in range(3)]
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: _three_gpus(none))
+    monkeypatch.setattr(doctor._core, "nvml_status",
+                        lambda: {"available": False, "path": "", "found_by": "", "error": "not here"})
+    report = doctor.collect()
+    text = doctor.format_text(report)
+    assert _peer_rows(text) == [["-" if a == b else "no" for b in range(3)] for a in range(3)]
+    assert "NVML" not in text and "no peer access between GPUs 0->1" in text
+    assert report["nvml"]["error"] == "not here"  # still in the JSON report
+
+
+def test_gpus_without_tensorrt_can_still_run_the_native_collectives(monkeypatch):
+    """A GPU machine whose mdtrt cannot run engines (no backend, or no TensorRT library) still runs
+    DeviceGroup's collectives: the report says so instead of pointing only at the CPU tools."""
+    from mdtrt import doctor
+
+    monkeypatch.setattr(doctor._core, "query_cuda", lambda: _three_gpus())
+    report = doctor.collect()
+    report["tensorrt"] = dict(report["tensorrt"], compiled_in=False, reason="built without TensorRT headers",
+                              rebuild="rebuild with TensorRT_INCLUDE_DIR=<dir> pip install .")
+    report["can_run_multi_device"] = False
+    assert report["nccl"]["found"] and report["can_run_collectives"]
+    assert "It can run mdtrt.DeviceGroup and its native collectives" in doctor.format_text(report)
+    for change in ({"gpus": []}, {"gpus": _three_gpus()["gpus"][:1]}):  # fewer than 2 GPUs: no collectives
+        monkeypatch.setattr(doctor._core, "query_cuda", lambda: dict(_three_gpus(), **change,
+                            peer_access=[[True] * len(change["gpus"])] * len(change["gpus"]),
+                            peer_links=[["self"] * len(change["gpus"])] * len(change["gpus"])))
+        report = doctor.collect()
+        assert not report["can_run_collectives"] and not report["can_run_multi_device"]
+        assert "native collectives" not in doctor.format_text(report)
 
 
 def test_links_unknown_for_one_pair_say_why(monkeypatch):

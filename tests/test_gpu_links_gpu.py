@@ -109,3 +109,50 @@ def test_auto_replication_of_a_16_mib_pageable_numpy_input_follows_the_links(gpu
         for rank, out in enumerate(outs):
             np.testing.assert_array_equal(out["output"], np.tile(x, n), err_msg=f"rank {rank}, {x.nbytes} bytes")
         assert runner.last_replication == want, (x.nbytes, gpu_pair.peer_links)
+
+
+NVML_MISSING_PROBE = """
+import json, sys
+import numpy as np
+import mdtrt
+from mdtrt import _core
+with mdtrt.DeviceGroup([0, 1], timeout=60) as g:
+    xs = [np.full(1024, r + 1, np.float32) for r in range(2)]
+    summed = g.all_reduce(xs)
+    program = _core.CollectiveProgram("all_gather", "none", 0, [], "float32", g.world_size, 2)
+    runner = mdtrt.EngineRunner(g, program=program)
+    big = np.random.default_rng(3).standard_normal(4 << 20).astype(np.float32)  # 16 MiB, pageable
+    gathered = runner.infer({"input": big})["output"]
+    print(json.dumps({"links": g.peer_links, "reason": g.peer_links_reason, "access": g.peer_access,
+                      "summed": all(np.array_equal(s, np.full(1024, 3, np.float32)) for s in summed),
+                      "gathered": bool(np.array_equal(gathered, np.concatenate([big, big]))),
+                      "replication": runner.last_replication}))
+"""
+
+
+@pytest.mark.multi_gpu
+def test_a_missing_mdtrt_nvml_library_leaves_links_unknown_and_groups_working(tmp_path):
+    """MDTRT_NVML_LIBRARY pointing at a file that is not there (a typo, another machine's path): the
+    group still works, its peer links are "unknown" with the reason naming the variable and the
+    path, replication="auto" copies from host, and the doctor says why on its NVML line."""
+    import json
+    import sys
+
+    missing = str(tmp_path / "libnvidia-ml.so.1")
+    env = dict(os.environ, MDTRT_NVML_LIBRARY=missing, NCCL_NVLS_ENABLE="0")
+    out = subprocess.run([sys.executable, "-c", NVML_MISSING_PROBE], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["summed"] and r["gathered"], r
+    assert r["replication"] == "host", r
+    for a in range(2):
+        for b in range(2):
+            want = "self" if a == b else "unknown" if r["access"][a][b] else "none"
+            assert r["links"][a][b] == want, (a, b, r)
+    if r["access"][0][1]:
+        assert "MDTRT_NVML_LIBRARY" in r["reason"] and missing in r["reason"], r
+        doctor = subprocess.run([sys.executable, "-m", "mdtrt", "doctor"], capture_output=True, text=True,
+                                timeout=120, env=env)
+        lines = [line for line in doctor.stdout.splitlines() if "NVML unavailable" in line]
+        assert len(lines) == 1 and "MDTRT_NVML_LIBRARY" in lines[0] and missing in lines[0], doctor.stdout

@@ -536,6 +536,28 @@ def test_a_runner_dropped_frees_its_spares_and_calls_at_once(stubs):
         gc.enable()
 
 
+def test_free_spare_outputs_drops_the_runners_spares_and_the_runner_goes_on(stubs):
+    """group.free_spare_outputs() hands a runner's spares back to torch's allocator (no reference to
+    them is left) without closing anything: the next calls run, on new outputs, and keep a spare
+    again."""
+    runner = stubs.make_runner()
+    inputs = inputs_of(0x1000, True)
+    for _ in range(3):
+        runner.infer(inputs, all_ranks=True)
+    assert len(runner._spare_outputs._kept) == 1
+    spares = [weakref.ref(ref.owner) for outputs, _ in list(runner._spare_outputs._kept.values())
+              for given in outputs for ref in given.values()]
+    del stubs.allocated[:]
+    runner.group.free_spare_outputs()
+    assert len(runner._spare_outputs._kept) == 0 and [ref() for ref in spares] == [None] * len(spares)
+    for _ in range(2):
+        got = runner.infer(inputs, all_ranks=True)
+        assert len(got) == 2
+    assert len(runner._spare_outputs._kept) == 1
+    runner.group.close()
+    runner.group.free_spare_outputs()  # nothing held, nothing raised
+
+
 def test_group_close_drops_the_runners_spares(stubs, monkeypatch):
     """group.close() frees the spares of the EngineRunners made on it (they cannot run any more),
     also the one a call still running as the group closes allocates afterwards."""

@@ -51,3 +51,18 @@ def test_diagnostics_read_during_calls_on_another_thread():
         final = runner.graph_captures[0]
         assert counts == sorted(counts) and 0 <= counts[0] and counts[-1] <= final, (counts[0], counts[-1], final)
         assert final >= 1  # the calls were captured (the reads did not switch graphs off)
+
+
+@pytest.mark.parametrize("mode", ["auto", "host", "peer", "broadcast"])
+def test_one_gpu_accepts_every_replication_mode_and_replicates_nothing(mode):
+    """With one GPU in the group there is nothing to replicate: every mode is accepted (the same
+    code runs on any number of GPUs; "peer" needs no peer access, "broadcast" no other rank), the
+    input reaches the rank as given and last_replication says host."""
+    with mdtrt.DeviceGroup([0], timeout=60) as group:
+        runner = mdtrt.EngineRunner(group, program=_core.testing.CopyProgram("float32"), replication=mode)
+        x = np.random.default_rng(7).standard_normal((257, 3)).astype(np.float32)
+        out = runner.infer({"input": x}, poison_outputs=True)
+        np.testing.assert_array_equal(out["output"], x)
+        assert runner.last_replication == "host"
+        out = runner.infer({"input": x + 1}, replication=mode, poison_outputs=True)
+        np.testing.assert_array_equal(out["output"], x + 1)

@@ -177,8 +177,9 @@ def test_a_list_input_of_the_wrong_type_is_named_as_a_list():
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     with pytest.raises(mdtrt.InvalidArgumentError, match=r"must be float32, got a list \(read as float64\); pass np.asarray"):
         simulate(scatter_then("all_gather", 2, 2), {"input": x.astype(np.float64).tolist()}, 2, progress=False)
-    # A numpy array of the wrong dtype keeps the short message.
-    with pytest.raises(mdtrt.InvalidArgumentError, match=r"must be float32, got float64$"):
+    # A numpy array of the wrong dtype: what it is, and the conversion.
+    with pytest.raises(mdtrt.InvalidArgumentError,
+                       match=r"must be float32, got float64; pass x\.astype\(np\.float32\)$"):
         simulate(scatter_then("all_gather", 2, 2), {"input": x.astype(np.float64)}, 2, progress=False)
 
 

@@ -242,3 +242,31 @@ def test_a_dropped_prepared_call_gives_its_memory_back_at_once(group):
     assert all(h >= b + 5 * 1024 * 64 * 4 for h, b in zip(holding, before))  # inputs, 3 outputs, the spare
     del call, outs, xs, got, t
     assert [torch.cuda.memory_allocated(d) for d in group.gpus] == before
+
+
+def test_free_spare_outputs_gives_the_spares_memory_back_and_calls_go_on(group):
+    """README: the memory of the spares (torch.cuda.memory_allocated counts it) comes back with
+    group.free_spare_outputs(), the group's and its runners'; the next calls still get each
+    call's own result, and keep a spare again."""
+    n = len(group)
+    rng = np.random.default_rng(16)
+    host = [rng.standard_normal((1024, 64)).astype(np.float32) for _ in range(n)]
+    xs = [torch.from_numpy(h).to(f"cuda:{d}") for h, d in zip(host, group.gpus)]
+    program = _core.CollectiveProgram("all_reduce", "sum", 0, [], "float32", group.world_size, n)
+    runner = mdtrt.EngineRunner(group, program=program)
+    for _ in range(3):
+        group.all_reduce(xs)
+        runner.infer([{"input": x} for x in xs], all_ranks=True)
+    for d in group.gpus:
+        torch.cuda.synchronize(d)
+    assert spare_addresses(group) and spare_addresses(runner)
+    holding = [torch.cuda.memory_allocated(d) for d in group.gpus]
+    group.free_spare_outputs()
+    assert not spare_addresses(group) and not spare_addresses(runner)
+    freed = [h - torch.cuda.memory_allocated(d) for h, d in zip(holding, group.gpus)]
+    assert all(f >= 2 * 1024 * 64 * 4 for f in freed), freed  # the group's spare and the runner's, per GPU
+    got = group.all_reduce(xs)
+    group.synchronize()
+    for r, t in enumerate(got):
+        np.testing.assert_allclose(t.cpu().numpy(), np.sum(host, axis=0), rtol=1e-5, atol=1e-5, err_msg=f"rank {r}")
+    assert spare_addresses(group)

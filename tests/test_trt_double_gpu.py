@@ -154,6 +154,19 @@ def test_shapes_inside_and_outside_the_profile(one_gpu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float64", "float16", "int32"])
+def test_an_input_of_another_dtype_than_the_engine_says_which_to_pass(one_gpu, dtype):
+    runner = mdtrt.EngineRunner(one_gpu, dynamic_gather_plan(rows=(2, 4, 8)))
+    x = data(np.random.default_rng(3), (4, 4))
+    with pytest.raises(mdtrt.InvalidArgumentError) as info:
+        runner.infer({"input": x.astype(dtype)})
+    message = str(info.value)  # found when the call is planned, before any rank runs
+    assert f"input 'input' of rank 0 is {dtype}; the program takes float32: convert it to float32 first" in message, \
+        message
+    np.testing.assert_array_equal(runner.infer({"input": x}, poison_outputs=True)["output"], x)  # still usable
+
+
+@pytest.mark.gpu
 def test_check_engine_lists_io_and_profile(one_gpu):
     tensors = mdtrt_tensorrt.check_engine(dynamic_gather_plan(rows=(2, 4, 8)))
     by_name = {t["name"]: t for t in tensors}

@@ -164,3 +164,29 @@ def test_the_call_checker_finds_wrong_names_and_arguments():
     problems = "\n".join(_check_calls(code, {"mdtrt": mdtrt}))
     for wrong in ("timout", "replicate", "all_rank", "group.allgather does not exist"):
         assert wrong in problems, problems
+
+
+def test_tests_skipped_without_torch_say_how_to_install_a_cpu_build(tmp_path):
+    """The README's Test section says the fast-path CPU tests need torch, a CPU build being enough,
+    and that without it they skip saying so: a test file skipped at collection (importorskip at
+    module level) and a test that skips itself both carry that advice in `pytest -ra`'s summary."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'torch\'", name="torch")\n')
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")])))
+    tests = REPO / "tests"
+    torch_test = "test_arrays.py::test_torch_cpu_tensors_travel_as_their_bytes_and_come_back_as_torch"
+    out = subprocess.run([sys.executable, "-m", "pytest", "-ra", "-q", "-p", "no:cacheprovider",
+                          str(tests / "test_collective_fast_path.py"), str(tests / torch_test)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    skips = [line for line in out.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert any("test_collective_fast_path.py" in line for line in skips), out.stdout
+    assert any("test_arrays.py" in line for line in skips), out.stdout
+    for line in skips:
+        assert "could not import 'torch'" in line, line
+        assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in line, line

@@ -64,8 +64,9 @@ CallPlan plan_call(const std::vector<std::vector<InputArg>>& inputs, const Infer
     for (size_t k = 0; k < specs.size(); ++k) {
       const InputArg& a = inputs[i][k];
       if (a.dtype != specs[k].dtype)
-        throw_invalid_argument("input '" + specs[k].name + "' of rank " + std::to_string(ranks[i]) + " has dtype " +
-                               dtype_name(a.dtype) + " but the program expects " + dtype_name(specs[k].dtype));
+        throw_invalid_argument("input '" + specs[k].name + "' of rank " + std::to_string(ranks[i]) + " is " +
+                               dtype_name(a.dtype) + "; the program takes " + dtype_name(specs[k].dtype) +
+                               ": convert it to " + dtype_name(specs[k].dtype) + " first");
       for (int64_t d : a.shape)
         if (d < 0)
           throw_invalid_argument("input '" + specs[k].name + "' of rank " + std::to_string(ranks[i]) +

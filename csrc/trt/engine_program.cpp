@@ -226,7 +226,8 @@ std::vector<TensorSpec> EngineProgram::resolve_outputs(RankContext& ctx, const s
     const EngineTensor& spec = st.inputs[i];
     if (inputs[i].dtype != spec.dtype) {
       throw Error(ErrorKind::kInvalidArgument,
-                  "input '" + spec.name + "' is " + dtype_name(spec.dtype) + ", got " + dtype_name(inputs[i].dtype),
+                  "input '" + spec.name + "' is " + dtype_name(inputs[i].dtype) + "; the engine takes " +
+                      dtype_name(spec.dtype) + ": convert it to " + dtype_name(spec.dtype) + " first",
                   ctx.rank, "setInputShape");
     }
     ErrorScope scope;

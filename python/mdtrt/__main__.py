@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -18,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         The process exit status: doctor's (0 when multi-device inference can run here, else 1), the
-        attention sample's, or 130 after Ctrl-C (the shell's convention for SIGINT: 128 + 2).
+        attention sample's, 130 after Ctrl-C (the shell's convention for SIGINT: 128 + 2), or 141
+        when the reader of its output went away (``doctor --json | head``: 128 + SIGPIPE's 13).
     """
     try:
         return _run(argv)
@@ -27,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         # debug (the GPU work of mdtrt's own calls was aborted by the call that saw the Ctrl-C).
         print("mdtrt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (`| head`) has what it wanted: no traceback. Python flushes stdout again at
+        # exit, which would raise once more: point it at /dev/null first (Python's documented recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 def _run(argv: list[str] | None) -> int:

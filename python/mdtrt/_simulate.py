@@ -310,7 +310,8 @@ def _check_inputs(plan: _Plan, inputs: Mapping[str, np.ndarray]) -> dict[str, np
             if value.dtype != want:
                 given = inputs[name]
                 # A list or scalar became float64/int64 in _as_array: name what was given, and the fix.
-                what = (f"{value.dtype}" if isinstance(given, np.ndarray) or hasattr(given, "__array_interface__")
+                what = (f"{value.dtype}; pass x.astype(np.{want})"
+                        if isinstance(given, np.ndarray) or hasattr(given, "__array_interface__")
                         else f"a {type(given).__name__} (read as {value.dtype}); pass np.asarray(..., dtype=np.{want})")
                 raise InvalidArgumentError(f"inputs[{name!r}] must be {want}, got {what}")
         declared = plan.input_shapes.get(name)

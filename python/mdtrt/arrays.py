@@ -86,6 +86,17 @@ def dtype_name(dtype: Any) -> str:
     raise InvalidArgumentError(f"dtype {dtype} is not supported (use {', '.join(ITEMSIZE)})")
 
 
+def _dtype_name_of(dtype: Any, what: str, which: Any) -> str:
+    """:func:`dtype_name`, its error naming the array (``what`` and ``which`` as :func:`describe`
+    takes them) and how to convert it."""
+    try:
+        return dtype_name(dtype)
+    except InvalidArgumentError as error:
+        name = what if which is None else f"{what} {which}"
+        raise InvalidArgumentError(f"{name}: {error}: convert it first, e.g. numpy's x.astype(numpy.float32) "
+                                   "or torch's x.to(torch.float32)") from None
+
+
 @dataclasses.dataclass(slots=True)
 class ArrayRef:
     """A view of one array passed to mdtrt: where it lives and what it is. Holds the object alive.
@@ -273,7 +284,7 @@ def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
             x = np.ascontiguousarray(x)
         name = _NUMPY_DTYPES.get(x.dtype)
         if name is None:
-            name = _NUMPY_DTYPES[x.dtype] = dtype_name(x.dtype)
+            name = _NUMPY_DTYPES[x.dtype] = _dtype_name_of(x.dtype, what, which)
         # __array_interface__ is an order of magnitude cheaper than x.ctypes.data, per call.
         return ArrayRef(x.__array_interface__["data"][0], -1, name, x.shape, x, "numpy")
     if _is_torch_tensor(x):
@@ -287,13 +298,13 @@ def describe(x: Any, what: str = "input", which: Any = None) -> ArrayRef:
             name = what if which is None else f"{what} {which}"
             raise InvalidArgumentError(f"{name} is a non-contiguous torch tensor: call .contiguous() first")
         if not x.is_cuda:
-            name = _TORCH_DTYPES.get(x.dtype) or dtype_name(x.dtype)
+            name = _TORCH_DTYPES.get(x.dtype) or _dtype_name_of(x.dtype, what, which)
             # numpy has no bfloat16: torch refuses .numpy() for it, so its bytes travel as int16.
             arr = (x.view(torch.int16) if name == "bfloat16" else x).numpy()
             return ArrayRef(arr.__array_interface__["data"][0], -1, name, tuple(x.shape), (x, arr), "torch_cpu")
         device = x.get_device()
-        return ArrayRef(x.data_ptr(), device, _TORCH_DTYPES.get(x.dtype) or dtype_name(x.dtype), tuple(x.shape), x,
-                        "torch", torch_current_streams((device,))[0])
+        return ArrayRef(x.data_ptr(), device, _TORCH_DTYPES.get(x.dtype) or _dtype_name_of(x.dtype, what, which),
+                        tuple(x.shape), x, "torch", torch_current_streams((device,))[0])
     if which is not None:
         what = f"{what} {which}"
     cai = getattr(x, "__cuda_array_interface__", None)

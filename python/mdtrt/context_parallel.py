@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 
 from .errors import InvalidArgumentError
+from .vocabulary import did_you_mean
 
 __all__ = ["STRATEGIES", "AttentionLayer", "find_attention_layers", "rewrite", "check_collectives", "traffic_per_rank"]
 
@@ -443,7 +444,8 @@ def traffic_per_rank(strategy: str, *, sequence: int, batch: int, heads: int, he
         An unknown ``strategy``.
     """
     if strategy not in STRATEGIES:
-        raise InvalidArgumentError(f"strategy is {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        raise InvalidArgumentError(f"strategy is {strategy!r}{did_you_mean(strategy, STRATEGIES)}; expected one of "
+                                   f"{', '.join(STRATEGIES)}")
     full = sequence * batch * heads * head_dim * itemsize  # one of Q, K, V over the whole sequence
     share = (ranks - 1) / ranks
     if strategy == "allgather_kv":

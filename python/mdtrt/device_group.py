@@ -14,7 +14,7 @@ from .errors import InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
 from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, spare_bytes
-from .vocabulary import COLLECTIVES, REDUCE_OPS
+from .vocabulary import COLLECTIVES, REDUCE_OPS, did_you_mean
 from .vocabulary import REDUCING as _REDUCING
 from .vocabulary import ROOTED as _ROOTED
 
@@ -338,6 +338,22 @@ class DeviceGroup:
         if native is not None:
             native.close()
 
+    def free_spare_outputs(self) -> None:
+        """Frees the spare outputs this group and its ``EngineRunner`` objects hold for their next
+        calls, without closing anything.
+
+        A stream-ordered call that allocates its torch outputs keeps the next call's outputs
+        allocated (at most 256 MiB per GPU for the group, as much again per runner): torch tensors
+        that ``torch.cuda.memory_allocated()`` counts and ``torch.cuda.empty_cache()`` does not
+        return. This drops them, so their memory goes back to torch's caching allocator (and to
+        the device after ``torch.cuda.empty_cache()``). No GPU work uses a spare before a call
+        takes it, so nothing waits. Later calls keep spares again; pass ``out=`` / ``outputs=`` to
+        have none. Nothing to do, and nothing raised, once the group is closed.
+        """
+        self._spare_outputs.clear()
+        for spares in list(self._runner_spares):
+            spares.clear()
+
     def synchronize(self) -> None:
         """Waits until every stream-ordered call of this group has finished on every rank (each
         within its timeout, counted from when the call returned), and raises what went wrong in
@@ -463,9 +479,9 @@ class DeviceGroup:
         inference mode; the group holds at most 64 of them and 256 MiB per GPU in all (as torch's
         allocator rounds them; each ``EngineRunner`` as many again), drops a call's spare with the
         call (a dropped prepared call, a signature's call no longer kept) and frees them all,
-        its runners' too, in :meth:`close`, or once a spare's allocation ran out of memory (it
-        keeps none after that). ``torch.cuda.use_mem_pool`` is not looked at: a call inside it
-        may return a spare allocated outside it, and the reverse.
+        its runners' too, in :meth:`free_spare_outputs` and :meth:`close`, or once a spare's
+        allocation ran out of memory (it keeps none after that). ``torch.cuda.use_mem_pool`` is not
+        looked at: a call inside it may return a spare allocated outside it, and the reverse.
         """
         return self._collective(op, inputs, reduce, root, groups, out, poison_outputs,
                                 sequential_bind, stream_ordered)
@@ -531,9 +547,11 @@ class DeviceGroup:
         self._live()
         arguments.optional_flag(stream_ordered, "stream_ordered")  # passed on as given: None or bool-like
         if not isinstance(op, str) or op not in COLLECTIVES:
-            raise InvalidArgumentError(f"unknown collective {op!r}; choose one of {', '.join(COLLECTIVES)}")
+            raise InvalidArgumentError(f"unknown collective {op!r}{did_you_mean(op, COLLECTIVES)}; choose one of "
+                                       f"{', '.join(COLLECTIVES)}")
         if op in _REDUCING and (not isinstance(reduce, str) or reduce not in REDUCE_OPS):
-            raise InvalidArgumentError(f"unknown reduce op {reduce!r}; choose one of {', '.join(REDUCE_OPS)}")
+            raise InvalidArgumentError(f"unknown reduce op {reduce!r}{did_you_mean(reduce, REDUCE_OPS)}; choose one of "
+                                       f"{', '.join(REDUCE_OPS)}")
         root = arguments.integer(root, "root")
         arguments.flag(poison_outputs, "poison_outputs")
         sequential_bind = arguments.flag(sequential_bind, "sequential_bind")

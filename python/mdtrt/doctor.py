@@ -114,8 +114,9 @@ def _one_line(text: str) -> str:
 
 def _peer_table(cuda: dict, nvml: dict | None) -> list[str]:
     """The peer matrix: over what each GPU reads each other's memory (``nvlink``, ``pcie``,
-    ``unknown``) or ``no``; then, when NVML is unavailable, one line saying so and what it does to
-    replication="auto". Reports without ``peer_links`` (older, or made up) show yes/no."""
+    ``unknown``) or ``no``; then, when NVML is unavailable and some pair has peer access, one line
+    saying so and what it does to replication="auto". Reports without ``peer_links`` (older, or
+    made up) show yes/no."""
     n = len(cuda["gpus"])
     links = cuda.get("peer_links") or [["self" if i == j else "unknown" for j in range(n)] for i in range(n)]
 
@@ -126,11 +127,13 @@ def _peer_table(cuda: dict, nvml: dict | None) -> list[str]:
             return "no"
         return links[i][j] if cuda.get("peer_links") else "yes"
 
-    lines = ["Peer access (row can read column, over):"]
+    lines = ["Peer access, row GPU reads column GPU's memory: the link it goes over, or no"]
     lines.append("      " + " ".join(f"{j:>7}" for j in range(n)))
     for i in range(n):
         lines.append(f"  {i:>3} " + " ".join(f"{cell(i, j):>7}" for j in range(n)))
-    if nvml is not None and not nvml["available"]:
+    # NVML tells the kind of a peer link: without any peer access there is nothing for it to tell.
+    any_peer = any(cuda["peer_access"][i][j] for i in range(n) for j in range(n) if i != j)
+    if nvml is not None and not nvml["available"] and any_peer:
         lines.append(f"  NVML unavailable, so NVLink cannot be told from PCIe: {AUTO_WITHOUT_NVLINK}. "
                      f"Why: {_one_line(nvml['error'])}")
     elif cuda.get("peer_links_reason"):
@@ -166,7 +169,9 @@ def collect() -> dict:
         ``environment`` (those variables as set, or None) and ``error`` (a value a group refuses).
         ``features``: per feature ``ok``, ``needs``, ``detail`` (DistCollective needs compute
         capability >= 8.0, multi-device attention >= 10.0). ``can_run_multi_device`` (bool) and
-        ``reasons`` (list of str: what stops it, or slows it).
+        ``reasons`` (list of str: what stops it, or slows it). ``can_run_collectives`` (bool):
+        :class:`mdtrt.DeviceGroup` and its native collectives, which need no TensorRT, can run
+        (NCCL found, at least 2 GPUs, valid rank-thread settings).
     """
     build = dict(_core.build_info())
     cuda = dict(_core.query_cuda())
@@ -207,6 +212,8 @@ def collect() -> dict:
     elif not trt.get("library_found"):
         reasons.append(f"the TensorRT library was not found: {trt.get('error', '')}")
     report["can_run_multi_device"] = not [r for r in reasons if not r.startswith("no peer access")]
+    # What needs no TensorRT: DeviceGroup and its native collectives (NCCL, >= 2 GPUs, rank threads).
+    report["can_run_collectives"] = (report["nccl"]["found"] and len(gpus) >= 2 and not report["runtime"]["error"])
     report["reasons"] = reasons
     return report
 
@@ -302,6 +309,8 @@ def format_text(report: dict) -> str:
         lines.extend(_hanging(f"  - {reason}", "    "))
     if not report["can_run_multi_device"]:
         lines.append("")
+        if report.get("can_run_collectives"):
+            lines.append("It can run mdtrt.DeviceGroup and its native collectives (no TensorRT needed) on its GPUs.")
         lines.append("It can still shard ONNX models (mdtrt.shard) and check them on simulated ranks on the CPU "
                      "(mdtrt.simulate, mdtrt.run_on_cpu, `python -m mdtrt attention --mode cpu`).")
     return "\n".join(lines)

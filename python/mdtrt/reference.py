@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InvalidArgumentError
-from .vocabulary import COLLECTIVES, REDUCE_OPS, REDUCING, ROOTED
+from .vocabulary import COLLECTIVES, REDUCE_OPS, REDUCING, ROOTED, did_you_mean
 
 try:  # bfloat16 is only reachable through ml_dtypes; it is optional.
     import ml_dtypes as _ml_dtypes
@@ -56,7 +56,8 @@ def _supported_dtype_names() -> str:
 
 def _check_name(kind: str, value: object, allowed: Sequence[str]) -> str:
     if not isinstance(value, str) or value.lower() not in allowed:
-        raise InvalidArgumentError(f"unknown {kind} {value!r}; expected one of: {', '.join(allowed)}")
+        raise InvalidArgumentError(f"unknown {kind} {value!r}{did_you_mean(value, allowed)}; expected one of: "
+                                   f"{', '.join(allowed)}")
     return value.lower()
 
 

@@ -11,7 +11,7 @@ from . import _core, arguments
 from .arrays import ArrayRef, describe, read_torch_cuda, torch_current_streams
 from .device_group import DeviceGroup
 from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, spare_bytes
-from .vocabulary import REPLICATION_MODES
+from .vocabulary import REPLICATION_MODES, did_you_mean
 from .errors import InvalidArgumentError
 
 # infer's prepared calls kept per argument signature (input kinds, dtypes, shapes, devices, options).
@@ -161,7 +161,9 @@ class EngineRunner:
         ``auto`` is the fastest measured on 2x H200 with NVLink (BENCHMARKS.md, section 3): host,
         except peer for a pageable (not pinned) input of 16 MiB or more where every GPU pair is
         joined by NVLink (:attr:`DeviceGroup.peer_links`; PCIe or unknown links take host).
-        :attr:`last_replication` says what a call used.
+        :attr:`last_replication` says what a call used. With one GPU in the group (or in this
+        process, under a launcher) nothing is replicated: every mode is accepted, so that the same
+        code runs on any number of GPUs, and :attr:`last_replication` says host.
     sequential_bind : bool
         Bind ranks one after another (only to show that a collective bind then deadlocks).
     cuda_graph : bool
@@ -209,7 +211,8 @@ class EngineRunner:
         if sum(x is not None for x in (engine, engines, program)) != 1:
             raise InvalidArgumentError("give exactly one of engine=, engines= (one per rank) or program=")
         if replication not in REPLICATION_MODES:
-            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {replication!r}")
+            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {replication!r}"
+                                       + did_you_mean(replication, REPLICATION_MODES))
         if program is not None and not isinstance(program, _core.RankProgram):
             raise arguments.fail("program", "a native program (mdtrt._core.RankProgram)", program)
         multi_device = arguments.flag(multi_device, "multi_device")
@@ -522,7 +525,8 @@ class EngineRunner:
             per_rank = [self._refs(d) for d in inputs]
         mode = replication or self.replication
         if mode not in REPLICATION_MODES:
-            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {mode!r}")
+            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {mode!r}"
+                                       + did_you_mean(mode, REPLICATION_MODES))
         out = None
         if outputs is not None:
             if not isinstance(outputs, Mapping):
