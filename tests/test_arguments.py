@@ -50,9 +50,9 @@ X = [np.ones(4, np.float32), np.ones(4, np.float32)]
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"op": 3}, "unknown collective 3"),
-    ({"op": "allreduce"}, "unknown collective 'allreduce'"),
-    ({"reduce": None}, "unknown reduce op None"),
+    ({"op": 3}, r"op is 3 \(int\); it must be one of: all_reduce"),
+    ({"op": "allreduce"}, r"op is 'allreduce' \(did you mean 'all_reduce'\?\)"),
+    ({"reduce": None}, r"reduce is None \(NoneType\); it must be one of: sum"),
     ({"op": "broadcast", "root": "0"}, r"root must be an integer, got '0' \(str\)"),
     ({"op": "broadcast", "root": 1.0}, "root must be an integer"),
     ({"groups": 1}, r"groups must be a list of integers, got 1 \(int\)"),
@@ -96,7 +96,7 @@ def test_engine_runner_constructor_arguments(monkeypatch):
     monkeypatch.setattr(DeviceGroup, "__len__", lambda self: 2)
     with pytest.raises(mdtrt.InvalidArgumentError, match="program must be a native program"):
         EngineRunner(group, program="copy")
-    with pytest.raises(mdtrt.InvalidArgumentError, match="replication must be one of"):
+    with pytest.raises(mdtrt.InvalidArgumentError, match="replication is 'fast'; it must be one of"):
         EngineRunner(group, engine=b"x", replication="fast")
     with pytest.raises(mdtrt.InvalidArgumentError, match="cuda_graph must be True or False"):
         EngineRunner(group, engine=b"x", cuda_graph="on")
@@ -136,7 +136,7 @@ def stub_runner() -> EngineRunner:
     ({"poison_outputs": 0}, "poison_outputs must be True or False"),
     ({"timeout": 0}, "timeout must be a positive, finite number of seconds"),
     ({"timeout": "5"}, "timeout must be a positive, finite number of seconds"),
-    ({"replication": "fast"}, "replication must be one of"),
+    ({"replication": "fast"}, "replication is 'fast'; it must be one of"),
     ({"outputs": [np.ones(2)]}, "outputs must be a dict of output name to a list of device arrays"),
     ({"outputs": {"output": [np.ones(2)]}}, r"outputs\['output'\] needs one array per local rank: got 1 for 2"),
 ])

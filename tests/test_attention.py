@@ -82,7 +82,7 @@ def test_model_is_seeded_and_float16_runs():
 def test_bad_sizes_are_refused():
     with pytest.raises(mdtrt.InvalidArgumentError, match="heads must be a positive integer"):
         attention.AttentionConfig(heads=0)
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match=r"dtype is 'bfloat16'.*; it must be one of: float16, float32$"):
         attention.AttentionConfig(dtype="bfloat16")
 
 

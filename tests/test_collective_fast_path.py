@@ -234,10 +234,10 @@ REFUSALS = {
     "poison_outputs 1": "poison_outputs must be True or False, got 1 (int)",
     "sequential_bind 0": "sequential_bind must be True or False, got 0 (int)",
     "stream_ordered 0": "stream_ordered must be True, False or None, got 0 (int)",
-    "an unknown op": "unknown collective 'allreduce'",
-    "an unhashable op": "unknown collective ['all_reduce']",
-    "an unknown reduce": "unknown reduce op 'mean'",
-    "an unhashable reduce": "unknown reduce op ['sum']",
+    "an unknown op": "op is 'allreduce' (did you mean 'all_reduce'?); it must be one of: all_reduce",
+    "an unhashable op": "op is ['all_reduce'] (list); it must be one of: all_reduce",
+    "an unknown reduce": "reduce is 'mean'; it must be one of: sum, prod, max, min, avg",
+    "an unhashable reduce": "reduce is ['sum'] (list); it must be one of: sum",
 }
 
 

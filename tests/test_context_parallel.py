@@ -236,5 +236,6 @@ def test_traffic_per_rank_formulas():
         assert ulysses["received_bytes"] * ranks == 2 * gather["received_bytes"]  # 2/N of allgather_kv's
         assert gather["kv_bytes"] == 2 * full and ulysses["kv_bytes"] == 2 * full // ranks
         assert ring["kv_bytes"] == 4 * full // ranks and ring["scores_bytes"] == 32 * (56320 // ranks) ** 2 * 4
-    with pytest.raises(InvalidArgumentError, match="expected one of"):
+    with pytest.raises(InvalidArgumentError,
+                       match="strategy is 'tree'; it must be one of: allgather_kv, ulysses, ring"):
         traffic_per_rank("tree", ranks=2, **sizes)

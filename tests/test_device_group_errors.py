@@ -64,7 +64,7 @@ def test_collective_output_shapes():
     assert _core.collective_output_shape("all_to_all", [4, 3], 4) == [4, 3]
     with pytest.raises(mdtrt.InvalidArgumentError, match="multiple of 2"):
         _core.collective_output_shape("scatter", [3, 4], 2)
-    with pytest.raises(mdtrt.InvalidArgumentError, match="unknown collective"):
+    with pytest.raises(mdtrt.InvalidArgumentError, match=r"op is 'allreduce' \(did you mean 'all_reduce'\?\)"):
         _core.collective_output_shape("allreduce", [3], 2)
 
 

@@ -349,8 +349,8 @@ REFUSALS = {
     "timeout True": "timeout must be a positive, finite number of seconds, got True (bool)",
     "timeout 0": "timeout must be a positive, finite number of seconds, got 0 (int)",
     "timeout nan": "timeout must be a positive, finite number of seconds, got nan (float)",
-    "an unknown replication": "replication must be one of auto, host, peer, broadcast, not 'fast'",
-    "an unhashable replication": "replication must be one of auto, host, peer, broadcast, not ['host']",
+    "an unknown replication": "replication is 'fast'; it must be one of: auto, host, peer, broadcast",
+    "an unhashable replication": "replication is ['host'] (list); it must be one of: auto, host, peer, broadcast",
 }
 
 

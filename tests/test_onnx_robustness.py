@@ -217,7 +217,8 @@ def test_symbolic_dimensions_must_agree_across_inputs():
     (lambda m, x: mdtrt.run_on_cpu(42, x), "model must be an onnx.ModelProto"),
     (lambda m, x: mdtrt.simulate(m, x, "2"), "ranks must be a positive integer"),
     (lambda m, x: mdtrt.simulate(m, [x["input"]], 1), "inputs must be a dict"),
-    (lambda m, x: mdtrt.simulate(m, x, 1, backend="gpu"), "backend must be one of"),
+    (lambda m, x: mdtrt.simulate(m, x, 1, backend="gpu"),
+     "backend is 'gpu'; it must be one of: auto, onnxruntime, reference"),
     (lambda m, x: mdtrt.simulate(m, x, 1, threads="4"), "threads must be"),
 ])
 def test_bad_arguments_are_mdtrt_errors_naming_the_argument(call, match):

@@ -33,10 +33,10 @@ def test_every_collective_name_is_accepted_by_the_core(op, group_size, shape):
 def test_unknown_names_list_the_table():
     with pytest.raises(mdtrt.InvalidArgumentError) as error:
         _core.collective_output_shape("all-reduce", [4], 2)
-    assert f"(known: {', '.join(vocabulary.COLLECTIVES)})" in str(error.value)
+    assert str(error.value).endswith(f"; it must be one of: {', '.join(vocabulary.COLLECTIVES)}")
     with pytest.raises(mdtrt.InvalidArgumentError) as error:
         _core.CollectiveProgram("all_reduce", "mean", 0, [], "float32", 2, 2)
-    assert f"(known: {', '.join(vocabulary.REDUCE_OPS + ('none',))})" in str(error.value)
+    assert str(error.value).endswith(f"; it must be one of: {', '.join(vocabulary.REDUCE_OPS + ('none',))}")
 
 
 @pytest.mark.parametrize("op", vocabulary.COLLECTIVES)

@@ -8,6 +8,7 @@
 
 #include "bindings/modules.h"
 #include "common/error.h"
+#include "common/name_table.h"
 #include "runtime/collective_program.h"
 #include "runtime/device_group.h"
 #include "runtime/program_runner.h"
@@ -130,6 +131,8 @@ void bind_runtime(py::module_& m) {
   m.def("collective_ops", &collective_op_names, "The eight DistCollective operations, in TensorRT's order.");
   m.def("reduce_ops", &reduce_op_names, "Reduce op names; 'none' is for the ops that do not reduce.");
   m.def("replication_modes", &replication_names, "How an input every rank needs reaches every GPU.");
+  m.def("did_you_mean", &did_you_mean, py::arg("name"), py::arg("known"),
+        "\" (did you mean 'x'?)\" when name is close to one of known, else \"\" (mdtrt.vocabulary.did_you_mean).");
   m.def("op_reduces", [](const std::string& op) { return op_reduces(collective_op_from_name(op)); });
   m.def("op_has_root", [](const std::string& op) { return op_has_root(collective_op_from_name(op)); });
 

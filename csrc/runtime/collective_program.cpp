@@ -53,8 +53,8 @@ nccl::RedOp nccl_reduce(ReduceOp op) {
 
 }  // namespace
 
-CollectiveOp collective_op_from_name(const std::string& name) { return value_from_name(kOps, name, "collective"); }
-ReduceOp reduce_op_from_name(const std::string& name) { return value_from_name(kReduceOps, name, "reduce op"); }
+CollectiveOp collective_op_from_name(const std::string& name) { return value_from_name(kOps, name, "op"); }
+ReduceOp reduce_op_from_name(const std::string& name) { return value_from_name(kReduceOps, name, "reduce"); }
 const char* collective_op_name(CollectiveOp op) { return name_of(kOps, op, "collective"); }
 const char* reduce_op_name(ReduceOp op) { return name_of(kReduceOps, op, "reduce op"); }
 std::vector<std::string> collective_op_names() { return all_names(kOps); }

@@ -1,6 +1,7 @@
 #include "runtime/dtype.h"
 
 #include "common/error.h"
+#include "common/name_table.h"
 
 namespace mdtrt {
 namespace {
@@ -25,13 +26,12 @@ size_t dtype_size(DType t) { return info(t).size; }
 const char* dtype_name(DType t) { return info(t).name; }
 
 DType dtype_from_name(const std::string& name) {
-  std::string known;
+  std::vector<std::string> known;
   for (const auto& i : kTypes) {
     if (name == i.name) return i.type;
-    known += known.empty() ? "" : ", ";
-    known += i.name;
+    known.push_back(i.name);
   }
-  throw_invalid_argument("unknown dtype '" + name + "' (known: " + known + ")");
+  throw_unknown_name("dtype", name, known);
 }
 
 std::vector<DType> all_dtypes() {

@@ -24,6 +24,7 @@ import onnx
 from onnx import helper
 
 from ._progress import stderr_is_terminal
+from . import arguments
 from .errors import InvalidArgumentError, MdtrtError
 from .onnx_graph import load_model, node_inputs, save_model, too_large_to_serialize, toposort_nodes
 from .reference import collective
@@ -390,8 +391,7 @@ def simulate(
     """
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise InvalidArgumentError(f"ranks must be a positive integer, got {ranks!r}")
-    if backend not in _BACKENDS:
-        raise InvalidArgumentError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    arguments.choice(backend, "backend", _BACKENDS)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise InvalidArgumentError(f"threads must be None or a non-negative integer, got {threads!r}")
     plan = _Plan(load_model(model))

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import InvalidArgumentError
+from .vocabulary import did_you_mean
 
 
 def _got(value: Any) -> str:
@@ -232,15 +233,22 @@ def optional_flag(value: Any, name: str) -> bool | None:
 
 
 def choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    """``value`` when it is one of the strings ``choices``.
+    """``value`` when it is exactly one of the names ``choices`` (case and separators included).
+
+    The one refusal of a name from a fixed vocabulary (collective op, reduce op, replication mode,
+    context-parallel strategy, backend, dtype): every Python entry point calls this, and the native
+    core's name tables (csrc/common/name_table.h) refuse in the same words, with the same
+    suggestion: ``op is 'all-reduce' (did you mean 'all_reduce'?); it must be one of: all_reduce,
+    all_gather, ...``.
 
     Parameters
     ----------
     value : object
+        What the caller gave.
     name : str
-        How the message names the argument.
+        How the message names the argument ("op", "replication", "hints field 'strategy'").
     choices : sequence of str
-        The accepted values.
+        The accepted names, in the order the message lists them.
 
     Returns
     -------
@@ -250,11 +258,14 @@ def choice(value: Any, name: str, choices: Sequence[str]) -> str:
     Raises
     ------
     InvalidArgumentError
-        Naming ``name``, the choices and the value given, otherwise.
+        ``value`` is not one of ``choices``: the message names the argument, the value given, the
+        name it is close to (:func:`mdtrt.vocabulary.did_you_mean`) and every accepted name.
     """
-    if not isinstance(value, str) or value not in choices:
-        raise fail(name, "one of " + ", ".join(repr(c) for c in choices), value)
-    return value
+    if isinstance(value, str) and value in choices:
+        return value
+    given = repr(value) if isinstance(value, str) else _got(value)
+    raise InvalidArgumentError(f"{name} is {given}{did_you_mean(value, choices)}; it must be one of: "
+                               + ", ".join(choices))
 
 
 def per_rank(value: Any, name: str, n: int, entry: str = "entry") -> list:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import arguments
 from .errors import InvalidArgumentError
 
 __all__ = [
@@ -99,8 +100,7 @@ class AttentionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
-        if self.dtype not in _DTYPES:
-            raise InvalidArgumentError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        arguments.choice(self.dtype, "dtype", tuple(_DTYPES))
 
     @property
     def numpy_dtype(self) -> np.dtype:

@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from . import arguments
 from .errors import InvalidArgumentError
-from .vocabulary import did_you_mean
 
 __all__ = ["STRATEGIES", "AttentionLayer", "find_attention_layers", "rewrite", "check_collectives", "traffic_per_rank"]
 
@@ -443,9 +443,7 @@ def traffic_per_rank(strategy: str, *, sequence: int, batch: int, heads: int, he
     InvalidArgumentError
         An unknown ``strategy``.
     """
-    if strategy not in STRATEGIES:
-        raise InvalidArgumentError(f"strategy is {strategy!r}{did_you_mean(strategy, STRATEGIES)}; expected one of "
-                                   f"{', '.join(STRATEGIES)}")
+    arguments.choice(strategy, "strategy", STRATEGIES)
     full = sequence * batch * heads * head_dim * itemsize  # one of Q, K, V over the whole sequence
     share = (ranks - 1) / ranks
     if strategy == "allgather_kv":

@@ -14,7 +14,7 @@ from .errors import InvalidArgumentError
 from .launch import check_id_exchange, choose_device, detect_launch, exchange_unique_id, release_id_file
 from .nccl import nccl_library
 from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, spare_bytes
-from .vocabulary import COLLECTIVES, REDUCE_OPS, did_you_mean
+from .vocabulary import COLLECTIVES, REDUCE_OPS
 from .vocabulary import REDUCING as _REDUCING
 from .vocabulary import ROOTED as _ROOTED
 
@@ -546,12 +546,9 @@ class DeviceGroup:
         """Checks a collective's arguments: (input refs, out refs or None, runner key)."""
         self._live()
         arguments.optional_flag(stream_ordered, "stream_ordered")  # passed on as given: None or bool-like
-        if not isinstance(op, str) or op not in COLLECTIVES:
-            raise InvalidArgumentError(f"unknown collective {op!r}{did_you_mean(op, COLLECTIVES)}; choose one of "
-                                       f"{', '.join(COLLECTIVES)}")
-        if op in _REDUCING and (not isinstance(reduce, str) or reduce not in REDUCE_OPS):
-            raise InvalidArgumentError(f"unknown reduce op {reduce!r}{did_you_mean(reduce, REDUCE_OPS)}; choose one of "
-                                       f"{', '.join(REDUCE_OPS)}")
+        arguments.choice(op, "op", COLLECTIVES)
+        if op in _REDUCING:
+            arguments.choice(reduce, "reduce", REDUCE_OPS)
         root = arguments.integer(root, "root")
         arguments.flag(poison_outputs, "poison_outputs")
         sequential_bind = arguments.flag(sequential_bind, "sequential_bind")

@@ -21,8 +21,9 @@ from typing import Sequence
 
 import numpy as np
 
+from . import arguments
 from .errors import InvalidArgumentError
-from .vocabulary import COLLECTIVES, REDUCE_OPS, REDUCING, ROOTED, did_you_mean
+from .vocabulary import COLLECTIVES, REDUCE_OPS, REDUCING, ROOTED
 
 try:  # bfloat16 is only reachable through ml_dtypes; it is optional.
     import ml_dtypes as _ml_dtypes
@@ -52,13 +53,6 @@ _SUPPORTED_DTYPES = tuple(
 
 def _supported_dtype_names() -> str:
     return ", ".join(str(d) for d in _SUPPORTED_DTYPES)
-
-
-def _check_name(kind: str, value: object, allowed: Sequence[str]) -> str:
-    if not isinstance(value, str) or value.lower() not in allowed:
-        raise InvalidArgumentError(f"unknown {kind} {value!r}{did_you_mean(value, allowed)}; expected one of: "
-                                   f"{', '.join(allowed)}")
-    return value.lower()
 
 
 def _check_inputs(op: str, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -183,11 +177,11 @@ def collective(
         a supported dtype, a 0-d tensor for an op along dimension 0, invalid or repeated group
         ranks, a root outside the group, or a first dimension the group size does not divide.
     """
-    op = _check_name("collective operation", op, OPERATIONS)
-    if op in _REDUCING_OPERATIONS:
-        reduce = _check_name(f"reduction for {op}", reduce, REDUCE_OPERATIONS)
-    else:
-        _check_name(f"reduction for {op}", reduce, REDUCE_OPERATIONS + ("none",))
+    # Exact names, as DeviceGroup.collective and the native core take them (no case folding):
+    # mdtrt.simulate lower-cases the ONNX node's attribute itself before calling this.
+    arguments.choice(op, "op", OPERATIONS)
+    reduces = op in _REDUCING_OPERATIONS
+    arguments.choice(reduce, "reduce", REDUCE_OPERATIONS if reduces else REDUCE_OPERATIONS + ("none",))
     arrays = _check_inputs(op, inputs)
     world_size = len(arrays)
     members = _check_groups(groups, world_size)

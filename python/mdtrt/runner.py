@@ -11,7 +11,7 @@ from . import _core, arguments
 from .arrays import ArrayRef, describe, read_torch_cuda, torch_current_streams
 from .device_group import DeviceGroup
 from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, spare_bytes
-from .vocabulary import REPLICATION_MODES, did_you_mean
+from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
 # infer's prepared calls kept per argument signature (input kinds, dtypes, shapes, devices, options).
@@ -210,9 +210,7 @@ class EngineRunner:
         n = len(group)
         if sum(x is not None for x in (engine, engines, program)) != 1:
             raise InvalidArgumentError("give exactly one of engine=, engines= (one per rank) or program=")
-        if replication not in REPLICATION_MODES:
-            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {replication!r}"
-                                       + did_you_mean(replication, REPLICATION_MODES))
+        arguments.choice(replication, "replication", REPLICATION_MODES)
         if program is not None and not isinstance(program, _core.RankProgram):
             raise arguments.fail("program", "a native program (mdtrt._core.RankProgram)", program)
         multi_device = arguments.flag(multi_device, "multi_device")
@@ -524,9 +522,7 @@ class EngineRunner:
                 raise InvalidArgumentError(f"a list of inputs needs one dict per local rank: got {len(inputs)} for {n}")
             per_rank = [self._refs(d) for d in inputs]
         mode = replication or self.replication
-        if mode not in REPLICATION_MODES:
-            raise InvalidArgumentError(f"replication must be one of {', '.join(REPLICATION_MODES)}, not {mode!r}"
-                                       + did_you_mean(mode, REPLICATION_MODES))
+        arguments.choice(mode, "replication", REPLICATION_MODES)
         out = None
         if outputs is not None:
             if not isinstance(outputs, Mapping):

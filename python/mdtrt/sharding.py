@@ -25,10 +25,10 @@ from typing import Any, Mapping
 
 import onnx
 
+from . import arguments
 from .arguments import input_file
 from .context_parallel import STRATEGIES, check_collectives, find_attention_layers, rewrite
 from .errors import InvalidArgumentError
-from .vocabulary import did_you_mean
 from .onnx_graph import load_model, save_model, too_large_to_serialize, toposort_nodes
 
 __all__ = ["shard", "check_hints", "load_hints", "declared_ranks", "toposort_nodes", "STRATEGIES", "HINT_FIELDS", "KNOWN_FIELDS"]
@@ -288,9 +288,8 @@ def _resolve_strategy(hints: dict, strategy: str | None) -> str:
     # "strategy" is mdtrt's field: polygraphy's schema has none, so it never reaches polygraphy.
     declared = hints.pop("strategy", None)
     for name, value in (("strategy", strategy), ("hints field 'strategy'", declared)):
-        if value is not None and value not in STRATEGIES:
-            raise InvalidArgumentError(f"{name} is {value!r}{did_you_mean(value, STRATEGIES)}; expected one of "
-                                       f"{', '.join(STRATEGIES)}")
+        if value is not None:
+            arguments.choice(value, name, STRATEGIES)
     if strategy is not None and declared is not None and strategy != declared:
         raise InvalidArgumentError(
             f"strategy is {strategy!r} but the hints say {declared!r}; drop one of them or make them agree"

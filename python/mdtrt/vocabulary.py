@@ -4,8 +4,6 @@ Every Python list of these names comes from here, so that Python and C++ cannot 
 
 from __future__ import annotations
 
-import difflib
-
 from . import _core
 
 __all__ = ["COLLECTIVES", "REDUCE_OPS", "REDUCING", "ROOTED", "REPLICATION_MODES", "DTYPES", "did_you_mean"]
@@ -27,7 +25,9 @@ DTYPES: tuple[str, ...] = tuple(_core.dtype_sizes())
 
 def did_you_mean(value: object, known) -> str:
     """For an error about an unknown name: ``" (did you mean 'all_reduce'?)"`` when ``value`` is a
-    string close to one of ``known`` (a typo, another case, a missing underscore), else ``""``.
+    string close to one of ``known`` (another case, a missing or different separator, or at most a
+    third of its letters wrong), else ``""``. It is the native core's function, so that the Python
+    checks and the core's name tables suggest the same name.
 
     Parameters
     ----------
@@ -43,7 +43,4 @@ def did_you_mean(value: object, known) -> str:
     """
     if not isinstance(value, str):
         return ""
-    by_key = {name.lower().replace("_", ""): name for name in known}
-    key = value.lower().replace("_", "").replace("-", "").replace(" ", "")
-    close = [by_key[key]] if key in by_key else [by_key[k] for k in difflib.get_close_matches(key, by_key, n=1)]
-    return f" (did you mean {close[0]!r}?)" if close and close[0] != value else ""
+    return _core.did_you_mean(value, [str(name) for name in known])
