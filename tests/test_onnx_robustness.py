@@ -5,6 +5,7 @@ arguments of the wrong kind. No GPU needed."""
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -186,6 +187,24 @@ def test_bfloat16_model_simulates_with_the_reference_evaluator():
     # Forced onto ONNX Runtime, which has no bfloat16 Mul: refused with what to do.
     with pytest.raises(mdtrt.InvalidArgumentError, match="backend='reference'"):
         mdtrt.simulate(model, {"input": x}, ranks, progress=False, backend="onnxruntime")
+
+
+def test_a_bfloat16_input_of_the_wrong_type_is_told_the_ml_dtypes_conversion():
+    # numpy has no bfloat16: the hint must name ml_dtypes.bfloat16, and the expression it names
+    # must evaluate to the dtype the model declares.
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.BFLOAT16, [2, 3])],
+                              [helper.make_tensor_value_info("output", TensorProto.BFLOAT16, None)])
+    model = helper.make_model(graph, opset_imports=OPSET, ir_version=8)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for given, pattern in ((x.tolist(), r"pass np\.asarray\(\.\.\., dtype=(\S+)\)$"),
+                           (x, r"pass x\.astype\((\S+)\)$")):
+        with pytest.raises(mdtrt.InvalidArgumentError, match="must be bfloat16") as error:
+            mdtrt.simulate(model, {"input": given}, 1, progress=False)
+        spelt = re.search(pattern, str(error.value))
+        assert spelt, error.value
+        assert np.dtype(eval(spelt.group(1), {"np": np, "ml_dtypes": ml_dtypes})) == np.dtype(ml_dtypes.bfloat16)
 
 
 # -- 15: inputs that do not match the model's declared inputs ------------------------------------------

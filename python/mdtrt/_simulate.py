@@ -290,6 +290,15 @@ def _as_array(name: str, value) -> np.ndarray:
         ) from None
 
 
+def _dtype_spelling(dtype: np.dtype) -> str:
+    """How user code names ``dtype``: ``np.float32``, or ``ml_dtypes.bfloat16`` for the types
+    numpy does not have (bfloat16, the float8 types), which ONNX maps to ml_dtypes' types."""
+    own = getattr(np, dtype.name, None)
+    if isinstance(own, type) and issubclass(own, np.generic) and np.dtype(own) == dtype:
+        return f"np.{dtype.name}"
+    return f"ml_dtypes.{dtype.name}"
+
+
 def _check_inputs(plan: _Plan, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not isinstance(inputs, Mapping):
         raise InvalidArgumentError(
@@ -311,9 +320,10 @@ def _check_inputs(plan: _Plan, inputs: Mapping[str, np.ndarray]) -> dict[str, np
             if value.dtype != want:
                 given = inputs[name]
                 # A list or scalar became float64/int64 in _as_array: name what was given, and the fix.
-                what = (f"{value.dtype}; pass x.astype(np.{want})"
+                spelt = _dtype_spelling(want)
+                what = (f"{value.dtype}; pass x.astype({spelt})"
                         if isinstance(given, np.ndarray) or hasattr(given, "__array_interface__")
-                        else f"a {type(given).__name__} (read as {value.dtype}); pass np.asarray(..., dtype=np.{want})")
+                        else f"a {type(given).__name__} (read as {value.dtype}); pass np.asarray(..., dtype={spelt})")
                 raise InvalidArgumentError(f"inputs[{name!r}] must be {want}, got {what}")
         declared = plan.input_shapes.get(name)
         if declared is not None:
