@@ -12,22 +12,9 @@ import mdtrt
 from mdtrt import _core, attention, context_parallel, reference, sharding, vocabulary
 from mdtrt.device_group import DeviceGroup
 from mdtrt.runner import EngineRunner
+from test_arguments import X, stub_group
 
-X = [np.ones(4, np.float32), np.ones(4, np.float32)]
 STRATEGIES = ("allgather_kv", "ulysses", "ring")  # written out: the test must not borrow the code's list
-
-
-class StubGroupNative:
-    num_local_ranks = 2
-    ranks = [0, 1]
-    devices = [0, 1]
-    world_size = 2
-
-
-def stub_group() -> DeviceGroup:
-    group = DeviceGroup.__new__(DeviceGroup)
-    group._adopt(StubGroupNative())
-    return group
 
 
 def expected(argument: str, value: str, close: str, accepted) -> str:
