@@ -30,7 +30,9 @@ Replication choose_replication(Replication requested, size_t bytes, bool all_nvl
   // stages through its own pinned buffers with the CPU, peer copies from the first GPU were as fast
   // at 16 MiB (peer/host time 0.94-1.05) and faster from 64 MiB (0.91-1.03, 2-3% on average): one
   // pageable copy instead of one per GPU, the rest over NVLink. Below 16 MiB the extra hop costs
-  // (1.05-1.30 at 1 KiB-4 MiB).
+  // (1.05-1.30 at 1 KiB-4 MiB). A fifth run (2026-12-01 09:17, a host whose pageable copies ran at
+  // 6-8 GB/s) had host faster at 256 MiB and 1 GiB (peer/host 1.20 and 1.13, 0.95 at 64 MiB): the
+  // choice is machine-dependent, kept on the average; replication="host" pins the other one.
   // Only where every pair of GPUs is joined by NVLink: over PCIe peer access the first GPU's one
   // PCIe link would carry the N-1 peer copies one after another, while each GPU reading the host
   // over its own link runs in parallel; that was never measured to win, so links that are PCIe or
