@@ -32,8 +32,7 @@ CudaInfo query_cuda() {
     gpu.cc_major = prop.major;
     gpu.cc_minor = prop.minor;
     gpu.total_memory = prop.totalGlobalMem;
-    char bus[32] = {0};
-    if (cudaDeviceGetPCIBusId(bus, sizeof(bus), i) == cudaSuccess) gpu.pci_bus_id = bus;
+    gpu.pci_bus_id = pci_bus_id(i);
     info.gpus.push_back(gpu);
   }
   info.peer_access.assign(count, std::vector<bool>(count, false));

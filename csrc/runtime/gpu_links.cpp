@@ -212,17 +212,16 @@ PeerLinks classify_peer_links(const std::vector<std::string>& pci_bus_ids,
   return links;
 }
 
+std::string pci_bus_id(int device) {
+  char bus[32] = {0};
+  if (cudaDeviceGetPCIBusId(bus, sizeof(bus), device) == cudaSuccess) return bus;
+  cudaGetLastError();
+  return "";
+}
+
 PeerLinks peer_links_of_devices(const std::vector<int>& devices, const std::vector<std::vector<bool>>& peer_access) {
   std::vector<std::string> bus_ids;
-  for (int d : devices) {
-    char bus[32] = {0};
-    if (cudaDeviceGetPCIBusId(bus, sizeof(bus), d) == cudaSuccess) {
-      bus_ids.emplace_back(bus);
-    } else {
-      cudaGetLastError();
-      bus_ids.emplace_back();  // its pairs stay unknown; the reason says so
-    }
-  }
+  for (int d : devices) bus_ids.push_back(pci_bus_id(d));  // "": its pairs stay unknown, the reason says so
   return classify_peer_links(bus_ids, peer_access);
 }
 

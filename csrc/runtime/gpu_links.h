@@ -41,7 +41,10 @@ struct PeerLinks {
 // has peer access.
 PeerLinks classify_peer_links(const std::vector<std::string>& pci_bus_ids,
                               const std::vector<std::vector<bool>>& peer_access);
-// The same for CUDA devices (bus ids from cudaDeviceGetPCIBusId).
+// CUDA device `device`'s PCI bus id as cudaDeviceGetPCIBusId writes it (how NVML finds the
+// device); "" when CUDA cannot say (its error cleared).
+std::string pci_bus_id(int device);
+// The same for CUDA devices (bus ids from pci_bus_id).
 PeerLinks peer_links_of_devices(const std::vector<int>& devices, const std::vector<std::vector<bool>>& peer_access);
 
 // Every pair of distinct GPUs is kNvlink (true for a single GPU: there is no pair).
