@@ -301,8 +301,7 @@ std::vector<RankResult> PreparedInfer::run_stream_ordered() {
   {
     std::lock_guard<std::mutex> lock(ordered_mutex_);
     if (!ordered_plan_) {
-      auto ordered = std::make_unique<InferOptions>(options_);
-      ordered->stream_ordered = true;
+      auto ordered = std::make_unique<const InferOptions>(options_for(options_.outputs, true));
       // Checks what a stream-ordered call needs (device arrays with streams, every output given):
       // a call that cannot be one raises here on every run, and keeps nothing.
       auto made = std::make_unique<const CallPlan>(runner_->plan(inputs_, *ordered));
