@@ -176,6 +176,12 @@ class SpareOutputs:
 _BYTES = operator.itemgetter(1)  # a spare's bytes per GPU, of its (outputs, bytes)
 
 
+def names_every_output(given, names) -> bool:
+    """Whether ``given`` (a mapping keyed by output name: one rank's outputs) holds every output
+    in ``names`` (the program's) and no other."""
+    return len(given) == len(names) and all(name in given for name in names)
+
+
 def _templates(per_rank_refs):
     """What ``new_out`` gets for a run on these inputs: with torch inputs, each rank's first (an
     output of its shape, dtype and GPU then comes from ``torch.empty_like``, which costs about half
@@ -402,8 +408,7 @@ class PreparedCall:
             if names is None or not out:
                 return False
             known = self._as_prepared = (self.stream_ordered_for(out) and
-                                         all(len(given) == len(names) and all(n in given for n in names)
-                                             for given in out))
+                                         all(names_every_output(given, names) for given in out))
         return known
 
     def _new_outputs(self) -> list:

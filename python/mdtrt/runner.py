@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 from . import _core, arguments
 from .arrays import ArrayRef, describe, read_torch_cuda, torch_current_streams
 from .device_group import DeviceGroup
-from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, spare_bytes
+from .prepared_call import KeptCalls, PreparedCall, SpareOutputs, names_every_output, spare_bytes
 from .vocabulary import REPLICATION_MODES
 from .errors import InvalidArgumentError
 
@@ -453,7 +453,7 @@ class EngineRunner:
             return False
         if out is None:
             return call.torch_outputs is not None
-        return len(out[0]) == len(names) and all(name in out[0] for name in names)
+        return names_every_output(out[0], names)
 
     def prepare(self, inputs: Mapping[str, Any] | Sequence[Mapping[str, Any]], *, all_ranks: bool = False,
                 poison_outputs: bool = False, replication: str | None = None, timeout: float | None = None,
