@@ -118,14 +118,14 @@ def _peer_table(cuda: dict, nvml: dict | None) -> list[str]:
     saying so and what it does to replication="auto". Reports without ``peer_links`` (older, or
     made up) show yes/no."""
     n = len(cuda["gpus"])
-    links = cuda.get("peer_links") or [["self" if i == j else "unknown" for j in range(n)] for i in range(n)]
+    links = cuda.get("peer_links")
 
     def cell(i, j):
         if i == j:
             return "-"
         if not cuda["peer_access"][i][j]:
             return "no"
-        return links[i][j] if cuda.get("peer_links") else "yes"
+        return links[i][j] if links else "yes"
 
     lines = ["Peer access, row GPU reads column GPU's memory: the link it goes over, or no"]
     lines.append("      " + " ".join(f"{j:>7}" for j in range(n)))
