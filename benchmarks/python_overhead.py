@@ -12,8 +12,8 @@ the output shapes), ``infer([{...} per rank], outputs=...)``, ``prepare({"input"
 outputs=...)()`` and ``prepare({"input": x})()``.
 Prints the median per call of each (microseconds); ``--profile`` then prints a cProfile of
 ``all_reduce(xs, out=outs)`` and of ``infer({"input": x}, outputs=...)``; ``--native-arguments``
-the cost of converting the fast paths' native arguments (``run_at_each``'s flat lists against
-``run_at``'s nested ones), measured without a GPU: pybind11 converts every argument before it
+the cost of converting the fast paths' native arguments (an addressed run's two flat lists
+against ``run_at``'s nested ones), measured without a GPU: pybind11 converts every argument before it
 finds that the call's ``self`` is not a prepared call, then raises.
 
 What is faked, so that the numbers are the cost of mdtrt's Python:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile of all_reduce(xs, out=outs) and of infer(x, outputs=)")
     p.add_argument("--native-arguments", action="store_true",
-                   help="also time the conversion of run_at_each's and run_at's arguments (real extension, no GPU)")
+                   help="also time the conversion of an addressed run's and run_at's arguments (real extension, no GPU)")
     return p
 
 
@@ -73,8 +73,8 @@ def stub_group(count: int, elements: int = 512):
         def run_at(self, *args):
             return results
 
-        def run_at_each(self, *args):
-            return None
+        def addressed(self, *args):
+            return lambda pointers, streams: None
 
         def run_stream_ordered(self):
             return None
@@ -181,35 +181,32 @@ def main(argv=None) -> None:
 
 def native_argument_costs(iterations: int) -> dict:
     """Microseconds that converting each native entry's arguments adds (2 ranks; 1 input and 1
-    output per rank, then 2 and 2), over a call with empty lists: name -> cost. The lists are
-    built per call, as the fast paths build them."""
+    output per rank, then 2 and 2), over the same entry with empty lists: name -> cost. The lists
+    are built per call, as the fast paths build them."""
     from mdtrt import _core
-
-    call = _core.PreparedInfer
 
     def cost(fn) -> float:
         def attempt():
             try:
                 fn()
-            except TypeError:  # `self` is no PreparedInfer: raised once every argument was converted
+            except TypeError:  # `self` is no native call: raised once every argument was converted
                 pass
         return median_us(attempt, iterations)
 
     p = [0x7F0000001000 + 0x1000 * i for i in range(8)]
-    base = cost(lambda: call.run_at_each(None, [], [], [], [], [], False))
+    addressed, run_at = _core.AddressedRun.__call__, _core.PreparedInfer.run_at
+    bases = {"addressed run": cost(lambda: addressed(None, [], [])), "run_at": cost(lambda: run_at(None, [], [], True))}
     cases = {
-        "run_at_each, 1 in 1 out": lambda: call.run_at_each(
-            None, p[:4], [7] * 4, ("output",), [1024] * 2, [0, 1], True),
-        "run_at, 1 in 1 out": lambda: call.run_at(
+        "addressed run, 1 in 1 out": lambda: addressed(None, p[:4], [7] * 4),
+        "run_at, 1 in 1 out": lambda: run_at(
             None, [[(p[0], 7)], [(p[1], 7)]], [[("output", p[2], 1024, 0, 7)], [("output", p[3], 1024, 1, 7)]], True),
-        "run_at_each, 2 in 2 out": lambda: call.run_at_each(
-            None, p, [7] * 8, ("z", "y"), [1024] * 4, [0, 0, 1, 1], True),
-        "run_at, 2 in 2 out": lambda: call.run_at(
+        "addressed run, 2 in 2 out": lambda: addressed(None, p, [7] * 8),
+        "run_at, 2 in 2 out": lambda: run_at(
             None, [[(p[0], 7), (p[1], 7)], [(p[2], 7), (p[3], 7)]],
             [[("z", p[4], 1024, 0, 7), ("y", p[5], 1024, 0, 7)], [("z", p[6], 1024, 1, 7), ("y", p[7], 1024, 1, 7)]],
             True),
     }
-    return {name: cost(fn) - base for name, fn in cases.items()}
+    return {name: cost(fn) - bases[name.split(",")[0]] for name, fn in cases.items()}
 
 
 def engine_calls(group, xs, outs) -> dict:

@@ -73,17 +73,17 @@ def fake_torch(monkeypatch) -> SimpleNamespace:
 
 
 def failing_runs(monkeypatch, call_class, message: str) -> list:
-    """Makes ``call_class.run_at_each`` (a stub native call's) raise ``RankTimeoutError(message)``
+    """Makes ``call_class.run_flat`` (a stub native call's) raise ``RankTimeoutError(message)``
     once the returned list holds anything, as a run timed out with its work possibly queued."""
     import mdtrt
 
     fail: list = []
-    real = call_class.run_at_each
+    real = call_class.run_flat
 
-    def run_at_each(self, *args, **kwargs):
+    def run_flat(self, *args, **kwargs):
         if fail:
             raise mdtrt.RankTimeoutError(message)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(call_class, "run_at_each", run_at_each)
+    monkeypatch.setattr(call_class, "run_flat", run_flat)
     return fail

@@ -59,7 +59,12 @@ class StubCall:
                     raise mdtrt.InvalidArgumentError(f"out of rank {rank}: {nbytes} bytes on GPU {device}, "
                                                      f"needs {self.out_nbytes} bytes on GPU {rank}")
 
-    def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
+    def addressed(self, names, nbytes, devices, stream_ordered=False):
+        """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
+        only the flat addresses (run_flat, looked up at each run, records it)."""
+        return lambda pointers, streams: self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+
+    def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""
         n = len(nbytes)
         assert list(names) == ["output"]
@@ -620,14 +625,14 @@ def test_a_call_running_while_the_group_closes_keeps_no_spare(stubs, monkeypatch
     its outputs, but the spare it allocates afterwards is not kept by the closed group; for the
     op methods and prepared calls alike."""
     closing = []
-    real = StubCall.run_at_each
+    real = StubCall.run_flat
 
-    def run_at_each(self, *args):  # once asked, the group closes while this run is in flight
+    def run_flat(self, *args):  # once asked, the group closes while this run is in flight
         if closing:
             group.close()
         return real(self, *args)
 
-    monkeypatch.setattr(StubCall, "run_at_each", run_at_each)
+    monkeypatch.setattr(StubCall, "run_flat", run_flat)
     group = stubs.make_group()
     xs = tensors(0x1000)
     group.all_reduce(xs)  # the general path: the next call takes the fast path
@@ -689,10 +694,10 @@ def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch
     each call wait for the GPU. The group drops its spares then and allocates none from then on;
     the calls still run on outputs of their own."""
     failing, allocations = [], []
-    real_run = StubCall.run_at_each
+    real_run = StubCall.run_flat
     real_new = _TorchRun._new_outputs
 
-    def run_at_each(self, *args):  # once armed, the allocation after the run (the spare's) fails, once
+    def run_flat(self, *args):  # once armed, the allocation after the run (the spare's) fails, once
         real_run(self, *args)
         if failing:
             failing.append("next")
@@ -704,7 +709,7 @@ def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch
             raise torch.OutOfMemoryError("out of memory")
         return real_new(self, inputs)
 
-    monkeypatch.setattr(StubCall, "run_at_each", run_at_each)
+    monkeypatch.setattr(StubCall, "run_flat", run_flat)
     monkeypatch.setattr(_TorchRun, "_new_outputs", new_outputs)
     group = stubs.make_group()
     ys = tensors(0x3000, shape=(2, 6))

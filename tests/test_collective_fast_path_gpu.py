@@ -99,22 +99,30 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
     torch.testing.assert_close(outs[1].cpu(), expected)
 
 
-def test_run_at_each_refuses_lists_of_other_lengths(group):
-    """The native entry of the fast path takes the same number of inputs, and the named outputs,
-    on every local rank."""
+def test_an_addressed_run_refuses_lists_that_do_not_fit(group):
+    """The native entry of the fast path: made with a size and a GPU per output and rank, run with
+    an address and a stream per input and output; a stream-ordered run needs every stream. Each
+    refusal names what it got and leaves the call working."""
     xs = [torch.ones(8, device=f"cuda:{r}") for r in range(2)]
     for _ in range(2):
         group.all_reduce(xs)  # the second call of the signature keeps its call for the fast path
     run = next(iter(group._torch_calls.values()))
     call = run.kept.call
-    with pytest.raises(mdtrt.InvalidArgumentError, match="the same inputs and the named outputs"):
-        call.run_at_each([xs[0].data_ptr()] * 3, [1] * 4, ["output"], [32, 32], [0, 1], False)
-    with pytest.raises(mdtrt.InvalidArgumentError, match="the same inputs and the named outputs"):
-        call.run_at_each([xs[0].data_ptr()] * 5, [1] * 5, ["output"], [32, 32], [0, 1], False)  # 3 inputs, 2 ranks
-    with pytest.raises(mdtrt.InvalidArgumentError, match="the same inputs and the named outputs"):
-        call.run_at_each([xs[0].data_ptr()] * 4, [1] * 4, [], [32, 32], [0, 1], False)
-    with pytest.raises(mdtrt.InvalidArgumentError, match="input addresses"):  # 2 inputs a rank: run_at refuses
-        call.run_at_each([xs[0].data_ptr()] * 6, [1] * 6, ["output"], [32, 32], [0, 1], False)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="each output's size and GPU: got 1 names, 1 sizes"):
+        call.addressed(["output"], [32], [0, 1], False)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="got 0 names"):
+        call.addressed([], [32, 32], [0, 1], False)
+    addressed = call.addressed(["output"], [32, 32], [0, 1], False)
+    p = xs[0].data_ptr()
+    with pytest.raises(mdtrt.InvalidArgumentError, match="2 input and 2 output addresses.*got 3 pointers"):
+        addressed([p] * 3, [1] * 3)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="got 4 pointers and 3 streams"):
+        addressed([p] * 4, [1] * 3)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="got 5 pointers"):
+        addressed([p] * 5, [1] * 5)
+    ordered = call.addressed(["output"], [32, 32], [0, 1], True)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="stream-ordered call needs device inputs with a stream"):
+        ordered([xs[0].data_ptr(), xs[1].data_ptr(), xs[0].data_ptr(), xs[1].data_ptr()], [0] * 4)
     group.synchronize()
     # The kept call still runs, on new random data (the ones above summed to 2 everywhere, which a
     # reused output block of an earlier call would still hold).

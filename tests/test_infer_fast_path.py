@@ -82,7 +82,12 @@ class StubCall:
         (checked as every run's are); returns None."""
         self(None, True)
 
-    def run_at_each(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
+    def addressed(self, names, nbytes, devices, stream_ordered=False):
+        """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
+        only the flat addresses (run_flat, looked up at each run, records it)."""
+        return lambda pointers, streams: self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+
+    def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
         m, n = len(names), len(self.specs)
         assert len(nbytes) == len(devices) == n * m and len(pointers) == len(streams)
@@ -562,14 +567,14 @@ def test_group_close_drops_the_runners_spares(stubs, monkeypatch):
     """group.close() frees the spares of the EngineRunners made on it (they cannot run any more),
     also the one a call still running as the group closes allocates afterwards."""
     closing = []
-    real = StubCall.run_at_each
+    real = StubCall.run_flat
 
-    def run_at_each(self, *args):  # once asked, the group closes while this run is in flight
+    def run_flat(self, *args):  # once asked, the group closes while this run is in flight
         if closing:
             closing[0].close()
         return real(self, *args)
 
-    monkeypatch.setattr(StubCall, "run_at_each", run_at_each)
+    monkeypatch.setattr(StubCall, "run_flat", run_flat)
     runner = stubs.make_runner()
     inputs = inputs_of(0x1000, True)
     for _ in range(3):

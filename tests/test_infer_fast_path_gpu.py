@@ -121,21 +121,31 @@ def test_same_address_other_shape_dtype_stride_or_gpu(group):
         torch.testing.assert_close(outs["b_copy"][r].cpu(), b[r].cpu())
 
 
-def test_run_at_each_takes_several_inputs_and_outputs(group):
+def test_an_addressed_run_takes_several_inputs_and_outputs(group):
     """The native entry of the fast path with two inputs and two outputs per rank, flat: each
-    rank's inputs, then each rank's outputs, in the order of the names given."""
+    rank's inputs, then each rank's outputs, in the order of the names it was made with; its plan
+    is kept across runs on new arrays, and a null input address is still refused (then it runs on)."""
     runner = pair_runner(group)
     inputs = [{"a": torch.full((6,), 1.0 + r, device=f"cuda:{r}"), "b": torch.full((3,), 10.0 + r, device=f"cuda:{r}")}
               for r in range(2)]
     runner.infer(inputs)
     call = next(iter(runner._calls.values()))
-    outs = [[torch.zeros(6, device=f"cuda:{r}"), torch.zeros(3, device=f"cuda:{r}")] for r in range(2)]
-    pointers = [inputs[r][k].data_ptr() for r in range(2) for k in ("a", "b")]
-    pointers += [o.data_ptr() for r in range(2) for o in outs[r]]
-    call.run_at_each(pointers, [1] * 8, ["a_copy", "b_copy"], [24, 12, 24, 12], [0, 0, 1, 1], False)
-    for r in range(2):
-        torch.testing.assert_close(outs[r][0].cpu(), torch.full((6,), 1.0 + r))
-        torch.testing.assert_close(outs[r][1].cpu(), torch.full((3,), 10.0 + r))
+    run = call.addressed(["a_copy", "b_copy"], [24, 12, 24, 12], [0, 0, 1, 1], False)
+    rng = np.random.default_rng(5)
+    for attempt in range(3):  # new inputs and outputs every run: the kept plan must not keep addresses
+        a = [rng.standard_normal(6).astype(np.float32) for _ in range(2)]
+        b = [rng.standard_normal(3).astype(np.float32) for _ in range(2)]
+        ins = [(torch.from_numpy(a[r]).to(f"cuda:{r}"), torch.from_numpy(b[r]).to(f"cuda:{r}")) for r in range(2)]
+        outs = [[torch.full((6,), float("nan"), device=f"cuda:{r}"), torch.full((3,), float("nan"), device=f"cuda:{r}")]
+                for r in range(2)]
+        pointers = [t.data_ptr() for r in range(2) for t in ins[r]] + [o.data_ptr() for r in range(2) for o in outs[r]]
+        if attempt == 1:
+            with pytest.raises(mdtrt.InvalidArgumentError, match="null pointer"):
+                run([0] + pointers[1:], [1] * 8)
+        run(pointers, [1] * 8)
+        for r in range(2):
+            np.testing.assert_array_equal(outs[r][0].cpu().numpy(), a[r])
+            np.testing.assert_array_equal(outs[r][1].cpu().numpy(), b[r])
 
 
 @pytest.mark.parametrize("entry", ["infer", "prepare"])

@@ -26,7 +26,7 @@ class StubNative:
         self.prepared = []
         self.addresses = []
         self.ordered = []  # per run: stream_ordered as the native call got it
-        self.flat = []  # per run_at_each: its flat lists
+        self.flat = []  # per addressed run: its flat lists, names, sizes, devices
         self.ranks = ranks
 
     def prepare(self, *args):
@@ -41,7 +41,7 @@ class StubNative:
             self.ordered.append(stream_ordered)
             return self.infer(*args[:-1], outputs)
 
-        def run_at_each(pointers, streams, names, nbytes, devices, stream_ordered=False):
+        def run_flat(pointers, streams, names, nbytes, devices, stream_ordered=False):
             self.flat.append((pointers, streams, names, nbytes, devices))
             self.ordered.append(stream_ordered)
 
@@ -50,7 +50,9 @@ class StubNative:
             call(None, True)
 
         call.run_at = run_at
-        call.run_at_each = run_at_each
+        call.run_flat = run_flat
+        call.addressed = lambda names, nbytes, devices, stream_ordered=False: (
+            lambda pointers, streams: run_flat(pointers, streams, names, nbytes, devices, stream_ordered))
         call.run_stream_ordered = run_stream_ordered
         call.arrays_may_be_in_use = False
         self.prepared.append(args)
@@ -124,7 +126,7 @@ def test_engine_runner_prepare_checks_names_once():
 def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
     """new_out (torch's caching allocator for torch inputs): every call gets fresh output buffers,
     handed to the native runner (as typed OutputArgs while the output names are unknown, then as
-    run_at_each's flat lists, stream-ordered), and returns exactly those objects."""
+    an addressed run's flat lists, stream-ordered), and returns exactly those objects."""
     made = []
 
     def new_out(likes=None):
@@ -208,7 +210,7 @@ def test_engine_outputs_for_torch_callers_learn_their_shapes_once(monkeypatch):
     assert cache == {((("float16", (3, 2)),), (("float16", (3, 2)),)): [[("y", "float16", (3, 2))]] * 2}
     second = call()
     assert len(allocations) == 1 and [o["y"] for o in second] == [r["y"].owner for r in allocations[0]]
-    # Passed as run_at_each's flat lists (the first run learnt the names), stream-ordered.
+    # Passed as an addressed run's flat lists (the first run learnt the names), stream-ordered.
     ptr = allocations[0][0]["y"].ptr
     assert native.flat == [([0x100, 0x200, ptr, ptr], [7, 7, 7, 7], ("y",), [12, 12], [0, 1])]
     assert len(native.calls) == 1 and native.ordered == [False, True]

@@ -314,42 +314,30 @@ void bind_runtime(py::module_& m) {
                              "After a run raised: whether work of it may still use its arrays (a rank was given "
                              "up on, or the group broke with work queued): they must never be freed then.")
       .def(
-          "run_at_each",
-          [](PreparedInfer& p, const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
-             const std::vector<std::string>& names, const std::vector<size_t>& nbytes, const std::vector<int>& devices,
-             bool stream_ordered) {
-            // Flat lists of ints: converting them costs a fraction of run_at's nested lists of tuples.
-            const size_t m = names.size(), given = nbytes.size();
-            const size_t n = m == 0 ? 0 : given / m;  // local ranks
-            const size_t inputs = pointers.size() >= given ? pointers.size() - given : 0;
-            if (n == 0 || given != n * m || devices.size() != given || streams.size() != pointers.size() ||
-                pointers.size() < given || inputs % n != 0)
-              throw_invalid_argument("run_at_each takes the same inputs and the named outputs on every local rank: " +
-                                     std::to_string(pointers.size()) + " pointers, " + std::to_string(streams.size()) +
-                                     " streams, " + std::to_string(given) + " output sizes, " +
-                                     std::to_string(devices.size()) + " devices for " + std::to_string(m) +
-                                     " output names");
-            const size_t k = inputs / n;  // inputs per rank (run_at checks them against the call's)
-            std::vector<std::vector<InputAddress>> at(n);
-            std::vector<std::vector<OutputArg>> out(n);
-            for (size_t i = 0; i < n; ++i) {
-              for (size_t j = 0; j < k; ++j)
-                at[i].push_back(InputAddress{reinterpret_cast<const void*>(pointers[i * k + j]), streams[i * k + j]});
-              for (size_t j = 0; j < m; ++j) {
-                const size_t o = i * m + j;
-                out[i].push_back(OutputArg{names[j], reinterpret_cast<void*>(pointers[inputs + o]), nbytes[o],
-                                           devices[o], streams[inputs + o]});
-              }
-            }
-            py::gil_scoped_release release;
-            p.run_at(at, std::move(out), stream_ordered);
+          "addressed",
+          [](std::shared_ptr<PreparedInfer> p, const std::vector<std::string>& names, const std::vector<size_t>& nbytes,
+             const std::vector<int>& devices, bool stream_ordered) {
+            return std::make_shared<AddressedRun>(std::move(p), names, nbytes, devices, stream_ordered);
           },
-          py::arg("pointers"), py::arg("streams"), py::arg("names"), py::arg("nbytes"), py::arg("devices"),
-          py::arg("stream_ordered") = false,
-          "run_at with every output given, as flat lists: pointers and streams name each local rank's inputs "
-          "in turn (pointer, producer stream; the same number on every rank), then each rank's outputs in turn "
-          "(pointer, caller stream), in the order of names (the outputs' names, the same on every rank); nbytes "
-          "and devices each output's size and GPU, in that order. Returns None (the outputs are the caller's).");
+          py::arg("names"), py::arg("nbytes"), py::arg("devices"), py::arg("stream_ordered") = false,
+          "run_at with every output given and these fixed: names (each rank's outputs, the same on every rank), "
+          "nbytes and devices (every output's size and GPU, rank by rank in the order of names) and "
+          "stream_ordered. The AddressedRun returned is called with only the addresses.");
+
+  py::class_<AddressedRun, std::shared_ptr<AddressedRun>>(m, "AddressedRun")
+      .def(
+          "__call__",
+          [](AddressedRun& run, const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams) {
+            // Two flat lists of ints: what a one-shot call converts per run.
+            py::gil_scoped_release release;
+            run.run(pointers, streams);
+          },
+          py::arg("pointers"), py::arg("streams"),
+          "Runs the call on other arrays: pointers and streams name each local rank's inputs in turn (data, "
+          "producer stream; the same number on every rank), then each rank's outputs in turn (data, caller "
+          "stream), in the order of the names it was made with. Returns None (the outputs are the caller's).")
+      .def_property_readonly("arrays_may_be_in_use", &AddressedRun::arrays_may_be_in_use,
+                             "As PreparedInfer's: after a run raised, whether work of it may still use its arrays.");
 }
 
 }  // namespace mdtrt::bindings

@@ -341,6 +341,91 @@ std::vector<RankResult> PreparedInfer::run_at(const std::vector<std::vector<Inpu
   return runner_->run(plan, inputs, options);
 }
 
+InferOptions PreparedInfer::options_with_outputs(const std::vector<std::string>& names,
+                                                 const std::vector<size_t>& nbytes, const std::vector<int>& devices,
+                                                 bool stream_ordered) const {
+  const size_t m = names.size(), n = inputs_.size();
+  if (m == 0 || nbytes.size() != n * m || devices.size() != n * m)
+    throw_invalid_argument("a run with every output given takes the output names and, for each of the " +
+                           std::to_string(n) + " local ranks, each output's size and GPU: got " +
+                           std::to_string(m) + " names, " + std::to_string(nbytes.size()) + " sizes and " +
+                           std::to_string(devices.size()) + " devices");
+  std::vector<std::vector<OutputArg>> outputs(n);
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = 0; j < m; ++j)
+      outputs[i].push_back(OutputArg{names[j], nullptr, nbytes[i * m + j], devices[i * m + j], 0});
+  return options_for(std::move(outputs), stream_ordered);
+}
+
+AddressedRun::AddressedRun(std::shared_ptr<PreparedInfer> call, const std::vector<std::string>& names,
+                           const std::vector<size_t>& nbytes, const std::vector<int>& devices, bool stream_ordered)
+    : call_(std::move(call)),
+      inputs_(call_->inputs()),
+      options_(call_->options_with_outputs(names, nbytes, devices, stream_ordered)) {
+  all_on_device_ = true;
+  for (const auto& rank : inputs_) {
+    input_count_ += rank.size();
+    for (const InputArg& a : rank) all_on_device_ = all_on_device_ && a.device >= 0;
+  }
+}
+
+void AddressedRun::address(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
+                           std::vector<std::vector<InputArg>>& inputs, InferOptions& options) const {
+  size_t at = 0;
+  for (auto& rank : inputs)
+    for (InputArg& a : rank) {
+      a.data = reinterpret_cast<const void*>(pointers[at]);
+      a.stream = streams[at++];
+    }
+  for (auto& rank : options.outputs)
+    for (OutputArg& o : rank) {
+      o.data = reinterpret_cast<void*>(pointers[at]);
+      o.stream = streams[at++];
+    }
+}
+
+bool AddressedRun::plan_holds(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options) const {
+  if (!all_on_device_) return false;  // host inputs shared by every rank are found by their addresses
+  // What plan_call checks of addresses and streams (it says what is wrong when this fails).
+  for (const auto& rank : inputs)
+    for (const InputArg& a : rank)
+      if ((a.data == nullptr && a.nbytes() > 0) || (options.stream_ordered && a.stream == 0)) return false;
+  if (options.stream_ordered)
+    for (const auto& rank : options.outputs)
+      for (const OutputArg& o : rank)
+        if (o.stream == 0 || o.device < 0) return false;
+  return true;
+}
+
+void AddressedRun::run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams) {
+  size_t output_count = 0;
+  for (const auto& rank : options_.outputs) output_count += rank.size();
+  if (pointers.size() != input_count_ + output_count || streams.size() != pointers.size())
+    throw_invalid_argument("this call takes " + std::to_string(input_count_) + " input and " +
+                           std::to_string(output_count) + " output addresses, each with a stream: got " +
+                           std::to_string(pointers.size()) + " pointers and " + std::to_string(streams.size()) +
+                           " streams");
+  ProgramRunner& runner = call_->runner();
+  std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
+  if (!lock.owns_lock()) {  // another thread runs this call: its own copies, planned afresh
+    std::vector<std::vector<InputArg>> inputs = inputs_;
+    InferOptions options = options_;
+    address(pointers, streams, inputs, options);
+    runner.run(runner.plan(inputs, options), inputs, options);
+    return;
+  }
+  address(pointers, streams, inputs_, options_);
+  if (!plan_ || !plan_holds(inputs_, options_)) {
+    auto plan = std::make_unique<const CallPlan>(runner.plan(inputs_, options_));  // throws what is wrong
+    if (!plan_holds(inputs_, options_)) {
+      runner.run(*plan, inputs_, options_);
+      return;
+    }
+    plan_ = std::move(plan);
+  }
+  runner.run(*plan_, inputs_, options_);
+}
+
 // Everything a call's rank tasks read or write: shared by them and run() (see Resources), so that a
 // rank given up on at the deadline writes into it, not into a frame that is gone.
 struct ProgramRunner::Call {

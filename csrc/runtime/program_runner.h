@@ -151,6 +151,13 @@ class PreparedInfer {
   // shared by every rank are found by their addresses).
   std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
                                  std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
+  // The argument lists of a run_at with these outputs, for AddressedRun: the prepared inputs, and
+  // options whose outputs are named `names` on every rank with `nbytes` and `devices` (rank by rank)
+  // and no addresses yet.
+  std::vector<std::vector<InputArg>> inputs() const { return inputs_; }
+  InferOptions options_with_outputs(const std::vector<std::string>& names, const std::vector<size_t>& nbytes,
+                                    const std::vector<int>& devices, bool stream_ordered) const;
+  ProgramRunner& runner() { return *runner_; }
   // Whether a run that failed may leave work that still uses its arrays: a rank of the group was
   // given up on (RankRuntime::any_abandoned), or the group broke (a deadline, an interrupt, a
   // failure on a GPU: kernels already queued by a blocking call, an engine's or a copy, are not
@@ -173,6 +180,44 @@ class PreparedInfer {
   std::mutex ordered_mutex_;
   std::unique_ptr<const InferOptions> ordered_options_;
   std::unique_ptr<const CallPlan> ordered_plan_;
+};
+
+// A PreparedInfer's run_at with every output given, whose outputs' names, sizes and GPUs and whose
+// stream ordering are fixed once: each run passes only the addresses and streams of its inputs and
+// outputs. The one-shot entry points (DeviceGroup.collective and the op methods, EngineRunner.infer,
+// a prepared call's run into new outputs) keep one per argument signature, so that a run converts
+// two lists of integers and copies nothing; with every input on a device the plan does not depend
+// on addresses and is made once (what does, null data and missing streams, is checked per run).
+class AddressedRun {
+ public:
+  // names: each rank's outputs, the same on every rank; nbytes and devices: every output's, rank
+  // by rank in the order of names. Throws InvalidArgument for lists that do not fit together.
+  AddressedRun(std::shared_ptr<PreparedInfer> call, const std::vector<std::string>& names,
+               const std::vector<size_t>& nbytes, const std::vector<int>& devices, bool stream_ordered);
+  // pointers and streams: each rank's inputs in turn (data, producer stream), then each rank's
+  // outputs in turn (data, caller stream; in the order of names). The caller holds every array.
+  void run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams);
+  bool arrays_may_be_in_use() const { return call_->arrays_may_be_in_use(); }
+
+ private:
+  // Writes the addresses into inputs and options (sized as inputs_ and options_).
+  void address(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
+               std::vector<std::vector<InputArg>>& inputs, InferOptions& options) const;
+  // Whether `plan_` holds for these addressed arguments: every input on a device (made from the
+  // arguments' dtypes, shapes and devices alone), and no null data or missing stream that
+  // plan_call would refuse.
+  bool plan_holds(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options) const;
+
+  std::shared_ptr<PreparedInfer> call_;
+  size_t input_count_ = 0;  // inputs of all ranks
+  // The arguments, rewritten with each run's addresses (under mutex_: the runner copies them into
+  // the call's state, so that nothing is allocated per run); a run finding the mutex taken (another
+  // thread's run of the same call) works on copies instead of waiting.
+  std::mutex mutex_;
+  std::vector<std::vector<InputArg>> inputs_;
+  InferOptions options_;
+  bool all_on_device_ = false;
+  std::unique_ptr<const CallPlan> plan_;  // under mutex_; made by the first run that could plan
 };
 
 }  // namespace mdtrt

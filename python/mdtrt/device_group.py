@@ -22,7 +22,7 @@ from .vocabulary import ROOTED as _ROOTED
 _MAX_CACHED_COLLECTIVES = 16
 # Prepared one-shot calls, one per argument signature (op, dtype, shape, devices, out= or not).
 _MAX_CACHED_CALLS = 64
-_OUTPUT_NAMES = ("output",)  # a collective's outputs, as run_at_each names them
+_OUTPUT_NAMES = ("output",)  # a collective's outputs, as its addressed runs name them
 
 
 def _exact_ints(values) -> tuple | None:
@@ -72,14 +72,13 @@ class _TorchRun:
         The group's, shared by its runs: allocated outputs come from there when it has this run's.
     """
 
-    __slots__ = ("kept", "_run_at_each", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
+    __slots__ = ("kept", "_run", "_defined", "_ordered", "_devices", "_out_devices", "_out_streams",
                  "_out_nbytes", "_allocate", "_spares", "_spare_key", "_spare_bytes", "__weakref__")
 
     def __init__(self, kept, refs, out_refs, out_shape, rank_devices, spares):
         self.kept = kept
         self._spares = spares
         self._spare_key = spares.key_for(self)  # its spares go when this run goes (evicted)
-        self._run_at_each = kept.call.run_at_each
         self._defined = kept.defined
         self._devices = [ref.device for ref in refs]
         self._allocate = None
@@ -93,6 +92,7 @@ class _TorchRun:
         self._out_streams = self._out_devices != self._devices  # outputs on other GPUs: read their streams
         self._out_nbytes = [o.nbytes for o in outs]
         self._spare_bytes = spare_bytes([[nbytes] for nbytes in self._out_nbytes])
+        self._run = kept.call.addressed(_OUTPUT_NAMES, self._out_nbytes, self._out_devices, self._ordered)
 
     def __call__(self, inputs, pointers, out) -> list:
         """Runs the call on ``inputs``, into ``out`` (None: new tensors from torch's caching
@@ -106,8 +106,7 @@ class _TorchRun:
             out, addresses = spare if spare is not None else self._new_outputs(inputs)
             pointers += addresses
         try:
-            self._run_at_each(pointers, streams + out_streams, _OUTPUT_NAMES, self._out_nbytes, self._out_devices,
-                              self._ordered)
+            self._run(pointers, streams + out_streams)
         except BaseException:
             self.kept.call.hold_if_in_use(inputs, out)  # work of the failed run may still use them
             raise

@@ -303,7 +303,8 @@ class PreparedCall:
         self._on_device = on_device
         self._stream_ordered = stream_ordered
         self._torch_inputs = on_device and all_torch
-        self._flat_inputs = None  # the inputs' (pointers, streams) as run_at_each takes them, read once
+        self._flat_inputs = None  # the inputs' (pointers, streams) as an addressed run takes them, read once
+        self._addressed = None  # the addressed run into outputs from new_out (their sizes and GPUs), once made
         self._output_names = tuple(output_names) if output_names is not None else None
         self._spares = spares
         self._as_prepared = None  # see _runs_as_prepared: None until the output names are known
@@ -358,26 +359,30 @@ class PreparedCall:
         ordered = self.stream_ordered_for(out)
         names = self._output_names
         if self._new_out is not None and ordered and names is not None:
-            # Outputs allocated for this run (torch's allocator), every one of them named: the flat
-            # native call, which returns nothing to read, as one-shot calls on torch tensors run.
+            # Outputs allocated for this run (torch's allocator), every one of them named: the
+            # addressed native run, which returns nothing to read, as one-shot calls on torch
+            # tensors run (new_out gives outputs of the same sizes and GPUs on every run).
             flat = self._flat_inputs
             if flat is None:
                 flat = self._flat_inputs = ([ref.ptr for refs in self._refs for ref in refs],
                                             [ref.stream for refs in self._refs for ref in refs])
-            pointers, streams, nbytes, devices = list(flat[0]), list(flat[1]), [], []
+            pointers, streams = list(flat[0]), list(flat[1])
             try:
                 for given in out:  # loops: a comprehension's set-up costs more for a few outputs
                     for name in names:
                         ref = given[name]
                         pointers.append(ref.ptr)
                         streams.append(ref.stream)
-                        nbytes.append(ref.nbytes)
-                        devices.append(ref.device)
             except KeyError:
                 pointers = None  # outputs other than the named ones: the general run below says so
             if pointers is not None and all(len(given) == len(names) for given in out):
+                run = self._addressed
+                if run is None:
+                    run = self._addressed = self.addressed(names, [given[name].nbytes for given in out for name in names],
+                                                           [given[name].device for given in out for name in names],
+                                                           True)
                 try:
-                    self._call.run_at_each(pointers, streams, names, nbytes, devices, True)
+                    run(pointers, streams)
                 except BaseException:
                     self.hold_if_in_use(self._refs, out)
                     raise
@@ -438,16 +443,35 @@ class PreparedCall:
         if self._call.arrays_may_be_in_use:
             _HELD_FOR_UNFINISHED_WORK.append((arrays, out))
 
-    @property
-    def run_at_each(self):
-        """The native call's ``run_at_each(pointers, streams, names, nbytes, devices,
-        stream_ordered)``: :meth:`run_on` with every output given, for a caller that reads the
-        addresses itself and asks :meth:`stream_ordered_for` once. Flat lists: each rank's input
-        pointers and streams in turn (the same number on every rank), then each rank's outputs'
-        in turn, in the order of ``names`` (the outputs' names, the same on every rank); each
-        output's size and GPU in that order. Returns None. A caller that catches its error must
-        call :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does."""
-        return self._call.run_at_each
+    def addressed(self, names, nbytes, devices, stream_ordered: bool):
+        """The native call's run on other arrays with every output given, whose outputs' names,
+        sizes and GPUs and stream ordering are fixed: :meth:`run_on` for a caller that reads the
+        addresses itself and asks :meth:`stream_ordered_for` once.
+
+        Parameters
+        ----------
+        names : sequence of str
+            Each rank's outputs (the same on every rank), every output of the program.
+        nbytes, devices : sequence of int
+            Each output's size in bytes and CUDA device, rank by rank in the order of ``names``.
+        stream_ordered : bool
+            Whether its runs are stream-ordered (as :meth:`stream_ordered_for` says).
+
+        Returns
+        -------
+        callable
+            ``run(pointers, streams)``: flat lists of each rank's input pointers and streams in
+            turn (the same number on every rank), then each rank's outputs' in turn, in the order
+            of ``names``; returns None. A caller that catches its error must call
+            :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
+
+        Raises
+        ------
+        InvalidArgumentError
+            Lists that do not fit the call (a size and a GPU per output and rank), when made; at a
+            run, as :meth:`run_on` (and lists of other lengths than the call's arrays).
+        """
+        return self._call.addressed(names, nbytes, devices, stream_ordered)
 
     @property
     def output_names(self) -> tuple | None:

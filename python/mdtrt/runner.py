@@ -60,7 +60,7 @@ class _TorchInfer:
     turn, in the engine's order), then each output of ``outputs`` with its tensor per rank.
     """
 
-    __slots__ = ("call", "_run_at_each", "_order", "_devices", "_names", "_nbytes", "_out_devices", "_ordered",
+    __slots__ = ("call", "_run", "_order", "_devices", "_names", "_nbytes", "_out_devices", "_ordered",
                  "_allocate", "_likes", "_results", "_rank_devices", "_spares", "_spare_key", "_spare_bytes",
                  "__weakref__")
 
@@ -70,7 +70,6 @@ class _TorchInfer:
         self._rank_devices = list(rank_devices)
         self._spares = spares
         self._spare_key = spares.key_for(self)  # its spares go when this call goes (evicted)
-        self._run_at_each = call.run_at_each
         inputs = list(range(k)) * n if shared else list(range(n * k))  # read index of each rank's inputs
         read = k if shared else n * k  # inputs read
         refs = list(per_rank[0]) if shared else [ref for refs in per_rank for ref in refs]
@@ -100,6 +99,7 @@ class _TorchInfer:
         self._spare_bytes = spare_bytes([[ref.nbytes for ref in given.values()] for given in out])
         self._out_devices = [ref.device for ref in outs]
         self._ordered = call.stream_ordered_for(out)
+        self._run = call.addressed(self._names, self._nbytes, self._out_devices, self._ordered)
 
     def __call__(self, tensors, pointers, all_ranks):
         """Runs the call on ``tensors`` (as read) at ``pointers`` (their data pointers); returns
@@ -117,7 +117,7 @@ class _TorchInfer:
                     pointers.append(ref.ptr)
                     streams.append(ref.stream)
         try:
-            self._run_at_each(pointers, streams, self._names, self._nbytes, self._out_devices, self._ordered)
+            self._run(pointers, streams)
         except BaseException:
             self.call.hold_if_in_use(tensors, out)  # work of the failed run may still use them
             raise
