@@ -24,6 +24,7 @@ class StubCall:
     devices, as the native one does on every run."""
 
     arrays_may_be_in_use = False  # a run that raised left no work behind (see test_failed_fast_run_...)
+    ranks_running = False  # inside an addressed run's while_ranks_run
 
     def __init__(self, log, out_nbytes, ranks=2, prepared_outputs=()):
         self.log, self.out_nbytes, self.ranks = log, out_nbytes, ranks
@@ -61,8 +62,18 @@ class StubCall:
 
     def addressed(self, names, nbytes, devices, stream_ordered=False):
         """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
-        only the flat addresses (run_flat, looked up at each run, records it)."""
-        return lambda pointers, streams: self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+        only the flat addresses (run_flat, looked up at each run, records it); its
+        ``while_ranks_run`` is called as the native run calls it, once the ranks have the call and
+        before they are done (here: before run_flat checks the outputs), whether or not they fail."""
+        def run(pointers, streams, while_ranks_run=None):
+            if while_ranks_run is not None:
+                StubCall.ranks_running = True  # tests look: is an allocation the spare's?
+                try:
+                    while_ranks_run()
+                finally:
+                    StubCall.ranks_running = False
+            return self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+        return run
 
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""
@@ -622,8 +633,8 @@ def test_the_spares_of_an_evicted_signature_go_with_it(stubs):
 
 def test_a_call_running_while_the_group_closes_keeps_no_spare(stubs, monkeypatch):
     """close() in another thread while a call runs (close waits for it): the call still returns
-    its outputs, but the spare it allocates afterwards is not kept by the closed group; for the
-    op methods and prepared calls alike."""
+    its outputs, but the spare it allocated while its ranks ran is not kept by the closed group;
+    for the op methods and prepared calls alike."""
     closing = []
     real = StubCall.run_flat
 
@@ -642,7 +653,8 @@ def test_a_call_running_while_the_group_closes_keeps_no_spare(stubs, monkeypatch
         before = len(stubs.allocated)
         outs = run()
         assert [t.ptr for t in outs] == outputs_run_on(stubs)
-        assert len(stubs.allocated) == before + 2  # the call's own: no spare allocated for a closed group
+        assert len(stubs.allocated) > before  # a spare was made while its ranks ran...
+        assert len(group._spare_outputs._kept) == 0  # ...which the closed group does not keep
         assert len(group._spare_outputs._kept) == 0
 
 
@@ -694,22 +706,15 @@ def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch
     each call wait for the GPU. The group drops its spares then and allocates none from then on;
     the calls still run on outputs of their own."""
     failing, allocations = [], []
-    real_run = StubCall.run_flat
     real_new = _TorchRun._new_outputs
 
-    def run_flat(self, *args):  # once armed, the allocation after the run (the spare's) fails, once
-        real_run(self, *args)
-        if failing:
-            failing.append("next")
-
-    def new_outputs(self, inputs):
+    def new_outputs(self, inputs):  # once armed, the spare's allocation (while the ranks run) fails, once
         allocations.append(None)
-        if failing and failing[-1] == "next":
+        if failing and StubCall.ranks_running:
             del failing[:]
             raise torch.OutOfMemoryError("out of memory")
         return real_new(self, inputs)
 
-    monkeypatch.setattr(StubCall, "run_flat", run_flat)
     monkeypatch.setattr(_TorchRun, "_new_outputs", new_outputs)
     group = stubs.make_group()
     ys = tensors(0x3000, shape=(2, 6))

@@ -38,6 +38,7 @@ class StubCall:
     sizes, each rank's GPU) and records what it got, nested per rank as run_at takes it."""
 
     arrays_may_be_in_use = False
+    ranks_running = False  # inside an addressed run's while_ranks_run
 
     def __init__(self, log, specs, prepared_outputs=()):
         self.log, self.specs = log, specs  # specs: per rank, [(name, dtype, shape)]
@@ -84,8 +85,18 @@ class StubCall:
 
     def addressed(self, names, nbytes, devices, stream_ordered=False):
         """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
-        only the flat addresses (run_flat, looked up at each run, records it)."""
-        return lambda pointers, streams: self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+        only the flat addresses (run_flat, looked up at each run, records it); its
+        ``while_ranks_run`` is called as the native run calls it, once the ranks have the call and
+        before they are done (here: before run_flat checks the outputs), whether or not they fail."""
+        def run(pointers, streams, while_ranks_run=None):
+            if while_ranks_run is not None:
+                StubCall.ranks_running = True  # tests look: is an allocation the spare's?
+                try:
+                    while_ranks_run()
+                finally:
+                    StubCall.ranks_running = False
+            return self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+        return run
 
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
@@ -481,13 +492,16 @@ def test_failed_fast_run_holds_its_tensors_while_work_may_use_them(stubs, monkey
     with pytest.raises(mdtrt.RankTimeoutError, match=r"rank\(s\) 1 did not finish 'infer'"):
         runner.infer(inputs, outputs=given)
     assert len(stubs.log) == runs  # it failed in the fast path's native run
-    if not with_outputs:
-        assert len(stubs.allocated) == 4
-        alive += [weakref.ref(t) for t in stubs.allocated]
+    spare = []
+    if not with_outputs:  # its own outputs, then the next call's, allocated while its ranks ran
+        assert len(stubs.allocated) == 8
+        alive += [weakref.ref(t) for t in stubs.allocated[:4]]
+        spare = [weakref.ref(t) for t in stubs.allocated[4:]]
         del stubs.allocated[:]
     del inputs, given
     gc.collect()
     assert all((ref() is not None) == in_use for ref in alive)
+    assert all(ref() is None for ref in spare) and not runner._spare_outputs._kept  # a failed call keeps no spare
     assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held_before + (1 if in_use else 0)
 
 
@@ -565,7 +579,7 @@ def test_free_spare_outputs_drops_the_runners_spares_and_the_runner_goes_on(stub
 
 def test_group_close_drops_the_runners_spares(stubs, monkeypatch):
     """group.close() frees the spares of the EngineRunners made on it (they cannot run any more),
-    also the one a call still running as the group closes allocates afterwards."""
+    also the one a call still running as the group closes allocated while its ranks ran."""
     closing = []
     real = StubCall.run_flat
 
@@ -583,8 +597,8 @@ def test_group_close_drops_the_runners_spares(stubs, monkeypatch):
     closing.append(runner.group)
     before = len(stubs.allocated)
     got = runner.infer(inputs, all_ranks=True)
-    assert len(got) == 2 and len(stubs.allocated) == before  # it ran on the spare, none allocated after
-    assert len(runner._spare_outputs._kept) == 0
+    assert len(got) == 2 and len(stubs.allocated) == before + 4  # it ran on the spare and made the next...
+    assert len(runner._spare_outputs._kept) == 0  # ...which the closed group dropped
 
 
 @pytest.mark.parametrize("entry", ["infer", "prepare"])

@@ -51,8 +51,15 @@ class StubNative:
 
         call.run_at = run_at
         call.run_flat = run_flat
-        call.addressed = lambda names, nbytes, devices, stream_ordered=False: (
-            lambda pointers, streams: run_flat(pointers, streams, names, nbytes, devices, stream_ordered))
+
+        def addressed(names, nbytes, devices, stream_ordered=False):
+            def run(pointers, streams, while_ranks_run=None):  # called as the native run calls it
+                if while_ranks_run is not None:
+                    while_ranks_run()
+                run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+            return run
+
+        call.addressed = addressed
         call.run_stream_ordered = run_stream_ordered
         call.arrays_may_be_in_use = False
         self.prepared.append(args)

@@ -327,15 +327,39 @@ void bind_runtime(py::module_& m) {
   py::class_<AddressedRun, std::shared_ptr<AddressedRun>>(m, "AddressedRun")
       .def(
           "__call__",
-          [](AddressedRun& run, const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams) {
+          [](AddressedRun& run, const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
+             const py::object& while_ranks_run) {
             // Two flat lists of ints: what a one-shot call converts per run.
-            py::gil_scoped_release release;
-            run.run(pointers, streams);
+            if (while_ranks_run.is_none()) {
+              py::gil_scoped_release release;
+              run.run(pointers, streams);
+              return;
+            }
+            // Called with the GIL while the ranks queue the call; a Python error it raises (the
+            // callable catches its own Exceptions: KeyboardInterrupt and kin) is raised once the
+            // call returned, never while ranks run.
+            std::optional<py::error_already_set> raised;
+            const std::function<void()> meanwhile = [&] {
+              py::gil_scoped_acquire gil;
+              try {
+                while_ranks_run();
+              } catch (py::error_already_set& e) {
+                raised.emplace(std::move(e));
+              }
+            };
+            {
+              py::gil_scoped_release release;
+              run.run(pointers, streams, meanwhile);
+            }
+            if (raised) throw std::move(*raised);
           },
-          py::arg("pointers"), py::arg("streams"),
+          py::arg("pointers"), py::arg("streams"), py::arg("while_ranks_run") = py::none(),
           "Runs the call on other arrays: pointers and streams name each local rank's inputs in turn (data, "
           "producer stream; the same number on every rank), then each rank's outputs in turn (data, caller "
-          "stream), in the order of the names it was made with. Returns None (the outputs are the caller's).")
+          "stream), in the order of the names it was made with. while_ranks_run: a callable without arguments "
+          "called (on this thread, with the GIL) while the ranks check and queue the call, for work of the "
+          "caller's that need not wait for them; it must not wait for the ranks nor call into this group. "
+          "Returns None (the outputs are the caller's).")
       .def_property_readonly("arrays_may_be_in_use", &AddressedRun::arrays_may_be_in_use,
                              "As PreparedInfer's: after a run raised, whether work of it may still use its arrays.");
 }

@@ -47,7 +47,7 @@ void CallBarrier::abort() {
 
 void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankContext&)> check,
                                std::function<void(RankContext&)> launch, double timeout_seconds,
-                               const std::string& what) {
+                               const std::string& what, const std::function<void()>& while_ranks_run) {
   // Shared with the tasks: a task that outlives the deadline must not touch the caller's stack.
   auto barrier = std::make_shared<CallBarrier>(runtime.num_local_ranks());
   // On the deadline (or an interrupt) the runtime runs its abort hooks: release the ranks waiting here.
@@ -71,7 +71,7 @@ void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankCont
         if (!barrier->wait(ctx.deadline, ctx.rank, what)) return;  // another rank failed its checks
         launch(ctx);
       },
-      timeout_seconds, what);
+      timeout_seconds, what, /*sequential=*/false, while_ranks_run);
 }
 
 }  // namespace mdtrt

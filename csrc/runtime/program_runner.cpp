@@ -397,7 +397,8 @@ bool AddressedRun::plan_holds(const std::vector<std::vector<InputArg>>& inputs, 
   return true;
 }
 
-void AddressedRun::run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams) {
+void AddressedRun::run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
+                       const std::function<void()>& while_ranks_run) {
   size_t output_count = 0;
   for (const auto& rank : options_.outputs) output_count += rank.size();
   if (pointers.size() != input_count_ + output_count || streams.size() != pointers.size())
@@ -411,19 +412,19 @@ void AddressedRun::run(const std::vector<uintptr_t>& pointers, const std::vector
     std::vector<std::vector<InputArg>> inputs = inputs_;
     InferOptions options = options_;
     address(pointers, streams, inputs, options);
-    runner.run(runner.plan(inputs, options), inputs, options);
+    runner.run(runner.plan(inputs, options), inputs, options, while_ranks_run);
     return;
   }
   address(pointers, streams, inputs_, options_);
   if (!plan_ || !plan_holds(inputs_, options_)) {
     auto plan = std::make_unique<const CallPlan>(runner.plan(inputs_, options_));  // throws what is wrong
     if (!plan_holds(inputs_, options_)) {
-      runner.run(*plan, inputs_, options_);
+      runner.run(*plan, inputs_, options_, while_ranks_run);
       return;
     }
     plan_ = std::move(plan);
   }
-  runner.run(*plan_, inputs_, options_);
+  runner.run(*plan_, inputs_, options_, while_ranks_run);
 }
 
 // Everything a call's rank tasks read or write: shared by them and run() (see Resources), so that a
@@ -454,7 +455,7 @@ struct ProgramRunner::Call {
 };
 
 std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
-                                           const InferOptions& options) {
+                                           const InferOptions& options, const std::function<void()>& while_ranks_run) {
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   RankRuntime& runtime = group_->runtime();
   // From the step to the hand-over of its events: the watchdog's order of calls is their order on
@@ -635,7 +636,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     if (wait_error) std::rethrow_exception(wait_error);
   };
   try {
-    run_checked_then_launched(runtime, std::move(check), std::move(launch), timeout, "infer");
+    run_checked_then_launched(runtime, std::move(check), std::move(launch), timeout, "infer", while_ranks_run);
   } catch (...) {
     // From here on no rank touches the caller's streams (they may be gone once this returns); a
     // rank inside such a step finishes it first (CUDA calls that queue work: microseconds).

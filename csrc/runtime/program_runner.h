@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -54,8 +55,10 @@ class ProgramRunner {
   // The checks and decisions of a call, made once for arguments that are used again (prepare()).
   CallPlan plan(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
   // A call planned by plan() for these same inputs and options (options.outputs may differ).
+  // `while_ranks_run`: the caller's own work done while its ranks check and queue the call
+  // (RankRuntime::run_on_all); it must not throw nor wait for them.
   std::vector<RankResult> run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
-                              const InferOptions& options);
+                              const InferOptions& options, const std::function<void()>& while_ranks_run = {});
 
   Replication last_replication() const { return last_replication_; }
   std::vector<TensorSpec> input_specs(int local_index);
@@ -196,7 +199,10 @@ class AddressedRun {
                const std::vector<size_t>& nbytes, const std::vector<int>& devices, bool stream_ordered);
   // pointers and streams: each rank's inputs in turn (data, producer stream), then each rank's
   // outputs in turn (data, caller stream; in the order of names). The caller holds every array.
-  void run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams);
+  // `while_ranks_run`: as ProgramRunner::run's (a one-shot call allocates the next call's outputs
+  // there, while its ranks queue this one).
+  void run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
+           const std::function<void()>& while_ranks_run = {});
   bool arrays_may_be_in_use() const { return call_->arrays_may_be_in_use(); }
 
  private:

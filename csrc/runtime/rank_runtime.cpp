@@ -430,7 +430,7 @@ void RankRuntime::abort_all() {
 }
 
 void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds,
-                             const std::string& what, bool sequential) {
+                             const std::string& what, bool sequential, const std::function<void()>& while_ranks_run) {
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   {
     // A stream-ordered call that passed its deadline is reported by the next step; one that
@@ -492,6 +492,13 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
     }
   } else {
     for (size_t i = 0; i < n; ++i) post(i);
+    if (while_ranks_run) {
+      try {
+        while_ranks_run();
+      } catch (...) {
+        // The ranks are running: they are waited for whatever the caller's own work did.
+      }
+    }
     const Wait w = completion->wait_for(static_cast<int>(n), deadline.at(), caller_spin_micros_);
     interrupted = w == Wait::kInterrupted;
     timed_out = w == Wait::kDeadline;

@@ -105,8 +105,12 @@ class RankRuntime {
   // `fn` must therefore own (shared, by value) everything it touches, never reference the
   // caller's frame, which is gone by the time that rank returns. `fn` and the rank's context are
   // kept alive forever for it; on every other path `fn` is destroyed on the caller's thread.
+  // `while_ranks_run` (not with `sequential`) runs on the caller's thread once every rank has its
+  // task, before the caller waits for them: the caller's own work that need not wait for the ranks
+  // (the next call's outputs, allocated while the ranks queue this one). It must not throw (what
+  // it throws is dropped) nor wait for the ranks.
   void run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds, const std::string& what,
-                  bool sequential = false);
+                  bool sequential = false, const std::function<void()>& while_ranks_run = {});
   // Whether local rank i was given up on by a run_on_all that timed out (still inside its task):
   // the caller must not touch what that rank's task may still write.
   bool abandoned(int local_index) const {

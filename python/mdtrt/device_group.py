@@ -101,17 +101,21 @@ class _TorchRun:
         streams = torch_current_streams(self._devices)
         out_streams = torch_current_streams(self._out_devices) if self._out_streams else streams
         allocating = out is None
+        keep_spare = None
         if allocating:
             spare = self._spares.take(self._spare_key, out_streams)
             out, addresses = spare if spare is not None else self._new_outputs(inputs)
             pointers += addresses
+            if self._ordered:  # the next call's outputs, made while the ranks queue this one
+                keep_spare = lambda: self._spares.keep_new(self._spare_key, out_streams, self._spare_bytes,  # noqa: E731
+                                                           self._new_outputs, inputs)
         try:
-            self._run(pointers, streams + out_streams)
+            self._run(pointers, streams + out_streams, keep_spare)
         except BaseException:
             self.kept.call.hold_if_in_use(inputs, out)  # work of the failed run may still use them
+            if keep_spare is not None:
+                self._spares.forget(self._spare_key)  # a failed call keeps no spare
             raise
-        if allocating and self._ordered:  # queued, not finished: the GPUs run it while the next outputs are made
-            self._spares.keep_new(self._spare_key, out_streams, self._spare_bytes, self._new_outputs, inputs)
         return list(out) if self._defined is None else self.kept.results(out)
 
     def _new_outputs(self, inputs) -> tuple:
@@ -472,8 +476,8 @@ class DeviceGroup:
         tensor's dtype, shape, GPU, contiguity and address, matched against the signatures that
         passed every check before. ``prepare_collective`` also skips reading the arrays per call.
         A stream-ordered call that allocates its torch outputs allocates the next call's outputs of
-        its signature once its own work is queued (they are allocated while the GPUs run it, not
-        before the next call's enqueue). Such a spare serves only the next call of its signature
+        its signature while its rank threads queue its own work (not before the next call's
+        enqueue, nor after this one's on the calling thread). Such a spare serves only the next call of its signature
         (or prepared call) on the streams current at its allocation and in the same torch
         inference mode; the group holds at most 64 of them and 256 MiB per GPU in all (as torch's
         allocator rounds them; each ``EngineRunner`` as many again), drops a call's spare with the

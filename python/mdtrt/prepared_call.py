@@ -82,10 +82,11 @@ def _drop_spares_of(spares_ref, key) -> None:
 
 
 class SpareOutputs:
-    """The outputs a stream-ordered call allocates for the next call of its kind once its own work
-    is queued: the allocation (torch's caching allocator, a few microseconds per tensor) then
-    overlaps that work on the GPUs instead of delaying the next call's enqueue, so a loop of
-    ``y = group.all_reduce(x)`` pays none before it.
+    """The outputs a stream-ordered call allocates for the next call of its kind while its rank
+    threads queue its own work (the native run calls back for it, ``while_ranks_run``): the
+    allocation (torch's caching allocator, a few microseconds per tensor) then overlaps the
+    hand-off to the ranks instead of delaying the next call's enqueue or this call's return, so a
+    loop of ``y = group.all_reduce(x)`` pays none before it.
 
     One set per kind of call (its ``owner``: a signature's kept call or a prepared call, named by
     :meth:`key_for`), set of current streams and torch inference mode; at most
@@ -381,12 +382,13 @@ class PreparedCall:
                     run = self._addressed = self.addressed(names, [given[name].nbytes for given in out for name in names],
                                                            [given[name].device for given in out for name in names],
                                                            True)
-                try:
-                    run(pointers, streams)
+                try:  # the next run's outputs are made while the ranks queue this one
+                    run(pointers, streams, lambda: self._keep_spare(out))
                 except BaseException:
                     self.hold_if_in_use(self._refs, out)
+                    if self._spares is not None:
+                        self._spares.forget(self._spare_key)  # a failed run keeps no spare
                     raise
-                self._keep_spare(out)
                 return [{name: given[name].owner for name in names} for given in out]
         try:
             if self._new_out is None and not ordered:
@@ -427,8 +429,8 @@ class PreparedCall:
         return self._new_out(self._likes)
 
     def _keep_spare(self, out) -> None:
-        """After a stream-ordered run on outputs from ``new_out`` (``out``) was queued: allocates
-        the next run's while the GPUs run this one."""
+        """While the ranks queue a stream-ordered run on outputs from ``new_out`` (``out``):
+        allocates the next run's."""
         if self._spares is None:
             return
         if self._spare_devices is None:

@@ -107,7 +107,7 @@ class _TorchInfer:
         if self._order is not None:
             pointers = [pointers[i] for i in self._order]
         streams = torch_current_streams(self._devices)
-        out = None
+        out = keep_spare = None
         if self._allocate is not None:  # torch outputs, as the PreparedCall's new_out allocates them
             likes = None if self._likes is None else [tensors[i] for i in self._likes]
             allocated_on = torch_current_streams(self._rank_devices)
@@ -116,13 +116,16 @@ class _TorchInfer:
                 for ref in given.values():
                     pointers.append(ref.ptr)
                     streams.append(ref.stream)
+            if self._ordered:  # the next call's outputs, made while the ranks queue this one
+                keep_spare = lambda: self._spares.keep_new(self._spare_key, allocated_on, self._spare_bytes,  # noqa: E731
+                                                           self._allocate, likes)
         try:
-            self._run(pointers, streams)
+            self._run(pointers, streams, keep_spare)
         except BaseException:
             self.call.hold_if_in_use(tensors, out)  # work of the failed run may still use them
+            if keep_spare is not None:
+                self._spares.forget(self._spare_key)  # a failed call keeps no spare
             raise
-        if out is not None and self._ordered:  # queued, not finished: the GPUs run it while the next outputs are made
-            self._spares.keep_new(self._spare_key, allocated_on, self._spare_bytes, self._allocate, likes)
         if out is not None:
             if not all_ranks:
                 return {name: ref.owner for name, ref in out[0].items()}
