@@ -58,6 +58,7 @@ ProgramRunner::ProgramRunner(std::shared_ptr<DeviceGroup> group, std::vector<std
   for (int i = 0; i < group_->num_local_ranks(); ++i)
     input_specs_.push_back(resources_->programs[i]->input_specs(group_->runtime().context(i)));
   abort_hook_ = group_->runtime().add_abort_hook([programs = resources_->programs] { abort_programs(programs); });
+  description_ = resources_->programs[0]->describe();
 }
 
 ProgramRunner::~ProgramRunner() {
@@ -609,7 +610,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     // wait for it forever. The events recorded are still handed over (the watchdog, and the caller
     // streams, wait only for work that can finish once the communicators are aborted).
     if (!failed.empty())
-      runtime.break_and_abort("a stream-ordered '" + resources_->programs[0]->describe() + "' failed on the GPU (" +
+      runtime.break_and_abort("a stream-ordered '" + description_ + "' failed on the GPU (" +
                                   failed + ") after other ranks queued their work; the communicators were aborted",
                               ErrorKind::kCuda);
     std::exception_ptr wait_error;  // the work is handed to the watchdog even when a wait failed
@@ -632,7 +633,7 @@ std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vect
     } catch (...) {
       wait_error = std::current_exception();
     }
-    runtime.add_in_flight(std::move(done), timeout, resources_->programs[0]->describe());
+    runtime.add_in_flight(std::move(done), timeout, description_);
     if (wait_error) std::rethrow_exception(wait_error);
   };
   try {

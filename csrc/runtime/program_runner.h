@@ -121,6 +121,9 @@ class ProgramRunner {
   std::shared_ptr<DeviceGroup> group_;
   std::shared_ptr<Resources> resources_;
   std::vector<std::vector<TensorSpec>> input_specs_;  // per local rank, read after bind
+  // The program's describe(), read once: every stream-ordered call names it to the watchdog, and
+  // an engine's is formatted with a stream (about a microsecond a call).
+  std::string description_;
   // The last call's state, reused by the next one unless a task given up on still holds it.
   std::shared_ptr<Call> call_;
   std::mutex infer_mutex_;  // one call at a time: calls share the staging buffers

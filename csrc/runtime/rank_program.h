@@ -49,6 +49,8 @@ struct TensorView {
 class RankProgram {
  public:
   virtual ~RankProgram() = default;
+  // What the program is, for errors ("all_reduce reduce=sum float16"); the same for its whole life
+  // (a runner reads it once).
   virtual std::string describe() const = 0;
 
   // Set-up that is collective across ranks (TensorRT's setCommunicator, communicator splits).
