@@ -16,15 +16,15 @@ from mdtrt import _core, arrays, prepared_call
 from mdtrt.device_group import DeviceGroup, _TorchRun
 
 torch = pytest.importorskip("torch")
-from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
+from fast_path_fakes import (AddressedRuns, FakeCuda, Native, OneRankNative, failing_runs,  # noqa: E402 (needs torch)
+                             fake_torch)
 
 
-class StubCall:
+class StubCall(AddressedRuns):
     """A native prepared call: run_at records its arguments and checks the outputs' sizes and
     devices, as the native one does on every run."""
 
     arrays_may_be_in_use = False  # a run that raised left no work behind (see test_failed_fast_run_...)
-    ranks_running = False  # inside an addressed run's while_ranks_run
 
     def __init__(self, log, out_nbytes, ranks=2, prepared_outputs=()):
         self.log, self.out_nbytes, self.ranks = log, out_nbytes, ranks
@@ -59,21 +59,6 @@ class StubCall:
                 if nbytes != self.out_nbytes or device != rank:
                     raise mdtrt.InvalidArgumentError(f"out of rank {rank}: {nbytes} bytes on GPU {device}, "
                                                      f"needs {self.out_nbytes} bytes on GPU {rank}")
-
-    def addressed(self, names, nbytes, devices, stream_ordered=False):
-        """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
-        only the flat addresses (run_flat, looked up at each run, records it); its
-        ``while_ranks_run`` is called as the native run calls it, once the ranks have the call and
-        before they are done (here: before run_flat checks the outputs), whether or not they fail."""
-        def run(pointers, streams, while_ranks_run=None):
-            if while_ranks_run is not None:
-                StubCall.ranks_running = True  # tests look: is an allocation the spare's?
-                try:
-                    while_ranks_run()
-                finally:
-                    StubCall.ranks_running = False
-            return self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
-        return run
 
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""

@@ -19,7 +19,8 @@ from mdtrt.device_group import DeviceGroup
 from mdtrt.runner import EngineRunner
 
 torch = pytest.importorskip("torch")
-from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
+from fast_path_fakes import (AddressedRuns, FakeCuda, Native, OneRankNative, failing_runs,  # noqa: E402 (needs torch)
+                             fake_torch)
 
 # The stub engine: inputs "a" and "b" (float32, two dimensions); outputs "z" (b's shape) and "y"
 # (a's shape), in that order, as a native result lists them.
@@ -33,12 +34,11 @@ def nbytes(shape):
     return count
 
 
-class StubCall:
+class StubCall(AddressedRuns):
     """A native prepared call: each run checks its outputs as the native one does (known names,
     sizes, each rank's GPU) and records what it got, nested per rank as run_at takes it."""
 
     arrays_may_be_in_use = False
-    ranks_running = False  # inside an addressed run's while_ranks_run
 
     def __init__(self, log, specs, prepared_outputs=()):
         self.log, self.specs = log, specs  # specs: per rank, [(name, dtype, shape)]
@@ -82,21 +82,6 @@ class StubCall:
         """As the native one: a stream-ordered run into the outputs given when it was prepared
         (checked as every run's are); returns None."""
         self(None, True)
-
-    def addressed(self, names, nbytes, devices, stream_ordered=False):
-        """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
-        only the flat addresses (run_flat, looked up at each run, records it); its
-        ``while_ranks_run`` is called as the native run calls it, once the ranks have the call and
-        before they are done (here: before run_flat checks the outputs), whether or not they fail."""
-        def run(pointers, streams, while_ranks_run=None):
-            if while_ranks_run is not None:
-                StubCall.ranks_running = True  # tests look: is an allocation the spare's?
-                try:
-                    while_ranks_run()
-                finally:
-                    StubCall.ranks_running = False
-            return self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
-        return run
 
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
