@@ -246,7 +246,7 @@ def test_report_renders_synthetic_results(bench_modules, tmp_path):
     assert prepare_default["met"] is False and "2.0 us over" in prepare_default["why"]
     # The default call: through the op method, against raw and against the out= call.
     method = verdicts["all_reduce via group.all_reduce(x): <= 10 us added latency at 1 KiB"]
-    assert method["met"] is False and "7.0 us over" in method["why"] and "allocates its outputs" in method["why"]
+    assert method["met"] is False and "7.0 us over" in method["why"] and "allocates the next call's outputs" in method["why"]
     assert verdicts["all_reduce via the default call: bus bandwidth >= 97% of raw NCCL at >= 64 MiB"]["met"] is True
     assert verdicts["group.all_reduce(x) within +10 us of the out= call at 1 KiB"]["met"] is True
     assert verdicts["group.all_reduce(x) within 3% of the out= call at >= 64 MiB"]["met"] is True
