@@ -87,6 +87,16 @@ def test_one_rank_failing_its_checks_stops_every_launch_at_once(fail_rank):
     assert error.startswith(f"rank {fail_rank}: ") and "injected bad argument" in error
 
 
+@pytest.mark.parametrize("throws", [False, True])
+def test_the_callers_own_work_runs_while_its_ranks_run(throws):
+    """while_ranks_run (where a one-shot call allocates the next call's outputs) runs once every
+    rank has its task and before the caller waits for them: here each rank's launch waits for it,
+    so a caller that waited first would leave them unreleased. What it throws fails nothing."""
+    for ranks in (1, 3):
+        ran_while_ranks_ran, error = _core.testing.run_while_ranks_run_test(ranks, throws)
+        assert error == "" and ran_while_ranks_ran
+
+
 def test_a_rank_stuck_in_its_checks_ends_at_the_deadline_without_launches():
     start = time.monotonic()
     launched, error = _core.testing.run_checked_launch_test(3, 1, slow_check_seconds=1.0, timeout=0.3)

@@ -62,6 +62,15 @@ void bind_testing(py::module_& m) {
       "(per rank: did its launch run, the call's error or '') after the check step on CPU-only ranks; "
       "fail_rank's check fails, or takes slow_check_seconds.");
   testing.def(
+      "run_while_ranks_run_test",
+      [](int num_ranks, bool callback_throws) {
+        py::gil_scoped_release release;
+        return run_while_ranks_run_test(num_ranks, callback_throws);
+      },
+      py::arg("num_ranks"), py::arg("callback_throws") = false,
+      "(the caller's while_ranks_run ran while every rank waited for it, the call's error or '') on "
+      "CPU-only ranks whose launches wait for that callback; it throws when callback_throws.");
+  testing.def(
       "run_abandoned_rank_test",
       [](int num_ranks, int stuck_rank, double stuck_seconds, double timeout, double grace, const std::string& step) {
         py::gil_scoped_release release;

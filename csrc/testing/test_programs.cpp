@@ -6,6 +6,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <algorithm>
@@ -128,6 +129,38 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
   std::vector<bool> out(num_ranks);
   for (int i = 0; i < num_ranks; ++i) out[i] = launched[i];
   return {out, error};
+}
+
+std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws) {
+  std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+  for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+  RankRuntime runtime(devices, ranks, num_ranks);
+  // Shared with the tasks, like every caller's state (see RankRuntime::run_on_all).
+  auto released = std::make_shared<std::atomic<bool>>(false);
+  auto finished = std::make_shared<std::atomic<int>>(0);
+  auto all_released = std::make_shared<std::atomic<bool>>(true);
+  bool finished_before = false;
+  std::string error;
+  try {
+    run_checked_then_launched(
+        runtime, [](RankContext&) {},
+        [released, finished, all_released](RankContext&) {
+          const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+          while (!released->load() && std::chrono::steady_clock::now() < until)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          if (!released->load()) all_released->store(false);
+          finished->fetch_add(1);
+        },
+        30.0, "infer",
+        [&] {
+          finished_before = finished->load() > 0;
+          released->store(true);
+          if (callback_throws) throw std::runtime_error("the caller's own work failed");
+        });
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  return {all_released->load() && !finished_before && finished->load() == num_ranks, error};
 }
 
 namespace {

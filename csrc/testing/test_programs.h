@@ -152,6 +152,11 @@ class StubbornCopyProgram : public CopyProgram {
 std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
                                                                   double slow_check_seconds, double timeout);
 
+// A check-then-launch call on `num_ranks` CPU-only rank threads whose launches wait (up to 5 s
+// each) for the caller's while_ranks_run to release them, which then throws when `callback_throws`:
+// (every rank was released, none finished before the callback ran and all finished; the call's error or "").
+std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws);
+
 // A step on `num_ranks` CPU-only rank threads ("launch": a check-then-launch call; "bind":
 // bind_programs of a program the caller's list alone owns) whose task on `stuck_rank` ignores the
 // abort: it sleeps `stuck_seconds`, past the deadline (`timeout`) and the runtime's grace after the
