@@ -17,6 +17,7 @@ from mdtrt.device_group import DeviceGroup, _TorchRun
 
 torch = pytest.importorskip("torch")
 from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
+from addressed_stub import addressed_run  # noqa: E402
 
 
 class StubCall:
@@ -60,9 +61,11 @@ class StubCall:
                                                      f"needs {self.out_nbytes} bytes on GPU {rank}")
 
     def addressed(self, names, nbytes, devices, stream_ordered=False):
-        """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
-        only the flat addresses (run_flat, looked up at each run, records it)."""
-        return lambda pointers, streams: self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+        """As the native one (addressed_stub: its checks, at making and per run): a run with these
+        outputs' names, sizes and GPUs fixed, called with only the flat addresses (run_flat, looked
+        up at each run, records it)."""
+        return addressed_run(lambda *args: self.run_flat(*args), [1] * self.ranks, names, nbytes, devices,
+                             stream_ordered)
 
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""

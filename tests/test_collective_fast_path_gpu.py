@@ -10,6 +10,8 @@ import pytest
 import mdtrt
 from mdtrt import _core
 
+from addressed_stub import addressed_run
+
 pytestmark = pytest.mark.multi_gpu
 torch = pytest.importorskip("torch")
 
@@ -131,3 +133,40 @@ def test_an_addressed_run_refuses_lists_that_do_not_fit(group):
     got = group.all_reduce(fresh)
     for r in range(2):
         np.testing.assert_allclose(got[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5)
+
+
+def kept_call(group, elements):
+    """The prepared call the fast path keeps for all_reduce of float32 tensors of ``elements``
+    (a size no other test of this module uses), made by that signature's first call."""
+    before = set(group._torch_calls)
+    group.all_reduce([torch.zeros(elements, device=f"cuda:{r}") for r in range(2)])
+    [run] = [run for key, run in group._torch_calls.items() if key not in before]
+    return run.kept.call
+
+
+def test_the_stubs_addressed_run_refuses_as_the_native_one(group):
+    """tests/addressed_stub.py stands for the native addressed run in the CPU tests: for lists
+    that do not fit, when made and at a run, both refuse alike, InvalidArgumentError in the same
+    words (TypeError for addresses that are no integers)."""
+    call = kept_call(group, 19)
+    for names, nbytes, devices in [(["output"], [76], [0, 1]), ([], [76, 76], [0, 1]), (["output"], [76, 76], [0]),
+                                   (["output", "output"], [76, 76], [0, 1])]:
+        with pytest.raises(mdtrt.InvalidArgumentError) as native:
+            call.addressed(names, nbytes, devices, False)
+        with pytest.raises(mdtrt.InvalidArgumentError) as stub:
+            addressed_run(lambda *args: None, [1, 1], names, nbytes, devices, False)
+        assert str(stub.value) == str(native.value)
+    run = call.addressed(["output"], [76, 76], [0, 1], False)
+    stub_run = addressed_run(lambda *args: None, [1, 1], ["output"], [76, 76], [0, 1], False)
+    p = 0x1000  # never read: every list below is refused first
+    for pointers, streams in [([p] * 3, [1] * 3), ([p] * 4, [1] * 3), ([p] * 5, [1] * 5), ([], [])]:
+        with pytest.raises(mdtrt.InvalidArgumentError) as native:
+            run(pointers, streams)
+        with pytest.raises(mdtrt.InvalidArgumentError) as stub:
+            stub_run(pointers, streams)
+        assert str(stub.value) == str(native.value)
+    for pointers, streams in [([None, p, p, p], [1] * 4), ([p] * 4, [1, 1, 1.5, 1])]:
+        with pytest.raises(TypeError):
+            run(pointers, streams)
+        with pytest.raises(TypeError):
+            stub_run(pointers, streams)

@@ -20,6 +20,7 @@ from mdtrt.runner import EngineRunner
 
 torch = pytest.importorskip("torch")
 from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
+from addressed_stub import addressed_run  # noqa: E402
 
 # The stub engine: inputs "a" and "b" (float32, two dimensions); outputs "z" (b's shape) and "y"
 # (a's shape), in that order, as a native result lists them.
@@ -39,8 +40,9 @@ class StubCall:
 
     arrays_may_be_in_use = False
 
-    def __init__(self, log, specs, prepared_outputs=()):
+    def __init__(self, log, specs, prepared_outputs=(), input_counts=None):
         self.log, self.specs = log, specs  # specs: per rank, [(name, dtype, shape)]
+        self.input_counts = [len(INPUTS)] * len(specs) if input_counts is None else input_counts  # per rank
         # The outputs given when it was prepared (OutputArgs per rank): a run without outputs of its
         # own writes into them, as the native PreparedInfer's options keep them.
         self.prepared_outputs = list(prepared_outputs)
@@ -83,9 +85,11 @@ class StubCall:
         self(None, True)
 
     def addressed(self, names, nbytes, devices, stream_ordered=False):
-        """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
-        only the flat addresses (run_flat, looked up at each run, records it)."""
-        return lambda pointers, streams: self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
+        """As the native one (addressed_stub: its checks, at making and per run): a run with these
+        outputs' names, sizes and GPUs fixed, called with only the flat addresses (run_flat, looked
+        up at each run, records it)."""
+        return addressed_run(lambda *args: self.run_flat(*args), self.input_counts, names, nbytes, devices,
+                             stream_ordered)
 
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
@@ -121,7 +125,7 @@ class StubRunner:
             specs.append([("z", "float32", tuple(args[1].shape)), ("y", "float32", tuple(args[0].shape))])
         self.prepared.append(([(a.device, a.dtype, a.shape) for args in inputs for a in args], replication, poison,
                               timeout))
-        return StubCall(self.log, specs, outputs)
+        return StubCall(self.log, specs, outputs, [len(args) for args in inputs])
 
 
 @pytest.fixture

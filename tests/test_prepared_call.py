@@ -16,6 +16,8 @@ from mdtrt.errors import InvalidArgumentError
 from mdtrt.prepared_call import KeptCalls, PreparedCall, SpareOutputs
 from mdtrt.runner import EngineRunner
 
+from addressed_stub import addressed_run
+
 
 class StubNative:
     """Records each infer() call and answers like the extension (a RankResult per rank): host bytes
@@ -51,8 +53,9 @@ class StubNative:
 
         call.run_at = run_at
         call.run_flat = run_flat
-        call.addressed = lambda names, nbytes, devices, stream_ordered=False: (
-            lambda pointers, streams: run_flat(pointers, streams, names, nbytes, devices, stream_ordered))
+        # As the native one, with its checks (addressed_stub).
+        call.addressed = lambda names, nbytes, devices, stream_ordered=False: addressed_run(
+            run_flat, [len(rank) for rank in args[0]], names, nbytes, devices, stream_ordered)
         call.run_stream_ordered = run_stream_ordered
         call.arrays_may_be_in_use = False
         self.prepared.append(args)
