@@ -187,6 +187,27 @@ def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
     assert len(group._torch_calls) == 5
 
 
+def test_a_kept_signature_makes_its_addressed_run_once(stubs, monkeypatch):
+    """The fast path fixes a signature's outputs (name, sizes, GPUs) and stream ordering once, in
+    the native addressed run it keeps, not per call; each call passes its own addresses."""
+    made = []
+    real = StubCall.addressed
+
+    def addressed(self, *args):
+        made.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(StubCall, "addressed", addressed)
+    group = stubs.make_group()
+    for step in range(4):
+        group.all_reduce(tensors(0x10000 * (step + 1)))
+        group.all_reduce(tensors(0x10000 * (step + 1)), out=tensors(0x200000 + 0x1000 * step))
+    assert made == [(("output",), [48, 48], [0, 1], True)] * 2  # one per signature (out= given or not)
+    addresses, outputs, ordered = stubs.log[-1]
+    assert addresses == [[(0x40000, 100)], [(0x40100, 101)]] and ordered is True
+    assert outputs == [[("output", 0x203000, 48, 0, 100)], [("output", 0x203100, 48, 1, 101)]]
+
+
 def bad_variants():
     """(name, inputs, kwargs) of calls that must fail, and the kwargs of their good twin (whose
     signature the fast path then keeps): the same pointers, options equal to the bad ones."""

@@ -4,11 +4,14 @@ signature's address but of another shape, dtype, stride or GPU is never run as i
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 import mdtrt
 from mdtrt import _core
+from mdtrt.arrays import torch_current_streams
 
 from addressed_stub import addressed_run
 
@@ -142,6 +145,78 @@ def kept_call(group, elements):
     group.all_reduce([torch.zeros(elements, device=f"cuda:{r}") for r in range(2)])
     [run] = [run for key, run in group._torch_calls.items() if key not in before]
     return run.kept.call
+
+
+def addressed_sum(elements, rng):
+    """(host inputs, device inputs, NaN outputs, pointers, streams) of one run of a 2-rank
+    all_reduce of ``elements`` float32 on new random data, as an addressed run takes them."""
+    host = [rng.standard_normal(elements).astype(np.float32) for _ in range(2)]
+    xs = [torch.from_numpy(h).to(f"cuda:{r}") for r, h in enumerate(host)]
+    outs = [torch.full((elements,), float("nan"), device=f"cuda:{r}") for r in range(2)]
+    streams = torch_current_streams([0, 1])
+    return host, xs, outs, [x.data_ptr() for x in xs] + [o.data_ptr() for o in outs], streams + streams
+
+
+def test_a_kept_plan_still_refuses_what_a_new_plan_refuses(group):
+    """A stream-ordered addressed run keeps the plan of its first run: a later run with a null
+    input, or an input or output without a stream, is still refused as a first run's plan would
+    refuse it, before anything runs (its outputs stay NaN), and the next run gets the right sums."""
+    call = kept_call(group, 13)
+    ordered = call.addressed(["output"], [52, 52], [0, 1], True)
+    rng = np.random.default_rng(41)
+    bad = [(lambda p, s: ([0] + p[1:], s), r"input '\w+' of rank 0 has no data \(a null pointer\) for 52 bytes"),
+           (lambda p, s: (p, [0] + s[1:]), r"needs device inputs with a stream.*input '\w+' of rank 0 is on a device "
+                                           r"without a stream"),
+           (lambda p, s: (p, s[:3] + [0]),
+            r"needs output buffers on a device with a stream.*output 'output' of rank 1")]
+    for attempt in range(len(bad) + 1):
+        if attempt > 0:  # the plan was kept by the run before
+            host, xs, outs, pointers, streams = addressed_sum(13, rng)
+            spoil, message = bad[attempt - 1]
+            with pytest.raises(mdtrt.InvalidArgumentError, match=message):
+                ordered(*spoil(pointers, streams))
+            group.synchronize()
+            for r in range(2):
+                torch.cuda.synchronize(r)
+                assert torch.isnan(outs[r]).all(), f"refused run {attempt} wrote rank {r}'s output"
+        host, xs, outs, pointers, streams = addressed_sum(13, rng)
+        ordered(pointers, streams)
+        group.synchronize()
+        for r in range(2):
+            torch.cuda.synchronize(r)  # the outputs belong to the caller streams
+            np.testing.assert_allclose(outs[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"run after refusal {attempt}, rank {r}")
+
+
+def test_two_threads_running_one_addressed_run_get_their_own_sums(group):
+    """Two threads run one addressed run at once, 30 times each on tensors of their own (a run
+    finding it taken by the other thread's works on copies of its arguments): every run's outputs
+    are its own inputs' sum."""
+    call = kept_call(group, 17)
+    waiting = call.addressed(["output"], [68, 68], [0, 1], False)
+    start = threading.Barrier(2)
+    errors = []
+
+    def calls(t):
+        try:
+            rng = np.random.default_rng(50 + t)
+            start.wait(timeout=60)
+            for it in range(30):
+                host, xs, outs, pointers, streams = addressed_sum(17, rng)
+                waiting(pointers, streams)  # returns once every rank has finished
+                for r in range(2):
+                    np.testing.assert_allclose(outs[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5,
+                                               err_msg=f"thread {t}, run {it}, rank {r}")
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=calls, args=(t,)) for t in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread's runs did not return"
+    assert not errors, errors
 
 
 def test_the_stubs_addressed_run_refuses_as_the_native_one(group):

@@ -279,6 +279,30 @@ def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
     assert stubs.runners[0].prepared[-1][1] == "peer" and len(runner._torch_calls) == 8
 
 
+def test_a_kept_signature_makes_its_addressed_run_once(stubs, monkeypatch):
+    """The fast path fixes a signature's outputs (names, sizes, GPUs) and stream ordering once, in
+    the native addressed run it keeps, not per call; each call passes its own addresses."""
+    made = []
+    real = StubCall.addressed
+
+    def addressed(self, *args):
+        made.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(StubCall, "addressed", addressed)
+    runner = stubs.make_runner()
+    for step in range(4):
+        runner.infer(inputs_of(0x100000 * (step + 1), True))
+        runner.infer(inputs_of(0x100000 * (step + 1), True), outputs=outputs_of(0x10000000 + 0x100000 * step))
+    # One per signature: allocated outputs in the native order, given ones in the order given.
+    assert made == [(("z", "y"), [40, 48, 40, 48], [0, 0, 1, 1], True),
+                    (("y", "z"), [48, 40, 48, 40], [0, 0, 1, 1], True)]
+    addresses, outputs, ordered = stubs.log[-1]
+    assert addresses == [[(0x400000, 100), (0x400100, 100)], [(0x401000, 101), (0x401100, 101)]] and ordered
+    assert outputs == [[("y", 0x10300000, 48, 0, 100), ("z", 0x10300100, 40, 0, 100)],
+                       [("y", 0x10301000, 48, 1, 101), ("z", 0x10301100, 40, 1, 101)]]
+
+
 def test_outputs_given_for_some_outputs_only_take_the_general_path(stubs):
     """outputs= naming some of the outputs: the others come back pooled, as the general path
     returns them; such calls are not kept for the fast path."""

@@ -162,6 +162,32 @@ def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
         assert names == ("output",) and nbytes == [16, 16] and devices == [0, 1]
 
 
+def test_a_prepared_call_makes_its_addressed_run_once():
+    """A prepared call whose outputs new_out allocates fixes their names, sizes and GPUs in one
+    native addressed run (stream-ordered), made by its first run that knows the names, and
+    passes every later run only that run's addresses."""
+    made = []
+
+    def new_out(likes=None):
+        made.append([{"output": ArrayRef(0x10000 * (len(made) + 1) + 0x100 * r, r, "float32", (2, 2), object(),
+                                         "torch", 7 + r)} for r in range(2)])
+        return made[-1]
+
+    native = StubNative()
+    x = [ArrayRef(0x1000 * (r + 1), r, "float32", (2, 2), object(), "torch", 7 + r) for r in range(2)]
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, new_out=new_out)
+    addressed = []
+    native_call = call._call  # the stub's, made by the constructor
+    real = native_call.addressed
+    native_call.addressed = lambda *args: addressed.append(args) or real(*args)
+    for _ in range(4):
+        call()
+    assert addressed == [(("output",), [16, 16], [0, 1], True)]
+    assert len(native.calls) == 1 and native.ordered == [True] * 4
+    assert [flat[0] for flat in native.flat] == [[0x1000, 0x2000, 0x10000 * k, 0x10000 * k + 0x100] for k in (2, 3, 4)]
+    assert all(flat[1] == [7, 8, 7, 8] for flat in native.flat)
+
+
 def test_native_rank_result_host_bytes_are_zero_copy_views_that_keep_it_alive():
     from mdtrt import _core
 
