@@ -146,9 +146,10 @@ class PreparedInfer {
   std::vector<RankResult> run_stream_ordered();
   // The same call on other arrays of the same dtypes, shapes and devices: addresses[i][k] is local
   // rank i's input k (data, producer stream). The one-shot entry points (DeviceGroup.collective,
-  // EngineRunner.infer) keep one prepared call per argument signature and run it this way, so a
-  // call does not check and plan its arguments again (the plan is redone natively: host inputs
-  // shared by every rank are found by their addresses).
+  // EngineRunner.infer) keep one prepared call per argument signature and run it this way, so that
+  // a call passes only its addresses and outputs (the plan is redone natively: host inputs
+  // shared by every rank are found by their addresses); the later calls of a signature of torch
+  // CUDA tensors run it through an AddressedRun instead.
   std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
                                  std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
   // The argument lists of a run_at with these outputs, for AddressedRun: the prepared inputs, and
