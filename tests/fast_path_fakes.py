@@ -87,3 +87,17 @@ def failing_runs(monkeypatch, call_class, message: str) -> list:
 
     monkeypatch.setattr(call_class, "run_flat", run_flat)
     return fail
+
+
+def recorded_addressed(monkeypatch, call_class) -> list:
+    """Makes ``call_class.addressed`` (a stub native call's) record the arguments of each addressed
+    run made, in the returned list, and make it as before."""
+    made: list = []
+    real = call_class.addressed
+
+    def addressed(self, *args):
+        made.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(call_class, "addressed", addressed)
+    return made

@@ -16,7 +16,8 @@ from mdtrt import _core, arrays, prepared_call
 from mdtrt.device_group import DeviceGroup, _TorchRun
 
 torch = pytest.importorskip("torch")
-from fast_path_fakes import FakeCuda, Native, OneRankNative, failing_runs, fake_torch  # noqa: E402 (needs torch)
+from fast_path_fakes import (  # noqa: E402 (needs torch)
+    FakeCuda, Native, OneRankNative, failing_runs, fake_torch, recorded_addressed)
 from addressed_stub import addressed_run  # noqa: E402
 
 
@@ -190,14 +191,7 @@ def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
 def test_a_kept_signature_makes_its_addressed_run_once(stubs, monkeypatch):
     """The fast path fixes a signature's outputs (name, sizes, GPUs) and stream ordering once, in
     the native addressed run it keeps, not per call; each call passes its own addresses."""
-    made = []
-    real = StubCall.addressed
-
-    def addressed(self, *args):
-        made.append(args)
-        return real(self, *args)
-
-    monkeypatch.setattr(StubCall, "addressed", addressed)
+    made = recorded_addressed(monkeypatch, StubCall)
     group = stubs.make_group()
     for step in range(4):
         group.all_reduce(tensors(0x10000 * (step + 1)))

@@ -5,6 +5,7 @@ signature's address but of another shape, dtype, stride or GPU is never run as i
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -195,28 +196,20 @@ def test_two_threads_running_one_addressed_run_get_their_own_sums(group):
     call = kept_call(group, 17)
     waiting = call.addressed(["output"], [68, 68], [0, 1], False)
     start = threading.Barrier(2)
-    errors = []
 
     def calls(t):
-        try:
-            rng = np.random.default_rng(50 + t)
-            start.wait(timeout=60)
-            for it in range(30):
-                host, xs, outs, pointers, streams = addressed_sum(17, rng)
-                waiting(pointers, streams)  # returns once every rank has finished
-                for r in range(2):
-                    np.testing.assert_allclose(outs[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5,
-                                               err_msg=f"thread {t}, run {it}, rank {r}")
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+        rng = np.random.default_rng(50 + t)
+        start.wait(timeout=60)
+        for it in range(30):
+            host, xs, outs, pointers, streams = addressed_sum(17, rng)
+            waiting(pointers, streams)  # returns once every rank has finished
+            for r in range(2):
+                np.testing.assert_allclose(outs[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5,
+                                           err_msg=f"thread {t}, run {it}, rank {r}")
 
-    threads = [threading.Thread(target=calls, args=(t,)) for t in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not any(thread.is_alive() for thread in threads), "a thread's runs did not return"
-    assert not errors, errors
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(calls, t) for t in (0, 1)]:
+            done.result(timeout=120)  # raises what the thread raised
 
 
 def test_the_stubs_addressed_run_refuses_as_the_native_one(group):
