@@ -13,8 +13,8 @@ outputs=...)()`` and ``prepare({"input": x})()``.
 Prints the median per call of each (microseconds); ``--profile`` then prints a cProfile of
 ``all_reduce(xs, out=outs)`` and of ``infer({"input": x}, outputs=...)``; ``--native-arguments``
 the cost of converting the fast paths' native arguments (an addressed run's two flat lists
-against ``run_at``'s nested ones), measured without a GPU: pybind11 converts every argument before it
-finds that the call's ``self`` is not a prepared call, then raises.
+against ``run_at``'s nested ones), measured without a GPU: pybind11 converts every argument before
+it finds that the call's ``self`` (None) is no addressed run or prepared call, then raises.
 
 What is faked, so that the numbers are the cost of mdtrt's Python:
 - The tensors are Python objects that answer what mdtrt asks of a torch CUDA tensor (dtype,

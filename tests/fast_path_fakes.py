@@ -12,29 +12,6 @@ import torch
 from mdtrt import arrays
 
 
-class AddressedRuns:
-    """What the stub native calls share with the native ``PreparedInfer``: ``addressed``, whose
-    runs go to the stub's ``run_flat(pointers, streams, names, nbytes, devices, stream_ordered)``
-    (looked up at each run, so that tests may patch it on the class)."""
-
-    ranks_running = False  # inside an addressed run's while_ranks_run: tests look whether an allocation is a spare's
-
-    def addressed(self, names, nbytes, devices, stream_ordered=False):
-        """As the native one: a run with these outputs' names, sizes and GPUs fixed, called with
-        only the flat addresses; its ``while_ranks_run`` is called as the native run calls it, once
-        the ranks have the call and before they are done (here: before run_flat checks the
-        outputs), whether or not they fail."""
-        def run(pointers, streams, while_ranks_run=None):
-            if while_ranks_run is not None:
-                AddressedRuns.ranks_running = True
-                try:
-                    while_ranks_run()
-                finally:
-                    AddressedRuns.ranks_running = False
-            return self.run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
-        return run
-
-
 class Native:
     """A native group of 2 local ranks on GPUs 0 and 1 (DeviceGroup._adopt takes it)."""
 
@@ -110,3 +87,17 @@ def failing_runs(monkeypatch, call_class, message: str) -> list:
 
     monkeypatch.setattr(call_class, "run_flat", run_flat)
     return fail
+
+
+def recorded_addressed(monkeypatch, call_class) -> list:
+    """Makes ``call_class.addressed`` (a stub native call's) record the arguments of each addressed
+    run made, in the returned list, and make it as before."""
+    made: list = []
+    real = call_class.addressed
+
+    def addressed(self, *args):
+        made.append(args)
+        return real(self, *args)
+
+    monkeypatch.setattr(call_class, "addressed", addressed)
+    return made

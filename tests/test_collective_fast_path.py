@@ -16,11 +16,12 @@ from mdtrt import _core, arrays, prepared_call
 from mdtrt.device_group import DeviceGroup, _TorchRun
 
 torch = pytest.importorskip("torch")
-from fast_path_fakes import (AddressedRuns, FakeCuda, Native, OneRankNative, failing_runs,  # noqa: E402 (needs torch)
-                             fake_torch)
+from fast_path_fakes import (  # noqa: E402 (needs torch)
+    FakeCuda, Native, OneRankNative, failing_runs, fake_torch, recorded_addressed)
+from addressed_stub import addressed_run, ranks_running  # noqa: E402
 
 
-class StubCall(AddressedRuns):
+class StubCall:
     """A native prepared call: run_at records its arguments and checks the outputs' sizes and
     devices, as the native one does on every run."""
 
@@ -59,6 +60,13 @@ class StubCall(AddressedRuns):
                 if nbytes != self.out_nbytes or device != rank:
                     raise mdtrt.InvalidArgumentError(f"out of rank {rank}: {nbytes} bytes on GPU {device}, "
                                                      f"needs {self.out_nbytes} bytes on GPU {rank}")
+
+    def addressed(self, names, nbytes, devices, stream_ordered=False):
+        """As the native one (addressed_stub: its checks, at making and per run): a run with these
+        outputs' names, sizes and GPUs fixed, called with only the flat addresses (run_flat, looked
+        up at each run, records it)."""
+        return addressed_run(lambda *args: self.run_flat(*args), [1] * self.ranks, names, nbytes, devices,
+                             stream_ordered)
 
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native one: run_at from flat lists (a collective's: one input and one output per rank)."""
@@ -178,6 +186,20 @@ def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
     group.all_reduce(tensors(0x1000), stream_ordered=False)
     group.all_reduce(tensors(0x1000), groups=[0, 1])
     assert len(group._torch_calls) == 5
+
+
+def test_a_kept_signature_makes_its_addressed_run_once(stubs, monkeypatch):
+    """The fast path fixes a signature's outputs (name, sizes, GPUs) and stream ordering once, in
+    the native addressed run it keeps, not per call; each call passes its own addresses."""
+    made = recorded_addressed(monkeypatch, StubCall)
+    group = stubs.make_group()
+    for step in range(4):
+        group.all_reduce(tensors(0x10000 * (step + 1)))
+        group.all_reduce(tensors(0x10000 * (step + 1)), out=tensors(0x200000 + 0x1000 * step))
+    assert made == [(("output",), [48, 48], [0, 1], True)] * 2  # one per signature (out= given or not)
+    addresses, outputs, ordered = stubs.log[-1]
+    assert addresses == [[(0x40000, 100)], [(0x40100, 101)]] and ordered is True
+    assert outputs == [[("output", 0x203000, 48, 0, 100)], [("output", 0x203100, 48, 1, 101)]]
 
 
 def bad_variants():
@@ -695,7 +717,7 @@ def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch
 
     def new_outputs(self, inputs):  # once armed, the spare's allocation (while the ranks run) fails, once
         allocations.append(None)
-        if failing and StubCall.ranks_running:
+        if failing and ranks_running():
             del failing[:]
             raise torch.OutOfMemoryError("out of memory")
         return real_new(self, inputs)

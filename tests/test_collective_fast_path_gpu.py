@@ -4,11 +4,17 @@ signature's address but of another shape, dtype, stride or GPU is never run as i
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
 import mdtrt
 from mdtrt import _core
+from mdtrt.arrays import torch_current_streams
+
+from addressed_stub import addressed_run
 
 pytestmark = pytest.mark.multi_gpu
 torch = pytest.importorskip("torch")
@@ -131,3 +137,104 @@ def test_an_addressed_run_refuses_lists_that_do_not_fit(group):
     got = group.all_reduce(fresh)
     for r in range(2):
         np.testing.assert_allclose(got[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5)
+
+
+def kept_call(group, elements):
+    """The prepared call the fast path keeps for all_reduce of float32 tensors of ``elements``
+    (a size no other test of this module uses), made by that signature's first call."""
+    before = set(group._torch_calls)
+    group.all_reduce([torch.zeros(elements, device=f"cuda:{r}") for r in range(2)])
+    [run] = [run for key, run in group._torch_calls.items() if key not in before]
+    return run.kept.call
+
+
+def addressed_sum(elements, rng):
+    """(host inputs, device inputs, NaN outputs, pointers, streams) of one run of a 2-rank
+    all_reduce of ``elements`` float32 on new random data, as an addressed run takes them."""
+    host = [rng.standard_normal(elements).astype(np.float32) for _ in range(2)]
+    xs = [torch.from_numpy(h).to(f"cuda:{r}") for r, h in enumerate(host)]
+    outs = [torch.full((elements,), float("nan"), device=f"cuda:{r}") for r in range(2)]
+    streams = torch_current_streams([0, 1])
+    return host, xs, outs, [x.data_ptr() for x in xs] + [o.data_ptr() for o in outs], streams + streams
+
+
+def test_a_kept_plan_still_refuses_what_a_new_plan_refuses(group):
+    """A stream-ordered addressed run keeps the plan of its first run: a later run with a null
+    input, or an input or output without a stream, is still refused as a first run's plan would
+    refuse it, before anything runs (its outputs stay NaN), and the next run gets the right sums."""
+    call = kept_call(group, 13)
+    ordered = call.addressed(["output"], [52, 52], [0, 1], True)
+    rng = np.random.default_rng(41)
+    bad = [(lambda p, s: ([0] + p[1:], s), r"input '\w+' of rank 0 has no data \(a null pointer\) for 52 bytes"),
+           (lambda p, s: (p, [0] + s[1:]), r"needs device inputs with a stream.*input '\w+' of rank 0 is on a device "
+                                           r"without a stream"),
+           (lambda p, s: (p, s[:3] + [0]),
+            r"needs output buffers on a device with a stream.*output 'output' of rank 1")]
+    for attempt in range(len(bad) + 1):
+        if attempt > 0:  # the plan was kept by the run before
+            host, xs, outs, pointers, streams = addressed_sum(13, rng)
+            spoil, message = bad[attempt - 1]
+            with pytest.raises(mdtrt.InvalidArgumentError, match=message):
+                ordered(*spoil(pointers, streams))
+            group.synchronize()
+            for r in range(2):
+                torch.cuda.synchronize(r)
+                assert torch.isnan(outs[r]).all(), f"refused run {attempt} wrote rank {r}'s output"
+        host, xs, outs, pointers, streams = addressed_sum(13, rng)
+        ordered(pointers, streams)
+        group.synchronize()
+        for r in range(2):
+            torch.cuda.synchronize(r)  # the outputs belong to the caller streams
+            np.testing.assert_allclose(outs[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5,
+                                       err_msg=f"run after refusal {attempt}, rank {r}")
+
+
+def test_two_threads_running_one_addressed_run_get_their_own_sums(group):
+    """Two threads run one addressed run at once, 30 times each on tensors of their own (a run
+    finding it taken by the other thread's works on copies of its arguments): every run's outputs
+    are its own inputs' sum."""
+    call = kept_call(group, 17)
+    waiting = call.addressed(["output"], [68, 68], [0, 1], False)
+    start = threading.Barrier(2)
+
+    def calls(t):
+        rng = np.random.default_rng(50 + t)
+        start.wait(timeout=60)
+        for it in range(30):
+            host, xs, outs, pointers, streams = addressed_sum(17, rng)
+            waiting(pointers, streams)  # returns once every rank has finished
+            for r in range(2):
+                np.testing.assert_allclose(outs[r].cpu().numpy(), host[0] + host[1], rtol=1e-5, atol=1e-5,
+                                           err_msg=f"thread {t}, run {it}, rank {r}")
+
+    with ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(calls, t) for t in (0, 1)]:
+            done.result(timeout=120)  # raises what the thread raised
+
+
+def test_the_stubs_addressed_run_refuses_as_the_native_one(group):
+    """tests/addressed_stub.py stands for the native addressed run in the CPU tests: for lists
+    that do not fit, when made and at a run, both refuse alike, InvalidArgumentError in the same
+    words (TypeError for addresses that are no integers)."""
+    call = kept_call(group, 19)
+    for names, nbytes, devices in [(["output"], [76], [0, 1]), ([], [76, 76], [0, 1]), (["output"], [76, 76], [0]),
+                                   (["output", "output"], [76, 76], [0, 1])]:
+        with pytest.raises(mdtrt.InvalidArgumentError) as native:
+            call.addressed(names, nbytes, devices, False)
+        with pytest.raises(mdtrt.InvalidArgumentError) as stub:
+            addressed_run(lambda *args: None, [1, 1], names, nbytes, devices, False)
+        assert str(stub.value) == str(native.value)
+    run = call.addressed(["output"], [76, 76], [0, 1], False)
+    stub_run = addressed_run(lambda *args: None, [1, 1], ["output"], [76, 76], [0, 1], False)
+    p = 0x1000  # never read: every list below is refused first
+    for pointers, streams in [([p] * 3, [1] * 3), ([p] * 4, [1] * 3), ([p] * 5, [1] * 5), ([], [])]:
+        with pytest.raises(mdtrt.InvalidArgumentError) as native:
+            run(pointers, streams)
+        with pytest.raises(mdtrt.InvalidArgumentError) as stub:
+            stub_run(pointers, streams)
+        assert str(stub.value) == str(native.value)
+    for pointers, streams in [([None, p, p, p], [1] * 4), ([p] * 4, [1, 1, 1.5, 1])]:
+        with pytest.raises(TypeError):
+            run(pointers, streams)
+        with pytest.raises(TypeError):
+            stub_run(pointers, streams)

@@ -19,8 +19,9 @@ from mdtrt.device_group import DeviceGroup
 from mdtrt.runner import EngineRunner
 
 torch = pytest.importorskip("torch")
-from fast_path_fakes import (AddressedRuns, FakeCuda, Native, OneRankNative, failing_runs,  # noqa: E402 (needs torch)
-                             fake_torch)
+from fast_path_fakes import (  # noqa: E402 (needs torch)
+    FakeCuda, Native, OneRankNative, failing_runs, fake_torch, recorded_addressed)
+from addressed_stub import addressed_run  # noqa: E402
 
 # The stub engine: inputs "a" and "b" (float32, two dimensions); outputs "z" (b's shape) and "y"
 # (a's shape), in that order, as a native result lists them.
@@ -34,14 +35,15 @@ def nbytes(shape):
     return count
 
 
-class StubCall(AddressedRuns):
+class StubCall:
     """A native prepared call: each run checks its outputs as the native one does (known names,
     sizes, each rank's GPU) and records what it got, nested per rank as run_at takes it."""
 
     arrays_may_be_in_use = False
 
-    def __init__(self, log, specs, prepared_outputs=()):
+    def __init__(self, log, specs, prepared_outputs=(), input_counts=None):
         self.log, self.specs = log, specs  # specs: per rank, [(name, dtype, shape)]
+        self.input_counts = [len(INPUTS)] * len(specs) if input_counts is None else input_counts  # per rank
         # The outputs given when it was prepared (OutputArgs per rank): a run without outputs of its
         # own writes into them, as the native PreparedInfer's options keep them.
         self.prepared_outputs = list(prepared_outputs)
@@ -83,6 +85,13 @@ class StubCall(AddressedRuns):
         (checked as every run's are); returns None."""
         self(None, True)
 
+    def addressed(self, names, nbytes, devices, stream_ordered=False):
+        """As the native one (addressed_stub: its checks, at making and per run): a run with these
+        outputs' names, sizes and GPUs fixed, called with only the flat addresses (run_flat, looked
+        up at each run, records it)."""
+        return addressed_run(lambda *args: self.run_flat(*args), self.input_counts, names, nbytes, devices,
+                             stream_ordered)
+
     def run_flat(self, pointers, streams, names, nbytes, devices, stream_ordered=False):
         """As the native binding: flat lists, each rank's inputs in turn, then each rank's outputs."""
         m, n = len(names), len(self.specs)
@@ -117,7 +126,7 @@ class StubRunner:
             specs.append([("z", "float32", tuple(args[1].shape)), ("y", "float32", tuple(args[0].shape))])
         self.prepared.append(([(a.device, a.dtype, a.shape) for args in inputs for a in args], replication, poison,
                               timeout))
-        return StubCall(self.log, specs, outputs)
+        return StubCall(self.log, specs, outputs, [len(args) for args in inputs])
 
 
 @pytest.fixture
@@ -269,6 +278,23 @@ def test_the_first_call_of_a_signature_takes_the_general_path(stubs):
     runner.replication = "peer"  # the runner's default changed: calls without replication= follow it
     runner.infer(inputs_of(0x1000, False))
     assert stubs.runners[0].prepared[-1][1] == "peer" and len(runner._torch_calls) == 8
+
+
+def test_a_kept_signature_makes_its_addressed_run_once(stubs, monkeypatch):
+    """The fast path fixes a signature's outputs (names, sizes, GPUs) and stream ordering once, in
+    the native addressed run it keeps, not per call; each call passes its own addresses."""
+    made = recorded_addressed(monkeypatch, StubCall)
+    runner = stubs.make_runner()
+    for step in range(4):
+        runner.infer(inputs_of(0x100000 * (step + 1), True))
+        runner.infer(inputs_of(0x100000 * (step + 1), True), outputs=outputs_of(0x10000000 + 0x100000 * step))
+    # One per signature: allocated outputs in the native order, given ones in the order given.
+    assert made == [(("z", "y"), [40, 48, 40, 48], [0, 0, 1, 1], True),
+                    (("y", "z"), [48, 40, 48, 40], [0, 0, 1, 1], True)]
+    addresses, outputs, ordered = stubs.log[-1]
+    assert addresses == [[(0x400000, 100), (0x400100, 100)], [(0x401000, 101), (0x401100, 101)]] and ordered
+    assert outputs == [[("y", 0x10300000, 48, 0, 100), ("z", 0x10300100, 40, 0, 100)],
+                       [("y", 0x10301000, 48, 1, 101), ("z", 0x10301100, 40, 1, 101)]]
 
 
 def test_outputs_given_for_some_outputs_only_take_the_general_path(stubs):

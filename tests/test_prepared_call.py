@@ -16,6 +16,8 @@ from mdtrt.errors import InvalidArgumentError
 from mdtrt.prepared_call import KeptCalls, PreparedCall, SpareOutputs
 from mdtrt.runner import EngineRunner
 
+from addressed_stub import addressed_run
+
 
 class StubNative:
     """Records each infer() call and answers like the extension (a RankResult per rank): host bytes
@@ -51,15 +53,9 @@ class StubNative:
 
         call.run_at = run_at
         call.run_flat = run_flat
-
-        def addressed(names, nbytes, devices, stream_ordered=False):
-            def run(pointers, streams, while_ranks_run=None):  # called as the native run calls it
-                if while_ranks_run is not None:
-                    while_ranks_run()
-                run_flat(pointers, streams, names, nbytes, devices, stream_ordered)
-            return run
-
-        call.addressed = addressed
+        # As the native one, with its checks (addressed_stub).
+        call.addressed = lambda names, nbytes, devices, stream_ordered=False: addressed_run(
+            run_flat, [len(rank) for rank in args[0]], names, nbytes, devices, stream_ordered)
         call.run_stream_ordered = run_stream_ordered
         call.arrays_may_be_in_use = False
         self.prepared.append(args)
@@ -164,6 +160,32 @@ def test_outputs_allocated_per_call_reach_the_runner_and_come_back():
     for (pointers, streams, names, nbytes, devices), base in zip(native.flat, (4, 6), strict=True):
         assert pointers == [0x1000, 0x2000, 0x10000 * base, 0x10000 * (base + 1)] and streams == [7, 7, 7, 7]
         assert names == ("output",) and nbytes == [16, 16] and devices == [0, 1]
+
+
+def test_a_prepared_call_makes_its_addressed_run_once():
+    """A prepared call whose outputs new_out allocates fixes their names, sizes and GPUs in one
+    native addressed run (stream-ordered), made by its first run that knows the names, and
+    passes every later run only that run's addresses."""
+    made = []
+
+    def new_out(likes=None):
+        made.append([{"output": ArrayRef(0x10000 * (len(made) + 1) + 0x100 * r, r, "float32", (2, 2), object(),
+                                         "torch", 7 + r)} for r in range(2)])
+        return made[-1]
+
+    native = StubNative()
+    x = [ArrayRef(0x1000 * (r + 1), r, "float32", (2, 2), object(), "torch", 7 + r) for r in range(2)]
+    call = PreparedCall(native, [[x[0]], [x[1]]], fetch_all=True, new_out=new_out)
+    addressed = []
+    native_call = call._call  # the stub's, made by the constructor
+    real = native_call.addressed
+    native_call.addressed = lambda *args: addressed.append(args) or real(*args)
+    for _ in range(4):
+        call()
+    assert addressed == [(("output",), [16, 16], [0, 1], True)]
+    assert len(native.calls) == 1 and native.ordered == [True] * 4
+    assert [flat[0] for flat in native.flat] == [[0x1000, 0x2000, 0x10000 * k, 0x10000 * k + 0x100] for k in (2, 3, 4)]
+    assert all(flat[1] == [7, 8, 7, 8] for flat in native.flat)
 
 
 def test_native_rank_result_host_bytes_are_zero_copy_views_that_keep_it_alive():

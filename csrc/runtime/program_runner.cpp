@@ -361,13 +361,16 @@ InferOptions PreparedInfer::options_with_outputs(const std::vector<std::string>&
 AddressedRun::AddressedRun(std::shared_ptr<PreparedInfer> call, const std::vector<std::string>& names,
                            const std::vector<size_t>& nbytes, const std::vector<int>& devices, bool stream_ordered)
     : call_(std::move(call)),
-      inputs_(call_->inputs()),
-      options_(call_->options_with_outputs(names, nbytes, devices, stream_ordered)) {
+      unaddressed_inputs_(call_->inputs()),
+      unaddressed_options_(call_->options_with_outputs(names, nbytes, devices, stream_ordered)),
+      inputs_(unaddressed_inputs_),
+      options_(unaddressed_options_) {
   all_on_device_ = true;
   for (const auto& rank : inputs_) {
     input_count_ += rank.size();
     for (const InputArg& a : rank) all_on_device_ = all_on_device_ && a.device >= 0;
   }
+  for (const auto& rank : options_.outputs) output_count_ += rank.size();
 }
 
 void AddressedRun::address(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
@@ -400,18 +403,16 @@ bool AddressedRun::plan_holds(const std::vector<std::vector<InputArg>>& inputs, 
 
 void AddressedRun::run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
                        const std::function<void()>& while_ranks_run) {
-  size_t output_count = 0;
-  for (const auto& rank : options_.outputs) output_count += rank.size();
-  if (pointers.size() != input_count_ + output_count || streams.size() != pointers.size())
+  if (pointers.size() != input_count_ + output_count_ || streams.size() != pointers.size())
     throw_invalid_argument("this call takes " + std::to_string(input_count_) + " input and " +
-                           std::to_string(output_count) + " output addresses, each with a stream: got " +
+                           std::to_string(output_count_) + " output addresses, each with a stream: got " +
                            std::to_string(pointers.size()) + " pointers and " + std::to_string(streams.size()) +
                            " streams");
   ProgramRunner& runner = call_->runner();
   std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
   if (!lock.owns_lock()) {  // another thread runs this call: its own copies, planned afresh
-    std::vector<std::vector<InputArg>> inputs = inputs_;
-    InferOptions options = options_;
+    std::vector<std::vector<InputArg>> inputs = unaddressed_inputs_;
+    InferOptions options = unaddressed_options_;
     address(pointers, streams, inputs, options);
     runner.run(runner.plan(inputs, options), inputs, options, while_ranks_run);
     return;

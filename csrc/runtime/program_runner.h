@@ -152,9 +152,10 @@ class PreparedInfer {
   std::vector<RankResult> run_stream_ordered();
   // The same call on other arrays of the same dtypes, shapes and devices: addresses[i][k] is local
   // rank i's input k (data, producer stream). The one-shot entry points (DeviceGroup.collective,
-  // EngineRunner.infer) keep one prepared call per argument signature and run it this way, so a
-  // call does not check and plan its arguments again (the plan is redone natively: host inputs
-  // shared by every rank are found by their addresses).
+  // EngineRunner.infer) keep one prepared call per argument signature and run it this way, so that
+  // a call passes only its addresses and outputs (the plan is redone natively: host inputs
+  // shared by every rank are found by their addresses); the later calls of a signature of torch
+  // CUDA tensors run it through an AddressedRun instead.
   std::vector<RankResult> run_at(const std::vector<std::vector<InputAddress>>& addresses,
                                  std::vector<std::vector<OutputArg>> outputs, bool stream_ordered = false);
   // The argument lists of a run_at with these outputs, for AddressedRun: the prepared inputs, and
@@ -192,8 +193,9 @@ class PreparedInfer {
 // stream ordering are fixed once: each run passes only the addresses and streams of its inputs and
 // outputs. The one-shot entry points (DeviceGroup.collective and the op methods, EngineRunner.infer,
 // a prepared call's run into new outputs) keep one per argument signature, so that a run converts
-// two lists of integers and copies nothing; with every input on a device the plan does not depend
-// on addresses and is made once (what does, null data and missing streams, is checked per run).
+// two lists of integers and builds no argument lists; with every input on a device the plan does
+// not depend on addresses and is made once (what does, null data and missing streams, is checked
+// per run).
 class AddressedRun {
  public:
   // names: each rank's outputs, the same on every rank; nbytes and devices: every output's, rank
@@ -218,10 +220,15 @@ class AddressedRun {
   bool plan_holds(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options) const;
 
   std::shared_ptr<PreparedInfer> call_;
-  size_t input_count_ = 0;  // inputs of all ranks
+  // The arguments without addresses, never written after construction: a run finding mutex_ taken
+  // (another thread's run of the same call) copies these instead of waiting. Not inputs_ and
+  // options_, which that other run may be rewriting meanwhile.
+  const std::vector<std::vector<InputArg>> unaddressed_inputs_;
+  const InferOptions unaddressed_options_;
+  size_t input_count_ = 0;   // inputs of all ranks
+  size_t output_count_ = 0;  // outputs of all ranks
   // The arguments, rewritten with each run's addresses (under mutex_: the runner copies them into
-  // the call's state, so that nothing is allocated per run); a run finding the mutex taken (another
-  // thread's run of the same call) works on copies instead of waiting.
+  // the call's state, which it reuses: no argument list is allocated per run).
   std::mutex mutex_;
   std::vector<std::vector<InputArg>> inputs_;
   InferOptions options_;
