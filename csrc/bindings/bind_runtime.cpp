@@ -335,9 +335,9 @@ void bind_runtime(py::module_& m) {
               run.run(pointers, streams);
               return;
             }
-            // Called with the GIL while the ranks queue the call; a Python error it raises (the
-            // callable catches its own Exceptions: KeyboardInterrupt and kin) is raised once the
-            // call returned, never while ranks run.
+            // Called with the GIL while the ranks queue the call. A Python error escaping it (mdtrt's
+            // callables catch their Exceptions: what escapes is KeyboardInterrupt and kin) is raised
+            // once the call returned, never while ranks run.
             std::optional<py::error_already_set> raised;
             const std::function<void()> meanwhile = [&] {
               py::gil_scoped_acquire gil;
