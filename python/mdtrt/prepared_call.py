@@ -462,10 +462,13 @@ class PreparedCall:
         Returns
         -------
         callable
-            ``run(pointers, streams)``: flat lists of each rank's input pointers and streams in
-            turn (the same number on every rank), then each rank's outputs' in turn, in the order
-            of ``names``; returns None. A caller that catches its error must call
-            :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
+            ``run(pointers, streams, while_ranks_run=None)``: flat lists of each rank's input
+            pointers and streams in turn (the same number on every rank), then each rank's outputs'
+            in turn, in the order of ``names``; ``while_ranks_run``, a callable without arguments,
+            is called on this thread while the rank threads check and queue the run (the next
+            call's outputs are allocated there; it must not wait for the ranks nor call into the
+            group, and catches its own Exceptions); returns None. A caller that catches its error
+            must call :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
 
         Raises
         ------
