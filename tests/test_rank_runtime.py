@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import nullcontext
 
 import pytest
 
@@ -95,6 +97,31 @@ def test_the_callers_own_work_runs_while_its_ranks_run(throws):
     for ranks in (1, 3):
         ran_while_ranks_ran, error = _core.testing.run_while_ranks_run_test(ranks, throws)
         assert error == "" and ran_while_ranks_ran
+
+
+@pytest.mark.parametrize("fail_check", [False, True])
+def test_an_error_escaping_the_callers_own_work_is_raised_after_the_call_and_never_lost(fail_check):
+    """What AddressedRun.__call__ does with its while_ranks_run (bindings/while_ranks_run.h, the
+    binding's own code): the callback runs with the GIL while the ranks run; an error escaping it
+    (KeyboardInterrupt: Ctrl-C while it ran) is raised once the call returned, also when the call
+    failed too (rank 0's checks here), with the call's error as its context, not dropped for it."""
+    ran = []
+
+    def callback():
+        ran.append(threading.get_ident())
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as raised:
+        _core.testing.run_calling_back_test(2, fail_check, callback)
+    assert ran == [threading.get_ident()]  # once, on the calling thread
+    context = raised.value.__context__
+    if fail_check:
+        assert isinstance(context, mdtrt.InvalidArgumentError) and "injected bad argument" in str(context)
+    else:
+        assert context is None
+    with pytest.raises(mdtrt.InvalidArgumentError, match="injected bad argument") if fail_check else nullcontext():
+        _core.testing.run_calling_back_test(2, fail_check, lambda: ran.append(None))  # nothing escaping it
+    assert ran[-1] is None
 
 
 def test_a_rank_stuck_in_its_checks_ends_at_the_deadline_without_launches():

@@ -7,6 +7,7 @@
 #include <optional>
 
 #include "bindings/modules.h"
+#include "bindings/while_ranks_run.h"
 #include "common/error.h"
 #include "common/name_table.h"
 #include "runtime/collective_program.h"
@@ -335,23 +336,10 @@ void bind_runtime(py::module_& m) {
               run.run(pointers, streams);
               return;
             }
-            // Called with the GIL while the ranks queue the call. A Python error escaping it (mdtrt's
-            // callables catch their Exceptions: what escapes is KeyboardInterrupt and kin) is raised
-            // once the call returned, never while ranks run.
-            std::optional<py::error_already_set> raised;
-            const std::function<void()> meanwhile = [&] {
-              py::gil_scoped_acquire gil;
-              try {
-                while_ranks_run();
-              } catch (py::error_already_set& e) {
-                raised.emplace(std::move(e));
-              }
-            };
-            {
-              py::gil_scoped_release release;
+            // Called with the GIL while the ranks queue the call (bindings/while_ranks_run.h).
+            run_calling_back(while_ranks_run, [&](const std::function<void()>& meanwhile) {
               run.run(pointers, streams, meanwhile);
-            }
-            if (raised) throw std::move(*raised);
+            });
           },
           py::arg("pointers"), py::arg("streams"), py::arg("while_ranks_run") = py::none(),
           "Runs the call on other arrays: pointers and streams name each local rank's inputs in turn (data, "

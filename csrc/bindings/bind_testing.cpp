@@ -7,6 +7,9 @@
 #include <vector>
 
 #include "bindings/modules.h"
+#include "bindings/while_ranks_run.h"
+#include "common/error.h"
+#include "runtime/call_barrier.h"
 #include "runtime/call_plan.h"
 #include "runtime/device_group.h"
 #include "runtime/gpu_links.h"
@@ -70,6 +73,25 @@ void bind_testing(py::module_& m) {
       py::arg("num_ranks"), py::arg("callback_throws") = false,
       "(the caller's while_ranks_run ran while every rank waited for it, the call's error or '') on "
       "CPU-only ranks whose launches wait for that callback; it throws when callback_throws.");
+  testing.def(
+      "run_calling_back_test",
+      [](int num_ranks, bool fail_check, const py::object& callback) {
+        // The binding's own path (AddressedRun.__call__'s): a check-then-launch call on CPU-only
+        // rank threads, rank 0's check failing when fail_check, calling `callback` while they run.
+        std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+        for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+        RankRuntime runtime(devices, ranks, num_ranks);
+        run_calling_back(callback, [&](const std::function<void()>& meanwhile) {
+          run_checked_then_launched(
+              runtime,
+              [fail_check](RankContext& ctx) {
+                if (fail_check && ctx.local_index == 0) throw_invalid_argument("injected bad argument");
+              },
+              [](RankContext&) {}, 10.0, "infer", meanwhile);
+        });
+      },
+      py::arg("num_ranks"), py::arg("fail_check"), py::arg("callback"),
+      "Runs bindings/while_ranks_run.h's run_calling_back over a call on CPU-only ranks; returns None.");
   testing.def(
       "run_abandoned_rank_test",
       [](int num_ranks, int stuck_rank, double stuck_seconds, double timeout, double grace, const std::string& step) {
