@@ -41,7 +41,9 @@ def addressed_run(run_flat, input_counts, names, nbytes, devices, stream_ordered
     callable
         ``run(pointers, streams, while_ranks_run=None)``, as the native ``AddressedRun``; it calls
         ``while_ranks_run`` after its checks, before ``run_flat`` (whose checks stand for the
-        ranks'), as the native run calls it while its ranks check and queue the call.
+        ranks'), as the native run calls it while its ranks check and queue the call; what
+        escapes it is raised once ``run_flat`` returned (with ``run_flat``'s error as its
+        ``__context__`` when that raised too), as natively.
 
     Raises
     ------
@@ -64,12 +66,22 @@ def addressed_run(run_flat, input_counts, names, nbytes, devices, stream_ordered
             raise mdtrt.InvalidArgumentError(
                 f"this call takes {inputs} input and {outputs} output addresses, each with a stream: got "
                 f"{len(pointers)} pointers and {len(streams)} streams")
+        raised = None
         if while_ranks_run is not None:  # natively once the ranks have the call, before they are done, failing or not
             _RANKS_RUNNING[0] = True
             try:
                 while_ranks_run()
+            except BaseException as error:  # natively raised once the run returned, the run going on
+                raised = error
             finally:
                 _RANKS_RUNNING[0] = False
-        run_flat(list(pointers), list(streams), names, nbytes, devices, stream_ordered)  # returns None, as natively
+        try:
+            run_flat(list(pointers), list(streams), names, nbytes, devices, stream_ordered)  # returns None, as natively
+        except BaseException as error:
+            if raised is None:
+                raise
+            raised.__context__ = error  # natively: the callback's error, the run's as its context
+        if raised is not None:
+            raise raised
 
     return run

@@ -707,6 +707,36 @@ def test_spares_are_counted_as_torch_allocates_them_and_in_number(stubs, monkeyp
     assert len(group._spare_outputs._kept) == 3
 
 
+def test_ctrl_c_while_a_spare_is_made_ends_the_call_that_ran_and_spares_go_on(stubs, monkeypatch):
+    """KeyboardInterrupt while the spare is allocated (Ctrl-C in while_ranks_run): the call itself
+    still runs (natively its ranks have it), the interrupt is raised after it, the spare is not
+    kept, and later calls keep spares again (the one-thread-at-a-time lock was let go)."""
+    interrupt = []
+    real_new = _TorchRun._new_outputs
+
+    def new_outputs(self, inputs):
+        if interrupt and ranks_running():
+            del interrupt[:]
+            raise KeyboardInterrupt
+        return real_new(self, inputs)
+
+    monkeypatch.setattr(_TorchRun, "_new_outputs", new_outputs)
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    group.all_reduce(xs)  # the general path
+    group.all_reduce(xs)  # the fast path: keeps a spare
+    assert len(group._spare_outputs._kept) == 1
+    runs = len(stubs.log)
+    interrupt.append("armed")
+    with pytest.raises(KeyboardInterrupt):
+        group.all_reduce(xs)
+    assert len(stubs.log) == runs + 1  # it ran
+    assert len(group._spare_outputs._kept) == 0  # its spare, interrupted, is not kept
+    outs = group.all_reduce(xs)
+    assert [t.ptr for t in outs] == outputs_run_on(stubs)
+    assert len(group._spare_outputs._kept) == 1  # spares are kept again
+
+
 def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch):
     """Out of memory for a spare: torch's allocator first frees its cached blocks (cudaFree waits
     for the GPU) and counts an out-of-memory event, so trying again after every call would make
