@@ -238,3 +238,37 @@ def test_the_stubs_addressed_run_refuses_as_the_native_one(group):
             run(pointers, streams)
         with pytest.raises(TypeError):
             stub_run(pointers, streams)
+
+
+def test_ctrl_c_while_a_spare_is_made_is_raised_after_the_native_call(group, monkeypatch):
+    """KeyboardInterrupt escaping the native run's while_ranks_run (Ctrl-C while the next call's
+    outputs are allocated): raised once the call returned, without breaking the group; the next
+    calls give right results and keep spares again."""
+    import sys
+
+    from mdtrt import prepared_call
+
+    real = prepared_call.SpareOutputs.keep_new
+    armed, raised_in = [], []
+
+    def keep_new(self, *args):
+        if armed:
+            del armed[:]
+            raised_in.append(sys._getframe(1).f_code.co_name)  # _TorchRun's callback is a lambda
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(prepared_call.SpareOutputs, "keep_new", keep_new)
+    xs = [torch.full((96,), float(r + 1), device=f"cuda:{r}") for r in range(2)]
+    for _ in range(2):
+        group.all_reduce(xs)  # the general path, then the addressed run
+    armed.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        group.all_reduce(xs)
+    assert raised_in == ["<lambda>"]  # from inside the native call, not after it
+    group.synchronize()  # the interrupted call's work ran and raises nothing
+    for _ in range(2):
+        got = group.all_reduce(xs)
+        for r in range(2):
+            assert torch.equal(got[r].cpu(), torch.full((96,), 3.0))
+    assert any(key[0]() is not None for key in group._spare_outputs._kept)
