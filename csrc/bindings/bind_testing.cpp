@@ -74,6 +74,35 @@ void bind_testing(py::module_& m) {
       "(the caller's while_ranks_run ran while every rank waited for it, the call's error or '') on "
       "CPU-only ranks whose launches wait for that callback; it throws when callback_throws.");
   testing.def(
+      "run_reentering_test",
+      [](int num_ranks) {
+        // Steps of a runtime asked for on the thread inside that runtime's while_ranks_run (as a
+        // finalizer run there by garbage collection would): each one's error, "" for none.
+        py::gil_scoped_release release;
+        std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
+        for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
+        RankRuntime runtime(devices, ranks, num_ranks);
+        std::vector<std::string> errors;
+        auto attempt = [&](const std::function<void()>& step) {
+          try {
+            step();
+            errors.emplace_back();
+          } catch (const std::exception& e) {
+            errors.emplace_back(e.what());
+          }
+        };
+        run_checked_then_launched(
+            runtime, [](RankContext&) {}, [](RankContext&) {}, 10.0, "infer", [&] {
+              attempt([&] { runtime.run_on_all([](RankContext&) {}, 5.0, "reentered"); });
+              attempt([&] { runtime.mark_unusable("closed from inside"); });
+            });
+        attempt([&] { runtime.run_on_all([](RankContext&) {}, 5.0, "after"); });  // the mark went
+        return errors;
+      },
+      py::arg("num_ranks"),
+      "[run_on_all, mark_unusable] inside a call's while_ranks_run on CPU-only ranks, then run_on_all after "
+      "it: each one's error, or ''.");
+  testing.def(
       "run_calling_back_test",
       [](int num_ranks, bool fail_check, const py::object& callback) {
         // The binding's own path (AddressedRun.__call__'s): a check-then-launch call on CPU-only

@@ -72,6 +72,7 @@ ProgramRunner::~ProgramRunner() {
 std::vector<TensorSpec> ProgramRunner::input_specs(int local_index) { return input_specs_.at(local_index); }
 
 void ProgramRunner::set_cuda_graphs(bool on) {
+  group_->runtime().throw_if_calling_back("cuda_graphs");
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   cuda_graphs_ = on;
   if (on) {
@@ -89,6 +90,7 @@ std::string ProgramRunner::graph_fallback() const {
 }
 
 std::vector<int> ProgramRunner::graph_captures() {
+  group_->runtime().throw_if_calling_back("graph_captures");
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   std::vector<int> out;
   for (const auto& b : resources_->buffers) out.push_back(b.graph.captures);
@@ -458,6 +460,7 @@ struct ProgramRunner::Call {
 
 std::vector<RankResult> ProgramRunner::run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
                                            const InferOptions& options, const std::function<void()>& while_ranks_run) {
+  group_->runtime().throw_if_calling_back("infer");  // before the locks that thread would hold
   std::lock_guard<std::mutex> call_lock(infer_mutex_);
   RankRuntime& runtime = group_->runtime();
   // From the step to the hand-over of its events: the watchdog's order of calls is their order on

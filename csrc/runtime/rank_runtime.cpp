@@ -238,6 +238,7 @@ RankRuntime::~RankRuntime() {
 }
 
 void RankRuntime::mark_unusable(const std::string& reason) {
+  throw_if_calling_back("close");
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   set_broken(reason, ErrorKind::kGeneric);
 }
@@ -429,8 +430,23 @@ void RankRuntime::abort_all() {
   }
 }
 
+namespace {
+// The runtime whose run_on_all this thread is inside the while_ranks_run of, if any.
+thread_local const RankRuntime* calling_back = nullptr;
+}  // namespace
+
+void RankRuntime::throw_if_calling_back(const std::string& what) const {
+  if (calling_back == this)
+    throw Error(ErrorKind::kInvalidArgument,
+                "called from inside a call of this device group while its ranks run (its while_ranks_run: a "
+                "finalizer that garbage collection ran there, say), on the thread that holds the group's locks: "
+                "it would wait for itself forever",
+                -1, what);
+}
+
 void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds,
                              const std::string& what, bool sequential, const std::function<void()>& while_ranks_run) {
+  throw_if_calling_back(what);
   std::lock_guard<std::mutex> run_lock(run_mutex_);
   {
     // A stream-ordered call that passed its deadline is reported by the next step; one that
@@ -493,6 +509,11 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
   } else {
     for (size_t i = 0; i < n; ++i) post(i);
     if (while_ranks_run) {
+      // Marked for throw_if_calling_back; the mark goes however the callback ends.
+      struct Mark {
+        explicit Mark(const RankRuntime* runtime) { calling_back = runtime; }
+        ~Mark() { calling_back = nullptr; }
+      } mark(this);
       try {
         while_ranks_run();
       } catch (...) {

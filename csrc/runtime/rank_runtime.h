@@ -111,6 +111,11 @@ class RankRuntime {
   // it throws is dropped) nor wait for the ranks.
   void run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds, const std::string& what,
                   bool sequential = false, const std::function<void()>& while_ranks_run = {});
+  // Throws (InvalidArgument, naming `what`) on the thread of a run_on_all of this runtime that is
+  // inside its while_ranks_run: that thread holds this runtime's locks (and its runner's), so a step
+  // of this group there (a Python finalizer that garbage collection runs inside the callback, say)
+  // would wait for itself forever. Every entry point that takes them asks first.
+  void throw_if_calling_back(const std::string& what) const;
   // Whether local rank i was given up on by a run_on_all that timed out (still inside its task):
   // the caller must not touch what that rank's task may still write.
   bool abandoned(int local_index) const {
