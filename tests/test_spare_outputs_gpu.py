@@ -270,3 +270,36 @@ def test_free_spare_outputs_gives_the_spares_memory_back_and_calls_go_on(group):
     for r, t in enumerate(got):
         np.testing.assert_allclose(t.cpu().numpy(), np.sum(host, axis=0), rtol=1e-5, atol=1e-5, err_msg=f"rank {r}")
     assert spare_addresses(group)
+
+
+SPARES_MISSING_TORCHS_CACHE = """
+import torch, mdtrt
+group = mdtrt.DeviceGroup(gpus=[0, 1], timeout=60)
+for it in range(200):
+    n = 256 * 1024 * (1 + it % 41)  # a size torch's cache does not hold: the spare's block is a cudaMalloc
+    xs = [torch.full((n,), float(r + 1), device=f"cuda:{r}") for r in range(2)]
+    for _ in range(3):
+        ys = group.all_reduce(xs)
+    assert ys[0][-1].item() == 3.0 and ys[1][0].item() == 3.0, it
+    del ys
+    group.free_spare_outputs()
+    torch.cuda.empty_cache()
+group.close()
+print("ok")
+"""
+
+
+@pytest.mark.multi_gpu
+def test_spares_that_torch_allocates_with_cudamalloc_while_ranks_launch_never_hang():
+    """The spare is allocated (while_ranks_run) while the rank threads launch the call's NCCL
+    kernels on both GPUs: a cudaMalloc there (torch's cache emptied before each signature) must not
+    stall a launch that the other GPU's kernel waits for (NCCL's known hang with allocations in
+    another thread). In a subprocess: a hang fails at the timeout instead of hanging the suite."""
+    if _core.visible_gpu_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SPARES_MISSING_TORCHS_CACHE], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-4000:]
