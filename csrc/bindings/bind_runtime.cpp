@@ -346,7 +346,9 @@ void bind_runtime(py::module_& m) {
           "producer stream; the same number on every rank), then each rank's outputs in turn (data, caller "
           "stream), in the order of the names it was made with. while_ranks_run: a callable without arguments "
           "called (on this thread, with the GIL) while the ranks check and queue the call, for work of the "
-          "caller's that need not wait for them; it must not wait for the ranks nor call into this group. "
+          "caller's that need not wait for them; it must not wait for the ranks nor call into this group (a call, "
+          "close() or cuda_graphs from it raises InvalidArgumentError). What escapes it is raised once the run "
+          "returned; when the run raised too, with the run's error as its __context__. "
           "Returns None (the outputs are the caller's).")
       .def_property_readonly("arrays_may_be_in_use", &AddressedRun::arrays_may_be_in_use,
                              "As PreparedInfer's: after a run raised, whether work of it may still use its arrays.");

@@ -467,7 +467,9 @@ class PreparedCall:
             in turn, in the order of ``names``; ``while_ranks_run``, a callable without arguments,
             is called on this thread while the rank threads check and queue the run (the next
             call's outputs are allocated there; it must not wait for the ranks nor call into the
-            group, and catches its own Exceptions); returns None. A caller that catches its error
+            group, and catches its own Exceptions: what escapes it, KeyboardInterrupt, is raised once
+            the run returned, with the run's own error as its ``__context__`` when that failed too);
+            returns None. A caller that catches its error
             must call :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
 
         Raises
