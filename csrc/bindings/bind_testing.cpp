@@ -91,8 +91,13 @@ void bind_testing(py::module_& m) {
             errors.emplace_back(e.what());
           }
         };
+        RankRuntime other(devices, ranks, num_ranks);
         run_checked_then_launched(
             runtime, [](RankContext&) {}, [](RankContext&) {}, 10.0, "infer", [&] {
+              // Another group's call, with a callback of its own, runs from here.
+              attempt([&] {
+                run_checked_then_launched(other, [](RankContext&) {}, [](RankContext&) {}, 10.0, "other", [] {});
+              });
               attempt([&] { runtime.run_on_all([](RankContext&) {}, 5.0, "reentered"); });
               attempt([&] { runtime.mark_unusable("closed from inside"); });
             });
@@ -100,8 +105,8 @@ void bind_testing(py::module_& m) {
         return errors;
       },
       py::arg("num_ranks"),
-      "[run_on_all, mark_unusable] inside a call's while_ranks_run on CPU-only ranks, then run_on_all after "
-      "it: each one's error, or ''.");
+      "[another runtime's call with a callback, run_on_all, mark_unusable] inside a call's while_ranks_run on "
+      "CPU-only ranks, then run_on_all after it: each one's error, or ''.");
   testing.def(
       "run_calling_back_test",
       [](int num_ranks, bool fail_check, const py::object& callback) {

@@ -509,10 +509,12 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
   } else {
     for (size_t i = 0; i < n; ++i) post(i);
     if (while_ranks_run) {
-      // Marked for throw_if_calling_back; the mark goes however the callback ends.
+      // Marked for throw_if_calling_back; the mark goes however the callback ends, back to that of
+      // a call of another group whose callback this one runs in.
       struct Mark {
-        explicit Mark(const RankRuntime* runtime) { calling_back = runtime; }
-        ~Mark() { calling_back = nullptr; }
+        explicit Mark(const RankRuntime* runtime) : outer(calling_back) { calling_back = runtime; }
+        ~Mark() { calling_back = outer; }
+        const RankRuntime* outer;
       } mark(this);
       try {
         while_ranks_run();
