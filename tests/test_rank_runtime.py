@@ -94,9 +94,11 @@ def test_one_rank_failing_its_checks_stops_every_launch_at_once(fail_rank):
 
 @pytest.mark.parametrize("throws", [False, True])
 def test_the_callers_own_work_runs_while_its_ranks_run(throws):
-    """while_ranks_run (where a one-shot call allocates the next call's outputs) runs once every
-    rank has its task and before the caller waits for them: here each rank's launch waits for it,
-    so a caller that waited first would leave them unreleased. What it throws fails nothing."""
+    """while_ranks_run (where a one-shot call allocates the next call's outputs) runs while the
+    ranks check (each rank's check waits for it to start: a caller that waited for the ranks first
+    would leave them unreleased), and no rank launches before it returned (an allocation there may
+    synchronize GPUs, which must not come between two ranks' NCCL launches). What it throws fails
+    nothing."""
     for ranks in (1, 3):
         ran_while_ranks_ran, error = _core.testing.run_while_ranks_run_test(ranks, throws)
         assert error == "" and ran_while_ranks_ran

@@ -336,7 +336,7 @@ void bind_runtime(py::module_& m) {
               run.run(pointers, streams);
               return;
             }
-            // Called with the GIL while the ranks queue the call (bindings/while_ranks_run.h).
+            // Called with the GIL while the ranks check the call (bindings/while_ranks_run.h).
             run_calling_back(while_ranks_run, [&](const std::function<void()>& meanwhile) {
               run.run(pointers, streams, meanwhile);
             });
@@ -345,7 +345,8 @@ void bind_runtime(py::module_& m) {
           "Runs the call on other arrays: pointers and streams name each local rank's inputs in turn (data, "
           "producer stream; the same number on every rank), then each rank's outputs in turn (data, caller "
           "stream), in the order of the names it was made with. while_ranks_run: a callable without arguments "
-          "called (on this thread, with the GIL) while the ranks check and queue the call, for work of the "
+          "called (on this thread, with the GIL) while the ranks check the call (none launches before it "
+          "returned: GPU memory allocated there must not come between two ranks' NCCL launches), for work of the "
           "caller's that need not wait for them; it must not wait for the ranks nor call into this group (a call, "
           "close() or cuda_graphs from it raises InvalidArgumentError). What escapes it is raised once the run "
           "returned; when the run raised too, with the run's error as its __context__. "

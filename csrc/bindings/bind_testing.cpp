@@ -71,8 +71,9 @@ void bind_testing(py::module_& m) {
         return run_while_ranks_run_test(num_ranks, callback_throws);
       },
       py::arg("num_ranks"), py::arg("callback_throws") = false,
-      "(the caller's while_ranks_run ran while every rank waited for it, the call's error or '') on "
-      "CPU-only ranks whose launches wait for that callback; it throws when callback_throws.");
+      "(the caller's while_ranks_run ran while every rank checked, and every launch came after it "
+      "returned; the call's error or '') on CPU-only ranks whose checks wait for that callback to start; "
+      "it throws when callback_throws.");
   testing.def(
       "run_reentering_test",
       [](int num_ranks) {

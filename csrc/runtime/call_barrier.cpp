@@ -49,7 +49,13 @@ void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankCont
                                std::function<void(RankContext&)> launch, double timeout_seconds,
                                const std::string& what, const std::function<void()>& while_ranks_run) {
   // Shared with the tasks: a task that outlives the deadline must not touch the caller's stack.
-  auto barrier = std::make_shared<CallBarrier>(runtime.num_local_ranks());
+  // The caller's while_ranks_run is one more arrival: no rank launches before it returned. What it
+  // does (allocating torch tensors: cudaMalloc, or cudaFree when torch's cache is full) may wait for
+  // every GPU joined to this one by peer access, which must not happen between one rank's NCCL
+  // launch and another's: the first one's kernel would wait for the second, which could not be
+  // launched (NVIDIA/nccl#744; torch holds a mutex around cudaFree for the same reason). Its time
+  // overlaps the ranks' checks instead.
+  auto barrier = std::make_shared<CallBarrier>(runtime.num_local_ranks() + (while_ranks_run ? 1 : 0));
   // On the deadline (or an interrupt) the runtime runs its abort hooks: release the ranks waiting here.
   const int hook = runtime.add_abort_hook([barrier] { barrier->abort(); });
   struct RemoveHook {
@@ -57,6 +63,15 @@ void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankCont
     int hook;
     ~RemoveHook() { runtime.remove_abort_hook(hook); }
   } remove_hook{runtime, hook};
+  std::function<void()> callers_part;
+  if (while_ranks_run)
+    callers_part = [&while_ranks_run, &barrier] {
+      struct Arrive {  // also when it throws (run_on_all drops what it throws)
+        CallBarrier& barrier;
+        ~Arrive() { barrier.arrive(true); }
+      } arrive{*barrier};
+      while_ranks_run();
+    };
   // Everything by value (check and launch own their state the same way): a rank given up on at the
   // deadline still runs this after the caller's frame is gone (see run_on_all).
   runtime.run_on_all(
@@ -71,7 +86,7 @@ void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankCont
         if (!barrier->wait(ctx.deadline, ctx.rank, what)) return;  // another rank failed its checks
         launch(ctx);
       },
-      timeout_seconds, what, /*sequential=*/false, while_ranks_run);
+      timeout_seconds, what, /*sequential=*/false, callers_part);
 }
 
 }  // namespace mdtrt

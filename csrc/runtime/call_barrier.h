@@ -41,7 +41,9 @@ class CallBarrier {
 // rank (in the same task: no second hand-off to the rank threads). A rank whose check fails
 // raises its error; the others return without launching anything. Like run_on_all's fn, check
 // and launch must own (by value, shared) everything they touch: a rank given up on at the deadline
-// runs them on after the caller returned. `while_ranks_run`: as RankRuntime::run_on_all's.
+// runs them on after the caller returned. `while_ranks_run`: as RankRuntime::run_on_all's, run
+// while the ranks check; no rank launches before it returned (allocations there may synchronize
+// the GPUs, which must not come between two ranks' NCCL launches: see the .cpp).
 void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankContext&)> check,
                                std::function<void(RankContext&)> launch, double timeout_seconds,
                                const std::string& what, const std::function<void()>& while_ranks_run = {});

@@ -55,8 +55,8 @@ class ProgramRunner {
   // The checks and decisions of a call, made once for arguments that are used again (prepare()).
   CallPlan plan(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
   // A call planned by plan() for these same inputs and options (options.outputs may differ).
-  // `while_ranks_run`: the caller's own work done while its ranks check and queue the call
-  // (RankRuntime::run_on_all); it must not throw nor wait for them.
+  // `while_ranks_run`: the caller's own work done while its ranks check the call; they launch
+  // once it returned (run_checked_then_launched); it must not throw nor wait for them.
   std::vector<RankResult> run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
                               const InferOptions& options, const std::function<void()>& while_ranks_run = {});
 
@@ -205,7 +205,7 @@ class AddressedRun {
   // pointers and streams: each rank's inputs in turn (data, producer stream), then each rank's
   // outputs in turn (data, caller stream; in the order of names). The caller holds every array.
   // `while_ranks_run`: as ProgramRunner::run's (a one-shot call allocates the next call's outputs
-  // there, while its ranks queue this one).
+  // there, while its ranks check this one).
   void run(const std::vector<uintptr_t>& pointers, const std::vector<uintptr_t>& streams,
            const std::function<void()>& while_ranks_run = {});
   bool arrays_may_be_in_use() const { return call_->arrays_may_be_in_use(); }

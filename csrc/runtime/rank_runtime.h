@@ -107,7 +107,7 @@ class RankRuntime {
   // kept alive forever for it; on every other path `fn` is destroyed on the caller's thread.
   // `while_ranks_run` (not with `sequential`) runs on the caller's thread once every rank has its
   // task, before the caller waits for them: the caller's own work that need not wait for the ranks
-  // (the next call's outputs, allocated while the ranks queue this one). It must not throw (what
+  // (the next call's outputs, allocated while the ranks check this one). It must not throw (what
   // it throws is dropped) nor wait for the ranks.
   void run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds, const std::string& what,
                   bool sequential = false, const std::function<void()>& while_ranks_run = {});

@@ -136,31 +136,43 @@ std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callba
   for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
   RankRuntime runtime(devices, ranks, num_ranks);
   // Shared with the tasks, like every caller's state (see RankRuntime::run_on_all).
-  auto released = std::make_shared<std::atomic<bool>>(false);
-  auto finished = std::make_shared<std::atomic<int>>(0);
-  auto all_released = std::make_shared<std::atomic<bool>>(true);
-  bool finished_before = false;
+  struct Seen {
+    std::atomic<bool> released{false};         // the callback started
+    std::atomic<bool> callback_returned{false};
+    std::atomic<bool> checks_released{true};   // every rank's check saw the callback start
+    std::atomic<bool> launches_after{true};    // every rank launched after the callback returned
+    std::atomic<int> launched{0};
+  };
+  auto seen = std::make_shared<Seen>();
+  bool launched_before = false;
   std::string error;
   try {
     run_checked_then_launched(
-        runtime, [](RankContext&) {},
-        [released, finished, all_released](RankContext&) {
+        runtime,
+        [seen](RankContext&) {  // a caller that waited for the ranks first would leave this unreleased
           const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-          while (!released->load() && std::chrono::steady_clock::now() < until)
+          while (!seen->released.load() && std::chrono::steady_clock::now() < until)
             std::this_thread::sleep_for(std::chrono::milliseconds(1));
-          if (!released->load()) all_released->store(false);
-          finished->fetch_add(1);
+          if (!seen->released.load()) seen->checks_released.store(false);
+        },
+        [seen](RankContext&) {
+          if (!seen->callback_returned.load()) seen->launches_after.store(false);
+          seen->launched.fetch_add(1);
         },
         30.0, "infer",
         [&] {
-          finished_before = finished->load() > 0;
-          released->store(true);
+          launched_before = seen->launched.load() > 0;
+          seen->released.store(true);
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a rank free to launch would by now
+          seen->callback_returned.store(true);
           if (callback_throws) throw std::runtime_error("the caller's own work failed");
         });
   } catch (const std::exception& e) {
     error = e.what();
   }
-  return {all_released->load() && !finished_before && finished->load() == num_ranks, error};
+  return {seen->checks_released.load() && seen->launches_after.load() && !launched_before &&
+              seen->launched.load() == num_ranks,
+          error};
 }
 
 namespace {

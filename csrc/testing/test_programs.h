@@ -152,9 +152,10 @@ class StubbornCopyProgram : public CopyProgram {
 std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
                                                                   double slow_check_seconds, double timeout);
 
-// A check-then-launch call on `num_ranks` CPU-only rank threads whose launches wait (up to 5 s
-// each) for the caller's while_ranks_run to release them, which then throws when `callback_throws`:
-// (every rank was released, none finished before the callback ran and all finished; the call's error or "").
+// A check-then-launch call on `num_ranks` CPU-only rank threads whose checks wait (up to 5 s each)
+// for the caller's while_ranks_run to start, which then takes 20 ms and throws when
+// `callback_throws`: (every check saw it start, every launch came after it returned, all ranks
+// launched; the call's error or "").
 std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws);
 
 // A step on `num_ranks` CPU-only rank threads ("launch": a check-then-launch call; "bind":

@@ -106,7 +106,7 @@ class _TorchRun:
             spare = self._spares.take(self._spare_key, out_streams)
             out, addresses = spare if spare is not None else self._new_outputs(inputs)
             pointers += addresses
-            if self._ordered:  # the next call's outputs, made while the ranks queue this one
+            if self._ordered:  # the next call's outputs, made while the ranks check this one
                 keep_spare = lambda: self._spares.keep_new(self._spare_key, out_streams, self._spare_bytes,  # noqa: E731
                                                            self._new_outputs, inputs)
         try:
@@ -476,15 +476,16 @@ class DeviceGroup:
         tensor's dtype, shape, GPU, contiguity and address, matched against the signatures that
         passed every check before. ``prepare_collective`` also skips reading the arrays per call.
         A stream-ordered call that allocates its torch outputs allocates the next call's outputs of
-        its signature while its rank threads queue its own work (not before the next call's enqueue,
-        nor after this one's on the calling thread). Such a spare serves only the next call of its
-        signature (or prepared call) on the streams current at its allocation and in the same torch
-        inference mode; the group holds at most 64 of them and 256 MiB per GPU in all (as torch's
-        allocator rounds them; each ``EngineRunner`` as many again), drops a call's spare with the
-        call (a dropped prepared call, a signature's call no longer kept) and frees them all, its
-        runners' too, in :meth:`free_spare_outputs` and :meth:`close`, or once a spare's allocation
-        ran out of memory (it keeps none after that). ``torch.cuda.use_mem_pool`` is not looked at:
-        a call inside it may return a spare allocated outside it, and the reverse.
+        its signature while its rank threads check its own arguments, before they launch it (not
+        before the next call's enqueue, nor after this one's on the calling thread). Such a spare
+        serves only the next call of its signature (or prepared call) on the streams current at its
+        allocation and in the same torch inference mode; the group holds at most 64 of them and 256
+        MiB per GPU in all (as torch's allocator rounds them; each ``EngineRunner`` as many again),
+        drops a call's spare with the call (a dropped prepared call, a signature's call no longer
+        kept) and frees them all, its runners' too, in :meth:`free_spare_outputs` and :meth:`close`,
+        or once a spare's allocation ran out of memory (it keeps none after that).
+        ``torch.cuda.use_mem_pool`` is not looked at: a call inside it may return a spare allocated
+        outside it, and the reverse.
         """
         return self._collective(op, inputs, reduce, root, groups, out, poison_outputs,
                                 sequential_bind, stream_ordered)

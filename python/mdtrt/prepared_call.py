@@ -83,10 +83,11 @@ def _drop_spares_of(spares_ref, key) -> None:
 
 class SpareOutputs:
     """The outputs a stream-ordered call allocates for the next call of its kind while its rank
-    threads queue its own work (the native run calls back for it, ``while_ranks_run``): the
-    allocation (torch's caching allocator, a few microseconds per tensor) then overlaps the
-    hand-off to the ranks instead of delaying the next call's enqueue or this call's return, so a
-    loop of ``y = group.all_reduce(x)`` pays none before it.
+    threads check its own arguments (the native run calls back for it, ``while_ranks_run``; no
+    rank launches before it returned, since a torch allocation may synchronize GPUs joined by peer
+    access, which must not come between two ranks' NCCL launches): the allocation (torch's caching
+    allocator, a few microseconds per tensor) then overlaps the hand-off to the ranks instead of
+    coming after the call, so a loop of ``y = group.all_reduce(x)`` pays little for it.
 
     One set per kind of call (its ``owner``: a signature's kept call or a prepared call, named by
     :meth:`key_for`), set of current streams and torch inference mode; at most
@@ -382,7 +383,7 @@ class PreparedCall:
                     run = self._addressed = self.addressed(names, [given[name].nbytes for given in out for name in names],
                                                            [given[name].device for given in out for name in names],
                                                            True)
-                try:  # the next run's outputs are made while the ranks queue this one
+                try:  # the next run's outputs are made while the ranks check this one
                     run(pointers, streams, lambda: self._keep_spare(out))
                 except BaseException:
                     self.hold_if_in_use(self._refs, out)
@@ -429,7 +430,7 @@ class PreparedCall:
         return self._new_out(self._likes)
 
     def _keep_spare(self, out) -> None:
-        """While the ranks queue a stream-ordered run on outputs from ``new_out`` (``out``):
+        """While the ranks check a stream-ordered run on outputs from ``new_out`` (``out``):
         allocates the next run's."""
         if self._spares is None:
             return
@@ -465,11 +466,11 @@ class PreparedCall:
             ``run(pointers, streams, while_ranks_run=None)``: flat lists of each rank's input
             pointers and streams in turn (the same number on every rank), then each rank's outputs'
             in turn, in the order of ``names``; ``while_ranks_run``, a callable without arguments,
-            is called on this thread while the rank threads check and queue the run (the next
-            call's outputs are allocated there; it must not wait for the ranks nor call into the
-            group, and catches its own Exceptions: what escapes it, KeyboardInterrupt, is raised once
-            the run returned, with the run's own error as its ``__context__`` when that failed too);
-            returns None. A caller that catches its error
+            is called on this thread while the rank threads check the run, which none launches
+            before it returned (the next call's outputs are allocated there; it must not wait for
+            the ranks nor call into the group, and catches its own Exceptions: what escapes it,
+            KeyboardInterrupt, is raised once the run returned, with the run's own error as its
+            ``__context__`` when that failed too); returns None. A caller that catches its error
             must call :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
 
         Raises

@@ -116,7 +116,7 @@ class _TorchInfer:
                 for ref in given.values():
                     pointers.append(ref.ptr)
                     streams.append(ref.stream)
-            if self._ordered:  # the next call's outputs, made while the ranks queue this one
+            if self._ordered:  # the next call's outputs, made while the ranks check this one
                 keep_spare = lambda: self._spares.keep_new(self._spare_key, allocated_on, self._spare_bytes,  # noqa: E731
                                                            self._allocate, likes)
         try:
