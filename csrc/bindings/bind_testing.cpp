@@ -77,33 +77,8 @@ void bind_testing(py::module_& m) {
   testing.def(
       "run_reentering_test",
       [](int num_ranks) {
-        // Steps of a runtime asked for on the thread inside that runtime's while_ranks_run (as a
-        // finalizer run there by garbage collection would): each one's error, "" for none.
         py::gil_scoped_release release;
-        std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
-        for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
-        RankRuntime runtime(devices, ranks, num_ranks);
-        std::vector<std::string> errors;
-        auto attempt = [&](const std::function<void()>& step) {
-          try {
-            step();
-            errors.emplace_back();
-          } catch (const std::exception& e) {
-            errors.emplace_back(e.what());
-          }
-        };
-        RankRuntime other(devices, ranks, num_ranks);
-        run_checked_then_launched(
-            runtime, [](RankContext&) {}, [](RankContext&) {}, 10.0, "infer", [&] {
-              // Another group's call, with a callback of its own, runs from here.
-              attempt([&] {
-                run_checked_then_launched(other, [](RankContext&) {}, [](RankContext&) {}, 10.0, "other", [] {});
-              });
-              attempt([&] { runtime.run_on_all([](RankContext&) {}, 5.0, "reentered"); });
-              attempt([&] { runtime.mark_unusable("closed from inside"); });
-            });
-        attempt([&] { runtime.run_on_all([](RankContext&) {}, 5.0, "after"); });  // the mark went
-        return errors;
+        return run_reentering_test(num_ranks);
       },
       py::arg("num_ranks"),
       "[another runtime's call with a callback, run_on_all, mark_unusable] inside a call's while_ranks_run on "
@@ -113,12 +88,10 @@ void bind_testing(py::module_& m) {
       [](int num_ranks, bool fail_check, const py::object& callback) {
         // The binding's own path (AddressedRun.__call__'s): a check-then-launch call on CPU-only
         // rank threads, rank 0's check failing when fail_check, calling `callback` while they run.
-        std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
-        for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
-        RankRuntime runtime(devices, ranks, num_ranks);
+        const std::unique_ptr<RankRuntime> runtime = cpu_only_runtime(num_ranks);
         run_calling_back(callback, [&](const std::function<void()>& meanwhile) {
           run_checked_then_launched(
-              runtime,
+              *runtime,
               [fail_check](RankContext& ctx) {
                 if (fail_check && ctx.local_index == 0) throw_invalid_argument("injected bad argument");
               },

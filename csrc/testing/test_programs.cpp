@@ -103,11 +103,16 @@ void AlignedCopyProgram::enqueue(RankContext& ctx, const std::vector<TensorView>
   CopyProgram::enqueue(ctx, inputs, outputs);
 }
 
-std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
-                                                                  double slow_check_seconds, double timeout) {
+std::unique_ptr<RankRuntime> cpu_only_runtime(int num_ranks) {
   std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
   for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
-  RankRuntime runtime(devices, ranks, num_ranks);
+  return std::make_unique<RankRuntime>(devices, ranks, num_ranks);
+}
+
+std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
+                                                                  double slow_check_seconds, double timeout) {
+  const std::unique_ptr<RankRuntime> owned = cpu_only_runtime(num_ranks);
+  RankRuntime& runtime = *owned;
   // Shared with the tasks, like every caller's state (see RankRuntime::run_on_all).
   std::shared_ptr<std::atomic<bool>[]> launched(new std::atomic<bool>[num_ranks]);
   for (int i = 0; i < num_ranks; ++i) launched[i] = false;
@@ -132,9 +137,8 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
 }
 
 std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws) {
-  std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
-  for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
-  RankRuntime runtime(devices, ranks, num_ranks);
+  const std::unique_ptr<RankRuntime> owned = cpu_only_runtime(num_ranks);
+  RankRuntime& runtime = *owned;
   // Shared with the tasks, like every caller's state (see RankRuntime::run_on_all).
   struct Seen {
     std::atomic<bool> released{false};         // the callback started
@@ -173,6 +177,31 @@ std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callba
   return {seen->checks_released.load() && seen->launches_after.load() && !launched_before &&
               seen->launched.load() == num_ranks,
           error};
+}
+
+std::vector<std::string> run_reentering_test(int num_ranks) {
+  const std::unique_ptr<RankRuntime> runtime = cpu_only_runtime(num_ranks);
+  const std::unique_ptr<RankRuntime> other = cpu_only_runtime(num_ranks);
+  std::vector<std::string> errors;
+  auto attempt = [&](const std::function<void()>& step) {
+    try {
+      step();
+      errors.emplace_back();
+    } catch (const std::exception& e) {
+      errors.emplace_back(e.what());
+    }
+  };
+  run_checked_then_launched(
+      *runtime, [](RankContext&) {}, [](RankContext&) {}, 10.0, "infer", [&] {
+        // Another group's call, with a callback of its own, runs from here.
+        attempt([&] {
+          run_checked_then_launched(*other, [](RankContext&) {}, [](RankContext&) {}, 10.0, "other", [] {});
+        });
+        attempt([&] { runtime->run_on_all([](RankContext&) {}, 5.0, "reentered"); });
+        attempt([&] { runtime->mark_unusable("closed from inside"); });
+      });
+  attempt([&] { runtime->run_on_all([](RankContext&) {}, 5.0, "after"); });  // the mark went
+  return errors;
 }
 
 namespace {
@@ -228,9 +257,8 @@ std::string run_abandoned_rank_test(int num_ranks, int stuck_rank, double stuck_
   if (step != "launch" && step != "bind") throw_invalid_argument("unknown step " + step + " (launch or bind)");
   std::string error;
   {
-    std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
-    for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
-    RankRuntime runtime(devices, ranks, num_ranks);
+    const std::unique_ptr<RankRuntime> owned = cpu_only_runtime(num_ranks);
+    RankRuntime& runtime = *owned;
     runtime.set_abort_grace_for_testing(grace_seconds);
     try {
       if (step == "launch") {
@@ -372,9 +400,8 @@ double host_to_device_bandwidth_gbps(int device, size_t nbytes, int iterations, 
 
 // Holds a RankRuntime without GPUs, for the CPU tests of the runtime.
 void run_bind_test(int num_ranks, const std::string& program, bool sequential, double timeout, int fail_rank) {
-  std::vector<int> devices(num_ranks, -1), ranks(num_ranks);
-  for (int i = 0; i < num_ranks; ++i) ranks[i] = i;
-  RankRuntime runtime(devices, ranks, num_ranks);
+  const std::unique_ptr<RankRuntime> owned = cpu_only_runtime(num_ranks);
+  RankRuntime& runtime = *owned;
   std::vector<std::shared_ptr<RankProgram>> programs;
   if (program == "barrier") {
     auto barrier = std::make_shared<BarrierBindProgram>(num_ranks);

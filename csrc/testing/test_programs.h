@@ -7,6 +7,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -14,6 +15,7 @@
 
 #include "runtime/cuda_handles.h"
 #include "runtime/rank_program.h"
+#include "runtime/rank_runtime.h"
 
 namespace mdtrt {
 
@@ -149,6 +151,10 @@ class StubbornCopyProgram : public CopyProgram {
 // Runs the check-then-launch step of a call (runtime/call_barrier.h) on `num_ranks` CPU-only rank
 // threads: the check fails on `fail_rank` (-1: none), or sleeps `slow_check_seconds` there first.
 // Returns, per rank, whether its launch ran, and the call's error message ("" when it succeeded).
+// A rank runtime of `num_ranks` CPU-only rank threads, world ranks 0..num_ranks-1 (the CPU tests of
+// the runtime).
+std::unique_ptr<RankRuntime> cpu_only_runtime(int num_ranks);
+
 std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
                                                                   double slow_check_seconds, double timeout);
 
@@ -157,6 +163,11 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
 // `callback_throws`: (every check saw it start, every launch came after it returned, all ranks
 // launched; the call's error or "").
 std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws);
+
+// Steps of a CPU-only runtime asked for on the thread inside its while_ranks_run (as a finalizer
+// run there by garbage collection would): [another runtime's call with a callback of its own,
+// run_on_all, mark_unusable] from inside, then run_on_all after it: each one's error, "" for none.
+std::vector<std::string> run_reentering_test(int num_ranks);
 
 // A step on `num_ranks` CPU-only rank threads ("launch": a check-then-launch call; "bind":
 // bind_programs of a program the caller's list alone owns) whose task on `stuck_rank` ignores the
