@@ -101,3 +101,18 @@ def recorded_addressed(monkeypatch, call_class) -> list:
 
     monkeypatch.setattr(call_class, "addressed", addressed)
     return made
+
+
+def runs_as_prepared(patch, call_class, as_prepared: bool) -> list:
+    """For comparing a prepared call run as prepared with the general path: unless ``as_prepared``,
+    every PreparedCall takes the general path (``_runs_as_prepared`` answers False); either way the
+    returned list gets an entry per run of ``call_class.run_stream_ordered`` (a stub native call's
+    run as prepared). ``patch``: a pytest MonkeyPatch."""
+    from mdtrt import prepared_call
+
+    if not as_prepared:
+        patch.setattr(prepared_call.PreparedCall, "_runs_as_prepared", lambda self: False)
+    runs: list = []
+    real = call_class.run_stream_ordered
+    patch.setattr(call_class, "run_stream_ordered", lambda self: runs.append(real(self)))
+    return runs

@@ -17,7 +17,7 @@ from mdtrt.device_group import DeviceGroup, _TorchRun
 
 torch = pytest.importorskip("torch")
 from fast_path_fakes import (  # noqa: E402 (needs torch)
-    FakeCuda, Native, OneRankNative, failing_runs, fake_torch, recorded_addressed)
+    FakeCuda, Native, OneRankNative, failing_runs, fake_torch, recorded_addressed, runs_as_prepared)
 from addressed_stub import addressed_run, ranks_running  # noqa: E402
 
 
@@ -778,11 +778,7 @@ def run_prepared(stubs, make, op, options, steps=3):
     got = {}
     for as_prepared in (True, False):
         with pytest.MonkeyPatch.context() as patch:
-            if not as_prepared:
-                patch.setattr(prepared_call.PreparedCall, "_runs_as_prepared", lambda self: False)
-            native_runs = []
-            real = StubCall.run_stream_ordered
-            patch.setattr(StubCall, "run_stream_ordered", lambda self: native_runs.append(real(self)))
+            native_runs = runs_as_prepared(patch, StubCall, as_prepared)
             group = make()
             n = group._num_local_ranks
             xs = tensors(0x1000)[:n]

@@ -20,7 +20,7 @@ from mdtrt.runner import EngineRunner
 
 torch = pytest.importorskip("torch")
 from fast_path_fakes import (  # noqa: E402 (needs torch)
-    FakeCuda, Native, OneRankNative, failing_runs, fake_torch, recorded_addressed)
+    FakeCuda, Native, OneRankNative, failing_runs, fake_torch, recorded_addressed, runs_as_prepared)
 from addressed_stub import addressed_run  # noqa: E402
 
 # The stub engine: inputs "a" and "b" (float32, two dimensions); outputs "z" (b's shape) and "y"
@@ -687,11 +687,7 @@ def test_prepare_with_outputs_returns_what_the_general_run_returns(stubs, all_ra
     got = {}
     for as_prepared in (True, False):
         with pytest.MonkeyPatch.context() as patch:
-            if not as_prepared:
-                patch.setattr(prepared_call.PreparedCall, "_runs_as_prepared", lambda self: False)
-            runs = []
-            real = StubCall.run_stream_ordered
-            patch.setattr(StubCall, "run_stream_ordered", lambda self: runs.append(real(self)))
+            runs = runs_as_prepared(patch, StubCall, as_prepared)
             runner = stubs.make_runner()
             given = outputs_of(0x2000, order=("y", "z"))
             del stubs.log[:]
