@@ -41,9 +41,10 @@ def addressed_run(run_flat, input_counts, names, nbytes, devices, stream_ordered
     callable
         ``run(pointers, streams, while_ranks_run=None)``, as the native ``AddressedRun``; it calls
         ``while_ranks_run`` after its checks, before ``run_flat`` (whose checks stand for the
-        ranks'), as the native run calls it while its ranks check and queue the call; what
-        escapes it is raised once ``run_flat`` returned (with ``run_flat``'s error as its
-        ``__context__`` when that raised too), as natively.
+        ranks'), as the native run calls it while its ranks check the call, none launching
+        before it returned. What escapes it is raised and ``run_flat`` is not called, as natively
+        no rank launches then (natively a rank's failed check, which the stub does not stand for
+        here, becomes its ``__context__``).
 
     Raises
     ------
@@ -66,22 +67,12 @@ def addressed_run(run_flat, input_counts, names, nbytes, devices, stream_ordered
             raise mdtrt.InvalidArgumentError(
                 f"this call takes {inputs} input and {outputs} output addresses, each with a stream: got "
                 f"{len(pointers)} pointers and {len(streams)} streams")
-        raised = None
-        if while_ranks_run is not None:  # natively once the ranks have the call, before they are done, failing or not
+        if while_ranks_run is not None:  # natively once the ranks have the call, before any launches
             _RANKS_RUNNING[0] = True
             try:
-                while_ranks_run()
-            except BaseException as error:  # natively raised once the run returned, the run going on
-                raised = error
+                while_ranks_run()  # what escapes: natively no rank launches, and it is raised
             finally:
                 _RANKS_RUNNING[0] = False
-        try:
-            run_flat(list(pointers), list(streams), names, nbytes, devices, stream_ordered)  # returns None, as natively
-        except BaseException as error:
-            if raised is None:
-                raise
-            raised.__context__ = error  # natively: the callback's error, the run's as its context
-        if raised is not None:
-            raise raised
+        run_flat(list(pointers), list(streams), names, nbytes, devices, stream_ordered)  # returns None, as natively
 
     return run

@@ -240,10 +240,11 @@ def test_the_stubs_addressed_run_refuses_as_the_native_one(group):
             stub_run(pointers, streams)
 
 
-def test_ctrl_c_while_a_spare_is_made_is_raised_after_the_native_call(group, monkeypatch):
+def test_ctrl_c_while_a_spare_is_made_cancels_the_native_call(group, monkeypatch):
     """KeyboardInterrupt escaping the native run's while_ranks_run (Ctrl-C while the next call's
-    outputs are allocated): raised once the call returned, without breaking the group; the next
-    calls give right results and keep spares again."""
+    outputs are allocated): no rank launches (its output stays as poisoned), the interrupt is
+    raised once the ranks returned, and the group is not broken; the next calls give right results
+    and keep spares again."""
     import sys
 
     from mdtrt import prepared_call
@@ -262,11 +263,16 @@ def test_ctrl_c_while_a_spare_is_made_is_raised_after_the_native_call(group, mon
     xs = [torch.full((96,), float(r + 1), device=f"cuda:{r}") for r in range(2)]
     for _ in range(2):
         group.all_reduce(xs)  # the general path, then the addressed run
+    (spare, _), = group._spare_outputs._kept.values()  # the interrupted call's outputs
+    poisoned = spare[0]
+    for t in poisoned:
+        t.fill_(float("nan"))
     armed.append(True)
     with pytest.raises(KeyboardInterrupt):
         group.all_reduce(xs)
     assert raised_in == ["<lambda>"]  # from inside the native call, not after it
-    group.synchronize()  # the interrupted call's work ran and raises nothing
+    group.synchronize()  # raises nothing: the group is not broken
+    assert all(bool(torch.isnan(t).all()) for t in poisoned)  # no rank launched
     for _ in range(2):
         got = group.all_reduce(xs)
         for r in range(2):

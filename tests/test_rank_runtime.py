@@ -97,36 +97,42 @@ def test_the_callers_own_work_runs_while_its_ranks_run(throws):
     """while_ranks_run (where a one-shot call allocates the next call's outputs) runs while the
     ranks check (each rank's check waits for it to start: a caller that waited for the ranks first
     would leave them unreleased), and no rank launches before it returned (an allocation there may
-    synchronize GPUs, which must not come between two ranks' NCCL launches). What it throws fails
-    nothing."""
+    synchronize GPUs, which must not come between two ranks' NCCL launches). When it throws (Ctrl-C
+    there), no rank launches: none may then wait for a peer that never comes."""
     for ranks in (1, 3):
-        ran_while_ranks_ran, error = _core.testing.run_while_ranks_run_test(ranks, throws)
-        assert error == "" and ran_while_ranks_ran
+        ran_while_ranks_ran, launched, error = _core.testing.run_while_ranks_run_test(ranks, throws)
+        assert ran_while_ranks_ran
+        if throws:  # the caller wants out (Ctrl-C there): no rank launches, and the call says why
+            assert (launched, error) == (0, "the caller's own work failed")
+        else:
+            assert (launched, error) == (ranks, "")
 
 
 @pytest.mark.parametrize("fail_check", [False, True])
-def test_an_error_escaping_the_callers_own_work_is_raised_after_the_call_and_never_lost(fail_check):
+def test_an_error_escaping_the_callers_own_work_cancels_the_call_and_is_never_lost(fail_check):
     """What AddressedRun.__call__ does with its while_ranks_run (bindings/while_ranks_run.h, the
     binding's own code): the callback runs with the GIL while the ranks run; an error escaping it
-    (KeyboardInterrupt: Ctrl-C while it ran) is raised once the call returned, also when the call
-    failed too (rank 0's checks here), with the call's error as its context, not dropped for it."""
-    ran = []
+    (KeyboardInterrupt: Ctrl-C while it ran) lets the ranks go without launching, and is raised
+    once they returned, also when the call failed too (rank 0's checks here), with the call's error
+    as its context, not dropped for it."""
+    ran, launches = [], []
 
     def callback():
         ran.append(threading.get_ident())
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt) as raised:
-        _core.testing.run_calling_back_test(2, fail_check, callback)
+        _core.testing.run_calling_back_test(2, fail_check, callback, launches)
     assert ran == [threading.get_ident()]  # once, on the calling thread
+    assert launches == [0]
     context = raised.value.__context__
     if fail_check:
         assert isinstance(context, mdtrt.InvalidArgumentError) and "injected bad argument" in str(context)
     else:
         assert context is None
     with pytest.raises(mdtrt.InvalidArgumentError, match="injected bad argument") if fail_check else nullcontext():
-        _core.testing.run_calling_back_test(2, fail_check, lambda: ran.append(None))  # nothing escaping it
-    assert ran[-1] is None
+        _core.testing.run_calling_back_test(2, fail_check, lambda: ran.append(None), launches)  # nothing escaping it
+    assert ran[-1] is None and launches == [0, 0 if fail_check else 2]
 
 
 def test_a_step_of_the_group_inside_its_own_while_ranks_run_fails_instead_of_waiting_forever():

@@ -348,8 +348,9 @@ void bind_runtime(py::module_& m) {
           "called (on this thread, with the GIL) while the ranks check the call (none launches before it "
           "returned: GPU memory allocated there must not come between two ranks' NCCL launches), for work of the "
           "caller's that need not wait for them; it must not wait for the ranks nor call into this group (a call, "
-          "close() or cuda_graphs from it raises InvalidArgumentError). What escapes it is raised once the run "
-          "returned; when the run raised too, with the run's error as its __context__. "
+          "close() or cuda_graphs from it raises InvalidArgumentError). What escapes it (Ctrl-C) cancels the run: "
+          "no rank launches, and it is raised once the ranks returned; when a rank's checks failed too, with that "
+          "error as its __context__. "
           "Returns None (the outputs are the caller's).")
       .def_property_readonly("arrays_may_be_in_use", &AddressedRun::arrays_may_be_in_use,
                              "As PreparedInfer's: after a run raised, whether work of it may still use its arrays.");

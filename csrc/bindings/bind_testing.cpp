@@ -3,6 +3,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -71,9 +73,9 @@ void bind_testing(py::module_& m) {
         return run_while_ranks_run_test(num_ranks, callback_throws);
       },
       py::arg("num_ranks"), py::arg("callback_throws") = false,
-      "(the caller's while_ranks_run ran while every rank checked, and every launch came after it "
-      "returned; the call's error or '') on CPU-only ranks whose checks wait for that callback to start; "
-      "it throws when callback_throws.");
+      "(the caller's while_ranks_run ran while every rank checked and no launch came before it returned, "
+      "the number of ranks that launched, the call's error or '') on CPU-only ranks whose checks wait for "
+      "that callback to start; it throws when callback_throws.");
   testing.def(
       "run_reentering_test",
       [](int num_ranks) {
@@ -85,21 +87,29 @@ void bind_testing(py::module_& m) {
       "CPU-only ranks, then run_on_all after it: each one's error, or ''.");
   testing.def(
       "run_calling_back_test",
-      [](int num_ranks, bool fail_check, const py::object& callback) {
+      [](int num_ranks, bool fail_check, const py::object& callback, py::list launches) {
         // The binding's own path (AddressedRun.__call__'s): a check-then-launch call on CPU-only
         // rank threads, rank 0's check failing when fail_check, calling `callback` while they run.
         const std::unique_ptr<RankRuntime> runtime = cpu_only_runtime(num_ranks);
-        run_calling_back(callback, [&](const std::function<void()>& meanwhile) {
-          run_checked_then_launched(
-              *runtime,
-              [fail_check](RankContext& ctx) {
-                if (fail_check && ctx.local_index == 0) throw_invalid_argument("injected bad argument");
-              },
-              [](RankContext&) {}, 10.0, "infer", meanwhile);
-        });
+        auto launched = std::make_shared<std::atomic<int>>(0);  // shared with the tasks (see run_on_all)
+        try {
+          run_calling_back(callback, [&](const std::function<void()>& meanwhile) {
+            run_checked_then_launched(
+                *runtime,
+                [fail_check](RankContext& ctx) {
+                  if (fail_check && ctx.local_index == 0) throw_invalid_argument("injected bad argument");
+                },
+                [launched](RankContext&) { launched->fetch_add(1); }, 10.0, "infer", meanwhile);
+          });
+        } catch (...) {
+          launches.append(launched->load());
+          throw;
+        }
+        launches.append(launched->load());
       },
-      py::arg("num_ranks"), py::arg("fail_check"), py::arg("callback"),
-      "Runs bindings/while_ranks_run.h's run_calling_back over a call on CPU-only ranks; returns None.");
+      py::arg("num_ranks"), py::arg("fail_check"), py::arg("callback"), py::arg("launches"),
+      "Runs bindings/while_ranks_run.h's run_calling_back over a call on CPU-only ranks; appends the number "
+      "of ranks that launched to `launches`, also when it raises; returns None.");
   testing.def(
       "run_abandoned_rank_test",
       [](int num_ranks, int stuck_rank, double stuck_seconds, double timeout, double grace, const std::string& step) {

@@ -12,24 +12,31 @@ namespace mdtrt::bindings {
 
 // Runs run(meanwhile) with the GIL released; `meanwhile` calls `callback` with the GIL taken for
 // it. A Python error the callback raises (mdtrt's callables catch their Exceptions: what escapes is
-// KeyboardInterrupt and kin, Ctrl-C while it ran) is raised once run returned, never while the
-// ranks run. When run raised too, the callback's error is still the one raised, with run's as its
-// __context__: a Ctrl-C must not be lost to an error that a caller may catch and go on after.
+// KeyboardInterrupt and kin, Ctrl-C while it ran) makes `meanwhile` throw, so that no rank launches
+// (run_checked_then_launched), and is raised once run returned, never while the ranks run. When
+// run raised an error of its own first (a rank's failed check), the callback's error is still the
+// one raised, with run's as its __context__: a Ctrl-C must not be lost to an error that a caller
+// may catch and go on after.
 inline void run_calling_back(const pybind11::object& callback,
                              const std::function<void(const std::function<void()>&)>& run) {
   namespace py = pybind11;
+  struct CallbackRaised {};  // thrown through the native run, which carries no Python object
   std::optional<py::error_already_set> raised;
   const std::function<void()> meanwhile = [&] {
     py::gil_scoped_acquire gil;
     try {
       callback();
+      return;
     } catch (py::error_already_set& e) {
       raised.emplace(std::move(e));
     }
+    throw CallbackRaised{};
   };
   try {
     py::gil_scoped_release release;
     run(meanwhile);
+  } catch (const CallbackRaised&) {
+    throw std::move(*raised);
   } catch (...) {
     if (!raised) throw;
     // run's error as Python has it: a function that rethrows it, called through pybind11, comes

@@ -1,5 +1,6 @@
 #include "runtime/call_barrier.h"
 
+#include <exception>
 #include <memory>
 #include <thread>
 
@@ -64,13 +65,18 @@ void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankCont
     ~RemoveHook() { runtime.remove_abort_hook(hook); }
   } remove_hook{runtime, hook};
   std::function<void()> callers_part;
+  std::exception_ptr callers_error;
   if (while_ranks_run)
-    callers_part = [&while_ranks_run, &barrier] {
-      struct Arrive {  // also when it throws (run_on_all drops what it throws)
-        CallBarrier& barrier;
-        ~Arrive() { barrier.arrive(true); }
-      } arrive{*barrier};
-      while_ranks_run();
+    callers_part = [&while_ranks_run, &barrier, &callers_error] {
+      // Caught here (run_on_all would drop it): a caller interrupted in its own work (Ctrl-C in a
+      // Python callback) wants out, and its ranks, all still before their launch, are let go
+      // without one, as after a rank's failed check; the group stays usable.
+      try {
+        while_ranks_run();
+      } catch (...) {
+        callers_error = std::current_exception();
+      }
+      barrier->arrive(!callers_error);
     };
   // Everything by value (check and launch own their state the same way): a rank given up on at the
   // deadline still runs this after the caller's frame is gone (see run_on_all).
@@ -87,6 +93,7 @@ void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankCont
         launch(ctx);
       },
       timeout_seconds, what, /*sequential=*/false, callers_part);
+  if (callers_error) std::rethrow_exception(callers_error);
 }
 
 }  // namespace mdtrt

@@ -43,7 +43,9 @@ class CallBarrier {
 // and launch must own (by value, shared) everything they touch: a rank given up on at the deadline
 // runs them on after the caller returned. `while_ranks_run`: as RankRuntime::run_on_all's, run
 // while the ranks check; no rank launches before it returned (allocations there may synchronize
-// the GPUs, which must not come between two ranks' NCCL launches: see the .cpp).
+// the GPUs, which must not come between two ranks' NCCL launches: see the .cpp). When it throws
+// (the caller was interrupted there: Ctrl-C in a Python callback), no rank launches either, and
+// what it threw is thrown once every rank returned, unless a rank's own error comes first.
 void run_checked_then_launched(RankRuntime& runtime, std::function<void(RankContext&)> check,
                                std::function<void(RankContext&)> launch, double timeout_seconds,
                                const std::string& what, const std::function<void()>& while_ranks_run = {});

@@ -56,7 +56,8 @@ class ProgramRunner {
   CallPlan plan(const std::vector<std::vector<InputArg>>& inputs, const InferOptions& options);
   // A call planned by plan() for these same inputs and options (options.outputs may differ).
   // `while_ranks_run`: the caller's own work done while its ranks check the call; they launch
-  // once it returned (run_checked_then_launched); it must not throw nor wait for them.
+  // once it returned (run_checked_then_launched); it must not wait for them. When it throws, no
+  // rank launches and the call fails with what it threw (after a rank's own error).
   std::vector<RankResult> run(const CallPlan& plan, const std::vector<std::vector<InputArg>>& inputs,
                               const InferOptions& options, const std::function<void()>& while_ranks_run = {});
 

@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -160,9 +161,9 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
 
 // A check-then-launch call on `num_ranks` CPU-only rank threads whose checks wait (up to 5 s each)
 // for the caller's while_ranks_run to start, which then takes 20 ms and throws when
-// `callback_throws`: (every check saw it start, every launch came after it returned, all ranks
-// launched; the call's error or "").
-std::pair<bool, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws);
+// `callback_throws`: (every check saw it start and no launch came before it returned, the number
+// of ranks that launched, the call's error or "").
+std::tuple<bool, int, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws);
 
 // Steps of a CPU-only runtime asked for on the thread inside its while_ranks_run (as a finalizer
 // run there by garbage collection would): [another runtime's call with a callback of its own,

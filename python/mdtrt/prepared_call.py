@@ -469,8 +469,9 @@ class PreparedCall:
             is called on this thread while the rank threads check the run, which none launches
             before it returned (the next call's outputs are allocated there; it must not wait for
             the ranks nor call into the group, and catches its own Exceptions: what escapes it,
-            KeyboardInterrupt, is raised once the run returned, with the run's own error as its
-            ``__context__`` when that failed too); returns None. A caller that catches its error
+            KeyboardInterrupt, cancels the run, no rank launching, and is raised once the ranks
+            returned, with a rank's own error as its ``__context__`` when one failed its checks
+            too); returns None. A caller that catches its error
             must call :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
 
         Raises
