@@ -665,6 +665,46 @@ def test_a_call_running_while_the_group_closes_keeps_no_spare(stubs, monkeypatch
         assert len(group._spare_outputs._kept) == 0
 
 
+def test_close_refused_inside_a_call_of_the_group_leaves_the_group_as_it_was(stubs, monkeypatch):
+    """close() from inside a call of the same group (a finalizer that garbage collection runs while
+    the call allocates its next outputs) is refused natively, since the thread holds the group's
+    locks: the Python side must stay as it was (not closed on one side and open on the other), so
+    that later calls still run and keep spares, and a close() after the call closes it."""
+
+    class RefusingNative(Native):
+        closed = False
+
+        def close(self):  # as the native close(): RankRuntime::throw_if_calling_back
+            if ranks_running():
+                raise mdtrt.InvalidArgumentError("called from inside a call of this device group")
+            RefusingNative.closed = True
+
+    refused = []
+    real_new = _TorchRun._new_outputs
+
+    def new_outputs(self, inputs):
+        if ranks_running() and not refused:
+            try:
+                group.close()
+            except mdtrt.InvalidArgumentError as error:
+                refused.append(error)
+        return real_new(self, inputs)
+
+    monkeypatch.setattr(_TorchRun, "_new_outputs", new_outputs)
+    group = stubs.make_group(RefusingNative)
+    xs = tensors(0x1000)
+    for _ in range(2):
+        group.all_reduce(xs)  # the general path, then the fast path: its spare's allocation closes
+    assert len(refused) == 1 and not RefusingNative.closed
+    outs = group.all_reduce(xs)
+    assert [t.ptr for t in outs] == outputs_run_on(stubs)
+    assert len(group._spare_outputs._kept) == 1
+    group.close()
+    assert RefusingNative.closed and len(group._spare_outputs._kept) == 0
+    with pytest.raises(mdtrt.InvalidArgumentError, match="closed"):
+        group.all_reduce(xs)
+
+
 def test_a_spare_made_in_inference_mode_serves_only_calls_in_it(stubs):
     """Tensors allocated in torch's inference mode are inference tensors (not changed in place nor
     saved for backward outside it): a spare made there serves the next call there only, and one

@@ -330,16 +330,23 @@ class DeviceGroup:
         ``communicators`` or a capsule from it. Drop those to free everything now. Waits for a call
         in flight to finish (or reach its deadline). Work that stream-ordered calls queued is waited
         for (each within its deadline) when the group is released, without raising: call
-        :meth:`synchronize` first to see its errors."""
-        native, self._native = self._native, None
+        :meth:`synchronize` first to see its errors.
+
+        Raises
+        ------
+        InvalidArgumentError
+            Called from inside a call of this group (a finalizer that garbage collection runs
+            while the call allocates its next outputs): the group is left as it was."""
+        native = self._native
+        if native is not None:
+            native.close()  # first: a refusal (from inside a call of this group) changes nothing
+        self._native = None
         self._runners.clear()
         self._calls.clear()
         self._torch_calls.clear()
         self._spare_outputs.close()
         for spares in list(self._runner_spares):
             spares.close()
-        if native is not None:
-            native.close()
 
     def free_spare_outputs(self) -> None:
         """Frees the spare outputs this group and its ``EngineRunner`` objects hold for their next
