@@ -3,7 +3,8 @@ GPUs (every visible one, one is enough): a loop of default calls whose outputs a
 and consumed on the stream gets every call's own result, across two signatures and a change of
 current stream; the op methods, prepare_collective and EngineRunner's infer and prepare alike;
 two threads on streams of their own; a call after calls in inference mode gets ordinary tensors;
-a dropped prepared call gives all its memory (inputs, spare) back at once."""
+a dropped prepared call gives all its memory (inputs, spare) back at once; Ctrl-C while a spare is
+made cancels the call, and close() from there is refused, the group going on in both cases."""
 
 from __future__ import annotations
 
@@ -270,6 +271,88 @@ def test_free_spare_outputs_gives_the_spares_memory_back_and_calls_go_on(group):
     for r, t in enumerate(got):
         np.testing.assert_allclose(t.cpu().numpy(), np.sum(host, axis=0), rtol=1e-5, atol=1e-5, err_msg=f"rank {r}")
     assert spare_addresses(group)
+
+
+def test_ctrl_c_while_a_spare_is_made_cancels_the_call_and_the_group_goes_on(group, monkeypatch):
+    """KeyboardInterrupt escaping the native run's while_ranks_run (Ctrl-C while the next call's
+    outputs are allocated): no rank launches (the call's outputs, poisoned, stay so), the interrupt
+    is raised once the ranks returned, the group is not broken, and the next calls give right
+    results and keep spares again."""
+    import sys
+
+    from mdtrt import prepared_call
+
+    real = prepared_call.SpareOutputs.keep_new
+    armed, raised_in = [], []
+
+    def keep_new(self, *args):
+        if armed:
+            del armed[:]
+            raised_in.append(sys._getframe(1).f_code.co_name)  # _TorchRun's callback is a lambda
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(prepared_call.SpareOutputs, "keep_new", keep_new)
+    n = len(group)
+    xs = [torch.full((96,), float(r + 1), device=f"cuda:{d}") for r, d in enumerate(group.gpus)]
+    total = torch.full((96,), float(n * (n + 1) // 2))
+    group.free_spare_outputs()
+    for _ in range(2):
+        group.all_reduce(xs)  # the general path, then the addressed run, which keeps a spare
+    (spare, _), = group._spare_outputs._kept.values()  # the interrupted call's outputs
+    poisoned = spare[0]
+    for t in poisoned:
+        t.fill_(float("nan"))
+    armed.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        group.all_reduce(xs)
+    assert raised_in == ["<lambda>"]  # from inside the native call, not after it
+    group.synchronize()  # raises nothing: the group is not broken
+    assert all(bool(torch.isnan(t).all()) for t in poisoned)  # no rank launched
+    for _ in range(2):
+        got = group.all_reduce(xs)
+        for r in range(n):
+            assert torch.equal(got[r].cpu(), total), r
+    assert spare_addresses(group)
+
+
+def test_close_from_inside_a_call_is_refused_and_leaves_the_group_as_it_was(monkeypatch):
+    """close() from inside a call of the same group (a finalizer that garbage collection runs while
+    the call allocates its next outputs, on the thread that holds the group's locks) raises
+    InvalidArgumentError instead of waiting for itself, and leaves the group open on both sides:
+    later calls give right results, and close() after them closes it."""
+    from mdtrt import prepared_call
+
+    real = prepared_call.SpareOutputs.keep_new
+    armed, refused = [], []
+    gpus = list(range(_core.visible_gpu_count()))
+    g = mdtrt.DeviceGroup(gpus, timeout=60)
+
+    def keep_new(self, *args):
+        if armed:
+            del armed[:]
+            try:
+                g.close()
+            except mdtrt.InvalidArgumentError as error:
+                refused.append(str(error))
+        return real(self, *args)
+
+    monkeypatch.setattr(prepared_call.SpareOutputs, "keep_new", keep_new)
+    xs = [torch.full((64,), float(r + 1), device=f"cuda:{d}") for r, d in enumerate(gpus)]
+    total = torch.full((64,), float(len(gpus) * (len(gpus) + 1) // 2))
+    for _ in range(2):
+        g.all_reduce(xs)  # the general path, then the addressed run
+    armed.append(True)
+    g.all_reduce(xs)  # its spare's allocation closes the group, from inside the call
+    assert len(refused) == 1 and "from inside a call of this device group" in refused[0], refused
+    for _ in range(2):
+        got = g.all_reduce(xs)
+    g.synchronize()
+    for r in range(len(gpus)):
+        assert torch.equal(got[r].cpu(), total), r
+    g.close()
+    with pytest.raises(mdtrt.InvalidArgumentError, match="closed"):
+        g.all_reduce(xs)
 
 
 SPARES_MISSING_TORCHS_CACHE = """
