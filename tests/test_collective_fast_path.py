@@ -778,6 +778,34 @@ def test_ctrl_c_while_a_spare_is_made_cancels_the_call_and_spares_go_on(stubs, m
     assert len(group._spare_outputs._kept) == 1  # spares are kept again
 
 
+def test_ctrl_c_while_a_prepared_call_sizes_its_first_spare_leaves_its_spares_counted(stubs, monkeypatch):
+    """KeyboardInterrupt while a prepared call works out the bytes of its spares (Ctrl-C in
+    while_ranks_run, at its first spare, inside spare_bytes' loops): the next runs count them again,
+    so they are held to SPARE_OUTPUTS_MAX_BYTES, not kept as 0 bytes past it."""
+    interrupt = []
+    real = prepared_call.spare_bytes
+
+    def spare_bytes(per_rank_nbytes):
+        if interrupt and ranks_running():
+            del interrupt[:]
+            raise KeyboardInterrupt
+        return real(per_rank_nbytes)
+
+    monkeypatch.setattr(prepared_call, "spare_bytes", spare_bytes)
+    group = stubs.make_group()
+    call = group.prepare_collective("all_gather", tensors(0x1000, shape=(4, 48)))  # 1536 bytes per rank
+    interrupt.append("armed")
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    call()
+    assert [nbytes for _, nbytes in group._spare_outputs._kept.values()] == [1536]
+    group.free_spare_outputs()
+    monkeypatch.setattr(prepared_call, "SPARE_OUTPUTS_MAX_BYTES", 1024)
+    for _ in range(2):
+        call()
+    assert len(group._spare_outputs._kept) == 0
+
+
 def test_after_a_spare_fails_to_allocate_the_group_keeps_none(stubs, monkeypatch):
     """Out of memory for a spare: torch's allocator first frees its cached blocks (cudaFree waits
     for the GPU) and counts an out-of-memory event, so trying again after every call would make

@@ -435,8 +435,12 @@ class PreparedCall:
         if self._spares is None:
             return
         if self._spare_devices is None:
-            self._spare_devices = [ref.device for given in out for ref in given.values()]
+            # Both worked out before either is set, the devices (which say "done") last: a Ctrl-C
+            # in here leaves both to the next run, never the devices without the bytes (its
+            # spares would then count as 0 bytes against SPARE_OUTPUTS_MAX_BYTES).
+            devices = [ref.device for given in out for ref in given.values()]
             self._spare_bytes = spare_bytes([[ref.nbytes for ref in given.values()] for given in out])
+            self._spare_devices = devices
         self._spares.keep_new(self._spare_key, torch_current_streams(self._spare_devices), self._spare_bytes,
                               self._new_out, self._likes)
 
