@@ -135,6 +135,16 @@ def test_an_error_escaping_the_callers_own_work_cancels_the_call_and_is_never_lo
     assert ran[-1] is None and launches == [0, 0 if fail_check else 2]
 
 
+@pytest.mark.parametrize("how, by_failure", [("close", False), ("abort", True), ("abort, then close", True),
+                                             ("close, then abort", False)])
+def test_only_a_failure_not_a_close_leaves_a_failed_runs_arrays_in_use(how, by_failure):
+    """A run that raised keeps its arrays forever only when work of it may still run
+    (PreparedInfer.arrays_may_be_in_use): when the group broke by a failure or an abort, not when
+    it was only closed (a run refused for that queued nothing; holding its arrays would leak them
+    on every call after close()). The first cause decides."""
+    assert _core.testing.broken_by_failure_test(2, how) is by_failure
+
+
 def test_a_step_of_the_group_inside_its_own_while_ranks_run_fails_instead_of_waiting_forever():
     """Garbage collection inside while_ranks_run may run a finalizer that calls into the same group
     (a step, or close()) on the thread that holds the group's locks: it fails with a clear error,

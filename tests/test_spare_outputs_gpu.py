@@ -355,6 +355,30 @@ def test_close_from_inside_a_call_is_refused_and_leaves_the_group_as_it_was(monk
         g.all_reduce(xs)
 
 
+def test_calls_refused_after_close_hold_none_of_their_arrays():
+    """A prepared call and a runner's infer run after close() are refused ("closed") before any
+    rank runs, so their arrays are not held for unfinished work (which would keep every such
+    call's tensors for the life of the process)."""
+    from mdtrt import prepared_call
+
+    gpus = list(range(_core.visible_gpu_count()))
+    g = mdtrt.DeviceGroup(gpus, timeout=60)
+    xs = [torch.ones(256, device=f"cuda:{d}") for d in gpus]
+    call = g.prepare_collective("all_reduce", xs)
+    program = _core.CollectiveProgram("all_reduce", "sum", 0, [], "float32", g.world_size, len(gpus))
+    runner = mdtrt.EngineRunner(g, program=program)
+    for _ in range(2):
+        call()
+        runner.infer([{"input": x} for x in xs], all_ranks=True)
+    g.synchronize()
+    held = len(prepared_call._HELD_FOR_UNFINISHED_WORK)
+    g.close()
+    for refused in (call, lambda: runner.infer([{"input": x} for x in xs], all_ranks=True)):
+        with pytest.raises(mdtrt.MdtrtError, match="closed"):
+            refused()
+    assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held
+
+
 SPARES_MISSING_TORCHS_CACHE = """
 import torch, mdtrt
 group = mdtrt.DeviceGroup(gpus=[0, 1], timeout=60)

@@ -169,10 +169,11 @@ class PreparedInfer {
   // Whether a run that failed may leave work that still uses its arrays: a rank of the group was
   // given up on (RankRuntime::any_abandoned), or the group broke (a deadline, an interrupt, a
   // failure on a GPU: kernels already queued by a blocking call, an engine's or a copy, are not
-  // ended by aborting the communicators). The arrays of that run are then never to be freed.
+  // ended by aborting the communicators). The arrays of that run are then never to be freed. Not
+  // when the group was only closed: a run refused for that queued nothing.
   bool arrays_may_be_in_use() const {
     const RankRuntime& runtime = runner_->group().runtime();
-    return runtime.any_abandoned() || runtime.broken();
+    return runtime.any_abandoned() || runtime.broken_by_failure();
   }
 
  private:

@@ -240,7 +240,7 @@ RankRuntime::~RankRuntime() {
 void RankRuntime::mark_unusable(const std::string& reason) {
   throw_if_calling_back("close");
   std::lock_guard<std::mutex> run_lock(run_mutex_);
-  set_broken(reason, ErrorKind::kGeneric);
+  set_broken(reason, ErrorKind::kGeneric, /*closing=*/true);
 }
 
 void RankRuntime::mark_broken(const std::string& reason) { set_broken(reason, ErrorKind::kGeneric); }
@@ -255,11 +255,17 @@ std::string RankRuntime::broken_reason() const {
   return broken_reason_;
 }
 
-void RankRuntime::set_broken(const std::string& reason, ErrorKind kind) {
+bool RankRuntime::broken_by_failure() const {
+  std::lock_guard<std::mutex> lock(state_mutex_);
+  return !broken_reason_.empty() && !broken_by_close_;
+}
+
+void RankRuntime::set_broken(const std::string& reason, ErrorKind kind, bool closing) {
   std::lock_guard<std::mutex> lock(state_mutex_);
   if (!broken_reason_.empty()) return;  // the first cause is the one to report
   broken_reason_ = reason;
   broken_kind_ = kind;
+  broken_by_close_ = closing;
 }
 
 void RankRuntime::break_and_abort(const std::string& reason, ErrorKind kind) {

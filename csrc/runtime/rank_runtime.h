@@ -133,6 +133,10 @@ class RankRuntime {
 
   // After a deadline the runtime is unusable: its communicators are aborted.
   bool broken() const;
+  // Whether it broke while work of a step may have been running (a deadline, an interrupt, a
+  // failure on a GPU, an abort), not only closed: mark_unusable waits for the step in flight and
+  // refuses every later one before it starts, so a step refused for it queued nothing.
+  bool broken_by_failure() const;
   // Makes every later run_on_all fail with `reason` (waits for a run in flight).
   void mark_unusable(const std::string& reason);
   // The same without waiting for a run in flight (from any thread: an abort while a call runs).
@@ -178,7 +182,8 @@ class RankRuntime {
   // Polls until every stream-ordered call queued so far finished or the runtime broke (a call
   // failed or passed its deadline); `interruptible`: Ctrl-C aborts (synchronize), else not (clean-up).
   void wait_in_flight(bool interruptible);
-  void set_broken(const std::string& reason, ErrorKind kind);
+  // `closing`: by mark_unusable (broken_by_failure stays false when that is the first cause).
+  void set_broken(const std::string& reason, ErrorKind kind, bool closing = false);
 
   std::vector<int> devices_;
   std::vector<int> ranks_;
@@ -192,6 +197,7 @@ class RankRuntime {
   mutable std::mutex state_mutex_;  // guards broken_reason_ (the watchdog sets it too)
   std::string broken_reason_;
   ErrorKind broken_kind_ = ErrorKind::kGeneric;
+  bool broken_by_close_ = false;
   std::mutex in_flight_mutex_;
   std::condition_variable in_flight_changed_;
   std::deque<InFlight> in_flight_;

@@ -203,6 +203,26 @@ std::vector<std::string> run_reentering_test(int num_ranks) {
   return errors;
 }
 
+bool broken_by_failure_test(int num_ranks, const std::string& how) {
+  const std::unique_ptr<RankRuntime> runtime = cpu_only_runtime(num_ranks);
+  auto close = [&] { runtime->mark_unusable("the DeviceGroup was closed"); };
+  auto abort = [&] { runtime->mark_broken("the DeviceGroup was aborted"); };
+  if (how == "close") {
+    close();
+  } else if (how == "abort") {
+    abort();
+  } else if (how == "abort, then close") {
+    abort();
+    close();
+  } else if (how == "close, then abort") {
+    close();
+    abort();
+  } else {
+    throw_invalid_argument("unknown way to break a runtime: " + how);
+  }
+  return runtime->broken_by_failure();
+}
+
 namespace {
 std::atomic<int> late_tasks_returned{0};
 std::atomic<int> late_tasks_intact{0};

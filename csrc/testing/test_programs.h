@@ -170,6 +170,10 @@ std::tuple<bool, int, std::string> run_while_ranks_run_test(int num_ranks, bool 
 // run_on_all, mark_unusable] from inside, then run_on_all after it: each one's error, "" for none.
 std::vector<std::string> run_reentering_test(int num_ranks);
 
+// Whether a CPU-only runtime says it broke by a failure (broken_by_failure) after `how`: "close"
+// (mark_unusable), "abort" (mark_broken), "abort, then close" or "close, then abort".
+bool broken_by_failure_test(int num_ranks, const std::string& how);
+
 // A step on `num_ranks` CPU-only rank threads ("launch": a check-then-launch call; "bind":
 // bind_programs of a program the caller's list alone owns) whose task on `stuck_rank` ignores the
 // abort: it sleeps `stuck_seconds`, past the deadline (`timeout`) and the runtime's grace after the
