@@ -379,6 +379,29 @@ def test_calls_refused_after_close_hold_none_of_their_arrays():
     assert len(prepared_call._HELD_FOR_UNFINISHED_WORK) == held
 
 
+def test_an_addressed_run_run_again_from_inside_its_own_callback_is_refused(group):
+    """A finalizer that garbage collection runs inside a call's while_ranks_run may run that very
+    call again, on the thread that holds its lock: refused with InvalidArgumentError (before the
+    lock is tried: try_lock by its owner is undefined), which cancels the outer run (no rank
+    launched: its poisoned outputs stay so); the call runs right afterwards."""
+    n = len(group)
+    xs = [torch.full((37,), float(r + 1), device=f"cuda:{d}") for r, d in enumerate(group.gpus)]
+    before = set(group._torch_calls)
+    group.all_reduce(xs)  # a size no other test of this module uses: its first call keeps a call
+    [run] = [run for key, run in group._torch_calls.items() if key not in before]
+    addressed = run.kept.call.addressed(["output"], [37 * 4] * n, list(group.gpus), False)
+    outs = [torch.full((37,), float("nan"), device=f"cuda:{d}") for d in group.gpus]
+    pointers = [x.data_ptr() for x in xs] + [o.data_ptr() for o in outs]
+    streams = [1] * (2 * n)
+    with pytest.raises(mdtrt.InvalidArgumentError, match="from inside a call of this device group"):
+        addressed(pointers, streams, lambda: addressed(pointers, streams))
+    assert all(bool(torch.isnan(o).all()) for o in outs)
+    addressed(pointers, streams)
+    total = torch.full((37,), float(n * (n + 1) // 2))
+    for r, o in enumerate(outs):
+        assert torch.equal(o.cpu(), total), r
+
+
 SPARES_MISSING_TORCHS_CACHE = """
 import torch, mdtrt
 group = mdtrt.DeviceGroup(gpus=[0, 1], timeout=60)

@@ -411,6 +411,9 @@ void AddressedRun::run(const std::vector<uintptr_t>& pointers, const std::vector
                            std::to_string(pointers.size()) + " pointers and " + std::to_string(streams.size()) +
                            " streams");
   ProgramRunner& runner = call_->runner();
+  // Before the try_lock: from inside a run's own while_ranks_run (a finalizer running this call
+  // again) this thread may hold mutex_ already, and try_lock by its owner is undefined.
+  runner.group().runtime().throw_if_calling_back("infer");
   std::unique_lock<std::mutex> lock(mutex_, std::try_to_lock);
   if (!lock.owns_lock()) {  // another thread runs this call: its own copies, planned afresh
     std::vector<std::vector<InputArg>> inputs = unaddressed_inputs_;
