@@ -198,6 +198,10 @@ def _empty_report(error: str) -> dict:
             "attempts": [], "onnx_parser": _empty_parser_report("not looked for: " + error if error else None)}
 
 
+#: Why the ONNX parser was not looked for when TensorRT itself was not found.
+PARSER_NOT_LOOKED_FOR = "not looked for: no TensorRT library was found (the full TensorRT ships the parser)"
+
+
 def _empty_parser_report(error: str | None) -> dict:
     return {"found": False, "path": None, "found_by": None, "note": None, "error": error}
 
@@ -226,6 +230,7 @@ def _library_report_here() -> dict:
     except Exception as error:  # noqa: BLE001 - the doctor reports, it does not fail
         report["error"] = str(error)
         report["attempts"] = [dataclasses.asdict(a) for a in attempts_from(_core.tensorrt_failed_attempts())]
+        report["onnx_parser"] = _empty_parser_report(PARSER_NOT_LOOKED_FOR)
         return report
     report.update(library_found=True, path=lib.path, version=lib.version, found_by=lib.found_by, lean=lib.lean,
                   attempts=[dataclasses.asdict(a) for a in lib.attempts])
