@@ -295,7 +295,8 @@ def test_lean_runtime_does_not_report_the_onnx_parser_as_missing():
                               onnx_parser={"found": False, "path": None, "found_by": None, "note": None,
                                            "error": "create TensorRT builder: the lean runtime was found"})
     text = doctor.format_text(report)
-    assert "ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT (pip install tensorrt-cu13)" in text
+    assert ("ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT (pip install tensorrt-cu13; its "
+            "libraries download only from NVIDIA's index, pypi.nvidia.com)") in text
     assert "ONNX parser not found" not in text and "create TensorRT builder" not in text
 
 

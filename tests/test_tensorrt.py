@@ -26,6 +26,8 @@ from mdtrt import tensorrt as mdtrt_tensorrt
 needs_cc = pytest.mark.skipif(CC is None, reason="needs a C compiler to build fake TensorRT libraries")
 BACKEND = bool(_core.build_info()["tensorrt_backend"])
 MAJOR = _core.testing.tensorrt_header_major()
+# What every error that says `pip install tensorrt-cu13` must add (README: TensorRT).
+INDEX = "its libraries download only from NVIDIA's index, pypi.nvidia.com"
 
 
 def code(major: int, minor: int = 0, patch: int = 0) -> int:
@@ -178,6 +180,7 @@ def test_entry_points_say_what_is_missing(name):
     if BACKEND:
         # NVIDIA's packages by name: mdtrt is not on a package index, so `pip install 'mdtrt[...]'` cannot work.
         assert "could not find a usable TensorRT" in message and "`pip install tensorrt-cu13`" in message
+        assert INDEX in message  # without NVIDIA's index that command fails
         assert "`pip install tensorrt-lean-cu13-libs`" in message and "mdtrt[" not in message
         assert "MDTRT_TENSORRT_LIBRARY" in message
     else:
@@ -270,7 +273,7 @@ def test_lean_runtime_cannot_build(fakes):
     assert not r["ok"]
     assert r["type"] == "LibraryNotFoundError"
     assert "the lean runtime was found" in r["message"] and "can run engines but not build them" in r["message"]
-    assert "(pip install tensorrt-cu13)" in r["message"] and "mdtrt[" not in r["message"]
+    assert f"(pip install tensorrt-cu13; {INDEX})" in r["message"] and "mdtrt[" not in r["message"]
     assert probe([], env_library=fakes["no_builder"])["lean"] is True
 
 
@@ -314,8 +317,8 @@ def test_nothing_found_lists_attempts_and_what_to_do(tmp_path):
     assert not r["ok"]
     assert r["type"] == "LibraryNotFoundError"
     for text in (f"libnvinfer.so.{MAJOR}", f"libnvinfer_lean.so.{MAJOR}", str(tmp_path / "full"),
-                 str(tmp_path / "lean"), "`pip install tensorrt-cu13`", "`pip install tensorrt-lean-cu13-libs`",
-                 "MDTRT_TENSORRT_LIBRARY"):
+                 str(tmp_path / "lean"), f"`pip install tensorrt-cu13` (build and run engines; {INDEX})",
+                 "`pip install tensorrt-lean-cu13-libs`", "MDTRT_TENSORRT_LIBRARY"):
         assert text in r["message"]
     assert "mdtrt[" not in r["message"]
 

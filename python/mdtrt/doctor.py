@@ -254,7 +254,7 @@ def _onnx_parser_lines(trt: dict) -> list[str]:
         # The parser is only looked for with a builder, which the lean runtime lacks: it is not
         # missing, it would be of no use.
         return ["ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT "
-                f"({_core.TENSORRT_INSTALL_FULL}), which ships it"]
+                f"({_core.TENSORRT_INSTALL_FULL}; {_core.TENSORRT_FULL_FROM_NVIDIA_INDEX}), which ships it"]
     if not trt.get("library_found"):
         return [f"ONNX parser {PARSER_NOT_LOOKED_FOR}"]
     if not trt["compiled_in"]:

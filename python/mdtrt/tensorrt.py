@@ -244,7 +244,7 @@ def _builder_library() -> TensorRTLibrary:
     if lib.lean:
         raise LibraryNotFoundError(
             f"the lean runtime was found ({lib.path}): it can run engines but not build them; install the full "
-            f"TensorRT ({_core.TENSORRT_INSTALL_FULL}) to build, or set MDTRT_TENSORRT_LIBRARY to a full "
+            f"TensorRT ({_core.TENSORRT_INSTALL_FULL}; {_core.TENSORRT_FULL_FROM_NVIDIA_INDEX}) to build, or set MDTRT_TENSORRT_LIBRARY to a full "
             "libnvinfer.so.11",
             call="create TensorRT builder",
         )
