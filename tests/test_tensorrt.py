@@ -152,7 +152,8 @@ def test_without_the_backend_the_doctor_says_how_to_rebuild_and_which_library_it
     here = mdtrt_tensorrt._library_report_here()  # what the doctor's probe process runs, in a build without the backend
     assert here["library_found"] or (len(here["attempts"]) >= 2 and "could not find a usable TensorRT" in here["error"])
     report = doctor._tensorrt_report({"tensorrt_backend": False, "tensorrt_reason": reason})
-    assert 'TensorRT_INCLUDE_DIR=' in report["rebuild"] and ".[test,lean]" in report["rebuild"]
+    assert 'TensorRT_INCLUDE_DIR=' in report["rebuild"] and 'pip install ".[test,tensorrt]"' in report["rebuild"]
+    assert '".[test,lean]"' in report["rebuild"]  # the doctor gives both: running engines needs no builder
     assert set(report) >= {"library_found", "path", "attempts", "error"}
 
 
@@ -186,6 +187,24 @@ def test_entry_points_say_what_is_missing(name):
     else:
         assert "mdtrt was built without the TensorRT backend" in message
         assert "TensorRT_ROOT or TensorRT_INCLUDE_DIR" in message
+
+
+@pytest.mark.parametrize("name", sorted(_entry_points()))
+def test_without_the_backend_the_rebuild_advice_fits_the_call(monkeypatch, name):
+    """Building an engine needs the full TensorRT (the `tensorrt` extra): a builder's rebuild
+    advice names only that, with NVIDIA's index; the calls that run engines may also use the lean
+    runtime (the `lean` extra)."""
+    without = dict(mdtrt.build_info(), tensorrt_backend=False, tensorrt_reason="TensorRT headers not found")
+    monkeypatch.setattr(mdtrt_tensorrt._core, "build_info", lambda: without)
+    with pytest.raises(mdtrt.LibraryNotFoundError) as info:
+        _entry_points()[name]()
+    message = str(info.value)
+    assert message.startswith("mdtrt was built without the TensorRT backend: TensorRT headers not found; rebuild"), message
+    assert 'TensorRT_INCLUDE_DIR=<TensorRT include folder> pip install ".[test,tensorrt]"' in message
+    assert INDEX in message
+    building = name.startswith("build_")
+    assert ('".[test,lean]"' in message) is not building, message
+    assert ("building engines needs it (the lean runtime cannot build)" in message) is building, message
 
 
 @pytest.mark.parametrize("name", ["load_tensorrt", "load_onnx_parser", "tensorrt_build_dist_collective",
