@@ -94,16 +94,41 @@ def test_reference_backend_agrees():
         np.testing.assert_allclose(fast[rank]["output"], slow[rank]["output"], rtol=1e-6)
 
 
-def test_unsorted_nodes_and_single_device_model():
-    # Nodes listed out of order (as polygraphy leaves them) still run; no collectives: 1 segment.
+def _single_device_model():
+    # Nodes listed out of order (as polygraphy leaves them); no collectives.
     nodes = [helper.make_node("Relu", ["a"], ["output"]), helper.make_node("Neg", ["input"], ["a"])]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 2])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 2])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_unsorted_nodes_and_single_device_model():
+    # Unsorted nodes still run; no collectives: 1 segment.
     x = np.array([[1.0, -2.0], [-3.0, 4.0]], np.float32)
-    np.testing.assert_array_equal(run_on_cpu(model, {"input": x}, progress=False)["output"], [[0, 2], [3, 0]])
+    np.testing.assert_array_equal(run_on_cpu(_single_device_model(), {"input": x}, progress=False)["output"],
+                                  [[0, 2], [3, 0]])
+
+
+def test_a_model_without_collectives_on_several_ranks_is_warned_about(tmp_path, recwarn):
+    """The single-device model passed to simulate by mistake runs (every rank computes the whole
+    model), but compare_outputs would then say PASS for no sharding at all: a warning names the
+    model and the likely mistake. One rank (run_on_cpu) is the single-device run: no warning."""
+    x = np.zeros((2, 2), np.float32)
+    path = tmp_path / "attention_sd.onnx"
+    onnx.save(_single_device_model(), path)
+    for model, named in ((_single_device_model(), "the model (graph 'g')"), (path, f"model {path}")):
+        with pytest.warns(UserWarning) as caught:
+            simulate(model, {"input": x}, 2, progress=False)
+        message = str(caught[0].message)
+        assert message.startswith(f"{named} has no DistCollective nodes, so the 2 simulated ranks exchange nothing"), message
+        assert "did you pass the single-device model instead of the sharded one?" in message
+        assert caught[0].filename == __file__  # points at the caller's line
+    run_on_cpu(path, {"input": x}, progress=False)
+    simulate(path, {"input": x}, 1, progress=False)
+    simulate(scatter_then("all_gather", 2, 1), {"input": x[:, :1].repeat(3, 1)}, 2, progress=False)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
 
 
 class TestErrors:
