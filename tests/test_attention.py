@@ -86,6 +86,16 @@ def test_bad_sizes_are_refused():
         attention.AttentionConfig(dtype="bfloat16")
 
 
+@pytest.mark.parametrize("ranks", [0, -3, 2.0, True, "2"])
+def test_default_hints_refuse_a_rank_count_that_is_not_a_positive_integer(ranks):
+    """Refused when the hints are made, as shard refuses such ranks, not later with advice to
+    "shard for 0 ranks"."""
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"^ranks must be a positive integer, got {ranks!r}$"):
+        attention.default_hints(ranks)
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"^ranks must be a positive integer, got {ranks!r}$"):
+        shard(attention.create_attention_model(SMALL), attention.default_hints(2), ranks)
+
+
 def test_shard_inserts_the_expected_collectives(small_model):
     sharded = shard(small_model, attention.default_hints(4), ranks=4)
     collectives = [n for n in sharded.graph.node if n.op_type == "DistCollective"]

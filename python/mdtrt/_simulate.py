@@ -415,8 +415,7 @@ def simulate(
         nothing, so a comparison with the single-device model passes whatever the sharding does
         (the single-device model passed instead of the sharded one?).
     """
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise InvalidArgumentError(f"ranks must be a positive integer, got {ranks!r}")
+    arguments.rank_count(ranks)
     arguments.choice(backend, "backend", _BACKENDS)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise InvalidArgumentError(f"threads must be None or a non-negative integer, got {threads!r}")
