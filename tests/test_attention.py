@@ -371,8 +371,10 @@ def test_gpu_run_compares_poisoned_outputs(monkeypatch):
 def test_gpu_run(strategy, capsys):  # pragma: no cover - needs GPUs and TensorRT
     import mdtrt
 
-    if not mdtrt.build_info()["tensorrt_backend"]:
-        pytest.skip("this mdtrt has no TensorRT backend")
+    from trt_double import without_backend
+
+    if without_backend():
+        pytest.skip(without_backend())
     from mdtrt import tensorrt
 
     report = tensorrt.library_report()

@@ -20,6 +20,7 @@ import pytest
 
 import mdtrt
 from fakelib import CC, compile_shared_object
+from trt_double import without_backend
 from mdtrt import _core
 from mdtrt import tensorrt as mdtrt_tensorrt
 
@@ -412,7 +413,7 @@ def lean_report():
     """What the real lean runtime (tensorrt_lean_libs wheel) does, probed in a child process: TensorRT
     is loaded once per process, and this one may hold the TensorRT test double."""
     if not BACKEND:
-        pytest.skip("mdtrt was built without the TensorRT backend")
+        pytest.skip(without_backend())
     if not LEAN_WHEEL:
         pytest.skip("needs the tensorrt-lean-cu13-libs wheel (pip install tensorrt-lean-cu13-libs)")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
@@ -540,7 +541,7 @@ LEAN_NOTE_PROBE = textwrap.dedent(
 
 
 @needs_cc
-@pytest.mark.skipif(not BACKEND, reason="mdtrt was built without the TensorRT backend")
+@pytest.mark.skipif(not BACKEND, reason=without_backend())
 def test_lean_runtime_says_up_front_which_plans_it_loads(fakes):
     env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=fakes["lean"])
     out = subprocess.run([sys.executable, "-c", LEAN_NOTE_PROBE], env=env, capture_output=True, text=True, timeout=60)
