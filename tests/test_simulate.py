@@ -168,6 +168,28 @@ def test_compare_outputs_report():
     assert not compare_outputs(reference, {}, atol=1, rtol=1).passed
 
 
+def test_compare_outputs_names_outputs_the_reference_lacks():
+    """A renamed output ({"output"} against {"out"}) is said to be there under the other name,
+    not only missing; an extra output beside the compared ones is named as not compared."""
+    y = np.ones(3, np.float32)
+    report = compare_outputs({"output": y}, {"out": y}, atol=0, rtol=0)
+    assert not report.passed and report.unexpected == ["out"]
+    assert report.format().splitlines()[1:] == ["  output: FAIL: missing from the outputs (they have: out)"]
+    report = compare_outputs({"output": y}, {"output": y, "attention_probs": y}, atol=0, rtol=0)
+    assert report.passed and report.format().splitlines()[1:] == [
+        "  output: PASS: max abs error 0, max rel error 0", "  not in the reference, not compared: attention_probs"]
+    assert compare_outputs({"output": y}, {}, atol=0, rtol=0).outputs[0].detail == "missing from the outputs"
+
+
+def test_compare_outputs_against_an_all_zero_reference_says_the_relative_error_is_undefined():
+    zeros = {"y": np.zeros(3, np.float32)}
+    report = compare_outputs(zeros, {"y": np.full(3, 1e-3, np.float32)}, atol=1e-2, rtol=1e-2)
+    assert report.passed  # the absolute error decides
+    assert report.format().splitlines()[1] == (
+        "  y: PASS: max abs error 0.001, max rel error undefined (the reference is all zeros)")
+    assert "max rel error 0" in compare_outputs(zeros, zeros, atol=0, rtol=0).format()
+
+
 @pytest.mark.parametrize("terminal", [False, True])
 def test_progress_bar_only_on_a_terminal(terminal, monkeypatch, capsys):
     """A bar redraws in place: on a terminal it shows, into a file or a CI log it would write one
