@@ -168,6 +168,21 @@ def test_compare_outputs_report():
     assert not compare_outputs(reference, {}, atol=1, rtol=1).passed
 
 
+def test_compare_outputs_passes_nan_and_inf_where_the_reference_has_them():
+    """Documented: an output passes when it is non-finite exactly where the reference is (a
+    masked softmax row is NaN on every device); inf - inf is NaN and used to fail it."""
+    reference = {"y": np.array([1.0, np.inf, -np.inf, np.nan], np.float32)}
+    report = compare_outputs(reference, {"y": np.array([1.001, np.inf, -np.inf, np.nan], np.float32)}, atol=1e-2,
+                             rtol=0)
+    assert report.passed, report.format()
+    assert report.format().splitlines()[1].startswith("  y: PASS: max abs error 0.001, max rel error 0.001")
+    for other, detail in (([1.0, -np.inf, -np.inf, np.nan], "values other than the reference's where it is non-finite"),
+                          ([1.0, np.inf, -np.inf, 0.0], "values other than the reference's where it is non-finite"),
+                          ([np.nan, np.inf, -np.inf, np.nan], "non-finite values where the reference has finite ones")):
+        report = compare_outputs(reference, {"y": np.array(other, np.float32)}, atol=1, rtol=1)
+        assert not report.passed and report.outputs[0].detail == detail, (other, report.format())
+
+
 def test_compare_outputs_names_outputs_the_reference_lacks():
     """A renamed output ({"output"} against {"out"}) is said to be there under the other name,
     not only missing; an extra output beside the compared ones is named as not compared."""
