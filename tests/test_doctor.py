@@ -44,6 +44,13 @@ def test_doctor_text_report():
         assert "cannot run multi-device inference" in out.stdout
 
 
+def test_no_command_prints_the_help_with_the_commands():
+    out = subprocess.run([sys.executable, "-m", "mdtrt"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.startswith("usage: python -m mdtrt [-h] {doctor,attention} ...")
+    assert "  doctor " in out.stderr and "  attention " in out.stderr and "required" not in out.stderr, out.stderr
+
+
 def test_doctor_rejects_unknown_option():
     out = run_doctor("--bogus")
     assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
