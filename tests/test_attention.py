@@ -454,6 +454,15 @@ def test_cli_save_dir_is_created_and_written(tmp_path, capsys):
     assert sorted(p.name for p in target.iterdir()) == ["attention_md.onnx", "attention_sd.onnx"]
 
 
+def test_create_model_help_describes_every_option_it_writes_to():
+    result = subprocess.run([sys.executable, str(SAMPLE_DIR / "create_model.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the help to the terminal's width
+    assert ("--output-dir OUTPUT_DIR folder to write attention_sd.onnx and attention_md.onnx to, created if missing "
+            "(default: the current folder, '.')") in text, result.stdout
+
+
 def test_create_model_output_dir_that_cannot_be_written_is_one_line(tmp_path):
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
     script = SAMPLE_DIR / "create_model.py"
