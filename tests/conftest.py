@@ -57,14 +57,10 @@ def trt_double() -> str:
     MDTRT_TENSORRT_LIBRARY for the subprocesses tests start). Skips when mdtrt was built without
     the TensorRT backend; fails when the headers are there and the double does not build, or when
     another TensorRT was loaded into the process first."""
-    from mdtrt import _core
-
-    info = _core.build_info()
-    if not info["tensorrt_backend"]:
-        pytest.skip(f"mdtrt was built without the TensorRT backend ({info['tensorrt_reason']}): the TensorRT test "
-                    "double has nothing to stand in for")
     import trt_double as double
 
+    if double.without_backend():
+        pytest.skip(f"{double.without_backend()}: the TensorRT test double has nothing to stand in for")
     if double.header_dir() is None:
         pytest.skip("no TensorRT 11 headers here to build the TensorRT test double against")
     path = double.build_double()

@@ -86,6 +86,16 @@ def test_bad_sizes_are_refused():
         attention.AttentionConfig(dtype="bfloat16")
 
 
+@pytest.mark.parametrize("ranks", [0, -3, 2.0, True, "2"])
+def test_default_hints_refuse_a_rank_count_that_is_not_a_positive_integer(ranks):
+    """Refused when the hints are made, as shard refuses such ranks, not later with advice to
+    "shard for 0 ranks"."""
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"^ranks must be a positive integer, got {ranks!r}$"):
+        attention.default_hints(ranks)
+    with pytest.raises(mdtrt.InvalidArgumentError, match=f"^ranks must be a positive integer, got {ranks!r}$"):
+        shard(attention.create_attention_model(SMALL), attention.default_hints(2), ranks)
+
+
 def test_shard_inserts_the_expected_collectives(small_model):
     sharded = shard(small_model, attention.default_hints(4), ranks=4)
     collectives = [n for n in sharded.graph.node if n.op_type == "DistCollective"]
@@ -361,8 +371,10 @@ def test_gpu_run_compares_poisoned_outputs(monkeypatch):
 def test_gpu_run(strategy, capsys):  # pragma: no cover - needs GPUs and TensorRT
     import mdtrt
 
-    if not mdtrt.build_info()["tensorrt_backend"]:
-        pytest.skip("this mdtrt has no TensorRT backend")
+    from trt_double import without_backend
+
+    if without_backend():
+        pytest.skip(without_backend())
     from mdtrt import tensorrt
 
     report = tensorrt.library_report()
@@ -440,6 +452,15 @@ def test_cli_save_dir_is_created_and_written(tmp_path, capsys):
     target = tmp_path / "new" / "models"
     assert attention_cli.main([*SMALL_CLI, "--ranks", "2", "--save-dir", str(target)]) == 0
     assert sorted(p.name for p in target.iterdir()) == ["attention_md.onnx", "attention_sd.onnx"]
+
+
+def test_create_model_help_describes_every_option_it_writes_to():
+    result = subprocess.run([sys.executable, str(SAMPLE_DIR / "create_model.py"), "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the help to the terminal's width
+    assert ("--output-dir OUTPUT_DIR folder to write attention_sd.onnx and attention_md.onnx to, created if missing "
+            "(default: the current folder, '.')") in text, result.stdout
 
 
 def test_create_model_output_dir_that_cannot_be_written_is_one_line(tmp_path):

@@ -44,6 +44,13 @@ def test_doctor_text_report():
         assert "cannot run multi-device inference" in out.stdout
 
 
+def test_no_command_prints_the_help_with_the_commands():
+    out = subprocess.run([sys.executable, "-m", "mdtrt"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.startswith("usage: python -m mdtrt [-h] {doctor,attention} ...")
+    assert "  doctor " in out.stderr and "  attention " in out.stderr and "required" not in out.stderr, out.stderr
+
+
 def test_doctor_rejects_unknown_option():
     out = run_doctor("--bogus")
     assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
@@ -211,18 +218,77 @@ def test_doctor_json_has_the_onnx_parser_key_without_tensorrt():
     assert set(parser) == {"found", "path", "found_by", "note", "error"}
 
 
-def test_without_the_backend_the_only_tensorrt_advice_is_the_rebuild(monkeypatch):
-    """A build without the TensorRT backend: installing TensorRT's library would change nothing, so
-    the text gives only the rebuild command (not also `pip install tensorrt-lean-cu13-libs`)."""
+_NOT_FOUND_ATTEMPTS = [
+    {"rule": "libnvinfer.so.11", "candidate": "libnvinfer.so.11", "loaded": False,
+     "message": "libnvinfer.so.11: cannot open shared object file: No such file or directory"},
+    {"rule": "extra directory", "candidate": "/w/tensorrt_libs/libnvinfer.so.11", "loaded": False,
+     "message": "/w/tensorrt_libs/libnvinfer.so.11: cannot open shared object file: No such file or directory"},
+]
+
+
+def _tensorrt_section(**fields) -> dict:
+    """The doctor's report with its tensorrt section replaced by ``fields`` (over "not found")."""
     from mdtrt import doctor
 
     report = doctor.collect()
-    report["tensorrt"] = dict(report["tensorrt"], compiled_in=False, reason="built without TensorRT headers",
-                              rebuild="rebuild with TensorRT_INCLUDE_DIR=<dir> pip install .", library_found=False,
-                              error="load TensorRT: not found. Install TensorRT with `pip install tensorrt-lean-cu13-libs`")
+    report["tensorrt"] = dict({"compiled_in": True, "reason": "built against TensorRT 11.1 headers at /h",
+                               "library_found": False, "path": None, "version": None, "found_by": None, "lean": None,
+                               "error": "load TensorRT: not found", "attempts": [],
+                               "onnx_parser": {"found": False, "path": None, "found_by": None, "note": None,
+                                               "error": None}}, **fields)
+    return report
+
+
+def test_without_the_backend_the_only_tensorrt_advice_is_the_rebuild():
+    """A build without the TensorRT backend: installing TensorRT's library alone would change
+    nothing, so the text gives only the rebuild command (not also `pip install
+    tensorrt-lean-cu13-libs`), but it still names every place the library search tried (README:
+    the search is in every build) and says the ONNX parser was not looked for."""
+    from mdtrt import doctor
+
+    report = _tensorrt_section(compiled_in=False, reason="built without TensorRT headers",
+                               rebuild="rebuild with TensorRT_INCLUDE_DIR=<dir> pip install .", attempts=_NOT_FOUND_ATTEMPTS,
+                               error="load TensorRT: not found. Install TensorRT with `pip install tensorrt-lean-cu13-libs`")
     text = doctor.format_text(report)
     assert "backend not compiled in: built without TensorRT headers" in text and "TensorRT_INCLUDE_DIR=<dir>" in text
-    assert "tensorrt-lean-cu13-libs" not in text and "library not found" not in text
+    assert "tensorrt-lean-cu13-libs" not in text
+    assert "library not found (a rebuilt mdtrt needs one too); tried:" in text
+    assert "  - libnvinfer.so.11: cannot open shared object file" in text
+    assert "  - extra directory: /w/tensorrt_libs/libnvinfer.so.11: cannot open shared object file" in text
+    assert "ONNX parser not looked for: no TensorRT library was found" in text
+
+
+def test_without_the_backend_the_text_names_the_library_a_rebuilt_mdtrt_would_use():
+    from mdtrt import doctor
+
+    report = _tensorrt_section(compiled_in=False, reason="built without TensorRT headers", rebuild="rebuild it",
+                               library_found=True, version="11.4.0", path="/x/libnvinfer.so.11",
+                               found_by="libnvinfer.so.11", lean=False, error=None,
+                               onnx_parser={"found": False, "path": None, "found_by": None, "note": None,
+                                            "error": "not looked for: this build has no TensorRT backend"})
+    text = doctor.format_text(report)
+    assert ("library 11.4.0 at /x/libnvinfer.so.11 (found by libnvinfer.so.11); a rebuilt mdtrt would use it"
+            in text), text
+    assert "ONNX parser not looked for: this build has no TensorRT backend" in text
+
+
+def test_with_the_backend_and_no_library_the_text_says_the_onnx_parser_was_not_looked_for():
+    """README: doctor shows whether the ONNX parser is there; without TensorRT it says why not."""
+    from mdtrt import doctor
+
+    text = doctor.format_text(_tensorrt_section(attempts=_NOT_FOUND_ATTEMPTS))
+    assert "library not found: load TensorRT: not found" in text
+    assert "ONNX parser not looked for: no TensorRT library was found (the full TensorRT ships the parser)" in text
+
+
+def test_the_json_report_says_why_the_onnx_parser_was_not_looked_for(monkeypatch):
+    from mdtrt import tensorrt
+
+    monkeypatch.delenv("MDTRT_TENSORRT_LIBRARY", raising=False)  # the trt_double fixture may have set it
+    report = tensorrt.library_report()
+    if report["library_found"]:
+        pytest.skip("TensorRT is found here: the parser is looked for")
+    assert report["onnx_parser"]["error"] == tensorrt.PARSER_NOT_LOOKED_FOR
 
 
 def test_lean_runtime_does_not_report_the_onnx_parser_as_missing():
@@ -236,7 +302,8 @@ def test_lean_runtime_does_not_report_the_onnx_parser_as_missing():
                               onnx_parser={"found": False, "path": None, "found_by": None, "note": None,
                                            "error": "create TensorRT builder: the lean runtime was found"})
     text = doctor.format_text(report)
-    assert "ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT (pip install tensorrt-cu13)" in text
+    assert ("ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT (pip install tensorrt-cu13; its "
+            "libraries download only from NVIDIA's index, pypi.nvidia.com)") in text
     assert "ONNX parser not found" not in text and "create TensorRT builder" not in text
 
 

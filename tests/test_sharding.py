@@ -122,6 +122,20 @@ class TestBadHints:
         with pytest.raises(InvalidArgumentError, match="nb_rank 0, not a positive integer"):
             sharding.declared_ranks(hints)
 
+    @pytest.mark.parametrize("nb_rank", [0, -3, 2.5])
+    def test_hints_for_no_ranks_are_refused_whatever_ranks_are_asked_for(self, nb_rank, monkeypatch):
+        """Hints with nb_rank 0 are refused as such, not with "set nb_rank to 2 in the hints, or
+        shard for 0 ranks"."""
+        monkeypatch.setattr(sharding, "_run_polygraphy", lambda *args: pytest.fail("reached polygraphy"))
+        hints = self.hints(2)
+        hints["dist_collectives"]["nb_rank"] = nb_rank
+        expected = f"hints field 'dist_collectives' has nb_rank {nb_rank!r}, not a positive integer"
+        for call in (lambda: mdtrt.shard(self.model, hints, 2), lambda: mdtrt.shard(self.model, hints),
+                     lambda: sharding.check_hints(hints)):
+            with pytest.raises(InvalidArgumentError, match=f"^{expected}") as error:
+                call()
+            assert "for 0 ranks" not in str(error.value)
+
     def test_a_directory_is_not_a_hints_file(self, tmp_path):
         with pytest.raises(InvalidArgumentError, match=f"hints: file {tmp_path} is a directory: give a ShardHints JSON file"):
             sharding.load_hints(tmp_path)

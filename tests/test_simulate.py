@@ -94,16 +94,41 @@ def test_reference_backend_agrees():
         np.testing.assert_allclose(fast[rank]["output"], slow[rank]["output"], rtol=1e-6)
 
 
-def test_unsorted_nodes_and_single_device_model():
-    # Nodes listed out of order (as polygraphy leaves them) still run; no collectives: 1 segment.
+def _single_device_model():
+    # Nodes listed out of order (as polygraphy leaves them); no collectives.
     nodes = [helper.make_node("Relu", ["a"], ["output"]), helper.make_node("Neg", ["input"], ["a"])]
     graph = helper.make_graph(
         nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 2])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 2])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_unsorted_nodes_and_single_device_model():
+    # Unsorted nodes still run; no collectives: 1 segment.
     x = np.array([[1.0, -2.0], [-3.0, 4.0]], np.float32)
-    np.testing.assert_array_equal(run_on_cpu(model, {"input": x}, progress=False)["output"], [[0, 2], [3, 0]])
+    np.testing.assert_array_equal(run_on_cpu(_single_device_model(), {"input": x}, progress=False)["output"],
+                                  [[0, 2], [3, 0]])
+
+
+def test_a_model_without_collectives_on_several_ranks_is_warned_about(tmp_path, recwarn):
+    """The single-device model passed to simulate by mistake runs (every rank computes the whole
+    model), but compare_outputs would then say PASS for no sharding at all: a warning names the
+    model and the likely mistake. One rank (run_on_cpu) is the single-device run: no warning."""
+    x = np.zeros((2, 2), np.float32)
+    path = tmp_path / "attention_sd.onnx"
+    onnx.save(_single_device_model(), path)
+    for model, named in ((_single_device_model(), "the model (graph 'g')"), (path, f"model {path}")):
+        with pytest.warns(UserWarning) as caught:
+            simulate(model, {"input": x}, 2, progress=False)
+        message = str(caught[0].message)
+        assert message.startswith(f"{named} has no DistCollective nodes, so the 2 simulated ranks exchange nothing"), message
+        assert "did you pass the single-device model instead of the sharded one?" in message
+        assert caught[0].filename == __file__  # points at the caller's line
+    run_on_cpu(path, {"input": x}, progress=False)
+    simulate(path, {"input": x}, 1, progress=False)
+    simulate(scatter_then("all_gather", 2, 1), {"input": x[:, :1].repeat(3, 1)}, 2, progress=False)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
 
 
 class TestErrors:
@@ -141,6 +166,43 @@ def test_compare_outputs_report():
     assert not compare_outputs(reference, {"y": np.zeros(4, np.float32)}, atol=1, rtol=1).passed
     assert not compare_outputs(reference, {"y": np.array([1, np.nan, 4], np.float32)}, atol=1, rtol=1).passed
     assert not compare_outputs(reference, {}, atol=1, rtol=1).passed
+
+
+def test_compare_outputs_passes_nan_and_inf_where_the_reference_has_them():
+    """Documented: an output passes when it is non-finite exactly where the reference is (a
+    masked softmax row is NaN on every device); inf - inf is NaN and used to fail it."""
+    reference = {"y": np.array([1.0, np.inf, -np.inf, np.nan], np.float32)}
+    report = compare_outputs(reference, {"y": np.array([1.001, np.inf, -np.inf, np.nan], np.float32)}, atol=1e-2,
+                             rtol=0)
+    assert report.passed, report.format()
+    assert report.format().splitlines()[1].startswith("  y: PASS: max abs error 0.001, max rel error 0.001")
+    for other, detail in (([1.0, -np.inf, -np.inf, np.nan], "values other than the reference's where it is non-finite"),
+                          ([1.0, np.inf, -np.inf, 0.0], "values other than the reference's where it is non-finite"),
+                          ([np.nan, np.inf, -np.inf, np.nan], "non-finite values where the reference has finite ones")):
+        report = compare_outputs(reference, {"y": np.array(other, np.float32)}, atol=1, rtol=1)
+        assert not report.passed and report.outputs[0].detail == detail, (other, report.format())
+
+
+def test_compare_outputs_names_outputs_the_reference_lacks():
+    """A renamed output ({"output"} against {"out"}) is said to be there under the other name,
+    not only missing; an extra output beside the compared ones is named as not compared."""
+    y = np.ones(3, np.float32)
+    report = compare_outputs({"output": y}, {"out": y}, atol=0, rtol=0)
+    assert not report.passed and report.unexpected == ["out"]
+    assert report.format().splitlines()[1:] == ["  output: FAIL: missing from the outputs (they have: out)"]
+    report = compare_outputs({"output": y}, {"output": y, "attention_probs": y}, atol=0, rtol=0)
+    assert report.passed and report.format().splitlines()[1:] == [
+        "  output: PASS: max abs error 0, max rel error 0", "  not in the reference, not compared: attention_probs"]
+    assert compare_outputs({"output": y}, {}, atol=0, rtol=0).outputs[0].detail == "missing from the outputs"
+
+
+def test_compare_outputs_against_an_all_zero_reference_says_the_relative_error_is_undefined():
+    zeros = {"y": np.zeros(3, np.float32)}
+    report = compare_outputs(zeros, {"y": np.full(3, 1e-3, np.float32)}, atol=1e-2, rtol=1e-2)
+    assert report.passed  # the absolute error decides
+    assert report.format().splitlines()[1] == (
+        "  y: PASS: max abs error 0.001, max rel error undefined (the reference is all zeros)")
+    assert "max rel error 0" in compare_outputs(zeros, zeros, atol=0, rtol=0).format()
 
 
 @pytest.mark.parametrize("terminal", [False, True])

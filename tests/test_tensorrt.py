@@ -20,12 +20,15 @@ import pytest
 
 import mdtrt
 from fakelib import CC, compile_shared_object
+from trt_double import without_backend
 from mdtrt import _core
 from mdtrt import tensorrt as mdtrt_tensorrt
 
 needs_cc = pytest.mark.skipif(CC is None, reason="needs a C compiler to build fake TensorRT libraries")
 BACKEND = bool(_core.build_info()["tensorrt_backend"])
 MAJOR = _core.testing.tensorrt_header_major()
+# What every error that says `pip install tensorrt-cu13` must add (README: TensorRT).
+INDEX = "its libraries download only from NVIDIA's index, pypi.nvidia.com"
 
 
 def code(major: int, minor: int = 0, patch: int = 0) -> int:
@@ -150,7 +153,8 @@ def test_without_the_backend_the_doctor_says_how_to_rebuild_and_which_library_it
     here = mdtrt_tensorrt._library_report_here()  # what the doctor's probe process runs, in a build without the backend
     assert here["library_found"] or (len(here["attempts"]) >= 2 and "could not find a usable TensorRT" in here["error"])
     report = doctor._tensorrt_report({"tensorrt_backend": False, "tensorrt_reason": reason})
-    assert 'TensorRT_INCLUDE_DIR=' in report["rebuild"] and ".[test,lean]" in report["rebuild"]
+    assert 'TensorRT_INCLUDE_DIR=' in report["rebuild"] and 'pip install ".[test,tensorrt]"' in report["rebuild"]
+    assert '".[test,lean]"' in report["rebuild"]  # the doctor gives both: running engines needs no builder
     assert set(report) >= {"library_found", "path", "attempts", "error"}
 
 
@@ -178,11 +182,30 @@ def test_entry_points_say_what_is_missing(name):
     if BACKEND:
         # NVIDIA's packages by name: mdtrt is not on a package index, so `pip install 'mdtrt[...]'` cannot work.
         assert "could not find a usable TensorRT" in message and "`pip install tensorrt-cu13`" in message
+        assert INDEX in message  # without NVIDIA's index that command fails
         assert "`pip install tensorrt-lean-cu13-libs`" in message and "mdtrt[" not in message
         assert "MDTRT_TENSORRT_LIBRARY" in message
     else:
         assert "mdtrt was built without the TensorRT backend" in message
         assert "TensorRT_ROOT or TensorRT_INCLUDE_DIR" in message
+
+
+@pytest.mark.parametrize("name", sorted(_entry_points()))
+def test_without_the_backend_the_rebuild_advice_fits_the_call(monkeypatch, name):
+    """Building an engine needs the full TensorRT (the `tensorrt` extra): a builder's rebuild
+    advice names only that, with NVIDIA's index; the calls that run engines may also use the lean
+    runtime (the `lean` extra)."""
+    without = dict(mdtrt.build_info(), tensorrt_backend=False, tensorrt_reason="TensorRT headers not found")
+    monkeypatch.setattr(mdtrt_tensorrt._core, "build_info", lambda: without)
+    with pytest.raises(mdtrt.LibraryNotFoundError) as info:
+        _entry_points()[name]()
+    message = str(info.value)
+    assert message.startswith("mdtrt was built without the TensorRT backend: TensorRT headers not found; rebuild"), message
+    assert 'TensorRT_INCLUDE_DIR=<TensorRT include folder> pip install ".[test,tensorrt]"' in message
+    assert INDEX in message
+    building = name.startswith("build_")
+    assert ('".[test,lean]"' in message) is not building, message
+    assert ("building engines needs it (the lean runtime cannot build)" in message) is building, message
 
 
 @pytest.mark.parametrize("name", ["load_tensorrt", "load_onnx_parser", "tensorrt_build_dist_collective",
@@ -270,7 +293,7 @@ def test_lean_runtime_cannot_build(fakes):
     assert not r["ok"]
     assert r["type"] == "LibraryNotFoundError"
     assert "the lean runtime was found" in r["message"] and "can run engines but not build them" in r["message"]
-    assert "(pip install tensorrt-cu13)" in r["message"] and "mdtrt[" not in r["message"]
+    assert f"(pip install tensorrt-cu13; {INDEX})" in r["message"] and "mdtrt[" not in r["message"]
     assert probe([], env_library=fakes["no_builder"])["lean"] is True
 
 
@@ -314,8 +337,8 @@ def test_nothing_found_lists_attempts_and_what_to_do(tmp_path):
     assert not r["ok"]
     assert r["type"] == "LibraryNotFoundError"
     for text in (f"libnvinfer.so.{MAJOR}", f"libnvinfer_lean.so.{MAJOR}", str(tmp_path / "full"),
-                 str(tmp_path / "lean"), "`pip install tensorrt-cu13`", "`pip install tensorrt-lean-cu13-libs`",
-                 "MDTRT_TENSORRT_LIBRARY"):
+                 str(tmp_path / "lean"), f"`pip install tensorrt-cu13` (build and run engines; {INDEX})",
+                 "`pip install tensorrt-lean-cu13-libs`", "MDTRT_TENSORRT_LIBRARY"):
         assert text in r["message"]
     assert "mdtrt[" not in r["message"]
 
@@ -390,7 +413,7 @@ def lean_report():
     """What the real lean runtime (tensorrt_lean_libs wheel) does, probed in a child process: TensorRT
     is loaded once per process, and this one may hold the TensorRT test double."""
     if not BACKEND:
-        pytest.skip("mdtrt was built without the TensorRT backend")
+        pytest.skip(without_backend())
     if not LEAN_WHEEL:
         pytest.skip("needs the tensorrt-lean-cu13-libs wheel (pip install tensorrt-lean-cu13-libs)")
     env = dict(os.environ, NCCL_NVLS_ENABLE="0")
@@ -518,7 +541,7 @@ LEAN_NOTE_PROBE = textwrap.dedent(
 
 
 @needs_cc
-@pytest.mark.skipif(not BACKEND, reason="mdtrt was built without the TensorRT backend")
+@pytest.mark.skipif(not BACKEND, reason=without_backend())
 def test_lean_runtime_says_up_front_which_plans_it_loads(fakes):
     env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=fakes["lean"])
     out = subprocess.run([sys.executable, "-c", LEAN_NOTE_PROBE], env=env, capture_output=True, text=True, timeout=60)

@@ -17,9 +17,10 @@ import pytest
 import mdtrt
 from mdtrt import _core, reference
 from mdtrt import tensorrt as mdtrt_tensorrt
+from trt_double import without_backend
 
 BACKEND = bool(_core.build_info()["tensorrt_backend"])
-needs_backend = pytest.mark.skipif(not BACKEND, reason="mdtrt was built without the TensorRT backend")
+needs_backend = pytest.mark.skipif(not BACKEND, reason=without_backend())
 
 
 def read_plan(plan: bytes) -> dict:

@@ -45,6 +45,25 @@ def test_tensorrt_install_commands_name_the_packages_the_extras_pull():
     assert _core.TENSORRT_INSTALL_LEAN == f"pip install {extras['lean']}"
 
 
+def test_folders_the_readmes_write_models_into_are_ignored_by_git(tmp_path):
+    """`--save-dir models` (README) and `--output-dir models` (the sample's README) write two
+    128 MiB models into the checkout: git must not offer them for a commit."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout (or no git): nothing to ignore files for")
+    written = sorted({readme.parent.relative_to(REPO) / folder / "attention_md.onnx"
+                      for readme in [REPO / "README.md", *REPO.glob("samples/*/README.md")]
+                      for folder in re.findall(r"--(?:save|output)-dir (\S+?)[`\s]", readme.read_text())
+                      if folder != "."})
+    assert written, "the READMEs name no --save-dir/--output-dir any more: update this test"
+    checked = subprocess.run(["git", "-C", str(REPO), "check-ignore", "--no-index", *map(str, written)],
+                             capture_output=True, text=True)
+    ignored = {line.strip() for line in checked.stdout.splitlines()}
+    assert not [str(p) for p in written if str(p) not in ignored], (written, checked.stdout, checked.stderr)
+
+
 # Every call that reads a file the user names, and the remedy its error must give.
 def _readers():
     from mdtrt import runner, sharding, tensorrt

@@ -49,6 +49,15 @@ class DoubleBuildError(RuntimeError):
     """The double could not be configured or built (the output of CMake is in the message)."""
 
 
+def without_backend() -> str:
+    """The skip reason of a test that needs mdtrt's TensorRT backend, with why this build lacks it
+    (``build_info()["tensorrt_reason"]``); "" when the backend is compiled in."""
+    from mdtrt import _core
+
+    info = _core.build_info()
+    return "" if info["tensorrt_backend"] else f"mdtrt was built without the TensorRT backend ({info['tensorrt_reason']})"
+
+
 def header_dir() -> str | None:
     """The TensorRT include directory to build the double against: the one mdtrt's extension was
     built with (``build_info()["tensorrt_include_dir"]``), else ``TensorRT_INCLUDE_DIR``, else

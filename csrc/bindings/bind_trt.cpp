@@ -255,6 +255,7 @@ void bind_trt(py::module_& m) {
   // The pip commands the library errors name, for the Python layer's own messages (one wording).
   m.attr("TENSORRT_INSTALL_FULL") = trt::kInstallFull;
   m.attr("TENSORRT_INSTALL_LEAN") = trt::kInstallLean;
+  m.attr("TENSORRT_FULL_FROM_NVIDIA_INDEX") = trt::kFullFromNvidiaIndex;
   // Discovery is compiled in every build: what the last failed search tried, for the doctor.
   m.def("tensorrt_failed_attempts", &trt::failed_attempts,
         "Every attempt of the last TensorRT search that found no usable library (empty when none failed).");

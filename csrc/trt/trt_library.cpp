@@ -183,6 +183,7 @@ int parser_header_version() { return kParserHeaderVersion; }
 
 const char* const kInstallFull = "pip install tensorrt-cu13";
 const char* const kInstallLean = "pip install tensorrt-lean-cu13-libs";
+const char* const kFullFromNvidiaIndex = "its libraries download only from NVIDIA's index, pypi.nvidia.com";
 
 const std::vector<std::string>& required_symbols() {
   static const std::vector<std::string> names = {kVersionSymbol, kRuntimeSymbol};
@@ -222,8 +223,9 @@ const LibraryInfo& load_library(const std::vector<std::string>& extra_dirs,
   throw Error(ErrorKind::kLibraryNotFound,
               "could not find a usable TensorRT " + std::to_string(kHeaderMajor) +
                   " library. Tried:" + describe_attempts(info.attempts) +
-                  "\nInstall TensorRT with `" + kInstallFull + "` (build and run engines) or `" + kInstallLean +
-                  "` (run prebuilt engines only), add its lib folder to LD_LIBRARY_PATH, or set "
+                  "\nInstall TensorRT with `" + kInstallFull + "` (build and run engines; " + kFullFromNvidiaIndex +
+                  ") or `" + kInstallLean +
+                  "` (run prebuilt engines only, from PyPI), add its lib folder to LD_LIBRARY_PATH, or set "
                   "MDTRT_TENSORRT_LIBRARY=/path/to/" +
                   kFull + ".",
               -1, "load TensorRT");
@@ -246,8 +248,8 @@ void require_builder() {
   if (info.lean) {
     throw Error(ErrorKind::kLibraryNotFound,
                 "the lean runtime was found (" + info.path +
-                    "): it can run engines but not build them; install the full TensorRT (" + kInstallFull +
-                    ") to build, or set MDTRT_TENSORRT_LIBRARY to a full " + kFull + ".",
+                    "): it can run engines but not build them; install the full TensorRT (" + kInstallFull + "; " +
+                    kFullFromNvidiaIndex + ") to build, or set MDTRT_TENSORRT_LIBRARY to a full " + kFull + ".",
                 -1, "create TensorRT builder");
   }
 }
@@ -307,8 +309,8 @@ const ParserInfo& load_onnx_parser(const std::vector<std::string>& extra_dirs) {
   }
   throw Error(ErrorKind::kLibraryNotFound,
               "could not find TensorRT's ONNX parser (" + kParser + "). Tried:" + describe_attempts(info.attempts) +
-                  "\nIt ships with the full TensorRT: `" + kInstallFull + "`, add its lib folder to "
-                  "LD_LIBRARY_PATH, or set MDTRT_ONNXPARSER_LIBRARY=/path/to/" +
+                  "\nIt ships with the full TensorRT: `" + kInstallFull + "` (" + kFullFromNvidiaIndex +
+                  "), add its lib folder to LD_LIBRARY_PATH, or set MDTRT_ONNXPARSER_LIBRARY=/path/to/" +
                   kParser + ".",
               -1, "load the TensorRT ONNX parser");
 }

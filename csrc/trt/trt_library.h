@@ -71,6 +71,9 @@ std::vector<LoadAttempt> failed_attempts();
 // lean runtime only runs version-compatible plans.
 extern const char* const kInstallFull;  // "pip install tensorrt-cu13"
 extern const char* const kInstallLean;  // "pip install tensorrt-lean-cu13-libs"
+// What a user of kInstallFull must know: tensorrt-cu13's libraries package on PyPI is a stub that
+// downloads them from NVIDIA's own index, so the command fails where pip cannot reach it.
+extern const char* const kFullFromNvidiaIndex;
 
 // Throws the "lean runtime cannot build" error when the loaded library has no builder.
 void require_builder();

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         The process exit status: doctor's (0 when multi-device inference can run here, else 1), the
-        attention sample's, 130 after Ctrl-C (the shell's convention for SIGINT: 128 + 2), or 141
+        attention sample's, 2 without a command (the help, listing the commands, goes to stderr), 130 after Ctrl-C (the shell's convention for SIGINT: 128 + 2), or 141
         when the reader of its output went away (``doctor --json | head``: 128 + SIGPIPE's 13).
     """
     try:
@@ -40,13 +40,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mdtrt",
                                      description="Multi-device TensorRT inference on the GPUs of one host.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
     doctor = sub.add_parser("doctor", help="report NCCL, CUDA, GPUs, peer access and TensorRT; exit 1 if multi-device inference cannot run here")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_parser("attention", add_help=False,
                    help="context-parallel attention sample: shard, verify on simulated ranks (CPU), run on GPUs "
                         "(`mdtrt attention --help` for its options)")
     args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        # No command: the commands there are, not only "the following arguments are required".
+        parser.print_help(sys.stderr)
+        return 2
     if args.command == "doctor":
         if rest:
             doctor.error(f"unrecognized arguments: {' '.join(rest)}")  # doctor's usage, not the top level's

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -346,6 +347,13 @@ def _check_inputs(plan: _Plan, inputs: Mapping[str, np.ndarray]) -> dict[str, np
     return checked
 
 
+def _model_text(model: onnx.ModelProto | str | os.PathLike) -> str:
+    """The model as a message names it: its path, else its graph's name."""
+    if isinstance(model, onnx.ModelProto):
+        return f"the model (graph {model.graph.name!r})" if model.graph.name else "the model"
+    return f"model {os.fspath(model)}"
+
+
 def _shape_text(dims) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
@@ -365,8 +373,9 @@ def simulate(
     ----------
     model : onnx.ModelProto or path
         The sharded model, as ``mdtrt.shard`` or ``polygraphy multi-device shard`` write it. A
-        model without DistCollective nodes runs too (every rank computes the same thing). A path
-        may carry external data (weights in files beside it), also past protobuf's 2 GiB.
+        model without DistCollective nodes runs too (every rank computes the same thing), with a
+        warning for more than one rank. A path may carry external data (weights in files beside
+        it), also past protobuf's 2 GiB.
     inputs : dict of str to numpy.ndarray
         Input name to the *full* array, of the model's declared dtype (bfloat16 as
         ``ml_dtypes.bfloat16``) and shape (symbolic dimensions consistent across inputs); every
@@ -398,14 +407,25 @@ def simulate(
 
     Other errors ONNX Runtime raises while creating a segment's session (anything but a missing
     kernel, NOT_IMPLEMENTED) propagate unchanged.
+
+    Warns
+    -----
+    UserWarning
+        ``ranks`` is more than 1 and the model has no DistCollective nodes: the ranks exchange
+        nothing, so a comparison with the single-device model passes whatever the sharding does
+        (the single-device model passed instead of the sharded one?).
     """
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise InvalidArgumentError(f"ranks must be a positive integer, got {ranks!r}")
+    arguments.rank_count(ranks)
     arguments.choice(backend, "backend", _BACKENDS)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise InvalidArgumentError(f"threads must be None or a non-negative integer, got {threads!r}")
     plan = _Plan(load_model(model))
     plan.check_ranks(ranks)
+    if ranks > 1 and not plan.collectives:
+        warnings.warn(f"{_model_text(model)} has no DistCollective nodes, so the {ranks} simulated ranks exchange "
+                      "nothing and each computes the whole model (a comparison with the single-device model then "
+                      "checks no sharding): did you pass the single-device model instead of the sharded one?",
+                      UserWarning, stacklevel=2)
     feeds = _check_inputs(plan, inputs)
     values = [dict(feeds) for _ in range(ranks)]
 

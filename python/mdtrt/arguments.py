@@ -169,6 +169,32 @@ def seconds(value: Any, name: str = "timeout") -> float:
     return float(value)
 
 
+def rank_count(value: Any, name: str = "ranks") -> int:
+    """A number of ranks: a positive int (a bool, a float or a numpy integer is refused: hints
+    carry it as JSON, and a model is sharded for a whole number of ranks).
+
+    Parameters
+    ----------
+    value : object
+        What the caller gave.
+    name : str, optional
+        How the message names the argument (default "ranks").
+
+    Returns
+    -------
+    int
+        ``value``.
+
+    Raises
+    ------
+    InvalidArgumentError
+        "ranks must be a positive integer, got 0": ``value`` is not an int, or is below 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
 def non_negative(value: Any, name: str) -> float:
     """A finite number >= 0 (a tolerance).
 

@@ -75,9 +75,25 @@ DEFAULT_HINTS = {
 
 
 def default_hints(ranks: int = 2) -> dict:
-    """A copy of :data:`DEFAULT_HINTS` for ``ranks`` devices."""
+    """A copy of :data:`DEFAULT_HINTS` for ``ranks`` devices.
+
+    Parameters
+    ----------
+    ranks : int, optional
+        Number of devices (``dist_collectives.nb_rank``); default 2.
+
+    Returns
+    -------
+    dict
+        The hints, in polygraphy's ShardHints JSON schema.
+
+    Raises
+    ------
+    InvalidArgumentError
+        ``ranks`` is not a positive integer.
+    """
     hints = json.loads(json.dumps(DEFAULT_HINTS))
-    hints["dist_collectives"]["nb_rank"] = ranks
+    hints["dist_collectives"]["nb_rank"] = arguments.rank_count(ranks)
     return hints
 
 

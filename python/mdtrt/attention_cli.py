@@ -128,8 +128,8 @@ def _gpu_run_blocker(ranks: int) -> str | None:
             reasons.append(f"TensorRT is needed for the GPU run and was not found: {report['error']}")
         elif report["lean"]:
             reasons.append(f"the GPU run builds engines, which needs the full TensorRT; only the lean runtime was "
-                           f"found ({report['path']}): {_core.TENSORRT_INSTALL_FULL} where NVIDIA's index is "
-                           "reachable")
+                           f"found ({report['path']}): {_core.TENSORRT_INSTALL_FULL} "
+                           f"({_core.TENSORRT_FULL_FROM_NVIDIA_INDEX})")
     return "; ".join(reasons) or None
 
 

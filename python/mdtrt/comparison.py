@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -17,8 +17,9 @@ __all__ = ["compare_outputs", "ComparisonReport", "OutputComparison"]
 @dataclass
 class OutputComparison:
     """One output's verdict: ``passed``, the largest absolute error, that error over the largest
-    reference magnitude (``max_rel_error``), and ``detail``: why it failed without a number (missing
-    output, wrong shape, non-finite values), else "".
+    reference magnitude (``max_rel_error``; inf for a nonzero error against an all-zero reference,
+    which :meth:`ComparisonReport.format` calls undefined), and ``detail``: why it failed without a
+    number (missing output, wrong shape, non-finite values), else "".
     """
     name: str
     passed: bool
@@ -30,11 +31,14 @@ class OutputComparison:
 @dataclass
 class ComparisonReport:
     """How far one set of outputs is from a reference. An output passes when
-    ``max|actual - expected| <= atol + rtol * max|expected|`` (and nothing is NaN)."""
+    ``max|actual - expected| <= atol + rtol * max|expected|`` (and nothing is NaN).
+    ``unexpected``: the names of outputs that only the compared ones have (not compared; a
+    renamed output shows here and as missing)."""
 
     outputs: list[OutputComparison]
     atol: float
     rtol: float
+    unexpected: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -42,18 +46,26 @@ class ComparisonReport:
         return all(o.passed for o in self.outputs)
 
     def format(self, label: str = "multi-device vs single-device") -> str:
-        """A human-readable report: a header with the pass rule, then one PASS/FAIL line per output."""
+        """A human-readable report: a header with the pass rule, then one PASS/FAIL line per output
+        (and one naming the outputs not in the reference, unless a missing one names them)."""
         lines = [f"{label} (pass: max abs error <= {self.atol:g} + {self.rtol:g} * max |reference|):"]
         for o in self.outputs:
             verdict = "PASS" if o.passed else "FAIL"
             if o.detail:
                 lines.append(f"  {o.name}: {verdict}: {o.detail}")
             else:
-                lines.append(
-                    f"  {o.name}: {verdict}: max abs error {o.max_abs_error:.3g}, "
-                    f"max rel error {o.max_rel_error:.3g}"
-                )
+                # An all-zero reference has no scale to be relative to: the absolute error decides.
+                relative = ("undefined (the reference is all zeros)" if np.isinf(o.max_rel_error)
+                            and np.isfinite(o.max_abs_error) else f"{o.max_rel_error:.3g}")
+                lines.append(f"  {o.name}: {verdict}: max abs error {o.max_abs_error:.3g}, max rel error {relative}")
+        if self.unexpected and all(o.detail != _missing(self.unexpected) for o in self.outputs):
+            lines.append(f"  not in the reference, not compared: {', '.join(self.unexpected)}")
         return "\n".join(lines)
+
+
+def _missing(unexpected: list[str]) -> str:
+    """Why an output of the reference failed when the outputs lack it (naming what they have instead)."""
+    return "missing from the outputs" + (f" (they have: {', '.join(unexpected)})" if unexpected else "")
 
 
 def compare_outputs(
@@ -66,7 +78,8 @@ def compare_outputs(
     """Compare ``actual`` to ``expected`` output by output.
 
     An output passes when ``max|actual - expected| <= atol + rtol * max|expected|`` (computed in
-    float64) and it is non-finite exactly where the reference is. The relative error reported is
+    float64 over the values finite in both) and it holds the reference's NaN and inf values exactly
+    where the reference does. The relative error reported is
     the max absolute error over the largest reference magnitude, which stays meaningful where
     individual reference values are near zero.
 
@@ -76,7 +89,7 @@ def compare_outputs(
         The reference outputs by name (any numeric dtype numpy can convert to float64).
     actual : mapping of str to array
         The outputs to check; an output of ``expected`` missing here, or of another shape, fails.
-        Extra outputs are ignored.
+        Extra outputs are not compared; the report names them (``unexpected``).
     atol, rtol : float
         Absolute tolerance (in the outputs' units) and tolerance relative to ``max|expected|``.
 
@@ -100,9 +113,10 @@ def compare_outputs(
                     f"outputs, e.g. {argument}[0], or each rank's in turn" if per_rank else ""))
     atol, rtol = arguments.non_negative(atol, "atol"), arguments.non_negative(rtol, "rtol")
     results = []
+    unexpected = [str(name) for name in actual if name not in expected]
     for name, want in expected.items():
         if name not in actual:
-            results.append(OutputComparison(name, False, np.inf, np.inf, "missing from the outputs"))
+            results.append(OutputComparison(name, False, np.inf, np.inf, _missing(unexpected)))
             continue
         want = np.asarray(want)
         got = np.asarray(actual[name])
@@ -115,12 +129,16 @@ def compare_outputs(
         if want.size == 0:
             results.append(OutputComparison(name, True, 0.0, 0.0))
             continue
-        difference = np.abs(got64 - want64)
-        scale = float(np.max(np.abs(want64)))
-        max_abs = float(np.max(difference))
+        # The errors are over the values finite in both; elsewhere both must hold the same NaN or inf
+        # (inf - inf would be NaN, and fail an output that matches its reference).
+        finite_want, finite_got = np.isfinite(want64), np.isfinite(got64)
+        both = finite_want & finite_got
+        same_non_finite = bool(np.array_equal(got64[~both], want64[~both], equal_nan=True))
+        scale = float(np.max(np.abs(want64[both]), initial=0.0))
+        max_abs = float(np.max(np.abs(got64[both] - want64[both]), initial=0.0))
         max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else np.inf)
-        finite = bool(np.all(np.isfinite(got64) == np.isfinite(want64)))
-        passed = finite and max_abs <= atol + rtol * scale
-        detail = "" if finite else "non-finite values where the reference has finite ones"
+        passed = same_non_finite and max_abs <= atol + rtol * scale
+        detail = ("" if same_non_finite else "non-finite values where the reference has finite ones"
+                  if np.any(finite_want & ~finite_got) else "values other than the reference's where it is non-finite")
         results.append(OutputComparison(name, passed, max_abs, max_rel, detail))
-    return ComparisonReport(results, atol, rtol)
+    return ComparisonReport(results, atol, rtol, unexpected)

@@ -218,6 +218,51 @@ def collect() -> dict:
     return report
 
 
+def _attempt_text(attempt: dict) -> str:
+    """One place a library search tried and why it failed, as the native errors list it."""
+    name, candidate = attempt["rule"], attempt["candidate"]
+    where = candidate if name == candidate else f"{name}: {candidate}"
+    return f"{where}: {attempt['message'].removeprefix(candidate + ': ')}"
+
+
+def _tensorrt_library_lines(trt: dict) -> list[str]:
+    """Which TensorRT library the search found, or every place it tried; the search runs in every
+    build, and without the backend it says what a rebuilt mdtrt would use."""
+    if trt.get("library_found"):
+        use = "" if trt["compiled_in"] else "; a rebuilt mdtrt would use it"
+        lines = [f"library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')}){use}"]
+        if trt.get("lean"):
+            lines.append("lean runtime: engines can be run, not built; it loads only plans built "
+                         "version_compatible=True (embedded lean runtime: allow_host_code=True)")
+        return lines
+    tried = trt.get("attempts") or []
+    if trt["compiled_in"] or not tried:
+        return _hanging(f"library not found: {trt.get('error', '')}", "  ")
+    # Without the backend the rebuild above is the advice (its extra installs TensorRT): the places only.
+    return ["library not found (a rebuilt mdtrt needs one too); tried:", *(f"  - {_attempt_text(a)}" for a in tried)]
+
+
+def _onnx_parser_lines(trt: dict) -> list[str]:
+    """Whether TensorRT's ONNX parser (build_engine_from_onnx) is there, or why it was not looked for."""
+    from .tensorrt import PARSER_NOT_LOOKED_FOR
+
+    parser = trt.get("onnx_parser") or {}
+    if parser.get("found"):
+        return [f"ONNX parser at {parser['path']} (found by {parser['found_by']})"
+                + (f"; {parser['note']}" if parser.get("note") else "")]
+    if trt.get("lean"):
+        # The parser is only looked for with a builder, which the lean runtime lacks: it is not
+        # missing, it would be of no use.
+        return ["ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT "
+                f"({_core.TENSORRT_INSTALL_FULL}; {_core.TENSORRT_FULL_FROM_NVIDIA_INDEX}), which ships it"]
+    if not trt.get("library_found"):
+        return [f"ONNX parser {PARSER_NOT_LOOKED_FOR}"]
+    if not trt["compiled_in"]:
+        return [f"ONNX parser {parser.get('error') or 'not looked for: this build has no TensorRT backend'}"]
+    return _hanging(f"ONNX parser not found (build_engine_from_onnx needs it; MDTRT_ONNXPARSER_LIBRARY=/path/to/"
+                    f"libnvonnxparser.so.11 names it): {parser.get('error', '')}", "  ")
+
+
 def format_text(report: dict) -> str:
     """The :func:`collect` report as the lines ``python -m mdtrt doctor`` prints.
 
@@ -261,28 +306,7 @@ def format_text(report: dict) -> str:
     else:
         lines.append(f"TensorRT   backend not compiled in: {trt['reason']}")
         lines.append(f"           {trt['rebuild']}")
-    if not trt["compiled_in"]:
-        pass  # where TensorRT's library is matters only to a build with the backend: one piece of advice, the rebuild
-    elif trt.get("library_found"):
-        lines.append(f"           library {trt.get('version', '?')} at {trt.get('path', '?')} (found by {trt.get('found_by', '?')})")
-        if trt.get("lean"):
-            lines.append("           lean runtime: engines can be run, not built; it loads only plans built "
-                         "version_compatible=True (embedded lean runtime: allow_host_code=True)")
-    else:
-        lines.extend("           " + line for line in _hanging(f"library not found: {trt.get('error', '')}", "  "))
-    parser = trt.get("onnx_parser") or {}
-    if parser.get("found"):
-        lines.append(f"           ONNX parser at {parser['path']} (found by {parser['found_by']})"
-                     + (f"; {parser['note']}" if parser.get("note") else ""))
-    elif trt.get("lean"):
-        # The parser is only looked for with a builder, which the lean runtime lacks: it is not
-        # missing, it would be of no use.
-        lines.append("           ONNX parser not looked for: build_engine_from_onnx needs the full TensorRT "
-                     f"({_core.TENSORRT_INSTALL_FULL}), which ships it")
-    elif trt.get("library_found") and parser.get("error"):
-        lines.extend("           " + line for line in _hanging(
-            f"ONNX parser not found (build_engine_from_onnx needs it; MDTRT_ONNXPARSER_LIBRARY=/path/to/"
-            f"libnvonnxparser.so.11 names it): {parser['error']}", "  "))
+    lines.extend("           " + line for line in _tensorrt_library_lines(trt) + _onnx_parser_lines(trt))
     rt = report.get("runtime")
     if rt:
         set_vars = ", ".join(f"{k}={v}" for k, v in rt["environment"].items() if v is not None)

@@ -131,6 +131,10 @@ def declared_ranks(hints: Mapping[str, Any], source: str = "the hints") -> int:
     if declared is None:
         raise InvalidArgumentError(
             f"{source} have no dist_collectives.nb_rank: set it to the number of ranks the hints are for")
+    return _checked_nb_rank(declared)
+
+
+def _checked_nb_rank(declared) -> int:
     if not _is_int(declared) or declared < 1:
         raise _hint_error("dist_collectives", f"has nb_rank {declared!r}, not a positive integer")
     return declared
@@ -189,6 +193,8 @@ def _check_hints(hints: dict, strategy: str) -> None:
     if not isinstance(collectives, dict):
         raise _hint_error("dist_collectives", f"is {collectives!r}")
     _check_known_fields("dist_collectives", collectives, "dist_collectives")
+    if collectives.get("nb_rank") is not None:  # not given: shard's ranks sets it
+        _checked_nb_rank(collectives["nb_rank"])
     for key, default in (("group_size", 0), ("root", -1), ("groups", []), ("reduce_op", "max")):
         collectives.setdefault(key, default)
     reduce_op = collectives["reduce_op"]
@@ -270,8 +276,7 @@ def _resolve_ranks(hints: dict, ranks: int | None) -> int:
     collectives = hints.setdefault("dist_collectives", {})
     declared = collectives.get("nb_rank")
     if ranks is not None:
-        if not _is_int(ranks) or ranks < 1:
-            raise InvalidArgumentError(f"ranks must be a positive integer, got {ranks!r}")
+        arguments.rank_count(ranks)
         if declared is not None and declared != ranks:
             raise InvalidArgumentError(
                 f"ranks is {ranks} but the hints are for {declared} ranks (dist_collectives.nb_rank); "

@@ -62,17 +62,24 @@ def backend_compiled_in() -> bool:
 
 
 #: How to get the backend: the headers must be given to the same pip command that builds mdtrt
-#: (``pip install ".[lean]"`` alone rebuilds mdtrt, and without them drops the backend).
-REBUILD_WITH_BACKEND = ('rebuild mdtrt with TensorRT 11 headers in one command, from its source folder: '
-                        'TensorRT_INCLUDE_DIR=<TensorRT include folder> pip install ".[test,lean]" (or TensorRT_ROOT='
-                        '<TensorRT SDK folder>; ".[test,tensorrt]" to build engines too, not only run them)')
+#: (``pip install ".[lean]"`` alone rebuilds mdtrt, and without them drops the backend), with the
+#: extra of the TensorRT wanted: the full TensorRT (``tensorrt``) builds and runs engines.
+_REBUILD = ('rebuild mdtrt with TensorRT 11 headers in one command, from its source folder: '
+            'TensorRT_INCLUDE_DIR=<TensorRT include folder> pip install ".[test,tensorrt]" (or TensorRT_ROOT='
+            f'<TensorRT SDK folder>), with the full TensorRT ({_core.TENSORRT_FULL_FROM_NVIDIA_INDEX})')
+#: The rebuild advice for anything but building engines (running them, the doctor).
+REBUILD_WITH_BACKEND = (_REBUILD + ', which builds and runs engines; or ".[test,lean]" for the lean runtime from '
+                        "PyPI, which only runs prebuilt version-compatible engines")
+#: The rebuild advice for the builders: the lean runtime cannot build.
+REBUILD_TO_BUILD_ENGINES = _REBUILD + ": building engines needs it (the lean runtime cannot build)"
 
 
-def _require_backend() -> None:
+def _require_backend(*, building: bool = False) -> None:
     info = _core.build_info()
     if not info["tensorrt_backend"]:
         raise LibraryNotFoundError(
-            f"mdtrt was built without the TensorRT backend: {info['tensorrt_reason']}; {REBUILD_WITH_BACKEND}",
+            f"mdtrt was built without the TensorRT backend: {info['tensorrt_reason']}; "
+            f"{REBUILD_TO_BUILD_ENGINES if building else REBUILD_WITH_BACKEND}",
             call="TensorRT backend",
         )
 
@@ -198,6 +205,10 @@ def _empty_report(error: str) -> dict:
             "attempts": [], "onnx_parser": _empty_parser_report("not looked for: " + error if error else None)}
 
 
+#: Why the ONNX parser was not looked for when TensorRT itself was not found.
+PARSER_NOT_LOOKED_FOR = "not looked for: no TensorRT library was found (the full TensorRT ships the parser)"
+
+
 def _empty_parser_report(error: str | None) -> dict:
     return {"found": False, "path": None, "found_by": None, "note": None, "error": error}
 
@@ -226,6 +237,7 @@ def _library_report_here() -> dict:
     except Exception as error:  # noqa: BLE001 - the doctor reports, it does not fail
         report["error"] = str(error)
         report["attempts"] = [dataclasses.asdict(a) for a in attempts_from(_core.tensorrt_failed_attempts())]
+        report["onnx_parser"] = _empty_parser_report(PARSER_NOT_LOOKED_FOR)
         return report
     report.update(library_found=True, path=lib.path, version=lib.version, found_by=lib.found_by, lean=lib.lean,
                   attempts=[dataclasses.asdict(a) for a in lib.attempts])
@@ -235,11 +247,12 @@ def _library_report_here() -> dict:
 
 
 def _builder_library() -> TensorRTLibrary:
+    _require_backend(building=True)
     lib = tensorrt_library()
     if lib.lean:
         raise LibraryNotFoundError(
             f"the lean runtime was found ({lib.path}): it can run engines but not build them; install the full "
-            f"TensorRT ({_core.TENSORRT_INSTALL_FULL}) to build, or set MDTRT_TENSORRT_LIBRARY to a full "
+            f"TensorRT ({_core.TENSORRT_INSTALL_FULL}; {_core.TENSORRT_FULL_FROM_NVIDIA_INDEX}) to build, or set MDTRT_TENSORRT_LIBRARY to a full "
             "libnvinfer.so.11",
             call="create TensorRT builder",
         )

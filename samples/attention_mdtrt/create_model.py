@@ -25,7 +25,9 @@ from mdtrt.sharding import STRATEGIES, check_hints, load_hints, shard
 def main(argv=None) -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default=".")
+    parser.add_argument("--output-dir", default=".",
+                        help="folder to write attention_sd.onnx and attention_md.onnx to, created if missing (default: "
+                        "the current folder, '.'); at the default sizes each model is 128 MiB")
     parser.add_argument("--ranks", type=positive_int, default=None,
                         help="number of ranks (default: the hints' dist_collectives.nb_rank, else 2)")
     parser.add_argument("--hint", default=None, help=f"sharding hints (default: {os.path.join(here, 'hint.json')} "
