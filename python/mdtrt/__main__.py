@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     -------
     int
         The process exit status: doctor's (0 when multi-device inference can run here, else 1), the
-        attention sample's, 2 without a command (the help, listing the commands, goes to stderr), 130 after Ctrl-C (the shell's convention for SIGINT: 128 + 2), or 141
-        when the reader of its output went away (``doctor --json | head``: 128 + SIGPIPE's 13).
+        attention sample's, 2 without a command (the help, listing the commands, goes to stderr),
+        130 after Ctrl-C (the shell's convention for SIGINT: 128 + 2), or 141 when the reader of
+        its output went away (``doctor --json | head``: 128 + SIGPIPE's 13).
     """
     try:
         return _run(argv)
