@@ -503,6 +503,40 @@ def test_no_spare_for_a_waiting_call_a_large_output_or_a_failed_allocation(stubs
         assert [t.ptr for t in outs] == outputs_run_on(stubs) and len(group._spare_outputs._kept) == 0
 
 
+def test_an_applications_own_interrupt_while_a_spare_is_made_reaches_it_and_spares_go_on(stubs, monkeypatch):
+    """An application's SIGINT handler may raise an Exception of its own (not KeyboardInterrupt)
+    wherever Python runs, also while a spare is allocated inside the call: it reaches the caller
+    (the call cancelled), as from every wait, instead of being taken for an allocation failure
+    (which would drop it and keep no spare from then on)."""
+
+    class Stop(Exception):  # what such a handler raises
+        pass
+
+    armed = []
+    real = _TorchRun._new_outputs
+
+    def new_outputs(self, inputs):
+        if armed and ranks_running():
+            del armed[:]
+            raise Stop("interrupted")
+        return real(self, inputs)
+
+    monkeypatch.setattr(_TorchRun, "_new_outputs", new_outputs)
+    group = stubs.make_group()
+    xs = tensors(0x1000)
+    for _ in range(2):
+        group.all_reduce(xs)
+    runs = len(stubs.log)
+    armed.append(True)
+    with pytest.raises(Stop):
+        group.all_reduce(xs)
+    assert len(stubs.log) == runs  # cancelled
+    for _ in range(2):
+        outs = group.all_reduce(xs)
+        assert [t.ptr for t in outs] == outputs_run_on(stubs)
+    assert len(group._spare_outputs._kept) == 1  # spares were not switched off
+
+
 def test_calls_into_preallocated_outputs_keep_no_spare(stubs):
     """README: to hold no spare outputs, pass out= (one-shot and prepared calls alike); the same
     call without out= keeps one (the control)."""

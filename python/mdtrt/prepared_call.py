@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -150,7 +151,12 @@ class SpareOutputs:
                 pass
             try:
                 outputs = allocate(*args)
-            except Exception:  # torch.OutOfMemoryError and kin: this call's outputs are fine, only no spare
+            except Exception as error:
+                # Out of memory: this call's outputs are fine, only no spare. Anything else escapes
+                # (cancelling the call that runs this): an application's SIGINT handler may raise an
+                # Exception of its own here (Ctrl-C), which must reach it, as every wait gives it back.
+                if not _out_of_memory(error):
+                    raise
                 self.close()
                 return
             where = (key, tuple(streams), torch_inference_mode())
@@ -176,6 +182,13 @@ class SpareOutputs:
 
 
 _BYTES = operator.itemgetter(1)  # a spare's bytes per GPU, of its (outputs, bytes)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is torch's out-of-memory error (the spares' allocations are torch's, so
+    torch is imported when one fails)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(error, torch.cuda.OutOfMemoryError)
 
 
 def names_every_output(given, names) -> bool:
