@@ -149,15 +149,16 @@ def test_a_step_of_the_group_inside_its_own_while_ranks_run_fails_instead_of_wai
     """Garbage collection inside while_ranks_run may run a finalizer that calls into the same group
     (a step, or close()) on the thread that holds the group's locks: it fails with a clear error,
     where taking them again would hang with no deadline and no Ctrl-C; also after a call of
-    another group, with a callback of its own, ran there. In a subprocess: a hang
-    fails the test at its timeout instead of hanging the suite."""
+    another group, with a callback of its own, ran there, and from inside that callback (the thread
+    still holds this group's locks there). In a subprocess: a hang fails the test at its timeout
+    instead of hanging the suite."""
     code = ("from mdtrt import _core; import json; "
             "print(json.dumps(_core.testing.run_reentering_test(2)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    other, reentered, closed, after = json.loads(done.stdout.strip().splitlines()[-1])
+    nested, other, reentered, closed, after = json.loads(done.stdout.strip().splitlines()[-1])
     assert other == ""  # another group's call (its own callback too) runs from there
-    for error, what in ((reentered, "reentered"), (closed, "close")):
+    for error, what in ((nested, "nested"), (reentered, "reentered"), (closed, "close")):
         assert what in error and "would wait for itself forever" in error
     assert after == ""
 

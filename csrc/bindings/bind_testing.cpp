@@ -83,8 +83,8 @@ void bind_testing(py::module_& m) {
         return run_reentering_test(num_ranks);
       },
       py::arg("num_ranks"),
-      "[another runtime's call with a callback, run_on_all, mark_unusable] inside a call's while_ranks_run on "
-      "CPU-only ranks, then run_on_all after it: each one's error, or ''.");
+      "[run_on_all inside the callback of another runtime's call, that call, run_on_all, mark_unusable] inside "
+      "a call's while_ranks_run on CPU-only ranks, then run_on_all after it: each one's error, or ''.");
   testing.def("broken_by_failure_test", &broken_by_failure_test, py::arg("num_ranks"), py::arg("how"),
               "Whether a CPU-only runtime broke by a failure after how: 'close', 'abort', 'abort, then close' or "
               "'close, then abort'.");

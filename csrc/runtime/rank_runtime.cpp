@@ -437,12 +437,21 @@ void RankRuntime::abort_all() {
 }
 
 namespace {
-// The runtime whose run_on_all this thread is inside the while_ranks_run of, if any.
-thread_local const RankRuntime* calling_back = nullptr;
+// The runtimes whose run_on_all this thread is inside the while_ranks_run of, innermost first: a
+// callback may run a call of another group whose own callback runs in turn (finalizers that garbage
+// collection runs there), and this thread then holds the locks of every runtime on the chain.
+struct CallingBack {
+  const RankRuntime* runtime;
+  const CallingBack* outer;
+};
+thread_local const CallingBack* calling_back = nullptr;
 }  // namespace
 
 void RankRuntime::throw_if_calling_back(const std::string& what) const {
-  if (calling_back == this)
+  bool inside = false;
+  for (const CallingBack* mark = calling_back; mark != nullptr && !inside; mark = mark->outer)
+    inside = mark->runtime == this;
+  if (inside)
     throw Error(ErrorKind::kInvalidArgument,
                 "called from inside a call of this device group while its ranks run (its while_ranks_run: a "
                 "finalizer that garbage collection ran there, say), on the thread that holds the group's locks: "
@@ -515,12 +524,13 @@ void RankRuntime::run_on_all(std::function<void(RankContext&)> fn, double timeou
   } else {
     for (size_t i = 0; i < n; ++i) post(i);
     if (while_ranks_run) {
-      // Marked for throw_if_calling_back; the mark goes however the callback ends, back to that of
-      // a call of another group whose callback this one runs in.
+      // Marked for throw_if_calling_back, on top of the marks of calls of other groups whose
+      // callbacks this one runs in (they stay: their locks are held too); the mark goes however
+      // the callback ends.
       struct Mark {
-        explicit Mark(const RankRuntime* runtime) : outer(calling_back) { calling_back = runtime; }
-        ~Mark() { calling_back = outer; }
-        const RankRuntime* outer;
+        explicit Mark(const RankRuntime* runtime) : entry{runtime, calling_back} { calling_back = &entry; }
+        ~Mark() { calling_back = entry.outer; }
+        CallingBack entry;
       } mark(this);
       try {
         while_ranks_run();

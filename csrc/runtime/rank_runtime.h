@@ -112,7 +112,8 @@ class RankRuntime {
   void run_on_all(std::function<void(RankContext&)> fn, double timeout_seconds, const std::string& what,
                   bool sequential = false, const std::function<void()>& while_ranks_run = {});
   // Throws (InvalidArgument, naming `what`) on the thread of a run_on_all of this runtime that is
-  // inside its while_ranks_run: that thread holds this runtime's locks (and its runner's), so a step
+  // inside its while_ranks_run, also from a call of another group run there (whose own callback
+  // may run this): that thread holds this runtime's locks (and its runner's), so a step
   // of this group there (a Python finalizer that garbage collection runs inside the callback, say)
   // would wait for itself forever. Every entry point that takes them asks first.
   void throw_if_calling_back(const std::string& what) const;

@@ -192,9 +192,12 @@ std::vector<std::string> run_reentering_test(int num_ranks) {
   };
   run_checked_then_launched(
       *runtime, [](RankContext&) {}, [](RankContext&) {}, 10.0, "infer", [&] {
-        // Another group's call, with a callback of its own, runs from here.
+        // Another group's call, with a callback of its own, runs from here; a step of this group
+        // from inside that callback still finds this thread holding this group's locks.
         attempt([&] {
-          run_checked_then_launched(*other, [](RankContext&) {}, [](RankContext&) {}, 10.0, "other", [] {});
+          run_checked_then_launched(*other, [](RankContext&) {}, [](RankContext&) {}, 10.0, "other", [&] {
+            attempt([&] { runtime->run_on_all([](RankContext&) {}, 5.0, "nested"); });
+          });
         });
         attempt([&] { runtime->run_on_all([](RankContext&) {}, 5.0, "reentered"); });
         attempt([&] { runtime->mark_unusable("closed from inside"); });

@@ -166,8 +166,9 @@ std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks,
 std::tuple<bool, int, std::string> run_while_ranks_run_test(int num_ranks, bool callback_throws);
 
 // Steps of a CPU-only runtime asked for on the thread inside its while_ranks_run (as a finalizer
-// run there by garbage collection would): [another runtime's call with a callback of its own,
-// run_on_all, mark_unusable] from inside, then run_on_all after it: each one's error, "" for none.
+// run there by garbage collection would): [run_on_all from inside the callback of another
+// runtime's call run there, that call, run_on_all, mark_unusable] from inside, then run_on_all
+// after it: each one's error, "" for none.
 std::vector<std::string> run_reentering_test(int num_ranks);
 
 // Whether a CPU-only runtime says it broke by a failure (broken_by_failure) after `how`: "close"
