@@ -197,12 +197,17 @@ def test_compare_outputs_names_outputs_the_reference_lacks():
 
 
 def test_compare_outputs_against_an_all_zero_reference_says_the_relative_error_is_undefined():
+    """Also where the reference's finite values are all zeros beside its inf or NaN (which the
+    outputs match): the reference is not all zeros then, and the report must not say it is."""
     zeros = {"y": np.zeros(3, np.float32)}
     report = compare_outputs(zeros, {"y": np.full(3, 1e-3, np.float32)}, atol=1e-2, rtol=1e-2)
     assert report.passed  # the absolute error decides
-    assert report.format().splitlines()[1] == (
-        "  y: PASS: max abs error 0.001, max rel error undefined (the reference is all zeros)")
+    undefined = "  y: PASS: max abs error 0.001, max rel error undefined (the reference's finite values are all zeros)"
+    assert report.format().splitlines()[1] == undefined
     assert "max rel error 0" in compare_outputs(zeros, zeros, atol=0, rtol=0).format()
+    with_inf = {"y": np.array([np.inf, 0.0, np.nan], np.float32)}
+    report = compare_outputs(with_inf, {"y": np.array([np.inf, 1e-3, np.nan], np.float32)}, atol=1e-2, rtol=1e-2)
+    assert report.passed and report.format().splitlines()[1] == undefined
 
 
 @pytest.mark.parametrize("terminal", [False, True])

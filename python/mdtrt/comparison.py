@@ -17,8 +17,8 @@ __all__ = ["compare_outputs", "ComparisonReport", "OutputComparison"]
 @dataclass
 class OutputComparison:
     """One output's verdict: ``passed``, the largest absolute error, that error over the largest
-    reference magnitude (``max_rel_error``; inf for a nonzero error against an all-zero reference,
-    which :meth:`ComparisonReport.format` calls undefined), and ``detail``: why it failed without a
+    reference magnitude (``max_rel_error``; inf for a nonzero error against a reference whose finite
+    values are all zeros, which :meth:`ComparisonReport.format` calls undefined), and ``detail``: why it failed without a
     number (missing output, wrong shape, non-finite values), else "".
     """
     name: str
@@ -31,7 +31,9 @@ class OutputComparison:
 @dataclass
 class ComparisonReport:
     """How far one set of outputs is from a reference. An output passes when
-    ``max|actual - expected| <= atol + rtol * max|expected|`` (and nothing is NaN).
+    ``max|actual - expected| <= atol + rtol * max|expected|`` over the values finite in both, and
+    it holds the reference's NaN and inf values exactly where the reference does (see
+    :func:`compare_outputs`).
     ``unexpected``: the names of outputs that only the compared ones have (not compared; a
     renamed output shows here and as missing)."""
 
@@ -54,8 +56,9 @@ class ComparisonReport:
             if o.detail:
                 lines.append(f"  {o.name}: {verdict}: {o.detail}")
             else:
-                # An all-zero reference has no scale to be relative to: the absolute error decides.
-                relative = ("undefined (the reference is all zeros)" if np.isinf(o.max_rel_error)
+                # A reference whose finite values are all zeros (all of them, or beside its NaN and
+                # inf) has no scale to be relative to: the absolute error decides.
+                relative = ("undefined (the reference's finite values are all zeros)" if np.isinf(o.max_rel_error)
                             and np.isfinite(o.max_abs_error) else f"{o.max_rel_error:.3g}")
                 lines.append(f"  {o.name}: {verdict}: max abs error {o.max_abs_error:.3g}, max rel error {relative}")
         if self.unexpected and all(o.detail != _missing(self.unexpected) for o in self.outputs):
