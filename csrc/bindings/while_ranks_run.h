@@ -11,8 +11,9 @@
 namespace mdtrt::bindings {
 
 // Runs run(meanwhile) with the GIL released; `meanwhile` calls `callback` with the GIL taken for
-// it. A Python error the callback raises (mdtrt's callables catch their Exceptions: what escapes is
-// KeyboardInterrupt and kin, Ctrl-C while it ran) makes `meanwhile` throw, so that no rank launches
+// it. A Python error the callback raises (mdtrt's callables drop only torch's out-of-memory error:
+// what escapes is Ctrl-C while it ran, KeyboardInterrupt or what an application's SIGINT handler
+// raises, or an allocation's other failure) makes `meanwhile` throw, so that no rank launches
 // (run_checked_then_launched), and is raised once run returned, never while the ranks run. When
 // run raised an error of its own first (a rank's failed check), the callback's error is still the
 // one raised, with run's as its __context__: a Ctrl-C must not be lost to an error that a caller

@@ -138,7 +138,14 @@ class SpareOutputs:
         the least recently kept spares past the limits. Nothing when it alone is past them, while
         another thread allocates a spare, or after :meth:`close`. When the allocation fails (out of
         memory), every spare goes and none is kept from then on (the next call allocates its own
-        and reports what still fails)."""
+        and reports what still fails).
+
+        Raises
+        ------
+        BaseException
+            Whatever ``allocate`` raised other than torch's out-of-memory error (KeyboardInterrupt,
+            an Exception of an application's SIGINT handler): the call that runs this is cancelled
+            with it (see :meth:`PreparedCall.addressed`); nothing is kept."""
         if nbytes > SPARE_OUTPUTS_MAX_BYTES or self._off or not self._keeping.acquire(False):
             return
         kept = self._kept
@@ -485,11 +492,12 @@ class PreparedCall:
             in turn, in the order of ``names``; ``while_ranks_run``, a callable without arguments,
             is called on this thread while the rank threads check the run, which none launches
             before it returned (the next call's outputs are allocated there; it must not wait for
-            the ranks nor call into the group, and catches its own Exceptions: what escapes it,
-            KeyboardInterrupt, cancels the run, no rank launching, and is raised once the ranks
-            returned, with a rank's own error as its ``__context__`` when one failed its checks
-            too); returns None. A caller that catches its error
-            must call :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
+            the ranks nor call into the group). Whatever escapes it (KeyboardInterrupt, an
+            Exception of an application's SIGINT handler: :meth:`SpareOutputs.keep_new` drops only
+            torch's out-of-memory error) cancels the run, no rank launching, and is raised once
+            the ranks returned, with a rank's own error as its ``__context__`` when one failed its
+            checks too; returns None. A caller that catches its error must call
+            :meth:`hold_if_in_use` with the arrays, as :meth:`run_on` does.
 
         Raises
         ------
