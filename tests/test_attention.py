@@ -207,7 +207,9 @@ def test_cli_gpu_mode_that_cannot_run_points_to_the_cpu_mode(monkeypatch, capsys
 @pytest.mark.parametrize("backend", [False, True])
 def test_gpu_run_blocker_names_every_reason_at_once(monkeypatch, gpus, backend):
     """No GPU and no TensorRT backend: both are said (was: only the backend, so a user rebuilt
-    with TensorRT headers and was then told there is no GPU); no GPU says why (the driver's answer)."""
+    with TensorRT headers and was then told there is no GPU); no GPU says why (the driver's answer);
+    no backend says the rebuild command of the builders (the GPU run builds engines: the full
+    TensorRT, as a plain `pip install` would drop the backend again)."""
     from mdtrt import _core, tensorrt
 
     monkeypatch.setattr(_core, "visible_gpu_count", lambda: gpus)
@@ -219,7 +221,8 @@ def test_gpu_run_blocker_names_every_reason_at_once(monkeypatch, gpus, backend):
     expected = {0: f"no CUDA GPU is visible ({mdtrt.cuda_state.why_no_gpu()})", 1: "2 ranks need 2 GPUs; only 1 GPU",
                 2: None}[gpus]
     trt = ("TensorRT is needed for the GPU run and was not found: no libnvinfer" if backend else
-           "TensorRT is needed for the GPU run, and this mdtrt has no TensorRT backend (no headers)")
+           "TensorRT is needed for the GPU run, and this mdtrt has no TensorRT backend (no headers): "
+           + tensorrt.REBUILD_TO_BUILD_ENGINES)
     assert blocker is not None and trt in blocker, blocker
     assert (expected is None and blocker == trt) or (blocker.startswith(expected) and blocker.endswith("; " + trt))
 

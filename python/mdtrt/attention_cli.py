@@ -120,8 +120,9 @@ def _gpu_run_blocker(ranks: int) -> str | None:
     info = build_info()
     if not info["tensorrt_backend"]:
         reason = info.get("tensorrt_reason") or ""
+        # The GPU run builds engines: the advice of the builders (the full TensorRT, not the lean runtime).
         reasons.append("TensorRT is needed for the GPU run, and this mdtrt has no TensorRT backend" + (
-            f" ({reason})" if reason else ""))
+            f" ({reason})" if reason else "") + f": {mdtrt_tensorrt.REBUILD_TO_BUILD_ENGINES}")
     else:
         report = mdtrt_tensorrt.library_report()
         if not report["library_found"]:
