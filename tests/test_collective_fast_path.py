@@ -739,6 +739,28 @@ def test_close_refused_inside_a_call_of_the_group_leaves_the_group_as_it_was(stu
         group.all_reduce(xs)
 
 
+def test_abort_after_close_still_aborts_while_something_holds_the_native_group(stubs):
+    """close() ends the Python object, but an EngineRunner or a Communicator may keep the native
+    group (and stream-ordered work queued in its communicators) alive: abort() after close() still
+    aborts it then, and does nothing once the native group is gone."""
+
+    class AbortableNative(Native):
+        aborted = 0
+
+        def abort(self):
+            AbortableNative.aborted += 1
+
+    group = stubs.make_group(AbortableNative)
+    holder = group._native  # what a runner holds
+    group.close()
+    group.abort()
+    assert AbortableNative.aborted == 1
+    del holder
+    gc.collect()
+    group.abort()  # nothing left to abort
+    assert AbortableNative.aborted == 1
+
+
 def test_a_spare_made_in_inference_mode_serves_only_calls_in_it(stubs):
     """Tensors allocated in torch's inference mode are inference tensors (not changed in place nor
     saved for backward outside it): a spare made there serves the next call there only, and one

@@ -235,6 +235,7 @@ class DeviceGroup:
 
     def _adopt(self, native) -> None:
         self._native = native
+        self._closed_native = None  # a weak reference to it once closed: abort() still reaches it
         self._runners: OrderedDict = OrderedDict()  # collective runners by (op, reduce, root, groups, dtype, bind)
         self._calls = KeptCalls(_MAX_CACHED_CALLS)  # one-shot collective calls by argument signature
         # The same calls (_KeptCollective) by the signature of torch CUDA tensors, as read_torch_cuda reads it.
@@ -340,6 +341,7 @@ class DeviceGroup:
         native = self._native
         if native is not None:
             native.close()  # first: a refusal (from inside a call of this group) changes nothing
+            self._closed_native = weakref.ref(native)
         self._native = None
         self._runners.clear()
         self._calls.clear()
@@ -387,9 +389,14 @@ class DeviceGroup:
         """Aborts every communicator now; the group cannot be used afterwards. TensorRT contexts
         attached to them are never destroyed after that (what TensorRT does with a context whose
         communicator was aborted is not documented): their GPU memory stays allocated until the
-        process ends."""
-        if self._native is not None:
-            self._native.abort()
+        process ends. Also after :meth:`close`, while something still holds the group's
+        communicators (an ``EngineRunner``, a ``Communicator``): stream-ordered work queued before
+        the close may still wait in them."""
+        native = self._native
+        if native is None and self._closed_native is not None:
+            native = self._closed_native()
+        if native is not None:
+            native.abort()
 
     def __enter__(self) -> "DeviceGroup":
         return self
