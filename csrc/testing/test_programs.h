@@ -149,13 +149,13 @@ class StubbornCopyProgram : public CopyProgram {
   double seconds_;
 };
 
-// Runs the check-then-launch step of a call (runtime/call_barrier.h) on `num_ranks` CPU-only rank
-// threads: the check fails on `fail_rank` (-1: none), or sleeps `slow_check_seconds` there first.
-// Returns, per rank, whether its launch ran, and the call's error message ("" when it succeeded).
 // A rank runtime of `num_ranks` CPU-only rank threads, world ranks 0..num_ranks-1 (the CPU tests of
 // the runtime).
 std::unique_ptr<RankRuntime> cpu_only_runtime(int num_ranks);
 
+// Runs the check-then-launch step of a call (runtime/call_barrier.h) on `num_ranks` CPU-only rank
+// threads: the check fails on `fail_rank` (-1: none), or sleeps `slow_check_seconds` there first.
+// Returns, per rank, whether its launch ran, and the call's error message ("" when it succeeded).
 std::pair<std::vector<bool>, std::string> run_checked_launch_test(int num_ranks, int fail_rank,
                                                                   double slow_check_seconds, double timeout);
 
