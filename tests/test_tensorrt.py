@@ -288,6 +288,22 @@ def test_lean_wheel_folder_is_last(fakes, tmp_path):
 
 
 @needs_cc
+@pytest.mark.skipif(not BACKEND, reason="the builders need the TensorRT backend, which this build lacks")
+def test_the_builders_refuse_the_lean_runtime_before_building(fakes):
+    """build_engine_from_onnx and build_dist_collective_engine open TensorRT asking for a builder:
+    the lean runtime is refused up front (LibraryNotFoundError, "create TensorRT builder"), in the
+    native search's words, with where it was found and what to install."""
+    env = dict(os.environ, MDTRT_TENSORRT_LIBRARY=str(fakes["no_builder"]))
+    code = ("import mdtrt.tensorrt as t\ntry:\n    t._builder_library()\nexcept Exception as e:\n"
+            "    print(type(e).__name__, e.call, '|', e)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("LibraryNotFoundError create TensorRT builder |"), out.stdout + out.stderr
+    assert f"the lean runtime was found ({fakes['no_builder']})" in line
+    assert "can run engines but not build them" in line and f"(pip install tensorrt-cu13; {INDEX})" in line
+
+
+@needs_cc
 def test_lean_runtime_cannot_build(fakes):
     r = probe([], env_library=fakes["no_builder"], require_builder=True)
     assert not r["ok"]

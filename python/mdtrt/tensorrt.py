@@ -148,11 +148,17 @@ def tensorrt_library() -> TensorRTLibrary:
     Raises :class:`mdtrt.LibraryNotFoundError` listing every attempt and what to install when none
     works, or saying how to rebuild when the backend is not compiled in.
     """
-    _require_backend()
+    return _open_tensorrt(require_builder=False)
+
+
+def _open_tensorrt(require_builder: bool) -> TensorRTLibrary:
+    """:func:`tensorrt_library`; ``require_builder``: the lean runtime is refused, in the native
+    search's words (it cannot build), and the rebuild advice is the builders'."""
+    _require_backend(building=require_builder)
     _load_nccl_first()
     full, lean = wheel_library_dirs()
     with _tensorrt_call():
-        info = _core.load_tensorrt(full, lean)
+        info = _core.load_tensorrt(full, lean, require_builder)
     lib = _library_from(info)
     global _lean_noted
     if lib.lean and not _lean_noted:
@@ -247,16 +253,7 @@ def _library_report_here() -> dict:
 
 
 def _builder_library() -> TensorRTLibrary:
-    _require_backend(building=True)
-    lib = tensorrt_library()
-    if lib.lean:
-        raise LibraryNotFoundError(
-            f"the lean runtime was found ({lib.path}): it can run engines but not build them; install the full "
-            f"TensorRT ({_core.TENSORRT_INSTALL_FULL}; {_core.TENSORRT_FULL_FROM_NVIDIA_INDEX}) to build, or set MDTRT_TENSORRT_LIBRARY to a full "
-            "libnvinfer.so.11",
-            call="create TensorRT builder",
-        )
-    return lib
+    return _open_tensorrt(require_builder=True)
 
 
 class _TqdmProgress:
